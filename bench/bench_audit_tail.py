@@ -1,0 +1,80 @@
+"""Benchmark: audit log file -> tail (k8s_audit) -> [kubernetes_audit filter] -> file.
+
+Same input, same run, two kubetrail child processes: tail alone, and tail plus the
+``kubernetes_audit`` filter (flattening, secret redaction, in-memory dedupe). The figure that
+matters is the cost of the filter as a share of tail-only throughput.
+
+    .venv/bin/python bench/bench_audit_tail.py [--lines 1000000]
+
+Target (issue 5): normalisation plus redaction costs at most 30% of tail-only throughput.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import audit_lines_file, cpu_count_hint, measure
+
+CONFIG = """
+[SERVICE]
+    log_level warn
+[INPUT]
+    name           tail
+    path           {src}
+    tag            audit
+    read_from_head on
+    exit_on_eof    on
+    parser         k8s_audit
+{filter}
+[OUTPUT]
+    name   file
+    match  *
+    path   {out}
+    file   audit.jsonl
+    format plain
+"""
+
+FILTER = """[FILTER]
+    name  kubernetes_audit
+    match *
+"""
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lines", type=int, default=1_000_000)
+    args = parser.parse_args()
+    src = audit_lines_file(args.lines)
+    size_mb = src.stat().st_size / 1e6
+    results = {}
+    for name, flt in (("tail only", ""), ("tail + filter", FILTER)):
+        work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-"))
+        try:
+            config = work / "bench.conf"
+            config.write_text(CONFIG.format(src=src, out=work, filter=flt))
+            m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
+            written = sum(1 for _ in (work / "audit.jsonl").open("rb"))
+            if m.returncode or written != args.lines:
+                print(f"FAILED: {name}: rc={m.returncode}, {written} of {args.lines} records", file=sys.stderr)
+                return 1
+            results[name] = m
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    print(f"input: {args.lines} audit lines, {size_mb:.0f} MB ({cpu_count_hint()})")
+    for name, m in results.items():
+        print(
+            f"{name:<14} {args.lines / m.wall:>10,.0f} records/s  wall {m.wall:6.2f} s  "
+            f"cpu {m.cpu:6.2f} s  peak RSS {m.max_rss_mb:6.1f} MB"
+        )
+    base, filtered = results["tail only"], results["tail + filter"]
+    cost = 1 - base.wall / filtered.wall  # share of tail-only throughput lost
+    print(f"filter cost: {cost:.0%} of tail-only throughput   target <= 30%: {'PASS' if cost <= 0.30 else 'MISS'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

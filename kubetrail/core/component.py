@@ -1,0 +1,98 @@
+"""The three component kinds (sources, transforms, sinks) and what the runtime gives them.
+
+A component is one module that declares its options, builds itself from the validated values
+and exposes a few coroutines; the runtime does routing, buffering, retries, acknowledgements
+and metrics around it. Plugins depend only on this module and the rest of ``core``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+from kubetrail.core.metrics import ComponentMetrics
+from kubetrail.core.options import Option, Section
+from kubetrail.core.record import Batch, Record
+
+
+class ParserLookup(Protocol):
+    def get(self, name: str) -> Any: ...
+
+    def names(self) -> list[str]: ...
+
+
+@dataclass
+class ComponentContext:
+    """What the runtime hands a component when it is built."""
+
+    component_id: str  # alias, or plugin name + index as Fluent Bit names instances (tail.0)
+    metrics: ComponentMetrics
+    logger: logging.Logger
+    parsers: ParserLookup
+    service: Mapping[str, Any] = field(default_factory=dict)
+    # The config section as written, for plugins whose semantics depend on the order of
+    # repeated keys (modify applies its rules in the order they appear).
+    section: Section | None = None
+
+
+class Component:
+    plugin_name: ClassVar[str]
+    description: ClassVar[str] = ""
+    options: ClassVar[tuple[Option, ...]] = ()
+
+    def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
+        self.ctx = ctx
+        self.config = config
+        self.log = ctx.logger
+        self.metrics = ctx.metrics
+
+
+class Emitter(Protocol):
+    """Where a source sends batches. ``send`` waits while downstream buffers are full."""
+
+    async def send(self, batch: Batch) -> None: ...
+
+
+class Source(Component):
+    """Produces batches until stopped (or, for a finite source, until its input is used up)."""
+
+    async def run(self, emitter: Emitter) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return soon; anything emitted but not acknowledged is replayed later."""
+
+    async def close(self) -> None:
+        """Release resources (state files) after every sink has drained."""
+
+
+class Transform(Component):
+    """Changes or drops records. Synchronous: transforms are CPU work on a batch in memory."""
+
+    def process(self, records: list[Record]) -> list[Record]:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Background work a filter needs (e.g. watches), started before any source runs."""
+
+    async def close(self) -> None:
+        """Stop that background work, after the sinks have drained."""
+
+
+class Sink(Component):
+    """Delivers batches durably. ``write`` returns only once the batch is safe (fsync, 2xx, ack).
+
+    It raises :class:`~kubetrail.core.errors.RetryableError` for failures worth retrying and
+    :class:`~kubetrail.core.errors.PermanentError` for payloads the destination will never take.
+    """
+
+    async def start(self) -> None:
+        """Open files or connections; failures here are retried by the runtime like writes."""
+
+    async def write(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Flush and release resources at shutdown."""

@@ -1,0 +1,170 @@
+"""Fluent Bit's YAML format: ``env``, ``includes``, ``service``, ``parsers``,
+``multiline_parsers`` and ``pipeline: {inputs, filters, outputs}``.
+
+PyYAML's node tree is walked directly (rather than ``safe_load``) so that every value keeps its
+line number for error messages. A list value becomes a repeated property, which is how the
+YAML format spells keys that repeat in the classic one (``regex``, ``add``, ``rule``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from kubetrail.core.config.model import PipelineConfig, expand_variables
+from kubetrail.core.errors import ConfigError, Location
+from kubetrail.core.options import Property, Section
+
+_TOP_KEYS = ("env", "includes", "service", "parsers", "multiline_parsers", "pipeline")
+_PIPELINE_KEYS = {"inputs": "input", "filters": "filter", "outputs": "output"}
+
+
+def read_yaml_config(path: Path) -> PipelineConfig:
+    config = PipelineConfig()
+    variables: dict[str, str] = {}
+    _read_document(path, config, variables, depth=0)
+    from kubetrail.core.config.classic import load_parsers_files
+
+    load_parsers_files(config, path.parent, variables)
+    return config
+
+
+def read_yaml_parsers(path: Path, config: PipelineConfig, variables: dict[str, str]) -> None:
+    root = _compose(path)
+    config.files.append(str(path))
+    for key_node, value_node in _mapping_items(root, path):
+        key = key_node.value
+        if key == "parsers":
+            _read_sections(value_node, "parser", path, config, variables)
+        elif key == "multiline_parsers":
+            _read_sections(value_node, "multiline_parser", path, config, variables)
+        else:
+            raise ConfigError(
+                f"unknown key {key!r} in a parsers file; allowed: parsers, multiline_parsers", _loc(path, key_node)
+            )
+
+
+def _compose(path: Path) -> yaml.Node:
+    try:
+        with path.open("r", encoding="utf-8") as handle:
+            node = yaml.compose(handle, Loader=yaml.SafeLoader)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc}", Location(str(path), 0)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else 0
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"YAML does not parse: {problem}", Location(str(path), line)) from None
+    if node is None:
+        return yaml.MappingNode("tag:yaml.org,2002:map", [])
+    return node
+
+
+def _loc(path: Path, node: yaml.Node) -> Location:
+    return Location(str(path), node.start_mark.line + 1)
+
+
+def _mapping_items(node: yaml.Node, path: Path) -> list[tuple[yaml.ScalarNode, yaml.Node]]:
+    if not isinstance(node, yaml.MappingNode):
+        raise ConfigError("expected a mapping (key: value)", _loc(path, node))
+    items = []
+    for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError("keys must be plain strings", _loc(path, key_node))
+        items.append((key_node, value_node))
+    return items
+
+
+def _read_document(path: Path, config: PipelineConfig, variables: dict[str, str], depth: int) -> None:
+    if depth > 16:
+        raise ConfigError("includes nested deeper than 16 levels (a cycle?)", Location(str(path), 0))
+    root = _compose(path)
+    config.files.append(str(path))
+    items = _mapping_items(root, path)
+    # env first: later sections may use its variables wherever they appear in the file.
+    for key_node, value_node in items:
+        if key_node.value == "env":
+            for name_node, val_node in _mapping_items(value_node, path):
+                variables[name_node.value] = _scalar(val_node, path, variables)
+    for key_node, value_node in items:
+        key = key_node.value
+        if key == "env":
+            continue
+        if key == "includes":
+            if not isinstance(value_node, yaml.SequenceNode):
+                raise ConfigError("'includes' must be a list of files", _loc(path, value_node))
+            for item in value_node.value:
+                target = Path(_scalar(item, path, variables))
+                if not target.is_absolute():
+                    target = path.parent / target
+                if not target.exists():
+                    raise ConfigError(f"included file not found: {target}", _loc(path, item))
+                _read_document(target, config, variables, depth + 1)
+        elif key == "service":
+            section = Section("service", _loc(path, key_node))
+            section.properties.extend(_properties(value_node, path, variables))
+            config.add(section)
+        elif key == "parsers":
+            _read_sections(value_node, "parser", path, config, variables)
+        elif key == "multiline_parsers":
+            _read_sections(value_node, "multiline_parser", path, config, variables)
+        elif key == "pipeline":
+            for pipe_key, pipe_value in _mapping_items(value_node, path):
+                kind = _PIPELINE_KEYS.get(pipe_key.value)
+                if kind is None:
+                    raise ConfigError(
+                        f"unknown key {pipe_key.value!r} under pipeline; allowed: inputs, filters, outputs",
+                        _loc(path, pipe_key),
+                    )
+                _read_sections(pipe_value, kind, path, config, variables)
+        else:
+            raise ConfigError(f"unknown top-level key {key!r}; allowed: {', '.join(_TOP_KEYS)}", _loc(path, key_node))
+
+
+def _read_sections(node: yaml.Node, kind: str, path: Path, config: PipelineConfig, variables: dict[str, str]) -> None:
+    if isinstance(node, yaml.ScalarNode) and node.value in ("", "~", "null"):
+        return
+    if not isinstance(node, yaml.SequenceNode):
+        raise ConfigError(f"expected a list of {kind}s", _loc(path, node))
+    for item in node.value:
+        section = Section(kind, _loc(path, item))
+        section.properties.extend(_properties(item, path, variables, kind))
+        config.add(section)
+
+
+def _properties(node: yaml.Node, path: Path, variables: dict[str, str], kind: str = "") -> list[Property]:
+    props: list[Property] = []
+    for key_node, value_node in _mapping_items(node, path):
+        name = key_node.value.lower()
+        location = _loc(path, key_node)
+        if kind == "multiline_parser" and name == "rules":
+            props.extend(_multiline_rules(value_node, path, variables))
+            continue
+        if isinstance(value_node, yaml.SequenceNode):
+            for item in value_node.value:
+                props.append(Property(name, _scalar(item, path, variables), _loc(path, item)))
+        else:
+            props.append(Property(name, _scalar(value_node, path, variables), location))
+    return props
+
+
+def _multiline_rules(node: yaml.Node, path: Path, variables: dict[str, str]) -> list[Property]:
+    """YAML ``rules: [{state, regex, next_state}]`` -> classic ``rule "state" "/regex/" "next"``."""
+    if not isinstance(node, yaml.SequenceNode):
+        raise ConfigError("'rules' must be a list of {state, regex, next_state}", _loc(path, node))
+    props = []
+    for item in node.value:
+        fields = {k.value: _scalar(v, path, variables) for k, v in _mapping_items(item, path)}
+        missing = {"state", "regex", "next_state"} - set(fields)
+        if missing:
+            raise ConfigError(f"rule is missing {', '.join(sorted(missing))}", _loc(path, item))
+        value = f'"{fields["state"]}" "/{fields["regex"]}/" "{fields["next_state"]}"'
+        props.append(Property("rule", value, _loc(path, item)))
+    return props
+
+
+def _scalar(node: yaml.Node, path: Path, variables: dict[str, str]) -> str:
+    if not isinstance(node, yaml.ScalarNode):
+        raise ConfigError("expected a single value here, not a list or mapping", _loc(path, node))
+    return expand_variables(str(node.value), variables, _loc(path, node))

@@ -1,0 +1,125 @@
+"""Credentials that rotate: the bearer token file and the CA bundle.
+
+Mounted Secrets and projected service-account tokens are replaced on disk while the process
+runs. The token is re-read after ``kube_token_ttl`` and whenever the server answers 401; the
+TLS context is rebuilt when any CA file's (inode, mtime, size) changes, checked at most once a
+second. Nothing here ever reads an environment variable.
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+import time
+from pathlib import Path
+
+
+class CredentialError(Exception):
+    """A credential file is missing, empty or unreadable."""
+
+
+class TokenSource:
+    def __init__(self, path: str | None, ttl: float) -> None:
+        self.path = path or None
+        self.ttl = ttl
+        self._token: str | None = None
+        self._read_at = 0.0
+
+    def header(self) -> dict[str, str]:
+        token = self.token()
+        return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def token(self) -> str | None:
+        if self.path is None:
+            return None  # no token file configured: e.g. behind `kubectl proxy`
+        if self._token is None or time.monotonic() - self._read_at >= self.ttl:
+            self._token = self._read()
+            self._read_at = time.monotonic()
+        return self._token
+
+    def invalidate(self) -> None:
+        """Forget the cached token (after a 401): the next request re-reads the file."""
+        self._token = None
+
+    def _read(self) -> str:
+        assert self.path is not None
+        try:
+            token = Path(self.path).read_text().strip()
+        except OSError as exc:
+            raise CredentialError(f"cannot read token file {self.path}: {exc.strerror}") from None
+        if not token:
+            raise CredentialError(f"token file {self.path} is empty")
+        return token
+
+
+def _stamp(path: str) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (0, 0, 0)
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class TLSContextSource:
+    """An SSL context for the API server, rebuilt when its files change."""
+
+    def __init__(
+        self,
+        ca_file: str | None,
+        ca_path: str | None,
+        verify: bool,
+        client_cert: str | None = None,
+        client_key: str | None = None,
+    ) -> None:
+        self.ca_file = ca_file
+        self.ca_path = ca_path
+        self.verify = verify
+        self.client_cert = client_cert
+        self.client_key = client_key
+        self._context: ssl.SSLContext | None = None
+        self._stamps: tuple[object, ...] = ()
+        self._checked = 0.0
+
+    def _files(self) -> list[str]:
+        files = [f for f in (self.ca_file, self.client_cert, self.client_key) if f]
+        if self.ca_path and os.path.isdir(self.ca_path):
+            files.extend(os.path.join(self.ca_path, n) for n in sorted(os.listdir(self.ca_path)))
+        return files
+
+    def context(self) -> ssl.SSLContext:
+        now = time.monotonic()
+        if self._context is not None and now - self._checked < 1.0:
+            return self._context
+        self._checked = now
+        stamps = tuple(_stamp(f) for f in self._files())
+        if self._context is None or stamps != self._stamps:
+            self._context = self._build()
+            self._stamps = stamps
+        return self._context
+
+    def _build(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            if self.ca_file or self.ca_path:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.check_hostname = True
+                ctx.verify_mode = ssl.CERT_REQUIRED
+            try:
+                if self.ca_file:
+                    ctx.load_verify_locations(cafile=self.ca_file)
+                if self.ca_path:
+                    for name in sorted(os.listdir(self.ca_path)):
+                        full = os.path.join(self.ca_path, name)
+                        if os.path.isfile(full):
+                            ctx.load_verify_locations(cafile=full)
+            except (OSError, ssl.SSLError) as exc:
+                raise CredentialError(f"cannot load CA from {self.ca_file or self.ca_path}: {exc}") from None
+        if self.client_cert:
+            try:
+                ctx.load_cert_chain(self.client_cert, self.client_key)
+            except (OSError, ssl.SSLError) as exc:
+                raise CredentialError(f"cannot load client certificate {self.client_cert}: {exc}") from None
+        return ctx

@@ -1,0 +1,84 @@
+"""What every parser does: lines in, records out; unparsable lines kept under ``log``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from kubetrail.core.record import Record
+from kubetrail.parsers.timefmt import TimeParser
+
+_CONVERTERS: dict[str, Any] = {
+    "string": str,
+    "integer": int,
+    "float": float,
+    "bool": lambda v: str(v).strip().lower() in ("true", "on", "yes", "1"),
+}
+
+
+class Parser:
+    """Base for parsers. ``parse_lines`` returns the records and how many lines failed."""
+
+    def __init__(
+        self,
+        name: str,
+        time_key: str | None = None,
+        time_format: str | None = None,
+        time_keep: bool = False,
+        time_offset: int = 0,
+        types: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.time_key = time_key
+        self.time_keep = time_keep
+        self.time_parser = TimeParser(time_format, time_offset)
+        self.types = types or {}
+        for key, kind in self.types.items():
+            if kind not in _CONVERTERS:
+                raise ValueError(f"type of {key!r} must be one of {', '.join(_CONVERTERS)}, not {kind!r}")
+
+    def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
+        raise NotImplementedError
+
+    def parse_block_lazy(self, block: bytes, tag: str) -> tuple[int, Callable[[], list[Record]]] | None:
+        """Validate a block of newline-terminated lines without building records.
+
+        Returns the record count and a function that builds the records when someone needs
+        them, or ``None`` when this parser cannot (the caller then parses line by line).
+        """
+        return None
+
+    def parse_block(self, block: bytes, lines: list[bytes], tag: str) -> tuple[list[Record], int, bool]:
+        """Parse ``lines`` whose newline-joined bytes are ``block``; the flag says whether every
+        record kept its original bytes unchanged (so ``block`` may be written out as it is)."""
+        records, failed = self.parse_lines(lines, tag)
+        return records, failed, False
+
+    def parse_body(self, body: dict[str, Any], now_ns: int) -> tuple[int, bool]:
+        """Apply ``types`` and take the time out of ``time_key``; returns (time_ns, ok)."""
+        for key, kind in self.types.items():
+            if key in body:
+                try:
+                    body[key] = _CONVERTERS[kind](body[key])
+                except (TypeError, ValueError):
+                    pass  # Fluent Bit keeps the original value when a conversion fails
+        if self.time_key is None or self.time_key not in body:
+            return now_ns, True
+        value = body[self.time_key]
+        try:
+            time_ns = self.time_parser.parse_ns(value)
+        except (ValueError, TypeError, AttributeError):
+            return now_ns, False
+        if not self.time_keep:
+            del body[self.time_key]
+        return time_ns, True
+
+
+def unparsed_record(tag: str, line: bytes, now_ns: int, key: str = "log") -> Record:
+    """Fluent Bit passes a line its parser rejects on under the ``log`` key."""
+    return Record(tag, now_ns, {key: line.decode("utf-8", "replace")})
+
+
+def wall_ns() -> int:
+    return time.time_ns()

@@ -1,0 +1,90 @@
+"""Built-in parsers and the ones declared in ``[PARSER]`` sections / ``parsers:`` lists.
+
+Built-ins mirror the entries of Fluent Bit's stock ``parsers.conf`` that Kubernetes users rely
+on (``json``, ``docker``, ``cri``) plus ``k8s_audit`` for the API server's audit log. A
+``[PARSER]`` with the same name overrides a built-in.
+"""
+
+from __future__ import annotations
+
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.options import Option, Section, resolve_options
+from kubetrail.parsers.base import Parser
+from kubetrail.parsers.json_parser import JsonParser
+from kubetrail.parsers.klog_parser import KlogParser
+from kubetrail.parsers.logr_parser import LogrParser
+from kubetrail.parsers.regex_parser import RegexParser
+from kubetrail.parsers.timefmt import parse_time_offset
+
+PARSER_OPTIONS: tuple[Option, ...] = (
+    Option("name", required=True, help="Name that inputs and filters refer to"),
+    Option("format", "choice", choices=("json", "regex"), required=True, help="Parser kind"),
+    Option("regex", help="Regular expression with named groups (format regex)"),
+    Option("time_key", help="Key holding the record's time"),
+    Option("time_format", help="strptime format of time_key; %L is fractional seconds"),
+    Option("time_keep", "bool", False, help="Keep time_key in the record after taking the time from it"),
+    Option("time_offset", help="Offset applied to times without a zone, e.g. +0200"),
+    Option("types", help="Conversions, e.g. 'code:integer latency:float'"),
+    Option("skip_empty_values", "bool", True, help="Drop keys whose group matched nothing (regex)"),
+)
+
+CRI_REGEX = r"^(?<time>[^ ]+) (?<stream>stdout|stderr) (?<logtag>[^ ]*) ?(?<message>.*)$"
+
+
+def builtin_parsers() -> dict[str, Parser]:
+    return {
+        "json": JsonParser("json"),
+        "docker": JsonParser("docker", time_key="time", time_format="%Y-%m-%dT%H:%M:%S.%L%z", time_keep=True),
+        "cri": RegexParser("cri", CRI_REGEX, time_key="time", time_format="%Y-%m-%dT%H:%M:%S.%L%z", time_keep=True),
+        "k8s_audit": JsonParser("k8s_audit", time_key="stageTimestamp", time_keep=True),
+        "klog": KlogParser("klog"),
+        "logr": LogrParser("logr"),
+    }
+
+
+class ParserRegistry:
+    def __init__(self, parsers: dict[str, Parser] | None = None) -> None:
+        self._parsers = builtin_parsers()
+        if parsers:
+            self._parsers.update(parsers)
+
+    def get(self, name: str) -> Parser | None:
+        return self._parsers.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._parsers)
+
+    def add_section(self, section: Section) -> None:
+        values = resolve_options(section, PARSER_OPTIONS, "[PARSER]", ignore=())
+        name = values["name"]
+        kwargs: dict[str, object] = {
+            "time_key": values["time_key"],
+            "time_format": values["time_format"],
+            "time_keep": values["time_keep"],
+        }
+        try:
+            if values["time_offset"]:
+                kwargs["time_offset"] = parse_time_offset(values["time_offset"])
+            if values["types"]:
+                kwargs["types"] = dict(item.split(":", 1) for item in values["types"].split())
+            if values["time_format"]:
+                # Compile now so a bad format fails at config time, not on the first record.
+                from kubetrail.parsers.timefmt import TimeParser
+
+                TimeParser(values["time_format"])
+            if values["format"] == "json":
+                parser: Parser = JsonParser(name, **kwargs)
+            else:
+                if not values["regex"]:
+                    raise ConfigError("format regex needs a 'regex'", section.location, "regex")
+                parser = RegexParser(
+                    name,
+                    values["regex"],
+                    skip_empty_values=values["skip_empty_values"],
+                    **kwargs,
+                )
+        except ConfigError:
+            raise
+        except (ValueError, Exception) as exc:
+            raise ConfigError(f"parser {name!r}: {exc}", section.location) from None
+        self._parsers[name] = parser

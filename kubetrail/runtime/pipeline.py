@@ -1,0 +1,303 @@
+"""The whole lifecycle of a pipeline: build from config, run, stop, drain, exit.
+
+Build validates everything before anything starts (unknown plugin or option, bad value ->
+:class:`ConfigError`). Run starts the sink workers, then the sources. Stop (SIGTERM, or every
+finite source finished) proceeds in the only order that loses nothing:
+
+1. sources stop reading; what they already emitted stays in sink buffers;
+2. sinks drain their buffers (bounded by the service ``grace`` period);
+3. sources close, storing checkpoints that by construction cover only acknowledged data.
+
+Anything still undelivered when ``grace`` runs out is simply not checkpointed, so it is
+read again on the next start: at-least-once, with identities for sinks to deduplicate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from kubetrail import __version__
+from kubetrail.core.component import ComponentContext, Sink, Source, Transform
+from kubetrail.core.config import PipelineConfig
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.metrics import ComponentMetrics, MetricsRegistry
+from kubetrail.core.options import Option, Section, resolve_options
+from kubetrail.core.record import Batch
+from kubetrail.parsers.registry import ParserRegistry
+from kubetrail.runtime.logging_setup import LEVELS
+from kubetrail.runtime.plugins import (
+    COMMON_FILTER_OPTIONS,
+    COMMON_INPUT_OPTIONS,
+    COMMON_OUTPUT_OPTIONS,
+    SERVICE_OPTIONS,
+    SINKS,
+    SOURCES,
+    TRANSFORMS,
+    parse_retry_limit,
+)
+from kubetrail.runtime.router import RoutedSink, RoutedTransform, Router
+from kubetrail.runtime.routing import TagMatcher
+from kubetrail.runtime.sink_runner import SinkRunner
+
+log = logging.getLogger("kubetrail.pipeline")
+
+SOURCE_RESTART_CAP = 60.0
+
+
+@dataclass
+class BuiltComponent:
+    component_id: str
+    kind: str
+    plugin: str
+    config: dict[str, Any]
+    instance: Any
+
+
+class _SourceEmitter:
+    """The emitter a source sends to: routing plus the source's own metrics."""
+
+    def __init__(self, router: Router, metrics: ComponentMetrics) -> None:
+        self._router = router
+        self._metrics = metrics
+
+    async def send(self, batch: Batch) -> None:
+        self._metrics.records_in.inc(len(batch))
+        self._metrics.bytes_in.inc(batch.size_bytes)
+        await self._router.send(batch, self._metrics)
+
+
+class Pipeline:
+    def __init__(self, config: PipelineConfig) -> None:
+        self.config = config
+        self.service = resolve_options(config.service, SERVICE_OPTIONS, "[SERVICE]")
+        if self.service["daemon"]:
+            raise ConfigError(
+                "daemon mode is not supported; run kubetrail under systemd or Kubernetes",
+                config.service.location_of("daemon"),
+                "daemon",
+            )
+        self.metrics = MetricsRegistry()
+        self.metrics.build_info.labels(__version__).set(1)
+        self.parsers = ParserRegistry()
+        for section in config.parsers:
+            self.parsers.add_section(section)
+        self._counts: dict[str, int] = defaultdict(int)
+        self.sources: list[BuiltComponent] = []
+        self.transforms: list[BuiltComponent] = []
+        self.sinks: list[BuiltComponent] = []
+        routed_transforms: list[RoutedTransform] = []
+        routed_sinks: list[RoutedSink] = []
+        for section in config.inputs:
+            self.sources.append(self._build(section, "input", SOURCES, COMMON_INPUT_OPTIONS))
+        for section in config.filters:
+            built = self._build(section, "filter", TRANSFORMS, COMMON_FILTER_OPTIONS)
+            self.transforms.append(built)
+            routed_transforms.append(
+                RoutedTransform(
+                    built.instance, _matcher(section, built.config), built.instance.metrics, built.component_id
+                )
+            )
+        self.runners: list[SinkRunner] = []
+        for section in config.outputs:
+            built = self._build(section, "output", SINKS, COMMON_OUTPUT_OPTIONS)
+            try:
+                retry_limit = parse_retry_limit(built.config["retry_limit"])
+            except ValueError:
+                raise ConfigError(
+                    f"bad value {built.config['retry_limit']!r}; expected a number, no_limits, false or no_retries",
+                    section.location_of("retry_limit"),
+                    "retry_limit",
+                ) from None
+            runner = SinkRunner(
+                built.instance,
+                built.component_id,
+                built.instance.metrics,
+                built.instance.log,
+                retry_limit,
+                built.config["workers"],
+            )
+            self.sinks.append(built)
+            self.runners.append(runner)
+            routed_sinks.append(RoutedSink(runner, _matcher(section, built.config)))
+        if not self.sources:
+            raise ConfigError("the pipeline has no inputs", config.service.location)
+        if not self.sinks:
+            raise ConfigError("the pipeline has no outputs", config.service.location)
+        self.router = Router(routed_transforms, routed_sinks, log)
+        self._stop = asyncio.Event()
+        self._stopping = False
+        self.http: Any = None
+        self.started_at = time.time()
+
+    def _build(
+        self, section: Section, kind: str, registry: dict[str, Any], common: tuple[Option, ...]
+    ) -> BuiltComponent:
+        plugin = section.plugin_name
+        if not plugin:
+            raise ConfigError(f"[{kind.upper()}] has no 'name' (the plugin to use)", section.location, "name")
+        cls = registry.get(plugin)
+        if cls is None:
+            allowed = ", ".join(sorted(registry))
+            raise ConfigError(
+                f"unknown {kind} plugin {plugin!r}; available: {allowed}", section.location_of("name"), "name"
+            )
+        options = (*common, *cls.options)
+        values = resolve_options(section, options, f"{kind} plugin '{plugin}'")
+        index = self._counts[f"{kind}:{plugin}"]
+        self._counts[f"{kind}:{plugin}"] += 1
+        component_id = values.get("alias") or f"{plugin}.{index}"
+        if kind == "input" and not values.get("tag"):
+            values["tag"] = component_id  # Fluent Bit's default tag is the instance name
+        logger = logging.getLogger(f"kubetrail.{kind}.{component_id}")
+        if values.get("log_level"):
+            logger.setLevel(LEVELS[values["log_level"]])
+        metrics_kind = {"input": "source", "filter": "transform", "output": "sink"}[kind]
+        ctx = ComponentContext(
+            component_id=component_id,
+            metrics=self.metrics.component(component_id, metrics_kind, plugin),
+            logger=logger,
+            parsers=self.parsers,
+            service=self.service,
+            section=section,
+        )
+        try:
+            instance = cls(ctx, values)
+        except ConfigError as exc:
+            if exc.location is None:
+                key = exc.key or "name"
+                raise ConfigError(exc.message, section.location_of(key), exc.key) from None
+            raise
+        return BuiltComponent(component_id, kind, plugin, values, instance)
+
+    def describe(self) -> dict[str, Any]:
+        """The resolved pipeline, for ``kubetrail check``."""
+
+        def shown(config: dict[str, Any]) -> dict[str, Any]:
+            return {k: (v.pattern if hasattr(v, "pattern") else v) for k, v in config.items() if v not in (None, [])}
+
+        return {
+            "service": shown(dict(self.service)),
+            "inputs": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.sources],
+            "filters": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.transforms],
+            "outputs": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.sinks],
+            "parsers": self.parsers.names(),
+        }
+
+    def request_stop(self) -> None:
+        if not self._stopping:
+            log.info("stopping: sources stop reading, sinks drain")
+        self._stopping = True
+        self._stop.set()
+
+    async def run(self) -> int:
+        if self.service["http_server"]:
+            from kubetrail.runtime.http_server import MonitoringServer  # aiohttp costs 0.2 s to import
+
+            self.http = MonitoringServer(
+                self.metrics, self.service["http_listen"], self.service["http_port"], lambda: not self._stopping
+            )
+            try:
+                await self.http.start()
+            except OSError as exc:
+                log.error(
+                    "cannot start the monitoring server",
+                    extra={"listen": self.service["http_listen"], "port": self.service["http_port"], "error": str(exc)},
+                )
+                return 1
+            log.info("monitoring server listening", extra={"port": self.http.bound_port})
+        for runner in self.runners:
+            runner.start()
+        for component in self.transforms:
+            await _quietly(component.instance.start(), component.component_id)
+        tasks = [
+            asyncio.create_task(self._supervise(c.instance, c.component_id), name=c.component_id) for c in self.sources
+        ]
+        log.info(
+            "pipeline started",
+            extra={"inputs": len(self.sources), "filters": len(self.transforms), "outputs": len(self.sinks)},
+        )
+        all_sources: asyncio.Future[list[Any]] = asyncio.ensure_future(asyncio.gather(*tasks, return_exceptions=True))
+        stop_wait: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait([all_sources, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if not self._stop.is_set():
+            log.info("every source has finished; draining")
+        self._stopping = True
+        for component in self.sources:
+            component.instance.stop()
+        grace = float(self.service["grace"])
+        deadline = time.monotonic() + grace
+        clean = await self._within(all_sources, deadline, "sources did not stop")
+        for task in tasks:
+            task.cancel()
+        drains = asyncio.gather(*(runner.drain() for runner in self.runners))
+        clean = await self._within(drains, deadline, "sinks did not drain; the rest is replayed on restart") and clean
+        for runner in self.runners:
+            runner.cancel()
+        for component in self.sinks:
+            await _quietly(component.instance.close(), component.component_id)
+        for component in self.sources:
+            await _quietly(component.instance.close(), component.component_id)
+        for component in self.transforms:
+            await _quietly(component.instance.close(), component.component_id)
+        stop_wait.cancel()
+        if self.http is not None:
+            await self.http.stop()
+        log.info("stopped", extra={"clean": clean})
+        return 0
+
+    async def _within(self, awaitable: asyncio.Future[Any], deadline: float, message: str) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(awaitable), max(0.0, deadline - time.monotonic()))
+            return True
+        except TimeoutError:
+            log.warning(message, extra={"grace": self.service["grace"]})
+            awaitable.cancel()
+            return False
+
+    async def _supervise(self, source: Source, component_id: str) -> None:
+        """Run a source; if it crashes, log it and restart with backoff rather than die."""
+        emitter = _SourceEmitter(self.router, source.metrics)
+        delay = 1.0
+        while True:
+            try:
+                await source.run(emitter)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                source.metrics.error(type(exc).__name__)
+                log.exception("source failed; restarting", extra={"component": component_id, "retry_in": delay})
+                if self._stopping:
+                    return
+                try:
+                    await asyncio.wait_for(self._stop.wait(), delay)
+                    return
+                except TimeoutError:
+                    delay = min(SOURCE_RESTART_CAP, delay * 2)
+
+
+def _matcher(section: Section, values: dict[str, Any]) -> TagMatcher:
+    if values.get("match_regex") is not None:
+        return TagMatcher(regex=values["match_regex"])
+    if values.get("match"):
+        return TagMatcher(pattern=values["match"])
+    raise ConfigError(
+        "needs 'match' (tag pattern with *) or 'match_regex', otherwise it receives nothing",
+        section.location,
+        "match",
+    )
+
+
+async def _quietly(awaitable: Any, component_id: str) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("error while closing", extra={"component": component_id})
+
+
+__all__ = ["Pipeline", "Sink", "Source", "Transform"]

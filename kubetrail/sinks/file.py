@@ -1,0 +1,165 @@
+"""The ``file`` output: Fluent Bit's formats, and fsync before a batch is acknowledged.
+
+Writes happen in a worker thread (``asyncio.to_thread``) so an fsync on a slow disk never
+stalls the event loop that is still reading inputs. Open files are kept in a small LRU since
+the file name may come from the tag (one file per tag, as in Fluent Bit).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from kubetrail.core.component import ComponentContext, Sink
+from kubetrail.core.dates import epoch_text
+from kubetrail.core.errors import ConfigError, RetryableError
+from kubetrail.core.options import Option
+from kubetrail.core.record import Batch, Record
+
+MAX_OPEN_FILES = 64
+_DELIMITERS = {"\\t": "\t", "tab": "\t", "space": " ", "comma": ",", ",": ",", " ": " ", "\t": "\t"}
+_PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value).decode()
+
+
+class FileSink(Sink):
+    plugin_name = "file"
+    description = "Writes records to files, fsynced before acknowledging"
+    options = (
+        Option("path", help="Directory of the output file (default: the working directory)"),
+        Option("file", help="File name (default: the record's tag)"),
+        Option("format", "choice", "out_file", choices=("out_file", "plain", "csv", "ltsv", "template")),
+        Option("delimiter", help="csv: , (default), tab or space; ltsv: tab (default)"),
+        Option("label_delimiter", "str", ":", help="ltsv: between label and value"),
+        Option("template", "str", "{time} {message}", help="template: {key} placeholders, {time} is the time"),
+        Option("csv_column_names", "bool", False, help="csv: write a header line in a new file"),
+        Option("mkdir", "bool", False, help="Create the directory (0755) if it does not exist"),
+    )
+
+    def __init__(self, ctx: ComponentContext, config: dict[str, Any]) -> None:
+        super().__init__(ctx, config)
+        self.directory = Path(config["path"]) if config["path"] else Path.cwd()
+        self.file_name: str | None = config["file"]
+        self.format: str = config["format"]
+        self.mkdir: bool = config["mkdir"]
+        default_delimiter = "\t" if self.format == "ltsv" else ","
+        raw_delimiter = config["delimiter"]
+        if raw_delimiter is None:
+            self.delimiter = default_delimiter
+        elif raw_delimiter.lower() in _DELIMITERS:
+            self.delimiter = _DELIMITERS[raw_delimiter.lower()]
+        else:
+            raise ConfigError(f"bad delimiter {raw_delimiter!r}; allowed: comma, tab, space", key="delimiter")
+        self.label_delimiter: str = config["label_delimiter"]
+        self.template: str = config["template"]
+        self.csv_header: bool = config["csv_column_names"]
+        self._files: OrderedDict[Path, IO[bytes]] = OrderedDict()
+        self._formatter: Callable[[Record], bytes] = {
+            "out_file": self._format_out_file,
+            "plain": self._format_plain,
+            "csv": self._format_csv,
+            "ltsv": self._format_ltsv,
+            "template": self._format_template,
+        }[self.format]
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._check_directory)
+
+    def _check_directory(self) -> None:
+        if not self.directory.is_dir():
+            if not self.mkdir:
+                raise RetryableError(f"output directory {self.directory} does not exist (set 'mkdir on' to create it)")
+            try:
+                self.directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RetryableError(f"cannot create output directory {self.directory}: {exc.strerror}") from None
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise RetryableError(f"output directory {self.directory} is not writable")
+
+    async def write(self, batch: Batch) -> None:
+        target = self.directory / (self.file_name or batch.tag)
+        if self.format == "plain" and batch.raw_block is not None:
+            data = batch.raw_block  # unmodified JSON lines: the input bytes are the output
+        else:
+            formatter = self._formatter
+            data = b"".join([formatter(record) for record in batch.records])
+        await asyncio.to_thread(self._write_sync, target, data, batch)
+
+    def _write_sync(self, target: Path, data: bytes, batch: Batch) -> None:
+        try:
+            handle = self._open(target, batch)
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        except OSError as exc:
+            stale = self._files.pop(target, None)
+            if stale is not None:
+                stale.close()
+            raise RetryableError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+    def _open(self, target: Path, batch: Batch) -> IO[bytes]:
+        handle = self._files.get(target)
+        if handle is not None:
+            self._files.move_to_end(target)
+            return handle
+        if self.mkdir:
+            target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        handle = open(target, "ab")  # noqa: SIM115 - kept open across batches, closed in close()
+        if self.csv_header and self.format == "csv" and handle.tell() == 0 and len(batch):
+            header = [*batch.records[0].body.keys()]
+            handle.write((self.delimiter.join(["time", *header]) + "\n").encode())
+        self._files[target] = handle
+        while len(self._files) > MAX_OPEN_FILES:
+            _, oldest = self._files.popitem(last=False)
+            oldest.close()
+        return handle
+
+    async def close(self) -> None:
+        for handle in self._files.values():
+            handle.close()
+        self._files.clear()
+
+    def _format_plain(self, record: Record) -> bytes:
+        return record.json_bytes() + b"\n"
+
+    def _format_out_file(self, record: Record) -> bytes:
+        return f"{record.tag}: [{epoch_text(record.time_ns)}, ".encode() + record.json_bytes() + b"]\n"
+
+    def _format_csv(self, record: Record) -> bytes:
+        fields = [epoch_text(record.time_ns)]
+        for value in record.body.values():
+            fields.append('"' + _text(value).replace('"', '""') + '"')
+        return (self.delimiter.join(fields) + "\n").encode()
+
+    def _format_ltsv(self, record: Record) -> bytes:
+        ld = self.label_delimiter
+        fields = [f"time{ld}{epoch_text(record.time_ns)}"]
+        for key, value in record.body.items():
+            text = _text(value).replace(self.delimiter, " ").replace("\n", "\\n")
+            fields.append(f"{key}{ld}{text}")
+        return (self.delimiter.join(fields) + "\n").encode()
+
+    def _format_template(self, record: Record) -> bytes:
+        body = record.body
+
+        def fill(match: re.Match[str]) -> str:
+            key = match.group(1)
+            if key == "time" and "time" not in body:
+                return epoch_text(record.time_ns)
+            if key in body:
+                return _text(body[key])
+            return ""
+
+        return (_PLACEHOLDER.sub(fill, self.template) + "\n").encode()

@@ -1,0 +1,1 @@
+"""Sources (Fluent Bit's inputs): one module per plugin, each an async ``run`` loop."""

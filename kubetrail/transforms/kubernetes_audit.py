@@ -1,0 +1,583 @@
+"""The ``kubernetes_audit`` filter: flatten, drop, redact and deduplicate audit events.
+
+Input: records whose body is an ``audit.k8s.io`` Event, from the ``kubernetes_audit`` webhook
+input or from ``tail`` with the ``k8s_audit`` parser. Other records pass through untouched.
+
+**Flattening.** The fields people query are copied to top-level keys, named after the
+OpenTelemetry semantic conventions where one exists, and the original event stays as it is:
+
+=====================================  ==============================================
+key                                    from
+=====================================  ==============================================
+``time``                               ``stageTimestamp``
+``k8s.audit.id``                       ``auditID``
+``k8s.audit.stage``                    ``stage``
+``k8s.audit.level``                    ``level``
+``user.name`` / ``user.id`` (semconv)  ``user.username`` / ``user.uid``
+``user.groups``                        ``user.groups``
+``k8s.audit.impersonated_user.name``   ``impersonatedUser.username``
+``k8s.audit.impersonated_user.groups`` ``impersonatedUser.groups``
+``k8s.audit.verb``                     ``verb``
+``k8s.audit.resource``                 ``objectRef.resource``
+``k8s.audit.subresource``              ``objectRef.subresource``
+``k8s.namespace.name`` (semconv)       ``objectRef.namespace``
+``k8s.audit.object.name``              ``objectRef.name``
+``k8s.audit.api_group``                ``objectRef.apiGroup``
+``client.address`` (semconv)           ``sourceIPs[0]`` (the original client)
+``k8s.audit.source_ips``               ``sourceIPs``
+``user_agent.original`` (semconv)      ``userAgent``
+``url.original`` (semconv)             ``requestURI``
+``http.response.status_code`` (semc.)  ``responseStatus.code``
+``k8s.audit.authz.decision``           ``annotations["authorization.k8s.io/decision"]``
+``k8s.audit.authz.reason``             ``annotations["authorization.k8s.io/reason"]``
+``k8s.audit.redacted``                 ``true`` when this filter replaced secret values
+=====================================  ==============================================
+
+Absent fields are omitted, not null.
+
+**Speed.** Per-record Python work is the budget, so an event is never parsed into a dict unless
+it must be redacted. The fields above are decoded from the whole batch in one msgspec
+``decode_lines`` call into structs (the rest of each event is skipped in C), encoded into a
+small JSON object, and spliced in front of the event's original bytes:
+``{"time":...,"k8s.audit.id":...,<original members>}``. The record keeps those bytes as its
+body (parsed lazily if anything later asks), so a sink writes them as they are.
+
+**Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
+a SecretList) in ``requestObject`` and ``responseObject``, their
+``kubectl.kubernetes.io/last-applied-configuration`` annotation (which repeats the data), every
+``value`` of a JSON patch sent to a Secret, and ``status.token`` of TokenRequest responses are
+replaced by ``[REDACTED]`` (keys kept: which key changed is useful and not secret). An event is
+parsed for this only when its ``objectRef`` is ``secrets`` or ``serviceaccounts/token``, or its
+bytes mention a Secret or TokenRequest kind, so ordinary events never pay for it. ``redact``
+adds dotted paths (``requestObject.spec.password``, ``*`` for any key or list item), checked
+only in events whose bytes contain the path's last key.
+
+**Deduplication by (auditID, stage)** within ``dedupe_window``, the window the API server's
+retries can span. Correctness needs to know which records were *delivered*, not merely seen:
+a key recorded when a batch passes the filter would, after a kill -9 before delivery, make the
+API server's retry of that batch look like a duplicate and lose it. So when a record carries
+the delivery hook of the ``kubernetes_audit`` input (``meta["_ack"]``/``meta["_on_delivered"]``,
+see that module), its key is *in flight* until the batch's token completes, then *delivered*
+(and written to ``db``) or forgotten if a sink dropped it. A duplicate of an in-flight key is
+removed and its batch's token is retained until the twin is delivered, so the retried request
+is not answered 2xx before the data is safe. Records without the hook (``tail``, whose own
+offsets already make restarts exact) are deduplicated in memory only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+import orjson
+
+from kubetrail.core.acks import AckToken
+from kubetrail.core.component import ComponentContext, Transform
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.options import Option
+from kubetrail.core.record import Record
+from kubetrail.core.state import DB_OPTIONS, StateDB
+
+REDACTED = "[REDACTED]"
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
+LEVELS = ("None", "Metadata", "Request", "RequestResponse")
+# One character per known stage keeps the in-memory dedupe keys short (memory per key matters
+# at hundreds of thousands of keys).
+_STAGE_CODE = {"RequestReceived": "0", "ResponseStarted": "1", "ResponseComplete": "2", "Panic": "3"}
+_SECRET_HINTS = (b'"kind":"Secret', b'"kind":"TokenRequest"', b'"kind": "Secret', b'"kind": "TokenRequest"')
+
+
+def _hinted(raw: bytes) -> bool:
+    return any(hint in raw for hint in _SECRET_HINTS)
+
+
+_BODILESS = frozenset({"Metadata", "None"})
+DB_PRUNE_INTERVAL = 60.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_dedupe (
+    key TEXT PRIMARY KEY,
+    delivered_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS audit_dedupe_age ON audit_dedupe (delivered_at);
+"""
+
+
+# -- what is decoded from each event (everything else is skipped by msgspec) --------------
+
+
+class _User(msgspec.Struct, gc=False):
+    username: str | None = None
+    uid: str | None = None
+    groups: list[str] | None = None
+
+
+class _ObjectRef(msgspec.Struct, gc=False):
+    resource: str | None = None
+    subresource: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    apiGroup: str | None = None
+
+
+class _Status(msgspec.Struct, gc=False):
+    code: int | None = None
+
+
+class _Annotations(
+    msgspec.Struct,
+    gc=False,
+    rename={"decision": "authorization.k8s.io/decision", "reason": "authorization.k8s.io/reason"},
+):
+    decision: str | None = None
+    reason: str | None = None
+
+
+class _Event(msgspec.Struct, gc=False):
+    auditID: str | None = None
+    stage: str | None = None
+    level: str | None = None
+    kind: str | None = None
+    verb: str | None = None
+    requestURI: str | None = None
+    userAgent: str | None = None
+    sourceIPs: list[str] | None = None
+    stageTimestamp: str | None = None
+    user: _User | None = None
+    impersonatedUser: _User | None = None
+    objectRef: _ObjectRef | None = None
+    responseStatus: _Status | None = None
+    annotations: _Annotations | None = None
+
+
+class _Flat(
+    msgspec.Struct,
+    gc=False,
+    omit_defaults=True,
+    rename={
+        "time": "time",
+        "audit_id": "k8s.audit.id",
+        "stage": "k8s.audit.stage",
+        "level": "k8s.audit.level",
+        "user_name": "user.name",
+        "user_id": "user.id",
+        "user_groups": "user.groups",
+        "imp_name": "k8s.audit.impersonated_user.name",
+        "imp_groups": "k8s.audit.impersonated_user.groups",
+        "verb": "k8s.audit.verb",
+        "resource": "k8s.audit.resource",
+        "subresource": "k8s.audit.subresource",
+        "namespace": "k8s.namespace.name",
+        "name": "k8s.audit.object.name",
+        "api_group": "k8s.audit.api_group",
+        "client": "client.address",
+        "source_ips": "k8s.audit.source_ips",
+        "user_agent": "user_agent.original",
+        "uri": "url.original",
+        "code": "http.response.status_code",
+        "decision": "k8s.audit.authz.decision",
+        "reason": "k8s.audit.authz.reason",
+        "redacted": "k8s.audit.redacted",
+    },
+):
+    time: str | None = None
+    audit_id: str | None = None
+    stage: str | None = None
+    level: str | None = None
+    user_name: str | None = None
+    user_id: str | None = None
+    user_groups: list[str] | None = None
+    imp_name: str | None = None
+    imp_groups: list[str] | None = None
+    verb: str | None = None
+    resource: str | None = None
+    subresource: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    api_group: str | None = None
+    client: str | None = None
+    source_ips: list[str] | None = None
+    user_agent: str | None = None
+    uri: str | None = None
+    code: int | None = None
+    decision: str | None = None
+    reason: str | None = None
+    redacted: bool = False
+
+
+_DECODE_LINES = msgspec.json.Decoder(_Event).decode_lines
+_DECODE_ONE = msgspec.json.Decoder(_Event).decode
+_ENCODE = msgspec.json.Encoder().encode
+
+
+def _flat(ev: _Event, redacted: bool) -> bytes:
+    user, imp, ref, status, notes = ev.user, ev.impersonatedUser, ev.objectRef, ev.responseStatus, ev.annotations
+    ips = ev.sourceIPs
+    flat = _Flat(
+        ev.stageTimestamp,
+        ev.auditID,
+        ev.stage,
+        ev.level,
+        user.username if user else None,
+        user.uid if user else None,
+        user.groups if user else None,
+        imp.username if imp else None,
+        imp.groups if imp else None,
+        ev.verb,
+        ref.resource if ref else None,
+        ref.subresource if ref else None,
+        ref.namespace if ref else None,
+        ref.name if ref else None,
+        ref.apiGroup if ref else None,
+        ips[0] if ips else None,
+        ips,
+        ev.userAgent,
+        ev.requestURI,
+        status.code if status else None,
+        notes.decision if notes else None,
+        notes.reason if notes else None,
+        redacted,
+    )
+    return _ENCODE(flat)
+
+
+# -- redaction ------------------------------------------------------------------------------
+
+
+def _redact_values(mapping: Any) -> bool:
+    if not isinstance(mapping, dict) or not mapping:
+        return False
+    for key in mapping:
+        mapping[key] = REDACTED
+    return True
+
+
+def _redact_secret(obj: Any) -> bool:
+    """A Secret (or a merge patch of one): data, stringData, the last-applied annotation."""
+    if not isinstance(obj, dict):
+        return False
+    changed = _redact_values(obj.get("data"))
+    changed |= _redact_values(obj.get("stringData"))
+    meta = obj.get("metadata")
+    if isinstance(meta, dict):
+        notes = meta.get("annotations")
+        if isinstance(notes, dict) and LAST_APPLIED in notes:
+            notes[LAST_APPLIED] = REDACTED
+            changed = True
+    return changed
+
+
+def _redact_object(obj: Any, secret_resource: bool, token_resource: bool) -> bool:
+    if isinstance(obj, list):
+        # A JSON patch (list of operations) sent to a Secret: any value may be secret data.
+        changed = False
+        if secret_resource:
+            for op in obj:
+                if isinstance(op, dict) and "value" in op:
+                    op["value"] = REDACTED
+                    changed = True
+        return changed
+    if not isinstance(obj, dict):
+        return False
+    kind = obj.get("kind")
+    changed = False
+    if kind == "Secret" or (secret_resource and kind is None):
+        changed |= _redact_secret(obj)
+    elif kind == "SecretList" or (secret_resource and isinstance(obj.get("items"), list)):
+        for item in obj.get("items") or ():
+            changed |= _redact_secret(item)
+    elif kind == "TokenRequest" or token_resource:
+        status = obj.get("status")
+        if isinstance(status, dict) and "token" in status:
+            status["token"] = REDACTED
+            changed = True
+    elif kind == "List" and isinstance(obj.get("items"), list):
+        for item in obj["items"]:
+            if isinstance(item, dict) and item.get("kind") == "Secret":
+                changed |= _redact_secret(item)
+    return changed
+
+
+def _compile_path(text: str) -> tuple[tuple[str, ...], bytes | None]:
+    parts = tuple(part for part in text.strip().split(".") if part)
+    if not parts:
+        raise ConfigError(f"empty path {text!r}", key="redact")
+    last = parts[-1]
+    return parts, (None if last == "*" else orjson.dumps(last))
+
+
+def _redact_path(node: Any, parts: tuple[str, ...]) -> bool:
+    if not parts:
+        return False
+    head, rest = parts[0], parts[1:]
+    if isinstance(node, dict):
+        keys = list(node) if head == "*" else ([head] if head in node else [])
+        changed = False
+        for key in keys:
+            if rest:
+                changed |= _redact_path(node[key], rest)
+            else:
+                node[key] = REDACTED
+                changed = True
+        return changed
+    if isinstance(node, list):
+        if head == "*":
+            indexes = range(len(node))
+        elif head.isdigit() and int(head) < len(node):
+            indexes = range(int(head), int(head) + 1)
+        else:
+            return False
+        changed = False
+        for index in indexes:
+            if rest:
+                changed |= _redact_path(node[index], rest)
+            else:
+                node[index] = REDACTED
+                changed = True
+        return changed
+    return False
+
+
+# -- deduplication state -----------------------------------------------------------------------
+
+
+class _InFlight:
+    """The keys of one batch between filtering and delivery, and who waits for that batch."""
+
+    __slots__ = ("keys", "waiters")
+
+    def __init__(self) -> None:
+        self.keys: list[str] = []
+        self.waiters: list[AckToken] = []
+
+
+class KubernetesAuditTransform(Transform):
+    plugin_name = "kubernetes_audit"
+    description = "Flattens audit events into queryable keys, redacts secrets, drops stages/levels, deduplicates"
+    options = (
+        Option("flatten", "bool", True, help="Add the queried fields as top-level keys (original kept)"),
+        Option("drop_stages", "list", [], help="Stages to drop, e.g. RequestReceived"),
+        Option("drop_levels", "list", [], help="Levels to drop, e.g. None,Metadata"),
+        Option("redact_secrets", "bool", True, help="Redact Secret data and TokenRequest tokens"),
+        Option(
+            "redact",
+            multiple=True,
+            help="Also redact this dotted path (* = any key/item), e.g. requestObject.spec.password",
+        ),
+        Option("dedupe", "bool", True, help="Drop repeated (auditID, stage) within dedupe_window"),
+        Option("dedupe_window", "duration", 600.0, help="How long a delivered (auditID, stage) is remembered"),
+        Option("dedupe_max_keys", "int", 2_000_000, help="Most keys remembered; the oldest go first (counted)"),
+        *DB_OPTIONS,
+    )
+
+    def __init__(self, ctx: ComponentContext, config: dict[str, Any]) -> None:
+        super().__init__(ctx, config)
+        self.flatten: bool = config["flatten"]
+        for option, allowed in (("drop_stages", STAGES), ("drop_levels", LEVELS)):
+            unknown = [v for v in config[option] if v not in allowed]
+            if unknown:
+                raise ConfigError(f"unknown {unknown}; allowed: {', '.join(allowed)}", key=option)
+        self.drop_stages = frozenset(config["drop_stages"])
+        self.drop_levels = frozenset(config["drop_levels"])
+        self.redact_secrets: bool = config["redact_secrets"]
+        self.paths = [_compile_path(text) for text in config["redact"]]
+        self.dedupe: bool = config["dedupe"]
+        self.window: float = config["dedupe_window"]
+        self.max_keys: int = max(1, config["dedupe_max_keys"])
+        self.seen: set[str] = set()
+        self._expiry: deque[tuple[float, list[str]]] = deque()
+        self.in_flight: dict[str, _InFlight] = {}
+        self.db: StateDB | None = None
+        self._last_db_prune = 0.0
+        self._warned_evict = False
+        if self.dedupe and config.get("db"):
+            self.db = StateDB.from_options(config)
+            assert self.db is not None
+            self.db.conn.executescript(_SCHEMA)
+            self._load()
+        self.duplicates = 0
+        self.dropped_by_rule = 0
+
+    # -- state -----------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        assert self.db is not None
+        cutoff = time.time() - self.window
+        self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
+        rows = self.db.execute("SELECT key, delivered_at FROM audit_dedupe ORDER BY delivered_at").fetchall()
+        group: list[str] = []
+        group_at = None
+        for key, at in rows:
+            if group_at is None or at != group_at:
+                if group:
+                    self._expiry.append((group_at, group))  # type: ignore[arg-type]
+                group, group_at = [], at
+            group.append(key)
+        if group:
+            self._expiry.append((group_at, group))  # type: ignore[arg-type]
+        self.seen.update(key for key, _ in rows)
+        self.log.info("dedupe keys loaded", extra={"keys": len(self.seen), "db": str(self.db.path)})
+
+    def _remember(self, keys: list[str], persist: bool) -> None:
+        now = time.time()
+        self.seen.update(keys)
+        self._expiry.append((now, keys))
+        if persist and self.db is not None:
+            conn = self.db.conn
+            conn.execute("BEGIN")
+            conn.executemany("INSERT OR REPLACE INTO audit_dedupe VALUES (?, ?)", [(k, now) for k in keys])
+            conn.execute("COMMIT")
+
+    def _expire(self) -> None:
+        now = time.time()
+        cutoff = now - self.window
+        expiry, seen = self._expiry, self.seen
+        while expiry and (expiry[0][0] < cutoff or len(seen) > self.max_keys):
+            at, keys = expiry.popleft()
+            if at >= cutoff and not self._warned_evict:
+                self._warned_evict = True
+                self.log.warning(
+                    "dedupe_max_keys reached: forgetting keys before dedupe_window ends",
+                    extra={"max_keys": self.max_keys},
+                )
+            seen.difference_update(keys)
+        if self.db is not None and now - self._last_db_prune >= DB_PRUNE_INTERVAL:
+            self._last_db_prune = now
+            self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
+
+    def _track(self, meta: dict[str, Any], keys: list[str]) -> None:
+        """Keys of a hooked batch: in flight now, delivered (or forgotten) when its token completes."""
+        state = _InFlight()
+        state.keys = keys
+        in_flight = self.in_flight
+        for key in keys:
+            in_flight[key] = state
+
+        def on_delivered(ok: bool) -> None:
+            for key in state.keys:
+                if in_flight.get(key) is state:
+                    del in_flight[key]
+            if ok:
+                self._remember(state.keys, persist=True)
+            for token in state.waiters:
+                token.release(ok)  # a re-sent twin may now answer (or fail and be retried)
+
+        meta["_on_delivered"].append(on_delivered)
+
+    # -- the filter --------------------------------------------------------------------------
+
+    def process(self, records: list[Record]) -> list[Record]:
+        if not records:
+            return records
+        raws: list[bytes] = []
+        for record in records:
+            raw = record.raw
+            if raw is None:
+                raw = orjson.dumps(record.body)
+            raws.append(raw)
+        events: list[_Event | None]
+        block = b"\n".join(raws)
+        # One scan of the whole batch instead of one per record: most batches hold no Secret.
+        hinted = b"Secret" in block or b"TokenRequest" in block
+        try:
+            events = _DECODE_LINES(block)  # type: ignore[assignment]
+            if len(events) != len(raws):
+                raise ValueError("line count")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            events = [self._decode_one(raw) for raw in raws]
+        if self.dedupe:
+            self._expire()
+        drop_stages, drop_levels = self.drop_stages, self.drop_levels
+        dedupe, seen, in_flight = self.dedupe, self.seen, self.in_flight
+        redact_secrets, paths, flatten = self.redact_secrets, self.paths, self.flatten
+        out: list[Record] = []
+        append = out.append
+        duplicates = dropped = 0
+        hooked_meta: dict[str, Any] | None = None
+        hooked_keys: list[str] = []
+        plain_keys: list[str] = []
+        batch_keys: set[str] = set()
+        for record, raw, ev in zip(records, raws, events, strict=True):
+            if ev is None or ev.auditID is None or ev.stage is None:
+                append(record)  # not an audit event: not ours to change
+                continue
+            if ev.stage in drop_stages or ev.level in drop_levels:
+                dropped += 1
+                continue
+            if dedupe:
+                key = ev.auditID + _STAGE_CODE.get(ev.stage, ev.stage)
+                meta = record.meta
+                hooked = meta is not None and "_on_delivered" in meta
+                if key in seen or key in batch_keys:
+                    duplicates += 1
+                    continue
+                twin = in_flight.get(key)
+                if twin is not None:
+                    duplicates += 1
+                    token = meta.get("_ack") if hooked else None  # type: ignore[union-attr]
+                    if isinstance(token, AckToken) and token not in twin.waiters:
+                        token.retain()  # answer the re-sent batch only once its twin is delivered
+                        twin.waiters.append(token)
+                    continue
+                batch_keys.add(key)
+                if hooked:
+                    if hooked_meta is not None and meta is not hooked_meta:
+                        self._track(hooked_meta, hooked_keys)
+                        hooked_keys = []
+                    hooked_meta = meta
+                    hooked_keys.append(key)
+                else:
+                    plain_keys.append(key)
+            redacted = False
+            body: Any = None
+            # Metadata and None levels carry no request/response bodies: nothing to redact.
+            if redact_secrets and ev.level not in _BODILESS:
+                ref = ev.objectRef
+                resource = ref.resource if ref is not None else None
+                secret_res = resource == "secrets"
+                token_res = resource == "serviceaccounts" and ref is not None and ref.subresource == "token"
+                if secret_res or token_res or (hinted and _hinted(raw)):
+                    body = orjson.loads(raw)
+                    for field in ("requestObject", "responseObject"):
+                        if field in body:
+                            redacted |= _redact_object(body[field], secret_res, token_res)
+            for parts, needle in paths:
+                if needle is None or needle in raw:
+                    if body is None:
+                        body = orjson.loads(raw)
+                    redacted |= _redact_path(body, parts)
+            if redacted:
+                raw = orjson.dumps(body)
+            if flatten:
+                prefix = _flat(ev, redacted)
+                if raw[:1] == b"{" and len(prefix) > 2:
+                    raw = prefix[:-1] + (b"}" if raw[1:2] == b"}" else b"," + raw[1:])
+                else:  # not an object literal as expected: build it the slow way
+                    merged = orjson.loads(prefix)
+                    merged.update(orjson.loads(raw))
+                    raw = orjson.dumps(merged)
+            if flatten or redacted:
+                record.raw = raw
+                record.body_ = None
+            append(record)
+        if hooked_keys and hooked_meta is not None:
+            self._track(hooked_meta, hooked_keys)
+        if plain_keys:
+            self._remember(plain_keys, persist=False)  # no delivery hook: memory only (see above)
+        # The router counts what a filter removes (dropped{reason="filtered"}); these split it.
+        self.duplicates += duplicates
+        self.dropped_by_rule += dropped
+        return out
+
+    @staticmethod
+    def _decode_one(raw: bytes) -> _Event | None:
+        try:
+            return _DECODE_ONE(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return None
+
+
+__all__ = ["KubernetesAuditTransform"]

@@ -1,0 +1,86 @@
+"""Running kubetrail as a real process in integration tests, and reading what it delivered."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+RUNNING: list[KubetrailProcess] = []
+
+
+def kill_leftovers() -> None:
+    """Called after every test (see conftest): no kubetrail process outlives its test."""
+    while RUNNING:
+        proc = RUNNING.pop()
+        if proc.alive():
+            proc.kill9()
+
+
+class KubetrailProcess:
+    """``kubetrail run -c CONFIG`` with a file output; records are read back by identity."""
+
+    def __init__(self, workdir: Path, config_text: str, name: str = "kubetrail") -> None:
+        self.workdir = workdir
+        self.name = name
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / f"{name}.conf"
+        self.config.write_text(config_text)
+        self.log_path = workdir / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> KubetrailProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(self.config)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def read_records(*paths: Path) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for path in paths:
+        if path.exists():
+            out.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+    return out
+
+
+def identities(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
+    return Counter((r["metadata"]["uid"], r["metadata"]["resourceVersion"]) for r in records)
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

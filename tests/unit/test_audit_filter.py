@@ -1,0 +1,279 @@
+"""The ``kubernetes_audit`` filter: flattening, redaction, stage/level drops, deduplication."""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.acks import AckToken
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.record import Record
+from kubetrail.transforms.kubernetes_audit import REDACTED, KubernetesAuditTransform
+from tests.unit.helpers import build
+
+SECRET_PLAIN = "hunter2-plain"
+SECRET_B64 = base64.b64encode(b"hunter2-b64").decode()
+
+
+def event(audit_id: str = "id-1", stage: str = "ResponseComplete", **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "Event",
+        "apiVersion": "audit.k8s.io/v1",
+        "level": "RequestResponse",
+        "auditID": audit_id,
+        "stage": stage,
+        "requestURI": "/api/v1/namespaces/shop/pods/web?timeout=30s",
+        "verb": "create",
+        "user": {"username": "alice", "uid": "u-1", "groups": ["devs", "system:authenticated"]},
+        "impersonatedUser": {"username": "bob", "groups": ["ops"]},
+        "sourceIPs": ["10.0.0.7", "10.0.0.1"],
+        "userAgent": "kubectl/v1.36.0",
+        "objectRef": {"resource": "pods", "subresource": "exec", "namespace": "shop", "name": "web", "apiGroup": ""},
+        "responseStatus": {"metadata": {}, "code": 201},
+        "requestReceivedTimestamp": "2026-11-28T12:00:00.000001Z",
+        "stageTimestamp": "2026-11-28T12:00:00.000002Z",
+        "annotations": {"authorization.k8s.io/decision": "allow", "authorization.k8s.io/reason": "RBAC: yes"},
+        **extra,
+    }
+
+
+def rec(ev: dict[str, Any], meta: dict[str, Any] | None = None) -> Record:
+    return Record("audit", 1, None, orjson.dumps(ev), (ev.get("auditID"), ev.get("stage")), meta)
+
+
+def run(flt: KubernetesAuditTransform, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [orjson.loads(r.json_bytes()) for r in flt.process([rec(e) for e in events])]
+
+
+def test_flattens_with_the_original_kept() -> None:
+    ev = event()
+    (out,) = run(build(KubernetesAuditTransform), [ev])
+    assert {k: out[k] for k in out if k not in ev} == {
+        "time": "2026-11-28T12:00:00.000002Z",
+        "k8s.audit.id": "id-1",
+        "k8s.audit.stage": "ResponseComplete",
+        "k8s.audit.level": "RequestResponse",
+        "user.name": "alice",
+        "user.id": "u-1",
+        "user.groups": ["devs", "system:authenticated"],
+        "k8s.audit.impersonated_user.name": "bob",
+        "k8s.audit.impersonated_user.groups": ["ops"],
+        "k8s.audit.verb": "create",
+        "k8s.audit.resource": "pods",
+        "k8s.audit.subresource": "exec",
+        "k8s.namespace.name": "shop",
+        "k8s.audit.object.name": "web",
+        "k8s.audit.api_group": "",
+        "client.address": "10.0.0.7",
+        "k8s.audit.source_ips": ["10.0.0.7", "10.0.0.1"],
+        "user_agent.original": "kubectl/v1.36.0",
+        "url.original": "/api/v1/namespaces/shop/pods/web?timeout=30s",
+        "http.response.status_code": 201,
+        "k8s.audit.authz.decision": "allow",
+        "k8s.audit.authz.reason": "RBAC: yes",
+    }
+    assert {k: out[k] for k in ev} == ev
+
+
+def test_absent_fields_are_omitted_and_other_records_pass_untouched() -> None:
+    minimal = {"auditID": "m", "stage": "Panic"}
+    other = Record("audit", 1, {"log": "not an audit event"})
+    flt = build(KubernetesAuditTransform)
+    out = flt.process([rec(minimal), other])
+    assert orjson.loads(out[0].json_bytes()) == {"k8s.audit.id": "m", "k8s.audit.stage": "Panic", **minimal}
+    assert out[1] is other and out[1].body == {"log": "not an audit event"}
+
+
+def test_flatten_off_leaves_bytes_alone() -> None:
+    ev = event()
+    out = build(KubernetesAuditTransform, flatten="off").process([rec(ev)])
+    assert out[0].raw == orjson.dumps(ev)
+
+
+def secret(**extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "Secret",
+        "apiVersion": "v1",
+        "metadata": {
+            "name": "db",
+            "annotations": {
+                "kubectl.kubernetes.io/last-applied-configuration": '{"stringData":{"pw":"' + SECRET_PLAIN + '"}}',
+                "team": "shop",
+            },
+        },
+        "data": {"pw": SECRET_B64},
+        "stringData": {"pw2": SECRET_PLAIN},
+        **extra,
+    }
+
+
+SECRET_REF = {"resource": "secrets", "namespace": "shop", "name": "db", "apiVersion": "v1"}
+
+
+@pytest.mark.parametrize(
+    "ev",
+    [
+        event(objectRef=SECRET_REF, requestObject=secret(), responseObject=secret()),
+        event(
+            objectRef={"resource": "secrets", "namespace": "shop"},
+            verb="list",
+            responseObject={"kind": "SecretList", "apiVersion": "v1", "items": [secret(), secret()]},
+        ),
+        event(
+            objectRef=SECRET_REF,
+            verb="patch",
+            requestObject=[{"op": "replace", "path": "/data/pw", "value": SECRET_B64}],
+            responseObject=secret(),
+        ),
+        event(objectRef=SECRET_REF, verb="patch", requestObject={"stringData": {"pw": SECRET_PLAIN}}),
+        # a Secret where the objectRef does not say so (e.g. inside a generic List)
+        event(objectRef={"resource": "things"}, responseObject={"kind": "List", "items": [secret()]}),
+        event(
+            objectRef={"resource": "serviceaccounts", "subresource": "token", "namespace": "shop", "name": "sa"},
+            responseObject={
+                "kind": "TokenRequest",
+                "apiVersion": "authentication.k8s.io/v1",
+                "status": {"token": SECRET_PLAIN},
+            },
+        ),
+    ],
+    ids=["secret", "secretlist", "jsonpatch", "mergepatch", "generic-list", "tokenrequest"],
+)
+def test_secrets_are_redacted_by_default(ev: dict[str, Any]) -> None:
+    (out,) = run(build(KubernetesAuditTransform), [ev])
+    text = orjson.dumps(out).decode()
+    assert SECRET_PLAIN not in text and SECRET_B64 not in text
+    assert out["k8s.audit.redacted"] is True
+    assert REDACTED in text
+
+
+def test_redaction_keeps_keys_and_other_fields() -> None:
+    ev = event(objectRef=SECRET_REF, requestObject=secret())
+    (out,) = run(build(KubernetesAuditTransform), [ev])
+    obj = out["requestObject"]
+    assert obj["data"] == {"pw": REDACTED} and obj["stringData"] == {"pw2": REDACTED}
+    assert obj["metadata"]["annotations"]["team"] == "shop"
+
+
+def test_redact_secrets_off_and_configured_paths() -> None:
+    ev = event(
+        objectRef=SECRET_REF,
+        requestObject=secret(),
+        requestObject2={"spec": {"password": "p", "items": [{"password": "q"}]}},
+    )
+    (out,) = run(build(KubernetesAuditTransform, redact_secrets="off"), [ev])
+    assert out["requestObject"]["data"]["pw"] == SECRET_B64 and "k8s.audit.redacted" not in out
+    flt = build(
+        KubernetesAuditTransform, redact=["requestObject2.spec.password", "requestObject2.spec.items.*.password"]
+    )
+    (out,) = run(flt, [ev])
+    assert out["requestObject2"] == {"spec": {"password": REDACTED, "items": [{"password": REDACTED}]}}
+    assert out["k8s.audit.redacted"] is True
+
+
+def test_ordinary_events_are_not_reparsed() -> None:
+    ev = event()
+    record = rec(ev)
+    original = record.raw
+    assert original is not None
+    build(KubernetesAuditTransform).process([record])
+    assert record.raw is not None and record.raw.endswith(original[1:])  # the original bytes, spliced
+
+
+def test_drop_stages_and_levels() -> None:
+    events = [event("a", "RequestReceived"), event("b"), event("c", level="Metadata"), event("d", level="None")]
+    flt = build(KubernetesAuditTransform, drop_stages="RequestReceived", drop_levels="None")
+    assert [o["auditID"] for o in run(flt, events)] == ["b", "c"]
+    with pytest.raises(ConfigError, match="allowed"):
+        build(KubernetesAuditTransform, drop_stages="Done")
+
+
+def test_dedupe_without_delivery_hook_is_in_memory() -> None:
+    flt = build(KubernetesAuditTransform)
+    first = run(flt, [event("a", "RequestReceived"), event("a"), event("a")])
+    assert [(o["auditID"], o["stage"]) for o in first] == [("a", "RequestReceived"), ("a", "ResponseComplete")]
+    assert run(flt, [event("a"), event("b")])[0]["auditID"] == "b"
+    assert flt.duplicates == 2
+
+
+def hooked(events: list[dict[str, Any]]) -> tuple[list[Record], AckToken, dict[str, Any], list[bool]]:
+    """Records as the webhook input makes them: one meta dict with the batch's delivery hook."""
+    results: list[bool] = []
+    meta: dict[str, Any] = {"_on_delivered": []}
+
+    def complete(ok: bool) -> None:
+        for hook in meta["_on_delivered"]:
+            hook(ok)
+        results.append(ok)
+
+    token = AckToken(complete)
+    meta["_ack"] = token
+    return [rec(e, meta) for e in events], token, meta, results
+
+
+def db_keys(path: Path) -> list[str]:
+    with sqlite3.connect(path) as conn:
+        return [row[0] for row in conn.execute("SELECT key FROM audit_dedupe ORDER BY key")]
+
+
+def test_dedupe_records_keys_in_db_only_when_delivered(tmp_path: Path) -> None:
+    db = tmp_path / "dedupe.db"
+    flt = build(KubernetesAuditTransform, db=str(db))
+    records, token, _, _ = hooked([event("a"), event("b")])
+    assert len(flt.process(records)) == 2
+    assert db_keys(db) == [], "keys written before delivery: a crash now would lose the retry"
+    token.seal()  # delivered by every sink
+    assert db_keys(db) == ["a2", "b2"]
+    # a new process (kill -9 and restart) still drops the API server's retry
+    again = build(KubernetesAuditTransform, db=str(db))
+    records, token, _, _ = hooked([event("a"), event("c")])
+    assert [r.identity for r in again.process(records)] == [("c", "ResponseComplete")]
+
+
+def test_dedupe_forgets_keys_of_a_dropped_batch(tmp_path: Path) -> None:
+    flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
+    records, token, _, _ = hooked([event("a")])
+    flt.process(records)
+    token.retain()
+    token.release(False)  # a sink dropped it
+    token.seal()
+    records, _, _, _ = hooked([event("a")])
+    assert len(flt.process(records)) == 1, "the retry of an undelivered batch must pass"
+
+
+def test_retry_of_an_in_flight_batch_waits_for_its_twin(tmp_path: Path) -> None:
+    flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
+    first, first_token, _, first_results = hooked([event("a"), event("b")])
+    flt.process(first)
+    first_token.retain()  # routed to a sink that has not delivered yet
+    first_token.seal()
+    retry, retry_token, _, retry_results = hooked([event("a"), event("b"), event("c")])
+    kept = flt.process(retry)
+    assert [r.identity[0] for r in kept] == ["c"]  # type: ignore[index]
+    retry_token.seal()  # "c" needs no sink in this test
+    assert retry_results == [], "the retry completed while its twin was still in flight"
+    first_token.release(True)
+    assert first_results == [True] and retry_results == [True]
+
+
+def test_dedupe_window_expires(tmp_path: Path) -> None:
+    flt = build(KubernetesAuditTransform, dedupe_window="0.05")
+    run(flt, [event("a")])
+    import time
+
+    time.sleep(0.1)
+    assert len(run(flt, [event("a")])) == 1
+
+
+def test_dedupe_max_keys_evicts_oldest() -> None:
+    flt = build(KubernetesAuditTransform, dedupe_max_keys="2")
+    run(flt, [event("a")])
+    run(flt, [event("b")])
+    run(flt, [event("c")])
+    run(flt, [event("d")])  # expiry runs before each batch: a is forgotten
+    assert len(run(flt, [event("a")])) == 1

@@ -1,0 +1,169 @@
+"""The command line, run as a real process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from tests.unit.helpers import write
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO_LOG = REPO.parent / "shared" / "testdata" / "audit2rbac" / "demo.log"
+
+
+def kubetrail(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", *args], capture_output=True, text=True, timeout=60, **kwargs
+    )  # type: ignore[call-overload]
+
+
+def test_version_and_help() -> None:
+    assert kubetrail("version").stdout.strip().startswith("kubetrail ")
+    for command in ("run", "check", "convert", "plugins"):
+        result = kubetrail(command, "--help")
+        assert result.returncode == 0 and "Usage:" in result.stdout
+
+
+def test_plugins_lists_options_with_defaults() -> None:
+    out = kubetrail("plugins").stdout
+    for plugin in ("input tail", "filter grep", "filter modify", "output stdout", "output file"):
+        assert plugin in out
+    assert "read_from_head" in out and "(default: False)" in out and "retry_limit" in out
+
+
+def test_config_errors_exit_2_with_location(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "bad.conf",
+        "[INPUT]\n    name tail\n    path /x\n    colour red\n[OUTPUT]\n    name stdout\n    match *\n",
+    )
+    for command in ("run", "check"):
+        result = kubetrail(command, "-c", str(config))
+        assert result.returncode == 2
+        assert f"{config}:4: 'colour': unknown property" in result.stderr
+
+
+def test_check_prints_the_resolved_pipeline(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "ok.yaml",
+        "pipeline:\n  inputs:\n    - name: tail\n      path: /x\n  outputs:\n    - name: stdout\n      match: '*'\n",
+    )
+    result = kubetrail("check", "-c", str(config))
+    assert result.returncode == 0 and "id: tail.0" in result.stdout and "format: msgpack" in result.stdout
+
+
+def _demo_classic(tmp_path: Path) -> Path:
+    write(
+        tmp_path / "parsers.conf",
+        "[PARSER]\n    Name audit\n    Format json\n    Time_Key stageTimestamp\n"
+        "    Time_Format %Y-%m-%dT%H:%M:%S.%LZ\n    Time_Keep On\n",
+    )
+    write(
+        tmp_path / "outputs.conf",
+        "[OUTPUT]\n    Name file\n    Match audit.*\n    Path ${OUT}\n"
+        "    File audit.jsonl\n    Format plain\n    Mkdir On\n",
+    )
+    return write(
+        tmp_path / "demo.conf",
+        f"""
+[SERVICE]
+    Log_Level warn
+    Parsers_File parsers.conf
+[INPUT]
+    Name tail
+    Path {DEMO_LOG}
+    Tag audit.*
+    Read_From_Head On
+    Exit_On_Eof On
+    Parser audit
+[FILTER]
+    Name grep
+    Match audit.*
+    Regex verb ^(list|get|create)$
+[FILTER]
+    Name modify
+    Match audit.*
+    Rename impersonatedUser impersonated
+    Add cluster demo
+@INCLUDE outputs.conf
+""",
+    )
+
+
+def test_end_to_end_classic_and_yaml_twin_give_the_same_output(tmp_path: Path) -> None:
+    classic = _demo_classic(tmp_path)
+    converted = kubetrail("convert", str(classic), env={**os.environ, "OUT": "/unused"})
+    assert converted.returncode == 0, converted.stderr
+    yaml_twin = write(tmp_path / "demo.yaml", converted.stdout.replace("/unused", "${OUT}"))
+    outputs = []
+    for name, config in (("classic", classic), ("yaml", yaml_twin)):
+        out_dir = tmp_path / name
+        result = kubetrail("run", "-c", str(config), env={**os.environ, "OUT": str(out_dir)})
+        assert result.returncode == 0, result.stderr
+        outputs.append((out_dir / "audit.jsonl").read_bytes())
+    assert outputs[0] == outputs[1]
+    records = [orjson.loads(line) for line in outputs[0].splitlines()]
+    source = [orjson.loads(line) for line in DEMO_LOG.read_bytes().splitlines()]
+    expected_ids = [r["auditID"] for r in source if r["verb"] in ("list", "get", "create")]
+    assert [r["auditID"] for r in records] == expected_ids and expected_ids
+    assert all(r["cluster"] == "demo" and "impersonatedUser" not in r for r in records)
+    assert sum("impersonated" in r for r in records) == sum(
+        "impersonatedUser" in r for r in source if r["verb"] in ("list", "get", "create")
+    )
+
+
+def test_sigterm_drains_and_exits_0_and_a_second_signal_exits_at_once(tmp_path: Path) -> None:
+    log = write(tmp_path / "app.log", "".join(f'{{"n": {i}}}\n' for i in range(500)))
+    config = write(
+        tmp_path / "c.conf",
+        f"""
+[INPUT]
+    name tail
+    path {log}
+    read_from_head on
+    parser json
+    db {tmp_path / "db"}
+[OUTPUT]
+    name file
+    match *
+    path {tmp_path}
+    file out.jsonl
+    format plain
+""",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)], stderr=subprocess.PIPE, text=True
+    )
+    out = tmp_path / "out.jsonl"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (not out.exists() or len(out.read_bytes().splitlines()) < 500):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert proc.stderr is not None and '"msg":"stopped"' in proc.stderr.read()
+    assert [orjson.loads(x)["n"] for x in out.read_bytes().splitlines()] == list(range(500))
+
+    # A backend that never answers: the first SIGTERM waits for grace, the second exits now.
+    hung = write(
+        tmp_path / "hung.conf",
+        config.read_text()
+        .replace(f"path {tmp_path}\n", "path /proc/1/nope\n")
+        .replace("[INPUT]", "[SERVICE]\n    grace 60\n[INPUT]")
+        .replace(f"db {tmp_path / 'db'}", ""),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(hung)], stderr=subprocess.DEVNULL
+    )
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    assert proc.poll() is None, "should still be waiting for its grace period"
+    started = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 128 + signal.SIGINT
+    assert time.monotonic() - started < 5

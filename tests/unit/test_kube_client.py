@@ -1,0 +1,156 @@
+"""The Kubernetes client against a local HTTP server that misbehaves on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+from aiohttp import web
+
+from kubetrail.kube.client import ApiError, KubeClient
+from kubetrail.kube.config import ConnectionConfig, KubeConfigError
+from kubetrail.kube.credentials import CredentialError, TLSContextSource, TokenSource
+from tests.unit.fake_api import serve
+
+
+def event(kind: str, name: str, rv: str) -> bytes:
+    obj = {"metadata": {"name": name, "uid": f"u-{name}", "resourceVersion": rv}}
+    return orjson.dumps({"type": kind, "object": obj}) + b"\n"
+
+
+@pytest.fixture
+async def stream_server() -> AsyncIterator[tuple[str, list[bytes]]]:
+    chunks: list[bytes] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse()
+        await response.prepare(request)
+        for chunk in chunks:
+            await response.write(chunk)
+            await asyncio.sleep(0.01)
+        await response.write_eof()
+        return response
+
+    async with serve(handler) as url:
+        yield url, chunks
+
+
+def client(url: str, token_file: str | None = None, **kwargs: object) -> KubeClient:
+    return KubeClient(ConnectionConfig(url=url, ca_file=None, token_file=token_file), logging.getLogger("t"), **kwargs)  # type: ignore[arg-type]
+
+
+async def test_watch_lines_split_across_chunks_and_bad_lines_skipped(stream_server: tuple[str, list[bytes]]) -> None:
+    url, chunks = stream_server
+    whole = event("ADDED", "a", "1") + b"{this is not json}\n" + b"<html>oops</html>\n" + event("MODIFIED", "a", "2")
+    whole += b'{"type":"ADDED"}\n' + event("ADDED", "b", "3")
+    chunks.extend(whole[i : i + 7] for i in range(0, len(whole), 7))  # boundaries everywhere
+    bad: list[str] = []
+    kube = client(url, on_bad_line=bad.append)
+    got = [e async for e in kube.watch("/api/v1/events", {}, 5)]
+    await kube.close()
+    assert [(e["type"], e["object"]["metadata"]["resourceVersion"]) for e in got] == [
+        ("ADDED", "1"),
+        ("MODIFIED", "2"),
+        ("ADDED", "3"),
+    ]
+    assert len(bad) == 3
+
+
+async def test_overlong_line_is_skipped_without_stalling(stream_server: tuple[str, list[bytes]]) -> None:
+    url, chunks = stream_server
+    chunks.extend(
+        [event("ADDED", "a", "1"), b'{"type":"ADDED","object":{"x":"' + b"y" * 5000, b'"}}\n', event("ADDED", "b", "2")]
+    )
+    bad: list[str] = []
+    kube = client(url, max_line=1024, on_bad_line=bad.append)
+    got = [e["object"]["metadata"]["name"] async for e in kube.watch("/x", {}, 5)]
+    await kube.close()
+    assert got == ["a", "b"] and any("longer than 1024" in m for m in bad)
+
+
+async def test_html_and_garbage_answers_become_clear_errors() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        if request.path == "/html":
+            return web.Response(status=502, text="<html><body>Bad Gateway</body></html>", content_type="text/html")
+        if request.path == "/garbage":
+            return web.Response(status=200, body=b"\x00\x01 not json")
+        if request.path == "/status":
+            body = {"kind": "Status", "code": 403, "reason": "Forbidden", "message": "events is forbidden"}
+            return web.json_response(body, status=403)
+        return web.json_response([1, 2])
+
+    async with serve(handler) as url:
+        kube = client(url)
+        try:
+            with pytest.raises(ApiError, match=r"502 NotKubernetes.*Bad Gateway"):
+                await kube.request("GET", "/html")
+            with pytest.raises(ApiError, match="200 NotKubernetes"):
+                await kube.request("GET", "/garbage")
+            with pytest.raises(ApiError, match="403 Forbidden: events is forbidden") as info:
+                await kube.request("GET", "/status")
+            assert info.value.status == 403
+            with pytest.raises(ApiError, match="not a JSON object"):
+                await kube.request("GET", "/array")
+        finally:
+            await kube.close()
+
+
+async def test_401_rereads_the_token_file_once(tmp_path: Path) -> None:
+    token = tmp_path / "token"
+    token.write_text("old\n")
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        if request.headers.get("Authorization") != "Bearer new":
+            return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized"}, status=401)
+        return web.json_response({"kind": "EventList", "items": []})
+
+    async with serve(handler) as url:
+        kube = client(url, token_file=str(token))
+        try:
+            with pytest.raises(ApiError, match="401"):
+                await kube.request("GET", "/api/v1/events")
+            assert seen == ["Bearer old", "Bearer old"]
+            token.write_text("new\n")  # rotated on disk; the TTL (10 min) has not passed
+            assert (await kube.request("GET", "/api/v1/events"))["kind"] == "EventList"
+            assert seen[-2:] == ["Bearer old", "Bearer new"]
+        finally:
+            await kube.close()
+
+
+def test_missing_or_empty_token_file(tmp_path: Path) -> None:
+    with pytest.raises(CredentialError, match="cannot read token file"):
+        TokenSource(str(tmp_path / "nope"), 60).token()
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(CredentialError, match="is empty"):
+        TokenSource(str(tmp_path / "empty"), 60).token()
+    assert TokenSource(None, 60).header() == {}  # no token configured: no header
+
+
+def test_unreadable_ca_and_ca_reload(tmp_path: Path) -> None:
+    bad = tmp_path / "ca.crt"
+    bad.write_text("not a certificate")
+    with pytest.raises(CredentialError, match="cannot load CA"):
+        TLSContextSource(str(bad), None, True).context()
+    with pytest.raises(CredentialError, match="cannot load CA"):
+        TLSContextSource(str(tmp_path / "missing.crt"), None, True).context()
+
+
+def test_kubeconfig_errors(tmp_path: Path) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_text("apiVersion: v1\nkind: Config\ncurrent-context: nope\ncontexts: []\n")
+    with pytest.raises(KubeConfigError, match="context 'nope' not found"):
+        ConnectionConfig.from_kubeconfig(str(path))
+    path.write_text(
+        "current-context: c\ncontexts: [{name: c, context: {cluster: k, user: u}}]\n"
+        "clusters: [{name: k, cluster: {server: 'https://10.0.0.1:6443/', certificate-authority: ca.crt}}]\n"
+        "users: [{name: u, user: {token: abc}}]\n"
+    )
+    config = ConnectionConfig.from_kubeconfig(str(path))
+    assert config.url == "https://10.0.0.1:6443" and config.ca_file == str(tmp_path / "ca.crt")
+    assert config.token_file is not None and Path(config.token_file).read_text() == "abc"
