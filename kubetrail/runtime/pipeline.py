@@ -257,6 +257,8 @@ class Pipeline:
         except TimeoutError:
             log.warning(message, extra={"grace": self.service["grace"]})
             awaitable.cancel()
+            # Nobody awaits it any more: fetch its outcome so asyncio does not report it.
+            awaitable.add_done_callback(lambda f: f.cancelled() or f.exception())
             return False
 
     async def _supervise(self, source: Source, component_id: str) -> None:

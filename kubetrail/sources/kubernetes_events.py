@@ -83,6 +83,24 @@ class _Gone(Exception):
         self.form = form
 
 
+class _Stopped(Exception):
+    """Raised inside a list when the source is asked to stop."""
+
+
+async def _next_or_stop(
+    queue: asyncio.Queue[dict[str, Any] | None], stopping: asyncio.Future[Any]
+) -> dict[str, Any] | None:
+    """The next watch event, or None once ``stopping`` is done (or the stream ended)."""
+    if not queue.empty() or stopping.done():
+        return queue.get_nowait() if not queue.empty() else None
+    getter = asyncio.ensure_future(queue.get())
+    await asyncio.wait({getter, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if getter.done():
+        return getter.result()
+    getter.cancel()
+    return None
+
+
 class KubernetesEventsSource(Source):
     plugin_name = "kubernetes_events"
     description = "Kubernetes Events by list + watch, each occurrence exactly once, resumable, HA"
@@ -249,6 +267,8 @@ class KubernetesEventsSource(Source):
                 reason = "timeout"
                 backoff.reset()
                 continue
+            except _Stopped:
+                return
             except _Gone as gone:
                 self.m_gone.labels(gone.form).inc()
                 self.log.info("history gone; listing again", extra={"form": gone.form, "namespace": namespace or "*"})
@@ -305,6 +325,8 @@ class KubernetesEventsSource(Source):
         async for page in self.client.list_pages(self._path(namespace), params, self.page_size):
             self.m_pages.inc()
             list_rv = (page.get("metadata") or {}).get("resourceVersion") or list_rv
+            if self._stop.is_set():
+                raise _Stopped  # a long first list must not hold up a shutdown
             for item in page.get("items") or []:
                 key = self._key(item)
                 if key is None:
@@ -346,9 +368,14 @@ class KubernetesEventsSource(Source):
                 await queue.put(None)
 
         task = asyncio.create_task(reader())
+        stopping = asyncio.ensure_future(self._stop.wait())
         try:
             while True:
-                event = await queue.get()
+                event = await _next_or_stop(queue, stopping)
+                if event is None and self._stop.is_set():
+                    # Stop between batches: what was emitted is acknowledged as usual, the rest
+                    # of the stream is read again from the checkpoint next time.
+                    return last_rv
                 while event is not None:
                     last_rv = self._take(event, pending, last_rv)
                     seen_any = True
@@ -366,6 +393,7 @@ class KubernetesEventsSource(Source):
             if failure is not None:
                 raise failure
         finally:
+            stopping.cancel()
             if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)

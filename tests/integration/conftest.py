@@ -176,6 +176,20 @@ def namespace(admin: KubeAPI, request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report carries the end of each kubetrail log it started: CI keeps
+    only the console output, and the temp dirs are gone by the time anyone looks."""
+    report = yield
+    if report.when == "call" and report.failed:
+        from tests.integration.kubetrail_proc import log_tails
+
+        tails = log_tails()
+        if tails:
+            report.sections.append(("kubetrail logs", tails))
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _no_kubetrail_left_running() -> Iterator[None]:
     """Every kubetrail process a test started is killed when the test ends, pass or fail."""

@@ -17,6 +17,15 @@ import orjson
 RUNNING: list[KubetrailProcess] = []
 
 
+def log_tails(lines: int = 60) -> str:
+    """The end of every running test process's log, for the report of a failed test."""
+    parts = []
+    for proc in RUNNING:
+        tail = proc.log().splitlines()[-lines:]
+        parts.append(f"--- {proc.log_path} (last {len(tail)} lines)\n" + "\n".join(tail))
+    return "\n".join(parts)
+
+
 def kill_leftovers() -> None:
     """Called after every test (see conftest): no kubetrail process outlives its test."""
     while RUNNING:
@@ -45,6 +54,7 @@ class KubetrailProcess:
             stderr=log,
             start_new_session=True,
         )
+        RUNNING.append(self)
         return self
 
     def kill9(self) -> None:
