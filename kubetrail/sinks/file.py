@@ -98,16 +98,33 @@ class FileSink(Sink):
         await asyncio.to_thread(self._write_sync, target, data, batch)
 
     def _write_sync(self, target: Path, data: bytes, batch: Batch) -> None:
+        size_before: int | None = None
         try:
             handle = self._open(target, batch)
+            size_before = os.fstat(handle.fileno()).st_size
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         except OSError as exc:
             stale = self._files.pop(target, None)
             if stale is not None:
-                stale.close()
+                self._cut_back(stale, target, size_before)
             raise RetryableError(f"cannot write {target}: {exc.strerror or exc}") from None
+
+    @staticmethod
+    def _cut_back(handle: IO[bytes], target: Path, size: int | None) -> None:
+        """After a failed write, cut what part of the batch reached the file: the retry writes
+        the whole batch again, so a half line (or a whole copy, when only the fsync failed)
+        must not stay in front of it. Closed first, since closing flushes Python's buffer."""
+        try:
+            handle.close()
+        except OSError:
+            pass  # the flush fails the same way; the truncation below still applies
+        try:
+            if size is not None:
+                os.truncate(target, size)
+        except OSError:
+            pass  # the disk refuses even that: the retry still appends a complete batch
 
     def _open(self, target: Path, batch: Batch) -> IO[bytes]:
         handle = self._files.get(target)

@@ -112,3 +112,34 @@ async def test_file_where_the_directory_should_be_is_retryable(tmp_path: Path) -
     blocker.write_text("a file, not a directory")
     with pytest.raises(RetryableError, match="cannot create output directory"):
         await build(FileSink, path=str(blocker / "sub"), mkdir="on").start()
+
+
+async def test_file_failed_write_is_cut_back_so_the_retry_leaves_one_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data reached the file but the fsync failed (EIO): the batch is retried, and the file
+    must end with exactly one copy of it, not a copy from each attempt."""
+    import errno
+    import os
+
+    from kubetrail.core.errors import RetryableError
+    from kubetrail.sinks import file as file_module
+
+    sink = build(FileSink, path=str(tmp_path), file="out.log", format="plain")
+    await sink.start()
+    await sink.write(batch())  # a good batch before: must survive the cut
+    real_fsync = os.fsync
+    calls = {"n": 0}
+
+    def failing_fsync(fd: int) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(file_module.os, "fsync", failing_fsync)
+    with pytest.raises(RetryableError, match="Input/output error"):
+        await sink.write(batch())
+    await sink.write(batch())  # the retry
+    await sink.close()
+    assert [orjson.loads(x)["n"] for x in (tmp_path / "out.log").read_bytes().splitlines()] == [1, 2, 1, 2]
