@@ -124,6 +124,7 @@ class TailedFile:
 class TailSource(Source):
     plugin_name = "tail"
     description = "Follows files (globs), parses lines, resumes from its db after a restart"
+    handles_mem_buf_limit = True  # it stops reading before it reads (see _wait_below_limit)
     options = (
         Option("path", required=True, help="Files to follow: globs, comma-separated"),
         Option("exclude_path", "list", [], help="Glob patterns of paths to skip, comma-separated"),
@@ -466,10 +467,29 @@ class TailSource(Source):
                 row_id = cursor.lastrowid
         else:
             row_id, offset, fp_len, fingerprint = row
+        self._follow(
+            path, tag_path or path, handle, st, offset, fp_len, fingerprint, row_id, backup=True, compressed=compressed
+        )
+        self.log.info("reading rotated file to its end", extra={"path": path, "offset": offset})
+
+    def _follow(
+        self,
+        path: str,
+        tag_path: str,
+        handle: IO[bytes],
+        st: os.stat_result,
+        offset: int,
+        fp_len: int,
+        fingerprint: bytes,
+        row_id: int | None,
+        backup: bool = False,
+        compressed: bool = False,
+    ) -> TailedFile:
+        """Start reading an opened file at ``offset``; its checkpoint moves as sinks acknowledge."""
         handle.seek(offset)
         tailed = TailedFile(
             path=path,
-            tag=expand_tag(self.tag_template, tag_path or path),
+            tag=expand_tag(self.tag_template, tag_path),
             handle=handle,
             dev=st.st_dev,
             inode=st.st_ino,
@@ -479,13 +499,13 @@ class TailSource(Source):
             acks=OrderedAcks(lambda position: None),
             row_id=row_id,
             committed=offset,
-            backup=True,
+            backup=backup,
             compressed=compressed,
         )
         tailed.acks = OrderedAcks(lambda position, t=tailed: self._commit(t, position))  # type: ignore[misc]
         self.files[(st.st_dev, st.st_ino)] = tailed
         self._attach(tailed)
-        self.log.info("reading rotated file to its end", extra={"path": path, "offset": offset})
+        return tailed
 
     def _open(self, path: str, from_head: bool) -> None:
         try:
@@ -530,23 +550,7 @@ class TailSource(Source):
                     (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time())),
                 )
                 row_id = cursor.lastrowid
-        handle.seek(offset)
-        tailed = TailedFile(
-            path=path,
-            tag=expand_tag(self.tag_template, path),
-            handle=handle,
-            dev=st.st_dev,
-            inode=st.st_ino,
-            offset=offset,
-            fp_len=fp_len,
-            fingerprint=fingerprint,
-            acks=OrderedAcks(lambda position: None),
-            row_id=row_id,
-            committed=offset,
-        )
-        tailed.acks = OrderedAcks(lambda position, t=tailed: self._commit(t, position))  # type: ignore[misc]
-        self.files[(st.st_dev, st.st_ino)] = tailed
-        self._attach(tailed)
+        self._follow(path, path, handle, st, offset, fp_len, fingerprint, row_id)
         self.log.info("following file", extra={"path": path, "offset": offset, "inode": st.st_ino})
 
     def _attach(self, tailed: TailedFile) -> None:
