@@ -86,6 +86,12 @@ CREATE TABLE IF NOT EXISTS in_tail_multiline (
     emitted INTEGER NOT NULL,
     streams TEXT NOT NULL
 );
+-- truncate_long_lines: the checkpoint `offset` is inside a line whose head was delivered; a
+-- restart skips to that line's end instead of sending the head again.
+CREATE TABLE IF NOT EXISTS in_tail_cut_lines (
+    file_id INTEGER PRIMARY KEY,
+    offset INTEGER NOT NULL
+);
 """
 
 
@@ -118,6 +124,8 @@ class TailedFile:
     marks: dict[int, dict[str, int]] = field(default_factory=dict)  # batch end -> pending starts
     ml_row: bool = False  # an in_tail_multiline row exists for this file
     truncated_head: tuple[bytes, int] | None = None  # truncate_long_lines: (head, line start) to emit
+    cut_ends: set[int] = field(default_factory=set)  # batch ends that fall inside a truncated line
+    cut_row: bool = False  # an in_tail_cut_lines row exists for this file
     origin: str | None = None  # for a copytruncate copy: the path it is a copy of
 
 
@@ -244,6 +252,7 @@ class TailSource(Source):
         self._resume_rotated()
         if self.db is not None:  # multiline state of files whose checkpoint went away
             self.db.execute("DELETE FROM in_tail_multiline WHERE file_id NOT IN (SELECT id FROM in_tail_files)")
+            self.db.execute("DELETE FROM in_tail_cut_lines WHERE file_id NOT IN (SELECT id FROM in_tail_files)")
         self._scan(initial=True)
         while not self._stop.is_set():
             progressed = False
@@ -503,6 +512,11 @@ class TailSource(Source):
             compressed=compressed,
         )
         tailed.acks = OrderedAcks(lambda position, t=tailed: self._commit(t, position))  # type: ignore[misc]
+        if self.db is not None and row_id is not None and offset > 0:
+            cut = self.db.execute("SELECT offset FROM in_tail_cut_lines WHERE file_id=?", (row_id,)).fetchone()
+            if cut is not None and cut[0] == offset:
+                tailed.cut_row = True
+                tailed.skipping_long_line = True  # the head of this line was delivered before
         self.files[(st.st_dev, st.st_ino)] = tailed
         self._attach(tailed)
         return tailed
@@ -573,7 +587,10 @@ class TailSource(Source):
         if tailed.truncated_head is not None:  # truncate_long_lines: the head goes out on its own
             head, line_start = tailed.truncated_head
             tailed.truncated_head = None
-            return self._make_batch(tailed, head + b"\n", line_start, line_start, skip_first=False)
+            # Acknowledged up to the head's end, inside the line: see in_tail_cut_lines.
+            end = line_start + len(head)
+            tailed.cut_ends.add(end)
+            return self._make_batch(tailed, head + b"\n", line_start, end, skip_first=False)
         try:
             chunk = tailed.handle.read(self.read_size)
         except OSError as exc:
@@ -598,9 +615,11 @@ class TailSource(Source):
             tailed.pending = self._hold_partial(tailed, data)
             return None
         block = data if cut + 1 == len(data) else data[: cut + 1]
-        tailed.pending = self._hold_partial(tailed, data[cut + 1 :])
+        # Whether the block's first line is the end of a skipped line is known before the
+        # block's own unfinished tail is looked at (which may start skipping the next one).
         skip_first = tailed.skipping_long_line
         tailed.skipping_long_line = False
+        tailed.pending = self._hold_partial(tailed, data[cut + 1 :])
         return self._make_batch(tailed, block, start, start + cut + 1, skip_first)
 
     def _hold_partial(self, tailed: TailedFile, partial: bytes) -> bytes:
@@ -610,8 +629,6 @@ class TailSource(Source):
         # following the file as Fluent Bit's default does.
         if not tailed.skipping_long_line:
             if self.truncate_long:
-                # The head is emitted at the line's start offset, so the checkpoint does not pass
-                # the line until its end is found (a restart in between repeats only the head).
                 tailed.truncated_head = (partial[: self.max_line], tailed.offset - len(partial))
                 self.m_long.labels("truncated").inc()
             else:
@@ -768,6 +785,9 @@ class TailSource(Source):
             pending = tailed.marks.pop(position, {})
             for stale in [mark for mark in tailed.marks if mark < position]:
                 del tailed.marks[stale]
+        is_cut = position in tailed.cut_ends
+        if tailed.cut_ends:
+            tailed.cut_ends = {end for end in tailed.cut_ends if end > position}
         if self.db is None or tailed.row_id is None:
             return
         if tailed.fp_len < FINGERPRINT_SIZE and not tailed.compressed:
@@ -780,6 +800,16 @@ class TailSource(Source):
             "UPDATE in_tail_files SET offset=?, fp_len=?, fingerprint=? WHERE id=?",
             (resume, tailed.fp_len, tailed.fingerprint, tailed.row_id),
         )
+        if is_cut:
+            if resume == position:
+                tailed.cut_row = True
+                self.db.execute(
+                    "INSERT OR REPLACE INTO in_tail_cut_lines (file_id, offset) VALUES (?, ?)",
+                    (tailed.row_id, position),
+                )
+        elif tailed.cut_row:
+            tailed.cut_row = False
+            self.db.execute("DELETE FROM in_tail_cut_lines WHERE file_id=?", (tailed.row_id,))
         if pending:
             self.db.execute(
                 "INSERT OR REPLACE INTO in_tail_multiline (file_id, emitted, streams) VALUES (?, ?, ?)",

@@ -404,3 +404,41 @@ async def test_mem_buf_limit_pauses_reading_until_deliveries_catch_up(tmp_path: 
     gate.set()
     assert await asyncio.wait_for(task, 20) == 0
     assert [b["log"] for b in sink.delivered] == [f"n{i:05d}" for i in range(2000)]
+
+
+@pytest.mark.parametrize("multiline", [True, False])
+async def test_a_truncated_line_is_not_sent_again_after_a_restart(tmp_path: Path, multiline: bool) -> None:
+    """The head of a long line goes out before the line's end is written; after a restart the
+    rest of that line is skipped: not read as a new line, not sent as a second head."""
+    log = tmp_path / "c.log"
+    prefix = cri("stdout", "F", "")[:-1]  # '<time> stdout F ' without its newline
+    log.write_bytes(cri("stdout", "F", "a") + prefix + b"z" * 3000)  # the long line is unfinished
+    conf = config(tmp_path, log, "    buffer_max_size 1k\n    truncate_long_lines on\n    batch_size 512")
+    if not multiline:  # plain tail: each line is a record as it is
+        conf.write_text(conf.read_text().replace("    multiline.parser cri\n", ""))
+
+    async def run_once() -> Pipeline:
+        pipeline = Pipeline(load_config(conf))
+        assert await asyncio.wait_for(pipeline.run(), 30) == 0
+        return pipeline
+
+    first = await run_once()
+    assert len(delivered(tmp_path)) == 2
+    assert metric(first, "kubetrail_tail_long_lines_total", action="truncated") == 1
+    with log.open("ab") as f:
+        f.write(b"z" * 3000 + b"\n" + cri("stdout", "F", "b"))
+    second = await run_once()
+    logs = [r["log"] for r in delivered(tmp_path)]
+    assert len(logs) == 3, logs
+    assert logs[0].endswith("a") and logs[1].endswith("z" * 100) and logs[2].endswith("b")
+    assert metric(second, "kubetrail_tail_long_lines_total", action="truncated") == 0
+
+
+async def test_the_line_before_a_skipped_long_line_in_the_same_read_is_kept(tmp_path: Path) -> None:
+    """A read that ends inside a too-long line starts skipping it; the complete lines before it in
+    the same read must still go out (they were dropped once)."""
+    log = tmp_path / "c.log"
+    log.write_bytes(cri("stdout", "F", "a") + cri("stdout", "F", "z" * 3000) + cri("stdout", "F", "b"))
+    pipeline = await run(tmp_path, log, "    buffer_max_size 1k\n    buffer_chunk_size 2k")
+    assert [r["log"] for r in delivered(tmp_path)] == ["a", "b"]
+    assert metric(pipeline, "kubetrail_tail_long_lines_total", action="skipped") == 1
