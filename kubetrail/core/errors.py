@@ -7,6 +7,7 @@ config needs to be told *where* the problem is, not just what it is.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,25 @@ class ConfigError(Exception):
 
 
 class RetryableError(Exception):
-    """A delivery failure that may succeed later (5xx, timeout, full disk, connection refused)."""
+    """A delivery failure that may succeed later (5xx, timeout, full disk, connection refused).
+
+    ``retry_after`` (seconds, optional): the destination asked for this wait (HTTP 429/503
+    ``Retry-After``); the runner then waits at least that long, at most ``scheduler.cap``.
+    """
+
+    def __init__(self, *args: object, retry_after: float | None = None) -> None:
+        super().__init__(*args)
+        self.retry_after = retry_after
 
 
 class PermanentError(Exception):
-    """A delivery failure that retrying cannot fix (the payload itself was rejected)."""
+    """A delivery failure that retrying cannot fix (the payload itself was rejected).
+
+    ``rejected``: when the destination refused only some records of a batch (an es ``_bulk``
+    item with a mapping error), the ``(record, reason)`` pairs it refused; every other record
+    of the batch was delivered. ``None`` means the whole batch was refused.
+    """
+
+    def __init__(self, message: str, rejected: list[tuple[Any, str]] | None = None) -> None:
+        super().__init__(message)
+        self.rejected = rejected

@@ -10,6 +10,7 @@ Per-record Python overhead is the whole performance budget of a Python collector
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -131,3 +132,18 @@ class Batch:
 
 def now_ns() -> int:
     return time.time_ns()
+
+
+def identity_key(record: Record) -> str | None:
+    """A stable text key for the record's identity, or None when the source gave it none.
+
+    The same occurrence (an Event's ``(uid, resourceVersion)``, an audit ``(auditID, stage)``)
+    always gives the same key, in this process and after a restart, so idempotent sinks can
+    use it as a document id (es ``_id``) and a replay is recognised, not duplicated. A
+    BLAKE2b digest keeps it short and free of characters a destination might refuse.
+    """
+    identity = record.identity
+    if identity is None:
+        return None
+    text = "\x1f".join("" if part is None else str(part) for part in identity)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

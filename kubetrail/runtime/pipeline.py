@@ -19,9 +19,11 @@ import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from kubetrail import __version__
+from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Sink, Source, Transform
 from kubetrail.core.config import PipelineConfig
 from kubetrail.core.errors import ConfigError
@@ -29,6 +31,8 @@ from kubetrail.core.metrics import ComponentMetrics, MetricsRegistry
 from kubetrail.core.options import Option, Section, resolve_options
 from kubetrail.core.record import Batch
 from kubetrail.parsers.registry import ParserRegistry
+from kubetrail.runtime.dead_letter import DeadLetters
+from kubetrail.runtime.disk_buffer import DiskQueue, StorageError
 from kubetrail.runtime.logging_setup import LEVELS
 from kubetrail.runtime.plugins import (
     COMMON_FILTER_OPTIONS,
@@ -59,16 +63,57 @@ class BuiltComponent:
 
 
 class _SourceEmitter:
-    """The emitter a source sends to: routing plus the source's own metrics."""
+    """The emitter a source sends to: routing plus the source's own metrics.
 
-    def __init__(self, router: Router, metrics: ComponentMetrics) -> None:
+    ``durable``: the source has ``storage.type filesystem``. ``mem_limit``: ``mem_buf_limit``
+    for sources that do not pause themselves (``tail`` stops reading before it reads; the others
+    are paused here: ``send`` waits while the bytes emitted but not yet acknowledged are over the
+    limit, so the Events watch stops reading its stream and the audit webhook answers 429).
+    """
+
+    def __init__(
+        self, router: Router, metrics: ComponentMetrics, durable: bool = False, mem_limit: int | None = None
+    ) -> None:
         self._router = router
         self._metrics = metrics
+        self._durable = durable
+        self._mem_limit = mem_limit
+        self._in_flight = 0
+        self._below = asyncio.Event()
+        self._below.set()
+        self._paused = (
+            metrics.counter("kubetrail_input_mem_buf_paused", "Times an input paused on mem_buf_limit")
+            if mem_limit
+            else None
+        )
 
     async def send(self, batch: Batch) -> None:
         self._metrics.records_in.inc(len(batch))
         self._metrics.bytes_in.inc(batch.size_bytes)
-        await self._router.send(batch, self._metrics)
+        if self._mem_limit:
+            if self._in_flight >= self._mem_limit:
+                assert self._paused is not None
+                self._paused.inc()
+                while self._in_flight >= self._mem_limit:
+                    self._below.clear()
+                    await self._below.wait()
+            self._track(batch)
+        await self._router.send(batch, self._metrics, self._durable)
+
+    def _track(self, batch: Batch) -> None:
+        """Count the batch against mem_buf_limit until its token completes."""
+        size = batch.size_bytes
+        original = batch.ack
+        self._in_flight += size
+
+        def done(delivered: bool) -> None:
+            self._in_flight -= size
+            if self._in_flight < (self._mem_limit or 0):
+                self._below.set()
+            if original is not None:
+                original.release(delivered)  # the reference the router would have sealed
+
+        batch.ack = AckToken(done)
 
 
 class Pipeline:
@@ -103,6 +148,24 @@ class Pipeline:
                 )
             )
         self.runners: list[SinkRunner] = []
+        storage_path = self.service["storage.path"]
+        keep_rejected = self.service["storage.keep.rejected"]
+        if keep_rejected and not storage_path:
+            raise ConfigError(
+                "needs storage.path (the dead-letter directory is under it)",
+                config.service.location_of("storage.keep.rejected"),
+                "storage.keep.rejected",
+            )
+        if keep_rejected is None:
+            keep_rejected = bool(storage_path)
+        for source in self.sources:
+            if source.config["storage.type"] == "filesystem" and not storage_path:
+                section = config.inputs[self.sources.index(source)]
+                raise ConfigError(
+                    "storage.type filesystem needs storage.path in [SERVICE] (the directory of the buffers)",
+                    section.location_of("storage.type"),
+                    "storage.type",
+                )
         for section in config.outputs:
             built = self._build(section, "output", SINKS, COMMON_OUTPUT_OPTIONS)
             try:
@@ -113,6 +176,30 @@ class Pipeline:
                     section.location_of("retry_limit"),
                     "retry_limit",
                 ) from None
+            if built.config["workers"] < 1:
+                raise ConfigError(
+                    f"bad value {built.config['workers']}; expected at least 1",
+                    section.location_of("workers"),
+                    "workers",
+                )
+            spool = None
+            dead_letters = None
+            if storage_path:
+                spool = DiskQueue(
+                    Path(storage_path) / f"out.{built.component_id}",
+                    built.instance.metrics,
+                    built.instance.log,
+                    sync=self.service["storage.sync"],
+                    total_limit=built.config["storage.total_limit_size"],
+                    mem_limit=self.service["storage.backlog.mem_limit"],
+                )
+            if keep_rejected:
+                dead_letters = DeadLetters(
+                    Path(storage_path) / self.service["storage.rejected.path"],
+                    built.component_id,
+                    built.instance.metrics,
+                    built.instance.log,
+                )
             runner = SinkRunner(
                 built.instance,
                 built.component_id,
@@ -120,6 +207,10 @@ class Pipeline:
                 built.instance.log,
                 retry_limit,
                 built.config["workers"],
+                backoff_base=max(0.001, float(self.service["scheduler.base"])),
+                backoff_cap=float(self.service["scheduler.cap"]),
+                spool=spool,
+                dead_letters=dead_letters,
             )
             self.sinks.append(built)
             self.runners.append(runner)
@@ -210,6 +301,16 @@ class Pipeline:
                 )
                 return 1
             log.info("monitoring server listening", extra={"port": self.http.bound_port})
+        for index, runner in enumerate(self.runners):
+            try:
+                runner.open()
+            except StorageError as exc:
+                log.error(f"cannot open the filesystem buffer: {exc}", extra={"output": runner.component_id})
+                for opened in self.runners[:index]:
+                    opened.cancel()
+                if self.http is not None:
+                    await self.http.stop()
+                return 1
         for runner in self.runners:
             runner.start()
         for component in self.transforms:
@@ -263,7 +364,13 @@ class Pipeline:
 
     async def _supervise(self, source: Source, component_id: str) -> None:
         """Run a source; if it crashes, log it and restart with backoff rather than die."""
-        emitter = _SourceEmitter(self.router, source.metrics)
+        config = source.config
+        emitter = _SourceEmitter(
+            self.router,
+            source.metrics,
+            durable=config.get("storage.type") == "filesystem",
+            mem_limit=None if getattr(source, "handles_mem_buf_limit", False) else config.get("mem_buf_limit"),
+        )
         delay = 1.0
         while True:
             try:

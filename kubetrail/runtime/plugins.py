@@ -8,8 +8,16 @@ from __future__ import annotations
 
 from kubetrail.core.component import Sink, Source, Transform
 from kubetrail.core.options import Option
+from kubetrail.sinks.es import EsSink
 from kubetrail.sinks.file import FileSink
+from kubetrail.sinks.forward import ForwardSink
+from kubetrail.sinks.http import HttpOutputSink
+from kubetrail.sinks.loki import LokiSink
+from kubetrail.sinks.opensearch import OpenSearchSink
+from kubetrail.sinks.opentelemetry import OpenTelemetrySink
+from kubetrail.sinks.splunk import SplunkSink
 from kubetrail.sinks.stdout import StdoutSink
+from kubetrail.sinks.syslog import SyslogSink
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from kubetrail.sources.kubernetes_events import KubernetesEventsSource
 from kubetrail.sources.tail import TailSource
@@ -24,7 +32,21 @@ SOURCES: dict[str, type[Source]] = {
 TRANSFORMS: dict[str, type[Transform]] = {
     cls.plugin_name: cls for cls in (GrepTransform, ModifyTransform, KubernetesAuditTransform, KubernetesTransform)
 }
-SINKS: dict[str, type[Sink]] = {cls.plugin_name: cls for cls in (StdoutSink, FileSink)}
+SINKS: dict[str, type[Sink]] = {
+    cls.plugin_name: cls
+    for cls in (
+        StdoutSink,
+        FileSink,
+        HttpOutputSink,
+        EsSink,
+        OpenSearchSink,
+        SplunkSink,
+        LokiSink,
+        OpenTelemetrySink,
+        SyslogSink,
+        ForwardSink,
+    )
+}
 
 SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("flush", "duration", 1.0, help="Accepted for Fluent Bit compatibility; batches are flushed as they form"),
@@ -35,7 +57,27 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("http_port", "int", 2020, help="Port of the monitoring server"),
     Option("parsers_file", multiple=True, help="File(s) with [PARSER] sections, relative to the config"),
     Option("daemon", "bool", False, help="Not supported: run kubetrail under a supervisor instead"),
-    Option("storage.path", help="Directory for filesystem buffers (issue: filesystem buffering)"),
+    Option("storage.path", help="Directory of the filesystem buffers (one queue per output) and dead letters"),
+    Option(
+        "storage.sync",
+        "choice",
+        "normal",
+        choices=("normal", "full"),
+        help="normal: a buffered batch is acknowledged once written (survives kill -9); full: once fsynced",
+    ),
+    Option("storage.backlog.mem_limit", "size", 5 * 1024 * 1024, help="Memory per output for buffered data"),
+    Option(
+        "storage.keep.rejected",
+        "bool",
+        None,
+        help="Write records an output rejects for good to a dead-letter file (default: on when storage.path is set)",
+    ),
+    Option("storage.rejected.path", "str", "rejected", help="Dead-letter directory, relative to storage.path"),
+    Option("storage.checksum", "bool", False, help="Accepted for Fluent Bit compatibility; frames always have crc32"),
+    Option("storage.metrics", "bool", False, help="Accepted for Fluent Bit compatibility; always on"),
+    Option("storage.max_chunks_up", "int", 128, help="Accepted for Fluent Bit compatibility; see backlog.mem_limit"),
+    Option("scheduler.base", "duration", 1.0, help="Retry backoff base in seconds (Fluent Bit: 5)"),
+    Option("scheduler.cap", "duration", 60.0, help="Longest wait between retries in seconds (Fluent Bit: 2000)"),
     Option("health_check", "bool", False, help="Accepted for Fluent Bit compatibility"),
 )
 
@@ -43,8 +85,15 @@ COMMON_INPUT_OPTIONS: tuple[Option, ...] = (
     Option("tag", help="Tag of the records; '*' in tail's tag is replaced by the file path"),
     Option("alias", help="Name of this instance in logs and metrics (default plugin.N)"),
     Option("log_level", "choice", None, choices=("off", "error", "warn", "warning", "info", "debug", "trace")),
-    Option("mem_buf_limit", "size", None, help="Memory the input may hold before it pauses"),
-    Option("storage.type", "choice", "memory", choices=("memory",), help="Only memory buffering for now"),
+    Option("mem_buf_limit", "size", None, help="Bytes emitted but not yet acknowledged before the input pauses"),
+    Option(
+        "storage.type",
+        "choice",
+        "memory",
+        choices=("memory", "filesystem"),
+        help="filesystem: batches are acknowledged once in the outputs' disk queues (needs storage.path)",
+    ),
+    Option("storage.pause_on_chunks_overlimit", "bool", True, help="Accepted for Fluent Bit compatibility; always on"),
     Option("threaded", "bool", False, help="Accepted for Fluent Bit compatibility; kubetrail is asyncio"),
 )
 
@@ -67,6 +116,12 @@ COMMON_OUTPUT_OPTIONS: tuple[Option, ...] = (
         help="Retries before a batch is dropped: a number, no_limits/false (default), or no_retries",
     ),
     Option("workers", "int", 1, help="Concurrent deliveries"),
+    Option(
+        "storage.total_limit_size",
+        "size",
+        None,
+        help="Most bytes this output's filesystem buffer may hold; inputs pause at the limit (Fluent Bit drops)",
+    ),
 )
 
 

@@ -58,7 +58,8 @@ class Router:
             self._routes[tag] = route
         return route
 
-    async def send(self, batch: Batch, source_metrics: ComponentMetrics) -> None:
+    async def send(self, batch: Batch, source_metrics: ComponentMetrics, durable: bool = False) -> None:
+        """``durable``: the source has ``storage.type filesystem`` (see :mod:`.disk_buffer`)."""
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack
@@ -90,7 +91,7 @@ class Router:
             if token is not None:
                 token.retain(len(route.sinks))
             for runner in route.sinks:
-                await runner.enqueue(out)
+                await runner.enqueue(out, durable)
         finally:
             if token is not None:
                 token.seal()

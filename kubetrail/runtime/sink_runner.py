@@ -1,14 +1,30 @@
-"""Runs one sink: a bounded buffer, workers, retries with backoff, acknowledgements, metrics.
+"""Runs one sink: buffers, workers, retries with backoff, dead letters, acknowledgements, metrics.
 
 Delivery policy, the same for every sink:
 
-* :class:`RetryableError` (and any unexpected exception) is retried with exponential backoff
-  and jitter until ``retry_limit`` is used up (``no_limits`` by default: an informational
-  pipeline still must not lose data because a backend restarted);
-* :class:`PermanentError` is not retried; the batch is counted as dropped;
-* after success or a final drop the batch's token is released, so the source's checkpoint
-  can move. A batch that never finished (shutdown during a retry) is *not* released and is
-  therefore replayed by its source next time.
+* :class:`RetryableError` (and any unexpected exception: a bug must not lose data) is retried
+  with exponential backoff and "equal jitter" (a random wait in ``[c/2, c]`` with
+  ``c = min(scheduler.cap, scheduler.base * 2**(attempt-1))``, never zero, never in lockstep
+  with other outputs) until ``retry_limit`` is used up (``no_limits`` by default: an
+  informational pipeline still must not lose data because a backend restarted). A
+  ``retry_after`` on the error (HTTP ``Retry-After``) raises the wait to at least that, up to
+  the cap;
+* :class:`PermanentError` is not retried: the batch (or, with ``rejected``, only those records;
+  the rest counts as delivered) goes to the dead-letter file with the reason when
+  ``storage.keep.rejected`` is on (see :mod:`.dead_letter`), otherwise it is counted as dropped;
+* a batch whose ``retry_limit`` is used up is handled the same way (reason ``retry_limit``);
+* after success, or once a failed batch is handled for good, the batch's token is released so
+  the source's checkpoint can move (``delivered=False`` only when records were really lost:
+  dropped without a dead letter). A batch that never finished (shutdown during a retry) is
+  *not* released and is therefore replayed next time.
+
+``workers`` deliveries run concurrently, each on its own batch; a failing batch holds only its
+own worker, so with several workers the others keep delivering.
+
+Two buffers feed the workers: batches from ``memory`` inputs wait in a bounded in-memory queue
+(``enqueue`` waits while it is full: that wait is the backpressure the input feels); batches
+from ``filesystem`` inputs go through this output's :class:`~.disk_buffer.DiskQueue`, which
+acknowledges them once they are on disk and feeds them to the same workers.
 
 State changes (failing -> recovered) are logged once, not once per attempt.
 """
@@ -23,7 +39,9 @@ import time
 from kubetrail.core.component import Sink
 from kubetrail.core.errors import PermanentError
 from kubetrail.core.metrics import ComponentMetrics
-from kubetrail.core.record import Batch
+from kubetrail.core.record import Batch, Record
+from kubetrail.runtime.dead_letter import DeadLetters
+from kubetrail.runtime.disk_buffer import DiskQueue
 
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
@@ -40,6 +58,10 @@ class SinkRunner:
         workers: int = 1,
         max_batches: int = 16,
         backoff_base: float = BACKOFF_BASE,
+        *,
+        backoff_cap: float = BACKOFF_CAP,
+        spool: DiskQueue | None = None,
+        dead_letters: DeadLetters | None = None,
     ) -> None:
         self.sink = sink
         self.component_id = component_id
@@ -48,15 +70,33 @@ class SinkRunner:
         self.retry_limit = retry_limit  # None: retry forever
         self.workers = max(1, workers)
         self.backoff_base = backoff_base
+        self.backoff_cap = max(backoff_cap, backoff_base)
+        self.spool = spool
+        self.dead_letters = dead_letters
         self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max_batches)
         self._tasks: list[asyncio.Task[None]] = []
         self._failing = False
         self._buffered_records = 0
         self._buffered_bytes = 0
         self._started = False
+        self._sink_started: asyncio.Future[None] | None = None
 
-    async def enqueue(self, batch: Batch) -> None:
-        """Waits while the buffer is full: that wait is the backpressure sources feel."""
+    def open(self) -> None:
+        """Open (and recover) the filesystem buffer; raises StorageError when it cannot be used."""
+        if self.spool is not None:
+            self.spool.open()
+
+    async def enqueue(self, batch: Batch, durable: bool = False) -> None:
+        """Waits while the buffer is full: that wait is the backpressure sources feel.
+
+        ``durable``: the batch comes from a ``storage.type filesystem`` input; with a filesystem
+        buffer it is written there and acknowledged once on disk."""
+        if durable and self.spool is not None:
+            await self.spool.append(batch)
+            return
+        await self._put(batch)
+
+    async def _put(self, batch: Batch) -> None:
         self._buffered_records += len(batch)
         self._buffered_bytes += batch.size_bytes
         self.metrics.records_in.inc(len(batch))
@@ -67,9 +107,13 @@ class SinkRunner:
     def start(self) -> None:
         for index in range(self.workers):
             self._tasks.append(asyncio.create_task(self._work(), name=f"{self.component_id}.worker{index}"))
+        if self.spool is not None:
+            self.spool.start(self._put)
 
     async def drain(self) -> None:
-        """Deliver what is buffered, then stop the workers."""
+        """Deliver what is buffered (memory and disk), then stop the workers."""
+        if self.spool is not None:
+            await self.spool.drain()
         for _ in self._tasks:
             await self._queue.put(None)
         if self._tasks:
@@ -78,6 +122,8 @@ class SinkRunner:
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.spool is not None:
+            self.spool.close()
 
     async def _work(self) -> None:
         await self._start_sink()
@@ -91,14 +137,19 @@ class SinkRunner:
             self._update_gauges()
 
     async def _start_sink(self) -> None:
-        if self._started:
+        # Several workers share one sink: the first starts it, the others wait for that.
+        if self._sink_started is not None:
+            await asyncio.shield(self._sink_started)
             return
-        self._started = True
+        self._sink_started = asyncio.get_running_loop().create_future()
         attempt = 0
         while True:
             try:
                 await self.sink.start()
+                self._sink_started.set_result(None)
                 return
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:
                 attempt += 1
                 self.metrics.error("start")
@@ -113,12 +164,14 @@ class SinkRunner:
                 await self.sink.write(batch)
             except PermanentError as exc:
                 self.metrics.error("permanent")
-                self.metrics.dropped(len(batch), "rejected")
-                self.log.error(
-                    "batch rejected permanently; dropped",
-                    extra={"error": str(exc), "records": len(batch)},
-                )
-                self._finish(batch, delivered=False)
+                rejected = exc.rejected
+                if rejected is None:
+                    pairs = [(record, str(exc)) for record in batch.records]
+                else:
+                    pairs = [(record, reason) for record, reason in rejected]
+                    self._count_delivered(batch, len(batch) - len(pairs))
+                kept = await self._reject(pairs, "rejected", str(exc), len(batch))
+                self._finish(batch, delivered=kept)
                 return
             except asyncio.CancelledError:
                 raise
@@ -126,15 +179,14 @@ class SinkRunner:
                 attempt += 1
                 self.metrics.error(type(exc).__name__)
                 if self.retry_limit is not None and attempt > self.retry_limit:
-                    self.metrics.dropped(len(batch), "retry_limit")
-                    self.log.error(
-                        "delivery failed and retry_limit is used up; batch dropped",
-                        extra={"error": str(exc), "records": len(batch), "attempts": attempt},
+                    reason = f"retry_limit ({self.retry_limit}) used up; last error: {exc}"
+                    kept = await self._reject(
+                        [(record, reason) for record in batch.records], "retry_limit", str(exc), len(batch)
                     )
                     self._failing = True
-                    self._finish(batch, delivered=False)
+                    self._finish(batch, delivered=kept)
                     return
-                delay = self._backoff(attempt)
+                delay = self._backoff(attempt, getattr(exc, "retry_after", None))
                 if not self._failing:
                     self.log.warning(
                         "delivery failed; retrying with backoff", extra={"error": str(exc), "retry_in": round(delay, 2)}
@@ -146,15 +198,41 @@ class SinkRunner:
             if self._failing:
                 self.log.info("delivery recovered", extra={"attempts": attempt + 1})
                 self._failing = False
-            self.metrics.records_out.inc(len(batch))
-            self.metrics.bytes_out.inc(batch.size_bytes)
-            self.metrics.batch_latency.observe(time.monotonic() - batch.created)
+            self._count_delivered(batch, len(batch))
             self._finish(batch, delivered=True)
             return
 
-    def _backoff(self, attempt: int) -> float:
-        ceiling = min(BACKOFF_CAP, self.backoff_base * (2 ** min(attempt - 1, 16)))
-        return random.uniform(ceiling / 2, ceiling)  # "equal jitter": never zero, never in lockstep
+    def _count_delivered(self, batch: Batch, records: int) -> None:
+        if records <= 0:
+            return
+        self.metrics.records_out.inc(records)
+        self.metrics.bytes_out.inc(batch.size_bytes if records == len(batch) else 0)
+        self.metrics.batch_latency.observe(time.monotonic() - batch.created)
+
+    async def _reject(self, pairs: list[tuple[Record, str]], kind: str, error: str, batch_size: int) -> bool:
+        """Records that will not be delivered: dead-letter them (True) or drop them (False)."""
+        if not pairs:
+            return True
+        if self.dead_letters is not None and await self.dead_letters.write(pairs, kind):
+            self.log.error(
+                "records rejected; written to the dead-letter file",
+                extra={"reason": kind, "error": error, "records": len(pairs), "of": batch_size,
+                       "path": str(self.dead_letters.path)},
+            )  # fmt: skip
+            return True
+        self.metrics.dropped(len(pairs), kind)
+        self.log.error(
+            "records rejected; dropped (storage.keep.rejected is off)",
+            extra={"reason": kind, "error": error, "records": len(pairs), "of": batch_size},
+        )
+        return False
+
+    def _backoff(self, attempt: int, retry_after: float | None = None) -> float:
+        ceiling = min(self.backoff_cap, self.backoff_base * (2 ** min(attempt - 1, 32)))
+        delay = random.uniform(ceiling / 2, ceiling)  # "equal jitter": never zero, never in lockstep
+        if retry_after is not None and retry_after > delay:
+            delay = min(float(retry_after), self.backoff_cap)
+        return delay
 
     def _finish(self, batch: Batch, delivered: bool) -> None:
         if batch.ack is not None:

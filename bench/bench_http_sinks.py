@@ -1,0 +1,163 @@
+"""Benchmark: records/s through the ``http`` sink (json_lines, gzip on/off) to a loopback receiver,
+against the ``file`` sink (format plain, fsync per batch) in the same run.
+
+Input: audit events from shared/bench/gen_audit.py (~1 KB each), in batches of 1,000 records
+as the tail source hands them over: the original JSON lines (``raw_block``) plus lazily built
+records. The sink's ``write`` is awaited batch after batch, as the sink runner does with one
+worker. The receiver is an aiohttp server in another process (its CPU does not count here): it
+reads each body (aiohttp undoes gzip), counts the lines and answers 204.
+
+    .venv/bin/python bench/bench_http_sinks.py [--records 200000]
+
+Variants: ``json_date_key false`` sends the input bytes as they are (the fast path);
+``json_date_key date`` (the default) re-encodes each record with its time added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import multiprocessing
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from _common import audit_lines_file, cpu_count_hint
+from kubetrail.core.component import ComponentContext
+from kubetrail.core.errors import Location
+from kubetrail.core.metrics import MetricsRegistry
+from kubetrail.core.options import Property, Section, resolve_options
+from kubetrail.core.record import Batch, Record
+from kubetrail.parsers.registry import ParserRegistry
+from kubetrail.sinks.file import FileSink
+from kubetrail.sinks.http import HttpOutputSink
+
+BATCH = 1000
+
+
+def receiver(port_queue: Any, stop: Any) -> None:
+    from aiohttp import web
+
+    received = [0]
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.read()
+        received[0] += body.count(b"\n")
+        return web.Response(status=204)
+
+    async def main() -> None:
+        app = web.Application(client_max_size=1024**3)
+        app.router.add_post("/{tail:.*}", handle)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port_queue.put(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        port_queue.put(received[0])
+        await runner.cleanup()
+
+    asyncio.run(main())
+
+
+def build(cls: type, **props: Any) -> Any:
+    section = Section("output", Location("<bench>", 1))
+    for key, value in props.items():
+        section.properties.append(Property(key.replace("__", "."), str(value), Location("<bench>", 1)))
+    values = resolve_options(section, cls.options, cls.plugin_name)
+    ctx = ComponentContext(
+        component_id=f"{cls.plugin_name}.0",
+        metrics=MetricsRegistry().component(f"{cls.plugin_name}.0", "output", cls.plugin_name),
+        logger=logging.getLogger("bench"),
+        parsers=ParserRegistry(),
+    )
+    return cls(ctx, values)
+
+
+def batches(lines: list[bytes]) -> list[Batch]:
+    out = []
+    for start in range(0, len(lines), BATCH):
+        chunk = lines[start : start + BATCH]
+        block = b"".join(chunk)
+
+        def materialize(chunk: list[bytes] = chunk) -> list[Record]:
+            now = time.time_ns()
+            return [Record("audit", now, raw=line.rstrip(b"\n")) for line in chunk]
+
+        out.append(
+            Batch("audit", None, raw_block=block, materialize=materialize, count=len(chunk), size_bytes=len(block))
+        )
+    return out
+
+
+async def run_sink(sink: Any, lines: list[bytes]) -> float:
+    work = batches(lines)  # fresh batches: materialised records must not carry over between runs
+    await sink.start()
+    started = time.perf_counter()
+    for batch in work:
+        await sink.write(batch)
+    elapsed = time.perf_counter() - started
+    await sink.close()
+    return len(lines) / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--records", type=int, default=200_000)
+    args = parser.parse_args()
+    source = audit_lines_file(args.records)
+    lines = source.read_bytes().splitlines(keepends=True)[: args.records]
+    orjson.loads(lines[0])
+    mb = sum(map(len, lines)) / 1e6
+    print(f"{len(lines):,} records, {mb:.0f} MB, batches of {BATCH}; {cpu_count_hint()}")
+
+    ctx = multiprocessing.get_context("spawn")
+    ports, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=receiver, args=(ports, stop), daemon=True)
+    proc.start()
+    port = ports.get(timeout=30)
+    results: dict[str, float] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="kubetrail-bench-") as tmp:
+            variants: list[tuple[str, Any]] = [
+                ("file (plain, fsync per batch)", lambda: build(FileSink, path=tmp, file="out.log", format="plain")),
+                (
+                    "http json_lines, no date key",
+                    lambda: build(HttpOutputSink, port=port, format="json_lines", json_date_key="false"),
+                ),
+                (
+                    "http json_lines, no date key, gzip",
+                    lambda: build(
+                        HttpOutputSink, port=port, format="json_lines", json_date_key="false", compress="gzip"
+                    ),
+                ),
+                ("http json_lines + date", lambda: build(HttpOutputSink, port=port, format="json_lines")),
+                (
+                    "http json_lines + date, gzip",
+                    lambda: build(HttpOutputSink, port=port, format="json_lines", compress="gzip"),
+                ),
+            ]
+            for name, make in variants:
+                results[name] = asyncio.run(run_sink(make(), lines))
+                print(f"  {name:38s} {results[name]:>10,.0f} records/s")
+            Path(tmp, "out.log").unlink(missing_ok=True)
+    finally:
+        stop.set()
+        port_queue_result = ports.get(timeout=30)
+        proc.join(timeout=30)
+    expected = len(lines) * (len(results) - 1)
+    assert port_queue_result == expected, f"receiver counted {port_queue_result} lines, expected {expected}"
+    baseline = results["file (plain, fsync per batch)"]
+    print("ratio to the file sink in the same run:")
+    for name, rate in results.items():
+        if name.startswith("http"):
+            print(f"  {name:38s} {rate / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""A Fluent forward protocol server (the receiving side of Fluentd's ``in_forward``) for tests.
+
+Why a fake: neither Fluentd nor Fluent Bit can be installed here (not in Debian bookworm's
+archive, RubyGems is not reachable). This implements the documented protocol, Forward Protocol
+Specification v1 (https://github.com/fluent/fluentd/wiki/Forward-Protocol-Specification-v1):
+
+* all four event modes: Message ``[tag, time, record, option?]``, Forward
+  ``[tag, [[time, record], ...], option?]``, PackedForward ``[tag, bin, option?]`` and
+  CompressedPackedForward (``option.compressed == "gzip"``, the bin gzip-compressed);
+* time as an integer or as EventTime (msgpack ext type 0: uint32 seconds, uint32 nanoseconds,
+  big endian);
+* ``option.chunk`` answered with ``{"ack": chunk}`` once the events are stored; ``option.size``
+  checked against the number of events;
+* the handshake: ``HELO`` with a nonce (and a user-auth salt when users are configured),
+  ``PING`` verified (``sha512_hex(shared_key_salt + hostname + nonce + shared_key)``,
+  ``sha512_hex(auth_salt + username + password)``), ``PONG`` with the result, the reason and
+  the server's own digest; a failed authentication closes the connection after the PONG;
+* its error answers, which in this protocol are closing the connection: on a malformed message
+  (not an array, unknown mode, a bad time, size mismatch, corrupt gzip), as Fluentd does.
+
+Knobs for fault tests: ``ack`` (answer chunks or not), ``close_before_ack`` (store nothing and
+close the connection for the next N messages), ``accept_any_key`` (an impostor server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import hashlib
+import os
+import ssl
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+
+
+@dataclass(frozen=True)
+class Event:
+    tag: str
+    time_ns: int
+    record: dict[str, Any]
+    event_time: bool  # sent as EventTime (True) or as an integer (False)
+
+
+def sha512_hex(*parts: str | bytes) -> str:
+    digest = hashlib.sha512()
+    for part in parts:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return digest.hexdigest()
+
+
+class ProtocolError(Exception):
+    pass
+
+
+def _time(value: Any) -> tuple[int, bool]:
+    if isinstance(value, msgpack.ExtType):
+        if value.code != 0 or len(value.data) != 8:
+            raise ProtocolError(f"bad EventTime ext type {value.code} length {len(value.data)}")
+        seconds, nanos = struct.unpack(">II", value.data)
+        return seconds * 1_000_000_000 + nanos, True
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value * 1_000_000_000, False
+    if isinstance(value, float):
+        return int(value * 1e9), False
+    raise ProtocolError(f"bad time {value!r}")
+
+
+def _entries(stream: bytes) -> list[Any]:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+    unpacker.feed(stream)
+    return list(unpacker)
+
+
+@dataclass
+class FakeForwardServer:
+    shared_key: str | None = None
+    users: dict[str, str] = field(default_factory=dict)
+    hostname: str = "fake-fluentd"
+    tls: ssl.SSLContext | None = None
+    ack: bool = True
+    accept_any_key: bool = False  # an impostor: says yes to every PING (its PONG digest gives it away)
+    close_before_ack: int = 0
+    events: list[Event] = field(default_factory=list)
+    modes: Counter[str] = field(default_factory=Counter)
+    chunks: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    auth_failures: list[str] = field(default_factory=list)
+    connections: int = 0
+    port: int = 0
+    _server: asyncio.base_events.Server | None = None
+    _writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def start(self, port: int = 0) -> None:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", port or self.port, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self._writers.add(writer)
+        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        try:
+            if self.shared_key is not None and not await self._handshake(reader, writer, unpacker):
+                return
+            while True:
+                for message in unpacker:
+                    await self._message(message, writer)
+                data = await reader.read(65536)
+                if not data:
+                    return
+                unpacker.feed(data)
+        except ProtocolError as exc:
+            self.errors.append(str(exc))  # Fluentd logs it and closes the connection
+        except (ConnectionError, ssl.SSLError, msgpack.UnpackException, ValueError) as exc:
+            self.errors.append(f"{type(exc).__name__}: {exc}")
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def _next(self, reader: asyncio.StreamReader, unpacker: msgpack.Unpacker) -> Any:
+        while True:
+            for item in unpacker:
+                return item
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed during the handshake")
+            unpacker.feed(data)
+
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, unpacker: msgpack.Unpacker
+    ) -> bool:
+        assert self.shared_key is not None
+        nonce = os.urandom(16)
+        auth_salt = os.urandom(16) if self.users else b""
+        writer.write(msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}]))
+        await writer.drain()
+        ping = await self._next(reader, unpacker)
+        if not (isinstance(ping, list) and len(ping) == 6 and ping[0] == "PING"):
+            raise ProtocolError(f"expected PING, got {ping!r}")
+        _, client_host, salt, digest, username, password_digest = ping
+        salt_bytes = salt if isinstance(salt, bytes) else str(salt).encode()
+        reason = ""
+        if digest != sha512_hex(salt_bytes, client_host, nonce, self.shared_key):
+            reason = "shared_key mismatch"
+        elif self.users and (
+            username not in self.users or password_digest != sha512_hex(auth_salt, username, self.users[username])
+        ):
+            reason = "username/password mismatch"
+        ok = not reason or self.accept_any_key
+        pong_digest = sha512_hex(salt_bytes, self.hostname, nonce, self.shared_key) if ok else ""
+        writer.write(msgpack.packb(["PONG", ok, reason, self.hostname, pong_digest]))
+        await writer.drain()
+        if not ok:
+            self.auth_failures.append(reason)
+        return ok
+
+    async def _message(self, message: Any, writer: asyncio.StreamWriter) -> None:
+        if not isinstance(message, list) or len(message) < 2 or not isinstance(message[0], str):
+            raise ProtocolError(f"not a forward message: {message!r:.200}")
+        tag, second = message[0], message[1]
+        option: dict[str, Any] = {}
+        if isinstance(second, list):  # Forward mode
+            mode, entries = "forward", second
+            option = message[2] if len(message) > 2 else {}
+        elif isinstance(second, bytes | str):  # PackedForward, maybe compressed
+            option = message[2] if len(message) > 2 else {}
+            if not isinstance(option, dict):
+                raise ProtocolError(f"option must be a map, got {option!r:.100}")
+            raw = second if isinstance(second, bytes) else second.encode("latin-1")
+            if option.get("compressed") == "gzip":
+                mode = "compressed_packed_forward"
+                try:
+                    raw = gzip.decompress(raw)
+                except (OSError, EOFError) as exc:
+                    raise ProtocolError(f"corrupt gzip entries: {exc}") from None
+            elif option.get("compressed") not in (None, "text"):
+                raise ProtocolError(f"unknown compression {option.get('compressed')!r}")
+            else:
+                mode = "packed_forward"
+            entries = _entries(raw)
+        else:  # Message mode
+            if len(message) < 3:
+                raise ProtocolError("message mode needs [tag, time, record]")
+            mode, entries = "message", [[message[1], message[2]]]
+            option = message[3] if len(message) > 3 else {}
+        if not isinstance(option, dict):
+            raise ProtocolError(f"option must be a map, got {option!r:.100}")
+        events = []
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
+                raise ProtocolError(f"bad entry {entry!r:.100}")
+            time_ns, is_event_time = _time(entry[0])
+            events.append(Event(tag, time_ns, entry[1], is_event_time))
+        if "size" in option and option["size"] != len(events):
+            raise ProtocolError(f"option.size {option['size']} but {len(events)} events")
+        if self.close_before_ack > 0:
+            self.close_before_ack -= 1
+            raise ProtocolError("closing before the ack (fault injection)")
+        self.events.extend(events)
+        self.modes[mode] += 1
+        chunk = option.get("chunk")
+        if chunk is not None:
+            self.chunks.append(chunk)
+            if self.ack:
+                writer.write(msgpack.packb({"ack": chunk}))
+                await writer.drain()
