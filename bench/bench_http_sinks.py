@@ -17,26 +17,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import multiprocessing
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import orjson
+from _sinks import BATCH, build, run_sink
 
 from _common import audit_lines_file, cpu_count_hint
-from kubetrail.core.component import ComponentContext
-from kubetrail.core.errors import Location
-from kubetrail.core.metrics import MetricsRegistry
-from kubetrail.core.options import Property, Section, resolve_options
-from kubetrail.core.record import Batch, Record
-from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.sinks.file import FileSink
 from kubetrail.sinks.http import HttpOutputSink
-
-BATCH = 1000
 
 
 def receiver(port_queue: Any, stop: Any) -> None:
@@ -63,47 +54,6 @@ def receiver(port_queue: Any, stop: Any) -> None:
         await runner.cleanup()
 
     asyncio.run(main())
-
-
-def build(cls: type, **props: Any) -> Any:
-    section = Section("output", Location("<bench>", 1))
-    for key, value in props.items():
-        section.properties.append(Property(key.replace("__", "."), str(value), Location("<bench>", 1)))
-    values = resolve_options(section, cls.options, cls.plugin_name)
-    ctx = ComponentContext(
-        component_id=f"{cls.plugin_name}.0",
-        metrics=MetricsRegistry().component(f"{cls.plugin_name}.0", "output", cls.plugin_name),
-        logger=logging.getLogger("bench"),
-        parsers=ParserRegistry(),
-    )
-    return cls(ctx, values)
-
-
-def batches(lines: list[bytes]) -> list[Batch]:
-    out = []
-    for start in range(0, len(lines), BATCH):
-        chunk = lines[start : start + BATCH]
-        block = b"".join(chunk)
-
-        def materialize(chunk: list[bytes] = chunk) -> list[Record]:
-            now = time.time_ns()
-            return [Record("audit", now, raw=line.rstrip(b"\n")) for line in chunk]
-
-        out.append(
-            Batch("audit", None, raw_block=block, materialize=materialize, count=len(chunk), size_bytes=len(block))
-        )
-    return out
-
-
-async def run_sink(sink: Any, lines: list[bytes]) -> float:
-    work = batches(lines)  # fresh batches: materialised records must not carry over between runs
-    await sink.start()
-    started = time.perf_counter()
-    for batch in work:
-        await sink.write(batch)
-    elapsed = time.perf_counter() - started
-    await sink.close()
-    return len(lines) / elapsed
 
 
 def main() -> None:
