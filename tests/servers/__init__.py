@@ -12,7 +12,10 @@ calls it); the test fixtures build on demand too and skip with a message when th
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
+import subprocess
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,3 +34,40 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+class ServerProcess:
+    """What every server wrapper here shares: a process in its own session, a log file, a work
+    directory; stopping is SIGTERM to the whole group, SIGKILL if it does not go in 30 s."""
+
+    workdir: Path
+    log_path: Path
+    proc: subprocess.Popen[bytes] | None = None
+    port = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop_process(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()  # a runner whose main waits on its input stops at its end
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.stop_process()
+        shutil.rmtree(self.workdir, ignore_errors=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -20,7 +19,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.servers import HERE, ServerUnavailable, cache_root, free_port
+from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root, free_port
 
 MODULE_DIR = HERE / "loki"
 PACKAGE = "github.com/grafana/loki/v3/cmd/loki"
@@ -119,7 +118,7 @@ def build() -> Path:
     return target
 
 
-class Loki:
+class Loki(ServerProcess):
     """One Loki process; ``url`` is its HTTP address. Always :meth:`stop` it (the fixture does)."""
 
     def __init__(self, auth_enabled: bool = False) -> None:
@@ -129,10 +128,6 @@ class Loki:
         self.log_path = self.workdir / "loki.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         for attempt in range(3):  # a free port can be taken between picking and binding
@@ -175,24 +170,3 @@ class Loki:
                 pass
             time.sleep(0.5)
         return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop_process(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        self.stop_process()
-        shutil.rmtree(self.workdir, ignore_errors=True)

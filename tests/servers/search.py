@@ -14,7 +14,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -22,7 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.servers import HERE, ServerUnavailable, cache_root
+from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root
 
 START_TIMEOUT = 240.0  # a loaded 2-core CI machine takes 20-60 s; be generous
 
@@ -84,7 +83,7 @@ def build(kind: str = "opensearch") -> Path:
     return lib
 
 
-class SearchServer:
+class SearchServer(ServerProcess):
     """One node; ``url`` is its HTTP address. Always :meth:`stop` it (the fixture does)."""
 
     def __init__(self, kind: str = "opensearch") -> None:
@@ -96,10 +95,6 @@ class SearchServer:
         self.port = 0
         self.cluster_name = ""
         self.log_path = self.workdir / "server.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
         # The runner picks the first free port from -baseHttpPort + 1 up to its maximum (9299)
@@ -159,26 +154,3 @@ class SearchServer:
             # Another test run's node could hold the port if ours failed to bind it.
             return bool(health.get("cluster_name") == self.cluster_name)
         return False
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop_process(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        if proc.stdin is not None:
-            proc.stdin.close()
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        self.stop_process()
-        shutil.rmtree(self.workdir, ignore_errors=True)
