@@ -72,6 +72,21 @@ class BadResponseError(HttpRetryableError):
     """The destination answered something that is not what its API documents."""
 
 
+# Fluent Bit's TLS options, the same for every network sink (HTTP and stream).
+TLS_OPTIONS: tuple[Option, ...] = (
+    Option("tls", "bool", False, help="Use TLS"),
+    Option("tls.verify", "bool", True, help="Verify the server certificate"),
+    Option("tls.verify_hostname", "bool", True, help="Check the certificate's host name (with tls.verify)"),
+    Option("tls.ca_file", help="CA certificates (PEM) to verify the server with (default: the system's)"),
+    Option("tls.ca_path", help="Directory of CA certificates"),
+    Option("tls.crt_file", help="Client certificate (PEM) for mutual TLS"),
+    Option("tls.key_file", help="Client private key (PEM)"),
+    Option("tls.key_passwd", help="Password of tls.key_file"),
+    Option("tls.vhost", help="Server name for SNI and certificate checks (default: host)"),
+    Option("tls.debug", "int", 1, help="Accepted for Fluent Bit compatibility"),
+)
+
+
 def client_options(
     default_port: int,
     default_uri: str | None = None,
@@ -96,16 +111,7 @@ def client_options(
     options += [
         Option("header", multiple=True, help="Extra request header 'Name value'; repeat for several"),
         Option("compress", "choice", default_compress, choices=("gzip", "none", "off"), help="Body compression"),
-        Option("tls", "bool", False, help="Use TLS (https)"),
-        Option("tls.verify", "bool", True, help="Verify the server certificate"),
-        Option("tls.verify_hostname", "bool", True, help="Check the certificate's host name (with tls.verify)"),
-        Option("tls.ca_file", help="CA certificates (PEM) to verify the server with"),
-        Option("tls.ca_path", help="Directory of CA certificates"),
-        Option("tls.crt_file", help="Client certificate (PEM)"),
-        Option("tls.key_file", help="Client private key (PEM)"),
-        Option("tls.key_passwd", help="Password of tls.key_file"),
-        Option("tls.vhost", help="Host name for SNI and certificate checks (default: host)"),
-        Option("tls.debug", "int", 1, help="Accepted for Fluent Bit compatibility"),
+        *TLS_OPTIONS,
         Option("net.connect_timeout", "duration", 10.0, help="Time to establish a connection"),
         Option("net.io_timeout", "duration", 60.0, help="Time to wait for an answer (0: no limit)"),
         Option("net.keepalive", "bool", True, help="Reuse connections"),

@@ -27,19 +27,6 @@ from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.sinks.http_base import build_ssl_context
 
-TLS_OPTIONS: tuple[Option, ...] = (
-    Option("tls", "bool", False, help="Connect with TLS"),
-    Option("tls.verify", "bool", True, help="Verify the server certificate"),
-    Option("tls.verify_hostname", "bool", True, help="Check the certificate's host name (with tls.verify)"),
-    Option("tls.ca_file", help="CA certificates (PEM) to verify the server with (default: the system's)"),
-    Option("tls.ca_path", help="Directory of CA certificates"),
-    Option("tls.crt_file", help="Client certificate (PEM) for mutual TLS"),
-    Option("tls.key_file", help="Client private key (PEM)"),
-    Option("tls.key_passwd", help="Password of tls.key_file"),
-    Option("tls.vhost", help="Server name for SNI and verification (default: host)"),
-    Option("tls.debug", "int", 1, help="Accepted for Fluent Bit compatibility"),
-)
-
 NET_OPTIONS: tuple[Option, ...] = (
     Option("net.connect_timeout", "duration", 10.0, help="Seconds to wait for a connection"),
     Option("net.io_timeout", "duration", 60.0, help="Seconds a write (or an expected answer) may take"),

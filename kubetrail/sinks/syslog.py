@@ -36,7 +36,8 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.stream_base import NET_OPTIONS, TLS_OPTIONS, StreamConnection, tls_context
+from kubetrail.sinks.http_base import TLS_OPTIONS
+from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, tls_context
 
 SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 _SEVERITY_ALIASES = {"emergency": 0, "panic": 0, "critical": 2, "error": 3, "warn": 4, "informational": 6}
