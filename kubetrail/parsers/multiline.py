@@ -71,8 +71,11 @@ class _Pending:
 class ContainerLogJoiner:
     """Per-file state: the pending message of each stream, and the replay window after a restart."""
 
-    def __init__(self, formats: tuple[str, ...], max_size: int, truncate: bool, key: str = "log") -> None:
+    def __init__(
+        self, formats: tuple[str, ...], max_size: int, truncate: bool, key: str = "log", uid: str = ""
+    ) -> None:
         self.cri = "cri" in formats
+        self.uid = uid  # a record's identity is (uid, offset of its first piece): see sources/tail.py
         self.docker = "docker" in formats
         self.max_size = max_size
         self.truncate = truncate
@@ -138,6 +141,7 @@ class ContainerLogJoiner:
         position = start
         time_ns = self.time_ns
         key = self.key
+        uid = self.uid
         for line in lines:
             line_start = position
             position += len(line) + 1
@@ -160,7 +164,7 @@ class ContainerLogJoiner:
                     continue
                 stats.bad_lines += 1
                 now = now or time.time_ns()
-                append(Record(tag, now, {key: _text(line, stats)}))
+                append(Record(tag, now, {key: _text(line, stats)}, None, (uid, line_start)))
                 continue
             if replaying and line_start < self.replay_until:
                 since = self.replay_streams.get(stream)
@@ -182,9 +186,8 @@ class ContainerLogJoiner:
                 except UnicodeDecodeError:
                     stats.bad_utf8 += 1
                     text = message.decode("utf-8", "replace")
-                append(
-                    Record(tag, ns, {"time": stamp.decode("ascii", "replace"), "stream": stream, "_p": "F", key: text})
-                )
+                body = {"time": stamp.decode("ascii", "replace"), "stream": stream, "_p": "F", key: text}
+                append(Record(tag, ns, body, None, (uid, line_start)))
                 continue
             entry = pending.get(stream)
             if entry is None:
@@ -222,11 +225,13 @@ class ContainerLogJoiner:
                 return None
             stats.long_truncated += 1
         text = _text(b"".join(entry.parts), stats)
+        identity = (self.uid, entry.start)
         if entry.docker is not None:
             body = entry.docker
             body[self.key] = text
-            return Record(tag, entry.time_ns, body)
-        return Record(tag, entry.time_ns, {"time": entry.time_text, "stream": stream, "_p": "F", self.key: text})
+            return Record(tag, entry.time_ns, body, None, identity)
+        body = {"time": entry.time_text, "stream": stream, "_p": "F", self.key: text}
+        return Record(tag, entry.time_ns, body, None, identity)
 
     def _docker_line(
         self, line: bytes, line_start: int, tag: str, stats: JoinStats, records: list[Record], replaying: bool
@@ -240,7 +245,7 @@ class ContainerLogJoiner:
             if replaying and line_start < self.replay_until:
                 return
             stats.bad_lines += 1
-            records.append(Record(tag, time.time_ns(), {self.key: _text(line, stats)}))
+            records.append(Record(tag, time.time_ns(), {self.key: _text(line, stats)}, None, (self.uid, line_start)))
             return
         assert isinstance(doc, dict)
         stream_value = doc.get("stream")
@@ -261,7 +266,7 @@ class ContainerLogJoiner:
                 doc["log"] = log[: self.max_size]
             if self.key != "log":
                 doc[self.key] = doc.pop("log")
-            records.append(Record(tag, ns, doc))
+            records.append(Record(tag, ns, doc, None, (self.uid, line_start)))
             return
         if entry is None:
             ns = self._docker_time(doc, stats)

@@ -168,6 +168,10 @@ class EsSink(HttpSink):
                 raise ConfigError("use either http_api_key or http_user, not both", key="http_api_key")
             self.http.settings.headers.insert(0, ("Authorization", f"ApiKey {api_key}"))
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
+        self.m_replayed = self.metrics.counter(
+            "kubetrail_es_replayed_documents",
+            "Documents the server already held (409 to create): replays absorbed by the _id",
+        )
         self._date_cache: tuple[int, str] = (-1, "")
         self._time_cache: tuple[int, str] = (-1, "")
 
@@ -323,6 +327,7 @@ class EsSink(HttpSink):
             reason = f"HTTP {status} {item_reason(error)}"
             if status == 409 and self.operation == "create":
                 outcomes.append(("ok", ""))  # already stored by an earlier attempt: the replay case
+                self.m_replayed.inc()
                 continue
             error_type = error.get("type") if isinstance(error, dict) else None
             retry = status == 429 or status >= 500 or error_type in RETRYABLE_ITEM_TYPES

@@ -8,7 +8,12 @@ How it keeps "nothing lost, nothing repeated":
   token; the offset stored in ``db`` moves to ``end`` only when every sink has delivered the
   batch and every earlier one (see :class:`~kubetrail.core.acks.OrderedAcks`);
 * a partial last line is not consumed until its newline arrives (or, with ``exit_on_eof``, the
-  file ends), so a restart never splits a line.
+  file ends), so a restart never splits a line;
+* every record carries the identity ``(file uid, offset of its first line)``. The uid is random,
+  made when the file is first seen and kept with its checkpoint in ``db``, so it survives
+  restarts and renames but not a new file on a reused inode or a truncation (new content at old
+  offsets must not look like a replay). Idempotent sinks use it as the document id (es
+  ``_id``), which turns the lines read again after a crash into no-ops instead of duplicates.
 
 Rotation:
 
@@ -41,6 +46,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import stat
 import time
 from collections.abc import Callable
@@ -76,7 +82,8 @@ CREATE TABLE IF NOT EXISTS in_tail_files (
     fp_len INTEGER NOT NULL,
     fingerprint BLOB NOT NULL,
     created INTEGER NOT NULL,
-    rotated INTEGER NOT NULL DEFAULT 0
+    rotated INTEGER NOT NULL DEFAULT 0,
+    uid TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS in_tail_files_identity ON in_tail_files (dev, inode);
 -- With multiline.parser: lines up to `emitted` were delivered, except the pieces of the messages
@@ -95,6 +102,37 @@ CREATE TABLE IF NOT EXISTS in_tail_cut_lines (
 """
 
 
+def _new_uid() -> str:
+    """A file's part of its records' identities (64 random bits; see the module docstring)."""
+    return secrets.token_hex(8)
+
+
+def _line_starts(lines: list[bytes], start: int) -> list[int]:
+    """File offsets of ``lines`` (newlines stripped) that follow each other from ``start``."""
+    starts: list[int] = []
+    append = starts.append
+    position = start
+    for line in lines:
+        append(position)
+        position += len(line) + 1
+    return starts
+
+
+def _with_identities(
+    materialize: Callable[[], list[Record]], block: bytes, uid: str, start: int
+) -> Callable[[], list[Record]]:
+    """Wraps a lazy batch's builder: records get their identities only if someone builds them."""
+
+    def build() -> list[Record]:
+        records = materialize()
+        # One record per line; split's trailing b"" makes one start too many, which zip ignores.
+        for record, position in zip(records, _line_starts(block.split(b"\n"), start)):  # noqa: B905
+            record.identity = (uid, position)
+        return records
+
+    return build
+
+
 def _fingerprint(handle: IO[bytes]) -> tuple[int, bytes]:
     head = os.pread(handle.fileno(), FINGERPRINT_SIZE, 0)
     return len(head), hashlib.sha256(head).digest()
@@ -111,6 +149,7 @@ class TailedFile:
     fp_len: int
     fingerprint: bytes
     acks: OrderedAcks[int]
+    uid: str = ""  # the file's part of its records' identities
     row_id: int | None = None
     committed: int = 0
     pending: bytes = b""
@@ -245,6 +284,10 @@ class TailSource(Source):
             self.db = StateDB.from_options(self.db_config)
             if self.db is not None:
                 self.db.conn.executescript(_SCHEMA)
+                columns = {row[1] for row in self.db.execute("PRAGMA table_info(in_tail_files)")}
+                if "uid" not in columns:  # a db written before records carried identities
+                    self.db.execute("ALTER TABLE in_tail_files ADD COLUMN uid TEXT")
+                self.db.execute("UPDATE in_tail_files SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
         if self.use_inotify and self.watcher is None and not self.exit_on_eof:
             watcher = FileWatcher(self.log)
             if watcher.start():
@@ -431,18 +474,20 @@ class TailSource(Source):
         """
         if self.db is None:
             return
-        rows = self.db.execute("SELECT id, name, offset, inode, dev, fp_len, fingerprint FROM in_tail_files").fetchall()
-        for row_id, name, offset, inode, dev, fp_len, fingerprint in rows:
+        rows = self.db.execute(
+            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files"
+        ).fetchall()
+        for row_id, name, offset, inode, dev, fp_len, fingerprint, uid in rows:
             here = _same_file(name, dev, inode, fp_len, fingerprint, allow_gz=False)
             if here and self._matched(name):
                 continue  # still in place: the scan resumes it
             if here:
-                self._open_backup(name, (row_id, offset, fp_len, fingerprint))
+                self._open_backup(name, (row_id, offset, fp_len, fingerprint, uid))
                 continue
             found = False
             for candidate in _backups_of(name) + _target_backups(name):
                 if _same_file(candidate, dev, inode, fp_len, fingerprint):
-                    self._open_backup(candidate, (row_id, offset, fp_len, fingerprint), tag_path=name)
+                    self._open_backup(candidate, (row_id, offset, fp_len, fingerprint, uid), tag_path=name)
                     found = True
                     break
             if not found:
@@ -453,7 +498,9 @@ class TailSource(Source):
                 )
                 self.db.execute("DELETE FROM in_tail_files WHERE id=?", (row_id,))
 
-    def _open_backup(self, path: str, row: tuple[int, int, int, bytes] | None, tag_path: str | None = None) -> None:
+    def _open_backup(
+        self, path: str, row: tuple[int, int, int, bytes, str] | None, tag_path: str | None = None
+    ) -> None:
         """Follow a rotated file (plain or ``.gz``) from its checkpoint (or its start) to its end."""
         compressed = path.endswith(".gz")
         try:
@@ -465,19 +512,22 @@ class TailSource(Source):
             self.log.error("cannot open rotated file", extra={"path": path, "error": str(exc)})
             return
         if row is None:
-            fp_len, fingerprint, offset = len(head), hashlib.sha256(head).digest(), 0
-            row_id = None
-            if self.db is not None:
-                cursor = self.db.execute(
-                    "INSERT OR REPLACE INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (path, 0, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time())),
-                )
-                row_id = cursor.lastrowid
+            fp_len, fingerprint, offset, uid = len(head), hashlib.sha256(head).digest(), 0, _new_uid()
+            row_id = self._insert_row(path, 0, st, fp_len, fingerprint, uid)
         else:
-            row_id, offset, fp_len, fingerprint = row
+            row_id, offset, fp_len, fingerprint, uid = row
         self._follow(
-            path, tag_path or path, handle, st, offset, fp_len, fingerprint, row_id, backup=True, compressed=compressed
+            path,
+            tag_path or path,
+            handle,
+            st,
+            offset,
+            fp_len,
+            fingerprint,
+            uid,
+            row_id,
+            backup=True,
+            compressed=compressed,
         )
         self.log.info("reading rotated file to its end", extra={"path": path, "offset": offset})
 
@@ -490,6 +540,7 @@ class TailSource(Source):
         offset: int,
         fp_len: int,
         fingerprint: bytes,
+        uid: str,
         row_id: int | None,
         backup: bool = False,
         compressed: bool = False,
@@ -506,6 +557,7 @@ class TailSource(Source):
             fp_len=fp_len,
             fingerprint=fingerprint,
             acks=OrderedAcks(lambda position: None),
+            uid=uid,
             row_id=row_id,
             committed=offset,
             backup=backup,
@@ -544,33 +596,42 @@ class TailSource(Source):
         fp_len, fingerprint = _fingerprint(handle)
         offset = 0 if from_head else st.st_size
         row_id = None
+        uid = _new_uid()
         if self.db is not None:
             row = self.db.execute(
-                "SELECT id, offset, fp_len, fingerprint FROM in_tail_files WHERE dev=? AND inode=?",
+                "SELECT id, offset, fp_len, fingerprint, uid FROM in_tail_files WHERE dev=? AND inode=?",
                 (st.st_dev, st.st_ino),
             ).fetchone()
             if row is not None:
                 stored_len, stored_fp = row[2], row[3]
                 head = os.pread(handle.fileno(), stored_len, 0)
                 if len(head) == stored_len and hashlib.sha256(head).digest() == stored_fp and row[1] <= st.st_size:
-                    row_id, offset = row[0], row[1]
+                    row_id, offset, uid = row[0], row[1], row[4]
                 else:  # inode reused by a new file, or the file was truncated while we were down
                     self.db.execute("DELETE FROM in_tail_files WHERE id=?", (row[0],))
                     offset = 0
             if row_id is None:
-                cursor = self.db.execute(
-                    "INSERT INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time())),
-                )
-                row_id = cursor.lastrowid
-        self._follow(path, path, handle, st, offset, fp_len, fingerprint, row_id)
+                row_id = self._insert_row(path, offset, st, fp_len, fingerprint, uid)
+        self._follow(path, path, handle, st, offset, fp_len, fingerprint, uid, row_id)
         self.log.info("following file", extra={"path": path, "offset": offset, "inode": st.st_ino})
+
+    def _insert_row(
+        self, path: str, offset: int, st: os.stat_result, fp_len: int, fingerprint: bytes, uid: str
+    ) -> int | None:
+        """A checkpoint row for a file (replacing one of a file that had its inode before)."""
+        if self.db is None:
+            return None
+        cursor = self.db.execute(
+            "INSERT OR REPLACE INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created, uid)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time()), uid),
+        )
+        return cursor.lastrowid
 
     def _attach(self, tailed: TailedFile) -> None:
         """Multiline state (and its replay window after a restart) and the inotify watch."""
         if self.multiline:
-            tailed.joiner = ContainerLogJoiner(self.multiline, self.max_line, self.truncate_long, self.key)
+            tailed.joiner = ContainerLogJoiner(self.multiline, self.max_line, self.truncate_long, self.key, tailed.uid)
             if self.db is not None and tailed.row_id is not None:
                 row = self.db.execute(
                     "SELECT emitted, streams FROM in_tail_multiline WHERE file_id=?", (tailed.row_id,)
@@ -655,24 +716,27 @@ class TailSource(Source):
         tag = tailed.tag
         size = len(block)
         parser = self.parser
+        uid = tailed.uid
         plain = not (skip_first or self.path_key or self.offset_key)
         if parser is not None and plain:
             lazy = parser.parse_block_lazy(block, tag)
             if lazy is not None:
                 count, materialize = lazy
-                return Batch(tag, None, token, size, raw_block=block, materialize=materialize, count=count)
+                build = _with_identities(materialize, block, uid, start)
+                return Batch(tag, None, token, size, raw_block=block, materialize=build, count=count)
         lines = block.split(b"\n")
         lines.pop()  # the empty string after the final newline
+        starts = _line_starts(lines, start)
         if skip_first:
             lines[0] = b""  # the rest of a line already reported as too long
         raw_block: bytes | None = block if plain else None
         if lines and lines[0].endswith(b"\r"):  # CRLF files end every line with it
             lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
             raw_block = None
-        count = len(lines)
-        lines = [line for line in lines if line]
-        if len(lines) != count:
-            raw_block = None  # empty lines are skipped, so the block no longer matches the records
+        if b"" in lines:  # empty lines are skipped, so the block no longer matches the records
+            kept = [(line, at) for line, at in zip(lines, starts, strict=True) if line]
+            lines, starts = [line for line, _ in kept], [at for _, at in kept]
+            raw_block = None
         if not lines:
             token.seal()  # nothing to deliver, but the offset may still advance
             return None
@@ -690,8 +754,11 @@ class TailSource(Source):
             now = wall_ns()
             key = self.key
             records = [Record(tag, now, {key: line.decode("utf-8", "replace")}) for line in lines]
+        if len(records) == len(starts):  # parsers make one record per line
+            for record, at in zip(records, starts, strict=True):
+                record.identity = (uid, at)
         if self.path_key or self.offset_key:
-            self._decorate(tailed, records, lines, start)
+            self._decorate(tailed, records, starts)
         return Batch(tag, records, token, size, raw_block=raw_block)
 
     def _make_container_batch(
@@ -754,15 +821,13 @@ class TailSource(Source):
         if stats.bad_lines or stats.bad_times:
             self._parse_failures(tailed, stats.bad_lines + stats.bad_times)
 
-    def _decorate(self, tailed: TailedFile, records: list[Record], lines: list[bytes], start: int) -> None:
-        position = start
-        for record, line in zip(records, lines, strict=True):
+    def _decorate(self, tailed: TailedFile, records: list[Record], starts: list[int]) -> None:
+        for record, at in zip(records, starts, strict=True):
             body = record.mutable_body()
             if self.path_key:
                 body[self.path_key] = tailed.path
             if self.offset_key:
-                body[self.offset_key] = position
-            position += len(line) + 1
+                body[self.offset_key] = at
 
     def _parse_failures(self, tailed: TailedFile, failed: int) -> None:
         self.metrics.error("parse", failed)
@@ -848,21 +913,11 @@ class TailSource(Source):
             tailed.handle, tailed.dev, tailed.inode = handle, st.st_dev, st.st_ino
             tailed.path, tailed.backup, tailed.at_eof = path, True, False
             if self.db is not None and old_row is not None:
+                # The copy is the same content at the same offsets: it keeps the file's uid.
                 row = self.db.execute("SELECT offset FROM in_tail_files WHERE id=?", (old_row,)).fetchone()
-                cursor = self.db.execute(
-                    "INSERT OR REPLACE INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        path,
-                        row[0] if row else 0,
-                        st.st_ino,
-                        st.st_dev,
-                        tailed.fp_len,
-                        tailed.fingerprint,
-                        int(time.time()),
-                    ),
+                tailed.row_id = self._insert_row(
+                    path, row[0] if row else 0, st, tailed.fp_len, tailed.fingerprint, tailed.uid
                 )
-                tailed.row_id = cursor.lastrowid
                 self.db.execute("UPDATE in_tail_multiline SET file_id=? WHERE file_id=?", (tailed.row_id, old_row))
             self.files[(st.st_dev, st.st_ino)] = tailed
             self.log.info("file truncated; its copy is read to the end first", extra={"path": path})

@@ -562,6 +562,9 @@ class KubernetesAuditTransform(Transform):
             if flatten or redacted:
                 record.raw = raw
                 record.body_ = None
+            # The same occurrence has the same identity whether it came by webhook or from the
+            # log file (where the tail gave it a file offset), so idempotent sinks store it once.
+            record.identity = (ev.auditID, ev.stage)
             append(record)
         if hooked_keys and hooked_meta is not None:
             self._track(hooked_meta, hooked_keys)

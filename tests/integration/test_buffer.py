@@ -1,5 +1,6 @@
 """The filesystem buffer with a real ``kubetrail run`` process: kill -9 mid-stream, restart, and
-an output that is down while the input keeps producing.
+an output that is down while the input keeps producing; and the same faults into a real
+Elasticsearch, where record identities make delivery exactly once even across kill -9.
 
 tail -> ``storage.type filesystem`` -> file output (fsync before acknowledging). A writer thread
 appends numbered lines; every test counts the delivered lines by content and asserts each one
@@ -8,15 +9,22 @@ arrived exactly once. No cluster needed.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
+from tests.servers import ServerUnavailable, free_port
+from tests.servers.search import SearchServer
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +48,20 @@ class Writer(threading.Thread):
                 time.sleep(self.pause)
 
 
-def config(work: Path, log: Path, out: Path, sync: str = "normal") -> str:
+def config(work: Path, log: Path, out: Path, sync: str = "normal", output: str | None = None) -> str:
+    """tail -> filesystem buffer -> ``output`` (default: a file output writing ``out``)."""
+    output = (
+        output
+        or f"""
+[OUTPUT]
+    name   file
+    match  *
+    path   {out}
+    file   out.jsonl
+    format plain
+    mkdir  on
+"""
+    )
     return f"""
 [SERVICE]
     grace          5
@@ -59,14 +80,7 @@ def config(work: Path, log: Path, out: Path, sync: str = "normal") -> str:
     storage.type   filesystem
     batch_size     8k
     buffer_chunk_size 8k
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   out.jsonl
-    format plain
-    mkdir  on
-"""
+{output}"""
 
 
 def delivered(out: Path) -> Counter[int]:
@@ -145,3 +159,99 @@ def test_output_down_while_input_produces_then_recovers_and_survives_kill9(tmp_p
     assert second.stop() == 0
     assert_exactly_once(delivered(out), total)
     assert "cannot write" in second.log() or "failed to start" in second.log()
+
+
+# -- the same faults into Elasticsearch: the record identity as _id makes every replay harmless --
+
+
+@pytest.fixture(scope="module")
+def elasticsearch() -> Iterator[SearchServer]:
+    try:
+        server = SearchServer("elasticsearch")
+        server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"no real Elasticsearch: {exc} (python -m tests.servers build)")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _es(server: SearchServer, method: str, path: str, body: Any = None) -> Any:
+    request = urllib.request.Request(server.url + path, data=orjson.dumps(body) if body else None, method=method)
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return orjson.loads(response.read())
+
+
+def es_numbers(server: SearchServer, index: str) -> Counter[int]:
+    """How often each ``n`` is stored in ``index`` (one document per line when nothing doubled)."""
+    try:
+        _es(server, "POST", f"/{index}/_refresh")
+        answer = _es(server, "POST", f"/{index}/_search?size=10000", {"_source": ["n"], "query": {"match_all": {}}})
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:  # nothing written yet
+            return Counter()
+        raise
+    return Counter(hit["_source"]["n"] for hit in answer["hits"]["hits"])
+
+
+def replayed_documents(metrics_port: int) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("kubetrail_es_replayed_documents_total{")
+    )
+
+
+def test_kill9_and_lost_checkpoints_into_elasticsearch_store_every_line_exactly_once(
+    tmp_path: Path, elasticsearch: SearchServer
+) -> None:
+    """tail -> filesystem buffer -> es: kill -9 twice while lines are written, then every
+    checkpoint lost (tail's offsets reset to 0, as if the db were restored from an old backup)
+    so every line is read and sent again. Elasticsearch holds each line exactly once: a line's
+    identity (file uid, offset) is its ``_id``, and a re-sent line is a 409 the sink counts."""
+    log = tmp_path / "app.log"
+    log.touch()
+    total = 6000
+    host, port = elasticsearch.url.removeprefix("http://").rsplit(":", 1)
+    metrics_port = free_port()
+    output = f"""
+[OUTPUT]
+    name   es
+    match  *
+    host   {host}
+    port   {port}
+    index  lines
+    suppress_type_name on
+"""
+    text = config(tmp_path, log, tmp_path / "unused", output=output)
+    text = text.replace("[SERVICE]\n", f"[SERVICE]\n    http_server on\n    http_port {metrics_port}\n", 1)
+    writer = Writer(log, total)
+    run = KubetrailProcess(tmp_path, text, "run1").start()
+    writer.start()
+    for stored_before_kill, name in ((1000, "run2"), (3000, "run3")):
+        wait_for(lambda n=stored_before_kill: sum(es_numbers(elasticsearch, "lines").values()) > n, 90, "deliveries")
+        run.kill9()
+        run = KubetrailProcess(tmp_path, text, name).start()
+    writer.join(120)
+    wait_for(lambda: sum(es_numbers(elasticsearch, "lines").values()) >= total, 120, f"all {total} lines stored")
+    assert run.stop() == 0
+    assert_exactly_once(es_numbers(elasticsearch, "lines"), total)
+
+    with sqlite3.connect(tmp_path / "tail.db") as db:
+        db.execute("UPDATE in_tail_files SET offset=0")
+    replay = KubetrailProcess(tmp_path, text, "replay").start()
+    size = log.stat().st_size
+
+    def checkpoint_at_end() -> bool:
+        with sqlite3.connect(tmp_path / "tail.db") as db:
+            row = db.execute("SELECT offset FROM in_tail_files").fetchone()
+        return row is not None and row[0] == size
+
+    wait_for(checkpoint_at_end, 120, "the replay to be read, sent and acknowledged")
+    assert replayed_documents(metrics_port) == total, "every re-sent line must have been a 409"
+    assert replay.stop() == 0
+    assert_exactly_once(es_numbers(elasticsearch, "lines"), total)
