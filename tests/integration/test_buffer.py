@@ -251,7 +251,10 @@ def test_kill9_and_lost_checkpoints_into_elasticsearch_store_every_line_exactly_
             row = db.execute("SELECT offset FROM in_tail_files").fetchone()
         return row is not None and row[0] == size
 
-    wait_for(checkpoint_at_end, 120, "the replay to be read, sent and acknowledged")
+    # The checkpoint moves once lines are safe in the filesystem buffer; the sink sends them after.
+    wait_for(checkpoint_at_end, 120, "the replay to be read into the buffer")
+    wait_for(lambda: replayed_documents(metrics_port) >= total, 120, "every line re-sent")
+    time.sleep(1)
     assert replayed_documents(metrics_port) == total, "every re-sent line must have been a 409"
     assert replay.stop() == 0
     assert_exactly_once(es_numbers(elasticsearch, "lines"), total)
