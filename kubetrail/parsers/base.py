@@ -45,7 +45,9 @@ class Parser:
         """Validate a block of newline-terminated lines without building records.
 
         Returns the record count and a function that builds the records when someone needs
-        them, or ``None`` when this parser cannot (the caller then parses line by line).
+        them, or ``None`` when this parser cannot (the caller then parses line by line). The
+        records are one per line, in order, each with that line as its ``raw`` (the tail source
+        derives every record's file offset from this).
         """
         return None
 

@@ -122,6 +122,11 @@ class _Payload(msgspec.Struct, array_like=True):
     tags: list[str] | None = None  # per-record tags, only when one differs from the batch tag
     ids: list[Any] | None = None  # identities (tuples become lists)
     metas: list[Any] | None = None  # plain metadata; keys starting with "_" are in-process hooks
+    # When every identity is (the same text, an int), as a tailed file's (uid, line offset): the
+    # text once and the ints as an int64 array, instead of ``ids`` (a text object per record to
+    # encode and decode again; about a fifth of the buffer's throughput for short lines).
+    id_prefix: str | None = None
+    id_offsets: bytes | None = None
 
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -141,8 +146,14 @@ def encode_batch(batch: Batch) -> bytes:
         payload.lines = [r.json_bytes() for r in records]
     if any(r.tag != tag for r in records):
         payload.tags = [r.tag for r in records]
-    if any(r.identity is not None for r in records):
-        payload.ids = [r.identity for r in records]
+    ids = [r.identity for r in records]
+    if any(identity is not None for identity in ids):
+        shared = _shared_prefix(ids)
+        if shared is None:
+            payload.ids = ids
+        else:
+            payload.id_prefix = shared
+            payload.id_offsets = array("q", [identity[1] for identity in ids]).tobytes()  # type: ignore[index]
     metas = [_plain_meta(r.meta) for r in records]
     if any(m is not None for m in metas):
         payload.metas = metas
@@ -151,6 +162,36 @@ def encode_batch(batch: Batch) -> bytes:
     except (TypeError, msgspec.EncodeError):
         payload.metas = None  # metadata that is not plain data stays behind, the records do not
         return _ENCODER.encode(payload)
+
+
+def _shared_prefix(ids: list[Any]) -> str | None:
+    """The text every identity starts with when all are ``(text, int)``, else None."""
+    first = ids[0]
+    if type(first) is not tuple or len(first) != 2 or type(first[0]) is not str:
+        return None
+    prefix = first[0]
+    for identity in ids:
+        # type() checks, not isinstance: a bool is an int that would come back as 0/1.
+        if (
+            type(identity) is not tuple
+            or len(identity) != 2
+            or identity[0] != prefix
+            or type(identity[1]) is not int
+            or not -(2**63) <= identity[1] < 2**63
+        ):
+            return None
+    return prefix
+
+
+def _identities(payload: _Payload) -> list[tuple[Any, ...] | None] | None:
+    if payload.id_offsets is not None:
+        offsets = array("q")
+        offsets.frombytes(payload.id_offsets)
+        prefix = payload.id_prefix
+        return [(prefix, offset) for offset in offsets]
+    if payload.ids is not None:
+        return [tuple(identity) if identity is not None else None for identity in payload.ids]
+    return None
 
 
 def _plain_meta(meta: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -166,7 +207,6 @@ def decode_batch(data: bytes, ack: AckToken | None = None) -> Batch:
     times.frombytes(payload.times)
     tag = payload.tag
     tags = payload.tags
-    ids = payload.ids
     metas = payload.metas
     block = payload.block
     if block is not None:
@@ -174,13 +214,14 @@ def decode_batch(data: bytes, ack: AckToken | None = None) -> Batch:
 
         def materialize() -> list[Record]:
             lines = block.split(b"\n")
+            ids = _identities(payload)
             return [
                 Record(
                     tags[i] if tags else tag,
                     times[i],
                     None,
                     lines[i],
-                    tuple(ids[i]) if ids and ids[i] is not None else None,
+                    ids[i] if ids else None,
                     metas[i] if metas else None,
                 )
                 for i in range(count)
@@ -188,13 +229,14 @@ def decode_batch(data: bytes, ack: AckToken | None = None) -> Batch:
 
         return Batch(tag, None, ack, payload.size, raw_block=block, materialize=materialize, count=count)
     lines = payload.lines or []
+    ids = _identities(payload)
     records = [
         Record(
             tags[i] if tags else tag,
             times[i],
             None,
             line,
-            tuple(ids[i]) if ids and ids[i] is not None else None,
+            ids[i] if ids else None,
             metas[i] if metas else None,
         )
         for i, line in enumerate(lines)

@@ -118,16 +118,21 @@ def _line_starts(lines: list[bytes], start: int) -> list[int]:
     return starts
 
 
-def _with_identities(
-    materialize: Callable[[], list[Record]], block: bytes, uid: str, start: int
-) -> Callable[[], list[Record]]:
-    """Wraps a lazy batch's builder: records get their identities only if someone builds them."""
+def _with_identities(materialize: Callable[[], list[Record]], uid: str, start: int) -> Callable[[], list[Record]]:
+    """Wraps a lazy batch's builder: records get their identities only if someone builds them.
+
+    A lazy batch has one record per line whose ``raw`` is that line (the parse_block_lazy
+    contract), so the offsets follow from the records' lengths without splitting the block again.
+    """
 
     def build() -> list[Record]:
         records = materialize()
-        # One record per line; split's trailing b"" makes one start too many, which zip ignores.
-        for record, position in zip(records, _line_starts(block.split(b"\n"), start)):  # noqa: B905
+        position = start
+        for record in records:
+            raw = record.raw
+            assert raw is not None, "parse_block_lazy records keep their line"
             record.identity = (uid, position)
+            position += len(raw) + 1
         return records
 
     return build
@@ -722,7 +727,7 @@ class TailSource(Source):
             lazy = parser.parse_block_lazy(block, tag)
             if lazy is not None:
                 count, materialize = lazy
-                build = _with_identities(materialize, block, uid, start)
+                build = _with_identities(materialize, uid, start)
                 return Batch(tag, None, token, size, raw_block=block, materialize=build, count=count)
         lines = block.split(b"\n")
         lines.pop()  # the empty string after the final newline

@@ -150,6 +150,49 @@ def test_payload_round_trip_keeps_records_identity_tags_and_plain_meta() -> None
     assert back.records[1].identity is None and back.records[1].meta is None
 
 
+@pytest.mark.parametrize(
+    ("identities", "compact"),
+    [
+        ([("f1", 0), ("f1", 120), ("f1", 2**40)], True),  # a tailed file: (uid, line offset)
+        ([("f1", 0), ("f2", 120)], False),  # two files
+        ([("f1", 0), ("f1", True)], False),  # a bool is not an offset
+        ([("f1", 0), None], False),
+        ([("f1", 0), ("f1", 2**63)], False),  # beyond int64
+        ([("uid", "7"), ("uid", "8")], False),  # Events: (uid, resourceVersion) texts
+    ],
+)
+def test_identities_round_trip_and_shared_file_ids_are_stored_once(
+    identities: list[tuple[Any, ...] | None], compact: bool
+) -> None:
+    records = [Record("app", n, {"n": n}, identity=identity) for n, identity in enumerate(identities)]
+    frame = encode_batch(Batch("app", records, None, 1))
+    back = decode_batch(frame)
+    assert [r.identity for r in back.records] == identities
+    assert [type(r.identity[1]) if r.identity else None for r in back.records] == [
+        type(i[1]) if i else None for i in identities
+    ]
+    payload = disk_buffer._DECODER.decode(frame)
+    assert (payload.id_offsets is not None, payload.ids is None) == (compact, compact)
+
+
+def test_raw_block_with_file_identities_comes_back_with_them() -> None:
+    block = b'{"n":1}\n{"n":2}\n'
+    original = Batch(
+        "app",
+        None,
+        None,
+        len(block),
+        raw_block=block,
+        materialize=lambda: [
+            Record("app", 5, None, b'{"n":1}', identity=("f1", 0)),
+            Record("app", 6, None, b'{"n":2}', identity=("f1", 8)),
+        ],
+        count=2,
+    )
+    back = decode_batch(encode_batch(original))
+    assert [r.identity for r in back.records] == [("f1", 0), ("f1", 8)]
+
+
 def test_raw_block_survives_the_round_trip_unparsed() -> None:
     block = b'{"n":1}\n{"n":2}\n'
     original = Batch(
