@@ -39,3 +39,41 @@ def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return path
+
+
+def tail_file_config(
+    tmp_path: Path,
+    path: Path | str,
+    *,
+    tag: str = "app",
+    input_extra: str = "",
+    filters: str = "",
+    output_extra: str = "",
+    exit_on_eof: bool = True,
+) -> Path:
+    """``tmp_path/p.conf``: tail ``path`` from its head (offsets in ``tmp_path/tail.db``) into
+    ``tmp_path/out/out.jsonl`` (plain JSON lines); extra option lines go in as given."""
+    return write(
+        tmp_path / "p.conf",
+        f"""
+[SERVICE]
+    grace 2
+[INPUT]
+    name tail
+    path {path}
+    tag {tag}
+    read_from_head on
+    exit_on_eof {"on" if exit_on_eof else "off"}
+    db {tmp_path / "tail.db"}
+{input_extra}
+{filters}
+[OUTPUT]
+    name file
+    match *
+    path {tmp_path / "out"}
+    file out.jsonl
+    format plain
+    mkdir on
+{output_extra}
+""",
+    )

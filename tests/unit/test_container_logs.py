@@ -17,7 +17,7 @@ import pytest
 
 from kubetrail.core.config import load_config
 from kubetrail.runtime.pipeline import Pipeline
-from tests.unit.helpers import write
+from tests.unit.helpers import tail_file_config
 
 T = "2024-05-01T12:00:00.000000001Z"
 
@@ -28,31 +28,8 @@ def cri(stream: str, flag: str, message: str | bytes, stamp: str = T) -> bytes:
 
 
 def config(tmp_path: Path, path: Path | str, extra: str = "", exit_on_eof: bool = True, parser: str = "cri") -> Path:
-    return write(
-        tmp_path / "p.conf",
-        f"""
-[SERVICE]
-    grace 2
-[INPUT]
-    name tail
-    path {path}
-    tag kube.*
-    read_from_head on
-    exit_on_eof {"on" if exit_on_eof else "off"}
-    multiline.parser {parser}
-    refresh_interval 0.2
-    rotate_wait 1
-    db {tmp_path / "tail.db"}
-{extra}
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    file out.jsonl
-    format plain
-    mkdir on
-""",
-    )
+    options = f"    multiline.parser {parser}\n    refresh_interval 0.2\n    rotate_wait 1\n{extra}"
+    return tail_file_config(tmp_path, path, tag="kube.*", input_extra=options, exit_on_eof=exit_on_eof)
 
 
 def delivered(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]

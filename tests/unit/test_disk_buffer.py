@@ -175,7 +175,7 @@ def test_identities_round_trip_and_shared_file_ids_are_stored_once(
     assert (payload.id_offsets is not None, payload.ids is None) == (compact, compact)
 
 
-def test_raw_block_with_file_identities_comes_back_with_them() -> None:
+def test_raw_block_survives_the_round_trip_unparsed() -> None:
     block = b'{"n":1}\n{"n":2}\n'
     original = Batch(
         "app",
@@ -190,23 +190,11 @@ def test_raw_block_with_file_identities_comes_back_with_them() -> None:
         count=2,
     )
     back = decode_batch(encode_batch(original))
-    assert [r.identity for r in back.records] == [("f1", 0), ("f1", 8)]
-
-
-def test_raw_block_survives_the_round_trip_unparsed() -> None:
-    block = b'{"n":1}\n{"n":2}\n'
-    original = Batch(
-        "app",
-        None,
-        None,
-        len(block),
-        raw_block=block,
-        materialize=lambda: [Record("app", 5, None, b'{"n":1}'), Record("app", 6, None, b'{"n":2}')],
-        count=2,
-    )
-    back = decode_batch(encode_batch(original))
     assert back.raw_block == block and len(back) == 2
-    assert [(r.time_ns, r.body) for r in back.records] == [(5, {"n": 1}), (6, {"n": 2})]
+    assert [(r.time_ns, r.body, r.identity) for r in back.records] == [
+        (5, {"n": 1}, ("f1", 0)),
+        (6, {"n": 2}, ("f1", 8)),
+    ]
 
 
 async def test_segment_file_layout_is_magic_then_checksummed_frames(tmp_path: Path) -> None:

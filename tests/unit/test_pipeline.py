@@ -13,7 +13,7 @@ from kubetrail.core.config import load_config
 from kubetrail.core.errors import PermanentError, RetryableError
 from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
-from tests.unit.helpers import write
+from tests.unit.helpers import tail_file_config, write
 
 
 class ControlledSink:
@@ -43,28 +43,8 @@ class ControlledSink:
 
 
 def tail_config(tmp_path: Path, log: Path, extra_output: str = "", exit_on_eof: bool = True) -> Path:
-    return write(
-        tmp_path / "p.conf",
-        f"""
-[SERVICE]
-    grace 2
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    read_from_head on
-    exit_on_eof {"on" if exit_on_eof else "off"}
-    parser json
-    db {tmp_path / "tail.db"}
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    file out.jsonl
-    format plain
-    mkdir on
-{extra_output}
-""",
+    return tail_file_config(
+        tmp_path, log, input_extra="    parser json", output_extra=extra_output, exit_on_eof=exit_on_eof
     )
 
 

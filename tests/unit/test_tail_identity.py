@@ -18,7 +18,7 @@ import pytest
 from kubetrail.core.config import load_config
 from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
-from tests.unit.helpers import write
+from tests.unit.helpers import tail_file_config
 
 
 class IdentitySink:
@@ -38,27 +38,7 @@ class IdentitySink:
 
 
 def config(tmp_path: Path, log: Path, input_extra: str = "", filters: str = "") -> Path:
-    return write(
-        tmp_path / "p.conf",
-        f"""
-[SERVICE]
-    grace 2
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    read_from_head on
-    exit_on_eof on
-    db {tmp_path / "tail.db"}
-{input_extra}
-{filters}
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    mkdir on
-""",
-    )
+    return tail_file_config(tmp_path, log, input_extra=input_extra, filters=filters)
 
 
 async def run(conf: Path) -> list[tuple[tuple[Any, ...] | None, dict[str, Any]]]:
