@@ -496,12 +496,20 @@ class TailSource(Source):
                     found = True
                     break
             if not found:
-                self.metrics.error("rotated_away")
-                self.log.warning(
-                    "a file rotated away while stopped was not found; its unread part is lost",
-                    extra={"path": name, "offset": offset},
-                )
-                self.db.execute("DELETE FROM in_tail_files WHERE id=?", (row_id,))
+                if _same_inode(name, dev, inode):  # the head changed, the inode did not
+                    self.metrics.error("truncated_while_stopped")
+                    self.log.warning(
+                        "file truncated or rewritten in place while stopped; it is read again from its "
+                        "start, what it held after the last read before that is lost",
+                        extra={"path": name, "offset": offset},
+                    )
+                else:
+                    self.metrics.error("rotated_away")
+                    self.log.warning(
+                        "a file rotated away while stopped was not found; its unread part is lost",
+                        extra={"path": name, "offset": offset},
+                    )
+                self._delete_row(row_id)
 
     def _open_backup(
         self, path: str, row: tuple[int, int, int, bytes, str] | None, tag_path: str | None = None
@@ -613,7 +621,7 @@ class TailSource(Source):
                 if len(head) == stored_len and hashlib.sha256(head).digest() == stored_fp and row[1] <= st.st_size:
                     row_id, offset, uid = row[0], row[1], row[4]
                 else:  # inode reused by a new file, or the file was truncated while we were down
-                    self.db.execute("DELETE FROM in_tail_files WHERE id=?", (row[0],))
+                    self._delete_row(row[0])
                     offset = 0
             if row_id is None:
                 row_id = self._insert_row(path, offset, st, fp_len, fingerprint, uid)
@@ -631,7 +639,22 @@ class TailSource(Source):
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time()), uid),
         )
-        return cursor.lastrowid
+        row_id = cursor.lastrowid
+        # SQLite may hand out the id of a deleted row again (no AUTOINCREMENT): a new file must not
+        # inherit pending pieces or a cut-line mark left under that id (that would skip its lines).
+        self._delete_side_rows(row_id)
+        return row_id
+
+    def _delete_row(self, row_id: int) -> None:
+        """A file's checkpoint and everything kept beside it."""
+        assert self.db is not None
+        self.db.execute("DELETE FROM in_tail_files WHERE id=?", (row_id,))
+        self._delete_side_rows(row_id)
+
+    def _delete_side_rows(self, row_id: int | None) -> None:
+        assert self.db is not None
+        self.db.execute("DELETE FROM in_tail_multiline WHERE file_id=?", (row_id,))
+        self.db.execute("DELETE FROM in_tail_cut_lines WHERE file_id=?", (row_id,))
 
     def _attach(self, tailed: TailedFile) -> None:
         """Multiline state (and its replay window after a restart) and the inotify watch."""
@@ -923,7 +946,8 @@ class TailSource(Source):
                 tailed.row_id = self._insert_row(
                     path, row[0] if row else 0, st, tailed.fp_len, tailed.fingerprint, tailed.uid
                 )
-                self.db.execute("UPDATE in_tail_multiline SET file_id=? WHERE file_id=?", (tailed.row_id, old_row))
+                for table in ("in_tail_multiline", "in_tail_cut_lines"):  # same offsets: same state
+                    self.db.execute(f"UPDATE {table} SET file_id=? WHERE file_id=?", (tailed.row_id, old_row))
             self.files[(st.st_dev, st.st_ino)] = tailed
             self.log.info("file truncated; its copy is read to the end first", extra={"path": path})
         else:
@@ -934,9 +958,7 @@ class TailSource(Source):
                 )
             tailed.row_id = None  # its batches still in flight no longer move any checkpoint
         if self.db is not None and old_row is not None:
-            self.db.execute("DELETE FROM in_tail_files WHERE id=?", (old_row,))
-            if copy is None:
-                self.db.execute("DELETE FROM in_tail_multiline WHERE file_id=?", (old_row,))
+            self._delete_row(old_row)  # side rows already moved to the copy's row, if there is one
         self._open(tailed.path if copy is None else self._origin(tailed), from_head=True)
 
     def _origin(self, tailed: TailedFile) -> str:
@@ -1008,8 +1030,15 @@ class TailSource(Source):
         if self.watcher is not None and not tailed.backup:
             self.watcher.unwatch(os.path.realpath(tailed.path))
         if delete_row and self.db is not None and tailed.row_id is not None:
-            self.db.execute("DELETE FROM in_tail_files WHERE id=?", (tailed.row_id,))
-            self.db.execute("DELETE FROM in_tail_multiline WHERE file_id=?", (tailed.row_id,))
+            self._delete_row(tailed.row_id)
+
+
+def _same_inode(path: str, dev: int, inode: int) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False
+    return (st.st_dev, st.st_ino) == (dev, inode)
 
 
 def _backups_of(path: str) -> list[str]:

@@ -246,6 +246,36 @@ async def test_restart_with_a_pending_piece_loses_nothing_and_repeats_nothing(tm
     assert [r["log"] for r in delivered(tmp_path)] == ["o0", "e1", "e2", "a1-a2-a3", "e3"]
 
 
+async def test_a_file_replaced_in_place_while_stopped_does_not_inherit_the_old_pending_state(
+    tmp_path: Path,
+) -> None:
+    """The old file's checkpoint row goes (its head changed), and the new row may get the same row
+    id: the old file's pending pieces and cut-line marks must not be read as the new file's."""
+    log = tmp_path / "c.log"
+    log.write_bytes(cri("stdout", "F", "o0") + cri("stdout", "P", "a1-") + cri("stderr", "F", "e1"))
+    conf = config(tmp_path, log, exit_on_eof=False, extra="    multiline.flush_ms 60000")
+    pipeline = Pipeline(load_config(conf))
+    task = asyncio.create_task(pipeline.run())
+    await _until(lambda: len(delivered(tmp_path)) == 2)
+    pipeline.request_stop()
+    assert await asyncio.wait_for(task, 10) == 0
+    with sqlite3.connect(tmp_path / "tail.db") as conn:
+        (old_id,) = conn.execute("SELECT id FROM in_tail_files").fetchone()
+        assert conn.execute("SELECT count(*) FROM in_tail_multiline").fetchone()[0] == 1
+    inode = log.stat().st_ino
+    with log.open("r+b") as handle:  # same inode, new content (a log truncated and rewritten)
+        handle.truncate(0)
+        handle.write(b"".join(cri("stdout", "F", f"new{n}") for n in range(5)))
+    assert log.stat().st_ino == inode
+    second = Pipeline(load_config(config(tmp_path, log)))
+    assert await asyncio.wait_for(second.run(), 10) == 0
+    assert [r["log"] for r in delivered(tmp_path)] == ["o0", "e1"] + [f"new{n}" for n in range(5)]
+    assert metric(second, "kubetrail_errors_total", type="truncated_while_stopped") == 1
+    with sqlite3.connect(tmp_path / "tail.db") as conn:
+        (new_id,) = conn.execute("SELECT id FROM in_tail_files").fetchone()
+    assert new_id == old_id  # what made the bug possible: SQLite handed out the same row id
+
+
 async def test_a_message_whose_end_never_comes_is_flushed_after_flush_ms(tmp_path: Path) -> None:
     log = tmp_path / "c.log"
     log.write_bytes(cri("stdout", "P", "half") + cri("stderr", "F", "other"))

@@ -17,8 +17,11 @@ import pytest
 
 from kubetrail.core.config import load_config
 from kubetrail.core.record import Batch
+from kubetrail.core.state import StateDB
 from kubetrail.runtime.pipeline import Pipeline
-from tests.unit.helpers import tail_file_config
+from kubetrail.runtime.plugins import COMMON_INPUT_OPTIONS
+from kubetrail.sources.tail import _SCHEMA, TailSource
+from tests.unit.helpers import build, tail_file_config
 
 
 class IdentitySink:
@@ -169,3 +172,29 @@ async def test_audit_lines_take_the_audit_identity(tmp_path: Path) -> None:
     filters = "[FILTER]\n    name kubernetes_audit\n    match *\n    dedupe off\n"
     delivered = await run(config(tmp_path, log, "parser k8s_audit", filters))
     assert [identity for identity, _ in delivered] == [(e["auditID"], e["stage"]) for e in events]
+
+
+def test_a_new_checkpoint_row_never_inherits_state_left_under_a_reused_row_id(tmp_path: Path) -> None:
+    """SQLite reuses the id of a deleted last row. Pending multiline pieces or a cut-line mark
+    left under that id would make a new file skip its first lines, so a new row starts clean and
+    deleting a row takes its side rows with it."""
+    log = tmp_path / "c.log"
+    log.write_bytes(b"x\n")
+    source = build(TailSource, common=COMMON_INPUT_OPTIONS, path=str(log), db=str(tmp_path / "tail.db"))
+    source.db = StateDB(tmp_path / "tail.db")
+    source.db.conn.executescript(_SCHEMA)
+    st = log.stat()
+    first = source._insert_row(str(log), 2, st, 2, b"fp", "uid1")
+    source.db.execute("INSERT INTO in_tail_multiline VALUES (?, 100, '{\"stdout\": 50}')", (first,))
+    source.db.execute("INSERT INTO in_tail_cut_lines VALUES (?, 70)", (first,))
+    source.db.execute("DELETE FROM in_tail_files WHERE id=?", (first,))  # as an older version left it
+    second = source._insert_row(str(log), 0, st, 2, b"fp", "uid2")
+    assert second == first  # the id came back
+    side = "SELECT (SELECT count(*) FROM in_tail_multiline) + (SELECT count(*) FROM in_tail_cut_lines)"
+    assert source.db.execute(side).fetchone()[0] == 0
+    source.db.execute("INSERT INTO in_tail_multiline VALUES (?, 100, '{}')", (second,))
+    source.db.execute("INSERT INTO in_tail_cut_lines VALUES (?, 70)", (second,))
+    source._delete_row(second)
+    assert source.db.execute(side).fetchone()[0] == 0
+    assert source.db.execute("SELECT count(*) FROM in_tail_files").fetchone()[0] == 0
+    source.db.close()
