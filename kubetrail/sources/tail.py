@@ -815,9 +815,9 @@ class TailSource(Source):
         if not records:
             token.seal()
             return None
-        if self.path_key:
-            for record in records:
-                record.mutable_body()[self.path_key] = tailed.path
+        if self.path_key or self.offset_key:
+            # A joined message's offset is that of its first piece, as in its identity.
+            self._decorate(tailed, records, [record.identity[1] for record in records])  # type: ignore[index]
         return Batch(tailed.tag, records, token, size)
 
     def _flush_joiner(self, tailed: TailedFile, older_than: float) -> Batch | None:

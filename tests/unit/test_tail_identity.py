@@ -95,10 +95,12 @@ async def test_container_messages_are_identified_by_their_first_piece(tmp_path: 
     )
     log = tmp_path / "0.log"
     log.write_bytes(data)
-    delivered = await run(config(tmp_path, log, "multiline.parser cri"))
+    delivered = await run(config(tmp_path, log, "multiline.parser cri\n    offset_key off\n    path_key p"))
     starts = line_starts(data)
     by_text = {body.get("log"): identity[1] for identity, body in delivered}  # type: ignore[index]
     assert by_text == {"one": starts[0], "err": starts[2], "two-a two-b": starts[1], "not a cri line": starts[4]}
+    # offset_key and path_key are added to joined messages too (the offset of the first piece)
+    assert all(body["off"] == identity[1] and body["p"] == str(log) for identity, body in delivered)  # type: ignore[index]
 
 
 async def test_lines_read_again_before_their_checkpoint_moved_keep_their_identities(tmp_path: Path) -> None:
