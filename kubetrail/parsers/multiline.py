@@ -180,7 +180,7 @@ class ContainerLogJoiner:
                         stats.long_skipped += 1
                         continue
                     stats.long_truncated += 1
-                    message = message[: self.max_size]
+                    message = _cut(message, self.max_size)
                 try:
                     text = message.decode()
                 except UnicodeDecodeError:
@@ -214,7 +214,7 @@ class ContainerLogJoiner:
             entry.over = True
             if self.truncate:
                 keep = len(piece) - (entry.size - self.max_size)
-                entry.parts.append(piece[:keep])
+                entry.parts.append(_cut(piece, keep))
             return
         entry.parts.append(piece)
 
@@ -258,12 +258,13 @@ class ContainerLogJoiner:
         entry = self.pending.get(stream)
         if complete and entry is None:
             ns = self._docker_time(doc, stats)
-            if len(log) > self.max_size:  # characters, not bytes: close enough for a limit
+            # The limit is in bytes, as for every other line; a str has at most 4 per character.
+            if len(log) * 4 > self.max_size and len(encoded := log.encode()) > self.max_size:
                 if not self.truncate:
                     stats.long_skipped += 1
                     return
                 stats.long_truncated += 1
-                doc["log"] = log[: self.max_size]
+                doc["log"] = _cut(encoded, self.max_size).decode()
             if self.key != "log":
                 doc[self.key] = doc.pop("log")
             records.append(Record(tag, ns, doc, None, (self.uid, line_start)))
@@ -300,6 +301,19 @@ class ContainerLogJoiner:
                     record.body["_p"] = "P"  # Fluent Bit's marker for a message that never finished
                 records.append(record)
         return records
+
+
+def _cut(data: bytes, limit: int) -> bytes:
+    """The first ``limit`` bytes of UTF-8 text, less a character the cut would split: a
+    truncation of ours must not look like invalid input."""
+    if limit >= len(data):
+        return data
+    end = limit
+    # data[end] is the first byte left out: while it continues a character begun before it, move
+    # the cut back to that character's first byte (at most 3 continuation bytes in UTF-8).
+    while end > 0 and limit - end < 3 and data[end] & 0xC0 == 0x80:
+        end -= 1
+    return data[:end]
 
 
 def _text(data: bytes, stats: JoinStats) -> str:

@@ -121,6 +121,39 @@ async def test_a_raw_line_over_buffer_max_size_is_truncated_without_stopping_the
     assert len(records) == 3 and records[1]["log"].startswith("zzz")
 
 
+@pytest.mark.parametrize("mode", ["skip", "truncate"])
+async def test_the_limit_is_in_bytes_and_a_truncation_never_splits_a_character(tmp_path: Path, mode: str) -> None:
+    """600 three-byte characters are 1,800 bytes: over a 1 KiB limit in both formats (the docker
+    format once compared characters). A cut keeps whole characters and is not counted as bad UTF-8."""
+    text = "€" * 600
+    docker = tmp_path / "d.log"
+    docker.write_bytes(
+        b"".join(
+            orjson.dumps({"log": log, "stream": "stdout", "time": "2024-05-01T12:00:00.5Z"}) + b"\n"
+            for log in ("before\n", text + "\n", "after\n")
+        )
+    )
+    cri_log = tmp_path / "c.log"
+    cri_log.write_bytes(
+        cri("stdout", "F", "before")
+        + cri("stdout", "P", "€" * 200)
+        + cri("stdout", "F", "€" * 400)
+        + cri("stdout", "F", "after")
+    )
+    extra = "    buffer_max_size 1k\n" + ("    truncate_long_lines on" if mode == "truncate" else "")
+    for path, parser in ((docker, "docker"), (cri_log, "cri")):
+        out = tmp_path / "out" / "out.jsonl"
+        out.unlink(missing_ok=True)
+        (tmp_path / "tail.db").unlink(missing_ok=True)
+        pipeline = await run(tmp_path, path, extra, parser=parser)
+        logs = [r["log"].rstrip("\n") for r in delivered(tmp_path)]
+        assert metric(pipeline, "kubetrail_tail_bad_input_total", kind="invalid_utf8") == 0
+        if mode == "skip":
+            assert logs == ["before", "after"], parser
+        else:
+            assert logs == ["before", "€" * 341, "after"], parser  # 1,023 of the 1,024 bytes
+
+
 async def test_docker_16k_pieces_are_joined_per_stream(tmp_path: Path) -> None:
     def doc(log: str, stream: str = "stdout") -> bytes:
         return orjson.dumps({"log": log, "stream": stream, "time": "2024-05-01T12:00:00.5Z"}) + b"\n"
