@@ -49,7 +49,9 @@ def tail_file_config(
     input_extra: str = "",
     filters: str = "",
     output_extra: str = "",
+    service_extra: str = "",
     exit_on_eof: bool = True,
+    grace: int = 2,
 ) -> Path:
     """``tmp_path/p.conf``: tail ``path`` from its head (offsets in ``tmp_path/tail.db``) into
     ``tmp_path/out/out.jsonl`` (plain JSON lines); extra option lines go in as given."""
@@ -57,7 +59,8 @@ def tail_file_config(
         tmp_path / "p.conf",
         f"""
 [SERVICE]
-    grace 2
+    grace {grace}
+{service_extra}
 [INPUT]
     name tail
     path {path}

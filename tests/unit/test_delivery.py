@@ -23,7 +23,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.runtime.sink_runner import SinkRunner
-from tests.unit.helpers import write
+from tests.unit.helpers import tail_file_config, write
 
 LOG = logging.getLogger("kubetrail.test.delivery")
 
@@ -250,33 +250,14 @@ def lines(n: int, start: int = 0) -> str:
 
 
 def fs_config(tmp_path: Path, log: Path, *, exit_on_eof: bool = True, service: str = "", output: str = "") -> Path:
-    return write(
-        tmp_path / "p.conf",
-        f"""
-[SERVICE]
-    grace 3
-    storage.path {tmp_path / "storage"}
-{service}
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    read_from_head on
-    exit_on_eof {"on" if exit_on_eof else "off"}
-    parser json
-    db {tmp_path / "tail.db"}
-    storage.type filesystem
-    batch_size 256
-    buffer_chunk_size 256
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    file out.jsonl
-    format plain
-    mkdir on
-{output}
-""",
+    return tail_file_config(
+        tmp_path,
+        log,
+        input_extra="    parser json\n    storage.type filesystem\n    batch_size 256\n    buffer_chunk_size 256",
+        output_extra=output,
+        service_extra=f"    storage.path {tmp_path / 'storage'}\n{service}",
+        exit_on_eof=exit_on_eof,
+        grace=3,
     )
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.unit.helpers import tail_file_config
+
 pytestmark = pytest.mark.slow
 
 RATE = 10_000  # lines/s
@@ -28,32 +30,15 @@ ROTATE_BYTES = 1_000_000
 
 
 def _config(tmp_path: Path, log: Path, exit_on_eof: bool = False) -> Path:
-    conf = tmp_path / "k.conf"
-    conf.write_text(
-        f"""
-[SERVICE]
-    grace 5
-    log_level info
-[INPUT]
-    name             tail
-    path             {log}
-    tag              kube.*
-    read_from_head   on
-    exit_on_eof      {"on" if exit_on_eof else "off"}
-    multiline.parser cri
-    refresh_interval 1
-    rotate_wait      30
-    db               {tmp_path / "tail.db"}
-[OUTPUT]
-    name   file
-    match  *
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-"""
+    return tail_file_config(
+        tmp_path,
+        log,
+        tag="kube.*",
+        input_extra="    multiline.parser cri\n    refresh_interval 1\n    rotate_wait 30",
+        service_extra="    log_level info",
+        exit_on_eof=exit_on_eof,
+        grace=5,
     )
-    return conf
 
 
 def _start(conf: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
