@@ -31,6 +31,60 @@ def audit_lines_file(count: int) -> Path:
     return target
 
 
+_AUDIT_TAIL_CONFIG = """
+[SERVICE]
+    log_level warn
+    grace     60
+{service}
+[PARSER]
+    name        audit_json
+    format      json
+    time_key    stageTimestamp
+    time_format %Y-%m-%dT%H:%M:%S.%LZ
+    time_keep   on
+[INPUT]
+    name           tail
+    path           {src}
+    tag            audit
+    read_from_head on
+    exit_on_eof    {exit_on_eof}
+    parser         {parser}
+{input}
+{filters}
+[OUTPUT]
+    name   file
+    alias  out
+    match  *
+    path   {out}
+    file   audit.jsonl
+    format plain
+"""
+
+
+def audit_tail_config(
+    src: Path,
+    out: Path,
+    *,
+    parser: str = "audit_json",
+    service: str = "",
+    input_extra: str = "",
+    filters: str = "",
+    exit_on_eof: bool = True,
+) -> str:
+    """The pipeline the tail benchmarks share: audit JSON lines -> tail (time from
+    ``stageTimestamp``; ``audit_json`` is declared here, ``k8s_audit`` is built in) -> [filters]
+    -> a file output (alias ``out``) writing plain JSON lines to ``out/audit.jsonl``."""
+    return _AUDIT_TAIL_CONFIG.format(
+        src=src,
+        out=out,
+        parser=parser,
+        service=service,
+        input=input_extra,
+        filters=filters,
+        exit_on_eof="on" if exit_on_eof else "off",
+    )
+
+
 @dataclass
 class Measured:
     wall: float
@@ -54,4 +108,13 @@ def cpu_count_hint() -> str:
     return f"{os.cpu_count()} cores, load average {load:.2f}"
 
 
-__all__ = ["CACHE", "REPO", "Measured", "audit_lines_file", "cpu_count_hint", "measure", "resource"]
+__all__ = [
+    "CACHE",
+    "REPO",
+    "Measured",
+    "audit_lines_file",
+    "audit_tail_config",
+    "cpu_count_hint",
+    "measure",
+    "resource",
+]

@@ -17,26 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import audit_lines_file, cpu_count_hint, measure
-
-CONFIG = """
-[SERVICE]
-    log_level warn
-[INPUT]
-    name           tail
-    path           {src}
-    tag            audit
-    read_from_head on
-    exit_on_eof    on
-    parser         k8s_audit
-{filter}
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   audit.jsonl
-    format plain
-"""
+from _common import audit_lines_file, audit_tail_config, cpu_count_hint, measure
 
 FILTER = """[FILTER]
     name   kubernetes_audit
@@ -62,7 +43,7 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-"))
         try:
             config = work / "bench.conf"
-            config.write_text(CONFIG.format(src=src, out=work, filter=flt))
+            config.write_text(audit_tail_config(src, work, parser="k8s_audit", filters=flt))
             m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
             written = sum(1 for _ in (work / "audit.jsonl").open("rb"))
             if m.returncode or written != args.lines:

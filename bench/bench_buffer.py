@@ -20,34 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import audit_lines_file, cpu_count_hint, measure
-
-CONFIG = """
-[SERVICE]
-    log_level warn
-    grace     60
-{service}
-[PARSER]
-    name        audit_json
-    format      json
-    time_key    stageTimestamp
-    time_format %Y-%m-%dT%H:%M:%S.%LZ
-    time_keep   on
-[INPUT]
-    name           tail
-    path           {src}
-    tag            audit
-    read_from_head on
-    exit_on_eof    on
-    parser         audit_json
-{input}
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   audit.jsonl
-    format plain
-"""
+from _common import audit_lines_file, audit_tail_config, cpu_count_hint, measure
 
 
 def main() -> int:
@@ -67,7 +40,7 @@ def main() -> int:
         try:
             config = work / "bench.conf"
             config.write_text(
-                CONFIG.format(src=src, out=work, service=service.format(storage=work / "storage"), input=input_extra)
+                audit_tail_config(src, work, service=service.format(storage=work / "storage"), input_extra=input_extra)
             )
             m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
             if m.returncode:

@@ -37,34 +37,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import REPO, audit_lines_file, cpu_count_hint
-
-CONFIG = """
-[SERVICE]
-    log_level warn
-    grace     60
-{service}
-[PARSER]
-    name        audit_json
-    format      json
-    time_key    stageTimestamp
-    time_format %Y-%m-%dT%H:%M:%S.%LZ
-    time_keep   on
-[INPUT]
-    name           tail
-    path           {src}
-    tag            audit
-    read_from_head on
-    parser         audit_json
-{input}
-[OUTPUT]
-    name   file
-    alias  out
-    match  *
-    path   {out}
-    file   audit.jsonl
-    format plain
-"""
+from _common import REPO, audit_lines_file, audit_tail_config, cpu_count_hint
 
 IDENTITY = re.compile(rb'"auditID":"([^"]+)","stage":"([^"]+)"')
 
@@ -164,7 +137,7 @@ def main() -> int:
         base_dir = work / "memory"
         (base_dir / "out").mkdir(parents=True)
         config = base_dir / "bench.conf"
-        config.write_text(CONFIG.format(src=src, out=base_dir / "out", service="", input="    exit_on_eof on"))
+        config.write_text(audit_tail_config(src, base_dir / "out"))
         if args.cold:
             drop_cache(src)
         proc = start(config, base_dir / "kubetrail.log")
@@ -181,11 +154,12 @@ def main() -> int:
         storage, out_dir, db = fs_dir / "storage", fs_dir / "out", fs_dir / "tail.db"
         config = fs_dir / "bench.conf"
         config.write_text(
-            CONFIG.format(
-                src=src,
-                out=out_dir,
+            audit_tail_config(
+                src,
+                out_dir,
                 service=f"    storage.path {storage}\n    storage.sync normal\n    scheduler.cap 5",
-                input=f"    storage.type filesystem\n    db {db}",
+                input_extra=f"    storage.type filesystem\n    db {db}",
+                exit_on_eof=False,
             )
         )
         log = fs_dir / "kubetrail.log"

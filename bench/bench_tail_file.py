@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import audit_lines_file, cpu_count_hint, measure
+from _common import audit_lines_file, audit_tail_config, cpu_count_hint, measure
 
 NAIVE = r"""
 import sys, orjson
@@ -27,30 +27,6 @@ with open(src, "rb") as f, open(dst, "wb") as out:
         record = orjson.loads(line)
         out.write(orjson.dumps({"time": record["stageTimestamp"], **record}))
         out.write(b"\n")
-"""
-
-CONFIG = """
-[SERVICE]
-    log_level warn
-[PARSER]
-    name        audit_json
-    format      json
-    time_key    stageTimestamp
-    time_format %Y-%m-%dT%H:%M:%S.%LZ
-    time_keep   on
-[INPUT]
-    name           tail
-    path           {src}
-    tag            audit
-    read_from_head on
-    exit_on_eof    on
-    parser         audit_json
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   audit.jsonl
-    format plain
 """
 
 
@@ -64,7 +40,7 @@ def main() -> int:
     try:
         naive = measure([sys.executable, "-c", NAIVE, str(src), str(work / "naive.jsonl")])
         config = work / "bench.conf"
-        config.write_text(CONFIG.format(src=src, out=work))
+        config.write_text(audit_tail_config(src, work))
         ours = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
         if naive.returncode or ours.returncode:
             print(f"FAILED: naive rc={naive.returncode}, kubetrail rc={ours.returncode}", file=sys.stderr)

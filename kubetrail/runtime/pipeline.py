@@ -18,6 +18,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,7 @@ class Pipeline:
         self.started_at = time.time()
 
     def _build(
-        self, section: Section, kind: str, registry: dict[str, Any], common: tuple[Option, ...]
+        self, section: Section, kind: str, registry: Mapping[str, Any], common: tuple[Option, ...]
     ) -> BuiltComponent:
         plugin = section.plugin_name
         if not plugin:

@@ -1,52 +1,73 @@
 """Plugin names -> classes, and the options every instance of a kind shares.
 
 Adding a plugin: write one module under ``sources/``, ``transforms/`` or ``sinks/`` with a
-class declaring ``plugin_name``, ``description`` and ``options``, and list it here.
+class declaring ``plugin_name``, ``description`` and ``options``, and list it here by its
+``module:Class`` path (imported when a configuration uses it).
 """
 
 from __future__ import annotations
 
-from kubetrail.core.component import Sink, Source, Transform
-from kubetrail.core.options import Option
-from kubetrail.sinks.es import EsSink
-from kubetrail.sinks.file import FileSink
-from kubetrail.sinks.forward import ForwardSink
-from kubetrail.sinks.http import HttpOutputSink
-from kubetrail.sinks.loki import LokiSink
-from kubetrail.sinks.opensearch import OpenSearchSink
-from kubetrail.sinks.opentelemetry import OpenTelemetrySink
-from kubetrail.sinks.splunk import SplunkSink
-from kubetrail.sinks.stdout import StdoutSink
-from kubetrail.sinks.syslog import SyslogSink
-from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
-from kubetrail.sources.kubernetes_events import KubernetesEventsSource
-from kubetrail.sources.tail import TailSource
-from kubetrail.transforms.grep import GrepTransform
-from kubetrail.transforms.kubernetes import KubernetesTransform
-from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform
-from kubetrail.transforms.modify import ModifyTransform
+import importlib
+from collections.abc import Iterator, Mapping
+from typing import Generic, TypeVar
 
-SOURCES: dict[str, type[Source]] = {
-    cls.plugin_name: cls for cls in (TailSource, KubernetesEventsSource, KubernetesAuditSource)
-}
-TRANSFORMS: dict[str, type[Transform]] = {
-    cls.plugin_name: cls for cls in (GrepTransform, ModifyTransform, KubernetesAuditTransform, KubernetesTransform)
-}
-SINKS: dict[str, type[Sink]] = {
-    cls.plugin_name: cls
-    for cls in (
-        StdoutSink,
-        FileSink,
-        HttpOutputSink,
-        EsSink,
-        OpenSearchSink,
-        SplunkSink,
-        LokiSink,
-        OpenTelemetrySink,
-        SyslogSink,
-        ForwardSink,
-    )
-}
+from kubetrail.core.component import Component, Sink, Source, Transform
+from kubetrail.core.options import Option
+
+C = TypeVar("C", bound=Component)
+
+
+class LazyPlugins(Mapping[str, type[C]], Generic[C]):
+    """Plugin name -> class, importing the plugin's module only when the plugin is used: a
+    pipeline writing to a file never imports aiohttp and the network sinks (a third of start-up)."""
+
+    def __init__(self, paths: dict[str, str]) -> None:
+        self._paths = paths  # name -> "module:Class"
+        self._loaded: dict[str, type[C]] = {}
+
+    def __getitem__(self, name: str) -> type[C]:
+        cls = self._loaded.get(name)
+        if cls is None:
+            module, _, attr = self._paths[name].partition(":")  # KeyError: not a plugin
+            cls = self._loaded[name] = getattr(importlib.import_module(module), attr)
+        return cls
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+
+SOURCES: LazyPlugins[Source] = LazyPlugins(
+    {
+        "tail": "kubetrail.sources.tail:TailSource",
+        "kubernetes_events": "kubetrail.sources.kubernetes_events:KubernetesEventsSource",
+        "kubernetes_audit": "kubetrail.sources.kubernetes_audit:KubernetesAuditSource",
+    }
+)
+TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
+    {
+        "grep": "kubetrail.transforms.grep:GrepTransform",
+        "modify": "kubetrail.transforms.modify:ModifyTransform",
+        "kubernetes_audit": "kubetrail.transforms.kubernetes_audit:KubernetesAuditTransform",
+        "kubernetes": "kubetrail.transforms.kubernetes:KubernetesTransform",
+    }
+)
+SINKS: LazyPlugins[Sink] = LazyPlugins(
+    {
+        "stdout": "kubetrail.sinks.stdout:StdoutSink",
+        "file": "kubetrail.sinks.file:FileSink",
+        "http": "kubetrail.sinks.http:HttpOutputSink",
+        "es": "kubetrail.sinks.es:EsSink",
+        "opensearch": "kubetrail.sinks.opensearch:OpenSearchSink",
+        "splunk": "kubetrail.sinks.splunk:SplunkSink",
+        "loki": "kubetrail.sinks.loki:LokiSink",
+        "opentelemetry": "kubetrail.sinks.opentelemetry:OpenTelemetrySink",
+        "syslog": "kubetrail.sinks.syslog:SyslogSink",
+        "forward": "kubetrail.sinks.forward:ForwardSink",
+    }
+)
 
 SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("flush", "duration", 1.0, help="Accepted for Fluent Bit compatibility; batches are flushed as they form"),
