@@ -400,6 +400,13 @@ class KubernetesAuditTransform(Transform):
             self._load()
         self.duplicates = 0
         self.dropped_by_rule = 0
+        # The router counts every removed record as dropped{reason="filtered"}; these say why.
+        self.m_duplicates = self.metrics.counter(
+            "kubetrail_audit_duplicates_removed", "Audit events whose (auditID, stage) was already seen"
+        )
+        self.m_dropped_by_rule = self.metrics.counter(
+            "kubetrail_audit_dropped_by_rule", "Audit events removed by drop_stages or drop_levels"
+        )
 
     # -- state -----------------------------------------------------------------------------
 
@@ -571,8 +578,12 @@ class KubernetesAuditTransform(Transform):
         if plain_keys:
             self._remember(plain_keys, persist=False)  # no delivery hook: memory only (see above)
         # The router counts what a filter removes (dropped{reason="filtered"}); these split it.
-        self.duplicates += duplicates
-        self.dropped_by_rule += dropped
+        if duplicates:
+            self.duplicates += duplicates
+            self.m_duplicates.inc(duplicates)
+        if dropped:
+            self.dropped_by_rule += dropped
+            self.m_dropped_by_rule.inc(dropped)
         return out
 
     @staticmethod

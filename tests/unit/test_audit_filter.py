@@ -9,6 +9,7 @@ from typing import Any
 
 import orjson
 import pytest
+from prometheus_client import generate_latest
 
 from kubetrail.core.acks import AckToken
 from kubetrail.core.errors import ConfigError
@@ -199,6 +200,10 @@ def test_dedupe_without_delivery_hook_is_in_memory() -> None:
     assert [(o["auditID"], o["stage"]) for o in first] == [("a", "RequestReceived"), ("a", "ResponseComplete")]
     assert run(flt, [event("a"), event("b")])[0]["auditID"] == "b"
     assert flt.duplicates == 2
+    text = generate_latest(flt.metrics._parent.registry).decode()
+    assert 'kubetrail_audit_duplicates_removed_total{component="kubernetes_audit.0"' in text
+    (line,) = [x for x in text.splitlines() if x.startswith("kubetrail_audit_duplicates_removed_total{")]
+    assert line.endswith(" 2.0")
 
 
 def hooked(events: list[dict[str, Any]]) -> tuple[list[Record], AckToken, dict[str, Any], list[bool]]:
