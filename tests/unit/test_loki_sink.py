@@ -306,3 +306,21 @@ async def test_auto_kubernetes_labels_and_label_names(scripted: ScriptedServer) 
             '{"log":"hi","meta":{},"kubernetes":{"labels":{"app.kubernetes.io/name":"api","9lives":"y"}}}',
         ]
     ]
+
+
+def test_keys_that_become_labels_or_are_removed_leave_the_shared_record_untouched() -> None:
+    out = sink(
+        "http://127.0.0.1:1",
+        labels="job=x, $kubernetes['labels']['app']",
+        remove_keys="$kubernetes['pod_name'], extra, $missing['deeper']",
+    )
+    body = {
+        "log": "hello",
+        "extra": 1,
+        "kubernetes": {"pod_name": "web-1", "namespace_name": "shop", "labels": {"app": "web", "tier": "f"}},
+    }
+    record = Record("t", 1, orjson.loads(orjson.dumps(body)))
+    line = orjson.loads(out._line(record))
+    assert line == {"log": "hello", "kubernetes": {"namespace_name": "shop", "labels": {"tier": "f"}}}
+    assert out._labels(record.body) == {"job": "x", "app": "web"}
+    assert record.body == body  # other sinks get the record as it came
