@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_events.py latency  [--present 10000 --seconds 60 --rate 100]
     .venv/bin/python bench/bench_events.py traffic  [--present 10000 --minutes 30 --rate 20]
     .venv/bin/python bench/bench_events.py rss      [--present 100000]
+    .venv/bin/python bench/bench_events.py compression [--seconds 20 --rate 20]
 
 latency  N events present, then RATE new events and RATE count updates per second: time from
          the API server's answer to the write until the record is in kubetrail's output file
@@ -12,6 +13,11 @@ traffic  bytes and requests kubetrail receives from the API server over MINUTES,
          every 10 minutes (Fluent Bit's behaviour), both measured through byte-counting TCP
          proxies in the same run. Target: at least 10x fewer bytes than re-listing.
 rss      peak RSS of kubetrail during its first list with N events present. Target: < 100 MB.
+compression  what gzip could do for the watch stream under churn: the raw bytes of a watch while
+         RATE creates + RATE count updates per second run, against the same bytes gzipped one
+         member per event (what Kubernetes 1.37's WatchListCompression sends, and only for
+         WatchList requests; regular watches, which kubetrail uses, are never compressed) and as
+         one gzip stream flushed after each event (which no API server sends).
 """
 
 from __future__ import annotations
@@ -382,19 +388,57 @@ def bench_rss(args: argparse.Namespace, work: Path) -> None:
         cluster.down()
 
 
+def bench_compression(args: argparse.Namespace, work: Path) -> None:
+    import zlib
+
+    cluster = up(work)
+    try:
+        api = cluster.client("admin")
+        rv = api.get(f"/api/v1/namespaces/{NS}/events").json()["metadata"]["resourceVersion"]
+        lines: list[bytes] = []
+        stop = threading.Event()
+
+        def read() -> None:
+            with api.watch(f"/api/v1/namespaces/{NS}/events", timeout=args.seconds + 30, resourceVersion=rv) as w:
+                for event in w:
+                    lines.append(orjson.dumps(event) + b"\n")  # compact JSON, as the API server writes
+                    if stop.is_set():
+                        break
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        writer = Writer(cluster)
+        asyncio.run(writer.populate(50))  # something for count updates to hit
+        asyncio.run(writer.churn(args.seconds, args.rate))
+        time.sleep(2)
+        stop.set()
+        raw = sum(map(len, lines))
+        per_member = sum(len(zlib.compress(line, 1, wbits=31)) for line in lines)  # the apiserver's level 1
+        stream = zlib.compressobj(1, wbits=31)
+        flushed = sum(len(stream.compress(line)) + len(stream.flush(zlib.Z_SYNC_FLUSH)) for line in lines)
+        print(f"{len(lines)} watch events, {raw / len(lines):.0f} B each, {raw / 1e6:.2f} MB ({cpu_count_hint()})")
+        print(f"  gzip, one member per event (k8s 1.37 WatchList): {per_member / 1e6:.2f} MB, {raw / per_member:.2f}x")
+        print(f"  gzip, one stream flushed per event (no apiserver): {flushed / 1e6:.2f} MB, {raw / flushed:.2f}x")
+    finally:
+        cluster.down()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("latency", "traffic", "rss"))
+    parser.add_argument("which", choices=("latency", "traffic", "rss", "compression"))
     parser.add_argument("--present", type=int)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--rate", type=int)
     args = parser.parse_args()
-    defaults = {"latency": (10_000, 100), "traffic": (10_000, 20), "rss": (100_000, 0)}[args.which]
+    defaults = {"latency": (10_000, 100), "traffic": (10_000, 20), "rss": (100_000, 0), "compression": (0, 20)}[
+        args.which
+    ]
     args.present = args.present or defaults[0]
     args.rate = args.rate or defaults[1]
     with tempfile.TemporaryDirectory(prefix="kubetrail-bench-events-") as tmp:
-        {"latency": bench_latency, "traffic": bench_traffic, "rss": bench_rss}[args.which](args, Path(tmp))
+        modes = {"latency": bench_latency, "traffic": bench_traffic, "rss": bench_rss, "compression": bench_compression}
+        modes[args.which](args, Path(tmp))
     return 0
 
 
