@@ -75,6 +75,19 @@ class KubetrailProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
+def file_output(path: Path, file: str = "out.jsonl") -> str:
+    """A ``[OUTPUT]`` section: every record as a JSON line into ``path/file``."""
+    return f"""
+[OUTPUT]
+    name   file
+    match  *
+    path   {path}
+    file   {file}
+    format plain
+    mkdir  on
+"""
+
+
 def read_records(*paths: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in paths:

@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
+from tests.integration.kubetrail_proc import KubetrailProcess, file_output, wait_for
 from tests.servers import ServerUnavailable, free_port
 from tests.servers.search import SearchServer
 
@@ -50,18 +50,7 @@ class Writer(threading.Thread):
 
 def config(work: Path, log: Path, out: Path, sync: str = "normal", output: str | None = None) -> str:
     """tail -> filesystem buffer -> ``output`` (default: a file output writing ``out``)."""
-    output = (
-        output
-        or f"""
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   out.jsonl
-    format plain
-    mkdir  on
-"""
-    )
+    output = output or file_output(out)
     return f"""
 [SERVICE]
     grace          5

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from localcluster import KubeAPI, LocalCluster
-from tests.integration.kubetrail_proc import KubetrailProcess, read_records, wait_for
+from tests.integration.kubetrail_proc import KubetrailProcess, file_output, read_records, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -48,14 +48,7 @@ def _config(cluster: LocalCluster, logs: Path, out: Path, node: str, extra: str 
     k8s-logging.exclude   on
     k8s-logging.parser    on
 {extra}
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   out.jsonl
-    format plain
-    mkdir  on
-"""
+{file_output(out)}"""
 
 
 def _pod(api: KubeAPI, namespace: str, name: str, node: str, **meta: Any) -> dict[str, Any]:

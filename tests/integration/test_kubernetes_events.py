@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from localcluster import KubeAPI, LocalCluster
-from tests.integration.kubetrail_proc import KubetrailProcess, identities, read_records, wait_for
+from tests.integration.kubetrail_proc import KubetrailProcess, file_output, identities, read_records, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -41,14 +41,7 @@ def config(
     interval_nsec     100000000
     db                {out}/events.db
 {extra}
-[OUTPUT]
-    name   file
-    match  *
-    path   {out}
-    file   events.jsonl
-    format plain
-    mkdir  on
-"""
+{file_output(out, "events.jsonl")}"""
 
 
 class Writer:
