@@ -499,8 +499,8 @@ class TailSource(Source):
                 if _same_inode(name, dev, inode):  # the head changed, the inode did not
                     self.metrics.error("truncated_while_stopped")
                     self.log.warning(
-                        "file truncated or rewritten in place while stopped; it is read again from its "
-                        "start, what it held after the last read before that is lost",
+                        "file truncated or rewritten in place while stopped: read again from its start; "
+                        "whatever it held past the checkpoint before that is lost",
                         extra={"path": name, "offset": offset},
                     )
                 else:
