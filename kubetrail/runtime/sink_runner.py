@@ -119,6 +119,11 @@ class SinkRunner:
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
+    @property
+    def undelivered(self) -> int:
+        """Records handed to this sink and not yet delivered (queued or being sent)."""
+        return self._buffered_records
+
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
