@@ -1,7 +1,9 @@
-"""The OpenTelemetry Collector for the opentelemetry sink's tests, built from its Go modules.
+"""The OpenTelemetry Collector for the opentelemetry and forward sinks' tests, built from Go modules.
 
 ``cluster/gomod/otelcol`` is a small wrapper main (otelcol + the OTLP receiver + the contrib
-file exporter) with a pinned go.mod/go.sum. It is built once into
+Fluent Forward receiver + the contrib file exporter) with a pinned go.mod/go.sum. The forward
+receiver is the real forward-protocol server the ``forward`` sink is tested against (no Fluentd
+or Fluent Bit can be installed here). It is built once into
 ``~/.cache/kubetrail/otelcol/<collector version>-<go version>-<source hash>/`` (``$KUBETRAIL_CACHE_DIR``
 moves the cache) with the same build helper, environment and atomic rename as the control
 plane (:mod:`localcluster.build`). A cold build (modules downloaded, nothing cached) took
@@ -18,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -86,13 +90,17 @@ def build(log: Any = sys.stderr) -> Path:
     return binary
 
 
-def _config(port: int, output: Path) -> str:
+def _config(port: int, forward_port: int, forward_socket: Path, output: Path) -> str:
     return f"""
 receivers:
   otlp:
     protocols:
       http:
         endpoint: 127.0.0.1:{port}
+  fluentforward:
+    endpoint: 127.0.0.1:{forward_port}
+  fluentforward/unix:
+    endpoint: unix://{forward_socket}
 exporters:
   file:
     path: {output}
@@ -105,25 +113,30 @@ service:
       level: warn
   pipelines:
     logs:
-      receivers: [otlp]
+      receivers: [otlp, fluentforward, fluentforward/unix]
       exporters: [file]
 """
 
 
 class Collector:
-    """One collector process: OTLP/HTTP on ``port``, received logs in ``output`` (OTLP/JSON lines)."""
+    """One collector process: OTLP/HTTP on ``port``, the Fluent Forward protocol on ``forward_port``
+    and the Unix socket ``forward_socket``; received logs in ``output`` (OTLP/JSON lines)."""
 
     def __init__(self, binary: Path, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
         self.port = free_port()
+        self.forward_port = free_port()
+        # Unix socket paths are limited to ~107 bytes: not under a test's long tmp_path.
+        self.forward_socket = Path(tempfile.mkdtemp(prefix="ktff-")) / "forward.sock"
         self.output = workdir / "received.jsonl"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.forward_socket.parent.mkdir(exist_ok=True)  # removed by stop()
         config = self.workdir / "config.yaml"
-        config.write_text(_config(self.port, self.output))
+        config.write_text(_config(self.port, self.forward_port, self.forward_socket, self.output))
         if self.output.exists():  # the file exporter truncates its file: keep what a restart would lose
             self.output.rename(self.workdir / f"received-{len(list(self.workdir.glob('received*')))}.jsonl")
         log = open(self.workdir / "collector.log", "ab")  # noqa: SIM115 - the process owns it
@@ -134,8 +147,10 @@ class Collector:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"collector exited: {(self.workdir / 'collector.log').read_text()[-3000:]}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                    return
+                for port in (self.port, self.forward_port):
+                    with socket.create_connection(("127.0.0.1", port), timeout=1):
+                        pass
+                return
             except OSError:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"collector did not listen on {self.port} within {timeout}s") from None
@@ -143,14 +158,14 @@ class Collector:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+        shutil.rmtree(self.forward_socket.parent, ignore_errors=True)
 
     def requests(self) -> list[dict[str, Any]]:
         files = [*sorted(self.workdir.glob("received-*.jsonl")), self.output]

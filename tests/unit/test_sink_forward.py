@@ -1,8 +1,10 @@
-"""The forward sink against tests/fakes/forward_server.py.
+"""The forward sink against a real forward-protocol server and against a fake.
 
-A fake because neither Fluentd nor Fluent Bit can be installed from the registries this
-machine reaches (see the fake's docstring); the fake implements the documented protocol,
-including the handshake and its refusal, acks, and closing the connection on bad input.
+Neither Fluentd nor Fluent Bit can be installed from the registries this machine reaches. The
+real server is the OpenTelemetry Collector's ``fluentforward`` receiver (built from its Go
+module, tests/servers/otelcol.py): every event mode, EventTime, chunk acks, Unix sockets. It has
+no TLS and no handshake, so those, lost acks, servers that close early and bad input are tested
+against tests/fakes/forward_server.py, which implements the documented protocol.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS
 from kubetrail.runtime.sink_runner import SinkRunner
 from kubetrail.sinks.forward import ForwardSink
 from tests.fakes.forward_server import FakeForwardServer
+from tests.servers import ServerUnavailable, otelcol
 from tests.unit.helpers import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
@@ -251,3 +254,74 @@ async def wait(condition: Any, timeout: float = 20.0) -> None:
     async with asyncio.timeout(timeout):
         while not condition():
             await asyncio.sleep(0.01)
+
+
+# -- against a real forward-protocol server: the OpenTelemetry Collector's fluentforward receiver --
+
+
+@pytest.fixture(scope="module")
+def collector_binary() -> Path:
+    try:
+        return otelcol.build()
+    except ServerUnavailable as exc:
+        pytest.skip(f"{exc} (python -m tests.servers.otelcol build)")
+
+
+@pytest.fixture
+def collector(collector_binary: Path, tmp_path: Path) -> Any:
+    coll = otelcol.Collector(collector_binary, tmp_path / "otelcol")
+    coll.start()
+    try:
+        yield coll
+    finally:
+        coll.stop()
+
+
+def received(collector: otelcol.Collector, count: int) -> list[tuple[str, dict[str, Any], int]]:
+    """(body, attributes, time in ns) of each log record the collector received."""
+    got = collector.wait_for(count)
+    return [
+        (otelcol.any_value(r.get("body", {})), otelcol.attributes(r.get("attributes", [])), int(r["timeUnixNano"]))
+        for _, r in got
+    ]
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {},
+        {"forward_mode": "forward"},
+        {"compress": "gzip"},
+        {"require_ack_response": "on"},
+        {"compress": "gzip", "require_ack_response": "on", "send_options": "on"},
+        {"time_as_integer": "on", "tag": "k8s.override"},
+    ],
+)
+async def test_the_collector_s_forward_receiver_gets_every_record_once(
+    collector: otelcol.Collector, props: dict[str, str]
+) -> None:
+    out = sink(port=collector.forward_port, **props)
+    try:
+        for start in range(0, 600, 200):
+            batch = [rec(i, nested={"a": [1, 2.5, True]}) for i in range(start, start + 200)]
+            await out.write(Batch("kube.events", batch))
+    finally:
+        await out.close()
+    got = received(collector, 600)
+    assert Counter(attrs["id"] for _, attrs, _ in got) == Counter({f"r{i}": 1 for i in range(600)})
+    integer = props.get("time_as_integer") == "on"
+    for body, attrs, time_ns in got:
+        i = int(attrs["id"][1:])
+        assert body == f"event {i}"  # the receiver takes "message" (or "log") as the body
+        assert attrs["fluent.tag"] == props.get("tag", "kube.events")
+        assert attrs["nested"] == {"a": [1, 2.5, True]}
+        assert time_ns == ((T0 + i) // 10**9 * 10**9 if integer else T0 + i)  # EventTime keeps ns
+
+
+async def test_the_collector_s_forward_receiver_on_a_unix_socket(collector: otelcol.Collector) -> None:
+    out = sink(unix_path=str(collector.forward_socket), require_ack_response="on")
+    try:
+        await out.write(Batch("t", [rec(i) for i in range(50)]))
+    finally:
+        await out.close()
+    assert Counter(attrs["id"] for _, attrs, _ in received(collector, 50)) == Counter({f"r{i}": 1 for i in range(50)})
