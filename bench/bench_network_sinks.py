@@ -7,7 +7,9 @@ sink's ``write`` is awaited batch after batch (one worker, as the sink runner do
 
 Receivers, each in its own process so their CPU is not the sink's:
 
-* forward: tests/fakes/forward_server.py (the fake Fluentd: decodes every event, answers acks);
+* forward: tests/fakes/forward_server.py (the fake Fluentd: decodes every event, answers acks),
+  and the real OpenTelemetry Collector's ``fluentforward`` receiver (tests/servers/otelcol.py;
+  it converts every event to an OTLP log record and writes them to a file, so it is slower);
 * syslog: the real rsyslogd (Debian) with imtcp writing every message to a file; a plain TCP
   reader that counts octet-counted frames when rsyslog is not installed.
 
@@ -61,7 +63,7 @@ def main() -> None:
     print(f"{len(lines):,} records, {mb:.0f} MB, batches of {BATCH}; {cpu_count_hint()}")
 
     sys.path.insert(0, str(REPO))
-    from tests.servers import rsyslog
+    from tests.servers import otelcol, rsyslog
 
     ctx = multiprocessing.get_context("spawn")
     ports, stop = ctx.Queue(), ctx.Event()
@@ -75,6 +77,8 @@ def main() -> None:
         if syslog_server is None:
             sys.exit("rsyslogd is not installed (scripts/setup installs it)")
         syslog_server.start()
+        collector = otelcol.Collector(otelcol.build(), Path(tmp) / "otelcol")
+        collector.start()
         try:
             variants: list[tuple[str, Any]] = [
                 ("file (plain, fsync per batch)", lambda: build(FileSink, path=tmp, file="out.log", format="plain")),
@@ -88,16 +92,22 @@ def main() -> None:
                     lambda: build(ForwardSink, port=fwd_port, require_ack_response="on", compress="gzip"),
                 ),
                 (
+                    f"forward + ack -> otelcol {otelcol.collector_version()} fluentforward",
+                    lambda: build(ForwardSink, port=collector.forward_port, require_ack_response="on"),
+                ),
+                (
                     f"syslog tcp rfc5424 -> rsyslogd {rsyslog.version().split()[1]}",
                     lambda: build(SyslogSink, mode="tcp", port=syslog_server.tcp_port, syslog_maxsize=16384),
                 ),
             ]
             for name, make in variants:
                 results[name] = asyncio.run(run_sink(make(), lines))
-                forward_variants += name.startswith("forward")
+                forward_variants += name.startswith("forward") and "otelcol" not in name
                 print(f"  {name:42s} {results[name]:>10,.0f} records/s")
             received = len(syslog_server.wait_for(len(lines), timeout=120))
+            collected = len(collector.wait_for(len(lines), timeout=120))
         finally:
+            collector.stop()
             syslog_server.stop()
             stop.set()
     forward_messages = ports.get(timeout=30)
@@ -105,6 +115,7 @@ def main() -> None:
     batches_per_run = -(-len(lines) // BATCH)
     assert forward_messages == batches_per_run * forward_variants, forward_messages
     assert received == len(lines), f"rsyslog wrote {received} of {len(lines)} messages"
+    assert collected == len(lines), f"the collector exported {collected} of {len(lines)} records"
     baseline = results["file (plain, fsync per batch)"]
     print("ratio to the file sink in the same run:")
     for name, rate in results.items():
