@@ -26,7 +26,7 @@ from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS
 from kubetrail.runtime.sink_runner import SinkRunner
 from kubetrail.sinks.forward import ForwardSink
 from tests.fakes.forward_server import FakeForwardServer
-from tests.servers import ServerUnavailable, otelcol
+from tests.servers import otelcol
 from tests.unit.helpers import build
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
@@ -257,24 +257,6 @@ async def wait(condition: Any, timeout: float = 20.0) -> None:
 
 
 # -- against a real forward-protocol server: the OpenTelemetry Collector's fluentforward receiver --
-
-
-@pytest.fixture(scope="module")
-def collector_binary() -> Path:
-    try:
-        return otelcol.build()
-    except ServerUnavailable as exc:
-        pytest.skip(f"{exc} (python -m tests.servers.otelcol build)")
-
-
-@pytest.fixture
-def collector(collector_binary: Path, tmp_path: Path) -> Any:
-    coll = otelcol.Collector(collector_binary, tmp_path / "otelcol")
-    coll.start()
-    try:
-        yield coll
-    finally:
-        coll.stop()
 
 
 def received(collector: otelcol.Collector, count: int) -> list[tuple[str, dict[str, Any], int]]:

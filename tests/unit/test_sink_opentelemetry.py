@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,28 +22,10 @@ from kubetrail.core.record import Batch, Record, identity_key
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS
 from kubetrail.runtime.sink_runner import SinkRunner
 from kubetrail.sinks.opentelemetry import OpenTelemetrySink
-from tests.servers import ServerUnavailable, free_port, otelcol
+from tests.servers import free_port, otelcol
 from tests.unit.helpers import build
 
 T0 = 1_704_164_645_123_456_789
-
-
-@pytest.fixture(scope="module")
-def collector_binary() -> Path:
-    try:
-        return otelcol.build()
-    except ServerUnavailable as exc:
-        pytest.skip(f"{exc} (python -m tests.servers.otelcol build)")
-
-
-@pytest.fixture
-def collector(collector_binary: Path, tmp_path: Path) -> Any:
-    coll = otelcol.Collector(collector_binary, tmp_path / "otelcol")
-    coll.start()
-    try:
-        yield coll
-    finally:
-        coll.stop()
 
 
 def sink(port: int, **props: Any) -> OpenTelemetrySink:
