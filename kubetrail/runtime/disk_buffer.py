@@ -123,8 +123,8 @@ class _Payload(msgspec.Struct, array_like=True):
     ids: list[Any] | None = None  # identities (tuples become lists)
     metas: list[Any] | None = None  # plain metadata; keys starting with "_" are in-process hooks
     # When every identity is (the same text, an int), as a tailed file's (uid, line offset): the
-    # text once and the ints as an int64 array, instead of ``ids`` (a text object per record to
-    # encode and decode again; about a fifth of the buffer's throughput for short lines).
+    # text once and the ints as an int64 array, instead of ``ids``: ~23 bytes less per record on
+    # disk and no text object per record to decode on replay (~0.3 us each).
     id_prefix: str | None = None
     id_offsets: bytes | None = None
 

@@ -398,8 +398,6 @@ class KubernetesAuditTransform(Transform):
             assert self.db is not None
             self.db.conn.executescript(_SCHEMA)
             self._load()
-        self.duplicates = 0
-        self.dropped_by_rule = 0
         # The router counts every removed record as dropped{reason="filtered"}; these say why.
         self.m_duplicates = self.metrics.counter(
             "kubetrail_audit_duplicates_removed", "Audit events whose (auditID, stage) was already seen"
@@ -579,10 +577,8 @@ class KubernetesAuditTransform(Transform):
             self._remember(plain_keys, persist=False)  # no delivery hook: memory only (see above)
         # The router counts what a filter removes (dropped{reason="filtered"}); these split it.
         if duplicates:
-            self.duplicates += duplicates
             self.m_duplicates.inc(duplicates)
         if dropped:
-            self.dropped_by_rule += dropped
             self.m_dropped_by_rule.inc(dropped)
         return out
 

@@ -190,6 +190,7 @@ def test_drop_stages_and_levels() -> None:
     events = [event("a", "RequestReceived"), event("b"), event("c", level="Metadata"), event("d", level="None")]
     flt = build(KubernetesAuditTransform, drop_stages="RequestReceived", drop_levels="None")
     assert [o["auditID"] for o in run(flt, events)] == ["b", "c"]
+    assert sample(flt, "kubetrail_audit_dropped_by_rule_total") == 2
     with pytest.raises(ConfigError, match="allowed"):
         build(KubernetesAuditTransform, drop_stages="Done")
 
@@ -199,11 +200,15 @@ def test_dedupe_without_delivery_hook_is_in_memory() -> None:
     first = run(flt, [event("a", "RequestReceived"), event("a"), event("a")])
     assert [(o["auditID"], o["stage"]) for o in first] == [("a", "RequestReceived"), ("a", "ResponseComplete")]
     assert run(flt, [event("a"), event("b")])[0]["auditID"] == "b"
-    assert flt.duplicates == 2
+    assert sample(flt, "kubetrail_audit_duplicates_removed_total") == 2
+
+
+def sample(flt: KubernetesAuditTransform, name: str) -> float:
+    """The filter's one sample of ``name``, labelled with its component id."""
     text = generate_latest(flt.metrics._parent.registry).decode()
-    assert 'kubetrail_audit_duplicates_removed_total{component="kubernetes_audit.0"' in text
-    (line,) = [x for x in text.splitlines() if x.startswith("kubetrail_audit_duplicates_removed_total{")]
-    assert line.endswith(" 2.0")
+    (line,) = [x for x in text.splitlines() if x.startswith(name + "{")]
+    assert 'component="kubernetes_audit.0"' in line
+    return float(line.rsplit(" ", 1)[1])
 
 
 def hooked(events: list[dict[str, Any]]) -> tuple[list[Record], AckToken, dict[str, Any], list[bool]]:
