@@ -74,6 +74,14 @@ class Transform(Component):
     def process(self, records: list[Record]) -> list[Record]:
         raise NotImplementedError
 
+    def process_batch(self, batch: Batch) -> Batch:
+        """The batch after this filter. The default runs :meth:`process` on its records.
+
+        A filter that can work on a lazy batch's ``raw_block`` as a whole (without a record per
+        line) overrides this and returns a lazy batch of its own; the router calls this.
+        """
+        return batch.derive(self.process(batch.records))
+
     async def start(self) -> None:
         """Background work a filter needs (e.g. watches), started before any source runs."""
 

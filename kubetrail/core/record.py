@@ -119,6 +119,11 @@ class Batch:
             self._materialize = None
         return records
 
+    @property
+    def is_materialized(self) -> bool:
+        """True once the records exist (given, or built from the block)."""
+        return self._records is not None
+
     def __len__(self) -> int:
         return self.count  # type: ignore[return-value]
 

@@ -66,25 +66,22 @@ class Router:
         try:
             route = self.route(batch.tag)
             out = batch
-            if route.transforms:
-                records = batch.records
-                for routed in route.transforms:
-                    before = len(records)
-                    routed.metrics.records_in.inc(before)
-                    try:
-                        records = routed.transform.process(records)
-                    except Exception as exc:
-                        # A filter bug must not lose data: pass the batch on unfiltered, loudly.
-                        routed.metrics.error(type(exc).__name__)
-                        self.log.exception(
-                            "filter failed; batch passed on unfiltered",
-                            extra={"component": routed.component_id, "error": str(exc)},
-                        )
-                    routed.metrics.records_out.inc(len(records))
-                    routed.metrics.dropped(before - len(records), "filtered")
-                    if not records:
-                        return
-                out = batch.derive(records)  # derive() drops raw_block: records may have changed
+            for routed in route.transforms:
+                before = len(out)
+                routed.metrics.records_in.inc(before)
+                try:
+                    out = routed.transform.process_batch(out)
+                except Exception as exc:
+                    # A filter bug must not lose data: pass the batch on unfiltered, loudly.
+                    routed.metrics.error(type(exc).__name__)
+                    self.log.exception(
+                        "filter failed; batch passed on unfiltered",
+                        extra={"component": routed.component_id, "error": str(exc)},
+                    )
+                routed.metrics.records_out.inc(len(out))
+                routed.metrics.dropped(before - len(out), "filtered")
+                if not len(out):
+                    return
             if not route.sinks:
                 source_metrics.dropped(len(out), "unrouted")
                 return

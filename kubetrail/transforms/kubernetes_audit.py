@@ -36,11 +36,15 @@ key                                    from
 Absent fields are omitted, not null.
 
 **Speed.** Per-record Python work is the budget, so an event is never parsed into a dict unless
-it must be redacted. The fields above are decoded from the whole batch in one msgspec
-``decode_lines`` call into structs (the rest of each event is skipped in C), encoded into a
-small JSON object, and spliced in front of the event's original bytes:
-``{"time":...,"k8s.audit.id":...,<original members>}``. The record keeps those bytes as its
-body (parsed lazily if anything later asks), so a sink writes them as they are.
+it must be redacted. A *scan* of the whole batch decodes just the fields above from each event,
+writes them as a small JSON object and splices it in front of the event's original bytes:
+``{"time":...,"k8s.audit.id":...,<original members>}``; a record keeps those bytes as its body
+(parsed lazily if anything later asks), so a sink writes them as they are. The scan is native
+(``kubetrail_native``, Rust, built from ``native/`` by ``scripts/setup``) when installed and
+pure Python (msgspec ``decode_lines`` into structs) otherwise; both give the same output, and the
+tests compare them. The native scan also takes a tailed file's lazy batch as one block and
+returns a new block, so no record object is built per line unless a sink asks for records.
+What needs the filter's state (dedupe) or is rare (redaction) stays here in Python either way.
 
 **Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
 a SecretList) in ``requestObject`` and ``responseObject``, their
@@ -77,8 +81,13 @@ from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Transform
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
-from kubetrail.core.record import Record
+from kubetrail.core.record import Batch, Record
 from kubetrail.core.state import DB_OPTIONS, StateDB
+
+try:  # optional: the native scan, built from native/ (see "Speed" above)
+    from kubetrail_native import AuditScanner as NativeScanner
+except ImportError:  # pragma: no cover - depends on the installation
+    NativeScanner = None
 
 REDACTED = "[REDACTED]"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -88,6 +97,11 @@ LEVELS = ("None", "Metadata", "Request", "RequestResponse")
 # at hundreds of thousands of keys).
 _STAGE_CODE = {"RequestReceived": "0", "ResponseStarted": "1", "ResponseComplete": "2", "Panic": "3"}
 _SECRET_HINTS = (b'"kind":"Secret', b'"kind":"TokenRequest"', b'"kind": "Secret', b'"kind": "TokenRequest"')
+# What a scan says of each line (the native scan uses the same numbers):
+PASS = 0  # not an audit event (not JSON, no auditID/stage, a field of the wrong type): untouched
+DROP = 1  # its stage or level is in drop_stages / drop_levels
+DONE = 2  # an event the scan finished: its output is the flat prefix spliced onto its bytes
+SLOW = 3  # an event this module finishes per record: may need redaction, or is no object literal
 
 
 def _hinted(raw: bytes) -> bool:
@@ -341,6 +355,105 @@ def _redact_path(node: Any, parts: tuple[str, ...]) -> bool:
     return False
 
 
+# -- the scan --------------------------------------------------------------------------------
+
+
+def _splice(prefix: bytes, raw: bytes) -> bytes:
+    """``prefix`` (a JSON object) merged in front of the members of ``raw`` (an object literal)."""
+    if raw[:1] == b"{" and len(prefix) > 2:
+        return prefix[:-1] + (b"}" if raw[1:2] == b"}" else b"," + raw[1:])
+    merged = orjson.loads(prefix)  # not an object literal as expected: the slow way
+    merged.update(orjson.loads(raw))
+    return orjson.dumps(merged)
+
+
+class _ScanOptions(msgspec.Struct, frozen=True):
+    drop_stages: frozenset[str]
+    drop_levels: frozenset[str]
+    redact_secrets: bool
+    needles: tuple[bytes | None, ...]  # per redact path: its last key as JSON, None = any line
+    flatten: bool
+
+
+class _PyScan:
+    """The pure-Python scan of a batch's lines: codes, dedupe keys, identities and outputs.
+
+    The reference for ``kubetrail_native.AuditScan``, with the same methods and results.
+    """
+
+    def __init__(self, options: _ScanOptions, lines: list[bytes]) -> None:
+        self.flatten = options.flatten
+        block = b"\n".join(lines)
+        events: list[_Event | None]
+        try:
+            events = _DECODE_LINES(block)  # type: ignore[assignment]
+            if len(events) != len(lines):
+                raise ValueError("line count")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+            events = [_decode_event(raw) for raw in lines]
+        # One scan of the whole batch instead of one per line: most batches hold no Secret.
+        hinted = options.redact_secrets and (b"Secret" in block or b"TokenRequest" in block)
+        codes = bytearray(len(lines))
+        keys: list[str | None] = [None] * len(lines)
+        for index, (raw, ev) in enumerate(zip(lines, events, strict=True)):
+            if ev is None or ev.auditID is None or ev.stage is None:
+                continue  # PASS
+            if ev.stage in options.drop_stages or ev.level in options.drop_levels:
+                codes[index] = DROP
+                continue
+            keys[index] = ev.auditID + _STAGE_CODE.get(ev.stage, ev.stage)
+            codes[index] = SLOW if _needs_python(options, raw, ev, hinted) else DONE
+        self.lines = lines
+        self.events = events
+        self.codes = bytes(codes)
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def identities(self) -> list[tuple[str, str] | None]:
+        return [
+            (ev.auditID, ev.stage) if key is not None and ev is not None else None  # type: ignore[misc]
+            for key, ev in zip(self.keys, self.events, strict=True)
+        ]
+
+    def splice(self, index: int, raw: bytes) -> bytes:
+        ev = self.events[index]
+        if self.codes[index] != DONE or not self.flatten or ev is None:
+            return raw
+        return _splice(_flat(ev, False), raw)
+
+    def build(self, keep: bytes | None = None, replacements: dict[int, bytes] | None = None) -> bytes:
+        """The output block: kept lines (replaced, or spliced), each followed by a newline."""
+        out = []
+        for index, raw in enumerate(self.lines):
+            if keep is None or keep[index]:
+                out.append(replacements[index] if replacements and index in replacements else self.splice(index, raw))
+        return b"".join(line + b"\n" for line in out)
+
+
+def _needs_python(options: _ScanOptions, raw: bytes, ev: _Event, hinted: bool) -> bool:
+    """SLOW: the event may hold a secret to redact, or is not an object literal to splice onto."""
+    # Metadata and None levels carry no request/response bodies: nothing to redact.
+    if options.redact_secrets and ev.level not in _BODILESS:
+        ref = ev.objectRef
+        resource = ref.resource if ref is not None else None
+        if resource == "secrets" or (resource == "serviceaccounts" and ref.subresource == "token"):  # type: ignore[union-attr]
+            return True
+        if hinted and _hinted(raw):
+            return True
+    if any(needle is None or needle in raw for needle in options.needles):
+        return True
+    return options.flatten and raw[:1] != b"{"
+
+
+def _decode_event(raw: bytes) -> _Event | None:
+    try:
+        return _DECODE_ONE(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 # -- deduplication state -----------------------------------------------------------------------
 
 
@@ -370,6 +483,13 @@ class KubernetesAuditTransform(Transform):
         Option("dedupe", "bool", True, help="Drop repeated (auditID, stage) within dedupe_window"),
         Option("dedupe_window", "duration", 600.0, help="How long a delivered (auditID, stage) is remembered"),
         Option("dedupe_max_keys", "int", 2_000_000, help="Most keys remembered; the oldest go first (counted)"),
+        Option("native", "bool", True, help="Use the native scan (kubetrail_native) when it is installed"),
+        Option(
+            "scan_threads",
+            "int",
+            0,
+            help="Threads the native scan cuts a big batch into; 0 = the CPUs this process may use, at most 4",
+        ),
         *DB_OPTIONS,
     )
 
@@ -385,6 +505,22 @@ class KubernetesAuditTransform(Transform):
         self.redact_secrets: bool = config["redact_secrets"]
         self.paths = [_compile_path(text) for text in config["redact"]]
         self.dedupe: bool = config["dedupe"]
+        self.scan_options = _ScanOptions(
+            self.drop_stages, self.drop_levels, self.redact_secrets, tuple(n for _, n in self.paths), self.flatten
+        )
+        # A redact path ending in * matches every event: nothing left for a native scan to do.
+        self.native: Any = None
+        if config["native"] and NativeScanner is not None and None not in self.scan_options.needles:
+            self.native = NativeScanner(
+                sorted(self.drop_stages),
+                sorted(self.drop_levels),
+                self.redact_secrets,
+                list(self.scan_options.needles),
+                self.flatten,
+                max(0, config["scan_threads"]),
+            )
+        elif config["native"] and NativeScanner is None:
+            self.log.info("kubetrail_native is not installed: the audit filter uses its pure-Python scan")
         self.window: float = config["dedupe_window"]
         self.max_keys: int = max(1, config["dedupe_max_keys"])
         self.seen: set[str] = set()
@@ -474,6 +610,11 @@ class KubernetesAuditTransform(Transform):
 
     # -- the filter --------------------------------------------------------------------------
 
+    def _scan_lines(self, lines: list[bytes]) -> _PyScan | Any:
+        if self.native is not None:
+            return self.native.scan_lines(lines)
+        return _PyScan(self.scan_options, lines)
+
     def process(self, records: list[Record]) -> list[Record]:
         if not records:
             return records
@@ -483,94 +624,186 @@ class KubernetesAuditTransform(Transform):
             if raw is None:
                 raw = orjson.dumps(record.body)
             raws.append(raw)
-        events: list[_Event | None]
-        block = b"\n".join(raws)
-        # One scan of the whole batch instead of one per record: most batches hold no Secret.
-        hinted = b"Secret" in block or b"TokenRequest" in block
-        try:
-            events = _DECODE_LINES(block)  # type: ignore[assignment]
-            if len(events) != len(raws):
-                raise ValueError("line count")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            events = [self._decode_one(raw) for raw in raws]
-        if self.dedupe:
-            self._expire()
-        drop_stages, drop_levels = self.drop_stages, self.drop_levels
-        dedupe, seen, in_flight = self.dedupe, self.seen, self.in_flight
-        redact_secrets, paths, flatten = self.redact_secrets, self.paths, self.flatten
+        scan = self._scan_lines(raws)
+        keep = self._select(scan, records)
+        codes = scan.codes
+        identities = scan.identities()
+        flatten = self.flatten
         out: list[Record] = []
         append = out.append
-        duplicates = dropped = 0
+        for index, record in enumerate(records):
+            if keep is not None and not keep[index]:
+                continue
+            code = codes[index]
+            if code in (DONE, SLOW):
+                if code == SLOW:
+                    raw, changed = self._finish(raws[index])
+                else:
+                    raw, changed = scan.splice(index, raws[index]), flatten
+                if changed:
+                    record.raw = raw
+                    record.body_ = None
+                # The same occurrence has the same identity whether it came by webhook or from
+                # the log file (where the tail gave it a file offset): idempotent sinks store it once.
+                record.identity = identities[index]
+            append(record)
+        return out
+
+    def process_batch(self, batch: Batch) -> Batch:
+        """A tailed file's lazy batch is filtered as its block: no record is built per line."""
+        block = batch.raw_block
+        if block is None or batch.is_materialized or not len(batch):
+            return super().process_batch(batch)
+        if self.native is not None:
+            scan = self.native.scan_block(block)
+        else:
+            scan = _PyScan(self.scan_options, block.split(b"\n")[:-1])
+        if len(scan) != len(batch):
+            return super().process_batch(batch)  # not one document per line after all
+        keep = self._select(scan, None)
+        replacements: dict[int, bytes] | None = None
+        codes = scan.codes
+        if SLOW in codes:
+            lines = block.split(b"\n")
+            replacements = {}
+            for index, code in enumerate(codes):
+                if code == SLOW and (keep is None or keep[index]):
+                    replacements[index] = self._finish(lines[index])[0]
+        new_block = scan.build(keep, replacements)
+        count = len(batch) if keep is None else keep.count(1)
+        if not count:
+            return batch.derive([])
+        source = batch
+
+        def materialize() -> list[Record]:
+            # The source's records (their times, tags and tail identities) with the new bytes.
+            lines = new_block.split(b"\n")
+            identities = scan.identities()
+            records: list[Record] = []
+            for index, record in enumerate(source.records):
+                if keep is None or keep[index]:
+                    record.raw = lines[len(records)]
+                    record.body_ = None
+                    if identities[index] is not None:
+                        record.identity = identities[index]
+                    records.append(record)
+            return records
+
+        return Batch(
+            batch.tag,
+            None,
+            batch.ack,
+            batch.size_bytes,
+            batch.created,
+            raw_block=new_block,
+            materialize=materialize,
+            count=count,
+        )
+
+    def _finish(self, raw: bytes) -> tuple[bytes, bool]:
+        """A SLOW event's output bytes (redacted, flattened) and whether they differ from ``raw``."""
+        ev = _decode_event(raw)
+        if ev is None:  # pragma: no cover - the scan found an event in these bytes
+            return raw, False
+        redacted = False
+        body: Any = None
+        # Metadata and None levels carry no request/response bodies: nothing to redact.
+        if self.redact_secrets and ev.level not in _BODILESS:
+            ref = ev.objectRef
+            resource = ref.resource if ref is not None else None
+            secret_res = resource == "secrets"
+            token_res = resource == "serviceaccounts" and ref is not None and ref.subresource == "token"
+            if secret_res or token_res or _hinted(raw):
+                body = orjson.loads(raw)
+                for field in ("requestObject", "responseObject"):
+                    if field in body:
+                        redacted |= _redact_object(body[field], secret_res, token_res)
+        for parts, needle in self.paths:
+            if needle is None or needle in raw:
+                if body is None:
+                    body = orjson.loads(raw)
+                redacted |= _redact_path(body, parts)
+        if redacted:
+            raw = orjson.dumps(body)
+        if self.flatten:
+            raw = _splice(_flat(ev, redacted), raw)
+        return raw, self.flatten or redacted
+
+    def _select(self, scan: _PyScan | Any, records: list[Record] | None) -> bytes | None:
+        """Which lines go on (one byte each, 0 = removed; None = all): drop rules and dedupe.
+
+        ``records`` are the batch's records when it has them (their ``meta`` may carry the
+        webhook's delivery hook), None for a lazy batch (tail: no hooks).
+        """
+        codes: bytes = scan.codes
+        dropped = codes.count(DROP)
+        if not self.dedupe:
+            if dropped:
+                self.m_dropped_by_rule.inc(dropped)
+                return bytes(code != DROP for code in codes)
+            return None
+        self._expire()
+        keys: list[str | None] = scan.keys
+        events = len(codes) - dropped - codes.count(PASS)
+        hooked = records is not None and any(r.meta is not None and "_on_delivered" in r.meta for r in records)
+        if not hooked:
+            # The common case in C: no key repeats within the batch, none seen, none in flight.
+            batch_keys = set(keys)
+            batch_keys.discard(None)
+            if (
+                len(batch_keys) == events
+                and self.seen.isdisjoint(batch_keys)
+                and (not self.in_flight or self.in_flight.keys().isdisjoint(batch_keys))
+            ):
+                if batch_keys:
+                    self._remember(list(batch_keys), persist=False)  # type: ignore[arg-type]
+                if dropped:
+                    self.m_dropped_by_rule.inc(dropped)
+                    return bytes(code != DROP for code in codes)
+                return None
+        return self._select_each(codes, keys, records, dropped)
+
+    def _select_each(self, codes: bytes, keys: list[str | None], records: list[Record] | None, dropped: int) -> bytes:
+        """The per-line dedupe: repeats, seen keys, keys in flight and the webhook's hooks."""
+        seen, in_flight = self.seen, self.in_flight
+        keep = bytearray(b"\x01") * len(codes)
+        duplicates = 0
         hooked_meta: dict[str, Any] | None = None
         hooked_keys: list[str] = []
         plain_keys: list[str] = []
         batch_keys: set[str] = set()
-        for record, raw, ev in zip(records, raws, events, strict=True):
-            if ev is None or ev.auditID is None or ev.stage is None:
-                append(record)  # not an audit event: not ours to change
+        for index, code in enumerate(codes):
+            if code == PASS:
+                continue  # not an audit event: not ours to change
+            if code == DROP:
+                keep[index] = 0
                 continue
-            if ev.stage in drop_stages or ev.level in drop_levels:
-                dropped += 1
+            key = keys[index]
+            assert key is not None
+            meta = records[index].meta if records is not None else None
+            hooked = meta is not None and "_on_delivered" in meta
+            if key in seen or key in batch_keys:
+                duplicates += 1
+                keep[index] = 0
                 continue
-            if dedupe:
-                key = ev.auditID + _STAGE_CODE.get(ev.stage, ev.stage)
-                meta = record.meta
-                hooked = meta is not None and "_on_delivered" in meta
-                if key in seen or key in batch_keys:
-                    duplicates += 1
-                    continue
-                twin = in_flight.get(key)
-                if twin is not None:
-                    duplicates += 1
-                    token = meta.get("_ack") if hooked else None  # type: ignore[union-attr]
-                    if isinstance(token, AckToken) and token not in twin.waiters:
-                        token.retain()  # answer the re-sent batch only once its twin is delivered
-                        twin.waiters.append(token)
-                    continue
-                batch_keys.add(key)
-                if hooked:
-                    if hooked_meta is not None and meta is not hooked_meta:
-                        self._track(hooked_meta, hooked_keys)
-                        hooked_keys = []
-                    hooked_meta = meta
-                    hooked_keys.append(key)
-                else:
-                    plain_keys.append(key)
-            redacted = False
-            body: Any = None
-            # Metadata and None levels carry no request/response bodies: nothing to redact.
-            if redact_secrets and ev.level not in _BODILESS:
-                ref = ev.objectRef
-                resource = ref.resource if ref is not None else None
-                secret_res = resource == "secrets"
-                token_res = resource == "serviceaccounts" and ref is not None and ref.subresource == "token"
-                if secret_res or token_res or (hinted and _hinted(raw)):
-                    body = orjson.loads(raw)
-                    for field in ("requestObject", "responseObject"):
-                        if field in body:
-                            redacted |= _redact_object(body[field], secret_res, token_res)
-            for parts, needle in paths:
-                if needle is None or needle in raw:
-                    if body is None:
-                        body = orjson.loads(raw)
-                    redacted |= _redact_path(body, parts)
-            if redacted:
-                raw = orjson.dumps(body)
-            if flatten:
-                prefix = _flat(ev, redacted)
-                if raw[:1] == b"{" and len(prefix) > 2:
-                    raw = prefix[:-1] + (b"}" if raw[1:2] == b"}" else b"," + raw[1:])
-                else:  # not an object literal as expected: build it the slow way
-                    merged = orjson.loads(prefix)
-                    merged.update(orjson.loads(raw))
-                    raw = orjson.dumps(merged)
-            if flatten or redacted:
-                record.raw = raw
-                record.body_ = None
-            # The same occurrence has the same identity whether it came by webhook or from the
-            # log file (where the tail gave it a file offset), so idempotent sinks store it once.
-            record.identity = (ev.auditID, ev.stage)
-            append(record)
+            twin = in_flight.get(key)
+            if twin is not None:
+                duplicates += 1
+                keep[index] = 0
+                token = meta.get("_ack") if hooked else None  # type: ignore[union-attr]
+                if isinstance(token, AckToken) and token not in twin.waiters:
+                    token.retain()  # answer the re-sent batch only once its twin is delivered
+                    twin.waiters.append(token)
+                continue
+            batch_keys.add(key)
+            if hooked:
+                if hooked_meta is not None and meta is not hooked_meta:
+                    self._track(hooked_meta, hooked_keys)
+                    hooked_keys = []
+                hooked_meta = meta
+                hooked_keys.append(key)
+            else:
+                plain_keys.append(key)
         if hooked_keys and hooked_meta is not None:
             self._track(hooked_meta, hooked_keys)
         if plain_keys:
@@ -580,14 +813,7 @@ class KubernetesAuditTransform(Transform):
             self.m_duplicates.inc(duplicates)
         if dropped:
             self.m_dropped_by_rule.inc(dropped)
-        return out
-
-    @staticmethod
-    def _decode_one(raw: bytes) -> _Event | None:
-        try:
-            return _DECODE_ONE(raw)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
+        return bytes(keep)
 
 
 __all__ = ["KubernetesAuditTransform"]

@@ -14,11 +14,22 @@ from prometheus_client import generate_latest
 from kubetrail.core.acks import AckToken
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Record
+from kubetrail.transforms import kubernetes_audit
 from kubetrail.transforms.kubernetes_audit import REDACTED, KubernetesAuditTransform
 from tests.unit.helpers import build
 
 SECRET_PLAIN = "hunter2-plain"
 SECRET_B64 = base64.b64encode(b"hunter2-b64").decode()
+
+
+@pytest.fixture(autouse=True, params=["native scan", "python scan"])
+def scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs with each scan (see test_audit_scan.py for the two compared)."""
+    if request.param == "python scan":
+        monkeypatch.setattr(kubernetes_audit, "NativeScanner", None)
+    elif kubernetes_audit.NativeScanner is None:
+        pytest.skip("kubetrail_native is not built")
+    return str(request.param)
 
 
 def event(audit_id: str = "id-1", stage: str = "ResponseComplete", **extra: Any) -> dict[str, Any]:

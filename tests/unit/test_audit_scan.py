@@ -1,0 +1,232 @@
+"""The native audit scan (``kubetrail_native``) against the pure-Python scan it replaces.
+
+Both must say the same of every line: code, dedupe key, identity and output bytes. The input
+is real audit lines (the shared audit2rbac log, the benchmark generator's events) plus lines made
+to hit each edge: escapes, non-ASCII text, nulls, wrong types, unknown stages, not-JSON, lines
+that are not object literals, Secrets and TokenRequests to redact.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.record import Batch, Record
+from kubetrail.transforms import kubernetes_audit
+from kubetrail.transforms.kubernetes_audit import DONE, DROP, PASS, SLOW, KubernetesAuditTransform, _PyScan
+from tests.unit.helpers import build
+
+SHARED_LOG = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "audit2rbac" / "demo.log"
+
+native_only = pytest.mark.skipif(kubernetes_audit.NativeScanner is None, reason="kubetrail_native is not built")
+
+
+def test_native_scan_is_installed_where_required() -> None:
+    # scripts/setup builds it; CI sets the variable so that a failed build cannot hide as skips.
+    if os.environ.get("KUBETRAIL_REQUIRE_NATIVE") == "1":
+        assert kubernetes_audit.NativeScanner is not None, "kubetrail_native did not build (see scripts/setup)"
+
+
+def base_event(i: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": "Event",
+        "apiVersion": "audit.k8s.io/v1",
+        "level": "RequestResponse",
+        "auditID": f"00000000-0000-0000-0000-{i:012d}",
+        "stage": "ResponseComplete",
+        "requestURI": f"/api/v1/namespaces/shop/pods/web-{i}",
+        "verb": "get",
+        "user": {"username": "alice", "uid": "u-1", "groups": ["devs", "system:authenticated"]},
+        "sourceIPs": ["10.0.0.7", "10.0.0.1"],
+        "userAgent": "kubectl/v1.36.0",
+        "objectRef": {"resource": "pods", "namespace": "shop", "name": f"web-{i}", "apiVersion": "v1"},
+        "responseStatus": {"metadata": {}, "code": 200},
+        "stageTimestamp": "2026-11-28T12:00:00.000002Z",
+        "annotations": {"authorization.k8s.io/decision": "allow", "authorization.k8s.io/reason": 'RBAC: "q"'},
+        **extra,
+    }
+
+
+def edge_lines() -> list[bytes]:
+    dumps = orjson.dumps
+    secret = {"kind": "Secret", "apiVersion": "v1", "data": {"password": "aHVudGVyMg=="}}
+    lines = [
+        dumps(base_event(1)),
+        dumps(base_event(2, stage="RequestReceived", level="Metadata")),
+        dumps(base_event(3, stage="SomethingNew")),  # unknown stage: its whole name is in the key
+        dumps(base_event(4, stage="2")),  # a stage spelled like a known stage's key code
+        dumps(base_event(5, user={"username": "ünïcødé \u2603", "groups": []})),
+        b'{"auditID":"esc\\u0041\\"d","stage":"Panic","userAgent":"tab\\there\\u0001\\u001f\\/x",'
+        b'"sourceIPs":[],"user":{"username":null,"groups":null},"level":null}',
+        dumps(base_event(6, responseStatus={"code": None})),
+        dumps(base_event(7, responseStatus={"code": 2**63 - 1})),
+        dumps(base_event(8, responseStatus={"code": -1})),
+        dumps(base_event(9, responseStatus={"code": 200.0})),  # wrong type: not an event for either
+        dumps(base_event(10, verb=7)),
+        dumps(base_event(11, user="alice")),
+        dumps(base_event(12, sourceIPs=["10.0.0.1", 5])),
+        dumps(base_event(13, auditID=None)),
+        dumps({k: v for k, v in base_event(14).items() if k != "stage"}),
+        dumps({"log": "not an audit event", "stream": "stdout"}),
+        b"not json at all",
+        b"",
+        b"[1, 2, 3]",
+        b"   " + dumps(base_event(15)),  # not an object literal: finished the slow way
+        b'{"auditID":"x","stage":"Panic"}',
+        dumps(
+            base_event(
+                16,
+                objectRef={"resource": "secrets", "namespace": "shop", "name": "db"},
+                requestObject=secret,
+                responseObject=secret,
+            )
+        ),
+        dumps(base_event(17, level="Metadata", objectRef={"resource": "secrets", "name": "db"})),
+        dumps(
+            base_event(
+                18,
+                objectRef={"resource": "serviceaccounts", "subresource": "token", "name": "sa"},
+                responseObject={"kind": "TokenRequest", "status": {"token": "eyJhbGci"}},
+            )
+        ),
+        dumps(
+            base_event(
+                19,
+                objectRef={"resource": "configmaps", "name": "c"},
+                responseObject={"kind": "List", "items": [secret]},
+            )
+        ),
+        dumps(base_event(20, annotations={"authorization.k8s.io/decision": "forbid", "other": {"x": [1]}})),
+        dumps(base_event(21, impersonatedUser={"username": "bob", "groups": ["ops"]})),
+        dumps(base_event(1)),  # a repeat of the first line
+        b'{"auditID":"a","stage":"ResponseComplete","extra":{"deep":[{"a":"}{\\""}]}}  ',
+        dumps(base_event(22, annotations=None, objectRef=None, user=None, responseStatus=None)),
+    ]
+    return lines
+
+
+def real_lines() -> list[bytes]:
+    lines = [line for line in SHARED_LOG.read_bytes().split(b"\n") if line.strip()] if SHARED_LOG.exists() else []
+    rng = random.Random(7)
+    for i in range(300):
+        ev = base_event(1000 + i, verb=rng.choice(["get", "list", "create", "patch"]))
+        if i % 7 == 0:
+            ev["level"] = "Metadata"
+        lines.append(orjson.dumps(ev))
+    return lines
+
+
+SCANNERS = [
+    {},
+    {"drop_stages": "RequestReceived", "drop_levels": "None"},
+    {"flatten": "off"},
+    {"redact_secrets": "off"},
+    {"redact": ["requestObject.spec.password", "responseObject.items.*.value"]},
+    {"scan_threads": "1"},
+    {"scan_threads": "3"},  # big batches cut in three uneven parts
+]
+
+
+def compare(flt: KubernetesAuditTransform, lines: list[bytes]) -> None:
+    native = flt.native.scan_lines(lines)
+    python = _PyScan(flt.scan_options, lines)
+    assert native.codes == python.codes
+    assert native.keys == python.keys
+    assert native.identities() == python.identities()
+    for index, line in enumerate(lines):
+        assert native.splice(index, line) == python.splice(index, line), (index, line)
+    keep = bytes(i % 3 != 1 for i in range(len(lines)))
+    replacements = {0: b'{"replaced":true}', 2: b""}
+    assert native.build(keep, replacements) == python.build(keep, replacements)
+    assert flt.native.scan_lines(lines).build() == python.build()
+    block = b"".join(line + b"\n" for line in lines)
+    if block.count(b"\n") == len(lines):  # one line per document: what a tail block holds
+        native_block = flt.native.scan_block(block)
+        assert native_block.codes == python.codes and native_block.keys == python.keys
+        assert native_block.build() == python.build()
+
+
+@native_only
+@pytest.mark.parametrize("options", SCANNERS, ids=lambda o: ",".join(o) or "defaults")
+def test_native_and_python_scans_agree(options: dict[str, Any]) -> None:
+    flt = build(KubernetesAuditTransform, **options)
+    assert flt.native is not None
+    compare(flt, edge_lines())
+    compare(flt, real_lines())
+    compare(flt, real_lines() + edge_lines() + real_lines())  # edges inside a part, not at its ends
+
+
+@native_only
+def test_the_scan_codes_say_what_happens_to_each_line() -> None:
+    flt = build(KubernetesAuditTransform, drop_stages="RequestReceived")
+    lines = edge_lines()
+    scan = flt.native.scan_lines(lines)
+    assert scan.codes[0] == DONE
+    assert scan.codes[1] == DROP  # RequestReceived
+    assert scan.codes[9] == PASS  # a float status code: msgspec refuses it, so does the scan
+    assert scan.codes[16] == PASS and scan.codes[17] == PASS  # not JSON; empty
+    assert scan.codes[19] == SLOW  # leading blanks
+    assert scan.codes[21] == SLOW and scan.codes[23] == SLOW and scan.codes[24] == SLOW  # redaction
+    assert scan.codes[22] == DONE  # a Secret at level Metadata carries no body
+    assert scan.keys[2] == "00000000-0000-0000-0000-000000000003SomethingNew"
+    assert scan.identities()[3] == ("00000000-0000-0000-0000-000000000004", "2")
+
+
+@native_only
+def test_build_is_once_and_checks_its_mask() -> None:
+    flt = build(KubernetesAuditTransform)
+    block = orjson.dumps(base_event(1)) + b"\n" + orjson.dumps(base_event(2)) + b"\n"
+    scan = flt.native.scan_block(block)
+    with pytest.raises(ValueError, match="one byte per line"):
+        scan.build(b"\x01")
+    with pytest.raises(TypeError):
+        scan.build(None, {0: "not bytes"})
+    assert scan.build(b"\x00\x01").count(b"\n") == 1
+    with pytest.raises(ValueError, match="already"):
+        scan.build()
+    with pytest.raises(ValueError, match="given away"):
+        scan.splice(0)
+
+
+def is_json(line: bytes) -> bool:
+    try:
+        orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def lazy_batch(lines: list[bytes]) -> Batch:
+    block = b"".join(line + b"\n" for line in lines)
+
+    def materialize() -> list[Record]:
+        return [Record("audit", 1000 + i, None, line, ("file-uid", i)) for i, line in enumerate(lines)]
+
+    return Batch("audit", None, None, len(block), raw_block=block, materialize=materialize, count=len(lines))
+
+
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_a_lazy_batch_and_its_records_give_the_same_output(native: str) -> None:
+    """process_batch (the block path) and process (the record path) agree, record for record."""
+    if native == "on" and kubernetes_audit.NativeScanner is None:
+        pytest.skip("kubetrail_native is not built")
+    # A lazy batch holds JSON lines the tail has validated.
+    lines = [line for line in real_lines() + edge_lines() if line and b"\n" not in line and is_json(line)]
+    by_block = build(KubernetesAuditTransform, native=native).process_batch(lazy_batch(lines))
+    by_records = build(KubernetesAuditTransform, native=native).process(lazy_batch(lines).records)
+    assert len(by_block) == len(by_records) < len(lines)  # the repeat of line 0 is removed
+    block_records = by_block.records
+    assert by_block.raw_block == b"".join(r.json_bytes() + b"\n" for r in block_records)
+    for a, b in zip(block_records, by_records, strict=True):
+        assert (a.time_ns, a.identity) == (b.time_ns, b.identity)
+        assert orjson.loads(a.json_bytes()) == orjson.loads(b.json_bytes())
+    secret_lines = [r.raw for r in block_records if r.raw and b'"secrets"' in r.raw]
+    assert secret_lines and all(b"aHVudGVyMg==" not in raw for raw in secret_lines)
+    # an audit event gets (auditID, stage); anything else keeps the tail's (uid, offset)
+    assert any(r.identity and r.identity[0] == "file-uid" for r in block_records)
+    assert all(r.identity and r.identity[0] != "file-uid" for r in block_records if b'"k8s.audit.id"' in (r.raw or b""))
