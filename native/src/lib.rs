@@ -430,8 +430,9 @@ impl AuditScanner {
         } else {
             1
         };
+        // Without the GIL in either case: the sinks' threads (file writes, TLS) need it meanwhile.
         let chunks: Vec<ChunkScan> = if parts == 1 {
-            vec![self.scan_chunk(&lines)]
+            py.detach(|| vec![self.scan_chunk(&lines)])
         } else {
             let per_part = lines.len().div_ceil(parts);
             py.detach(|| {
@@ -685,12 +686,15 @@ impl AuditScan {
         let result = if keep.is_none() && replacements.is_none() {
             // Every line as scanned: the parts' buffers, one after the other.
             let total = self.outputs.iter().map(|o| o.len()).sum();
+            let outputs = &self.outputs;
             PyBytes::new_with(py, total, |buf: &mut [u8]| {
-                let mut at = 0;
-                for output in &self.outputs {
-                    buf[at..at + output.len()].copy_from_slice(output);
-                    at += output.len();
-                }
+                py.detach(|| {
+                    let mut at = 0;
+                    for output in outputs {
+                        buf[at..at + output.len()].copy_from_slice(output);
+                        at += output.len();
+                    }
+                });
                 Ok(())
             })?
         } else {
