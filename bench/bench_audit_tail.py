@@ -4,7 +4,10 @@ Same input, same run, two kubetrail child processes: tail alone, and tail plus t
 ``kubernetes_audit`` filter (flattening, secret redaction, in-memory dedupe). The figure that
 matters is the cost of the filter as a share of tail-only throughput.
 
-    .venv/bin/python bench/bench_audit_tail.py [--lines 1000000]
+    .venv/bin/python bench/bench_audit_tail.py [--lines 1000000] [--without-dedupe] [--python-scan]
+
+The filter uses its native scan (kubetrail_native) when built; ``--python-scan`` adds a run
+with the pure-Python scan for comparison.
 
 Target (issue 5): normalisation plus redaction costs at most 30% of tail-only throughput.
 """
@@ -23,6 +26,7 @@ FILTER = """[FILTER]
     name   kubernetes_audit
     match  *
     dedupe {dedupe}
+    native {native}
 """
 
 
@@ -32,13 +36,16 @@ def main() -> int:
     parser.add_argument(
         "--without-dedupe", action="store_true", help="also run the filter with dedupe off (normalisation, redaction)"
     )
+    parser.add_argument("--python-scan", action="store_true", help="also run the filter with its pure-Python scan")
     args = parser.parse_args()
     src = audit_lines_file(args.lines)
     size_mb = src.stat().st_size / 1e6
     results = {}
-    variants = [("tail only", ""), ("tail + filter", FILTER.format(dedupe="on"))]
+    variants = [("tail only", ""), ("tail + filter", FILTER.format(dedupe="on", native="on"))]
     if args.without_dedupe:
-        variants.append(("tail + filter, dedupe off", FILTER.format(dedupe="off")))
+        variants.append(("tail + filter, dedupe off", FILTER.format(dedupe="off", native="on")))
+    if args.python_scan:
+        variants.append(("tail + filter, python scan", FILTER.format(dedupe="on", native="off")))
     for name, flt in variants:
         work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-"))
         try:
@@ -55,7 +62,7 @@ def main() -> int:
     print(f"input: {args.lines} audit lines, {size_mb:.0f} MB ({cpu_count_hint()})")
     for name, m in results.items():
         print(
-            f"{name:<26} {args.lines / m.wall:>10,.0f} records/s  wall {m.wall:6.2f} s  "
+            f"{name:<28} {args.lines / m.wall:>10,.0f} records/s  wall {m.wall:6.2f} s  "
             f"cpu {m.cpu:6.2f} s  peak RSS {m.max_rss_mb:6.1f} MB"
         )
     base = results["tail only"]

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Collection
 from typing import Any
 
 import msgspec
@@ -524,7 +525,7 @@ class KubernetesAuditTransform(Transform):
         self.window: float = config["dedupe_window"]
         self.max_keys: int = max(1, config["dedupe_max_keys"])
         self.seen: set[str] = set()
-        self._expiry: deque[tuple[float, list[str]]] = deque()
+        self._expiry: deque[tuple[float, Collection[str]]] = deque()
         self.in_flight: dict[str, _InFlight] = {}
         self.db: StateDB | None = None
         self._last_db_prune = 0.0
@@ -562,7 +563,7 @@ class KubernetesAuditTransform(Transform):
         self.seen.update(key for key, _ in rows)
         self.log.info("dedupe keys loaded", extra={"keys": len(self.seen), "db": str(self.db.path)})
 
-    def _remember(self, keys: list[str], persist: bool) -> None:
+    def _remember(self, keys: Collection[str], persist: bool) -> None:
         now = time.time()
         self.seen.update(keys)
         self._expiry.append((now, keys))
@@ -756,7 +757,7 @@ class KubernetesAuditTransform(Transform):
                 and (not self.in_flight or self.in_flight.keys().isdisjoint(batch_keys))
             ):
                 if batch_keys:
-                    self._remember(list(batch_keys), persist=False)  # type: ignore[arg-type]
+                    self._remember(batch_keys, persist=False)  # type: ignore[arg-type]
                 if dropped:
                     self.m_dropped_by_rule.inc(dropped)
                     return bytes(code != DROP for code in codes)
