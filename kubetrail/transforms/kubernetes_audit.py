@@ -42,9 +42,11 @@ writes them as a small JSON object and splices it in front of the event's origin
 (parsed lazily if anything later asks), so a sink writes them as they are. The scan is native
 (``kubetrail_native``, Rust, built from ``native/`` by ``scripts/setup``) when installed and
 pure Python (msgspec ``decode_lines`` into structs) otherwise; both give the same output, and the
-tests compare them. The native scan also takes a tailed file's lazy batch as one block and
-returns a new block, so no record object is built per line unless a sink asks for records.
-What needs the filter's state (dedupe) or is rare (redaction) stays here in Python either way.
+tests compare them. A tailed file's lazy batch is filtered as one block into a new block, so no
+record object is built per line unless a sink asks for records. The native scan runs without
+the GIL (the sinks' threads need it meanwhile) and cuts big batches in parts for threads
+(``scan_threads``). What needs the filter's state (dedupe) or is rare (redaction) stays here in
+Python either way.
 
 **Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
 a SecretList) in ``requestObject`` and ``responseObject``, their

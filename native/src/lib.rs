@@ -459,20 +459,19 @@ impl AuditScanner {
             id_lens: Vec::with_capacity(lines.len()),
             outputs: Vec::with_capacity(chunks.len()),
             spans: Vec::with_capacity(lines.len()),
-            keys: PyList::empty(py).unbind(),
+            key_text: String::with_capacity(chunks.iter().map(|c| c.keys.len()).sum()),
+            key_spans: Vec::with_capacity(lines.len()),
+            keys: None,
             built: false,
         };
-        let keys = PyList::empty(py);
         for (number, chunk) in chunks.into_iter().enumerate() {
             let mut key_start = 0;
             let mut out_start = 0;
-            for (i, &code) in chunk.codes.iter().enumerate() {
+            for (i, _) in chunk.codes.iter().enumerate() {
                 let key_end = chunk.key_ends[i];
-                if code == NATIVE || code == SLOW {
-                    keys.append(PyString::new(py, &chunk.keys[key_start..key_end]))?;
-                } else {
-                    keys.append(py.None())?;
-                }
+                let at = scan.key_text.len();
+                scan.key_text.push_str(&chunk.keys[key_start..key_end]);
+                scan.key_spans.push((at, scan.key_text.len()));
                 key_start = key_end;
                 let out_end = chunk.out_ends[i];
                 scan.spans.push(Span {
@@ -487,7 +486,6 @@ impl AuditScanner {
             scan.id_lens.extend_from_slice(&chunk.id_lens);
             scan.outputs.push(chunk.out);
         }
-        scan.keys = keys.unbind();
         Ok(scan)
     }
 }
@@ -588,11 +586,22 @@ struct AuditScan {
     /// The outputs, one buffer per part scanned (each line followed by a newline).
     outputs: Vec<Vec<u8>>,
     spans: Vec<Span>,
-    keys: Py<PyList>,
+    /// The dedupe keys, one after the other, and where each line's is.
+    key_text: String,
+    key_spans: Vec<(usize, usize)>,
+    /// The keys as Python strings, made on first use (a filter without dedupe never asks).
+    keys: Option<Py<PyList>>,
     built: bool,
 }
 
 impl AuditScan {
+    /// The line's dedupe key, if it is a kept audit event.
+    fn key(&self, index: usize) -> Option<&str> {
+        let code = self.codes[index];
+        let (start, end) = self.key_spans[index];
+        (code == NATIVE || code == SLOW).then(|| &self.key_text[start..end])
+    }
+
     fn output(&self, index: usize) -> &[u8] {
         let span = self.spans[index];
         &self.outputs[span.part as usize][span.start..span.end]
@@ -613,28 +622,34 @@ impl AuditScan {
 
     /// auditID + stage code per line, None where the line is not a kept audit event.
     #[getter]
-    fn keys(&self, py: Python<'_>) -> Py<PyList> {
-        self.keys.clone_ref(py)
+    fn keys(&mut self, py: Python<'_>) -> PyResult<Py<PyList>> {
+        if let Some(keys) = &self.keys {
+            return Ok(keys.clone_ref(py));
+        }
+        let keys = PyList::empty(py);
+        for index in 0..self.codes.len() {
+            match self.key(index) {
+                Some(key) => keys.append(PyString::new(py, key))?,
+                None => keys.append(py.None())?,
+            }
+        }
+        let keys = keys.unbind();
+        self.keys = Some(keys.clone_ref(py));
+        Ok(keys)
     }
 
     /// (auditID, stage) per line, None where the line is not a kept audit event.
     fn identities<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let out = PyList::empty(py);
-        let lines = self
-            .keys
-            .bind(py)
-            .iter()
-            .zip(&self.stage_indexes)
-            .zip(&self.id_lens);
-        for ((key, &stage_index), &id_len) in lines {
-            if key.is_none() {
+        for index in 0..self.codes.len() {
+            let Some(key) = self.key(index) else {
                 out.append(py.None())?;
                 continue;
-            }
-            let key: String = key.extract()?;
+            };
             // The key is auditID + one character for a known stage, or + the whole stage name.
+            let stage_index = self.stage_indexes[index];
             let (id, stage) = if stage_index == OTHER_STAGE {
-                key.split_at(id_len as usize)
+                key.split_at(self.id_lens[index] as usize)
             } else {
                 (&key[..key.len() - 1], STAGES[stage_index as usize])
             };
