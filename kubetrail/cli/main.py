@@ -59,10 +59,6 @@ def run(config_path: str | None, log_level: str | None) -> None:
         _config_error(exc)
         return
     setup_logging(log_level or pipeline.service["log_level"])
-    if pipeline.service["malloc.tune"]:
-        from kubetrail.runtime.allocator import tune_malloc
-
-        tune_malloc()
     sys.exit(asyncio.run(_run(pipeline)))
 
 

@@ -100,12 +100,6 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("scheduler.base", "duration", 1.0, help="Retry backoff base in seconds (Fluent Bit: 5)"),
     Option("scheduler.cap", "duration", 60.0, help="Longest wait between retries in seconds (Fluent Bit: 2000)"),
     Option("health_check", "bool", False, help="Accepted for Fluent Bit compatibility"),
-    Option(
-        "malloc.tune",
-        "bool",
-        True,
-        help="Keep megabyte-sized batches on glibc's heap for reuse (fewer page faults); see runtime/allocator.py",
-    ),
 )
 
 COMMON_INPUT_OPTIONS: tuple[Option, ...] = (
