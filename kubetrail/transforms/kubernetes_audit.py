@@ -89,8 +89,10 @@ from kubetrail.core.state import DB_OPTIONS, StateDB
 
 try:  # optional: the native scan, built from native/ (see "Speed" above)
     from kubetrail_native import AuditScanner as NativeScanner
+    from kubetrail_native import KeySet as NativeKeySet
 except ImportError:  # pragma: no cover - depends on the installation
     NativeScanner = None
+    NativeKeySet = None
 
 REDACTED = "[REDACTED]"
 LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
@@ -460,6 +462,31 @@ def _decode_event(raw: bytes) -> _Event | None:
 # -- deduplication state -----------------------------------------------------------------------
 
 
+class _PyKeySet:
+    """The remembered dedupe keys as a Python set; ``kubetrail_native.KeySet`` has the same
+    methods and keeps them compact (a canonical-UUID key in 24 bytes instead of ~100)."""
+
+    def __init__(self) -> None:
+        self._keys: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._keys
+
+    def isdisjoint(self, keys: Collection[str]) -> bool:
+        return self._keys.isdisjoint(keys)
+
+    def add(self, keys: Collection[str]) -> Collection[str]:
+        """Adds ``keys``; what it returns is what ``forget`` takes when their window ends."""
+        self._keys.update(keys)
+        return keys
+
+    def forget(self, batch: Collection[str]) -> None:
+        self._keys.difference_update(batch)
+
+
 class _InFlight:
     """The keys of one batch between filtering and delivery, and who waits for that batch."""
 
@@ -526,8 +553,8 @@ class KubernetesAuditTransform(Transform):
             self.log.info("kubetrail_native is not installed: the audit filter uses its pure-Python scan")
         self.window: float = config["dedupe_window"]
         self.max_keys: int = max(1, config["dedupe_max_keys"])
-        self.seen: set[str] = set()
-        self._expiry: deque[tuple[float, Collection[str]]] = deque()
+        self.seen: Any = _PyKeySet() if self.native is None else NativeKeySet()
+        self._expiry: deque[tuple[float, Any]] = deque()  # (when, what seen.add returned)
         self.in_flight: dict[str, _InFlight] = {}
         self.db: StateDB | None = None
         self._last_db_prune = 0.0
@@ -552,23 +579,17 @@ class KubernetesAuditTransform(Transform):
         cutoff = time.time() - self.window
         self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
         rows = self.db.execute("SELECT key, delivered_at FROM audit_dedupe ORDER BY delivered_at").fetchall()
-        group: list[str] = []
-        group_at = None
+        # One expiry entry per delivery time, as _remember made them.
+        groups: dict[float, list[str]] = {}
         for key, at in rows:
-            if group_at is None or at != group_at:
-                if group:
-                    self._expiry.append((group_at, group))  # type: ignore[arg-type]
-                group, group_at = [], at
-            group.append(key)
-        if group:
-            self._expiry.append((group_at, group))  # type: ignore[arg-type]
-        self.seen.update(key for key, _ in rows)
+            groups.setdefault(at, []).append(key)
+        for at, group in groups.items():  # in delivery order: rows are, and dicts keep it
+            self._expiry.append((at, self.seen.add(group)))
         self.log.info("dedupe keys loaded", extra={"keys": len(self.seen), "db": str(self.db.path)})
 
     def _remember(self, keys: Collection[str], persist: bool) -> None:
         now = time.time()
-        self.seen.update(keys)
-        self._expiry.append((now, keys))
+        self._expiry.append((now, self.seen.add(keys)))
         if persist and self.db is not None:
             conn = self.db.conn
             conn.execute("BEGIN")
@@ -580,14 +601,14 @@ class KubernetesAuditTransform(Transform):
         cutoff = now - self.window
         expiry, seen = self._expiry, self.seen
         while expiry and (expiry[0][0] < cutoff or len(seen) > self.max_keys):
-            at, keys = expiry.popleft()
+            at, batch = expiry.popleft()
             if at >= cutoff and not self._warned_evict:
                 self._warned_evict = True
                 self.log.warning(
                     "dedupe_max_keys reached: forgetting keys before dedupe_window ends",
                     extra={"max_keys": self.max_keys},
                 )
-            seen.difference_update(keys)
+            seen.forget(batch)
         if self.db is not None and now - self._last_db_prune >= DB_PRUNE_INTERVAL:
             self._last_db_prune = now
             self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
@@ -746,11 +767,20 @@ class KubernetesAuditTransform(Transform):
                 return bytes(code != DROP for code in codes)
             return None
         self._expire()
-        keys: list[str | None] = scan.keys
-        events = len(codes) - dropped - codes.count(PASS)
         hooked = records is not None and any(r.meta is not None and "_on_delivered" in r.meta for r in records)
-        if not hooked:
+        if not hooked and self.native is not None and not self.in_flight:
+            # The tail's common case in one native call, without a Python string per key.
+            batch = self.seen.add_scan_if_new(scan)
+            if batch is not None:
+                self._expiry.append((time.time(), batch))
+                if dropped:
+                    self.m_dropped_by_rule.inc(dropped)
+                    return bytes(code != DROP for code in codes)
+                return None
+        keys: list[str | None] = scan.keys  # Python strings from here on
+        if not hooked and (self.native is None or self.in_flight):
             # The common case in C: no key repeats within the batch, none seen, none in flight.
+            events = len(codes) - dropped - codes.count(PASS)
             batch_keys = set(keys)
             batch_keys.discard(None)
             if (

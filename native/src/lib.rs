@@ -757,9 +757,142 @@ impl AuditScan {
     }
 }
 
+/// A dedupe key, compact where it can be: auditID + stage code, where the auditID is a
+/// canonical UUID (lowercase, as the API server writes it) and the stage a known one, is 17
+/// bytes instead of a 37-character Python string (~100 bytes with its set slot). Any other key is
+/// kept as text. The two forms never meet: a text key is never a canonical UUID + code.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Key {
+    // Bytes rather than a u128: alignment 1 keeps the key at 24 bytes instead of 32.
+    Uuid([u8; 16], u8),
+    Text(Box<str>),
+}
+
+impl Key {
+    fn new(key: &str) -> Key {
+        const _: () = assert!(std::mem::size_of::<Key>() == 24);
+        let bytes = key.as_bytes();
+        if bytes.len() == 37 && (b'0'..=b'3').contains(&bytes[36]) {
+            if let Some(id) = parse_uuid(&bytes[..36]) {
+                return Key::Uuid(id.to_be_bytes(), bytes[36] - b'0');
+            }
+        }
+        Key::Text(key.into())
+    }
+}
+
+/// The 128 bits of a canonical lowercase UUID (8-4-4-4-12 hex digits), None for anything else.
+fn parse_uuid(text: &[u8]) -> Option<u128> {
+    let mut value: u128 = 0;
+    for (i, &b) in text.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        value = (value << 4) | u128::from(digit);
+    }
+    Some(value)
+}
+
+/// The keys one batch added to a ``KeySet`` (kept by the filter until their window ends).
+#[pyclass(frozen, module = "kubetrail_native")]
+struct KeyBatch {
+    keys: Vec<Key>,
+}
+
+#[pymethods]
+impl KeyBatch {
+    fn __len__(&self) -> usize {
+        self.keys.len()
+    }
+}
+
+/// The filter's remembered dedupe keys, compact (see ``Key``): the ``seen`` set of the
+/// ``kubernetes_audit`` filter when the native scan is installed.
+#[pyclass(module = "kubetrail_native")]
+#[derive(Default)]
+struct KeySet {
+    keys: HashSet<Key>,
+}
+
+#[pymethods]
+impl KeySet {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn __len__(&self) -> usize {
+        self.keys.len()
+    }
+
+    fn __contains__(&self, key: &str) -> bool {
+        self.keys.contains(&Key::new(key))
+    }
+
+    /// True when none of ``keys`` is in the set.
+    fn isdisjoint(&self, keys: &Bound<'_, PyAny>) -> PyResult<bool> {
+        for key in keys.try_iter()? {
+            if self.keys.contains(&Key::new(key?.extract::<&str>()?)) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Adds ``keys``; returns them as a batch for ``forget``.
+    fn add(&mut self, keys: &Bound<'_, PyAny>) -> PyResult<KeyBatch> {
+        let mut batch = Vec::new();
+        for key in keys.try_iter()? {
+            let key = Key::new(key?.extract::<&str>()?);
+            self.keys.insert(key.clone());
+            batch.push(key);
+        }
+        Ok(KeyBatch { keys: batch })
+    }
+
+    /// Removes a batch's keys (its window has ended).
+    fn forget(&mut self, batch: &KeyBatch) {
+        for key in &batch.keys {
+            self.keys.remove(key);
+        }
+    }
+
+    /// The tail's common case in one call: when no key of ``scan`` repeats within it and none
+    /// is in the set, adds them all and returns them as a batch; otherwise changes nothing and
+    /// returns None (the filter then goes line by line).
+    fn add_scan_if_new(&mut self, scan: &AuditScan) -> Option<KeyBatch> {
+        let mut batch: Vec<Key> = Vec::with_capacity(scan.codes.len());
+        self.keys.reserve(scan.codes.len());
+        for key in (0..scan.codes.len())
+            .filter_map(|i| scan.key(i))
+            .map(Key::new)
+        {
+            // One probe per key (the table is big and cold): insert, and undo on the rare repeat.
+            if !self.keys.insert(key.clone()) {
+                for added in &batch {
+                    self.keys.remove(added);
+                }
+                return None;
+            }
+            batch.push(key);
+        }
+        Some(KeyBatch { keys: batch })
+    }
+}
+
 #[pymodule]
 fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<AuditScanner>()?;
     module.add_class::<AuditScan>()?;
+    module.add_class::<KeySet>()?;
+    module.add_class::<KeyBatch>()?;
     Ok(())
 }

@@ -230,3 +230,44 @@ def test_a_lazy_batch_and_its_records_give_the_same_output(native: str) -> None:
     # an audit event gets (auditID, stage); anything else keeps the tail's (uid, offset)
     assert any(r.identity and r.identity[0] == "file-uid" for r in block_records)
     assert all(r.identity and r.identity[0] != "file-uid" for r in block_records if b'"k8s.audit.id"' in (r.raw or b""))
+
+
+@native_only
+def test_key_set_keeps_uuid_keys_compact_and_others_as_text() -> None:
+    seen = kubernetes_audit.NativeKeySet()
+    uuid_key = "d23f0824-128b-2f33-0c5c-7fd0a6a3a450" + "2"
+    others = [
+        "D23F0824-128B-2F33-0C5C-7FD0A6A3A450" + "2",  # upper case: another string, kept as text
+        "d23f0824-128b-2f33-0c5c-7fd0a6a3a450" + "9",  # not a known stage code
+        "d23f0824-128b-2f33-0c5c-7fd0a6a3a450" + "SomethingNew",
+        "d23f0824128b2f330c5c7fd0a6a3a4502",  # no hyphens
+        "x",
+        "",
+    ]
+    batch = seen.add([uuid_key, *others])
+    assert len(seen) == len(batch) == 7
+    assert uuid_key in seen and all(key in seen for key in others)
+    assert "d23f0824-128b-2f33-0c5c-7fd0a6a3a450" + "1" not in seen  # another stage
+    assert "e23f0824-128b-2f33-0c5c-7fd0a6a3a450" + "2" not in seen
+    assert not seen.isdisjoint(["nope", uuid_key]) and seen.isdisjoint(["nope"])
+    seen.forget(batch)
+    assert len(seen) == 0 and uuid_key not in seen
+
+
+@native_only
+def test_key_set_takes_a_scan_only_when_all_its_keys_are_new() -> None:
+    flt = build(KubernetesAuditTransform)
+    seen = kubernetes_audit.NativeKeySet()
+    first = [orjson.dumps(base_event(i)) for i in range(3)]
+    batch = seen.add_scan_if_new(flt.native.scan_lines(first))
+    assert batch is not None and len(batch) == len(seen) == 3
+    again = [orjson.dumps(base_event(7)), orjson.dumps(base_event(1))]  # line 2 was seen
+    assert seen.add_scan_if_new(flt.native.scan_lines(again)) is None
+    assert len(seen) == 3  # nothing added
+    repeated = [orjson.dumps(base_event(8)), orjson.dumps(base_event(8))]
+    assert seen.add_scan_if_new(flt.native.scan_lines(repeated)) is None
+    assert len(seen) == 3
+    not_events = [b'{"log":"x"}', b"not json"]
+    assert len(seen.add_scan_if_new(flt.native.scan_lines(not_events))) == 0
+    seen.forget(batch)
+    assert len(seen) == 0
