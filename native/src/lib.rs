@@ -6,10 +6,16 @@
 //! call scans a whole batch (a block of JSON lines, or a list of records' bytes).
 //!
 //! What stays in Python (`kubetrail/transforms/kubernetes_audit.py`): the decisions that need
-//! the filter's state (dedupe sets, in-flight batches, acknowledgements) and the rare events that
-//! must be redacted (Secrets, TokenRequests, configured paths), which this scan only *marks*.
-//! The Python module also keeps a pure-Python scan with the same results, used when this module
-//! is not built; tests compare the two on the same input.
+//! the filter's state (dedupe window, in-flight batches, acknowledgements) and the rare events
+//! that must be redacted (Secrets, TokenRequests, configured paths), which this scan only
+//! *marks*. The Python module also keeps a pure-Python scan with the same results, used when
+//! this module is not built; tests compare the two on the same input.
+//!
+//! Also here: `KeySet`, the filter's remembered dedupe keys in a compact form (see `Key`).
+//!
+//! The scan runs without the GIL (the sinks' threads need it meanwhile) and cuts big batches in
+//! parts for threads; each part writes its lines' outputs into a buffer of its own, and
+//! `AuditScan.build` joins them into the batch's new block.
 //!
 //! Each line gets a code:
 //!   PASS   not an audit event (not JSON, no string auditID/stage, a field of the wrong type):
