@@ -107,6 +107,7 @@ PASS = 0  # not an audit event (not JSON, no auditID/stage, a field of the wrong
 DROP = 1  # its stage or level is in drop_stages / drop_levels
 DONE = 2  # an event the scan finished: its output is the flat prefix spliced onto its bytes
 SLOW = 3  # an event this module finishes per record: may need redaction, or is no object literal
+RETRY = 4  # native scan only: a line it did not decode; the Python scan decides (see _Retried)
 
 
 def _hinted(raw: bytes) -> bool:
@@ -394,14 +395,14 @@ class _PyScan:
             events = _DECODE_LINES(block)  # type: ignore[assignment]
             if len(events) != len(lines):
                 raise ValueError("line count")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):  # UnicodeDecodeError too
             events = [_decode_event(raw) for raw in lines]
         # One scan of the whole batch instead of one per line: most batches hold no Secret.
         hinted = options.redact_secrets and (b"Secret" in block or b"TokenRequest" in block)
         codes = bytearray(len(lines))
         keys: list[str | None] = [None] * len(lines)
         for index, (raw, ev) in enumerate(zip(lines, events, strict=True)):
-            if ev is None or ev.auditID is None or ev.stage is None:
+            if ev is None or ev.auditID is None or ev.stage is None or not _utf8(raw):
                 continue  # PASS
             if ev.stage in options.drop_stages or ev.level in options.drop_levels:
                 codes[index] = DROP
@@ -437,6 +438,46 @@ class _PyScan:
         return b"".join(line + b"\n" for line in out)
 
 
+class _Retried:
+    """A native scan whose RETRY lines the Python scan decided.
+
+    msgspec is the reference decoder: it takes a repeated key's last value and integers of any
+    size, where the native decoder gives up. Those lines (and every line that is not JSON) are
+    decoded here; an event among them is finished per record (SLOW), like a redaction candidate.
+    """
+
+    def __init__(self, native: Any, lines: list[bytes], options: _ScanOptions) -> None:
+        self.native = native
+        codes = bytearray(native.codes)
+        keys: list[str | None] = native.keys
+        retried = [index for index, code in enumerate(codes) if code == RETRY]
+        python = _PyScan(options, [lines[index] for index in retried])
+        python_ids = python.identities()
+        self._identities: dict[int, tuple[str, str] | None] = {}
+        for at, index in enumerate(retried):
+            code = python.codes[at]
+            codes[index] = SLOW if code == DONE else code
+            keys[index] = python.keys[at]
+            self._identities[index] = python_ids[at]
+        self.codes = bytes(codes)
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    def identities(self) -> list[tuple[str, str] | None]:
+        identities: list[tuple[str, str] | None] = self.native.identities()
+        for index, identity in self._identities.items():
+            identities[index] = identity
+        return identities
+
+    def splice(self, index: int, raw: bytes) -> bytes:
+        return self.native.splice(index, raw)  # type: ignore[no-any-return]
+
+    def build(self, keep: bytes | None = None, replacements: dict[int, bytes] | None = None) -> bytes:
+        return self.native.build(keep, replacements)  # type: ignore[no-any-return]
+
+
 def _needs_python(options: _ScanOptions, raw: bytes, ev: _Event, hinted: bool) -> bool:
     """SLOW: the event may hold a secret to redact, or is not an object literal to splice onto."""
     # Metadata and None levels carry no request/response bodies: nothing to redact.
@@ -452,10 +493,22 @@ def _needs_python(options: _ScanOptions, raw: bytes, ev: _Event, hinted: bool) -
     return options.flatten and raw[:1] != b"{"
 
 
+def _utf8(raw: bytes) -> bool:
+    """msgspec skips the members it does not decode without checking their UTF-8; a line with
+    invalid UTF-8 anywhere is not a well-formed event (the native scan checks all of it)."""
+    if raw.isascii():
+        return True
+    try:
+        raw.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _decode_event(raw: bytes) -> _Event | None:
     try:
         return _DECODE_ONE(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):  # not ours: untouched
         return None
 
 
@@ -634,10 +687,11 @@ class KubernetesAuditTransform(Transform):
 
     # -- the filter --------------------------------------------------------------------------
 
-    def _scan_lines(self, lines: list[bytes]) -> _PyScan | Any:
-        if self.native is not None:
-            return self.native.scan_lines(lines)
-        return _PyScan(self.scan_options, lines)
+    def _scan_lines(self, lines: list[bytes]) -> _PyScan | _Retried | Any:
+        if self.native is None:
+            return _PyScan(self.scan_options, lines)
+        scan = self.native.scan_lines(lines)
+        return _Retried(scan, lines, self.scan_options) if RETRY in scan.codes else scan
 
     def process(self, records: list[Record]) -> list[Record]:
         if not records:
@@ -680,6 +734,8 @@ class KubernetesAuditTransform(Transform):
             return super().process_batch(batch)
         if self.native is not None:
             scan = self.native.scan_block(block)
+            if RETRY in scan.codes:
+                scan = _Retried(scan, block.split(b"\n")[:-1], self.scan_options)
         else:
             scan = _PyScan(self.scan_options, block.split(b"\n")[:-1])
         if len(scan) != len(batch):
@@ -768,7 +824,7 @@ class KubernetesAuditTransform(Transform):
             return None
         self._expire()
         hooked = records is not None and any(r.meta is not None and "_on_delivered" in r.meta for r in records)
-        if not hooked and self.native is not None and not self.in_flight:
+        if not hooked and self.native is not None and not self.in_flight and not isinstance(scan, _Retried):
             # The tail's common case in one native call, without a Python string per key.
             batch = self.seen.add_scan_if_new(scan)
             if batch is not None:
@@ -778,7 +834,7 @@ class KubernetesAuditTransform(Transform):
                     return bytes(code != DROP for code in codes)
                 return None
         keys: list[str | None] = scan.keys  # Python strings from here on
-        if not hooked and (self.native is None or self.in_flight):
+        if not hooked and (self.native is None or self.in_flight or isinstance(scan, _Retried)):
             # The common case in C: no key repeats within the batch, none seen, none in flight.
             events = len(codes) - dropped - codes.count(PASS)
             batch_keys = set(keys)

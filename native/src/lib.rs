@@ -18,11 +18,14 @@
 //! `AuditScan.build` joins them into the batch's new block.
 //!
 //! Each line gets a code:
-//!   PASS   not an audit event (not JSON, no string auditID/stage, a field of the wrong type):
-//!          passed on untouched, as the Python scan does when msgspec cannot decode it;
+//!   PASS   not an audit event (JSON without a string auditID and stage): passed on untouched;
 //!   DROP   its stage or level is in drop_stages / drop_levels;
 //!   NATIVE handled here: its output is the flat prefix spliced onto the original bytes;
-//!   SLOW   an audit event Python must finish (redaction candidates, or not an object literal).
+//!   SLOW   an audit event Python must finish (redaction candidates, or not an object literal);
+//!   RETRY  not decoded here (not JSON, invalid UTF-8, a field of another type, a repeated key,
+//!          an integer beyond 64 bits): Python decodes it the reference way and decides. Where
+//!          the two decoders differ (msgspec takes a repeated key's last value and any integer)
+//!          the reference wins, so such a line is never passed on unredacted by mistake.
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -39,6 +42,7 @@ const PASS: u8 = 0;
 const DROP: u8 = 1;
 const NATIVE: u8 = 2;
 const SLOW: u8 = 3;
+const RETRY: u8 = 4;
 
 const SECRET_HINTS: [&[u8]; 4] = [
     b"\"kind\":\"Secret",
@@ -339,7 +343,7 @@ impl AuditScanner {
     fn scan_line(&self, line: &[u8], key: &mut String, out: &mut Vec<u8>) -> (u8, u8, u32) {
         let ev: Event = match sonic_rs::from_slice(line) {
             Ok(ev) => ev,
-            Err(_) => return (PASS, 0, 0),
+            Err(_) => return (RETRY, 0, 0),
         };
         let (audit_id, stage) = match (&ev.audit_id, &ev.stage) {
             (Some(id), Some(stage)) => (id.as_str(), stage.as_str()),
@@ -620,7 +624,8 @@ impl AuditScan {
         self.codes.len()
     }
 
-    /// One byte per line: 0 pass, 1 dropped by rule, 2 native, 3 slow (Python finishes it).
+    /// One byte per line: 0 pass, 1 dropped by rule, 2 native, 3 slow (Python finishes it),
+    /// 4 retry (Python decides).
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.codes)

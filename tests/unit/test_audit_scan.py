@@ -18,7 +18,7 @@ import pytest
 
 from kubetrail.core.record import Batch, Record
 from kubetrail.transforms import kubernetes_audit
-from kubetrail.transforms.kubernetes_audit import DONE, DROP, PASS, SLOW, KubernetesAuditTransform, _PyScan
+from kubetrail.transforms.kubernetes_audit import DONE, DROP, PASS, RETRY, SLOW, KubernetesAuditTransform, _PyScan
 from tests.unit.helpers import build
 
 SHARED_LOG = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "audit2rbac" / "demo.log"
@@ -106,6 +106,9 @@ def edge_lines() -> list[bytes]:
         dumps(base_event(1)),  # a repeat of the first line
         b'{"auditID":"a","stage":"ResponseComplete","extra":{"deep":[{"a":"}{\\""}]}}  ',
         dumps(base_event(22, annotations=None, objectRef=None, user=None, responseStatus=None)),
+        b'{"auditID":"\xff","stage":"Panic"}',  # invalid UTF-8 in a decoded field
+        b'{"auditID":"u","stage":"Panic","x":"\xc3"}',  # ... and in a skipped one
+        b'{"auditID":"a\\ud800","stage":"Panic","user":{"username":"\\udc00x"}}',  # lone surrogates
     ]
     return lines
 
@@ -132,33 +135,47 @@ SCANNERS = [
 ]
 
 
-def compare(flt: KubernetesAuditTransform, lines: list[bytes]) -> None:
-    native = flt.native.scan_lines(lines)
+def filtered(options: dict[str, Any], native: str, lines: list[bytes]) -> list[tuple[bytes, Any]]:
+    """What a fresh filter makes of ``lines`` as records: the output bytes and identities."""
+    flt = build(KubernetesAuditTransform, native=native, **options)
+    records = [Record("audit", 1, None, line, ("file-uid", i)) for i, line in enumerate(lines)]
+    return [(r.json_bytes(), r.identity) for r in flt.process(records)]
+
+
+def compare(options: dict[str, Any], lines: list[bytes]) -> None:
+    flt = build(KubernetesAuditTransform, **options)
+    assert flt.native is not None
+    raw = flt.native.scan_lines(lines)  # before the Python scan decides its RETRY lines
+    scan = flt._scan_lines(lines)
     python = _PyScan(flt.scan_options, lines)
-    assert native.codes == python.codes
-    assert native.keys == python.keys
-    assert native.identities() == python.identities()
+    assert scan.keys == python.keys
+    assert scan.identities() == python.identities()
     for index, line in enumerate(lines):
-        assert native.splice(index, line) == python.splice(index, line), (index, line)
-    keep = bytes(i % 3 != 1 for i in range(len(lines)))
-    replacements = {0: b'{"replaced":true}', 2: b""}
-    assert native.build(keep, replacements) == python.build(keep, replacements)
-    assert flt.native.scan_lines(lines).build() == python.build()
+        if raw.codes[index] == RETRY:  # decided by the Python scan; its events finished per record
+            assert scan.codes[index] == (SLOW if python.codes[index] == DONE else python.codes[index])
+        else:
+            assert scan.codes[index] == python.codes[index], (index, line)
+            assert raw.splice(index, line) == python.splice(index, line), (index, line)
+    # What the filter delivers, record for record: the same bytes and identities either way.
+    assert filtered(options, "on", lines) == filtered(options, "off", lines)
+    if RETRY not in raw.codes:
+        keep = bytes(i % 3 != 1 for i in range(len(lines)))
+        replacements = {0: b'{"replaced":true}', 2: b""}
+        assert raw.build(keep, replacements) == python.build(keep, replacements)
+        assert flt.native.scan_lines(lines).build() == python.build()
     block = b"".join(line + b"\n" for line in lines)
     if block.count(b"\n") == len(lines):  # one line per document: what a tail block holds
         native_block = flt.native.scan_block(block)
-        assert native_block.codes == python.codes and native_block.keys == python.keys
-        assert native_block.build() == python.build()
+        assert native_block.codes == raw.codes
+        assert native_block.build() == flt.native.scan_lines(lines).build()
 
 
 @native_only
 @pytest.mark.parametrize("options", SCANNERS, ids=lambda o: ",".join(o) or "defaults")
 def test_native_and_python_scans_agree(options: dict[str, Any]) -> None:
-    flt = build(KubernetesAuditTransform, **options)
-    assert flt.native is not None
-    compare(flt, edge_lines())
-    compare(flt, real_lines())
-    compare(flt, real_lines() + edge_lines() + real_lines())  # edges inside a part, not at its ends
+    compare(options, edge_lines())
+    compare(options, real_lines())
+    compare(options, real_lines() + edge_lines() + real_lines())  # edges inside a part, not at its ends
 
 
 @native_only
@@ -168,8 +185,11 @@ def test_the_scan_codes_say_what_happens_to_each_line() -> None:
     scan = flt.native.scan_lines(lines)
     assert scan.codes[0] == DONE
     assert scan.codes[1] == DROP  # RequestReceived
-    assert scan.codes[9] == PASS  # a float status code: msgspec refuses it, so does the scan
-    assert scan.codes[16] == PASS and scan.codes[17] == PASS  # not JSON; empty
+    # a float status code, not JSON, empty: not decoded natively; the Python scan decides
+    assert scan.codes[9] == scan.codes[16] == scan.codes[17] == RETRY
+    decided = flt._scan_lines(lines)
+    assert decided.codes[9] == decided.codes[16] == decided.codes[17] == PASS  # msgspec refuses them too
+    assert decided.codes[15] == PASS  # no stage
     assert scan.codes[19] == SLOW  # leading blanks
     assert scan.codes[21] == SLOW and scan.codes[23] == SLOW and scan.codes[24] == SLOW  # redaction
     assert scan.codes[22] == DONE  # a Secret at level Metadata carries no body
@@ -271,3 +291,34 @@ def test_key_set_takes_a_scan_only_when_all_its_keys_are_new() -> None:
     assert len(seen.add_scan_if_new(flt.native.scan_lines(not_events))) == 0
     seen.forget(batch)
     assert len(seen) == 0
+
+
+def mutated_lines(count: int, seed: int = 11) -> list[bytes]:
+    """Real-looking events with bytes flipped, cut or repeated: mostly broken in small ways."""
+    rng = random.Random(seed)
+    sources = [orjson.dumps(base_event(i, verb="patch")) for i in range(20)] + edge_lines()[:25]
+    specials = b'"{}[],:\\ \x00\xff\xc3e0-tn'
+    out = []
+    for _ in range(count):
+        line = bytearray(rng.choice(sources) or b"{}")
+        for _ in range(rng.randint(1, 3)):
+            op = rng.random()
+            at = rng.randrange(len(line)) if line else 0
+            if op < 0.5 and line:
+                line[at] = rng.choice(specials)
+            elif op < 0.7:
+                del line[at:]
+            else:
+                line[at:at] = line[at : at + rng.randint(1, 12)]
+        out.append(bytes(line).replace(b"\n", b" "))
+    return out
+
+
+@native_only
+@pytest.mark.parametrize("options", [{}, {"drop_levels": "Metadata"}, {"flatten": "off"}], ids=str)
+def test_native_and_python_scans_agree_on_broken_lines(options: dict[str, Any]) -> None:
+    flt = build(KubernetesAuditTransform, **options)
+    lines = mutated_lines(1500)
+    codes = flt.native.scan_lines(lines).codes
+    assert PASS in codes and DONE in codes and RETRY in codes  # the mutations left every kind
+    compare(options, lines)
