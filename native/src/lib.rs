@@ -32,7 +32,7 @@ use std::collections::HashSet;
 use std::fmt;
 
 use memchr::memmem;
-use pyo3::exceptions::PyValueError;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde::de::{Deserializer, Visitor};
@@ -441,11 +441,14 @@ impl AuditScanner {
             1
         };
         // Without the GIL in either case: the sinks' threads (file writes, TLS) need it meanwhile.
-        let chunks: Vec<ChunkScan> = if parts == 1 {
-            py.detach(|| vec![self.scan_chunk(&lines)])
-        } else {
-            let per_part = lines.len().div_ceil(parts);
-            py.detach(|| {
+        // A bug here must not take the process down: a panic becomes a RuntimeError, which the
+        // router logs and counts, passing the batch on unfiltered.
+        let scanned = py.detach(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                if parts == 1 {
+                    return vec![self.scan_chunk(&lines)];
+                }
+                let per_part = lines.len().div_ceil(parts);
                 std::thread::scope(|scope| {
                     let mut pieces = lines.chunks(per_part);
                     let first = pieces.next().unwrap_or(&[]);
@@ -454,15 +457,21 @@ impl AuditScanner {
                         .collect();
                     // This thread scans the first part itself instead of waiting idle.
                     let mut chunks = vec![self.scan_chunk(first)];
-                    chunks.extend(
-                        handles
-                            .into_iter()
-                            .map(|h| h.join().expect("scan thread panicked")),
-                    );
+                    for handle in handles {
+                        // A panicked part re-panics here, caught just above.
+                        chunks.push(
+                            handle
+                                .join()
+                                .unwrap_or_else(|e| std::panic::resume_unwind(e)),
+                        );
+                    }
                     chunks
                 })
-            })
-        };
+            }))
+        });
+        let chunks: Vec<ChunkScan> = scanned.map_err(|_| {
+            PyRuntimeError::new_err("the native audit scan failed (a bug): see the log")
+        })?;
         let mut scan = AuditScan {
             codes: Vec::with_capacity(lines.len()),
             stage_indexes: Vec::with_capacity(lines.len()),
