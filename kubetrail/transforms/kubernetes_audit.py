@@ -732,9 +732,11 @@ class KubernetesAuditTransform(Transform):
         block = batch.raw_block
         if block is None or batch.is_materialized or not len(batch):
             return super().process_batch(batch)
+        if not block.endswith(b"\n"):
+            return super().process_batch(batch)  # not the newline-terminated lines expected
         if self.native is not None:
             scan = self.native.scan_block(block)
-            if RETRY in scan.codes:
+            if len(scan) == len(batch) and RETRY in scan.codes:
                 scan = _Retried(scan, block.split(b"\n")[:-1], self.scan_options)
         else:
             scan = _PyScan(self.scan_options, block.split(b"\n")[:-1])

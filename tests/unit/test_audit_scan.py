@@ -322,3 +322,18 @@ def test_native_and_python_scans_agree_on_broken_lines(options: dict[str, Any]) 
     codes = flt.native.scan_lines(lines).codes
     assert PASS in codes and DONE in codes and RETRY in codes  # the mutations left every kind
     compare(options, lines)
+
+
+@pytest.mark.parametrize("native", ["on", "off"])
+def test_a_block_that_is_not_one_line_per_record_goes_the_record_way(native: str) -> None:
+    if native == "on" and kubernetes_audit.NativeScanner is None:
+        pytest.skip("kubetrail_native is not built")
+    lines = [orjson.dumps(base_event(i)) for i in range(3)]
+    for block in (b"\n".join(lines), b"".join(line + b"\n" for line in lines) + b"{}\n"):
+        batch = lazy_batch(lines)
+        batch.raw_block = block  # no final newline; one line more than records
+        out = build(KubernetesAuditTransform, native=native).process_batch(batch)
+        assert out.raw_block is None  # the records were filtered one by one
+        assert [r.identity for r in out.records] == [
+            (f"00000000-0000-0000-0000-{i:012d}", "ResponseComplete") for i in range(3)
+        ]
