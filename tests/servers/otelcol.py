@@ -168,14 +168,17 @@ class Collector:
         shutil.rmtree(self.forward_socket.parent, ignore_errors=True)
 
     def requests(self) -> list[dict[str, Any]]:
+        """Every request the collector has finished writing: its file exporter may be in the
+        middle of a line while we read, so a last line without its newline is not read yet."""
         files = [*sorted(self.workdir.glob("received-*.jsonl")), self.output]
-        return [
-            orjson.loads(line)
-            for path in files
-            if path.exists()
-            for line in path.read_bytes().splitlines()
-            if line.strip()
-        ]
+        found = []
+        for path in files:
+            if not path.exists():
+                continue
+            lines = path.read_bytes().split(b"\n")
+            lines.pop()  # b"" after the last newline, or a line still being written
+            found.extend(orjson.loads(line) for line in lines if line.strip())
+        return found
 
     def log_records(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Every received log record as (resource attributes, record), attributes flattened."""
