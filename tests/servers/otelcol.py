@@ -29,9 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import orjson
-
-from tests.servers import ServerUnavailable, cache_root, free_port
+from tests.servers import ServerUnavailable, cache_root, free_port, written_json_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 # the module, not the function localcluster/__init__ exports under the same name
@@ -168,17 +166,8 @@ class Collector:
         shutil.rmtree(self.forward_socket.parent, ignore_errors=True)
 
     def requests(self) -> list[dict[str, Any]]:
-        """Every request the collector has finished writing: its file exporter may be in the
-        middle of a line while we read, so a last line without its newline is not read yet."""
         files = [*sorted(self.workdir.glob("received-*.jsonl")), self.output]
-        found = []
-        for path in files:
-            if not path.exists():
-                continue
-            lines = path.read_bytes().split(b"\n")
-            lines.pop()  # b"" after the last newline, or a line still being written
-            found.extend(orjson.loads(line) for line in lines if line.strip())
-        return found
+        return [request for path in files for request in written_json_lines(path)]
 
     def log_records(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Every received log record as (resource attributes, record), attributes flattened."""

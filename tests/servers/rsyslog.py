@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
+from tests.servers import written_json_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -147,9 +147,7 @@ class RsyslogServer:
             proc.wait(10)
 
     def records(self) -> list[dict[str, Any]]:
-        if not self.output.exists():
-            return []
-        return [orjson.loads(line) for line in self.output.read_bytes().splitlines() if line.strip()]
+        return written_json_lines(self.output)
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         """At least ``count`` messages written out (rsyslog writes asynchronously)."""
