@@ -449,7 +449,7 @@ class _Retried:
     def __init__(self, native: Any, lines: list[bytes], options: _ScanOptions) -> None:
         self.native = native
         codes = bytearray(native.codes)
-        keys: list[str | None] = native.keys
+        keys: list[str | None] = list(native.keys)
         retried = [index for index, code in enumerate(codes) if code == RETRY]
         python = _PyScan(options, [lines[index] for index in retried])
         python_ids = python.identities()
@@ -481,16 +481,20 @@ class _Retried:
 def _needs_python(options: _ScanOptions, raw: bytes, ev: _Event, hinted: bool) -> bool:
     """SLOW: the event may hold a secret to redact, or is not an object literal to splice onto."""
     # Metadata and None levels carry no request/response bodies: nothing to redact.
-    if options.redact_secrets and ev.level not in _BODILESS:
-        ref = ev.objectRef
-        resource = ref.resource if ref is not None else None
-        if resource == "secrets" or (resource == "serviceaccounts" and ref.subresource == "token"):  # type: ignore[union-attr]
-            return True
-        if hinted and _hinted(raw):
-            return True
+    bodied = options.redact_secrets and ev.level not in _BODILESS
+    if bodied and (any(_secret_resource(ev)) or (hinted and _hinted(raw))):
+        return True
     if any(needle is None or needle in raw for needle in options.needles):
         return True
     return options.flatten and raw[:1] != b"{"
+
+
+def _secret_resource(ev: _Event) -> tuple[bool, bool]:
+    """Whether the event's object is a Secret, and whether it is a service account token request."""
+    ref = ev.objectRef
+    if ref is None:
+        return False, False
+    return ref.resource == "secrets", ref.resource == "serviceaccounts" and ref.subresource == "token"
 
 
 def _utf8(raw: bytes) -> bool:
@@ -693,6 +697,13 @@ class KubernetesAuditTransform(Transform):
         scan = self.native.scan_lines(lines)
         return _Retried(scan, lines, self.scan_options) if RETRY in scan.codes else scan
 
+    def _scan_block(self, block: bytes) -> _PyScan | _Retried | Any:
+        """A block of newline-terminated lines: split in Python only when Python reads them."""
+        if self.native is None:
+            return _PyScan(self.scan_options, block.split(b"\n")[:-1])
+        scan = self.native.scan_block(block)
+        return _Retried(scan, block.split(b"\n")[:-1], self.scan_options) if RETRY in scan.codes else scan
+
     def process(self, records: list[Record]) -> list[Record]:
         if not records:
             return records
@@ -734,12 +745,7 @@ class KubernetesAuditTransform(Transform):
             return super().process_batch(batch)
         if not block.endswith(b"\n"):
             return super().process_batch(batch)  # not the newline-terminated lines expected
-        if self.native is not None:
-            scan = self.native.scan_block(block)
-            if len(scan) == len(batch) and RETRY in scan.codes:
-                scan = _Retried(scan, block.split(b"\n")[:-1], self.scan_options)
-        else:
-            scan = _PyScan(self.scan_options, block.split(b"\n")[:-1])
+        scan = self._scan_block(block)
         if len(scan) != len(batch):
             return super().process_batch(batch)  # not one document per line after all
         keep = self._select(scan, None)
@@ -791,10 +797,7 @@ class KubernetesAuditTransform(Transform):
         body: Any = None
         # Metadata and None levels carry no request/response bodies: nothing to redact.
         if self.redact_secrets and ev.level not in _BODILESS:
-            ref = ev.objectRef
-            resource = ref.resource if ref is not None else None
-            secret_res = resource == "secrets"
-            token_res = resource == "serviceaccounts" and ref is not None and ref.subresource == "token"
+            secret_res, token_res = _secret_resource(ev)
             if secret_res or token_res or _hinted(raw):
                 body = orjson.loads(raw)
                 for field in ("requestObject", "responseObject"):

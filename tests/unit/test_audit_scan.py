@@ -179,6 +179,14 @@ def test_native_and_python_scans_agree(options: dict[str, Any]) -> None:
 
 
 @native_only
+def test_scan_threads_is_what_the_scanner_uses() -> None:
+    assert build(KubernetesAuditTransform, scan_threads="3").native.threads == 3
+    assert build(KubernetesAuditTransform, scan_threads="1").native.threads == 1
+    auto = build(KubernetesAuditTransform).native.threads  # the CPUs this process may use, at most 4
+    assert 1 <= auto <= min(4, len(os.sched_getaffinity(0)))
+
+
+@native_only
 def test_the_scan_codes_say_what_happens_to_each_line() -> None:
     flt = build(KubernetesAuditTransform, drop_stages="RequestReceived")
     lines = edge_lines()
