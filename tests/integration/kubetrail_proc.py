@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from tests.files import written_lines
+
 RUNNING: list[KubetrailProcess] = []
 
 
@@ -91,8 +93,7 @@ def file_output(path: Path, file: str = "out.jsonl") -> str:
 def read_records(*paths: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for path in paths:
-        if path.exists():
-            out.extend(orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip())
+        out.extend(orjson.loads(line) for line in written_lines(path) if line.strip())
     return out
 
 

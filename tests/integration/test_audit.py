@@ -41,6 +41,7 @@ from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from localcluster import KubeAPI, LocalCluster, pki
 from localcluster.process import free_port
+from tests.files import written_lines
 
 pytestmark = pytest.mark.cluster
 
@@ -323,7 +324,7 @@ def test_every_audit_record_exactly_once_from_webhook_and_log(setup: dict[str, A
     webhook_out, file_out = work / "out" / "webhook.jsonl", work / "out" / "file.jsonl"
 
     def outputs() -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
-        return keys_of(webhook_out.read_bytes().splitlines()), keys_of(file_out.read_bytes().splitlines())
+        return keys_of(written_lines(webhook_out)), keys_of(written_lines(file_out))
 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

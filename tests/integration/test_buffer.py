@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
+from tests.files import written_lines
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, wait_for
 from tests.servers import ServerUnavailable, free_port
 from tests.servers.search import SearchServer
@@ -73,10 +74,7 @@ def config(work: Path, log: Path, out: Path, sync: str = "normal", output: str |
 
 
 def delivered(out: Path) -> Counter[int]:
-    path = out / "out.jsonl"
-    if not path.exists():
-        return Counter()
-    return Counter(orjson.loads(line)["n"] for line in path.read_bytes().splitlines() if line.strip())
+    return Counter(orjson.loads(line)["n"] for line in written_lines(out / "out.jsonl") if line.strip())
 
 
 def assert_exactly_once(got: Counter[int], total: int) -> None:

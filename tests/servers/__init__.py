@@ -17,21 +17,8 @@ import signal
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any
-
-import orjson
 
 HERE = Path(__file__).resolve().parent
-
-
-def written_json_lines(path: Path) -> list[Any]:
-    """The JSON lines a server has finished writing to ``path``: read while the server writes,
-    the last line may still lack its end, so a line without its newline is not read yet."""
-    if not path.exists():
-        return []
-    lines = path.read_bytes().split(b"\n")
-    lines.pop()  # b"" after the last newline, or a line still being written
-    return [orjson.loads(line) for line in lines if line.strip()]
 
 
 class ServerUnavailable(Exception):

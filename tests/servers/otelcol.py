@@ -29,7 +29,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.servers import ServerUnavailable, cache_root, free_port, written_json_lines
+import orjson
+
+from tests.files import written_lines
+from tests.servers import ServerUnavailable, cache_root, free_port
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 # the module, not the function localcluster/__init__ exports under the same name
@@ -167,7 +170,7 @@ class Collector:
 
     def requests(self) -> list[dict[str, Any]]:
         files = [*sorted(self.workdir.glob("received-*.jsonl")), self.output]
-        return [request for path in files for request in written_json_lines(path)]
+        return [orjson.loads(line) for path in files for line in written_lines(path) if line.strip()]
 
     def log_records(self) -> list[tuple[dict[str, Any], dict[str, Any]]]:
         """Every received log record as (resource attributes, record), attributes flattened."""

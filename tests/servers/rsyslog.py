@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.servers import written_json_lines
+import orjson
+
+from tests.files import written_lines
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -147,7 +149,7 @@ class RsyslogServer:
             proc.wait(10)
 
     def records(self) -> list[dict[str, Any]]:
-        return written_json_lines(self.output)
+        return [orjson.loads(line) for line in written_lines(self.output) if line.strip()]
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         """At least ``count`` messages written out (rsyslog writes asynchronously)."""

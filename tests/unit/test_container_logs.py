@@ -17,6 +17,7 @@ import pytest
 
 from kubetrail.core.config import load_config
 from kubetrail.runtime.pipeline import Pipeline
+from tests.files import written_json_lines
 from tests.unit.helpers import tail_file_config
 
 T = "2024-05-01T12:00:00.000000001Z"
@@ -33,8 +34,7 @@ def config(tmp_path: Path, path: Path | str, extra: str = "", exit_on_eof: bool 
 
 
 def delivered(tmp_path: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = tmp_path / "out" / "out.jsonl"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    return written_json_lines(tmp_path / "out" / "out.jsonl")
 
 
 def metrics_text(pipeline: Pipeline) -> str:

@@ -23,6 +23,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.runtime.sink_runner import SinkRunner
+from tests.files import written_json_lines
 from tests.unit.helpers import tail_file_config, write
 
 LOG = logging.getLogger("kubetrail.test.delivery")
@@ -93,8 +94,7 @@ def metric(registry: MetricsRegistry, name: str, **labels: str) -> float:
 
 
 def dead_letters(tmp_path: Path) -> list[dict[str, Any]]:
-    path = tmp_path / "rejected" / "out.0.jsonl"
-    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+    return written_json_lines(tmp_path / "rejected" / "out.0.jsonl")
 
 
 # -- backoff ----------------------------------------------------------------------------------------
@@ -262,8 +262,7 @@ def fs_config(tmp_path: Path, log: Path, *, exit_on_eof: bool = True, service: s
 
 
 def out_numbers(tmp_path: Path) -> Counter[int]:
-    path = tmp_path / "out" / "out.jsonl"
-    return Counter(orjson.loads(x)["n"] for x in path.read_bytes().splitlines()) if path.exists() else Counter()
+    return Counter(record["n"] for record in written_json_lines(tmp_path / "out" / "out.jsonl"))
 
 
 async def test_tail_to_filesystem_buffer_to_file_delivers_everything_once(tmp_path: Path) -> None:

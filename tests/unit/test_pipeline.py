@@ -13,6 +13,7 @@ from kubetrail.core.config import load_config
 from kubetrail.core.errors import PermanentError, RetryableError
 from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
+from tests.files import written_json_lines
 from tests.unit.helpers import tail_file_config, write
 
 
@@ -59,8 +60,7 @@ def lines(n: int, start: int = 0) -> str:
 
 
 def output_numbers(tmp_path: Path) -> list[int]:
-    path = tmp_path / "out" / "out.jsonl"
-    return [orjson.loads(line)["n"] for line in path.read_bytes().splitlines()] if path.exists() else []
+    return [record["n"] for record in written_json_lines(tmp_path / "out" / "out.jsonl")]
 
 
 async def test_checkpoint_moves_only_after_the_sink_acknowledges(tmp_path: Path) -> None:
