@@ -176,24 +176,23 @@ struct FlatWriter<'b> {
 }
 
 impl FlatWriter<'_> {
-    fn key(&mut self, key: &str) {
+    /// ``key`` is the member's name quoted, with its colon (see ``member!``): one copy.
+    fn key(&mut self, key: &[u8]) {
         if !self.first {
             self.out.push(b',');
         }
         self.first = false;
-        self.out.push(b'"');
-        self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
+        self.out.extend_from_slice(key);
     }
 
-    fn string(&mut self, key: &str, value: Option<&JStr>) {
+    fn string(&mut self, key: &[u8], value: Option<&JStr>) {
         if let Some(value) = value {
             self.key(key);
             write_jstr(self.out, value);
         }
     }
 
-    fn list(&mut self, key: &str, value: Option<&Vec<JStr>>) {
+    fn list(&mut self, key: &[u8], value: Option<&Vec<JStr>>) {
         if let Some(items) = value {
             self.key(key);
             self.out.push(b'[');
@@ -253,60 +252,73 @@ fn write_json_string(out: &mut Vec<u8>, value: &str) {
     out.push(b'"');
 }
 
+/// A flat member's name as written: quoted, with its colon.
+macro_rules! member {
+    ($name:literal) => {
+        concat!("\"", $name, "\":").as_bytes()
+    };
+}
+
 fn write_flat(out: &mut Vec<u8>, ev: &Event) {
     let mut w = FlatWriter { out, first: true };
     let user = ev.user.as_ref();
     let imp = ev.impersonated_user.as_ref();
     let oref = ev.object_ref.as_ref();
     let notes = ev.annotations.as_ref();
-    w.string("time", ev.stage_timestamp.as_ref());
-    w.string("k8s.audit.id", ev.audit_id.as_ref());
-    w.string("k8s.audit.stage", ev.stage.as_ref());
-    w.string("k8s.audit.level", ev.level.as_ref());
-    w.string("user.name", user.and_then(|u| u.username.as_ref()));
-    w.string("user.id", user.and_then(|u| u.uid.as_ref()));
-    w.list("user.groups", user.and_then(|u| u.groups.as_ref()));
+    w.string(member!("time"), ev.stage_timestamp.as_ref());
+    w.string(member!("k8s.audit.id"), ev.audit_id.as_ref());
+    w.string(member!("k8s.audit.stage"), ev.stage.as_ref());
+    w.string(member!("k8s.audit.level"), ev.level.as_ref());
+    w.string(member!("user.name"), user.and_then(|u| u.username.as_ref()));
+    w.string(member!("user.id"), user.and_then(|u| u.uid.as_ref()));
+    w.list(member!("user.groups"), user.and_then(|u| u.groups.as_ref()));
     w.string(
-        "k8s.audit.impersonated_user.name",
+        member!("k8s.audit.impersonated_user.name"),
         imp.and_then(|u| u.username.as_ref()),
     );
     w.list(
-        "k8s.audit.impersonated_user.groups",
+        member!("k8s.audit.impersonated_user.groups"),
         imp.and_then(|u| u.groups.as_ref()),
     );
-    w.string("k8s.audit.verb", ev.verb.as_ref());
-    w.string("k8s.audit.resource", oref.and_then(|r| r.resource.as_ref()));
+    w.string(member!("k8s.audit.verb"), ev.verb.as_ref());
     w.string(
-        "k8s.audit.subresource",
+        member!("k8s.audit.resource"),
+        oref.and_then(|r| r.resource.as_ref()),
+    );
+    w.string(
+        member!("k8s.audit.subresource"),
         oref.and_then(|r| r.subresource.as_ref()),
     );
     w.string(
-        "k8s.namespace.name",
+        member!("k8s.namespace.name"),
         oref.and_then(|r| r.namespace.as_ref()),
     );
-    w.string("k8s.audit.object.name", oref.and_then(|r| r.name.as_ref()));
     w.string(
-        "k8s.audit.api_group",
+        member!("k8s.audit.object.name"),
+        oref.and_then(|r| r.name.as_ref()),
+    );
+    w.string(
+        member!("k8s.audit.api_group"),
         oref.and_then(|r| r.api_group.as_ref()),
     );
     w.string(
-        "client.address",
+        member!("client.address"),
         ev.source_ips.as_ref().and_then(|ips| ips.first()),
     );
-    w.list("k8s.audit.source_ips", ev.source_ips.as_ref());
-    w.string("user_agent.original", ev.user_agent.as_ref());
-    w.string("url.original", ev.request_uri.as_ref());
+    w.list(member!("k8s.audit.source_ips"), ev.source_ips.as_ref());
+    w.string(member!("user_agent.original"), ev.user_agent.as_ref());
+    w.string(member!("url.original"), ev.request_uri.as_ref());
     if let Some(code) = ev.response_status.as_ref().and_then(|s| s.code) {
-        w.key("http.response.status_code");
+        w.key(member!("http.response.status_code"));
         use std::io::Write;
         let _ = write!(w.out, "{code}");
     }
     w.string(
-        "k8s.audit.authz.decision",
+        member!("k8s.audit.authz.decision"),
         notes.and_then(|n| n.decision.as_ref()),
     );
     w.string(
-        "k8s.audit.authz.reason",
+        member!("k8s.audit.authz.reason"),
         notes.and_then(|n| n.reason.as_ref()),
     );
 }
@@ -338,9 +350,10 @@ const PARALLEL_MIN_LINES: usize = 256;
 
 impl AuditScanner {
     /// The line's code; for NATIVE and SLOW lines also its dedupe key (auditID + stage code,
-    /// written to ``key``) and stage index. A NATIVE line's output (flat prefix spliced onto
-    /// the line) is written to ``out``; nothing is written for the others.
-    fn scan_line(&self, line: &[u8], key: &mut String, out: &mut Vec<u8>) -> (u8, u8, u32) {
+    /// written to ``key``) and stage index. A NATIVE line's flat members (when flattening) are
+    /// written to ``flat``; its output is those members spliced onto the line (see
+    /// ``Output``), made only when the batch's block is built.
+    fn scan_line(&self, line: &[u8], key: &mut String, flat: &mut Vec<u8>) -> (u8, u8, u32) {
         let ev: Event = match sonic_rs::from_slice(line) {
             Ok(ev) => ev,
             Err(_) => return (RETRY, 0, 0),
@@ -381,46 +394,31 @@ impl AuditScanner {
             return (SLOW, stage_index, id_len);
         }
         if self.flatten {
-            out.push(b'{');
-            let members = out.len();
-            write_flat(out, &ev);
-            if out.len() > members && line.get(1) != Some(&b'}') {
-                out.push(b',');
-                out.extend_from_slice(&line[1..]);
-            } else {
-                out.extend_from_slice(&line[1..]); // "{}" or no member to add
-            }
-        } else {
-            out.extend_from_slice(line);
+            write_flat(flat, &ev);
         }
         (NATIVE, stage_index, id_len)
     }
 
     /// Scans ``lines`` (no Python objects touched: this runs without the GIL, in threads).
     fn scan_chunk(&self, lines: &[&[u8]]) -> ChunkScan {
-        let size: usize = lines.iter().map(|l| l.len() + 1).sum();
         let mut chunk = ChunkScan {
             codes: Vec::with_capacity(lines.len()),
             stage_indexes: Vec::with_capacity(lines.len()),
             id_lens: Vec::with_capacity(lines.len()),
             keys: String::with_capacity(lines.len() * 40),
             key_ends: Vec::with_capacity(lines.len()),
-            // A flat prefix is about as long as the event it comes from: reserve once.
-            out: Vec::with_capacity(if self.flatten {
-                size * 2 + size / 4
+            // Flat members are about as long as the event they come from: reserve once.
+            flat: Vec::with_capacity(if self.flatten {
+                lines.iter().map(|l| l.len()).sum()
             } else {
-                size
+                0
             }),
-            out_ends: Vec::with_capacity(lines.len()),
+            flat_ends: Vec::with_capacity(lines.len()),
         };
         let mut key = String::with_capacity(64);
         for line in lines {
-            let (code, stage_index, id_len) = self.scan_line(line, &mut key, &mut chunk.out);
-            if code != NATIVE {
-                chunk.out.extend_from_slice(line); // as it is (SLOW ones are replaced later)
-            }
-            chunk.out.push(b'\n');
-            chunk.out_ends.push(chunk.out.len());
+            let (code, stage_index, id_len) = self.scan_line(line, &mut key, &mut chunk.flat);
+            chunk.flat_ends.push(chunk.flat.len());
             chunk.codes.push(code);
             chunk.stage_indexes.push(stage_index);
             chunk.id_lens.push(id_len);
@@ -432,7 +430,7 @@ impl AuditScanner {
         chunk
     }
 
-    fn scan_all(&self, py: Python<'_>, lines: Vec<&[u8]>) -> PyResult<AuditScan> {
+    fn scan_all(&self, py: Python<'_>, lines: &[&[u8]], input: Input) -> PyResult<AuditScan> {
         // Big batches are cut in parts scanned side by side, without the GIL: parsing is most of
         // the filter's cost, and the lines are independent of each other.
         let parts = if lines.len() >= PARALLEL_MIN_LINES {
@@ -446,7 +444,7 @@ impl AuditScanner {
         let scanned = py.detach(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 if parts == 1 {
-                    return vec![self.scan_chunk(&lines)];
+                    return vec![self.scan_chunk(lines)];
                 }
                 let per_part = lines.len().div_ceil(parts);
                 std::thread::scope(|scope| {
@@ -476,34 +474,34 @@ impl AuditScanner {
             codes: Vec::with_capacity(lines.len()),
             stage_indexes: Vec::with_capacity(lines.len()),
             id_lens: Vec::with_capacity(lines.len()),
-            outputs: Vec::with_capacity(chunks.len()),
-            spans: Vec::with_capacity(lines.len()),
+            input: Some(input),
+            flats: Vec::with_capacity(chunks.len()),
+            flat_spans: Vec::with_capacity(lines.len()),
             key_text: String::with_capacity(chunks.iter().map(|c| c.keys.len()).sum()),
             key_spans: Vec::with_capacity(lines.len()),
             keys: None,
-            built: false,
         };
         for (number, chunk) in chunks.into_iter().enumerate() {
             let mut key_start = 0;
-            let mut out_start = 0;
+            let mut flat_start = 0;
             for (i, _) in chunk.codes.iter().enumerate() {
                 let key_end = chunk.key_ends[i];
                 let at = scan.key_text.len();
                 scan.key_text.push_str(&chunk.keys[key_start..key_end]);
                 scan.key_spans.push((at, scan.key_text.len()));
                 key_start = key_end;
-                let out_end = chunk.out_ends[i];
-                scan.spans.push(Span {
+                let flat_end = chunk.flat_ends[i];
+                scan.flat_spans.push(Span {
                     part: number as u32,
-                    start: out_start,
-                    end: out_end - 1,
+                    start: flat_start,
+                    end: flat_end,
                 });
-                out_start = out_end;
+                flat_start = flat_end;
             }
             scan.codes.extend_from_slice(&chunk.codes);
             scan.stage_indexes.extend_from_slice(&chunk.stage_indexes);
             scan.id_lens.extend_from_slice(&chunk.id_lens);
-            scan.outputs.push(chunk.out);
+            scan.flats.push(chunk.flat);
         }
         Ok(scan)
     }
@@ -516,17 +514,137 @@ struct ChunkScan {
     id_lens: Vec<u32>,
     keys: String,
     key_ends: Vec<usize>,
-    /// Every line's output followed by a newline.
-    out: Vec<u8>,
-    out_ends: Vec<usize>,
+    /// Every NATIVE line's flat members, one after the other (none for the other lines).
+    flat: Vec<u8>,
+    flat_ends: Vec<usize>,
 }
 
-/// Where a line's output (without its newline) is: which part's buffer, and where in it.
+/// Where a line's flat members are: which part's buffer, and where in it.
 #[derive(Clone, Copy)]
 struct Span {
     part: u32,
     start: usize,
     end: usize,
+}
+
+/// The scanned input, held until the block is built: the outputs are made from it then, so
+/// that each event's bytes are copied once (into the new block), not twice.
+enum Input {
+    /// A tail batch's block and where each line is in it.
+    Block(Py<PyBytes>, Vec<(usize, usize)>),
+    /// Records' bytes.
+    Lines(Vec<Py<PyBytes>>),
+}
+
+impl Input {
+    fn line<'a>(&'a self, py: Python<'a>, index: usize) -> &'a [u8] {
+        match self {
+            Input::Block(block, spans) => {
+                let (start, end) = spans[index];
+                &block.bind(py).as_bytes()[start..end]
+            }
+            Input::Lines(lines) => lines[index].bind(py).as_bytes(),
+        }
+    }
+
+    fn lines<'a>(&'a self, py: Python<'a>) -> Vec<&'a [u8]> {
+        match self {
+            Input::Block(block, spans) => {
+                let bytes = block.bind(py).as_bytes();
+                spans
+                    .iter()
+                    .map(|&(start, end)| &bytes[start..end])
+                    .collect()
+            }
+            Input::Lines(lines) => lines.iter().map(|l| l.bind(py).as_bytes()).collect(),
+        }
+    }
+}
+
+/// A line's output: its flat members (if any) spliced in after the line's opening brace.
+/// Members are written only for an object literal (other lines are SLOW), so the line starts
+/// with ``{``; ``{}`` gets no comma.
+struct Output<'a> {
+    flat: &'a [u8],
+    line: &'a [u8],
+}
+
+impl Output<'_> {
+    fn len(&self) -> usize {
+        if self.flat.is_empty() {
+            self.line.len()
+        } else {
+            self.line.len() + self.flat.len() + usize::from(self.line.get(1) != Some(&b'}'))
+        }
+    }
+
+    /// Writes the output through ``put`` (one call per piece).
+    fn write(&self, mut put: impl FnMut(&[u8])) {
+        if self.flat.is_empty() {
+            put(self.line);
+            return;
+        }
+        put(b"{");
+        put(self.flat);
+        if self.line.get(1) != Some(&b'}') {
+            put(b",");
+        }
+        put(&self.line[1..]);
+    }
+}
+
+/// A new bytes object of ``len`` bytes, filled by ``fill`` without the GIL. Unlike
+/// ``PyBytes::new_with`` it does not zero the buffer first: every byte is written once.
+fn new_bytes_filled<'py>(
+    py: Python<'py>,
+    len: usize,
+    fill: impl FnOnce(&mut RawWriter) + Send,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let size = pyo3::ffi::Py_ssize_t::try_from(len)
+        .map_err(|_| PyValueError::new_err("output block too large"))?;
+    // SAFETY: PyBytes_FromStringAndSize(NULL, n) returns a new bytes object whose n bytes
+    // are uninitialised; nothing reads them before `fill` wrote them all (checked below), and
+    // no other reference to the object exists until it is returned.
+    unsafe {
+        let ptr = pyo3::ffi::PyBytes_FromStringAndSize(std::ptr::null(), size);
+        let bytes = Bound::from_owned_ptr_or_err(py, ptr)?.cast_into_unchecked::<PyBytes>();
+        let mut writer = RawWriter {
+            ptr: pyo3::ffi::PyBytes_AsString(ptr).cast::<u8>(),
+            len,
+            at: 0,
+        };
+        let filled = py.detach(|| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(&mut writer)))
+        });
+        if filled.is_err() || writer.at != len {
+            // Unreachable unless the length computed above is wrong; the bytes must not escape.
+            return Err(PyRuntimeError::new_err(
+                "the native audit scan built a block of the wrong size (a bug)",
+            ));
+        }
+        Ok(bytes)
+    }
+}
+
+/// Appends to a buffer of known size; every write is bounds-checked.
+struct RawWriter {
+    ptr: *mut u8,
+    len: usize,
+    at: usize,
+}
+
+// SAFETY: the buffer belongs to a bytes object no other thread can see while it is filled.
+unsafe impl Send for RawWriter {}
+
+impl RawWriter {
+    fn put(&mut self, piece: &[u8]) {
+        assert!(piece.len() <= self.len - self.at, "output block overrun");
+        // SAFETY: in bounds (asserted); the source is another object's memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(piece.as_ptr(), self.ptr.add(self.at), piece.len());
+        }
+        self.at += piece.len();
+    }
 }
 
 /// Splits a block of newline-terminated lines (a last line without newline counts too).
@@ -585,32 +703,47 @@ impl AuditScanner {
     }
 
     /// Scans a block of newline-terminated JSON lines (a tail batch's bytes).
-    fn scan_block(&self, py: Python<'_>, block: &[u8]) -> PyResult<AuditScan> {
-        self.scan_all(py, block_lines(block).collect())
+    fn scan_block(&self, py: Python<'_>, block: Bound<'_, PyBytes>) -> PyResult<AuditScan> {
+        let bytes = block.as_bytes();
+        let lines: Vec<&[u8]> = block_lines(bytes).collect();
+        let base = bytes.as_ptr() as usize;
+        let spans = lines
+            .iter()
+            .map(|l| {
+                let start = l.as_ptr() as usize - base;
+                (start, start + l.len())
+            })
+            .collect();
+        let input = Input::Block(block.clone().unbind(), spans);
+        self.scan_all(py, &lines, input)
     }
 
     /// Scans a list of records' JSON bytes.
     fn scan_lines(&self, py: Python<'_>, lines: Vec<Bound<'_, PyBytes>>) -> PyResult<AuditScan> {
-        self.scan_all(py, lines.iter().map(|l| l.as_bytes()).collect())
+        let slices: Vec<&[u8]> = lines.iter().map(|l| l.as_bytes()).collect();
+        let input = Input::Lines(lines.iter().map(|l| l.clone().unbind()).collect());
+        self.scan_all(py, &slices, input)
     }
 }
 
-/// The result of one scan: codes, dedupe keys, identities and every line's output.
+/// The result of one scan: codes, dedupe keys, identities, and what every line's output is
+/// made of (the input, held, and the flat members).
 #[pyclass(module = "kubetrail_native")]
 struct AuditScan {
     codes: Vec<u8>,
     stage_indexes: Vec<u8>,
     /// Byte length of the auditID at the start of each key.
     id_lens: Vec<u32>,
-    /// The outputs, one buffer per part scanned (each line followed by a newline).
-    outputs: Vec<Vec<u8>>,
-    spans: Vec<Span>,
+    /// The scanned input; None once ``build`` gave the outputs away.
+    input: Option<Input>,
+    /// The flat members, one buffer per part scanned, and where each line's are.
+    flats: Vec<Vec<u8>>,
+    flat_spans: Vec<Span>,
     /// The dedupe keys, one after the other, and where each line's is.
     key_text: String,
     key_spans: Vec<(usize, usize)>,
     /// The keys as Python strings, made on first use (a filter without dedupe never asks).
     keys: Option<Py<PyList>>,
-    built: bool,
 }
 
 impl AuditScan {
@@ -621,9 +754,9 @@ impl AuditScan {
         (code == NATIVE || code == SLOW).then(|| &self.key_text[start..end])
     }
 
-    fn output(&self, index: usize) -> &[u8] {
-        let span = self.spans[index];
-        &self.outputs[span.part as usize][span.start..span.end]
+    fn flat(&self, index: usize) -> &[u8] {
+        let span = self.flat_spans[index];
+        &self.flats[span.part as usize][span.start..span.end]
     }
 }
 
@@ -690,17 +823,23 @@ impl AuditScan {
         if index >= self.codes.len() {
             return Err(PyValueError::new_err("line index out of range"));
         }
-        if self.built {
+        let Some(input) = &self.input else {
             return Err(PyValueError::new_err(
                 "the outputs were given away by build()",
             ));
-        }
-        Ok(PyBytes::new(py, self.output(index)))
+        };
+        let output = Output {
+            flat: self.flat(index),
+            line: input.line(py, index),
+        };
+        let mut bytes = Vec::with_capacity(output.len());
+        output.write(|piece| bytes.extend_from_slice(piece));
+        Ok(PyBytes::new(py, &bytes))
     }
 
     /// The output block: every line's output and a newline, less the lines whose ``keep`` byte
     /// is 0 (all kept when ``keep`` is None); ``replacements`` maps a line index to its output.
-    /// Frees the outputs: once per scan.
+    /// Lets the input go: once per scan.
     #[pyo3(signature = (keep=None, replacements=None))]
     fn build<'py>(
         &mut self,
@@ -711,69 +850,69 @@ impl AuditScan {
         if keep.is_some_and(|k| k.len() != self.codes.len()) {
             return Err(PyValueError::new_err("keep must have one byte per line"));
         }
-        if self.built {
+        let Some(input) = &self.input else {
             return Err(PyValueError::new_err("build() was already called"));
-        }
+        };
+        let lines = input.lines(py);
         let replacements = match replacements {
             Some(map) if !map.is_empty() => Some(map),
             _ => None,
         };
-        let result = if keep.is_none() && replacements.is_none() {
-            // Every line as scanned: the parts' buffers, one after the other.
-            let total = self.outputs.iter().map(|o| o.len()).sum();
-            let outputs = &self.outputs;
-            PyBytes::new_with(py, total, |buf: &mut [u8]| {
-                py.detach(|| {
-                    let mut at = 0;
-                    for output in outputs {
-                        buf[at..at + output.len()].copy_from_slice(output);
-                        at += output.len();
-                    }
-                });
-                Ok(())
-            })?
-        } else {
-            // Replacement values are held here so that their bytes can be borrowed below.
-            let mut owned: Vec<Bound<'py, PyAny>> = Vec::new();
-            let mut chosen: Vec<(usize, Option<usize>)> = Vec::with_capacity(self.codes.len());
-            for index in 0..self.codes.len() {
-                if keep.is_some_and(|k| k[index] == 0) {
-                    continue;
-                }
-                match replacements
-                    .map(|m| m.get_item(index))
-                    .transpose()?
-                    .flatten()
-                {
-                    Some(value) => {
-                        owned.push(value);
-                        chosen.push((index, Some(owned.len() - 1)));
-                    }
-                    None => chosen.push((index, None)),
-                }
+        // Replacement values are held here so that their bytes can be borrowed below.
+        let mut owned: Vec<Bound<'py, PyAny>> = Vec::new();
+        let mut chosen: Vec<(usize, Option<usize>)> = Vec::with_capacity(self.codes.len());
+        for index in 0..self.codes.len() {
+            if keep.is_some_and(|k| k[index] == 0) {
+                continue;
             }
-            let mut filled: Vec<&[u8]> = Vec::with_capacity(chosen.len());
-            for (index, replaced) in chosen {
-                filled.push(match replaced {
-                    Some(at) => owned[at].extract::<&[u8]>()?,
-                    None => self.output(index),
-                });
-            }
-            let total = filled.iter().map(|p| p.len() + 1).sum();
-            PyBytes::new_with(py, total, |buf: &mut [u8]| {
-                let mut at = 0;
-                for piece in &filled {
-                    buf[at..at + piece.len()].copy_from_slice(piece);
-                    at += piece.len();
-                    buf[at] = b'\n';
-                    at += 1;
+            match replacements
+                .map(|m| m.get_item(index))
+                .transpose()?
+                .flatten()
+            {
+                Some(value) => {
+                    owned.push(value);
+                    chosen.push((index, Some(owned.len() - 1)));
                 }
-                Ok(())
-            })?
-        };
-        self.outputs = Vec::new();
-        self.built = true;
-        Ok(result)
+                None => chosen.push((index, None)),
+            }
+        }
+        // Each kept line is a replacement's bytes or an output (flat members + the line).
+        enum Piece<'a> {
+            Replaced(&'a [u8]),
+            Spliced(Output<'a>),
+        }
+        let mut pieces: Vec<Piece> = Vec::with_capacity(chosen.len());
+        for (index, replaced) in chosen {
+            pieces.push(match replaced {
+                Some(at) => Piece::Replaced(owned[at].extract::<&[u8]>()?),
+                None => Piece::Spliced(Output {
+                    flat: self.flat(index),
+                    line: lines[index],
+                }),
+            });
+        }
+        let total = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Replaced(bytes) => bytes.len() + 1,
+                Piece::Spliced(output) => output.len() + 1,
+            })
+            .sum();
+        let block = new_bytes_filled(py, total, |out| {
+            for piece in &pieces {
+                match piece {
+                    Piece::Replaced(bytes) => out.put(bytes),
+                    Piece::Spliced(output) => output.write(|part| out.put(part)),
+                }
+                out.put(b"\n");
+            }
+        })?;
+        drop(pieces);
+        drop(lines);
+        self.input = None;
+        self.flats = Vec::new();
+        Ok(block)
     }
 }
 
