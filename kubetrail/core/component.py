@@ -8,7 +8,7 @@ and metrics around it. Plugins depend only on this module and the rest of ``core
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -50,9 +50,15 @@ class Component:
 
 
 class Emitter(Protocol):
-    """Where a source sends batches. ``send`` waits while downstream buffers are full."""
+    """Where a source sends batches. ``send`` waits while downstream buffers are full.
 
-    async def send(self, batch: Batch) -> None: ...
+    ``after``: the source's previous send, when the source does not wait for one send before it
+    makes the next (the tail, so that reading overlaps filters working in threads). The batch
+    goes through the filters at once but into the sink buffers only after that send finished:
+    the order of a source's batches is kept.
+    """
+
+    async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None: ...
 
 
 class Source(Component):
@@ -82,6 +88,12 @@ class Transform(Component):
         """
         return batch.derive(self.process(batch.records))
 
+    async def process_batch_async(self, batch: Batch) -> Batch:
+        """What the router calls: :meth:`process_batch`, unless the filter overrides this to run
+        its heavy part in a thread of its own, so the event loop's thread (which reads the
+        sources) goes on meanwhile. The result and its order are the same either way."""
+        return self.process_batch(batch)
+
     async def start(self) -> None:
         """Background work a filter needs (e.g. watches), started before any source runs."""
 
@@ -100,6 +112,16 @@ class Sink(Component):
         """Open files or connections; failures here are retried by the runtime like writes."""
 
     async def write(self, batch: Batch) -> None:
+        raise NotImplementedError
+
+    def group_key(self, batch: Batch) -> object | None:
+        """Batches with the same key, queued one after the other, may be written by one
+        :meth:`write_group` call (a file output: one fsync for all). None: never grouped."""
+        return None
+
+    async def write_group(self, batches: list[Batch]) -> None:
+        """Writes ``batches`` (same :meth:`group_key`) in order, all or none: on failure nothing
+        of them may stay behind, since each is then written again on its own."""
         raise NotImplementedError
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,7 +88,7 @@ class _SourceEmitter:
             else None
         )
 
-    async def send(self, batch: Batch) -> None:
+    async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None:
         self._metrics.records_in.inc(len(batch))
         self._metrics.bytes_in.inc(batch.size_bytes)
         if self._mem_limit:
@@ -99,7 +99,7 @@ class _SourceEmitter:
                     self._below.clear()
                     await self._below.wait()
             self._track(batch)
-        await self._router.send(batch, self._metrics, self._durable)
+        await self._router.send(batch, self._metrics, self._durable, after=after)
 
     def _track(self, batch: Batch) -> None:
         """Count the batch against mem_buf_limit until its token completes."""

@@ -10,6 +10,7 @@ drops records no output matches.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from kubetrail.core.component import Transform
@@ -58,8 +59,17 @@ class Router:
             self._routes[tag] = route
         return route
 
-    async def send(self, batch: Batch, source_metrics: ComponentMetrics, durable: bool = False) -> None:
-        """``durable``: the source has ``storage.type filesystem`` (see :mod:`.disk_buffer`)."""
+    async def send(
+        self,
+        batch: Batch,
+        source_metrics: ComponentMetrics,
+        durable: bool = False,
+        *,
+        after: Awaitable[None] | None = None,
+    ) -> None:
+        """``durable``: the source has ``storage.type filesystem`` (see :mod:`.disk_buffer`).
+        ``after``: the source's previous send, which must reach the sinks first (see
+        :class:`~kubetrail.core.component.Emitter`); this batch's filters run meanwhile."""
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack
@@ -70,7 +80,7 @@ class Router:
                 before = len(out)
                 routed.metrics.records_in.inc(before)
                 try:
-                    out = routed.transform.process_batch(out)
+                    out = await routed.transform.process_batch_async(out)
                 except Exception as exc:
                     # A filter bug must not lose data: pass the batch on unfiltered, loudly.
                     routed.metrics.error(type(exc).__name__)
@@ -81,7 +91,12 @@ class Router:
                 routed.metrics.records_out.inc(len(out))
                 routed.metrics.dropped(before - len(out), "filtered")
                 if not len(out):
-                    return
+                    break
+            if after is not None:
+                # Before any return: a batch after this one waits for this send, not the one before.
+                await after
+            if not len(out):
+                return
             if not route.sinks:
                 source_metrics.dropped(len(out), "unrouted")
                 return

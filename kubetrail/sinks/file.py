@@ -89,20 +89,32 @@ class FileSink(Sink):
             raise RetryableError(f"output directory {self.directory} is not writable")
 
     async def write(self, batch: Batch) -> None:
-        target = self.directory / (self.file_name or batch.tag)
-        if self.format == "plain" and batch.raw_block is not None:
-            data = batch.raw_block  # unmodified JSON lines: the input bytes are the output
-        else:
-            formatter = self._formatter
-            data = b"".join([formatter(record) for record in batch.records])
-        await asyncio.to_thread(self._write_sync, target, data, batch)
+        await asyncio.to_thread(self._write_sync, self._target(batch), [self._data(batch)], batch)
 
-    def _write_sync(self, target: Path, data: bytes, batch: Batch) -> None:
+    def group_key(self, batch: Batch) -> object | None:
+        return self._target(batch)
+
+    async def write_group(self, batches: list[Batch]) -> None:
+        """Batches queued for the same file: written together, one fsync (a group commit)."""
+        pieces = [self._data(batch) for batch in batches]
+        await asyncio.to_thread(self._write_sync, self._target(batches[0]), pieces, batches[0])
+
+    def _target(self, batch: Batch) -> Path:
+        return self.directory / (self.file_name or batch.tag)
+
+    def _data(self, batch: Batch) -> bytes:
+        if self.format == "plain" and batch.raw_block is not None:
+            return batch.raw_block  # unmodified JSON lines: the input bytes are the output
+        formatter = self._formatter
+        return b"".join([formatter(record) for record in batch.records])
+
+    def _write_sync(self, target: Path, pieces: list[bytes], batch: Batch) -> None:
         size_before: int | None = None
         try:
             handle = self._open(target, batch)
             size_before = os.fstat(handle.fileno()).st_size
-            handle.write(data)
+            for data in pieces:
+                handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         except OSError as exc:

@@ -49,6 +49,7 @@ import os
 import secrets
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
@@ -173,6 +174,10 @@ class TailedFile:
     origin: str | None = None  # for a copytruncate copy: the path it is a copy of
 
 
+# Sends a tail has unfinished before it waits for the oldest (see TailSource._send).
+ROUTING_AHEAD = 2
+
+
 class TailSource(Source):
     plugin_name = "tail"
     description = "Follows files (globs), parses lines, resumes from its db after a restart"
@@ -238,6 +243,7 @@ class TailSource(Source):
         self.ignore_older: float | None = config["ignore_older"]
         self.mem_limit: int | None = config.get("mem_buf_limit")
         self._in_flight_bytes = 0
+        self._sending: deque[asyncio.Future[None]] = deque()  # batches handed to the router (see _send)
         self._below_limit = asyncio.Event()
         self._below_limit.set()
         self.watcher: FileWatcher | None = None
@@ -285,6 +291,32 @@ class TailSource(Source):
             self.db = None
 
     async def run(self, emitter: Emitter) -> None:
+        try:
+            await self._tail(emitter)
+            await self._sent()
+        finally:
+            for sending in self._sending:  # stopped by an error or cancelled: replayed after a restart
+                sending.cancel()
+            self._sending.clear()
+
+    async def _send(self, emitter: Emitter, batch: Batch) -> None:
+        """Hands ``batch`` to the router without waiting for it to be routed: reading goes on
+        meanwhile, and overlaps the filters that work in a thread of their own (the
+        kubernetes_audit filter's native scan). Each send reaches the sinks only after the one
+        before it (``after``), so the order of reading is kept. At most ``ROUTING_AHEAD`` sends
+        are unfinished; then reading waits for the oldest."""
+        if len(self._sending) >= ROUTING_AHEAD:
+            await self._sending.popleft()
+        previous = self._sending[-1] if self._sending else None
+        self._sending.append(asyncio.ensure_future(emitter.send(batch, after=previous)))
+        await asyncio.sleep(0)  # lets it start now, so that such a filter's thread begins
+
+    async def _sent(self) -> None:
+        """Waits until every batch given to ``_send`` is routed (raising what one raised)."""
+        while self._sending:
+            await self._sending.popleft()
+
+    async def _tail(self, emitter: Emitter) -> None:
         if self.db is None:
             self.db = StateDB.from_options(self.db_config)
             if self.db is not None:
@@ -313,7 +345,7 @@ class TailSource(Source):
                         break
                 batch = self._read(tailed)
                 if batch is not None:
-                    await emitter.send(batch)
+                    await self._send(emitter, batch)
                 if batch is not None or not tailed.at_eof:  # a read of only part of a line counts
                     progressed = True
             now = time.monotonic()
@@ -321,7 +353,7 @@ class TailSource(Source):
                 for tailed in list(self.files.values()):
                     batch = self._flush_joiner(tailed, now - self.flush_seconds)
                     if batch is not None:
-                        await emitter.send(batch)
+                        await self._send(emitter, batch)
             if progressed:
                 # Busy files never reach the idle branch: rotation and new files are still
                 # looked at on their own clocks.
@@ -335,10 +367,11 @@ class TailSource(Source):
                 for tailed in list(self.files.values()):
                     batch = self._flush_partial(tailed)
                     if batch is not None:
-                        await emitter.send(batch)
+                        await self._send(emitter, batch)
                     batch = self._flush_joiner(tailed, float("inf"))
                     if batch is not None:
-                        await emitter.send(batch)
+                        await self._send(emitter, batch)
+                await self._sent()
                 self.log.info("every file read to its end (exit_on_eof)", extra={"files": len(self.files)})
                 return
             self._check_rotation()

@@ -45,8 +45,11 @@ pure Python (msgspec ``decode_lines`` into structs) otherwise; both give the sam
 tests compare them. A tailed file's lazy batch is filtered as one block into a new block, so no
 record object is built per line unless a sink asks for records. The native scan runs without
 the GIL (the sinks' threads need it meanwhile) and cuts big batches in parts for threads
-(``scan_threads``). What needs the filter's state (dedupe) or is rare (redaction) stays here in
-Python either way.
+(``scan_threads``). The router calls the filter's async entry: the scan (and, for a block, the
+new block as it is when every line goes on) runs in the filter's own scan thread while the
+event loop's thread reads on; the tail hands over its next batch before the last is routed and
+the router keeps their order. What needs the filter's state (dedupe) or is rare (redaction)
+stays on the event loop, in Python, either way.
 
 **Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
 a SecretList) in ``requestObject`` and ``responseObject``, their
@@ -72,9 +75,11 @@ offsets already make restarts exact) are deduplicated in memory only.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Collection
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import msgspec
@@ -437,6 +442,9 @@ class _PyScan:
                 out.append(replacements[index] if replacements and index in replacements else self.splice(index, raw))
         return b"".join(line + b"\n" for line in out)
 
+    def release(self) -> None:
+        """Nothing held here (the native scan frees its buffers)."""
+
 
 class _Retried:
     """A native scan whose RETRY lines the Python scan decided.
@@ -476,6 +484,9 @@ class _Retried:
 
     def build(self, keep: bytes | None = None, replacements: dict[int, bytes] | None = None) -> bytes:
         return self.native.build(keep, replacements)  # type: ignore[no-any-return]
+
+    def release(self) -> None:
+        self.native.release()
 
 
 def _needs_python(options: _ScanOptions, raw: bytes, ev: _Event, hinted: bool) -> bool:
@@ -554,6 +565,20 @@ class _InFlight:
         self.waiters: list[AckToken] = []
 
 
+def _raws(records: list[Record]) -> list[bytes]:
+    """Each record's JSON bytes: as it came, or encoded from its body."""
+    return [record.raw if record.raw is not None else orjson.dumps(record.body) for record in records]
+
+
+def _lazy_block(batch: Batch) -> bytes | None:
+    """The block of a lazy batch the filter can take whole: newline-terminated lines, no record
+    built yet. None otherwise (the filter then works on the records)."""
+    block = batch.raw_block
+    if block is None or batch.is_materialized or not len(batch) or not block.endswith(b"\n"):
+        return None
+    return block
+
+
 class KubernetesAuditTransform(Transform):
     plugin_name = "kubernetes_audit"
     description = "Flattens audit events into queryable keys, redacts secrets, drops stages/levels, deduplicates"
@@ -616,6 +641,7 @@ class KubernetesAuditTransform(Transform):
         self.db: StateDB | None = None
         self._last_db_prune = 0.0
         self._warned_evict = False
+        self._executor: ThreadPoolExecutor | None = None  # the scan thread (made on first use)
         if self.dedupe and config.get("db"):
             self.db = StateDB.from_options(config)
             assert self.db is not None
@@ -707,13 +733,12 @@ class KubernetesAuditTransform(Transform):
     def process(self, records: list[Record]) -> list[Record]:
         if not records:
             return records
-        raws: list[bytes] = []
-        for record in records:
-            raw = record.raw
-            if raw is None:
-                raw = orjson.dumps(record.body)
-            raws.append(raw)
-        scan = self._scan_lines(raws)
+        raws = _raws(records)
+        return self._process_scanned(records, raws, self._scan_lines(raws))
+
+    def _process_scanned(
+        self, records: list[Record], raws: list[bytes], scan: _PyScan | _Retried | Any
+    ) -> list[Record]:
         keep = self._select(scan, records)
         codes = scan.codes
         identities = scan.identities()
@@ -740,14 +765,74 @@ class KubernetesAuditTransform(Transform):
 
     def process_batch(self, batch: Batch) -> Batch:
         """A tailed file's lazy batch is filtered as its block: no record is built per line."""
-        block = batch.raw_block
-        if block is None or batch.is_materialized or not len(batch):
+        block = _lazy_block(batch)
+        if block is None:
             return super().process_batch(batch)
-        if not block.endswith(b"\n"):
-            return super().process_batch(batch)  # not the newline-terminated lines expected
+        return self._process_block(batch, block, self._scan_block(block))
+
+    async def process_batch_async(self, batch: Batch) -> Batch:
+        """As :meth:`process_batch`, with the native scan (most of the work, without the GIL) in
+        the filter's scan thread: the event loop's thread reads the next batch meanwhile (the
+        tail sends a batch and reads on; see ``TailSource._send``). Only the scan moves: every
+        decision on the filter's state (dedupe) stays on the event loop, batch by batch."""
+        if self.native is None or not len(batch):
+            return self.process_batch(batch)
+        loop = asyncio.get_running_loop()
+        block = _lazy_block(batch)
+        if block is not None:
+            scan, built = await loop.run_in_executor(self._scan_thread(), self._scan_and_build, block)
+            return self._process_block(batch, block, scan, built)
+        records = batch.records
+        raws = _raws(records)
+        scanned = await loop.run_in_executor(self._scan_thread(), self._scan_lines, raws)
+        return batch.derive(self._process_scanned(records, raws, scanned))
+
+    def _scan_and_build(self, block: bytes) -> tuple[_PyScan | _Retried | Any, bytes | None]:
+        """In the scan thread: the scan, and the new block as it is when every line goes on (no
+        line for Python to finish, none dropped by rule). Whether dedupe removes lines is decided
+        afterwards on the event loop; when it does, the block is built again there (rare)."""
         scan = self._scan_block(block)
-        if len(scan) != len(batch):
+        codes = scan.codes
+        if SLOW in codes or DROP in codes:
+            return scan, None
+        return scan, scan.build()
+
+    def _scan_thread(self) -> ThreadPoolExecutor:
+        # One thread: batches are scanned one at a time, as they would be on the event loop.
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="kubernetes_audit-scan")
+        return self._executor
+
+    async def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        await super().close()
+
+    def _process_block(
+        self, batch: Batch, block: bytes, scan: _PyScan | _Retried | Any, built: bytes | None = None
+    ) -> Batch:
+        """The filtered lazy batch of a scanned block. ``built``: the new block as the scan
+        thread built it for the case that every line goes on (used when that is so)."""
+        plan = self._plan_block(batch, block, scan)
+        if plan is None:
+            scan.release()
             return super().process_batch(batch)  # not one document per line after all
+        keep, replacements, count = plan
+        if count and (built is None or keep is not None or replacements):
+            built = scan.build(keep, replacements)
+        scan.release()
+        if not count or built is None:
+            return batch.derive([])
+        return self._block_batch(batch, scan, keep, count, built)
+
+    def _plan_block(
+        self, batch: Batch, block: bytes, scan: _PyScan | _Retried | Any
+    ) -> tuple[bytes | None, dict[int, bytes] | None, int] | None:
+        """Which lines go on, the outputs Python made (SLOW lines), and how many lines go on;
+        None when the scan did not find one line per record."""
+        if len(scan) != len(batch):
+            return None
         keep = self._select(scan, None)
         replacements: dict[int, bytes] | None = None
         codes = scan.codes
@@ -757,10 +842,12 @@ class KubernetesAuditTransform(Transform):
             for index, code in enumerate(codes):
                 if code == SLOW and (keep is None or keep[index]):
                     replacements[index] = self._finish(lines[index])[0]
-        new_block = scan.build(keep, replacements)
-        count = len(batch) if keep is None else keep.count(1)
-        if not count:
-            return batch.derive([])
+        return keep, replacements, len(batch) if keep is None else keep.count(1)
+
+    def _block_batch(
+        self, batch: Batch, scan: _PyScan | _Retried | Any, keep: bytes | None, count: int, new_block: bytes
+    ) -> Batch:
+        """The lazy batch of the filtered block."""
         source = batch
 
         def materialize() -> list[Record]:

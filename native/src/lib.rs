@@ -734,7 +734,7 @@ struct AuditScan {
     stage_indexes: Vec<u8>,
     /// Byte length of the auditID at the start of each key.
     id_lens: Vec<u32>,
-    /// The scanned input; None once ``build`` gave the outputs away.
+    /// The scanned input; None once released.
     input: Option<Input>,
     /// The flat members, one buffer per part scanned, and where each line's are.
     flats: Vec<Vec<u8>>,
@@ -824,9 +824,7 @@ impl AuditScan {
             return Err(PyValueError::new_err("line index out of range"));
         }
         let Some(input) = &self.input else {
-            return Err(PyValueError::new_err(
-                "the outputs were given away by build()",
-            ));
+            return Err(PyValueError::new_err("the scan was released"));
         };
         let output = Output {
             flat: self.flat(index),
@@ -839,10 +837,11 @@ impl AuditScan {
 
     /// The output block: every line's output and a newline, less the lines whose ``keep`` byte
     /// is 0 (all kept when ``keep`` is None); ``replacements`` maps a line index to its output.
-    /// Lets the input go: once per scan.
+    /// May be called again (the filter builds a block before it knows which lines go on, and
+    /// again in the rare case that not all of them do), until ``release``.
     #[pyo3(signature = (keep=None, replacements=None))]
     fn build<'py>(
-        &mut self,
+        &self,
         py: Python<'py>,
         keep: Option<&[u8]>,
         replacements: Option<&Bound<'py, PyDict>>,
@@ -851,7 +850,7 @@ impl AuditScan {
             return Err(PyValueError::new_err("keep must have one byte per line"));
         }
         let Some(input) = &self.input else {
-            return Err(PyValueError::new_err("build() was already called"));
+            return Err(PyValueError::new_err("the scan was released"));
         };
         let lines = input.lines(py);
         let replacements = match replacements {
@@ -908,11 +907,14 @@ impl AuditScan {
                 out.put(b"\n");
             }
         })?;
-        drop(pieces);
-        drop(lines);
+        Ok(block)
+    }
+
+    /// Lets the input and the flat members go (after the last ``build``); the codes, keys and
+    /// identities stay.
+    fn release(&mut self) {
         self.input = None;
         self.flats = Vec::new();
-        Ok(block)
     }
 }
 

@@ -5,7 +5,9 @@ scripted ways. Records are counted by identity: nothing lost, nothing repeated."
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import random
 from collections import Counter
 from pathlib import Path
@@ -22,9 +24,13 @@ from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.pipeline import Pipeline
+from kubetrail.runtime.router import RoutedSink, Router
+from kubetrail.runtime.routing import TagMatcher
 from kubetrail.runtime.sink_runner import SinkRunner
+from kubetrail.sinks import file as file_module
+from kubetrail.sinks.file import FileSink
 from tests.files import written_json_lines
-from tests.unit.helpers import tail_file_config, write
+from tests.unit.helpers import build, tail_file_config, write
 
 LOG = logging.getLogger("kubetrail.test.delivery")
 
@@ -396,3 +402,105 @@ async def test_a_locked_buffer_directory_fails_the_start_clearly(
         assert "in use by another kubetrail process" in caplog.text
     finally:
         first.runners[0].cancel()
+
+
+# --- group writes (the file output's group commit) -------------------------------------------
+
+
+def file_numbers(path: Path) -> list[int]:
+    return [orjson.loads(line)["n"] for line in path.read_bytes().splitlines()]
+
+
+def counting_fsync(monkeypatch: pytest.MonkeyPatch, fail_first: int = 0) -> list[int]:
+    """Counts the file output's fsyncs; the first ``fail_first`` raise EIO."""
+
+    calls: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) <= fail_first:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(file_module.os, "fsync", fsync)
+    return calls
+
+
+async def test_batches_queued_for_one_file_are_written_together_with_one_fsync(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+
+    sink = build(FileSink, path=str(tmp_path), file="out.log", format="plain")
+    runner, registry = runner_for(sink)  # type: ignore[arg-type]
+    fsyncs = counting_fsync(monkeypatch)
+    done: list[bool] = []
+    for start in range(0, 50, 10):  # queued before the worker runs: one group
+        await runner.enqueue(batch(start, 10, done))
+    runner.start()
+    await runner.drain()  # its end marker, queued behind them, stops the worker after the group
+    await sink.close()
+    assert file_numbers(tmp_path / "out.log") == list(range(50))
+    assert len(fsyncs) == 1
+    assert done == [True] * 5
+    assert metric(registry, "kubetrail_records_out_total", component="out.0") == 50
+
+
+async def test_a_failed_group_write_leaves_nothing_and_each_batch_is_then_written_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The group's data reached the file but its fsync failed: the group is cut back, and each
+    batch is delivered on its own (with the usual retries): one copy of each, in order."""
+
+    sink = build(FileSink, path=str(tmp_path), file="out.log", format="plain")
+    await sink.start()
+    await sink.write(batch(100, 2))  # written before: must survive the cut
+    runner, registry = runner_for(sink)  # type: ignore[arg-type]
+    fsyncs = counting_fsync(monkeypatch, fail_first=2)  # the group's, then the first batch's
+    done: list[bool] = []
+    for start in range(0, 30, 10):
+        await runner.enqueue(batch(start, 10, done))
+    runner.start()
+    await runner.drain()
+    await sink.close()
+    assert file_numbers(tmp_path / "out.log") == [100, 101, *range(30)]
+    assert len(fsyncs) == 2 + 3  # the failed group, the failed first try, three batches
+    assert done == [True] * 3
+    assert metric(registry, "kubetrail_errors_total", component="out.0") == 2
+    assert metric(registry, "kubetrail_retries_total") == 1
+
+
+async def test_only_batches_for_the_same_file_are_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+
+    sink = build(FileSink, path=str(tmp_path), format="plain")  # one file per tag
+    runner, _ = runner_for(sink)  # type: ignore[arg-type]
+    fsyncs = counting_fsync(monkeypatch)
+    for tag, start in [("a", 0), ("a", 10), ("b", 20), ("a", 30), ("a", 40)]:
+        queued = batch(start, 10)
+        queued.tag = tag
+        await runner.enqueue(queued)
+    runner.start()
+    await runner.drain()
+    await sink.close()
+    assert file_numbers(tmp_path / "a") == [*range(0, 20), *range(30, 50)]
+    assert file_numbers(tmp_path / "b") == list(range(20, 30))
+    assert len(fsyncs) == 3  # a+a, b, a+a
+
+
+async def test_a_send_reaches_the_sinks_only_after_the_send_it_follows() -> None:
+    """Router.send(after=...): the tail hands the next batch over before the last one is routed;
+    the next one's filters run at once, but it is queued for the sinks only after the last."""
+    sink = ScriptedSink()
+    runner, registry = runner_for(sink)
+    router = Router([], [RoutedSink(runner, TagMatcher("*"))], LOG)
+    source_metrics = registry.component("in.0", "source", "test")
+    first_routed = asyncio.get_running_loop().create_future()
+    second = asyncio.create_task(router.send(batch(10, 2), source_metrics, after=first_routed))
+    await asyncio.sleep(0.05)
+    assert runner._queue.empty(), "queued before the send it follows"
+    await router.send(batch(0, 2), source_metrics)
+    first_routed.set_result(None)
+    await second
+    runner.start()
+    await runner.drain()
+    assert sink.delivered == [0, 1, 10, 11]
