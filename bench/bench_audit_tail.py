@@ -7,9 +7,9 @@ matters is the cost of the filter as a share of tail-only throughput.
     .venv/bin/python bench/bench_audit_tail.py [--lines 1000000] [--repeat 3] [--without-dedupe]
         [--breakdown] [--python-scan] [--output-dir /dev/shm]
 
-The file output fsyncs every batch, and the filter's flat keys nearly double the bytes written,
-so on a disk-bound machine part of the filter's cost is the disk's; ``--output-dir /dev/shm``
-(tmpfs) shows the CPU side alone.
+The file output fsyncs each group of queued batches, and the filter's flat keys nearly double
+the bytes written, so on a disk-bound machine part of the filter's cost is the disk's;
+``--output-dir /dev/shm`` (tmpfs) shows the CPU side alone.
 
 The filter uses its native scan (kubetrail_native) when built; ``--python-scan`` adds a run
 with the pure-Python scan for comparison.

@@ -1,8 +1,10 @@
 """The ``file`` output: Fluent Bit's formats, and fsync before a batch is acknowledged.
 
 Writes happen in a worker thread (``asyncio.to_thread``) so an fsync on a slow disk never
-stalls the event loop that is still reading inputs. Open files are kept in a small LRU since
-the file name may come from the tag (one file per tag, as in Fluent Bit).
+stalls the event loop that is still reading inputs. Batches queued for the same file are
+written by one call with one fsync (``write_group``, a group commit: the sink runner collects
+them); each is acknowledged after that fsync. Open files are kept in a small LRU since the file
+name may come from the tag (one file per tag, as in Fluent Bit).
 """
 
 from __future__ import annotations
