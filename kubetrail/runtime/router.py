@@ -4,7 +4,9 @@ Routes are resolved once per distinct tag and cached. The acknowledgement token 
 once per destination sink before any sink can see the batch, and the source's own reference is
 given up last, so a token can never complete while the batch is still being routed. A batch no
 output matches is counted as dropped (reason ``unrouted``) and acknowledged, as Fluent Bit
-drops records no output matches.
+drops records no output matches. A send that does not finish (cancelled at shutdown while a sink
+buffer is full, or after the send before it failed) keeps that reference: the batch counts as
+in flight, not delivered, and is read again after a restart.
 """
 
 from __future__ import annotations
@@ -73,37 +75,48 @@ class Router:
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack
+        routed = False
         try:
-            route = self.route(batch.tag)
-            out = batch
-            for routed in route.transforms:
-                before = len(out)
-                routed.metrics.records_in.inc(before)
-                try:
-                    out = await routed.transform.process_batch_async(out)
-                except Exception as exc:
-                    # A filter bug must not lose data: pass the batch on unfiltered, loudly.
-                    routed.metrics.error(type(exc).__name__)
-                    self.log.exception(
-                        "filter failed; batch passed on unfiltered",
-                        extra={"component": routed.component_id, "error": str(exc)},
-                    )
-                routed.metrics.records_out.inc(len(out))
-                routed.metrics.dropped(before - len(out), "filtered")
-                if not len(out):
-                    break
-            if after is not None:
-                # Before any return: a batch after this one waits for this send, not the one before.
-                await after
-            if not len(out):
-                return
-            if not route.sinks:
-                source_metrics.dropped(len(out), "unrouted")
-                return
-            if token is not None:
-                token.retain(len(route.sinks))
-            for runner in route.sinks:
-                await runner.enqueue(out, durable)
+            await self._route(batch, source_metrics, durable, after)
+            routed = True
         finally:
-            if token is not None:
+            # An interrupted send (cancelled at shutdown, or the send before it failed) keeps the
+            # source's reference: the batch stays in flight, so no checkpoint moves past it and
+            # it is read again after a restart. Sealing it would count it as delivered.
+            if token is not None and routed:
                 token.seal()
+
+    async def _route(
+        self, batch: Batch, source_metrics: ComponentMetrics, durable: bool, after: Awaitable[None] | None
+    ) -> None:
+        token = batch.ack
+        route = self.route(batch.tag)
+        out = batch
+        for routed in route.transforms:
+            before = len(out)
+            routed.metrics.records_in.inc(before)
+            try:
+                out = await routed.transform.process_batch_async(out)
+            except Exception as exc:
+                # A filter bug must not lose data: pass the batch on unfiltered, loudly.
+                routed.metrics.error(type(exc).__name__)
+                self.log.exception(
+                    "filter failed; batch passed on unfiltered",
+                    extra={"component": routed.component_id, "error": str(exc)},
+                )
+            routed.metrics.records_out.inc(len(out))
+            routed.metrics.dropped(before - len(out), "filtered")
+            if not len(out):
+                break
+        if after is not None:
+            # Before any return: a batch after this one waits for this send, not the one before.
+            await after
+        if not len(out):
+            return
+        if not route.sinks:
+            source_metrics.dropped(len(out), "unrouted")
+            return
+        if token is not None:
+            token.retain(len(route.sinks))
+        for runner in route.sinks:
+            await runner.enqueue(out, durable)

@@ -504,3 +504,28 @@ async def test_a_send_reaches_the_sinks_only_after_the_send_it_follows() -> None
     runner.start()
     await runner.drain()
     assert sink.delivered == [0, 1, 10, 11]
+
+
+async def test_an_interrupted_send_keeps_its_batch_in_flight() -> None:
+    """A send cancelled while it waits for a full sink buffer (shutdown), or whose previous send
+    failed, must not count its batch as delivered: its token stays pending, so the source's
+    checkpoint cannot move past it and the batch is read again after a restart."""
+    sink = ScriptedSink()
+    runner, registry = runner_for(sink, max_batches=1)
+    router = Router([], [RoutedSink(runner, TagMatcher("*"))], LOG)
+    source_metrics = registry.component("in.0", "source", "test")
+    done: list[bool] = []
+    await router.send(batch(0, 1, done), source_metrics)  # fills the buffer (no worker yet)
+    blocked = asyncio.create_task(router.send(batch(1, 1, done), source_metrics))
+    await asyncio.sleep(0.05)
+    blocked.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await blocked
+    failed = asyncio.get_running_loop().create_future()
+    failed.set_exception(RuntimeError("the send before failed"))
+    with pytest.raises(RuntimeError, match="the send before failed"):
+        await router.send(batch(2, 1, done), source_metrics, after=failed)
+    runner.start()
+    await runner.drain()
+    assert sink.delivered == [0]
+    assert done == [True]  # only the first batch's token completed
