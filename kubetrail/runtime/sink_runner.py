@@ -21,6 +21,13 @@ Delivery policy, the same for every sink:
 ``workers`` deliveries run concurrently, each on its own batch; a failing batch holds only its
 own worker, so with several workers the others keep delivering.
 
+A sink that can write several batches in one call (``Sink.group_key`` / ``write_group``: the
+file output, one fsync for batches queued for the same file) gets the batches queued right
+behind the one a worker takes, up to half the buffer (GROUP_MAX_BATCHES, GROUP_MAX_BYTES): a
+group commit, so the fsyncs stop limiting a busy output; the other half fills meanwhile. Each batch of a group is acknowledged after the group's
+write; a failed group write leaves nothing behind and its batches then go through the
+per-batch policy above, one by one.
+
 Two buffers feed the workers: batches from ``memory`` inputs wait in a bounded in-memory queue
 (``enqueue`` waits while it is full: that wait is the backpressure the input feels); batches
 from ``filesystem`` inputs go through this output's :class:`~.disk_buffer.DiskQueue`, which
@@ -76,7 +83,11 @@ class SinkRunner:
         self.backoff_cap = max(backoff_cap, backoff_base)
         self.spool = spool
         self.dead_letters = dead_letters
-        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue(maxsize=max_batches)
+        # The buffer: batches queued *or being delivered*, at most max_batches (a group in hand
+        # counts too, so grouping does not double the memory a full buffer holds).
+        self._queue: asyncio.Queue[Batch | None] = asyncio.Queue()
+        self._slots = asyncio.Semaphore(max(1, max_batches))
+        self._group_max = max(1, min(GROUP_MAX_BATCHES, max_batches // 2))  # half: the other fills meanwhile
         self._tasks: list[asyncio.Task[None]] = []
         self._failing = False
         self._buffered_records = 0
@@ -100,12 +111,14 @@ class SinkRunner:
         await self._put(batch)
 
     async def _put(self, batch: Batch) -> None:
+        # Counted once it has a place: a wait cancelled at shutdown leaves the counts as they were.
+        await self._slots.acquire()
         self._buffered_records += len(batch)
         self._buffered_bytes += batch.size_bytes
         self.metrics.records_in.inc(len(batch))
         self.metrics.bytes_in.inc(batch.size_bytes)
         self._update_gauges()
-        await self._queue.put(batch)
+        self._queue.put_nowait(batch)
 
     def start(self) -> None:
         for index in range(self.workers):
@@ -149,6 +162,7 @@ class SinkRunner:
             for done in group:
                 self._buffered_records -= len(done)
                 self._buffered_bytes -= done.size_bytes
+                self._slots.release()
             self._update_gauges()
             if stop:
                 return
@@ -156,7 +170,7 @@ class SinkRunner:
 
     def _group(self, batch: Batch) -> tuple[list[Batch], Batch | None, bool]:
         """``batch`` and the batches queued right behind it that the sink can write in the same
-        call (same ``group_key``, up to GROUP_MAX_BATCHES / GROUP_MAX_BYTES); the batch taken
+        call (same ``group_key``, up to half the buffer / GROUP_MAX_BYTES); the batch taken
         from the queue that does not belong (delivered next); whether the drain's end marker
         was taken (the worker stops after this group)."""
         group_key = getattr(self.sink, "group_key", None)  # None on sinks that are not Sink subclasses
@@ -165,7 +179,7 @@ class SinkRunner:
         if key is None or group_key is None:
             return group, None, False
         size = batch.size_bytes
-        while len(group) < GROUP_MAX_BATCHES and size < GROUP_MAX_BYTES and not self._queue.empty():
+        while len(group) < self._group_max and size < GROUP_MAX_BYTES and not self._queue.empty():
             more = self._queue.get_nowait()
             if more is None:
                 return group, None, True
@@ -185,7 +199,8 @@ class SinkRunner:
             raise
         except Exception as exc:
             self.metrics.error(type(exc).__name__)
-            self.log.warning("group write failed; writing its batches one by one", extra={"error": str(exc)})
+            if not self._failing:  # a lasting failure is logged once, by _deliver
+                self.log.warning("group write failed; writing its batches one by one", extra={"error": str(exc)})
             for batch in group:
                 await self._deliver(batch)
             return

@@ -191,8 +191,8 @@ async def start(tmp_path: Path, certs: Pki) -> AsyncIterator[Any]:
         pipeline = Pipeline(load_config(receiver_config(tmp_path, certs, extra, filters)))
         sink = GatedSink()
         pipeline.runners[0].sink = sink  # type: ignore[assignment]
-        if queue_size is not None:  # a tiny sink buffer fills quickly
-            pipeline.runners[0]._queue = asyncio.Queue(maxsize=queue_size)
+        if queue_size is not None:  # a tiny sink buffer fills quickly (+1: the batch the worker holds)
+            pipeline.runners[0]._slots = asyncio.Semaphore(queue_size + 1)
         source = pipeline.sources[0].instance
         task = asyncio.create_task(pipeline.run())
         for _ in range(200):

@@ -529,3 +529,41 @@ async def test_an_interrupted_send_keeps_its_batch_in_flight() -> None:
     await runner.drain()
     assert sink.delivered == [0]
     assert done == [True]  # only the first batch's token completed
+
+
+class GroupingSink(ScriptedSink):
+    """Writes groups (one key for every batch); each group write waits for ``release``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[int] = []
+
+    def group_key(self, batch: Batch) -> object | None:
+        return "one"
+
+    async def write_group(self, batches: list[Batch]) -> None:
+        self.groups.append(len(batches))
+        await self.release.wait()
+        for queued in batches:
+            self.delivered.extend(r.body["n"] for r in queued.records)
+
+
+async def test_a_group_in_hand_counts_against_the_buffer() -> None:
+    """max_batches bounds the batches queued *and* being delivered: while a group of half the
+    buffer is written, only the other half can be filled (the memory a full buffer holds stays
+    what it was before groups)."""
+    sink = GroupingSink()
+    runner, _ = runner_for(sink, max_batches=4)  # type: ignore[arg-type]
+    for start in (0, 10, 20):
+        await runner.enqueue(batch(start, 1))
+    runner.start()
+    await asyncio.sleep(0.05)  # the worker took a group of 2 and waits in write_group
+    assert sink.groups == [2]
+    await runner.enqueue(batch(30, 1))  # the 4th slot
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(runner.enqueue(batch(40, 1)), 0.1)
+    sink.release.set()
+    await runner.enqueue(batch(40, 1))
+    await runner.drain()
+    assert sink.delivered == [0, 10, 20, 30, 40]
+    assert max(sink.groups) == 2  # half the buffer (a lone batch goes through write)
