@@ -24,14 +24,15 @@ own worker, so with several workers the others keep delivering.
 A sink that can write several batches in one call (``Sink.group_key`` / ``write_group``: the
 file output, one fsync for batches queued for the same file) gets the batches queued right
 behind the one a worker takes, up to half the buffer (GROUP_MAX_BATCHES, GROUP_MAX_BYTES): a
-group commit, so the fsyncs stop limiting a busy output; the other half fills meanwhile. Each batch of a group is acknowledged after the group's
-write; a failed group write leaves nothing behind and its batches then go through the
-per-batch policy above, one by one.
+group commit, so the fsyncs stop limiting a busy output; the other half fills meanwhile. Each
+batch of a group is acknowledged after the group's write; a failed group write leaves nothing
+behind and its batches then go through the per-batch policy above, one by one.
 
-Two buffers feed the workers: batches from ``memory`` inputs wait in a bounded in-memory queue
-(``enqueue`` waits while it is full: that wait is the backpressure the input feels); batches
-from ``filesystem`` inputs go through this output's :class:`~.disk_buffer.DiskQueue`, which
-acknowledges them once they are on disk and feeds them to the same workers.
+Two buffers feed the workers: batches from ``memory`` inputs wait in a bounded in-memory buffer
+(``max_batches`` queued or being delivered; ``enqueue`` waits while it is full: that wait is the
+backpressure the input feels); batches from ``filesystem`` inputs go through this output's
+:class:`~.disk_buffer.DiskQueue`, which acknowledges them once they are on disk and feeds them
+to the same workers.
 
 State changes (failing -> recovered) are logged once, not once per attempt.
 """
