@@ -91,7 +91,7 @@ class FileSink(Sink):
             raise RetryableError(f"output directory {self.directory} is not writable")
 
     async def write(self, batch: Batch) -> None:
-        await asyncio.to_thread(self._write_sync, self._target(batch), [self._data(batch)], batch)
+        await self.write_group([batch])
 
     def group_key(self, batch: Batch) -> object | None:
         return self._target(batch)

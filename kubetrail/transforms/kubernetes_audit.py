@@ -814,35 +814,25 @@ class KubernetesAuditTransform(Transform):
     ) -> Batch:
         """The filtered lazy batch of a scanned block. ``built``: the new block as the scan
         thread built it for the case that every line goes on (used when that is so)."""
-        plan = self._plan_block(batch, block, scan)
-        if plan is None:
+        if len(scan) != len(batch):
             scan.release()
             return super().process_batch(batch)  # not one document per line after all
-        keep, replacements, count = plan
-        if count and (built is None or keep is not None or replacements):
-            built = scan.build(keep, replacements)
-        scan.release()
-        if not count or built is None:
-            return batch.derive([])
-        return self._block_batch(batch, scan, keep, count, built)
-
-    def _plan_block(
-        self, batch: Batch, block: bytes, scan: _PyScan | _Retried | Any
-    ) -> tuple[bytes | None, dict[int, bytes] | None, int] | None:
-        """Which lines go on, the outputs Python made (SLOW lines), and how many lines go on;
-        None when the scan did not find one line per record."""
-        if len(scan) != len(batch):
-            return None
         keep = self._select(scan, None)
         replacements: dict[int, bytes] | None = None
-        codes = scan.codes
+        codes = scan.codes  # a copy each time it is asked for (native)
         if SLOW in codes:
             lines = block.split(b"\n")
             replacements = {}
             for index, code in enumerate(codes):
                 if code == SLOW and (keep is None or keep[index]):
                     replacements[index] = self._finish(lines[index])[0]
-        return keep, replacements, len(batch) if keep is None else keep.count(1)
+        count = len(batch) if keep is None else keep.count(1)
+        if count and (built is None or keep is not None or replacements):
+            built = scan.build(keep, replacements)
+        scan.release()
+        if not count or built is None:
+            return batch.derive([])
+        return self._block_batch(batch, scan, keep, count, built)
 
     def _block_batch(
         self, batch: Batch, scan: _PyScan | _Retried | Any, keep: bytes | None, count: int, new_block: bytes
