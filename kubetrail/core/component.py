@@ -77,6 +77,11 @@ class Source(Component):
 class Transform(Component):
     """Changes or drops records. Synchronous: transforms are CPU work on a batch in memory."""
 
+    # True for a filter that decodes every line of a lazy block itself and handles a block
+    # with a line that is not JSON (by calling ``Batch.check``): the router then hands it
+    # unchecked blocks when it is the first on their route, so no line is parsed twice.
+    checks_json_lines: bool = False
+
     def process(self, records: list[Record]) -> list[Record]:
         raise NotImplementedError
 

@@ -81,9 +81,15 @@ class Batch:
     ``raw_block`` plus a ``materialize`` function instead of a list. Routing needs only the tag,
     and a sink writing JSON lines needs only the block, so on that path no per-record object is
     ever built. Anything that reads ``records`` builds them on first access.
+
+    A lazy batch may also be *unchecked* (``check`` given): its block is whole lines, not yet
+    validated, because the first filter on its route decodes every line anyway and validates
+    it then (``Transform.checks_json_lines``). Anything else calls :meth:`check` first (the
+    router does, and ``records`` does); a block that fails is replaced by the records its
+    source builds line by line.
     """
 
-    __slots__ = ("_materialize", "_records", "ack", "count", "created", "raw_block", "size_bytes", "tag")
+    __slots__ = ("_check", "_materialize", "_records", "ack", "count", "created", "raw_block", "size_bytes", "tag")
 
     def __init__(
         self,
@@ -95,10 +101,12 @@ class Batch:
         raw_block: bytes | None = None,
         materialize: Callable[[], list[Record]] | None = None,
         count: int | None = None,
+        check: Callable[[], Batch | None] | None = None,
     ) -> None:
         if records is None and (materialize is None or count is None):
             raise ValueError("a lazy batch needs materialize and count")
         self.tag = tag
+        self._check = check if records is None else None
         self._records = records
         self._materialize = materialize
         self.count = len(records) if records is not None else count
@@ -111,9 +119,31 @@ class Batch:
         self.raw_block = raw_block
 
     @property
+    def unchecked(self) -> bool:
+        """True while the lazy block waits for its validation (see :meth:`check`)."""
+        return self._check is not None
+
+    def check(self) -> None:
+        """Validate an unchecked block. It stays as it is when it passes; when it does not, this
+        batch takes the records (and block, if any) its source built line by line instead."""
+        check = self._check
+        if check is None:
+            return
+        self._check = None
+        replacement = check()
+        if replacement is not None:
+            self._records = replacement.records
+            self._materialize = None
+            self.count = len(replacement)
+            self.raw_block = replacement.raw_block
+
+    @property
     def records(self) -> list[Record]:
         records = self._records
         if records is None:
+            self.check()
+            if self._records is not None:
+                return self._records
             assert self._materialize is not None
             records = self._records = self._materialize()
             self._materialize = None

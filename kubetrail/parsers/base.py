@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from kubetrail.core.record import Record
@@ -15,6 +14,30 @@ _CONVERTERS: dict[str, Any] = {
     "float": float,
     "bool": lambda v: str(v).strip().lower() in ("true", "on", "yes", "1"),
 }
+
+
+class DeferredBlock:
+    """A block of newline-terminated lines, parsed only when someone needs it.
+
+    Why the check waits too: a filter that decodes every line anyway (``kubernetes_audit``)
+    validates the block as part of its own work, and checking it here first would parse each
+    line twice. The router runs :meth:`check` before anything else sees the block (see
+    ``Batch.check``); until then the block is only known to be whole lines.
+
+    The records are one per line, in order, each with that line as its ``raw`` (the tail source
+    derives every record's file offset from this).
+    """
+
+    count: int  # lines in the block
+
+    def check(self) -> bool:
+        """Whether every line is what :meth:`materialize` needs (valid, one document per line).
+        False sends the block to the caller's line-by-line path, which reports the bad lines."""
+        raise NotImplementedError
+
+    def materialize(self) -> list[Record]:
+        """The records, after a :meth:`check` that passed."""
+        raise NotImplementedError
 
 
 class Parser:
@@ -41,14 +64,10 @@ class Parser:
     def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
         raise NotImplementedError
 
-    def parse_block_lazy(self, block: bytes, tag: str) -> tuple[int, Callable[[], list[Record]]] | None:
-        """Validate a block of newline-terminated lines without building records.
-
-        Returns the record count and a function that builds the records when someone needs
-        them, or ``None`` when this parser cannot (the caller then parses line by line). The
-        records are one per line, in order, each with that line as its ``raw`` (the tail source
-        derives every record's file offset from this).
-        """
+    def parse_block_deferred(self, block: bytes, tag: str) -> DeferredBlock | None:
+        """A block of newline-terminated lines whose records are built only when someone needs
+        them, and whose validation waits too (see :class:`DeferredBlock`), or ``None`` when this
+        parser cannot (the caller then parses line by line)."""
         return None
 
     def parse_block(self, block: bytes, lines: list[bytes], tag: str) -> tuple[list[Record], int, bool]:

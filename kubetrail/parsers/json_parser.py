@@ -12,7 +12,6 @@ also parses the time, in C, to microsecond precision; any other value falls back
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,7 +19,7 @@ import msgspec
 import orjson
 
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import DeferredBlock, Parser, unparsed_record, wall_ns
 
 RFC3339_FORMATS = frozenset(
     {
@@ -91,35 +90,10 @@ class JsonParser(Parser):
             append(Record(tag, time_ns, None, line))
         return records, failed
 
-    def parse_block_lazy(self, block: bytes, tag: str) -> tuple[int, Callable[[], list[Record]]] | None:
-        """Validate the whole block (syntax and time) in one C call; build records only on demand."""
+    def parse_block_deferred(self, block: bytes, tag: str) -> DeferredBlock | None:
         if not (self._lazy and self._rfc3339):
             return None
-        try:
-            shapes = self._decoder.decode_lines(block)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return None
-        count = block.count(b"\n")
-        if len(shapes) != count:
-            return None  # blank lines: the block is not one document per line
-        now = wall_ns()
-        offset = timedelta(seconds=self.time_parser.offset_seconds)
-
-        def materialize() -> list[Record]:
-            records: list[Record] = []
-            append = records.append
-            for shape, line in zip(shapes, block.split(b"\n")):  # noqa: B905 - split has one extra b""
-                value = shape.t  # type: ignore[attr-defined]
-                if value is None:
-                    time_ns = now
-                else:
-                    if value.tzinfo is None:  # no zone written: UTC shifted by time_offset
-                        value = value.replace(tzinfo=UTC) - offset
-                    time_ns = round(value.timestamp() * 1_000_000) * 1000
-                append(Record(tag, time_ns, None, line))
-            return records
-
-        return count, materialize
+        return _JsonBlock(self._decoder, block, tag, timedelta(seconds=self.time_parser.offset_seconds))
 
     def parse_block(self, block: bytes, lines: list[bytes], tag: str) -> tuple[list[Record], int, bool]:
         """One C call decodes the whole block; any bad line sends the block to the per-line path."""
@@ -164,3 +138,48 @@ class JsonParser(Parser):
                 record = unparsed_record(tag, line, now)
             records.append(record)
         return records, failed
+
+
+class _JsonBlock(DeferredBlock):
+    """A block of JSON lines: one C call (msgspec) checks the syntax of all of it and decodes
+    each line's time; the records are built only if someone asks for them."""
+
+    __slots__ = ("_decoder", "_now", "_offset", "_shapes", "block", "count", "tag")
+
+    def __init__(self, decoder: msgspec.json.Decoder[Any], block: bytes, tag: str, offset: timedelta) -> None:
+        self._decoder = decoder
+        self.block = block
+        self.tag = tag
+        self.count = block.count(b"\n")
+        self._offset = offset
+        self._now = wall_ns()  # the time of a line without one: when it was read
+        self._shapes: list[Any] | bool | None = None  # False: checked, and not valid
+
+    def check(self) -> bool:
+        if self._shapes is None:
+            try:
+                shapes = self._decoder.decode_lines(self.block)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                shapes = None
+            # Fewer documents than lines: blank lines, which the line-by-line path skips.
+            self._shapes = shapes if shapes is not None and len(shapes) == self.count else False
+        return self._shapes is not False
+
+    def materialize(self) -> list[Record]:
+        if not self.check():
+            raise ValueError("the block did not pass its check; it is parsed line by line")
+        shapes = self._shapes
+        assert isinstance(shapes, list)
+        now, offset, tag = self._now, self._offset, self.tag
+        records: list[Record] = []
+        append = records.append
+        for shape, line in zip(shapes, self.block.split(b"\n")):  # noqa: B905 - split has one extra b""
+            value = shape.t
+            if value is None:
+                time_ns = now
+            else:
+                if value.tzinfo is None:  # no zone written: UTC shifted by time_offset
+                    value = value.replace(tzinfo=UTC) - offset
+                time_ns = round(value.timestamp() * 1_000_000) * 1000
+            append(Record(tag, time_ns, None, line))
+        return records

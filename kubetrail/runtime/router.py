@@ -72,12 +72,15 @@ class Router:
         """``durable``: the source has ``storage.type filesystem`` (see :mod:`.disk_buffer`).
         ``after``: the source's previous send, which must reach the sinks first (see
         :class:`~kubetrail.core.component.Emitter`); this batch's filters run meanwhile."""
+        route = self.route(batch.tag)
+        if batch.unchecked and not (route.transforms and route.transforms[0].transform.checks_json_lines):
+            batch.check()  # nothing on the route validates the block's lines itself
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack
         routed = False
         try:
-            await self._route(batch, source_metrics, durable, after)
+            await self._route(batch, route, source_metrics, durable, after)
             routed = True
         finally:
             # An interrupted send (cancelled at shutdown, or the send before it failed) keeps the
@@ -87,12 +90,18 @@ class Router:
                 token.seal()
 
     async def _route(
-        self, batch: Batch, source_metrics: ComponentMetrics, durable: bool, after: Awaitable[None] | None
+        self,
+        batch: Batch,
+        route: Route,
+        source_metrics: ComponentMetrics,
+        durable: bool,
+        after: Awaitable[None] | None,
     ) -> None:
         token = batch.ack
-        route = self.route(batch.tag)
         out = batch
         for routed in route.transforms:
+            if not routed.transform.checks_json_lines:
+                out.check()
             before = len(out)
             routed.metrics.records_in.inc(before)
             try:
@@ -108,6 +117,7 @@ class Router:
             routed.metrics.dropped(before - len(out), "filtered")
             if not len(out):
                 break
+        out.check()  # a filter that failed passed it on as it came
         if after is not None:
             # Before any return: a batch after this one waits for this send, not the one before.
             await after

@@ -54,7 +54,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
-from kubetrail.core.acks import OrderedAcks
+from kubetrail.core.acks import AckToken, OrderedAcks
 from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
@@ -62,7 +62,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.core.state import DB_OPTIONS, StateDB
 from kubetrail.core.tags import expand_tag
 from kubetrail.core.values import split_list
-from kubetrail.parsers.base import Parser, wall_ns
+from kubetrail.parsers.base import DeferredBlock, Parser, wall_ns
 from kubetrail.parsers.multiline import FORMATS, ContainerLogJoiner, JoinStats
 from kubetrail.sources.tail_watch import FileWatcher
 
@@ -122,7 +122,7 @@ def _line_starts(lines: list[bytes], start: int) -> list[int]:
 def _with_identities(materialize: Callable[[], list[Record]], uid: str, start: int) -> Callable[[], list[Record]]:
     """Wraps a lazy batch's builder: records get their identities only if someone builds them.
 
-    A lazy batch has one record per line whose ``raw`` is that line (the parse_block_lazy
+    A lazy batch has one record per line whose ``raw`` is that line (the DeferredBlock
     contract), so the offsets follow from the records' lengths without splitting the block again.
     """
 
@@ -131,7 +131,7 @@ def _with_identities(materialize: Callable[[], list[Record]], uid: str, start: i
         position = start
         for record in records:
             raw = record.raw
-            assert raw is not None, "parse_block_lazy records keep their line"
+            assert raw is not None, "deferred block records keep their line"
             record.identity = (uid, position)
             position += len(raw) + 1
         return records
@@ -774,17 +774,42 @@ class TailSource(Source):
         if tailed.joiner is not None:
             return self._make_container_batch(tailed, block, start, end, skip_first)
         token = tailed.acks.token(end, self._track(len(block)))
+        plain = not (skip_first or self.path_key or self.offset_key)
+        if self.parser is not None and plain:
+            deferred = self.parser.parse_block_deferred(block, tailed.tag)
+            if deferred is not None:
+                return self._deferred_batch(tailed, block, start, token, deferred)
+        batch = self._line_batch(tailed, block, start, token, skip_first, plain)
+        if not len(batch):
+            token.seal()  # nothing to deliver, but the offset may still advance
+            return None
+        return batch
+
+    def _deferred_batch(
+        self, tailed: TailedFile, block: bytes, start: int, token: AckToken, deferred: DeferredBlock
+    ) -> Batch:
+        """A lazy, unchecked batch of the block (see ``Batch.check``): no record built, and the
+        lines validated only when the batch is routed (or by a filter that decodes them anyway)."""
+
+        def check() -> Batch | None:
+            if deferred.check():
+                return None
+            # Not one valid document per line: parsed line by line, the bad lines reported.
+            return self._line_batch(tailed, block, start, token, False, True)
+
+        build = _with_identities(deferred.materialize, tailed.uid, start)
+        return Batch(
+            tailed.tag, None, token, len(block), raw_block=block, materialize=build, count=deferred.count, check=check
+        )
+
+    def _line_batch(
+        self, tailed: TailedFile, block: bytes, start: int, token: AckToken, skip_first: bool, plain: bool
+    ) -> Batch:
+        """The block parsed line by line (empty when no line is left)."""
         tag = tailed.tag
         size = len(block)
         parser = self.parser
         uid = tailed.uid
-        plain = not (skip_first or self.path_key or self.offset_key)
-        if parser is not None and plain:
-            lazy = parser.parse_block_lazy(block, tag)
-            if lazy is not None:
-                count, materialize = lazy
-                build = _with_identities(materialize, uid, start)
-                return Batch(tag, None, token, size, raw_block=block, materialize=build, count=count)
         lines = block.split(b"\n")
         lines.pop()  # the empty string after the final newline
         starts = _line_starts(lines, start)
@@ -799,8 +824,7 @@ class TailSource(Source):
             lines, starts = [line for line, _ in kept], [at for _, at in kept]
             raw_block = None
         if not lines:
-            token.seal()  # nothing to deliver, but the offset may still advance
-            return None
+            return Batch(tag, [], token, size)
         if parser is not None:
             if raw_block is not None:
                 records, failed, unchanged = parser.parse_block(raw_block, lines, tag)

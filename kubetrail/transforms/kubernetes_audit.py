@@ -582,6 +582,9 @@ def _lazy_block(batch: Batch) -> bytes | None:
 class KubernetesAuditTransform(Transform):
     plugin_name = "kubernetes_audit"
     description = "Flattens audit events into queryable keys, redacts secrets, drops stages/levels, deduplicates"
+    # Both scans decode every line; a block with a line that is not an event is checked then
+    # (see _process_block). So a tailed block is parsed once, not by the parser and again here.
+    checks_json_lines = True
     options = (
         Option("flatten", "bool", True, help="Add the queried fields as top-level keys (original kept)"),
         Option("drop_stages", "list", [], help="Stages to drop, e.g. RequestReceived"),
@@ -814,12 +817,20 @@ class KubernetesAuditTransform(Transform):
     ) -> Batch:
         """The filtered lazy batch of a scanned block. ``built``: the new block as the scan
         thread built it for the case that every line goes on (used when that is so)."""
+        codes = scan.codes  # a copy each time it is asked for (native)
+        if batch.unchecked and (len(scan) != len(batch) or PASS in codes):
+            # A line that is not an audit event may not be JSON at all: the block is validated
+            # as the router would have (the scan checked the others), and one that fails is
+            # filtered as the records its source parsed line by line.
+            batch.check()
+            if batch.raw_block is not block:
+                scan.release()
+                return super().process_batch(batch)
         if len(scan) != len(batch):
             scan.release()
             return super().process_batch(batch)  # not one document per line after all
         keep = self._select(scan, None)
         replacements: dict[int, bytes] | None = None
-        codes = scan.codes  # a copy each time it is asked for (native)
         if SLOW in codes:
             lines = block.split(b"\n")
             replacements = {}
