@@ -19,6 +19,25 @@ SHARED = REPO.parent / "shared"
 CACHE = Path(os.environ.get("KUBETRAIL_CACHE_DIR", Path.home() / ".cache" / "kubetrail")) / "bench"
 
 
+def warm_free_memory(directory: Path, megabytes: int = 2048) -> None:
+    """Write and delete ``megabytes`` in ``directory`` right before a measured run.
+
+    Why: this machine is a VM whose balloon device takes free-page reports (virtio free page
+    reporting), so guest memory left free for a few seconds is handed back to the host, and
+    the next touch of each such page costs a host page fault. A run writing 1.7 GB into the
+    page cache then spent up to 3 s more in the kernel (in ``copy_folio_from_iter_atomic``)
+    depending on what the run before it had freed, which favoured whichever variant came
+    after a bigger one. Freshly freed page-cache pages are taken first and not yet reported,
+    so every variant starts the same way: as on a host whose page cache is recycled, not grown.
+    """
+    chunk = b"\0" * (1 << 20)
+    warm = directory / ".warm"
+    with warm.open("wb") as out:
+        for _ in range(megabytes):
+            out.write(chunk)
+    warm.unlink()
+
+
 def audit_lines_file(count: int) -> Path:
     """``count`` lines from shared/bench/gen_audit.py, generated once and cached outside the repo."""
     CACHE.mkdir(parents=True, exist_ok=True)

@@ -5,11 +5,13 @@ Same input, same run, two kubetrail child processes: tail alone, and tail plus t
 matters is the cost of the filter as a share of tail-only throughput.
 
     .venv/bin/python bench/bench_audit_tail.py [--lines 1000000] [--repeat 3] [--without-dedupe]
-        [--breakdown] [--python-scan] [--output-dir /dev/shm]
+        [--breakdown] [--python-scan] [--output-dir /dev/shm] [--cold]
 
 The file output fsyncs each group of queued batches, and the filter's flat keys nearly double
 the bytes written, so on a disk-bound machine part of the filter's cost is the disk's;
-``--output-dir /dev/shm`` (tmpfs) shows the CPU side alone.
+``--output-dir /dev/shm`` (tmpfs) shows the CPU side alone. Before each run 2 GB are written
+and deleted in the output directory, so that no variant pays for memory this VM had handed
+back to its host (see ``_common.warm_free_memory``; ``--cold`` skips it).
 
 The filter uses its native scan (kubetrail_native) when built; ``--python-scan`` adds a run
 with the pure-Python scan for comparison.
@@ -25,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import Measured, audit_lines_file, audit_tail_config, cpu_count_hint, measure
+from _common import Measured, audit_lines_file, audit_tail_config, cpu_count_hint, measure, warm_free_memory
 
 FILTER = """[FILTER]
     name    kubernetes_audit
@@ -51,6 +53,11 @@ def main() -> int:
         help="where the file output writes (default: the temp dir); /dev/shm takes the disk out of the figure",
     )
     parser.add_argument("--repeat", type=int, default=3, help="rounds of all variants; medians are compared")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="skip writing and deleting 2 GB before each run (see _common.warm_free_memory)",
+    )
     args = parser.parse_args()
     src = audit_lines_file(args.lines)
     size_mb = src.stat().st_size / 1e6
@@ -71,6 +78,8 @@ def main() -> int:
             try:
                 config = work / "bench.conf"
                 config.write_text(audit_tail_config(src, work, parser="k8s_audit", filters=flt))
+                if not args.cold:
+                    warm_free_memory(work)
                 m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
                 output = work / "audit.jsonl"
                 written = sum(1 for _ in output.open("rb"))
