@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import audit_lines_file, audit_tail_config, cpu_count_hint, measure
+from _common import audit_lines_file, audit_tail_config, cpu_count_hint, measure, warm_free_memory
 
 NAIVE = r"""
 import sys, orjson
@@ -38,9 +38,11 @@ def main() -> int:
     size_mb = src.stat().st_size / 1e6
     work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-"))
     try:
+        warm_free_memory(work)  # each run starts with memory this VM has not handed back to its host
         naive = measure([sys.executable, "-c", NAIVE, str(src), str(work / "naive.jsonl")])
         config = work / "bench.conf"
         config.write_text(audit_tail_config(src, work))
+        warm_free_memory(work)
         ours = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
         if naive.returncode or ours.returncode:
             print(f"FAILED: naive rc={naive.returncode}, kubetrail rc={ours.returncode}", file=sys.stderr)

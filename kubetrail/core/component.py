@@ -60,6 +60,11 @@ class Emitter(Protocol):
 
     async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None: ...
 
+    def leaves_check(self, tag: str) -> bool:
+        """Whether an unchecked batch of ``tag`` is validated on its route anyway (its first filter
+        decodes every line); if not, the source checks it before ``send`` (see ``Batch.check``)."""
+        ...
+
 
 class Source(Component):
     """Produces batches until stopped (or, for a finite source, until its input is used up)."""

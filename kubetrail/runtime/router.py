@@ -61,6 +61,12 @@ class Router:
             self._routes[tag] = route
         return route
 
+    def leaves_check(self, tag: str) -> bool:
+        """True when the first filter on the route of ``tag`` validates a lazy block's lines itself
+        (``Transform.checks_json_lines``): an unchecked batch is then handed to it as it is."""
+        transforms = self.route(tag).transforms
+        return bool(transforms) and transforms[0].transform.checks_json_lines
+
     async def send(
         self,
         batch: Batch,
@@ -73,8 +79,6 @@ class Router:
         ``after``: the source's previous send, which must reach the sinks first (see
         :class:`~kubetrail.core.component.Emitter`); this batch's filters run meanwhile."""
         route = self.route(batch.tag)
-        if batch.unchecked and not (route.transforms and route.transforms[0].transform.checks_json_lines):
-            batch.check()  # nothing on the route validates the block's lines itself
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack

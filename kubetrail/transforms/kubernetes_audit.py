@@ -51,6 +51,13 @@ event loop's thread reads on; the tail hands over its next batch before the last
 the router keeps their order. What needs the filter's state (dedupe) or is rare (redaction)
 stays on the event loop, in Python, either way.
 
+**Parsed once.** The scan decodes and validates every line, so when this filter is the first on
+a tailed block's route the tail's json parser does not check the block first
+(``checks_json_lines``; see ``Batch.check``): each audit line is parsed once, here, in the scan
+thread. Only a block with a line that is not an audit event is checked as the parser would
+have (a line that is not JSON then sends the block the record way); a record's time comes from
+the deferred parse if someone builds the records.
+
 **Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
 a SecretList) in ``requestObject`` and ``responseObject``, their
 ``kubectl.kubernetes.io/last-applied-configuration`` annotation (which repeats the data), every

@@ -50,8 +50,10 @@ class KeepingSink:
         return None
 
 
-async def run(tmp_path: Path, log: Path, filters: str) -> tuple[KeepingSink, float]:
-    conf = tail_file_config(tmp_path, log, tag="audit", input_extra="    parser k8s_audit\n", filters=filters)
+async def run(tmp_path: Path, log: Path, filters: str, input_extra: str = "") -> tuple[KeepingSink, float]:
+    conf = tail_file_config(
+        tmp_path, log, tag="audit", input_extra="    parser k8s_audit\n" + input_extra, filters=filters
+    )
     pipeline = Pipeline(load_config(conf))
     sink = KeepingSink()
     pipeline.runners[0].sink = sink  # type: ignore[assignment]
@@ -172,3 +174,31 @@ async def test_records_of_a_filtered_block_get_their_times_from_the_deferred_par
     assert [i for _, i, _ in sink.delivered] == [
         (f"00000000-0000-0000-0000-{i:012d}", "ResponseComplete") for i in range(50)
     ]
+
+
+@pytest.mark.parametrize("filters", ["", "audit"])
+async def test_a_block_of_blank_lines_delivers_nothing_and_moves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filters: str
+) -> None:
+    """Whole blocks of empty lines (the parser's check fails: no document) between events: the
+    tail reads 32 KiB at a time here, so the first three blocks hold nothing else."""
+    failed_checks = 0
+    real_check = json_parser._JsonBlock.check
+
+    def counting_check(self: json_parser._JsonBlock) -> bool:
+        nonlocal failed_checks
+        passed = real_check(self)
+        failed_checks += not passed and not self.block.strip(b"\n")
+        return passed
+
+    monkeypatch.setattr(json_parser._JsonBlock, "check", counting_check)
+    events = [orjson.dumps(base_event(i, level="Metadata")) for i in range(3)]
+    log = write(tmp_path / "logs" / "audit.log", "")
+    log.write_bytes(b"\n" * 100_000 + events[0] + b"\n" + b"\n" * 3 + b"".join(e + b"\n" for e in events[1:]))
+    flt = audit_filter("on" if kubernetes_audit.NativeScanner else "off") if filters else ""
+    sink, failures = await run(tmp_path, log, flt, input_extra="    batch_size 4k\n")
+    assert failed_checks >= 3  # blocks of nothing but blank lines were read (and checked)
+    assert [orjson.loads(b)["auditID"] for _, _, b in sink.delivered] == [
+        f"00000000-0000-0000-0000-{i:012d}" for i in range(3)
+    ]
+    assert failures == 0
