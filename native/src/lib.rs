@@ -11,7 +11,8 @@
 //! *marks*. The Python module also keeps a pure-Python scan with the same results, used when
 //! this module is not built; tests compare the two on the same input.
 //!
-//! Also here: `KeySet`, the filter's remembered dedupe keys in a compact form (see `Key`).
+//! Also here: `KeySet`, the filter's remembered dedupe keys in a compact form (see `Key`), and
+//! `count_newlines`, the tail's count of a block's lines.
 //!
 //! The scan runs without the GIL (the sinks' threads need it meanwhile) and cuts big batches in
 //! parts for threads; each part writes its lines' outputs into a buffer of its own, and
@@ -1049,8 +1050,17 @@ impl KeySet {
     }
 }
 
+/// The number of newlines in ``block``: what ``bytes.count(b"\n")`` returns, at several times
+/// its speed (memchr's vectorised search). The tail counts the lines of every block it reads
+/// with it, on the event loop's thread.
+#[pyfunction]
+fn count_newlines(block: &[u8]) -> usize {
+    memchr::memchr_iter(b'\n', block).count()
+}
+
 #[pymodule]
 fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
+    module.add_function(wrap_pyfunction!(count_newlines, module)?)?;
     module.add_class::<AuditScanner>()?;
     module.add_class::<AuditScan>()?;
     module.add_class::<KeySet>()?;

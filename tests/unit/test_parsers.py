@@ -129,3 +129,16 @@ def test_json_rfc3339_fast_path_and_fallbacks() -> None:
     assert records[2].body == {"ts": "28/11/2026"} and records[3].body == {"x": 1}
     zoneless = JsonParser("z", time_key="ts", time_keep=True, time_offset=3600)
     assert zoneless.parse_lines([b'{"ts":"2026-11-28T13:00:00"}'], "t")[0][0].time_ns == BASE
+
+
+def test_native_newline_count_is_bytes_count() -> None:
+    native = pytest.importorskip("kubetrail_native")
+    import random
+
+    rng = random.Random(5)
+    blocks = [b"", b"\n", b"x", b"\n" * 1000, b"a\nb\r\nc"]
+    blocks += [bytes(rng.choice(b"\n\r{}x\x00\xff") for _ in range(rng.randrange(1, 5000))) for _ in range(200)]
+    for block in blocks:
+        assert native.count_newlines(block) == block.count(b"\n")
+    with pytest.raises(TypeError):
+        native.count_newlines("text\n")  # bytes only, as the tail reads them
