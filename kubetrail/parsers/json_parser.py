@@ -80,7 +80,7 @@ class JsonParser(Parser):
                     record.raw = line
                 append(record)
                 continue
-            except msgspec.DecodeError:
+            except (msgspec.DecodeError, RecursionError):  # nested deeper than the decoder goes: not ours
                 failed += 1
                 append(unparsed_record(tag, line, now))
                 continue
@@ -110,7 +110,7 @@ class JsonParser(Parser):
             return records, failed, self._lazy and failed == 0 and all(r.raw is not None for r in records)
         try:
             shapes = self._decoder.decode_lines(block)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             shapes = None
         if shapes is not None and len(shapes) == len(lines):
             built: list[Record] = []
@@ -167,7 +167,7 @@ class _JsonBlock(DeferredBlock):
         if self._shapes is None:
             try:
                 shapes = self._decoder.decode_lines(self.block)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 shapes = None
             # Fewer documents than lines: blank lines, which the line-by-line path skips.
             self._shapes = shapes if shapes is not None and len(shapes) == self.count else False

@@ -471,6 +471,8 @@ class KubernetesAuditSource(Source):
             raise BadRequest(400, f"not an audit event: {exc}") from None
         except msgspec.DecodeError as exc:
             raise BadRequest(400, f"malformed JSON: {exc}") from None
+        except RecursionError:
+            raise BadRequest(400, "malformed JSON: nested too deeply") from None
         tag = self.tag
         now = time.time_ns()
         # Events of a pretty-printed body contain newlines; their bytes cannot be JSON lines.

@@ -407,7 +407,7 @@ class _PyScan:
             events = _DECODE_LINES(block)  # type: ignore[assignment]
             if len(events) != len(lines):
                 raise ValueError("line count")
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):  # UnicodeDecodeError too
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):  # UnicodeDecodeError too
             events = [_decode_event(raw) for raw in lines]
         # One scan of the whole batch instead of one per line: most batches hold no Secret.
         hinted = options.redact_secrets and (b"Secret" in block or b"TokenRequest" in block)
@@ -530,7 +530,7 @@ def _utf8(raw: bytes) -> bool:
 def _decode_event(raw: bytes) -> _Event | None:
     try:
         return _DECODE_ONE(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):  # not ours: untouched
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):  # not ours: untouched
         return None
 
 

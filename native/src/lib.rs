@@ -324,6 +324,27 @@ fn write_flat(out: &mut Vec<u8>, ev: &Event) {
     );
 }
 
+/// More brackets than this in a line and it goes to Python (see ``beyond_reference``).
+const MAX_BRACKETS: usize = 512;
+
+/// Whether ``line`` may be JSON this decoder takes and msgspec (the reference, which the tail's
+/// parser also checks blocks with) refuses; Python then decides it (RETRY). Two such cases:
+/// an escaped UTF-16 surrogate (sonic-rs takes a lone one anywhere, msgspec refuses it), and
+/// nesting deeper than msgspec goes under Python's recursion limit (~1000 levels; sonic-rs has
+/// none). Conservative: a valid surrogate pair or a bracket inside a string also counts.
+fn beyond_reference(line: &[u8]) -> bool {
+    let surrogate = memmem::find_iter(line, b"\\u").any(|at| {
+        matches!(
+            line.get(at + 2..at + 4),
+            Some([b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'])
+        )
+    });
+    // Depth needs two bytes a level, so only a long line can be too deep.
+    surrogate
+        || (line.len() > 2 * MAX_BRACKETS
+            && memchr::memchr2_iter(b'[', b'{', line).count() > MAX_BRACKETS)
+}
+
 const STAGES: [&str; 4] = [
     "RequestReceived",
     "ResponseStarted",
@@ -355,6 +376,9 @@ impl AuditScanner {
     /// written to ``flat``; its output is those members spliced onto the line (see
     /// ``Output``), made only when the batch's block is built.
     fn scan_line(&self, line: &[u8], key: &mut String, flat: &mut Vec<u8>) -> (u8, u8, u32) {
+        if beyond_reference(line) {
+            return (RETRY, 0, 0);
+        }
         let ev: Event = match sonic_rs::from_slice(line) {
             Ok(ev) => ev,
             Err(_) => return (RETRY, 0, 0),

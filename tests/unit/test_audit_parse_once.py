@@ -72,6 +72,18 @@ def audit_filter(native: str) -> str:
     return f"[FILTER]\n    name kubernetes_audit\n    match *\n    native {native}\n    dedupe off\n"
 
 
+# JSON that one decoder takes and the other refuses: sonic-rs (the native scan) takes a lone
+# surrogate and any depth, msgspec (the reference: the tail's check and the Python scan) does not.
+BORDER_LINES = [
+    b'{"auditID":"e","stage":"Panic","x":"\\ud800"}',  # a lone surrogate where nobody decodes
+    b'{"auditID":"f","stage":"Panic","userAgent":"\\udc00x"}',
+    b'{"auditID":"g","stage":"Panic","userAgent":"\\ud83d\\ude00"}',  # a valid pair
+    b'{"auditID":"h","stage":"Panic","x":' + b"[" * 3000 + b"]" * 3000 + b"}",  # deeper than msgspec goes
+    b'{"auditID":"i","stage":"Panic","x":' + b"[" * 600 + b"]" * 600 + b"}",  # deeper than the scan takes
+    b'{"auditID":"j","stage":"Panic","x":"\xed\xa0\x80"}',  # invalid UTF-8 where msgspec does not look
+]
+
+
 def mixed_lines(seed: int) -> list[bytes]:
     """Events, broken events, blank lines, non-JSON, JSON that is not an event, bad times."""
     rng = random.Random(seed)
@@ -87,6 +99,7 @@ def mixed_lines(seed: int) -> list[bytes]:
         b'{"auditID":"b","stage":"Panic","x":"\xff"}',  # invalid UTF-8 there
         b'{"auditID":"c","stage":"Panic"} trailing',
         b'{"auditID":"d","stage":"Panic","x":NaN}',
+        *BORDER_LINES,
         b"",
         b"\t",
     ]
@@ -128,6 +141,23 @@ async def test_parsed_once_gives_what_checking_first_gives(
     assert comparable(once.delivered, since_ns) == comparable(checked.delivered, since_ns)
     assert once_failures == checked_failures > 0  # the broken lines are reported either way
     assert len(once.delivered) == sum(1 for line in lines if line)  # the tail skips empty lines
+
+
+@pytest.mark.parametrize("native", ["on", "off"])
+@pytest.mark.parametrize("odd", BORDER_LINES, ids=lambda line: line[:40].decode(errors="replace"))
+async def test_one_border_line_among_events_is_judged_as_the_check_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: str, odd: bytes
+) -> None:
+    """No other line makes the filter check the block: only its own scan can send it the check."""
+    if native == "on" and kubernetes_audit.NativeScanner is None:
+        pytest.skip("kubetrail_native is not built")
+    lines = [orjson.dumps(base_event(i, level="Metadata")) for i in range(20)]
+    lines.insert(7, odd)
+    since_ns = time.time_ns()
+    once, once_failures, checked, checked_failures = await delivered_both_ways(tmp_path, monkeypatch, lines, native)
+    assert comparable(once.delivered, since_ns) == comparable(checked.delivered, since_ns)
+    assert once_failures == checked_failures
+    assert len(once.delivered) == 21
 
 
 @pytest.mark.parametrize("native", ["on", "off"])

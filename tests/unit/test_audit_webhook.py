@@ -339,6 +339,13 @@ async def test_retry_after_503_is_delivered_once_and_waits_for_its_twin(start: A
             "$.items[0].auditID",
         ),
         (b'[{"kind":"Pod","auditID":"a","stage":"Panic"}]', "items[0]: kind must be Event"),
+        (
+            b'{"kind":"EventList","apiVersion":"audit.k8s.io/v1","items":[{"auditID":"a","stage":"Panic","x":'
+            + b"[" * 100_000
+            + b"]" * 100_000
+            + b"}]}",
+            "nested too deeply",
+        ),
     ],
 )
 async def test_bad_payloads_get_400_naming_the_problem(receiver: Receiver, body: bytes, fragment: str) -> None:
