@@ -333,10 +333,11 @@ const MAX_BRACKETS: usize = 512;
 /// nesting deeper than msgspec goes under Python's recursion limit (~1000 levels; sonic-rs has
 /// none). Conservative: a valid surrogate pair or a bracket inside a string also counts.
 fn beyond_reference(line: &[u8]) -> bool {
-    let surrogate = memmem::find_iter(line, b"\\u").any(|at| {
+    // Backslashes are few (an escaped quote or two), and memchr finds one byte fastest.
+    let surrogate = memchr::memchr_iter(b'\\', line).any(|at| {
         matches!(
-            line.get(at + 2..at + 4),
-            Some([b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'])
+            line.get(at + 1..at + 4),
+            Some([b'u', b'd' | b'D', b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F'])
         )
     });
     // Depth needs two bytes a level, so only a long line can be too deep.
