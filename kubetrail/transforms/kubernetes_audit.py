@@ -610,7 +610,7 @@ class KubernetesAuditTransform(Transform):
             "scan_threads",
             "int",
             0,
-            help="Threads the native scan cuts a big batch into; 0 = the CPUs this process may use, at most 4",
+            help="Threads the native scan cuts a big batch into; 0 = the CPUs this process may use but one, 1 to 4",
         ),
         *DB_OPTIONS,
     )
