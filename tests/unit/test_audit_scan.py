@@ -351,3 +351,17 @@ def test_a_block_that_is_not_one_line_per_record_goes_the_record_way(native: str
         assert [r.identity for r in out.records] == [
             (f"00000000-0000-0000-0000-{i:012d}", "ResponseComplete") for i in range(3)
         ]
+
+
+@native_only
+def test_escaped_strings_of_every_length_are_written_as_the_python_scan_writes_them() -> None:
+    """The native writer passes over 16-byte chunks with nothing to escape: an escape (or a
+    control character) at every position of strings of every length up to a few chunks."""
+    specials = ['"', "\\", "\n", "\t", "\x01", "\x1f", "\x7f", "é", "\u2028"]
+    lines = []
+    for length in range(0, 50):
+        for at in range(0, length, 3):
+            special = specials[(length + at) % len(specials)]
+            text = "a" * at + special + "b" * (length - at)
+            lines.append(orjson.dumps(base_event(length * 100 + at, userAgent=text, requestURI=text * 2)))
+    compare({}, lines)
