@@ -175,10 +175,11 @@ class SinkRunner:
         from the queue that does not belong (delivered next); whether the drain's end marker
         was taken (the worker stops after this group)."""
         group_key = getattr(self.sink, "group_key", None)  # None on sinks that are not Sink subclasses
-        key = group_key(batch) if group_key is not None else None
         group = [batch]
-        if key is None or group_key is None:
+        key = group_key(batch) if group_key is not None else None
+        if key is None:
             return group, None, False
+        assert group_key is not None  # a key came from it
         size = batch.size_bytes
         while len(group) < self._group_max and size < GROUP_MAX_BYTES and not self._queue.empty():
             more = self._queue.get_nowait()
@@ -205,12 +206,7 @@ class SinkRunner:
             for batch in group:
                 await self._deliver(batch)
             return
-        if self._failing:
-            self.log.info("delivery recovered", extra={"attempts": 1})
-            self._failing = False
-        for batch in group:
-            self._count_delivered(batch, len(batch))
-            self._finish(batch, delivered=True)
+        self._delivered(group, attempts=1)
 
     async def _start_sink(self) -> None:
         # Several workers share one sink: the first starts it, the others wait for that.
@@ -271,12 +267,17 @@ class SinkRunner:
                 self.metrics.retries.inc()
                 await asyncio.sleep(delay)
                 continue
-            if self._failing:
-                self.log.info("delivery recovered", extra={"attempts": attempt + 1})
-                self._failing = False
+            self._delivered([batch], attempts=attempt + 1)
+            return
+
+    def _delivered(self, batches: list[Batch], attempts: int) -> None:
+        """``batches`` written whole: the end of a failing spell is logged, each is counted and acked."""
+        if self._failing:
+            self.log.info("delivery recovered", extra={"attempts": attempts})
+            self._failing = False
+        for batch in batches:
             self._count_delivered(batch, len(batch))
             self._finish(batch, delivered=True)
-            return
 
     def _count_delivered(self, batch: Batch, records: int) -> None:
         if records <= 0:

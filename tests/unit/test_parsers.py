@@ -1,4 +1,5 @@
 import calendar
+import random
 
 import pytest
 
@@ -133,8 +134,6 @@ def test_json_rfc3339_fast_path_and_fallbacks() -> None:
 
 def test_native_newline_count_is_bytes_count() -> None:
     native = pytest.importorskip("kubetrail_native")
-    import random
-
     rng = random.Random(5)
     blocks = [b"", b"\n", b"x", b"\n" * 1000, b"a\nb\r\nc"]
     blocks += [bytes(rng.choice(b"\n\r{}x\x00\xff") for _ in range(rng.randrange(1, 5000))) for _ in range(200)]
