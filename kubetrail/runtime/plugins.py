@@ -66,6 +66,8 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "opentelemetry": "kubetrail.sinks.opentelemetry:OpenTelemetrySink",
         "syslog": "kubetrail.sinks.syslog:SyslogSink",
         "forward": "kubetrail.sinks.forward:ForwardSink",
+        "null": "kubetrail.sinks.null:NullSink",
+        "counter": "kubetrail.sinks.counter:CounterSink",
     }
 )
 
