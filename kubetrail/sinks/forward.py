@@ -34,31 +34,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
-import hashlib
 import os
-import struct
 from typing import Any
 
 import msgpack
 
+from kubetrail.core import forward_protocol as fwd
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.http_base import TLS_OPTIONS
 from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, tls_context
-
-
-def event_time(time_ns: int) -> msgpack.ExtType:
-    seconds, nanos = divmod(time_ns, 1_000_000_000)
-    return msgpack.ExtType(0, struct.pack(">II", seconds, nanos))
-
-
-def _sha512_hex(*parts: str | bytes) -> str:
-    digest = hashlib.sha512()
-    for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
-    return digest.hexdigest()
 
 
 class ForwardSink(Sink):
@@ -129,7 +116,7 @@ class ForwardSink(Sink):
     # -- encoding ---------------------------------------------------------------------------
 
     def _entry(self, record: Record, packer: msgpack.Packer) -> bytes:
-        when: Any = record.time_ns // 1_000_000_000 if self.time_as_integer else event_time(record.time_ns)
+        when: Any = record.time_ns // 1_000_000_000 if self.time_as_integer else fwd.event_time(record.time_ns)
         return packer.pack([when, record.body])  # type: ignore[no-any-return]
 
     def encode(self, batch: Batch, chunk: str | None) -> tuple[bytes | None, list[tuple[Record, str]]]:
@@ -189,7 +176,7 @@ class ForwardSink(Sink):
     async def _connect(self) -> None:
         if not await self.conn.ensure():
             return
-        self._unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=16 * 1024 * 1024)
+        self._unpacker = fwd.unpacker(16 * 1024 * 1024)
         if self.shared_key is None:
             return
         try:
@@ -199,32 +186,18 @@ class ForwardSink(Sink):
             raise
 
     async def _handshake(self, shared_key: str) -> None:
+        endpoint = self.conn.endpoint
         helo = await self._read_object(self.conn.io_timeout, "the HELO of the handshake")
-        if not (isinstance(helo, list) and len(helo) >= 2 and helo[0] == "HELO" and isinstance(helo[1], dict)):
-            raise RetryableError(f"{self.conn.endpoint} answered {helo!r:.100} instead of HELO; is shared_key right?")
-        nonce = helo[1].get("nonce", b"")
-        auth_salt = helo[1].get("auth", b"")
-        nonce = nonce if isinstance(nonce, bytes) else str(nonce).encode()
-        salt = os.urandom(16)
-        digest = _sha512_hex(salt, self.self_hostname, nonce, shared_key)
-        username, password_digest = "", ""
-        if auth_salt:
-            if not self.username:
-                raise RetryableError(f"{self.conn.endpoint} requires user authentication: set username and password")
-            auth_salt = auth_salt if isinstance(auth_salt, bytes) else str(auth_salt).encode()
-            username, password_digest = self.username, _sha512_hex(auth_salt, self.username, self.password)
-        ping = ["PING", self.self_hostname, salt, digest, username, password_digest]
+        try:
+            ping, salt, nonce = fwd.ping(helo, self.self_hostname, shared_key, self.username, self.password)
+        except fwd.ProtocolError as exc:
+            raise RetryableError(f"{endpoint} {exc}") from None
         await self.conn.send(msgpack.packb(ping, use_bin_type=True))
         pong = await self._read_object(self.conn.io_timeout, "the PONG of the handshake")
-        if not (isinstance(pong, list) and len(pong) == 5 and pong[0] == "PONG"):
-            raise RetryableError(f"{self.conn.endpoint} answered {pong!r:.100} instead of PONG")
-        _, ok, reason, server_host, server_digest = pong
-        if not ok:
-            raise RetryableError(f"{self.conn.endpoint} refused the handshake: {reason or 'no reason given'}")
-        if server_digest != _sha512_hex(salt, str(server_host), nonce, shared_key):
-            raise RetryableError(
-                f"{self.conn.endpoint} ({server_host}) does not know our shared_key; not sending to it"
-            )
+        try:
+            fwd.check_pong(pong, salt, nonce, shared_key)
+        except fwd.ProtocolError as exc:
+            raise RetryableError(f"{endpoint} {exc}") from None
 
     # -- delivery ---------------------------------------------------------------------------
 

@@ -25,16 +25,16 @@ close the connection for the next N messages), ``accept_any_key`` (an impostor s
 from __future__ import annotations
 
 import asyncio
-import gzip
-import hashlib
 import os
 import ssl
-import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+
+from kubetrail.core import forward_protocol as fwd
+from kubetrail.core.forward_protocol import ProtocolError
 
 
 @dataclass(frozen=True)
@@ -43,36 +43,6 @@ class Event:
     time_ns: int
     record: dict[str, Any]
     event_time: bool  # sent as EventTime (True) or as an integer (False)
-
-
-def sha512_hex(*parts: str | bytes) -> str:
-    digest = hashlib.sha512()
-    for part in parts:
-        digest.update(part.encode() if isinstance(part, str) else part)
-    return digest.hexdigest()
-
-
-class ProtocolError(Exception):
-    pass
-
-
-def _time(value: Any) -> tuple[int, bool]:
-    if isinstance(value, msgpack.ExtType):
-        if value.code != 0 or len(value.data) != 8:
-            raise ProtocolError(f"bad EventTime ext type {value.code} length {len(value.data)}")
-        seconds, nanos = struct.unpack(">II", value.data)
-        return seconds * 1_000_000_000 + nanos, True
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value * 1_000_000_000, False
-    if isinstance(value, float):
-        return int(value * 1e9), False
-    raise ProtocolError(f"bad time {value!r}")
-
-
-def _entries(stream: bytes) -> list[Any]:
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
-    unpacker.feed(stream)
-    return list(unpacker)
 
 
 @dataclass
@@ -110,7 +80,7 @@ class FakeForwardServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self._writers.add(writer)
-        unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+        unpacker = fwd.unpacker()
         try:
             if self.shared_key is not None and not await self._handshake(reader, writer, unpacker):
                 return
@@ -144,64 +114,25 @@ class FakeForwardServer:
         assert self.shared_key is not None
         nonce = os.urandom(16)
         auth_salt = os.urandom(16) if self.users else b""
-        writer.write(msgpack.packb(["HELO", {"nonce": nonce, "auth": auth_salt, "keepalive": True}]))
+        writer.write(msgpack.packb(fwd.helo(nonce, auth_salt)))
         await writer.drain()
         ping = await self._next(reader, unpacker)
-        if not (isinstance(ping, list) and len(ping) == 6 and ping[0] == "PING"):
-            raise ProtocolError(f"expected PING, got {ping!r}")
-        _, client_host, salt, digest, username, password_digest = ping
-        salt_bytes = salt if isinstance(salt, bytes) else str(salt).encode()
-        reason = ""
-        if digest != sha512_hex(salt_bytes, client_host, nonce, self.shared_key):
-            reason = "shared_key mismatch"
-        elif self.users and (
-            username not in self.users or password_digest != sha512_hex(auth_salt, username, self.users[username])
-        ):
-            reason = "username/password mismatch"
+        reason, salt, _client = fwd.check_ping(ping, nonce, auth_salt, self.shared_key, self.users)
         ok = not reason or self.accept_any_key
-        pong_digest = sha512_hex(salt_bytes, self.hostname, nonce, self.shared_key) if ok else ""
-        writer.write(msgpack.packb(["PONG", ok, reason, self.hostname, pong_digest]))
+        answer = fwd.pong("" if ok else reason, self.hostname, salt, nonce, self.shared_key)
+        writer.write(msgpack.packb(answer))
         await writer.drain()
         if not ok:
             self.auth_failures.append(reason)
         return ok
 
     async def _message(self, message: Any, writer: asyncio.StreamWriter) -> None:
-        if not isinstance(message, list) or len(message) < 2 or not isinstance(message[0], str):
-            raise ProtocolError(f"not a forward message: {message!r:.200}")
-        tag, second = message[0], message[1]
-        option: dict[str, Any] = {}
-        if isinstance(second, list):  # Forward mode
-            mode, entries = "forward", second
-            option = message[2] if len(message) > 2 else {}
-        elif isinstance(second, bytes | str):  # PackedForward, maybe compressed
-            option = message[2] if len(message) > 2 else {}
-            if not isinstance(option, dict):
-                raise ProtocolError(f"option must be a map, got {option!r:.100}")
-            raw = second if isinstance(second, bytes) else second.encode("latin-1")
-            if option.get("compressed") == "gzip":
-                mode = "compressed_packed_forward"
-                try:
-                    raw = gzip.decompress(raw)
-                except (OSError, EOFError) as exc:
-                    raise ProtocolError(f"corrupt gzip entries: {exc}") from None
-            elif option.get("compressed") not in (None, "text"):
-                raise ProtocolError(f"unknown compression {option.get('compressed')!r}")
-            else:
-                mode = "packed_forward"
-            entries = _entries(raw)
-        else:  # Message mode
-            if len(message) < 3:
-                raise ProtocolError("message mode needs [tag, time, record]")
-            mode, entries = "message", [[message[1], message[2]]]
-            option = message[3] if len(message) > 3 else {}
-        if not isinstance(option, dict):
-            raise ProtocolError(f"option must be a map, got {option!r:.100}")
+        tag, mode, entries, option = fwd.decode_message(message)
         events = []
         for entry in entries:
             if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[1], dict)):
                 raise ProtocolError(f"bad entry {entry!r:.100}")
-            time_ns, is_event_time = _time(entry[0])
+            time_ns, is_event_time = fwd.decode_time(entry[0])
             events.append(Event(tag, time_ns, entry[1], is_event_time))
         if "size" in option and option["size"] != len(events):
             raise ProtocolError(f"option.size {option['size']} but {len(events)} events")
