@@ -68,6 +68,8 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "forward": "kubetrail.sinks.forward:ForwardSink",
         "null": "kubetrail.sinks.null:NullSink",
         "counter": "kubetrail.sinks.counter:CounterSink",
+        "cloudwatch_logs": "kubetrail.sinks.cloudwatch_logs:CloudWatchLogsSink",
+        "cloudwatch": "kubetrail.sinks.cloudwatch_logs:CloudWatchSink",
     }
 )
 
