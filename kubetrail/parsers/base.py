@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from kubetrail.core.record import Record
+from kubetrail.parsers.decoders import FieldDecoders
 from kubetrail.parsers.timefmt import TimeParser
 
 _CONVERTERS: dict[str, Any] = {
@@ -13,7 +14,11 @@ _CONVERTERS: dict[str, Any] = {
     "integer": int,
     "float": float,
     "bool": lambda v: str(v).strip().lower() in ("true", "on", "yes", "1"),
+    "hex": lambda v: int(v, 16),
 }
+
+# What :meth:`Parser.parse_value` returns: the body, and the time it carried (None: no time).
+Parsed = tuple[dict[str, Any], int | None]
 
 
 class DeferredBlock:
@@ -51,8 +56,10 @@ class Parser:
         time_keep: bool = False,
         time_offset: int = 0,
         types: dict[str, str] | None = None,
+        decoders: FieldDecoders | None = None,
     ) -> None:
         self.name = name
+        self.decoders = decoders if decoders else None
         self.time_key = time_key
         self.time_keep = time_keep
         self.time_parser = TimeParser(time_format, time_offset)
@@ -76,21 +83,35 @@ class Parser:
         records, failed = self.parse_lines(lines, tag)
         return records, failed, False
 
+    def parse_value(self, text: str) -> Parsed | None:
+        """One value (the ``parser`` filter's ``key_name``): the body and the time it carried, or
+        ``None`` when this parser does not match it."""
+        raise NotImplementedError
+
     def parse_body(self, body: dict[str, Any], now_ns: int) -> tuple[int, bool]:
-        """Apply ``types`` and take the time out of ``time_key``; returns (time_ns, ok)."""
+        """Run the field decoders, apply ``types`` and take the time out of ``time_key``;
+        returns (time_ns, ok)."""
+        time_ns, ok = self.finish(body)
+        return (now_ns if time_ns is None else time_ns), ok
+
+    def finish(self, body: dict[str, Any], with_time: bool = True) -> tuple[int | None, bool]:
+        """:meth:`parse_body` without a default time: (the time or None, ok). ``with_time``
+        False leaves ``time_key`` alone."""
+        if self.decoders is not None:
+            self.decoders.apply(body)
         for key, kind in self.types.items():
             if key in body:
                 try:
                     body[key] = _CONVERTERS[kind](body[key])
                 except (TypeError, ValueError):
                     pass  # Fluent Bit keeps the original value when a conversion fails
-        if self.time_key is None or self.time_key not in body:
-            return now_ns, True
+        if not with_time or self.time_key is None or self.time_key not in body:
+            return None, True
         value = body[self.time_key]
         try:
             time_ns = self.time_parser.parse_ns(value)
         except (ValueError, TypeError, AttributeError):
-            return now_ns, False
+            return None, False
         if not self.time_keep:
             del body[self.time_key]
         return time_ns, True

@@ -19,7 +19,7 @@ import msgspec
 import orjson
 
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import DeferredBlock, Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import DeferredBlock, Parsed, Parser, unparsed_record, wall_ns
 
 try:  # optional (built from native/): counts a block's lines ~5x faster than bytes.count
     from kubetrail_native import count_newlines
@@ -52,7 +52,7 @@ class JsonParser(Parser):
         shape = msgspec.defstruct("TimeOnly", fields, rename=rename)
         self._decoder = msgspec.json.Decoder(shape)
         # The lazy path only works when nothing must change in the body.
-        self._lazy = (self.time_key is None or self.time_keep) and not self.types
+        self._lazy = (self.time_key is None or self.time_keep) and not self.types and self.decoders is None
 
     def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
         if not self._lazy:
@@ -124,6 +124,16 @@ class JsonParser(Parser):
                 return built, 0, True
         records, failed = self.parse_lines(lines, tag)
         return records, failed, failed == 0 and all(r.raw is not None for r in records)
+
+    def parse_value(self, text: str) -> Parsed | None:
+        try:
+            body = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(body, dict):
+            return None
+        time_ns, _ok = self.finish(body)
+        return body, time_ns
 
     def _parse_one_eager(self, line: bytes, tag: str, now: int) -> Record | None:
         try:

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
 
 SEVERITIES = {"I": "info", "W": "warning", "E": "error", "F": "fatal"}
 _HEADER = re.compile(r"^([IWEF])(\d\d)(\d\d) (\d\d):(\d\d):(\d\d)\.(\d{1,9}) +(\d+) ([^ \]]+)\] ?(.*)$", re.DOTALL)
@@ -69,6 +69,12 @@ class KlogParser(Parser):
             time_ns = body.pop("_time_ns", now)
             records.append(Record(tag, time_ns, body))
         return records, failed
+
+    def parse_value(self, text: str) -> Parsed | None:
+        body = self.parse_text(text)
+        if body is None:
+            return None
+        return body, body.pop("_time_ns")
 
     def parse_text(self, text: str) -> dict[str, Any] | None:
         """One klog line -> a body (with ``_time_ns``), or ``None`` when it is not klog."""

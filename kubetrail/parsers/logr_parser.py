@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
 from kubetrail.parsers.timefmt import TimeParser
 
 _RFC3339 = TimeParser()
@@ -50,6 +50,12 @@ class LogrParser(Parser):
             ts = logr_time_ns(body.get("ts"))
             records.append(Record(tag, now if ts is None else ts, body, line if ts is not None else None))
         return records, failed
+
+    def parse_value(self, text: str) -> Parsed | None:
+        body = self.parse_text(text)
+        if body is None:
+            return None
+        return body, logr_time_ns(body.get("ts"))
 
     def parse_text(self, text: str | bytes) -> dict[str, Any] | None:
         try:

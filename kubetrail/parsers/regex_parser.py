@@ -7,7 +7,7 @@ from typing import Any
 
 from kubetrail.core.options import ruby_to_python_regex
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
 
 
 class RegexParser(Parser):
@@ -17,6 +17,20 @@ class RegexParser(Parser):
         if not self.regex.groupindex:
             raise ValueError("regex has no named groups (?<name>...), so it would produce empty records")
         self.skip_empty_values = skip_empty_values
+
+    def _groups(self, match: re.Match[str]) -> dict[str, Any]:
+        body = match.groupdict()
+        if self.skip_empty_values:
+            return {k: v for k, v in body.items() if v}
+        return {k: ("" if v is None else v) for k, v in body.items()}
+
+    def parse_value(self, text: str) -> Parsed | None:
+        match = self.regex.search(text)
+        if match is None:
+            return None
+        body = self._groups(match)
+        time_ns, _ok = self.finish(body)
+        return body, time_ns
 
     def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
         now = wall_ns()
@@ -30,11 +44,7 @@ class RegexParser(Parser):
                 failed += 1
                 records.append(unparsed_record(tag, line, now))
                 continue
-            body = match.groupdict()
-            if self.skip_empty_values:
-                body = {k: v for k, v in body.items() if v}
-            else:
-                body = {k: ("" if v is None else v) for k, v in body.items()}
+            body = self._groups(match)
             time_ns, _ok = self.parse_body(body, now)
             records.append(Record(tag, time_ns, body))
         return records, failed

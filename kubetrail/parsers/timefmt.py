@@ -100,7 +100,9 @@ class TimeParser:
         text = text.strip()
         if self._regex is None:
             return self._parse_auto(text)
-        match = self._regex.fullmatch(text)
+        # Like strptime, Fluent Bit's time parser stops at the end of the format and ignores what
+        # follows (its stock docker parser reads "...%S.%L" from times ending in "Z").
+        match = self._regex.fullmatch(text) or self._regex.match(text)
         if match is None:
             raise ValueError(f"time {text!r} does not match format {self.fmt!r}")
         fraction_ns = 0
