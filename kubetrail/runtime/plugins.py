@@ -44,6 +44,7 @@ SOURCES: LazyPlugins[Source] = LazyPlugins(
         "tail": "kubetrail.sources.tail:TailSource",
         "kubernetes_events": "kubetrail.sources.kubernetes_events:KubernetesEventsSource",
         "kubernetes_audit": "kubetrail.sources.kubernetes_audit:KubernetesAuditSource",
+        "systemd": "kubetrail.sources.systemd:SystemdSource",
         "forward": "kubetrail.sources.forward:ForwardSource",
         "syslog": "kubetrail.sources.syslog:SyslogSource",
     }
