@@ -45,6 +45,10 @@ SOURCES: LazyPlugins[Source] = LazyPlugins(
         "kubernetes_events": "kubetrail.sources.kubernetes_events:KubernetesEventsSource",
         "kubernetes_audit": "kubetrail.sources.kubernetes_audit:KubernetesAuditSource",
         "systemd": "kubetrail.sources.systemd:SystemdSource",
+        "tcp": "kubetrail.sources.tcp:TcpSource",
+        "http": "kubetrail.sources.http:HttpSource",
+        "dummy": "kubetrail.sources.dummy:DummySource",
+        "fluentbit_metrics": "kubetrail.sources.fluentbit_metrics:FluentbitMetricsSource",
         "forward": "kubetrail.sources.forward:ForwardSource",
         "syslog": "kubetrail.sources.syslog:SyslogSource",
     }
