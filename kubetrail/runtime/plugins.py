@@ -77,6 +77,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "counter": "kubetrail.sinks.counter:CounterSink",
         "cloudwatch_logs": "kubetrail.sinks.cloudwatch_logs:CloudWatchLogsSink",
         "cloudwatch": "kubetrail.sinks.cloudwatch_logs:CloudWatchSink",
+        "s3": "kubetrail.sinks.s3:S3Sink",
     }
 )
 
