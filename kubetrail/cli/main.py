@@ -82,7 +82,14 @@ async def _run(pipeline: Any) -> int:
 
 @main.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="Config file to validate")
-def check(config_path: str | None) -> None:
+@click.option(
+    "--in-cluster",
+    is_flag=True,
+    help="Also check, from where it runs, the files, API access (RBAC) and outputs the config needs; "
+    "one line per check, exit 1 if any fails",
+)
+@click.option("--expect-url", multiple=True, help="With --in-cluster: also require this URL to answer 2xx")
+def check(config_path: str | None, in_cluster: bool, expect_url: tuple[str, ...]) -> None:
     """Validate a config and print the resolved pipeline (exit 2 on errors)."""
     from kubetrail.runtime.pipeline import Pipeline
 
@@ -91,6 +98,15 @@ def check(config_path: str | None) -> None:
     except ConfigError as exc:
         _config_error(exc)
         return
+    if in_cluster:
+        from kubetrail.runtime.preflight import run_preflight
+
+        checks = asyncio.run(run_preflight(pipeline, expect_url))
+        for result in checks:
+            click.echo(result.line())
+        failed = sum(not c.ok for c in checks)
+        click.echo(f"{len(checks) - failed} passed, {failed} failed" if checks else "nothing to check", err=True)
+        sys.exit(1 if failed else 0)
     click.echo(yaml.safe_dump(pipeline.describe(), sort_keys=False, default_flow_style=False), nl=False)
     click.echo("configuration is valid", err=True)
 

@@ -37,6 +37,22 @@ class ComponentContext:
     section: Section | None = None
 
 
+@dataclass(frozen=True)
+class ApiAccess:
+    """One Kubernetes API permission a component's code uses. ``kubetrail check --in-cluster``
+    asks the API server about each (SelfSubjectAccessReview), and the Helm chart's roles grant
+    exactly these, so the list is the single statement of what a plugin needs."""
+
+    verb: str
+    resource: str
+    group: str = ""  # "" is the core API group
+    namespace: str = ""  # "" means cluster-wide
+
+    def rule(self) -> str:
+        """The RBAC rule that grants it, as a user would paste it into a (Cluster)Role."""
+        return f'{{apiGroups: ["{self.group}"], resources: ["{self.resource}"], verbs: ["{self.verb}"]}}'
+
+
 class Component:
     plugin_name: ClassVar[str]
     description: ClassVar[str] = ""
@@ -47,6 +63,11 @@ class Component:
         self.config = config
         self.log = ctx.logger
         self.metrics = ctx.metrics
+
+    def api_access(self) -> list[ApiAccess]:
+        """The Kubernetes API calls this instance makes with its configuration (none by default).
+        A component that returns some also has a ``connection`` (kube.config.ConnectionConfig)."""
+        return []
 
 
 class Emitter(Protocol):

@@ -31,7 +31,7 @@ from typing import Any
 import aiohttp
 
 from kubetrail.core.acks import OrderedAcks
-from kubetrail.core.component import ComponentContext, Emitter, Source
+from kubetrail.core.component import ApiAccess, ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
@@ -241,6 +241,16 @@ class KubernetesEventsSource(Source):
 
     async def _follow_all(self, emitter: Emitter) -> None:
         await asyncio.gather(*(self._follow(ns, state, emitter) for ns, state in self.states.items()))
+
+    def api_access(self) -> list[ApiAccess]:
+        group = "" if self.api == "core/v1" else "events.k8s.io"
+        needed = [ApiAccess(verb, "events", group, ns) for ns in self.namespaces for verb in ("list", "watch")]
+        if self.leader_election:
+            lease_ns = self.config["leader_election.lease_namespace"]
+            needed += [
+                ApiAccess(verb, "leases", "coordination.k8s.io", lease_ns) for verb in ("get", "create", "update")
+            ]
+        return needed
 
     # -- list + watch ----------------------------------------------------------------------------
 

@@ -46,7 +46,8 @@ from typing import Any
 
 import orjson
 
-from kubetrail.core.component import ComponentContext, Transform
+from kubetrail.core.component import ApiAccess, ComponentContext, Transform
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Record
@@ -295,6 +296,32 @@ class KubernetesTransform(Transform):
         Option("kube_meta_sync_timeout", "duration", 10.0, help="How long start waits for the first lists"),
         Option("deleted_pod_grace", "duration", 300.0, help="How long a deleted pod's metadata is kept"),
         Option("kube_watch_timeout", "duration", 600.0, help="Watch length; randomised, resumed without re-list"),
+        Option("merge_log_trim", "bool", True, help="Remove trailing \\n and \\r from the merged string values"),
+        Option("merge_parser", help="Parser for 'log' with merge_log (instead of JSON detection)"),
+        no_effect("cache_use_docker_id", "bool", False, why="pods are always matched by container ID first"),
+        no_effect("use_journal", "bool", False, why="metadata is resolved from the tag of tailed container logs"),
+        no_effect("dummy_meta", "bool", False, why="Fluent Bit's test switch; metadata comes from the API server"),
+        no_effect("regex_parser", why="the tag is read with the kube_tag_prefix and kubelet's file name format"),
+        no_effect("kube_meta_preload_cache_dir", why="metadata comes from a watch, never from files"),
+        no_effect("kube_meta_namespace_cache_ttl", "duration", 900.0, why="the namespace watch keeps it current"),
+        no_effect("kube_token_command", why="use kube_token_file or kubeconfig"),
+        no_effect("dns_retries", "int", 6, why="connection errors are retried with backoff"),
+        no_effect("dns_wait_time", "int", 30, why="connection errors are retried with backoff"),
+        no_effect("use_tag_for_meta", "bool", False, why="metadata is always resolved from the tag and the pod watch"),
+        no_effect("kubelet_host", why="use_kubelet is not supported"),
+        no_effect("namespace_metadata_only", "bool", False, why="pod metadata is always added"),
+        no_effect("tls.verify_hostname", "bool", False, why="tls.verify checks the host name"),
+        no_effect("set_platform", why="Fluent Bit's EKS/k8s platform label"),
+        no_effect("aws_use_pod_association", "bool", False, why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_endpoint", why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_host_server_ca_file", why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_host_client_cert_file", why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_host_client_key_file", why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_host_tls_debug", why="AWS pod association is not supported"),
+        no_effect("aws_pod_association_host_tls_verify", why="AWS pod association is not supported"),
+        no_effect("aws_pod_service_map_ttl", why="AWS pod association is not supported"),
+        no_effect("aws_pod_service_map_refresh_interval", why="AWS pod association is not supported"),
+        no_effect("aws_pod_service_preload_cache_dir", why="AWS pod association is not supported"),
     )
 
     def __init__(self, ctx: ComponentContext, config: dict[str, Any]) -> None:
@@ -308,6 +335,15 @@ class KubernetesTransform(Transform):
         self.merge_log: bool = config["merge_log"]
         self.merge_key: str | None = config["merge_log_key"]
         self.keep_log: bool = config["keep_log"]
+        self.merge_trim: bool = config["merge_log_trim"]
+        self.merge_parser = None
+        if config["merge_parser"]:
+            self.merge_parser = ctx.parsers.get(config["merge_parser"])
+            if self.merge_parser is None:
+                raise ConfigError(
+                    f"unknown parser {config['merge_parser']!r}; known: {', '.join(ctx.parsers.names())}",
+                    key="merge_parser",
+                )
         self.want_labels: bool = config["labels"]
         self.want_annotations: bool = config["annotations"]
         self.want_owners: bool = config["owner_references"]
@@ -333,6 +369,12 @@ class KubernetesTransform(Transform):
         self.m_merge_failed = m.counter("kubetrail_k8s_metadata_merge_failed", "Logs merge_log could not parse")
         self.m_pods = m.gauge("kubetrail_k8s_metadata_pods", "Pods held (live)")
         self.m_requests = m.gauge("kubetrail_k8s_metadata_api_requests", "Requests sent to the API server")
+
+    def api_access(self) -> list[ApiAccess]:
+        needed = [ApiAccess(verb, "pods") for verb in ("list", "watch")]
+        if self.namespaces is not None:
+            needed += [ApiAccess(verb, "namespaces") for verb in ("list", "watch")]
+        return needed
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -445,6 +487,8 @@ class KubernetesTransform(Transform):
                 name = resolved.pod.annotation("parser", stream, resolved.container)
                 parser = self.ctx.parsers.get(name) if name else None
                 resolved.parsers[stream] = parser
+        if parser is None:
+            parser = self.merge_parser
         if parser is not None:
             parsed_records, failed = parser.parse_lines([log.rstrip("\n").encode()], record.tag)
             if not failed and parsed_records:
@@ -460,6 +504,9 @@ class KubernetesTransform(Transform):
             if parser is not None or log[0] == "{":
                 self.m_merge_failed.inc()
             return
+        if self.merge_trim:
+            # Fluent Bit's merge_log_trim (on by default): string values lose trailing \n / \r.
+            parsed = {k: v.rstrip("\r\n") if isinstance(v, str) else v for k, v in parsed.items()}
         if self.merge_key:
             body[self.merge_key] = parsed
         else:
