@@ -13,9 +13,11 @@ Design decisions:
   for the Unix socket modes, as in Fluent Bit. Those two and ``syslog-rfc3164`` are built in
   here with the regular expressions and time formats of Fluent Bit's stock ``parsers.conf``, so
   they work without a parsers file; a ``[PARSER]`` of the same name (or any other parser by
-  name) takes precedence. The fields stay strings as that regex parser makes them (``pri``
-  "34"), the time is taken from ``time`` and kept (``Time_Keep On``); an RFC 3164 time has no
-  year and gets the current one.
+  name) takes precedence. One difference, on purpose: ``.`` also matches a newline (``(?s)``),
+  so a message that spans lines (octet counting carries them) is kept whole; under Onigmo's
+  rules ``$`` would end it at its first newline and the rest would be lost. The fields stay
+  strings as that regex parser makes them (``pri`` "34"), the time is taken from ``time`` and
+  kept (``Time_Keep On``); an RFC 3164 time has no year and gets the current one.
 * **Framing**: UDP and ``unix_udp`` take one message per datagram (a datagram longer than
   ``buffer_chunk_size`` is cut there, as Fluent Bit's receive buffer does, and counted as
   ``kubetrail_errors_total{type="truncated"}``). TCP is newline-framed by default; with
@@ -68,15 +70,15 @@ _MAX_OCTET_DIGITS = 10
 
 # Fluent Bit's stock parsers.conf, same regular expressions and time formats.
 RFC5424_REGEX = (
-    r"^\<(?<pri>[0-9]{1,5})\>1 (?<time>[^ ]+) (?<host>[^ ]+) (?<ident>[^ ]+) (?<pid>[-0-9]+) "
+    r"(?s)^\<(?<pri>[0-9]{1,5})\>1 (?<time>[^ ]+) (?<host>[^ ]+) (?<ident>[^ ]+) (?<pid>[-0-9]+) "
     r"(?<msgid>[^ ]+) (?<extradata>(\[(.*?)\]|-)) (?<message>.+)$"
 )
 RFC3164_REGEX = (
-    r"^\<(?<pri>[0-9]+)\>(?<time>[^ ]* {1,2}[^ ]* [^ ]*) (?<host>[^ ]*) (?<ident>[a-zA-Z0-9_\/\.\-]*)"
+    r"(?s)^\<(?<pri>[0-9]+)\>(?<time>[^ ]* {1,2}[^ ]* [^ ]*) (?<host>[^ ]*) (?<ident>[a-zA-Z0-9_\/\.\-]*)"
     r"(?:\[(?<pid>[0-9]+)\])?(?:[^\:]*\:)? *(?<message>.*)$"
 )
 RFC3164_LOCAL_REGEX = (
-    r"^\<(?<pri>[0-9]+)\>(?<time>[^ ]* {1,2}[^ ]* [^ ]*) (?<ident>[a-zA-Z0-9_\/\.\-]*)"
+    r"(?s)^\<(?<pri>[0-9]+)\>(?<time>[^ ]* {1,2}[^ ]* [^ ]*) (?<ident>[a-zA-Z0-9_\/\.\-]*)"
     r"(?:\[(?<pid>[0-9]+)\])?(?:[^\:]*\:)? *(?<message>.*)$"
 )
 
@@ -237,9 +239,9 @@ class SyslogSource(Source):
             known = sorted({*ctx.parsers.names(), *builtin_syslog_parsers()})
             raise ConfigError(f"unknown parser {name!r}; known: {', '.join(known)}", key="parser")
         self.parser: Parser = parser
-        self.tls: ssl.SSLContext | None = server_tls(config, self.log)
-        if self.tls is not None and not self.stream:
+        if config["tls"] and not self.stream:
             raise ConfigError(f"TLS needs a stream mode (tcp or unix_tcp), not {self.mode}", key="tls")
+        self.tls: ssl.SSLContext | None = server_tls(config, self.log)
         self.warn = Warnings(self.log, self.metrics)
         self._stop = asyncio.Event()
         self._emitter: Emitter | None = None
