@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .build import ALL_BINARIES, BuildError, binary_version, build
 from .cluster import ClusterError, LocalCluster
+from .gotools import build_node, build_tools, versions_report
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
@@ -24,8 +25,23 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(f"binaries in {result.bin_dir}")
     for name in ALL_BINARIES:
         print(f"  {name:<24} {binary_version(result.bin_dir / name)}")
-    what = f"built {', '.join(result.built)}" if result.built else "all cached, nothing built"
-    print(f"{what} in {result.seconds:.1f}s")
+    built = list(result.built)
+    seconds = result.seconds
+    tools, tools_result = build_tools(log=sys.stderr, force=args.force)
+    built += tools_result.built
+    seconds += tools_result.seconds
+    node = None
+    if args.node:
+        node, node_result = build_node(log=sys.stderr, force=args.force)
+        built += node_result.built
+        seconds += node_result.seconds
+    print(f"tools: HELM={tools.helm} KUBECTL={tools.kubectl}")
+    if node is not None:
+        print(f"node binaries in {node.dir} and {node.kube_dir}")
+    for name, version in versions_report(tools, node):
+        print(f"  {name:<24} {version}")
+    what = f"built {', '.join(built)}" if built else "all cached, nothing built"
+    print(f"{what} in {seconds:.1f}s")
     return 0
 
 
@@ -51,10 +67,21 @@ def _cmd_up(args: argparse.Namespace) -> int:
         api_port=args.api_port,
         etcd_port=args.etcd_port,
         ready_timeout=args.ready_timeout,
+        nodes=args.nodes,
+        container_log_max_size=args.container_log_max_size,
+        container_log_max_files=args.container_log_max_files,
+        container_log_monitor_interval=args.container_log_monitor_interval,
+        images=args.image,
     )
     print(f"local cluster up in {time.monotonic() - started:.1f}s: {cluster.url}")
     for name, comp in cluster.components.items():
         print(f"  {name:<24} pid {comp.pid:<8} port {comp.port:<6} log {comp.log_path}")
+    if cluster.node is not None:
+        node = cluster.node
+        print(f"node {node.name} ({node.ip}) Ready {cluster.node_ready_seconds:.1f}s after its start")
+        for name, comp in node.components.items():
+            print(f"  {name:<24} pid {comp.pid:<8} log {comp.log_path}")
+        print(f"  images: {', '.join(node.imported)}")
     print(
         f"source {cluster.dir / 'env'} for KUBE_URL, tokens and paths; "
         f"stop with: scripts/local-cluster down {cluster.dir}"
@@ -88,8 +115,13 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="local-cluster", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("build", help="build (or find cached) etcd and kube binaries")
+    b = sub.add_parser("build", help="build (or find cached) etcd, kube binaries, helm and kubectl")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
+    b.add_argument(
+        "--node",
+        action="store_true",
+        help="also the node: kubelet, kube-proxy, pause, containerd, runc, CNI plugins, crictl",
+    )
     b.set_defaults(func=_cmd_build)
 
     u = sub.add_parser("up", help="start a fresh cluster in DIR and wait until it is ready")
@@ -125,6 +157,24 @@ def parser() -> argparse.ArgumentParser:
     u.add_argument("--etcd-port", type=int, help="fixed etcd client port (default: a free one)")
     u.add_argument("--ready-timeout", type=float, default=120.0, metavar="SECONDS")
     u.add_argument("--no-build", action="store_true", help="fail instead of building missing binaries")
+    u.add_argument(
+        "--nodes",
+        type=int,
+        default=0,
+        help="1: also a real node (containerd, kubelet, kube-proxy; needs root and --controllers)",
+    )
+    u.add_argument("--container-log-max-size", default="10Mi", help="kubelet containerLogMaxSize (e.g. 1Mi)")
+    u.add_argument("--container-log-max-files", type=int, default=5, help="kubelet containerLogMaxFiles")
+    u.add_argument(
+        "--container-log-monitor-interval", default="10s", help="kubelet containerLogMonitorInterval (min 3s)"
+    )
+    u.add_argument(
+        "--image",
+        action="append",
+        default=[],
+        metavar="ARCHIVE",
+        help="OCI image archive to import into the node (repeatable), e.g. the output of scripts/image build",
+    )
     u.set_defaults(func=_cmd_up)
 
     d = sub.add_parser("down", help="stop the cluster in DIR (SIGTERM, then SIGKILL); keeps DIR")

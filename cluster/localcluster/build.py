@@ -171,9 +171,9 @@ def _kube_ldflags(version: str) -> str:
     return " ".join(flags)
 
 
-def _run_go(cmd: list[str], cwd: Path, log: TextIO) -> None:
+def _run_go(cmd: list[str], cwd: Path, log: TextIO, env_overrides: dict[str, str] | None = None) -> None:
     """Run a go command, streaming its output to ``log``; raise BuildError on failure."""
-    env = {**os.environ, **BUILD_ENV}
+    env = {**os.environ, **(BUILD_ENV if env_overrides is None else env_overrides)}
     print(f"+ (cd {cwd} && {' '.join(cmd)})", file=log, flush=True)
     tail: collections.deque[str] = collections.deque(maxlen=30)
     try:

@@ -40,8 +40,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import config, pki, rbac
-from .build import ensure_binaries
+from .build import BuildError, ensure_binaries
+from .gotools import ensure_node_binaries, ensure_tools
 from .kubeapi import KubeAPI
+from .node import Node, NodeError, NodeOptions, node_ip, node_name, preflight
 from .process import Component, ComponentError, free_port, http_call, port_is_free, probe
 
 STATE_FILE = "state.json"
@@ -73,8 +75,36 @@ class ClusterOptions:
     api_port: int | None = None  # None: pick a free port
     etcd_port: int | None = None
     ready_timeout: float = 120.0
+    # A real node (containerd, kubelet, kube-proxy); see ``node``.  One per machine.
+    nodes: int = 0
+    container_log_max_size: str = "10Mi"
+    container_log_max_files: int = 5
+    container_log_monitor_interval: str = "10s"
+    images: list[str] = field(default_factory=list)  # extra OCI image archives for the node
+
+    def node_options(self) -> NodeOptions:
+        return NodeOptions(
+            container_log_max_size=self.container_log_max_size,
+            container_log_max_files=self.container_log_max_files,
+            container_log_monitor_interval=self.container_log_monitor_interval,
+            images=[str(Path(i).resolve()) for i in self.images],
+        )
 
     def validate(self) -> None:
+        if self.nodes not in (0, 1):
+            raise ClusterError(
+                f"--nodes {self.nodes}: only 0 or 1 is supported (the kubelet's /var/log/pods, "
+                "/var/log/containers and port 10250 are fixed, so one node per machine)"
+            )
+        if self.nodes and not self.controllers:
+            raise ClusterError("--nodes needs --controllers (the scheduler places pods, kcm makes service accounts)")
+        if not self.nodes and self.images:
+            raise ClusterError("--image needs --nodes 1 (images are imported into the node's containerd)")
+        if self.nodes:
+            try:
+                self.node_options().validate()
+            except NodeError as exc:
+                raise ClusterError(str(exc)) from exc
         for name in ("event_ttl", "compaction_interval"):
             value = getattr(self, name)
             if value is not None and not _GO_DURATION.match(value):
@@ -109,7 +139,9 @@ class LocalCluster:
 
     Attributes: ``url``, ``ca_file``, ``admin_token``, ``admin_token_file``,
     ``collector_token``, ``collector_token_file``, ``norbac_token``, ``norbac_token_file``,
-    ``kubeconfig``, ``audit_log_path``, ``etcd_url``, ``options``, ``components``.
+    ``kubeconfig``, ``audit_log_path``, ``etcd_url``, ``options``, ``components``,
+    ``helm`` and ``kubectl`` (paths of the client tools, ``HELM``/``KUBECTL`` in ``DIR/env``;
+    None when they could not be built).
     """
 
     def __init__(self, directory: Path, options: ClusterOptions, bin_dir: Path, ports: dict[str, int]) -> None:
@@ -125,11 +157,17 @@ class LocalCluster:
         self.collector_token_file = self.dir / "collector.token"
         self.norbac_token_file = self.dir / "norbac.token"
         self.audit_log_path = self.dir / "audit" / "audit.log"
+        # Client tools built from the same pins (None when they could not be built or found).
+        self.helm: Path | None = None
+        self.kubectl: Path | None = None
         self.components: dict[str, Component] = {}
+        self.node: Node | None = None
+        self.node_ready_seconds: float | None = None
         self.startup_seconds: float | None = None
         self._atexit_registered = False
         self.owner_pid: int | None = None  # process whose death must stop the cluster
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._log: TextIO = sys.stderr
 
     # -- tokens and clients -------------------------------------------------------------
 
@@ -182,6 +220,20 @@ class LocalCluster:
         ports = _pick_ports(opts)  # before a possibly long build: fail fast on a taken port
         bin_dir = Path(bin_dir) if bin_dir is not None else ensure_binaries(log=log, allow_build=allow_build)
         cluster = cls(directory, opts, bin_dir, ports)
+        cluster._log = log
+        try:
+            tools = ensure_tools(log=log, allow_build=allow_build)
+            cluster.helm, cluster.kubectl = tools.helm, tools.kubectl
+        except BuildError as exc:
+            # The control plane is useful without them; tests that need helm skip on None.
+            print(f"local cluster: helm/kubectl not available: {exc}", file=log, flush=True)
+        if opts.nodes:
+            try:
+                preflight()  # before anything starts: not root, no iptables, a node already here
+                node_bins = ensure_node_binaries(log=log, allow_build=allow_build)
+                cluster.node = Node(cluster.dir, node_bins, opts.node_options(), node_name(), node_ip())
+            except NodeError as exc:
+                raise ClusterError(f"cannot start a node: {exc}") from exc
         started = time.monotonic()
         try:
             cluster._prepare()
@@ -191,7 +243,7 @@ class LocalCluster:
             cluster._start_all()
         except BaseException as exc:
             cluster._stop_quietly()
-            if isinstance(exc, ComponentError | OSError):
+            if isinstance(exc, ComponentError | OSError | NodeError):
                 raise ClusterError(f"starting the local cluster in {directory} failed: {exc}") from exc
             raise
         cluster.startup_seconds = time.monotonic() - started
@@ -212,12 +264,21 @@ class LocalCluster:
         cluster = cls(directory, ClusterOptions(**state["options"]), Path(state["bin_dir"]), state["ports"])
         cluster.components = {name: Component.from_state(name, comp) for name, comp in state["components"].items()}
         cluster.startup_seconds = state.get("startup_seconds")
+        cluster.helm = Path(state["helm"]) if state.get("helm") else None
+        cluster.kubectl = Path(state["kubectl"]) if state.get("kubectl") else None
+        if state.get("node"):
+            cluster.node = Node.from_state(cluster.dir, state["node"])
+        cluster.node_ready_seconds = state.get("node_ready_seconds")
         cluster.owner_pid = state.get("owner_pid")
         return cluster
 
     def down(self, timeout: float = 15.0) -> None:
-        """Stop every component (SIGTERM, SIGKILL after ``timeout``).  Leaves ``dir`` in place."""
-        errors = []
+        """Stop the node (if any) and every component (SIGTERM, SIGKILL after ``timeout``).
+
+        Leaves ``dir`` in place.  With a node, raises :class:`ClusterError` naming anything the
+        node left on the host (processes, mounts, rules, interfaces, cgroups, sysctls, paths).
+        """
+        errors = self._stop_node()
         for name in reversed(COMPONENT_ORDER):
             comp = self.components.get(name)
             if comp is None:
@@ -262,8 +323,22 @@ class LocalCluster:
                 self._watchdog.wait()
         self._watchdog = None
 
+    def _stop_node(self) -> list[str]:
+        if self.node is None or not self.node.started:
+            return []
+        errors = self.node.stop()
+        self._write_state()
+        left = self.node.leftovers()
+        if left:
+            errors.append("the node left behind: " + "; ".join(left))
+        return errors
+
     def _stop_quietly(self) -> None:
         self._stop_watchdog()
+        try:
+            self._stop_node()
+        except OSError:
+            pass
         for name in reversed(COMPONENT_ORDER):
             comp = self.components.get(name)
             if comp is not None:
@@ -319,7 +394,13 @@ class LocalCluster:
         pki.write_cert(self.ca_file, ca.cert)
         pki.write_key(d / "pki" / "ca.key", ca.key)
         pki.write_cert(d / "pki" / "ca.crt", ca.cert)
-        pki.serving_cert(ca, "kube-apiserver").write(d / "pki" / "apiserver.crt", d / "pki" / "apiserver.key")
+        if self.node is not None:
+            ips, dns = self.node.apiserver_sans(self.node.ip)
+            serving = pki.issue(ca, "kube-apiserver", server=True, ips=ips, dns=dns)
+            self.node.write_pki(ca)
+        else:
+            serving = pki.serving_cert(ca, "kube-apiserver")
+        serving.write(d / "pki" / "apiserver.crt", d / "pki" / "apiserver.key")
         sa = pki.make_service_account_key()
         pki.write_key(d / "pki" / "sa.key", sa)
         pki.write_public_key(d / "pki" / "sa.pub", sa)
@@ -372,10 +453,13 @@ class LocalCluster:
 
     def _apiserver_args(self) -> list[str]:
         d, o = self.dir, self.options
+        node = self.node
         args = [
             f"--etcd-servers={self.etcd_url}",
-            "--bind-address=127.0.0.1",
-            "--advertise-address=127.0.0.1",
+            # With a node, pods reach the apiserver through the `kubernetes` Service, whose
+            # endpoint must be a non-loopback address the apiserver itself keeps up to date.
+            f"--bind-address={'0.0.0.0' if node else '127.0.0.1'}",
+            f"--advertise-address={node.ip if node else '127.0.0.1'}",
             f"--secure-port={self.ports['kube-apiserver']}",
             f"--cert-dir={d / 'apiserver-certs'}",
             f"--tls-cert-file={d / 'pki' / 'apiserver.crt'}",
@@ -387,7 +471,7 @@ class LocalCluster:
             f"--service-account-key-file={d / 'pki' / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'pki' / 'sa.key'}",
             "--service-cluster-ip-range=10.0.0.0/24",
-            "--endpoint-reconciler-type=none",
+            f"--endpoint-reconciler-type={'lease' if node else 'none'}",
             "--profiling=false",
             # Without it a SIGTERM'd apiserver keeps every open watch (and itself) alive for
             # its 60 s shutdown timeout; with it, watches end cleanly and it exits in ~1 s.
@@ -415,6 +499,8 @@ class LocalCluster:
             args.append("--watch-cache-sizes=events#0,events.events.k8s.io#0")
         if not o.controllers:
             args.append("--disable-admission-plugins=ServiceAccount")
+        if node:
+            args += node.apiserver_args()
         return args + list(o.apiserver_extra_args)
 
     def _client_component_args(self, name: str, kubeconfig: Path) -> list[str]:
@@ -489,6 +575,10 @@ class LocalCluster:
                 return resp.ok, str(resp)
 
             kcm.wait_ready(default_sa, 60.0)
+        if self.node is not None:
+            self.node_ready_seconds = self.node.start(
+                self.client("admin"), self.url, self.ca_file, self._log, save=self._write_state
+            )
 
     # -- state, status, helpers -----------------------------------------------------------
 
@@ -503,6 +593,10 @@ class LocalCluster:
             "ports": self.ports,
             "options": asdict(self.options),
             "startup_seconds": self.startup_seconds,
+            "node": self.node.to_state() if self.node is not None else None,
+            "node_ready_seconds": self.node_ready_seconds,
+            "helm": str(self.helm) if self.helm else None,
+            "kubectl": str(self.kubectl) if self.kubectl else None,
             "components": {name: comp.to_state() for name, comp in self.components.items()},
         }
         tmp = self.dir / f".{STATE_FILE}.tmp"
@@ -511,7 +605,7 @@ class LocalCluster:
         self._write_env()
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "KUBE_URL": self.url,
             "KUBE_CA_FILE": str(self.ca_file),
             "KUBECONFIG": str(self.kubeconfig),
@@ -522,6 +616,13 @@ class LocalCluster:
             "ETCD_URL": self.etcd_url,
             "LOCAL_CLUSTER_DIR": str(self.dir),
         }
+        if self.helm is not None:
+            env["HELM"] = str(self.helm)
+        if self.kubectl is not None:
+            env["KUBECTL"] = str(self.kubectl)
+        if self.node is not None:
+            env.update(self.node.env())
+        return env
 
     def _write_env(self) -> None:
         lines = [f"export {k}={shlex.quote(v)}" for k, v in self.env().items()]

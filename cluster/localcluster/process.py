@@ -41,6 +41,7 @@ class Component:
     log_path: Path
     port: int
     pid: int | None = None
+    env: dict[str, str] | None = field(default=None, repr=False, compare=False)  # None: inherit
     _popen: subprocess.Popen[bytes] | None = field(default=None, repr=False, compare=False)
 
     def start(self) -> None:
@@ -57,6 +58,7 @@ class Component:
                     stderr=subprocess.STDOUT,
                     start_new_session=True,
                     close_fds=True,
+                    env=self.env,
                 )
             except OSError as exc:
                 raise ComponentError(f"cannot start {self.name} ({self.args[0]}): {exc}") from exc

@@ -68,6 +68,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "cluster: needs the real local control plane (scripts/local-cluster); skipped without Go"
     )
+    config.addinivalue_line(
+        "markers", "node: needs a real node (containerd + kubelet, root); skipped with the reason when it cannot start"
+    )
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

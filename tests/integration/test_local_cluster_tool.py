@@ -98,6 +98,12 @@ def test_port_in_use_is_reported_before_anything_starts(tmp_path: Path) -> None:
         ({"webhook_url": "https://127.0.0.1:1/a", "webhook_ca": "/etc/hostname"}, "exactly one of"),
         ({"webhook_token_file": "/etc/hostname"}, "need --webhook-url"),
         ({"event_ttl": "ten minutes"}, "not a Go duration"),
+        ({"nodes": 2, "controllers": True}, "only 0 or 1 is supported"),
+        ({"nodes": 1}, "needs --controllers"),
+        ({"images": ["/etc/hostname"]}, "needs --nodes 1"),
+        ({"nodes": 1, "controllers": True, "container_log_max_size": "1MB"}, "not a quantity like 1Mi"),
+        ({"nodes": 1, "controllers": True, "container_log_max_files": 1}, "must be >= 2"),
+        ({"nodes": 1, "controllers": True, "images": ["/nonexistent.tar"]}, "image archive not found"),
     ],
 )
 def test_bad_options_are_rejected_up_front(tmp_path: Path, options: dict[str, str], message: str) -> None:
@@ -181,3 +187,26 @@ def test_cluster_is_stopped_when_its_owner_is_killed(control_plane_binaries: Pat
     while any(_running(pid) for pid in pids.values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(_running(pid) for pid in pids.values()), "components outlived their killed owner"
+
+
+@pytest.mark.cluster
+def test_helm_and_kubectl_are_built_and_exported(local_cluster: LocalCluster) -> None:
+    """helm and kubectl come from the same pins as the cluster and work against it via DIR/env."""
+    assert local_cluster.helm is not None and local_cluster.kubectl is not None
+    env_file = (local_cluster.dir / "env").read_text()
+    assert f"export HELM={local_cluster.helm}" in env_file
+    assert f"export KUBECTL={local_cluster.kubectl}" in env_file
+    env = {**os.environ, "KUBECONFIG": str(local_cluster.kubeconfig)}
+    version = subprocess.run(
+        [str(local_cluster.kubectl), "version", "-o", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert version.returncode == 0, version.stderr
+    info = json.loads(version.stdout)
+    assert info["clientVersion"]["gitVersion"] == info["serverVersion"]["gitVersion"] == "v1.36.3"
+    helm = subprocess.run(
+        [str(local_cluster.helm), "list", "-A", "-o", "json"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert helm.returncode == 0 and json.loads(helm.stdout) == [], helm.stderr
+    short = subprocess.run([str(local_cluster.helm), "version", "--short"], capture_output=True, text=True, timeout=30)
+    assert short.stdout.startswith("v4."), short
+    assert LocalCluster.attach(local_cluster.dir).helm == local_cluster.helm
