@@ -59,6 +59,8 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "modify": "kubetrail.transforms.modify:ModifyTransform",
         "kubernetes_audit": "kubetrail.transforms.kubernetes_audit:KubernetesAuditTransform",
         "kubernetes": "kubetrail.transforms.kubernetes:KubernetesTransform",
+        "parser": "kubetrail.transforms.parser:ParserTransform",
+        "throttle": "kubetrail.transforms.throttle:ThrottleTransform",
         "nest": "kubetrail.transforms.nest:NestTransform",
         "record_modifier": "kubetrail.transforms.record_modifier:RecordModifierTransform",
     }
