@@ -41,6 +41,7 @@ Design decisions:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import ssl
 from typing import Any
@@ -66,6 +67,7 @@ from kubetrail.sources.server_base import (
 )
 
 HANDSHAKE_TIMEOUT = 30.0  # a client that connects and never answers HELO holds one coroutine this long
+STOP_ACK_WAIT = 3.0  # at shutdown, how long a connection waits for its routed chunks' acks
 
 
 class _Connection:
@@ -232,6 +234,11 @@ class ForwardSource(Source):
             pass  # stopping
         finally:
             self._connections.pop(task, None)
+            if conn.acks and self._stop.is_set():
+                # Stopping: the sinks keep delivering meanwhile, so most routed chunks can still
+                # be acknowledged instead of being sent again after the restart.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.wait(list(conn.acks), timeout=STOP_ACK_WAIT)
             for ack in list(conn.acks):
                 ack.cancel()
             writer.close()

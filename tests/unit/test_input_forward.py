@@ -184,6 +184,33 @@ async def test_every_mode_with_a_chunk_is_acked_only_after_the_sink_took_it(tmp_
         assert (first.tag, first.time_ns) == ("kube.app", T0)
 
 
+async def test_with_the_filesystem_buffer_a_chunk_is_acked_once_queued_on_disk(tmp_path: Path) -> None:
+    service = f"    storage.path {tmp_path / 'buffer'}"
+    async with gated(tmp_path, "    storage.type filesystem", service) as (run, gate):
+        client = await Client.connect(run.source.bound_port)
+        await client.send(["kube.app", entries(10), {"chunk": "spooled"}])
+        # the sink has not delivered anything, yet the chunk is safe on disk: acked
+        assert await client.answer() == {"ack": "spooled"}
+        assert run.sink.records == []
+        assert list((tmp_path / "buffer").rglob("*")), "nothing in the disk queue"
+        gate.set()
+        await wait_until(lambda: len(run.sink.records) == 10, 10, "the delivery")
+        await client.close()
+
+
+async def test_at_shutdown_routed_chunks_are_still_acked(tmp_path: Path) -> None:
+    async with gated(tmp_path) as (run, gate):
+        client = await Client.connect(run.source.bound_port)
+        await client.send(["kube.app", entries(3), {"chunk": "late"}])
+        await wait_until(lambda: run.sink.arrived.is_set(), 10, "the batch at the sink")
+        run.pipeline.request_stop()
+        await asyncio.sleep(0.3)
+        gate.set()  # delivered during the shutdown: the ack still goes out before the close
+        assert await client.answer() == {"ack": "late"}
+        assert await client.closed()
+        await client.close()
+
+
 async def test_messages_without_chunk_are_coalesced_and_a_chunk_gets_its_own_batch(fwd: Running) -> None:
     client = await Client.connect(fwd.source.bound_port)
     frames = [packb(["a", event_time(T0 + i), {"n": i}]) for i in range(50)]
@@ -532,8 +559,8 @@ class GatedSink:
 
 
 @asynccontextmanager
-async def gated(tmp_path: Path) -> AsyncIterator[tuple[Any, asyncio.Event]]:
-    async with running(tmp_path, forward_input(), ready="started") as run:
+async def gated(tmp_path: Path, extra: str = "", service: str = "") -> AsyncIterator[tuple[Any, asyncio.Event]]:
+    async with running(tmp_path, forward_input(extra), service=service, ready="started") as run:
         sink = GatedSink()
         run.pipeline.runners[0].sink = sink  # type: ignore[assignment]
         run.sink = sink  # type: ignore[assignment]
