@@ -17,8 +17,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -30,9 +32,12 @@ import pytest
 from kubetrail.core.config import load_config
 from kubetrail.core.errors import ConfigError
 from kubetrail.runtime.pipeline import Pipeline
-from tests.servers.rsyslog import free_port, rsyslogd
+from tests.servers.rsyslog import free_port, gtls_available, rsyslogd
 from tests.unit.helpers import write
 from tests.unit.source_helpers import Running, running, wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
+from localcluster import pki
 
 LOGGER = shutil.which("logger")
 needs_rsyslog = pytest.mark.skipif(
@@ -73,13 +78,13 @@ async def send_tcp(port: int, data: bytes) -> bytes:
 class RsyslogRelay:
     """A real rsyslogd that takes messages on a UDP port and forwards them with omfwd."""
 
-    def __init__(self, workdir: Path, actions: list[str]) -> None:
+    def __init__(self, workdir: Path, actions: list[str], global_extra: str = "") -> None:
         self.workdir = workdir
         self.port = free_port(socket.SOCK_DGRAM)
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "rsyslog.conf"
         conf.write_text(
-            f'global(workDirectory="{workdir}" maxMessageSize="64k")\n'
+            f'global(workDirectory="{workdir}" maxMessageSize="64k"{global_extra})\n'
             'module(load="imudp")\n'
             f'input(type="imudp" port="{self.port}" address="127.0.0.1" ruleset="relay")\n'
             'ruleset(name="relay") {\n' + "\n".join(actions) + "\n}\n"
@@ -178,6 +183,50 @@ async def test_rsyslog_forwards_rfc5424_and_rfc3164_over_tcp_and_udp(tmp_path: P
     stamps = {r.time_ns for r in run.sink.records if r.tag == "bsd"}
     sent = datetime.strptime(now, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC).timestamp()
     assert all(abs(t / 1e9 - sent) < 2 for t in stamps)  # year-less time: the current year
+
+
+@needs_rsyslog
+@pytest.mark.skipif(not gtls_available(), reason="rsyslog-gnutls is not installed (scripts/setup installs it)")
+async def test_rsyslog_forwards_over_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    ca = pki.make_ca("syslog-test-ca")
+    pki.write_cert(tmp_path / "ca.crt", ca.cert)
+    pki.serving_cert(ca, "localhost").write(tmp_path / "tls.crt", tmp_path / "tls.key")
+    pki.issue(ca, "rsyslog-relay", client=True).write(tmp_path / "client.crt", tmp_path / "client.key")
+    extra = (
+        f"    format octet_counting\n    tls on\n    tls.crt_file {tmp_path / 'tls.crt'}\n"
+        f"    tls.key_file {tmp_path / 'tls.key'}\n    tls.ca_file {tmp_path / 'ca.crt'}"
+    )
+    async with syslog(tmp_path, "tcp", extra) as run:
+        relay = RsyslogRelay(
+            tmp_path / "rsyslog",
+            [
+                f'action(type="omfwd" target="127.0.0.1" port="{run.source.bound_port}" protocol="tcp" '
+                'StreamDriver="gtls" StreamDriverMode="1" StreamDriverAuthMode="x509/name" '
+                'StreamDriverPermittedPeers="localhost" TCP_Framing="octet-counted" '
+                'template="RSYSLOG_SyslogProtocol23Format")'
+            ],
+            f' DefaultNetstreamDriverCAFile="{tmp_path / "ca.crt"}"'
+            f' DefaultNetstreamDriverCertFile="{tmp_path / "client.crt"}"'
+            f' DefaultNetstreamDriverKeyFile="{tmp_path / "client.key"}"',
+        )
+        try:
+            await relay.ready()
+            for i in range(5):
+                relay.send(f"<134>1 2026-12-05T10:00:0{i}.250Z node-1 kubelet 77 - - pod {i} started".encode())
+            await run.wait_records(5, timeout=30)
+        finally:
+            relay.stop()
+    got = sorted(bodies(run), key=lambda b: b["time"])
+    assert [b["message"] for b in got] == [f"pod {i} started" for i in range(5)]
+    assert {(b["pri"], b["host"], b["ident"], b["pid"]) for b in got} == {("134", "node-1", "kubelet", "77")}
+    # a TCP client without a certificate fails the TLS handshake; no record comes from it
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        reader, writer = await asyncio.open_connection("127.0.0.1", run.source.bound_port, ssl=ctx)
+        writer.write(b"5 <14>x")
+        await writer.drain()
+        await asyncio.wait_for(reader.read(), 10)
+    assert len(run.sink.records) == 5
 
 
 # --- logger (util-linux) -----------------------------------------------------------------------
