@@ -334,3 +334,37 @@ def test_kill9_then_restart_from_db_loses_nothing(tmp_path: Path) -> None:
     repeated = sum(c - 1 for c in seen.values())
     assert repeated <= 8 * 1000, repeated
     shutil.rmtree(journal)
+
+
+@needs_journal
+async def test_cursor_of_a_vacuumed_entry_resumes_at_the_next_without_skipping_it(tmp_path: Path) -> None:
+    db = tmp_path / "systemd.db"
+    extra = f"    db {db}"
+    make_journal(tmp_path / "j" / "old.journal", numbered(10))
+    async with running(tmp_path, systemd_input(tmp_path / "j", extra)) as run:
+        records = await run.wait_records(10)
+        await wait_until(lambda: run.source.committed == records[-1].identity[0], 5, "the checkpoint")  # type: ignore[index]
+    # journald vacuums the old file while kubetrail is down; newer entries are in another file
+    (tmp_path / "j" / "old.journal").unlink()
+    make_journal(tmp_path / "j" / "new.journal", numbered(5, start=10), start=10)
+    async with running(tmp_path, systemd_input(tmp_path / "j", extra)) as run:
+        await run.wait_records(5)
+        await _quiet(run, 0.5)
+        assert messages(run.sink.records) == [f"line {n}" for n in range(10, 15)]
+
+
+@needs_journal
+async def test_read_since_minutes_ago(tmp_path: Path) -> None:
+    now_usec = int(time.time() * 1_000_000)
+    entries = b"".join(
+        export_entry([("MESSAGE", f"{minutes} min ago")], now_usec - minutes * 60_000_000, 1000 + i)
+        for i, minutes in enumerate((30, 10, 2, 1))
+    )
+    (tmp_path / "j").mkdir()
+    assert JOURNAL_REMOTE is not None
+    out = tmp_path / "j" / "system.journal"
+    subprocess.run([JOURNAL_REMOTE, "-o", str(out), "-"], input=entries, check=True, capture_output=True)
+    async with running(tmp_path, systemd_input(tmp_path / "j", "    read_since_minutes_ago 5")) as run:
+        await run.wait_records(2)
+        await _quiet(run, 0.5)
+        assert messages(run.sink.records) == ["2 min ago", "1 min ago"]

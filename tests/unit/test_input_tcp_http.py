@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import gzip
 import shutil
+import ssl
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,9 @@ from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sources.http import parse_urlencoded, tag_from_path
 from kubetrail.sources.tcp import JsonStream, unescape_separator
 from tests.unit.source_helpers import CollectSink, Running, input_config, running, wait_until
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
+from localcluster import pki
 
 # --- tcp ------------------------------------------------------------------------------------------
 
@@ -291,3 +296,25 @@ def test_http_and_tcp_config_errors(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=key):
             Pipeline(load_config(input_config(tmp_path, lines)))
+
+
+async def test_tcp_over_tls_and_a_plain_client_on_the_tls_port(tmp_path: Path) -> None:
+    ca = pki.make_ca("tcp-test-ca")
+    pki.write_cert(tmp_path / "ca.crt", ca.cert)
+    pki.serving_cert(ca, "127.0.0.1").write(tmp_path / "tls.crt", tmp_path / "tls.key")
+    extra = f"    tls on\n    tls.crt_file {tmp_path / 'tls.crt'}\n    tls.key_file {tmp_path / 'tls.key'}"
+    async with running(tmp_path, tcp_input(extra), ready="started") as run:
+        # a client speaking plain TCP to the TLS port fails the handshake; nothing is recorded
+        plain_reader, plain = await connect(run)
+        plain.write(b'{"plain": 1}\n')
+        await plain.drain()
+        await asyncio.wait_for(plain_reader.read(), 5)  # returns once the server has closed it
+        plain.close()
+        ctx = ssl.create_default_context(cafile=str(tmp_path / "ca.crt"))
+        _, writer = await asyncio.open_connection("127.0.0.1", run.source.bound_port, ssl=ctx)
+        writer.write(b'{"secure": true}\n')
+        await writer.drain()
+        writer.close()
+        (record,) = await run.wait_records(1)
+        await asyncio.sleep(0.3)
+    assert record.body == {"secure": True} and len(run.sink.records) == 1
