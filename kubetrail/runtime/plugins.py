@@ -59,6 +59,7 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "modify": "kubetrail.transforms.modify:ModifyTransform",
         "kubernetes_audit": "kubetrail.transforms.kubernetes_audit:KubernetesAuditTransform",
         "kubernetes": "kubetrail.transforms.kubernetes:KubernetesTransform",
+        "lua": "kubetrail.transforms.lua:LuaTransform",
         "parser": "kubetrail.transforms.parser:ParserTransform",
         "throttle": "kubetrail.transforms.throttle:ThrottleTransform",
         "nest": "kubetrail.transforms.nest:NestTransform",
