@@ -10,6 +10,12 @@ finite source finished) proceeds in the only order that loses nothing:
 
 Anything still undelivered when ``grace`` runs out is simply not checkpointed, so it is
 read again on the next start: at-least-once, with identities for sinks to deduplicate.
+
+Fluent Bit compatibility at build time: YAML processors are built as filters bound to their
+input or output (see :mod:`.router`); options Fluent Bit has that change nothing here are
+accepted and logged once (:func:`kubetrail.core.config.compat.no_effect`); an unknown plugin
+names the closest one kubetrail has; rewrite_tag filters whose fixed new tags feed each other
+in a cycle are refused before anything starts.
 """
 
 from __future__ import annotations
@@ -27,10 +33,12 @@ from kubetrail import __version__
 from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Sink, Source, Transform
 from kubetrail.core.config import PipelineConfig
+from kubetrail.core.config.compat import NO_EFFECT_MARK, is_no_effect, unknown_plugin_message
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.metrics import ComponentMetrics, MetricsRegistry
 from kubetrail.core.options import Option, Section, resolve_options
 from kubetrail.core.record import Batch
+from kubetrail.parsers.multiline_rules import from_section
 from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.disk_buffer import DiskQueue, StorageError
@@ -45,7 +53,7 @@ from kubetrail.runtime.plugins import (
     TRANSFORMS,
     parse_retry_limit,
 )
-from kubetrail.runtime.router import RoutedSink, RoutedTransform, Router
+from kubetrail.runtime.router import Reemitting, RoutedSink, RoutedTransform, Router
 from kubetrail.runtime.routing import TagMatcher
 from kubetrail.runtime.sink_runner import SinkRunner
 
@@ -73,9 +81,15 @@ class _SourceEmitter:
     """
 
     def __init__(
-        self, router: Router, metrics: ComponentMetrics, durable: bool = False, mem_limit: int | None = None
+        self,
+        router: Router,
+        metrics: ComponentMetrics,
+        durable: bool = False,
+        mem_limit: int | None = None,
+        processors: list[RoutedTransform] | None = None,
     ) -> None:
         self._router = router
+        self._processors = processors or []
         self._metrics = metrics
         self._durable = durable
         self._mem_limit = mem_limit
@@ -89,10 +103,10 @@ class _SourceEmitter:
         )
 
     def leaves_check(self, tag: str) -> bool:
-        return self._router.leaves_check(tag)
+        return not self._processors and self._router.leaves_check(tag)
 
     async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None:
-        if batch.unchecked and not self._router.leaves_check(batch.tag):
+        if batch.unchecked and not self.leaves_check(batch.tag):
             batch.check()  # before it is counted: a block that fails may hold fewer records
         self._metrics.records_in.inc(len(batch))
         self._metrics.bytes_in.inc(batch.size_bytes)
@@ -104,7 +118,7 @@ class _SourceEmitter:
                     self._below.clear()
                     await self._below.wait()
             self._track(batch)
-        await self._router.send(batch, self._metrics, self._durable, after=after)
+        await self._router.send(batch, self._metrics, self._durable, after=after, processors=self._processors)
 
     def _track(self, batch: Batch) -> None:
         """Count the batch against mem_buf_limit until its token completes."""
@@ -126,6 +140,11 @@ class Pipeline:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.service = resolve_options(config.service, SERVICE_OPTIONS, "[SERVICE]")
+        # Compatibility notes (no-effect options, ignored processors, ...): logged once when the
+        # pipeline runs (logging is set up after the build) and shown by ``kubetrail check``.
+        self.notes: list[str] = list(config.notices)
+        self._noted: set[tuple[str, str]] = set()
+        self._note_no_effect(config.service, SERVICE_OPTIONS, "")
         if self.service["daemon"]:
             raise ConfigError(
                 "daemon mode is not supported; run kubetrail under systemd or Kubernetes",
@@ -137,14 +156,21 @@ class Pipeline:
         self.parsers = ParserRegistry()
         for section in config.parsers:
             self.parsers.add_section(section)
+        for section in config.multiline_parsers:
+            from_section(section)  # validated here, with its location, even if nothing uses it
+        # The multiline filter finds [MULTILINE_PARSER] sections beside the parsers.
+        setattr(self.parsers, "multiline_sections", list(config.multiline_parsers))  # noqa: B010
         self._counts: dict[str, int] = defaultdict(int)
         self.sources: list[BuiltComponent] = []
         self.transforms: list[BuiltComponent] = []
         self.sinks: list[BuiltComponent] = []
         routed_transforms: list[RoutedTransform] = []
         routed_sinks: list[RoutedSink] = []
+        self.processors: dict[str, list[RoutedTransform]] = {}  # input/output id -> its processors
         for section in config.inputs:
-            self.sources.append(self._build(section, "input", SOURCES, COMMON_INPUT_OPTIONS))
+            built = self._build(section, "input", SOURCES, COMMON_INPUT_OPTIONS)
+            self.sources.append(built)
+            self.processors[built.component_id] = self._build_processors(config.processors_of(section))
         for section in config.filters:
             built = self._build(section, "filter", TRANSFORMS, COMMON_FILTER_OPTIONS)
             self.transforms.append(built)
@@ -153,6 +179,7 @@ class Pipeline:
                     built.instance, _matcher(section, built.config), built.instance.metrics, built.component_id
                 )
             )
+        self.notes.extend(_check_rewrite_loops(routed_transforms, config.filters))
         self.runners: list[SinkRunner] = []
         storage_path = self.service["storage.path"]
         keep_rejected = self.service["storage.keep.rejected"]
@@ -220,31 +247,44 @@ class Pipeline:
             )
             self.sinks.append(built)
             self.runners.append(runner)
-            routed_sinks.append(RoutedSink(runner, _matcher(section, built.config)))
+            processors = self.processors[built.component_id] = self._build_processors(config.processors_of(section))
+            routed_sinks.append(RoutedSink(runner, _matcher(section, built.config), processors))
         if not self.sources:
             raise ConfigError("the pipeline has no inputs", config.service.location)
         if not self.sinks:
             raise ConfigError("the pipeline has no outputs", config.service.location)
         self.router = Router(routed_transforms, routed_sinks, log)
+        for routed in [*routed_transforms, *(p for chain in self.processors.values() for p in chain)]:
+            self._attach_emitter(routed)
         self._stop = asyncio.Event()
         self._stopping = False
         self.http: Any = None
         self.started_at = time.time()
 
     def _build(
-        self, section: Section, kind: str, registry: Mapping[str, Any], common: tuple[Option, ...]
+        self,
+        section: Section,
+        kind: str,
+        registry: Mapping[str, Any],
+        common: tuple[Option, ...],
+        label: str = "",
     ) -> BuiltComponent:
         plugin = section.plugin_name
         if not plugin:
             raise ConfigError(f"[{kind.upper()}] has no 'name' (the plugin to use)", section.location, "name")
-        cls = registry.get(plugin)
-        if cls is None:
-            allowed = ", ".join(sorted(registry))
+        try:
+            cls = registry.get(plugin)
+        except ImportError as exc:  # a plugin whose module cannot load here (a missing dependency)
             raise ConfigError(
-                f"unknown {kind} plugin {plugin!r}; available: {allowed}", section.location_of("name"), "name"
+                f"{kind} plugin {plugin!r} cannot load: {exc}", section.location_of("name"), "name"
+            ) from None
+        if cls is None:
+            raise ConfigError(
+                unknown_plugin_message(label or kind, plugin, list(registry)), section.location_of("name"), "name"
             )
         options = (*common, *cls.options)
-        values = resolve_options(section, options, f"{kind} plugin '{plugin}'")
+        values = resolve_options(section, options, f"{label or kind} plugin '{plugin}'")
+        self._note_no_effect(section, options, plugin)
         index = self._counts[f"{kind}:{plugin}"]
         self._counts[f"{kind}:{plugin}"] += 1
         component_id = values.get("alias") or f"{plugin}.{index}"
@@ -271,18 +311,82 @@ class Pipeline:
             raise
         return BuiltComponent(component_id, kind, plugin, values, instance)
 
+    def _build_processors(self, sections: list[Section]) -> list[RoutedTransform]:
+        """An input's or output's ``processors.logs``: filter plugins bound to it (no match)."""
+        chain = []
+        for section in sections:
+            built = self._build(section, "filter", TRANSFORMS, COMMON_FILTER_OPTIONS, label="processor")
+            if built.config.get("match") or built.config.get("match_regex") is not None:
+                self.notes.append(
+                    f"{section.location}: processor {built.component_id}: its match is ignored: a processor sees "
+                    "every record of the input or output it is on"
+                )
+            self.transforms.append(built)
+            chain.append(
+                RoutedTransform(built.instance, TagMatcher(pattern="*"), built.instance.metrics, built.component_id)
+            )
+        return chain
+
+    def _attach_emitter(self, routed: RoutedTransform) -> None:
+        """Filters that re-emit records (rewrite_tag, multiline) get the metrics of their emitter
+        (Fluent Bit shows it as an input, ``emitter_for_<filter>`` unless ``emitter_name``) and
+        the router's re-emit entry point for what they emit on a timer."""
+        instance = routed.transform
+        if not isinstance(instance, Reemitting):
+            return
+        name = getattr(instance, "emitter_name", None) or f"emitter_for_{routed.component_id}"
+        instance.emitter_metrics = self.metrics.component(name, "source", "emitter")
+        router = self.router
+
+        async def emit(batch: Batch, durable: bool = False) -> None:
+            await router.reemit(batch, routed, durable, frozenset({id(instance)}))
+
+        instance.emit = emit  # type: ignore[attr-defined]
+
+    def _note_no_effect(self, section: Section, options: tuple[Option, ...], plugin: str) -> None:
+        """Log once per plugin and option that the user set an option with no effect here."""
+        declared = {opt.name: opt for opt in options}
+        for prop in section.properties:
+            opt = declared.get(prop.name)
+            if opt is None or not is_no_effect(opt) or (plugin, prop.name) in self._noted:
+                continue
+            self._noted.add((plugin, prop.name))
+            self.notes.append(
+                f"{prop.location}: option {prop.name!r} of {plugin or 'the service'} has no effect in kubetrail: "
+                f"{opt.help[len(NO_EFFECT_MARK) :]}"
+            )
+
     def describe(self) -> dict[str, Any]:
         """The resolved pipeline, for ``kubetrail check``."""
 
         def shown(config: dict[str, Any]) -> dict[str, Any]:
             return {k: (v.pattern if hasattr(v, "pattern") else v) for k, v in config.items() if v not in (None, [])}
 
+        in_chains = {id(p.transform) for chain in self.processors.values() for p in chain}
+
+        def with_processors(c: BuiltComponent) -> dict[str, Any]:
+            out = {"id": c.component_id, "plugin": c.plugin, **shown(c.config)}
+            chain = self.processors.get(c.component_id)
+            if chain:
+                out["processors"] = [p.component_id for p in chain]
+            return out
+
         return {
             "service": shown(dict(self.service)),
-            "inputs": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.sources],
-            "filters": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.transforms],
-            "outputs": [{"id": c.component_id, "plugin": c.plugin, **shown(c.config)} for c in self.sinks],
+            "inputs": [with_processors(c) for c in self.sources],
+            "filters": [
+                {"id": c.component_id, "plugin": c.plugin, **shown(c.config)}
+                for c in self.transforms
+                if id(c.instance) not in in_chains
+            ],
+            "processors": [
+                {"id": c.component_id, "plugin": c.plugin, **shown(c.config)}
+                for c in self.transforms
+                if id(c.instance) in in_chains
+            ],
+            "outputs": [with_processors(c) for c in self.sinks],
             "parsers": self.parsers.names(),
+            "notes": self.notes,
         }
 
     def request_stop(self) -> None:
@@ -292,6 +396,8 @@ class Pipeline:
         self._stop.set()
 
     async def run(self) -> int:
+        for note in self.notes:
+            log.info(note)
         if self.service["http_server"]:
             from kubetrail.runtime.http_server import MonitoringServer  # aiohttp costs 0.2 s to import
 
@@ -339,6 +445,11 @@ class Pipeline:
         grace = float(self.service["grace"])
         deadline = time.monotonic() + grace
         clean = await self._within(all_sources, deadline, "sources did not stop")
+        for component in self.transforms:
+            # Messages a filter holds open (multiline buffer) go out before the outputs drain.
+            flush = getattr(component.instance, "flush_held", None)
+            if flush is not None:
+                await _quietly(flush(), component.component_id)
         for task in tasks:
             task.cancel()
         drains = asyncio.gather(*(runner.drain() for runner in self.runners))
@@ -383,6 +494,7 @@ class Pipeline:
             source.metrics,
             durable=config.get("storage.type") == "filesystem",
             mem_limit=None if getattr(source, "handles_mem_buf_limit", False) else config.get("mem_buf_limit"),
+            processors=self.processors.get(component_id),
         )
         delay = 1.0
         while True:
@@ -413,6 +525,51 @@ def _matcher(section: Section, values: dict[str, Any]) -> TagMatcher:
         section.location,
         "match",
     )
+
+
+def _check_rewrite_loops(routed: list[RoutedTransform], sections: list[Section]) -> list[str]:
+    """rewrite_tag filters whose fixed new tags feed each other in a cycle would re-emit forever
+    in Fluent Bit (each emitter skips only its own filter). kubetrail's router cannot loop (a
+    copy never passes a filter it came out of), but such a config is still a mistake: refuse it.
+    A filter whose new tag matches its own ``match`` is fine (Fluent Bit's emitter does not hand
+    a filter its own output, nor does kubetrail's router) and noted."""
+    notes: list[str] = []
+    rewriters = [(r, s) for r, s in zip(routed, sections, strict=True) if hasattr(r.transform, "static_tags")]
+    edges: dict[int, list[int]] = {}
+    for index, (source, section) in enumerate(rewriters):
+        tags: list[str] = source.transform.static_tags()  # type: ignore[attr-defined]
+        for tag in tags:
+            if source.matcher.matches(tag):
+                notes.append(
+                    f"{section.location}: {source.component_id}: new tag {tag!r} matches the filter's own match; "
+                    "like Fluent Bit's emitter, the rewritten records do not pass through it again"
+                )
+        edges[index] = [
+            other
+            for other, (target, _) in enumerate(rewriters)
+            if other != index and any(target.matcher.matches(tag) for tag in tags)
+        ]
+    for start in edges:
+        path = [start]
+        stack = [iter(edges[start])]
+        while stack:
+            child = next(stack[-1], None)
+            if child is None:
+                stack.pop()
+                path.pop()
+                continue
+            if child == start:
+                names = " -> ".join(rewriters[i][0].component_id for i in [*path, start])
+                raise ConfigError(
+                    f"rewrite_tag filters re-emit into each other in a loop ({names}): each one's new tag is "
+                    "matched by the next; change a match or a rule's new tag",
+                    rewriters[start][1].location_of("rule"),
+                    "rule",
+                )
+            if child not in path:
+                path.append(child)
+                stack.append(iter(edges[child]))
+    return notes
 
 
 async def _quietly(awaitable: Any, component_id: str) -> None:

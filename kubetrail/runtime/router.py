@@ -7,17 +7,33 @@ output matches is counted as dropped (reason ``unrouted``) and acknowledged, as 
 drops records no output matches. A send that does not finish (cancelled at shutdown while a sink
 buffer is full, or after the send before it failed) keeps that reference: the batch counts as
 in flight, not delivered, and is read again after a restart.
+
+**Processors** (YAML ``processors: {logs: [...]}``) are filters bound to one input or output:
+an input's run on its batches before routing, an output's on what reaches that output before
+it is queued. A record a processor drops is acknowledged as filtered, exactly like a filter
+drop (the token simply is not retained for it).
+
+**Re-emitted records** (``rewrite_tag``, ``multiline`` with ``buffer on``): a filter that
+implements :class:`Reemitting` hands back copies beside its output. Each copy is a new batch
+whose token holds a reference on every batch it came from (taken by the filter while those are
+still being routed), so a source's checkpoint moves only once the copy is delivered too. A copy
+is routed again from the start, like a new input's records (Fluent Bit's emitter input), except
+through the filters it already came out of: Fluent Bit's emitter never hands a filter its own
+output, and carrying the whole set means two rewrite_tag filters that feed each other cannot
+loop either.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from kubetrail.core.component import Transform
 from kubetrail.core.metrics import ComponentMetrics
-from kubetrail.core.record import Batch
+from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.routing import TagMatcher
 from kubetrail.runtime.sink_runner import SinkRunner
 
@@ -34,12 +50,29 @@ class RoutedTransform:
 class RoutedSink:
     runner: SinkRunner
     matcher: TagMatcher
+    processors: list[RoutedTransform] = field(default_factory=list)
 
 
 @dataclass
 class Route:
     transforms: list[RoutedTransform] = field(default_factory=list)
     sinks: list[SinkRunner] = field(default_factory=list)
+    sink_processors: list[list[RoutedTransform]] = field(default_factory=list)
+
+
+@runtime_checkable
+class Reemitting(Protocol):
+    """A filter that emits records under new tags or later (Fluent Bit's emitter input)."""
+
+    emitter_metrics: ComponentMetrics | None
+
+    def process_emitting(self, batch: Batch) -> tuple[Batch, list[Batch]]:
+        """The batch after this filter, and the copies to route again from the start. Each copy
+        carries a token of its own that holds a reference on the batches it came from."""
+        ...
+
+
+Skip = frozenset[int]  # ids of the transforms a re-emitted batch already came out of
 
 
 class Router:
@@ -52,9 +85,11 @@ class Router:
     def route(self, tag: str) -> Route:
         route = self._routes.get(tag)
         if route is None:
+            sinks = [s for s in self._sinks if s.matcher.matches(tag)]
             route = Route(
                 [t for t in self._transforms if t.matcher.matches(tag)],
-                [s.runner for s in self._sinks if s.matcher.matches(tag)],
+                [s.runner for s in sinks],
+                [s.processors for s in sinks],
             )
             if len(self._routes) > 100_000:  # tags derived from paths can be unbounded
                 self._routes.clear()
@@ -74,17 +109,26 @@ class Router:
         durable: bool = False,
         *,
         after: Awaitable[None] | None = None,
+        processors: Sequence[RoutedTransform] = (),
+        skip: Skip = frozenset(),
     ) -> None:
         """``durable``: the source has ``storage.type filesystem`` (see :mod:`.disk_buffer`).
         ``after``: the source's previous send, which must reach the sinks first (see
-        :class:`~kubetrail.core.component.Emitter`); this batch's filters run meanwhile."""
-        route = self.route(batch.tag)
+        :class:`~kubetrail.core.component.Emitter`); this batch's filters run meanwhile.
+        ``processors``: the input's own processors, run before routing. ``skip``: filters a
+        re-emitted batch already came out of."""
         source_metrics.records_out.inc(len(batch))
         source_metrics.bytes_out.inc(batch.size_bytes)
         token = batch.ack
         routed = False
         try:
-            await self._route(batch, route, source_metrics, durable, after)
+            copies: list[tuple[Batch, RoutedTransform, Skip]] = []
+            if processors:
+                batch = await self._chain(processors, batch, skip, copies)
+            route = self.route(batch.tag)
+            await self._route(batch, route, source_metrics, durable, after, skip, copies)
+            for copy, origin, copy_skip in copies:
+                await self.reemit(copy, origin, durable, copy_skip)
             routed = True
         finally:
             # An interrupted send (cancelled at shutdown, or the send before it failed) keeps the
@@ -93,23 +137,42 @@ class Router:
             if token is not None and routed:
                 token.seal()
 
-    async def _route(
+    async def reemit(self, batch: Batch, origin: RoutedTransform, durable: bool, skip: Skip) -> None:
+        """Route a batch a filter emitted (a rewritten tag, a joined multiline message) from the
+        start, past the filters in ``skip``. Also what a filter's own timer calls."""
+        metrics = getattr(origin.transform, "emitter_metrics", None) or origin.metrics
+        if getattr(origin.transform, "continues_after", False):
+            # A joined message goes on after the filter that joined it, not from the start.
+            ids = [id(t.transform) for t in self.route(batch.tag).transforms]
+            if id(origin.transform) in ids:
+                skip = skip | frozenset(ids[: ids.index(id(origin.transform)) + 1])
+        durable = durable or getattr(origin.transform, "durable_copies", False)  # emitter_storage.type
+        await self.send(batch, metrics, durable, skip=skip)
+
+    async def _chain(
         self,
+        transforms: Sequence[RoutedTransform],
         batch: Batch,
-        route: Route,
-        source_metrics: ComponentMetrics,
-        durable: bool,
-        after: Awaitable[None] | None,
-    ) -> None:
-        token = batch.ack
+        skip: Skip,
+        copies: list[tuple[Batch, RoutedTransform, Skip]],
+    ) -> Batch:
+        """Run filters (or processors) in order; copies they emit are collected in ``copies``."""
         out = batch
-        for routed in route.transforms:
-            if not routed.transform.checks_json_lines:
+        for routed in transforms:
+            transform = routed.transform
+            if id(transform) in skip:
+                continue
+            if not transform.checks_json_lines:
                 out.check()
             before = len(out)
             routed.metrics.records_in.inc(before)
             try:
-                out = await routed.transform.process_batch_async(out)
+                if isinstance(transform, Reemitting):
+                    out, emitted = transform.process_emitting(out)
+                    copy_skip = skip | {id(transform)}
+                    copies.extend((copy, routed, copy_skip) for copy in emitted)
+                else:
+                    out = await transform.process_batch_async(out)
             except Exception as exc:
                 # A filter bug must not lose data: pass the batch on unfiltered, loudly.
                 routed.metrics.error(type(exc).__name__)
@@ -122,6 +185,21 @@ class Router:
             if not len(out):
                 break
         out.check()  # a filter that failed passed it on as it came
+        return out
+
+    async def _route(
+        self,
+        batch: Batch,
+        route: Route,
+        source_metrics: ComponentMetrics,
+        durable: bool,
+        after: Awaitable[None] | None,
+        skip: Skip = frozenset(),
+        copies: list[tuple[Batch, RoutedTransform, Skip]] | None = None,
+    ) -> None:
+        token = batch.ack
+        copies = [] if copies is None else copies
+        out = await self._chain(route.transforms, batch, skip, copies) if len(batch) else batch
         if after is not None:
             # Before any return: a batch after this one waits for this send, not the one before.
             await after
@@ -130,7 +208,26 @@ class Router:
         if not route.sinks:
             source_metrics.dropped(len(out), "unrouted")
             return
-        if token is not None:
-            token.retain(len(route.sinks))
-        for runner in route.sinks:
-            await runner.enqueue(out, durable)
+        # An output's processors see only what reaches that output; one that keeps nothing is
+        # not retained for (its records were filtered, as a filter drop is).
+        targets: list[tuple[SinkRunner, Batch]] = []
+        for runner, processors in zip(route.sinks, route.sink_processors, strict=True):
+            own = await self._chain(processors, _private(out), skip, copies) if processors else out
+            if len(own):
+                targets.append((runner, own))
+        if token is not None and targets:
+            token.retain(len(targets))
+        for runner, own in targets:
+            await runner.enqueue(own, durable)
+
+
+def _private(batch: Batch) -> Batch:
+    """A copy of ``batch`` whose records an output's processors may change without the change
+    reaching the other outputs (unparsed records share their immutable bytes)."""
+    records = [
+        Record(r.tag, r.time_ns, None, r.raw, r.identity, r.meta)
+        if r.raw is not None
+        else Record(r.tag, r.time_ns, copy.deepcopy(r.body_), None, r.identity, copy.copy(r.meta))
+        for r in batch.records
+    ]
+    return batch.derive(records)

@@ -46,6 +46,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import secrets
 import stat
 import time
@@ -56,6 +57,7 @@ from typing import IO, Any, cast
 
 from kubetrail.core.acks import AckToken, OrderedAcks
 from kubetrail.core.component import ComponentContext, Emitter, Source
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
@@ -213,6 +215,28 @@ class TailSource(Source):
         Option("multiline.flush_ms", "int", 4000, help="Emit a partial message after this long without its end"),
         Option("inotify_watcher", "bool", True, help="Wake on inotify events; off: poll only"),
         Option("ignore_older", "duration", None, help="Skip files not modified for this long (found by a scan)"),
+        # Fluent Bit's legacy docker mode is the docker joiner of multiline.parser docker.
+        Option("docker_mode", "bool", False, help="Join docker's split lines (same as multiline.parser docker)"),
+        Option("docker_mode_flush", "int", 4, help="Seconds before an unfinished docker_mode line goes out"),
+        no_effect(
+            "docker_mode_parser",
+            why="docker_mode joins docker's split lines; join messages of several lines with the multiline filter",
+        ),
+        Option("tag_regex", "regex", None, help="Named groups of the file path, used as <name> in tag"),
+        no_effect("db.compare_filename", "bool", False, why="a file is known by device, inode and fingerprint"),
+        no_effect("ignore_active_older_files", "bool", False, why="ignore_older applies to files found by a scan"),
+        no_effect("static_batch_size", "size", None, why="batch_size sets how much one read takes"),
+        no_effect("event_batch_size", "size", None, why="batch_size sets how much one read takes"),
+        no_effect("file_cache_advise", "bool", True, why="kubetrail leaves the page cache to the kernel"),
+        no_effect("progress_check_interval", "duration", None, why="files are read as inotify reports them"),
+        no_effect("progress_check_interval_nsec", "int", None, why="files are read as inotify reports them"),
+        no_effect("unicode.encoding", why="files are read as UTF-8 (invalid bytes are counted and replaced)"),
+        no_effect("generic.encoding", why="files are read as UTF-8 (invalid bytes are counted and replaced)"),
+        no_effect(
+            "multiline", "bool", False, why="the legacy multiline mode: use multiline.parser or the multiline filter"
+        ),
+        no_effect("multiline_flush", "int", 4, why="the legacy multiline mode: use multiline.flush_ms"),
+        no_effect("parser_firstline", why="the legacy multiline mode: use the multiline filter with a parser"),
         *DB_OPTIONS,
     )
 
@@ -233,12 +257,17 @@ class TailSource(Source):
         self.max_line: int = config["buffer_max_size"]
         self.truncate_long: bool = config["truncate_long_lines"]
         self.multiline: tuple[str, ...] = tuple(f.lower() for f in config["multiline.parser"])
+        if config["docker_mode"] and not self.multiline:
+            self.multiline = ("docker",)
         for name in self.multiline:
             if name not in FORMATS:
                 raise ConfigError(
                     f"unknown multiline.parser {name!r}; built in: {', '.join(FORMATS)}", key="multiline.parser"
                 )
         self.flush_seconds: float = max(0.0, config["multiline.flush_ms"] / 1000)
+        if config["docker_mode"] and not config["multiline.parser"]:
+            self.flush_seconds = max(0.0, float(config["docker_mode_flush"]))
+        self.tag_regex: re.Pattern[str] | None = config["tag_regex"]
         self.use_inotify: bool = config["inotify_watcher"]
         self.ignore_older: float | None = config["ignore_older"]
         self.mem_limit: int | None = config.get("mem_buf_limit")
@@ -274,6 +303,16 @@ class TailSource(Source):
         self._stop = asyncio.Event()
         self._warned_paths: set[str] = set()
         self._last_scan = 0.0
+
+    def _tag_for(self, path: str) -> str:
+        """``tag`` for a file: ``*`` is the path; with ``tag_regex``, ``<name>`` is its group."""
+        tag = expand_tag(self.tag_template, path)
+        if self.tag_regex is not None:
+            match = self.tag_regex.search(path)
+            if match is not None:
+                for name, value in match.groupdict().items():
+                    tag = tag.replace(f"<{name}>", value or "")
+        return tag
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -597,7 +636,7 @@ class TailSource(Source):
         handle.seek(offset)
         tailed = TailedFile(
             path=path,
-            tag=expand_tag(self.tag_template, tag_path),
+            tag=self._tag_for(tag_path),
             handle=handle,
             dev=st.st_dev,
             inode=st.st_ino,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 from pathlib import Path
 
+from kubetrail.core.config.compat import external_plugin_message
 from kubetrail.core.config.model import SECTION_KINDS, PipelineConfig, expand_variables
 from kubetrail.core.errors import ConfigError, Location
 from kubetrail.core.options import Property, Section
@@ -21,7 +22,38 @@ def read_classic_config(path: Path) -> PipelineConfig:
     variables: dict[str, str] = {}
     _read_file(path, config, variables, depth=0)
     load_parsers_files(config, path.parent, variables)
+    check_plugins_files(config, variables)
     return config
+
+
+def check_plugins_files(config: PipelineConfig, variables: dict[str, str]) -> None:
+    """``plugins_file`` lists external ``.so`` plugins (``[PLUGINS]`` sections, ``path`` keys, or a
+    YAML ``plugins:`` list). A file that lists none is fine; each listed one is refused by name."""
+    for prop in config.service.get_all("plugins_file"):
+        target = Path(prop.value)
+        if not target.is_absolute():
+            target = Path(prop.location.file).parent / target
+        if not target.exists():
+            raise ConfigError(f"plugins file not found: {target}", prop.location, "plugins_file")
+        if target.suffix.lower() in (".yaml", ".yml"):
+            from kubetrail.core.config.yaml_format import read_yaml_plugins
+
+            read_yaml_plugins(target, variables)
+            continue
+        try:
+            text = target.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read plugins file: {exc}", prop.location, "plugins_file") from None
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#") or line.startswith("["):
+                continue
+            key, _, value = line.partition(" ")
+            if key.lower() == "path" and value.strip():
+                location = Location(str(target), number)
+                raise ConfigError(
+                    external_plugin_message(expand_variables(value.strip(), variables, location)), location, "path"
+                )
 
 
 def load_parsers_files(config: PipelineConfig, base: Path, variables: dict[str, str]) -> None:

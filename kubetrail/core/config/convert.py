@@ -21,6 +21,14 @@ def _as_mapping(section: Section) -> dict[str, Any]:
     return out
 
 
+def _with_processors(config: PipelineConfig, section: Section) -> dict[str, Any]:
+    out = _as_mapping(section)
+    processors = config.processors_of(section)
+    if processors:
+        out["processors"] = {"logs": [_as_mapping(p) for p in processors]}
+    return out
+
+
 def to_yaml(config: PipelineConfig) -> str:
     doc: dict[str, Any] = {}
     service = _as_mapping(config.service)
@@ -34,12 +42,18 @@ def to_yaml(config: PipelineConfig) -> str:
     pipeline: dict[str, Any] = {}
     for key, sections in (("inputs", config.inputs), ("filters", config.filters), ("outputs", config.outputs)):
         if sections:
-            pipeline[key] = [_as_mapping(s) for s in sections]
+            pipeline[key] = [_with_processors(config, s) for s in sections]
     doc["pipeline"] = pipeline
     return yaml.safe_dump(doc, sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def to_classic(config: PipelineConfig) -> str:
+    """Processors have no classic form (Fluent Bit reads them from YAML only): converting a
+    config that has them is refused rather than silently dropping them."""
+    if any(config.processors.values()):
+        from kubetrail.core.errors import ConfigError
+
+        raise ConfigError("processors exist only in the YAML format; convert to yaml, or use filters instead")
     lines: list[str] = []
     groups = [
         ("SERVICE", [config.service]),

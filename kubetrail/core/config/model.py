@@ -22,6 +22,14 @@ class PipelineConfig:
     parsers: list[Section] = field(default_factory=list)
     multiline_parsers: list[Section] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    # YAML ``processors: {logs: [...]}`` of an input or output, keyed by ``id()`` of its
+    # section (the section lists keep them alive). Each processor is a filter section.
+    processors: dict[int, list[Section]] = field(default_factory=dict)
+    # Things read and deliberately ignored, logged once when the pipeline is built.
+    notices: list[str] = field(default_factory=list)
+
+    def processors_of(self, section: Section) -> list[Section]:
+        return self.processors.get(id(section), [])
 
     def add(self, section: Section) -> None:
         if section.kind == "service":

@@ -4,6 +4,11 @@
 PyYAML's node tree is walked directly (rather than ``safe_load``) so that every value keeps its
 line number for error messages. A list value becomes a repeated property, which is how the
 YAML format spells keys that repeat in the classic one (``regex``, ``add``, ``rule``).
+
+``processors:`` on an input or output (Fluent Bit 3+: ``{logs: [...], metrics: [...], traces:
+[...]}``) is read into filter sections kept beside their owner (``PipelineConfig.processors``);
+``metrics`` and ``traces`` are accepted and ignored with a notice, since kubetrail carries logs
+only. ``plugins:`` (external ``.so`` plugins) is refused by name: they cannot run in Python.
 """
 
 from __future__ import annotations
@@ -12,11 +17,13 @@ from pathlib import Path
 
 import yaml
 
+from kubetrail.core.config.compat import external_plugin_message
 from kubetrail.core.config.model import PipelineConfig, expand_variables
 from kubetrail.core.errors import ConfigError, Location
 from kubetrail.core.options import Property, Section
 
-_TOP_KEYS = ("env", "includes", "service", "parsers", "multiline_parsers", "pipeline")
+_TOP_KEYS = ("env", "includes", "service", "parsers", "multiline_parsers", "pipeline", "plugins")
+_SIGNALS = ("logs", "metrics", "traces")
 _PIPELINE_KEYS = {"inputs": "input", "filters": "filter", "outputs": "output"}
 
 
@@ -24,10 +31,18 @@ def read_yaml_config(path: Path) -> PipelineConfig:
     config = PipelineConfig()
     variables: dict[str, str] = {}
     _read_document(path, config, variables, depth=0)
-    from kubetrail.core.config.classic import load_parsers_files
+    from kubetrail.core.config.classic import check_plugins_files, load_parsers_files
 
     load_parsers_files(config, path.parent, variables)
+    check_plugins_files(config, variables)
     return config
+
+
+def read_yaml_plugins(path: Path, variables: dict[str, str]) -> None:
+    """A YAML ``plugins_file``: ``plugins: [paths]``; any listed plugin is refused."""
+    for key_node, value_node in _mapping_items(_compose(path), path):
+        if key_node.value == "plugins":
+            _refuse_plugins(value_node, path, variables)
 
 
 def read_yaml_parsers(path: Path, config: PipelineConfig, variables: dict[str, str]) -> None:
@@ -109,6 +124,8 @@ def _read_document(path: Path, config: PipelineConfig, variables: dict[str, str]
             _read_sections(value_node, "parser", path, config, variables)
         elif key == "multiline_parsers":
             _read_sections(value_node, "multiline_parser", path, config, variables)
+        elif key == "plugins":
+            _refuse_plugins(value_node, path, variables)
         elif key == "pipeline":
             for pipe_key, pipe_value in _mapping_items(value_node, path):
                 kind = _PIPELINE_KEYS.get(pipe_key.value)
@@ -129,8 +146,60 @@ def _read_sections(node: yaml.Node, kind: str, path: Path, config: PipelineConfi
         raise ConfigError(f"expected a list of {kind}s", _loc(path, node))
     for item in node.value:
         section = Section(kind, _loc(path, item))
+        processors: yaml.Node | None = None
+        if kind in ("input", "output") and isinstance(item, yaml.MappingNode):
+            kept = []
+            for key_node, value_node in item.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value.lower() == "processors":
+                    processors = value_node
+                else:
+                    kept.append((key_node, value_node))
+            item = yaml.MappingNode(item.tag, kept, item.start_mark, item.end_mark)
         section.properties.extend(_properties(item, path, variables, kind))
         config.add(section)
+        if processors is not None:
+            config.processors[id(section)] = _read_processors(processors, path, config, variables)
+
+
+def _read_processors(node: yaml.Node, path: Path, config: PipelineConfig, variables: dict[str, str]) -> list[Section]:
+    """``processors: {logs: [{name: ..., ...}]}`` -> filter sections, in the order written."""
+    sections: list[Section] = []
+    for signal_node, list_node in _mapping_items(node, path):
+        signal = signal_node.value.lower()
+        if signal not in _SIGNALS:
+            raise ConfigError(
+                f"unknown key {signal_node.value!r} under processors; allowed: {', '.join(_SIGNALS)}",
+                _loc(path, signal_node),
+            )
+        if not isinstance(list_node, yaml.SequenceNode):
+            raise ConfigError(f"processors.{signal} must be a list of processors", _loc(path, list_node))
+        if signal != "logs":
+            config.notices.append(
+                f"{_loc(path, signal_node)}: processors.{signal} ignored: kubetrail carries logs only"
+            )
+            continue
+        for item in list_node.value:
+            section = Section("filter", _loc(path, item))
+            for key_node, _value in _mapping_items(item, path):
+                if key_node.value.lower() == "condition":
+                    raise ConfigError(
+                        "processor 'condition' is not supported yet; use a grep filter (or a match) to select "
+                        "the records instead",
+                        _loc(path, key_node),
+                        "condition",
+                    )
+            section.properties.extend(_properties(item, path, variables, "filter"))
+            sections.append(section)
+    return sections
+
+
+def _refuse_plugins(node: yaml.Node, path: Path, variables: dict[str, str]) -> None:
+    items = node.value if isinstance(node, yaml.SequenceNode) else [node]
+    for item in items:
+        if isinstance(item, yaml.ScalarNode) and item.value in ("", "~", "null"):
+            continue
+        name = _scalar(item, path, variables)
+        raise ConfigError(external_plugin_message(name), _loc(path, item), "plugins")
 
 
 def _properties(node: yaml.Node, path: Path, variables: dict[str, str], kind: str = "") -> list[Property]:

@@ -1,0 +1,207 @@
+"""Fluent Bit's regex multiline parsers: the built-in ``go``, ``python``, ``java``, ``ruby`` and
+``[MULTILINE_PARSER]`` sections (``type regex``, ``rule "state" "/regex/" "next_state"``).
+
+The container runtime formats (``cri``, ``docker``) are a different kind of joining (pieces of
+one line, per stream) and live in :mod:`kubetrail.parsers.multiline`; this module is the state
+machine for messages of several lines (stack traces):
+
+* a line that matches a rule of ``start_state`` starts a message; the machine moves to that
+  rule's next state;
+* while a message is open, a line that matches a rule of the current state is appended and the
+  machine moves on; any other line ends the message, and is then tried as a start itself;
+* a line that starts nothing and continues nothing passes alone.
+
+With several parsers (``multiline.parser go, java, python``) the first whose start rule matches
+owns the message until it ends, as in Fluent Bit. The built-in rule sets are Fluent Bit's
+(``src/multiline/flb_ml_parser_{go,python,java,ruby}.c``), written here as data. Lines are
+joined with ``\\n``, a trailing newline of each piece removed first (a docker ``log`` ends in
+one), so the message reads as the program printed it.
+
+``type endswith`` / ``type equal`` (``match_string``, ``negate``) are Fluent Bit's simpler
+parsers: a line that ends with (or equals) the string continues onto the next one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.options import Option, Section, resolve_options, ruby_to_python_regex
+
+START = "start_state"
+
+# (from states, regex, next state), as Fluent Bit defines them.
+BUILTIN_RULES: dict[str, list[tuple[str, str, str]]] = {
+    "go": [
+        ("start_state", r"\bpanic: ", "go_after_panic"),
+        ("start_state", r"http: panic serving", "go_goroutine"),
+        ("go_after_panic", r"^$", "go_goroutine"),
+        ("go_after_panic, go_after_signal, go_frame_1", r"^$", "go_goroutine"),
+        ("go_after_panic", r"^\[signal ", "go_after_signal"),
+        ("go_goroutine", r"^goroutine \d+ \[[^\]]+\]:$", "go_frame_1"),
+        ("go_frame_1", r"^(?:[^\s.:]+\.)*[^\s.():]+\(|^created by ", "go_frame_2"),
+        ("go_frame_2", r"^\s", "go_frame_1"),
+    ],
+    "python": [
+        ("start_state", r"^Traceback \(most recent call last\):$", "python"),
+        ("python", r"^[\t ]+File ", "python_code"),
+        ("python_code", r"[^\t ]", "python"),
+        ("python", r"^(?:[^\s.():]+\.)*[^\s.():]+:", "start_state"),
+    ],
+    "java": [
+        (
+            "start_state, java_start_exception",
+            r"(.)(?:Exception|Error|Throwable|V8 errors stack trace)[:\r\n]",
+            "java_after_exception",
+        ),
+        ("java_after_exception", r"^[\t ]*nested exception is:[\t ]*", "java_start_exception"),
+        ("java_after_exception", r"^[\r\n]*$", "java_after_exception"),
+        ("java_after_exception, java", r"^[\t ]+(?:eval )?at ", "java"),
+        ("java_after_exception, java", r"^[\t ]+--- End of inner exception stack trace ---$", "java"),
+        (
+            "java_after_exception, java",
+            r"^--- End of stack trace from previous location where exception was thrown ---$",
+            "java",
+        ),
+        ("java_after_exception, java", r"^[\t ]*(?:Caused by|Suppressed):", "java_after_exception"),
+        ("java_after_exception, java", r"^[\t ]*... \d+ (?:more|common frames omitted)", "java"),
+    ],
+    "ruby": [
+        ("start_state, ruby_start_exception", r"^.+:\d+:in\s+.*", "ruby_after_exception"),
+        ("ruby_after_exception, ruby", r"^\s+from\s+.*:\d+:in\s+.*", "ruby"),
+    ],
+}
+
+MULTILINE_PARSER_OPTIONS: tuple[Option, ...] = (
+    Option("name", required=True, help="Name that multiline.parser refers to"),
+    Option("type", "choice", "regex", choices=("regex", "endswith", "equal", "eq"), help="Kind of parser"),
+    Option("rule", multiple=True, help='"state(s)" "/regex/" "next_state"'),
+    Option("flush_timeout", "int", 4000, help="Milliseconds before an unfinished message goes out as it is"),
+    Option("key_content", help="Key holding the text (default: the filter's multiline.key_content)"),
+    Option("parser", help="Parser applied before the rules (accepted; the records are structured already)"),
+    Option("key_pattern", help="Accepted for Fluent Bit compatibility"),
+    Option("key_group", help="Accepted for Fluent Bit compatibility"),
+    Option("match_string", help="type endswith/equal: the string"),
+    Option("negate", "bool", False, help="type endswith/equal: continue when the line does NOT end with it"),
+)
+
+
+@dataclass
+class Rule:
+    states: tuple[str, ...]
+    regex: re.Pattern[str]
+    next_state: str
+
+
+@dataclass
+class RuleSet:
+    name: str
+    rules: list[Rule] = field(default_factory=list)
+    flush_ms: int = 4000
+    key_content: str | None = None
+    # endswith/equal parsers: a line matching continues onto the next line
+    match_string: str | None = None
+    equal: bool = False
+    negate: bool = False
+
+    def start(self, line: str) -> str | None:
+        """The next state if ``line`` starts a message, else None."""
+        if self.match_string is not None:
+            return "cont" if self._continues(line) else None
+        for rule in self.rules:
+            if START in rule.states and rule.regex.search(line):
+                return rule.next_state
+        return None
+
+    def step(self, state: str, line: str) -> str | None:
+        """The next state if ``line`` continues the message in ``state``, else None."""
+        if state == "last":
+            return None
+        if self.match_string is not None:
+            # The previous line asked for this one; it continues further only if it asks too.
+            return "cont" if self._continues(line) else "last"
+        for rule in self.rules:
+            if state in rule.states and state != START and rule.regex.search(line):
+                return rule.next_state
+        return None
+
+    def _continues(self, line: str) -> bool:
+        assert self.match_string is not None
+        hit = line == self.match_string if self.equal else line.endswith(self.match_string)
+        return hit != self.negate
+
+
+def _compile(name: str, states: str, pattern: str, next_state: str) -> Rule:
+    try:
+        regex = re.compile(ruby_to_python_regex(pattern))
+    except re.error as exc:
+        raise ConfigError(f"multiline parser {name!r}: bad rule regex {pattern!r}: {exc}", key="rule") from None
+    return Rule(tuple(s.strip() for s in states.split(",") if s.strip()), regex, next_state.strip())
+
+
+def builtin(name: str) -> RuleSet:
+    return RuleSet(name, [_compile(name, *rule) for rule in BUILTIN_RULES[name]])
+
+
+_QUOTED = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def from_section(section: Section) -> RuleSet:
+    """A ``[MULTILINE_PARSER]`` section (classic or YAML ``multiline_parsers``)."""
+    values = resolve_options(section, MULTILINE_PARSER_OPTIONS, "[MULTILINE_PARSER]", ignore=())
+    name: str = values["name"]
+    kind: str = values["type"]
+    ruleset = RuleSet(name, flush_ms=values["flush_timeout"], key_content=values["key_content"])
+    if kind in ("endswith", "equal", "eq"):
+        if not values["match_string"]:
+            raise ConfigError(f"multiline parser {name!r}: type {kind} needs match_string", section.location)
+        ruleset.match_string = values["match_string"]
+        ruleset.equal = kind != "endswith"
+        ruleset.negate = values["negate"]
+        return ruleset
+    for text in values["rule"]:
+        parts = _QUOTED.findall(text)
+        if len(parts) != 3:
+            raise ConfigError(
+                f'multiline parser {name!r}: a rule is "state" "/regex/" "next_state", got {text!r}',
+                section.location_of("rule"),
+                "rule",
+            )
+        ruleset.rules.append(_compile(name, *parts))
+    if not any(START in rule.states for rule in ruleset.rules):
+        raise ConfigError(
+            f'multiline parser {name!r} needs a rule from "start_state"', section.location_of("rule"), "rule"
+        )
+    return ruleset
+
+
+class LineJoiner:
+    """The state of one stream (a tag): the open message, if any, across several rule sets."""
+
+    def __init__(self, rulesets: list[RuleSet]) -> None:
+        self.rulesets = rulesets
+        self.active: RuleSet | None = None
+        self.state = ""
+
+    def feed(self, line: str) -> str:
+        """What ``line`` does: ``"append"`` (continues the open message), ``"start"`` (the open
+        message, if any, ended before it and it starts a new one) or ``"alone"`` (the open
+        message, if any, ended before it and it passes alone)."""
+        text = line[:-1] if line.endswith("\n") else line
+        if self.active is not None:
+            following = self.active.step(self.state, text)
+            if following is not None:
+                self.state = following
+                return "append"
+        self.active = None
+        for ruleset in self.rulesets:
+            state = ruleset.start(text)
+            if state is not None:
+                self.active, self.state = ruleset, state
+                return "start"
+        return "alone"
+
+    def end(self) -> None:
+        self.active = None
+        self.state = ""
