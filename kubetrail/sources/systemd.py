@@ -202,28 +202,41 @@ class SystemdSource(Source):
                 self.db.conn.execute(_SCHEMA)
                 row = self.db.execute("SELECT cursor FROM in_systemd_cursor LIMIT 1").fetchone()
                 self.committed = row[0] if row else None
+        # A restart after an error: batches of the previous run that never completed must not
+        # hold the checkpoint back; reading resumes from the last delivered cursor.
+        self.acks = OrderedAcks(self._commit)
+        self._carry = None
+        self.last_read = None
         while not await self._open():
             if await self._stopped_within(REFRESH * 5):
                 return
-        loop = asyncio.get_running_loop()
         fd: int = self.reader.fd  # asking for it sets up libsystemd's inotify watches
+        await self._check_files()
+        while not self._stop.is_set():
+            groups, more = await asyncio.to_thread(self._collect)
+            for tag, records, size in groups:
+                # The token is made here, on the event loop, where acknowledgements run.
+                token = self.acks.token(records[-1].identity[0])  # type: ignore[index]
+                await emitter.send(Batch(tag, records, token, size))
+            if more:
+                continue
+            if await self._idle(fd):
+                return
+            changed = await asyncio.to_thread(self._process_events)
+            if changed:
+                await self._check_files()
+
+    async def _idle(self, fd: int) -> bool:
+        """Wait for the journal's inotify descriptor (or REFRESH); True when stopped meanwhile.
+
+        The descriptor is watched only while idle: it stays readable until process_events()
+        consumes its events, and a watch during a long read would wake the loop constantly.
+        """
+        loop = asyncio.get_running_loop()
+        self._wakeup.clear()
         loop.add_reader(fd, self._wakeup.set)
         try:
-            await self._check_files()
-            while not self._stop.is_set():
-                groups, more = await asyncio.to_thread(self._collect)
-                for tag, records, size in groups:
-                    # The token is made here, on the event loop, where acknowledgements run.
-                    token = self.acks.token(records[-1].identity[0])  # type: ignore[index]
-                    await emitter.send(Batch(tag, records, token, size))
-                if more:
-                    continue
-                self._wakeup.clear()
-                if await self._stopped_within(REFRESH, self._wakeup):
-                    return
-                changed = await asyncio.to_thread(self._process_events)
-                if changed:
-                    await self._check_files()
+            return await self._stopped_within(REFRESH, self._wakeup)
         finally:
             loop.remove_reader(fd)
 

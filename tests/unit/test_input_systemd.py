@@ -22,6 +22,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -368,3 +369,38 @@ async def test_read_since_minutes_ago(tmp_path: Path) -> None:
         await run.wait_records(2)
         await _quiet(run, 0.5)
         assert messages(run.sink.records) == ["2 min ago", "1 min ago"]
+
+
+class _FailingOnce:
+    """The real reader, except that its ``at``-th next() raises (as libsystemd does for a file
+    removed or damaged under it)."""
+
+    def __init__(self, reader: Any, at: int) -> None:
+        self._reader = reader
+        self._calls = 0
+        self._at = at
+
+    def next(self) -> Any:
+        self._calls += 1
+        if self._calls == self._at:
+            raise SystemError("Bad message", "EBADMSG")
+        return self._reader.next()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+@needs_journal
+async def test_read_error_is_counted_and_reading_resumes_after_the_last_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kubetrail.sources.systemd import SystemdSource
+
+    real_open = SystemdSource._open_reader
+    monkeypatch.setattr(SystemdSource, "_open_reader", lambda self: _FailingOnce(real_open(self), at=8))
+    make_journal(tmp_path / "j" / "system.journal", numbered(20))
+    async with running(tmp_path, systemd_input(tmp_path / "j")) as run:
+        await run.wait_records(20)
+        await _quiet(run, 1.2)
+        assert run.metric("kubetrail_systemd_read_errors_total") == 1
+        assert messages(run.sink.records) == [f"line {n}" for n in range(20)]  # none lost, none twice
