@@ -83,6 +83,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "cloudwatch_logs": "kubetrail.sinks.cloudwatch_logs:CloudWatchLogsSink",
         "cloudwatch": "kubetrail.sinks.cloudwatch_logs:CloudWatchSink",
         "s3": "kubetrail.sinks.s3:S3Sink",
+        "gelf": "kubetrail.sinks.gelf:GelfSink",
     }
 )
 

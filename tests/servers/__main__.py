@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from tests.servers import ServerUnavailable, loki, otelcol, search
+from tests.servers import ServerUnavailable, gelf, loki, otelcol, search
 
 
 def main(argv: list[str]) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str]) -> int:
         ("Elasticsearch", lambda: search.build("elasticsearch")),
         ("Loki", loki.build),
         ("OpenTelemetry Collector", otelcol.build),
+        ("GELF receiver (graygelf)", gelf.build),
     )
     for name, build in builds:
         started = time.monotonic()
