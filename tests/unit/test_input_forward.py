@@ -198,6 +198,25 @@ async def test_with_the_filesystem_buffer_a_chunk_is_acked_once_queued_on_disk(t
         await client.close()
 
 
+async def test_mem_buf_limit_pauses_reading_and_loses_nothing(tmp_path: Path) -> None:
+    total = 20_000
+    async with gated(tmp_path, "    mem_buf_limit 20k\n    buffer_chunk_size 4k") as (run, gate):
+        client = await Client.connect(run.source.bound_port)
+        blob = "x" * 1000
+        frames = b"".join(packb(["kube.app", event_time(T0 + i), {"n": i, "blob": blob}]) for i in range(total))
+        sending = asyncio.ensure_future(client.send(frames))  # 20 MB: more than the socket buffers hold
+        await asyncio.sleep(1.0)
+        # the input stopped reading: a little over the limit is in, the rest waits in TCP
+        assert 0 < run.metric("kubetrail_records_in_total", kind="source") < 100
+        assert run.metric("kubetrail_input_mem_buf_paused_total") >= 1
+        assert not sending.done()
+        gate.set()
+        await asyncio.wait_for(sending, 30)
+        await wait_until(lambda: len(run.sink.records) == total, 30, "every record")
+        assert [r.body["n"] for r in run.sink.records] == list(range(total))
+        await client.close()
+
+
 async def test_at_shutdown_routed_chunks_are_still_acked(tmp_path: Path) -> None:
     async with gated(tmp_path) as (run, gate):
         client = await Client.connect(run.source.bound_port)
