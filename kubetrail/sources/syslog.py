@@ -192,7 +192,7 @@ class SyslogSource(Source):
     plugin_name = "syslog"
     description = "Receives syslog messages (RFC 3164/5424) over UDP, TCP or Unix sockets"
     options = (
-        Option("mode", "choice", "unix_udp", choices=("unix_udp", "unix_tcp", "tcp", "udp")),
+        Option("mode", "choice", "unix_udp", choices=("unix_udp", "unix_tcp", "tcp", "udp"), help="Transport"),
         Option("listen", "str", "0.0.0.0", help="Address to listen on (tcp, udp)"),
         Option("port", "int", 5140, help="Port (tcp, udp; 0: any free port)"),
         Option("path", help="Unix socket path (unix_tcp, unix_udp)"),

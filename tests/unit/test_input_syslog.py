@@ -327,6 +327,32 @@ async def test_octet_counting_skips_oversized_frames_and_closes_on_a_broken_coun
     assert run.metric("kubetrail_errors_total", type="protocol_error") == 1
 
 
+async def test_tcp_backpressure_under_mem_buf_limit_loses_nothing(tmp_path: Path) -> None:
+    total = 50_000
+    async with syslog(tmp_path, "tcp", "    mem_buf_limit 16k\n    buffer_chunk_size 4k") as run:
+        sink = run.sink
+        release = asyncio.Event()
+        deliver = sink.write
+
+        async def held(batch: Any) -> None:
+            await release.wait()
+            await deliver(batch)
+
+        sink.write = held  # type: ignore[method-assign]
+        _, writer = await asyncio.open_connection("127.0.0.1", run.source.bound_port)
+        line = b"<14>1 2026-12-05T10:00:00Z h app - - - %d " + b"p" * 300 + b"\n"
+        writer.write(b"".join(line % i for i in range(total)))  # 17 MB
+        draining = asyncio.ensure_future(writer.drain())
+        await asyncio.sleep(1.0)
+        assert 0 < run.metric("kubetrail_records_in_total", kind="source") < 1000
+        assert not draining.done()
+        release.set()
+        await asyncio.wait_for(draining, 30)
+        writer.close()
+        await run.wait_records(total, timeout=60)
+    assert [int(b["message"].split()[0]) for b in bodies(run)] == list(range(total))
+
+
 async def test_oversized_datagrams_are_cut_and_counted(tmp_path: Path) -> None:
     async with syslog(tmp_path, "udp", "    buffer_chunk_size 200\n    receive_buffer_size 1M") as run:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
