@@ -157,46 +157,71 @@ class LuaTransform(Transform):
     # --- Python -> Lua --------------------------------------------------------------------
 
     def _encode(self, value: Any) -> Any:
-        """Strings to bytes (the runtime has no encoding), nulls to ``flb_null`` if enabled."""
-        if isinstance(value, str):
+        """Strings to bytes (the runtime has no encoding), nulls to ``flb_null`` if enabled.
+        Exact type checks first: this runs for every value of every record."""
+        cls = type(value)
+        if cls is str:
             return value.encode()
-        if isinstance(value, dict):
-            return {k.encode() if isinstance(k, str) else k: self._encode(v) for k, v in value.items()}
-        if isinstance(value, list):
+        if cls is dict:
+            encode = self._encode
+            return {
+                (k.encode() if type(k) is str else k): (v.encode() if type(v) is str else encode(v))
+                for k, v in value.items()
+            }
+        if cls is list:
             return [self._encode(v) for v in value]
         if value is None:
             return self.null
+        if isinstance(value, str):
+            return value.encode()
+        if isinstance(value, dict):
+            return self._encode(dict(value))
+        if isinstance(value, list | tuple):
+            return [self._encode(v) for v in value]
         return value
 
     # --- Lua -> Python --------------------------------------------------------------------
 
     def _decode(self, value: Any, key: str | None = None) -> Any:
-        if isinstance(value, bytes):
+        cls = type(value)
+        if cls is bytes:
             return value.decode("utf-8", "replace")
-        if isinstance(value, bool) or value is None:
+        if cls is int or cls is bool or value is None:
             return value
-        if isinstance(value, int):
-            return value
-        if isinstance(value, float):
+        if cls is float:
             if key is not None and key in self.int_keys and math.isfinite(value):
                 return int(value)
             return int(value) if value.is_integer() and abs(value) < 2**63 else value
+        return self._decode_table(value, key)
+
+    def _decode_table(self, value: Any, key: str | None) -> Any:
         kind = self.lua_type(value)
         if self.is_null is not None and (kind == "userdata" or self.is_null(value)):
             return None
         if kind != "table":
             raise LuaError(f"cannot convert a Lua {kind} to a record value")
         items = list(value.items())
+        decode = self._decode
         if key is not None and key in self.array_keys:
-            numbered = [(k, v) for k, v in items if isinstance(k, int | float) and not isinstance(k, bool)]
-            return [self._decode(v) for _, v in sorted(numbered, key=lambda kv: kv[0])]
-        numeric = all(isinstance(k, int | float) and not isinstance(k, bool) and k > 0 for k, _ in items)
-        if items and numeric and max(k for k, _ in items) == len(items):
-            return [self._decode(v) for _, v in sorted(items, key=lambda kv: kv[0])]
+            numbered = [(k, v) for k, v in items if type(k) in (int, float)]
+            return [decode(v) for _, v in sorted(numbered, key=lambda kv: kv[0])]
+        # lua_arraylength(): an array when the keys are exactly 1..n (a map key is usually
+        # bytes, which settles it at the first key).
+        if items and type(items[0][0]) is not bytes:
+            numeric = all(type(k) in (int, float) and k > 0 for k, _ in items)
+            if numeric and max(k for k, _ in items) == len(items):
+                return [decode(v) for _, v in sorted(items, key=lambda kv: kv[0])]
         out: dict[str, Any] = {}
+        int_keys = self.int_keys
         for k, v in items:
-            name = _text(k)
-            out[name] = self._decode(v, name)
+            name = k.decode("utf-8", "replace") if type(k) is bytes else _text(k)
+            cls = type(v)
+            if cls is bytes:
+                out[name] = v.decode("utf-8", "replace")
+            elif cls is int or cls is bool or (cls is float and not int_keys and not v.is_integer()):
+                out[name] = v
+            else:
+                out[name] = decode(v, name)
         return out
 
     def _time_in(self, time_ns: int) -> Any:
