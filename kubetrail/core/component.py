@@ -47,10 +47,12 @@ class ApiAccess:
     resource: str
     group: str = ""  # "" is the core API group
     namespace: str = ""  # "" means cluster-wide
+    name: str = ""  # one object only (a role may then limit it with resourceNames)
 
     def rule(self) -> str:
         """The RBAC rule that grants it, as a user would paste it into a (Cluster)Role."""
-        return f'{{apiGroups: ["{self.group}"], resources: ["{self.resource}"], verbs: ["{self.verb}"]}}'
+        names = f', resourceNames: ["{self.name}"]' if self.name else ""
+        return f'{{apiGroups: ["{self.group}"], resources: ["{self.resource}"]{names}, verbs: ["{self.verb}"]}}'
 
 
 class Component:

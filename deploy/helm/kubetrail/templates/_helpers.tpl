@@ -1,0 +1,296 @@
+{{/* Names and labels. A "part" is one of: logs, events, audit-webhook, audit-file. */}}
+{{- define "kubetrail.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "kubetrail.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 50 | trimSuffix "-" -}}
+{{- else if contains (include "kubetrail.name" .) .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name (include "kubetrail.name" .) | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* dict "root" $ "part" "logs" */}}
+{{- define "kubetrail.partName" -}}
+{{- printf "%s-%s" (include "kubetrail.fullname" .root) .part -}}
+{{- end -}}
+
+{{- define "kubetrail.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetrail.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .part }}
+{{- end -}}
+
+{{- define "kubetrail.labels" -}}
+{{ include "kubetrail.selectorLabels" . }}
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{- define "kubetrail.serviceAccountName" -}}
+{{- if .root.Values.serviceAccount.create -}}
+{{- include "kubetrail.partName" . -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .root.Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "kubetrail.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/* The API server as pods reach it: the kubernetes Service's environment, no DNS needed. */}}
+{{- define "kubetrail.kubeUrl" -}}
+https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
+{{- end -}}
+
+{{/* The state directory of a node part on the host, one per release. */}}
+{{- define "kubetrail.hostState" -}}
+{{- printf "%s/%s-%s" (trimSuffix "/" .Values.hostStatePath) .Release.Namespace .Release.Name -}}
+{{- end -}}
+
+{{/* [SERVICE] of every part: monitoring server, filesystem buffers under DIR. */}}
+{{- define "kubetrail.serviceSection" -}}
+[SERVICE]
+    flush        1
+    grace        10
+    log_level    {{ .root.Values.config.logLevel }}
+    http_server  on
+    http_listen  0.0.0.0
+    http_port    {{ .root.Values.metrics.port }}
+    storage.path {{ .dir }}/buffer
+{{- with .root.Values.config.service }}
+{{ . | trim | indent 4 }}
+{{- end }}
+{{- end -}}
+
+{{/* "key value" lines of an option map, indented as a section body. */}}
+{{- define "kubetrail.optionLines" -}}
+{{- range $key, $value := . }}
+    {{ $key }} {{ $value }}
+{{- end -}}
+{{- end -}}
+
+{{/* User filters, parsers and the part's outputs (or config.outputs). */}}
+{{- define "kubetrail.tail" -}}
+{{- with .root.Values.config.filters }}
+{{ . | trim }}
+{{- end }}
+{{- with .root.Values.config.parsers }}
+{{ . | trim }}
+{{- end }}
+{{ default .root.Values.config.outputs .outputs | trim }}
+{{- end -}}
+
+{{/* Each part's whole config: rendered once, used by its ConfigMap, its checksum and the check hook. */}}
+{{- define "kubetrail.config.logs" -}}
+{{ include "kubetrail.serviceSection" (dict "root" . "dir" "/var/lib/kubetrail/state") }}
+
+[INPUT]
+    name             tail
+    alias            logs
+    tag              kube.*
+    path             {{ .Values.logs.path }}
+    multiline.parser {{ .Values.logs.multilineParser }}
+    db               /var/lib/kubetrail/state/tail.db
+    mem_buf_limit    {{ .Values.logs.memBufLimit }}
+    storage.type     filesystem
+{{- with .Values.config.extraInputs }}
+
+{{ . | trim }}
+{{- end }}
+
+[FILTER]
+    name      kubernetes
+    alias     kubernetes
+    match     kube.*
+    kube_url  {{ include "kubetrail.kubeUrl" . }}
+    node_name ${NODE_NAME}
+{{- include "kubetrail.optionLines" .Values.logs.kubernetesFilter }}
+{{ include "kubetrail.tail" (dict "root" . "outputs" .Values.logs.outputs) }}
+{{- end -}}
+
+{{- define "kubetrail.config.events" -}}
+{{ include "kubetrail.serviceSection" (dict "root" . "dir" "/var/lib/kubetrail") }}
+
+[INPUT]
+    name                            kubernetes_events
+    alias                           events
+    tag                             kube.events
+    kube_url                        {{ include "kubetrail.kubeUrl" . }}
+    kube_api                        {{ .Values.events.api }}
+{{- with .Values.events.namespaces }}
+    kube_namespace                  {{ join "," . }}
+{{- end }}
+    kube_retention_time             {{ .Values.events.retentionTime }}
+    db                              /var/lib/kubetrail/events.db
+    storage.type                    filesystem
+    leader_election                 on
+    leader_election.lease_name      {{ include "kubetrail.partName" (dict "root" . "part" "events") }}
+    leader_election.lease_namespace {{ .Release.Namespace }}
+    leader_election.identity        ${POD_NAME}
+{{ include "kubetrail.tail" (dict "root" . "outputs" .Values.events.outputs) }}
+{{- end -}}
+
+{{- define "kubetrail.config.audit-webhook" -}}
+{{- $w := .Values.audit.webhook -}}
+{{ include "kubetrail.serviceSection" (dict "root" . "dir" "/var/lib/kubetrail") }}
+
+[INPUT]
+    name              kubernetes_audit
+    alias             audit-webhook
+    tag               kube.audit
+    port              {{ $w.port }}
+    path              {{ $w.path }}
+    tls.crt_file      /etc/kubetrail/tls/tls.crt
+    tls.key_file      /etc/kubetrail/tls/tls.key
+{{- if $w.clientCASecret }}
+    tls.ca_file       /etc/kubetrail/client-ca/ca.crt
+{{- end }}
+{{- if $w.tokenSecret }}
+    bearer_token_file /etc/kubetrail/token/token
+{{- end }}
+    storage.type      filesystem
+
+[FILTER]
+    name  kubernetes_audit
+    alias audit
+    match kube.audit
+{{- include "kubetrail.optionLines" $w.filter }}
+{{ include "kubetrail.tail" (dict "root" . "outputs" $w.outputs) }}
+{{- end -}}
+
+{{- define "kubetrail.config.audit-file" -}}
+{{- $f := .Values.audit.file -}}
+{{ include "kubetrail.serviceSection" (dict "root" . "dir" "/var/lib/kubetrail/state") }}
+
+[INPUT]
+    name         tail
+    alias        audit-file
+    tag          kube.audit.file
+    path         {{ $f.path }}
+    parser       k8s_audit
+    db           /var/lib/kubetrail/state/audit-file.db
+    rotate_wait  {{ $f.rotateWait }}
+    storage.type filesystem
+
+[FILTER]
+    name  kubernetes_audit
+    alias audit
+    match kube.audit.*
+{{- include "kubetrail.optionLines" $f.filter }}
+{{ include "kubetrail.tail" (dict "root" . "outputs" $f.outputs) }}
+{{- end -}}
+
+{{/* The parts that are on, in a fixed order. */}}
+{{- define "kubetrail.enabledParts" -}}
+{{- $parts := list -}}
+{{- if .Values.logs.enabled }}{{ $parts = append $parts "logs" }}{{ end -}}
+{{- if .Values.events.enabled }}{{ $parts = append $parts "events" }}{{ end -}}
+{{- if .Values.audit.webhook.enabled }}{{ $parts = append $parts "audit-webhook" }}{{ end -}}
+{{- if .Values.audit.file.enabled }}{{ $parts = append $parts "audit-file" }}{{ end -}}
+{{- join " " $parts -}}
+{{- end -}}
+
+{{/* Pod-level settings every part shares: dict "root" $ "part" NAME "values" PART_VALUES */}}
+{{- define "kubetrail.podCommon" -}}
+{{- $v := .root.Values -}}
+serviceAccountName: {{ include "kubetrail.serviceAccountName" . }}
+{{- with $v.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+securityContext:
+  {{- toYaml (merge (dict) $v.podSecurityContext (.podSecurity | default dict)) | nindent 2 }}
+{{- with (default $v.nodeSelector .values.nodeSelector) }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with (default $v.tolerations .values.tolerations) }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $v.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* The container's settings every part shares (image, env, probes, resources). */}}
+{{- define "kubetrail.containerCommon" -}}
+{{- $v := .root.Values -}}
+image: {{ include "kubetrail.image" .root }}
+imagePullPolicy: {{ $v.image.pullPolicy }}
+args: ["run", "-c", "/etc/kubetrail/config/kubetrail.conf"]
+env:
+  - name: POD_NAME
+    valueFrom: {fieldRef: {fieldPath: metadata.name}}
+  - name: POD_NAMESPACE
+    valueFrom: {fieldRef: {fieldPath: metadata.namespace}}
+  - name: NODE_NAME
+    valueFrom: {fieldRef: {fieldPath: spec.nodeName}}
+{{- with $v.env }}
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+ports:
+  - name: metrics
+    containerPort: {{ $v.metrics.port }}
+    protocol: TCP
+{{- range .extraPorts }}
+  - name: {{ .name }}
+    containerPort: {{ .port }}
+    protocol: TCP
+{{- end }}
+livenessProbe:
+  httpGet: {path: /api/v1/health, port: metrics}
+  periodSeconds: 10
+  failureThreshold: 6
+readinessProbe:
+  httpGet: {path: /api/v1/health, port: metrics}
+  periodSeconds: 5
+resources:
+  {{- toYaml (default $v.resources .values.resources) | nindent 2 }}
+{{- end -}}
+
+{{/* Security context of the node parts: uid 0 for the kubelet's root-owned 0640 log files, and
+     of root's powers only DAC_READ_SEARCH (read any file, list any directory). */}}
+{{- define "kubetrail.nodeSecurityContext" -}}
+runAsUser: 0
+runAsGroup: 0
+runAsNonRoot: false
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: [ALL]
+  add: [DAC_READ_SEARCH]
+{{- end -}}
+
+{{/* Mounts and volumes every part has: its config, writable /tmp, user extras. */}}
+{{- define "kubetrail.commonMounts" -}}
+- name: config
+  mountPath: /etc/kubetrail/config
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrail.commonVolumes" -}}
+- name: config
+  configMap:
+    name: {{ include "kubetrail.partName" . }}
+- name: tmp
+  emptyDir: {sizeLimit: 64Mi}
+{{- with .root.Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
