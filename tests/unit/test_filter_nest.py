@@ -142,3 +142,43 @@ def test_classic_config_through_kubetrail_run(tmp_path: Path) -> None:
         {"data": {"log": "hi", "k8s_pod_name": "web", "k8s_namespace_name": "default"}},
         {"data": {"log": "plain"}},
     ]
+
+
+def test_yaml_config_with_a_wildcard_list_through_kubetrail_run(tmp_path: Path) -> None:
+    # Fluent Bit's YAML format: a list value is the key repeated (wildcard: [a*, b]).
+    log = tmp_path / "in.log"
+    log.write_text('{"a1":1,"a2":2,"b":3,"c":4}\n')
+    config = tmp_path / "p.yaml"
+    config.write_text(
+        f"""
+service:
+  grace: 2
+pipeline:
+  inputs:
+    - name: tail
+      path: {log}
+      tag: app
+      parser: json
+      read_from_head: on
+      exit_on_eof: on
+      db: {tmp_path / "tail.db"}
+  filters:
+    - name: nest
+      match: '*'
+      operation: nest
+      wildcard: ['a*', 'b']
+      nest_under: grouped
+      remove_prefix: a
+  outputs:
+    - name: file
+      match: '*'
+      path: {tmp_path / "out"}
+      file: out.txt
+      mkdir: on
+"""
+    )
+    result = run_config(config)
+    assert result.returncode == 0, result.stderr
+    assert [body for _, _, body in out_file_records(tmp_path / "out" / "out.txt")] == [
+        {"c": 4, "grouped": {"1": 1, "2": 2, "b": 3}}
+    ]
