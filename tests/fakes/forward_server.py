@@ -20,6 +20,10 @@ Specification v1 (https://github.com/fluent/fluentd/wiki/Forward-Protocol-Specif
 
 Knobs for fault tests: ``ack`` (answer chunks or not), ``close_before_ack`` (store nothing and
 close the connection for the next N messages), ``accept_any_key`` (an impostor server).
+
+The message decoding and the handshake's digests are kubetrail's own
+(:mod:`kubetrail.core.forward_protocol`, shared with the ``forward`` input and output); the
+``forward`` input itself is tested against independent clients (tests/unit/test_input_forward.py).
 """
 
 from __future__ import annotations
