@@ -230,6 +230,17 @@ async def test_at_shutdown_routed_chunks_are_still_acked(tmp_path: Path) -> None
         await client.close()
 
 
+async def test_compressed_entries_in_several_gzip_members(fwd: Running) -> None:
+    # Fluentd appends a gzip member per buffered piece: the bin is their concatenation
+    first = gzip.compress(b"".join(packb(e) for e in entries(3)))
+    second = gzip.compress(b"".join(packb(e) for e in entries(2, 3)))
+    client = await Client.connect(fwd.source.bound_port)
+    await client.send(["kube.app", first + second, {"compressed": "gzip", "chunk": "members"}])
+    assert await client.answer() == {"ack": "members"}
+    await client.close()
+    assert numbers(fwd) == [0, 1, 2, 3, 4]
+
+
 async def test_messages_without_chunk_are_coalesced_and_a_chunk_gets_its_own_batch(fwd: Running) -> None:
     client = await Client.connect(fwd.source.bound_port)
     frames = [packb(["a", event_time(T0 + i), {"n": i}]) for i in range(50)]
