@@ -10,8 +10,9 @@ as ``f(tag, timestamp, record)`` and returns ``code, timestamp, record``:
   several, each with the same time. A returned value that is neither is an error.
 * ``time_as_table on`` passes and takes the time as ``{sec = ..., nsec = ...}`` instead of a
   number of seconds (which loses nanoseconds).
-* Lua tables come back as arrays when their keys are exactly 1..n, as maps otherwise (an empty
-  table is a map). ``type_array_key`` names keys whose table values are always arrays (so an
+* Lua tables come back as arrays when they have positive whole number keys (up to the largest,
+  holes as nulls, as Fluent Bit's ``table.maxn`` rule), as maps otherwise (an empty table is a
+  map). ``type_array_key`` names keys whose table values are always arrays (so an
   empty one is ``[]``); ``type_int_key`` names keys whose numbers become integers. Both apply
   at any depth, as in Fluent Bit. Whole numbers come back as integers.
 * ``enable_flb_null on`` passes JSON nulls as the global ``flb_null`` (so that ``record.k ==
@@ -205,12 +206,16 @@ class LuaTransform(Transform):
         if key is not None and key in self.array_keys:
             numbered = [(k, v) for k, v in items if type(k) in (int, float)]
             return [decode(v) for _, v in sorted(numbered, key=lambda kv: kv[0])]
-        # lua_arraylength(): an array when the keys are exactly 1..n (a map key is usually
-        # bytes, which settles it at the first key).
-        if items and type(items[0][0]) is not bytes:
-            numeric = all(type(k) in (int, float) and k > 0 for k, _ in items)
-            if numeric and max(k for k, _ in items) == len(items):
-                return [decode(v) for _, v in sorted(items, key=lambda kv: kv[0])]
+        # lua_arraylength() (flb_lua.c): a table with a positive whole number key is an array up to
+        # its largest one (table.maxn): holes are nulls and other keys are left out. A sparse
+        # table whose largest index is far beyond its size is kept as a map instead of growing
+        # into a huge array of nulls.
+        if items:
+            numbered = {k: v for k, v in items if type(k) in (int, float) and k > 0}
+            if numbered:
+                maxn = max(numbered)
+                if maxn == int(maxn) and maxn <= 16 * len(items) + 1024:
+                    return [decode(numbered[i]) if i in numbered else None for i in range(1, int(maxn) + 1)]
         out: dict[str, Any] = {}
         int_keys = self.int_keys
         for k, v in items:

@@ -116,6 +116,23 @@ end"""
     }  # "nothing" (null) is nil in Lua: the key is gone, as in Fluent Bit without enable_flb_null
 
 
+def test_tables_with_whole_number_keys_are_arrays_up_to_the_largest() -> None:
+    # flb_lua.c lua_arraylength(): table.maxn > 0 makes an array of that length; holes are nil
+    # (null) and other keys are not written. A far too sparse table stays a map here.
+    code = """
+function f(tag, ts, r)
+  r.holes = {1, nil, "s"}; r.mixed = {10, 20, name = "x"}; r.sparse = {}; r.sparse[100000] = 1
+  return 2, ts, r
+end"""
+    (out,) = run(code, [{"in": [1, None, "x"]}])
+    assert out.body == {
+        "in": [1, None, "x"],
+        "holes": [1, None, "s"],
+        "mixed": [10, 20],
+        "sparse": {"100000": 1},
+    }
+
+
 def test_type_int_key_type_array_key_and_flb_null() -> None:
     code = """
 function f(tag, ts, r)
