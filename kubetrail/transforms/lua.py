@@ -203,19 +203,16 @@ class LuaTransform(Transform):
             raise LuaError(f"cannot convert a Lua {kind} to a record value")
         items = list(value.items())
         decode = self._decode
-        if key is not None and key in self.array_keys:
-            numbered = [(k, v) for k, v in items if type(k) in (int, float)]
-            return [decode(v) for _, v in sorted(numbered, key=lambda kv: kv[0])]
         # lua_arraylength() (flb_lua.c): a table with a positive whole number key is an array up to
         # its largest one (table.maxn): holes are nulls and other keys are left out. A sparse
         # table whose largest index is far beyond its size is kept as a map instead of growing
-        # into a huge array of nulls.
-        if items:
-            numbered = {k: v for k, v in items if type(k) in (int, float) and k > 0}
-            if numbered:
-                maxn = max(numbered)
-                if maxn == int(maxn) and maxn <= 16 * len(items) + 1024:
-                    return [decode(numbered[i]) if i in numbered else None for i in range(1, int(maxn) + 1)]
+        # into a huge array of nulls. A type_array_key value is an array in any case.
+        as_array = key is not None and key in self.array_keys
+        indexed: dict[Any, Any] = {k: v for k, v in items if type(k) in (int, float) and k > 0}
+        if indexed or as_array:
+            maxn = max(indexed) if indexed else 0
+            if maxn == int(maxn) and (as_array or maxn <= 16 * len(items) + 1024):
+                return [decode(indexed[i]) if i in indexed else None for i in range(1, int(maxn) + 1)]
         out: dict[str, Any] = {}
         int_keys = self.int_keys
         for k, v in items:
