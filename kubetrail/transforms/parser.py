@@ -84,6 +84,6 @@ class ParserTransform(Transform):
                     if name != key or preserve:
                         new[name] = original
             record.replace_body(new)
-            if time_ns is not None:
+            if time_ns:  # Fluent Bit: a parsed time of zero means "none", the record keeps its own
                 record.time_ns = time_ns
         return records
