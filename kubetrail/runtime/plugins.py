@@ -84,6 +84,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "cloudwatch": "kubetrail.sinks.cloudwatch_logs:CloudWatchSink",
         "s3": "kubetrail.sinks.s3:S3Sink",
         "gelf": "kubetrail.sinks.gelf:GelfSink",
+        "prometheus_exporter": "kubetrail.sinks.prometheus_exporter:PrometheusExporterSink",
     }
 )
 
