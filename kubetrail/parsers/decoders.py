@@ -21,6 +21,7 @@ becomes U+FFFD, since the record must stay valid UTF-8 for every output.
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -116,7 +117,12 @@ def _decode(backend: str, text: str) -> Any:
     try:
         value = orjson.loads(unescaped)
     except orjson.JSONDecodeError:
-        return None
+        # The unescaping turned "\n" inside the JSON's strings into real line breaks; Fluent
+        # Bit's JSON reader takes those, so a lenient parse is the second try.
+        try:
+            value = json.loads(unescaped, strict=False)
+        except (ValueError, RecursionError):
+            return None
     return value if isinstance(value, dict) else None
 
 

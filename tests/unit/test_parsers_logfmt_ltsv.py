@@ -155,6 +155,10 @@ def test_decode_field_json_adds_keys_and_as_replaces() -> None:
     body = {"log": '{\\"a\\":[1,2]}'}
     replaces.apply(body)
     assert body == {"log": {"a": [1, 2]}}
+    # A "\n" in the JSON's strings became a line break when unescaped; it is still read.
+    body = {"log": '{"msg":"line1\\nline2"}\n'}
+    replaces.apply(body)
+    assert body == {"log": {"msg": "line1\nline2"}}
     # Not a JSON object (array, text, leading space): the value stays as it was.
     for text in ("[1,2]", "plain", ' {"a":1}'):
         body = {"log": text}
