@@ -246,10 +246,11 @@ class KubernetesEventsSource(Source):
         group = "" if self.api == "core/v1" else "events.k8s.io"
         needed = [ApiAccess(verb, "events", group, ns) for ns in self.namespaces for verb in ("list", "watch")]
         if self.leader_election:
+            # create cannot name its object; get and update touch only our own Lease.
             lease_ns = self.config["leader_election.lease_namespace"]
-            needed += [
-                ApiAccess(verb, "leases", "coordination.k8s.io", lease_ns) for verb in ("get", "create", "update")
-            ]
+            lease = self.config["leader_election.lease_name"]
+            needed.append(ApiAccess("create", "leases", "coordination.k8s.io", lease_ns))
+            needed += [ApiAccess(v, "leases", "coordination.k8s.io", lease_ns, lease) for v in ("get", "update")]
         return needed
 
     # -- list + watch ----------------------------------------------------------------------------
