@@ -267,3 +267,46 @@ def test_compile_error_is_a_configuration_error_of_kubetrail_check(tmp_path: Pat
     )
     assert result.returncode == 2
     assert f"{config}:7: 'script': Lua script does not compile: {tmp_path / 'broken.lua'}:2:" in result.stderr
+
+
+def test_inline_code_in_a_yaml_pipeline(tmp_path: Path) -> None:
+    # The YAML form Fluent Bit's docs show for inline code ("code: |").
+    log = write(tmp_path / "in.log", '{"level":"debug"}\n{"level":"error"}\n')
+    config = write(
+        tmp_path / "p.yaml",
+        f"""
+service:
+  grace: 2
+pipeline:
+  inputs:
+    - name: tail
+      path: {log}
+      tag: app
+      parser: json
+      read_from_head: on
+      exit_on_eof: on
+      db: {tmp_path / "tail.db"}
+  filters:
+    - name: lua
+      match: '*'
+      call: drop_debug
+      code: |
+        function drop_debug(tag, timestamp, record)
+          if record["level"] == "debug" then
+            return -1, timestamp, record
+          end
+          record["seen_by"] = "lua"
+          return 2, timestamp, record
+        end
+  outputs:
+    - name: file
+      match: '*'
+      path: {tmp_path / "out"}
+      file: out.txt
+      mkdir: on
+""",
+    )
+    result = run_config(config)
+    assert result.returncode == 0, result.stderr
+    bodies = [body for _, _, body in out_file_records(tmp_path / "out" / "out.txt")]
+    assert bodies == [{"level": "error", "seen_by": "lua"}]  # dict equality: Lua's key order does not matter
