@@ -23,6 +23,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks import cloudwatch_logs
 from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
+from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import ServerUnavailable
 from tests.servers.moto import MotoServer
 from tests.unit.helpers import build
@@ -45,8 +46,7 @@ def moto() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def aws(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
-    moto.reset()
+def aws_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Only what the test sets: no credentials or config of the machine, no instance metadata.
     for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SESSION_TOKEN",
                  "AWS_CONTAINER_CREDENTIALS_FULL_URI", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
@@ -57,6 +57,11 @@ def aws(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Mo
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+
+
+@pytest.fixture
+def aws(moto: MotoServer, aws_env: None) -> MotoServer:
+    moto.reset()
     return moto
 
 
@@ -370,3 +375,71 @@ def test_config_errors_name_the_key(props: dict[str, str], key: str) -> None:
     with pytest.raises(ConfigError) as info:
         build(CloudWatchLogsSink, COMMON_OUTPUT_OPTIONS, **props)
     assert info.value.key == key
+
+
+# -- answers moto does not give on demand: a scripted server speaking CloudWatch Logs' JSON protocol --
+
+
+def cw_error(status: int, code: str, message: str, **extra: Any) -> Answer:
+    body = orjson.dumps({"__type": code, "message": message, **extra})
+    return Answer(status, body, "application/x-amz-json-1.1")
+
+
+@pytest.fixture
+async def scripted() -> Any:
+    server = await ScriptedServer().start()
+    yield server
+    await server.stop()
+
+
+def puts(server: ScriptedServer) -> list[dict[str, Any]]:
+    return [
+        orjson.loads(r.body) for r in server.requests if r.headers.get("X-Amz-Target", "").endswith(".PutLogEvents")
+    ]
+
+
+def scripted_sink(server: ScriptedServer, answers: dict[str, list[Answer]]) -> CloudWatchLogsSink:
+    def handler(request: Any) -> Answer:
+        target = request.headers.get("X-Amz-Target", "").rsplit(".", 1)[-1]
+        queue = answers.get(target) or []
+        return queue.pop(0) if queue else Answer(200, b"{}", "application/x-amz-json-1.1")
+
+    server.handler = handler
+    return build(CloudWatchLogsSink, COMMON_OUTPUT_OPTIONS, region=REGION, endpoint=server.url,  # type: ignore[no-any-return]
+                 log_group_name="g", log_stream_name="s", auto_retry_requests="off")  # fmt: skip
+
+
+async def test_old_sequence_token_answers(aws_env: None, scripted: ScriptedServer) -> None:
+    message = "The given sequenceToken is invalid. The next expected sequenceToken is: 4961"
+    out = scripted_sink(scripted, {"PutLogEvents": [
+        cw_error(400, "InvalidSequenceTokenException", message, expectedSequenceToken="4961"),
+        Answer(200, b'{"nextSequenceToken": "4962"}', "application/x-amz-json-1.1"),
+        cw_error(400, "DataAlreadyAcceptedException", "already accepted"),
+    ]})  # fmt: skip
+    await out.start()
+    try:
+        await out.write(Batch("t", [rec(0)]))  # token refused, resent with the expected one
+        await out.write(Batch("t", [rec(1)]))  # "already accepted": delivered, not resent
+    finally:
+        await out.close()
+    sent = puts(scripted)
+    assert [p.get("sequenceToken") for p in sent] == [None, "4961", None]
+    assert [orjson.loads(p["logEvents"][0]["message"])["i"] for p in sent] == [0, 0, 1]
+
+
+async def test_throttling_and_5xx_retry_a_bad_request_is_rejected(aws_env: None, scripted: ScriptedServer) -> None:
+    out = scripted_sink(scripted, {"PutLogEvents": [
+        cw_error(400, "ThrottlingException", "Rate exceeded"),
+        cw_error(503, "ServiceUnavailableException", "try later"),
+        cw_error(403, "AccessDeniedException", "not allowed"),
+        cw_error(400, "InvalidParameterException", "bad event"),
+    ]})  # fmt: skip
+    await out.start()
+    try:
+        for expected in ("ThrottlingException", "ServiceUnavailableException", "AccessDeniedException"):
+            with pytest.raises(RetryableError, match=expected):
+                await out.write(Batch("t", [rec(0)]))
+        with pytest.raises(PermanentError, match=r"InvalidParameterException.*bad event"):
+            await out.write(Batch("t", [rec(0)]))
+    finally:
+        await out.close()
