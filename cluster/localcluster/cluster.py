@@ -646,6 +646,8 @@ class LocalCluster:
                 "rss_kb": comp.rss_kb(),
                 "log": str(comp.log_path),
             }
+        if self.node is not None and self.node.started:
+            result.update({f"node/{name}": st for name, st in self.node.status().items()})
         return result
 
     def compact_now(self) -> int:

@@ -787,6 +787,28 @@ imports = []
                 else:
                     errors.append(f"could not remove cgroup {d}")
 
+    def status(self) -> dict[str, dict[str, Any]]:
+        """Per node component: pid, running, healthy (containerd answers, /healthz 200), RSS."""
+        checks: dict[str, Callable[[], tuple[bool, str]]] = {
+            "containerd": self._containerd_ready,
+            "kube-proxy": lambda: probe(f"http://127.0.0.1:{PROXY_PORTS[1]}/healthz"),
+            "kubelet": lambda: probe(f"http://127.0.0.1:{KUBELET_PORTS[0]}/healthz"),
+        }
+        result: dict[str, dict[str, Any]] = {}
+        for name, comp in self.components.items():
+            alive = comp.alive()
+            healthy, detail = checks[name]() if alive else (False, "not running")
+            result[name] = {
+                "pid": comp.pid,
+                "running": alive,
+                "port": comp.port,
+                "healthy": healthy,
+                "detail": detail,
+                "rss_kb": comp.rss_kb(),
+                "log": str(comp.log_path),
+            }
+        return result
+
     # -- checks ---------------------------------------------------------------------------
 
     def leftovers(self) -> list[str]:
