@@ -12,6 +12,7 @@ from collections.abc import Iterator, Mapping
 from typing import Generic, TypeVar
 
 from kubetrail.core.component import Component, Sink, Source, Transform
+from kubetrail.core.config.compat import FLUENT_BIT_SERVICE_NO_EFFECT
 from kubetrail.core.options import Option
 
 C = TypeVar("C", bound=Component)
@@ -59,6 +60,9 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "modify": "kubetrail.transforms.modify:ModifyTransform",
         "kubernetes_audit": "kubetrail.transforms.kubernetes_audit:KubernetesAuditTransform",
         "kubernetes": "kubetrail.transforms.kubernetes:KubernetesTransform",
+        "content_modifier": "kubetrail.transforms.content_modifier:ContentModifierTransform",
+        "rewrite_tag": "kubetrail.transforms.rewrite_tag:RewriteTagTransform",
+        "multiline": "kubetrail.transforms.multiline:MultilineTransform",
         "lua": "kubetrail.transforms.lua:LuaTransform",
         "parser": "kubetrail.transforms.parser:ParserTransform",
         "throttle": "kubetrail.transforms.throttle:ThrottleTransform",
@@ -119,6 +123,8 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("scheduler.base", "duration", 1.0, help="Retry backoff base in seconds (Fluent Bit: 5)"),
     Option("scheduler.cap", "duration", 60.0, help="Longest wait between retries in seconds (Fluent Bit: 2000)"),
     Option("health_check", "bool", False, help="Accepted for Fluent Bit compatibility"),
+    Option("plugins_file", multiple=True, help="External plugins: refused by name when the file lists any"),
+    *FLUENT_BIT_SERVICE_NO_EFFECT,
 )
 
 COMMON_INPUT_OPTIONS: tuple[Option, ...] = (

@@ -73,7 +73,7 @@ _KIND_WORD = {"input": "input", "filter": "filter", "output": "output", "process
 
 def unknown_plugin_message(kind: str, name: str, available: list[str]) -> str:
     """The error for a plugin name kubetrail does not have: closest name, and whose name it is."""
-    close = difflib.get_close_matches(name, available, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, available, n=1, cutoff=0.7)
     word = _KIND_WORD.get(kind, kind)
     text = f"unknown {word} plugin {name!r}; available: {', '.join(sorted(available))}"
     if close:

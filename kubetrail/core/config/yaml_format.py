@@ -228,7 +228,10 @@ def _multiline_rules(node: yaml.Node, path: Path, variables: dict[str, str]) -> 
         missing = {"state", "regex", "next_state"} - set(fields)
         if missing:
             raise ConfigError(f"rule is missing {', '.join(sorted(missing))}", _loc(path, item))
-        value = f'"{fields["state"]}" "/{fields["regex"]}/" "{fields["next_state"]}"'
+        regex = fields["regex"]
+        if not (len(regex) >= 2 and regex.startswith("/") and regex.endswith("/")):
+            regex = f"/{regex}/"  # Fluent Bit's docs write it with the slashes, or without
+        value = f'"{fields["state"]}" "{regex}" "{fields["next_state"]}"'
         props.append(Property("rule", value, _loc(path, item)))
     return props
 
