@@ -423,7 +423,8 @@ class S3Sink(Sink):
             raise
 
     async def close(self) -> None:
-        """Seal what is open and try to upload everything once; what fails stays for the next start."""
+        """Seal what is open and try to upload everything once within the service's ``grace``;
+        what is not uploaded stays in ``store_dir`` for the next start."""
         uploader, self._uploader = self._uploader, None
         if uploader is not None:
             uploader.cancel()
@@ -434,8 +435,10 @@ class S3Sink(Sink):
                 for tag, (path, _, _) in list(self._open.items()):
                     await asyncio.to_thread(self._seal, path, tag)
                 self._open.clear()
+            grace = float(self.ctx.service.get("grace") or 5.0)
             try:
-                await self._upload_sealed()
+                # Bounded like the drain: an unreachable S3 must not hold the shutdown.
+                await asyncio.wait_for(self._upload_sealed(), timeout=grace)
             except Exception as exc:  # never lose the files: they stay in store_dir
                 extra = {"error": str(exc)}
                 self.log.warning("s3 uploads at shutdown failed; they resume at the next start", extra=extra)
