@@ -42,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 IMAGE_NAME = "localhost/kubetrail"
+GLIBC_MINOR = 36  # the image's glibc is 2.36 (Debian bookworm): wheels built for up to it run
 USER_ID = 65532  # the "nonroot" uid distroless images use; no meaning on the host
 # Debian packages of the runtime; everything else comes from debootstrap's minbase set.
 RUNTIME_PACKAGES = ("python3-minimal", "libpython3.11-stdlib", "ca-certificates", "tzdata")
@@ -118,9 +119,9 @@ def build_wheels(out: Path, python: str) -> list[Path]:
         *pip,
         "download",
         "--only-binary=:all:",
-        "--platform=manylinux_2_17_x86_64",
+        # Every manylinux tag up to the image's glibc (Debian bookworm: 2.36).
+        *(f"--platform=manylinux_2_{minor}_x86_64" for minor in range(17, GLIBC_MINOR + 1)),
         "--platform=manylinux2014_x86_64",
-        "--platform=manylinux_2_28_x86_64",
         "--python-version=3.11",
         "--implementation=cp",
         "-c",
