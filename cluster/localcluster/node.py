@@ -569,8 +569,10 @@ imports = []
             self._start_with_env(self.components[name], env)
         save()
         try:
-            self.components["kube-proxy"].wait_ready(lambda: probe(f"http://127.0.0.1:{PROXY_PORTS[1]}/healthz"), 60.0)
+            # The kubelet first: it fails fast on a bad config, while kube-proxy's /healthz
+            # stays 503 until the Node object it serves exists.
             self.components["kubelet"].wait_ready(lambda: self._node_ready(admin), self.options.ready_timeout)
+            self.components["kube-proxy"].wait_ready(lambda: probe(f"http://127.0.0.1:{PROXY_PORTS[1]}/healthz"), 60.0)
         except ComponentError as exc:
             raise NodeError(f"{exc}\n{self._other_logs(exc)}") from exc
         return time.monotonic() - started
