@@ -319,3 +319,33 @@ def test_install_with_a_missing_secret_fails_naming_it(local_cluster: LocalClust
     result = run_helm(local_cluster, "install", "kt-missing", str(CHART), *args, check=False)
     assert result.returncode != 0
     assert f'audit.webhook.tlsSecret: Secret "nope" not found in namespace "{namespace}"' in result.stderr
+
+
+def test_sidecar_example_is_valid_for_kubetrail_and_the_api_server(
+    local_cluster: LocalCluster, helm: Path, namespace: str, tmp_path: Path
+) -> None:
+    manifest = ROOT / "deploy" / "examples" / "sidecar.yaml"
+    docs = [doc for doc in yaml.safe_load_all(manifest.read_text()) if doc]
+    config = next(doc for doc in docs if doc["kind"] == "ConfigMap")["data"]["kubetrail.conf"]
+    result = kubetrail_check(config, tmp_path, env={"POD_NAMESPACE": "ns"})
+    assert result.returncode == 0, result.stderr
+    pod = next(doc for doc in docs if doc["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False  # no cluster access at all
+    assert all("hostPath" not in volume for volume in pod["volumes"])
+    dry = subprocess.run(
+        [
+            str(local_cluster.kubectl),
+            "--kubeconfig",
+            str(local_cluster.kubeconfig),
+            "apply",
+            "--dry-run=server",
+            "-n",
+            namespace,
+            "-f",
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 0, dry.stderr
