@@ -321,9 +321,19 @@ class Pipeline:
                     f"{section.location}: processor {built.component_id}: its match is ignored: a processor sees "
                     "every record of the input or output it is on"
                 )
+            condition = self.config.conditions.get(id(section))
+            if condition is not None and isinstance(built.instance, Reemitting):
+                raise ConfigError(
+                    f"a condition on a {built.plugin} processor is not supported (it emits records of its own); "
+                    "put the condition in its rules, or select the records with a grep processor before it",
+                    section.location_of("name"),
+                    "condition",
+                )
             self.transforms.append(built)
             chain.append(
-                RoutedTransform(built.instance, TagMatcher(pattern="*"), built.instance.metrics, built.component_id)
+                RoutedTransform(
+                    built.instance, TagMatcher(pattern="*"), built.instance.metrics, built.component_id, condition
+                )
             )
         return chain
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 from kubetrail.core.component import Transform
+from kubetrail.core.config.condition import Condition
 from kubetrail.core.metrics import ComponentMetrics
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.routing import TagMatcher
@@ -44,6 +45,7 @@ class RoutedTransform:
     matcher: TagMatcher
     metrics: ComponentMetrics
     component_id: str
+    condition: Condition | None = None  # a processor's ``condition:``: only matching records
 
 
 @dataclass
@@ -167,7 +169,9 @@ class Router:
             before = len(out)
             routed.metrics.records_in.inc(before)
             try:
-                if isinstance(transform, Reemitting):
+                if routed.condition is not None:
+                    out = await self._conditional(routed, out)
+                elif isinstance(transform, Reemitting):
                     out, emitted = transform.process_emitting(out)
                     copy_skip = skip | {id(transform)}
                     copies.extend((copy, routed, copy_skip) for copy in emitted)
@@ -186,6 +190,31 @@ class Router:
                 break
         out.check()  # a filter that failed passed it on as it came
         return out
+
+    @staticmethod
+    async def _conditional(routed: RoutedTransform, batch: Batch) -> Batch:
+        """A processor with a condition sees only the records that meet it, in runs of adjacent
+        ones, so the others pass unchanged and in their place (Fluent Bit 4's conditional
+        processing)."""
+        condition = routed.condition
+        assert condition is not None
+        records = batch.records
+        flags = [condition.holds(record.body) for record in records]
+        if not any(flags):
+            return batch
+        if all(flags):
+            return await routed.transform.process_batch_async(batch)
+        out: list[Record] = []
+        start = 0
+        for index in range(1, len(records) + 1):
+            if index == len(records) or flags[index] != flags[start]:
+                run = records[start:index]
+                if flags[start]:
+                    out.extend((await routed.transform.process_batch_async(batch.derive(run))).records)
+                else:
+                    out.extend(run)
+                start = index
+        return batch.derive(out)
 
     async def _route(
         self,

@@ -166,8 +166,28 @@ def test_metrics_and_traces_processors_are_accepted_and_noted(tmp_path: Path) ->
         ("        events:\n          - name: grep", "unknown key 'events' under processors"),
         (
             "        logs:\n          - name: grep\n            regex: a b\n"
-            "            condition:\n              op: and",
-            "'condition': processor 'condition' is not supported yet",
+            "            condition:\n              op: xor\n              rules: []",
+            "condition op must be and or or",
+        ),
+        (
+            "        logs:\n          - name: grep\n            regex: a b\n            condition:\n"
+            "              rules:\n                - {field: $a, op: in, value: x}",
+            "condition rule 1: op in needs a list value",
+        ),
+        (
+            "        logs:\n          - name: grep\n            regex: a b\n            condition:\n"
+            "              rules:\n                - {field: $a, op: like, value: x}",
+            "unknown op 'like'",
+        ),
+        (
+            "        logs:\n          - name: grep\n            regex: a b\n            condition:\n"
+            "              rules:\n                - {field: $a, op: gt, value: many}",
+            "op gt needs a number",
+        ),
+        (
+            "        logs:\n          - name: rewrite_tag\n            rule: $a . b false\n            condition:\n"
+            "              rules:\n                - {field: $a, op: eq, value: x}",
+            "a condition on a rewrite_tag processor is not supported",
         ),
     ],
 )
@@ -624,3 +644,100 @@ def test_kubernetes_merge_log_trim_and_merge_parser() -> None:
     assert merged["msg"] == "started" and merged["port"] == "8080"
     with pytest.raises(ConfigError, match="unknown parser 'nope'"):
         build(KubernetesTransform, kube_url="http://127.0.0.1:1", merge_log="on", merge_parser="nope")
+
+
+# -- processor conditions ----------------------------------------------------------------------
+
+
+async def test_conditional_processors_as_in_fluent_bits_docs(tmp_path: Path) -> None:
+    """The docs' "multiple processors with conditions" example: each processor acts only on the
+    records that meet its condition; the others pass it unchanged and keep their order."""
+    log = write(
+        tmp_path / "a.log",
+        jsonl(
+            {"log": "Error: Connection refused", "level": "error", "service": "api-gateway"},
+            {"log": "ok", "level": "info", "service": "api-gateway"},
+            {"log": "read timeout", "level": "error", "service": "web"},
+            {"log": "crash", "level": "fatal", "service": "database", "request": {"status_code": 503}},
+        ),
+    )
+    config = tail_yaml(
+        tmp_path,
+        log,
+        """      processors:
+        logs:
+          - name: content_modifier
+            action: insert
+            key: alert
+            value: true
+            condition:
+              op: and
+              rules:
+                - field: "$level"
+                  op: eq
+                  value: "error"
+                - field: "$service"
+                  op: in
+                  value: ["api-gateway", "authentication", "database"]
+          - name: content_modifier
+            action: insert
+            key: paging_required
+            value: true
+            condition:
+              op: and
+              rules:
+                - field: "$log"
+                  op: regex
+                  value: "(?i)(connection refused|timeout|crash)"
+                - field: "$level"
+                  op: in
+                  value: ["error", "fatal"]
+          - name: grep
+            exclude: service ^database$
+            condition:
+              op: or
+              rules:
+                - field: "$request['status_code']"
+                  op: gte
+                  value: 500""",
+        "  outputs:\n" + file_output(tmp_path, "*", "out.jsonl"),
+    )
+    await run(config)
+    assert written_json_lines(tmp_path / "out" / "out.jsonl") == [
+        {
+            "log": "Error: Connection refused",
+            "level": "error",
+            "service": "api-gateway",
+            "alert": "true",
+            "paging_required": "true",
+        },
+        {"log": "ok", "level": "info", "service": "api-gateway"},
+        {"log": "read timeout", "level": "error", "service": "web", "paging_required": "true"},
+    ]
+    converted = load_config(write(tmp_path / "again.yaml", to_yaml(load_config(config))))
+    assert len(converted.conditions) == 3
+
+
+@pytest.mark.parametrize(
+    ("rule", "body", "holds"),
+    [
+        ({"field": "$status", "op": "eq", "value": 200}, {"status": 200}, True),
+        ({"field": "$status", "op": "eq", "value": 200}, {"status": 200.0}, True),
+        ({"field": "$status", "op": "eq", "value": 200}, {"status": "200"}, False),
+        ({"field": "$status", "op": "neq", "value": 200}, {}, False),
+        ({"field": "$status", "op": "not_in", "value": [200]}, {}, False),
+        ({"field": "$status", "op": "neq", "value": 200}, {"status": 404}, True),
+        ({"field": "$t", "op": "gt", "value": 100}, {"t": "150"}, True),
+        ({"field": "$t", "op": "lte", "value": 100}, {"t": "fast"}, False),
+        ({"field": "$a['b']", "op": "regex", "value": "^x"}, {"a": {"b": "xy"}}, True),
+        ({"field": "$a['b']", "op": "not_regex", "value": "^x"}, {"a": {"b": "xy"}}, False),
+        ({"field": "$flag", "op": "eq", "value": True}, {"flag": True}, True),
+        ({"field": "$flag", "op": "eq", "value": True}, {"flag": 1}, False),
+    ],
+)
+def test_condition_rules(rule: dict[str, Any], body: dict[str, Any], holds: bool) -> None:
+    from kubetrail.core.config.condition import parse_condition
+    from kubetrail.core.errors import Location
+
+    condition = parse_condition({"op": "and", "rules": [rule]}, Location("<test>", 1))
+    assert condition.holds(body) is holds

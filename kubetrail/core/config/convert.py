@@ -25,7 +25,15 @@ def _with_processors(config: PipelineConfig, section: Section) -> dict[str, Any]
     out = _as_mapping(section)
     processors = config.processors_of(section)
     if processors:
-        out["processors"] = {"logs": [_as_mapping(p) for p in processors]}
+        out["processors"] = {"logs": [_processor(config, p) for p in processors]}
+    return out
+
+
+def _processor(config: PipelineConfig, section: Section) -> dict[str, Any]:
+    out = _as_mapping(section)
+    condition = config.conditions.get(id(section))
+    if condition is not None:
+        out["condition"] = condition.source
     return out
 
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from kubetrail.core.config.condition import Condition
 from kubetrail.core.errors import ConfigError, Location
 from kubetrail.core.options import Section
 
@@ -27,6 +28,8 @@ class PipelineConfig:
     processors: dict[int, list[Section]] = field(default_factory=dict)
     # Things read and deliberately ignored, logged once when the pipeline is built.
     notices: list[str] = field(default_factory=list)
+    # A processor's ``condition:`` (Fluent Bit 4+), keyed by ``id()`` of the processor's section.
+    conditions: dict[int, Condition] = field(default_factory=dict)
 
     def processors_of(self, section: Section) -> list[Section]:
         return self.processors.get(id(section), [])

@@ -14,10 +14,13 @@ only. ``plugins:`` (external ``.so`` plugins) is refused by name: they cannot ru
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
 
 from kubetrail.core.config.compat import external_plugin_message
+from kubetrail.core.config.condition import parse_condition
 from kubetrail.core.config.model import PipelineConfig, expand_variables
 from kubetrail.core.errors import ConfigError, Location
 from kubetrail.core.options import Property, Section
@@ -180,17 +183,32 @@ def _read_processors(node: yaml.Node, path: Path, config: PipelineConfig, variab
             continue
         for item in list_node.value:
             section = Section("filter", _loc(path, item))
-            for key_node, _value in _mapping_items(item, path):
-                if key_node.value.lower() == "condition":
-                    raise ConfigError(
-                        "processor 'condition' is not supported yet; use a grep filter (or a match) to select "
-                        "the records instead",
-                        _loc(path, key_node),
-                        "condition",
-                    )
+            condition: yaml.Node | None = None
+            if isinstance(item, yaml.MappingNode):
+                kept = []
+                for key_node, value_node in item.value:
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.value.lower() == "condition":
+                        condition = value_node
+                    else:
+                        kept.append((key_node, value_node))
+                item = yaml.MappingNode(item.tag, kept, item.start_mark, item.end_mark)
             section.properties.extend(_properties(item, path, variables, "filter"))
             sections.append(section)
+            if condition is not None:
+                data = _expand_all(SafeConstructor().construct_document(condition), variables, _loc(path, condition))
+                config.conditions[id(section)] = parse_condition(data, _loc(path, condition))
     return sections
+
+
+def _expand_all(data: Any, variables: dict[str, str], location: Location) -> Any:
+    """``${VAR}`` in every string of a structure read with its YAML types (a condition)."""
+    if isinstance(data, str):
+        return expand_variables(data, variables, location)
+    if isinstance(data, list):
+        return [_expand_all(item, variables, location) for item in data]
+    if isinstance(data, dict):
+        return {key: _expand_all(value, variables, location) for key, value in data.items()}
+    return data
 
 
 def _refuse_plugins(node: yaml.Node, path: Path, variables: dict[str, str]) -> None:
