@@ -69,6 +69,22 @@ class Option:
         raise AssertionError(kind)
 
 
+_SECRET_SUFFIXES = ("passwd", "password", "shared_key", "token", "api_key", "secret", "secret_key", "users")
+_SECRET_HEADERS = re.compile(r"^\s*(authorization|proxy-authorization|x-api-key|api-key|[\w-]*token)\b", re.I)
+REDACTED = "<redacted>"
+
+
+def shown_value(name: str, value: Any) -> Any:
+    """An option's value as ``kubetrail check`` and logs may show it: credentials written inline
+    in a config (``http_passwd``, ``shared_key``, ``splunk_token``, ``security.users``, an
+    ``Authorization`` header) are redacted; files holding them (``*_file``) are shown."""
+    if (name.endswith(_SECRET_SUFFIXES) or "password" in name) and isinstance(value, str | list) and value:
+        return REDACTED
+    if name == "header" and isinstance(value, list):
+        return [REDACTED if isinstance(v, str) and _SECRET_HEADERS.match(v) else v for v in value]
+    return value
+
+
 @dataclass(frozen=True)
 class Property:
     """One ``key value`` line of a config section."""

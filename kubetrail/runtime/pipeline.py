@@ -36,7 +36,7 @@ from kubetrail.core.config import PipelineConfig
 from kubetrail.core.config.compat import NO_EFFECT_MARK, is_no_effect, unknown_plugin_message
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.metrics import ComponentMetrics, MetricsRegistry
-from kubetrail.core.options import Option, Section, resolve_options
+from kubetrail.core.options import Option, Section, resolve_options, shown_value
 from kubetrail.core.record import Batch
 from kubetrail.parsers.multiline_rules import from_section
 from kubetrail.parsers.registry import ParserRegistry
@@ -370,7 +370,11 @@ class Pipeline:
         """The resolved pipeline, for ``kubetrail check``."""
 
         def shown(config: dict[str, Any]) -> dict[str, Any]:
-            return {k: (v.pattern if hasattr(v, "pattern") else v) for k, v in config.items() if v not in (None, [])}
+            return {
+                k: shown_value(k, v.pattern if hasattr(v, "pattern") else v)
+                for k, v in config.items()
+                if v not in (None, [])
+            }
 
         in_chains = {id(p.transform) for chain in self.processors.values() for p in chain}
 

@@ -167,3 +167,24 @@ def test_sigterm_drains_and_exits_0_and_a_second_signal_exits_at_once(tmp_path: 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 128 + signal.SIGINT
     assert time.monotonic() - started < 5
+
+
+def test_check_never_prints_inline_credentials(tmp_path: Path) -> None:
+    """`kubetrail check` output lands in CI logs and tickets: passwords, shared keys, tokens and
+    Authorization headers written in the config are redacted, everything else shown."""
+    conf = tmp_path / "secrets.conf"
+    conf.write_text(
+        "[INPUT]\n    name dummy\n"
+        "[OUTPUT]\n    name http\n    match *\n    http_user alice\n    http_passwd hunter2\n"
+        "    header Authorization Bearer abc123\n    header X-Scope-OrgID team-a\n"
+        "[OUTPUT]\n    name forward\n    match *\n    shared_key s3kr1t\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", "check", "-c", str(conf)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    for secret in ("hunter2", "abc123", "s3kr1t"):
+        assert secret not in result.stdout
+    assert "alice" in result.stdout and "X-Scope-OrgID team-a" in result.stdout
+    assert result.stdout.count("<redacted>") == 3
+    assert "empty_shared_key: false" in result.stdout
