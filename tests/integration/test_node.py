@@ -30,9 +30,21 @@ from tests.integration.nodecluster import busybox_pod, node_cluster, wait_pod_ph
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
+ROOT = Path(__file__).resolve().parents[2]
+
 BIG = 20_000  # bytes: over containerd's 16 KiB line limit, so the line is written as P + F
 ROTATE_LINES = 20_000
 PAD = "r" * 180
+
+
+def _kubetrail_image_archive() -> list[str]:
+    """The archive ``scripts/image build`` made last, if any (it is not built here: minutes)."""
+    try:
+        done = subprocess.run([str(ROOT / "scripts" / "image"), "path"], capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    lines = done.stdout.strip().splitlines()
+    return [lines[-1]] if done.returncode == 0 and lines and Path(lines[-1]).is_file() else []
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +54,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         container_log_max_size="1Mi",
         container_log_max_files=5,
         container_log_monitor_interval="3s",
+        images=_kubetrail_image_archive(),
     ) as c:
         yield c
 
@@ -176,6 +189,42 @@ def test_pod_lines_exactly_once_with_metadata(cluster: LocalCluster, admin: Kube
     assert all(cri.match(line) for line in raw), raw[:3]
     assert sum(1 for line in raw if b" P " in line[:60]) >= 2  # the two big lines came in pieces
     assert "Traceback" not in proc.log()
+    # `kubectl logs` path: apiserver -> kubelet:10250 with the apiserver's kubelet client cert.
+    logs = admin.get(f"/api/v1/namespaces/{ns}/pods/writer/log", tailLines=1)
+    assert logs.status == 200 and logs.body == b"done-marker\n", logs
+
+
+IN_CLUSTER_CHECK = """
+import json, os, ssl, urllib.request
+sa = "/var/run/secrets/kubernetes.io/serviceaccount"
+url = "https://%s:%s" % (os.environ["KUBERNETES_SERVICE_HOST"], os.environ["KUBERNETES_SERVICE_PORT"])
+ctx = ssl.create_default_context(cafile=sa + "/ca.crt")  # verifies the name (IP SAN) too
+token = open(sa + "/token").read()
+def call(path, body=None):
+    req = urllib.request.Request(url + path, data=body and json.dumps(body).encode(), method="POST" if body else "GET",
+                                 headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
+    return json.load(urllib.request.urlopen(req, context=ctx, timeout=10))
+review = call("/apis/authentication.k8s.io/v1/selfsubjectreviews", {"apiVersion": "authentication.k8s.io/v1",
+                                                                     "kind": "SelfSubjectReview"})
+print(url, call("/version")["gitVersion"], review["status"]["userInfo"]["username"])
+"""
+
+
+def test_pod_reaches_the_api_server_through_the_service(cluster: LocalCluster, admin: KubeAPI) -> None:
+    """In-cluster config as a pod sees it: KUBERNETES_SERVICE_HOST (10.0.0.1, kube-proxy's DNAT to
+    the node IP), the projected token and the CA, with TLS verification of the serving cert."""
+    assert cluster.node is not None
+    image = cluster.node.kubetrail_image
+    if image is None:
+        pytest.skip("no kubetrail image archive to import (scripts/image build makes one); busybox has no usable TLS")
+    ns = _namespace(admin)
+    pod = busybox_pod("incluster", "", image=image)
+    pod["spec"]["containers"][0]["command"] = ["python3", "-c", IN_CLUSTER_CHECK]
+    _create(admin, ns, pod)
+    done = wait_pod_phase(admin, ns, "incluster", ("Succeeded", "Failed"), timeout=90)
+    logs = admin.get(f"/api/v1/namespaces/{ns}/pods/incluster/log").body.decode()
+    assert done["status"]["phase"] == "Succeeded", logs
+    assert logs.strip() == f"https://10.0.0.1:443 v1.36.3 system:serviceaccount:{ns}:default", logs
 
 
 def test_kubelet_rotation_exactly_once(cluster: LocalCluster, admin: KubeAPI, tmp_path: Path) -> None:
