@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import time
 
-from tests.servers import ServerUnavailable, gelf, loki, otelcol, search
+from tests.servers import ServerUnavailable, gelf, loki, minio, otelcol, search
 
 
 def main(argv: list[str]) -> int:
@@ -21,6 +21,7 @@ def main(argv: list[str]) -> int:
         ("Loki", loki.build),
         ("OpenTelemetry Collector", otelcol.build),
         ("GELF receiver (graygelf)", gelf.build),
+        ("MinIO", minio.build),
     )
     for name, build in builds:
         started = time.monotonic()

@@ -1,8 +1,7 @@
-"""The ``s3`` output against moto's server mode (a real S3 API process on loopback).
+"""The ``s3`` output against a real MinIO, built from its Go module (tests/servers/minio.py).
 
-MinIO from its Go module was not built here (see the README's list of test servers), so moto
-serves the S3 REST API: PutObject, multipart uploads (with their 5 MiB minimum part size) and
-Content-MD5 checks are moto's. Objects are read back with boto3. The durability promise is
+MinIO serves the S3 REST API: PutObject, multipart uploads (with their 5 MiB minimum part size)
+and Content-MD5 checks are MinIO's. Objects are read back with boto3. The durability promise is
 tested with kubetrail as a real process killed with SIGKILL after its batches were acknowledged.
 """
 
@@ -29,7 +28,8 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks.s3 import S3Sink
 from tests.servers import ServerUnavailable
-from tests.servers.moto import MotoServer
+from tests.servers import minio as minio_server
+from tests.servers.minio import MinioServer
 from tests.unit.helpers import build, write
 
 REGION = "us-east-1"
@@ -37,12 +37,12 @@ T0 = 1_704_164_645_123_456_789  # 2024-01-02T03:04:05.123456789Z
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[MotoServer]:
+def minio() -> Iterator[MinioServer]:
     try:
-        server = MotoServer()
+        server = MinioServer()
         server.start()
     except ServerUnavailable as exc:
-        pytest.skip(f"no moto server: {exc}")
+        pytest.skip(f"no MinIO: {exc} (python -m tests.servers build)")
     try:
         yield server
     finally:
@@ -50,25 +50,33 @@ def moto() -> Iterator[MotoServer]:
 
 
 @pytest.fixture
-def aws(moto: MotoServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MotoServer:
-    moto.reset()
+def aws(minio: MinioServer, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> MinioServer:
+    client = s3(minio)
+    for bucket in client.list_buckets().get("Buckets", []):  # a clean server for each test
+        for item in client.list_objects_v2(Bucket=bucket["Name"]).get("Contents", []):
+            client.delete_object(Bucket=bucket["Name"], Key=item["Key"])
+        client.delete_bucket(Bucket=bucket["Name"])
     for name in ("AWS_PROFILE", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDKUBETRAILTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", minio_server.ACCESS_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", minio_server.SECRET_KEY)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    return moto
+    return minio
 
 
-def s3(server: MotoServer) -> Any:
+def s3(server: MinioServer) -> Any:
     return boto3.client(
-        "s3", region_name=REGION, endpoint_url=server.url, aws_access_key_id="x", aws_secret_access_key="x"
+        "s3",
+        region_name=REGION,
+        endpoint_url=server.url,
+        aws_access_key_id=minio_server.ACCESS_KEY,
+        aws_secret_access_key=minio_server.SECRET_KEY,
     )
 
 
-def objects(server: MotoServer, bucket: str = "logs") -> dict[str, dict[str, Any]]:
+def objects(server: MinioServer, bucket: str = "logs") -> dict[str, dict[str, Any]]:
     client = s3(server)
     found = {}
     for item in client.list_objects_v2(Bucket=bucket).get("Contents", []):
@@ -78,7 +86,7 @@ def objects(server: MotoServer, bucket: str = "logs") -> dict[str, dict[str, Any
     return found
 
 
-def sink(server: MotoServer, tmp_path: Path, **props: Any) -> Any:
+def sink(server: MinioServer, tmp_path: Path, **props: Any) -> Any:
     props.setdefault("region", REGION)
     props.setdefault("endpoint", server.url)
     props.setdefault("bucket", "logs")
@@ -92,7 +100,7 @@ def rec(i: int, tag: str = "kube.var.app", **body: Any) -> Record:
     return Record(tag, T0 + i * 1000, base)
 
 
-async def test_put_object_key_format_and_json_lines(aws: MotoServer, tmp_path: Path) -> None:
+async def test_put_object_key_format_and_json_lines(aws: MinioServer, tmp_path: Path) -> None:
     s3(aws).create_bucket(Bucket="logs")
     out = sink(aws, tmp_path, use_put_object="on", total_file_size="1M", content_type="application/x-ndjson",
                s3_key_format="/k8s/$TAG[1]/$TAG[2]/%Y/%m/%d/%H%M%S-$INDEX-$UUID.jsonl",
@@ -100,7 +108,7 @@ async def test_put_object_key_format_and_json_lines(aws: MotoServer, tmp_path: P
     assert SINKS["s3"] is S3Sink
     await out.start()
     await out.write(Batch("kube.var.app", [rec(i) for i in range(3)]))
-    await out.write(Batch("other-x", [rec(9, tag="other-x")]))
+    await out.write(Batch("other-x-y", [rec(9, tag="other-x-y")]))
     await out.close()  # shutdown seals and uploads what is buffered
     found = objects(aws)
     assert len(found) == 2
@@ -111,12 +119,12 @@ async def test_put_object_key_format_and_json_lines(aws: MotoServer, tmp_path: P
     assert found[app]["ContentType"] == "application/x-ndjson"
     lines = [orjson.loads(line) for line in found[app]["body"].splitlines()]
     assert lines == [{"date": f"2024-01-02T03:04:05.{123456 + i:06d}Z", "log": f"line {i}", "i": i} for i in range(3)]
-    other = next(k for k in found if k.startswith("k8s/x/"))  # '-' splits the tag too
+    other = next(k for k in found if k.startswith("k8s/x/y/"))  # "-" splits the tag too
     assert orjson.loads(found[other]["body"])["i"] == 9
     assert {k.split("-")[-2] for k in found} == {"1", "2"}  # $INDEX counts uploads
 
 
-async def test_multipart_upload_with_gzip_when_the_file_is_full(aws: MotoServer, tmp_path: Path) -> None:
+async def test_multipart_upload_with_gzip_when_the_file_is_full(aws: MinioServer, tmp_path: Path) -> None:
     s3(aws).create_bucket(Bucket="logs")
     out = sink(aws, tmp_path, total_file_size="12M", upload_chunk_size="5M", compression="gzip",
                s3_key_format="/big/$TAG", json_date_key="false", static_file_path="on")  # fmt: skip
@@ -144,7 +152,7 @@ async def test_multipart_upload_with_gzip_when_the_file_is_full(aws: MotoServer,
     assert "".join(line["blob"] for line in lines) == payload[: 126 * 100_000]
 
 
-async def test_upload_timeout_uploads_while_running_and_log_key(aws: MotoServer, tmp_path: Path) -> None:
+async def test_upload_timeout_uploads_while_running_and_log_key(aws: MinioServer, tmp_path: Path) -> None:
     s3(aws).create_bucket(Bucket="logs")
     out = sink(aws, tmp_path, upload_timeout="1s", log_key="log", s3_key_format="/t/$TAG/$UUID")
     await out.start()
@@ -160,7 +168,7 @@ async def test_upload_timeout_uploads_while_running_and_log_key(aws: MotoServer,
     assert body == b'line 0\n{"nested":true}\n'  # a string as it is, anything else as JSON
 
 
-async def test_missing_bucket_keeps_the_data_and_uploads_once_it_exists(aws: MotoServer, tmp_path: Path) -> None:
+async def test_missing_bucket_keeps_the_data_and_uploads_once_it_exists(aws: MinioServer, tmp_path: Path) -> None:
     out = sink(aws, tmp_path, upload_timeout="1s", s3_key_format="/x/$TAG")
     await out.start()
     try:
@@ -189,7 +197,7 @@ def run_kubetrail(config: Path) -> subprocess.Popen[str]:
     )
 
 
-def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws: MotoServer, tmp_path: Path) -> None:
+def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws: MinioServer, tmp_path: Path) -> None:
     s3(aws).create_bucket(Bucket="logs")
     log = write(tmp_path / "app.log", "".join(f'{{"n": {i}}}\n' for i in range(2000)))
 
@@ -245,7 +253,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
     assert sorted(lines) == list(range(2000))  # each acknowledged line exactly once
 
 
-async def test_a_torn_last_line_is_cut_on_recovery(aws: MotoServer, tmp_path: Path) -> None:
+async def test_a_torn_last_line_is_cut_on_recovery(aws: MinioServer, tmp_path: Path) -> None:
     s3(aws).create_bucket(Bucket="logs")
     out = sink(aws, tmp_path, s3_key_format="/r/$TAG")
     await out.start()
