@@ -11,7 +11,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -64,4 +67,47 @@ def test_kubelet_refusing_its_config_is_reported_with_its_log(tmp_path: Path) ->
     message = str(failure.value)
     assert "kubelet exited during startup" in message, message
     assert "containerLogMonitorInterval" in message, message  # from the kubelet's own log
+    _assert_nothing_left(directory)
+
+
+OWNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from localcluster import LocalCluster
+c = LocalCluster.up(sys.argv[2], controllers=True, nodes=1)
+pod = {"metadata": {"name": "sleeper"}, "spec": {"terminationGracePeriodSeconds": 1, "containers": [
+    {"name": "app", "image": "localhost/busybox:latest", "imagePullPolicy": "Never",
+     "command": ["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"]}]}}
+assert c.client("admin").post("/api/v1/namespaces/default/pods", pod).status == 201
+while c.client("admin").get("/api/v1/namespaces/default/pods/sleeper").json()["status"].get("phase") != "Running":
+    time.sleep(0.2)
+print("up", flush=True)
+time.sleep(600)
+"""
+
+
+def test_node_is_torn_down_when_its_owner_is_killed(tmp_path: Path) -> None:
+    """A SIGKILLed test run: the watchdog stops the node (with a running pod) and the host is clean."""
+    directory = tmp_path / "c"
+    root = Path(__file__).resolve().parents[2]
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(root / "cluster"), str(directory)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert owner.stdout is not None and owner.stdout.readline().strip() == "up"
+        assert Path("/sys/class/net/cni0").exists()
+    finally:
+        owner.kill()
+        owner.wait()
+
+    def node_stopped() -> bool:
+        state = json.loads((directory / "state.json").read_text())
+        return not state["node"]["started"] and not any(
+            LocalCluster.attach(directory).components[n].alive() for n in state["components"]
+        )
+
+    deadline = time.monotonic() + 90
+    while not node_stopped() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert node_stopped(), (directory / "watchdog.log").read_text()[-2000:]
     _assert_nothing_left(directory)
