@@ -178,9 +178,12 @@ def preflight() -> None:
         problems.append("no /proc/sys/net/ipv4/ip_forward (network namespace without sysctls?)")
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         problems.append(f"a {BRIDGE} interface already exists: another node (or CNI setup) runs on this machine")
-    for port in (*KUBELET_PORTS, *PROXY_PORTS):
-        if _port_in_use(port):
-            problems.append(f"port {port} (kubelet/kube-proxy) is already in use: another node runs on this machine?")
+    busy = [str(port) for port in (*KUBELET_PORTS, *PROXY_PORTS) if _port_in_use(port)]
+    if busy:
+        problems.append(
+            f"port(s) {', '.join(busy)} of {KUBELET_PORTS + PROXY_PORTS} (kubelet, kube-proxy) already in use: "
+            "another node runs on this machine (one node per machine)"
+        )
     if problems:
         raise NodeError("this host cannot run a node: " + "; ".join(problems))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from localcluster import KubeAPI, LocalCluster
+from localcluster import ClusterError, KubeAPI, LocalCluster
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, read_records, wait_for
 from tests.integration.nodecluster import busybox_pod, node_cluster, wait_pod_phase
 
@@ -277,6 +277,13 @@ def test_kubelet_rotation_exactly_once(cluster: LocalCluster, admin: KubeAPI, tm
     assert last["pod_id"] == pod["metadata"]["uid"] and last["labels"] == {"app": "rotator"}
     assert last.get("pod_ip") == pod["status"]["podIP"], last  # the filter followed the pod's status update
     assert "Traceback" not in proc.log()
+
+
+def test_a_second_node_is_refused_before_anything_starts(cluster: LocalCluster, tmp_path: Path) -> None:
+    with pytest.raises(ClusterError, match="another node runs on this machine") as failure:
+        LocalCluster.up(tmp_path / "second", controllers=True, nodes=1)
+    assert "10250" in str(failure.value)
+    assert not (tmp_path / "second" / "state.json").exists()
 
 
 def test_down_leaves_nothing_behind(cluster: LocalCluster) -> None:
