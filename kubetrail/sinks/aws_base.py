@@ -59,6 +59,7 @@ from botocore.exceptions import (
 from kubetrail.core.accessor import RecordAccessor
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
+from kubetrail.sinks.http_base import TLS_OPTIONS
 
 AWS_OPTIONS: tuple[Option, ...] = (
     Option("region", help="AWS region (required)"),
@@ -68,8 +69,10 @@ AWS_OPTIONS: tuple[Option, ...] = (
     Option("sts_endpoint", help="Custom STS endpoint for role_arn"),
     Option("profile", help="Profile in ~/.aws/credentials and ~/.aws/config (default: AWS_PROFILE or default)"),
     Option("auto_retry_requests", "bool", True, help="Retry a failed request once at once, before the backoff"),
+    Option("extra_user_agent", help="Appended to the User-Agent (AWS's vended configs, e.g. Container Insights)"),
     Option("net.connect_timeout", "duration", 10.0, help="Time to establish a connection"),
     Option("net.io_timeout", "duration", 60.0, help="Time to wait for an answer"),
+    *TLS_OPTIONS,  # tls.verify and tls.ca_file are honoured; AWS endpoints are https by their URL
 )
 
 # AWS error codes that say the service refuses this client (credentials, permissions), not the data.
@@ -201,8 +204,14 @@ class AwsClient:
             read_timeout=float(config.get("net.io_timeout") or 60.0),
             # The sink runner owns the backoff; botocore only does Fluent Bit's one immediate retry.
             retries={"total_max_attempts": attempts, "mode": "standard"},
-            user_agent_extra="kubetrail",
+            user_agent_extra=" ".join(filter(None, ["kubetrail", config.get("extra_user_agent")])),
         )
+        # botocore's verify: False, a CA bundle path, or None for the system's.
+        self.verify: bool | str | None = None
+        if config.get("tls.verify") is False:
+            self.verify = False
+        elif config.get("tls.ca_file"):
+            self.verify = str(config["tls.ca_file"])
         self._stack: AsyncExitStack | None = None
         self.client: Any = None
 
@@ -221,7 +230,11 @@ class AwsClient:
         try:
             self.client = await stack.enter_async_context(
                 session.create_client(
-                    self.service, region_name=self.region, endpoint_url=self.endpoint, config=self.client_config
+                    self.service,
+                    region_name=self.region,
+                    endpoint_url=self.endpoint,
+                    config=self.client_config,
+                    verify=self.verify,
                 )
             )
         except NoRegionError:

@@ -51,6 +51,7 @@ import orjson
 from botocore.exceptions import ClientError
 
 from kubetrail.core.component import ComponentContext, Sink
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
@@ -126,7 +127,7 @@ class CloudWatchLogsSink(Sink):
         Option("auto_create_group", "bool", False, help="Create the log group when it does not exist"),
         Option("metric_namespace", help="EMF namespace for the records' numeric fields (with log_format json/emf)"),
         Option("metric_dimensions", help="EMF dimensions: 'a,b;c' is [[a,b],[c]]"),
-        Option("add_entity", "bool", False, help="Accepted for Fluent Bit compatibility (EKS entity); not sent"),
+        no_effect("add_entity", "bool", False, why="the EKS entity of PutLogEvents is not sent"),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -448,8 +449,8 @@ class CloudWatchSink(CloudWatchLogsSink):
     ``log_group_name``/``log_stream_name`` may hold ``$(key['sub'])``, ``$(tag)``, ``$(tag[n])``
     (and the older ``#(...)``); when those do not resolve, ``default_log_group_name`` /
     ``default_log_stream_name`` are used, as the Go plugin does. ``new_log_group_tags`` tags
-    the groups it creates. ``credentials_endpoint`` is accepted with a warning that it has no
-    effect: the standard chain reads container credentials from ``AWS_CONTAINER_CREDENTIALS_FULL_URI``.
+    the groups it creates. ``credentials_endpoint`` is accepted and logged as having no effect:
+    the standard chain reads container credentials from ``AWS_CONTAINER_CREDENTIALS_FULL_URI``.
     """
 
     plugin_name = "cloudwatch"
@@ -465,13 +466,15 @@ class CloudWatchSink(CloudWatchLogsSink):
         Option("log_format", help="json/emf: CloudWatch extracts Embedded Metric Format metrics"),
         Option("log_retention_days", "int", 0, help="Retention set on log groups this output creates"),
         Option("auto_create_group", "bool", False, help="Create the log group when it does not exist"),
-        Option("auto_create_stream", "bool", True, help="Accepted; streams are always created"),
+        no_effect("auto_create_stream", "bool", True, why="streams are always created, as cloudwatch_logs does"),
         Option("new_log_group_tags", help="Tags of created log groups: 'k=v,k2=v2'"),
         Option("metric_namespace", help="EMF namespace (with log_format json/emf)"),
         Option("metric_dimensions", help="EMF dimensions: 'a,b;c' is [[a,b],[c]]"),
-        Option("credentials_endpoint", help="Not supported; use AWS_CONTAINER_CREDENTIALS_FULL_URI"),
-        Option("experimental_concurrency", "int", 0, help="Accepted; use workers"),
-        Option("experimental_concurrency_retries", "int", 0, help="Accepted; retries are the runner's"),
+        no_effect(
+            "credentials_endpoint", why="set AWS_CONTAINER_CREDENTIALS_FULL_URI, which the credential chain reads"
+        ),
+        no_effect("experimental_concurrency", "int", 0, why="use workers"),
+        no_effect("experimental_concurrency_retries", "int", 0, why="retries are the sink runner's"),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -485,11 +488,6 @@ class CloudWatchSink(CloudWatchLogsSink):
             mapped["log_stream_template"] = _go_template(stream)
             mapped["log_stream_name"] = config.get("default_log_stream_name")
         super().__init__(ctx, mapped)
-        if config.get("credentials_endpoint"):
-            self.log.warning(
-                "credentials_endpoint has no effect here; set AWS_CONTAINER_CREDENTIALS_FULL_URI, which the "
-                "standard credential chain reads"
-            )
         tags = {}
         for item in split_list(config.get("new_log_group_tags") or ""):
             name, eq, value = item.partition("=")

@@ -51,6 +51,7 @@ import orjson
 from botocore.exceptions import ClientError
 
 from kubetrail.core.component import ComponentContext, Sink
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.dates import DATE_FORMATS
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
@@ -87,6 +88,18 @@ def _write_atomic(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+# Options of Fluent Bit's blob uploads (files from the blob input), which kubetrail does not have;
+# read as text since their values are never used.
+_BLOB_OPTIONS: tuple[Option, ...] = tuple(
+    no_effect(name, why="blob uploads (the blob input) are not supported")
+    for name in (
+        "blob_database_file", "file_delivery_attempt_limit", "part_delivery_attempt_limit", "part_size",
+        "upload_parts_timeout", "upload_part_freshness_limit", "authorization_endpoint_url",
+        "authorization_endpoint_username", "authorization_endpoint_password", "authorization_endpoint_bearer_token",
+    )
+)  # fmt: skip
+
+
 class S3Sink(Sink):
     plugin_name = "s3"
     description = "Amazon S3 (or compatible): newline-delimited JSON objects, buffered in store_dir"
@@ -111,7 +124,8 @@ class S3Sink(Sink):
         Option("log_key", help="Write only this key's value (a string as it is) instead of the record"),
         Option("canned_acl", help="Canned ACL of the objects (e.g. bucket-owner-full-control)"),
         Option("storage_class", help="Storage class of the objects (default STANDARD)"),
-        Option("preserve_data_ordering", "bool", True, help="Accepted: files are always uploaded in order"),
+        no_effect("preserve_data_ordering", "bool", True, why="files are always uploaded in order"),
+        *_BLOB_OPTIONS,
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:

@@ -406,7 +406,8 @@ def scripted_sink(server: ScriptedServer, answers: dict[str, list[Answer]]) -> C
 
     server.handler = handler
     return build(CloudWatchLogsSink, COMMON_OUTPUT_OPTIONS, region=REGION, endpoint=server.url,  # type: ignore[no-any-return]
-                 log_group_name="g", log_stream_name="s", auto_retry_requests="off")  # fmt: skip
+                 log_group_name="g", log_stream_name="s", auto_retry_requests="off",
+                 extra_user_agent="container-insights")  # fmt: skip
 
 
 async def test_old_sequence_token_answers(aws_env: None, scripted: ScriptedServer) -> None:
@@ -423,6 +424,7 @@ async def test_old_sequence_token_answers(aws_env: None, scripted: ScriptedServe
     finally:
         await out.close()
     sent = puts(scripted)
+    assert all("container-insights" in r.headers["User-Agent"] for r in scripted.requests)  # extra_user_agent
     assert [p.get("sequenceToken") for p in sent] == [None, "4961", None]
     assert [orjson.loads(p["logEvents"][0]["message"])["i"] for p in sent] == [0, 0, 1]
 
