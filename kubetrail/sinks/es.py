@@ -29,17 +29,20 @@ Design decisions:
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import re
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
-from kubetrail.core.accessor import RecordAccessor
+from kubetrail.core.accessor import RecordAccessor, value_as_text
 from kubetrail.core.component import ComponentContext
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
@@ -86,7 +89,75 @@ def es_options(default_index: str) -> tuple[Option, ...]:
         Option("buffer_size", "str", "512k", help="Accepted for Fluent Bit compatibility; answers are read whole"),
         Option("trace_output", "bool", False, help="Log every bulk request (debugging)"),
         Option("trace_error", "bool", False, help="Log the server's error and the record for each failed item"),
+        Option("target_index", help="Index per record from record accessors ($ns); index when one is missing"),
+        Option("cloud_id", help="Elastic Cloud deployment id: sets host, port 443 and TLS"),
+        Option("cloud_auth", help="Elastic Cloud USER:PASSWORD (basic authentication)"),
+        # Amazon OpenSearch Service's SigV4 signing is not implemented: aws_auth on is refused.
+        Option("aws_auth", "bool", False, help="Not supported (SigV4 signing); on is refused"),
+        *(
+            no_effect(name, why="aws_auth (SigV4 signing) is not supported")
+            for name in (
+                "aws_region",
+                "aws_sts_endpoint",
+                "aws_role_arn",
+                "aws_external_id",
+                "aws_service_name",
+                "aws_profile",
+            )
+        ),
     )
+
+
+def cloud_settings(cloud_id: str, cloud_auth: str | None) -> dict[str, Any]:
+    """Fluent Bit's Elastic Cloud options: ``cloud_id`` is ``NAME:BASE64`` where BASE64 decodes
+    to ``REGION_HOST[:PORT]$ES_ID$KIBANA_ID``; the Elasticsearch host is ``ES_ID.REGION_HOST``,
+    over TLS, port 443 unless the id names one. ``cloud_auth`` is ``USER:PASSWORD``."""
+    _, _, encoded = cloud_id.strip().rpartition(":")
+    try:
+        decoded = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=False).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise ConfigError(f"cloud_id {cloud_id!r} is not NAME:BASE64", key="cloud_id") from None
+    parts = decoded.split("$")
+    if len(parts) < 2 or not parts[0] or not parts[1]:
+        raise ConfigError(f"cloud_id {cloud_id!r} does not decode to REGION$ES_ID$...", key="cloud_id")
+    region, _, port = parts[0].partition(":")
+    settings: dict[str, Any] = {"host": f"{parts[1]}.{region}", "port": int(port) if port.isdigit() else 443}
+    settings["tls"] = True
+    if cloud_auth:
+        user, colon, password = cloud_auth.partition(":")
+        if not colon:
+            raise ConfigError("cloud_auth is USER:PASSWORD", key="cloud_auth")
+        settings["http_user"], settings["http_passwd"] = user, password
+    return settings
+
+
+_TARGET_PART = re.compile(r"\$[A-Za-z_][A-Za-z0-9_.\-]*(?:\[\s*(?:'[^']*'|\"[^\"]*\"|\d+)\s*\])*")
+
+
+def target_index(template: str) -> Callable[[dict[str, Any]], str | None]:
+    """``target_index``: the template with each ``$accessor`` replaced by the record's value;
+    None when a value is missing (the caller then uses ``index``, as Fluent Bit does)."""
+    parts: list[str | RecordAccessor] = []
+    position = 0
+    for found in _TARGET_PART.finditer(template):
+        parts.append(template[position : found.start()])
+        parts.append(RecordAccessor(found.group(0)))
+        position = found.end()
+    parts.append(template[position:])
+
+    def render(body: dict[str, Any]) -> str | None:
+        out = []
+        for part in parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = value_as_text(part.get(body))
+            if not value:
+                return None
+            out.append(value)
+        return "".join(out)
+
+    return render
 
 
 def _replace_dots(value: Any) -> Any:
@@ -123,9 +194,20 @@ class EsSink(HttpSink):
     options = (*es_options("fluent-bit"), Option("http_api_key", help="Sent as 'Authorization: ApiKey <key>'"))
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
+        if config.get("aws_auth"):
+            raise ConfigError(
+                "aws_auth on (AWS SigV4 signing for Amazon OpenSearch Service) is not supported; use the domain's "
+                "fine-grained access control with http_user/http_passwd, or a SigV4 signing proxy",
+                key="aws_auth",
+            )
+        if config.get("cloud_id"):
+            config = {**config, **cloud_settings(config["cloud_id"], config.get("cloud_auth"))}
+        elif config.get("cloud_auth"):
+            raise ConfigError("cloud_auth needs cloud_id", key="cloud_auth")
         super().__init__(ctx, config)
         c = config
         self.index: str = c["index"]
+        self.target_index = target_index(c["target_index"]) if c.get("target_index") else None
         self.type_name: str | None = None if c["suppress_type_name"] else (c["type"] or None)
         self.logstash_format: bool = c["logstash_format"]
         self.logstash_prefix: str = c["logstash_prefix"]
@@ -179,6 +261,8 @@ class EsSink(HttpSink):
 
     def _index_for(self, record: Record) -> str:
         if not self.logstash_format:
+            if self.target_index is not None:  # in place of index, which stays the fallback
+                return self.target_index(record.body) or self.index
             return self.index
         prefix = self.logstash_prefix
         if self.prefix_key is not None:

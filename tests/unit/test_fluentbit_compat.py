@@ -741,3 +741,37 @@ def test_condition_rules(rule: dict[str, Any], body: dict[str, Any], holds: bool
 
     condition = parse_condition({"op": "and", "rules": [rule]}, Location("<test>", 1))
     assert condition.holds(body) is holds
+
+
+# -- es: Elastic Cloud, target_index, aws_auth -------------------------------------------------
+
+
+def test_es_cloud_id_cloud_auth_target_index_and_aws_auth() -> None:
+    import base64
+
+    from kubetrail.sinks.es import EsSink, cloud_settings
+
+    encoded = base64.b64encode(b"us-central1.gcp.cloud.es.io$abc123$kib456").decode().rstrip("=")
+    assert cloud_settings(f"my-deployment:{encoded}", "elastic:s3cret") == {
+        "host": "abc123.us-central1.gcp.cloud.es.io",
+        "port": 443,
+        "tls": True,
+        "http_user": "elastic",
+        "http_passwd": "s3cret",
+    }
+    with_port = base64.b64encode(b"eu-west-1.aws.found.io:9243$es1$kb1").decode()
+    assert cloud_settings(f"x:{with_port}", None)["port"] == 9243
+    with pytest.raises(ConfigError, match="does not decode"):
+        cloud_settings("x:" + base64.b64encode(b"nothing").decode(), None)
+
+    sink = build(EsSink, common=(), cloud_id=f"my-deployment:{encoded}", cloud_auth="elastic:s3cret")
+    assert (sink.http.settings.host, sink.http.settings.port) == ("abc123.us-central1.gcp.cloud.es.io", 443)
+    assert sink.http.settings.ssl_context is not None
+    assert any(name == "Authorization" and value.startswith("Basic ") for name, value in sink.http.settings.headers)
+
+    targeted = build(EsSink, index="fallback", target_index="fluent-$kubernetes['namespace_name']")
+    assert targeted._index_for(Record("t", 0, {"kubernetes": {"namespace_name": "shop"}})) == "fluent-shop"
+    assert targeted._index_for(Record("t", 0, {"other": 1})) == "fallback"
+    with pytest.raises(ConfigError, match="aws_auth on"):
+        build(EsSink, aws_auth="on", aws_region="us-west-2")
+    assert {"aws_region", "aws_profile", "target_index"} <= {o.name for o in EsSink.options}
