@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from kubetrail.core.component import ComponentContext
+from kubetrail.core.config.compat import no_effect
+from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch
 from kubetrail.sinks.http_base import HttpSink, client_options
@@ -42,9 +44,66 @@ class HttpOutputSink(HttpSink):
         Option("header_tag", help="Header that carries the batch's tag"),
         Option("log_response_payload", "bool", True, help="Accepted; errors always quote the start of the answer"),
         Option("allow_duplicated_headers", "bool", True, help="Accepted for Fluent Bit compatibility"),
+        Option("http.response_timeout", "duration", None, help="Time to wait for an answer (sets net.io_timeout)"),
+        no_effect("http.read_idle_timeout", "duration", None, why="net.io_timeout bounds every read"),
+        # Fluent Bit features this output does not have: accepted while off, refused when used.
+        Option("aws_auth", "bool", False, help="Not supported (AWS SigV4 signing); on is refused"),
+        Option("oauth2.enable", "bool", False, help="Not supported (OAuth 2.0 client credentials); on is refused"),
+        Option("proxy", help="Not supported; refused when set"),
+        Option("body_key", help="Not supported (one request per record); refused when set"),
+        Option("headers_key", help="Not supported (one request per record); refused when set"),
+        *(
+            no_effect(name, why="aws_auth (SigV4 signing) is not supported")
+            for name in (
+                "aws_region",
+                "aws_service",
+                "aws_sts_endpoint",
+                "aws_role_arn",
+                "aws_external_id",
+                "aws_profile",
+            )
+        ),
+        *(
+            no_effect(f"oauth2.{name}", why="oauth2 is not supported")
+            for name in (
+                "audience",
+                "auth_method",
+                "client_id",
+                "client_secret",
+                "connect_timeout",
+                "jwt_aud",
+                "jwt_cert_file",
+                "jwt_header",
+                "jwt_key_file",
+                "jwt_ttl_seconds",
+                "refresh_skew_seconds",
+                "resource",
+                "scope",
+                "timeout",
+                "token_url",
+                "user_agent",
+            )
+        ),
+        *(
+            no_effect(f"gelf_{name}_key", why="format gelf is not written here; use the gelf output")
+            for name in ("timestamp", "host", "short_message", "full_message", "level")
+        ),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
+        refused = {
+            "aws_auth": "AWS SigV4 signing is not supported; put a signing proxy in front, or use the service's "
+            "own credentials (header, http_user/http_passwd, bearer_token)",
+            "oauth2.enable": "OAuth 2.0 client credentials are not supported; use bearer_token or a header",
+            "proxy": "an HTTP proxy is not supported by this output",
+            "body_key": "one request per record is not supported; requests carry whole batches",
+            "headers_key": "headers per record are not supported; use header (fixed) or header_tag",
+        }
+        for key, why in refused.items():
+            if config.get(key):
+                raise ConfigError(f"{key}: {why}", key=key)
+        if config.get("http.response_timeout") is not None:
+            config = {**config, "net.io_timeout": config["http.response_timeout"]}
         super().__init__(ctx, config)
         self.format: str = config["format"]
         self.date_key = date_key_option(config["json_date_key"])

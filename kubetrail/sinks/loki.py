@@ -33,6 +33,7 @@ import orjson
 
 from kubetrail.core.accessor import RecordAccessor
 from kubetrail.core.component import ComponentContext
+from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
@@ -70,6 +71,10 @@ class LokiSink(HttpSink):
         Option("drop_single_key", "choice", "off", choices=("on", "off", "true", "false", "raw")),
         Option("line_format", "choice", "json", choices=("json", "key_value")),
         Option("auto_kubernetes_labels", "bool", False, help="The pod's labels (kubernetes filter) as labels"),
+        Option("label_map_path", help="JSON file: nested record keys -> label names (Fluent Bit's label map)"),
+        Option("structured_metadata", "str", "", help="key=value or key=$accessor pairs sent as structured metadata"),
+        Option("structured_metadata_map_keys", "list", [], help="Record accessors of maps whose entries are metadata"),
+        no_effect("structured_metadata_map_values", why="use structured_metadata or structured_metadata_map_keys"),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -102,6 +107,22 @@ class LokiSink(HttpSink):
             self.tenant_key = RecordAccessor(tenant_key) if tenant_key else None
         except ValueError as exc:
             raise ConfigError(str(exc), key="remove_keys") from None
+        if config["label_map_path"]:
+            self.dynamic.extend(_label_map(config["label_map_path"]))
+        self.metadata_fixed: dict[str, str] = {}
+        self.metadata_dynamic: list[tuple[str, RecordAccessor]] = []
+        try:
+            for item in split_list(config["structured_metadata"]):
+                name, eq, value = item.partition("=")
+                if not eq or not name.strip():
+                    raise ValueError(f"{item!r} is not key=value or key=$accessor")
+                if value.strip().startswith("$"):
+                    self.metadata_dynamic.append((name.strip(), RecordAccessor(value.strip())))
+                else:
+                    self.metadata_fixed[name.strip()] = value.strip()
+            self.metadata_maps = [RecordAccessor(k) for k in config["structured_metadata_map_keys"]]
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="structured_metadata") from None
         self.label_accessors = [accessor for _, accessor in self.dynamic]
         self.tenant: str | None = config["tenant_id"] or None
         self.drop_single_key: str = {"true": "on", "false": "off"}.get(
@@ -168,19 +189,42 @@ class LokiSink(HttpSink):
                 return value
         return self.tenant
 
+    def _metadata(self, body: dict[str, Any]) -> dict[str, str]:
+        """Loki's structured metadata of one entry (a third element of the value, Loki 2.9+)."""
+        metadata = dict(self.metadata_fixed)
+        for name, accessor in self.metadata_dynamic:
+            text = _label_value(accessor.get(body))
+            if text is not None:
+                metadata[name] = text
+        for accessor in self.metadata_maps:
+            found = accessor.get(body)
+            if isinstance(found, dict):
+                for key, value in found.items():
+                    text = _label_value(value)
+                    if text is not None:
+                        metadata[str(key)] = text
+        return metadata
+
     def _push_body(self, entries: list[tuple[int, Record]]) -> bytes:
-        streams: dict[str, tuple[dict[str, str], list[tuple[int, int, str]]]] = {}
+        streams: dict[str, tuple[dict[str, str], list[tuple[int, int, str, dict[str, str]]]]] = {}
+        with_metadata = bool(self.metadata_fixed or self.metadata_dynamic or self.metadata_maps)
         for index, record in entries:
             labels = self._labels(record.body)
             key = orjson.dumps(labels, option=orjson.OPT_SORT_KEYS).decode()
             stream = streams.get(key)
             if stream is None:
                 stream = streams[key] = (labels, [])
-            stream[1].append((record.time_ns, index, self._line(record)))
+            metadata = self._metadata(record.body) if with_metadata else {}
+            stream[1].append((record.time_ns, index, self._line(record), metadata))
         payload = []
         for labels, values in streams.values():
             values.sort(key=lambda item: (item[0], item[1]))  # by time, stable within a stream
-            payload.append({"stream": labels, "values": [[str(ts), line] for ts, _, line in values]})
+            payload.append(
+                {
+                    "stream": labels,
+                    "values": [[str(ts), line, meta] if meta else [str(ts), line] for ts, _, line, meta in values],
+                }
+            )
         return orjson.dumps({"streams": payload})
 
     # -- delivery -------------------------------------------------------------------------
@@ -261,3 +305,32 @@ def _too_old_cutoff(message: str) -> int | None:
         if when.tzinfo is not None:  # RFC 3339 always has a zone; anything else is not Loki's
             cutoffs.append(int(when.timestamp()) * 1_000_000_000)
     return max(cutoffs) if cutoffs else None
+
+
+def _label_map(path: str) -> list[tuple[str, RecordAccessor]]:
+    """Fluent Bit's ``label_map_path``: a JSON object whose nesting follows the record's and whose
+    string leaves are label names (``{"sub": {"stream": "stream"}}`` = ``$sub['stream']``)."""
+    try:
+        with open(path, "rb") as handle:
+            tree = orjson.loads(handle.read())
+    except (OSError, orjson.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read the label map {path}: {exc}", key="label_map_path") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"the label map {path} must be a JSON object", key="label_map_path")
+    found: list[tuple[str, RecordAccessor]] = []
+
+    def walk(node: dict[str, Any], trail: list[str]) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, [*trail, key])
+            elif isinstance(value, str):
+                parts = [*trail, key]
+                pattern = "$" + parts[0] + "".join(f"['{p}']" for p in parts[1:])
+                found.append((label_name(value), RecordAccessor(pattern)))
+            else:
+                raise ConfigError(
+                    f"the label map {path}: {key!r} must map to a label name or an object", key="label_map_path"
+                )
+
+    walk(tree, [])
+    return found

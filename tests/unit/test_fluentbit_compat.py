@@ -775,3 +775,48 @@ def test_es_cloud_id_cloud_auth_target_index_and_aws_auth() -> None:
     with pytest.raises(ConfigError, match="aws_auth on"):
         build(EsSink, aws_auth="on", aws_region="us-west-2")
     assert {"aws_region", "aws_profile", "target_index"} <= {o.name for o in EsSink.options}
+
+
+def test_loki_label_map_path_and_structured_metadata(tmp_path: Path) -> None:
+    from kubetrail.sinks.loki import LokiSink
+
+    label_map = write(tmp_path / "map.json", '{"sub": {"stream": "stream"}, "kubernetes": {"pod_name": "pod"}}')
+    sink = build(
+        LokiSink,
+        labels="job=fluentbit",
+        label_map_path=str(label_map),
+        structured_metadata="trace_id=$trace['id'],source=node",
+        structured_metadata_map_keys="$extra",
+    )
+    body = {
+        "log": "hi",
+        "sub": {"stream": "stdout", "id": "x"},
+        "kubernetes": {"pod_name": "web-1"},
+        "trace": {"id": "abc"},
+        "extra": {"a": 1},
+    }
+    push = orjson.loads(sink._push_body([(0, Record("t", 5, body))]))
+    [stream] = push["streams"]
+    assert stream["stream"] == {"job": "fluentbit", "stream": "stdout", "pod": "web-1"}
+    [[ts, line, metadata]] = stream["values"]
+    assert ts == "5" and metadata == {"source": "node", "trace_id": "abc", "a": "1"}
+    assert "stream" not in orjson.loads(line)["sub"]  # a key that became a label leaves the line
+    with pytest.raises(ConfigError, match="cannot read the label map"):
+        build(LokiSink, label_map_path=str(tmp_path / "missing.json"))
+    plain = build(LokiSink)
+    [[_, _]] = orjson.loads(plain._push_body([(0, Record("t", 5, {"log": "x"}))]))["streams"][0]["values"]
+
+
+def test_http_output_fluent_bit_options() -> None:
+    from kubetrail.sinks.http import HttpOutputSink
+
+    sink = build(HttpOutputSink, **{"http__response_timeout": "5s", "oauth2__client_id": "x", "aws_region": "r"})
+    assert sink.http.settings.io_timeout == 5.0
+    for key, value, message in (
+        ("aws_auth", "on", "AWS SigV4 signing is not supported"),
+        ("oauth2__enable", "on", "OAuth 2.0 client credentials are not supported"),
+        ("proxy", "http://proxy:3128", "an HTTP proxy is not supported"),
+        ("body_key", "$log", "one request per record is not supported"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build(HttpOutputSink, **{key: value})

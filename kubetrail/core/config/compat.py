@@ -63,7 +63,7 @@ FLUENT_BIT_PLUGINS: dict[str, frozenset[str]] = {
             "datadog es exit file flowcounter forward gelf http influxdb kafka kafka-rest kinesis_firehose "
             "kinesis_streams lib logdna loki nats nrlogs null opensearch opentelemetry oracle_log_analytics "
             "pgsql plot prometheus_exporter prometheus_remote_write s3 skywalking slack splunk stackdriver "
-            "stdout syslog tcp td vivo_exporter websocket cloudwatch"
+            "stdout syslog tcp td vivo_exporter websocket cloudwatch elasticsearch"
         )
     ),
 }
