@@ -9,6 +9,9 @@ client makes (a botocore event hook sees the parameters).
 
 from __future__ import annotations
 
+import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +29,7 @@ from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
 from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import ServerUnavailable
 from tests.servers.moto import MotoServer
-from tests.unit.helpers import build
+from tests.unit.helpers import build, write
 
 REGION = "eu-west-1"
 HOUR_MS = 3600 * 1000
@@ -445,3 +448,59 @@ async def test_throttling_and_5xx_retry_a_bad_request_is_rejected(aws_env: None,
             await out.write(Batch("t", [rec(0)]))
     finally:
         await out.close()
+
+
+def tail_offset(db: Path) -> int:
+    try:
+        with sqlite3.connect(db) as conn:
+            return int(next(iter(conn.execute("select offset from in_tail_files")), (0,))[0])
+    except sqlite3.OperationalError:
+        return 0
+
+
+def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_path: Path) -> None:
+    """A real kubetrail process: while the log group is missing nothing is acknowledged (the tail
+    checkpoint stays at 0); once it exists, every line is stored once and the checkpoint moves."""
+    log = write(tmp_path / "app.log", "".join(f'{{"n": {i}}}\n' for i in range(300)))
+    config = write(tmp_path / "p.conf", f"""
+[SERVICE]
+    grace 5
+    scheduler.base 0.2
+    scheduler.cap 0.5
+[INPUT]
+    name tail
+    path {log}
+    tag app
+    parser json
+    read_from_head on
+    db {tmp_path / "tail.db"}
+[OUTPUT]
+    name cloudwatch_logs
+    match *
+    region {REGION}
+    endpoint {aws.url}
+    log_group_name late-group
+    log_stream_prefix node-
+""")  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(3)  # retrying against the missing group
+        assert proc.poll() is None
+        assert tail_offset(tmp_path / "tail.db") == 0
+        logs(aws).create_log_group(logGroupName="late-group")
+        deadline = time.monotonic() + 30
+        while tail_offset(tmp_path / "tail.db") < log.stat().st_size and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert tail_offset(tmp_path / "tail.db") == log.stat().st_size
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "auto_create_group is off" in err  # the log says why it waited
+    events = stored(aws, "late-group", "node-app")
+    assert sorted(orjson.loads(e["message"])["n"] for e in events) == list(range(300))
