@@ -76,7 +76,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "file": "kubetrail.sinks.file:FileSink",
         "http": "kubetrail.sinks.http:HttpOutputSink",
         "es": "kubetrail.sinks.es:EsSink",
-        "elasticsearch": "kubetrail.sinks.es:EsSink",  # Fluent Bit 5.1's alias of es
+        "elasticsearch": "kubetrail.sinks.es:ElasticsearchSink",
         "opensearch": "kubetrail.sinks.opensearch:OpenSearchSink",
         "splunk": "kubetrail.sinks.splunk:SplunkSink",
         "loki": "kubetrail.sinks.loki:LokiSink",

@@ -426,3 +426,9 @@ class EsSink(HttpSink):
                 )
             outcomes.append(("retry" if retry else "reject", reason))
         return outcomes
+
+
+class ElasticsearchSink(EsSink):
+    """``elasticsearch``: Fluent Bit 5.1's alias of ``es`` (same options, same output)."""
+
+    plugin_name = "elasticsearch"

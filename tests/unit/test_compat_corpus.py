@@ -51,7 +51,6 @@ ENV = {
 
 # Configs that use what kubetrail does not have (yet). strict: the test fails once it lands.
 MISSING = {
-    "04-container-insights.conf": "cloudwatch_logs lacks Fluent Bit's extra_user_agent option",
     "36-image-default-cpu.conf": "input plugin cpu (host metrics) is not in kubetrail",
 }
 
