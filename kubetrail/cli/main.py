@@ -172,5 +172,9 @@ def version() -> None:
     click.echo(f"kubetrail {__version__}")
 
 
+from kubetrail.cli.rules import rules as _rules  # noqa: E402 - `kubetrail rules check|test`
+
+main.add_command(_rules)
+
 if __name__ == "__main__":
     main()

@@ -63,6 +63,7 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "content_modifier": "kubetrail.transforms.content_modifier:ContentModifierTransform",
         "rewrite_tag": "kubetrail.transforms.rewrite_tag:RewriteTagTransform",
         "multiline": "kubetrail.transforms.multiline:MultilineTransform",
+        "detect": "kubetrail.transforms.detect:DetectTransform",
         "lua": "kubetrail.transforms.lua:LuaTransform",
         "parser": "kubetrail.transforms.parser:ParserTransform",
         "throttle": "kubetrail.transforms.throttle:ThrottleTransform",

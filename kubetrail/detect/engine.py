@@ -1,0 +1,330 @@
+"""The compiled rule set: predicates, outputs, the index, and alerts in Falco's JSON shape.
+
+**Index.** Most rules name the verb and resource they are about (``kcreate and pod``), and
+Falco's ``kevt`` limits them to one stage. :func:`~kubetrail.detect.condition.constraint` reads
+from each rule which stages, verbs, resources and subresources it can match at all; an event's
+``(stage, verb, resource, subresource)`` then selects the few rules worth evaluating. The
+selection is cached per distinct key (there are few), so an event costs one dict lookup plus
+its candidate rules, not all of them.
+
+**Alerts** follow Falco's JSON output (``time``, ``rule``, ``priority``, ``source``, ``tags``,
+``output``, ``output_fields``, ``hostname``); ``output`` starts with the event's time and the
+priority as Falco's does. Missing values are ``<NA>`` in text and null in ``output_fields``;
+list values are ``(a,b)``, as Falco prints them.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from kubetrail.detect import condition as cond
+from kubetrail.detect.fields import Event, FieldRef, field_ref
+from kubetrail.detect.rules import PRIORITIES, SOURCE, Origin, RuleDef, RulesError, RuleSet, looks_like_list_name
+
+# (key, the spellings of the field a constraint may use, the reference an event's key is read with)
+_INDEX = (
+    ("stage", frozenset({"ka.stage", "jevt.value[/stage]", "json.value[/stage]"}), field_ref("ka.stage", None)),
+    ("verb", frozenset({"ka.verb", "jevt.value[/verb]", "json.value[/verb]"}), field_ref("ka.verb", None)),
+    (
+        "resource",
+        frozenset({"ka.target.resource", "jevt.value[/objectRef/resource]"}),
+        field_ref("ka.target.resource", None),
+    ),
+    (
+        "subresource",
+        frozenset({"ka.target.subresource", "jevt.value[/objectRef/subresource]"}),
+        field_ref("ka.target.subresource", None),
+    ),
+)
+_INDEX_REFS = tuple(ref for _, _, ref in _INDEX)
+_OUTPUT_FIELD = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*[A-Za-z0-9_])(\[[^\]]*\])?")
+
+
+class Output:
+    """A rule's output string, compiled: literal parts and fields."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.parts: list[str | FieldRef] = []
+        position = 0
+        for found in _OUTPUT_FIELD.finditer(text):
+            name, arg = found.group(1), found.group(2)
+            self.parts.append(text[position : found.start()])
+            self.parts.append(field_ref(name, arg[1:-1] if arg else None))  # ValueError: unknown field
+            position = found.end()
+        self.parts.append(text[position:])
+        self.refs = [p for p in self.parts if isinstance(p, FieldRef)]
+
+    def render(self, ev: Event) -> tuple[str, dict[str, str | None]]:
+        fields: dict[str, str | None] = {}
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            value = _display(ev.value(part))
+            fields[part.key] = value
+            out.append("<NA>" if value is None else value)
+        return "".join(out), fields
+
+
+def _display(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return "(" + ",".join(value) + ")"
+
+
+@dataclass
+class CompiledRule:
+    name: str
+    desc: str
+    priority: int
+    tags: list[str]
+    output: Output
+    predicate: cond.Predicate
+    origin: Origin
+    index: dict[str, frozenset[str] | None]
+
+    @property
+    def priority_name(self) -> str:
+        return PRIORITIES[self.priority]
+
+    def admits(self, key: tuple[Any, ...]) -> bool:
+        for (name, _, _), value in zip(_INDEX, key, strict=True):
+            allowed = self.index[name]
+            if allowed is not None and value not in allowed:
+                return False
+        return True
+
+
+@dataclass
+class Alert:
+    rule: CompiledRule
+    output: str
+    output_fields: dict[str, str | None]
+
+
+class Engine:
+    """Compiled rules; :meth:`match` gives the rules an event fires, in definition order."""
+
+    def __init__(self, rules: list[CompiledRule], ruleset: RuleSet, warnings: list[str]) -> None:
+        self.rules = rules
+        self.ruleset = ruleset
+        self.warnings = warnings
+        self.skipped_sources: Counter[str] = ruleset.other_sources()
+        self.disabled = sum(1 for r in ruleset.rules.values() if not r.enabled and r.source == SOURCE)
+        self._by_key: dict[tuple[Any, ...], tuple[CompiledRule, ...]] = {}
+        self.hostname = socket.gethostname()
+
+    def candidates(self, ev: Event) -> tuple[CompiledRule, ...]:
+        value = ev.value
+        key = (value(_INDEX_REFS[0]), value(_INDEX_REFS[1]), value(_INDEX_REFS[2]), value(_INDEX_REFS[3]))
+        found = self._by_key.get(key)
+        if found is None:
+            if len(self._by_key) > 10_000:  # odd verbs/resources must not grow it without bound
+                self._by_key.clear()
+            found = self._by_key[key] = tuple(rule for rule in self.rules if rule.admits(key))
+        return found
+
+    def match(self, ev: Event) -> list[CompiledRule]:
+        if not ev.is_audit_event():
+            return []  # the k8saudit plugin extracts nothing from other JSON
+        return [rule for rule in self.candidates(ev) if rule.predicate(ev)]
+
+    def alert(self, rule: CompiledRule, ev: Event) -> Alert:
+        text, fields = rule.output.render(ev)
+        return Alert(rule, text, fields)
+
+    def alert_record(self, alert: Alert, ev: Event) -> dict[str, Any]:
+        """The alert as Falco's JSON output writes it, plus the triggering event's identity."""
+        ns = ev.timestamp_ns()
+        stamp = _iso(ns)
+        light = ev.light
+        clock = stamp[11:19] + f".{ns % 1_000_000_000:09d}"
+        record: dict[str, Any] = {
+            "time": stamp,
+            "rule": alert.rule.name,
+            "priority": alert.rule.priority_name,
+            "source": SOURCE,
+            "tags": alert.rule.tags,
+            "output": f"{clock}: {alert.rule.priority_name} {alert.output}",
+            "output_fields": alert.output_fields,
+            "hostname": self.hostname,
+            "k8s.audit.id": light.auditID if light is not None else None,
+            "k8s.audit.stage": light.stage if light is not None else None,
+        }
+        return record
+
+
+def _iso(ns: int) -> str:
+    import datetime as dt
+
+    moment = dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=dt.UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 1_000_000_000:09d}Z"
+
+
+def _condition_error(exc: cond.ConditionError, text: str, origin: Origin, item: str) -> RulesError:
+    line = origin.line
+    if exc.offset is not None:
+        line += text.count("\n", 0, exc.offset)
+    return RulesError(str(exc), Origin(origin.file, line), item)
+
+
+def compile_rules(ruleset: RuleSet) -> Engine:
+    """Compile every enabled ``k8s_audit`` rule; RulesError for the first problem found."""
+    warnings: list[str] = []
+    lists = _resolve_lists(ruleset)
+    macros: dict[str, cond.Node] = {}
+    for macro in ruleset.macros.values():
+        try:
+            macros[macro.name] = cond.parse(macro.condition.text)
+        except cond.ConditionError as exc:
+            raise _condition_error(exc, macro.condition.text, macro.condition.origin, f"macro '{macro.name}'") from None
+    used_macros: set[str] = set()
+    used_words: set[str] = set()
+    compiled: list[CompiledRule] = []
+    for rule in ruleset.rules.values():
+        if rule.source != SOURCE or not rule.enabled:
+            continue
+        label = f"rule '{rule.name}'"
+        try:
+            tree = cond.parse(rule.condition.text)
+        except cond.ConditionError as exc:
+            raise _condition_error(exc, rule.condition.text, rule.condition.origin, label) from None
+        used_macros |= _macros_reached(tree, macros)
+        try:
+            full = cond.inline(tree, macros)
+            full = _with_exceptions(full, rule, lists)
+            predicate = cond.compile_tree(full, lists)
+        except cond.ConditionError as exc:
+            if rule.skip_if_unknown and "unknown field" in str(exc):
+                warnings.append(f"{rule.origin}: {label}: skipped (skip-if-unknown-filter): {exc}")
+                continue
+            # The offset is into the rule's own text only when no macro was inlined at that point.
+            plain = cond.ConditionError(str(exc), exc.offset if _offset_in(tree, exc.offset) else None)
+            raise _condition_error(plain, rule.condition.text, rule.condition.origin, label) from None
+        used_words |= cond.set_words(full)
+        try:
+            output = Output(rule.output.text)
+        except ValueError as exc:
+            raise RulesError(f"output: {exc}", rule.output.origin, label) from None
+        index = {name: cond.constraint(full, spellings, lists) for name, spellings, _ in _INDEX}
+        compiled.append(
+            CompiledRule(rule.name, rule.desc, rule.priority, rule.tags, output, predicate, rule.origin, index)
+        )
+    for name, macro in ruleset.macros.items():
+        if name not in used_macros:
+            warnings.append(f"{macro.origin}: macro '{name}' is never used")
+    reached_lists = _lists_reached(used_words, ruleset)
+    for name, lst in ruleset.lists.items():
+        if name not in reached_lists:
+            warnings.append(f"{lst.origin}: list '{name}' is never used")
+    for word in sorted(used_words - set(ruleset.lists)):
+        if looks_like_list_name(word):
+            warnings.append(f"'{word}' is used as a value but reads like a list name, and no list of that name exists")
+    return Engine(compiled, ruleset, warnings)
+
+
+def _offset_in(tree: cond.Node, offset: int | None) -> bool:
+    return offset is not None
+
+
+def _macros_reached(tree: cond.Node, macros: dict[str, cond.Node]) -> set[str]:
+    seen: set[str] = set()
+    todo = list(cond.macro_names(tree))
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in macros:
+            continue
+        seen.add(name)
+        todo.extend(cond.macro_names(macros[name]))
+    return seen
+
+
+def _lists_reached(words: set[str], ruleset: RuleSet) -> set[str]:
+    seen: set[str] = set()
+    todo = [w for w in words if w in ruleset.lists]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        todo.extend(item for item in ruleset.lists[name].items if item in ruleset.lists)
+    return seen
+
+
+def _resolve_lists(ruleset: RuleSet) -> dict[str, list[str]]:
+    """Each list's items with the lists it names replaced by their items (lists inside lists)."""
+    resolved: dict[str, list[str]] = {}
+
+    def resolve(name: str, stack: tuple[str, ...]) -> list[str]:
+        if name in resolved:
+            return resolved[name]
+        if name in stack:
+            lst = ruleset.lists[name]
+            raise RulesError(f"list refers to itself ({' -> '.join((*stack, name))})", lst.origin, f"list '{name}'")
+        items: list[str] = []
+        for item in ruleset.lists[name].items:
+            if item in ruleset.lists:
+                items.extend(resolve(item, (*stack, name)))
+            else:
+                items.append(item)
+        resolved[name] = items
+        return items
+
+    for name in ruleset.lists:
+        resolve(name, ())
+    return resolved
+
+
+def _with_exceptions(tree: cond.Node, rule: RuleDef, lists: dict[str, list[str]]) -> cond.Node:
+    """``tree and not (exception 1) and not (exception 2) ...``."""
+    parts = [tree]
+    for exc in rule.exceptions:
+        alternatives: list[cond.Node] = []
+        if isinstance(exc.fields, str):
+            comp = "==" if exc.comps == "=" else str(exc.comps)
+            if not exc.values:
+                continue
+            if comp in cond.SET_OPS:
+                alternatives.append(_check(exc.fields, comp, exc.values))
+            else:
+                alternatives.extend(_check(exc.fields, comp, [value]) for value in exc.values)
+        else:
+            for tuple_ in exc.values:
+                checks = [
+                    _check(field, "==" if comp == "=" else comp, value if isinstance(value, list) else [value])
+                    for field, comp, value in zip(exc.fields, exc.comps, tuple_, strict=True)
+                ]
+                alternatives.append(checks[0] if len(checks) == 1 else cond.Node("and", checks))
+        if alternatives:
+            either = alternatives[0] if len(alternatives) == 1 else cond.Node("or", alternatives)
+            parts.append(cond.Node("not", [either]))
+    return tree if len(parts) == 1 else cond.Node("and", parts)
+
+
+def _check(field: str, op: str, values: list[Any]) -> cond.Node:
+    if op not in cond.BINARY_OPS and op not in cond.SET_OPS and op != "exists":
+        raise cond.ConditionError(f"exception uses unknown operator '{op}'")
+    texts = [cond.Value(_text(v), quoted=not (isinstance(v, str) and v.isidentifier())) for v in values]
+    if op not in cond.SET_OPS and len(texts) != 1:
+        raise cond.ConditionError(f"exception on '{field}': '{op}' takes one value")
+    return cond.Node("check", field=field, op=op, values=texts)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def load_rules(paths: list[str]) -> Engine:
+    """Load files in order and compile them (RulesError names file, line and item)."""
+    ruleset = RuleSet()
+    for path in paths:
+        ruleset.load_file(path)
+    return compile_rules(ruleset)

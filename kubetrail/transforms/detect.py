@@ -1,0 +1,207 @@
+"""The ``detect`` filter: Falco's k8s_audit rules on audit records, alerts as new records.
+
+Options: ``rules_file`` (repeatable, globs; loaded in the order given, each glob sorted, as
+Falco loads its ``-r`` files: base rules first, then the user's overrides; relative to the
+config file), ``alert_tag`` (the tag alerts are emitted under), ``min_priority`` (rules below it
+are not evaluated at all), ``rate_limit`` (``N/DURATION`` per rule, e.g. ``10/1m``: alerts over
+it are dropped and counted), ``drop_matched`` (the audit records that fired a rule do not go on;
+by default every record passes unchanged). A rules file that does not load stops the start with
+its file, line and rule (see :mod:`kubetrail.detect`); at run time an event missing what a rule
+reads makes that rule false, never an error.
+
+**Alerts** are records in Falco's JSON output shape (``time``, ``rule``, ``priority``,
+``source``, ``tags``, ``output``, ``output_fields``, ``hostname``) plus the triggering event's
+``k8s.audit.id`` and ``k8s.audit.stage`` and ``trigger_tag``, with the record identity
+``(auditID, stage, "detect", rule)``: a sink that writes idempotently (es ``_id``, ...) stores
+an alert once however often it is sent.
+
+**Delivered like the records, once per (auditID, stage, rule).** Alerts go through the router's
+re-emit path, the one ``rewrite_tag`` uses (:class:`kubetrail.runtime.router.Reemitting`): they
+enter the pipeline from the start under ``alert_tag`` (never through this filter again), and
+their batch's token holds a reference on the batch they came from. So the audit record's batch
+counts as delivered only once its alerts are delivered too: the webhook answers 200, the tail
+moves its offset, and the ``kubernetes_audit`` filter records the ``(auditID, stage)`` as
+delivered (in its ``db``), only then. Put ``detect`` after ``kubernetes_audit`` (with
+``dedupe on`` and a ``db``): an API server retry or a replay after a restart of an event whose
+alerts were delivered is removed there before it reaches the rules, and one whose alerts were
+not delivered fires them again with the same identity. No second dedupe store is needed.
+
+**Speed.** The filter reads a lazy batch's block as it is (the ``kubernetes_audit`` filter's
+output, or a tail's): one msgspec call decodes the few members most rules read for the whole
+block, the rules are indexed by stage, verb, resource and subresource, and no record object is
+built for the records that pass. See ``bench/bench_detect.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from kubetrail.core.acks import AckToken
+from kubetrail.core.component import ComponentContext, Transform
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.metrics import ComponentMetrics
+from kubetrail.core.options import Option
+from kubetrail.core.record import Batch, Record
+from kubetrail.core.values import parse_duration
+from kubetrail.detect import Engine, Event, RulesError, decode_block, expand_paths, load_rules, priority_level
+from kubetrail.detect.engine import CompiledRule
+
+
+class _RateLimit:
+    """At most ``count`` alerts per rule in each fixed window of ``window`` seconds."""
+
+    def __init__(self, text: str) -> None:
+        count, slash, window = text.partition("/")
+        try:
+            self.count = int(count)
+            self.window = parse_duration(window) if slash else 1.0
+        except ValueError:
+            raise ConfigError(f"is N/DURATION (e.g. 10/1m), got {text!r}", key="rate_limit") from None
+        if self.count < 1 or self.window <= 0:
+            raise ConfigError(f"needs a positive count and window, got {text!r}", key="rate_limit")
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, rule: str) -> bool:
+        now = time.monotonic()
+        start, used = self._windows.get(rule, (now, 0))
+        if now - start >= self.window:
+            start, used = now, 0
+        if used >= self.count:
+            self._windows[rule] = (start, used)
+            return False
+        self._windows[rule] = (start, used + 1)
+        return True
+
+
+class DetectTransform(Transform):
+    plugin_name = "detect"
+    description = "Evaluates Falco's k8s_audit rules on audit records; alerts are emitted as new records"
+    options = (
+        Option("rules_file", multiple=True, required=True, help="Falco rules file (globs; repeat: loaded in order)"),
+        Option("alert_tag", "str", "alert", help="Tag of the alert records"),
+        Option("min_priority", "str", "debug", help="Lowest priority evaluated (emergency ... debug)"),
+        Option(
+            "rate_limit", "str", "", help="Alerts per rule, N/DURATION (e.g. 10/1m); the excess is dropped and counted"
+        ),
+        Option("drop_matched", "bool", False, help="Drop the audit records that fired a rule (alerts still go out)"),
+        Option("emitter_name", help="Name of the alerts' emitter in metrics (default emitter_for_<filter>)"),
+    )
+
+    def __init__(self, ctx: ComponentContext, config: dict[str, Any]) -> None:
+        super().__init__(ctx, config)
+        try:
+            self.min_priority = priority_level(config["min_priority"])
+        except ValueError as exc:
+            raise ConfigError(str(exc), key="min_priority") from None
+        paths = [self._path(ctx, p) for p in config["rules_file"]]
+        try:
+            self.engine: Engine = load_rules(expand_paths(paths))
+        except (RulesError, ValueError) as exc:
+            raise ConfigError(f"rules: {exc}", key="rules_file") from None
+        # Rules below min_priority are never evaluated (nor indexed).
+        self.engine.rules = [r for r in self.engine.rules if r.priority <= self.min_priority]
+        self.alert_tag: str = config["alert_tag"]
+        if not self.alert_tag:
+            raise ConfigError("must not be empty", key="alert_tag")
+        self.rate_limit = _RateLimit(config["rate_limit"]) if config["rate_limit"] else None
+        self.drop_matched: bool = config["drop_matched"]
+        self.emitter_name: str | None = config["emitter_name"]
+        self.emitter_metrics: ComponentMetrics | None = None  # set by the pipeline
+        self.emit: Callable[[Batch, bool], Awaitable[None]] | None = None
+        self.m_alerts = self.metrics.counter("kubetrail_detect_alerts", "Alerts emitted", "rule", "priority")
+        self.m_limited = self.metrics.counter("kubetrail_detect_rate_limited", "Alerts dropped by rate_limit", "rule")
+        self.log.info(
+            "rules loaded",
+            extra={
+                "rules": len(self.engine.rules),
+                "files": len(paths),
+                "other_sources_skipped": sum(self.engine.skipped_sources.values()),
+            },
+        )
+
+    @staticmethod
+    def _path(ctx: ComponentContext, text: str) -> str:
+        """Relative to the config file that names it (as the lua filter's ``script``)."""
+        path = Path(text)
+        if not path.is_absolute() and ctx.section is not None:
+            beside = Path(ctx.section.location_of("rules_file").file).parent / path
+            if beside.parent.exists() or not path.parent.exists():
+                return str(beside)
+        return text
+
+    def static_tags(self) -> list[str]:
+        return [self.alert_tag]
+
+    # -- the filter --------------------------------------------------------------------------
+
+    def _events(self, batch: Batch) -> tuple[list[Event], list[Record] | None]:
+        block = batch.raw_block
+        if block is not None and not batch.is_materialized and not self.drop_matched and block.endswith(b"\n"):
+            lines = block.split(b"\n")
+            lines.pop()
+            if len(lines) == len(batch):
+                return decode_block(lines), None  # no record object built for what passes
+        records = batch.records
+        events = decode_block([record.json_bytes() for record in records])
+        for event, record in zip(events, records, strict=True):
+            event.time_ns = record.time_ns
+        return events, records
+
+    def _evaluate(self, batch: Batch) -> tuple[list[Record], set[int], list[Record] | None]:
+        events, records = self._events(batch)
+        engine = self.engine
+        alerts: list[Record] = []
+        matched: set[int] = set()
+        for index, event in enumerate(events):
+            fired = engine.match(event)
+            if not fired:
+                continue
+            matched.add(index)
+            for rule in fired:
+                if self.rate_limit is not None and not self.rate_limit.allow(rule.name):
+                    self.m_limited.labels(rule.name).inc()
+                    continue
+                alerts.append(self._alert(rule, event, batch.tag))
+        return alerts, matched, records
+
+    def _alert(self, rule: CompiledRule, event: Event, tag: str) -> Record:
+        body = self.engine.alert_record(self.engine.alert(rule, event), event)
+        body["trigger_tag"] = tag
+        self.m_alerts.labels(rule.name, rule.priority_name).inc()
+        identity = (body["k8s.audit.id"], body["k8s.audit.stage"], "detect", rule.name)
+        # As bytes: sinks write them as they are, and the batch's size is known.
+        return Record(self.alert_tag, event.timestamp_ns() or time.time_ns(), None, orjson.dumps(body), identity)
+
+    def process_emitting(self, batch: Batch) -> tuple[Batch, list[Batch]]:
+        if not len(batch):
+            return batch, []
+        alerts, matched, records = self._evaluate(batch)
+        out = batch
+        if self.drop_matched and matched:
+            assert records is not None
+            out = batch.derive([r for i, r in enumerate(records) if i not in matched])
+        if not alerts:
+            return out, []
+        return out, [_emitted(self.alert_tag, alerts, batch)]
+
+    def process(self, records: list[Record]) -> list[Record]:
+        """Without the router (a direct call): the records that go on (alerts are not made)."""
+        if not self.drop_matched:
+            return records
+        _, matched, _ = self._evaluate(Batch("", records))
+        return [r for i, r in enumerate(records) if i not in matched]
+
+
+def _emitted(tag: str, records: list[Record], parent: Batch) -> Batch:
+    """The alerts' batch; its token keeps ``parent``'s open until they are delivered (the
+    router's re-emit contract, as rewrite_tag's copies)."""
+    parent_token = parent.ack
+    if parent_token is not None:
+        parent_token.retain()
+    token = AckToken(parent_token.release if parent_token is not None else None)
+    return Batch(tag, records, token, sum(len(r.raw or b"") for r in records))
