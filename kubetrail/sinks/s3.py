@@ -183,7 +183,8 @@ class S3Sink(Sink):
     def _recover(self) -> None:
         for directory in (self.open_dir, self.sealed_dir, self.failed_dir):
             directory.mkdir(parents=True, exist_ok=True)
-        names = [p.stem for p in self.sealed_dir.glob("*.data")] + [p.stem for p in self.open_dir.glob("*.data")]
+        # Numbers are never reused, failed/ included: a file moved there must not be overwritten.
+        names = [p.stem for d in (self.sealed_dir, self.open_dir, self.failed_dir) for p in d.glob("*.data")]
         self._sequence = max((int(n.split("-")[0]) for n in names if n.split("-")[0].isdigit()), default=0)
         for data in sorted(self.open_dir.glob("*.data")):
             meta_path = data.with_suffix(".json")

@@ -287,3 +287,18 @@ def test_config_errors_name_the_key(props: dict[str, str], key: str, tmp_path: P
     with pytest.raises(ConfigError) as info:
         build(S3Sink, COMMON_OUTPUT_OPTIONS, store_dir=str(tmp_path), **props)
     assert info.value.key == key
+
+
+async def test_a_file_s3_refuses_is_kept_in_failed_across_restarts(aws: MinioServer, tmp_path: Path) -> None:
+    s3(aws).create_bucket(Bucket="logs")
+    for i in range(2):  # two runs on the same store_dir: the second file must not replace the first
+        out = sink(aws, tmp_path, s3_key_format="/bad//$TAG")  # MinIO refuses '//' in object names
+        await out.start()
+        await out.write(Batch("t", [rec(i, tag="t")]))
+        await out.close()
+    failed = sorted(out.failed_dir.glob("*.data"))
+    assert len(failed) == 2
+    assert [orjson.loads(p.read_bytes())["i"] for p in failed] == [0, 1]
+    meta = orjson.loads(failed[0].with_suffix(".json").read_bytes())
+    assert meta["key"] == "bad//t" and "XMinioInvalidObjectName" in meta["error"]
+    assert not objects(aws)
