@@ -237,6 +237,10 @@ class TailSource(Source):
         ),
         no_effect("multiline_flush", "int", 4, why="the legacy multiline mode: use multiline.flush_ms"),
         no_effect("parser_firstline", why="the legacy multiline mode: use the multiline filter with a parser"),
+        *(
+            no_effect(f"parser_{n}", why="the legacy multiline mode: use the multiline filter with a parser")
+            for n in range(1, 10)
+        ),
         *DB_OPTIONS,
     )
 

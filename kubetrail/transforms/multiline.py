@@ -289,7 +289,9 @@ class MultilineTransform(Transform):
                 pieces = self._pieces[tag] = []
                 out.append(record)
         if not pieces:
+            # Nothing open: forget the tag (tags made from file paths come and go).
             self._pieces.pop(tag, None)
+            self.joiners.pop(tag, None)
         return out
 
     def _feed_partial(self, tag: str, records: list[Record]) -> list[Record]:
@@ -335,4 +337,6 @@ class MultilineTransform(Transform):
                 # identity is not known here: take the record's own.
                 joined.identity = record.identity
                 out.append(joined)
+        if not joiner.pending:
+            del self.containers[tag]  # nothing open: forget the tag
         return out

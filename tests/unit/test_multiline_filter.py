@@ -301,3 +301,16 @@ def test_bad_multiline_parser_section_is_refused_where_it_is(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError, match='needs a rule from "start_state"'):
         Pipeline(load_config(config))
+
+
+def test_state_of_a_tag_is_forgotten_once_nothing_is_open() -> None:
+    """Tags made from file paths come and go: a tag with no open message keeps no state."""
+    transform = multiline(**{"multiline.parser": "java"})
+    transform.process(records(JAVA, tag="kube.a"))
+    assert transform.joiners == {} and transform._pieces == {}
+    held = multiline(buffer="on", **{"multiline.parser": "java"})
+    out, _ = held.process_emitting(Batch("kube.b", records(JAVA, tag="kube.b"), token([])))
+    assert len(out) == 0 and set(held.joiners) == {"kube.b"}  # the trace may go on
+    container = multiline(**{"multiline.parser": "cri"})
+    container.process(records(["2024-05-01T10:00:00.000000001Z stdout F whole"], tag="kube.c"))
+    assert container.containers == {}
