@@ -204,8 +204,17 @@ class S3Sink(Sink):
             self._seal(data, str(meta["tag"]))  # whatever was open before the restart goes out first
         for data in self.sealed_dir.glob("*.data"):
             if not data.with_suffix(".json").exists():
+                # Stopped between moving the file here and writing its key: its open/ description
+                # (tag, first record time) is still there.
                 _cut_torn_line(data)
-                self._write_key(data, "recovered", int(time.time() * 1e9))
+                try:
+                    meta = orjson.loads((self.open_dir / data.with_suffix(".json").name).read_bytes())
+                except (OSError, orjson.JSONDecodeError):
+                    meta = {"tag": "recovered", "first_ns": int(time.time() * 1e9)}
+                self._write_key(data, str(meta["tag"]), int(meta.get("first_ns") or time.time() * 1e9))
+        for orphan in self.open_dir.glob("*.json"):  # descriptions whose data went to sealed/ or was empty
+            if not orphan.with_suffix(".data").exists():
+                orphan.unlink()
         self.log.info("s3 buffer recovered", extra={"sealed_files": len(list(self.sealed_dir.glob("*.data")))})
 
     def _store_bytes(self) -> int:

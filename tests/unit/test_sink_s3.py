@@ -302,3 +302,20 @@ async def test_a_file_s3_refuses_is_kept_in_failed_across_restarts(aws: MinioSer
     meta = orjson.loads(failed[0].with_suffix(".json").read_bytes())
     assert meta["key"] == "bad//t" and "XMinioInvalidObjectName" in meta["error"]
     assert not objects(aws)
+
+
+async def test_stopped_between_sealing_and_writing_the_key(aws: MinioServer, tmp_path: Path) -> None:
+    s3(aws).create_bucket(Bucket="logs")
+    out = sink(aws, tmp_path, s3_key_format="/k/$TAG/%Y")
+    await out.start()
+    await out.write(Batch("app.x", [rec(0, tag="app.x")]))
+    (data,) = out.open_dir.glob("*.data")
+    if out._uploader is not None:  # the crash: no orderly close
+        out._uploader.cancel()
+    await out.aws.close()
+    data.rename(out.sealed_dir / data.name)  # moved to sealed/, its key never written
+    again = sink(aws, tmp_path, s3_key_format="/k/$TAG/%Y")
+    await again.start()
+    await again.close()
+    assert list(objects(aws)) == ["k/app.x/2024"]  # tag and first-record time from the open/ description
+    assert not list(again.open_dir.glob("*")) and not list(again.sealed_dir.glob("*"))
