@@ -239,9 +239,7 @@ class MultilineTransform(Transform):
             container = self.containers.get(tag)
             return container.flush(float("inf"), tag, JoinStats()) if container else []
         pieces = self._pieces.pop(tag, [])
-        joiner = self.joiners.get(tag)
-        if joiner is not None:
-            joiner.end()
+        self.joiners.pop(tag, None)  # the message ended: nothing of the tag is left open
         return [self._join(pieces)] if pieces else []
 
     def _join(self, pieces: list[Record]) -> Record:
