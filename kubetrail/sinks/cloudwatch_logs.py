@@ -15,7 +15,9 @@ first write (``CreateLogStream``; "already exists" is fine); a missing group is 
 it is). ``log_format json/emf`` sends the ``x-amzn-logs-format`` header, and with
 ``metric_namespace`` each record gets an ``_aws`` Embedded Metric Format block naming its
 numeric top-level fields as metrics with ``metric_dimensions`` (``a,b;c`` -> ``[[a,b],[c]]``),
-which is what Fluent Bit does for its metric inputs. A message longer than an event may be
+which is what Fluent Bit does for its metric inputs; a metric record (the ``fluentbit_metrics``
+input's ``{"name", "type", "labels", "value"}``) becomes one EMF metric named after the sample,
+its labels the dimensions unless ``metric_dimensions`` says otherwise. A message longer than an event may be
 (256 KiB minus the 26 bytes of overhead) is truncated on a character boundary, as Fluent Bit
 does, and counted.
 
@@ -211,19 +213,33 @@ class CloudWatchLogsSink(Sink):
         return record.json_bytes().decode()
 
     def _with_emf(self, record: Record) -> dict[str, Any]:
-        body = dict(record.body)
-        metrics = [
-            {"Name": key}
-            for key, value in body.items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "_aws"
-        ]
-        body["_aws"] = {
+        body = record.body
+        value = body.get("value")
+        if (
+            isinstance(body.get("name"), str)
+            and isinstance(body.get("labels"), dict)
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        ):
+            # A metric record (the fluentbit_metrics input's shape): the sample becomes one EMF
+            # metric with its labels as dimensions, as Fluent Bit converts its metrics chunks.
+            labels = {str(k): str(v) for k, v in body["labels"].items()}
+            doc: dict[str, Any] = {**labels, body["name"]: value}
+            metrics = [{"Name": body["name"]}]
+            dimensions = self.metric_dimensions or [sorted(labels)]
+        else:
+            doc = dict(body)
+            metrics = [
+                {"Name": key}
+                for key, item in doc.items()
+                if isinstance(item, (int, float)) and not isinstance(item, bool) and key != "_aws"
+            ]
+            dimensions = self.metric_dimensions
+        doc["_aws"] = {
             "Timestamp": record.time_ns // 1_000_000,
-            "CloudWatchMetrics": [
-                {"Namespace": self.metric_namespace, "Dimensions": self.metric_dimensions, "Metrics": metrics}
-            ],
+            "CloudWatchMetrics": [{"Namespace": self.metric_namespace, "Dimensions": dimensions, "Metrics": metrics}],
         }
-        return body
+        return doc
 
     def _events(self, batch: Batch, progress: _Progress) -> tuple[dict[tuple[str, str], list[_Event]], dict[int, str]]:
         """The batch's unsettled records as events per stream, and the ones refused here."""

@@ -504,3 +504,32 @@ def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_
     assert "auto_create_group is off" in err  # the log says why it waited
     events = stored(aws, "late-group", "node-app")
     assert sorted(orjson.loads(e["message"])["n"] for e in events) == list(range(300))
+
+
+async def test_metric_records_become_emf_metrics(aws: MotoServer) -> None:
+    out = sink(aws, log_group_name="m", log_stream_name="s", auto_create_group="on", log_format="json/emf",
+               metric_namespace="kubetrail")  # fmt: skip
+    await out.start()
+    now = now_ms()
+    sample = {"name": "kubetrail_records_in_total", "type": "counter",
+              "labels": {"component": "tail.0", "plugin": "tail"}, "value": 1200.0}  # fmt: skip
+    try:
+        await out.write(Batch("metrics", [Record("metrics", now * 1_000_000, sample)]))
+    finally:
+        await out.close()
+    (event,) = stored(aws, "m", "s")
+    assert orjson.loads(event["message"]) == {
+        "component": "tail.0",
+        "plugin": "tail",
+        "kubetrail_records_in_total": 1200.0,
+        "_aws": {
+            "Timestamp": now,
+            "CloudWatchMetrics": [
+                {
+                    "Namespace": "kubetrail",
+                    "Dimensions": [["component", "plugin"]],
+                    "Metrics": [{"Name": "kubetrail_records_in_total"}],
+                }
+            ],
+        },
+    }
