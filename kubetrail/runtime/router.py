@@ -46,6 +46,10 @@ class RoutedTransform:
     metrics: ComponentMetrics
     component_id: str
     condition: Condition | None = None  # a processor's ``condition:``: only matching records
+    reemits: bool = field(init=False)  # the filter emits copies (checked once, not per batch)
+
+    def __post_init__(self) -> None:
+        self.reemits = isinstance(self.transform, Reemitting)
 
 
 @dataclass
@@ -171,8 +175,8 @@ class Router:
             try:
                 if routed.condition is not None:
                     out = await self._conditional(routed, out)
-                elif isinstance(transform, Reemitting):
-                    out, emitted = transform.process_emitting(out)
+                elif routed.reemits:
+                    out, emitted = transform.process_emitting(out)  # type: ignore[attr-defined]
                     copy_skip = skip | {id(transform)}
                     copies.extend((copy, routed, copy_skip) for copy in emitted)
                 else:
