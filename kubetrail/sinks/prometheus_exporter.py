@@ -5,9 +5,10 @@ Fluent Bit's plugin takes *metrics* chunks (from ``fluentbit_metrics``, ``node_e
 with ``add_label`` pairs added to every series. kubetrail's pipeline carries records, and its
 metric records are the ``fluentbit_metrics`` input's: one record per sample,
 ``{"name", "type", "labels", "value"}`` (``value`` a number, or ``"+Inf"``/``"-Inf"``/``"NaN"``).
-So this output keeps the last value per series (name + labels) and renders them grouped by
-metric family with ``# TYPE`` lines; routing ``fluentbit_metrics`` here serves kubetrail's own
-metrics, as the Fluent Bit pairing does.
+So this output keeps, per tag, the last batch of metric records (one scrape: a series that is
+gone from the next scrape is gone from the page, as in Fluent Bit, which replaces an input's
+metrics on each flush) and renders them grouped by metric family with ``# TYPE`` lines;
+routing ``fluentbit_metrics`` here serves kubetrail's own metrics, as the Fluent Bit pairing does.
 
 Delivery: a metric record is delivered once its value is stored (scrapers read it from then
 on). Log records are not metrics: Fluent Bit never routes them to a metrics output, so here they
@@ -87,8 +88,8 @@ class PrometheusExporterSink(Sink):
                 message = f"bad label {item!r}; expected 'name value' with a Prometheus label name"
                 raise ConfigError(message, key="add_label")
             self.extra[name] = value.strip()
-        # family -> (type, {(sample name, sorted labels): value}); families in first-seen order
-        self.families: dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        # tag -> the last batch of metrics from it: family -> (type, {(sample, sorted labels): value})
+        self.sets: dict[str, dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]] = {}
         self._runner: web.AppRunner | None = None
         self._skipped = ctx.metrics.counter(
             "kubetrail_prometheus_exporter_skipped", "Log records routed to prometheus_exporter (not metrics)"
@@ -116,8 +117,9 @@ class PrometheusExporterSink(Sink):
         if runner is not None:
             await runner.cleanup()
 
-    def _store(self, record: Record) -> str | None:
-        """Keep one metric record's value; returns why it cannot be one (None: stored or skipped)."""
+    def _store(self, record: Record, families: dict[str, Any]) -> str | None:
+        """Put one metric record's value in ``families``; returns why it cannot be one (None:
+        stored, or a log record skipped)."""
         body = record.body
         if "name" not in body or "value" not in body:
             self._skipped.inc()
@@ -140,27 +142,36 @@ class PrometheusExporterSink(Sink):
         else:
             return f"metric value must be a number, got {value!r}"
         if name.endswith("_created") and kind in ("counter", "histogram", "summary"):
-            kind = (
-                "gauge"  # a creation time is its own gauge family in the text format (as prometheus_client writes it)
-            )
+            kind = "gauge"  # a creation time is a gauge family of its own in the text format 0.0.4
         merged = {**{k: str(v) for k, v in labels.items()}, **self.extra}
         family = name if kind == "gauge" else family_name(name, kind)
-        _, series = self.families.setdefault(family, (kind, {}))
+        _, series = families.setdefault(family, (kind, {}))
         series[(name, tuple(sorted(merged.items())))] = number
         return None
 
     async def write(self, batch: Batch) -> None:
         rejected = []
+        families: dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
         for record in batch.records:
-            reason = self._store(record)
+            reason = self._store(record, families)
             if reason is not None:
                 rejected.append((record, f"not a valid metric record: {reason}"))
+        if families:
+            # A batch of metrics is one scrape of its source (fluentbit_metrics sends one per
+            # interval): it replaces what that tag sent before, so series that went away go.
+            self.sets[batch.tag] = families
         if rejected:
             raise PermanentError(f"{len(rejected)} of {len(batch)} metric records rejected: {rejected[0][1]}", rejected)
 
     def render(self) -> str:
+        merged: dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]] = {}
+        for families in self.sets.values():
+            for family, (kind, series) in families.items():
+                known = merged.setdefault(family, (kind, {}))
+                if known[0] == kind:  # the same name with another type elsewhere: the first one wins
+                    known[1].update(series)
         lines = []
-        for family, (kind, series) in self.families.items():
+        for family, (kind, series) in merged.items():
             lines.append(f"# TYPE {family} {_TEXT_TYPES.get(kind, kind)}")
             for (name, labels), value in series.items():
                 text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)

@@ -99,14 +99,15 @@ def test_kubetrails_own_metrics_served_through_fluentbit_metrics(tmp_path: Path)
     assert proc.returncode == 0
 
 
-async def test_latest_value_per_series_malformed_records_rejected_and_logs_skipped() -> None:
+async def test_latest_scrape_per_tag_malformed_records_rejected_and_logs_skipped() -> None:
     port = free_port()
     out = sink(host="127.0.0.1", port=port)
     await out.start()
     try:
         good = {"name": "queue_depth", "type": "gauge", "labels": {"q": 'a"b\\c\nd'}, "value": 3}
-        await out.write(Batch("m", [Record("m", 0, good), Record("m", 0, {"log": "not a metric"})]))
-        await out.write(Batch("m", [Record("m", 0, {**good, "value": 7.5})]))
+        gone = {"name": "old_series", "type": "gauge", "labels": {}, "value": 1}
+        await out.write(Batch("m", [Record("m", 0, good), Record("m", 0, gone), Record("m", 0, {"log": "not metric"})]))
+        await out.write(Batch("m", [Record("m", 0, {**good, "value": 7.5})]))  # the next scrape of tag m
         bad = [
             {"name": "1bad", "type": "gauge", "labels": {}, "value": 1},
             {"name": "ok", "type": "gauge", "labels": {"bad-label": "x"}, "value": 1},
@@ -115,7 +116,7 @@ async def test_latest_value_per_series_malformed_records_rejected_and_logs_skipp
         ]
         with pytest.raises(PermanentError) as info:
             await out.write(
-                Batch("m", [Record("m", 0, b) for b in bad] + [Record("m", 0, {"name": "inf", "value": "+Inf"})])
+                Batch("n", [Record("n", 0, b) for b in bad] + [Record("n", 0, {"name": "inf", "value": "+Inf"})])
             )
         assert len(info.value.rejected or []) == 4
         page = await asyncio.to_thread(fetch, port)
@@ -126,6 +127,7 @@ async def test_latest_value_per_series_malformed_records_rejected_and_logs_skipp
     assert sample.value == 7.5 and sample.labels == {"q": 'a"b\\c\nd'}  # escaped and read back
     assert families["inf"].samples[0].value == float("inf")
     assert "1bad" not in page
+    assert "old_series" not in families  # not in tag m's latest scrape: gone, as in Fluent Bit
 
 
 @pytest.mark.parametrize(("props", "key"), [({"port": "0"}, "port"), ({"add_label": "bad-name x"}, "add_label")])
