@@ -176,5 +176,10 @@ from kubetrail.cli.rules import rules as _rules  # noqa: E402 - `kubetrail rules
 
 main.add_command(_rules)
 
+from kubetrail.cli.history import COMMANDS as _history_commands  # noqa: E402 - history, who, search, ui
+
+for _command in _history_commands:
+    main.add_command(_command)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,212 @@
+"""``kubetrail history``, ``who``, ``search`` and ``ui``: the questions the audit log exists for.
+
+They read the embedded store (the ``sqlite`` output; ``--store``, default
+``.kubetrail/store.db`` or ``$KUBETRAIL_STORE``) or, with ``--from es://HOST:PORT/INDEX``
+(``es+https://`` for TLS, ``user:password@`` for basic auth), Elasticsearch or OpenSearch.
+Exit codes: 0 found, 1 nothing found or the store/index cannot be read (the message says why),
+2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+DEFAULT_STORE = ".kubetrail/store.db"
+
+
+def _backend(store: str | None, source: str | None) -> Any:
+    from kubetrail.history.model import HistoryError
+
+    if source and "://" in source and not source.startswith("sqlite://"):
+        from kubetrail.history.es import EsBackend
+
+        return EsBackend.from_url(source)
+    path = source.removeprefix("sqlite://") if source else (store or os.environ.get("KUBETRAIL_STORE") or DEFAULT_STORE)
+    from kubetrail.history.store import StoreBackend
+
+    try:
+        return StoreBackend(path)
+    except HistoryError:
+        raise
+
+
+def _source_options(func: Any) -> Any:
+    func = click.option("--json", "as_json", is_flag=True, help="One JSON object per entry (JSON lines)")(func)
+    func = click.option("--limit", default=10_000, show_default=True, help="At most this many records")(func)
+    func = click.option("--until", help="Up to this time: a duration back from now (30m) or a time (RFC 3339)")(func)
+    func = click.option("--since", help="From this time: a duration back from now (2h, 7d) or a time (RFC 3339)")(func)
+    func = click.option(
+        "--from",
+        "source",
+        help="Where to read: es://HOST:PORT/INDEX (Elasticsearch/OpenSearch; es+https:// for TLS) or a store file",
+    )(func)
+    func = click.option(
+        "--store",
+        type=click.Path(dir_okay=False),
+        help=f"The store file (default: $KUBETRAIL_STORE or {DEFAULT_STORE})",
+    )(func)
+    return func
+
+
+def _run(query: Any, as_json: bool) -> None:
+    import orjson
+
+    from kubetrail.history.model import HistoryError
+    from kubetrail.history.render import lines
+
+    try:
+        result = query()
+    except HistoryError as exc:
+        click.echo(f"kubetrail: {exc}", err=True)
+        sys.exit(1)
+    if as_json:
+        out = sys.stdout.buffer
+        for entry in result.entries:
+            out.write(orjson.dumps(entry, option=orjson.OPT_NON_STR_KEYS) + b"\n")
+        out.flush()
+    else:
+        click.echo(f"# {result.title}: {len(result.entries)} entries, oldest first")
+        for line in lines(result.entries):
+            click.echo(line)
+    if result.truncated:
+        click.echo("kubetrail: more records than --limit; narrow with --since/--until or raise --limit", err=True)
+
+
+def _times(since: str | None, until: str | None) -> tuple[int | None, int | None]:
+    from kubetrail.history.model import HistoryError, parse_time
+
+    try:
+        return parse_time(since), parse_time(until)
+    except HistoryError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+@click.command()
+@click.argument("target", metavar="KIND[/NAMESPACE]/NAME|UID")
+@click.option("--logs", is_flag=True, help="Also the container log lines of the object (a pod, or a workload's pods)")
+@_source_options
+def history(
+    target: str,
+    logs: bool,
+    store: str | None,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Who did what to an object, and what happened to it: audit records (with what changed) and
+    Events, oldest first. Example: kubetrail history deploy/shop/web"""
+    from kubetrail.history import queries
+
+    start, end = _times(since, until)
+
+    def query() -> Any:
+        backend = _backend(store, source)
+        try:
+            return queries.history(backend, target, since=start, until=end, logs=logs, limit=limit)
+        finally:
+            backend.close()
+
+    _run(query, as_json)
+
+
+@click.command()
+@click.argument("user")
+@click.option("--writes", is_flag=True, help="Only requests that change something (create, update, patch, delete)")
+@_source_options
+def who(
+    user: str,
+    writes: bool,
+    store: str | None,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """What a user or service account did (system:serviceaccount:NAMESPACE:NAME), oldest first."""
+    from kubetrail.history import queries
+
+    start, end = _times(since, until)
+
+    def query() -> Any:
+        backend = _backend(store, source)
+        try:
+            return queries.who(backend, user, since=start, until=end, writes_only=writes, limit=limit)
+        finally:
+            backend.close()
+
+    _run(query, as_json)
+
+
+@click.command()
+@click.option("--kind", type=click.Choice(["audit", "event", "log"]), help="Kind of record")
+@click.option("--user", help="Audit: the user name")
+@click.option("--verb", help="Audit: get, list, create, update, patch, delete, ...")
+@click.option("--resource", help="The object's kind (deploy, pods, secrets, ...)")
+@click.option("--namespace", "-n", help="The object's namespace")
+@click.option("--name", help="The object's name")
+@click.option("--code", type=int, help="Audit: the response code (403, 404, ...)")
+@click.option("--reason", help="Events: the reason (BackOff, ScalingReplicaSet, ...)")
+@click.option("--writes", is_flag=True, help="Only requests that change something")
+@_source_options
+def search(
+    kind: str | None,
+    user: str | None,
+    verb: str | None,
+    resource: str | None,
+    namespace: str | None,
+    name: str | None,
+    code: int | None,
+    reason: str | None,
+    writes: bool,
+    store: str | None,
+    source: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """Records matching every filter given, oldest first. Example: kubetrail search --code 403"""
+    from kubetrail.history import queries
+    from kubetrail.history.store import Filters
+
+    start, end = _times(since, until)
+    filters = Filters(kind, user, verb, resource, namespace, name, code, reason, writes)
+
+    def query() -> Any:
+        backend = _backend(store, source)
+        try:
+            return queries.search(backend, filters, since=start, until=end, limit=limit)
+        finally:
+            backend.close()
+
+    _run(query, as_json)
+
+
+@click.command()
+@click.option(
+    "--store", type=click.Path(dir_okay=False), help=f"The store file (default: $KUBETRAIL_STORE or {DEFAULT_STORE})"
+)
+@click.option("--from", "source", help="es://HOST:PORT/INDEX to read Elasticsearch/OpenSearch instead")
+@click.option("--listen", default="127.0.0.1", show_default=True, help="Address to serve on")
+@click.option("--port", default=2021, show_default=True, help="Port to serve on (0: any free port)")
+def ui(store: str | None, source: str | None, listen: str, port: int) -> None:
+    """Serve the web timeline: search an object or a user, expand records, follow new ones live."""
+    from kubetrail.history.model import HistoryError
+    from kubetrail.history.ui import serve
+
+    try:
+        backend = _backend(store, source)
+    except HistoryError as exc:
+        click.echo(f"kubetrail: {exc}", err=True)
+        sys.exit(1)
+    serve(backend, listen, port)
+
+
+COMMANDS = (history, who, search, ui)

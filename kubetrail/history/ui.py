@@ -1,0 +1,184 @@
+"""``kubetrail ui``: the web timeline, served by aiohttp from one static page.
+
+No build step and nothing from a CDN: the page (``ui/index.html``, plain HTML, CSS and
+JavaScript) ships in the package and talks to a small JSON API on the same server, so it works
+offline. The API returns exactly the entries ``kubetrail history --json`` prints:
+
+* ``GET /api/history?q=KIND/NS/NAME|UID[&logs=1&since=&until=]``
+* ``GET /api/who?user=USER[&writes=1...]``
+* ``GET /api/search?code=403&verb=...``
+* ``GET /api/follow?after=ID&q=...|user=...``: records added to the store since ``ID`` that
+  belong to the query (live follow; the page polls every 2 s). The store only: Elasticsearch
+  has no insertion order to follow, so there the answer says so.
+
+Backend calls are blocking (sqlite3, urllib): they run in a worker thread, one at a time (a
+lock), so the event loop keeps serving the page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from kubetrail.history import queries
+from kubetrail.history.model import HistoryError, ObjectRef, parse_time, summary, timeline
+from kubetrail.history.store import Filters, StoreBackend
+
+PAGE = Path(__file__).with_name("ui") / "index.html"
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def _with_summaries(result: queries.Result) -> dict[str, Any]:
+    entries = [{**entry, "summary": summary(entry)} for entry in result.entries]
+    return {"title": result.title, "entries": entries, "truncated": result.truncated}
+
+
+class TimelineApp:
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.lock = threading.Lock()
+
+    async def _call(self, func: Any) -> Any:
+        def locked() -> Any:
+            with self.lock:
+                return func()
+
+        return await asyncio.to_thread(locked)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/", self.page)
+        app.router.add_get("/api/history", self.history)
+        app.router.add_get("/api/who", self.who)
+        app.router.add_get("/api/search", self.search)
+        app.router.add_get("/api/follow", self.follow)
+        return app
+
+    async def page(self, request: web.Request) -> web.Response:
+        return web.Response(body=PAGE.read_bytes(), content_type="text/html", charset="utf-8")
+
+    @staticmethod
+    def _times(request: web.Request) -> tuple[int | None, int | None]:
+        return parse_time(request.query.get("since")), parse_time(request.query.get("until"))
+
+    async def _answer(self, request: web.Request, run: Any) -> web.Response:
+        try:
+            since, until = self._times(request)
+            result = await self._call(lambda: run(since, until))
+        except HistoryError as exc:
+            return _json({"error": str(exc)}, 404)
+        payload = _with_summaries(result)
+        if isinstance(self.backend, StoreBackend):
+            payload["last_id"] = await self._call(self.backend.last_id)
+        return _json(payload)
+
+    async def history(self, request: web.Request) -> web.Response:
+        target = request.query.get("q", "").strip()
+        if not target:
+            return _json({"error": "give an object: KIND/NAMESPACE/NAME, KIND/NAME or a uid"}, 400)
+        logs = request.query.get("logs") in ("1", "true", "on")
+        return await self._answer(
+            request, lambda s, u: queries.history(self.backend, target, since=s, until=u, logs=logs)
+        )
+
+    async def who(self, request: web.Request) -> web.Response:
+        user = request.query.get("user", "").strip()
+        if not user:
+            return _json({"error": "give a user name"}, 400)
+        writes = request.query.get("writes") in ("1", "true", "on")
+        return await self._answer(
+            request, lambda s, u: queries.who(self.backend, user, since=s, until=u, writes_only=writes)
+        )
+
+    async def search(self, request: web.Request) -> web.Response:
+        q = request.query
+        try:
+            code = int(q["code"]) if q.get("code") else None
+        except ValueError:
+            return _json({"error": f"code must be a number, got {q['code']!r}"}, 400)
+        filters = Filters(
+            q.get("kind") or None,
+            q.get("user") or None,
+            q.get("verb") or None,
+            q.get("resource") or None,
+            q.get("namespace") or None,
+            q.get("name") or None,
+            code,
+            q.get("reason") or None,
+            q.get("writes") in ("1", "true", "on"),
+        )
+        return await self._answer(request, lambda s, u: queries.search(self.backend, filters, since=s, until=u))
+
+    async def follow(self, request: web.Request) -> web.Response:
+        if not isinstance(self.backend, StoreBackend):
+            return _json({"entries": [], "last_id": None, "note": "live follow reads the embedded store only"})
+        try:
+            after = int(request.query.get("after", "0"))
+        except ValueError:
+            return _json({"error": "after must be a record id"}, 400)
+        target = request.query.get("q", "").strip()
+        user = request.query.get("user", "").strip()
+        backend = self.backend
+        ref: ObjectRef | None = None
+        if target:
+            try:
+                ref = await self._call(lambda: queries._ref(backend, target))
+            except HistoryError as exc:
+                return _json({"error": str(exc)}, 404)
+        logs = request.query.get("logs") in ("1", "true", "on")
+
+        def wanted(columns: dict[str, Any]) -> bool:
+            if user:
+                return bool(columns["user"] == user)
+            if ref is None:
+                return True
+            if columns["kind"] == "log":
+                name = columns["name"] or ""
+                return logs and (name == ref.name or name.startswith(ref.name + "-"))
+            same_ns = ref.namespace is None or columns["namespace"] == ref.namespace
+            return bool(columns["name"] == ref.name and columns["resource"] == ref.resource and same_ns)
+
+        rows = await self._call(lambda: backend.newer(after))
+        last = rows[-1][0].id if rows else after
+        records = [record for record, columns in rows if wanted(columns)]
+        entries = [{**entry, "summary": summary(entry)} for entry in timeline(records)]
+        return _json({"entries": entries, "last_id": last})
+
+
+async def start(backend: Any, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start serving; returns the runner (to clean up) and the port bound (``port`` 0: any)."""
+    runner = web.AppRunner(TimelineApp(backend).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port  # type: ignore[attr-defined]
+    return runner, int(bound)
+
+
+def serve(backend: Any, host: str, port: int) -> None:
+    """Serve until SIGINT/SIGTERM, printing the URL first."""
+
+    async def main() -> None:
+        import signal
+
+        runner, bound = await start(backend, host, port)
+        shown = f"[{host}]" if ":" in host else host
+        print(f"kubetrail ui: http://{shown}:{bound}/", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        backend.close()
+
+    asyncio.run(main())

@@ -1,0 +1,541 @@
+"""The ``sqlite`` output: the embedded store that ``kubetrail history``, ``who``, ``search`` and
+``kubetrail ui`` read.
+
+One local SQLite file keeps audit records, Kubernetes Events and (optionally) container log
+lines. Each record is one row: the fields people filter on as indexed columns (time, kind of
+record, user, verb, resource, namespace, name, uid, response code, reason) and the whole record,
+as the JSON bytes the pipeline delivered, beside them.
+
+Design decisions:
+
+* **SQLite, not DuckDB**, measured on this machine (bench/store_ingest.py; figures in
+  docs/benchmarks.md). DuckDB is a column store: it ingests bulk appends fast, but keeping a
+  UNIQUE identity (needed for idempotence) costs it an ART index insert per row, and, decisive
+  here, a DuckDB file open for writing in one process cannot be read by another process at the
+  same time, so ``kubetrail history`` could not run while the agent writes. SQLite in WAL mode
+  gives exactly "one writer, many readers" across processes, survives kill -9 (the WAL is
+  replayed on the next open), needs no dependency (stdlib ``sqlite3``), and its B-tree indexes
+  answer the point queries of ``history``/``who`` in milliseconds at 10M rows.
+* **Idempotent by identity.** ``ident`` holds the record's identity key
+  (:func:`~kubetrail.core.record.identity_key`: audit ``(auditID, stage)``, Events ``(uid,
+  resourceVersion)``, log lines ``(file uid, offset)``) as 16 bytes under a UNIQUE index and
+  rows go in with ``INSERT OR IGNORE``: a replay changes nothing. A record without identity gets
+  a digest of its tag, time and bytes, so a replayed batch of those is absorbed too.
+* **Acknowledged after commit.** Batches are written in a worker thread, several queued batches
+  in one transaction (a group commit, as the ``file`` output does), and ``write`` returns only
+  after ``COMMIT`` (``synchronous=FULL`` by default: the WAL is fsynced at each commit).
+* **One writer, many readers.** The writer holds an ``flock`` on the database file for its whole
+  life (Linux keeps ``flock`` and SQLite's POSIX locks apart): a second writer is refused with a
+  clear message instead of interleaving retention with ours. Readers open the file read-only.
+* **Full disk.** ``SQLITE_FULL`` (or any I/O error) rolls the transaction back and raises
+  :class:`RetryableError`: nothing of the batch is acknowledged, the runtime retries with
+  backoff, and the source holds its checkpoint, so nothing is lost.
+* **Retention** by age (``retention_time``, on the record's time) and by size
+  (``retention_size``, the pages in use): checked after a commit at most every
+  ``retention_interval``; the oldest rows go first, in bounded chunks so a writer never holds
+  the lock for long. Freed pages are reused by later inserts, so the file stops growing.
+* **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
+  newer schema is never touched: the output fails with a message naming the file and what is
+  wrong (retried like any start failure, so fixing the file resumes delivery).
+* **Speed.** The columns are picked out of a record's JSON with one msgspec decode into a small
+  struct (unknown members are skipped in C) instead of building the whole dict.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import hashlib
+import os
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from kubetrail.core.component import ComponentContext, Sink
+from kubetrail.core.errors import RetryableError
+from kubetrail.core.options import Option
+from kubetrail.core.record import Batch, Record, identity_key
+
+# 'ktr1': marks a kubetrail store, so a reader never mistakes another SQLite file for one.
+APPLICATION_ID = 0x6B747231
+SCHEMA_VERSION = 1
+RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    id INTEGER PRIMARY KEY,
+    ident BLOB NOT NULL,
+    time_ns INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    user TEXT,
+    verb TEXT,
+    resource TEXT,
+    namespace TEXT,
+    name TEXT,
+    uid TEXT,
+    code INTEGER,
+    reason TEXT,
+    tag TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident);
+CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
+CREATE INDEX IF NOT EXISTS records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
+CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;
+"""
+INSERT = (
+    "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
+    " tag, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+
+# Event involvedObject kinds -> the API resource the audit log names, for the kinds whose plural
+# is not simply lower case + "s"; anything else falls back to that rule (see resource_of_kind).
+_IRREGULAR = {
+    "endpoints": "endpoints",
+    "ingress": "ingresses",
+    "networkpolicy": "networkpolicies",
+    "podsecuritypolicy": "podsecuritypolicies",
+    "priorityclass": "priorityclasses",
+    "storageclass": "storageclasses",
+    "ingressclass": "ingressclasses",
+    "runtimeclass": "runtimeclasses",
+    "componentstatus": "componentstatuses",
+}
+
+
+def resource_of_kind(kind: str) -> str:
+    """``Deployment`` -> ``deployments``: Events name an object's kind, audit records its
+    resource; the store keeps the resource so both meet in one index."""
+    lower = kind.lower()
+    if lower in _IRREGULAR:
+        return _IRREGULAR[lower]
+    if lower.endswith(("s", "x", "ch", "sh")):
+        return lower + "es"
+    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "o", "u"):
+        return lower[:-1] + "ies"
+    return lower + "s"
+
+
+class StoreError(Exception):
+    """A store file that cannot be used as it is (corrupt, not ours, newer schema, in use)."""
+
+
+# -- picking the indexed columns out of a record ------------------------------------------------
+
+
+class _User(msgspec.Struct):
+    username: str | None = None
+
+
+class _Ref(msgspec.Struct):
+    resource: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    uid: str | None = None
+    subresource: str | None = None
+
+
+class _Status(msgspec.Struct):
+    code: int | None = None
+
+
+class _Involved(msgspec.Struct):
+    kind: str | None = None
+    namespace: str | None = None
+    name: str | None = None
+    uid: str | None = None
+
+
+class _Kube(msgspec.Struct):
+    pod_name: str | None = None
+    namespace_name: str | None = None
+    pod_id: str | None = None
+    container_name: str | None = None
+
+
+class _Meta(msgspec.Struct):
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+
+
+class _ResponseObject(msgspec.Struct):
+    metadata: _Meta | None = None
+
+
+class _Probe(msgspec.Struct):
+    """The members of an audit Event, a Kubernetes Event or a container log record that become
+    columns; everything else in the JSON is skipped by the decoder without being built."""
+
+    auditID: str | None = None
+    stage: str | None = None
+    verb: str | None = None
+    user: _User | None = None
+    objectRef: _Ref | None = None
+    responseStatus: _Status | None = None
+    responseObject: _ResponseObject | msgspec.Raw | None = None
+    kind: str | msgspec.Raw | None = None
+    involvedObject: _Involved | None = None
+    regarding: _Involved | None = None
+    reason: str | msgspec.Raw | None = None
+    reportingController: str | None = None
+    kubernetes: _Kube | None = None
+
+
+_DECODER = msgspec.json.Decoder(_Probe)
+Row = tuple[
+    bytes,
+    int,
+    str,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    str | None,
+    int | None,
+    str | None,
+    str,
+    bytes,
+]
+
+
+def _probe(record: Record, data: bytes) -> _Probe | None:
+    try:
+        return _DECODER.decode(data)
+    except msgspec.ValidationError:
+        # A member of an unexpected type (a log line whose "kubernetes" is a string): the
+        # record is still stored whole, without columns.
+        return None
+
+
+def row_of(record: Record) -> Row:
+    """The row for ``record``: identity, time, kind and the indexed columns, and its bytes."""
+    data = record.json_bytes()
+    key = identity_key(record)
+    ident = (
+        bytes.fromhex(key)
+        if key is not None
+        else hashlib.blake2b(
+            record.tag.encode() + b"\0" + str(record.time_ns).encode() + b"\0" + data, digest_size=16
+        ).digest()
+    )
+    p = _probe(record, data)
+    if p is not None:
+        if p.auditID is not None and p.stage is not None:
+            ref = p.objectRef or _Ref()
+            resource = ref.resource  # a subresource (scale, status, exec) stays in the body
+            uid = ref.uid
+            response = p.responseObject
+            if uid is None and isinstance(response, _ResponseObject) and response.metadata is not None:
+                meta = response.metadata
+                if meta.name == ref.name or ref.name is None:
+                    uid = meta.uid
+            user = p.user.username if p.user is not None else None
+            code = p.responseStatus.code if p.responseStatus is not None else None
+            return (
+                ident,
+                record.time_ns,
+                "audit",
+                user,
+                p.verb,
+                resource,
+                ref.namespace,
+                ref.name,
+                uid,
+                code,
+                None,
+                record.tag,
+                data,
+            )
+        involved = p.involvedObject or p.regarding
+        if involved is not None and (p.kind == "Event" or p.kind is None):
+            reason = p.reason if isinstance(p.reason, str) else None
+            resource = resource_of_kind(involved.kind) if involved.kind else None
+            return (
+                ident,
+                record.time_ns,
+                "event",
+                None,
+                None,
+                resource,
+                involved.namespace,
+                involved.name,
+                involved.uid,
+                None,
+                reason,
+                record.tag,
+                data,
+            )
+        kube = p.kubernetes
+        if kube is not None and kube.pod_name is not None:
+            return (
+                ident,
+                record.time_ns,
+                "log",
+                None,
+                None,
+                "pods",
+                kube.namespace_name,
+                kube.pod_name,
+                kube.pod_id,
+                None,
+                kube.container_name,
+                record.tag,
+                data,
+            )
+    return (ident, record.time_ns, "other", None, None, None, None, None, None, None, None, record.tag, data)
+
+
+# -- opening a store ----------------------------------------------------------------------------
+
+
+def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None:
+    """Refuse a file that is not a kubetrail store of a schema this version reads, and create
+    the schema in a new (empty) one when ``writable``. Nothing is changed in a refused file."""
+    try:
+        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is not a usable kubetrail store: {exc} (the file is corrupt or not SQLite)") from None
+    if application_id == 0 and version == 0 and tables == 0:
+        if not writable:
+            raise StoreError(f"{path} is an empty store: nothing was recorded into it yet")
+        try:
+            conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot create the store schema in {path}: {exc}") from None
+        return
+    if application_id != APPLICATION_ID:
+        raise StoreError(
+            f"{path} is an SQLite file but not a kubetrail store (application_id {application_id:#x}); "
+            "it was not changed"
+        )
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer kubetrail (store schema {version}; this version reads up to "
+            f"{SCHEMA_VERSION}); it was not changed: upgrade kubetrail to read it"
+        )
+    if version < 1:
+        raise StoreError(f"{path} has no store schema version; it was not changed")
+
+
+def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
+    try:
+        result = conn.execute("PRAGMA quick_check(1)").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreError(f"{path} is corrupt: {exc}; it was not changed (move it aside to start a new store)") from None
+    if result != "ok":
+        raise StoreError(f"{path} is corrupt ({result}); it was not changed (move it aside to start a new store)")
+
+
+def open_reader(path: str | Path) -> sqlite3.Connection:
+    """A read-only connection to an existing store (``kubetrail history`` and the UI)."""
+    path = Path(path)
+    if not path.exists():
+        raise StoreError(f"no store at {path} (write one with the sqlite output, e.g. `scripts/run`)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StoreError(f"cannot open store {path}: {exc}") from None
+    conn.execute("PRAGMA busy_timeout=5000")
+    check_store(conn, path, writable=False)
+    return conn
+
+
+class StoreWriter:
+    """The single writer of a store file: schema, pragmas, the writer lock, inserts, retention.
+    Synchronous; the sink calls it from a worker thread."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        sync: str = "full",
+        retention_time: float = 0.0,
+        retention_size: int = 0,
+        retention_interval: float = 60.0,
+    ) -> None:
+        self.path = Path(path)
+        self.sync = sync
+        self.retention_time = retention_time
+        self.retention_size = retention_size
+        self.retention_interval = retention_interval
+        self._next_retention = 0.0
+        self.deleted = 0
+        self._lock_fd: int | None = None
+        self.conn: sqlite3.Connection | None = None
+
+    def open(self) -> None:
+        existed = self.path.exists() and self.path.stat().st_size > 0
+        if not existed:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StoreError(
+                f"{self.path} is in use by another writer (one writer per store; readers are fine)"
+            ) from None
+        conn = None
+        try:
+            conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            if existed:
+                _quick_check(conn, self.path)
+            check_store(conn, self.path, writable=True)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
+            conn.execute("PRAGMA busy_timeout=10000")
+            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the identity index is written at random places
+        except (StoreError, sqlite3.Error) as exc:
+            if conn is not None:
+                conn.close()
+            os.close(fd)
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        self.conn = conn
+        self._lock_fd = fd
+
+    def write(self, rows: list[Row]) -> int:
+        """Insert ``rows`` in one transaction; returns how many were new (the rest were replays).
+        Raises ``sqlite3.Error`` with the transaction rolled back."""
+        conn = self.conn
+        assert conn is not None
+        before = conn.total_changes
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(INSERT, rows)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        added = conn.total_changes - before
+        if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
+            self._next_retention = time.monotonic() + self.retention_interval
+            self.apply_retention()
+        return added
+
+    def apply_retention(self, now_ns: int | None = None) -> int:
+        """Delete rows older than ``retention_time`` and the oldest rows while the pages in use
+        exceed ``retention_size``. Returns the number of rows deleted."""
+        conn = self.conn
+        assert conn is not None
+        deleted = 0
+        if self.retention_time:
+            cutoff = (now_ns if now_ns is not None else time.time_ns()) - int(self.retention_time * 1e9)
+            while True:
+                cursor = conn.execute(
+                    "DELETE FROM records WHERE id IN"
+                    " (SELECT id FROM records WHERE time_ns < ? ORDER BY time_ns LIMIT ?)",
+                    (cutoff, RETENTION_CHUNK),
+                )
+                deleted += cursor.rowcount
+                if cursor.rowcount < RETENTION_CHUNK:
+                    break
+        if self.retention_size:
+            while True:
+                used = self.used_bytes()
+                if used <= self.retention_size:
+                    break
+                rows = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+                if rows == 0:
+                    break
+                # Remove the excess share of rows (a little more, so the loop ends in few rounds).
+                share = (used - self.retention_size) / used
+                count = min(RETENTION_CHUNK, max(1, int(rows * share * 1.1) + 1))
+                cursor = conn.execute(
+                    "DELETE FROM records WHERE id IN (SELECT id FROM records ORDER BY time_ns LIMIT ?)", (count,)
+                )
+                deleted += cursor.rowcount
+        self.deleted += deleted
+        return deleted
+
+    def used_bytes(self) -> int:
+        """Bytes of the pages holding data (the file's size less its free pages)."""
+        conn = self.conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return int((pages - free) * size)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass  # a full disk at shutdown: the data is committed already
+            self.conn.close()
+            self.conn = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+
+class SqliteSink(Sink):
+    plugin_name = "sqlite"
+    description = "Keeps audit records, Events and log lines in a local SQLite store for kubetrail history / ui"
+    options = (
+        Option("path", required=True, help="The store file (created with its directory if missing)"),
+        Option(
+            "sync",
+            "choice",
+            "full",
+            choices=("full", "normal"),
+            help="full: the WAL is fsynced at every commit (safe against power loss); normal: safe against kill -9",
+        ),
+        Option("retention_time", "duration", 0.0, help="Delete records older than this (0: keep)"),
+        Option("retention_size", "size", 0, help="Delete the oldest records while the store holds more (0: no limit)"),
+        Option("retention_interval", "duration", 60.0, help="How often retention is checked"),
+    )
+
+    def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
+        super().__init__(ctx, config)
+        self.writer = StoreWriter(
+            config["path"],
+            sync=config["sync"],
+            retention_time=config["retention_time"],
+            retention_size=config["retention_size"],
+            retention_interval=config["retention_interval"],
+        )
+        self.m_new = self.metrics.counter("kubetrail_store_records_added", "Records added to the store")
+        self.m_replayed = self.metrics.counter(
+            "kubetrail_store_records_replayed", "Records the store already held (replays)"
+        )
+
+    async def start(self) -> None:
+        if self.writer.conn is None:
+            try:
+                await asyncio.to_thread(self.writer.open)
+            except StoreError as exc:
+                raise RetryableError(str(exc)) from None
+
+    async def write(self, batch: Batch) -> None:
+        await self.write_group([batch])
+
+    def group_key(self, batch: Batch) -> object | None:
+        return "store"  # every batch goes to the one file: queued batches share a commit
+
+    async def write_group(self, batches: list[Batch]) -> None:
+        rows = [row_of(record) for batch in batches for record in batch.records]
+        try:
+            added = await asyncio.to_thread(self.writer.write, rows)
+        except sqlite3.Error as exc:
+            # SQLITE_FULL, an I/O error, a lock held too long: rolled back, nothing acknowledged.
+            raise RetryableError(f"cannot write store {self.writer.path}: {exc}") from None
+        self.m_new.inc(added)
+        self.m_replayed.inc(len(rows) - added)
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.writer.close)
