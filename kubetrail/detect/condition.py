@@ -292,8 +292,9 @@ def compile_check(node: Node, lists: dict[str, list[str]]) -> tuple[Predicate, F
         raise ConditionError(str(exc), node.loc) from None
     op = node.op
     if ref.spec.is_list and op not in LIST_FIELD_OPS:
+        written = "=" if op == "==" else op
         raise ConditionError(
-            f"'{op}' is not supported on list field '{name}' (use in, intersects, pmatch or exists)", node.loc
+            f"'{written}' is not supported on list field '{name}' (use in, intersects, pmatch or exists)", node.loc
         )
     value_of = Event.value
     if op == "exists":

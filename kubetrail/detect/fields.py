@@ -113,7 +113,11 @@ class Event:
         return value
 
     def is_audit_event(self) -> bool:
-        return self.light is not None and self.light.auditID is not None
+        """Whether it has an ``auditID`` (the k8saudit plugin extracts nothing otherwise)."""
+        if self.light is not None:
+            return self.light.auditID is not None
+        doc = self.doc()  # members of unexpected types: the light decode refused it
+        return isinstance(doc, dict) and doc.get("auditID") is not None
 
     def timestamp_ns(self) -> int:
         """The event's time: its record's, else ``stageTimestamp``, else 0."""

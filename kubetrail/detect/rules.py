@@ -178,7 +178,7 @@ class RuleSet:
 
     def load_text(self, text: str, name: str) -> None:
         self.files.append(name)
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             try:
                 root = loader.get_single_node()
@@ -361,6 +361,19 @@ class RuleSet:
             elif key == "skip-if-unknown-filter":
                 rule.skip_if_unknown = _bool(value, key, origin, label)
             # warn_evttypes, capture, capture_duration: syscall-only notions, accepted
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML reads a plain ``=`` as YAML 1.1's "value" tag and has no constructor for it;
+    Falco's exceptions write ``comps: [=, =]``, which YAML 1.2 parsers (Falco's) take as text."""
+
+
+def _plain_equals(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    assert isinstance(node, yaml.ScalarNode)
+    return loader.construct_scalar(node)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:value", _plain_equals)
 
 
 def _value_line(node: yaml.Node) -> int:
