@@ -75,6 +75,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
     {
         "stdout": "kubetrail.sinks.stdout:StdoutSink",
         "file": "kubetrail.sinks.file:FileSink",
+        "sqlite": "kubetrail.sinks.sqlite:SqliteSink",
         "http": "kubetrail.sinks.http:HttpOutputSink",
         "es": "kubetrail.sinks.es:EsSink",
         "elasticsearch": "kubetrail.sinks.es:ElasticsearchSink",

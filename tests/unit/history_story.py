@@ -131,7 +131,7 @@ def event(offset_s: float, uid: str, rv: str, kind: str, name: str, reason: str,
     return Record("kube.events", T0 + int(offset_s * 1e9), body, identity=(uid, rv))
 
 
-def log(offset_s: float, pod: str, message: str, offset: int) -> Record:
+def log(offset_s: float, pod: str, message: str, offset: int, file_uid: str = "file-uid-1") -> Record:
     body = {
         "time": _ts(offset_s),
         "stream": "stdout",
@@ -139,7 +139,7 @@ def log(offset_s: float, pod: str, message: str, offset: int) -> Record:
         "log": message,
         "kubernetes": {"pod_name": pod, "namespace_name": "shop", "pod_id": UID_POD, "container_name": "app"},
     }
-    return Record("kube.var.log.containers.app", T0 + int(offset_s * 1e9), body, identity=("file-uid-1", offset))
+    return Record("kube.var.log.containers.app", T0 + int(offset_s * 1e9), body, identity=(file_uid, offset))
 
 
 def story() -> list[Record]:
@@ -178,5 +178,5 @@ def story() -> list[Record]:
         audit(50, "a-forbid", "delete", "mallory", "deployments", "web", code=403, decision="forbid"),
         event(51, "e1000000-0000-4000-8000-000000000003", "502", "Deployment", "web", "ScalingReplicaSet",
               "Scaled down replica set web-6d4b8 from 3 to 2", type="Normal", count=2),
-        log(52, "other-7f9c-abcde", "not about web", 0),
+        log(52, "other-7f9c-abcde", "not about web", 0, "file-uid-2"),
     ]  # fmt: skip

@@ -1,0 +1,311 @@
+"""The ``sqlite`` output (the embedded store): columns, idempotence, ack after commit, kill -9,
+retention, a real full disk (a small tmpfs, as root), bad files left untouched, one writer."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kubetrail.core.errors import RetryableError
+from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.sqlite import SCHEMA_VERSION, SqliteSink, StoreError, StoreWriter, open_reader, row_of
+from tests.unit.helpers import build
+from tests.unit.history_story import T0, UID_WEB, story
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def sink(path: Path, **props: object) -> SqliteSink:
+    return build(SqliteSink, path=str(path), **props)  # type: ignore[no-any-return]
+
+
+async def write(s: SqliteSink, *batches: list[Record]) -> None:
+    await s.start()
+    for records in batches:
+        await s.write(Batch("t", records))
+
+
+def rows(path: Path) -> list[tuple[object, ...]]:
+    conn = open_reader(path)
+    try:
+        return conn.execute(
+            "SELECT kind, user, verb, resource, namespace, name, uid, code, reason, body FROM records ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_columns_and_the_whole_record(tmp_path: Path) -> None:
+    s = sink(tmp_path / "s.db")
+    await write(s, story())
+    await s.close()
+    got = rows(tmp_path / "s.db")
+    assert len(got) == len(story())
+    columns = [r[:9] for r in got]
+    assert columns[1] == ("audit", "alice", "create", "deployments", "shop", "web", UID_WEB, 201, None)
+    assert columns[2][:7] == ("event", None, None, "deployments", "shop", "web", None)
+    assert columns[2][8] == "ScalingReplicaSet"
+    assert columns[3] == ("log", None, None, "pods", "shop", "web-6d4b8-x7k2p", story()[3].body["kubernetes"]["pod_id"],
+                          None, "app")  # fmt: skip
+    assert columns[11][:8] == ("audit", "mallory", "delete", "deployments", "shop", "web", None, 403)
+    # The whole record beside its columns, byte for byte what the pipeline delivered.
+    assert [r[9] for r in got] == [r.json_bytes() for r in story()]
+
+
+async def test_a_replay_changes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    s = sink(path)
+    await write(s, story())
+    before = rows(path)
+    await write(s, story(), story()[3:7])  # the same occurrences again, whole and in part
+    assert rows(path) == before
+    await s.close()
+    s2 = sink(path)  # and after a restart
+    await write(s2, story())
+    await s2.close()
+    assert rows(path) == before
+
+
+def test_a_record_without_identity_is_keyed_by_its_content() -> None:
+    a = Record("t", T0, {"msg": "x"})
+    assert row_of(a)[0] == row_of(Record("t", T0, {"msg": "x"}))[0]
+    assert row_of(a)[0] != row_of(Record("t", T0 + 1, {"msg": "x"}))[0]
+    assert row_of(a)[2] == "other"
+
+
+async def test_acknowledged_means_committed_and_visible_to_a_reader(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    s = sink(path)
+    await write(s, story()[:2])
+    reader = open_reader(path)  # a reader open while the writer goes on (WAL)
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 2
+    await s.write(Batch("t", story()[2:]))
+    # write() returned: the commit is done, a new read transaction sees every row.
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == len(story())
+    assert reader.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    reader.close()
+    await s.close()
+
+
+_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from kubetrail.core.record import Batch, Record
+    from kubetrail.sinks.sqlite import SqliteSink
+    from tests.unit.helpers import build
+
+    async def main():
+        s = build(SqliteSink, path={path!r})
+        await s.start()
+        n = 0
+        while True:
+            records = [Record("t", n * 1000 + i, {{"n": n, "i": i, "pad": "x" * 300}}, identity=("w", n, i))
+                       for i in range(500)]
+            await s.write(Batch("t", records))
+            print(n, flush=True)  # acknowledged
+            n += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+def test_kill_9_keeps_every_acknowledged_batch(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acked = -1
+    for line in proc.stdout:
+        acked = int(line)
+        if acked >= 15:
+            break
+    os.kill(proc.pid, signal.SIGKILL)  # mid-stream: the next batch may be half written
+    proc.wait()
+    writer = StoreWriter(path)
+    writer.open()  # replays the WAL; the integrity check passes
+    writer.close()
+    conn = open_reader(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    batches = conn.execute("SELECT json_extract(body, '$.n'), count(*) FROM records GROUP BY 1").fetchall()
+    conn.close()
+    counts = dict(batches)
+    assert all(counts.get(n) == 500 for n in range(acked + 1)), "an acknowledged batch is missing"
+    assert all(count == 500 for count in counts.values()), "a batch was stored in part"
+
+
+async def test_retention_by_age(tmp_path: Path) -> None:
+    writer = StoreWriter(tmp_path / "s.db", retention_time=3600)
+    writer.open()
+    now = time.time_ns()
+    old = [Record("t", now - 7200 * 10**9 + i, {"i": i}) for i in range(100)]
+    new = [Record("t", now - 60 * 10**9 + i, {"i": i}) for i in range(50)]
+    writer.write([row_of(r) for r in old + new])  # the check after this commit removes the old ones
+    assert writer.deleted == 100
+    assert writer.apply_retention(now_ns=now + 3600 * 10**9) == 50  # an hour later, the rest
+    assert writer.conn is not None
+    assert writer.conn.execute("SELECT count(*) FROM records").fetchone()[0] == 0
+    writer.close()
+
+
+async def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
+    limit = 2 * 1024 * 1024
+    s = sink(tmp_path / "s.db", retention_size="2M", retention_interval=0)
+    await s.start()
+    for n in range(30):  # ~6 MB in all
+        await s.write(Batch("t", [Record("t", n * 1000 + i, {"n": n, "pad": "y" * 800}) for i in range(250)]))
+    used = s.writer.used_bytes()
+    await s.close()
+    assert used <= limit
+    conn = open_reader(tmp_path / "s.db")
+    kept = [n for (n,) in conn.execute("SELECT DISTINCT json_extract(body, '$.n') FROM records ORDER BY 1")]
+    conn.close()
+    assert kept[-1] == 29 and kept[0] > 0  # the oldest went first, the newest stayed
+    assert (tmp_path / "s.db").stat().st_size < 3 * limit  # freed pages are reused: the file stops growing
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> object:
+    """A real 400 KiB filesystem (tmpfs), so SQLite meets a real ENOSPC/SQLITE_FULL."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+async def test_a_full_disk_stops_acknowledging_and_loses_nothing(tiny_disk: Path) -> None:
+    path = tiny_disk / "s.db"
+    s = sink(path)
+    await s.start()
+    acked: list[int] = []
+    failed_at = None
+    for n in range(100):
+        records = [Record("t", n * 1000 + i, {"n": n, "pad": "z" * 200}, identity=("d", n, i)) for i in range(100)]
+        try:
+            await s.write(Batch("t", records))
+            acked.append(n)
+        except RetryableError as exc:
+            assert "full" in str(exc)
+            failed_at = n
+            break
+    assert failed_at is not None, "the disk never filled"
+    # Room again (the operator grows the volume): the same batch is retried and goes in once.
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
+    retry = [Record("t", failed_at * 1000 + i, {"n": failed_at, "pad": "z" * 200}, identity=("d", failed_at, i))
+             for i in range(100)]  # fmt: skip
+    await s.write(Batch("t", retry))
+    await s.close()
+    conn = open_reader(path)
+    counts = dict(conn.execute("SELECT json_extract(body, '$.n'), count(*) FROM records GROUP BY 1").fetchall())
+    conn.close()
+    assert counts == {n: 100 for n in [*acked, failed_at]}
+
+
+async def test_bad_files_are_refused_and_left_unchanged(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.db"
+    corrupt.write_bytes(b"SQLite format 3\x00" + os.urandom(8192))
+    foreign = tmp_path / "foreign.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE t (x)")
+    conn.commit()
+    conn.close()
+    newer = tmp_path / "newer.db"
+    good = sink(newer)
+    await write(good, story()[:2])
+    await good.close()
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+    conn.commit()
+    conn.close()
+    expected = {
+        corrupt: "corrupt",
+        foreign: "not a kubetrail store",
+        newer: f"newer kubetrail (store schema {SCHEMA_VERSION + 1}",
+    }
+    for path, message in expected.items():
+        before = sha(path)
+        s = sink(path)
+        with pytest.raises(RetryableError, match=re.escape(message)):
+            await s.start()
+        with pytest.raises(StoreError):
+            open_reader(path)
+        assert sha(path) == before, f"{path.name} was changed"
+
+
+async def test_one_writer_many_readers(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    first = sink(path)
+    await write(first, story()[:3])
+    second = sink(path)
+    with pytest.raises(RetryableError, match="in use by another writer"):
+        await second.start()
+    readers = [open_reader(path) for _ in range(3)]
+    assert [r.execute("SELECT count(*) FROM records").fetchone()[0] for r in readers] == [3, 3, 3]
+    for r in readers:
+        r.close()
+    await first.close()
+    await second.start()  # the lock went with the first writer
+    await second.close()
+
+
+def test_the_store_is_written_by_a_real_pipeline(tmp_path: Path) -> None:
+    """tail of an audit log + the kubernetes_audit filter -> sqlite, run as `kubetrail run`; run
+    twice from scratch offsets: the second run's replay adds nothing."""
+    from tests.unit.run_helpers import run_config
+
+    audit_lines = [r.json_bytes().decode() for r in story() if r.tag == "kube.audit"]
+    (tmp_path / "audit.log").write_text("\n".join(audit_lines) + "\n")
+    config = tmp_path / "p.conf"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [SERVICE]
+                log_level warn
+            [INPUT]
+                name           tail
+                path           {tmp_path}/audit.log
+                parser         k8s_audit
+                read_from_head on
+                exit_on_eof    on
+                tag            kube.audit
+            [FILTER]
+                name  kubernetes_audit
+                match kube.audit
+            [OUTPUT]
+                name  sqlite
+                match *
+                path  {tmp_path}/store/s.db
+            """
+        )
+    )
+    for _ in range(2):
+        done = run_config(config)
+        assert done.returncode == 0, done.stderr
+    got = rows(tmp_path / "store" / "s.db")
+    # 10 audit lines, RequestReceived and ResponseComplete of one request are two occurrences.
+    assert len(got) == len(audit_lines)
+    assert {r[0] for r in got} == {"audit"}
+    assert sorted({r[1] for r in got}) == ["alice", "bob", "carol", "mallory", "system:serviceaccount:ci:default"]
