@@ -12,6 +12,7 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -488,20 +489,27 @@ def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_
         stderr=subprocess.PIPE,
         text=True,
     )
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)
+    reader.start()
     try:
-        time.sleep(3)  # retrying against the missing group
-        assert proc.poll() is None
-        assert tail_offset(tmp_path / "tail.db") == 0
+        deadline = time.monotonic() + 60
+        while not any("auto_create_group is off" in line for line in err) and time.monotonic() < deadline:
+            assert proc.poll() is None, "".join(err)[-2000:]
+            time.sleep(0.1)
+        assert any("auto_create_group is off" in line for line in err), "".join(err)[-2000:]  # says why it waits
+        time.sleep(1)  # a few more retries
+        assert tail_offset(tmp_path / "tail.db") == 0  # nothing acknowledged while CloudWatch refuses
         logs(aws).create_log_group(logGroupName="late-group")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 90
         while tail_offset(tmp_path / "tail.db") < log.stat().st_size and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert tail_offset(tmp_path / "tail.db") == log.stat().st_size
+        assert tail_offset(tmp_path / "tail.db") == log.stat().st_size, "".join(err)[-2000:]
     finally:
         proc.terminate()
-        _, err = proc.communicate(timeout=30)
-    assert proc.returncode == 0, err[-2000:]
-    assert "auto_create_group is off" in err  # the log says why it waited
+        proc.wait(timeout=60)
+        reader.join(timeout=10)
+    assert proc.returncode == 0, "".join(err)[-2000:]
     events = stored(aws, "late-group", "node-app")
     assert sorted(orjson.loads(e["message"])["n"] for e in events) == list(range(300))
 

@@ -204,7 +204,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
     def config(exit_on_eof: bool) -> Path:
         return write(tmp_path / f"p-{exit_on_eof}.conf", f"""
 [SERVICE]
-    grace 10
+    grace 60
 [INPUT]
     name tail
     path {log}
@@ -228,7 +228,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
 
     proc = run_kubetrail(config(exit_on_eof=False))
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 120
         offset = 0
         while time.monotonic() < deadline:  # the tail checkpoints only acknowledged batches
             try:
@@ -246,7 +246,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
     assert s3(aws).list_objects_v2(Bucket="logs").get("KeyCount", 0) == 0  # nothing uploaded before the kill
     # Restart: nothing new to read; the buffer left by the killed process is uploaded.
     restarted = run_kubetrail(config(exit_on_eof=True))
-    _, err = restarted.communicate(timeout=90)
+    _, err = restarted.communicate(timeout=180)
     assert restarted.returncode == 0, err[-3000:]
     found = objects(aws)
     lines = [orjson.loads(line)["n"] for body in found.values() for line in body["body"].splitlines()]
