@@ -294,3 +294,30 @@ capabilities:
 {{ toYaml . }}
 {{- end }}
 {{- end -}}
+
+{{/* The audit webhook's Secrets as files (never environment variables: kubetrail reloads them
+     when they rotate). Used by its Deployment, the config check hook and its helm test pod. */}}
+{{- define "kubetrail.webhookSecretMounts" -}}
+{{- $w := .Values.audit.webhook -}}
+- {name: tls, mountPath: /etc/kubetrail/tls, readOnly: true}
+{{- if $w.clientCASecret }}
+- {name: client-ca, mountPath: /etc/kubetrail/client-ca, readOnly: true}
+{{- end }}
+{{- if $w.tokenSecret }}
+- {name: token, mountPath: /etc/kubetrail/token, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrail.webhookSecretVolumes" -}}
+{{- $w := .Values.audit.webhook -}}
+- name: tls
+  secret: {secretName: {{ $w.tlsSecret }}, defaultMode: 0440}
+{{- if $w.clientCASecret }}
+- name: client-ca
+  secret: {secretName: {{ $w.clientCASecret }}, items: [{key: ca.crt, path: ca.crt}]}
+{{- end }}
+{{- if $w.tokenSecret }}
+- name: token
+  secret: {secretName: {{ $w.tokenSecret }}, items: [{key: token, path: token}], defaultMode: 0440}
+{{- end }}
+{{- end -}}
