@@ -28,6 +28,10 @@ class Option:
     choices: tuple[str, ...] = ()
     multiple: bool = False  # the key may repeat; the value is a list of parsed items
     required: bool = False
+    # A family of keys, Fluent Bit's ``rdkafka.<property>``: the name ends with ``.*`` and every
+    # key starting with what comes before the ``*`` belongs to it; the value is a dict of
+    # ``suffix -> text`` (passed through to a library, which validates them itself).
+    prefix: bool = False
 
     def describe_allowed(self) -> str:
         if self.kind == "choice":
@@ -80,6 +84,8 @@ def shown_value(name: str, value: Any) -> Any:
     ``Authorization`` header) are redacted; files holding them (``*_file``) are shown."""
     if (name.endswith(_SECRET_SUFFIXES) or "password" in name) and isinstance(value, str | list) and value:
         return REDACTED
+    if isinstance(value, dict) and name.endswith(".*"):  # a prefix family (rdkafka.sasl.password)
+        return {key: shown_value(key, item) for key, item in value.items()}
     if name == "header" and isinstance(value, list):
         return [REDACTED if isinstance(v, str) and _SECRET_HEADERS.match(v) else v for v in value]
     return value
@@ -137,6 +143,10 @@ def resolve_options(
             continue
         opt = declared.get(prop.name)
         if opt is None:
+            family = next((o for o in declared.values() if o.prefix and prop.name.startswith(o.name[:-1])), None)
+            if family is not None and len(prop.name) > len(family.name) - 1:
+                values.setdefault(family.name, {})[prop.name[len(family.name) - 1 :]] = prop.value
+                continue
             allowed = ", ".join(sorted(declared))
             raise ConfigError(f"unknown property for {label}; allowed: {allowed}", prop.location, prop.name)
         try:
@@ -156,7 +166,7 @@ def resolve_options(
             continue
         if opt.required:
             raise ConfigError(f"required property missing in {label}", section.location, opt.name)
-        values[opt.name] = [] if opt.multiple else opt.default
+        values[opt.name] = [] if opt.multiple else {} if opt.prefix else opt.default
     return values
 
 

@@ -52,6 +52,7 @@ SOURCES: LazyPlugins[Source] = LazyPlugins(
         "fluentbit_metrics": "kubetrail.sources.fluentbit_metrics:FluentbitMetricsSource",
         "forward": "kubetrail.sources.forward:ForwardSource",
         "syslog": "kubetrail.sources.syslog:SyslogSource",
+        "kafka": "kubetrail.sources.kafka:KafkaSource",
     }
 )
 TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
@@ -92,6 +93,7 @@ SINKS: LazyPlugins[Sink] = LazyPlugins(
         "s3": "kubetrail.sinks.s3:S3Sink",
         "gelf": "kubetrail.sinks.gelf:GelfSink",
         "prometheus_exporter": "kubetrail.sinks.prometheus_exporter:PrometheusExporterSink",
+        "kafka": "kubetrail.sinks.kafka:KafkaSink",
     }
 )
 

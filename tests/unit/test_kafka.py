@@ -1,0 +1,515 @@
+"""The ``kafka`` output and input against a real Kafka 4.1 cluster (3 KRaft brokers, started once
+for this module by ``tests/servers/kafka.py``), kubetrail running as a real process.
+
+What is read back is read with confluent-kafka's own consumer, independently of kubetrail's
+input; the fault tests count by identity (the ``kubetrail-identity`` header, or what the
+search server stored under the identity as ``_id``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import orjson
+import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from tests.servers import ServerUnavailable, kafka
+from tests.unit.helpers import write
+from tests.unit.run_helpers import run_config
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaCluster]:
+    try:
+        server = kafka.KafkaCluster(tmp_path_factory.mktemp("kafka"), brokers=3)
+        server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"Kafka: {exc} (python -m tests.servers build)")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def new_topic(cluster: kafka.KafkaCluster, partitions: int = 1, **config: str) -> str:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    cluster.create_topic(name, partitions, config)
+    return name
+
+
+def read_topic(cluster: kafka.KafkaCluster, topic: str, expected: int, timeout: float = 60) -> list[Any]:
+    """Every message of ``topic`` (waits until ``expected`` are there, then a moment more)."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": cluster.bootstrap,
+            "group.id": f"reader-{uuid.uuid4().hex[:8]}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    out: list[Any] = []
+    deadline = time.monotonic() + timeout
+    quiet_until = None
+    try:
+        while time.monotonic() < deadline:
+            got = consumer.consume(1000, 0.5)
+            out.extend(m for m in got if m.error() is None)
+            if len(out) >= expected:
+                quiet_until = quiet_until or time.monotonic() + 1.5  # any extra (a duplicate) shows too
+                if time.monotonic() > quiet_until:
+                    break
+    finally:
+        consumer.close()
+    return out
+
+
+def lines_file(path: Path, count: int, pods: int = 10) -> Path:
+    return write(
+        path,
+        "".join(
+            orjson.dumps(
+                {"n": i, "pod": f"web-{i % pods}", "route": "b" if i % 3 == 0 else "a", "msg": f"line {i}"}
+            ).decode()
+            + "\n"
+            for i in range(count)
+        ),
+    )
+
+
+def tail_to_kafka(tmp_path: Path, log: Path, output: str, service: str = "", input_extra: str = "") -> Path:
+    return write(
+        tmp_path / "out.conf",
+        f"""
+[SERVICE]
+    grace 5
+    log_level info
+{service}
+[INPUT]
+    name tail
+    path {log}
+    tag app
+    parser json
+    read_from_head on
+    exit_on_eof on
+    db {tmp_path / "tail.db"}
+{input_extra}
+[OUTPUT]
+    name kafka
+    match *
+{output}
+""",
+    )
+
+
+def identities(messages: list[Any]) -> list[tuple[Any, ...]]:
+    out = []
+    for message in messages:
+        headers = dict(message.headers() or [])
+        out.append(tuple(orjson.loads(headers["kubetrail-identity"])))
+    return out
+
+
+# -- output ---------------------------------------------------------------------------------
+
+
+def test_output_json_topics_keys_headers_and_time(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    first, second = new_topic(cluster), new_topic(cluster)
+    log = lines_file(tmp_path / "in.log", 300)
+    config = tail_to_kafka(
+        tmp_path,
+        log,
+        f"""    brokers {cluster.bootstrap}
+    topics {first},{second}
+    topic_key route_topic
+    message_key_field pod
+    timestamp_key ts
+    timestamp_format iso8601_ns
+""",
+        input_extra=f"""
+[FILTER]
+    name modify
+    match *
+    condition key_value_equals route b
+    add route_topic {second}
+""",
+    )
+    proc = run_config(config)
+    assert proc.returncode == 0, proc.stderr
+    a = read_topic(cluster, first, 200)
+    b = read_topic(cluster, second, 100)
+    assert len(a) == 200 and len(b) == 100
+    for message in a + b:
+        body = orjson.loads(message.value())
+        assert message.key().decode() == body["pod"]
+        assert body["ts"].endswith("Z") and len(body["ts"]) == len("2026-01-01T00:00:00.123456789Z")
+        assert (body["route"] == "b") == (message.topic() == second)
+        headers = dict(message.headers())
+        # the record time in ns, and the tail identity (file uid, offset of the line)
+        assert abs(int(headers["kubetrail-time"]) - message.timestamp()[1] * 1_000_000) < 1_000_000
+    ids = identities(a + b)
+    assert len(set(ids)) == 300 and all(len(i) == 2 for i in ids)
+
+
+def test_output_msgpack_raw_message_key_and_dynamic_topic(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    default, dynamic = new_topic(cluster), new_topic(cluster)
+    log = write(
+        tmp_path / "in.log",
+        "".join(orjson.dumps({"n": i, "dest": dynamic, "msg": f"m{i}"}).decode() + "\n" for i in range(20)),
+    )
+    proc = run_config(
+        tail_to_kafka(
+            tmp_path,
+            log,
+            f"""    brokers {cluster.bootstrap}
+    topics {default}
+    topic_key dest
+    dynamic_topic on
+    message_key static-key
+    format msgpack
+""",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    got = read_topic(cluster, dynamic, 20)
+    assert len(got) == 20
+    body = msgpack.unpackb(got[0].value())
+    assert body["msg"].startswith("m") and isinstance(body["@timestamp"], float)
+    assert {m.key() for m in got} == {b"static-key"}
+
+    raw_dir = tmp_path / "raw"
+    raw_dir.mkdir()
+    proc = run_config(
+        tail_to_kafka(
+            raw_dir,
+            log,
+            f"""    brokers {cluster.bootstrap}
+    topics {default}
+    format raw
+    raw_log_key msg
+""",
+        )
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(m.value() for m in read_topic(cluster, default, 20)) == sorted(f"m{i}".encode() for i in range(20))
+
+
+def test_six_partitions_keep_each_pod_in_order(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    topic = new_topic(cluster, partitions=6)
+    log = lines_file(tmp_path / "in.log", 3000, pods=24)
+    output = f"    brokers {cluster.bootstrap}\n    topics {topic}\n    message_key_field pod\n"
+    proc = run_config(tail_to_kafka(tmp_path, log, output))
+    assert proc.returncode == 0, proc.stderr
+    got = read_topic(cluster, topic, 3000)
+    assert len(got) == 3000
+    partitions: dict[str, set[int]] = {}
+    order: dict[str, list[tuple[int, int]]] = {}
+    for message in got:
+        body = orjson.loads(message.value())
+        partitions.setdefault(body["pod"], set()).add(message.partition())
+        order.setdefault(body["pod"], []).append((message.offset(), body["n"]))
+    assert all(len(p) == 1 for p in partitions.values())  # one pod, one partition
+    assert len({p for ps in partitions.values() for p in ps}) > 1  # and the pods spread out
+    for pod, seen in order.items():
+        numbers = [n for _, n in sorted(seen)]
+        assert numbers == sorted(numbers), pod  # by offset, the lines come in file order
+
+
+def test_sasl_scram_and_tls_listeners(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    topic = new_topic(cluster)
+    log = lines_file(tmp_path / "in.log", 10)
+    for name, extra in (
+        (
+            "sasl",
+            f"""    brokers {cluster.bootstrap_sasl}
+    rdkafka.security.protocol SASL_PLAINTEXT
+    rdkafka.sasl.mechanisms SCRAM-SHA-512
+    rdkafka.sasl.username {kafka.SASL_USER}
+    rdkafka.sasl.password {kafka.SASL_PASSWORD}
+""",
+        ),
+        (
+            "tls",
+            f"""    brokers {cluster.bootstrap_tls}
+    rdkafka.security.protocol SSL
+    rdkafka.ssl.ca.location {cluster.ca_file}
+    rdkafka.compression.codec zstd
+""",
+        ),
+    ):
+        directory = tmp_path / name
+        directory.mkdir()
+        proc = run_config(tail_to_kafka(directory, log, f"{extra}    topics {topic}\n"))
+        assert proc.returncode == 0, proc.stderr
+    assert len(read_topic(cluster, topic, 20)) == 20
+
+    # a wrong password: the broker refuses, the error names it and the output keeps retrying
+    directory = tmp_path / "wrong"
+    directory.mkdir()
+    config = tail_to_kafka(
+        directory,
+        log,
+        f"""    brokers {cluster.bootstrap_sasl}
+    topics {topic}
+    rdkafka.security.protocol SASL_PLAINTEXT
+    rdkafka.sasl.mechanisms SCRAM-SHA-256
+    rdkafka.sasl.username {kafka.SASL_USER}
+    rdkafka.sasl.password wrong
+""",
+    )
+    out = run_for(config, 12)
+    assert "Authentication" in out or "SASL" in out, out[-3000:]
+    assert cluster.bootstrap_sasl.split(",")[0] in out
+
+
+def run_for(config: Path, seconds: float) -> str:
+    """Runs kubetrail for ``seconds``, stops it with SIGTERM; its log."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    time.sleep(seconds)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("    rdkafka.no.such.property 1\n", "No such configuration property"),
+        ("    rdkafka.acks 1\n", "must be all"),
+        ("    rdkafka.enable.idempotence false\n", "must stay on"),
+        ("    format raw\n", "raw_log_key"),
+    ],
+)
+def test_output_config_errors(cluster: kafka.KafkaCluster, tmp_path: Path, extra: str, message: str) -> None:
+    config = tail_to_kafka(tmp_path, lines_file(tmp_path / "in.log", 1), f"    brokers {cluster.bootstrap}\n{extra}")
+    proc = run_config(config)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+
+
+def test_missing_topic_unreachable_brokers_and_oversized_messages(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    log = lines_file(tmp_path / "in.log", 5)
+    missing = f"missing-{uuid.uuid4().hex[:6]}"
+    out = run_for(tail_to_kafka(tmp_path, log, f"    brokers {cluster.bootstrap}\n    topics {missing}\n"), 8)
+    assert f"topic '{missing}' is not available" in out, out[-3000:]
+
+    directory = tmp_path / "down"
+    directory.mkdir()
+    out = run_for(tail_to_kafka(directory, log, f"    brokers 127.0.0.1:{_closed_port()}\n    topics x\n"), 15)
+    assert "cannot reach the Kafka brokers 127.0.0.1:" in out, out[-3000:]
+
+    # a topic whose messages may be 400 bytes: the long line is dead-lettered, the rest delivered
+    small = new_topic(cluster, **{"max.message.bytes": "400"})
+    lines = [orjson.dumps({"n": i, "msg": "x" * (2000 if i == 2 else 10)}).decode() for i in range(5)]
+    big = write(tmp_path / "big.log", "".join(line + "\n" for line in lines))
+    directory = tmp_path / "big"
+    directory.mkdir()
+    output = f"    brokers {cluster.bootstrap}\n    topics {small}\n"
+    proc = run_config(tail_to_kafka(directory, big, output, service=f"    storage.path {directory / 'st'}\n"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(orjson.loads(m.value())["n"] for m in read_topic(cluster, small, 4)) == [0, 1, 3, 4]
+    dead = [orjson.loads(line) for line in (directory / "st" / "rejected" / "kafka.0.jsonl").read_text().splitlines()]
+    assert [d["record"]["n"] for d in dead] == [2]
+    assert "MSG_SIZE_TOO_LARGE" in dead[0]["reason"]
+
+
+def _closed_port() -> int:
+    from tests.servers import free_port
+
+    return free_port()
+
+
+# -- input ----------------------------------------------------------------------------------
+
+
+def kafka_to_file(tmp_path: Path, cluster: kafka.KafkaCluster, topic: str, group: str, extra: str = "") -> Path:
+    return write(
+        tmp_path / "in.conf",
+        f"""
+[SERVICE]
+    grace 5
+    storage.path {tmp_path / "st"}
+[INPUT]
+    name kafka
+    tag kafka
+    brokers {cluster.bootstrap}
+    topics {topic}
+    group_id {group}
+    poll_ms 100
+{extra}
+[OUTPUT]
+    name file
+    match *
+    path {tmp_path / "out"}
+    file out.jsonl
+    format plain
+    mkdir on
+""",
+    )
+
+
+def wait_lines(path: Path, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            lines = path.read_bytes().splitlines()
+            if len(lines) >= count:
+                return [orjson.loads(line) for line in lines]
+        time.sleep(0.3)
+    raise AssertionError(f"{path}: fewer than {count} lines after {timeout}s")
+
+
+def committed(cluster: kafka.KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": group})
+    try:
+        got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+        return [tp.offset for tp in got]
+    finally:
+        consumer.close()
+
+
+def test_input_json_records_dead_letters_and_commits(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    topic = new_topic(cluster, partitions=2)
+    producer = Producer({"bootstrap.servers": cluster.bootstrap})
+    for i in range(100):
+        value = b"{not json" if i in (10, 60) else orjson.dumps({"n": i})
+        producer.produce(topic, value, f"k{i % 2}".encode(), partition=i % 2)
+    producer.flush(30)
+    group = f"g-{uuid.uuid4().hex[:6]}"
+    config = kafka_to_file(tmp_path, cluster, topic, group, "    format json\n")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        records = wait_lines(tmp_path / "out" / "out.jsonl", 98)
+        deadline = time.monotonic() + 30
+        while committed(cluster, group, topic, 2) != [50, 50] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert committed(cluster, group, topic, 2) == [50, 50]  # the bad messages do not block
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert sorted(r["payload"]["n"] for r in records) == [i for i in range(100) if i not in (10, 60)]
+    first = records[0]
+    assert set(first) == {"topic", "partition", "offset", "error", "key", "payload"}
+    assert first["topic"] == topic and first["key"] in ("k0", "k1")
+    dead = [orjson.loads(x) for x in (tmp_path / "st" / "rejected" / "kafka.0.jsonl").read_text().splitlines()]
+    assert sorted((d["record"]["partition"], d["record"]["offset"]) for d in dead) == [(0, 5), (0, 30)]
+    assert all("not valid JSON" in d["reason"] and f"topic {topic} partition 0 offset" in d["reason"] for d in dead)
+
+
+def test_input_config_errors(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    for extra, message in (
+        ("    enable_auto_commit on\n", "must stay off"),
+        ("    rdkafka.enable.auto.commit true\n", "must stay off"),
+        ("    rdkafka.bogus.property x\n", "No such configuration property"),
+    ):
+        proc = run_config(kafka_to_file(tmp_path, cluster, "t", "g", extra))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+# -- faults ---------------------------------------------------------------------------------
+
+
+def test_agent_killed_mid_stream_loses_nothing(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    """tail -> filesystem buffer -> kafka, SIGKILL twice mid-stream, restarted: every line is in
+    the topic (by identity), duplicates only from the in-flight window of each kill."""
+    topic = new_topic(cluster, partitions=6)
+    total = 60_000
+    log = lines_file(tmp_path / "in.log", total, pods=50)
+    config = tail_to_kafka(
+        tmp_path,
+        log,
+        f"    brokers {cluster.bootstrap}\n    topics {topic}\n    message_key_field pod\n",
+        service=f"    storage.path {tmp_path / 'st'}\n",
+        input_extra="    storage.type filesystem\n",
+    )
+    for _ in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(4)
+        assert proc.poll() is None, "finished before it could be killed: make the file longer"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    proc2 = run_config(config, timeout=180)
+    assert proc2.returncode == 0, proc2.stderr
+    got = read_topic(cluster, topic, total, timeout=120)
+    counts = Counter(identities(got))
+    assert len(counts) == total  # lost: 0
+    duplicates = sum(c - 1 for c in counts.values())
+    print(f"duplicates after 2 kills: {duplicates}")
+    assert duplicates <= 2 * 20_000  # at most what was in flight at each kill
+
+
+def test_brokers_stopped_and_restarted_while_the_output_runs(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    """Two of three brokers stopped (min.insync.replicas 2: no write can be acknowledged), then
+    started again: the filesystem buffer holds the lines meanwhile; each arrives once."""
+    topic = new_topic(cluster, partitions=3)
+    total = 5000
+    log = tmp_path / "in.log"
+    log.write_text("")
+    config = tail_to_kafka(
+        tmp_path,
+        log,
+        f"    brokers {cluster.bootstrap}\n    topics {topic}\n    rdkafka.message.timeout.ms 5000\n",
+        service=f"    storage.path {tmp_path / 'st'}\n    scheduler.cap 2\n",
+        input_extra="    storage.type filesystem\n",
+    ).read_text()
+    config_path = write(tmp_path / "out.conf", config.replace("exit_on_eof on", "exit_on_eof off"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with log.open("a") as out:
+            for i in range(total // 2):
+                out.write(orjson.dumps({"n": i}).decode() + "\n")
+        time.sleep(3)
+        for node in cluster.nodes[1:]:
+            cluster.stop_node(node)
+        with log.open("a") as out:
+            for i in range(total // 2, total):
+                out.write(orjson.dumps({"n": i}).decode() + "\n")
+        time.sleep(12)  # deliveries time out and are retried from the buffer meanwhile
+        for node in cluster.nodes[1:]:
+            cluster.start_node(node, wait=False)
+        cluster.wait_ready()
+        got = read_topic(cluster, topic, total, timeout=120)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=60)
+    counts = Counter(orjson.loads(m.value())["n"] for m in got)
+    assert sorted(counts) == list(range(total)), output[-3000:]
+    assert max(counts.values()) == 1, [n for n, c in counts.items() if c > 1][:10]
+    assert "not acknowledged by the brokers" in output
