@@ -102,12 +102,7 @@ class _SourceEmitter:
             else None
         )
 
-    def leaves_check(self, tag: str) -> bool:
-        return not self._processors and self._router.leaves_check(tag)
-
     async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None:
-        if batch.unchecked and not self.leaves_check(batch.tag):
-            batch.check()  # before it is counted: a block that fails may hold fewer records
         self._metrics.records_in.inc(len(batch))
         self._metrics.bytes_in.inc(batch.size_bytes)
         if self._mem_limit:
@@ -320,6 +315,15 @@ class Pipeline:
                 self.notes.append(
                     f"{section.location}: processor {built.component_id}: its match is ignored: a processor sees "
                     "every record of the input or output it is on"
+                )
+            if built.plugin == "multiline" and built.instance.buffer:
+                # A processor joins within each batch: a message held across batches would be
+                # re-emitted through the routing, and from an output's processors it would
+                # reach the other outputs too.
+                built.instance.buffer = False
+                self.notes.append(
+                    f"{section.location}: processor {built.component_id}: buffer has no effect in a processor; "
+                    "each batch is joined on its own (use the multiline filter to join across batches)"
                 )
             condition = self.config.conditions.get(id(section))
             if condition is not None and isinstance(built.instance, Reemitting):

@@ -820,3 +820,20 @@ def test_http_output_fluent_bit_options() -> None:
     ):
         with pytest.raises(ConfigError, match=message):
             build(HttpOutputSink, **{key: value})
+
+
+async def test_multiline_as_an_input_processor_joins_within_each_batch(tmp_path: Path) -> None:
+    trace = ["Traceback (most recent call last):", '  File "a.py", line 1, in <module>', "ValueError: x"]
+    log = write(tmp_path / "a.log", jsonl(*({"log": line} for line in ["start", *trace])))
+    config = tail_yaml(
+        tmp_path,
+        log,
+        """      processors:
+        logs:
+          - name: multiline
+            multiline.parser: python""",
+        "  outputs:\n" + file_output(tmp_path, "*", "out.jsonl"),
+    )
+    pipeline = await run(config)
+    assert written_json_lines(tmp_path / "out" / "out.jsonl") == [{"log": "start"}, {"log": "\n".join(trace)}]
+    assert any("buffer has no effect in a processor" in note for note in pipeline.notes)
