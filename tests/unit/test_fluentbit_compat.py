@@ -202,6 +202,18 @@ def test_bad_processors_are_clear_errors(tmp_path: Path, processors: str, messag
     assert str(config) in str(info.value)
 
 
+def test_processors_on_a_filter_are_refused(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.log", "")
+    config = tail_yaml(
+        tmp_path,
+        log,
+        rest="  filters:\n    - name: grep\n      match: '*'\n      regex: a b\n      processors:\n"
+        "        logs: []\n  outputs:\n    - name: stdout\n      match: '*'",
+    )
+    with pytest.raises(ConfigError, match="processors belong to inputs and outputs, not filters"):
+        load_config(config)
+
+
 def test_processors_survive_conversion_to_yaml_and_refuse_classic(tmp_path: Path) -> None:
     log = write(tmp_path / "a.log", "")
     config = tail_yaml(

@@ -150,6 +150,14 @@ def _read_sections(node: yaml.Node, kind: str, path: Path, config: PipelineConfi
     for item in node.value:
         section = Section(kind, _loc(path, item))
         processors: yaml.Node | None = None
+        if kind == "filter" and isinstance(item, yaml.MappingNode):
+            for key_node, _value in item.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value.lower() == "processors":
+                    raise ConfigError(
+                        "processors belong to inputs and outputs, not filters (a filter is matched by tag already)",
+                        _loc(path, key_node),
+                        "processors",
+                    )
         if kind in ("input", "output") and isinstance(item, yaml.MappingNode):
             kept = []
             for key_node, value_node in item.value:
