@@ -20,7 +20,10 @@ still being routed), so a source's checkpoint moves only once the copy is delive
 is routed again from the start, like a new input's records (Fluent Bit's emitter input), except
 through the filters it already came out of: Fluent Bit's emitter never hands a filter its own
 output, and carrying the whole set means two rewrite_tag filters that feed each other cannot
-loop either.
+loop either. A filter that sets ``continues_after`` (multiline: the copy has the same tag and is
+the rest of the same stream) has its copies go on after it instead, so the filters before it do
+not see those records twice. Copies are routed after the batch they came from, within its send,
+so the source's backpressure holds them back too.
 """
 
 from __future__ import annotations
@@ -133,8 +136,8 @@ class Router:
                 batch = await self._chain(processors, batch, skip, copies)
             route = self.route(batch.tag)
             await self._route(batch, route, source_metrics, durable, after, skip, copies)
-            for copy, origin, copy_skip in copies:
-                await self.reemit(copy, origin, durable, copy_skip)
+            for emitted, origin, emitted_skip in copies:
+                await self.reemit(emitted, origin, durable, emitted_skip)
             routed = True
         finally:
             # An interrupted send (cancelled at shutdown, or the send before it failed) keeps the
