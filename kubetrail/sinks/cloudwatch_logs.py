@@ -169,7 +169,6 @@ class CloudWatchLogsSink(Sink):
             if part.strip()
         ]
         self._streams: set[tuple[str, str]] = set()  # created (or known to exist)
-        self._groups: set[str] = set()
         self._progress: OrderedDict[int, _Progress] = OrderedDict()
         self._truncated = ctx.metrics.counter(
             "kubetrail_cloudwatch_truncated_events", "Events cut to CloudWatch's largest event size"
@@ -311,7 +310,12 @@ class CloudWatchLogsSink(Sink):
             progress.done.add(index)
         for (group, stream), events in streams.items():
             for call in self._calls(events):
-                rejected = await self._put(group, stream, call)
+                try:
+                    rejected = await self._put(group, stream, call)
+                except PermanentError as exc:
+                    # AWS refuses this call for good (a stream name it does not allow, a malformed
+                    # event): only its events are rejected, the other streams' go on.
+                    rejected = {event.index: str(exc) for event in call}
                 for event in call:
                     progress.done.add(event.index)
                 for index, reason in rejected.items():
@@ -351,7 +355,6 @@ class CloudWatchLogsSink(Sink):
                 elif code == "ResourceNotFoundException" and not recreated:
                     # The stream (or group) went away since we created it: create it again.
                     self._streams.discard((group, stream))
-                    self._groups.discard(group)
                     await self._ensure_stream(group, stream)
                     recreated = True
                     continue

@@ -26,6 +26,7 @@ from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks import cloudwatch_logs
+from kubetrail.sinks.aws_base import Template
 from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
 from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import ServerUnavailable
@@ -541,3 +542,24 @@ async def test_metric_records_become_emf_metrics(aws: MotoServer) -> None:
             ],
         },
     }
+
+
+async def test_a_stream_aws_refuses_rejects_only_its_events(aws_env: None, scripted: ScriptedServer) -> None:
+    def handler(request: Any) -> Answer:
+        target = request.headers.get("X-Amz-Target", "").rsplit(".", 1)[-1]
+        if target == "CreateLogStream" and orjson.loads(request.body)["logStreamName"] == "bad:name":
+            return cw_error(400, "InvalidParameterException", "1 validation error: logStreamName must not contain :")
+        return Answer(200, b"{}", "application/x-amz-json-1.1")
+
+    out = scripted_sink(scripted, {})
+    scripted.handler = handler
+    out.stream_template = Template("$stream", "log_stream_template")
+    await out.start()
+    try:
+        with pytest.raises(PermanentError) as info:
+            await out.write(Batch("t", [rec(0, stream="ok"), rec(1, stream="bad:name"), rec(2, stream="ok")]))
+    finally:
+        await out.close()
+    ((record, reason),) = info.value.rejected or []
+    assert record.body["i"] == 1 and "CreateLogStream g/bad:name" in reason and "must not contain" in reason
+    assert [[orjson.loads(e["message"])["i"] for e in p["logEvents"]] for p in puts(scripted)] == [[0, 2]]
