@@ -239,7 +239,10 @@ class EsBackend:
 
     def uid_ref(self, uid: str) -> ObjectRef | None:
         should = [
-            self._term(f, uid) for f in ("objectRef.uid", "involvedObject.uid", "regarding.uid") if f in self.fields
+            # objectRef.uid is set on few requests; the object in a response always carries its uid.
+            self._term(f, uid)
+            for f in ("objectRef.uid", "responseObject.metadata.uid", "involvedObject.uid", "regarding.uid")
+            if f in self.fields
         ]
         if not should:
             return None

@@ -1,0 +1,124 @@
+"""``history``/``who``/``search --from es://...`` against the real OpenSearch 2.19 and
+Elasticsearch 7.10 (tests/servers/search.py): the story is written by kubetrail's own
+``opensearch``/``es`` output, then the answers must be the store's, entry for entry."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from click.testing import CliRunner
+
+from kubetrail.cli.main import main
+from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.es import EsSink
+from kubetrail.sinks.opensearch import OpenSearchSink
+from kubetrail.sinks.sqlite import SqliteSink
+from tests.servers import ServerUnavailable
+from tests.servers.search import SearchServer
+from tests.unit.helpers import build
+from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, story
+
+
+@pytest.fixture(scope="module", params=["opensearch", "elasticsearch"])
+def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
+    try:
+        server = SearchServer(request.param)
+        server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"no real {request.param}: {exc} (python -m tests.servers build)")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def write(sink: Any, records: list[Record]) -> None:
+    async def run() -> None:
+        await sink.start()
+        try:
+            await sink.write(Batch("t", records))
+        finally:
+            await sink.close()
+
+    asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def sources(search: SearchServer, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    """The story in an index (refreshed) and in a store."""
+    host, port = search.url.removeprefix("http://").rsplit(":", 1)
+    cls = OpenSearchSink if search.kind == "opensearch" else EsSink
+    write(build(cls, host=host, port=port, index="trail"), story())
+    import urllib.request
+
+    urllib.request.urlopen(urllib.request.Request(f"{search.url}/trail/_refresh", method="POST"), timeout=60).read()
+    store = tmp_path_factory.mktemp("es-store") / "s.db"
+    write(build(SqliteSink, path=str(store)), story())
+    return f"es://{host}:{port}/trail", store
+
+
+def run(*args: str) -> list[dict[str, Any]]:
+    result = CliRunner().invoke(main, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+def comparable(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Everything but the position (a row id in the store, a document _id in the index) and the
+    time key the es output adds to each document."""
+    out = []
+    for entry in entries:
+        record = {k: v for k, v in entry["record"].items() if k != "@timestamp"}
+        out.append({**{k: v for k, v in entry.items() if k != "id"}, "record": record})
+    return out
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("history", "deploy/shop/web"),
+        ("history", "deploy/shop/web", "--logs"),
+        ("history", "pods/shop/web-6d4b8-x7k2p", "--logs"),
+        ("history", UID_WEB),
+        ("history", "deploy/web", "--since", "2025-12-05T02:00:15Z"),
+        ("who", "alice"),
+        ("who", "alice", "--writes"),
+        ("who", SA_CI),
+        ("search", "--code", "403"),
+        ("search", "--kind", "event", "--reason", "ScalingReplicaSet"),
+        ("search", "--resource", "deploy", "--namespace", "shop"),
+    ],
+)
+def test_the_same_answers_as_the_store(sources: tuple[str, Path], args: tuple[str, ...]) -> None:
+    url, store = sources
+    from_es = run(*args, "--from", url)
+    from_store = run(*args, "--store", str(store))
+    assert from_es, "no entries"
+    assert comparable(from_es) == comparable(from_store)
+    assert SECRET_VALUE not in orjson.dumps(from_es).decode()
+
+
+def test_bad_input_against_an_index(sources: tuple[str, Path], search: SearchServer) -> None:
+    url, _ = sources
+    base = url.rsplit("/", 1)[0]
+    runner = CliRunner()
+    result = runner.invoke(main, ["history", "deploy/shop/webb", "--from", url])
+    assert result.exit_code == 1 and "deployments with records: web" in result.stderr
+    result = runner.invoke(main, ["history", "deploy/shop/web", "--from", base + "/nothing-here"])
+    assert result.exit_code == 1 and "no index 'nothing-here'" in result.stderr
+    # An index kubetrail did not write: say which fields are missing.
+    host, port = search.url.removeprefix("http://").rsplit(":", 1)
+    cls = OpenSearchSink if search.kind == "opensearch" else EsSink
+    write(build(cls, host=host, port=port, index="plain"), [Record("t", 10**18, {"message": "hello"})])
+    result = runner.invoke(main, ["history", "deploy/shop/web", "--from", base + "/plain"])
+    assert result.exit_code == 1
+    assert "has none of kubetrail's object fields (missing: objectRef.resource, objectRef.name" in result.stderr
+    result = runner.invoke(main, ["who", "alice", "--from", base + "/plain"])
+    assert result.exit_code == 1 and "missing: user.username" in result.stderr
+    result = runner.invoke(main, ["who", "alice", "--from", "es://127.0.0.1:1/x"])
+    assert result.exit_code == 1 and "cannot reach http://127.0.0.1:1" in result.stderr
