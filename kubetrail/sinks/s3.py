@@ -256,12 +256,22 @@ class S3Sink(Sink):
             _write_atomic(path.with_suffix(".json"), orjson.dumps({"tag": tag, "first_ns": first_ns}))
             current = (path, 0, time.time())
         path, size, created = current
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        except OSError as exc:
+            raise RetryableError(f"cannot open the s3 buffer file {path}: {exc.strerror or exc}") from None
         try:
             written = os.write(fd, data)
             while written < len(data):  # a short write (full disk is an OSError instead)
                 written += os.write(fd, data[written:])
             os.fsync(fd)
+        except OSError as exc:
+            # Cut what this batch left (a full disk mid-write): the retry appends it whole again,
+            # and no torn line stays in the middle of the file.
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+                os.fsync(fd)
+            raise RetryableError(f"cannot write to the s3 buffer {path}: {exc.strerror or exc}") from None
         finally:
             os.close(fd)
         if size == 0:

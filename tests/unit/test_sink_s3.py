@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import resource
 import signal
 import sqlite3
 import subprocess
@@ -23,7 +24,7 @@ import boto3
 import orjson
 import pytest
 
-from kubetrail.core.errors import ConfigError
+from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks.s3 import S3Sink
@@ -319,3 +320,29 @@ async def test_stopped_between_sealing_and_writing_the_key(aws: MinioServer, tmp
     await again.close()
     assert list(objects(aws)) == ["k/app.x/2024"]  # tag and first-record time from the open/ description
     assert not list(again.open_dir.glob("*")) and not list(again.sealed_dir.glob("*"))
+
+
+async def test_a_failed_append_leaves_no_torn_line(aws: MinioServer, tmp_path: Path) -> None:
+    """A write cut short (here by RLIMIT_FSIZE, as a full disk would) is taken back, so the retry
+    appends the batch whole and the file has no broken line in the middle."""
+    s3(aws).create_bucket(Bucket="logs")
+    out = sink(aws, tmp_path, s3_key_format="/f/$TAG", json_date_key="false")
+    await out.start()
+    try:
+        await out.write(Batch("t", [rec(0, tag="t")]))
+        (data,) = out.open_dir.glob("*.data")
+        big = Batch("t", [rec(i, tag="t", pad="x" * 500) for i in range(1, 5)])
+        previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (data.stat().st_size + 700, hard))
+        try:
+            with pytest.raises(RetryableError, match="cannot write to the s3 buffer"):
+                await out.write(big)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous_handler)
+        await out.write(big)  # the runner's retry
+    finally:
+        await out.close()
+    body = objects(aws)["f/t"]["body"]
+    assert [orjson.loads(line)["i"] for line in body.splitlines()] == [0, 1, 2, 3, 4]
