@@ -24,10 +24,13 @@ parsers: a line that ends with (or equals) the string continues onto the next on
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option, Section, resolve_options, ruby_to_python_regex
+from kubetrail.core.record import Record
 
 START = "start_state"
 
@@ -205,3 +208,104 @@ class LineJoiner:
     def end(self) -> None:
         self.active = None
         self.state = ""
+
+
+@dataclass
+class _Open:
+    """The message a :class:`RegexLogJoiner` has open."""
+
+    start: int  # file offset of its first line
+    since: float  # monotonic time of its first line, for the flush timeout
+    time_ns: int
+    lines: list[str] = field(default_factory=list)
+    size: int = 0
+
+
+class RegexLogJoiner:
+    """``tail``'s ``multiline.parser`` with regex parsers (``java``, ``[MULTILINE_PARSER]``, ...):
+    lines of a file joined into messages, with the interface of the container joiner
+    (:class:`kubetrail.parsers.multiline.ContainerLogJoiner`) so the tail keeps its checkpoints
+    exact the same way: one "stream" (``""``) whose open message's first offset is where a restart
+    resumes, and lines delivered before a restart are read again only to rebuild that message.
+
+    A record is ``{key: text}`` (no parser: Fluent Bit's tail does the same), timed when its first
+    line was read, identified by the file and the offset of its first line.
+    """
+
+    STREAM = ""
+
+    def __init__(self, rulesets: list[RuleSet], max_size: int, truncate: bool, key: str = "log", uid: str = "") -> None:
+        self.lines = LineJoiner(rulesets)
+        self.max_size = max_size
+        self.truncate = truncate
+        self.key = key
+        self.uid = uid
+        self.pending: dict[str, _Open] = {}
+        self.replay_until = -1
+        self.replay_streams: dict[str, int] = {}
+
+    def pending_starts(self) -> dict[str, int]:
+        return {stream: entry.start for stream, entry in self.pending.items()}
+
+    def replay(self, emitted: int, streams: dict[str, int]) -> None:
+        self.replay_until = emitted
+        self.replay_streams = dict(streams)
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.lines.end()
+        self.replay_until = -1
+        self.replay_streams = {}
+
+    def process(self, lines: list[bytes], start: int, tag: str, stats: Any) -> list[Record]:
+        records: list[Record] = []
+        position = start
+        for raw in lines:
+            line_start = position
+            position += len(raw) + 1
+            if self.replay_until > line_start:
+                since = self.replay_streams.get(self.STREAM)
+                if since is None or line_start < since:
+                    continue  # delivered before the restart, and no open message needs it
+            try:
+                text = raw.decode()
+            except UnicodeDecodeError:
+                stats.bad_utf8 += 1
+                text = raw.decode("utf-8", "replace")
+            action = self.lines.feed(text)
+            if action == "append" and self.STREAM in self.pending:
+                entry = self.pending[self.STREAM]
+                entry.lines.append(text)
+                entry.size += len(raw) + 1
+                continue
+            finished = self._finish(tag, stats)
+            if finished is not None:
+                records.append(finished)
+            if action == "start":
+                self.pending[self.STREAM] = _Open(line_start, time.monotonic(), time.time_ns(), [text], len(raw))
+            else:
+                records.append(Record(tag, time.time_ns(), {self.key: text}, None, (self.uid, line_start)))
+        if self.replay_until >= 0 and position >= self.replay_until:
+            self.replay_until = -1
+        return records
+
+    def _finish(self, tag: str, stats: Any) -> Record | None:
+        entry = self.pending.pop(self.STREAM, None)
+        if entry is None:
+            return None
+        text = "\n".join(entry.lines)
+        if entry.size > self.max_size:
+            if not self.truncate:
+                stats.long_skipped += 1
+                return None
+            stats.long_truncated += 1
+            text = text.encode()[: self.max_size].decode("utf-8", "ignore")
+        return Record(tag, entry.time_ns, {self.key: text}, None, (self.uid, entry.start))
+
+    def flush(self, older_than: float, tag: str, stats: Any) -> list[Record]:
+        entry = self.pending.get(self.STREAM)
+        if entry is None or entry.since > older_than:
+            return []
+        self.lines.end()
+        record = self._finish(tag, stats)
+        return [record] if record is not None else []

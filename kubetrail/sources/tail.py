@@ -66,6 +66,7 @@ from kubetrail.core.tags import expand_tag
 from kubetrail.core.values import split_list
 from kubetrail.parsers.base import DeferredBlock, Parser, wall_ns
 from kubetrail.parsers.multiline import FORMATS, ContainerLogJoiner, JoinStats
+from kubetrail.parsers.multiline_rules import BUILTIN_RULES, RegexLogJoiner, RuleSet, builtin, from_section
 from kubetrail.sources.tail_watch import FileWatcher
 
 FINGERPRINT_SIZE = 256
@@ -167,7 +168,7 @@ class TailedFile:
     backup: bool = False  # a rotated-away file: read to its end, then let go
     compressed: bool = False
     last_parse_warning: float = field(default=-PARSE_WARNING_INTERVAL)
-    joiner: ContainerLogJoiner | None = None  # multiline.parser cri/docker state
+    joiner: ContainerLogJoiner | RegexLogJoiner | None = None  # multiline.parser state
     marks: dict[int, dict[str, int]] = field(default_factory=dict)  # batch end -> pending starts
     ml_row: bool = False  # an in_tail_multiline row exists for this file
     truncated_head: tuple[bytes, int] | None = None  # truncate_long_lines: (head, line start) to emit
@@ -263,11 +264,9 @@ class TailSource(Source):
         self.multiline: tuple[str, ...] = tuple(f.lower() for f in config["multiline.parser"])
         if config["docker_mode"] and not self.multiline:
             self.multiline = ("docker",)
-        for name in self.multiline:
-            if name not in FORMATS:
-                raise ConfigError(
-                    f"unknown multiline.parser {name!r}; built in: {', '.join(FORMATS)}", key="multiline.parser"
-                )
+        # cri/docker join a container runtime's pieces; the regex parsers (go, python, java, ruby,
+        # [MULTILINE_PARSER]) join lines into messages with the same checkpoint scheme.
+        self.rulesets = [] if all(name in FORMATS for name in self.multiline) else self._rulesets(ctx)
         self.flush_seconds: float = max(0.0, config["multiline.flush_ms"] / 1000)
         if config["docker_mode"] and not config["multiline.parser"]:
             self.flush_seconds = max(0.0, float(config["docker_mode_flush"]))
@@ -307,6 +306,27 @@ class TailSource(Source):
         self._stop = asyncio.Event()
         self._warned_paths: set[str] = set()
         self._last_scan = 0.0
+
+    def _rulesets(self, ctx: ComponentContext) -> list[RuleSet]:
+        declared = {s.get("name"): s for s in getattr(ctx.parsers, "multiline_sections", [])}
+        rulesets = []
+        for name in self.multiline:
+            if name in FORMATS:
+                raise ConfigError(
+                    f"multiline.parser {name} (container runtime pieces) cannot be mixed with line parsers here; "
+                    "join the pieces with cri/docker on tail and the rest with the multiline filter",
+                    key="multiline.parser",
+                )
+            if name in declared:
+                rulesets.append(from_section(declared[name]))
+            elif name in BUILTIN_RULES:
+                rulesets.append(builtin(name))
+            else:
+                known = sorted({*FORMATS, *BUILTIN_RULES, *(n for n in declared if n)})
+                raise ConfigError(
+                    f"unknown multiline.parser {name!r}; known: {', '.join(known)}", key="multiline.parser"
+                )
+        return rulesets
 
     def _tag_for(self, path: str) -> str:
         """``tag`` for a file: ``*`` is the path; with ``tag_regex``, ``<name>`` is its group."""
@@ -737,7 +757,11 @@ class TailSource(Source):
     def _attach(self, tailed: TailedFile) -> None:
         """Multiline state (and its replay window after a restart) and the inotify watch."""
         if self.multiline:
-            tailed.joiner = ContainerLogJoiner(self.multiline, self.max_line, self.truncate_long, self.key, tailed.uid)
+            tailed.joiner = (
+                RegexLogJoiner(self.rulesets, self.max_line, self.truncate_long, self.key, tailed.uid)
+                if self.rulesets
+                else ContainerLogJoiner(self.multiline, self.max_line, self.truncate_long, self.key, tailed.uid)
+            )
             if self.db is not None and tailed.row_id is not None:
                 row = self.db.execute(
                     "SELECT emitted, streams FROM in_tail_multiline WHERE file_id=?", (tailed.row_id,)

@@ -314,3 +314,88 @@ def test_state_of_a_tag_is_forgotten_once_nothing_is_open() -> None:
     container = multiline(**{"multiline.parser": "cri"})
     container.process(records(["2024-05-01T10:00:00.000000001Z stdout F whole"], tag="kube.c"))
     assert container.containers == {}
+
+
+# -- tail's multiline.parser with line parsers ----------------------------------------------------
+
+
+async def test_tail_multiline_parser_java_and_a_custom_parser(tmp_path: Path) -> None:
+    """Fluent Bit's tail with ``multiline.parser`` naming line parsers: each file's lines are
+    joined into messages before anything else sees them, as ``{log: text}`` records."""
+    lines = ["starting", *JAVA, "Dec 14 06:41:08 Exception in thread main", "    at com.a(A.java:1)", "done"]
+    log = write(tmp_path / "app.log", "\n".join(lines) + "\n")
+    write(
+        tmp_path / "ml.conf",
+        '[MULTILINE_PARSER]\n    name dated\n    type regex\n    rule "start_state" "/^[A-Z][a-z]+ \\d+ /" "cont"\n'
+        '    rule "cont" "/^\\s+at/" "cont"\n',
+    )
+    config = write(
+        tmp_path / "p.conf",
+        f"""[SERVICE]
+    grace        2
+    parsers_file ml.conf
+[INPUT]
+    name             tail
+    path             {log}
+    tag              app
+    multiline.parser java, dated
+    read_from_head   on
+    exit_on_eof      on
+    db               {tmp_path / "tail.db"}
+[OUTPUT]
+    name   file
+    match  *
+    path   {tmp_path / "out"}
+    file   out.jsonl
+    format plain
+    mkdir  on
+""",
+    )
+    pipeline = Pipeline(load_config(config))
+    assert await asyncio.wait_for(pipeline.run(), 20) == 0
+    assert [r["log"] for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == [
+        "starting",
+        "\n".join(JAVA),
+        "Dec 14 06:41:08 Exception in thread main\n    at com.a(A.java:1)",
+        "done",
+    ]
+
+
+def test_regex_joiner_resumes_an_open_message_without_repeating_lines() -> None:
+    """The tail's checkpoint scheme: after a restart, lines before ``emitted`` are read again only
+    to rebuild the message that was open; none of them comes out twice."""
+    from kubetrail.parsers.multiline import JoinStats
+    from kubetrail.parsers.multiline_rules import RegexLogJoiner, builtin
+
+    data = [b"one", JAVA[0].encode(), JAVA[1].encode(), JAVA[2].encode(), b"two"]
+    offsets = [sum(len(x) + 1 for x in data[:i]) for i in range(len(data))]
+    first = RegexLogJoiner([builtin("java")], 1 << 20, False, "log", "u")
+    out = first.process(data[:3], 0, "t", JoinStats())  # the trace is still open after line 3
+    assert [r.body["log"] for r in out] == ["one"]
+    starts, emitted = first.pending_starts(), offsets[3]
+    assert starts == {"": offsets[1]}
+    second = RegexLogJoiner([builtin("java")], 1 << 20, False, "log", "u")
+    second.replay(emitted, starts)
+    out = second.process(data[1:], offsets[1], "t", JoinStats())  # resumed at the open message
+    assert [r.body["log"] for r in out] == ["\n".join(JAVA[:3]), "two"]
+    assert [r.identity for r in out] == [("u", offsets[1]), ("u", offsets[4])]
+    delivered = RegexLogJoiner([builtin("java")], 1 << 20, False, "log", "u")
+    delivered.replay(offsets[4], {})  # nothing open: everything before offsets[4] was delivered
+    assert [r.body["log"] for r in delivered.process(data, 0, "t", JoinStats())] == ["two"]
+
+
+def test_tail_refuses_container_and_line_parsers_mixed(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.log", "")
+    config = write(
+        tmp_path / "p.conf",
+        f"[INPUT]\n    name tail\n    path {log}\n    multiline.parser cri, java\n"
+        "[OUTPUT]\n    name stdout\n    match *\n",
+    )
+    with pytest.raises(ConfigError, match="cannot be mixed with line parsers"):
+        Pipeline(load_config(config))
+    unknown = write(
+        tmp_path / "q.conf",
+        f"[INPUT]\n    name tail\n    path {log}\n    multiline.parser cobol\n[OUTPUT]\n    name stdout\n    match *\n",
+    )
+    with pytest.raises(ConfigError, match=r"unknown multiline\.parser 'cobol'; known: cri, docker, go, java"):
+        Pipeline(load_config(unknown))
