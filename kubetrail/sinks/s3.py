@@ -166,6 +166,7 @@ class S3Sink(Sink):
         self.open_dir, self.sealed_dir, self.failed_dir = self.root / "open", self.root / "sealed", self.root / "failed"
         self._open: dict[str, tuple[Path, int, float]] = {}  # tag -> (data file, size, created wall time)
         self._lock = asyncio.Lock()  # one writer of the store at a time (workers share the sink)
+        self._appended: dict[int, tuple[Batch, set[str]]] = {}  # batch id -> (batch, tags stored)
         self._wake = asyncio.Event()
         self._uploader: asyncio.Task[None] | None = None
         self._sequence = 0
@@ -242,8 +243,20 @@ class S3Sink(Sink):
         async with self._lock:
             if self.limit and await asyncio.to_thread(self._store_bytes) >= self.limit:
                 raise RetryableError(f"store_dir holds store_dir_limit_size ({self.limit} bytes); waiting for uploads")
+            # A batch with several tags is appended tag by tag; when one fails, the retry of the
+            # batch skips the tags already stored (kept per batch until it succeeds).
+            key = id(batch)
+            entry = self._appended.get(key)
+            if entry is None or entry[0] is not batch:
+                entry = self._appended[key] = (batch, set())
+                while len(self._appended) > 64:  # forgetting one only risks appending it twice
+                    self._appended.pop(next(iter(self._appended)))
             for tag, lines in by_tag.items():
+                if tag in entry[1]:
+                    continue
                 await asyncio.to_thread(self._append, tag, b"".join(lines), first[tag])
+                entry[1].add(tag)
+            self._appended.pop(key, None)
         if missing:
             raise PermanentError(f"{len(missing)} records have no {self.log_key!r}", rejected=missing)
 

@@ -242,7 +242,8 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
             time.sleep(0.1)
         assert offset == log.stat().st_size, proc.stderr.read() if proc.poll() is not None else "tail did not finish"
     finally:
-        os.kill(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert s3(aws).list_objects_v2(Bucket="logs").get("KeyCount", 0) == 0  # nothing uploaded before the kill
     # Restart: nothing new to read; the buffer left by the killed process is uploaded.
@@ -346,3 +347,28 @@ async def test_a_failed_append_leaves_no_torn_line(aws: MinioServer, tmp_path: P
         await out.close()
     body = objects(aws)["f/t"]["body"]
     assert [orjson.loads(line)["i"] for line in body.splitlines()] == [0, 1, 2, 3, 4]
+
+
+async def test_a_retried_batch_appends_each_tag_once(aws: MinioServer, tmp_path: Path) -> None:
+    s3(aws).create_bucket(Bucket="logs")
+    out = sink(aws, tmp_path, s3_key_format="/m/$TAG", json_date_key="false")
+    await out.start()
+    batch = Batch("a", [rec(0, tag="a"), rec(1, tag="b", pad="x" * 2000)])
+    try:
+        await out.write(Batch("b", [rec(9, tag="b")]))  # b's file exists: the limit below cuts its append
+        (b_file,) = out.open_dir.glob("*-b.data")
+        previous_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (b_file.stat().st_size + 500, hard))
+        try:
+            with pytest.raises(RetryableError):
+                await out.write(batch)  # tag a stored, tag b cut short
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, previous_handler)
+        await out.write(batch)  # the retry: only b
+    finally:
+        await out.close()
+    found = objects(aws)
+    assert [orjson.loads(line)["i"] for line in found["m/a"]["body"].splitlines()] == [0]
+    assert [orjson.loads(line)["i"] for line in found["m/b"]["body"].splitlines()] == [9, 1]
