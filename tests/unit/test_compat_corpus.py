@@ -299,6 +299,27 @@ async def test_run_33_rewrite_tag_keep_and_output_processors(work: Path) -> None
     assert result[alerts] == [{"level": "error", "msg": "boom", "alert": "true"}]
 
 
+async def test_run_44_tail_multiline_regex(work: Path) -> None:
+    """Fluent Bit's multiline parsing docs example: the custom parser's start line and the lines
+    its "cont" rule takes are one record ``{log: ...}``; the java parser joins its trace."""
+    app = work / "app" / "test.log"
+    app.parent.mkdir(parents=True)
+    dated = [
+        'Dec 14 06:41:08 Exception in thread "main" java.lang.RuntimeException: Something has gone wrong',
+        "    at com.myproject.module.MyProject.badMethod(MyProject.java:22)",
+        "    at com.myproject.module.MyProject.main(MyProject.java:6)",
+    ]
+    app.write_text("\n".join(["single line...", *dated, *JAVA, "another line..."]) + "\n")
+    out = work / "out" / "test.jsonl"
+    result = await run_until(localise(work, "44-tail-multiline-regex.conf"), {out: 4})
+    assert [r["log"] for r in result[out]] == [
+        "single line...",
+        "\n".join(dated),
+        "\n".join(JAVA),
+        "another line...",
+    ]
+
+
 async def test_run_42_logfmt(work: Path) -> None:
     """Fluent Bit's logfmt parser: key=value pairs, quoted values unquoted, values as strings."""
     container_log(work, "api-1", "shop", "api", [("stdout", 'level=info msg="request done" status=200')])
