@@ -170,6 +170,10 @@ class CloudWatchLogsSink(Sink):
         ]
         self._streams: set[tuple[str, str]] = set()  # created (or known to exist)
         self._progress: OrderedDict[int, _Progress] = OrderedDict()
+        self._fallbacks = ctx.metrics.counter(
+            "kubetrail_cloudwatch_template_fallbacks", "Records whose group/stream template found no value", "option"
+        )
+        self._fallback_logged: set[str] = set()
         self._truncated = ctx.metrics.counter(
             "kubetrail_cloudwatch_truncated_events", "Events cut to CloudWatch's largest event size"
         )
@@ -192,13 +196,31 @@ class CloudWatchLogsSink(Sink):
         body = record.body if (self.group_template or self.stream_template) else {}
         group = self.group_name
         if self.group_template is not None:
-            group = self.group_template.render(record.tag, body) or group
+            rendered = self.group_template.render(record.tag, body)
+            if rendered is None:
+                self._fallback("log_group_template", record)
+            else:
+                group = rendered
         stream = None
         if self.stream_template is not None:
             stream = self.stream_template.render(record.tag, body)
+            if stream is None:
+                self._fallback("log_stream_template", record)
         if stream is None:
             stream = self.stream_name or f"{self.stream_prefix}{record.tag}"
         return group, stream
+
+    def _fallback(self, option: str, record: Record) -> None:
+        """A template found nothing in a record: counted, logged once per option (Fluent Bit logs
+        an error per record), and the plain name is used."""
+        self._fallbacks.labels(option).inc()
+        if option not in self._fallback_logged:
+            self._fallback_logged.add(option)
+            template = self.group_template if option == "log_group_template" else self.stream_template
+            self.log.warning(
+                f"{option} found no value in a record; the plain name is used (logged once)",
+                extra={"tag": record.tag, "template": template.text if template is not None else None},
+            )
 
     def _message(self, record: Record) -> str | None:
         """The event's text, or None when the record has no ``log_key``."""

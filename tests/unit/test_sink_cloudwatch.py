@@ -185,6 +185,7 @@ async def test_calls_respect_count_size_order_and_24h_span(aws: MotoServer) -> N
         assert sorted(int(e["message"][1:]) for e in got) == expected  # each once
         assert [e["timestamp"] for e in got] == sorted(e["timestamp"] for e in got)
     assert [e["message"] for e in stored(aws, "g", "fallback")] == ["no pod"]
+    assert out._fallbacks.labels("log_stream_template")._value.get() == 1  # counted
     assert len(stored(aws, "g", "big")) == 25
     (cut,) = stored(aws, "g", "huge")
     assert cut["message"] == "é" * (262_118 // 2)  # cut to Fluent Bit's largest event, on a character
