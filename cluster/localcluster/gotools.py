@@ -51,6 +51,7 @@ CONTAINERD_VERSION = "v2.4.2"
 RUNC_VERSION = "v1.5.3"
 CNI_VERSION = "v1.10.0"
 CRICTL_VERSION = "v1.37.0"
+COREDNS_VERSION = "v1.15.0"
 
 # Built in the kubernetes wrapper module, into the control plane's cache directory.
 KUBE_TOOL_BINARIES = ("kubectl",)
@@ -110,6 +111,9 @@ NODE_INSTALLS: tuple[GoInstall, ...] = (
         CNI_PLUGINS,
         subdir="cni",
     ),
+    # Cluster DNS, so pods resolve kubernetes.default.svc as in any real cluster.
+    # In a versioned subdir: a CoreDNS bump rebuilds only CoreDNS.
+    GoInstall(COREDNS_VERSION, ("github.com/coredns/coredns",), ("coredns",), subdir=f"coredns-{COREDNS_VERSION}"),
     GoInstall(
         CRICTL_VERSION,
         ("sigs.k8s.io/cri-tools/cmd/crictl",),
@@ -151,6 +155,9 @@ class NodeBinaries:
     def path(self, name: str) -> Path:
         if name in (*KUBE_NODE_BINARIES, "pause"):
             return self.kube_dir / name
+        for inst in NODE_INSTALLS:
+            if name in inst.binaries and inst.subdir:
+                return self.dir / inst.subdir / name
         return self.dir / name
 
     def all_paths(self) -> list[Path]:
@@ -284,7 +291,7 @@ def build_tools(log: TextIO = sys.stderr, force: bool = False) -> tuple[Tools, T
 
 
 def build_node(log: TextIO = sys.stderr, force: bool = False) -> tuple[NodeBinaries, ToolBuildResult]:
-    """kubelet, kube-proxy, pause, containerd (+ shim, ctr), runc, CNI plugins, crictl."""
+    """kubelet, kube-proxy, pause, containerd (+ shim, ctr), runc, CNI plugins, crictl, CoreDNS."""
     started = time.monotonic()
     go, gover = _go_and_version()
     kube_dir = ensure_binaries(log=log)
@@ -369,6 +376,7 @@ def versions_report(tools: Tools | None, node: NodeBinaries | None) -> list[tupl
         rows.append(("containerd", _first_line([str(node.path("containerd")), "--version"])))
         rows.append(("runc", _first_line([str(node.path("runc")), "--version"])))
         rows.append(("crictl", _first_line([str(node.path("crictl")), "--version"])))
+        rows.append(("coredns", _first_line([str(node.path("coredns")), "-version"])))
         rows.append(("cni plugins", CNI_VERSION))
     return rows
 

@@ -50,7 +50,7 @@ from typing import Any, TextIO
 from . import config, images, pki
 from .gotools import NodeBinaries
 from .kubeapi import KubeAPI
-from .process import Component, ComponentError, probe
+from .process import Component, ComponentError, free_port, probe
 
 POD_CIDR = "10.244.0.0/24"
 POD_GATEWAY = "10.244.0.1"
@@ -76,7 +76,10 @@ HOST_PATHS = (
     str(CONTAINER_LOG_DIR),
 )
 SYSCTLS = {"net.ipv4.ip_forward": "1"}
-NODE_COMPONENTS = ("containerd", "kube-proxy", "kubelet")
+# Held (by content: the node dir) while a node runs; removed by teardown.
+NODE_LOCK = Path("/run/kubetrail-localcluster-node.lock")
+NODE_COMPONENTS = ("containerd", "coredns", "kube-proxy", "kubelet")
+CLUSTER_DOMAIN = "cluster.local"
 _LEFTOVER_CHAINS = ("KUBE-FIREWALL", "KUBE-KUBELET-CANARY", "KUBE-IPTABLES-HINT", "KUBE-PROXY-CANARY")
 _SIZE = re.compile(r"^\d+(Ki|Mi|Gi)?$")
 _DURATION = re.compile(r"^(\d+(\.\d+)?(ms|s|m|h))+$")
@@ -159,6 +162,15 @@ def _port_in_use(port: int) -> bool:
     return False
 
 
+def _udp_port_free(ip: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.bind((ip, port))
+        except OSError:
+            return False
+    return True
+
+
 def preflight() -> None:
     """Refuse early, with the reason, when this host cannot run the node."""
     problems = []
@@ -228,18 +240,34 @@ def _mounts_under(prefixes: list[str]) -> list[str]:
     return found
 
 
-def _procs_with_exe(paths: set[str]) -> list[tuple[int, str]]:
+def _procs_with_exe(paths: set[str], mentioning: str) -> list[tuple[int, str]]:
+    """Processes running one of ``paths`` whose command line mentions ``mentioning`` (the node
+    dir: every node process names its config, socket or state there), so another node's
+    processes, started from the same cached binaries, are never taken for ours."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             exe = os.readlink(entry / "exe")
+            cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        if exe.removesuffix(" (deleted)") in paths:
+        if exe.removesuffix(" (deleted)") in paths and mentioning.encode() in cmdline:
             found.append((int(entry.name), exe))
     return found
+
+
+def _node_running(node_dir: Path) -> bool:
+    """Whether the node whose state lives next to ``node_dir`` still has a live process."""
+    try:
+        state = json.loads((node_dir.parent / "state.json").read_text()).get("node") or {}
+    except (OSError, ValueError):
+        return False
+    if not state.get("started"):
+        return False
+    comps = [Component.from_state(n, c) for n, c in (state.get("components") or {}).items()]
+    return any(c.alive() for c in comps)
 
 
 def _kubepods_cgroups() -> list[Path]:
@@ -280,6 +308,7 @@ class Node:
         self.name = name
         self.ip = ip
         self.components: dict[str, Component] = {}
+        self.dns_ready_port = free_port(set())
         self.imported: list[str] = []
         self.busybox_image = images.BUSYBOX_IMAGE
         self.kubetrail_image: str | None = None
@@ -308,6 +337,7 @@ class Node:
         env = {
             "NODE_NAME": self.name,
             "NODE_IP": self.ip,
+            "CLUSTER_DNS": self.ip,
             "BUSYBOX_IMAGE": self.busybox_image,
             "POD_LOG_DIR": str(POD_LOG_DIR),
             "CONTAINER_LOG_DIR": str(CONTAINER_LOG_DIR),
@@ -376,6 +406,24 @@ class Node:
         (n / "cni" / "net.d" / "10-kubetrail.conflist").write_text(json.dumps(self._cni_conflist(), indent=2) + "\n")
         (n / "kubelet.yaml").write_text(json.dumps(self._kubelet_config(ca_file), indent=2) + "\n")
         (n / "kube-proxy.yaml").write_text(json.dumps(self._proxy_config(), indent=2) + "\n")
+        (n / "Corefile").write_text(self._corefile())
+
+    def _corefile(self) -> str:
+        # Cluster DNS on the node IP (pods have a route to it), answering only for the cluster
+        # domain: there is no upstream to forward to, and pods cannot reach one anyway.
+        return f"""\
+.:53 {{
+    bind {self.ip}
+    errors
+    ready 127.0.0.1:{self.dns_ready_port}
+    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{
+        kubeconfig {self.cluster_dir / "kubeconfig"}
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 5
+}}
+"""
 
     def _containerd_toml(self) -> str:
         n = self.dir
@@ -470,6 +518,8 @@ imports = []
             "healthzBindAddress": "127.0.0.1",
             "healthzPort": KUBELET_PORTS[0],
             "resolvConf": "",
+            "clusterDNS": [self.ip],
+            "clusterDomain": CLUSTER_DOMAIN,
             "evictionHard": {
                 "memory.available": "100Mi",
                 "nodefs.available": "1%",
@@ -506,6 +556,12 @@ imports = []
                 [str(b.path("containerd")), "--config", str(n / "containerd" / "config.toml")],
                 n / "containerd.log",
                 0,
+            ),
+            "coredns": Component(
+                "coredns",
+                [str(b.path("coredns")), "-conf", str(n / "Corefile")],
+                n / "coredns.log",
+                self.dns_ready_port,
             ),
             "kube-proxy": Component(
                 "kube-proxy",
@@ -550,8 +606,15 @@ imports = []
         stale = _mounts_under([str(self.dir)])
         if stale:
             raise NodeError(f"an earlier node's mounts are still under {self.dir} ({stale[0]}, ...): run `down` first")
+        if not _udp_port_free(self.ip, 53):
+            raise NodeError(f"port {self.ip}:53 (udp) is in use: the node's cluster DNS (CoreDNS) needs it")
+        self._take_lock()
         shutil.rmtree(self.dir, ignore_errors=True)  # a fresh node every time, like a fresh etcd
-        self._record_host()
+        try:
+            self._record_host()
+        except BaseException:
+            self._release_lock()
+            raise
         self.started = True
         save()  # the host's "before" on disk before anything changes it: `down` restores it
         self._write_configs(url, ca_file)
@@ -568,6 +631,13 @@ imports = []
             raise NodeError(str(exc)) from exc
         self._import_images(log)
         _ensure_node_binding(admin)
+        coredns = self.components["coredns"]
+        self._start_with_env(coredns, env)
+        save()
+        try:
+            coredns.wait_ready(lambda: probe(f"http://127.0.0.1:{self.dns_ready_port}/ready"), 60.0)
+        except ComponentError as exc:
+            raise NodeError(str(exc)) from exc
         for name in ("kube-proxy", "kubelet"):
             self._start_with_env(self.components[name], env)
         save()
@@ -579,6 +649,36 @@ imports = []
         except ComponentError as exc:
             raise NodeError(f"{exc}\n{self._other_logs(exc)}") from exc
         return time.monotonic() - started
+
+    def _take_lock(self) -> None:
+        """One node per machine, atomically: two `up`s that both passed the port checks race
+        here, and the loser gets a clear message instead of a half-shared host."""
+        for _ in range(2):
+            try:
+                fd = os.open(NODE_LOCK, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    other = NODE_LOCK.read_text().strip()
+                except OSError:
+                    other = ""
+                if other and other != str(self.dir) and _node_running(Path(other)):
+                    raise NodeError(
+                        f"another node runs on this machine (its state is in {Path(other).parent}; stop it with "
+                        f"`scripts/local-cluster down {Path(other).parent}`): one node per machine"
+                    ) from None
+                NODE_LOCK.unlink(missing_ok=True)  # stale: its node is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                fh.write(str(self.dir) + "\n")
+            return
+        raise NodeError(f"could not take {NODE_LOCK}")
+
+    def _release_lock(self) -> None:
+        try:
+            if NODE_LOCK.read_text().strip() == str(self.dir):
+                NODE_LOCK.unlink()
+        except OSError:
+            pass
 
     def _other_logs(self, exc: Exception) -> str:
         parts = []
@@ -652,9 +752,10 @@ imports = []
         if not self.started:
             return []
         errors: list[str] = []
-        kubelet = self.components.get("kubelet")
-        if kubelet is not None:
-            self._stop(kubelet, 15.0, errors)
+        for name in ("kubelet", "coredns"):
+            comp = self.components.get(name)
+            if comp is not None:
+                self._stop(comp, 15.0, errors)
         if self.socket.exists() and self.components.get("containerd") and self.components["containerd"].alive():
             # Removing the sandboxes through CRI runs CNI DEL (veths, IPs) and ends the shims.
             done = _run(
@@ -696,6 +797,7 @@ imports = []
                 if os.path.lexists(path):
                     errors.append(f"could not remove {path}")
         self.started = False
+        self._release_lock()
         return errors
 
     @staticmethod
@@ -738,7 +840,7 @@ imports = []
     def _kill_leftover_processes(self) -> None:
         # Shims are reparented to PID 1 and outlive containerd (P13); pod processes live in
         # the kubepods cgroups.  Both are ours by construction: by exe path and by cgroup.
-        targets = {pid for pid, _ in _procs_with_exe(self._exe_paths())}
+        targets = {pid for pid, _ in _procs_with_exe(self._exe_paths(), str(self.dir))}
         for cgroup in _kubepods_cgroups():
             targets |= _cgroup_procs(cgroup)
         targets.discard(os.getpid())
@@ -796,6 +898,7 @@ imports = []
         """Per node component: pid, running, healthy (containerd answers, /healthz 200), RSS."""
         checks: dict[str, Callable[[], tuple[bool, str]]] = {
             "containerd": self._containerd_ready,
+            "coredns": lambda: probe(f"http://127.0.0.1:{self.dns_ready_port}/ready"),
             "kube-proxy": lambda: probe(f"http://127.0.0.1:{PROXY_PORTS[1]}/healthz"),
             "kubelet": lambda: probe(f"http://127.0.0.1:{KUBELET_PORTS[0]}/healthz"),
         }
@@ -819,7 +922,7 @@ imports = []
     def leftovers(self) -> list[str]:
         """Everything the node left on the host (empty after a clean ``stop``)."""
         found: list[str] = []
-        for pid, exe in _procs_with_exe(self._exe_paths()):
+        for pid, exe in _procs_with_exe(self._exe_paths(), str(self.dir)):
             found.append(f"process {pid} ({exe})")
         mounts = _mounts_under([str(self.dir), "/run/netns"])
         found += [f"mount {m}" for m in mounts]
@@ -841,9 +944,16 @@ imports = []
             if now != value:
                 found.append(f"sysctl {key}={now} (was {value})")
         found += [f"path {p}" for p in self.absent_paths if os.path.lexists(p)]
+        try:
+            if NODE_LOCK.read_text().strip() == str(self.dir):
+                found.append(f"lock {NODE_LOCK}")
+        except OSError:
+            pass
         for port in (*KUBELET_PORTS, *PROXY_PORTS):
             if _port_in_use(port):
                 found.append(f"port {port} still in use")
+        if not _udp_port_free(self.ip, 53):
+            found.append(f"port {self.ip}:53 (udp) still in use")
         return found
 
     # -- state ----------------------------------------------------------------------------
@@ -875,6 +985,8 @@ imports = []
         bins = NodeBinaries(Path(state["bins"]["dir"]), Path(state["bins"]["kube_dir"]))
         node = cls(cluster_dir, bins, NodeOptions(**state["options"]), state["name"], state["ip"])
         node.components = {n: Component.from_state(n, c) for n, c in state["components"].items()}
+        if "coredns" in node.components:
+            node.dns_ready_port = node.components["coredns"].port
         node.imported = list(state.get("imported", []))
         node.kubetrail_image = state.get("kubetrail_image")
         node.absent_paths = list(state.get("absent_paths", []))

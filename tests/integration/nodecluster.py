@@ -9,8 +9,9 @@ has been stopped by then.  ``KUBETRAIL_REQUIRE_NODE=1`` turns that skip into a f
 CI that must prove the node works.
 
 Pods for tests: ``busybox_pod(...)`` builds a Pod spec on ``localhost/busybox:latest``
-(``imagePullPolicy: Never``: nothing can be pulled here; ``dnsPolicy: Default`` and a short
-grace period, see real-node.md P8/P9).
+(``imagePullPolicy: Never``: nothing can be pulled here) with a short grace period (``sh`` as
+PID 1 ignores SIGTERM unless trapped, real-node.md P8).  Pods resolve cluster names through the
+node's CoreDNS.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ def busybox_pod(
         "metadata": {"name": name, "labels": labels or {}},
         "spec": {
             "restartPolicy": "Never",
-            "dnsPolicy": "Default",
             "terminationGracePeriodSeconds": 1,
             "containers": [
                 {

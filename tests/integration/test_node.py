@@ -139,7 +139,8 @@ def test_pod_lines_exactly_once_with_metadata(cluster: LocalCluster, admin: Kube
     script = (
         f'i=1; while [ $i -le {lines} ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done; '
         f'big=$(head -c {BIG} /dev/zero | tr \'\\0\' x); echo "big-out $big"; echo "big-err $big" >&2; '
-        "echo done-marker; sleep 3600 & wait"
+        # After a pause: stdout and stderr reach containerd separately, so "last" needs time.
+        "sleep 1; echo done-marker; sleep 3600 & wait"
     )
     out = tmp_path / "out"
     proc = KubetrailProcess(tmp_path, _config(cluster, out)).start()
@@ -207,6 +208,8 @@ def call(path, body=None):
 review = call("/apis/authentication.k8s.io/v1/selfsubjectreviews", {"apiVersion": "authentication.k8s.io/v1",
                                                                      "kind": "SelfSubjectReview"})
 print(url, call("/version")["gitVersion"], review["status"]["userInfo"]["username"])
+url = "https://kubernetes.default.svc"  # through the node's cluster DNS; a DNS SAN of the cert
+print(url, call("/version")["gitVersion"])
 """
 
 
@@ -224,7 +227,25 @@ def test_pod_reaches_the_api_server_through_the_service(cluster: LocalCluster, a
     done = wait_pod_phase(admin, ns, "incluster", ("Succeeded", "Failed"), timeout=90)
     logs = admin.get(f"/api/v1/namespaces/{ns}/pods/incluster/log").body.decode()
     assert done["status"]["phase"] == "Succeeded", logs
-    assert logs.strip() == f"https://10.0.0.1:443 v1.36.3 system:serviceaccount:{ns}:default", logs
+    assert logs.strip().splitlines() == [
+        f"https://10.0.0.1:443 v1.36.3 system:serviceaccount:{ns}:default",
+        "https://kubernetes.default.svc v1.36.3",
+    ], logs
+
+
+def test_pods_resolve_cluster_names(cluster: LocalCluster, admin: KubeAPI) -> None:
+    """CoreDNS on the node IP answers for cluster.local; pods get it as their nameserver."""
+    assert cluster.node is not None
+    ns = _namespace(admin)
+    # busybox's nslookup does not walk the search list; the in-cluster test shows glibc's does.
+    script = "cat /etc/resolv.conf; nslookup kubernetes.default.svc.cluster.local"
+    _create(admin, ns, busybox_pod("dns", script))
+    wait_pod_phase(admin, ns, "dns", ("Succeeded", "Failed"), timeout=60)
+    logs = admin.get(f"/api/v1/namespaces/{ns}/pods/dns/log").body.decode()
+    assert f"nameserver {cluster.node.ip}" in logs, logs
+    assert f"search {ns}.svc.cluster.local svc.cluster.local cluster.local" in logs, logs
+    answers = re.findall(r"Address: (\S+)", logs)
+    assert answers == ["10.0.0.1"], logs
 
 
 def test_kubelet_rotation_exactly_once(cluster: LocalCluster, admin: KubeAPI, tmp_path: Path) -> None:
