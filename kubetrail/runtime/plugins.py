@@ -61,6 +61,7 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "modify": "kubetrail.transforms.modify:ModifyTransform",
         "kubernetes_audit": "kubetrail.transforms.kubernetes_audit:KubernetesAuditTransform",
         "kubernetes": "kubetrail.transforms.kubernetes:KubernetesTransform",
+        "stdout": "kubetrail.transforms.stdout:StdoutTransform",
         "content_modifier": "kubetrail.transforms.content_modifier:ContentModifierTransform",
         "rewrite_tag": "kubetrail.transforms.rewrite_tag:RewriteTagTransform",
         "multiline": "kubetrail.transforms.multiline:MultilineTransform",

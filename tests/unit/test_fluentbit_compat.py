@@ -849,3 +849,18 @@ async def test_multiline_as_an_input_processor_joins_within_each_batch(tmp_path:
     pipeline = await run(config)
     assert written_json_lines(tmp_path / "out" / "out.jsonl") == [{"log": "start"}, {"log": "\n".join(trace)}]
     assert any("buffer has no effect in a processor" in note for note in pipeline.notes)
+
+
+def test_stdout_filter_prints_and_passes_records_unchanged() -> None:
+    import io
+
+    from kubetrail.transforms.stdout import StdoutTransform
+
+    transform = build(StdoutTransform)
+    transform.stream = io.BytesIO()
+    records = [Record("app", 1_500_000_000_000_000_000, None, b'{"a":1}'), Record("app", 0, {"b": 2})]
+    out = transform.process(records)
+    assert out == records and records[0].raw == b'{"a":1}'  # untouched: its bytes still valid
+    assert transform.stream.getvalue() == (
+        b'[0] app: [1500000000.000000000, {"a":1}]\n[1] app: [0.000000000, {"b":2}]\n'
+    )
