@@ -17,12 +17,17 @@ not duplicated). ``index`` keeps ``$INDEX``. A file S3 refuses for good (a malfo
 or ``retry_limit`` failed uploads) is moved to ``failed/`` with the reason and kept: the data
 was acknowledged, so it is never deleted; the log says where it is.
 
-**Uploads** run in a background task: ``PutObject`` with ``use_put_object on`` or when the
-(compressed) file is at most ``upload_chunk_size``, otherwise a multipart upload in parts of
-``upload_chunk_size`` (aborted when it fails). Differences from Fluent Bit: parts are uploaded
-when the file is sealed, not while it fills (the local file is bounded by ``total_file_size``
-either way); ``store_dir_limit_size`` makes writes wait (backpressure) instead of discarding
-data; failed uploads are retried with backoff without limit unless ``retry_limit`` is set.
+**Uploads** run in a background task, the only one that seals files, so a part upload never
+races a seal. Multipart (the default), as in Fluent Bit: every ``upload_chunk_size`` of synced
+data in a file still filling goes up as the next part of the file's multipart upload (created
+then, with the key fixed then); the upload id and each part's ETag and end offset are kept in
+the file's description, so after a crash the same upload is completed with the rest of the
+file as its last part (if S3 has dropped it meanwhile, the file goes up again whole under the
+same key). ``PutObject`` with ``use_put_object on`` or for a file that never reached one part.
+With ``compression gzip`` the file is compressed whole when sealed and then sent in parts
+(compressed parts could be under S3's 5 MiB minimum). Differences from Fluent Bit:
+``store_dir_limit_size`` makes writes wait (backpressure) instead of discarding data; failed
+uploads are retried with backoff without limit unless ``retry_limit`` is set.
 
 **Keys** (``s3_key_format``): ``$TAG``, ``$TAG[n]`` (the tag split on any character of
 ``s3_key_format_tag_delimiters``), ``$UUID`` (8 random characters), ``$INDEX`` (increments per
@@ -56,7 +61,7 @@ from kubetrail.core.dates import DATE_FORMATS
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.aws_base import AWS_OPTIONS, AwsClient, classify
+from kubetrail.sinks.aws_base import AWS_OPTIONS, AwsClient, classify, error_code, error_text
 from kubetrail.sinks.http_base import gzip_sync
 from kubetrail.sinks.json_format import date_key_option, with_date
 
@@ -165,6 +170,10 @@ class S3Sink(Sink):
         self.root = Path(config["store_dir"]) / _SAFE_NAME.sub("_", bucket) / _SAFE_NAME.sub("_", ctx.component_id)
         self.open_dir, self.sealed_dir, self.failed_dir = self.root / "open", self.root / "sealed", self.root / "failed"
         self._open: dict[str, tuple[Path, int, float]] = {}  # tag -> (data file, size, created wall time)
+        self._full: list[tuple[Path, str]] = []  # files no longer appended to, sealed by the uploader
+        # Multipart parts go up while a file fills (Fluent Bit's way); with gzip the object is
+        # compressed whole at the end instead, since compressed parts could be under 5 MiB.
+        self.stream_parts = not self.use_put_object and not self.gzip
         self._lock = asyncio.Lock()  # one writer of the store at a time (workers share the sink)
         self._appended: dict[int, tuple[Batch, set[str]]] = {}  # batch id -> (batch, tags stored)
         self._wake = asyncio.Event()
@@ -194,6 +203,9 @@ class S3Sink(Sink):
                 meta = orjson.loads(meta_path.read_bytes())
             except (OSError, orjson.JSONDecodeError):
                 meta = None
+            if meta is not None and meta.get("parts") and meta["parts"][-1]["end"] > size:
+                _drop_multipart(meta)  # parts of bytes no longer there (cannot happen: parts are of synced data)
+                _write_atomic(meta_path, orjson.dumps(meta))
             if meta is None or size == 0:
                 if size:  # data without its description: upload it under the tag 'recovered'
                     _write_atomic(meta_path, orjson.dumps({"tag": "recovered", "first_ns": int(time.time() * 1e9)}))
@@ -212,7 +224,7 @@ class S3Sink(Sink):
                     meta = orjson.loads((self.open_dir / data.with_suffix(".json").name).read_bytes())
                 except (OSError, orjson.JSONDecodeError):
                     meta = {"tag": "recovered", "first_ns": int(time.time() * 1e9)}
-                self._write_key(data, str(meta["tag"]), int(meta.get("first_ns") or time.time() * 1e9))
+                self._write_key(data, meta)
         for orphan in self.open_dir.glob("*.json"):  # descriptions whose data went to sealed/ or was empty
             if not orphan.with_suffix(".data").exists():
                 orphan.unlink()
@@ -292,22 +304,26 @@ class S3Sink(Sink):
         size += len(data)
         self._open[tag] = (path, size, created)
         if size >= self.total_file_size:
-            del self._open[tag]
-            self._seal(path, tag)
+            del self._open[tag]  # the next batch of this tag starts a new file
+            self._full.append((path, tag))
             self._wake.set()
 
     def _seal(self, data: Path, tag: str) -> None:
-        """Move a filled file to ``sealed/`` with its object key fixed from now on."""
+        """Move a filled file to ``sealed/`` with its object key fixed from now on (and the
+        multipart upload its parts went to, if they went up while it filled)."""
         meta = orjson.loads(data.with_suffix(".json").read_bytes())
+        meta["tag"] = tag
         target = self.sealed_dir / data.name
         os.replace(data, target)
         _fsync_dir(self.sealed_dir)
-        self._write_key(target, tag, int(meta.get("first_ns") or time.time() * 1e9))
+        self._write_key(target, meta)
         data.with_suffix(".json").unlink(missing_ok=True)
 
-    def _write_key(self, data: Path, tag: str, first_ns: int) -> None:
-        key = self._key(tag, first_ns)
-        _write_atomic(data.with_suffix(".json"), orjson.dumps({"tag": tag, "first_ns": first_ns, "key": key}))
+    def _write_key(self, data: Path, meta: dict[str, Any]) -> None:
+        meta.setdefault("first_ns", int(time.time() * 1e9))
+        if not meta.get("key"):
+            meta["key"] = self._key(str(meta["tag"]), int(meta["first_ns"]))
+        _write_atomic(data.with_suffix(".json"), orjson.dumps(meta))
 
     def _key(self, tag: str, first_ns: int) -> str:
         parts = re.split("[" + re.escape(self.delimiters) + "]", tag)
@@ -359,7 +375,13 @@ class S3Sink(Sink):
                 for tag, (path, _, created) in list(self._open.items()):
                     if now - created >= self.upload_timeout:
                         del self._open[tag]
-                        await asyncio.to_thread(self._seal, path, tag)
+                        self._full.append((path, tag))
+                full, self._full = self._full, []
+                filling = [(path, size) for path, size, _ in self._open.values()] if self.stream_parts else []
+            for path, tag in full:  # only this task seals, so a part upload never races a seal
+                await asyncio.to_thread(self._seal, path, tag)
+            for path, size in filling:
+                await self._stream_part(path, size)
             ok = await self._upload_sealed()
             if ok:
                 failures = 0
@@ -374,7 +396,7 @@ class S3Sink(Sink):
             meta_path = data.with_suffix(".json")
             meta = orjson.loads(await asyncio.to_thread(meta_path.read_bytes))
             try:
-                await self._upload(data, meta["key"])
+                await self._upload(data, meta, meta_path)
             except asyncio.CancelledError:
                 raise
             except PermanentError as exc:
@@ -427,7 +449,86 @@ class S3Sink(Sink):
             args["StorageClass"] = self.storage_class
         return args
 
-    async def _upload(self, data: Path, key: str) -> None:
+    async def _stream_part(self, data: Path, end: int) -> None:
+        """Upload the synced bytes of a file still filling as the next parts of its multipart
+        upload, ``upload_chunk_size`` each. A failure only logs: the bytes are uploaded later
+        (the next try, or when the file is sealed)."""
+        meta_path = data.with_suffix(".json")
+        try:
+            meta = orjson.loads(await asyncio.to_thread(meta_path.read_bytes))
+            parts = meta.setdefault("parts", [])
+            start = parts[-1]["end"] if parts else 0
+            if end - start < self.chunk_size:
+                return
+            client = self.aws.client
+            if not meta.get("upload_id"):
+                if not meta.get("key"):
+                    meta["key"] = await asyncio.to_thread(self._key, str(meta["tag"]), int(meta["first_ns"]))
+                upload = await client.create_multipart_upload(**self._object_args(), Key=meta["key"])
+                meta["upload_id"] = upload["UploadId"]
+                await asyncio.to_thread(_write_atomic, meta_path, orjson.dumps(meta))
+            while end - start >= self.chunk_size:  # parts of upload_chunk_size, as Fluent Bit cuts them
+                stop = start + self.chunk_size
+                number, etag = await self._put_part(meta, await asyncio.to_thread(_read_range, data, start, stop))
+                parts.append({"PartNumber": number, "ETag": etag, "end": stop})
+                await asyncio.to_thread(_write_atomic, meta_path, orjson.dumps(meta))
+                self._upload_bytes.inc(stop - start)
+                start = stop
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.metrics.error("upload_part")
+            self.log.warning("s3 part upload failed; the bytes go up later", extra={"error": str(exc)})
+
+    async def _put_part(self, meta: dict[str, Any], chunk: bytes) -> tuple[int, str]:
+        number = len(meta.get("parts") or []) + 1
+        args: dict[str, Any] = {
+            "Bucket": self.bucket, "Key": meta["key"], "UploadId": meta["upload_id"], "PartNumber": number,
+            "Body": chunk,
+        }  # fmt: skip
+        if self.send_md5:
+            args["ContentMD5"] = _md5(chunk)
+        answer = await self.aws.client.upload_part(**args)
+        return number, str(answer["ETag"])
+
+    async def _finish_streamed(self, data: Path, meta: dict[str, Any], meta_path: Path) -> bool:
+        """Complete a multipart upload whose parts went up while the file filled: the rest of the
+        file is the last part. False when the upload is gone (expired, aborted): start over."""
+        parts = meta["parts"]
+        start = parts[-1]["end"] if parts else 0
+        rest = await asyncio.to_thread(_read_range, data, start, None)
+        try:
+            if rest or not parts:
+                number, etag = await self._put_part(meta, rest)
+                parts.append({"PartNumber": number, "ETag": etag, "end": start + len(rest)})
+                await asyncio.to_thread(_write_atomic, meta_path, orjson.dumps(meta))
+            await self.aws.client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=meta["key"],
+                UploadId=meta["upload_id"],
+                MultipartUpload={"Parts": [{"PartNumber": p["PartNumber"], "ETag": p["ETag"]} for p in parts]},
+            )
+        except ClientError as exc:
+            if error_code(exc) in ("NoSuchUpload", "InvalidPart", "InvalidPartOrder", "EntityTooSmall"):
+                self.log.warning("s3 multipart upload lost; the file is uploaded again whole",
+                                 extra={"key": meta["key"], "error": error_text(exc)})  # fmt: skip
+                _drop_multipart(meta)
+                await asyncio.to_thread(_write_atomic, meta_path, orjson.dumps(meta))
+                return False
+            raise
+        self._upload_bytes.inc(len(rest))
+        return True
+
+    async def _upload(self, data: Path, meta: dict[str, Any], meta_path: Path) -> None:
+        key = meta["key"]
+        if meta.get("upload_id"):
+            try:
+                done = await self._finish_streamed(data, meta, meta_path)
+            except ClientError as exc:
+                raise classify(exc, f"upload of s3://{self.bucket}/{key}") from None
+            if done:
+                self._uploads.labels("ok").inc()
+                return
         body = await asyncio.to_thread(data.read_bytes)
         if self.gzip:
             body = await asyncio.to_thread(gzip_sync, body)
@@ -479,9 +580,10 @@ class S3Sink(Sink):
                 await uploader
         if self.aws.client is not None:
             async with self._lock:
-                for tag, (path, _, _) in list(self._open.items()):
+                full = self._full + [(path, tag) for tag, (path, _, _) in self._open.items()]
+                self._full, self._open = [], {}
+                for path, tag in full:
                     await asyncio.to_thread(self._seal, path, tag)
-                self._open.clear()
             grace = float(self.ctx.service.get("grace") or 5.0)
             try:
                 # Bounded like the drain: an unreachable S3 must not hold the shutdown.
@@ -490,6 +592,18 @@ class S3Sink(Sink):
                 extra = {"error": str(exc)}
                 self.log.warning("s3 uploads at shutdown failed; they resume at the next start", extra=extra)
         await self.aws.close()
+
+
+def _read_range(path: Path, start: int, end: int | None) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(start)
+        return f.read() if end is None else f.read(end - start)
+
+
+def _drop_multipart(meta: dict[str, Any]) -> None:
+    """Forget a multipart upload (its key stays: the object keeps the name chosen for it)."""
+    meta.pop("upload_id", None)
+    meta.pop("parts", None)
 
 
 def _upload_retry_limit(text: str) -> int | None:

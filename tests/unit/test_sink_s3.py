@@ -138,7 +138,6 @@ async def test_multipart_upload_with_gzip_when_the_file_is_full(aws: MinioServer
     try:
         for start in range(0, len(records), 10):
             await out.write(Batch("big", records[start : start + 10]))
-        assert not list(out.open_dir.glob("*.data"))  # full: sealed for upload without waiting for the timeout
         deadline = time.monotonic() + 30
         while not s3(aws).list_objects_v2(Bucket="logs").get("Contents") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
@@ -372,3 +371,67 @@ async def test_a_retried_batch_appends_each_tag_once(aws: MinioServer, tmp_path:
     found = objects(aws)
     assert [orjson.loads(line)["i"] for line in found["m/a"]["body"].splitlines()] == [0]
     assert [orjson.loads(line)["i"] for line in found["m/b"]["body"].splitlines()] == [9, 1]
+
+
+def parts_payload(count: int) -> list[Record]:
+    """``count`` records of 100 KB of hex each (about 10 per MiB)."""
+    blob = os.urandom(50_000).hex()
+    return [Record("big", T0 + i, {"i": i, "blob": blob}) for i in range(count)]
+
+
+async def test_parts_go_up_while_the_file_fills(aws: MinioServer, tmp_path: Path) -> None:
+    """Without gzip, as in Fluent Bit, every upload_chunk_size of synced data becomes a part of the
+    file's multipart upload before the file is full; sealing uploads only the rest."""
+    s3(aws).create_bucket(Bucket="logs")
+    out = sink(aws, tmp_path, total_file_size="40M", upload_chunk_size="5M", upload_timeout="1h",
+               s3_key_format="/stream/$TAG", json_date_key="false")  # fmt: skip
+    await out.start()
+    calls: list[str] = []
+    out.aws.client.meta.events.register("before-call.s3.*", lambda model, **_: calls.append(model.name))
+    records = parts_payload(120)  # about 12 MB
+    try:
+        for start in range(0, len(records), 10):
+            await out.write(Batch("big", records[start : start + 10]))
+            await asyncio.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while calls.count("UploadPart") < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert calls.count("UploadPart") >= 2 and "CompleteMultipartUpload" not in calls  # still filling
+        assert len(list(out.open_dir.glob("*.data"))) == 1
+    finally:
+        await out.close()
+    assert calls.count("CreateMultipartUpload") == 1 and calls.count("CompleteMultipartUpload") == 1
+    body = objects(aws)["stream/big"]["body"]
+    assert [orjson.loads(line)["i"] for line in body.splitlines()] == list(range(120))
+
+
+async def test_a_streamed_upload_resumes_after_a_crash(aws: MinioServer, tmp_path: Path) -> None:
+    s3(aws).create_bucket(Bucket="logs")
+    props = {"total_file_size": "40M", "upload_chunk_size": "5M", "upload_timeout": "1h",
+             "s3_key_format": "/resume/$TAG", "json_date_key": "false"}  # fmt: skip
+    out = sink(aws, tmp_path, **props)
+    await out.start()
+    first: list[str] = []
+    out.aws.client.meta.events.register("before-call.s3.*", lambda model, **_: first.append(model.name))
+    records = parts_payload(80)
+    for start in range(0, 60, 10):
+        await out.write(Batch("big", records[start : start + 10]))
+    deadline = time.monotonic() + 30
+    while "UploadPart" not in first and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert first.count("UploadPart") == 1  # 6 MB synced: one part up
+    await out.write(Batch("big", records[60:80]))
+    if out._uploader is not None:  # the crash: no orderly close
+        out._uploader.cancel()
+    await out.aws.close()
+    again = sink(aws, tmp_path, **props)
+    await again.start()
+    second: list[str] = []
+    again.aws.client.meta.events.register("before-call.s3.*", lambda model, **_: second.append(model.name))
+    deadline = time.monotonic() + 30
+    while "CompleteMultipartUpload" not in second and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    await again.close()
+    assert "CreateMultipartUpload" not in second and second.count("UploadPart") == 1  # the same upload, the rest
+    body = objects(aws)["resume/big"]["body"]
+    assert [orjson.loads(line)["i"] for line in body.splitlines()] == list(range(80))
