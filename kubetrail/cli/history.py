@@ -196,7 +196,8 @@ def search(
 @click.option("--from", "source", help="es://HOST:PORT/INDEX to read Elasticsearch/OpenSearch instead")
 @click.option("--listen", default="127.0.0.1", show_default=True, help="Address to serve on")
 @click.option("--port", default=2021, show_default=True, help="Port to serve on (0: any free port)")
-def ui(store: str | None, source: str | None, listen: str, port: int) -> None:
+@click.option("--fallback-port", is_flag=True, help="When --port is taken, serve on any free port instead")
+def ui(store: str | None, source: str | None, listen: str, port: int, fallback_port: bool) -> None:
     """Serve the web timeline: search an object or a user, expand records, follow new ones live."""
     from kubetrail.history.model import HistoryError
     from kubetrail.history.ui import serve
@@ -206,7 +207,7 @@ def ui(store: str | None, source: str | None, listen: str, port: int) -> None:
     except HistoryError as exc:
         click.echo(f"kubetrail: {exc}", err=True)
         sys.exit(1)
-    serve(backend, listen, port)
+    serve(backend, listen, port, fallback=fallback_port)
 
 
 COMMANDS = (history, who, search, ui)

@@ -298,6 +298,15 @@ def _object_of(obj: Any) -> dict[str, Any] | None:
     return None
 
 
+def _created_name(body: dict[str, Any]) -> str | None:
+    """A create with generateName names its object only in the answer."""
+    response = body.get("responseObject")
+    if body.get("verb") == "create" and isinstance(response, dict):
+        name = (response.get("metadata") or {}).get("name")
+        return name if isinstance(name, str) else None
+    return None
+
+
 def _audit_entry(record: StoredRecord) -> dict[str, Any]:
     body = record.body
     ref = body.get("objectRef") or {}
@@ -313,7 +322,7 @@ def _audit_entry(record: StoredRecord) -> dict[str, Any]:
         "resource": ref.get("resource"),
         "subresource": ref.get("subresource"),
         "namespace": ref.get("namespace"),
-        "name": ref.get("name"),
+        "name": ref.get("name") or _created_name(body),
         "code": status.get("code"),
         "source_ip": ips[0] if ips else None,
         "user_agent": body.get("userAgent"),

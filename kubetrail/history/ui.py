@@ -158,19 +158,30 @@ async def start(backend: Any, host: str, port: int) -> tuple[web.AppRunner, int]
     runner = web.AppRunner(TimelineApp(backend).app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError:
+        await runner.cleanup()
+        raise
     server = site._server
     bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port  # type: ignore[attr-defined]
     return runner, int(bound)
 
 
-def serve(backend: Any, host: str, port: int) -> None:
-    """Serve until SIGINT/SIGTERM, printing the URL first."""
+def serve(backend: Any, host: str, port: int, *, fallback: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM, printing the URL first (``fallback``: any free port when
+    ``port`` is taken)."""
 
     async def main() -> None:
         import signal
 
-        runner, bound = await start(backend, host, port)
+        try:
+            runner, bound = await start(backend, host, port)
+        except OSError as exc:
+            if not fallback or port == 0:
+                raise SystemExit(f"kubetrail ui: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+            print(f"kubetrail ui: port {port} is taken ({exc.strerror}); using a free one", flush=True)
+            runner, bound = await start(backend, host, 0)
         shown = f"[{host}]" if ":" in host else host
         print(f"kubetrail ui: http://{shown}:{bound}/", flush=True)
         stop = asyncio.Event()

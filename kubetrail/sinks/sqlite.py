@@ -231,10 +231,13 @@ def row_of(record: Record) -> Row:
             ref = p.objectRef or _Ref()
             resource = ref.resource  # a subresource (scale, status, exec) stays in the body
             uid = ref.uid
+            name = ref.name
             response = p.responseObject
-            if uid is None and isinstance(response, _ResponseObject) and response.metadata is not None:
+            if isinstance(response, _ResponseObject) and response.metadata is not None:
                 meta = response.metadata
-                if meta.name == ref.name or ref.name is None:
+                if name is None and p.verb == "create":
+                    name = meta.name  # a create with generateName: the name is in the answer only
+                if uid is None and meta.name == name:
                     uid = meta.uid
             user = p.user.username if p.user is not None else None
             code = p.responseStatus.code if p.responseStatus is not None else None
@@ -246,7 +249,7 @@ def row_of(record: Record) -> Row:
                 p.verb,
                 resource,
                 ref.namespace,
-                ref.name,
+                name,
                 uid,
                 code,
                 None,

@@ -1,0 +1,255 @@
+"""The embedded store (the ``sqlite`` output) and ``kubetrail history`` / ``who`` on it.
+
+    python bench/bench_store.py ingest [--records N]     # records/s into the store vs the file output
+    python bench/bench_store.py query [--records N]      # history/who latency on a store of N records
+
+**ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like the
+tail gives them, each record with its audit identity, written by the sink as the runtime calls
+it (one worker); the same batches through the ``file`` output (plain JSON lines, fsync per
+batch) in the same run, for the ratio the issue asks for (at most 2x the file output's cost).
+Also the size on disk per million records.
+
+**query**: a store of N synthetic records (default 10M: 60% audit, 30% Events, 10% log lines,
+over 500,000 objects in 50 namespaces and 500 users, ~300-byte bodies) is built once into the
+cache (rows inserted directly, indexes built after; minutes), then ``history`` (the same call
+``kubetrail history`` makes: query, decode, timeline with diffs) for 300 random objects and
+``who`` for 100 random users, p50/p99 in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import shutil
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import orjson
+from _sinks import BATCH, build
+
+from _common import CACHE, audit_lines_file
+from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.file import FileSink
+from kubetrail.sinks.sqlite import APPLICATION_ID, INSERT, SCHEMA, SCHEMA_VERSION, SqliteSink
+
+NAMESPACES = 50
+OBJECTS_PER_NS = 2_000  # per resource
+RESOURCES = ("deployments", "pods", "configmaps", "services", "replicasets")
+USERS = 500
+
+
+def audit_batches(lines: list[bytes]) -> list[Batch]:
+    """Batches of materialised records with their audit identity (as after the audit filter)."""
+    out = []
+    for start in range(0, len(lines), BATCH):
+        chunk = lines[start : start + BATCH]
+        records = []
+        for n, line in enumerate(chunk):
+            raw = line.rstrip(b"\n")
+            records.append(Record("audit", time.time_ns(), raw=raw, identity=(f"id-{start + n}", "ResponseComplete")))
+        out.append(Batch("audit", records, raw_block=b"".join(chunk), size_bytes=len(b"".join(chunk))))
+    return out
+
+
+async def timed(sink: object, batches: list[Batch]) -> float:
+    await sink.start()  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    for batch in batches:
+        await sink.write(batch)  # type: ignore[attr-defined]
+    elapsed = time.perf_counter() - started
+    await sink.close()  # type: ignore[attr-defined]
+    return elapsed
+
+
+def ingest(records: int) -> None:
+    lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
+    work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
+    try:
+        results = {}
+        for name, factory in (
+            (
+                "file (plain, fsync per batch)",
+                lambda: build(FileSink, path=str(work), file="out.jsonl", format="plain"),
+            ),
+            ("sqlite (sync full)", lambda: build(SqliteSink, path=str(work / "full.db"), sync="full")),
+            ("sqlite (sync normal)", lambda: build(SqliteSink, path=str(work / "normal.db"), sync="normal")),
+        ):
+            results[name] = asyncio.run(timed(factory(), audit_batches(lines)))
+        replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines)))
+        base = results["file (plain, fsync per batch)"]
+        print(
+            f"ingest of {records:,} audit records ({sum(map(len, lines)) / len(lines):.0f} bytes each),"
+            f" batches of {BATCH}"
+        )
+        for name, elapsed in results.items():
+            print(f"  {name:<32} {records / elapsed:>10,.0f} records/s   {elapsed / base:5.2f}x the file output's time")
+        print(f"  {'sqlite replay (all present)':<32} {records / replay:>10,.0f} records/s")
+        size = (work / "full.db").stat().st_size
+        print(
+            f"  store size: {size / records * 1e6 / 2**20:,.0f} MiB per million records"
+            f" ({size / records:.0f} bytes each)"
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def synthetic_rows(count: int, seed: int = 7) -> object:
+    rng = random.Random(seed)
+    t0 = 1_760_000_000_000_000_000
+    step = 30 * 86400 * 10**9 // count  # a month of activity
+    verbs = ("get", "list", "update", "patch", "create", "delete", "watch")
+    for i in range(count):
+        ns = f"ns-{rng.randrange(NAMESPACES)}"
+        resource = RESOURCES[rng.randrange(len(RESOURCES))]
+        name = f"obj-{rng.randrange(OBJECTS_PER_NS)}"
+        roll = rng.random()
+        t = t0 + i * step
+        ident = i.to_bytes(16, "big")
+        if roll < 0.6:
+            user = f"user-{rng.randrange(USERS)}"
+            verb = verbs[rng.randrange(len(verbs))]
+            body = {
+                "kind": "Event",
+                "apiVersion": "audit.k8s.io/v1",
+                "level": "Metadata",
+                "auditID": f"{i:032x}",
+                "stage": "ResponseComplete",
+                "verb": verb,
+                "user": {"username": user},
+                "sourceIPs": ["10.0.0.1"],
+                "objectRef": {"resource": resource, "namespace": ns, "name": name},
+                "responseStatus": {"code": 200},
+            }
+            yield (ident, t, "audit", user, verb, resource, ns, name, None, 200, None, "audit", orjson.dumps(body))
+        elif roll < 0.9:
+            body = {
+                "kind": "Event",
+                "metadata": {"uid": f"e-{i}", "resourceVersion": str(i)},
+                "involvedObject": {"kind": resource[:-1].capitalize(), "namespace": ns, "name": name},
+                "reason": "Synced",
+                "message": f"synced {name} in {ns}",
+                "count": 1,
+                "type": "Normal",
+                "source": {"component": "controller"},
+            }
+            yield (
+                ident,
+                t,
+                "event",
+                None,
+                None,
+                resource,
+                ns,
+                name,
+                None,
+                None,
+                "Synced",
+                "events",
+                orjson.dumps(body),
+            )
+        else:
+            pod = f"{name}-abc12"
+            body = {
+                "log": f"line {i} of {pod}",
+                "stream": "stdout",
+                "kubernetes": {"pod_name": pod, "namespace_name": ns},
+            }
+            yield (ident, t, "log", None, None, "pods", ns, pod, None, None, "app", "logs", orjson.dumps(body))
+
+
+def build_store(path: Path, count: int) -> None:
+    partial = path.with_suffix(".partial")
+    partial.unlink(missing_ok=True)
+    conn = sqlite3.connect(partial, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=OFF")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("PRAGMA cache_size=-262144")
+    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    table, *indexes = [s for s in SCHEMA.split(";") if s.strip()]
+    conn.execute(table)
+    started = time.perf_counter()
+    rows = synthetic_rows(count)
+    insert = INSERT.replace("INSERT OR IGNORE", "INSERT")
+    while True:
+        chunk = [row for _, row in zip(range(100_000), rows, strict=False)]
+        if not chunk:
+            break
+        conn.execute("BEGIN")
+        conn.executemany(insert, chunk)
+        conn.execute("COMMIT")
+    for statement in indexes:  # building an index once is much faster than keeping it row by row
+        conn.execute(statement)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.close()
+    partial.rename(path)
+    print(f"built a store of {count:,} records in {time.perf_counter() - started:.0f} s ({path})")
+
+
+def percentiles(samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p99 = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (
+        f"p50 {statistics.median(ordered) * 1000:7.1f} ms   p99 {p99 * 1000:7.1f} ms   max {ordered[-1] * 1000:7.1f} ms"
+    )
+
+
+def query(count: int) -> None:
+    from kubetrail.history import queries
+    from kubetrail.history.store import StoreBackend
+
+    path = CACHE / f"store-{count}.db"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        build_store(path, count)
+    size = path.stat().st_size
+    print(f"store of {count:,} records: {size / 2**30:.2f} GiB ({size / count * 1e6 / 2**20:,.0f} MiB per million)")
+    backend = StoreBackend(path)
+    rng = random.Random(11)
+    samples: dict[str, list[float]] = {"history": [], "history --logs": [], "who": [], "who --limit 100": []}
+    sizes: dict[str, list[int]] = {k: [] for k in samples}
+    for _ in range(300):
+        resource = RESOURCES[rng.randrange(len(RESOURCES))]
+        target = f"{resource}/ns-{rng.randrange(NAMESPACES)}/obj-{rng.randrange(OBJECTS_PER_NS)}"
+        for label, logs in (("history", False), ("history --logs", True)):
+            started = time.perf_counter()
+            try:
+                result = queries.history(backend, target, logs=logs)
+                sizes[label].append(len(result.entries))
+            except queries.HistoryError:
+                sizes[label].append(0)
+            samples[label].append(time.perf_counter() - started)
+    for _ in range(100):
+        user = f"user-{rng.randrange(USERS)}"
+        for label, limit in (("who", 10_000), ("who --limit 100", 100)):
+            started = time.perf_counter()
+            result = queries.who(backend, user, limit=limit)
+            samples[label].append(time.perf_counter() - started)
+            sizes[label].append(len(result.entries))
+    for label, values in samples.items():
+        print(f"  {label:<16} {percentiles(values)}   (entries: median {statistics.median(sizes[label]):,.0f})")
+    backend.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=("ingest", "query"))
+    parser.add_argument("--records", type=int, default=None)
+    args = parser.parse_args()
+    if args.what == "ingest":
+        ingest(args.records or 200_000)
+    else:
+        query(args.records or 10_000_000)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    main()

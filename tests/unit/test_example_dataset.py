@@ -1,0 +1,170 @@
+"""The recorded example (examples/history/data, from the real control plane by
+scripts/record-example) and ``scripts/run`` with no arguments: it ingests the example into the
+store under .kubetrail/, prints the Deployment's history, serves the UI and prints its URL,
+and reads nothing outside the repository (checked with strace on every file it opens)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kubetrail.cli.main import main
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples"
+DATA = EXAMPLES / "history" / "data"
+
+
+def test_the_dataset_is_small_and_self_contained() -> None:
+    size = sum(p.stat().st_size for p in (EXAMPLES / "history").rglob("*") if p.is_file())
+    assert size < 5 * 1024 * 1024
+    for path in EXAMPLES.rglob("*"):
+        if path.is_file() and path.suffix in (".conf", ".py", ".lua", ".yaml", ".md"):
+            assert "shared" not in path.read_text(), f"{path} refers to ../shared"
+    audit = [json.loads(line) for line in (DATA / "audit.log").read_text().splitlines()]
+    # The story, as the API server recorded it.
+    verbs = {(e["verb"], e["objectRef"].get("resource"), e["objectRef"].get("subresource"), e["user"]["username"],
+              e["responseStatus"]["code"]) for e in audit}  # fmt: skip
+    assert ("create", "deployments", None, "admin", 201) in verbs
+    assert ("update", "deployments", "scale", "admin", 200) in verbs
+    assert ("patch", "deployments", None, "admin", 200) in verbs
+    assert ("delete", "pods", None, "admin", 200) in verbs
+    assert ("get", "secrets", None, "system:serviceaccount:shop:reader", 200) in verbs
+    assert ("delete", "deployments", None, "norbac", 403) in verbs
+    assert "not-a-real-password" not in (DATA / "audit.log").read_text()  # the policy logs Secrets' metadata only
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("example") / "store.db"
+    env = {**os.environ, "KUBETRAIL_EXAMPLES": str(EXAMPLES), "KUBETRAIL_STORE": str(path)}
+    for _ in range(2):  # the second run stores nothing new
+        done = subprocess.run(
+            [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(EXAMPLES / "history" / "ingest.conf")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr
+    return path
+
+
+def history(store: Path, *args: str) -> list[dict]:  # type: ignore[type-arg]
+    result = CliRunner().invoke(main, [*args, "--store", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def test_the_deployments_history(store: Path) -> None:
+    entries = history(store, "history", "deploy/shop/web")
+    audit = [
+        e
+        for e in entries
+        if e["kind"] == "audit" and e["user"] != "system:serviceaccount:kube-system:deployment-controller"
+    ]
+    assert [(e["verb"], e.get("subresource"), e["user"], e["code"]) for e in audit] == [
+        ("create", None, "admin", 201),
+        ("get", "scale", "admin", 200),
+        ("update", "scale", "admin", 200),
+        ("patch", None, "admin", 200),
+        ("patch", None, "admin", 200),
+        ("delete", None, "norbac", 403),
+    ]
+    create, _, scale, broken, back, _ = audit
+    assert any(c["path"] == "/spec/replicas" and c["new"] == 1 for c in create["changes"])
+    assert scale["changes"] == [{"op": "replace", "path": "/spec/replicas", "old": 1, "new": 3}]
+    image = "/spec/template/spec/containers/0/image"
+    assert [(c["old"], c["new"]) for c in broken["changes"] if c["path"] == image] == [
+        ("localhost/busybox:latest", "localhost/busybox:1.37")
+    ]
+    assert [(c["old"], c["new"]) for c in back["changes"] if c["path"] == image] == [
+        ("localhost/busybox:1.37", "localhost/busybox:latest")
+    ]
+    events = [e["message"] for e in entries if e["kind"] == "event"]
+    assert "Scaled up replica set" in events[0] and any("from 1 to 3" in m for m in events)
+    times = [e["time_ns"] for e in entries]
+    assert times == sorted(times)
+
+
+def test_who_read_the_secret(store: Path) -> None:
+    entries = history(store, "who", "system:serviceaccount:shop:reader")
+    assert [(e["verb"], e["resource"], e["name"], e["code"]) for e in entries] == [
+        ("get", "secrets", "db-credentials", 200)
+    ]
+    denied = history(store, "search", "--code", "403")
+    assert [(e["user"], e["verb"], e["resource"], e["name"]) for e in denied] == [
+        ("norbac", "delete", "deployments", "web")
+    ]
+
+
+def test_scripts_run_without_arguments(tmp_path: Path) -> None:
+    if shutil.which("strace") is None:
+        pytest.skip("no strace to see which files scripts/run opens")
+    trace = tmp_path / "trace"
+    shutil.rmtree(REPO / ".kubetrail", ignore_errors=True)
+    env = {**os.environ, "KUBETRAIL_UI_PORT": "0"}
+    env.pop("KUBETRAIL_EXAMPLES", None)
+    proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-e", "trace=open,openat,execve", "-o", str(trace), str(REPO / "scripts" / "run")],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    out = []
+    url = None
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        out.append(line)
+        match = re.search(r"kubetrail ui: (http://\S+)", line)
+        if match:
+            url = match.group(1)
+            break
+        assert time.monotonic() < deadline
+    try:
+        assert url, "".join(out) + (proc.stderr.read() if proc.poll() is not None else "")  # type: ignore[union-attr]
+        text = "".join(out)
+        assert "# deployments/shop/web:" in text
+        assert "create deployments/shop/web by admin" in text
+        assert "~ /spec/template/spec/containers/0/image: localhost/busybox:latest -> localhost/busybox:1.37" in text
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "<title>kubetrail" in page
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert (REPO / ".kubetrail" / "store.db").exists()
+    # Nothing outside the repository but the system's own files (the interpreter, libraries,
+    # /etc, /proc, the browser-less tools the shell runs): no ../shared, no home directory.
+    base = Path(sys.base_prefix)  # the interpreter's installation (pyenv's, here) is the system's
+    toolchain = str(base.parents[1] if base.parent.name == "versions" else base)
+    opened = set()
+    for line in trace.read_text().splitlines():
+        match = re.search(r'(?:open|openat|execve)\((?:AT_FDCWD, )?"([^"]+)"', line)
+        if match and "ENOENT" not in line:
+            opened.add(match.group(1))
+    outside = sorted(
+        p
+        for p in opened
+        if p.startswith("/")
+        and not p.startswith(str(REPO))
+        and not p.startswith(("/usr/", "/lib", "/etc/", "/proc/", "/dev/", "/sys/", "/bin/", "/tmp/", "/var/tmp/"))
+        and not p.startswith(("/var/lib/dpkg/", toolchain))
+        and p not in ("/etc", "/usr", "/")
+    )
+    assert outside == [], outside
+    assert not [p for p in opened if p.startswith(str(REPO.parent / "shared"))]
