@@ -25,9 +25,11 @@ the file's description, so after a crash the same upload is completed with the r
 file as its last part (if S3 has dropped it meanwhile, the file goes up again whole under the
 same key). ``PutObject`` with ``use_put_object on`` or for a file that never reached one part.
 With ``compression gzip`` the file is compressed whole when sealed and then sent in parts
-(compressed parts could be under S3's 5 MiB minimum). Differences from Fluent Bit:
-``store_dir_limit_size`` makes writes wait (backpressure) instead of discarding data; failed
-uploads are retried with backoff without limit unless ``retry_limit`` is set.
+(compressed parts could be under S3's 5 MiB minimum). Differences from Fluent Bit: the local
+file keeps the bytes of parts already sent until the object is complete (a lost upload can then
+be redone), so ``store_dir`` holds up to ``total_file_size`` per tag where Fluent Bit holds a
+chunk; ``store_dir_limit_size`` makes writes wait (backpressure) instead of discarding data;
+failed uploads are retried with backoff without limit unless ``retry_limit`` is set.
 
 **Keys** (``s3_key_format``): ``$TAG``, ``$TAG[n]`` (the tag split on any character of
 ``s3_key_format_tag_delimiters``), ``$UUID`` (8 random characters), ``$INDEX`` (increments per
