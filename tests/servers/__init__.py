@@ -3,6 +3,10 @@
 * ``search``: OpenSearch and Elasticsearch from Maven Central (codelibs' runners, pinned in
   ``tests/servers/{opensearch,elasticsearch}/pom.xml``), run with the local Java 17.
 * ``loki``: Loki built from its Go module (pinned in ``tests/servers/loki/go.mod``).
+* ``minio``: MinIO built from its Go module (``tests/servers/minio/go.mod``), for ``s3``.
+* ``moto``: moto's AWS API emulator in server mode (PyPI, ``requirements/ci.txt``), for
+  ``cloudwatch_logs``: AWS itself cannot be reached from here.
+* ``gelf``: graygelf's GELF UDP server (npm, ``tests/servers/gelf/package-lock.json``) run by Node.
 
 Both are fetched or built once into ``~/.cache/kubetrail/`` (or ``$KUBETRAIL_CACHE_DIR``),
 keyed by version. ``python -m tests.servers build`` does it ahead of the tests (scripts/test
