@@ -83,11 +83,6 @@ class Emitter(Protocol):
 
     async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None: ...
 
-    def leaves_check(self, tag: str) -> bool:
-        """Whether an unchecked batch of ``tag`` is validated on its route anyway (its first filter
-        decodes every line); if not, the source checks it before ``send`` (see ``Batch.check``)."""
-        ...
-
 
 class Source(Component):
     """Produces batches until stopped (or, for a finite source, until its input is used up)."""
@@ -105,19 +100,14 @@ class Source(Component):
 class Transform(Component):
     """Changes or drops records. Synchronous: transforms are CPU work on a batch in memory."""
 
-    # True for a filter that decodes every line of a lazy block itself and handles a block
-    # with a line that is not JSON (by calling ``Batch.check``): the router then hands it
-    # unchecked blocks when it is the first on their route, so no line is parsed twice.
-    checks_json_lines: bool = False
-
     def process(self, records: list[Record]) -> list[Record]:
         raise NotImplementedError
 
     def process_batch(self, batch: Batch) -> Batch:
         """The batch after this filter. The default runs :meth:`process` on its records.
 
-        A filter that can work on a lazy batch's ``raw_block`` as a whole (without a record per
-        line) overrides this and returns a lazy batch of its own; the router calls this.
+        A filter that can work on a lazy batch's block as a whole (without a record per line;
+        see :mod:`kubetrail.core.block`) overrides this and returns a lazy batch of its own.
         """
         return batch.derive(self.process(batch.records))
 

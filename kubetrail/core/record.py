@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import msgspec
 import orjson
 
 from kubetrail.core.acks import AckToken
+from kubetrail.core.block import LineBlock, ReadyBlock
 
 
 class Record(msgspec.Struct, gc=False):
@@ -77,19 +78,14 @@ class Batch:
     ``size_bytes`` is the input size as the source measured it (for metrics and buffer limits);
     ``created`` is a monotonic timestamp for the batch-latency histogram.
 
-    The records may be *lazy*: a source that has validated a block of JSON lines can hand over
-    ``raw_block`` plus a ``materialize`` function instead of a list. Routing needs only the tag,
-    and a sink writing JSON lines needs only the block, so on that path no per-record object is
-    ever built. Anything that reads ``records`` builds them on first access.
-
-    A lazy batch may also be *unchecked* (``check`` given): its block is whole lines, not yet
-    validated, because the first filter on its route decodes every line anyway and validates
-    it then (``Transform.checks_json_lines``). Anything else calls :meth:`check` first (the
-    router does, and ``records`` does); a block that fails is replaced by the records its
-    source builds line by line.
+    The records may be *lazy*: a :class:`~kubetrail.core.block.LineBlock` (see that module for
+    the whole mechanism), given as ``block``, or as ``raw_block`` + ``materialize`` + ``count``
+    for a block already known to be valid. Routing needs only the tag and the count; a sink
+    writing JSON lines needs only :attr:`raw_block`; anything that reads :attr:`records` builds
+    them on first access.
     """
 
-    __slots__ = ("_check", "_materialize", "_records", "ack", "count", "created", "raw_block", "size_bytes", "tag")
+    __slots__ = ("_block", "_raw", "_records", "ack", "count", "created", "size_bytes", "tag")
 
     def __init__(
         self,
@@ -101,52 +97,85 @@ class Batch:
         raw_block: bytes | None = None,
         materialize: Callable[[], list[Record]] | None = None,
         count: int | None = None,
-        check: Callable[[], Batch | None] | None = None,
+        block: LineBlock | None = None,
     ) -> None:
-        if records is None and (materialize is None or count is None):
-            raise ValueError("a lazy batch needs materialize and count")
+        if records is None and block is None:
+            if raw_block is None or materialize is None or count is None:
+                raise ValueError("a lazy batch needs a block (or raw_block, materialize and count)")
+            block = ReadyBlock(raw_block, count, materialize)
         self.tag = tag
-        self._check = check if records is None else None
         self._records = records
-        self._materialize = materialize
-        self.count = len(records) if records is not None else count
+        self._block = block if records is None else None
+        self.count = len(records) if records is not None else block.count  # type: ignore[union-attr]
         self.ack = ack
         self.size_bytes = size_bytes
         self.created = time.monotonic() if created is None else created
-        # The exact input bytes, one newline-terminated JSON document per record, in order.
-        # Set by a source only while every record is unmodified; the router clears it as soon
-        # as a transform touches the batch. Sinks that write JSON lines write it as it is.
-        self.raw_block = raw_block
+        # With records: their exact bytes, one newline-terminated JSON document per record, in
+        # order, set by a source only while every record is unmodified; the router clears it as
+        # soon as a transform touches the batch. Sinks that write JSON lines write it as it is.
+        self._raw = raw_block if records is not None else None
 
     @property
-    def unchecked(self) -> bool:
-        """True while the lazy block waits for its validation (see :meth:`check`)."""
-        return self._check is not None
+    def raw_block(self) -> bytes | None:
+        """The records as validated JSON lines, or None when they are not (any more) a block."""
+        block = self._block
+        if block is None:
+            return self._raw
+        data = block.data()
+        if data is None:
+            self._fall_back()
+            return self._raw
+        return data
 
-    def check(self) -> None:
-        """Validate an unchecked block. It stays as it is when it passes; when it does not, this
-        batch takes the records (and block, if any) its source built line by line instead."""
-        check = self._check
-        if check is None:
-            return
-        self._check = None
-        replacement = check()
-        if replacement is not None:
-            self._records = replacement.records
-            self._materialize = None
-            self.count = len(replacement)
-            self.raw_block = replacement.raw_block
+    @raw_block.setter
+    def raw_block(self, value: bytes | None) -> None:
+        self.records  # noqa: B018 - a lazy batch becomes its records first
+        self._raw = value
+
+    def pending_block(self) -> bytes | None:
+        """The lines as read, before anyone validated or built them, for a filter that decodes
+        every line itself (and turns to :attr:`raw_block` / :attr:`records` when a line is not
+        what it takes). None when there is no such block, or validation may change its bytes."""
+        block = self._block
+        if block is None or block.rewrites or block._data is not False:
+            return None
+        return block.source
+
+    def block_times(self) -> Sequence[int]:
+        """Each record's time, in order, without building records where the block knows them."""
+        block = self._block
+        if block is not None and block.data() is not None:
+            times = block.line_times()
+            if times is not None:
+                return times
+        return [record.time_ns for record in self.records]
+
+    def _fall_back(self) -> None:
+        """Validation failed: take the source's line-by-line records instead of the block."""
+        block = self._block
+        assert block is not None
+        self._block = None
+        if block.fallback is None:
+            raise ValueError("a block that failed its validation has no line-by-line fallback")
+        replacement = block.fallback()
+        self._records = replacement.records
+        self._raw = replacement.raw_block
+        self.count = len(self._records)
 
     @property
     def records(self) -> list[Record]:
         records = self._records
         if records is None:
-            self.check()
-            if self._records is not None:
+            block = self._block
+            assert block is not None
+            built = block.records()
+            if built is None:
+                self._fall_back()
+                assert self._records is not None
                 return self._records
-            assert self._materialize is not None
-            records = self._records = self._materialize()
-            self._materialize = None
+            self._raw = block.data()
+            self._block = None
+            records = self._records = built
         return records
 
     @property
@@ -155,7 +184,7 @@ class Batch:
         return self._records is not None
 
     def __len__(self) -> int:
-        return self.count  # type: ignore[return-value]
+        return self.count
 
     def __iter__(self) -> Iterator[Record]:
         return iter(self.records)

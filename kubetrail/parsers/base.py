@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from kubetrail.core.block import LineBlock
 from kubetrail.core.record import Record
 from kubetrail.parsers.decoders import FieldDecoders
 from kubetrail.parsers.timefmt import TimeParser
@@ -19,30 +20,6 @@ _CONVERTERS: dict[str, Any] = {
 
 # What :meth:`Parser.parse_value` returns: the body, and the time it carried (None: no time).
 Parsed = tuple[dict[str, Any], int | None]
-
-
-class DeferredBlock:
-    """A block of newline-terminated lines, parsed only when someone needs it.
-
-    Why the check waits too: a filter that decodes every line anyway (``kubernetes_audit``)
-    validates the block as part of its own work, and checking it here first would parse each
-    line twice. The router runs :meth:`check` before anything else sees the block (see
-    ``Batch.check``); until then the block is only known to be whole lines.
-
-    The records are one per line, in order, each with that line as its ``raw`` (the tail source
-    derives every record's file offset from this).
-    """
-
-    count: int  # lines in the block
-
-    def check(self) -> bool:
-        """Whether every line is what :meth:`materialize` needs (valid, one document per line).
-        False sends the block to the caller's line-by-line path, which reports the bad lines."""
-        raise NotImplementedError
-
-    def materialize(self) -> list[Record]:
-        """The records, after a :meth:`check` that passed."""
-        raise NotImplementedError
 
 
 class Parser:
@@ -64,6 +41,9 @@ class Parser:
         self.time_keep = time_keep
         self.time_parser = TimeParser(time_format, time_offset)
         self.types = types or {}
+        # Times not in time_format since the source last took this count (the record keeps
+        # its time key and gets the time of reading, as in Fluent Bit).
+        self.bad_times = 0
         for key, kind in self.types.items():
             if kind not in _CONVERTERS:
                 raise ValueError(f"type of {key!r} must be one of {', '.join(_CONVERTERS)}, not {kind!r}")
@@ -71,9 +51,9 @@ class Parser:
     def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
         raise NotImplementedError
 
-    def parse_block_deferred(self, block: bytes, tag: str) -> DeferredBlock | None:
-        """A block of newline-terminated lines whose records are built only when someone needs
-        them, and whose validation waits too (see :class:`DeferredBlock`), or ``None`` when this
+    def line_block(self, block: bytes, tag: str) -> LineBlock | None:
+        """A lazy block of these newline-terminated lines (no blank one), validated and parsed
+        only when someone needs it (see :mod:`kubetrail.core.block`), or ``None`` when this
         parser cannot (the caller then parses line by line)."""
         return None
 
@@ -111,6 +91,7 @@ class Parser:
         try:
             time_ns = self.time_parser.parse_ns(value)
         except (ValueError, TypeError, AttributeError):
+            self.bad_times += 1  # the source counts them (kubetrail_tail_bad_input_total)
             return None, False
         if not self.time_keep:
             del body[self.time_key]

@@ -5,21 +5,35 @@ one-field struct: it checks the whole document's syntax but builds no Python obj
 rest of it. The body stays as the original bytes (parsed lazily by :class:`Record`), so a record
 no filter touches is written out without ever being turned into a dict.
 
-When the time format is RFC 3339 (``%Y-%m-%dT%H:%M:%S.%L%z``, ``...%LZ``, or no format), msgspec
-also parses the time, in C, to microsecond precision; any other value falls back to
-:class:`TimeParser` for that line.
+The tail hands whole blocks to :meth:`JsonParser.line_block` (see :mod:`kubetrail.core.block`):
+
+* RFC 3339 time (``%Y-%m-%dT%H:%M:%S.%L%z``, ``...%LZ``, or no format) kept in the record
+  (``time_keep on``, the built-in ``k8s_audit`` and ``docker``), or no ``time_key``: msgspec
+  validates the block and parses the times, in C, to microsecond precision;
+* any other ``time_format``, or ``time_keep off`` (what Fluent Bit users write): msgspec
+  validates the block, then ``kubetrail_native.JsonLinesScanner`` finds each line's top-level
+  ``time_key``, parses it with the format compiled once (``native/src/timefmt.rs``) and, with
+  ``time_keep off``, cuts the member out of the line's bytes. A time it cannot decide (a
+  number, an escape, a text not in the format) goes to :class:`TimeParser`, the reference:
+  one that fails there keeps its key and the time of reading, and is counted (``bad_time``),
+  as Fluent Bit keeps such a record whole. Only a time that the reference takes but the scan
+  does not, under ``time_keep off``, sends the block to the line-by-line path.
+
+``types`` and ``decode_field`` change values, so those parsers decode every line (eager).
 """
 
 from __future__ import annotations
 
+from array import array
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
 import orjson
 
+from kubetrail.core.block import LineBlock
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import DeferredBlock, Parsed, Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
 
 try:  # optional (built from native/): counts a block's lines ~5x faster than bytes.count
     from kubetrail_native import count_newlines
@@ -27,6 +41,14 @@ except ImportError:  # pragma: no cover - depends on the installation
 
     def count_newlines(block: bytes) -> int:
         return block.count(b"\n")
+
+
+try:  # optional (built from native/): a block's times and time_key cut, without a dict per line
+    from kubetrail_native import JsonLinesScanner
+except ImportError:  # pragma: no cover - depends on the installation
+    JsonLinesScanner = None
+
+_VALID_ONLY = msgspec.json.Decoder(msgspec.defstruct("AnyObject", []))  # checks syntax, builds nothing
 
 
 RFC3339_FORMATS = frozenset(
@@ -53,6 +75,11 @@ class JsonParser(Parser):
         self._decoder = msgspec.json.Decoder(shape)
         # The lazy path only works when nothing must change in the body.
         self._lazy = (self.time_key is None or self.time_keep) and not self.types and self.decoders is None
+        # The native scan takes the time (any format) and cuts time_key when time_keep is off.
+        self._scanner: Any = None
+        plain = self.time_key and not self.types and self.decoders is None
+        if plain and JsonLinesScanner is not None and not (self._lazy and self._rfc3339):
+            self._scanner = JsonLinesScanner(self.time_key, not self.time_keep, fmt, self.time_parser.offset_seconds)
 
     def parse_lines(self, lines: list[bytes], tag: str) -> tuple[list[Record], int]:
         if not self._lazy:
@@ -98,8 +125,10 @@ class JsonParser(Parser):
             append(Record(tag, time_ns, None, line))
         return records, failed
 
-    def parse_block_deferred(self, block: bytes, tag: str) -> DeferredBlock | None:
-        if not (self._lazy and self._rfc3339):
+    def line_block(self, block: bytes, tag: str) -> LineBlock | None:
+        if self._scanner is not None:
+            return _ScannedBlock(self, block, tag)
+        if not (self._lazy and (self._rfc3339 or self.time_key is None)):
             return None
         return _JsonBlock(self._decoder, block, tag, timedelta(seconds=self.time_parser.offset_seconds))
 
@@ -158,46 +187,91 @@ class JsonParser(Parser):
         return records, failed
 
 
-class _JsonBlock(DeferredBlock):
+class _JsonBlock(LineBlock):
     """A block of JSON lines: one C call (msgspec) checks the syntax of all of it and decodes
     each line's time; the records are built only if someone asks for them."""
 
-    __slots__ = ("_decoder", "_now", "_offset", "_shapes", "block", "count", "tag")
+    __slots__ = ("_decoder", "_now", "_offset", "_shapes", "tag")
 
     def __init__(self, decoder: msgspec.json.Decoder[Any], block: bytes, tag: str, offset: timedelta) -> None:
+        super().__init__(block, count_newlines(block))
         self._decoder = decoder
-        self.block = block
         self.tag = tag
-        self.count = count_newlines(block)
         self._offset = offset
         self._now = wall_ns()  # the time of a line without one: when it was read
-        self._shapes: list[Any] | bool | None = None  # False: checked, and not valid
+        self._shapes: list[Any] = []
 
-    def check(self) -> bool:
-        if self._shapes is None:
-            try:
-                shapes = self._decoder.decode_lines(self.block)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-                shapes = None
-            # Fewer documents than lines: blank lines, which the line-by-line path skips.
-            self._shapes = shapes if shapes is not None and len(shapes) == self.count else False
-        return self._shapes is not False
+    def validate(self) -> bytes | None:
+        try:
+            shapes = self._decoder.decode_lines(self.source)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return None
+        if len(shapes) != self.count:
+            return None
+        self._shapes = shapes
+        return self.source
 
-    def materialize(self) -> list[Record]:
-        if not self.check():
-            raise ValueError("the block did not pass its check; it is parsed line by line")
-        shapes = self._shapes
-        assert isinstance(shapes, list)
-        now, offset, tag = self._now, self._offset, self.tag
-        records: list[Record] = []
-        append = records.append
-        for shape, line in zip(shapes, self.block.split(b"\n")):  # noqa: B905 - split has one extra b""
-            value = shape.t
+    def line_times(self) -> list[int]:
+        now, offset = self._now, self._offset
+        times: list[int] = []
+        append = times.append
+        for shape in self._shapes:
+            value = getattr(shape, "t", None)
             if value is None:
-                time_ns = now
-            else:
-                if value.tzinfo is None:  # no zone written: UTC shifted by time_offset
-                    value = value.replace(tzinfo=UTC) - offset
-                time_ns = round(value.timestamp() * 1_000_000) * 1000
-            append(Record(tag, time_ns, None, line))
-        return records
+                append(now)
+                continue
+            if value.tzinfo is None:  # no zone written: UTC shifted by time_offset
+                value = value.replace(tzinfo=UTC) - offset
+            append(round(value.timestamp() * 1_000_000) * 1000)
+        return times
+
+    def build(self, data: bytes) -> list[Record]:
+        tag = self.tag
+        return [Record(tag, t, None, line) for t, line in zip(self.line_times(), data.split(b"\n"))]  # noqa: B905
+
+
+class _ScannedBlock(LineBlock):
+    """A block whose times the native scan takes (any ``time_format``), with ``time_key`` cut
+    out of the bytes under ``time_keep off`` (see the module docstring)."""
+
+    __slots__ = ("_now", "_parser", "tag")
+
+    def __init__(self, parser: JsonParser, block: bytes, tag: str) -> None:
+        super().__init__(block, count_newlines(block))
+        self._parser = parser
+        self.tag = tag
+        self._now = wall_ns()
+        self.rewrites = not parser.time_keep
+
+    def validate(self) -> bytes | None:
+        try:
+            if len(_VALID_ONLY.decode_lines(self.source)) != self.count:
+                return None
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return None  # a line that is not a JSON object: the line-by-line path keeps it as log
+        scanned = self._parser._scanner.scan(self.source, self._now)
+        if scanned is None:
+            return None  # a repeated or escaped time_key: the reference decoder decides
+        data: bytes = scanned[0]
+        raw_times, slow = scanned[1], scanned[2]
+        times = array("q")
+        times.frombytes(raw_times)
+        bad = 0
+        parse = self._parser.time_parser.parse_ns
+        for index, raw in slow:
+            try:
+                times[index] = parse(orjson.loads(raw))
+            except (ValueError, TypeError, AttributeError, OverflowError):
+                bad += 1  # kept whole, with the time it was read at (as Fluent Bit does)
+                continue
+            if not self._parser.time_keep:
+                return None  # the reference took a time the scan did not: its key must go
+        if bad and self.report is not None:
+            self.report("bad_time", bad)
+        self.times = times
+        return data
+
+    def build(self, data: bytes) -> list[Record]:
+        tag = self.tag
+        assert self.times is not None
+        return [Record(tag, t, None, line) for t, line in zip(self.times, data.split(b"\n"))]  # noqa: B905

@@ -102,12 +102,7 @@ class _SourceEmitter:
             else None
         )
 
-    def leaves_check(self, tag: str) -> bool:
-        return not self._processors and self._router.leaves_check(tag)
-
     async def send(self, batch: Batch, *, after: Awaitable[None] | None = None) -> None:
-        if batch.unchecked and not self.leaves_check(batch.tag):
-            batch.check()  # before it is counted: a block that fails may hold fewer records
         self._metrics.records_in.inc(len(batch))
         self._metrics.bytes_in.inc(batch.size_bytes)
         if self._mem_limit:

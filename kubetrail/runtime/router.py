@@ -105,12 +105,6 @@ class Router:
             self._routes[tag] = route
         return route
 
-    def leaves_check(self, tag: str) -> bool:
-        """True when the first filter on the route of ``tag`` validates a lazy block's lines itself
-        (``Transform.checks_json_lines``): an unchecked batch is then handed to it as it is."""
-        transforms = self.route(tag).transforms
-        return bool(transforms) and transforms[0].transform.checks_json_lines
-
     async def send(
         self,
         batch: Batch,
@@ -171,8 +165,6 @@ class Router:
             transform = routed.transform
             if id(transform) in skip:
                 continue
-            if not transform.checks_json_lines:
-                out.check()
             before = len(out)
             routed.metrics.records_in.inc(before)
             try:
@@ -195,7 +187,6 @@ class Router:
             routed.metrics.dropped(before - len(out), "filtered")
             if not len(out):
                 break
-        out.check()  # a filter that failed passed it on as it came
         return out
 
     @staticmethod

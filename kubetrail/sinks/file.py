@@ -24,6 +24,7 @@ from kubetrail.core.dates import epoch_text
 from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.json_format import framed_lines
 
 MAX_OPEN_FILES = 64
 _DELIMITERS = {"\\t": "\t", "tab": "\t", "space": " ", "comma": ",", ",": ",", " ": " ", "\t": "\t"}
@@ -105,8 +106,13 @@ class FileSink(Sink):
         return self.directory / (self.file_name or batch.tag)
 
     def _data(self, batch: Batch) -> bytes:
-        if self.format == "plain" and batch.raw_block is not None:
-            return batch.raw_block  # unmodified JSON lines: the input bytes are the output
+        if self.format in ("plain", "out_file"):
+            block = batch.raw_block
+            if block is not None:
+                if self.format == "plain":
+                    return block  # unmodified JSON lines: the input bytes are the output
+                # The block's own times (see kubetrail.core.block): no record is built.
+                return framed_lines(block, batch.block_times(), f"{batch.tag}: [".encode(), b"]\n")
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 

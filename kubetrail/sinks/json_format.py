@@ -8,6 +8,8 @@ for byte; the fast path (an unmodified batch written as the source's own JSON li
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import orjson
 
 from kubetrail.core.dates import DATE_FORMATS, format_date
@@ -38,6 +40,28 @@ def with_date(record: Record, date_key: str | None, date_format: str) -> bytes:
     if raw == b"{}":
         return prefix + b"}"
     return prefix + b"," + raw[1:]
+
+
+def framed_lines(block: bytes, times: Sequence[int], prefix: bytes, suffix: bytes, first: int | None = None) -> bytes:
+    """Each JSON line of ``block`` as ``prefix`` + ``SECONDS.NANOS, `` + line + ``suffix``: Fluent
+    Bit's ``tag: [time, record]`` text (the file output's ``out_file``, and stdout's ``msgpack``
+    with ``first``, the number of the first record, written before the prefix as ``[N] ``)
+    straight from a block and its times, without a record per line."""
+    lines = block.split(b"\n")
+    lines.pop()  # after the final newline
+    if first is None:
+        return b"".join(
+            [
+                b"%s%d.%09d, %s%s" % (prefix, t // 1_000_000_000, t % 1_000_000_000, line, suffix)
+                for t, line in zip(times, lines)  # noqa: B905 - one time per line
+            ]
+        )
+    return b"".join(
+        [
+            b"[%d] %s%d.%09d, %s%s" % (n, prefix, t // 1_000_000_000, t % 1_000_000_000, line, suffix)
+            for n, t, line in zip(range(first, first + len(lines)), times, lines)  # noqa: B905
+        ]
+    )
 
 
 def encode_batch(batch: Batch, fmt: str, date_key: str | None, date_format: str) -> bytes:

@@ -9,7 +9,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.dates import epoch_text
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch
-from kubetrail.sinks.json_format import JSON_DATE_OPTIONS, JSON_FORMATS, date_key_option, encode_batch
+from kubetrail.sinks.json_format import JSON_DATE_OPTIONS, JSON_FORMATS, date_key_option, encode_batch, framed_lines
 
 
 class StdoutSink(Sink):
@@ -35,8 +35,12 @@ class StdoutSink(Sink):
         self._counter = 0
 
     async def write(self, batch: Batch) -> None:
+        block = batch.raw_block if self.format == "msgpack" else None
         if self.format in JSON_FORMATS:
             out = encode_batch(batch, self.format, self.date_key, self.date_format)
+        elif block is not None:  # the block and its times: no record built
+            out = framed_lines(block, batch.block_times(), f"{batch.tag}: [".encode(), b"]\n", self._counter)
+            self._counter += len(batch)
         else:
             lines = []
             for record in batch.records:

@@ -64,7 +64,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.core.state import DB_OPTIONS, StateDB
 from kubetrail.core.tags import expand_tag
 from kubetrail.core.values import split_list
-from kubetrail.parsers.base import DeferredBlock, Parser, wall_ns
+from kubetrail.parsers.base import Parser, wall_ns
 from kubetrail.parsers.multiline import FORMATS, ContainerLogJoiner, JoinStats
 from kubetrail.parsers.multiline_rules import BUILTIN_RULES, RegexLogJoiner, RuleSet, builtin, from_section
 from kubetrail.sources.tail_watch import FileWatcher
@@ -120,26 +120,6 @@ def _line_starts(lines: list[bytes], start: int) -> list[int]:
         append(position)
         position += len(line) + 1
     return starts
-
-
-def _with_identities(materialize: Callable[[], list[Record]], uid: str, start: int) -> Callable[[], list[Record]]:
-    """Wraps a lazy batch's builder: records get their identities only if someone builds them.
-
-    A lazy batch has one record per line whose ``raw`` is that line (the DeferredBlock
-    contract), so the offsets follow from the records' lengths without splitting the block again.
-    """
-
-    def build() -> list[Record]:
-        records = materialize()
-        position = start
-        for record in records:
-            raw = record.raw
-            assert raw is not None, "deferred block records keep their line"
-            record.identity = (uid, position)
-            position += len(raw) + 1
-        return records
-
-    return build
 
 
 def _fingerprint(handle: IO[bytes]) -> tuple[int, bytes]:
@@ -368,8 +348,6 @@ class TailSource(Source):
         kubernetes_audit filter's native scan). Each send reaches the sinks only after the one
         before it (``after``), so the order of reading is kept. At most ``ROUTING_AHEAD`` sends
         are unfinished; then reading waits for the oldest."""
-        if batch.unchecked and not emitter.leaves_check(batch.tag):
-            batch.check()  # here, as part of reading: nothing on its route checks it (measured faster)
         if len(self._sending) >= ROUTING_AHEAD:
             await self._sending.popleft()
         previous = self._sending[-1] if self._sending else None
@@ -844,32 +822,24 @@ class TailSource(Source):
             return self._make_container_batch(tailed, block, start, end, skip_first)
         token = tailed.acks.token(end, self._track(len(block)))
         plain = not (skip_first or self.path_key or self.offset_key)
-        if self.parser is not None and plain:
-            deferred = self.parser.parse_block_deferred(block, tailed.tag)
-            if deferred is not None:
-                return self._deferred_batch(tailed, block, start, token, deferred)
+        # A blank line is skipped by the line-by-line path, so such a block is parsed that way:
+        # a lazy block's count must be its records' count from the start.
+        if self.parser is not None and plain and not (block.startswith(b"\n") or b"\n\n" in block):
+            lazy = self.parser.line_block(block, tailed.tag)
+            if lazy is not None:
+                lazy.fallback = lambda: self._line_batch(tailed, block, start, token, False, True)
+                lazy.identity = (tailed.uid, start)
+                lazy.report = self._bad_input
+                return Batch(tailed.tag, None, token, len(block), block=lazy)
         batch = self._line_batch(tailed, block, start, token, skip_first, plain)
         if not len(batch):
             token.seal()  # nothing to deliver, but the offset may still advance
             return None
         return batch
 
-    def _deferred_batch(
-        self, tailed: TailedFile, block: bytes, start: int, token: AckToken, deferred: DeferredBlock
-    ) -> Batch:
-        """A lazy, unchecked batch of the block (see ``Batch.check``): no record built, and the
-        lines validated only when the batch is routed (or by a filter that decodes them anyway)."""
-
-        def check() -> Batch | None:
-            if deferred.check():
-                return None
-            # Not one valid document per line: parsed line by line, the bad lines reported.
-            return self._line_batch(tailed, block, start, token, False, True)
-
-        build = _with_identities(deferred.materialize, tailed.uid, start)
-        return Batch(
-            tailed.tag, None, token, len(block), raw_block=block, materialize=build, count=deferred.count, check=check
-        )
+    def _bad_input(self, kind: str, count: int) -> None:
+        """Bad input a lazy block found when it was validated (``bad_time``)."""
+        self.m_bad.labels(kind).inc(count)
 
     def _line_batch(
         self, tailed: TailedFile, block: bytes, start: int, token: AckToken, skip_first: bool, plain: bool
@@ -903,6 +873,9 @@ class TailSource(Source):
                 records, failed = parser.parse_lines(lines, tag)
             if failed:
                 self._parse_failures(tailed, failed)
+            if parser.bad_times:
+                self._bad_input("bad_time", parser.bad_times)
+                parser.bad_times = 0
         else:
             raw_block = None
             now = wall_ns()

@@ -51,12 +51,11 @@ event loop's thread reads on; the tail hands over its next batch before the last
 the router keeps their order. What needs the filter's state (dedupe) or is rare (redaction)
 stays on the event loop, in Python, either way.
 
-**Parsed once.** The scan decodes and validates every line, so when this filter is the first on
-a tailed block's route the tail's json parser does not check the block first
-(``checks_json_lines``; see ``Batch.check``): each audit line is parsed once, here, in the scan
-thread. Only a block with a line that is not an audit event is checked as the parser would
-have (a line that is not JSON then sends the block the record way); a record's time comes from
-the deferred parse if someone builds the records.
+**Parsed once.** The scan decodes and validates every line, so it takes a tailed block before
+the tail's json parser validated it (``Batch.pending_block``; see :mod:`kubetrail.core.block`):
+each audit line is parsed once, here, in the scan thread. Only a block with a line that is not
+an audit event is validated as the parser would have (a line that is not JSON then sends the
+block the record way); a record's time comes from the parser if someone builds the records.
 
 **Redaction, on by default.** ``data`` and ``stringData`` values of Secrets (and of each item of
 a SecretList) in ``requestObject`` and ``responseObject``, their
@@ -579,9 +578,14 @@ def _raws(records: list[Record]) -> list[bytes]:
 
 def _lazy_block(batch: Batch) -> bytes | None:
     """The block of a lazy batch the filter can take whole: newline-terminated lines, no record
-    built yet. None otherwise (the filter then works on the records)."""
-    block = batch.raw_block
-    if block is None or batch.is_materialized or not len(batch) or not block.endswith(b"\n"):
+    built yet (before its parser validated it, when that changes no byte). None otherwise (the
+    filter then works on the records)."""
+    if batch.is_materialized or not len(batch):
+        return None
+    block = batch.pending_block()
+    if block is None:
+        block = batch.raw_block  # validated first: its parser rewrites lines (or it was done)
+    if block is None or batch.is_materialized or not block.endswith(b"\n"):
         return None
     return block
 
@@ -589,9 +593,6 @@ def _lazy_block(batch: Batch) -> bytes | None:
 class KubernetesAuditTransform(Transform):
     plugin_name = "kubernetes_audit"
     description = "Flattens audit events into queryable keys, redacts secrets, drops stages/levels, deduplicates"
-    # Both scans decode every line; a block with a line that is not an event is checked then
-    # (see _process_block). So a tailed block is parsed once, not by the parser and again here.
-    checks_json_lines = True
     options = (
         Option("flatten", "bool", True, help="Add the queried fields as top-level keys (original kept)"),
         Option("drop_stages", "list", [], help="Stages to drop, e.g. RequestReceived"),
@@ -825,14 +826,12 @@ class KubernetesAuditTransform(Transform):
         """The filtered lazy batch of a scanned block. ``built``: the new block as the scan
         thread built it for the case that every line goes on (used when that is so)."""
         codes = scan.codes  # a copy each time it is asked for (native)
-        if batch.unchecked and (len(scan) != len(batch) or PASS in codes):
-            # A line that is not an audit event may not be JSON at all: the block is validated
-            # as the router would have (the scan checked the others), and one that fails is
-            # filtered as the records its source parsed line by line.
-            batch.check()
-            if batch.raw_block is not block:
-                scan.release()
-                return super().process_batch(batch)
+        # A line that is not an audit event may not be JSON at all: the block is validated by its
+        # parser (the scan checked the others; a no-op when already done), and one that fails
+        # is filtered as the records its source parsed line by line.
+        if (len(scan) != len(batch) or PASS in codes) and batch.raw_block is not block:
+            scan.release()
+            return super().process_batch(batch)
         if len(scan) != len(batch):
             scan.release()
             return super().process_batch(batch)  # not one document per line after all

@@ -28,6 +28,9 @@
 //!          the two decoders differ (msgspec takes a repeated key's last value and any integer)
 //!          the reference wins, so such a line is never passed on unredacted by mistake.
 
+mod jsonlines;
+mod timefmt;
+
 use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
@@ -633,7 +636,7 @@ impl Output<'_> {
 
 /// A new bytes object of ``len`` bytes, filled by ``fill`` without the GIL. Unlike
 /// ``PyBytes::new_with`` it does not zero the buffer first: every byte is written once.
-fn new_bytes_filled<'py>(
+pub(crate) fn new_bytes_filled<'py>(
     py: Python<'py>,
     len: usize,
     fill: impl FnOnce(&mut RawWriter) + Send,
@@ -665,7 +668,7 @@ fn new_bytes_filled<'py>(
 }
 
 /// Appends to a buffer of known size; every write is bounds-checked.
-struct RawWriter {
+pub(crate) struct RawWriter {
     ptr: *mut u8,
     len: usize,
     at: usize,
@@ -675,7 +678,7 @@ struct RawWriter {
 unsafe impl Send for RawWriter {}
 
 impl RawWriter {
-    fn put(&mut self, piece: &[u8]) {
+    pub(crate) fn put(&mut self, piece: &[u8]) {
         assert!(piece.len() <= self.len - self.at, "output block overrun");
         // SAFETY: in bounds (asserted); the source is another object's memory.
         unsafe {
@@ -686,7 +689,7 @@ impl RawWriter {
 }
 
 /// Splits a block of newline-terminated lines (a last line without newline counts too).
-fn block_lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
+pub(crate) fn block_lines(block: &[u8]) -> impl Iterator<Item = &[u8]> {
     let body = block.strip_suffix(b"\n").unwrap_or(block);
     let mut start = 0;
     let mut ends = memchr::memchr_iter(b'\n', body).chain(std::iter::once(body.len()));
@@ -1104,5 +1107,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<AuditScan>()?;
     module.add_class::<KeySet>()?;
     module.add_class::<KeyBatch>()?;
+    module.add_class::<jsonlines::JsonLinesScanner>()?;
+    module.add_class::<timefmt::TimeFormat>()?;
     Ok(())
 }

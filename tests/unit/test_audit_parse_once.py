@@ -1,8 +1,8 @@
 """A tailed audit log is parsed once: the ``kubernetes_audit`` filter validates the block.
 
-The tail hands over its blocks unchecked (``Batch.check``); when the first filter on the route
-decodes every line anyway, the router leaves the check to it, and it checks the block only when
-a line was not an audit event. The output must be exactly what the check-first way gives: the
+The tail hands over lazy blocks (``kubetrail.core.block``) that nobody has validated; the filter
+takes the block before validation (``Batch.pending_block``) and has it validated only when a
+line was not an audit event. The output must be exactly what the check-first way gives: the
 same records, bytes, times, identities and parse failures, for any input, broken lines included.
 """
 
@@ -21,7 +21,6 @@ from kubetrail.core.record import Batch
 from kubetrail.parsers import json_parser
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms import kubernetes_audit
-from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform
 from tests.unit.helpers import tail_file_config, write
 from tests.unit.test_audit_scan import base_event, edge_lines, mutated_lines
 
@@ -42,8 +41,7 @@ class KeepingSink:
         return None
 
     async def write(self, batch: Batch) -> None:
-        assert not batch.unchecked, "a sink was handed a block nobody validated"
-        self.blocks += batch.raw_block is not None
+        self.blocks += batch.raw_block is not None  # validated on the way, if nobody did before
         self.delivered.extend((r.time_ns, r.identity, r.json_bytes()) for r in batch.records)
 
     async def close(self) -> None:
@@ -114,8 +112,8 @@ async def delivered_both_ways(
     log = write(tmp_path / "logs" / "audit.log", "")
     log.write_bytes(b"".join(line + b"\n" for line in lines))
     once, once_failures = await run(tmp_path / "once", log, audit_filter(native))
-    # The check-first way: the filter does not claim the check, so the router runs it.
-    monkeypatch.setattr(KubernetesAuditTransform, "checks_json_lines", False)
+    # The check-first way: the filter is offered no block before its validation.
+    monkeypatch.setattr(Batch, "pending_block", lambda self: None)
     checked, checked_failures = await run(tmp_path / "checked", log, audit_filter(native))
     return once, once_failures, checked, checked_failures
 
@@ -167,14 +165,14 @@ async def test_a_valid_audit_log_is_not_parsed_by_the_tail(
     if native == "on" and kubernetes_audit.NativeScanner is None:
         pytest.skip("kubetrail_native is not built")
     checks = 0
-    real_check = json_parser._JsonBlock.check
+    real_check = json_parser._JsonBlock.validate
 
-    def counting_check(self: json_parser._JsonBlock) -> bool:
+    def counting_check(self: json_parser._JsonBlock) -> bytes | None:
         nonlocal checks
         checks += 1
         return real_check(self)
 
-    monkeypatch.setattr(json_parser._JsonBlock, "check", counting_check)
+    monkeypatch.setattr(json_parser._JsonBlock, "validate", counting_check)
     lines = [orjson.dumps(base_event(i, level="Metadata")) for i in range(500)]
     log = write(tmp_path / "logs" / "audit.log", "")
     log.write_bytes(b"".join(line + b"\n" for line in lines))
@@ -191,7 +189,7 @@ async def test_a_valid_audit_log_is_not_parsed_by_the_tail(
         f"00000000-0000-0000-0000-{i:012d}" for i in range(500)
     ]
     assert (tmp_path / "alone" / "out" / "out.jsonl").read_bytes().splitlines() == lines
-    assert parsed[1] > 0  # without the filter, the router checks the block before the sink sees it
+    assert parsed[1] > 0  # without the filter, the block is validated when the sink asks for it
 
 
 async def test_records_of_a_filtered_block_get_their_times_from_the_deferred_parse(tmp_path: Path) -> None:
@@ -210,24 +208,24 @@ async def test_records_of_a_filtered_block_get_their_times_from_the_deferred_par
 async def test_a_block_of_blank_lines_delivers_nothing_and_moves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, filters: str
 ) -> None:
-    """Whole blocks of empty lines (the parser's check fails: no document) between events: the
-    tail reads 32 KiB at a time here, so the first three blocks hold nothing else."""
-    failed_checks = 0
-    real_check = json_parser._JsonBlock.check
+    """Whole blocks of empty lines between events: the tail reads 32 KiB at a time here, so the
+    first three blocks hold nothing else. A block with a blank line is parsed line by line (a
+    lazy block's count must be exact), so none of them is ever a lazy block."""
+    blank_blocks = 0
+    real_init = json_parser._JsonBlock.__init__
 
-    def counting_check(self: json_parser._JsonBlock) -> bool:
-        nonlocal failed_checks
-        passed = real_check(self)
-        failed_checks += not passed and not self.block.strip(b"\n")
-        return passed
+    def counting_init(self: json_parser._JsonBlock, *args: Any) -> None:
+        nonlocal blank_blocks
+        real_init(self, *args)
+        blank_blocks += self.source.startswith(b"\n") or b"\n\n" in self.source
 
-    monkeypatch.setattr(json_parser._JsonBlock, "check", counting_check)
+    monkeypatch.setattr(json_parser._JsonBlock, "__init__", counting_init)
     events = [orjson.dumps(base_event(i, level="Metadata")) for i in range(3)]
     log = write(tmp_path / "logs" / "audit.log", "")
     log.write_bytes(b"\n" * 100_000 + events[0] + b"\n" + b"\n" * 3 + b"".join(e + b"\n" for e in events[1:]))
     flt = audit_filter("on" if kubernetes_audit.NativeScanner else "off") if filters else ""
     sink, failures = await run(tmp_path, log, flt, input_extra="    batch_size 4k\n")
-    assert failed_checks >= 3  # blocks of nothing but blank lines were read (and checked)
+    assert blank_blocks == 0
     assert [orjson.loads(b)["auditID"] for _, _, b in sink.delivered] == [
         f"00000000-0000-0000-0000-{i:012d}" for i in range(3)
     ]

@@ -1,0 +1,337 @@
+"""Benchmark: the configs Fluent Bit users bring (their own parsers), each beside a naive loop.
+
+Every row runs kubetrail as a child process (tail, read_from_head, exit_on_eof -> one file
+output) and, in the same round, a naive Python loop doing the same work on the same input
+(``orjson.loads``, ``datetime.strptime``, ``re.match``, ``orjson.dumps``, write), so that the
+ratio survives this shared machine's noise. Rounds alternate the rows; medians are printed.
+
+    .venv/bin/python bench/bench_user_configs.py [--audit-lines 300000] [--cri-lines 500000]
+        [--repeat 3] [--rows NAME,...] [--formats]
+
+Rows (issue 18), targets in brackets:
+
+* ``k8s_audit``: the built-in parser, ``format plain`` (the reference row);
+* ``json``: ``[PARSER] format json`` without time [<= 1.3x the reference];
+* ``json+time``: ``time_key stageTimestamp``, ``time_format %Y-%m-%dT%H:%M:%S.%LZ``,
+  ``time_keep off``, ``format plain`` [<= 1.3x the reference];
+* ``json+time out_file``: the same parser, the file output's default format [<= 1.3x];
+* ``cri``: CRI lines (10% of messages cut into ``P``/``F`` pieces), ``multiline.parser cri``,
+  ``format plain`` [<= 2.0 s for 500,000 lines];
+* ``regex``: a ``[PARSER] format regex`` (the CRI shape, with time) on the same CRI lines;
+* ``multiline``: a ``[MULTILINE_PARSER]`` (a start line and indented continuations) in the
+  ``multiline`` filter, on 300,000 plain text lines.
+
+``--formats`` adds the file output's and stdout's formats on the ``json+time`` parser, each
+against ``plain`` [each within 10% of plain].
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from _common import CACHE, Measured, audit_lines_file, cpu_count_hint, measure, warm_free_memory
+
+SERVICE = """
+[SERVICE]
+    log_level warn
+    grace     60
+[PARSER]
+    name        audit_time
+    format      json
+    time_key    stageTimestamp
+    time_format %Y-%m-%dT%H:%M:%S.%LZ
+[PARSER]
+    name        plain_json
+    format      json
+[PARSER]
+    name        cri_regex
+    format      regex
+    regex       ^(?<time>[^ ]+) (?<stream>stdout|stderr) (?<logtag>[^ ]*) (?<log>.*)$
+    time_key    time
+    time_format %Y-%m-%dT%H:%M:%S.%L%z
+[MULTILINE_PARSER]
+    name          app_trace
+    type          regex
+    flush_timeout 1000
+    rule "start_state" "/^\\d{4}-\\d{2}-\\d{2} /" "cont"
+    rule "cont"        "/^\\s+at /"                   "cont"
+"""
+
+INPUT = """
+[INPUT]
+    name           tail
+    path           {src}
+    tag            bench
+    read_from_head on
+    exit_on_eof    on
+{extra}
+"""
+
+FILE_OUTPUT = """
+[OUTPUT]
+    name   file
+    match  *
+    path   {out}
+    file   out.txt
+    format {fmt}
+"""
+
+STDOUT_OUTPUT = """
+[OUTPUT]
+    name   stdout
+    match  *
+    format {fmt}
+"""
+
+# The naive loops: the obvious Python for the same work (read, parse, take the time, write).
+NAIVE_JSON = r"""
+import sys, orjson
+from datetime import datetime, timezone
+src, dst, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(src, "rb") as f, open(dst, "wb") as out:
+    for line in f:
+        record = orjson.loads(line)
+        if mode != "none":
+            stamp = record.pop("stageTimestamp")
+            t = datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc).timestamp()
+        if mode == "out_file":
+            out.write(b"bench: [%.9f, " % t + orjson.dumps(record) + b"]\n")
+        else:
+            out.write(orjson.dumps(record) + b"\n")
+"""
+
+NAIVE_CRI = r"""
+import sys, orjson
+src, dst = sys.argv[1], sys.argv[2]
+pending = {}
+with open(src, "rb") as f, open(dst, "wb") as out:
+    for line in f:
+        stamp, stream, tag, text = line.rstrip(b"\n").split(b" ", 3)
+        if tag == b"P":
+            pending.setdefault(stream, []).append(text)
+            continue
+        pieces = pending.pop(stream, [])
+        pieces.append(text)
+        record = {"time": stamp.decode(), "stream": stream.decode(), "_p": "F", "log": b"".join(pieces).decode()}
+        out.write(orjson.dumps(record) + b"\n")
+"""
+
+NAIVE_REGEX = r"""
+import sys, re, orjson
+from datetime import datetime
+src, dst = sys.argv[1], sys.argv[2]
+rx = re.compile(r"^(?P<time>[^ ]+) (?P<stream>stdout|stderr) (?P<logtag>[^ ]*) (?P<log>.*)$")
+with open(src, "r") as f, open(dst, "wb") as out:
+    for line in f:
+        m = rx.match(line.rstrip("\n"))
+        body = m.groupdict()
+        t = datetime.strptime(body.pop("time")[:26] + "+0000", "%Y-%m-%dT%H:%M:%S.%f%z").timestamp()
+        out.write(orjson.dumps(body) + b"\n")
+"""
+
+NAIVE_MULTILINE = r"""
+import sys, re, orjson
+src, dst = sys.argv[1], sys.argv[2]
+start = re.compile(r"^\d{4}-\d{2}-\d{2} ")
+cont = re.compile(r"^\s+at ")
+message = None
+with open(src, "r") as f, open(dst, "wb") as out:
+    for line in f:
+        line = line.rstrip("\n")
+        if message is not None and cont.match(line):
+            message.append(line)
+            continue
+        if message is not None:
+            out.write(orjson.dumps({"log": "\n".join(message)}) + b"\n")
+        message = [line]
+    if message is not None:
+        out.write(orjson.dumps({"log": "\n".join(message)}) + b"\n")
+"""
+
+
+@dataclass
+class Row:
+    name: str
+    src: Path
+    tail_extra: str
+    filters: str
+    fmt: str
+    records: int  # records the output must hold
+    naive: str | None
+    naive_args: tuple[str, ...] = ()
+    output: str = "file"
+
+
+def cri_file(count: int) -> Path:
+    """``count`` messages as CRI lines, ~100 bytes each, 10% cut into a P and an F piece."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    target = CACHE / f"cri10-{count}.log"
+    if not target.exists():
+        rnd = random.Random(18)
+        out: list[bytes] = []
+        for n in range(count):
+            stamp = f"2026-12-01T12:{(n // 60_000) % 60:02d}:{(n // 1000) % 60:02d}.{(n * 7919) % 1_000_000_000:09d}Z"
+            stream = "stderr" if n % 7 == 0 else "stdout"
+            message = f'level=info msg="request handled" path=/api/v{n % 3}/items/{n} took={rnd.random():.4f}'
+            if n % 10 == 0:
+                half = len(message) // 2
+                out.append(f"{stamp} {stream} P {message[:half]}\n".encode())
+                out.append(f"{stamp} {stream} F {message[half:]}\n".encode())
+            else:
+                out.append(f"{stamp} {stream} F {message}\n".encode())
+        tmp = target.with_suffix(".tmp")
+        tmp.write_bytes(b"".join(out))
+        tmp.rename(target)
+    return target
+
+
+def trace_file(messages: int) -> tuple[Path, int]:
+    """Application log lines: every 4th message is a stack trace of 3 indented lines."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    target = CACHE / f"traces-{messages}.log"
+    if not target.exists():
+        out: list[str] = []
+        for n in range(messages):
+            out.append(f"2026-12-01 12:00:{n % 60:02d},{n % 1000:03d} ERROR request {n} failed: boom\n")
+            if n % 4 == 0:
+                out.extend(f"    at com.example.Handler.step{k}(Handler.java:{n % 500 + k})\n" for k in range(3))
+        tmp = target.with_suffix(".tmp")
+        tmp.write_text("".join(out))
+        tmp.rename(target)
+    return target, messages
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as handle:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b""))
+
+
+def rows(args: argparse.Namespace) -> list[Row]:
+    audit = audit_lines_file(args.audit_lines)
+    cri = cri_file(args.cri_lines)
+    traces, messages = trace_file(args.trace_messages)
+    n = args.audit_lines
+    out = [
+        Row("k8s_audit", audit, "    parser k8s_audit", "", "plain", n, NAIVE_JSON, ("none",)),
+        Row("json", audit, "    parser plain_json", "", "plain", n, NAIVE_JSON, ("none",)),
+        Row("json+time", audit, "    parser audit_time", "", "plain", n, NAIVE_JSON, ("plain",)),
+        Row("json+time out_file", audit, "    parser audit_time", "", "out_file", n, NAIVE_JSON, ("out_file",)),
+        Row("cri", cri, "    multiline.parser cri", "", "plain", args.cri_lines, NAIVE_CRI),
+        Row("regex", cri, "    parser cri_regex", "", "plain", count_lines(cri), NAIVE_REGEX),
+        Row(
+            "multiline",
+            traces,
+            "",
+            "[FILTER]\n    name multiline\n    match *\n    multiline.key_content log\n"
+            "    multiline.parser app_trace\n",
+            "plain",
+            messages,
+            NAIVE_MULTILINE,
+        ),
+    ]
+    if args.formats:
+        for fmt in ("csv", "ltsv", "template"):
+            out.append(Row(f"json+time {fmt}", audit, "    parser audit_time", "", fmt, n, None))
+        for fmt in ("msgpack", "json_lines"):
+            out.append(
+                Row(f"json+time stdout {fmt}", audit, "    parser audit_time", "", fmt, n, None, output="stdout")
+            )
+    if args.rows:
+        wanted = set(args.rows.split(","))
+        out = [row for row in out if row.name in wanted]
+    return out
+
+
+def run_row(row: Row, work: Path, cold: bool) -> tuple[Measured, Measured | None]:
+    out_file = work / "out.txt"
+    output = (FILE_OUTPUT if row.output == "file" else STDOUT_OUTPUT).format(out=work, fmt=row.fmt)
+    config = work / "bench.conf"
+    config.write_text(SERVICE + INPUT.format(src=row.src, extra=row.tail_extra) + row.filters + output)
+    if not cold:
+        warm_free_memory(work)
+    if row.output == "stdout":
+        with out_file.open("wb") as stdout:
+            m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)], stdout=stdout)
+    else:
+        m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
+    written = count_lines(out_file)
+    if m.returncode or written != row.records:
+        raise SystemExit(f"FAILED: {row.name}: rc={m.returncode}, {written} of {row.records} records")
+    out_file.unlink()
+    naive = None
+    if row.naive is not None:
+        script = work / "naive.py"
+        script.write_text(row.naive)
+        naive = measure([sys.executable, str(script), str(row.src), str(out_file), *row.naive_args])
+        if naive.returncode:
+            raise SystemExit(f"FAILED: naive loop of {row.name}: rc={naive.returncode}")
+        out_file.unlink()
+    return m, naive
+
+
+def median(ms: list[Measured]) -> Measured:
+    return sorted(ms, key=lambda m: m.wall)[len(ms) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--audit-lines", type=int, default=300_000)
+    parser.add_argument("--cri-lines", type=int, default=500_000, help="CRI messages (10%% are two lines)")
+    parser.add_argument("--trace-messages", type=int, default=240_000, help="log messages, every 4th a trace")
+    parser.add_argument("--repeat", type=int, default=3, help="rounds of all rows; medians are compared")
+    parser.add_argument("--rows", help="comma list of row names to run")
+    parser.add_argument("--formats", action="store_true", help="also the file and stdout formats (item 4)")
+    parser.add_argument("--output-dir", help="where outputs are written (default: the temp dir)")
+    parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
+    args = parser.parse_args()
+    selected = rows(args)
+    runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
+    naive_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
+    for _ in range(args.repeat):
+        for row in selected:
+            work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-", dir=args.output_dir))
+            try:
+                m, naive = run_row(row, work, args.cold)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            runs[row.name].append(m)
+            if naive is not None:
+                naive_runs[row.name].append(naive)
+    print(f"{cpu_count_hint()}; median of {args.repeat} rounds; input sizes:")
+    for row in selected:
+        print(f"  {row.name}: {row.src.name} ({row.src.stat().st_size / 1e6:.0f} MB) -> {row.records:,} records")
+    reference = median(runs["k8s_audit"]).wall if "k8s_audit" in runs else None
+    plain = median(runs["json+time"]).wall if "json+time" in runs else None
+    print(f"{'row':<30} {'wall s':>7} {'(all)':<20} {'cpu s':>6} {'RSS MB':>7} {'naive s':>8} {'x naive':>8}  target")
+    for row in selected:
+        m = median(runs[row.name])
+        walls = ",".join(f"{x.wall:.2f}" for x in runs[row.name])
+        naive_text = speed = ""
+        if naive_runs[row.name]:
+            nm = median(naive_runs[row.name])
+            naive_text = f"{nm.wall:8.2f}"
+            speed = f"{nm.wall / m.wall:7.2f}x"
+        if row.name == "cri":
+            verdict = f"<= 2.0 s: {'PASS' if m.wall <= 2.0 else 'MISS'}"
+        elif row.name == "k8s_audit" or reference is None:
+            verdict = "(reference)" if row.name == "k8s_audit" else ""
+        elif row.name.startswith("json+time ") and plain is not None and row.name != "json+time out_file":
+            verdict = f"{m.wall / plain:.2f}x plain; <= 1.10x: {'PASS' if m.wall <= 1.10 * plain else 'MISS'}"
+        else:
+            ratio = m.wall / reference
+            verdict = f"{ratio:.2f}x k8s_audit; <= 1.3x: {'PASS' if ratio <= 1.3 else 'MISS'}"
+            if row.name == "json+time out_file" and plain is not None:
+                verdict += f"; {m.wall / plain:.2f}x plain"
+        figures = f"{m.wall:7.2f} ({walls:<18}) {m.cpu:6.2f} {m.max_rss_mb:7.1f} {naive_text:>8} {speed:>8}"
+        print(f"{row.name:<30} {figures}  {verdict}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A batch of JSON lines that stays one block of bytes until someone needs records.
+
+This is the whole raw-block mechanism; every parser, filter and sink uses it the same way.
+
+**Why.** Per-record Python work is the budget of a Python collector. A tailed file of JSON lines
+that no filter changes can go from ``read()`` to ``write()`` as the block it was read as: no
+dict, no ``Record`` per line. So a parser that can, hands the tail a :class:`LineBlock` instead
+of records, and :class:`~kubetrail.core.record.Batch` carries it.
+
+**Following a batch from tail to sink.** A :class:`LineBlock` knows three things:
+
+* ``source``: the lines as read (newline-terminated, one future record per line, no blank
+  line: the tail parses a block with blank lines line by line, so ``count`` is exact from the
+  start and routing and metrics never need more);
+* :meth:`LineBlock.validate`, run at most once, on first need: whether every line is a record of
+  this parser, and the block's final bytes (a parser may change them: a ``json`` parser with
+  ``time_key`` and ``time_keep off`` cuts the key out of each line natively). While doing so it
+  takes each line's time, so ``times`` is known without a record;
+* :meth:`LineBlock.build`: the records, one per validated line, each with its line as ``raw``.
+
+What asks for what:
+
+* a **sink** writing JSON lines reads ``batch.raw_block``: the validated bytes (``None`` when
+  the batch has records that no longer match a block). ``out_file``-style formats also read
+  ``batch.block_times()``, so even they build no record;
+* a **filter** that works on records reads ``batch.records``, which validates and builds;
+* a **filter that decodes every line itself** (``kubernetes_audit``'s native scan) reads
+  ``batch.pending_block()``: the source bytes *before* validation, offered only while they are
+  known to be the final bytes too (no parser rewriting them). Its own decoding is then the
+  validation, so a line is parsed once; when it meets a line it cannot take, it falls back to
+  ``batch.raw_block`` / ``batch.records`` like any filter. Nobody has to declare anything and
+  the router does nothing for blocks: validation happens where it is first needed.
+
+**Bad input.** When validation fails (a line that is not JSON, a repeated time key, a time the
+native scan cannot decide and the parser must cut), the batch takes ``fallback()`` instead:
+the source's line-by-line records, where bad lines are kept under ``log`` and counted. Nothing
+is dropped; only the fast path is lost for that block.
+
+**Identities.** ``identity`` is ``(uid, offset of the block's first line)``: built records get
+``(uid, offset of their line in source)``, the tail's ``(file uid, byte offset)``.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from kubetrail.core.record import Batch, Record
+
+
+class LineBlock:
+    """Newline-terminated JSON lines, one record each; validated and built only on demand.
+
+    Subclasses (a parser's) override :meth:`validate` and :meth:`build`; ``rewrites`` says
+    whether validation may change the bytes (then ``Batch.pending_block`` withholds them).
+    """
+
+    __slots__ = ("_data", "count", "fallback", "identity", "report", "rewrites", "source", "times")
+
+    def __init__(self, source: bytes, count: int) -> None:
+        self.source = source
+        self.count = count
+        # Each line's time in ns once validated, None before (or when only records know them).
+        self.times: array[int] | None = None
+        # Set by the source: its line-by-line batch, used when validation fails.
+        self.fallback: Callable[[], Batch] | None = None
+        # Set by the source: (uid, offset of the first line); records get (uid, line offset).
+        self.identity: tuple[Any, int] | None = None
+        # Set by the source: called with (kind, count) for bad input found while validating.
+        self.report: Callable[[str, int], None] | None = None
+        self._data: bytes | bool | None = False  # False: not validated yet
+        self.rewrites = False  # True when validation may change the bytes (a parser cuts a key)
+
+    def validate(self) -> bytes | None:
+        """The final bytes when every line is a record as this block expects, else None. Called
+        at most once (by :meth:`data`); sets ``times`` when it can."""
+        return self.source
+
+    def build(self, data: bytes) -> list[Record]:
+        """One record per line of ``data`` (validated), each with that line as its ``raw``."""
+        raise NotImplementedError
+
+    def line_times(self) -> Sequence[int] | None:
+        """Each line's time in ns after validation, if the block knows them without records."""
+        return self.times
+
+    def data(self) -> bytes | None:
+        """The validated bytes (None: validation failed, the fallback applies)."""
+        data = self._data
+        if data is False:
+            data = self._data = self.validate()
+        return data  # type: ignore[return-value]
+
+    def records(self) -> list[Record] | None:
+        """The records (None: validation failed, the fallback applies)."""
+        data = self.data()
+        if data is None:
+            return None
+        records = self.build(data)
+        if self.identity is not None:
+            uid, position = self.identity
+            lines = self.source.split(b"\n")
+            for record, line in zip(records, lines):  # noqa: B905 - split has one extra b""
+                record.identity = (uid, position)
+                position += len(line) + 1
+        return records
+
+
+class ReadyBlock(LineBlock):
+    """A block already known to be valid, with a function that builds its records (a filter's
+    output block, a block read back from the filesystem buffer)."""
+
+    __slots__ = ("_build",)
+
+    def __init__(self, data: bytes, count: int, build: Callable[[], list[Record]]) -> None:
+        super().__init__(data, count)
+        self._data = data
+        self._build = build
+
+    def build(self, data: bytes) -> list[Record]:
+        return self._build()

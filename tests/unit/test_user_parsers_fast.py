@@ -1,0 +1,305 @@
+"""Users' own parsers on the fast path (issue 18).
+
+* Time formats compiled natively (``kubetrail_native.TimeFormat``) give what the reference
+  (``kubetrail.parsers.timefmt.TimeParser``) gives, on every ``Time_Format`` of Fluent Bit's
+  stock parsers.conf and more, with ``time_offset``.
+* A ``[PARSER] format json`` with ``time_key``/``time_format``/``time_keep`` on a lazy block
+  (validated and parsed natively, ``time_key`` cut from the bytes) gives the records its eager
+  line-by-line parse gives, for well-formed and bad lines alike.
+* Through a real tail pipeline: the output, bad times counted, never a line lost.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.config import load_config
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.record import Batch
+from kubetrail.parsers import json_parser
+from kubetrail.parsers.json_parser import JsonParser
+from kubetrail.parsers.registry import ParserRegistry
+from kubetrail.parsers.timefmt import TimeParser
+from kubetrail.runtime.pipeline import Pipeline
+from tests.unit.helpers import section, tail_file_config, write
+
+native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
+
+STOCK = Path(__file__).parent / "data" / "fluent-bit-parsers.conf"
+
+EXTRA_FORMATS = [
+    "%Y-%m-%dT%H:%M:%S%z",  # envoy, istio
+    "%Y-%m-%dT%H:%M:%S.%LZ",
+    "%Y-%m-%d %H:%M:%S,%L",
+    "%Y-%m-%d %H:%M:%S.%L %z",
+    "%s",
+    "%s.%L",
+    "%Y%m%d%H%M%S",
+    "%a %b %e %H:%M:%S %Y",
+    "%A, %d %B %Y %H:%M:%S",
+    "%F %T",
+    "%y-%m-%d %k:%M:%S",
+    "%m/%d/%Y %I:%M:%S %p",
+    "%Y %j %H:%M:%S",
+    "[%d/%b/%Y:%H:%M:%S %z]",
+    "%Y-%m-%dT%H:%M:%S.%N%z",
+    "%Y-%m-%dT%H:%M:%S.%f",
+    "%H:%M:%S %Z %Y-%m-%d",
+    "%Y-%m-%d %H:%M:%S %%",
+]
+
+
+def stock_formats() -> list[str]:
+    formats = re.findall(r"(?im)^\s*time_format\s+(.+?)\s*$", STOCK.read_text())
+    assert len(formats) >= 10, "the stock parsers file should have its Time_Format lines"
+    return sorted(set(formats))
+
+
+def strftime_for(fmt: str, moment: datetime, digits: int) -> str:
+    """``moment`` written in ``fmt`` the way a program would (``%L`` with ``digits`` digits)."""
+    fraction = f"{moment.microsecond:06d}{moment.microsecond % 7:03d}"[:digits]
+    text = fmt.replace("%L", fraction).replace("%N", fraction).replace("%f", fraction)
+    text = text.replace("%s", str(int(moment.timestamp())))
+    text = text.replace("%k", f"{moment.hour:2d}").replace("%e", f"{moment.day:2d}")
+    return moment.strftime(text.replace("%%", "%%%%")).replace("%%", "%")
+
+
+def samples(fmt: str, count: int = 60) -> list[str]:
+    rnd = random.Random(fmt)
+    zones = [UTC, datetime.now(UTC).astimezone().tzinfo, None]
+    out: list[str] = []
+    for i in range(count):
+        moment = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=rnd.randrange(0, 3 * 365 * 86400))
+        moment = moment.replace(microsecond=rnd.randrange(0, 1_000_000))
+        zone = zones[i % 3] or UTC
+        if i % 5 == 4 and "%Z" not in fmt:  # %Z of a fixed offset would be "UTC+04:00"
+            zone = timezone(timedelta(hours=rnd.randrange(-11, 13), minutes=rnd.choice([0, 30])))
+        out.append(strftime_for(fmt, moment.astimezone(zone), rnd.choice([1, 3, 6, 9])))
+        if i % 6 == 0:  # the next one in the same second (the cached prefix)
+            out.append(strftime_for(fmt, moment.astimezone(zone) + timedelta(microseconds=17), 6))
+    return out
+
+
+def reference(fmt: str | None, offset: int, text: str) -> int | None:
+    try:
+        return TimeParser(fmt, offset).parse_ns(text)
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+@pytest.mark.parametrize("fmt", stock_formats() + EXTRA_FORMATS)
+@pytest.mark.parametrize("offset", [0, 7200, -18000])
+def test_native_time_formats_equal_the_reference(fmt: str, offset: int) -> None:
+    compiled = native.TimeFormat(fmt, offset)
+    texts = samples(fmt)
+    for text in texts:
+        expected = reference(fmt, offset, text)
+        assert expected is not None, f"the reference refuses its own sample {text!r} for {fmt!r}"
+        assert compiled.parse_ns(text) == expected, (fmt, text)
+    # Text that is not in the format: neither takes it (the scan then leaves it to the reference).
+    for bad in ("", "yesterday", "2026-13-45T99:99:99Z", "Foo 32 25:00:00"):
+        if reference(fmt, offset, bad) is None:
+            assert compiled.parse_ns(bad) is None, (fmt, bad)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-28T12:00:00.001800Z",
+        "2026-11-28T12:00:00Z",
+        "2026-11-28t12:00:00.5z",
+        "2026-11-28 12:00:00.123456789+02:00",
+        "2026-11-28T12:00:00-0530",
+        "2026-11-28T12:00:00",  # no zone: time_offset
+        "2024-02-29T23:59:59.999Z",
+    ],
+)
+@pytest.mark.parametrize("offset", [0, 3600])
+def test_native_automatic_mode_equals_the_reference(text: str, offset: int) -> None:
+    assert native.TimeFormat(None, offset).parse_ns(text) == TimeParser(None, offset).parse_ns(text)
+
+
+@pytest.mark.parametrize("text", ["2025-02-29T00:00:00Z", "2026-11-28T24:00:00Z", "1700000000", "2026-11-28"])
+def test_native_automatic_mode_leaves_the_rest_to_the_reference(text: str) -> None:
+    assert native.TimeFormat(None, 0).parse_ns(text) is None
+
+
+def test_an_unsupported_directive_is_refused_at_start_naming_it() -> None:
+    with pytest.raises(ValueError, match="%Q"):
+        native.TimeFormat("%Y-%Q")
+    registry = ParserRegistry()
+    with pytest.raises(ConfigError, match="%Q"):
+        registry.add_section(section("parser", name="x", format="json", time_key="t", time_format="%Y %Q"))
+
+
+# --- the json parser's lazy block against its eager parse ------------------------------------
+
+LINES = [
+    b'{"a":1,"t":"2026-11-28T12:00:00.001800Z","b":"x"}',
+    b'{"t":"2026-11-28T12:00:01.5Z","a":[1,{"t":"nested"}]}',
+    b'{"a":{"t":"nested, not the key"},"t":"2026-11-28T12:00:02Z"}',
+    b'{ "a" : 1 , "t" : "2026-11-28T12:00:03.25Z" }',
+    b'{"t":"2026-11-28T12:00:04.000000001Z"}',
+    b'{"no_time":true}',
+    b"{}",
+    b'{"t":"yesterday","a":1}',  # not in the format: kept whole, time of reading, counted
+    b'{"t":null}',
+    b'{"a":"\\u00e9\\"}","t":"2026-11-28T12:00:05Z"}',
+]
+ODD_LINES = [
+    b'{"t":1764331200}',  # a number: the reference's epoch seconds
+    b'{"t":"2026-11-28T12:00:06\\u002e5Z"}',  # an escape the scan does not decode
+    b"not json at all",
+    b"[1,2,3]",
+    b'{"t":"2026-11-28T12:00:07Z","t":"2026-11-28T12:00:08Z"}',  # a repeated key
+    b'{"\\u0074":"2026-11-28T12:00:09Z"}',  # the key written with an escape
+]
+
+PARSERS = {
+    "keep off": {"time_key": "t", "time_format": "%Y-%m-%dT%H:%M:%S.%LZ"},
+    "keep on": {"time_key": "t", "time_format": "%Y-%m-%dT%H:%M:%S.%LZ", "time_keep": True},
+    "no format, keep off": {"time_key": "t"},
+    "offset": {"time_key": "t", "time_format": "%Y-%m-%dT%H:%M:%S", "time_offset": 3600},
+}
+
+
+def lazy_records(parser: JsonParser, lines: list[bytes]) -> tuple[list[Any], bytes | None, int]:
+    block = b"".join(line + b"\n" for line in lines)
+    lazy = parser.line_block(block, "t")
+    assert lazy is not None
+    bad: list[int] = []
+    lazy.report = lambda kind, count: bad.append(count)
+    lazy.fallback = lambda: Batch("t", parser._parse_eager(lines, "t")[0])
+    batch = Batch("t", None, block=lazy)
+    raw = batch.raw_block
+    return [(r.time_ns, r.body) for r in batch.records], raw, sum(bad)
+
+
+def eager_records(parser: JsonParser, lines: list[bytes]) -> list[Any]:
+    records, _ = parser._parse_eager(lines, "t")
+    return [(r.time_ns, r.body) for r in records]
+
+
+def without_read_times(records: list[Any], since: int) -> list[Any]:
+    return [(None if t >= since else t, body) for t, body in records]
+
+
+@pytest.mark.parametrize("name", PARSERS)
+def test_a_lazy_block_gives_what_the_eager_parse_gives(name: str) -> None:
+    parser = JsonParser("p", **PARSERS[name])  # type: ignore[arg-type]
+    assert parser._scanner is not None or name == "keep on"
+    since = time.time_ns()
+    records, raw, bad = lazy_records(parser, LINES)
+    # (The RFC 3339 path of time_keep on parses a block whose times are all RFC 3339; this one
+    # has "yesterday" and null, so it goes line by line, with the same records.)
+    assert raw is not None or name == "keep on", "well-formed lines stay one block"
+    assert without_read_times(records, since) == without_read_times(eager_records(parser, LINES), since)
+    if parser._scanner is not None:
+        assert bad == 2  # "yesterday" and null
+
+
+@pytest.mark.parametrize("name", PARSERS)
+@pytest.mark.parametrize("odd", range(len(ODD_LINES)))
+def test_a_block_with_an_odd_line_gives_what_the_eager_parse_gives(name: str, odd: int) -> None:
+    parser = JsonParser("p", **PARSERS[name])  # type: ignore[arg-type]
+    lines = [*LINES[:3], ODD_LINES[odd], *LINES[3:]]
+    since = time.time_ns()
+    records, _raw, _bad = lazy_records(parser, lines)
+    expected = eager_records(parser, lines)
+    assert without_read_times(records, since) == without_read_times(expected, since)
+    assert len(records) == len(lines)  # nothing dropped
+
+
+def test_time_keep_off_cuts_the_member_keeping_the_bytes_around_it() -> None:
+    parser = JsonParser("p", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+    _, raw, _ = lazy_records(parser, LINES[:5])
+    assert raw == (b'{"a":1,"b":"x"}\n{"a":[1,{"t":"nested"}]}\n{"a":{"t":"nested, not the key"}}\n{ "a" : 1  }\n{}\n')
+
+
+def test_a_block_is_not_rewritten_before_a_filter_may_take_it() -> None:
+    parser = JsonParser("p", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+    block = LINES[0] + b"\n"
+    lazy = parser.line_block(block, "t")
+    assert lazy is not None
+    batch = Batch("t", None, block=lazy)
+    assert batch.pending_block() is None  # its bytes change on validation: no one may take them early
+    kept = JsonParser("k", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ", time_keep=True).line_block(block, "t")
+    assert kept is not None and Batch("t", None, block=kept).pending_block() == block
+
+
+def test_block_times_need_no_records() -> None:
+    parser = JsonParser("p", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+    lazy = parser.line_block(LINES[0] + b"\n" + LINES[4] + b"\n", "t")
+    assert lazy is not None
+    batch = Batch("t", None, block=lazy)
+    assert list(batch.block_times()) == [1_795_867_200_001_800_000, 1_795_867_204_000_000_001]
+    assert not batch.is_materialized
+
+
+def test_without_the_native_module_the_parser_decodes_each_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(json_parser, "JsonLinesScanner", None)
+    parser = JsonParser("p", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+    assert parser.line_block(LINES[0] + b"\n", "t") is None
+    assert eager_records(parser, LINES[:1]) == [(1_795_867_200_001_800_000, {"a": 1, "b": "x"})]
+
+
+# --- through a real tail pipeline ------------------------------------------------------------
+
+
+async def test_a_user_json_parser_through_tail_and_file(tmp_path: Path) -> None:
+    events = [
+        {"kind": "Event", "auditID": f"id-{i}", "stageTimestamp": f"2026-11-28T12:00:{i % 60:02d}.{i:06d}Z", "n": i}
+        for i in range(3000)
+    ]
+    lines = [orjson.dumps(e) for e in events]
+    lines[1000] = b'{"kind":"Event","auditID":"bad-time","stageTimestamp":"not a time"}'
+    lines[2000] = b"this line is not JSON"
+    log = write(tmp_path / "logs" / "audit.log", "")
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    parser = (
+        "[PARSER]\n    name audit_time\n    format json\n    time_key stageTimestamp\n"
+        "    time_format %Y-%m-%dT%H:%M:%S.%LZ\n"
+    )
+    conf = tail_file_config(tmp_path, log, tag="audit", input_extra="    parser audit_time\n", service_extra="")
+    conf.write_text(parser + conf.read_text())
+    pipeline = Pipeline(load_config(conf))
+    assert await pipeline.run() == 0
+    out = (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()
+    assert len(out) == len(lines)  # nothing lost
+    for i, line in enumerate(out):
+        body = orjson.loads(line)
+        if i == 1000:
+            assert body["stageTimestamp"] == "not a time"  # kept whole
+        elif i == 2000:
+            assert body == {"log": "this line is not JSON"}
+        else:
+            expected = dict(events[i])
+            del expected["stageTimestamp"]
+            assert body == expected
+    bad = {
+        sample.labels.get("kind"): sample.value
+        for metric in pipeline.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "kubetrail_tail_bad_input_total"
+    }
+    assert bad.get("bad_time") == 1
+
+
+async def test_out_file_format_takes_the_times_from_the_block(tmp_path: Path) -> None:
+    lines = [b'{"a":%d,"t":"2026-11-28T12:00:00.%06dZ"}' % (i, i) for i in range(500)]
+    log = write(tmp_path / "logs" / "app.log", "")
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    parser = "[PARSER]\n    name p\n    format json\n    time_key t\n    time_format %Y-%m-%dT%H:%M:%S.%LZ\n"
+    conf = tail_file_config(tmp_path, log, input_extra="    parser p\n")
+    conf.write_text(parser + conf.read_text().replace("format plain", "format out_file"))
+    assert await Pipeline(load_config(conf)).run() == 0
+    out = (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()
+    assert out == [b'app: [1795867200.%09d, {"a":%d}]' % (i * 1000, i) for i in range(500)]
