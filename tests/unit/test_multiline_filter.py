@@ -399,3 +399,87 @@ def test_tail_refuses_container_and_line_parsers_mixed(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"unknown multiline\.parser 'cobol'; known: cri, docker, go, java"):
         Pipeline(load_config(unknown))
+
+
+async def test_a_message_held_across_batches_keeps_the_checkpoint_until_delivered(tmp_path: Path) -> None:
+    """Tail reads one line per batch (batch_size and buffer_chunk_size 1): the python trace spans
+    six batches, held by the filter (buffer on). Until the joined message is delivered the tail's
+    checkpoint stays before the trace; then the whole file is checkpointed, nothing twice."""
+    import sqlite3
+
+    log = write(
+        tmp_path / "app.log",
+        "".join(orjson.dumps({"log": line}).decode() + "\n" for line in ["before", *PYTHON, "after"]),
+    )
+    config = write(
+        tmp_path / "p.conf",
+        f"""[SERVICE]
+    grace 3
+[INPUT]
+    name           tail
+    path           {log}
+    tag            app
+    parser         json
+    batch_size     1
+    buffer_chunk_size 1
+    read_from_head on
+    exit_on_eof    on
+    db             {tmp_path / "tail.db"}
+[FILTER]
+    name             multiline
+    match            app
+    multiline.parser python
+    flush_ms         60000
+[OUTPUT]
+    name   file
+    match  *
+    path   {tmp_path / "out"}
+    file   out.jsonl
+    format plain
+    mkdir  on
+""",
+    )
+    pipeline = Pipeline(load_config(config))
+    runner = pipeline.runners[0]
+    gate = asyncio.Event()
+    real_write = runner.sink.write
+
+    async def gated(batch: Batch) -> None:
+        if any("Traceback" in str(r.body.get("log")) for r in batch.records):
+            await gate.wait()  # the joined message waits here
+        await real_write(batch)
+
+    real_group = runner.sink.write_group
+
+    async def gated_group(batches: list[Batch]) -> None:
+        # Batches queued together: those before the joined message are written at once.
+        held = [i for i, b in enumerate(batches) if any("Traceback" in str(r.body.get("log")) for r in b.records)]
+        cut = held[0] if held else len(batches)
+        if cut:
+            await real_group(batches[:cut])
+        if cut < len(batches):
+            await gate.wait()
+            await real_group(batches[cut:])
+
+    runner.sink.write = gated  # type: ignore[method-assign]
+    runner.sink.write_group = gated_group  # type: ignore[method-assign]
+    task = asyncio.create_task(pipeline.run())
+
+    def offset() -> int:
+        with sqlite3.connect(tmp_path / "tail.db") as conn:
+            rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
+        return rows[0][0] if rows else -1
+
+    first_line = len(orjson.dumps({"log": "before"})) + 1
+    await asyncio.sleep(1.0)  # every line read (one per batch), the joined message at the gate
+    assert [r["log"] for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == ["before"]
+    # Past "before", not past the first line of the message that is not delivered yet.
+    assert offset() == first_line
+    gate.set()
+    assert await asyncio.wait_for(task, 20) == 0
+    assert [r["log"] for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == [
+        "before",
+        "\n".join(PYTHON),
+        "after",
+    ]
+    assert offset() == log.stat().st_size
