@@ -132,10 +132,11 @@ def convert(config_file: str, target: str) -> None:
 
     try:
         config = load_config(config_file)
+        text = to_yaml(config) if target == "yaml" else to_classic(config)  # classic: no processors
     except ConfigError as exc:
         _config_error(exc)
         return
-    click.echo(to_yaml(config) if target == "yaml" else to_classic(config), nl=False)
+    click.echo(text, nl=False)
 
 
 @main.command()

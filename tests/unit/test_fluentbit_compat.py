@@ -230,6 +230,12 @@ def test_processors_survive_conversion_to_yaml_and_refuse_classic(tmp_path: Path
     assert section.get("action") == "delete"
     with pytest.raises(ConfigError, match="processors exist only in the YAML format"):
         to_classic(reloaded)
+    from click.testing import CliRunner
+
+    from kubetrail.cli.main import main
+
+    result = CliRunner().invoke(main, ["convert", str(again), "--to", "classic"])
+    assert result.exit_code == 2 and "processors exist only in the YAML format" in result.output
 
 
 # -- external plugins and unknown names ----------------------------------------------------
