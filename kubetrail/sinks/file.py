@@ -112,7 +112,7 @@ class FileSink(Sink):
                 if self.format == "plain":
                     return block  # unmodified JSON lines: the input bytes are the output
                 # The block's own times (see kubetrail.core.block): no record is built.
-                return framed_lines(block, batch.block_times(), f"{batch.tag}: [".encode(), b"]\n")
+                return framed_lines(block, batch.block_times(), batch.tag)
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 

@@ -8,13 +8,21 @@ for byte; the fast path (an unmodified batch written as the source's own JSON li
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Sequence
+from typing import Any
 
 import orjson
 
 from kubetrail.core.dates import DATE_FORMATS, format_date
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+
+try:  # optional (built from native/): Fluent Bit's framings of a block's lines, in one call
+    from kubetrail_native import frame_lines as _frame_lines
+except ImportError:  # pragma: no cover - depends on the installation
+    _frame_lines = None
+frame_lines: Any = _frame_lines
 
 JSON_FORMATS = ("json", "json_lines", "json_stream")
 
@@ -42,32 +50,63 @@ def with_date(record: Record, date_key: str | None, date_format: str) -> bytes:
     return prefix + b"," + raw[1:]
 
 
-def framed_lines(block: bytes, times: Sequence[int], prefix: bytes, suffix: bytes, first: int | None = None) -> bytes:
-    """Each JSON line of ``block`` as ``prefix`` + ``SECONDS.NANOS, `` + line + ``suffix``: Fluent
-    Bit's ``tag: [time, record]`` text (the file output's ``out_file``, and stdout's ``msgpack``
-    with ``first``, the number of the first record, written before the prefix as ``[N] ``)
-    straight from a block and its times, without a record per line."""
+def _times_bytes(times: Sequence[int]) -> bytes:
+    return times.tobytes() if isinstance(times, array) else array("q", times).tobytes()
+
+
+def framed_lines(block: bytes, times: Sequence[int], tag: str, first: int | None = None) -> bytes:
+    """Each JSON line of ``block`` as ``TAG: [SECONDS.NANOS, LINE]``: Fluent Bit's text of a
+    record (the file output's ``out_file``; stdout's ``msgpack`` with ``first``, the number of
+    the first record, as ``[N] `` in front) straight from a block and its times, without a
+    record per line (natively when ``kubetrail_native`` is built)."""
+    if frame_lines is not None:
+        style = 0 if first is None else 1
+        framed: bytes | None = frame_lines(block, _times_bytes(times), style, tag.encode(), first or 0)
+        if framed is not None:
+            return framed
+    prefix = tag.encode() + b": ["
     lines = block.split(b"\n")
     lines.pop()  # after the final newline
     if first is None:
         return b"".join(
             [
-                b"%s%d.%09d, %s%s" % (prefix, t // 1_000_000_000, t % 1_000_000_000, line, suffix)
+                b"%s%d.%09d, %s]\n" % (prefix, t // 1_000_000_000, t % 1_000_000_000, line)
                 for t, line in zip(times, lines)  # noqa: B905 - one time per line
             ]
         )
     return b"".join(
         [
-            b"[%d] %s%d.%09d, %s%s" % (n, prefix, t // 1_000_000_000, t % 1_000_000_000, line, suffix)
+            b"[%d] %s%d.%09d, %s]\n" % (n, prefix, t // 1_000_000_000, t % 1_000_000_000, line)
             for n, t, line in zip(range(first, first + len(lines)), times, lines)  # noqa: B905
         ]
     )
+
+
+def dated_lines(batch: Batch, date_key: str, date_format: str) -> bytes | None:
+    """The batch's block with each line's time put first under ``date_key`` (``double`` or
+    ``epoch``), natively, without a record per line; None when that path does not apply."""
+    block = batch.raw_block
+    if frame_lines is None or block is None or date_format not in ("double", "epoch"):
+        return None
+    key = orjson.dumps(date_key)[1:-1]
+    style = 2 if date_format == "double" else 3
+    framed: bytes | None = frame_lines(block, _times_bytes(batch.block_times()), style, key)
+    return framed
 
 
 def encode_batch(batch: Batch, fmt: str, date_key: str | None, date_format: str) -> bytes:
     """``batch`` in one of :data:`JSON_FORMATS` (``json`` ends with a newline, as Fluent Bit's)."""
     if fmt == "json_lines" and date_key is None and batch.raw_block is not None:
         return batch.raw_block  # the source's own validated JSON lines: nothing to re-encode
+    if date_key is not None:
+        dated = dated_lines(batch, date_key, date_format)
+        if dated is not None:
+            if fmt == "json_lines":
+                return dated
+            if fmt == "json":  # JSON lines hold no raw newline: the separators are exactly these
+                return b"[" + dated[:-1].replace(b"\n", b",") + b"]\n"
+            if fmt == "json_stream":
+                return dated.replace(b"\n", b"")
     records = batch.records
     if fmt == "json":
         return b"[" + b",".join([with_date(r, date_key, date_format) for r in records]) + b"]\n"

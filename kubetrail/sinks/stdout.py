@@ -39,7 +39,7 @@ class StdoutSink(Sink):
         if self.format in JSON_FORMATS:
             out = encode_batch(batch, self.format, self.date_key, self.date_format)
         elif block is not None:  # the block and its times: no record built
-            out = framed_lines(block, batch.block_times(), f"{batch.tag}: [".encode(), b"]\n", self._counter)
+            out = framed_lines(block, batch.block_times(), batch.tag, self._counter)
             self._counter += len(batch)
         else:
             lines = []

@@ -280,3 +280,118 @@ impl JsonLinesScanner {
         Ok(Some((out, PyBytes::new(py, &times), slow)))
     }
 }
+
+/// Fluent Bit's text framings of JSON lines, written from a block and its times without a
+/// record per line: what the `file` output's `out_file`, `stdout`'s `msgpack` text and the
+/// `json`-family formats with a date key produce per record (see
+/// `kubetrail/sinks/json_format.py`, whose Python version tests compare with).
+///
+/// `style`: 0 `TAG: [S.NNNNNNNNN, LINE]`, 1 the same after `[N] ` (N from `first`), 2 the line
+/// with `"KEY":S.F` (a double, as orjson writes it) put first, 3 the same with whole seconds.
+/// `times` holds a native-endian int64 per line. Returns None when the lines and times do not
+/// pair up (the caller then formats records).
+#[pyfunction]
+#[pyo3(signature = (block, times, style, text, first=0))]
+pub fn frame_lines<'py>(
+    py: Python<'py>,
+    block: &[u8],
+    times: &[u8],
+    style: u8,
+    text: &[u8],
+    first: u64,
+) -> PyResult<Option<Bound<'py, PyBytes>>> {
+    let lines: Vec<&[u8]> = block_lines(block).collect();
+    if times.len() != lines.len() * 8 || style > 3 || !block.ends_with(b"\n") {
+        return Ok(None);
+    }
+    let mut out: Vec<u8> = Vec::with_capacity(block.len() + lines.len() * (text.len() + 32));
+    let mut number = itoa_buffer();
+    for (i, line) in lines.iter().enumerate() {
+        let t = i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (secs, nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+        match style {
+            0 | 1 => {
+                if style == 1 {
+                    out.push(b'[');
+                    out.extend_from_slice(number.format(first + i as u64).as_bytes());
+                    out.extend_from_slice(b"] ");
+                }
+                out.extend_from_slice(text);
+                out.extend_from_slice(b": [");
+                out.extend_from_slice(number.format(secs).as_bytes());
+                out.extend_from_slice(format!(".{nanos:09}, ").as_bytes());
+                out.extend_from_slice(line);
+                out.extend_from_slice(b"]\n");
+            }
+            _ => {
+                let body = line.trim_ascii();
+                if body.first() != Some(&b'{') {
+                    return Ok(None);
+                }
+                out.push(b'{');
+                out.push(b'"');
+                out.extend_from_slice(text);
+                out.extend_from_slice(b"\":");
+                if style == 2 {
+                    let double = double_text(t as f64 / 1e9);
+                    if double.is_empty() {
+                        return Ok(None);
+                    }
+                    out.extend_from_slice(double.as_bytes());
+                } else {
+                    out.extend_from_slice(number.format(secs).as_bytes());
+                }
+                if body[1..].trim_ascii() != b"}" {
+                    out.push(b',');
+                }
+                out.extend_from_slice(&body[1..]);
+                out.push(b'\n');
+            }
+        }
+    }
+    Ok(Some(PyBytes::new(py, &out)))
+}
+
+/// A tiny integer formatter (no allocation per number).
+struct IntText([u8; 24], usize);
+
+fn itoa_buffer() -> IntText {
+    IntText([0; 24], 0)
+}
+
+impl IntText {
+    fn format<T: Into<i128>>(&mut self, value: T) -> &str {
+        let mut v: i128 = value.into();
+        let negative = v < 0;
+        let mut at = self.0.len();
+        loop {
+            at -= 1;
+            self.0[at] = b'0' + (v % 10).unsigned_abs() as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if negative {
+            at -= 1;
+            self.0[at] = b'-';
+        }
+        self.1 = at;
+        std::str::from_utf8(&self.0[at..]).unwrap_or("0")
+    }
+}
+
+/// A double as orjson (and Python's repr) writes it: the shortest text that reads back the
+/// same, with `.0` on whole numbers; exponents only outside [1e-4, 1e16) as Python does.
+fn double_text(value: f64) -> String {
+    let abs = value.abs();
+    if abs != 0.0 && !(1e-4..1e16).contains(&abs) {
+        return String::new(); // the caller never asks for such times; empty = use Python
+    }
+    let text = format!("{value}");
+    if text.contains('.') {
+        text
+    } else {
+        text + ".0"
+    }
+}

@@ -303,3 +303,70 @@ async def test_out_file_format_takes_the_times_from_the_block(tmp_path: Path) ->
     assert await Pipeline(load_config(conf)).run() == 0
     out = (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()
     assert out == [b'app: [1795867200.%09d, {"a":%d}]' % (i * 1000, i) for i in range(500)]
+
+
+# --- output formats from the block (item 4) ---------------------------------------------------
+
+
+def block_batch(times: list[int]) -> Batch:
+    """A lazy batch of JSON lines (compact, as most logs are) with these times."""
+    lines = [b'{"i":%d,"s":"caf\\u00e9 \\"q\\""}' % i for i in range(len(times))] + [b"{}"]
+    times = [*times, times[0]]
+    block = b"".join(line + b"\n" for line in lines)
+    from kubetrail.core.record import Record
+
+    return Batch(
+        "app.x",
+        None,
+        raw_block=block,
+        count=len(lines),
+        materialize=lambda: [Record("app.x", t, None, line) for t, line in zip(times, lines, strict=True)],
+    )
+
+
+TIMES = [1_795_867_200_001_800_000, 1_795_867_200_000_000_000, 1_700_000_000_999_999_999, 5, 1_234_567_890_123_456_789]
+
+
+def records_only(batch: Batch) -> Batch:
+    """The same records with no block (the per-record formatters' path)."""
+    from kubetrail.core.record import Record
+
+    return Batch(batch.tag, [Record(r.tag, r.time_ns, orjson.loads(r.raw or b"{}")) for r in batch.records])
+
+
+@pytest.mark.parametrize("use_native", [True, False])
+def test_out_file_and_msgpack_text_from_a_block_equal_the_record_formatters(
+    monkeypatch: pytest.MonkeyPatch, use_native: bool
+) -> None:
+    from kubetrail.core.dates import epoch_text
+    from kubetrail.sinks import json_format
+
+    if not use_native:
+        monkeypatch.setattr(json_format, "frame_lines", None)
+    batch = block_batch(TIMES)
+    block = batch.raw_block
+    assert block is not None
+    expected = b"".join(
+        f"{r.tag}: [{epoch_text(r.time_ns)}, ".encode() + r.json_bytes() + b"]\n" for r in block_batch(TIMES).records
+    )
+    assert json_format.framed_lines(block, batch.block_times(), "app.x") == expected
+    numbered = b"".join(b"[%d] " % (7 + n) + line + b"\n" for n, line in enumerate(expected.splitlines()))
+    assert json_format.framed_lines(block, batch.block_times(), "app.x", 7) == numbered
+
+
+@pytest.mark.parametrize("fmt", ["json", "json_lines", "json_stream"])
+@pytest.mark.parametrize("date_format", ["double", "epoch", "iso8601"])
+@pytest.mark.parametrize("date_key", ["date", 'we"ird', None])
+def test_json_formats_with_a_date_from_a_block_equal_the_record_path(
+    fmt: str, date_format: str, date_key: str | None
+) -> None:
+    from kubetrail.sinks.json_format import encode_batch
+
+    fast = encode_batch(block_batch(TIMES), fmt, date_key, date_format)
+    slow = encode_batch(records_only(block_batch(TIMES)), fmt, date_key, date_format)
+    assert [orjson.loads(x) for x in fast.replace(b"}{", b"}\n{").splitlines()] == [
+        orjson.loads(x) for x in slow.replace(b"}{", b"}\n{").splitlines()
+    ]
+    if date_key == "date" and date_format == "double":  # the double's text is orjson's, byte for byte
+        for t in TIMES:
+            assert b'"date":' + orjson.dumps(t / 1e9) + b"," in fast
