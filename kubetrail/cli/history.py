@@ -36,7 +36,9 @@ def _backend(store: str | None, source: str | None) -> Any:
 
 def _source_options(func: Any) -> Any:
     func = click.option("--json", "as_json", is_flag=True, help="One JSON object per entry (JSON lines)")(func)
-    func = click.option("--limit", default=10_000, show_default=True, help="At most this many records")(func)
+    func = click.option(
+        "--limit", default=1_000, show_default=True, help="At most this many records: the newest, shown oldest first"
+    )(func)
     func = click.option("--until", help="Up to this time: a duration back from now (30m) or a time (RFC 3339)")(func)
     func = click.option("--since", help="From this time: a duration back from now (2h, 7d) or a time (RFC 3339)")(func)
     func = click.option(
@@ -73,7 +75,11 @@ def _run(query: Any, as_json: bool) -> None:
         for line in lines(result.entries):
             click.echo(line)
     if result.truncated:
-        click.echo("kubetrail: more records than --limit; narrow with --since/--until or raise --limit", err=True)
+        click.echo(
+            f"kubetrail: older records left out (the newest {len(result.entries)} shown); narrow with --since/--until"
+            " or raise --limit",
+            err=True,
+        )
 
 
 def _times(since: str | None, until: str | None) -> tuple[int | None, int | None]:
@@ -88,10 +94,12 @@ def _times(since: str | None, until: str | None) -> tuple[int | None, int | None
 @click.command()
 @click.argument("target", metavar="KIND[/NAMESPACE]/NAME|UID")
 @click.option("--logs", is_flag=True, help="Also the container log lines of the object (a pod, or a workload's pods)")
+@click.option("--status", is_flag=True, help="Also the writes to its status subresource (by its controllers)")
 @_source_options
 def history(
     target: str,
     logs: bool,
+    status: bool,
     store: str | None,
     source: str | None,
     since: str | None,
@@ -108,7 +116,7 @@ def history(
     def query() -> Any:
         backend = _backend(store, source)
         try:
-            return queries.history(backend, target, since=start, until=end, logs=logs, limit=limit)
+            return queries.history(backend, target, since=start, until=end, logs=logs, status=status, limit=limit)
         finally:
             backend.close()
 

@@ -185,12 +185,14 @@ class EsBackend:
     def _search(self, query: dict[str, Any], limit: int) -> list[StoredRecord]:
         if self.time_key not in self.fields:
             raise HistoryError(f"index {self.index!r} has no time field {self.time_key!r} (set ?time_key= in the URL)")
-        body = {"query": query, "size": min(limit, MAX_WINDOW), "sort": [{self.time_key: {"order": "asc"}}]}
+        # The newest ``limit`` (what a long history needs first), shown oldest first.
+        body = {"query": query, "size": min(limit, MAX_WINDOW), "sort": [{self.time_key: {"order": "desc"}}]}
         answer = self._call("POST", f"/{urllib.parse.quote(self.index, safe=',*')}/_search", body)
         records = []
         for hit in answer.get("hits", {}).get("hits", []):
             source = hit.get("_source") or {}
             records.append(StoredRecord(hit["_id"], self._time_ns(source, hit), _kind(source), source))
+        records.reverse()
         return records
 
     def _time_ns(self, source: dict[str, Any], hit: dict[str, Any]) -> int:
@@ -223,6 +225,23 @@ class EsBackend:
         self, ref: ObjectRef, since: int | None, until: int | None, logs: bool, limit: int
     ) -> list[StoredRecord]:
         should = self._object_clauses(ref)
+        if ref.resource in WORKLOADS and not self._missing(("involvedObject.kind", "involvedObject.name")):
+            # Its ReplicaSets' and pods' Events, named after it (as the store answers).
+            owned = [
+                self._prefix("involvedObject.name", ref.name + "-"),
+                {
+                    "bool": {
+                        "should": [
+                            self._term("involvedObject.kind", kind, insensitive=True)
+                            for kind in ("ReplicaSet", "Pod", "Job")
+                        ],
+                        "minimum_should_match": 1,
+                    }
+                },
+            ]
+            if ref.namespace is not None:
+                owned.append(self._term("involvedObject.namespace", ref.namespace))
+            should.append({"bool": {"filter": owned}})
         if logs and "kubernetes.pod_name" in self.fields:
             if ref.resource == "pods":
                 pod = [self._term("kubernetes.pod_name", ref.name)]

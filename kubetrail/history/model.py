@@ -255,9 +255,27 @@ def _change(op: str, path: str, old: Any, new: Any) -> dict[str, Any]:
     return change
 
 
+def _without_noise(obj: dict[str, Any]) -> dict[str, Any]:
+    """The object less what changes on every write (a copy; annotations emptied by it go too)."""
+    out = copy.deepcopy(obj)
+    out.pop("status", None)
+    meta = out.get("metadata")
+    if isinstance(meta, dict):
+        for key in ("resourceVersion", "managedFields", "generation", "creationTimestamp", "uid", "selfLink"):
+            meta.pop(key, None)
+        annotations = meta.get("annotations")
+        if isinstance(annotations, dict):
+            for key in ("kubectl.kubernetes.io/last-applied-configuration", "deployment.kubernetes.io/revision"):
+                annotations.pop(key, None)
+            if not annotations:
+                meta.pop("annotations")
+    return out
+
+
 def _diff(before: dict[str, Any] | None, after: dict[str, Any]) -> list[dict[str, Any]]:
     if before is None:
         return []
+    before, after = _without_noise(before), _without_noise(after)
     ops = _drop_noise(jsonpatch.make_patch(before, after).patch)
     changes = []
     for op in ops:
@@ -465,6 +483,11 @@ def _add_changes(entry: dict[str, Any], body: dict[str, Any], states: dict[tuple
                 states[key] = jsonpatch.apply_patch(before, request)
             except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException):
                 pass  # the next full object brings the state back
+    if ok and entry.get("subresource") == "scale" and before is not None and changes:
+        # The scale subresource changed the object's replicas: the next diff starts from there.
+        spec = before.setdefault("spec", {})
+        if isinstance(spec, dict):
+            spec["replicas"] = changes[-1].get("new")
     if verb == "delete" and ok:
         states.pop(key, None)
 

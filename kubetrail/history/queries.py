@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, parse_ref, resolve_kind, timeline
 from kubetrail.history.store import Filters
 
-DEFAULT_LIMIT = 10_000
+DEFAULT_LIMIT = 1_000  # the newest; --limit or --since/--until for more
 
 
 class Backend(Protocol):
@@ -55,14 +55,21 @@ def history(
     since: int | None = None,
     until: int | None = None,
     logs: bool = False,
+    status: bool = False,
     limit: int = DEFAULT_LIMIT,
 ) -> Result:
-    """The timeline of ``KIND[/NAMESPACE]/NAME`` or a uid; an error with near matches if empty."""
+    """The timeline of ``KIND[/NAMESPACE]/NAME`` or a uid; an error with near matches if empty.
+
+    ``status``: also the controllers' writes to the ``status`` subresource (many, and they
+    say what the object's state became, not who changed it), left out by default."""
     ref = _ref(backend, target)
     records = backend.object_records(ref, since, until, logs, limit)
     if not records:
         raise HistoryError(_nothing_about(backend, ref, since, until))
-    return Result(str(ref), timeline(records), len(records) >= limit)
+    entries = timeline(records)
+    if not status:
+        entries = [e for e in entries if e.get("subresource") != "status"]
+    return Result(str(ref), entries, len(records) >= limit)
 
 
 def _ref(backend: Backend, target: str) -> ObjectRef:

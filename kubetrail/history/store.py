@@ -67,8 +67,12 @@ class StoreBackend:
             raise HistoryError(str(exc)) from None
 
     def _rows(self, sql: str, params: list[Any]) -> list[StoredRecord]:
+        """Rows of ``sql``; one that ends ``ORDER BY time_ns DESC LIMIT ?`` (the newest N, which
+        is what a long history needs first) comes back oldest first."""
         try:
             rows = self.conn.execute(sql, params).fetchall()
+            if "ORDER BY time_ns DESC" in sql:
+                rows.reverse()
         except sqlite3.DatabaseError as exc:
             raise HistoryError(f"cannot read store {self.path}: {exc}") from None
         return [StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in rows]
@@ -86,13 +90,33 @@ class StoreBackend:
             sql += " AND namespace = ?"
             params.append(ref.namespace)
         sql += _time_clause(since, until, params)
-        sql += " ORDER BY time_ns LIMIT ?"
+        sql += " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
         records = self._rows(sql, params)
+        extra = self._owned_events(ref, since, until, limit)
         if logs:
-            records.extend(self._log_records(ref, since, until, limit))
+            extra += self._log_records(ref, since, until, limit)
+        if extra:
+            records.extend(extra)
             records.sort(key=lambda r: (r.time_ns, str(r.id)))
-        return records[:limit]
+        return records[-limit:]
+
+    def _owned_events(self, ref: ObjectRef, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
+        """A workload's story goes on in its ReplicaSets' and pods' Events (an image that cannot
+        be pulled is a Warning on the pod): those named after it (``web-<hash>[-<id>]``)."""
+        if ref.resource not in WORKLOADS:
+            return []
+        sql = (
+            "SELECT id, time_ns, kind, body FROM records WHERE name >= ? AND name < ?"
+            " AND resource IN ('replicasets', 'pods', 'jobs') AND kind = 'event'"
+        )
+        params: list[Any] = [ref.name + "-", ref.name + "."]
+        if ref.namespace is not None:
+            sql += " AND namespace = ?"
+            params.append(ref.namespace)
+        sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC LIMIT ?"
+        params.append(limit)
+        return self._rows(sql, params)
 
     def _log_records(self, ref: ObjectRef, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
         """A pod's lines, or those of a workload's pods (named after it: ``web-<hash>-<id>``)."""
@@ -112,7 +136,7 @@ class StoreBackend:
         if ref.namespace is not None:
             sql += " AND namespace = ?"
             params.append(ref.namespace)
-        sql += _time_clause(since, until, params) + " ORDER BY time_ns LIMIT ?"
+        sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
         return self._rows(sql, params)
 
@@ -136,7 +160,7 @@ class StoreBackend:
         if writes_only:
             sql += f" AND verb IN ({','.join('?' * len(MUTATING))})"
             params += MUTATING
-        sql += _time_clause(since, until, params) + " ORDER BY time_ns LIMIT ?"
+        sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
         return self._rows(sql, params)
 
@@ -153,7 +177,7 @@ class StoreBackend:
             params += MUTATING
         where = " AND ".join(clauses) or "1"
         sql = f"SELECT id, time_ns, kind, body FROM records WHERE {where}" + _time_clause(since, until, params)
-        sql += " ORDER BY time_ns LIMIT ?"
+        sql += " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
         return self._rows(sql, params)
 

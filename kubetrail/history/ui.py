@@ -85,8 +85,9 @@ class TimelineApp:
         if not target:
             return _json({"error": "give an object: KIND/NAMESPACE/NAME, KIND/NAME or a uid"}, 400)
         logs = request.query.get("logs") in ("1", "true", "on")
+        status = request.query.get("status") in ("1", "true", "on")
         return await self._answer(
-            request, lambda s, u: queries.history(self.backend, target, since=s, until=u, logs=logs)
+            request, lambda s, u: queries.history(self.backend, target, since=s, until=u, logs=logs, status=status)
         )
 
     async def who(self, request: web.Request) -> web.Response:

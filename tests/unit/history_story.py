@@ -173,6 +173,8 @@ def story() -> list[Record]:
         audit(12, "a-get", "get", "alice", "deployments", "web", response=scaled),
         audit(20, "a-patch", "patch", "bob", "deployments", "web", request=patch, response=patched),
         log(21, "web-6d4b8-x7k2p", "GET / 200", 14),
+        event(22, "e1000000-0000-4000-8000-000000000004", "503", "Pod", "web-6d4b8-x7k2p", "BackOff",
+              "Back-off restarting failed container app", type="Warning", count=4),
         audit(30, "a-delpod", "delete", "carol", "pods", "web-6d4b8-x7k2p", ip="10.9.9.9"),
         audit(40, "a-secret", "get", SA_CI, "secrets", "db", response=secret),
         audit(50, "a-forbid", "delete", "mallory", "deployments", "web", code=403, decision="forbid"),

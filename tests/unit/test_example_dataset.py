@@ -96,6 +96,14 @@ def test_the_deployments_history(store: Path) -> None:
     assert "Scaled up replica set" in events[0] and any("from 1 to 3" in m for m in events)
     times = [e["time_ns"] for e in entries]
     assert times == sorted(times)
+    # Recorded with a node: the missing image is a Warning on the new ReplicaSet's pod, and the
+    # pods' log lines join the timeline with --logs.
+    warnings = [e for e in entries if e["kind"] == "event" and e["reason"] == "ErrImageNeverPull"]
+    assert warnings and all(e["type"] == "Warning" and e["name"].startswith("web-") for e in warnings)
+    # (core/v1 Events keep whole seconds)
+    assert broken["time_ns"] // 10**9 <= warnings[0]["time_ns"] // 10**9 <= back["time_ns"] // 10**9
+    logs = [e for e in history(store, "history", "deploy/shop/web", "--logs") if e["kind"] == "log"]
+    assert len({e["name"] for e in logs}) >= 3 and all("served request" in e["message"] for e in logs)
 
 
 def test_who_read_the_secret(store: Path) -> None:
@@ -113,6 +121,10 @@ def test_scripts_run_without_arguments(tmp_path: Path) -> None:
     if shutil.which("strace") is None:
         pytest.skip("no strace to see which files scripts/run opens")
     trace = tmp_path / "trace"
+    # scripts/run begins with scripts/setup, which (re)builds the environment when the
+    # project's requirements or native code changed; done here first, so that the trace shows
+    # what running kubetrail reads (setup's second pass finds everything in place).
+    subprocess.run([str(REPO / "scripts" / "setup")], check=True, capture_output=True, timeout=900)
     shutil.rmtree(REPO / ".kubetrail", ignore_errors=True)
     env = {**os.environ, "KUBETRAIL_UI_PORT": "0"}
     env.pop("KUBETRAIL_EXAMPLES", None)

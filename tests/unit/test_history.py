@@ -53,12 +53,19 @@ def test_history_merges_audit_and_events_oldest_first(store: Path) -> None:
         ("event", "ScalingReplicaSet", None),
         ("audit", "get", "alice"),
         ("audit", "patch", "bob"),
+        ("event", "BackOff", None),  # on one of its pods (named after it): the workload's story
         ("audit", "delete", "mallory"),
         ("event", "ScalingReplicaSet", None),
     ]
     times = [e["time_ns"] for e in got]
     assert times == sorted(times)
-    create, _, scale, _, _, patch, forbidden, last = got
+    create, _, scale, _, _, patch, backoff, forbidden, last = got
+    assert (backoff["type"], backoff["resource"], backoff["name"], backoff["count"]) == (
+        "Warning",
+        "pods",
+        "web-6d4b8-x7k2p",
+        4,
+    )
     assert create["stage"] == "ResponseComplete" and create["code"] == 201
     assert {"op": "add", "path": "/spec/template/spec/containers/0/image", "new": "nginx:1.27"} in create["changes"]
     assert scale["subresource"] == "scale"
@@ -78,7 +85,7 @@ def test_text_output_says_who_what_and_what_changed(store: Path) -> None:
     result = cli(store, "history", "deployments/shop/web")
     assert result.exit_code == 0
     lines = result.stdout.splitlines()
-    assert lines[0] == "# deployments/shop/web: 8 entries, oldest first"
+    assert lines[0] == "# deployments/shop/web: 9 entries, oldest first"
     assert any("patch deployments/shop/web by bob from 10.1.2.3 (kubectl/v1.36.3) -> 200" in line for line in lines)
     assert "~ /spec/template/spec/containers/0/image: nginx:1.27 -> nginx:1.28" in result.stdout
     assert "~ /spec/replicas: 1 -> 3" in result.stdout
@@ -92,10 +99,10 @@ def test_logs_of_a_workloads_pods(store: Path) -> None:
         ("web-6d4b8-x7k2p", "nginx started"),
         ("web-6d4b8-x7k2p", "GET / 200"),
     ]
-    assert len(got) == 10
+    assert len(got) == 11
     pod = entries(store, "history", "pod/shop/web-6d4b8-x7k2p", "--logs")
-    assert [e["kind"] for e in pod] == ["log", "log", "audit"]
-    assert pod[2]["user"] == "carol" and pod[2]["source_ip"] == "10.9.9.9"
+    assert [e["kind"] for e in pod] == ["log", "log", "event", "audit"]
+    assert pod[3]["user"] == "carol" and pod[3]["source_ip"] == "10.9.9.9"
 
 
 def test_the_same_object_by_uid_kind_alias_or_without_namespace(store: Path) -> None:
@@ -108,7 +115,7 @@ def test_since_and_until(store: Path) -> None:
     got = entries(
         store, "history", "deploy/shop/web", "--since", "2025-12-05T02:00:15Z", "--until", "2025-12-05T02:00:50.5Z"
     )
-    assert [e.get("verb") for e in got] == ["patch", "delete"]
+    assert [e.get("verb") or e.get("reason") for e in got] == ["patch", "BackOff", "delete"]
     result = cli(store, "history", "deploy/shop/web", "--since", "yesterday")
     assert result.exit_code == 2 and "expected a duration" in result.output
 
@@ -127,7 +134,7 @@ def test_who_and_search(store: Path) -> None:
         "bob",
         "mallory",
     }
-    assert len(entries(store, "search", "--namespace", "shop")) == 13  # the create's two stages are one entry
+    assert len(entries(store, "search", "--namespace", "shop")) == 14  # the create's two stages are one entry
 
 
 def test_secret_values_never_leave(store: Path) -> None:
@@ -199,3 +206,12 @@ def test_missing_corrupt_or_newer_store(tmp_path: Path) -> None:
     result = cli(corrupt, "who", "alice")
     assert result.exit_code == 1 and "is not a usable kubetrail store" in result.stderr
     assert corrupt.read_bytes() == before
+
+
+def test_limit_keeps_the_newest_records_oldest_first(store: Path) -> None:
+    result = cli(store, "history", "deploy/shop/web", "--limit", "3", "--json")
+    assert result.exit_code == 0
+    got = [orjson.loads(line) for line in result.stdout.splitlines()]
+    assert [e.get("verb") or e.get("reason") for e in got] == ["BackOff", "delete", "ScalingReplicaSet"]
+    assert "older records left out (the newest 3 shown)" in result.stderr
+    assert [e["verb"] for e in entries(store, "who", "alice", "--limit", "2")] == ["update", "get"]

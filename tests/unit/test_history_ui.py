@@ -148,14 +148,15 @@ def test_a_search_shows_the_timeline(ui: tuple[str, Path], tmp_path: Path) -> No
     url, _ = ui
     dom = browse(url + "?q=deploy/shop/web&logs=1&open=7", tmp_path, "ui-history.png")
     page = parse(dom)
-    assert page.status.startswith("deployments/shop/web: 10 entries, oldest first"), page.status
+    assert page.status.startswith("deployments/shop/web: 11 entries, oldest first"), page.status
     assert [row["kind"] for row in page.rows] == [
-        "audit", "event", "log", "audit", "event", "audit", "audit", "log", "audit", "event",
+        "audit", "event", "log", "audit", "event", "audit", "audit", "log", "event", "audit", "event",
     ]  # fmt: skip
     patch = page.rows[6]
     assert patch["text"].startswith("patch deployments/shop/web by bob")
     assert "~ /spec/template/spec/containers/0/image: nginx:1.27 \u2192 nginx:1.28" in patch["changes"]
-    forbidden = page.rows[8]
+    assert "Warning" in page.rows[8]["class"] and "BackOff" in page.rows[8]["text"]
+    forbidden = page.rows[9]
     assert "failed" in forbidden["class"] and "403" in forbidden["text"]
     assert "Warning" not in page.rows[1]["class"] and "event" in page.rows[1]["class"]
     assert 'class="entry log open"' in dom  # ?open=7: the 8th row expanded to its full record

@@ -61,7 +61,8 @@ async def test_columns_and_the_whole_record(tmp_path: Path) -> None:
     assert columns[2][8] == "ScalingReplicaSet"
     assert columns[3] == ("log", None, None, "pods", "shop", "web-6d4b8-x7k2p", story()[3].body["kubernetes"]["pod_id"],
                           None, "app")  # fmt: skip
-    assert columns[11][:8] == ("audit", "mallory", "delete", "deployments", "shop", "web", None, 403)
+    assert columns[9][:6] == ("event", None, None, "pods", "shop", "web-6d4b8-x7k2p")
+    assert columns[12][:8] == ("audit", "mallory", "delete", "deployments", "shop", "web", None, 403)
     # The whole record beside its columns, byte for byte what the pipeline delivered.
     assert [r[9] for r in got] == [r.json_bytes() for r in story()]
 
