@@ -139,6 +139,8 @@ def test_pod_lines_exactly_once_with_metadata(cluster: LocalCluster, admin: Kube
     script = (
         f'i=1; while [ $i -le {lines} ]; do echo "out $i"; echo "err $i" >&2; i=$((i+1)); done; '
         f'big=$(head -c {BIG} /dev/zero | tr \'\\0\' x); echo "big-out $big"; echo "big-err $big" >&2; '
+        # Not UTF-8: containerd passes the bytes through; kubetrail decodes with U+FFFD and counts.
+        "printf 'bad-utf8 \\377\\376 end\\n'; "
         # After a pause: stdout and stderr reach containerd separately, so "last" needs time.
         "sleep 1; echo done-marker; sleep 3600 & wait"
     )
@@ -147,7 +149,7 @@ def test_pod_lines_exactly_once_with_metadata(cluster: LocalCluster, admin: Kube
     try:
         _create(admin, ns, busybox_pod("writer", script, labels={"app": "writer"}))
         pod = wait_pod_phase(admin, ns, "writer", ("Running", "Succeeded", "Failed"))
-        expected = 2 * lines + 3
+        expected = 2 * lines + 4
 
         def delivered() -> int:
             return len(_ours(read_records(out / "out.jsonl"), ns, "writer"))
@@ -162,7 +164,7 @@ def test_pod_lines_exactly_once_with_metadata(cluster: LocalCluster, admin: Kube
     want = Counter({("stdout", f"out {i}"): 1 for i in range(1, lines + 1)})
     want.update({("stderr", f"err {i}"): 1 for i in range(1, lines + 1)})
     want.update({("stdout", "big-out " + "x" * BIG): 1, ("stderr", "big-err " + "x" * BIG): 1})
-    want.update({("stdout", "done-marker"): 1})
+    want.update({("stdout", "done-marker"): 1, ("stdout", "bad-utf8 \ufffd\ufffd end"): 1})
     assert counts == want, (
         f"missing {list((want - counts).keys())[:5]}, extra {list((counts - want).keys())[:5]}, {len(records)} records"
     )
