@@ -164,6 +164,14 @@ class Pipeline:
         self.processors: dict[str, list[RoutedTransform]] = {}  # input/output id -> its processors
         for section in config.inputs:
             built = self._build(section, "input", SOURCES, COMMON_INPUT_OPTIONS)
+            if self.service["storage.inherit"] and self.service["storage.type"] and not section.get("storage.type"):
+                built.config["storage.type"] = self.service["storage.type"]  # Fluent Bit's storage.inherit
+            if built.config["storage.type"] == "memrb":
+                built.config["storage.type"] = "memory"
+                self.notes.append(
+                    f"{section.location}: {built.component_id}: storage.type memrb is memory here: a full buffer "
+                    "pauses the input instead of dropping the oldest records"
+                )
             self.sources.append(built)
             self.processors[built.component_id] = self._build_processors(config.processors_of(section))
         for section in config.filters:

@@ -130,6 +130,10 @@ SERVICE_OPTIONS: tuple[Option, ...] = (
     Option("scheduler.cap", "duration", 60.0, help="Longest wait between retries in seconds (Fluent Bit: 2000)"),
     Option("health_check", "bool", False, help="Accepted for Fluent Bit compatibility"),
     Option("plugins_file", multiple=True, help="External plugins: refused by name when the file lists any"),
+    Option(
+        "storage.type", "choice", None, choices=("memory", "filesystem", "memrb"), help="Default for storage.inherit"
+    ),
+    Option("storage.inherit", "bool", False, help="Inputs without storage.type take the service's storage.type"),
     *FLUENT_BIT_SERVICE_NO_EFFECT,
 )
 
@@ -142,8 +146,9 @@ COMMON_INPUT_OPTIONS: tuple[Option, ...] = (
         "storage.type",
         "choice",
         "memory",
-        choices=("memory", "filesystem"),
-        help="filesystem: batches are acknowledged once in the outputs' disk queues (needs storage.path)",
+        choices=("memory", "filesystem", "memrb"),
+        help="filesystem: batches are acknowledged once in the outputs' disk queues (needs storage.path); "
+        "memrb (Fluent Bit's dropping ring buffer) is memory here",
     ),
     Option("storage.pause_on_chunks_overlimit", "bool", True, help="Accepted for Fluent Bit compatibility; always on"),
     Option("threaded", "bool", False, help="Accepted for Fluent Bit compatibility; kubetrail is asyncio"),

@@ -870,3 +870,37 @@ def test_stdout_filter_prints_and_passes_records_unchanged() -> None:
     assert transform.stream.getvalue() == (
         b'[0] app: [1500000000.000000000, {"a":1}]\n[1] app: [0.000000000, {"b":2}]\n'
     )
+
+
+def test_service_storage_inherit_memrb_and_yaml_grouped_keys(tmp_path: Path) -> None:
+    log = write(tmp_path / "a.log", "")
+    config = write(
+        tmp_path / "p.yaml",
+        f"""
+service:
+  storage:
+    path: {tmp_path / "buffers"}
+    type: filesystem
+    inherit: on
+    backlog:
+      mem_limit: 10M
+pipeline:
+  inputs:
+    - name: tail
+      path: {log}
+    - name: tail
+      path: {log}
+      storage.type: memory
+    - name: tail
+      path: {log}
+      storage.type: memrb
+  outputs:
+    - name: stdout
+      match: '*'
+""",
+    )
+    pipeline = Pipeline(load_config(config))
+    assert pipeline.service["storage.path"] == str(tmp_path / "buffers")
+    assert pipeline.service["storage.backlog.mem_limit"] == 10 * 1024 * 1024
+    assert [s.config["storage.type"] for s in pipeline.sources] == ["filesystem", "memory", "memory"]
+    assert any("storage.type memrb is memory here" in note for note in pipeline.notes)

@@ -121,7 +121,7 @@ def _read_document(path: Path, config: PipelineConfig, variables: dict[str, str]
                 _read_document(target, config, variables, depth + 1)
         elif key == "service":
             section = Section("service", _loc(path, key_node))
-            section.properties.extend(_properties(value_node, path, variables))
+            section.properties.extend(_service_properties(value_node, path, variables))
             config.add(section)
         elif key == "parsers":
             _read_sections(value_node, "parser", path, config, variables)
@@ -241,6 +241,21 @@ def _properties(node: yaml.Node, path: Path, variables: dict[str, str], kind: st
                 props.append(Property(name, _scalar(item, path, variables), _loc(path, item)))
         else:
             props.append(Property(name, _scalar(value_node, path, variables), location))
+    return props
+
+
+def _service_properties(node: yaml.Node, path: Path, variables: dict[str, str], prefix: str = "") -> list[Property]:
+    """``service`` keys; a nested mapping is Fluent Bit's grouped form (``storage: {path: ...}``
+    is ``storage.path``, ``http_server: ...`` stays as it is)."""
+    props: list[Property] = []
+    for key_node, value_node in _mapping_items(node, path):
+        name = prefix + key_node.value.lower()
+        if isinstance(value_node, yaml.MappingNode):
+            props.extend(_service_properties(value_node, path, variables, name + "."))
+        elif isinstance(value_node, yaml.SequenceNode):
+            props.extend(Property(name, _scalar(item, path, variables), _loc(path, item)) for item in value_node.value)
+        else:
+            props.append(Property(name, _scalar(value_node, path, variables), _loc(path, key_node)))
     return props
 
 
