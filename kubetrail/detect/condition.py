@@ -40,7 +40,7 @@ from typing import Any
 
 import pyparsing as pp
 
-from kubetrail.detect.fields import Event, FieldRef, field_ref
+from kubetrail.detect.fields import Event, FieldRef, fast_getter, field_ref
 
 Predicate = Callable[[Event], bool]
 
@@ -248,9 +248,9 @@ def _scalar_test(op: str, operands: list[str]) -> Callable[[str], bool]:
         return members.__contains__
     (operand,) = operands
     if op == "==":
-        return lambda value: value == operand
+        return operand.__eq__  # values are str: a C call, no Python frame
     if op == "!=":
-        return lambda value: value != operand
+        return operand.__ne__
     if op in ("<", "<=", ">", ">="):
         return _order(op, operand)
     if op in ("contains", "bcontains"):
@@ -298,7 +298,8 @@ def compile_check(node: Node, lists: dict[str, list[str]]) -> tuple[Predicate, F
         )
     value_of = Event.value
     if op == "exists":
-        return (lambda ev: value_of(ev, ref) is not None), ref
+        present = fast_getter(ref)
+        return (lambda ev: present(ev) is not None), ref
     operands = expand_values(node.values, lists)
     if op not in SET_OPS and len(operands) != 1:
         raise ConditionError(f"'{op}' takes one value, not a list", node.loc)
@@ -321,8 +322,10 @@ def compile_check(node: Node, lists: dict[str, list[str]]) -> tuple[Predicate, F
 
         return all_of, ref
 
+    get = fast_getter(ref)
+
     def scalar(ev: Event) -> bool:
-        value = value_of(ev, ref)
+        value = get(ev)
         return value is not None and test(value)
 
     return scalar, ref
@@ -401,3 +404,50 @@ def constraint(node: Node, fields: frozenset[str], lists: dict[str, list[str]]) 
             union |= own
         return union
     return None
+
+
+_RAWTIME = frozenset({"jevt.rawtime", "json.rawtime"})
+# Fields every audit event has (Falco stamps each event with a time).
+ALWAYS_AVAILABLE = frozenset(
+    f"{prefix}.{name}" for prefix in ("jevt", "json") for name in ("rawtime", "time", "time.iso8601", "obj")
+)
+
+
+def fold(node: Node, known: dict[str, str | None], lists: dict[str, list[str]]) -> bool | Node:
+    """The tree with every check on a field in ``known`` (spelling -> value, None = not
+    available) replaced by its result, and ``and``/``or``/``not`` simplified: True, False or
+    what is left to evaluate. The engine folds each rule for an event's (stage, verb, resource,
+    subresource), so most checks are decided once per such key, not once per event."""
+    if node.kind == "check":
+        if node.op == "exists" and node.field in ALWAYS_AVAILABLE:
+            return True
+        if node.field in _RAWTIME and node.op in ("==", "!=") and [v.text for v in node.values] == ["0"]:
+            # Falco's k8s_audit_never_true is `jevt.rawtime=0`: an event's time is never 0
+            # (the event time is always set, see Event.timestamp_ns), so it is decided here.
+            return node.op == "!="
+        if node.field not in known:
+            return node
+        value = known[node.field]
+        if value is None:
+            return False
+        if node.op == "exists":
+            return True
+        operands = expand_values(node.values, lists)
+        return _scalar_test(node.op, operands)(value)
+    if node.kind == "not":
+        inner = fold(node.children[0], known, lists)
+        return (not inner) if isinstance(inner, bool) else Node("not", [inner], loc=node.loc)
+    if node.kind in ("and", "or"):
+        decisive = node.kind == "or"  # the value that decides the whole: True for or, False for and
+        left: list[Node] = []
+        for child in node.children:
+            folded = fold(child, known, lists)
+            if isinstance(folded, bool):
+                if folded is decisive:
+                    return decisive
+                continue
+            left.append(folded)
+        if not left:
+            return not decisive
+        return left[0] if len(left) == 1 else Node(node.kind, left, loc=node.loc)
+    return node

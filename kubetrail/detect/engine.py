@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from kubetrail.detect import condition as cond
-from kubetrail.detect.fields import Event, FieldRef, field_ref
+from kubetrail.detect.fields import Event, FieldRef, fast_getter, field_ref
 from kubetrail.detect.rules import PRIORITIES, SOURCE, Origin, RuleDef, RulesError, RuleSet, looks_like_list_name
 
 # (key, the spellings of the field a constraint may use, the reference an event's key is read with)
@@ -41,6 +42,8 @@ _INDEX = (
     ),
 )
 _INDEX_REFS = tuple(ref for _, _, ref in _INDEX)
+_STAGE, _VERB, _RESOURCE, _SUBRESOURCE = (fast_getter(ref) for ref in _INDEX_REFS)
+_AUDIT_ID = fast_getter(field_ref("ka.auditid", None))
 _OUTPUT_FIELD = re.compile(r"%([A-Za-z_][A-Za-z0-9_.]*[A-Za-z0-9_])(\[[^\]]*\])?")
 
 
@@ -58,24 +61,74 @@ class Output:
             position = found.end()
         self.parts.append(text[position:])
         self.refs = [p for p in self.parts if isinstance(p, FieldRef)]
+        self._steps: list[tuple[str, str | None, Any]] = [
+            (p, None, None) if isinstance(p, str) else ("", p.key, fast_getter(p)) for p in self.parts
+        ]
 
     def render(self, ev: Event) -> tuple[str, dict[str, str | None]]:
         fields: dict[str, str | None] = {}
         out: list[str] = []
-        for part in self.parts:
-            if isinstance(part, str):
-                out.append(part)
+        for text, key, get in self._steps:
+            if key is None:
+                out.append(text)
                 continue
-            value = _display(ev.value(part))
-            fields[part.key] = value
+            value = get(ev)
+            if value is not None and value.__class__ is not str:
+                value = "(" + ",".join(value) + ")"  # a list, as Falco prints one
+            fields[key] = value
             out.append("<NA>" if value is None else value)
         return "".join(out), fields
 
 
-def _display(value: Any) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    return "(" + ",".join(value) + ")"
+# Fields with few distinct values in a cluster (users, namespaces, codes, ...): a predicate that
+# reads only these is remembered per combination of their values, so "Disallowed K8s User"
+# costs a dict lookup per event, not three checks.
+_FEW_VALUES = frozenset(
+    {
+        "ka.user.name",
+        "ka.impuser.name",
+        "ka.target.namespace",
+        "ka.auth.decision",
+        "ka.response.code",
+        "ka.verb",
+        "ka.stage",
+        "ka.target.resource",
+        "ka.target.subresource",
+        "jevt.value[/user/username]",
+        "jevt.value[/objectRef/namespace]",
+        "jevt.value[/responseStatus/code]",
+    }
+)
+_MEMO_LIMIT = 50_000
+
+
+def _memoised(predicate: cond.Predicate, refs: list[FieldRef]) -> cond.Predicate:
+    getters = list({ref.key: fast_getter(ref) for ref in refs}.values())
+    memo: dict[Any, bool] = {}
+    if len(getters) == 1:
+        (get,) = getters
+
+        def one(ev: Event) -> bool:
+            value = get(ev)
+            found = memo.get(value)
+            if found is None:
+                if len(memo) > _MEMO_LIMIT:
+                    memo.clear()
+                found = memo[value] = predicate(ev)
+            return found
+
+        return one
+
+    def many(ev: Event) -> bool:
+        values = tuple(get(ev) for get in getters)
+        found = memo.get(values)
+        if found is None:
+            if len(memo) > _MEMO_LIMIT:
+                memo.clear()
+            found = memo[values] = predicate(ev)
+        return found
+
+    return many
 
 
 @dataclass
@@ -88,6 +141,24 @@ class CompiledRule:
     predicate: cond.Predicate
     origin: Origin
     index: dict[str, frozenset[str] | None]
+    tree: cond.Node  # macros inlined, exceptions added: what is folded per index key
+    lists: dict[str, list[str]]
+
+    def specialise(self, key: tuple[Any, ...]) -> cond.Predicate | bool:
+        """The rule for events with this (stage, verb, resource, subresource): True (fires on
+        every such event), False (on none), or a predicate over what is left."""
+        known: dict[str, str | None] = {}
+        for (_, spellings, _), value in zip(_INDEX, key, strict=True):
+            for spelling in spellings:
+                known[spelling] = value
+        folded = cond.fold(self.tree, known, self.lists)
+        if isinstance(folded, bool):
+            return folded
+        refs: list[FieldRef] = []
+        predicate = cond.compile_tree(folded, self.lists, refs)
+        if refs and all(ref.key in _FEW_VALUES for ref in refs):
+            return _memoised(predicate, refs)
+        return predicate
 
     @property
     def priority_name(self) -> str:
@@ -117,23 +188,41 @@ class Engine:
         self.warnings = warnings
         self.skipped_sources: Counter[str] = ruleset.other_sources()
         self.disabled = sum(1 for r in ruleset.rules.values() if not r.enabled and r.source == SOURCE)
-        self._by_key: dict[tuple[Any, ...], tuple[CompiledRule, ...]] = {}
+        self._by_key: dict[tuple[Any, ...], tuple[tuple[CompiledRule, cond.Predicate | None], ...]] = {}
+        self._seconds: dict[int, str] = {}
         self.hostname = socket.gethostname()
 
-    def candidates(self, ev: Event) -> tuple[CompiledRule, ...]:
-        value = ev.value
-        key = (value(_INDEX_REFS[0]), value(_INDEX_REFS[1]), value(_INDEX_REFS[2]), value(_INDEX_REFS[3]))
+    def candidates(self, ev: Event) -> tuple[tuple[CompiledRule, cond.Predicate | None], ...]:
+        """The rules that can fire on the event, each with its predicate specialised for the
+        event's index key (None: it fires, nothing left to check)."""
+        light = ev.light
+        ref = light.objectRef if light is not None else None
+        if ref is not None and light is not None:  # the common case in four attribute reads
+            key: tuple[Any, ...] = (light.stage, light.verb, ref.resource, ref.subresource)
+            for part in key:
+                if part is not None and part.__class__ is not str:
+                    key = (_STAGE(ev), _VERB(ev), _RESOURCE(ev), _SUBRESOURCE(ev))
+                    break
+        else:
+            key = (_STAGE(ev), _VERB(ev), _RESOURCE(ev), _SUBRESOURCE(ev))
         found = self._by_key.get(key)
         if found is None:
             if len(self._by_key) > 10_000:  # odd verbs/resources must not grow it without bound
                 self._by_key.clear()
-            found = self._by_key[key] = tuple(rule for rule in self.rules if rule.admits(key))
+            chosen: list[tuple[CompiledRule, cond.Predicate | None]] = []
+            for rule in self.rules:
+                if not rule.admits(key):
+                    continue
+                special = rule.specialise(key)
+                if special is not False:
+                    chosen.append((rule, None if special is True else special))
+            found = self._by_key[key] = tuple(chosen)
         return found
 
     def match(self, ev: Event) -> list[CompiledRule]:
         if not ev.is_audit_event():
             return []  # the k8saudit plugin extracts nothing from other JSON
-        return [rule for rule in self.candidates(ev) if rule.predicate(ev)]
+        return [rule for rule, predicate in self.candidates(ev) if predicate is None or predicate(ev)]
 
     def alert(self, rule: CompiledRule, ev: Event) -> Alert:
         text, fields = rule.output.render(ev)
@@ -142,29 +231,26 @@ class Engine:
     def alert_record(self, alert: Alert, ev: Event) -> dict[str, Any]:
         """The alert as Falco's JSON output writes it, plus the triggering event's identity."""
         ns = ev.timestamp_ns()
-        stamp = _iso(ns)
-        light = ev.light
-        clock = stamp[11:19] + f".{ns % 1_000_000_000:09d}"
-        record: dict[str, Any] = {
-            "time": stamp,
-            "rule": alert.rule.name,
-            "priority": alert.rule.priority_name,
+        seconds, nanos = divmod(ns, 1_000_000_000)
+        whole = self._seconds.get(seconds)
+        if whole is None:  # events of one second share the formatting
+            if len(self._seconds) > 4096:
+                self._seconds.clear()
+            whole = self._seconds[seconds] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        fraction = f".{nanos:09d}"
+        rule = alert.rule
+        return {
+            "time": f"{whole}{fraction}Z",
+            "rule": rule.name,
+            "priority": rule.priority_name,
             "source": SOURCE,
-            "tags": alert.rule.tags,
-            "output": f"{clock}: {alert.rule.priority_name} {alert.output}",
+            "tags": rule.tags,
+            "output": f"{whole[11:]}{fraction}: {rule.priority_name} {alert.output}",
             "output_fields": alert.output_fields,
             "hostname": self.hostname,
-            "k8s.audit.id": light.auditID if light is not None else None,
-            "k8s.audit.stage": light.stage if light is not None else None,
+            "k8s.audit.id": _AUDIT_ID(ev),
+            "k8s.audit.stage": _STAGE(ev),
         }
-        return record
-
-
-def _iso(ns: int) -> str:
-    import datetime as dt
-
-    moment = dt.datetime.fromtimestamp(ns // 1_000_000_000, tz=dt.UTC)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S") + f".{ns % 1_000_000_000:09d}Z"
 
 
 def _condition_error(exc: cond.ConditionError, text: str, origin: Origin, item: str) -> RulesError:
@@ -214,7 +300,9 @@ def compile_rules(ruleset: RuleSet) -> Engine:
             raise RulesError(f"output: {exc}", rule.output.origin, label) from None
         index = {name: cond.constraint(full, spellings, lists) for name, spellings, _ in _INDEX}
         compiled.append(
-            CompiledRule(rule.name, rule.desc, rule.priority, rule.tags, output, predicate, rule.origin, index)
+            CompiledRule(
+                rule.name, rule.desc, rule.priority, rule.tags, output, predicate, rule.origin, index, full, lists
+            )
         )
     for name, macro in ruleset.macros.items():
         if name not in used_macros:

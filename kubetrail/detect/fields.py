@@ -20,6 +20,7 @@ the container's ``securityContext`` (the plugin looks outside them).
 from __future__ import annotations
 
 import datetime as dt
+import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,38 +32,54 @@ import orjson
 # -- the event ----------------------------------------------------------------------------
 
 
+# Typed members: msgspec decodes typed structs about three times faster than ``Any``. An event
+# whose members have other types fails this decode and is read from its parsed document
+# instead (same values, slower), so odd input changes speed, never results.
+
+
 class _User(msgspec.Struct, gc=False):
-    username: Any = None
-    groups: Any = None
+    username: str | None = None
 
 
 class _Ref(msgspec.Struct, gc=False):
-    resource: Any = None
-    subresource: Any = None
-    namespace: Any = None
-    name: Any = None
+    resource: str | None = None
+    subresource: str | None = None
+    namespace: str | None = None
+    name: str | None = None
 
 
 class _Status(msgspec.Struct, gc=False):
-    code: Any = None
-    reason: Any = None
+    code: int | None = None
+    reason: str | None = None
+
+
+class _Annotations(
+    msgspec.Struct,
+    gc=False,
+    rename={"decision": "authorization.k8s.io/decision", "reason": "authorization.k8s.io/reason"},
+):
+    decision: str | None = None
+    reason: str | None = None
 
 
 class Light(msgspec.Struct, gc=False):
     """The members of an audit event most rules read; the rest is skipped by the decoder."""
 
-    auditID: Any = None
-    stage: Any = None
-    verb: Any = None
-    requestURI: Any = None
-    userAgent: Any = None
-    sourceIPs: Any = None
-    stageTimestamp: Any = None
+    auditID: str | None = None
+    stage: str | None = None
+    verb: str | None = None
+    requestURI: str | None = None
+    userAgent: str | None = None
+    stageTimestamp: str | None = None
     user: _User | None = None
     impersonatedUser: _User | None = None
     objectRef: _Ref | None = None
     responseStatus: _Status | None = None
-    annotations: dict[str, Any] | None = None
+    annotations: _Annotations | None = None
+    # Kept as their bytes, parsed only when a rule reads into them: most events that reach a
+    # pod rule (a Metadata-level log) have none, and then nothing is parsed at all.
+    requestObject: msgspec.Raw = msgspec.Raw()  # empty: the event has none
+    responseObject: msgspec.Raw = msgspec.Raw()
 
 
 _DECODE_ONE = msgspec.json.Decoder(Light).decode
@@ -74,14 +91,15 @@ class Event:
     """One audit event as rules see it: its bytes, the light struct, the parsed document on
     demand, and the values rules asked for so far."""
 
-    __slots__ = ("_cache", "_doc", "light", "raw", "time_ns")
+    __slots__ = ("_cache", "_doc", "_objects", "light", "raw", "time_ns")
 
     def __init__(self, raw: bytes, light: Light | None = None, time_ns: int | None = None, doc: Any = None) -> None:
         self.raw = raw
         self.light = light
         self._doc = doc
         self.time_ns = time_ns
-        self._cache: dict[str, Any] = {}
+        self._cache: dict[str, Any] | None = None  # made on first use: most events never need it
+        self._objects: dict[str, Any] | None = None
 
     @classmethod
     def from_body(cls, body: dict[str, Any], time_ns: int | None = None) -> Event:
@@ -99,8 +117,26 @@ class Event:
             self._doc = doc
         return doc
 
+    def member(self, name: str) -> Any:
+        """``requestObject`` or ``responseObject`` parsed (None when the event has none)."""
+        light = self.light
+        if light is None:
+            doc = self.doc()
+            return doc.get(name) if isinstance(doc, dict) else None
+        raw = getattr(light, name)
+        if not raw:
+            return None
+        objects = self._objects
+        if objects is None:
+            objects = self._objects = {}
+        if name not in objects:
+            objects[name] = orjson.loads(bytes(raw))
+        return objects[name]
+
     def value(self, ref: FieldRef) -> Any:
         cache = self._cache
+        if cache is None:
+            cache = self._cache = {}
         value = cache.get(ref.key, _MISSING)
         if value is _MISSING:
             try:
@@ -120,19 +156,25 @@ class Event:
         return isinstance(doc, dict) and doc.get("auditID") is not None
 
     def timestamp_ns(self) -> int:
-        """The event's time: its record's, else ``stageTimestamp``, else 0."""
+        """The event's time: its record's, else ``stageTimestamp``, else now (an event always has
+        a time in Falco: the plugin stamps one it cannot read with the time it got it)."""
         if self.time_ns is not None:
             return self.time_ns
         stamp = self.light.stageTimestamp if self.light is not None else None
+        if stamp is None and self.light is None:
+            doc = self.doc()
+            stamp = doc.get("stageTimestamp") if isinstance(doc, dict) else None
         if isinstance(stamp, str):
             try:
-                parsed = dt.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-                self.time_ns = int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000
-                return self.time_ns
+                parsed = dt.datetime.fromisoformat(stamp)
+                if parsed.tzinfo is None:
+                    parsed = parsed.replace(tzinfo=dt.UTC)
+                self.time_ns = int(parsed.timestamp()) * 1_000_000_000 + parsed.microsecond * 1000 or 1
+                return self.time_ns  # never 0: rules read `jevt.rawtime=0` as "never" (see fold)
             except ValueError:
                 pass
-        self.time_ns = 0
-        return 0
+        self.time_ns = time.time_ns()
+        return self.time_ns
 
 
 def _light(raw: bytes) -> Light | None:
@@ -223,6 +265,7 @@ class FieldSpec:
     is_list: bool = False
     arg: str = "none"  # none, required (a key or pointer), index (optional container index)
     desc: str = ""
+    light: tuple[str, ...] | None = None  # a scalar the light struct holds at this path
 
 
 @dataclass(frozen=True)
@@ -232,6 +275,7 @@ class FieldRef:
     spec: FieldSpec
     arg: str | None
     key: str  # as written, the cache key
+    light: tuple[str, ...] | None = None  # read straight from the light struct (see fast_getter)
 
     @property
     def name(self) -> str:
@@ -242,44 +286,48 @@ FIELDS: dict[str, FieldSpec] = {}
 
 
 def _add(name: str, extract: Extract, is_list: bool = False, arg: str = "none", desc: str = "") -> None:
-    FIELDS[name] = FieldSpec(name, extract, is_list, arg, desc)
+    FIELDS[name] = FieldSpec(name, extract, is_list, arg, desc, getattr(extract, "light_path", None))
 
 
 def _top(*keys: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
         return as_text(_light_path(ev, keys))
 
+    extract.light_path = keys  # type: ignore[attr-defined]
     return extract
 
 
 def _top_list(*keys: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        value = _light_path(ev, keys)
+        value = _doc_path(ev.doc(), keys)  # lists are not in the light struct
         return _texts(value) if isinstance(value, list) else None
 
     return extract
 
 
-def _req(*keys: str) -> Extract:
+def _req(member: str, *keys: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        return as_text(_doc_path(ev.doc(), keys))
+        return as_text(_doc_path(ev.member(member), keys))
 
     return extract
 
 
-def _req_list(*keys: str) -> Extract:
+def _req_list(member: str, *keys: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        value = _doc_path(ev.doc(), keys)
+        value = _doc_path(ev.member(member), keys)
         return _texts(value) if isinstance(value, list) else None
 
     return extract
 
 
-def _annotation(name: str) -> Extract:
+def _annotation(name: str, attribute: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        notes = _light_path(ev, ("annotations",))
+        if ev.light is not None:
+            return _light_path(ev, ("annotations", attribute))
+        notes = _doc_path(ev.doc(), ("annotations",))
         return as_text(notes.get(name)) if isinstance(notes, dict) else None
 
+    extract.light_path = ("annotations", attribute)  # type: ignore[attr-defined]
     return extract
 
 
@@ -292,7 +340,7 @@ def _uri_param(ev: Event, arg: str | None) -> Any:
 
 
 def _spec(ev: Event) -> Any:
-    return _doc_path(ev.doc(), ("requestObject", "spec"))
+    return _doc_path(ev.member("requestObject"), ("spec",))
 
 
 def _container_values(kind: str, *keys: str) -> Extract:
@@ -375,7 +423,7 @@ def _first(extract: Extract) -> Extract:
 
 def _rules_field(key: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        values = _each(_doc_path(ev.doc(), ("requestObject", "rules")), _index(arg), (key,))
+        values = _each(_doc_path(ev.member("requestObject"), ("rules",)), _index(arg), (key,))
         if values is None:
             return None
         out: list[str] = []
@@ -405,16 +453,26 @@ def _volume_types(ev: Event, arg: str | None) -> Any:
 
 
 # JSON pointers the light struct answers without a full parse (``kevt`` reads /stage on every event).
+_ANNOTATION_ATTRIBUTES = {"authorization.k8s.io/decision": "decision", "authorization.k8s.io/reason": "reason"}
+
+
+def _light_pointer(parts: tuple[str, ...]) -> tuple[str, ...] | None:
+    """The light struct's path for a JSON pointer's parts, or None when it does not hold it."""
+    if parts in _LIGHT_POINTERS:
+        return parts
+    if len(parts) == 2 and parts[0] == "annotations" and parts[1] in _ANNOTATION_ATTRIBUTES:
+        return ("annotations", _ANNOTATION_ATTRIBUTES[parts[1]])
+    return None
+
+
 _LIGHT_POINTERS = {
     ("auditID",),
     ("stage",),
     ("verb",),
     ("requestURI",),
     ("userAgent",),
-    ("sourceIPs",),
     ("stageTimestamp",),
     ("user", "username"),
-    ("user", "groups"),
     ("impersonatedUser", "username"),
     ("objectRef", "resource"),
     ("objectRef", "subresource"),
@@ -429,8 +487,9 @@ def _jevt_value(ev: Event, arg: str | None) -> Any:
     if not arg:
         return None
     parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in arg.lstrip("/").split("/"))
-    if ev.light is not None and (parts in _LIGHT_POINTERS or (len(parts) == 2 and parts[0] == "annotations")):
-        return as_text(_light_path(ev, parts))
+    light = _light_pointer(parts)
+    if ev.light is not None and light is not None:
+        return as_text(_light_path(ev, light))
     node = ev.doc()
     for part in parts:
         if isinstance(node, dict):
@@ -468,8 +527,8 @@ def _jevt_rawtime(ev: Event, arg: str | None) -> Any:
 
 _add("ka.auditid", _top("auditID"), desc="The unique id of the audit event")
 _add("ka.stage", _top("stage"), desc="Stage of the request")
-_add("ka.auth.decision", _annotation("authorization.k8s.io/decision"), desc="The authorization decision")
-_add("ka.auth.reason", _annotation("authorization.k8s.io/reason"), desc="The authorization reason")
+_add("ka.auth.decision", _annotation("authorization.k8s.io/decision", "decision"), desc="The authorization decision")
+_add("ka.auth.reason", _annotation("authorization.k8s.io/reason", "reason"), desc="The authorization reason")
 _add("ka.user.name", _top("user", "username"), desc="The user name performing the request")
 _add("ka.user.groups", _top_list("user", "groups"), is_list=True, desc="The groups of the user")
 _add("ka.impuser.name", _top("impersonatedUser", "username"), desc="The impersonated user name")
@@ -579,4 +638,46 @@ def field_ref(name: str, arg: str | None) -> FieldRef:
     if spec.arg == "index" and arg is not None and not arg.isdigit():
         raise ValueError(f"field '{name}' takes a container index, not '{arg}'")
     key = name if arg is None else f"{name}[{arg}]"
-    return FieldRef(spec, arg, key)
+    light = spec.light
+    if spec.extract is _jevt_value and arg:
+        parts = tuple(part.replace("~1", "/").replace("~0", "~") for part in arg.lstrip("/").split("/"))
+        light = _light_pointer(parts)
+    return FieldRef(spec, arg, key, light)
+
+
+def fast_getter(ref: FieldRef) -> Callable[[Event], Any]:
+    """A reader of ``ref``'s value that goes straight to the light struct (no cache, no
+    exception handling: a few attribute reads), for the scalars most rules test on every event.
+    Events the light decode refused take the general path."""
+    path = ref.light
+    value_of = Event.value
+    if path is None:
+        return lambda ev: value_of(ev, ref)
+    if len(path) == 1:
+        (first,) = path
+
+        def get_one(ev: Event) -> Any:
+            light = ev.light
+            if light is None:
+                return value_of(ev, ref)
+            value = getattr(light, first)
+            if value is None or value.__class__ is str:
+                return value
+            return as_text(value)
+
+        return get_one
+    first, second = path
+
+    def get_two(ev: Event) -> Any:
+        light = ev.light
+        if light is None:
+            return value_of(ev, ref)
+        node = getattr(light, first)
+        if node is None:
+            return None
+        value = node.get(second) if node.__class__ is dict else getattr(node, second, None)
+        if value is None or value.__class__ is str:
+            return value
+        return as_text(value)
+
+    return get_two
