@@ -193,8 +193,8 @@ def preflight() -> None:
     busy = [str(port) for port in (*KUBELET_PORTS, *PROXY_PORTS) if _port_in_use(port)]
     if busy:
         problems.append(
-            f"port(s) {', '.join(busy)} of {KUBELET_PORTS + PROXY_PORTS} (kubelet, kube-proxy) already in use: "
-            "another node runs on this machine (one node per machine)"
+            f"port(s) {', '.join(busy)} already in use (the kubelet's are 10248 and 10250, kube-proxy's "
+            "10249 and 10256): another node runs on this machine (one node per machine)"
         )
     if problems:
         raise NodeError("this host cannot run a node: " + "; ".join(problems))

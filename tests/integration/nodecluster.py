@@ -29,7 +29,8 @@ import pytest
 from localcluster import BuildError, ClusterError, KubeAPI, LocalCluster
 
 
-def _unavailable(reason: str) -> None:
+def unavailable(reason: str) -> None:
+    """Skip with the reason (fail with ``KUBETRAIL_REQUIRE_NODE=1``)."""
     if os.environ.get("KUBETRAIL_REQUIRE_NODE") == "1":
         pytest.fail(f"the node could not start (KUBETRAIL_REQUIRE_NODE=1): {reason}")
     pytest.skip(f"no local node: {reason}")
@@ -39,13 +40,13 @@ def _unavailable(reason: str) -> None:
 def node_cluster(directory: Path, **options: Any) -> Iterator[LocalCluster]:
     """A fresh control plane with controllers and one node, stopped (and checked) at the end."""
     if os.geteuid() != 0:
-        _unavailable("needs root (containerd, kubelet and kube-proxy run as root)")
+        unavailable("needs root (containerd, kubelet and kube-proxy run as root)")
     options.setdefault("controllers", True)
     options.setdefault("nodes", 1)
     try:
         cluster = LocalCluster.up(directory, log=sys.stderr, **options)
     except (BuildError, ClusterError) as exc:
-        _unavailable(str(exc)[-4000:])
+        unavailable(str(exc)[-4000:])
     try:
         yield cluster
     finally:

@@ -20,14 +20,22 @@ from pathlib import Path
 import pytest
 
 from localcluster import ClusterError, LocalCluster
+from localcluster.node import NodeError, preflight
+from tests.integration.nodecluster import unavailable
 
 pytestmark = [pytest.mark.cluster, pytest.mark.node]
 
 
 @pytest.fixture(autouse=True)
-def _root_only() -> None:
+def _node_possible() -> None:
+    """Skip (with the reason) where no node can start at all: not root, no iptables, another
+    node running; these tests are about a node that fails for its own reasons."""
     if os.geteuid() != 0:
-        pytest.skip("no local node: needs root")
+        unavailable("needs root (containerd, kubelet and kube-proxy run as root)")
+    try:
+        preflight()
+    except NodeError as exc:
+        unavailable(str(exc))
 
 
 def _assert_nothing_left(directory: Path) -> None:
