@@ -80,6 +80,29 @@ def kubetrail_check(config_text: str, tmp_path: Path, *args: str, env: dict[str,
     )
 
 
+def server_dry_run(cluster: LocalCluster, namespace: str, manifest: Path) -> None:
+    """``kubectl apply --dry-run=server``: admission and validation by the real API server,
+    nothing stored; no warning about a deprecated API."""
+    dry = subprocess.run(
+        [
+            str(cluster.kubectl),
+            "--kubeconfig",
+            str(cluster.kubeconfig),
+            "apply",
+            "--dry-run=server",
+            "-n",
+            namespace,
+            "-f",
+            str(manifest),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dry.returncode == 0, dry.stderr
+    assert "deprecated" not in dry.stderr.lower(), dry.stderr
+
+
 def part_configs(docs: list[dict[str, Any]]) -> dict[str, str]:
     """Config text by ConfigMap name and key (the parts' and the check hook's)."""
     return {
@@ -190,24 +213,7 @@ def test_install_on_the_real_api_server_grants_exactly_what_each_part_uses(
     manifest = tmp_path / "rendered.yaml"
     # Without the helm test pods: the server refuses a pod whose ServiceAccount does not exist yet.
     manifest.write_text(run_helm(local_cluster, "template", RELEASE, str(CHART), "--skip-tests", *args).stdout)
-    dry = subprocess.run(
-        [
-            str(local_cluster.kubectl),
-            "--kubeconfig",
-            str(local_cluster.kubeconfig),
-            "apply",
-            "--dry-run=server",
-            "-n",
-            namespace,
-            "-f",
-            str(manifest),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dry.returncode == 0, dry.stderr
-    assert "deprecated" not in dry.stderr.lower()
+    server_dry_run(local_cluster, namespace, manifest)
     result = run_helm(local_cluster, "install", RELEASE, str(CHART), *args)
     assert "deprecated" not in result.stderr.lower(), result.stderr
     assert "helm test kt" in result.stdout  # NOTES.txt
@@ -332,20 +338,4 @@ def test_sidecar_example_is_valid_for_kubetrail_and_the_api_server(
     pod = next(doc for doc in docs if doc["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False  # no cluster access at all
     assert all("hostPath" not in volume for volume in pod["volumes"])
-    dry = subprocess.run(
-        [
-            str(local_cluster.kubectl),
-            "--kubeconfig",
-            str(local_cluster.kubeconfig),
-            "apply",
-            "--dry-run=server",
-            "-n",
-            namespace,
-            "-f",
-            str(manifest),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert dry.returncode == 0, dry.stderr
+    server_dry_run(local_cluster, namespace, manifest)
