@@ -22,7 +22,10 @@ Rows (issue 18), targets in brackets:
   ``multiline`` filter, on 300,000 plain text lines.
 
 ``--formats`` adds the file output's and stdout's formats on the ``json+time`` parser, each
-against ``plain`` [each within 10% of plain].
+against ``plain`` [each within 10% of plain]. ``--before DIR`` also runs each row with the
+kubetrail of another checkout (e.g. ``git archive`` of an older commit unpacked in DIR; the
+same venv), alternating with this one in every round: the change's effect in one run.
+``--no-naive`` skips the naive loops.
 """
 
 from __future__ import annotations
@@ -248,31 +251,37 @@ def rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
-def run_row(row: Row, work: Path, cold: bool) -> tuple[Measured, Measured | None]:
+def run_row(
+    row: Row, work: Path, cold: bool, tree: str | None = None, naive: bool = True
+) -> tuple[Measured, Measured | None]:
     out_file = work / "out.txt"
     output = (FILE_OUTPUT if row.output == "file" else STDOUT_OUTPUT).format(out=work, fmt=row.fmt)
     config = work / "bench.conf"
     config.write_text(SERVICE + INPUT.format(src=row.src, extra=row.tail_extra) + row.filters + output)
     if not cold:
         warm_free_memory(work)
+    command = [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)]
     if row.output == "stdout":
         with out_file.open("wb") as stdout:
-            m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)], stdout=stdout)
+            m = measure(command, stdout=stdout, cwd=tree)
     else:
-        m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
+        m = measure(command, cwd=tree)
     written = count_lines(out_file)
     if m.returncode or written != row.records:
         raise SystemExit(f"FAILED: {row.name}: rc={m.returncode}, {written} of {row.records} records")
     out_file.unlink()
+    if not naive:
+        return m, None
     naive = None
     if row.naive is not None:
         script = work / "naive.py"
         script.write_text(row.naive)
-        naive = measure([sys.executable, str(script), str(row.src), str(out_file), *row.naive_args])
-        if naive.returncode:
+        naive_m = measure([sys.executable, str(script), str(row.src), str(out_file), *row.naive_args])
+        if naive_m.returncode:
             raise SystemExit(f"FAILED: naive loop of {row.name}: rc={naive.returncode}")
         out_file.unlink()
-    return m, naive
+        return m, naive_m
+    return m, None
 
 
 def median(ms: list[Measured]) -> Measured:
@@ -289,20 +298,24 @@ def main() -> int:
     parser.add_argument("--formats", action="store_true", help="also the file and stdout formats (item 4)")
     parser.add_argument("--output-dir", help="where outputs are written (default: the temp dir)")
     parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
+    parser.add_argument("--before", help="also run each row with the kubetrail of this checkout, alternating")
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
     args = parser.parse_args()
     selected = rows(args)
     runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
     naive_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
+    before_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
     for _ in range(args.repeat):
         for row in selected:
-            work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-", dir=args.output_dir))
-            try:
-                m, naive = run_row(row, work, args.cold)
-            finally:
-                shutil.rmtree(work, ignore_errors=True)
-            runs[row.name].append(m)
-            if naive is not None:
-                naive_runs[row.name].append(naive)
+            for tree in ([args.before] if args.before else []) + [None]:
+                work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-", dir=args.output_dir))
+                try:
+                    m, naive = run_row(row, work, args.cold, tree, not args.no_naive and tree is None)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+                (before_runs if tree else runs)[row.name].append(m)
+                if naive is not None:
+                    naive_runs[row.name].append(naive)
     print(f"{cpu_count_hint()}; median of {args.repeat} rounds; input sizes:")
     for row in selected:
         print(f"  {row.name}: {row.src.name} ({row.src.stat().st_size / 1e6:.0f} MB) -> {row.records:,} records")
@@ -330,6 +343,18 @@ def main() -> int:
                 verdict += f"; {m.wall / plain:.2f}x plain"
         figures = f"{m.wall:7.2f} ({walls:<18}) {m.cpu:6.2f} {m.max_rss_mb:7.1f} {naive_text:>8} {speed:>8}"
         print(f"{row.name:<30} {figures}  {verdict}")
+    if args.before:
+        print(f"before: {args.before}")
+        for row in selected:
+            b, m = median(before_runs[row.name]), median(runs[row.name])
+            walls = ",".join(f"{x.wall:.2f}" for x in before_runs[row.name])
+            cpus = ",".join(f"{x.cpu:.2f}" for x in before_runs[row.name])
+            now_cpus = ",".join(f"{x.cpu:.2f}" for x in runs[row.name])
+            print(
+                f"{row.name:<30} before wall {b.wall:6.2f} ({walls}) cpu {b.cpu:5.2f} ({cpus}) RSS {b.max_rss_mb:5.1f}"
+                f" | now wall {m.wall:6.2f} cpu {m.cpu:5.2f} ({now_cpus}) | now/before wall {m.wall / b.wall:.2f}"
+                f" cpu {m.cpu / b.cpu:.2f}"
+            )
     return 0
 
 

@@ -69,6 +69,14 @@ from kubetrail.parsers.multiline import FORMATS, ContainerLogJoiner, JoinStats
 from kubetrail.parsers.multiline_rules import BUILTIN_RULES, RegexLogJoiner, RuleSet, builtin, from_section
 from kubetrail.sources.tail_watch import FileWatcher
 
+try:  # optional (built from native/): many times faster than ``b"\n\n" in block``
+    from kubetrail_native import has_blank_line
+except ImportError:  # pragma: no cover - depends on the installation
+
+    def has_blank_line(block: bytes) -> bool:
+        return block.startswith(b"\n") or b"\n\n" in block
+
+
 FINGERPRINT_SIZE = 256
 IDLE_POLL_SECONDS = 0.25
 INOTIFY_POLL_SECONDS = 1.0  # with inotify, polling is only the safety net
@@ -824,7 +832,7 @@ class TailSource(Source):
         plain = not (skip_first or self.path_key or self.offset_key)
         # A blank line is skipped by the line-by-line path, so such a block is parsed that way:
         # a lazy block's count must be its records' count from the start.
-        if self.parser is not None and plain and not (block.startswith(b"\n") or b"\n\n" in block):
+        if self.parser is not None and plain and not has_blank_line(block):
             lazy = self.parser.line_block(block, tailed.tag)
             if lazy is not None:
                 lazy.fallback = lambda: self._line_batch(tailed, block, start, token, False, True)

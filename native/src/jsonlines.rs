@@ -395,3 +395,12 @@ fn double_text(value: f64) -> String {
         text + ".0"
     }
 }
+
+/// Whether ``block`` has an empty line (a newline at its start or two in a row). The tail asks
+/// this of every block before it makes it a lazy block; ``b"\n\n" in block`` cost CPython
+/// half a second per 266 MB of audit lines (its search stops at every newline), memmem's
+/// vectorised search a small fraction of that.
+#[pyfunction]
+pub fn has_blank_line(block: &[u8]) -> bool {
+    block.first() == Some(&b'\n') || memchr::memmem::find(block, b"\n\n").is_some()
+}
