@@ -91,10 +91,12 @@ class Event:
     """One audit event as rules see it: its bytes, the light struct, the parsed document on
     demand, and the values rules asked for so far."""
 
-    __slots__ = ("_cache", "_doc", "_objects", "light", "raw", "time_ns")
+    __slots__ = ("_cache", "_doc", "_objects", "_raw", "light", "time_ns")
 
-    def __init__(self, raw: bytes, light: Light | None = None, time_ns: int | None = None, doc: Any = None) -> None:
-        self.raw = raw
+    def __init__(
+        self, raw: bytes | tuple[_Lines, int], light: Light | None = None, time_ns: int | None = None, doc: Any = None
+    ) -> None:
+        self._raw = raw  # or (block, line number): a block is cut into lines only if one is needed
         self.light = light
         self._doc = doc
         self.time_ns = time_ns
@@ -105,6 +107,14 @@ class Event:
     def from_body(cls, body: dict[str, Any], time_ns: int | None = None) -> Event:
         raw = orjson.dumps(body)
         return cls(raw, _light(raw), time_ns, body)
+
+    @property
+    def raw(self) -> bytes:
+        raw = self._raw
+        if not isinstance(raw, bytes):
+            lines, index = raw
+            raw = self._raw = lines.line(index)
+        return raw
 
     def doc(self) -> Any:
         """The whole event parsed (``{}`` when it is not JSON)."""
@@ -194,6 +204,35 @@ def decode_block(lines: list[bytes]) -> list[Event]:
     except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError, ValueError):
         lights = [_light(raw) for raw in lines]
     return [Event(raw, light) for raw, light in zip(lines, lights, strict=True)]
+
+
+def decode_lines_block(block: bytes, count: int) -> list[Event] | None:
+    """Events for a block of ``count`` newline-terminated JSON lines without cutting it into
+    lines (each event's bytes are cut out only if a rule needs the whole event); None when the
+    block does not decode as ``count`` light events at once (the caller goes line by line)."""
+    try:
+        lights: list[Light] = _DECODE_LINES(block)
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError):
+        return None
+    if len(lights) != count:
+        return None
+    lines = _Lines(block)
+    return [Event((lines, index), light) for index, light in enumerate(lights)]
+
+
+class _Lines:
+    """A block's lines, cut on the first request for one."""
+
+    __slots__ = ("_block", "_lines")
+
+    def __init__(self, block: bytes) -> None:
+        self._block = block
+        self._lines: list[bytes] | None = None
+
+    def line(self, index: int) -> bytes:
+        if self._lines is None:
+            self._lines = self._block.split(b"\n")
+        return self._lines[index]
 
 
 # -- values ---------------------------------------------------------------------------------

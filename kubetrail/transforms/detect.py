@@ -50,6 +50,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.core.values import parse_duration
 from kubetrail.detect import Engine, Event, RulesError, decode_block, expand_paths, load_rules, priority_level
 from kubetrail.detect.engine import CompiledRule
+from kubetrail.detect.fields import decode_lines_block
 
 
 class _RateLimit:
@@ -115,6 +116,7 @@ class DetectTransform(Transform):
         self.emit: Callable[[Batch, bool], Awaitable[None]] | None = None
         self.m_alerts = self.metrics.counter("kubetrail_detect_alerts", "Alerts emitted", "rule", "priority")
         self.m_limited = self.metrics.counter("kubetrail_detect_rate_limited", "Alerts dropped by rate_limit", "rule")
+        self._counters: dict[str, Any] = {}  # rule -> its labelled counter (labels() per alert costs)
         self.log.info(
             "rules loaded",
             extra={
@@ -142,20 +144,19 @@ class DetectTransform(Transform):
     def _events(self, batch: Batch) -> tuple[list[Event], list[Record] | None]:
         block = batch.raw_block
         if block is not None and not batch.is_materialized and not self.drop_matched and block.endswith(b"\n"):
-            lines = block.split(b"\n")
-            lines.pop()
-            if len(lines) == len(batch):
-                return decode_block(lines), None  # no record object built for what passes
+            events = decode_lines_block(block, len(batch))
+            if events is not None:
+                return events, None  # no record object built for what passes
         records = batch.records
         events = decode_block([record.json_bytes() for record in records])
         for event, record in zip(events, records, strict=True):
             event.time_ns = record.time_ns
         return events, records
 
-    def _evaluate(self, batch: Batch) -> tuple[list[Record], set[int], list[Record] | None]:
+    def _evaluate(self, batch: Batch) -> tuple[list[_Alert], set[int], list[Record] | None]:
         events, records = self._events(batch)
         engine = self.engine
-        alerts: list[Record] = []
+        alerts: list[_Alert] = []
         matched: set[int] = set()
         for index, event in enumerate(events):
             fired = engine.match(event)
@@ -169,13 +170,15 @@ class DetectTransform(Transform):
                 alerts.append(self._alert(rule, event, batch.tag))
         return alerts, matched, records
 
-    def _alert(self, rule: CompiledRule, event: Event, tag: str) -> Record:
+    def _alert(self, rule: CompiledRule, event: Event, tag: str) -> _Alert:
         body = self.engine.alert_record(self.engine.alert(rule, event), event)
         body["trigger_tag"] = tag
-        self.m_alerts.labels(rule.name, rule.priority_name).inc()
+        counter = self._counters.get(rule.name)
+        if counter is None:
+            counter = self._counters[rule.name] = self.m_alerts.labels(rule.name, rule.priority_name)
+        counter.inc()
         identity = (body["k8s.audit.id"], body["k8s.audit.stage"], "detect", rule.name)
-        # As bytes: sinks write them as they are, and the batch's size is known.
-        return Record(self.alert_tag, event.timestamp_ns() or time.time_ns(), None, orjson.dumps(body), identity)
+        return orjson.dumps(body), event.timestamp_ns(), identity
 
     def process_emitting(self, batch: Batch) -> tuple[Batch, list[Batch]]:
         if not len(batch):
@@ -197,11 +200,20 @@ class DetectTransform(Transform):
         return [r for i, r in enumerate(records) if i not in matched]
 
 
-def _emitted(tag: str, records: list[Record], parent: Batch) -> Batch:
-    """The alerts' batch; its token keeps ``parent``'s open until they are delivered (the
-    router's re-emit contract, as rewrite_tag's copies)."""
+_Alert = tuple[bytes, int, tuple[Any, ...]]  # the alert's JSON, its time, its identity
+
+
+def _emitted(tag: str, alerts: list[_Alert], parent: Batch) -> Batch:
+    """The alerts' batch: a block of JSON lines (a sink writing JSON lines takes it as it is; the
+    records are built only if something asks). Its token keeps ``parent``'s open until the
+    alerts are delivered: the router's re-emit contract, as rewrite_tag's copies."""
     parent_token = parent.ack
     if parent_token is not None:
         parent_token.retain()
     token = AckToken(parent_token.release if parent_token is not None else None)
-    return Batch(tag, records, token, sum(len(r.raw or b"") for r in records))
+    block = b"".join(raw + b"\n" for raw, _, _ in alerts)
+
+    def materialize() -> list[Record]:
+        return [Record(tag, at, None, raw, identity) for raw, at, identity in alerts]
+
+    return Batch(tag, None, token, len(block), raw_block=block, materialize=materialize, count=len(alerts))
