@@ -38,6 +38,8 @@ trip is paid once per group, not once per batch.
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -49,6 +51,7 @@ import msgpack
 import orjson
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
+from kubetrail.core.accessor import RecordAccessor
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
@@ -70,6 +73,33 @@ PERMANENT_ERRORS = frozenset(
 REMEMBERED_BATCHES = 256  # batches being retried whose acknowledged messages are remembered
 
 
+class ClientLog:
+    """librdkafka's log lines into ours, each kind at most once per ``every`` seconds.
+
+    librdkafka logs every reconnect attempt ("Connect to ... failed: Connection refused" several
+    times a second while brokers are down); the state is what matters, and the error callback
+    and the delivery errors say it too. Digits are ignored when comparing, so the same complaint
+    about another broker or port counts as the same kind. Nothing is above a warning: an
+    unreachable broker is retried, not an error of kubetrail's.
+    """
+
+    def __init__(self, logger: logging.Logger, every: float = 30.0) -> None:
+        self._log = logger
+        self._every = every
+        self._seen: dict[str, float] = {}
+
+    def log(self, level: int, fmt: str, *args: object) -> None:
+        text = fmt % args if args else fmt
+        kind = re.sub(r"\d+", "#", text)
+        now = time.monotonic()
+        if now - self._seen.get(kind, -self._every) < self._every:
+            return
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[kind] = now
+        self._log.log(min(level, logging.WARNING), text)
+
+
 def _timestamp(time_ns: int, fmt: str) -> float | str:
     """Fluent Bit's ``timestamp_format``: double, iso8601 (seconds), iso8601_ns."""
     if fmt == "double":
@@ -81,7 +111,7 @@ def _timestamp(time_ns: int, fmt: str) -> float | str:
 
 def producer_config(brokers: str, rdkafka: Mapping[str, str], logger: Any) -> dict[str, Any]:
     """The librdkafka configuration: ``rdkafka.*`` as given, the guarantees on top."""
-    config: dict[str, Any] = {"bootstrap.servers": brokers, "logger": logger}
+    config: dict[str, Any] = {"bootstrap.servers": brokers, "logger": ClientLog(logger)}
     for key, value in rdkafka.items():
         config[key] = value
     acks = str(config.get("acks", config.get("request.required.acks", "all"))).strip().lower()
@@ -142,10 +172,10 @@ class KafkaSink(Sink):
     options = (
         Option("brokers", required=True, help="Bootstrap brokers, host:port, comma-separated"),
         Option("topics", "list", ["fluent-bit"], help="Topics; the first is the default"),
-        Option("topic_key", help="Record key whose value names the topic (one of topics, or any with dynamic_topic)"),
+        Option("topic_key", help="Record key (or $accessor) naming the topic: one of topics, any with dynamic_topic"),
         Option("dynamic_topic", "bool", False, help="Use a topic_key value even when it is not in topics"),
         Option("message_key", help="Message key of every record (when message_key_field gives none)"),
-        Option("message_key_field", help="Record key whose value is the message key (keeps one object in order)"),
+        Option("message_key_field", help="Record key (or $accessor) whose value is the message key (keeps order)"),
         Option("format", "choice", "json", choices=("json", "msgpack", "raw")),
         Option("raw_log_key", help="format raw: the record key whose value is the message"),
         Option("timestamp_key", "str", "@timestamp", help="Key of the record time in json/msgpack"),
@@ -159,10 +189,12 @@ class KafkaSink(Sink):
         super().__init__(ctx, config)
         self.brokers: str = config["brokers"]
         self.topics: list[str] = config["topics"] or ["fluent-bit"]
-        self.topic_key: str | None = config["topic_key"]
+        # A plain key as in Fluent Bit, or a record accessor ($kubernetes['pod_id']) for a
+        # nested one: the kubernetes filter nests the pod's identity.
+        self.topic_key = _accessor(config["topic_key"], "topic_key")
         self.dynamic_topic: bool = config["dynamic_topic"]
         self.message_key: bytes | None = config["message_key"].encode() if config["message_key"] else None
-        self.message_key_field: str | None = config["message_key_field"]
+        self.message_key_field = _accessor(config["message_key_field"], "message_key_field")
         self.format: str = config["format"]
         self.raw_log_key: str | None = config["raw_log_key"]
         if self.format == "raw" and not self.raw_log_key:
@@ -179,7 +211,7 @@ class KafkaSink(Sink):
             # its own message before anything starts.
             self.producer = Producer(self._config)
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigError(f"librdkafka refused the configuration: {_reason(exc)}", key="rdkafka.*") from None
+            raise ConfigError(f"librdkafka refused the configuration: {reason(exc)}", key="rdkafka.*") from None
         self._last_error = ""
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -210,10 +242,10 @@ class KafkaSink(Sink):
     def _check_topics(self) -> None:
         """The brokers answer (address, credentials, TLS) and the fixed topics exist."""
         try:
-            metadata = self.producer.list_topics(timeout=10)
+            metadata = self.producer.list_topics(timeout=5)
         except KafkaException as exc:
             raise RetryableError(
-                f"cannot reach the Kafka brokers {self.brokers}: {_reason(exc)}{self._last_error_text()}"
+                f"cannot reach the Kafka brokers {self.brokers}: {reason(exc)}{self._last_error_text()}"
             ) from None
         static = self.topics[:1] if self.dynamic_topic else self.topics
         for topic in static:
@@ -264,8 +296,20 @@ class KafkaSink(Sink):
                     rejected[batch_no].append((record, problem))
                     wait.skip()
         await wait.future
+        errors = wait.errors
+        too_large = [e for e in errors if e[2].code() == KafkaError.MSG_SIZE_TOO_LARGE]
+        if len(too_large) > 1:
+            # The brokers check a topic's max.message.bytes per record batch, and librdkafka
+            # puts several messages in one: small ones sharing a batch with a large one are
+            # refused with it. Each is sent again alone; what fails alone is really too large.
+            errors = [e for e in errors if e[2].code() != KafkaError.MSG_SIZE_TOO_LARGE]
+            for batch_no, index, _ in too_large:
+                alone = _Wait(loop, 1, [done for _, done, _ in jobs])
+                await self._produce(jobs[batch_no][0].records[index], partial(alone.report, batch_no, index))
+                await alone.future
+                errors.extend(alone.errors)
         retry: list[str] = []
-        for batch_no, index, err in wait.errors:
+        for batch_no, index, err in errors:
             record = jobs[batch_no][0].records[index]
             reason = f"{err.name()}: {err.str()}"
             if err.code() in PERMANENT_ERRORS:
@@ -289,12 +333,12 @@ class KafkaSink(Sink):
         body = record.body
         topic = self.topics[0]
         if self.topic_key is not None:
-            wanted = body.get(self.topic_key)
+            wanted = self.topic_key.get(body)
             if isinstance(wanted, str) and wanted and (self.dynamic_topic or wanted in self.topics):
                 topic = wanted
         key = self.message_key
         if self.message_key_field is not None:
-            value = body.get(self.message_key_field)
+            value = self.message_key_field.get(body)
             if value is not None:
                 key = value.encode() if isinstance(value, str) else orjson.dumps(value)
         if self.format == "raw":
@@ -339,7 +383,7 @@ class KafkaSink(Sink):
                 err = exc.args[0]
                 if isinstance(err, KafkaError) and err.code() in PERMANENT_ERRORS:
                     return f"librdkafka refused the message for topic {topic!r}: {err.name()}: {err.str()}"
-                raise RetryableError(f"cannot produce to topic {topic!r} on {self.brokers}: {_reason(exc)}") from None
+                raise RetryableError(f"cannot produce to topic {topic!r} on {self.brokers}: {reason(exc)}") from None
 
     def _json(self, record: Record) -> bytes:
         # Fluent Bit puts the time first; the record's own bytes are reused after it.
@@ -350,7 +394,17 @@ class KafkaSink(Sink):
         return stamp + b"," + raw[1:]
 
 
-def _reason(exc: BaseException) -> str:
+def _accessor(text: str | None, key: str) -> RecordAccessor | None:
+    if not text:
+        return None
+    try:
+        return RecordAccessor(text)
+    except ValueError as exc:
+        raise ConfigError(str(exc), key=key) from None
+
+
+def reason(exc: BaseException) -> str:
+    """librdkafka's error name and text (``_TRANSPORT: ...``), or the exception's message."""
     err = exc.args[0] if exc.args else None
     if isinstance(err, KafkaError):
         return f"{err.name()}: {err.str()}"

@@ -53,9 +53,8 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.kafka import IDENTITY_HEADER, TIME_HEADER, ClientLog, reason
 
-IDENTITY_HEADER = "kubetrail-identity"
-TIME_HEADER = "kubetrail-time"
 COMMIT_INTERVAL = 0.5  # seconds between commits of delivered offsets
 REVOKE_WAIT = 10.0  # seconds a revoked partition's batches in flight get to be delivered
 MAX_MESSAGES = 5000  # messages per poll at most
@@ -118,7 +117,7 @@ class KafkaSource(Source):
             "bootstrap.servers": self.brokers,
             "group.id": self.group_id,
             "auto.offset.reset": "earliest",  # a new group reads what is there, as Fluent Bit's
-            "logger": self.log,
+            "logger": ClientLog(self.log),
         }
         if config["client_id"]:
             settings["client.id"] = config["client_id"]
@@ -132,7 +131,7 @@ class KafkaSource(Source):
         try:
             self.consumer = Consumer(settings)  # librdkafka validates every property here
         except (KafkaException, ValueError, TypeError) as exc:
-            raise ConfigError(f"librdkafka refused the configuration: {_reason(exc)}", key="rdkafka.*") from None
+            raise ConfigError(f"librdkafka refused the configuration: {reason(exc)}", key="rdkafka.*") from None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"kafka-{ctx.component_id}")
         self._partitions: dict[tuple[str, int], _Partition] = {}
         self._lock = threading.Lock()
@@ -193,7 +192,7 @@ class KafkaSource(Source):
             self.consumer.commit(offsets=offsets, asynchronous=False)
         except KafkaException as exc:
             # Not fatal: a later commit covers these offsets; a lost one means a replay, no loss.
-            self.log.warning("offset commit failed", extra={"group": self.group_id, "error": _reason(exc)})
+            self.log.warning("offset commit failed", extra={"group": self.group_id, "error": reason(exc)})
             return
         for state, tp in zip(due, offsets, strict=True):
             state.committed = tp.offset
@@ -306,7 +305,7 @@ class KafkaSource(Source):
     async def _reject(self, bad: list[tuple[Message, str]]) -> None:
         self.m_bad.inc(len(bad))
         pairs = []
-        for message, reason in bad:
+        for message, why in bad:
             where = f"topic {message.topic()} partition {message.partition()} offset {message.offset()}"
             body = {
                 "topic": message.topic(),
@@ -314,7 +313,7 @@ class KafkaSource(Source):
                 "offset": message.offset(),
                 "payload": (message.value() or b"").decode("utf-8", "replace"),
             }
-            pairs.append((Record(self.tag, time.time_ns(), body), f"{where}: {reason}"))
+            pairs.append((Record(self.tag, time.time_ns(), body), f"{where}: {why}"))
         writer = self._dead_letter_writer()
         if writer is not None and await writer.write(pairs, "bad_message"):
             self.log.warning(
@@ -322,8 +321,8 @@ class KafkaSource(Source):
                 extra={"messages": len(pairs), "first": pairs[0][1], "path": str(writer.path)},
             )
             return
-        for _, reason in pairs:
-            self.log.error("bad message skipped", extra={"reason": reason})
+        for _, why in pairs:
+            self.log.error("bad message skipped", extra={"reason": why})
 
     def _dead_letter_writer(self) -> Any:
         service = self.ctx.service
@@ -346,10 +345,3 @@ class KafkaSource(Source):
         # for the session timeout (it calls the revoke callback, which commits again).
         await loop.run_in_executor(self._thread, self.consumer.close)
         self._thread.shutdown(wait=False)
-
-
-def _reason(exc: BaseException) -> str:
-    err = exc.args[0] if exc.args else None
-    if isinstance(err, KafkaError):
-        return f"{err.name()}: {err.str()}"
-    return str(exc)

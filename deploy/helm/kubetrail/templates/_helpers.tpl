@@ -1,4 +1,4 @@
-{{/* Names and labels. A "part" is one of: logs, events, audit-webhook, audit-file. */}}
+{{/* Names and labels. A "part" is one of: logs, events, audit-webhook, audit-file, aggregator. */}}
 {{- define "kubetrail.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -186,6 +186,26 @@ https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
 {{ include "kubetrail.tail" (dict "root" . "outputs" $f.outputs) }}
 {{- end -}}
 
+{{- define "kubetrail.config.aggregator" -}}
+{{- $a := .Values.aggregator -}}
+{{ include "kubetrail.serviceSection" (dict "root" . "dir" "/var/lib/kubetrail") }}
+
+[INPUT]
+    name         kafka
+    alias        aggregator
+    tag          kafka
+    brokers      {{ required "aggregator.brokers is required with aggregator.enabled (host:port of the Kafka brokers)" $a.brokers }}
+    topics       {{ if $a.topics }}{{ join "," $a.topics }}{{ else }}{{ fail "aggregator.topics is required with aggregator.enabled (the topics to consume)" }}{{ end }}
+    group_id     {{ $a.groupId }}
+    format       {{ $a.format }}
+    poll_ms      {{ $a.pollMs }}
+    client_id    ${POD_NAME}
+{{- range $key, $value := $a.rdkafka }}
+    rdkafka.{{ $key }} {{ $value }}
+{{- end }}
+{{ include "kubetrail.tail" (dict "root" . "outputs" $a.outputs) }}
+{{- end -}}
+
 {{/* The parts that are on, in a fixed order. */}}
 {{- define "kubetrail.enabledParts" -}}
 {{- $parts := list -}}
@@ -193,6 +213,7 @@ https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
 {{- if .Values.events.enabled }}{{ $parts = append $parts "events" }}{{ end -}}
 {{- if .Values.audit.webhook.enabled }}{{ $parts = append $parts "audit-webhook" }}{{ end -}}
 {{- if .Values.audit.file.enabled }}{{ $parts = append $parts "audit-file" }}{{ end -}}
+{{- if .Values.aggregator.enabled }}{{ $parts = append $parts "aggregator" }}{{ end -}}
 {{- join " " $parts -}}
 {{- end -}}
 
