@@ -89,7 +89,6 @@ class KafkaSource(Source):
         Option("group_id", "str", "fluent-bit", help="Consumer group"),
         Option("client_id", help="Client id passed to librdkafka"),
         Option("poll_ms", "int", 500, help="Longest wait for messages per poll, milliseconds"),
-        Option("poll_timeout_ms", "int", 1, help="Accepted for Fluent Bit compatibility; see poll_ms"),
         Option("format", "choice", "none", choices=("none", "json"), help="json: the payload is parsed as JSON"),
         Option("buffer_max_size", "size", 4 * 1024 * 1024, help="Most payload bytes taken per poll"),
         Option("enable_auto_commit", "bool", False, help="Must stay off: offsets are committed once delivered"),
