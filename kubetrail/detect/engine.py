@@ -265,11 +265,16 @@ def compile_rules(ruleset: RuleSet) -> Engine:
     warnings: list[str] = []
     lists = _resolve_lists(ruleset)
     macros: dict[str, cond.Node] = {}
+    # A macro that does not parse is an error once a k8s_audit rule uses it; a file shared with
+    # syscall rules may hold macros in syntax only that source has, which only earn a warning.
+    broken: dict[str, RulesError] = {}
     for macro in ruleset.macros.values():
         try:
             macros[macro.name] = cond.parse(macro.condition.text)
         except cond.ConditionError as exc:
-            raise _condition_error(exc, macro.condition.text, macro.condition.origin, f"macro '{macro.name}'") from None
+            broken[macro.name] = _condition_error(
+                exc, macro.condition.text, macro.condition.origin, f"macro '{macro.name}'"
+            )
     used_macros: set[str] = set()
     used_words: set[str] = set()
     compiled: list[CompiledRule] = []
@@ -281,7 +286,11 @@ def compile_rules(ruleset: RuleSet) -> Engine:
             tree = cond.parse(rule.condition.text)
         except cond.ConditionError as exc:
             raise _condition_error(exc, rule.condition.text, rule.condition.origin, label) from None
-        used_macros |= _macros_reached(tree, macros)
+        reached = _macros_reached(tree, macros, broken)
+        for name in reached:
+            if name in broken:
+                raise broken[name]
+        used_macros |= reached
         try:
             full = cond.inline(tree, macros)
             full = _with_exceptions(full, rule, lists)
@@ -305,7 +314,9 @@ def compile_rules(ruleset: RuleSet) -> Engine:
             )
         )
     for name, macro in ruleset.macros.items():
-        if name not in used_macros:
+        if name in broken:
+            warnings.append(f"{broken[name]} (not used by k8s_audit rules)")
+        elif name not in used_macros:
             warnings.append(f"{macro.origin}: macro '{name}' is never used")
     reached_lists = _lists_reached(used_words, ruleset)
     for name, lst in ruleset.lists.items():
@@ -321,15 +332,16 @@ def _offset_in(tree: cond.Node, offset: int | None) -> bool:
     return offset is not None
 
 
-def _macros_reached(tree: cond.Node, macros: dict[str, cond.Node]) -> set[str]:
+def _macros_reached(tree: cond.Node, macros: dict[str, cond.Node], broken: dict[str, RulesError]) -> set[str]:
     seen: set[str] = set()
     todo = list(cond.macro_names(tree))
     while todo:
         name = todo.pop()
-        if name in seen or name not in macros:
+        if name in seen or (name not in macros and name not in broken):
             continue
         seen.add(name)
-        todo.extend(cond.macro_names(macros[name]))
+        if name in macros:
+            todo.extend(cond.macro_names(macros[name]))
     return seen
 
 

@@ -566,6 +566,14 @@ def test_bad_rules_name_file_line_and_item(text: str, message: str) -> None:
     assert message in str(caught.value)
 
 
+def test_a_macro_that_does_not_parse_fails_only_when_a_k8s_audit_rule_uses_it() -> None:
+    syscall_macro = "- macro: shell_procs\n  condition: proc.name in (shell_binaries) and toupper(proc.name) = X\n"
+    engine = engine_of(BASE + syscall_macro)
+    assert any("macro 'shell_procs': syntax error" in w and "not used by k8s_audit" in w for w in engine.warnings)
+    with pytest.raises(RulesError, match=r"base.yaml:18: macro 'shell_procs': syntax error near '\(proc.name\) = X'"):
+        engine_of(BASE + syscall_macro + rule("shell_procs and ka.verb = get"))
+
+
 def test_syntax_error_line_inside_a_multiline_condition() -> None:
     text = "- macro: m\n  condition: >\n    ka.verb = get and\n    (ka.user.name = x\n"
     text += rule("m")
