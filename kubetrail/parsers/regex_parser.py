@@ -1,13 +1,32 @@
-"""The ``regex`` parser: named groups become keys (Onigmo ``(?<name>)`` syntax accepted)."""
+"""The ``regex`` parser: named groups become keys (Onigmo ``(?<name>)`` syntax accepted).
+
+A tailed block goes to :class:`_RegexBlock` (see :mod:`kubetrail.core.block`) when the native
+module is built and the pattern compiles with Rust's ``regex`` crate (no look-around or
+back-references; otherwise Python's ``re`` does it all): ``kubetrail_native.RegexLinesScanner``
+matches every line and writes the groups as JSON lines, with each line's time from the format
+compiled once, so no dict, string or record is made per line unless a filter asks for records.
+A line that does not match sends the block to the line-by-line path below, which keeps it under
+``log``; ``types`` and ``decode_field`` change values, so those parsers stay on that path.
+"""
 
 from __future__ import annotations
 
 import re
+from array import array
 from typing import Any
 
+from kubetrail.core.block import LineBlock
 from kubetrail.core.options import ruby_to_python_regex
 from kubetrail.core.record import Record
 from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
+
+try:  # optional (built from native/): a block matched and written as JSON lines in one call
+    from kubetrail_native import RegexLinesScanner, count_newlines
+except ImportError:  # pragma: no cover - depends on the installation
+    RegexLinesScanner = None
+
+    def count_newlines(block: bytes) -> int:
+        return block.count(b"\n")
 
 
 class RegexParser(Parser):
@@ -17,6 +36,24 @@ class RegexParser(Parser):
         if not self.regex.groupindex:
             raise ValueError("regex has no named groups (?<name>...), so it would produce empty records")
         self.skip_empty_values = skip_empty_values
+        self._scanner: Any = None
+        if RegexLinesScanner is not None and not self.types and self.decoders is None:
+            try:
+                self._scanner = RegexLinesScanner(
+                    self.regex.pattern,
+                    self.time_key,
+                    not self.time_keep,
+                    self.time_parser.fmt,
+                    self.time_parser.offset_seconds,
+                    skip_empty_values,
+                )
+            except ValueError:  # a pattern Rust's regex does not take: Python's re does it all
+                self._scanner = None
+
+    def line_block(self, block: bytes, tag: str) -> LineBlock | None:
+        if self._scanner is None or b"\r" in block:  # CRLF lines are cut on the line path
+            return None
+        return _RegexBlock(self, block, tag)
 
     def _groups(self, match: re.Match[str]) -> dict[str, Any]:
         body = match.groupdict()
@@ -48,3 +85,43 @@ class RegexParser(Parser):
             time_ns, _ok = self.parse_body(body, now)
             records.append(Record(tag, time_ns, body))
         return records, failed
+
+
+class _RegexBlock(LineBlock):
+    """A block matched natively into JSON lines (see the module docstring)."""
+
+    __slots__ = ("_now", "_parser", "tag")
+
+    def __init__(self, parser: RegexParser, block: bytes, tag: str) -> None:
+        super().__init__(block, count_newlines(block))
+        self._parser = parser
+        self.tag = tag
+        self._now = wall_ns()
+        self.rewrites = True  # the lines become JSON: nobody may take the text as records
+
+    def validate(self) -> bytes | None:
+        scanned = self._parser._scanner.scan(self.source, self._now)
+        if scanned is None:
+            return None  # a line that does not match: the line-by-line path keeps it as log
+        data: bytes = scanned[0]
+        times = array("q")
+        times.frombytes(scanned[1])
+        bad = 0
+        parse = self._parser.time_parser.parse_ns
+        for index, text in scanned[2]:
+            try:
+                times[index] = parse(text)
+            except (ValueError, TypeError, AttributeError, OverflowError):
+                bad += 1  # kept, with the time it was read at
+                continue
+            if not self._parser.time_keep:
+                return None  # the reference took a time the scan did not: its key must go
+        if bad and self.report is not None:
+            self.report("bad_time", bad)
+        self.times = times
+        return data
+
+    def build(self, data: bytes) -> list[Record]:
+        tag = self.tag
+        assert self.times is not None
+        return [Record(tag, t, None, line) for t, line in zip(self.times, data.split(b"\n"))]  # noqa: B905

@@ -29,6 +29,7 @@
 //!          the reference wins, so such a line is never passed on unredacted by mistake.
 
 mod jsonlines;
+mod regexlines;
 mod timefmt;
 
 use std::borrow::Cow;
@@ -225,7 +226,7 @@ fn write_jstr(out: &mut Vec<u8>, value: &JStr) {
 }
 
 /// JSON string escaping as msgspec writes it: quote, backslash and control characters only.
-fn write_json_string(out: &mut Vec<u8>, value: &str) {
+pub(crate) fn write_json_string(out: &mut Vec<u8>, value: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     out.push(b'"');
     let bytes = value.as_bytes();
@@ -1108,6 +1109,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<KeySet>()?;
     module.add_class::<KeyBatch>()?;
     module.add_class::<jsonlines::JsonLinesScanner>()?;
+    module.add_class::<regexlines::RegexLinesScanner>()?;
     module.add_function(wrap_pyfunction!(jsonlines::frame_lines, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
     module.add_class::<timefmt::TimeFormat>()?;

@@ -370,3 +370,70 @@ def test_json_formats_with_a_date_from_a_block_equal_the_record_path(
     if date_key == "date" and date_format == "double":  # the double's text is orjson's, byte for byte
         for t in TIMES:
             assert b'"date":' + orjson.dumps(t / 1e9) + b"," in fast
+
+
+# --- the regex parser's lazy block against its line-by-line parse (item 3) ---------------------
+
+CRI_LINES = [
+    b"2026-12-01T12:00:00.123456789Z stdout F hello world",
+    b'2026-12-01T12:00:01.5Z stderr P caf\xc3\xa9 "quoted" \\ back\tslash \x01 ctl',
+    b"2026-12-01T12:00:02Z stdout F ",  # an empty message
+    b"not-a-time stdout F kept whole: the time is counted as bad",
+    b"2026-12-01T12:00:03+02:00 stdout F an offset",
+]
+
+
+def regex_records(parser: Any, lines: list[bytes]) -> tuple[list[Any], bytes | None]:
+    block = b"".join(line + b"\n" for line in lines)
+    lazy = parser.line_block(block, "t")
+    assert lazy is not None
+    lazy.fallback = lambda: Batch("t", parser.parse_lines(lines, "t")[0])
+    batch = Batch("t", None, block=lazy)
+    raw = batch.raw_block
+    return [(r.time_ns, r.body) for r in batch.records], raw
+
+
+def regex_parser(regex: str, **options: Any) -> Any:
+    from kubetrail.parsers.regex_parser import RegexParser
+
+    return RegexParser("r", regex, **options)
+
+
+CRI_REGEX = r"^(?<time>[^ ]+) (?<stream>stdout|stderr) (?<logtag>[^ ]*) ?(?<log>.*)$"
+APACHE2 = (
+    r'^(?<host>[^ ]*) [^ ]* (?<user>[^ ]*) \[(?<time>[^\]]*)\] "(?<method>\S+)(?: +(?<path>[^ ]*) +\S*)?" '
+    r'(?<code>[^ ]*) (?<size>[^ ]*)(?: "(?<referer>[^\"]*)" "(?<agent>.*)")?$'
+)
+APACHE_LINES = [
+    b'192.168.0.1 - - [28/Nov/2026:12:00:00 +0000] "GET /x HTTP/1.1" 200 512 "-" "curl/8"',
+    b'10.0.0.2 - bob [28/Nov/2026:12:00:01 -0500] "POST /y HTTP/2" 201 0',  # no referer/agent
+]
+
+
+@pytest.mark.parametrize("skip_empty", [True, False])
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_regex_block_gives_what_the_line_parse_gives(skip_empty: bool, keep: bool) -> None:
+    for regex, fmt, lines in (
+        (CRI_REGEX, "%Y-%m-%dT%H:%M:%S.%L%z", CRI_LINES),
+        (APACHE2, "%d/%b/%Y:%H:%M:%S %z", APACHE_LINES),
+    ):
+        parser = regex_parser(regex, time_key="time", time_format=fmt, time_keep=keep, skip_empty_values=skip_empty)
+        assert parser._scanner is not None
+        since = time.time_ns()
+        records, raw = regex_records(parser, lines)
+        expected = [(r.time_ns, r.body) for r in parser.parse_lines(lines, "t")[0]]
+        assert without_read_times(records, since) == without_read_times(expected, since)
+        assert raw is not None and raw.count(b"\n") == len(lines)
+
+
+def test_a_line_the_regex_does_not_match_sends_the_block_line_by_line() -> None:
+    parser = regex_parser(CRI_REGEX, time_key="time", time_format="%Y-%m-%dT%H:%M:%S.%L%z")
+    lines = [CRI_LINES[0], b"no", CRI_LINES[2]]
+    records, raw = regex_records(parser, lines)
+    assert raw is None and records[1][1] == {"log": "no"} and len(records) == 3
+
+
+def test_a_pattern_rust_does_not_compile_stays_with_python_re() -> None:
+    parser = regex_parser(r"^(?<a>\w+)(?=!)(?<b>.*)$")  # look-ahead
+    assert parser._scanner is None and parser.line_block(b"x!y\n", "t") is None
+    assert parser.parse_value("hi!there") == ({"a": "hi", "b": "!there"}, None)
