@@ -437,3 +437,27 @@ def test_a_pattern_rust_does_not_compile_stays_with_python_re() -> None:
     parser = regex_parser(r"^(?<a>\w+)(?=!)(?<b>.*)$")  # look-ahead
     assert parser._scanner is None and parser.line_block(b"x!y\n", "t") is None
     assert parser.parse_value("hi!there") == ({"a": "hi", "b": "!there"}, None)
+
+
+async def test_a_rewritten_block_reaches_the_audit_filter_validated(tmp_path: Path) -> None:
+    """time_keep off changes the block's bytes, so the kubernetes_audit filter is not offered
+    the block before validation: it scans the cut lines, and their times come from the parser."""
+    from tests.unit.test_audit_scan import base_event
+
+    lines = [orjson.dumps(base_event(i, level="Metadata")) for i in range(200)]
+    log = write(tmp_path / "logs" / "audit.log", "")
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    parser = (
+        "[PARSER]\n    name a\n    format json\n    time_key stageTimestamp\n    time_format %Y-%m-%dT%H:%M:%S.%LZ\n"
+    )
+    flt = "[FILTER]\n    name kubernetes_audit\n    match *\n    dedupe off\n"
+    conf = tail_file_config(tmp_path, log, tag="audit", input_extra="    parser a\n", filters=flt)
+    conf.write_text(parser + conf.read_text().replace("format plain", "format out_file"))
+    assert await Pipeline(load_config(conf)).run() == 0
+    out = (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()
+    assert len(out) == 200
+    for i, line in enumerate(out):
+        head, body = line.split(b", ", 1)
+        assert head == b"audit: [1795867200.000002000"  # the event's stageTimestamp, from the parser
+        record = orjson.loads(body[:-1])
+        assert "stageTimestamp" not in record and record["k8s.audit.id"] == f"00000000-0000-0000-0000-{i:012d}"
