@@ -4,8 +4,9 @@ This is the whole raw-block mechanism; every parser, filter and sink uses it the
 
 **Why.** Per-record Python work is the budget of a Python collector. A tailed file of JSON lines
 that no filter changes can go from ``read()`` to ``write()`` as the block it was read as: no
-dict, no ``Record`` per line. So a parser that can, hands the tail a :class:`LineBlock` instead
-of records, and :class:`~kubetrail.core.record.Batch` carries it.
+dict, no ``Record`` per line. So a parser that can (``json``; ``regex``, which turns its lines
+into JSON lines natively) hands the tail a :class:`LineBlock` instead of records, and
+:class:`~kubetrail.core.record.Batch` carries it.
 
 **Following a batch from tail to sink.** A :class:`LineBlock` knows three things:
 
@@ -14,8 +15,9 @@ of records, and :class:`~kubetrail.core.record.Batch` carries it.
   start and routing and metrics never need more);
 * :meth:`LineBlock.validate`, run at most once, on first need: whether every line is a record of
   this parser, and the block's final bytes (a parser may change them: a ``json`` parser with
-  ``time_key`` and ``time_keep off`` cuts the key out of each line natively). While doing so it
-  takes each line's time, so ``times`` is known without a record;
+  ``time_key`` and ``time_keep off`` cuts the key out of each line natively, a ``regex`` parser
+  writes each line's groups as JSON). While doing so it takes each line's time, so ``times`` is
+  known without a record;
 * :meth:`LineBlock.build`: the records, one per validated line, each with its line as ``raw``.
 
 What asks for what:
