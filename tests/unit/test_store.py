@@ -183,12 +183,12 @@ async def test_retention_by_size_keeps_the_newest(tmp_path: Path) -> None:
 
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> object:
-    """A real 400 KiB filesystem (tmpfs), so SQLite meets a real ENOSPC/SQLITE_FULL."""
+    """A real 2 MiB filesystem (tmpfs), so SQLite meets a real ENOSPC/SQLITE_FULL."""
     mount = tmp_path / "disk"
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400k", "tmpfs", str(mount)], capture_output=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {done.stderr.decode().strip()}")
     try:
@@ -203,7 +203,7 @@ async def test_a_full_disk_stops_acknowledging_and_loses_nothing(tiny_disk: Path
     await s.start()
     acked: list[int] = []
     failed_at = None
-    for n in range(100):
+    for n in range(400):
         records = [Record("t", n * 1000 + i, {"n": n, "pad": "z" * 200}, identity=("d", n, i)) for i in range(100)]
         try:
             await s.write(Batch("t", records))
