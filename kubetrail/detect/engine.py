@@ -192,37 +192,58 @@ class Engine:
         self._seconds: dict[int, str] = {}
         self.hostname = socket.gethostname()
 
+    @staticmethod
+    def _key(ev: Event) -> tuple[Any, ...]:
+        light = ev.light
+        if light is not None:  # typed: str or None already, four attribute reads
+            ref = light.objectRef
+            if ref is None:
+                return (light.stage, light.verb, None, None)
+            return (light.stage, light.verb, ref.resource, ref.subresource)
+        return (_STAGE(ev), _VERB(ev), _RESOURCE(ev), _SUBRESOURCE(ev))
+
     def candidates(self, ev: Event) -> tuple[tuple[CompiledRule, cond.Predicate | None], ...]:
         """The rules that can fire on the event, each with its predicate specialised for the
         event's index key (None: it fires, nothing left to check)."""
-        light = ev.light
-        ref = light.objectRef if light is not None else None
-        if ref is not None and light is not None:  # the common case in four attribute reads
-            key: tuple[Any, ...] = (light.stage, light.verb, ref.resource, ref.subresource)
-            for part in key:
-                if part is not None and part.__class__ is not str:
-                    key = (_STAGE(ev), _VERB(ev), _RESOURCE(ev), _SUBRESOURCE(ev))
-                    break
-        else:
-            key = (_STAGE(ev), _VERB(ev), _RESOURCE(ev), _SUBRESOURCE(ev))
+        key = self._key(ev)
         found = self._by_key.get(key)
-        if found is None:
-            if len(self._by_key) > 10_000:  # odd verbs/resources must not grow it without bound
-                self._by_key.clear()
-            chosen: list[tuple[CompiledRule, cond.Predicate | None]] = []
-            for rule in self.rules:
-                if not rule.admits(key):
-                    continue
-                special = rule.specialise(key)
-                if special is not False:
-                    chosen.append((rule, None if special is True else special))
-            found = self._by_key[key] = tuple(chosen)
+        return self._specialised(key) if found is None else found
+
+    def _specialised(self, key: tuple[Any, ...]) -> tuple[tuple[CompiledRule, cond.Predicate | None], ...]:
+        if len(self._by_key) > 10_000:  # odd verbs/resources must not grow it without bound
+            self._by_key.clear()
+        chosen: list[tuple[CompiledRule, cond.Predicate | None]] = []
+        for rule in self.rules:
+            if not rule.admits(key):
+                continue
+            special = rule.specialise(key)
+            if special is not False:
+                chosen.append((rule, None if special is True else special))
+        found = self._by_key[key] = tuple(chosen)
         return found
 
     def match(self, ev: Event) -> list[CompiledRule]:
-        if not ev.is_audit_event():
-            return []  # the k8saudit plugin extracts nothing from other JSON
-        return [rule for rule, predicate in self.candidates(ev) if predicate is None or predicate(ev)]
+        """The rules the event fires. Called once per event: the common path is inlined."""
+        light = ev.light
+        if light is not None:
+            if light.auditID is None:
+                return []  # the k8saudit plugin extracts nothing from other JSON
+            ref = light.objectRef
+            key = (
+                (light.stage, light.verb, None, None)
+                if ref is None
+                else (light.stage, light.verb, ref.resource, ref.subresource)
+            )
+        elif ev.is_audit_event():
+            key = self._key(ev)
+        else:
+            return []
+        found = self._by_key.get(key)
+        if found is None:
+            found = self._specialised(key)
+        if not found:
+            return []
+        return [rule for rule, predicate in found if predicate is None or predicate(ev)]
 
     def alert(self, rule: CompiledRule, ev: Event) -> Alert:
         text, fields = rule.output.render(ev)
