@@ -211,7 +211,7 @@ def _emitted(tag: str, alerts: list[_Alert], parent: Batch) -> Batch:
     if parent_token is not None:
         parent_token.retain()
     token = AckToken(parent_token.release if parent_token is not None else None)
-    block = b"".join(raw + b"\n" for raw, _, _ in alerts)
+    block = b"\n".join([raw for raw, _, _ in alerts]) + b"\n"
 
     def materialize() -> list[Record]:
         return [Record(tag, at, None, raw, identity) for raw, at, identity in alerts]
