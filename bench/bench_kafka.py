@@ -11,7 +11,7 @@ here), one 6-partition topic (replication factor 3, ``min.insync.replicas`` 2):
    JVM tool the shell script runs) producing N records of the same average size into the same
    topic with the same ``acks=all`` and idempotence.
 
-    .venv/bin/python bench/bench_kafka.py [--lines 1000000]
+    .venv/bin/python bench/bench_kafka.py [--lines 1000000] [--workers 1]
 
 Target (issue 20): the output reaches at least 60% of the perf-test ceiling.
 """
@@ -50,6 +50,7 @@ OUTPUT_CONFIG = """
     match *
     brokers {brokers}
     topics {topic}
+    workers {workers}
 """
 
 INPUT_CONFIG = """
@@ -141,6 +142,7 @@ def perf_test(cluster: kafka.KafkaCluster, topic: str, total: int, size: int) ->
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
+    parser.add_argument("--workers", type=int, default=1, help="the output's workers (groups in flight)")
     args = parser.parse_args()
     total = args.lines
     src = audit_lines_file(total)
@@ -154,7 +156,9 @@ def main() -> int:
             topic = "bench-audit"
             cluster.create_topic(topic, 6)
             config = work / "out.conf"
-            config.write_text(OUTPUT_CONFIG.format(src=src, brokers=cluster.bootstrap, topic=topic))
+            config.write_text(
+                OUTPUT_CONFIG.format(src=src, brokers=cluster.bootstrap, topic=topic, workers=args.workers)
+            )
             out = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)], cwd=REPO)
             assert out.returncode == 0, out
             out_rate = total / out.wall
