@@ -190,3 +190,36 @@ def test_live_follow_returns_what_was_written_since(ui: tuple[str, Path]) -> Non
     assert answer["last_id"] == last_id + 2
     again = orjson.loads(urllib.request.urlopen(url + f"api/follow?q=deploy/shop/web&after={answer['last_id']}").read())
     assert again["entries"] == []
+
+
+def test_the_recorded_example_in_the_browser(tmp_path: Path) -> None:
+    """The recorded dataset (examples/history), as scripts/run shows it: a screenshot of real data."""
+    store = tmp_path / "example.db"
+    env = {**os.environ, "KUBETRAIL_EXAMPLES": str(REPO / "examples"), "KUBETRAIL_STORE": str(store)}
+    done = subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(REPO / "examples" / "history" / "ingest.conf")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "ui", "--store", str(store), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        match = re.search(r"(http://\S+)", proc.stdout.readline())
+        assert match
+        page = parse(browse(match.group(1) + "?q=deploy/shop/web", tmp_path, "ui-example.png"))
+        texts = [row["text"] for row in page.rows]
+        assert any(t.startswith("create deployments/shop/web by admin") for t in texts)
+        warnings = [row for row in page.rows if "Warning" in row["class"]]
+        assert warnings and all("ErrImageNeverPull" in row["text"] or "Failed" in row["text"] for row in warnings)
+        assert any("localhost/busybox:latest \u2192 localhost/busybox:1.37" in row["changes"] for row in page.rows)
+        assert "failed" in page.rows[-1]["class"] or any("norbac" in t and "403" in t for t in texts)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
