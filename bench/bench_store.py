@@ -60,13 +60,19 @@ def audit_batches(lines: list[bytes]) -> list[Batch]:
     return out
 
 
-async def timed(sink: object, batches: list[Batch], group: int) -> float:
+async def timed(sink: object, batches: list[Batch], group: int, workers: int = 1) -> float:
     """Seconds to write ``batches`` in groups of ``group`` (what the sink runner hands a busy
-    output: up to 16 queued batches per ``write_group``, one commit/fsync each)."""
+    output: up to 16 queued batches per ``write_group``, one commit/fsync each), by ``workers``
+    concurrent deliveries as the runner's ``workers`` option runs them."""
     await sink.start()  # type: ignore[attr-defined]
+    groups = [batches[start : start + group] for start in range(0, len(batches), group)]
     started = time.perf_counter()
-    for start in range(0, len(batches), group):
-        await sink.write_group(batches[start : start + group])  # type: ignore[attr-defined]
+
+    async def worker(mine: list[list[Batch]]) -> None:
+        for item in mine:
+            await sink.write_group(item)  # type: ignore[attr-defined]
+
+    await asyncio.gather(*(worker(groups[n::workers]) for n in range(workers)))
     elapsed = time.perf_counter() - started
     await sink.close()  # type: ignore[attr-defined]
     return elapsed
@@ -88,8 +94,10 @@ def ingest(records: int, group: int) -> None:
             ),
             ("sqlite (sync full)", lambda: build(SqliteSink, path=str(work / "full.db"), sync="full")),
             ("sqlite (sync normal)", lambda: build(SqliteSink, path=str(work / "normal.db"), sync="normal")),
+            ("sqlite (sync full, workers 2)", lambda: build(SqliteSink, path=str(work / "w2.db"), sync="full")),
         ):
-            results[name] = asyncio.run(timed(factory(), audit_batches(lines), group))
+            workers = 2 if "workers 2" in name else 1
+            results[name] = asyncio.run(timed(factory(), audit_batches(lines), group, workers))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
         base = results["file (plain, fsync per batch)"]
         print(

@@ -49,6 +49,7 @@ import fcntl
 import hashlib
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -379,6 +380,7 @@ class StoreWriter:
         self._next_retention = 0.0
         self.deleted = 0
         self._lock_fd: int | None = None
+        self._write_lock = threading.Lock()
         self.conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -415,7 +417,13 @@ class StoreWriter:
 
     def write(self, rows: list[Row]) -> int:
         """Insert ``rows`` in one transaction; returns how many were new (the rest were replays).
-        Raises ``sqlite3.Error`` with the transaction rolled back."""
+        Raises ``sqlite3.Error`` with the transaction rolled back. Thread-safe: with ``workers
+        2`` one worker's rows are built while the other's commit runs (one connection, taken in
+        turn)."""
+        with self._write_lock:
+            return self._write(rows)
+
+    def _write(self, rows: list[Row]) -> int:
         conn = self.conn
         assert conn is not None
         before = conn.total_changes

@@ -3,6 +3,7 @@ retention, a real full disk (a small tmpfs, as root), bad files left untouched, 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -327,3 +328,19 @@ def test_the_store_is_written_by_a_real_pipeline(tmp_path: Path) -> None:
     assert len(got) == len(audit_lines)
     assert {r[0] for r in got} == {"audit"}
     assert sorted({r[1] for r in got}) == ["alice", "bob", "carol", "mallory", "system:serviceaccount:ci:default"]
+
+
+async def test_two_workers_share_the_writer(tmp_path: Path) -> None:
+    """With ``workers 2`` the runner calls write_group concurrently: the commits take turns."""
+    s = sink(tmp_path / "s.db")
+    await s.start()
+    groups = [
+        [Batch("t", [Record("t", g * 10**6 + n * 1000 + i, {"g": g, "n": n}, identity=(g, n, i)) for i in range(200)])]
+        for g in range(2)
+        for n in range(10)
+    ]
+    await asyncio.gather(*(s.write_group(group) for group in groups))
+    await s.close()
+    conn = open_reader(tmp_path / "s.db")
+    assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 2 * 10 * 200
+    conn.close()
