@@ -9,8 +9,8 @@ as the JSON bytes the pipeline delivered, beside them.
 Design decisions:
 
 * **SQLite, not DuckDB**, measured on this machine (bench/bench_store.py; figures in
-  docs/benchmarks.md): the same audit rows with the same identity and indexes went in at about
-  28,000 records/s here and at 16,000/s into DuckDB 2.0 (bulk through Arrow: its PRIMARY KEY and
+  docs/benchmarks.md): the same audit rows with the same identity and indexes went in at 28,000-45,000
+  records/s here and at 16,000/s into DuckDB 2.0 (bulk through Arrow: its PRIMARY KEY and
   ART indexes are kept row by row), and, decisive, a DuckDB file open for writing in one process
   cannot be opened by another ("Conflicting lock is held"), so ``kubetrail history`` could not
   read the store of a running agent. SQLite in WAL mode
