@@ -304,52 +304,83 @@ pub fn frame_lines<'py>(
     if times.len() != lines.len() * 8 || style > 3 || !block.ends_with(b"\n") {
         return Ok(None);
     }
+    if style <= 1 {
+        return framed_text(py, &lines, times, style == 1, text, first).map(Some);
+    }
     let mut out: Vec<u8> = Vec::with_capacity(block.len() + lines.len() * (text.len() + 32));
     let mut number = itoa_buffer();
     for (i, line) in lines.iter().enumerate() {
         let t = i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-        let (secs, nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
-        match style {
-            0 | 1 => {
-                if style == 1 {
-                    out.push(b'[');
-                    out.extend_from_slice(number.format(first + i as u64).as_bytes());
-                    out.extend_from_slice(b"] ");
-                }
-                out.extend_from_slice(text);
-                out.extend_from_slice(b": [");
-                out.extend_from_slice(number.format(secs).as_bytes());
-                out.extend_from_slice(format!(".{nanos:09}, ").as_bytes());
-                out.extend_from_slice(line);
-                out.extend_from_slice(b"]\n");
-            }
-            _ => {
-                let body = line.trim_ascii();
-                if body.first() != Some(&b'{') {
-                    return Ok(None);
-                }
-                out.push(b'{');
-                out.push(b'"');
-                out.extend_from_slice(text);
-                out.extend_from_slice(b"\":");
-                if style == 2 {
-                    let double = double_text(t as f64 / 1e9);
-                    if double.is_empty() {
-                        return Ok(None);
-                    }
-                    out.extend_from_slice(double.as_bytes());
-                } else {
-                    out.extend_from_slice(number.format(secs).as_bytes());
-                }
-                if body[1..].trim_ascii() != b"}" {
-                    out.push(b',');
-                }
-                out.extend_from_slice(&body[1..]);
-                out.push(b'\n');
-            }
+        let body = line.trim_ascii();
+        if body.first() != Some(&b'{') {
+            return Ok(None);
         }
+        out.push(b'{');
+        out.push(b'"');
+        out.extend_from_slice(text);
+        out.extend_from_slice(b"\":");
+        if style == 2 {
+            let double = double_text(t as f64 / 1e9);
+            if double.is_empty() {
+                return Ok(None);
+            }
+            out.extend_from_slice(double.as_bytes());
+        } else {
+            out.extend_from_slice(number.format(t.div_euclid(1_000_000_000)).as_bytes());
+        }
+        if body[1..].trim_ascii() != b"}" {
+            out.push(b',');
+        }
+        out.extend_from_slice(&body[1..]);
+        out.push(b'\n');
     }
     Ok(Some(PyBytes::new(py, &out)))
+}
+
+/// Styles 0 and 1 of `frame_lines`, written once into a bytes object of the exact size (no
+/// second copy of a block that is as big as the input).
+fn framed_text<'py>(
+    py: Python<'py>,
+    lines: &[&[u8]],
+    times: &[u8],
+    numbered: bool,
+    tag: &[u8],
+    first: u64,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let time_at = |i: usize| i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let mut number = itoa_buffer();
+    let mut total = 0usize;
+    for (i, line) in lines.iter().enumerate() {
+        let secs = time_at(i).div_euclid(1_000_000_000);
+        // TAG ": [" SECS "." NNNNNNNNN ", " LINE "]\n", and "[" N "] " in front when numbered
+        total += tag.len() + 3 + number.format(secs).len() + 10 + 2 + line.len() + 2;
+        if numbered {
+            total += number.format(first + i as u64).len() + 3;
+        }
+    }
+    crate::new_bytes_filled(py, total, move |out| {
+        let mut number = itoa_buffer();
+        let mut nanos_text = *b".000000000, ";
+        for (i, line) in lines.iter().enumerate() {
+            let t = time_at(i);
+            let (secs, mut nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+            if numbered {
+                out.put(b"[");
+                out.put(number.format(first + i as u64).as_bytes());
+                out.put(b"] ");
+            }
+            out.put(tag);
+            out.put(b": [");
+            out.put(number.format(secs).as_bytes());
+            for digit in nanos_text[1..10].iter_mut().rev() {
+                *digit = b'0' + (nanos % 10) as u8;
+                nanos /= 10;
+            }
+            out.put(&nanos_text);
+            out.put(line);
+            out.put(b"]\n");
+        }
+    })
 }
 
 /// A tiny integer formatter (no allocation per number).
