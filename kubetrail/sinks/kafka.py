@@ -25,8 +25,11 @@ Delivery, what a batch being "delivered" means here:
 * the record's identity (Events ``(uid, resourceVersion)``, audit ``(auditID, stage)``, tailed
   lines ``(file uid, offset)``) goes in the ``kubetrail-identity`` header (JSON) and its time in
   ``kubetrail-time`` (nanoseconds): the one window left, ``kill -9`` after the brokers stored a
-  batch but before the source's checkpoint moved, re-sends those records with the same
-  identity, and the ``kafka`` input hands it on so an idempotent sink (es ``_id``) drops them.
+  batch but before the source's checkpoint (or the filesystem buffer's cursor) moved, re-sends
+  those records with the same identity, at most the group in flight (up to 16 batches, the
+  sink runner's group size); the ``kafka`` input hands the identity on, so an idempotent sink
+  (es/opensearch ``_id``) stores them once. Measured: 200,000 lines, two SIGKILLs, 0 lost,
+  5,184 re-sent (``tests/unit/test_kafka.py``).
 
 Polling: librdkafka calls back from ``poll()``; a thread of this sink polls, and the callback
 counts down per batch and wakes the waiting coroutine with ``call_soon_threadsafe``, so the
@@ -328,9 +331,13 @@ class KafkaSink(Sink):
                 f"{len(retry)} message(s) not acknowledged by the brokers {self.brokers}: {retry[0]}"
                 f"{self._last_error_text()}"
             )
-        for batch, _, _ in jobs:
-            self._acknowledged.pop(id(batch), None)
         refused = [pair for pairs in rejected for pair in pairs]
+        if not refused or len(jobs) == 1:
+            # A group that fails (refusals too) is written again batch by batch by the runner
+            # (the per-batch policy): each must then resend only what was not acknowledged, so
+            # the acknowledged records stay remembered until that second write.
+            for batch, _, _ in jobs:
+                self._acknowledged.pop(id(batch), None)
         if refused:
             raise PermanentError(f"{len(refused)} record(s) refused: {refused[0][1]}", rejected=refused)
 

@@ -338,20 +338,26 @@ def test_missing_topic_unreachable_brokers_and_oversized_messages(cluster: kafka
     assert f"cannot reach the Kafka brokers 127.0.0.1:{port}" in out, out[-3000:]
     assert out.count("Connection refused") < 10, out[-3000:]  # librdkafka's repeats are not logged each time
 
-    # a topic whose record batches may be 2000 bytes: the long line is dead-lettered, the rest
-    # (sent in one batch with it at first) delivered
-    small = new_topic(cluster, **{"max.message.bytes": "2000"})
-    lines = [orjson.dumps({"n": i, "msg": "x" * (5000 if i == 2 else 10)}).decode() for i in range(5)]
-    big = write(tmp_path / "big.log", "".join(line + "\n" for line in lines))
-    directory = tmp_path / "big"
-    directory.mkdir()
-    output = f"    brokers {cluster.bootstrap}\n    topics {small}\n"
-    proc = run_config(tail_to_kafka(directory, big, output, service=f"    storage.path {directory / 'st'}\n"))
-    assert proc.returncode == 0, proc.stderr
-    assert sorted(orjson.loads(m.value())["n"] for m in read_topic(cluster, small, 4)) == [0, 1, 3, 4]
-    dead = [orjson.loads(line) for line in (directory / "st" / "rejected" / "kafka.0.jsonl").read_text().splitlines()]
-    assert [d["record"]["n"] for d in dead] == [2]
-    assert "MSG_SIZE_TOO_LARGE" in dead[0]["reason"]
+    # a topic whose record batches may be 2000 bytes: the long lines are dead-lettered, the rest
+    # (sent in record batches with them at first) delivered once; once in a batch of its own
+    # (a single batch written alone), once in batches written as a group (many small tail
+    # batches: a refused group is written again batch by batch, resending only the refused)
+    for name, extra in (("alone", ""), ("group", "    buffer_chunk_size 256\n    batch_size 256\n")):
+        small = new_topic(cluster, **{"max.message.bytes": "2000"})
+        lines = [orjson.dumps({"n": i, "msg": "x" * (5000 if i in (2, 20) else 10)}).decode() for i in range(40)]
+        big = write(tmp_path / f"{name}.log", "".join(line + "\n" for line in lines))
+        directory = tmp_path / name
+        directory.mkdir()
+        output = f"    brokers {cluster.bootstrap}\n    topics {small}\n"
+        service = f"    storage.path {directory / 'st'}\n"
+        proc = run_config(tail_to_kafka(directory, big, output, service=service, input_extra=extra))
+        assert proc.returncode == 0, proc.stderr
+        got = sorted(orjson.loads(m.value())["n"] for m in read_topic(cluster, small, 38))
+        assert got == [i for i in range(40) if i not in (2, 20)], name
+        dead_file = directory / "st" / "rejected" / "kafka.0.jsonl"
+        dead = [orjson.loads(line) for line in dead_file.read_text().splitlines()]
+        assert sorted(d["record"]["n"] for d in dead) == [2, 20], name
+        assert all("MSG_SIZE_TOO_LARGE" in d["reason"] for d in dead)
 
 
 def _closed_port() -> int:
@@ -652,3 +658,16 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka
     # Exactly once: one document per identity, none missing (ids are unique, so count == total
     # means none lost and none stored twice).
     assert stored == total
+
+
+def test_input_missing_topic_and_unreachable_brokers_are_named(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    missing = f"missing-{uuid.uuid4().hex[:6]}"
+    out = run_until(kafka_to_file(tmp_path, cluster, missing, "g-missing"), "kafka client error")
+    assert missing in out and "nknown topic" in out, out[-3000:]
+
+    port = _closed_port()
+    config = kafka_to_file(tmp_path, cluster, "t", "g-down").read_text()
+    config = config.replace(cluster.bootstrap, f"127.0.0.1:{port}")
+    out = run_until(write(tmp_path / "down.conf", config), "kafka client error")
+    assert f"127.0.0.1:{port}" in out, out[-3000:]
+    assert out.count("Connection refused") < 10, out[-3000:]
