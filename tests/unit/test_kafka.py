@@ -671,3 +671,42 @@ def test_input_missing_topic_and_unreachable_brokers_are_named(cluster: kafka.Ka
     out = run_until(write(tmp_path / "down.conf", config), "kafka client error")
     assert f"127.0.0.1:{port}" in out, out[-3000:]
     assert out.count("Connection refused") < 10, out[-3000:]
+
+
+def test_check_shows_rdkafka_properties_with_the_password_redacted(tmp_path: Path) -> None:
+    config = write(
+        tmp_path / "c.conf",
+        """
+[INPUT]
+    name dummy
+[OUTPUT]
+    name kafka
+    match *
+    brokers 127.0.0.1:9
+    rdkafka.sasl.username u
+    rdkafka.sasl.password supersecret
+""",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", "check", "-c", str(config)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "sasl.username: u" in proc.stdout and "sasl.password: <redacted>" in proc.stdout
+    assert "supersecret" not in proc.stdout + proc.stderr
+
+
+def test_rdkafka_option_family_collects_its_keys() -> None:
+    from kubetrail.core.errors import ConfigError
+    from kubetrail.core.options import resolve_options
+    from kubetrail.sinks.kafka import KafkaSink
+    from tests.unit.helpers import section
+
+    values = resolve_options(
+        section("output", brokers="b:9092", rdkafka__linger__ms="20", rdkafka__ssl__ca__location="/ca.pem"),
+        KafkaSink.options,
+        "kafka",
+    )
+    assert values["rdkafka.*"] == {"linger.ms": "20", "ssl.ca.location": "/ca.pem"}
+    assert resolve_options(section("output", brokers="b"), KafkaSink.options, "kafka")["rdkafka.*"] == {}
+    with pytest.raises(ConfigError, match="unknown property"):
+        resolve_options(section("output", brokers="b", rdkafka=""), KafkaSink.options, "kafka")
