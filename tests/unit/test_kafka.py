@@ -710,3 +710,45 @@ def test_rdkafka_option_family_collects_its_keys() -> None:
     assert resolve_options(section("output", brokers="b"), KafkaSink.options, "kafka")["rdkafka.*"] == {}
     with pytest.raises(ConfigError, match="unknown property"):
         resolve_options(section("output", brokers="b", rdkafka=""), KafkaSink.options, "kafka")
+
+
+def test_output_waits_for_room_in_a_full_queue(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    """librdkafka's queue holds 50 messages: the output waits (queue_full_retries) instead of
+    failing the batch, and every line arrives once."""
+    topic = new_topic(cluster)
+    log = lines_file(tmp_path / "in.log", 300)
+    output = f"""    brokers {cluster.bootstrap}
+    topics {topic}
+    queue_full_retries 0
+    rdkafka.queue.buffering.max.messages 50
+"""
+    config = tail_to_kafka(tmp_path, log, output)
+    config.write_text(config.read_text().replace("grace 5", "grace 60"))  # 1 s per wait, as Fluent Bit
+    proc = run_config(config, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "clean: true" in proc.stderr.replace('"clean":true', "clean: true"), proc.stderr[-2000:]
+    assert sorted(orjson.loads(m.value())["n"] for m in read_topic(cluster, topic, 300)) == list(range(300))
+
+
+def test_input_format_none_client_id_and_small_polls(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    topic = new_topic(cluster, partitions=3)
+    producer = Producer({"bootstrap.servers": cluster.bootstrap})
+    for i in range(90):
+        producer.produce(topic, f"plain line {i} \xe9".encode("latin-1"))  # not UTF-8 either
+    producer.flush(30)
+    extra = "    client_id kubetrail-test\n    buffer_max_size 1k\n"
+    config = kafka_to_file(tmp_path, cluster, topic, f"g-{uuid.uuid4().hex[:6]}", extra)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        records = wait_lines(tmp_path / "out" / "out.jsonl", 90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    payloads = sorted(r["payload"] for r in records)
+    assert len(payloads) == 90 and all(p.startswith("plain line ") and p.endswith("\ufffd") for p in payloads)
+    assert {r["key"] for r in records} == {None}
