@@ -67,6 +67,7 @@ def test_example_values_render_a_checked_aggregator(helm: Path, tmp_path: Path) 
     aggregator = docs[("ConfigMap", "t-kubetrail-aggregator")]["data"]["kubetrail.conf"]
     assert "    name         kafka" in aggregator and "rdkafka.session.timeout.ms 10000" in aggregator
     assert "group_id     kubetrail-aggregator" in aggregator
+    assert "nested_under payload" in aggregator
 
 
 def test_fixed_replicas_without_autoscaling(helm: Path) -> None:
