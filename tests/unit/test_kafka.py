@@ -590,6 +590,11 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka
     format json
     rdkafka.session.timeout.ms 6000
     rdkafka.heartbeat.interval.ms 1000
+[FILTER]
+    name nest
+    match agg
+    operation lift
+    nested_under payload
 [OUTPUT]
     name opensearch
     match *
@@ -645,6 +650,8 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka
         time.sleep(3)  # anything late (a duplicate) would show now
         urllib.request.urlopen(urllib.request.Request(f"{search.url}/agg/_refresh", method="POST"), timeout=30)
         stored = count()
+        with urllib.request.urlopen(f"{search.url}/agg/_search?size=1", timeout=30) as response:
+            sample = orjson.loads(response.read())["hits"]["hits"][0]
     finally:
         for proc in members:
             proc.send_signal(signal.SIGTERM)
@@ -658,6 +665,8 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka
     # Exactly once: one document per identity, none missing (ids are unique, so count == total
     # means none lost and none stored twice).
     assert stored == total
+    # the payload lifted to the top (the chart example's filter), the _id the producer's identity
+    assert set(sample["_source"]) >= {"n", "topic", "partition", "offset"} and "payload" not in sample["_source"]
 
 
 def test_input_missing_topic_and_unreachable_brokers_are_named(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
