@@ -269,6 +269,8 @@ class TailSource(Source):
         self.watcher: FileWatcher | None = None
         self._last_rotation_check = 0.0
         self._warned_once: set[tuple[str, str]] = set()
+        # Paths whose checkpointed file was rotated away while stopped: the file there now is new.
+        self._successors: set[str] = set()
         m = self.metrics
         self.m_long = m.counter("kubetrail_tail_long_lines", "Lines over buffer_max_size, by action", "action")
         self.m_bad = m.counter("kubetrail_tail_bad_input", "Bad input seen by tail, by kind", "kind")
@@ -502,7 +504,9 @@ class TailSource(Source):
                     for backup in _backups_of(path):  # older data first, oldest backup first
                         if not self._known(backup):
                             self._open_backup(backup, None)
-                self._open(path, from_head=self.read_from_head or not initial)
+                # A file that took the place of one rotated away while stopped is read from its
+                # start: all of it was written after the checkpoint (kubelet's new 0.log).
+                self._open(path, from_head=self.read_from_head or not initial or path in self._successors)
 
     def _check_directories(self, pattern: str) -> None:
         """Warn about a directory of the pattern that cannot be listed (glob silently skips it),
@@ -574,9 +578,16 @@ class TailSource(Source):
                 self._open_backup(name, (row_id, offset, fp_len, fingerprint, uid))
                 continue
             found = False
-            for candidate in _backups_of(name) + _target_backups(name):
+            candidates = _backups_of(name) + _target_backups(name)
+            for index, candidate in enumerate(candidates):
                 if _same_file(candidate, dev, inode, fp_len, fingerprint):
                     self._open_backup(candidate, (row_id, offset, fp_len, fingerprint, uid), tag_path=name)
+                    # Rotated again while stopped: the backups after it (oldest first, plain or
+                    # .gz) hold what was written since, and the file now at the path is new.
+                    for later in candidates[index + 1 :]:
+                        if not self._known(later):
+                            self._open_backup(later, None, tag_path=name)
+                    self._successors.add(name)
                     found = True
                     break
             if not found:
@@ -1148,6 +1159,9 @@ def _same_inode(path: str, dev: int, inode: int) -> bool:
     return (st.st_dev, st.st_ino) == (dev, inode)
 
 
+_BACKUP_TIME = re.compile(r"\d{8}-\d{6}|\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?")
+
+
 def _backups_of(path: str) -> list[str]:
     """Rotated copies of ``path`` next to it, oldest first: lumberjack's (the API server's audit
     log) ``<stem>-<time><ext>[.gz]`` and kubelet's ``<name>.<time>[.gz]``."""
@@ -1158,11 +1172,18 @@ def _backups_of(path: str) -> list[str]:
     found |= set(glob.glob(os.path.join(glob.escape(directory), glob.escape(base) + ".*")))
     found.discard(path)
 
-    def age(name: str) -> tuple[float, str]:
+    def age(name: str) -> tuple[int, str | float, str]:
+        # By the time in the name where there is one (kubelet's 20240101-120000, lumberjack's
+        # 2024-01-01T12-00-00.000): kubelet gzips the previous backup *after* renaming the
+        # current file, so modification times put the older backup last. Else (logrotate's
+        # app.log.1, .2.gz) by modification time.
+        stamp = _BACKUP_TIME.search(os.path.basename(name.removesuffix(".gz")))
+        if stamp:
+            return (0, stamp.group(0), name)
         try:
-            return (os.stat(name).st_mtime, name)
+            return (1, os.stat(name).st_mtime, name)
         except OSError:
-            return (0.0, name)
+            return (1, 0.0, name)
 
     return sorted(found, key=age)
 

@@ -8,6 +8,7 @@ none may be missing, none may appear twice.
 
 from __future__ import annotations
 
+import gzip
 import os
 import shutil
 import signal
@@ -136,3 +137,48 @@ def test_kill9_mid_file_then_restart_from_db(tmp_path: Path) -> None:
     # in-flight window: a few batches of at most 1 MB each).
     repeated = sum(c - 1 for c in seen.values())
     assert repeated <= 4 * 1_000_000 // 40, repeated
+
+
+def _cri_lines(first: int, last: int) -> bytes:
+    return b"".join(f"2024-05-01T12:00:00.000000000Z stdout F line {n} x\n".encode() for n in range(first, last + 1))
+
+
+def _kubelet_rotate(pods: Path, stamp: str) -> None:
+    """What the kubelet does at a rotation: rename 0.log to 0.log.<time>, the runtime reopens a
+    new 0.log, and then the previous plain backup is gzipped (and removed)."""
+    previous = [p for p in pods.glob("0.log.*") if not p.name.endswith(".gz")]
+    (pods / "0.log").rename(pods / f"0.log.{stamp}")
+    (pods / "0.log").touch()
+    for plain in previous:
+        with plain.open("rb") as src, gzip.open(f"{plain}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        plain.unlink()
+
+
+def test_rotated_twice_and_gzipped_while_stopped_loses_and_repeats_nothing(tmp_path: Path) -> None:
+    """kubetrail down (a DaemonSet pod being replaced) while the kubelet rotates a busy container's
+    log twice: the checkpointed file is now a .gz, a whole backup was written and rotated away
+    unseen, and the live 0.log is new. All of it must be read, once, from where it stopped."""
+    pods = tmp_path / "pods"
+    containers = tmp_path / "containers"
+    pods.mkdir()
+    containers.mkdir()
+    (pods / "0.log").write_bytes(_cri_lines(1, 100))
+    (containers / "app_ns_c-1.log").symlink_to(pods / "0.log")
+    conf = _config(tmp_path, containers / "*.log", exit_on_eof=True)
+    first = _start(conf, tmp_path)
+    assert first.wait(60) == 0
+    assert sorted(_delivered(tmp_path)) == list(range(1, 101))
+    # While stopped: more lines, two rotations (the first backup gzipped), a new live file.
+    with (pods / "0.log").open("ab") as live:
+        live.write(_cri_lines(101, 200))
+    _kubelet_rotate(pods, "20240501-120001")
+    (pods / "0.log").write_bytes(_cri_lines(201, 300))
+    _kubelet_rotate(pods, "20240501-120002")
+    (pods / "0.log").write_bytes(_cri_lines(301, 400))
+    assert sorted(p.name for p in pods.iterdir()) == ["0.log", "0.log.20240501-120001.gz", "0.log.20240501-120002"]
+    second = _start(conf, tmp_path)
+    assert second.wait(60) == 0
+    seen = _delivered(tmp_path)
+    assert sorted(seen) == list(range(1, 401)), f"lost: {sorted(set(range(1, 401)) - set(seen))[:10]}"
+    assert [n for n, c in seen.items() if c > 1] == []
