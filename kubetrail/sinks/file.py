@@ -72,10 +72,16 @@ class FileSink(Sink):
         self._formatter: Callable[[Record], bytes] = {
             "out_file": self._format_out_file,
             "plain": self._format_plain,
+            "csv": lambda r: self._format_csv(r.time_ns, r.body),
+            "ltsv": lambda r: self._format_ltsv(r.time_ns, r.body),
+            "template": lambda r: self._format_template(r.time_ns, r.body),
+        }[self.format]
+        # The formats that need the fields, from a block's lines and times (no Record per line).
+        self._body_formatter: Callable[[int, dict[str, Any]], bytes] | None = {
             "csv": self._format_csv,
             "ltsv": self._format_ltsv,
             "template": self._format_template,
-        }[self.format]
+        }.get(self.format)
 
     async def start(self) -> None:
         await asyncio.to_thread(self._check_directory)
@@ -113,6 +119,11 @@ class FileSink(Sink):
                     return block  # unmodified JSON lines: the input bytes are the output
                 # The block's own times (see kubetrail.core.block): no record is built.
                 return framed_lines(block, batch.block_times(), batch.tag)
+        elif self._body_formatter is not None and not batch.is_materialized and batch.raw_block is not None:
+            # Each line decoded once for its fields; no Record holding both bytes and dict.
+            body_formatter, loads = self._body_formatter, orjson.loads
+            lines = batch.raw_block.split(b"\n")
+            return b"".join([body_formatter(t, loads(line)) for t, line in zip(batch.block_times(), lines)])  # noqa: B905
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 
@@ -174,27 +185,25 @@ class FileSink(Sink):
     def _format_out_file(self, record: Record) -> bytes:
         return f"{record.tag}: [{epoch_text(record.time_ns)}, ".encode() + record.json_bytes() + b"]\n"
 
-    def _format_csv(self, record: Record) -> bytes:
-        fields = [epoch_text(record.time_ns)]
-        for value in record.body.values():
+    def _format_csv(self, time_ns: int, body: dict[str, Any]) -> bytes:
+        fields = [epoch_text(time_ns)]
+        for value in body.values():
             fields.append('"' + _text(value).replace('"', '""') + '"')
         return (self.delimiter.join(fields) + "\n").encode()
 
-    def _format_ltsv(self, record: Record) -> bytes:
+    def _format_ltsv(self, time_ns: int, body: dict[str, Any]) -> bytes:
         ld = self.label_delimiter
-        fields = [f"time{ld}{epoch_text(record.time_ns)}"]
-        for key, value in record.body.items():
+        fields = [f"time{ld}{epoch_text(time_ns)}"]
+        for key, value in body.items():
             text = _text(value).replace(self.delimiter, " ").replace("\n", "\\n")
             fields.append(f"{key}{ld}{text}")
         return (self.delimiter.join(fields) + "\n").encode()
 
-    def _format_template(self, record: Record) -> bytes:
-        body = record.body
-
+    def _format_template(self, time_ns: int, body: dict[str, Any]) -> bytes:
         def fill(match: re.Match[str]) -> str:
             key = match.group(1)
             if key == "time" and "time" not in body:
-                return epoch_text(record.time_ns)
+                return epoch_text(time_ns)
             if key in body:
                 return _text(body[key])
             return ""

@@ -461,3 +461,26 @@ async def test_a_rewritten_block_reaches_the_audit_filter_validated(tmp_path: Pa
         assert head == b"audit: [1795867200.000002000"  # the event's stageTimestamp, from the parser
         record = orjson.loads(body[:-1])
         assert "stageTimestamp" not in record and record["k8s.audit.id"] == f"00000000-0000-0000-0000-{i:012d}"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ltsv", "template", "out_file", "plain"])
+def test_file_formats_from_a_block_equal_the_record_path(tmp_path: Path, fmt: str) -> None:
+    from kubetrail.core.record import Record
+    from kubetrail.sinks.file import FileSink
+    from tests.unit.helpers import build
+
+    parser = JsonParser("p", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+
+    def lazy_batch() -> Batch:
+        compact = [LINES[0], LINES[1], LINES[2], LINES[4]]  # written as orjson writes them
+        block = b"".join(line + b"\n" for line in compact)
+        lazy = parser.line_block(block, "app")
+        assert lazy is not None
+        return Batch("app", None, block=lazy)
+
+    sink = build(FileSink, path=str(tmp_path), format=fmt, template="{time} {a} {b}")
+    lazy = lazy_batch()
+    written = sink._data(lazy)
+    assert not lazy.is_materialized  # written without a Record per line
+    by_records = Batch("app", [Record(r.tag, r.time_ns, dict(r.body)) for r in lazy_batch().records])
+    assert written == sink._data(by_records)
