@@ -761,3 +761,43 @@ def test_input_format_none_client_id_and_small_polls(cluster: kafka.KafkaCluster
     payloads = sorted(r["payload"] for r in records)
     assert len(payloads) == 90 and all(p.startswith("plain line ") and p.endswith("\ufffd") for p in payloads)
     assert {r["key"] for r in records} == {None}
+
+
+def test_kafka_up_and_down_for_people(tmp_path: Path) -> None:
+    """``python -m tests.servers kafka up DIR`` leaves a cluster running and writes DIR/env;
+    ``down`` stops it (one broker here: the command, not the cluster, is under test)."""
+    try:
+        kafka.build()
+    except ServerUnavailable as exc:
+        pytest.skip(f"Kafka: {exc}")
+    directory = tmp_path / "k"
+    up = subprocess.run(
+        [sys.executable, "-m", "tests.servers", "kafka", "up", str(directory), "--brokers", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        env = dict(line.split("=", 1) for line in (directory / "env").read_text().splitlines())
+        assert set(env) >= {"KAFKA_BOOTSTRAP", "KAFKA_BOOTSTRAP_SASL", "KAFKA_BOOTSTRAP_TLS", "KAFKA_CA_FILE"}
+        # the cluster outlives the command: a TLS client with the CA produces to it
+        producer = Producer(
+            {
+                "bootstrap.servers": env["KAFKA_BOOTSTRAP_TLS"],
+                "security.protocol": "SSL",
+                "ssl.ca.location": env["KAFKA_CA_FILE"],
+            }
+        )
+        metadata = producer.list_topics(timeout=30)
+        assert len(metadata.brokers) == 1
+    finally:
+        down = subprocess.run(
+            [sys.executable, "-m", "tests.servers", "kafka", "down", str(directory)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert down.returncode == 0 and "stopped 1 Kafka node(s)" in down.stdout, down.stdout + down.stderr
+    pid = int((directory / "node1" / "pid").read_text())
+    assert not Path(f"/proc/{pid}").exists()
