@@ -8,7 +8,8 @@ Run inside the pod (the Helm chart's ``helm test`` does), it checks, one line ea
 * the API server answers with those credentials (``/version``), and who it takes us for;
 * every permission the configured plugins use (``Component.api_access``) is granted, asked with a
   ``SelfSubjectAccessReview``; a refusal names the RBAC rule to add;
-* every network output's ``host:port`` accepts a TCP connection, and optional extra URLs
+* every network output's ``host:port`` (and every kafka input's and output's bootstrap broker)
+  accepts a TCP connection, and optional extra URLs
   (``--expect-url``, e.g. the metrics endpoint of a running replica) answer 2xx.
 
 Nothing is sent through the pipeline and nothing is changed in the cluster. The checks are
@@ -217,6 +218,12 @@ async def run_preflight(pipeline: Any, expect_urls: Iterable[str] = (), kinds: I
         host, port = built.config.get("host"), built.config.get("port")
         if host and port:
             tasks.append(_tcp_check(f"{built.component_id} output", str(host), int(port)))
+    for built in [*pipeline.sources, *pipeline.sinks] if "outputs" in kinds else []:
+        # kafka: every bootstrap broker (a wrong one is otherwise only a client log line)
+        for address in str(built.config.get("brokers") or "").split(","):
+            host, _, port = address.strip().rpartition(":")
+            if host and port.isdigit():
+                tasks.append(_tcp_check(f"{built.component_id} broker", host.strip("[]"), int(port)))
     if "urls" in kinds:
         tasks += [_url_check(url) for url in expect_urls]
     checks += await asyncio.gather(*tasks)

@@ -801,3 +801,30 @@ def test_kafka_up_and_down_for_people(tmp_path: Path) -> None:
     assert down.returncode == 0 and "stopped 1 Kafka node(s)" in down.stdout, down.stdout + down.stderr
     pid = int((directory / "node1" / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_check_in_cluster_tries_every_bootstrap_broker(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+    closed = _closed_port()
+    config = write(
+        tmp_path / "pf.conf",
+        f"""
+[INPUT]
+    name kafka
+    brokers {cluster.bootstrap}
+    topics t
+[OUTPUT]
+    name kafka
+    match *
+    brokers 127.0.0.1:{cluster.nodes[0].plain_port},127.0.0.1:{closed}
+""",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", "check", "--in-cluster", "--checks", "outputs", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert sum(line.startswith("ok    kafka.0 broker") for line in lines) == 3 + 1  # input's 3, output's 1
+    assert f"FAIL  kafka.0 broker: 127.0.0.1:{closed} not reachable" in proc.stdout
