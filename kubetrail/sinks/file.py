@@ -14,6 +14,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -24,11 +25,26 @@ from kubetrail.core.dates import epoch_text
 from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.json_format import framed_lines
+from kubetrail.sinks.json_format import framed_lines, times_bytes
 
 MAX_OPEN_FILES = 64
 _DELIMITERS = {"\\t": "\t", "tab": "\t", "space": " ", "comma": ",", ",": ",", " ": " ", "\t": "\t"}
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
+
+
+try:  # optional (built from native/): out_file text written with writev from the block itself
+    from kubetrail_native import write_framed
+except ImportError:  # pragma: no cover - depends on the installation
+    write_framed = None
+
+
+@dataclass(frozen=True)
+class _Framed:
+    """A block to write as ``out_file`` text, framed on the way to the file (``write_framed``)."""
+
+    block: bytes
+    times: bytes
+    tag: bytes
 
 
 def _text(value: Any) -> str:
@@ -111,13 +127,16 @@ class FileSink(Sink):
     def _target(self, batch: Batch) -> Path:
         return self.directory / (self.file_name or batch.tag)
 
-    def _data(self, batch: Batch) -> bytes:
+    def _data(self, batch: Batch) -> bytes | _Framed:
         if self.format in ("plain", "out_file"):
             block = batch.raw_block
             if block is not None:
                 if self.format == "plain":
                     return block  # unmodified JSON lines: the input bytes are the output
-                # The block's own times (see kubetrail.core.block): no record is built.
+                # The block's own times (see kubetrail.core.block): no record is built, and with
+                # the native module the lines go to the file with writev, never copied.
+                if write_framed is not None:
+                    return _Framed(block, times_bytes(batch.block_times()), batch.tag.encode())
                 return framed_lines(block, batch.block_times(), batch.tag)
         elif self._body_formatter is not None and not batch.is_materialized and batch.raw_block is not None:
             # Each line decoded once for its fields; no Record holding both bytes and dict.
@@ -127,13 +146,17 @@ class FileSink(Sink):
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 
-    def _write_sync(self, target: Path, pieces: list[bytes], batch: Batch) -> None:
+    def _write_sync(self, target: Path, pieces: list[bytes | _Framed], batch: Batch) -> None:
         size_before: int | None = None
         try:
             handle = self._open(target, batch)
             size_before = os.fstat(handle.fileno()).st_size
             for data in pieces:
-                handle.write(data)
+                if isinstance(data, _Framed):
+                    handle.flush()  # what is buffered goes first (the file is opened to append)
+                    write_framed(handle.fileno(), data.block, data.times, data.tag)
+                else:
+                    handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         except OSError as exc:

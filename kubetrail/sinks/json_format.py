@@ -50,7 +50,7 @@ def with_date(record: Record, date_key: str | None, date_format: str) -> bytes:
     return prefix + b"," + raw[1:]
 
 
-def _times_bytes(times: Sequence[int]) -> bytes:
+def times_bytes(times: Sequence[int]) -> bytes:
     return times.tobytes() if isinstance(times, array) else array("q", times).tobytes()
 
 
@@ -61,7 +61,7 @@ def framed_lines(block: bytes, times: Sequence[int], tag: str, first: int | None
     record per line (natively when ``kubetrail_native`` is built)."""
     if frame_lines is not None:
         style = 0 if first is None else 1
-        framed: bytes | None = frame_lines(block, _times_bytes(times), style, tag.encode(), first or 0)
+        framed: bytes | None = frame_lines(block, times_bytes(times), style, tag.encode(), first or 0)
         if framed is not None:
             return framed
     prefix = tag.encode() + b": ["
@@ -90,7 +90,7 @@ def dated_lines(batch: Batch, date_key: str, date_format: str) -> bytes | None:
         return None
     key = orjson.dumps(date_key)[1:-1]
     style = 2 if date_format == "double" else 3
-    framed: bytes | None = frame_lines(block, _times_bytes(batch.block_times()), style, key)
+    framed: bytes | None = frame_lines(block, times_bytes(batch.block_times()), style, key)
     return framed
 
 

@@ -435,3 +435,76 @@ fn double_text(value: f64) -> String {
 pub fn has_blank_line(block: &[u8]) -> bool {
     block.first() == Some(&b'\n') || memchr::memmem::find(block, b"\n\n").is_some()
 }
+
+/// `out_file` / `msgpack` text written straight to a file descriptor with `writev`: the lines
+/// go from the block to the kernel once, never copied into a framed buffer the size of the
+/// input (on this VM, filling 266 MB of fresh memory cost 0.1-0.2 s; `format plain` writes the
+/// block itself). Only the small `TAG: [TIME, ` prefixes are formatted, into one buffer. The
+/// GIL is released while writing. Returns the bytes written; errors are the OS's.
+#[pyfunction]
+#[pyo3(signature = (fd, block, times, tag, first=None))]
+pub fn write_framed(
+    py: Python<'_>,
+    fd: i32,
+    block: &[u8],
+    times: &[u8],
+    tag: &[u8],
+    first: Option<u64>,
+) -> PyResult<usize> {
+    use std::io::{IoSlice, Write};
+    use std::os::fd::FromRawFd;
+
+    let lines: Vec<&[u8]> = block_lines(block).collect();
+    if times.len() != lines.len() * 8 || !block.ends_with(b"\n") {
+        return Err(pyo3::exceptions::PyValueError::new_err("one time per line of a newline-terminated block"));
+    }
+    let mut prefixes: Vec<u8> = Vec::with_capacity(lines.len() * (tag.len() + 40));
+    let mut ends: Vec<usize> = Vec::with_capacity(lines.len());
+    let mut number = itoa_buffer();
+    for i in 0..lines.len() {
+        let t = i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        let (secs, mut nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+        if let Some(first) = first {
+            prefixes.push(b'[');
+            prefixes.extend_from_slice(number.format(first + i as u64).as_bytes());
+            prefixes.extend_from_slice(b"] ");
+        }
+        prefixes.extend_from_slice(tag);
+        prefixes.extend_from_slice(b": [");
+        prefixes.extend_from_slice(number.format(secs).as_bytes());
+        let mut nanos_text = *b".000000000, ";
+        for digit in nanos_text[1..10].iter_mut().rev() {
+            *digit = b'0' + (nanos % 10) as u8;
+            nanos /= 10;
+        }
+        prefixes.extend_from_slice(&nanos_text);
+        ends.push(prefixes.len());
+    }
+    py.detach(|| {
+        // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
+        let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let mut written = 0usize;
+        // 3 slices a line (prefix, line, "]\n"); IOV_MAX is 1024 on Linux.
+        for low in (0..lines.len()).step_by(340) {
+            let high = (low + 340).min(lines.len());
+            let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity((high - low) * 3);
+            for i in low..high {
+                let from = if i == 0 { 0 } else { ends[i - 1] };
+                slices.push(IoSlice::new(&prefixes[from..ends[i]]));
+                slices.push(IoSlice::new(lines[i]));
+                slices.push(IoSlice::new(b"]\n"));
+            }
+            let mut view: &mut [IoSlice<'_>] = &mut slices;
+            while !view.is_empty() {
+                let n = file.write_vectored(view)?;
+                if n == 0 {
+                    return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "write returned 0"));
+                }
+                written += n;
+                IoSlice::advance_slices(&mut view, n);
+            }
+        }
+        Ok(written)
+    })
+    .map_err(|e: std::io::Error| PyErr::from(e))
+}

@@ -1112,6 +1112,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<regexlines::RegexLinesScanner>()?;
     module.add_function(wrap_pyfunction!(jsonlines::frame_lines, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
+    module.add_function(wrap_pyfunction!(jsonlines::write_framed, module)?)?;
     module.add_class::<timefmt::TimeFormat>()?;
     Ok(())
 }
