@@ -251,6 +251,28 @@ sleep 3600 & wait
 """
 
 
+def _ranges(numbers: list[int]) -> str:
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in runs[:30])
+
+
+def _kubetrail_logs(admin: KubeAPI, component: str, lines: int = 40) -> str:
+    """The end of each of the part's pods' logs (and of the previous container after a kill)."""
+    out = []
+    for pod in _pods(admin, component):
+        name = pod["metadata"]["name"]
+        for previous in ("false", "true"):
+            resp = admin.get(f"/api/v1/namespaces/{NS}/pods/{name}/log", tailLines=str(lines), previous=previous)
+            if resp.ok:
+                out.append(f"--- {name} (previous={previous})\n{resp.body.decode(errors='replace')}")
+    return "\n".join(out)
+
+
 def _line_number(record: dict[str, Any]) -> int | None:
     text = record.get("log", "")
     if not text.startswith("n="):
@@ -280,12 +302,16 @@ def test_container_logs_exactly_once_across_rotation_pod_delete_and_sigkill(setu
     wait_for(lambda: len(ours()) > count // 2, 120, "half of the lines")
     # 2: its process killed with SIGKILL.
     _kill9_logs_container(admin)
-    wait_for(lambda: len({_line_number(r) for r in ours()}) >= count, 240, "every line")
+    try:
+        wait_for(lambda: len({_line_number(r) for r in ours()}) >= count, 300, "every line")
+    except AssertionError:
+        pass  # the assertion below says what is missing
     time.sleep(3)  # anything repeated after the last line would show up now
 
     records = ours()
     numbers = Counter(_line_number(r) for r in records)
-    assert set(numbers) == set(range(1, count + 1))  # nothing lost
+    missing = sorted(set(range(1, count + 1)) - set(numbers))
+    assert missing == [], f"{len(missing)} lost: {_ranges(missing)}\n{_kubetrail_logs(admin, 'logs')}"
     # Nothing repeated, but for the SIGKILL's in-flight window: lines the file output had
     # written whose checkpoint the killed process had not stored yet. The file output cannot
     # recognise them (es/opensearch do, by the line's identity as _id); they must be one
@@ -388,7 +414,7 @@ def test_events_exactly_once_with_the_leader_deleted_mid_burst(setup: Setup) -> 
     assert len(counts) >= 20  # scheduling, pulling, starting and killing 10 pods
 
 
-def _audit_log_keys(cluster: LocalCluster, since: float) -> set[tuple[str, str]]:
+def _audit_log_keys(cluster: LocalCluster, since: float, until: float) -> set[tuple[str, str]]:
     keys = set()
     for path in sorted(cluster.audit_log_path.parent.glob("audit*.log")):
         for line in written_lines(path):
@@ -396,7 +422,7 @@ def _audit_log_keys(cluster: LocalCluster, since: float) -> set[tuple[str, str]]
                 continue
             event = json.loads(line)
             stamp = event.get("stageTimestamp", "")
-            if stamp and _epoch(stamp) >= since:
+            if stamp and since <= _epoch(stamp) <= until:
                 keys.add((event["auditID"], event["stage"]))
     return keys
 
@@ -430,7 +456,7 @@ def test_audit_by_webhook_and_by_file_exactly_once_each_no_secret(setup: Setup) 
         )
 
     def window() -> set[tuple[str, str]]:
-        return {k for k in _audit_log_keys(setup.cluster, start)}
+        return _audit_log_keys(setup.cluster, start, end)
 
     wait_for(lambda: window() <= set(keys("kt-kubetrail-audit-webhook")), 120, "webhook: every key of the window")
     wait_for(lambda: window() <= set(keys("kt-kubetrail-audit-file")), 120, "file: every key of the window")
