@@ -37,6 +37,14 @@ ALL_PARTS = [
     "audit.webhook.tokenSecret=kt-audit-token",
     "--set",
     "audit.file.enabled=true",
+    "--set",
+    "aggregator.enabled=true",
+    "--set",
+    "aggregator.brokers=kafka-0.kafka:9092",
+    "--set",
+    "aggregator.topics={kube-logs}",
+    "--set",
+    "aggregator.autoscaling.enabled=true",
 ]
 POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443", "NODE_NAME": "n", "POD_NAME": "p"}
 
@@ -123,6 +131,7 @@ def test_every_object_has_the_standard_labels(local_cluster: LocalCluster, helm:
     docs = render(local_cluster, *ALL_PARTS)
     kinds = sorted({doc["kind"] for doc in docs})
     assert {"DaemonSet", "Deployment", "Service", "ConfigMap", "ServiceAccount", "ClusterRole", "Role"} <= set(kinds)
+    assert {"HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
     for doc in docs:
         labels = doc["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "kubetrail", doc["metadata"]["name"]
@@ -141,7 +150,7 @@ def test_rendered_configs_are_valid_and_a_broken_one_is_named(
     write_key(tls_dir / "tls.key", pair.key)
     (tls_dir / "token").write_text("s3cret\n")
     configs = part_configs(render(local_cluster, *ALL_PARTS))
-    assert len(configs) == 8  # four parts, and the same four in the check hook's ConfigMap
+    assert len(configs) == 10  # five parts, and the same five in the check hook's ConfigMap
     for name, text in configs.items():
         # where the Secrets are mounted in the pods
         text = text.replace("/etc/kubetrail/tls", str(tls_dir)).replace("/etc/kubetrail/token", str(tls_dir))
@@ -260,8 +269,8 @@ def test_install_on_the_real_api_server_grants_exactly_what_each_part_uses(
         ("create", "pods", {"subresource": "exec"}),
     ]:
         assert not allowed("events", verb, resource, **extra), (verb, resource, extra)
-    # The audit parts call no API at all.
-    for part in ("audit-webhook", "audit-file"):
+    # The audit parts and the Kafka aggregator call no API at all.
+    for part in ("audit-webhook", "audit-file", "aggregator"):
         for verb, resource in [("list", "events"), ("get", "secrets"), ("list", "pods"), ("create", "leases")]:
             assert not allowed(part, verb, resource), (part, verb, resource)
 
