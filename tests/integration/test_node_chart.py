@@ -13,6 +13,7 @@ Events by ``(uid, resourceVersion)``, audit records by ``(auditID, stage)``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -513,3 +514,90 @@ def test_a_broken_config_stops_the_upgrade_in_the_check_hook(setup: Setup) -> No
     status = _helm(setup, "status", RELEASE, "-n", NS, "-o", "json")
     assert json.loads(status.stdout)["info"]["status"] in ("deployed", "failed")
     assert _wait_ready(admin, "logs", 1)
+
+
+SIDECAR_APP = r"""
+i=0
+while [ $i -lt {count} ]; do
+  i=$((i+1))
+  echo "$(date -u +%Y-%m-%dT%H:%M:%S.000+0000) INFO n=$i {pad}" >> /var/log/app/app.log
+  if [ $((i % 50)) -eq 0 ]; then
+    usleep 20000
+    if [ $(stat -c %s /var/log/app/app.log) -gt 200000 ]; then mv /var/log/app/app.log /var/log/app/app.log.1; fi
+  fi
+done
+sleep 3600 & wait
+"""
+
+
+def test_sidecar_example_delivers_every_line_once_across_rotation(setup: Setup) -> None:
+    """deploy/examples/sidecar.yaml as written (ConfigMap, kubetrail container, volumes, no token),
+    with its application replaced by one that writes numbered lines and rotates its file by
+    rename: the sidecar's stdout (its records, JSON lines) holds every line once, with the pod's
+    name and namespace from the downward API."""
+    admin = setup.admin
+    ns = _namespace(admin, "e2e-sidecar")
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "examples" / "sidecar.yaml").read_text()) if d]
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    count = 4000
+    spec = deployment["spec"]["template"]["spec"]
+    app = next(c for c in spec["containers"] if c["name"] == "app")
+    app["command"] = ["sh", "-c", SIDECAR_APP.format(count=count, pad="q" * 120)]
+    app["imagePullPolicy"] = "Never"
+    next(c for c in spec["containers"] if c["name"] == "kubetrail")["imagePullPolicy"] = "Never"
+    spec["dnsPolicy"] = "Default"
+    spec["terminationGracePeriodSeconds"] = 5
+    assert admin.post(f"/api/v1/namespaces/{ns}/configmaps", config_map).status == 201
+    assert admin.post(f"/apis/apps/v1/namespaces/{ns}/deployments", deployment).status == 201
+
+    def records() -> list[dict[str, Any]]:
+        out = []
+        for path in Path("/var/log/pods").glob(f"{ns}_app-*/kubetrail/*.log"):
+            for line in written_lines(path):
+                parts = line.split(" ", 3)  # CRI: time stream tag message
+                if len(parts) == 4 and parts[3].startswith("{"):
+                    with contextlib.suppress(ValueError):
+                        out.append(json.loads(parts[3]))
+        return [r for r in out if "msg" in r and r["msg"].startswith("n=")]
+
+    wait_for(lambda: len({r["msg"].split()[0] for r in records()}) >= count, 180, "every sidecar line")
+    time.sleep(2)
+    got = records()
+    numbers = Counter(int(r["msg"].split()[0][2:]) for r in got)
+    assert set(numbers) == set(range(1, count + 1))
+    assert [n for n, c in numbers.items() if c > 1] == []
+    pods = admin.get(f"/api/v1/namespaces/{ns}/pods", labelSelector="app.kubernetes.io/name=app").json()["items"]
+    assert {r["k8s.pod.name"] for r in got} == {pods[0]["metadata"]["name"]}
+    assert {r["k8s.namespace.name"] for r in got} == {ns}
+    assert all(r["level"] == "INFO" for r in got)
+
+
+def test_uninstall_leaves_no_kubetrail_objects(setup: Setup) -> None:
+    """Last: `helm uninstall` removes every object the chart made (cluster-scoped ones too)."""
+    _helm(setup, "uninstall", RELEASE, "-n", NS, "--wait", "--timeout", "120s")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+    for path in (
+        f"/apis/apps/v1/namespaces/{NS}/daemonsets",
+        f"/apis/apps/v1/namespaces/{NS}/deployments",
+        f"/api/v1/namespaces/{NS}/services",
+        f"/api/v1/namespaces/{NS}/configmaps",
+        f"/api/v1/namespaces/{NS}/serviceaccounts",
+        f"/api/v1/namespaces/{NS}/pods",
+        f"/apis/rbac.authorization.k8s.io/v1/namespaces/{NS}/roles",
+        "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+    ):
+
+        def left(p: str = path) -> list[str]:
+            items = setup.admin.get(p, labelSelector=selector).json()["items"]
+            return [
+                i["metadata"]["name"]
+                for i in items
+                if not i["metadata"].get("deletionTimestamp")
+                # The failed config check of the broken upgrade above stays for inspection
+                # (ttlSecondsAfterFinished removes it): helm keeps failed hook objects.
+                and i["metadata"].get("labels", {}).get("app.kubernetes.io/component") != "config-check"
+            ]
+
+        wait_for(lambda: left() == [], 60, f"nothing left under {path}")
