@@ -71,6 +71,7 @@ TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(
         "throttle": "kubetrail.transforms.throttle:ThrottleTransform",
         "nest": "kubetrail.transforms.nest:NestTransform",
         "record_modifier": "kubetrail.transforms.record_modifier:RecordModifierTransform",
+        "aws": "kubetrail.transforms.aws:AwsTransform",
     }
 )
 SINKS: LazyPlugins[Sink] = LazyPlugins(

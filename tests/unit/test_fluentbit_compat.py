@@ -273,7 +273,7 @@ def test_plugins_file_is_read_and_its_plugins_refused(tmp_path: Path) -> None:
     ("section", "message"),
     [
         ("[FILTER]\n    name kubernets\n    match *\n", "did you mean 'kubernetes'?"),
-        ("[FILTER]\n    name aws\n    match *\n", "'aws' is a Fluent Bit filter plugin that kubetrail does not have"),
+        ("[FILTER]\n    name ecs\n    match *\n", "'ecs' is a Fluent Bit filter plugin that kubetrail does not have"),
         ("[FILTER]\n    name my_filter\n    match *\n", "not one of Fluent Bit's own plugins either"),
         ("[OUTPUT]\n    name datadog\n    match *\n", "'datadog' is a Fluent Bit output plugin"),
     ],
