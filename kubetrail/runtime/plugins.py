@@ -53,6 +53,8 @@ SOURCES: LazyPlugins[Source] = LazyPlugins(
         "forward": "kubetrail.sources.forward:ForwardSource",
         "syslog": "kubetrail.sources.syslog:SyslogSource",
         "kafka": "kubetrail.sources.kafka:KafkaSource",
+        "cpu": "kubetrail.sources.cpu:CpuSource",
+        "mem": "kubetrail.sources.mem:MemSource",
     }
 )
 TRANSFORMS: LazyPlugins[Transform] = LazyPlugins(

@@ -50,9 +50,7 @@ ENV = {
 }
 
 # Configs that use what kubetrail does not have (yet). strict: the test fails once it lands.
-MISSING = {
-    "36-image-default-cpu.conf": "input plugin cpu (host metrics) is not in kubetrail",
-}
+MISSING: dict[str, str] = {}
 
 
 @pytest.fixture
