@@ -2,6 +2,9 @@
 EC2's IMDSv2 does (a token from ``PUT /latest/api/token`` with a TTL header, 401 for a GET without
 a valid token unless v1 is allowed, ``tags/instance`` listing tag names, 404 when tags are off).
 
+It is a fake (EC2 cannot be reached); moto's server-mode IMDS, a real independent one, is used
+too for what it serves (token, zone, instance id and type, IP, AMI, hostname).
+
 Keys, defaults and the tag rules are Fluent Bit's ``filter_aws`` (``aws.c``); fetching happens
 once in the background, records pass unchanged (counted) until it succeeded.
 """
@@ -289,3 +292,36 @@ def test_config_errors() -> None:
         make("http://127.0.0.1:1", retry_interval_s=0)
     with pytest.raises(ConfigError, match="imds_endpoint"):
         make("169.254.169.254")
+
+
+async def test_against_motos_imds() -> None:
+    """moto's server mode (a real process; its IMDS answers the token PUT and the basic paths)
+    as a second, independent IMDS."""
+    from moto.instance_metadata.responses import INSTANCE_METADATA
+
+    from tests.servers import ServerUnavailable
+    from tests.servers.moto import MotoServer
+
+    try:
+        server = MotoServer()
+        server.start()
+    except ServerUnavailable as exc:
+        pytest.skip(f"no moto server: {exc}")
+    try:
+        for version in ("v2", "v1"):
+            options = {k: "on" for k in ("ec2_instance_type", "private_ip", "ami_id", "hostname")}
+            aws = make(server.url, imds_version=version, **options)
+            try:
+                fields = await known(aws, timeout=30)
+            finally:
+                await aws.close()
+            assert fields == {
+                "az": INSTANCE_METADATA["placement/availability-zone"],
+                "ec2_instance_id": INSTANCE_METADATA["instance-id"],
+                "ec2_instance_type": INSTANCE_METADATA["instance-type"],
+                "private_ip": INSTANCE_METADATA["local-ipv4"],
+                "ami_id": INSTANCE_METADATA["ami-id"],
+                "hostname": INSTANCE_METADATA["hostname"],
+            }, version
+    finally:
+        server.stop()
