@@ -62,9 +62,9 @@ async def test_cpu_of_a_busy_process_then_gone(tmp_path: Path) -> None:
             for record in records[1:]:  # the first interval includes the interpreter's start
                 body = record.body
                 assert list(body) == ["cpu_p", "user_p", "system_p"]
-                # One spinning thread: up to one CPU's share of all CPUs, mostly user time; it
-                # shares 2 cores with others, so at least a fifth of one core.
-                assert 20 / n_cpus < body["cpu_p"] <= 100 / n_cpus * 1.1 + 1, body
+                # One spinning thread: up to one CPU's share of all CPUs, mostly user time. The
+                # machine is shared (load can be far above its cores), so only a little is sure.
+                assert 5 / n_cpus < body["cpu_p"] <= 100 / n_cpus * 1.1 + 1, body
                 assert body["user_p"] > body["system_p"]
             busy.kill()
             busy.wait()
