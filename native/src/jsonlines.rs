@@ -26,7 +26,7 @@ struct Line {
     cut: Option<(usize, usize)>,
 }
 
-#[pyclass(module = "kubetrail_native", unsendable)]
+#[pyclass(module = "kubetrail_native", frozen)]
 pub struct JsonLinesScanner {
     key: String,
     remove: bool,

@@ -22,7 +22,7 @@ use regex::Regex;
 use crate::timefmt::{Compiled, TimeFormat};
 use crate::{block_lines, write_json_string};
 
-#[pyclass(module = "kubetrail_native", unsendable)]
+#[pyclass(module = "kubetrail_native", frozen)]
 pub struct RegexLinesScanner {
     regex: Regex,
     /// Group index and its name as a JSON key with the colon (`"name":`).

@@ -16,7 +16,7 @@
 //! A time this parser does not take (non-ASCII, a shape it does not know) is not an error
 //! here: the caller hands it to the Python reference, which decides.
 
-use std::cell::RefCell;
+use std::sync::Mutex;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -79,7 +79,7 @@ pub struct Compiled {
     steps: Vec<Step>,
     offset: i64,
     /// Text before the fraction, after it, and the seconds they gave.
-    cache: RefCell<Option<(Vec<u8>, Vec<u8>, i64)>>,
+    cache: Mutex<Option<(Vec<u8>, Vec<u8>, i64)>>,
 }
 
 const MONTHS: [&[u8]; 12] = [
@@ -243,7 +243,7 @@ impl Compiled {
         Ok(Self {
             steps: compile(fmt)?,
             offset,
-            cache: RefCell::new(None),
+            cache: Mutex::new(None),
         })
     }
 
@@ -398,7 +398,8 @@ impl Compiled {
         if !text.is_ascii() {
             return None;
         }
-        if let Some((head, tail, seconds)) = &*self.cache.borrow() {
+        // A parser may be shared by threads (inputs with `threaded on`): a busy cache is skipped.
+        if let Some((head, tail, seconds)) = self.cache.try_lock().ok().as_deref().and_then(Option::as_ref) {
             if text.len() > head.len() + tail.len() && text.starts_with(head) && text.ends_with(tail) {
                 let frac = &text[head.len()..text.len() - tail.len()];
                 if frac.len() <= 9 && frac.iter().all(u8::is_ascii_digit) {
@@ -412,7 +413,9 @@ impl Compiled {
         if let Some((s, e)) = f.frac {
             // Remembered only when what follows the fraction cannot be taken for more digits.
             if !text.get(e).is_some_and(u8::is_ascii_digit) && s > 0 {
-                *self.cache.borrow_mut() = Some((text[..s].to_vec(), text[e..].to_vec(), seconds));
+                if let Ok(mut cache) = self.cache.try_lock() {
+                    *cache = Some((text[..s].to_vec(), text[e..].to_vec(), seconds));
+                }
             }
         }
         seconds.checked_mul(1_000_000_000)?.checked_add(frac)
@@ -473,7 +476,7 @@ pub fn parse_rfc3339_ns(raw: &[u8], offset: i64) -> Option<i64> {
 
 /// A `time_format` compiled once (`None`: the automatic RFC 3339 mode). For Python: tests
 /// compare it with the reference parser, and the JSON lines scan takes one.
-#[pyclass(module = "kubetrail_native", unsendable)]
+#[pyclass(module = "kubetrail_native", frozen)]
 pub struct TimeFormat {
     pub compiled: Option<Compiled>,
     pub offset: i64,

@@ -490,3 +490,32 @@ def test_file_formats_from_a_block_equal_the_record_path(tmp_path: Path, fmt: st
     assert not lazy.is_materialized  # written without a Record per line
     by_records = Batch("app", [Record(r.tag, r.time_ns, dict(r.body)) for r in lazy_batch().records])
     assert from_block == written(by_records, "records")
+
+
+def test_native_parsers_may_be_used_and_dropped_on_other_threads() -> None:
+    """Parsers are built with the config and used by inputs that may run in threads of their
+    own (``threaded on``), so the native objects they hold must not be tied to one thread."""
+    import threading
+
+    from kubetrail.parsers.regex_parser import RegexParser
+
+    holders: list[Any] = [
+        JsonParser("j", time_key="t", time_format="%Y-%m-%dT%H:%M:%S.%LZ"),
+        RegexParser("r", CRI_REGEX, time_key="time", time_format="%Y-%m-%dT%H:%M:%S.%L%z"),
+        native.TimeFormat("%Y-%m-%dT%H:%M:%S.%LZ"),
+    ]
+    errors: list[BaseException] = []
+
+    def use_and_drop() -> None:
+        try:
+            assert holders[0].line_block(LINES[0] + b"\n", "t").data() is not None
+            assert holders[1].line_block(CRI_LINES[0] + b"\n", "t").data() is not None
+            assert holders[2].parse_ns("2026-11-28T12:00:00.5Z") == 1_795_867_200_500_000_000
+            holders.clear()  # the last references go away on this thread
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=use_and_drop)
+    thread.start()
+    thread.join()
+    assert not errors and not holders
