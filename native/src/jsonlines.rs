@@ -15,8 +15,8 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::{block_lines, new_bytes_filled};
 use crate::timefmt::{Compiled, TimeFormat};
+use crate::{block_lines, new_bytes_filled};
 
 /// One line's result in the first pass.
 struct Line {
@@ -123,7 +123,9 @@ fn skip_value(line: &[u8], at: usize) -> Option<usize> {
         }
         _ => {
             let mut i = at;
-            while i < line.len() && !matches!(line[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n') {
+            while i < line.len()
+                && !matches!(line[i], b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n')
+            {
                 i += 1;
             }
             Some(i)
@@ -135,7 +137,11 @@ fn skip_value(line: &[u8], at: usize) -> Option<usize> {
 /// value end, time)` (time None: not a plain string or not in the format), or None when the key
 /// is absent. Err(()) when the key is repeated or written with escapes, which the reference
 /// decoder then decides.
-fn scan_line(line: &[u8], key: &str, format: &TimeFormat) -> Result<Option<(usize, usize, Option<i64>)>, ()> {
+fn scan_line(
+    line: &[u8],
+    key: &str,
+    format: &TimeFormat,
+) -> Result<Option<(usize, usize, Option<i64>)>, ()> {
     let key = key.as_bytes();
     let mut at = skip_ws_forward(line, 0);
     if line.get(at) != Some(&b'{') {
@@ -190,7 +196,10 @@ impl JsonLinesScanner {
     #[pyo3(signature = (key, remove, fmt, offset_seconds=0))]
     fn new(key: String, remove: bool, fmt: Option<&str>, offset_seconds: i64) -> PyResult<Self> {
         let compiled = match fmt {
-            Some(f) => Some(Compiled::new(f, offset_seconds).map_err(pyo3::exceptions::PyValueError::new_err)?),
+            Some(f) => Some(
+                Compiled::new(f, offset_seconds)
+                    .map_err(pyo3::exceptions::PyValueError::new_err)?,
+            ),
             None => None,
         };
         Ok(Self {
@@ -216,7 +225,13 @@ impl JsonLinesScanner {
         py: Python<'py>,
         block: Bound<'py, PyBytes>,
         now_ns: i64,
-    ) -> PyResult<Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<(usize, Bound<'py, PyBytes>)>)>> {
+    ) -> PyResult<
+        Option<(
+            Bound<'py, PyBytes>,
+            Bound<'py, PyBytes>,
+            Vec<(usize, Bound<'py, PyBytes>)>,
+        )>,
+    > {
         let bytes = block.as_bytes();
         let base = bytes.as_ptr() as usize;
         let mut lines: Vec<Line> = Vec::new();
@@ -347,7 +362,8 @@ fn framed_text<'py>(
     tag: &[u8],
     first: u64,
 ) -> PyResult<Bound<'py, PyBytes>> {
-    let time_at = |i: usize| i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let time_at =
+        |i: usize| i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
     let mut number = itoa_buffer();
     let mut total = 0usize;
     for (i, line) in lines.iter().enumerate() {
@@ -456,7 +472,9 @@ pub fn write_framed(
 
     let lines: Vec<&[u8]> = block_lines(block).collect();
     if times.len() != lines.len() * 8 || !block.ends_with(b"\n") {
-        return Err(pyo3::exceptions::PyValueError::new_err("one time per line of a newline-terminated block"));
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "one time per line of a newline-terminated block",
+        ));
     }
     let mut prefixes: Vec<u8> = Vec::with_capacity(lines.len() * (tag.len() + 40));
     let mut ends: Vec<usize> = Vec::with_capacity(lines.len());
@@ -498,7 +516,10 @@ pub fn write_framed(
             while !view.is_empty() {
                 let n = file.write_vectored(view)?;
                 if n == 0 {
-                    return Err(std::io::Error::new(std::io::ErrorKind::WriteZero, "write returned 0"));
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "write returned 0",
+                    ));
                 }
                 written += n;
                 IoSlice::advance_slices(&mut view, n);

@@ -51,7 +51,10 @@ impl RegexLinesScanner {
         let mut time_group = None;
         for (index, name) in regex.capture_names().enumerate() {
             if let Some(name) = name {
-                if groups.iter().any(|(_, key): &(usize, Vec<u8>)| key[1..key.len() - 2] == *name.as_bytes()) {
+                if groups
+                    .iter()
+                    .any(|(_, key): &(usize, Vec<u8>)| key[1..key.len() - 2] == *name.as_bytes())
+                {
                     return Err(PyValueError::new_err("a group name is repeated"));
                 }
                 let mut key = Vec::new();
@@ -89,7 +92,13 @@ impl RegexLinesScanner {
         py: Python<'py>,
         block: &[u8],
         now_ns: i64,
-    ) -> PyResult<Option<(Bound<'py, PyBytes>, Bound<'py, PyBytes>, Vec<(usize, String)>)>> {
+    ) -> PyResult<
+        Option<(
+            Bound<'py, PyBytes>,
+            Bound<'py, PyBytes>,
+            Vec<(usize, String)>,
+        )>,
+    > {
         let mut out: Vec<u8> = Vec::with_capacity(block.len() + block.len() / 2);
         let mut times: Vec<u8> = Vec::with_capacity(block.len() / 8);
         let mut slow = Vec::new();
@@ -140,6 +149,10 @@ impl RegexLinesScanner {
             out.extend_from_slice(b"}\n");
             times.extend_from_slice(&time.to_ne_bytes());
         }
-        Ok(Some((PyBytes::new(py, &out), PyBytes::new(py, &times), slow)))
+        Ok(Some((
+            PyBytes::new(py, &out),
+            PyBytes::new(py, &times),
+            slow,
+        )))
     }
 }

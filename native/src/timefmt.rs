@@ -183,13 +183,19 @@ fn compile(fmt: &str) -> Result<Vec<Step>, String> {
                 b'%' => steps.push(Step::Literal(b'%')),
                 _ => {
                     let shown = fmt[i..].chars().nth(1).unwrap_or('?');
-                    return Err(format!("unsupported time format directive %{shown} in {fmt:?}"));
+                    return Err(format!(
+                        "unsupported time format directive %{shown} in {fmt:?}"
+                    ));
                 }
             }
             i += 2;
             continue;
         }
-        steps.push(if c == b' ' { Step::Space } else { Step::Literal(c) });
+        steps.push(if c == b' ' {
+            Step::Space
+        } else {
+            Step::Literal(c)
+        });
         i += 1;
     }
     Ok(steps)
@@ -199,7 +205,9 @@ fn digits(text: &[u8], at: usize, min: usize, max: usize) -> Option<(i64, usize)
     let mut end = at;
     let mut value: i64 = 0;
     while end < text.len() && end - at < max && text[end].is_ascii_digit() {
-        value = value.checked_mul(10)?.checked_add(i64::from(text[end] - b'0'))?;
+        value = value
+            .checked_mul(10)?
+            .checked_add(i64::from(text[end] - b'0'))?;
         end += 1;
     }
     (end - at >= min).then_some((value, end))
@@ -262,7 +270,12 @@ impl Compiled {
                     set(&mut f.year2, v);
                     at = e;
                 }
-                Step::Month | Step::Day | Step::Hour | Step::Hour12 | Step::Minute | Step::Second => {
+                Step::Month
+                | Step::Day
+                | Step::Hour
+                | Step::Hour12
+                | Step::Minute
+                | Step::Second => {
                     let (v, e) = digits(text, at, 1, 2)?;
                     let slot = match *step {
                         Step::Month => &mut f.month,
@@ -280,7 +293,14 @@ impl Compiled {
                         at += 1;
                     }
                     let (v, e) = digits(text, at, 1, 2)?;
-                    set(if matches!(step, Step::DaySpaced) { &mut f.day } else { &mut f.hour }, v);
+                    set(
+                        if matches!(step, Step::DaySpaced) {
+                            &mut f.day
+                        } else {
+                            &mut f.hour
+                        },
+                        v,
+                    );
                     at = e;
                 }
                 Step::Fraction => {
@@ -294,7 +314,9 @@ impl Compiled {
                     f.frac.get_or_insert((start, at));
                 }
                 Step::OptionalFraction(sep) => {
-                    if text.get(at) == Some(&sep) && text.get(at + 1).is_some_and(u8::is_ascii_digit) {
+                    if text.get(at) == Some(&sep)
+                        && text.get(at + 1).is_some_and(u8::is_ascii_digit)
+                    {
                         let start = at + 1;
                         at = start;
                         while at < text.len() && text[at].is_ascii_digit() {
@@ -371,7 +393,10 @@ impl Compiled {
         if let Some(epoch) = f.epoch {
             return Some(epoch);
         }
-        let year = f.year.or(f.year2.map(|y| 2000 + y)).unwrap_or_else(current_year);
+        let year = f
+            .year
+            .or(f.year2.map(|y| 2000 + y))
+            .unwrap_or_else(current_year);
         let month = f.month.unwrap_or(1);
         let day = f.day.unwrap_or(1);
         let mut hour = f.hour.or(f.hour12).unwrap_or(0);
@@ -381,9 +406,18 @@ impl Compiled {
         let minute = f.minute.unwrap_or(0);
         let second = f.second.unwrap_or(0);
         let mut seconds = if let Some(yday) = f.yday {
-            days_from_civil(year, 1, 1) * 86_400 + hour * 3600 + minute * 60 + second + (yday - 1) * 86_400
+            days_from_civil(year, 1, 1) * 86_400
+                + hour * 3600
+                + minute * 60
+                + second
+                + (yday - 1) * 86_400
         } else {
-            if !((1..=12).contains(&month) && (1..=31).contains(&day) && hour < 24 && minute < 60 && second <= 60) {
+            if !((1..=12).contains(&month)
+                && (1..=31).contains(&day)
+                && hour < 24
+                && minute < 60
+                && second <= 60)
+            {
                 return None;
             }
             days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second
@@ -399,8 +433,17 @@ impl Compiled {
             return None;
         }
         // A parser may be shared by threads (inputs with `threaded on`): a busy cache is skipped.
-        if let Some((head, tail, seconds)) = self.cache.try_lock().ok().as_deref().and_then(Option::as_ref) {
-            if text.len() > head.len() + tail.len() && text.starts_with(head) && text.ends_with(tail) {
+        if let Some((head, tail, seconds)) = self
+            .cache
+            .try_lock()
+            .ok()
+            .as_deref()
+            .and_then(Option::as_ref)
+        {
+            if text.len() > head.len() + tail.len()
+                && text.starts_with(head)
+                && text.ends_with(tail)
+            {
                 let frac = &text[head.len()..text.len() - tail.len()];
                 if frac.len() <= 9 && frac.iter().all(u8::is_ascii_digit) {
                     return Some(seconds * 1_000_000_000 + fraction_ns(frac));
@@ -434,16 +477,45 @@ fn fraction_ns(digits: &[u8]) -> i64 {
 /// mode takes it; anything else (epoch numbers, other ISO 8601 shapes) goes to the reference.
 pub fn parse_rfc3339_ns(raw: &[u8], offset: i64) -> Option<i64> {
     let t = raw.trim_ascii();
-    if t.len() < 19 || t[4] != b'-' || t[7] != b'-' || !matches!(t[10], b'T' | b't' | b' ') || t[13] != b':' || t[16] != b':' {
+    if t.len() < 19
+        || t[4] != b'-'
+        || t[7] != b'-'
+        || !matches!(t[10], b'T' | b't' | b' ')
+        || t[13] != b':'
+        || t[16] != b':'
+    {
         return None;
     }
-    let num = |a: usize, n: usize| digits(t, a, n, n).filter(|&(_, e)| e == a + n).map(|(v, _)| v);
+    let num = |a: usize, n: usize| {
+        digits(t, a, n, n)
+            .filter(|&(_, e)| e == a + n)
+            .map(|(v, _)| v)
+    };
     let (year, month, day) = (num(0, 4)?, num(5, 2)?, num(8, 2)?);
     let (hour, minute, second) = (num(11, 2)?, num(14, 2)?, num(17, 2)?);
     // fromisoformat's ranges: a real calendar day, no leap second.
     let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
-    let month_days = [31, if leap { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    if !(1..=12).contains(&month) || day < 1 || day > month_days[(month - 1) as usize] || hour > 23 || minute > 59 || second > 59 {
+    let month_days = [
+        31,
+        if leap { 29 } else { 28 },
+        31,
+        30,
+        31,
+        30,
+        31,
+        31,
+        30,
+        31,
+        30,
+        31,
+    ];
+    if !(1..=12).contains(&month)
+        || day < 1
+        || day > month_days[(month - 1) as usize]
+        || hour > 23
+        || minute > 59
+        || second > 59
+    {
         return None;
     }
     let mut at = 19;
@@ -470,7 +542,8 @@ pub fn parse_rfc3339_ns(raw: &[u8], offset: i64) -> Option<i64> {
         }
         z
     };
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - shift;
+    let seconds =
+        days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - shift;
     Some(seconds * 1_000_000_000 + frac)
 }
 
