@@ -174,6 +174,8 @@ def _collector_requests(cluster: LocalCluster) -> list[dict[str, Any]]:
                 except ValueError:
                     continue
                 user = (event.get("user") or {}).get("username", "")
-                if "collector" in user and event.get("stage") in ("ResponseComplete", "ResponseStarted"):
+                # Exactly kubetrail's user: kube-controller-manager's generic-garbage-collector
+                # (which GETs pods when other tests delete Deployments) also has "collector" in it.
+                if user == "kubetrail-collector" and event.get("stage") in ("ResponseComplete", "ResponseStarted"):
                     events.append(event)
     return events
