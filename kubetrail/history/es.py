@@ -99,9 +99,29 @@ class EsBackend:
         except (urllib.error.URLError, OSError) as exc:
             raise HistoryError(f"cannot reach {self.base_url}: {getattr(exc, 'reason', exc)}") from None
 
+    def _exists(self, quoted_index: str) -> bool:
+        request = urllib.request.Request(self.base_url + "/" + quoted_index, method="HEAD")
+        if self.auth:
+            request.add_header("Authorization", self.auth)
+        try:
+            with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context()):
+                return True
+        except urllib.error.HTTPError as exc:
+            return exc.code != 404
+        except (urllib.error.URLError, OSError):
+            return True  # unknown: keep the original error
+
     def _mapping(self) -> dict[str, tuple[str, bool]]:
         """Field path -> (type, has a .keyword subfield), over every index the pattern names."""
-        answer = self._call("GET", f"/{urllib.parse.quote(self.index, safe=',*')}/_mapping")
+        quoted = urllib.parse.quote(self.index, safe=",*")
+        try:
+            answer = self._call("GET", f"/{quoted}/_mapping")
+        except HistoryError:
+            # OpenSearch 2.19 sometimes answers 500 ("Unclosed object or array found") instead of
+            # 404 for an index that does not exist: HEAD tells the two apart.
+            if "*" not in self.index and "," not in self.index and not self._exists(quoted):
+                raise HistoryError(f"no index {self.index!r} at {self.base_url}") from None
+            raise
         fields: dict[str, tuple[str, bool]] = {}
 
         def walk(properties: dict[str, Any], prefix: str) -> None:
