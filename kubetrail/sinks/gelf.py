@@ -30,22 +30,20 @@ connection is checked for a closed peer before each write; see ``stream_base``).
 
 from __future__ import annotations
 
-import asyncio
 import gzip
 import os
 import re
-import socket
 from collections.abc import Mapping
 from typing import Any
 
 import orjson
 
 from kubetrail.core.component import ComponentContext, Sink
-from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
+from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.http_base import TLS_OPTIONS
-from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, tls_context
+from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, UdpSender, tls_context
 
 CHUNK_MAGIC = b"\x1e\x0f"
 CHUNK_HEADER = 12
@@ -145,7 +143,7 @@ class GelfSink(Sink):
             config["net.connect_timeout"],
             self.io_timeout,
         )
-        self._udp: socket.socket | None = None
+        self.udp = UdpSender(self.host, self.port, self.io_timeout)
 
     # -- encoding -------------------------------------------------------------------------
 
@@ -207,23 +205,9 @@ class GelfSink(Sink):
 
     async def start(self) -> None:
         if self.mode == "udp":
-            await self._open_udp()
+            await self.udp.open()
         else:
             await self.conn.ensure()
-
-    async def _open_udp(self) -> None:
-        if self._udp is not None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
-            family, kind, proto, _, address = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            sock.connect(address)  # connected: an ICMP "port unreachable" surfaces as an error
-        except OSError as exc:
-            raise RetryableError(f"cannot open UDP socket to {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._udp = sock
 
     async def write(self, batch: Batch) -> None:
         rejected: list[tuple[Record, str]] = []
@@ -239,29 +223,13 @@ class GelfSink(Sink):
                 rejected.append((record, f"cannot make a GELF message: {exc}"))
         if payloads:
             if self.mode == "udp":
-                await self._send_udp(payloads)
+                await self.udp.send(payloads)
             else:
                 await self.conn.ensure()
                 await self.conn.send(b"".join(payloads))
         if rejected:
             raise PermanentError(f"{len(rejected)} of {len(batch)} records rejected: {rejected[0][1]}", rejected)
 
-    async def _send_udp(self, payloads: list[bytes]) -> None:
-        await self._open_udp()
-        sock = self._udp
-        assert sock is not None
-        loop = asyncio.get_running_loop()
-        try:
-            for payload in payloads:
-                await asyncio.wait_for(loop.sock_sendall(sock, payload), self.io_timeout)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            self._udp = None
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            raise RetryableError(f"UDP send to {self.host}:{self.port} failed: {reason}") from None
-
     async def close(self) -> None:
         await self.conn.close()
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        self.udp.close()

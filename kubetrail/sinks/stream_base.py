@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import ssl
 from collections.abc import Mapping
 from typing import Any
@@ -129,3 +130,44 @@ class StreamConnection:
             await asyncio.wait_for(writer.wait_closed(), 2.0)
         except (TimeoutError, OSError, ssl.SSLError):
             pass
+
+
+class UdpSender:
+    """A connected UDP socket for datagram outputs (syslog, gelf): opened when first needed,
+    closed and reopened after a failed send, which is retried as a whole batch."""
+
+    def __init__(self, host: str, port: int, io_timeout: float) -> None:
+        self.host, self.port, self.io_timeout = host, port, io_timeout
+        self._sock: socket.socket | None = None
+
+    async def open(self) -> None:
+        if self._sock is not None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
+            family, kind, proto, _, address = infos[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setblocking(False)
+            sock.connect(address)  # connected: an ICMP "port unreachable" surfaces as an error
+        except OSError as exc:
+            raise RetryableError(f"cannot open UDP socket to {self.host}:{self.port}: {exc.strerror or exc}") from None
+        self._sock = sock
+
+    async def send(self, datagrams: list[bytes]) -> None:
+        await self.open()
+        sock = self._sock
+        assert sock is not None
+        loop = asyncio.get_running_loop()
+        try:
+            for datagram in datagrams:
+                await asyncio.wait_for(loop.sock_sendall(sock, datagram), self.io_timeout)
+        except (OSError, TimeoutError) as exc:
+            self.close()
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
+            raise RetryableError(f"UDP send to {self.host}:{self.port} failed: {reason}") from None
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None

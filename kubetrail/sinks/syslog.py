@@ -24,20 +24,18 @@ defaults). Design decisions:
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import re
-import socket
 from typing import Any
 
 import orjson
 
 from kubetrail.core.component import ComponentContext, Sink
-from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
+from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.http_base import TLS_OPTIONS
-from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, tls_context
+from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, UdpSender, tls_context
 
 SEVERITIES = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 _SEVERITY_ALIASES = {"emergency": 0, "panic": 0, "critical": 2, "error": 3, "warn": 4, "informational": 6}
@@ -182,7 +180,7 @@ class SyslogSink(Sink):
             config["net.connect_timeout"],
             self.io_timeout,
         )
-        self._udp: socket.socket | None = None
+        self.udp = UdpSender(self.host, self.port, self.io_timeout)
 
     # -- formatting -------------------------------------------------------------------------
 
@@ -240,29 +238,15 @@ class SyslogSink(Sink):
 
     async def start(self) -> None:
         if self.mode == "udp":
-            await self._open_udp()
+            await self.udp.open()
         else:
             await self.conn.ensure()
-
-    async def _open_udp(self) -> None:
-        if self._udp is not None:
-            return
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(self.host, self.port, type=socket.SOCK_DGRAM)
-            family, kind, proto, _, address = infos[0]
-            sock = socket.socket(family, kind, proto)
-            sock.setblocking(False)
-            sock.connect(address)  # connected: an ICMP "port unreachable" surfaces as an error
-        except OSError as exc:
-            raise RetryableError(f"cannot open UDP socket to {self.host}:{self.port}: {exc.strerror or exc}") from None
-        self._udp = sock
 
     async def write(self, batch: Batch) -> None:
         messages, rejected = self.encode(batch)
         if messages:
             if self.mode == "udp":
-                await self._send_udp(messages)
+                await self.udp.send(messages)
             else:
                 # RFC 6587 octet counting: "<length> <message>", back to back.
                 data = b"".join([b"%d %s" % (len(m), m) for m in messages])
@@ -271,22 +255,6 @@ class SyslogSink(Sink):
         if rejected:
             raise PermanentError(f"{len(rejected)} of {len(batch)} records rejected: {rejected[0][1]}", rejected)
 
-    async def _send_udp(self, messages: list[bytes]) -> None:
-        await self._open_udp()
-        sock = self._udp
-        assert sock is not None
-        loop = asyncio.get_running_loop()
-        try:
-            for message in messages:
-                await asyncio.wait_for(loop.sock_sendall(sock, message), self.io_timeout)
-        except (OSError, TimeoutError) as exc:
-            sock.close()
-            self._udp = None
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "timed out"
-            raise RetryableError(f"UDP send to {self.host}:{self.port} failed: {reason}") from None
-
     async def close(self) -> None:
         await self.conn.close()
-        if self._udp is not None:
-            self._udp.close()
-            self._udp = None
+        self.udp.close()
