@@ -99,17 +99,14 @@ class EsBackend:
         except (urllib.error.URLError, OSError) as exc:
             raise HistoryError(f"cannot reach {self.base_url}: {getattr(exc, 'reason', exc)}") from None
 
-    def _exists(self, quoted_index: str) -> bool:
-        request = urllib.request.Request(self.base_url + "/" + quoted_index, method="HEAD")
-        if self.auth:
-            request.add_header("Authorization", self.auth)
+    def _resolves_to_nothing(self, quoted_index: str) -> bool:
+        """True when the index name or pattern names no index, alias or data stream. ``_resolve``
+        answers 200 with empty lists for that, so it never goes through the server's error path."""
         try:
-            with urllib.request.urlopen(request, timeout=30, context=ssl.create_default_context()):
-                return True
-        except urllib.error.HTTPError as exc:
-            return exc.code != 404
-        except (urllib.error.URLError, OSError):
-            return True  # unknown: keep the original error
+            answer = self._call("GET", f"/_resolve/index/{quoted_index}")
+        except HistoryError:
+            return False  # unknown: keep the original error
+        return isinstance(answer, dict) and not any(answer.get(k) for k in ("indices", "aliases", "data_streams"))
 
     def _mapping(self) -> dict[str, tuple[str, bool]]:
         """Field path -> (type, has a .keyword subfield), over every index the pattern names."""
@@ -117,9 +114,10 @@ class EsBackend:
         try:
             answer = self._call("GET", f"/{quoted}/_mapping")
         except HistoryError:
-            # OpenSearch 2.19 sometimes answers 500 ("Unclosed object or array found") instead of
-            # 404 for an index that does not exist: HEAD tells the two apart.
-            if "*" not in self.index and "," not in self.index and not self._exists(quoted):
+            # OpenSearch 2.19 sometimes answers 500 ("Unclosed object or array found": its error
+            # response fails to serialise) instead of 404 for an index that does not exist, and so
+            # can HEAD; _resolve tells the two apart without an error response.
+            if self._resolves_to_nothing(quoted):
                 raise HistoryError(f"no index {self.index!r} at {self.base_url}") from None
             raise
         fields: dict[str, tuple[str, bool]] = {}

@@ -122,3 +122,39 @@ def test_bad_input_against_an_index(sources: tuple[str, Path], search: SearchSer
     assert result.exit_code == 1 and "missing: user.username" in result.stderr
     result = runner.invoke(main, ["who", "alice", "--from", "es://127.0.0.1:1/x"])
     assert result.exit_code == 1 and "cannot reach http://127.0.0.1:1" in result.stderr
+
+
+def test_an_error_500_for_a_missing_index_still_says_no_index() -> None:
+    """OpenSearch 2.19 under load has answered 500 ("Unclosed object or array found") to
+    GET <missing>/_mapping, and to HEAD <missing>, in full CI runs; _resolve/index answers 200
+    with empty lists. A server answering exactly that must still give 'no index'."""
+    import http.server
+    import threading
+
+    class Broken(http.server.BaseHTTPRequestHandler):
+        def answer(self, code: int, body: bytes) -> None:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/_resolve/index/"):
+                self.answer(200, b'{"indices":[],"aliases":[],"data_streams":[]}')
+            else:
+                self.answer(500, b'{"error":{"reason":"Unclosed object or array found"},"status":500}')
+
+        def do_HEAD(self) -> None:
+            self.answer(500, b"")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"es://127.0.0.1:{server.server_address[1]}/nothing-here"
+        result = CliRunner().invoke(main, ["history", "deploy/shop/web", "--from", url])
+        assert result.exit_code == 1 and "no index 'nothing-here'" in result.stderr, result.stderr
+    finally:
+        server.shutdown()
