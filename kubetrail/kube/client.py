@@ -17,6 +17,7 @@ import aiohttp
 import orjson
 
 from kubetrail import __version__
+from kubetrail.core.metrics import ComponentMetrics
 from kubetrail.kube.config import ConnectionConfig
 from kubetrail.kube.credentials import CredentialError, TLSContextSource, TokenSource
 
@@ -51,12 +52,29 @@ class KubeClient:
         logger: logging.Logger | None = None,
         max_line: int = DEFAULT_MAX_LINE,
         on_bad_line: Callable[[str], None] | None = None,
+        metrics: ComponentMetrics | None = None,
     ) -> None:
         self.config = config
         self.log = logger or logging.getLogger("kubetrail.kube")
         self.max_line = max_line
         self.on_bad_line = on_bad_line
-        self.tokens = TokenSource(config.token_file, config.token_ttl)
+        # Per component: answers by HTTP status (401s show a credential problem) and token reads
+        # by reason (a "changed" read is a rotation picked up).
+        self._m_responses = (
+            metrics.counter("kubetrail_kube_responses", "API server answers, by HTTP status", "code")
+            if metrics is not None
+            else None
+        )
+        token_reads = (
+            metrics.counter("kubetrail_kube_token_reads", "Token file reads, by reason", "reason")
+            if metrics is not None
+            else None
+        )
+        self.tokens = TokenSource(
+            config.token_file,
+            config.token_ttl,
+            on_read=(lambda why: token_reads.labels(why).inc()) if token_reads is not None else None,
+        )
         self.tls = (
             TLSContextSource(
                 config.ca_file, config.ca_path, config.tls_verify, config.client_cert_file, config.client_key_file
@@ -76,6 +94,10 @@ class KubeClient:
                 timeout=aiohttp.ClientTimeout(total=None, connect=10),
             )
         return self._session
+
+    def _count(self, status: int) -> None:
+        if self._m_responses is not None:
+            self._m_responses.labels(str(status)).inc()
 
     async def close(self) -> None:
         if self._session is not None:
@@ -113,6 +135,7 @@ class KubeClient:
             ) as response:
                 payload = await response.read()
                 self.bytes_received += len(payload)
+                self._count(response.status)
                 if response.status == 401 and attempt == 0 and self.tokens.path:
                     self.tokens.invalidate()
                     continue
@@ -154,6 +177,7 @@ class KubeClient:
                 timeout=aiohttp.ClientTimeout(total=None, connect=10, sock_read=timeout_seconds + 30),
                 **self._tls_kwargs(),
             ) as response:
+                self._count(response.status)
                 if response.status == 401 and attempt == 0 and self.tokens.path:
                     self.tokens.invalidate()
                     continue

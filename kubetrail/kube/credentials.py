@@ -1,9 +1,12 @@
 """Credentials that rotate: the bearer token file and the CA bundle.
 
 Mounted Secrets and projected service-account tokens are replaced on disk while the process
-runs. The token is re-read after ``kube_token_ttl`` and whenever the server answers 401; the
-TLS context is rebuilt when any CA file's (inode, mtime, size) changes, checked at most once a
-second. Nothing here ever reads an environment variable.
+runs (the kubelet swaps a projected volume's ``..data`` symlink atomically, at 80% of the token's
+lifetime). The token is re-read when its file's (inode, mtime, size) changes, checked at most once
+a second, so a rotated token is used from the next request on and the old one never reaches its
+expiry in use; also after ``kube_token_ttl`` (for files whose stamp does not change, such as a
+network filesystem) and whenever the server answers 401. The TLS context is rebuilt the same way
+when any CA or client certificate file changes. Nothing here ever reads an environment variable.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import os
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -19,11 +23,16 @@ class CredentialError(Exception):
 
 
 class TokenSource:
-    def __init__(self, path: str | None, ttl: float) -> None:
+    def __init__(self, path: str | None, ttl: float, on_read: Callable[[str], None] | None = None) -> None:
         self.path = path or None
         self.ttl = ttl
         self._token: str | None = None
         self._read_at = 0.0
+        self._checked = 0.0
+        self._stamp: tuple[int, int, int] = (0, 0, 0)
+        # Why the file is read next (first, changed, ttl, 401): the kubetrail_kube_token_reads metric.
+        self.on_read = on_read
+        self._why = "first"
 
     def header(self) -> dict[str, str]:
         token = self.token()
@@ -32,14 +41,24 @@ class TokenSource:
     def token(self) -> str | None:
         if self.path is None:
             return None  # no token file configured: e.g. behind `kubectl proxy`
-        if self._token is None or time.monotonic() - self._read_at >= self.ttl:
+        now = time.monotonic()
+        if self._token is not None and now - self._checked >= 1.0:
+            self._checked = now
+            if _stamp(self.path) != self._stamp:
+                self._token, self._why = None, "changed"
+            elif now - self._read_at >= self.ttl:
+                self._token, self._why = None, "ttl"
+        if self._token is None:
+            self._stamp = _stamp(self.path)
             self._token = self._read()
-            self._read_at = time.monotonic()
+            self._read_at = self._checked = now
+            if self.on_read is not None:
+                self.on_read(self._why)
         return self._token
 
     def invalidate(self) -> None:
         """Forget the cached token (after a 401): the next request re-reads the file."""
-        self._token = None
+        self._token, self._why = None, "401"
 
     def _read(self) -> str:
         assert self.path is not None

@@ -187,7 +187,9 @@ class KubernetesEventsSource(Source):
             self.db = None
 
     async def run(self, emitter: Emitter) -> None:
-        self.client = KubeClient(self.connection, self.log, on_bad_line=lambda _m: self.m_bad_lines.inc())
+        self.client = KubeClient(
+            self.connection, self.log, on_bad_line=lambda _m: self.m_bad_lines.inc(), metrics=self.metrics
+        )
         if self.db is None:
             self.db = StateDB.from_options(self.config_values)
         for namespace in self.namespaces:

@@ -397,7 +397,7 @@ class KubernetesTransform(Transform):
         if self._tasks is not None:
             return
         loop = asyncio.get_running_loop()  # raises (before anything is built) without one
-        self.client = KubeClient(self.connection, self.log)
+        self.client = KubeClient(self.connection, self.log, metrics=self.metrics)
         params = {"fieldSelector": f"spec.nodeName={self.node_name}"} if self.node_name else {}
         if not self.node_name:
             self.log.warning("node_name not set: watching every pod in the cluster (set it on a DaemonSet)")

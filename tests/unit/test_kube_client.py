@@ -11,6 +11,7 @@ import orjson
 import pytest
 from aiohttp import web
 
+from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.kube.client import ApiError, KubeClient
 from kubetrail.kube.config import ConnectionConfig, KubeConfigError
 from kubetrail.kube.credentials import CredentialError, TLSContextSource, TokenSource
@@ -121,6 +122,58 @@ async def test_401_rereads_the_token_file_once(tmp_path: Path) -> None:
             assert seen[-2:] == ["Bearer old", "Bearer new"]
         finally:
             await kube.close()
+
+
+def _project(volume: Path, token: str, stamp: str) -> None:
+    """Write the token the way the kubelet updates a projected volume: a new timestamped
+    directory, then the ``..data`` symlink swapped atomically by a rename."""
+    data = volume / stamp
+    data.mkdir()
+    (data / "token").write_text(token)
+    (volume / "..data_tmp").symlink_to(stamp)
+    (volume / "..data_tmp").rename(volume / "..data")
+    if not (volume / "token").is_symlink():
+        (volume / "token").symlink_to("..data/token")
+
+
+async def test_a_rotated_projected_token_is_used_without_a_401(tmp_path: Path) -> None:
+    """The kubelet rotates a projected token at 80% of its lifetime; the old one stays valid
+    until it expires. kubetrail must switch on the file's change, not wait for its TTL (10 min
+    here) or a 401. The metrics say which reads happened and every answer's status."""
+    volume = tmp_path / "serviceaccount"
+    volume.mkdir()
+    _project(volume, "first", "..2026_12_05_06_00_00.1")
+    valid = {"Bearer first"}
+    seen: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        if seen[-1] not in valid:
+            return web.json_response({"kind": "Status", "code": 401, "reason": "Unauthorized"}, status=401)
+        return web.json_response({"kind": "PodList", "items": []})
+
+    metrics = MetricsRegistry()
+    async with serve(handler) as url:
+        kube = client(url, token_file=str(volume / "token"), metrics=metrics.component("k", "filter", "kubernetes"))
+        try:
+            await kube.request("GET", "/api/v1/pods")
+            _project(volume, "second", "..2026_12_05_06_08_00.2")
+            valid.add("Bearer second")
+            await asyncio.sleep(1.1)  # the file's stamp is checked at most once a second
+            await kube.request("GET", "/api/v1/pods")
+            await kube.request("GET", "/api/v1/pods")
+        finally:
+            await kube.close()
+    assert seen == ["Bearer first", "Bearer second", "Bearer second"]
+    registry = metrics.registry
+    labels = {"component": "k", "kind": "filter", "plugin": "kubernetes"}
+    assert registry.get_sample_value("kubetrail_kube_responses_total", {**labels, "code": "200"}) == 3
+    assert registry.get_sample_value("kubetrail_kube_responses_total", {**labels, "code": "401"}) is None
+    reads = {
+        r: registry.get_sample_value("kubetrail_kube_token_reads_total", {**labels, "reason": r})
+        for r in ("first", "changed", "ttl", "401")
+    }
+    assert reads == {"first": 1, "changed": 1, "ttl": None, "401": None}
 
 
 def test_missing_or_empty_token_file(tmp_path: Path) -> None:
