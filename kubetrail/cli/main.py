@@ -1,6 +1,8 @@
 """kubetrail's command line (click).
 
-Exit codes: 0 success, 1 runtime failure, 2 configuration error (nothing started).
+Exit codes: 0 success, 1 runtime failure, 2 configuration error (nothing started), 3 (``run``)
+stopped with undelivered data at the end of the grace period (replayed on the next start: not
+lost, but the run did not finish its work, which a supervisor and an SRE must see).
 """
 
 from __future__ import annotations
@@ -38,7 +40,15 @@ def main() -> None:
     with nothing lost and nothing repeated. It reads Fluent Bit configuration files."""
 
 
-@main.command()
+@main.command(
+    epilog=(
+        "Exit status: 0 stopped with everything delivered; 1 runtime failure (e.g. the monitoring port or a "
+        "filesystem buffer cannot be used); 2 configuration error (nothing started); 3 the grace period ended "
+        "with data not delivered (an error line names each output with its records and batches; they are "
+        "read again from the inputs' checkpoints or replayed from the filesystem buffers on the next start); "
+        "128+N a second signal N stopped it at once."
+    )
+)
 @click.option(
     "-c",
     "--config",

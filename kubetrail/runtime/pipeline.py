@@ -9,7 +9,10 @@ finite source finished) proceeds in the only order that loses nothing:
 3. sources close, storing checkpoints that by construction cover only acknowledged data.
 
 Anything still undelivered when ``grace`` runs out is simply not checkpointed, so it is
-read again on the next start: at-least-once, with identities for sinks to deduplicate.
+read again on the next start: at-least-once, with identities for sinks to deduplicate. That
+run still did not finish its work, so it ends with :data:`EXIT_UNDELIVERED` (3) and one error
+line naming each output with what it did not deliver: a supervisor or an SRE sees it, where a
+0 would say all is well.
 
 Fluent Bit compatibility at build time: YAML processors are built as filters bound to their
 input or output (see :mod:`.router`); options Fluent Bit has that change nothing here are
@@ -60,6 +63,9 @@ from kubetrail.runtime.sink_runner import SinkRunner
 log = logging.getLogger("kubetrail.pipeline")
 
 SOURCE_RESTART_CAP = 60.0
+# `kubetrail run`'s exit status when the grace period ended with records not delivered (they are
+# replayed on the next start); 1 and 2 are a runtime failure and a configuration error.
+EXIT_UNDELIVERED = 3
 
 
 @dataclass
@@ -480,14 +486,8 @@ class Pipeline:
             task.cancel()
         drains = asyncio.gather(*(runner.drain() for runner in self.runners))
         clean = await self._within(drains, deadline, "sinks did not drain; the rest is replayed on restart") and clean
+        left = _undelivered(self.runners)
         for runner in self.runners:
-            if runner.undelivered:
-                # Not lost: their sources' checkpoints did not move past them (a filesystem buffer
-                # keeps its own on disk), so they are read and sent again after the restart.
-                log.warning(
-                    "undelivered at shutdown; sent again after a restart",
-                    extra={"component": runner.component_id, "records": runner.undelivered},
-                )
             runner.cancel()
         for component in self.sinks:
             await _quietly(component.instance.close(), component.component_id)
@@ -498,6 +498,21 @@ class Pipeline:
         stop_wait.cancel()
         if self.http is not None:
             await self.http.stop()
+        if left:
+            # An SRE (or systemd, or a Job's backoff) must see this run did not finish its work.
+            log.error(
+                "stopped with undelivered data at the end of the grace period; nothing is lost: it is read "
+                "again from the inputs' checkpoints (memory buffers) or replayed from the filesystem buffers "
+                "on the next start",
+                extra={
+                    "outputs": "; ".join(left),
+                    "records": sum(r.undelivered for r in self.runners),
+                    "batches": sum(r.undelivered_batches for r in self.runners),
+                    "grace": self.service["grace"],
+                    "exit_code": EXIT_UNDELIVERED,
+                },
+            )
+            return EXIT_UNDELIVERED
         log.info("stopped", extra={"clean": clean})
         return 0
 
@@ -539,6 +554,31 @@ class Pipeline:
                     return
                 except TimeoutError:
                     delay = min(SOURCE_RESTART_CAP, delay * 2)
+
+
+def _undelivered(runners: list[SinkRunner]) -> list[str]:
+    """Log what each output did not deliver by the end of the grace period; one line each.
+
+    Not lost: the sources' checkpoints did not move past those records (a filesystem buffer keeps
+    its own on disk), so they are read and sent again after the restart."""
+    left = []
+    for runner in runners:
+        if not runner.undelivered and not runner.spooled_bytes:
+            continue
+        detail = f"{runner.component_id} ({runner.undelivered} records in {runner.undelivered_batches} batches"
+        if runner.spooled_bytes:
+            detail += f"; {runner.spooled_bytes} bytes kept in its filesystem buffer"
+        left.append(detail + ")")
+        log.warning(
+            "undelivered at shutdown; sent again after a restart",
+            extra={
+                "component": runner.component_id,
+                "records": runner.undelivered,
+                "batches": runner.undelivered_batches,
+                "filesystem_buffer_bytes": runner.spooled_bytes,
+            },
+        )
+    return left
 
 
 def _matcher(section: Section, values: dict[str, Any]) -> TagMatcher:

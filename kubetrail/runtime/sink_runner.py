@@ -93,6 +93,7 @@ class SinkRunner:
         self._failing = False
         self._buffered_records = 0
         self._buffered_bytes = 0
+        self._buffered_batches = 0
         self._started = False
         self._sink_started: asyncio.Future[None] | None = None
 
@@ -116,6 +117,7 @@ class SinkRunner:
         await self._slots.acquire()
         self._buffered_records += len(batch)
         self._buffered_bytes += batch.size_bytes
+        self._buffered_batches += 1
         self.metrics.records_in.inc(len(batch))
         self.metrics.bytes_in.inc(batch.size_bytes)
         self._update_gauges()
@@ -141,6 +143,18 @@ class SinkRunner:
         """Records handed to this sink and not yet delivered (queued or being sent)."""
         return self._buffered_records
 
+    @property
+    def undelivered_batches(self) -> int:
+        """Batches handed to this sink and not yet delivered (queued or being sent)."""
+        return self._buffered_batches
+
+    @property
+    def spooled_bytes(self) -> int:
+        """Bytes the filesystem buffer still holds undelivered (0 without one, or once drained)."""
+        if self.spool is None or self.spool.empty:
+            return 0
+        return self.spool.disk_bytes
+
     def cancel(self) -> None:
         for task in self._tasks:
             task.cancel()
@@ -163,6 +177,7 @@ class SinkRunner:
             for done in group:
                 self._buffered_records -= len(done)
                 self._buffered_bytes -= done.size_bytes
+                self._buffered_batches -= 1
                 self._slots.release()
             self._update_gauges()
             if stop:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from tests.fakes.http_server import ScriptedServer
 from tests.unit.helpers import write
 
 REPO = Path(__file__).resolve().parents[2]
@@ -167,6 +170,84 @@ def test_sigterm_drains_and_exits_0_and_a_second_signal_exits_at_once(tmp_path: 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=10) == 128 + signal.SIGINT
     assert time.monotonic() - started < 5
+
+
+def _tail_to_http(tmp_path: Path, log: Path, port: int, *, exit_on_eof: bool) -> Path:
+    return write(
+        tmp_path / "c.conf",
+        f"""
+[SERVICE]
+    grace 1
+    scheduler.base 0.05
+    scheduler.cap 0.2
+[INPUT]
+    name tail
+    path {log}
+    read_from_head on
+    exit_on_eof {"on" if exit_on_eof else "off"}
+    parser json
+    db {tmp_path / "db"}
+[OUTPUT]
+    name http
+    match *
+    host 127.0.0.1
+    port {port}
+    format json_lines
+""",
+    )
+
+
+async def test_grace_ending_with_undelivered_data_exits_3_naming_the_output_and_a_restart_delivers_it(
+    tmp_path: Path,
+) -> None:
+    """The real http output with its backend down (nothing listens on the port): SIGTERM, the
+    grace period runs out, the exit status is 3 and one error line names the output with its
+    records and batches; the next start with the backend up delivers every record once."""
+    log = write(tmp_path / "app.log", "".join(f'{{"n": {i}}}\n' for i in range(300)))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        down_port = probe.getsockname()[1]  # closed again: connections are refused
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kubetrail.cli.main", "run", "-c",
+        str(_tail_to_http(tmp_path, log, down_port, exit_on_eof=False)),
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stderr is not None
+    lines: list[dict[str, object]] = []
+    async with asyncio.timeout(30):
+        while not any(line["msg"] == "delivery failed; retrying with backoff" for line in lines):
+            lines.append(orjson.loads(await proc.stderr.readline()))
+    proc.send_signal(signal.SIGTERM)
+    _, rest = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 3
+    lines += [orjson.loads(line) for line in rest.splitlines()]
+    (summary,) = [line for line in lines if line["level"] == "error" and "undelivered" in str(line["msg"])]
+    assert "next start" in str(summary["msg"]) and summary["exit_code"] == 3
+    assert summary["records"] == 300 and isinstance(summary["batches"], int) and summary["batches"] >= 1
+    assert str(summary["outputs"]).startswith(f"http.0 (300 records in {summary['batches']} batches")
+    assert not any(line["msg"] == "stopped" for line in lines)
+
+    # The backend is back: the tail's checkpoint never covered the 300, so they are read again.
+    server = await ScriptedServer().start()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "kubetrail.cli.main", "run", "-c",
+            str(_tail_to_http(tmp_path, log, server.port, exit_on_eof=True)),
+            stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(proc.communicate(), 30)
+        assert proc.returncode == 0, err.decode()[-2000:]
+    finally:
+        await server.stop()
+    received = [orjson.loads(x)["n"] for r in server.requests for x in r.body.splitlines()]
+    assert sorted(received) == list(range(300))
+
+
+def test_run_help_documents_the_exit_status() -> None:
+    from kubetrail.runtime.pipeline import EXIT_UNDELIVERED
+
+    text = " ".join(kubetrail("run", "--help").stdout.split())
+    assert f"{EXIT_UNDELIVERED} the grace period ended with data not delivered" in text
 
 
 def test_check_never_prints_inline_credentials(tmp_path: Path) -> None:

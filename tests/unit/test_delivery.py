@@ -23,7 +23,7 @@ from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.dead_letter import DeadLetters
-from kubetrail.runtime.pipeline import Pipeline
+from kubetrail.runtime.pipeline import EXIT_UNDELIVERED, Pipeline
 from kubetrail.runtime.router import RoutedSink, Router
 from kubetrail.runtime.routing import TagMatcher
 from kubetrail.runtime.sink_runner import SinkRunner
@@ -300,10 +300,14 @@ async def test_sink_down_accumulates_on_disk_checkpoint_moves_and_restart_delive
     assert spool is not None and spool.disk_bytes > 500 * 8
     with caplog.at_level(logging.WARNING, logger="kubetrail"):
         pipeline.request_stop()
-        assert await asyncio.wait_for(task, 10) == 0
+        assert await asyncio.wait_for(task, 10) == EXIT_UNDELIVERED
     assert sink.delivered == []
     (left,) = [r for r in caplog.records if r.getMessage().startswith("undelivered at shutdown")]
     assert left.component == "file.0" and 0 < left.records <= 500  # type: ignore[attr-defined]
+    assert left.filesystem_buffer_bytes == spool.disk_bytes > 0  # type: ignore[attr-defined]
+    (summary,) = [r for r in caplog.records if r.levelno == logging.ERROR and "grace period" in r.getMessage()]
+    assert summary.outputs.startswith(f"file.0 ({left.records} records in ")  # type: ignore[attr-defined]
+    assert f"; {spool.disk_bytes} bytes kept in its filesystem buffer)" in summary.outputs  # type: ignore[attr-defined]
     # Restart: the tail has nothing new; the backlog comes from the buffer.
     second = Pipeline(load_config(fs_config(tmp_path, log)))
     assert await asyncio.wait_for(second.run(), 30) == 0

@@ -12,7 +12,7 @@ import pytest
 from kubetrail.core.config import load_config
 from kubetrail.core.errors import PermanentError, RetryableError
 from kubetrail.core.record import Batch
-from kubetrail.runtime.pipeline import Pipeline
+from kubetrail.runtime.pipeline import EXIT_UNDELIVERED, Pipeline
 from tests.files import written_json_lines
 from tests.unit.helpers import tail_file_config, write
 
@@ -140,7 +140,7 @@ async def test_grace_expiry_leaves_undelivered_data_for_the_next_run(tmp_path: P
     task = asyncio.create_task(pipeline.run())
     await asyncio.wait_for(sink.arrived.wait(), 5)
     pipeline.request_stop()
-    assert await asyncio.wait_for(task, 5) == 0
+    assert await asyncio.wait_for(task, 5) == EXIT_UNDELIVERED  # the run did not finish its work
     assert stored_offset(tmp_path) == 0
     # Next run delivers all of it, exactly once.
     second = Pipeline(load_config(tail_config(tmp_path, log)))
