@@ -305,6 +305,27 @@ capabilities:
 {{- end }}
 {{- end -}}
 
+{{/* The API token as the kubelet would mount it, but with the lifetime the values set
+     (serviceAccount.tokenExpirationSeconds): the kubelet renews it at 80% of that, and kubetrail
+     re-reads the file when it changes. Only for the parts that call the API server. */}}
+{{- define "kubetrail.apiTokenMount" -}}
+- name: kube-api-token
+  mountPath: /var/run/secrets/kubernetes.io/serviceaccount
+  readOnly: true
+{{- end -}}
+{{- define "kubetrail.apiTokenVolume" -}}
+- name: kube-api-token
+  projected:
+    sources:
+      - serviceAccountToken:
+          path: token
+          expirationSeconds: {{ .Values.serviceAccount.tokenExpirationSeconds }}
+      - configMap:
+          name: kube-root-ca.crt
+          items: [{key: ca.crt, path: ca.crt}]
+      - downwardAPI:
+          items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]
+{{- end -}}
 {{- define "kubetrail.commonVolumes" -}}
 - name: config
   configMap:
