@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
+from kubetrail.core.dead_letter import DeadLetters
 from kubetrail.core.metrics import ComponentMetrics
 from kubetrail.core.options import Option, Section
 from kubetrail.core.record import Batch, Record
@@ -35,6 +36,10 @@ class ComponentContext:
     # The config section as written, for plugins whose semantics depend on the order of
     # repeated keys (modify applies its rules in the order they appear).
     section: Section | None = None
+    # Where records this component will never pass on are kept (service storage.path +
+    # storage.rejected.path, <component id>.jsonl); None when storage.keep.rejected is off.
+    # Given to inputs and outputs, so a plugin never works out the runtime's policy itself.
+    dead_letters: DeadLetters | None = None
 
 
 @dataclass(frozen=True)

@@ -37,13 +37,13 @@ from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Sink, Source, Transform
 from kubetrail.core.config import PipelineConfig
 from kubetrail.core.config.compat import NO_EFFECT_MARK, is_no_effect, unknown_plugin_message
+from kubetrail.core.dead_letter import DeadLetters
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.metrics import ComponentMetrics, MetricsRegistry
 from kubetrail.core.options import Option, Section, resolve_options, shown_value
 from kubetrail.core.record import Batch
 from kubetrail.parsers.multiline_rules import from_section
 from kubetrail.parsers.registry import ParserRegistry
-from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.disk_buffer import DiskQueue, StorageError
 from kubetrail.runtime.logging_setup import LEVELS
 from kubetrail.runtime.plugins import (
@@ -75,6 +75,7 @@ class BuiltComponent:
     plugin: str
     config: dict[str, Any]
     instance: Any
+    dead_letters: DeadLetters | None = None  # also in the component's context
 
 
 class _SourceEmitter:
@@ -168,6 +169,18 @@ class Pipeline:
         routed_transforms: list[RoutedTransform] = []
         routed_sinks: list[RoutedSink] = []
         self.processors: dict[str, list[RoutedTransform]] = {}  # input/output id -> its processors
+        storage_path = self.service["storage.path"]
+        keep_rejected = self.service["storage.keep.rejected"]
+        if keep_rejected and not storage_path:
+            raise ConfigError(
+                "needs storage.path (the dead-letter directory is under it)",
+                config.service.location_of("storage.keep.rejected"),
+                "storage.keep.rejected",
+            )
+        if keep_rejected is None:
+            keep_rejected = bool(storage_path)
+        # Inputs and outputs get their dead-letter writer in their context (see _build).
+        self._rejected_dir = Path(storage_path) / self.service["storage.rejected.path"] if keep_rejected else None
         for section in config.inputs:
             built = self._build(section, "input", SOURCES, COMMON_INPUT_OPTIONS)
             if self.service["storage.inherit"] and self.service["storage.type"] and not section.get("storage.type"):
@@ -190,16 +203,6 @@ class Pipeline:
             )
         self.notes.extend(_check_rewrite_loops(routed_transforms, config.filters))
         self.runners: list[SinkRunner] = []
-        storage_path = self.service["storage.path"]
-        keep_rejected = self.service["storage.keep.rejected"]
-        if keep_rejected and not storage_path:
-            raise ConfigError(
-                "needs storage.path (the dead-letter directory is under it)",
-                config.service.location_of("storage.keep.rejected"),
-                "storage.keep.rejected",
-            )
-        if keep_rejected is None:
-            keep_rejected = bool(storage_path)
         for source in self.sources:
             if source.config["storage.type"] == "filesystem" and not storage_path:
                 section = config.inputs[self.sources.index(source)]
@@ -225,7 +228,6 @@ class Pipeline:
                     "workers",
                 )
             spool = None
-            dead_letters = None
             if storage_path:
                 spool = DiskQueue(
                     Path(storage_path) / f"out.{built.component_id}",
@@ -234,13 +236,6 @@ class Pipeline:
                     sync=self.service["storage.sync"],
                     total_limit=built.config["storage.total_limit_size"],
                     mem_limit=self.service["storage.backlog.mem_limit"],
-                )
-            if keep_rejected:
-                dead_letters = DeadLetters(
-                    Path(storage_path) / self.service["storage.rejected.path"],
-                    built.component_id,
-                    built.instance.metrics,
-                    built.instance.log,
                 )
             runner = SinkRunner(
                 built.instance,
@@ -252,7 +247,7 @@ class Pipeline:
                 backoff_base=max(0.001, float(self.service["scheduler.base"])),
                 backoff_cap=float(self.service["scheduler.cap"]),
                 spool=spool,
-                dead_letters=dead_letters,
+                dead_letters=built.dead_letters,
             )
             self.sinks.append(built)
             self.runners.append(runner)
@@ -303,13 +298,18 @@ class Pipeline:
         if values.get("log_level"):
             logger.setLevel(LEVELS[values["log_level"]])
         metrics_kind = {"input": "source", "filter": "transform", "output": "sink"}[kind]
+        metrics = self.metrics.component(component_id, metrics_kind, plugin)
+        dead_letters = None
+        if self._rejected_dir is not None and kind != "filter":
+            dead_letters = DeadLetters(self._rejected_dir, component_id, metrics, logger)
         ctx = ComponentContext(
             component_id=component_id,
-            metrics=self.metrics.component(component_id, metrics_kind, plugin),
+            metrics=metrics,
             logger=logger,
             parsers=self.parsers,
             service=self.service,
             section=section,
+            dead_letters=dead_letters,
         )
         try:
             instance = cls(ctx, values)
@@ -318,7 +318,7 @@ class Pipeline:
                 key = exc.key or "name"
                 raise ConfigError(exc.message, section.location_of(key), exc.key) from None
             raise
-        return BuiltComponent(component_id, kind, plugin, values, instance)
+        return BuiltComponent(component_id, kind, plugin, values, instance, dead_letters)
 
     def _build_processors(self, sections: list[Section]) -> list[RoutedTransform]:
         """An input's or output's ``processors.logs``: filter plugins bound to it (no match)."""

@@ -11,7 +11,7 @@ Delivery policy, the same for every sink:
   the cap;
 * :class:`PermanentError` is not retried: the batch (or, with ``rejected``, only those records;
   the rest counts as delivered) goes to the dead-letter file with the reason when
-  ``storage.keep.rejected`` is on (see :mod:`.dead_letter`), otherwise it is counted as dropped;
+  ``storage.keep.rejected`` is on (see :mod:`kubetrail.core.dead_letter`), otherwise it is counted as dropped;
 * a batch whose ``retry_limit`` is used up is handled the same way (reason ``retry_limit``);
 * after success, or once a failed batch is handled for good, the batch's token is released so
   the source's checkpoint can move (``delivered=False`` only when records were really lost:
@@ -45,10 +45,10 @@ import random
 import time
 
 from kubetrail.core.component import Sink
+from kubetrail.core.dead_letter import DeadLetters
 from kubetrail.core.errors import PermanentError
 from kubetrail.core.metrics import ComponentMetrics
 from kubetrail.core.record import Batch, Record
-from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.disk_buffer import DiskQueue
 
 BACKOFF_BASE = 1.0

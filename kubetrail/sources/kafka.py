@@ -42,7 +42,6 @@ import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -137,7 +136,6 @@ class KafkaSource(Source):
         self._stop = asyncio.Event()
         self.commit_due = threading.Event()
         self._last_error = ""
-        self._dead_letters: Any = None
         self.m_bad = self.metrics.counter("kubetrail_kafka_bad_messages", "Messages not valid for the input's format")
         self.m_commits = self.metrics.counter("kubetrail_kafka_commits", "Offset commits of delivered records")
         self.m_revoked = self.metrics.counter("kubetrail_kafka_partitions_revoked", "Partitions handed to others")
@@ -313,7 +311,7 @@ class KafkaSource(Source):
                 "payload": (message.value() or b"").decode("utf-8", "replace"),
             }
             pairs.append((Record(self.tag, time.time_ns(), body), f"{where}: {why}"))
-        writer = self._dead_letter_writer()
+        writer = self.ctx.dead_letters  # the runtime's policy: None with storage.keep.rejected off
         if writer is not None and await writer.write(pairs, "bad_message"):
             self.log.warning(
                 "bad messages dead-lettered",
@@ -322,20 +320,6 @@ class KafkaSource(Source):
             return
         for _, why in pairs:
             self.log.error("bad message skipped", extra={"reason": why})
-
-    def _dead_letter_writer(self) -> Any:
-        service = self.ctx.service
-        if (
-            self._dead_letters is None
-            and service.get("storage.path")
-            and service.get("storage.keep.rejected") is not False
-        ):
-            # The runtime's dead-letter writer (same file format as the outputs' dead letters).
-            from kubetrail.runtime.dead_letter import DeadLetters
-
-            directory = Path(service["storage.path"]) / service.get("storage.rejected.path", "rejected")
-            self._dead_letters = DeadLetters(directory, self.ctx.component_id, self.metrics, self.log)
-        return self._dead_letters
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

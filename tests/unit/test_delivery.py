@@ -19,10 +19,10 @@ from prometheus_client import generate_latest
 
 from kubetrail.core.acks import AckToken
 from kubetrail.core.config import load_config
+from kubetrail.core.dead_letter import DeadLetters
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.record import Batch, Record
-from kubetrail.runtime.dead_letter import DeadLetters
 from kubetrail.runtime.pipeline import EXIT_UNDELIVERED, Pipeline
 from kubetrail.runtime.router import RoutedSink, Router
 from kubetrail.runtime.routing import TagMatcher
@@ -372,6 +372,37 @@ async def test_dead_letters_land_under_storage_path_by_default(tmp_path: Path) -
     assert await asyncio.wait_for(pipeline.run(), 10) == 0
     letters = [orjson.loads(x) for x in (tmp_path / "storage" / "rejected" / "file.0.jsonl").read_bytes().splitlines()]
     assert letters and {d["reason"] for d in letters} == {"400 no"}
+
+
+@pytest.mark.parametrize(
+    ("service", "where"),
+    [
+        ("", "storage/rejected"),
+        ("    storage.rejected.path dead", "storage/dead"),
+        ("    storage.keep.rejected off", None),
+    ],
+)
+def test_inputs_and_outputs_get_the_dead_letter_writer_in_their_context(
+    tmp_path: Path, service: str, where: str | None
+) -> None:
+    """The runtime's policy (storage.path, storage.keep.rejected, storage.rejected.path) reaches
+    plugins through their context (the kafka input writes its bad messages there); filters get none."""
+    config = fs_config(
+        tmp_path,
+        tmp_path / "app.log",
+        service=service,
+        output="[FILTER]\n    name grep\n    match *\n    exclude n ^x$",
+    )
+    pipeline = Pipeline(load_config(config))
+    (source,), (sink,) = pipeline.sources, pipeline.sinks
+    assert all(c.instance.ctx.dead_letters is None for c in pipeline.transforms) and pipeline.transforms
+    for built in (source, sink):
+        letters = built.instance.ctx.dead_letters
+        if where is None:
+            assert letters is None
+        else:
+            assert letters is not None and letters.path == tmp_path / where / f"{built.component_id}.jsonl"
+    assert pipeline.runners[0].dead_letters is sink.instance.ctx.dead_letters
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,11 @@ the dead-letter queue must never be the reason the pipeline stops.
 
 Default: on when ``storage.path`` is set (Fluent Bit: off). kubetrail's promise is that nothing
 is lost silently; ``storage.keep.rejected off`` restores Fluent Bit's behaviour (count, log, drop).
+
+Why in ``core``: the runtime decides the policy (whether, and where: it builds one writer per
+input and output and hands it over in :class:`~kubetrail.core.component.ComponentContext`), but
+inputs write dead letters too (the ``kafka`` input's messages not valid for its ``format``),
+and plugins import only ``core`` and what sits beside them, never the runtime above them.
 """
 
 from __future__ import annotations
