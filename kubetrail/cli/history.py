@@ -9,8 +9,10 @@ Exit codes: 0 found, 1 nothing found or the store/index cannot be read (the mess
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -34,24 +36,58 @@ def _backend(store: str | None, source: str | None) -> Any:
         raise
 
 
-def _source_options(func: Any) -> Any:
-    func = click.option("--json", "as_json", is_flag=True, help="One JSON object per entry (JSON lines)")(func)
-    func = click.option(
+Ask = Callable[[Any, dict[str, Any]], Any]  # (backend, {since, until, limit}) -> queries.Result
+
+
+def _query_command(func: Callable[..., Ask]) -> Callable[..., None]:
+    """The plumbing every query command shares, in one place: the options ``--store``,
+    ``--from``, ``--since``, ``--until``, ``--limit`` and ``--json``, the time bounds parsed, the
+    backend opened and closed, errors and output. The command itself only returns its question:
+    ``lambda backend, window: queries.who(backend, user, **window)``."""
+
+    @functools.wraps(func)
+    def command(
+        *,
+        store: str | None,
+        source: str | None,
+        since: str | None,
+        until: str | None,
+        limit: int,
+        as_json: bool,
+        **arguments: Any,
+    ) -> None:
+        window = dict(zip(("since", "until"), _times(since, until), strict=True)) | {"limit": limit}
+        ask = func(**arguments)
+
+        def query() -> Any:
+            backend = _backend(store, source)
+            try:
+                return ask(backend, window)
+            finally:
+                backend.close()
+
+        _run(query, as_json)
+
+    command = click.option("--json", "as_json", is_flag=True, help="One JSON object per entry (JSON lines)")(command)
+    command = click.option(
         "--limit", default=1_000, show_default=True, help="At most this many records: the newest, shown oldest first"
-    )(func)
-    func = click.option("--until", help="Up to this time: a duration back from now (30m) or a time (RFC 3339)")(func)
-    func = click.option("--since", help="From this time: a duration back from now (2h, 7d) or a time (RFC 3339)")(func)
-    func = click.option(
+    )(command)
+    command = click.option("--until", help="Up to this time: a duration back from now (30m) or a time (RFC 3339)")(
+        command
+    )
+    command = click.option("--since", help="From this time: a duration back from now (2h, 7d) or a time (RFC 3339)")(
+        command
+    )
+    command = click.option(
         "--from",
         "source",
         help="Where to read: es://HOST:PORT/INDEX (Elasticsearch/OpenSearch; es+https:// for TLS) or a store file",
-    )(func)
-    func = click.option(
+    )(command)
+    return click.option(
         "--store",
         type=click.Path(dir_okay=False),
         help=f"The store file (default: $KUBETRAIL_STORE or {DEFAULT_STORE})",
-    )(func)
-    return func
+    )(command)
 
 
 def _run(query: Any, as_json: bool) -> None:
@@ -95,65 +131,29 @@ def _times(since: str | None, until: str | None) -> tuple[int | None, int | None
 @click.argument("target", metavar="KIND[/NAMESPACE]/NAME|UID")
 @click.option("--logs", is_flag=True, help="Also the container log lines of the object (a pod, or a workload's pods)")
 @click.option("--status", is_flag=True, help="Also the writes to its status subresource (by its controllers)")
-@_source_options
-def history(
-    target: str,
-    logs: bool,
-    status: bool,
-    store: str | None,
-    source: str | None,
-    since: str | None,
-    until: str | None,
-    limit: int,
-    as_json: bool,
-) -> None:
-    """Who did what to an object, and what happened to it: audit records (with what changed) and
-    Events, oldest first. Example: kubetrail history deploy/shop/web"""
+@_query_command
+def history(target: str, logs: bool, status: bool) -> Ask:
+    """Who did what to an object, and what happened to it: audit records (with what changed),
+    the alerts they fired, and Events, oldest first. Example: kubetrail history deploy/shop/web"""
     from kubetrail.history import queries
 
-    start, end = _times(since, until)
-
-    def query() -> Any:
-        backend = _backend(store, source)
-        try:
-            return queries.history(backend, target, since=start, until=end, logs=logs, status=status, limit=limit)
-        finally:
-            backend.close()
-
-    _run(query, as_json)
+    return lambda backend, window: queries.history(backend, target, logs=logs, status=status, **window)
 
 
 @click.command()
 @click.argument("user")
 @click.option("--writes", is_flag=True, help="Only requests that change something (create, update, patch, delete)")
-@_source_options
-def who(
-    user: str,
-    writes: bool,
-    store: str | None,
-    source: str | None,
-    since: str | None,
-    until: str | None,
-    limit: int,
-    as_json: bool,
-) -> None:
-    """What a user or service account did (system:serviceaccount:NAMESPACE:NAME), oldest first."""
+@_query_command
+def who(user: str, writes: bool) -> Ask:
+    """What a user or service account did (system:serviceaccount:NAMESPACE:NAME), and the alerts
+    it fired, oldest first."""
     from kubetrail.history import queries
 
-    start, end = _times(since, until)
-
-    def query() -> Any:
-        backend = _backend(store, source)
-        try:
-            return queries.who(backend, user, since=start, until=end, writes_only=writes, limit=limit)
-        finally:
-            backend.close()
-
-    _run(query, as_json)
+    return lambda backend, window: queries.who(backend, user, writes_only=writes, **window)
 
 
 @click.command()
-@click.option("--kind", type=click.Choice(["audit", "event", "log"]), help="Kind of record")
+@click.option("--kind", type=click.Choice(["audit", "event", "log", "alert"]), help="Kind of record")
 @click.option("--user", help="Audit: the user name")
 @click.option("--verb", help="Audit: get, list, create, update, patch, delete, ...")
 @click.option("--resource", help="The object's kind (deploy, pods, secrets, ...)")
@@ -162,7 +162,9 @@ def who(
 @click.option("--code", type=int, help="Audit: the response code (403, 404, ...)")
 @click.option("--reason", help="Events: the reason (BackOff, ScalingReplicaSet, ...)")
 @click.option("--writes", is_flag=True, help="Only requests that change something")
-@_source_options
+@click.option("--priority", help="Alerts of this priority or a more severe one (emergency ... debug, Falco's order)")
+@click.option("--rule", help="Alerts of this rule (its name as in the rules file)")
+@_query_command
 def search(
     kind: str | None,
     user: str | None,
@@ -173,28 +175,20 @@ def search(
     code: int | None,
     reason: str | None,
     writes: bool,
-    store: str | None,
-    source: str | None,
-    since: str | None,
-    until: str | None,
-    limit: int,
-    as_json: bool,
-) -> None:
-    """Records matching every filter given, oldest first. Example: kubetrail search --code 403"""
+    priority: str | None,
+    rule: str | None,
+) -> Ask:
+    """Records matching every filter given, oldest first. Examples: kubetrail search --code 403;
+    kubetrail search --kind alert --priority warning"""
     from kubetrail.history import queries
+    from kubetrail.history.model import HistoryError
     from kubetrail.history.store import Filters
 
-    start, end = _times(since, until)
-    filters = Filters(kind, user, verb, resource, namespace, name, code, reason, writes)
-
-    def query() -> Any:
-        backend = _backend(store, source)
-        try:
-            return queries.search(backend, filters, since=start, until=end, limit=limit)
-        finally:
-            backend.close()
-
-    _run(query, as_json)
+    try:
+        filters = Filters(kind, user, verb, resource, namespace, name, code, reason, writes, priority, rule)
+    except HistoryError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return lambda backend, window: queries.search(backend, filters, **window)
 
 
 @click.command()

@@ -13,6 +13,14 @@ out. **Secrets are redacted here too**, whatever the pipeline did: values under 
 ``stringData`` of a Secret (and ``status.token`` of a TokenRequest) are shown as ``[REDACTED]``,
 in the diff and in the full record, so a store written without the ``kubernetes_audit`` filter
 still leaks nothing through these commands.
+
+**Alerts** (the ``detect`` filter's records) are entries of kind ``alert`` (rule, priority, tags,
+output, the triggering ``audit_id``/``stage``) placed **right after the audit entry that fired
+them** (matched by auditID, whichever stage the timeline kept), whenever they were stored, before
+or after their record; an alert whose record is not in the timeline stays at its own time. It
+takes its object and user from that record when its rule's output did not print them, and
+``trigger_id`` names the record's entry. An output field holding a Secret (``%jevt.obj`` of a
+Secret write) is redacted like the record, in ``output_fields`` and in ``output``.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
+import orjson
 
 from kubetrail.core.values import parse_duration
 from kubetrail.parsers.timefmt import TimeParser
@@ -392,6 +401,85 @@ def _log_entry(record: StoredRecord) -> dict[str, Any]:
     }
 
 
+_FALCO_PREFIX = re.compile(r"^\d\d:\d\d:\d\d(?:\.\d+)?: \w+ ")  # "06:31:35.123456789: Warning "
+
+
+def redact_alert(body: dict[str, Any]) -> dict[str, Any]:
+    """The alert with any Secret an output field printed (``%jevt.obj``, ``%ka.req...``) redacted,
+    in ``output_fields`` and where ``output`` shows it."""
+    fields = body.get("output_fields")
+    if not isinstance(fields, dict):
+        return body
+    secret_target = fields.get("ka.target.resource") == "secrets"
+    out = body
+    for key, value in fields.items():
+        if not isinstance(value, str) or not value.startswith(("{", "[")):
+            continue
+        try:
+            parsed = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            continue
+        if not (secret_target or _is_secretish(parsed)):
+            continue
+        new = _redact_object(parsed, force=secret_target)
+        if new is parsed:
+            continue
+        text = orjson.dumps(new).decode()
+        if out is body:
+            out = {**body, "output_fields": dict(fields)}
+        out["output_fields"][key] = text
+        if isinstance(out.get("output"), str):
+            out["output"] = out["output"].replace(value, text)
+    return out
+
+
+def _alert_entry(record: StoredRecord) -> dict[str, Any]:
+    body = record.body
+    fields = body.get("output_fields") or {}
+    output = body.get("output")
+    return {
+        "kind": "alert",
+        "rule": body.get("rule"),
+        "priority": body.get("priority"),
+        "tags": body.get("tags") or [],
+        "output": output,
+        "message": _FALCO_PREFIX.sub("", output) if isinstance(output, str) else output,
+        "audit_id": body.get("k8s.audit.id"),
+        "stage": body.get("k8s.audit.stage"),
+        "user": fields.get("ka.user.name"),
+        "verb": fields.get("ka.verb"),
+        "resource": fields.get("ka.target.resource"),
+        "namespace": fields.get("ka.target.namespace"),
+        "name": fields.get("ka.target.name"),
+    }
+
+
+def _place_alerts(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each alert right after the audit entry of its auditID (in the order they fired, by rule
+    within one request); the others where their time puts them."""
+    audits = {e["audit_id"]: e for e in entries if e["kind"] == "audit" and e.get("audit_id")}
+    attached: dict[str, list[dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
+    for entry in entries:
+        trigger = audits.get(entry.get("audit_id")) if entry["kind"] == "alert" else None
+        if trigger is None:
+            out.append(entry)
+            continue
+        entry["trigger_id"] = trigger["id"]
+        for key in ("user", "verb", "resource", "namespace", "name"):
+            if entry.get(key) is None:
+                entry[key] = trigger.get(key)
+        attached.setdefault(entry["audit_id"], []).append(entry)
+    if not attached:
+        return out
+    placed: list[dict[str, Any]] = []
+    for entry in out:
+        placed.append(entry)
+        if entry["kind"] == "audit" and entry.get("audit_id") in attached:
+            placed.extend(sorted(attached.pop(entry["audit_id"]), key=lambda e: (e["time_ns"], e["rule"] or "")))
+    return placed
+
+
 def collapse_stages(records: list[StoredRecord]) -> list[StoredRecord]:
     """One record per audit request (its most complete stage), others as they are, by time."""
     best: dict[str, StoredRecord] = {}
@@ -420,10 +508,17 @@ def timeline(records: list[StoredRecord], *, track_changes: bool = True) -> list
     states: dict[tuple[Any, ...], dict[str, Any]] = {}
     entries: list[dict[str, Any]] = []
     for record in collapse_stages(records):
-        body = redact_record(record.body) if record.kind == "audit" else record.body
+        if record.kind == "audit":
+            body = redact_record(record.body)
+        elif record.kind == "alert":
+            body = redact_alert(record.body)
+        else:
+            body = record.body
         view = StoredRecord(record.id, record.time_ns, record.kind, body)
         if record.kind == "audit":
             entry = _audit_entry(view)
+        elif record.kind == "alert":
+            entry = _alert_entry(view)
         elif record.kind == "event":
             entry = _event_entry(view)
         elif record.kind == "log":
@@ -435,7 +530,7 @@ def timeline(records: list[StoredRecord], *, track_changes: bool = True) -> list
             _add_changes(entry, body, states)
         entry["record"] = body
         entries.append(entry)
-    return entries
+    return _place_alerts(entries)
 
 
 def _add_changes(entry: dict[str, Any], body: dict[str, Any], states: dict[tuple[Any, ...], dict[str, Any]]) -> None:
@@ -514,6 +609,8 @@ def summary(entry: dict[str, Any]) -> str:
         return f"{head} {target}: {entry.get('message')}{count} [{entry.get('source')}]"
     if kind == "log":
         return f"{entry.get('name')}/{entry.get('container')}: {entry.get('message')}"
+    if kind == "alert":
+        return f"{entry.get('priority')} {entry.get('rule')}: {entry.get('message')}"
     return str(entry.get("record"))[:200]
 
 

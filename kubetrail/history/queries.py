@@ -11,7 +11,15 @@ import difflib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, parse_ref, resolve_kind, timeline
+from kubetrail.history.model import (
+    HistoryError,
+    ObjectRef,
+    StoredRecord,
+    parse_ref,
+    resolve_kind,
+    summary,
+    timeline,
+)
 from kubetrail.history.store import Filters
 
 DEFAULT_LIMIT = 1_000  # the newest; --limit or --since/--until for more
@@ -33,6 +41,8 @@ class Backend(Protocol):
     ) -> list[StoredRecord]: ...
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]: ...
+
+    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]: ...
 
     def near_names(self, ref: ObjectRef) -> list[str]: ...
 
@@ -66,10 +76,32 @@ def history(
     records = backend.object_records(ref, since, until, logs, limit)
     if not records:
         raise HistoryError(_nothing_about(backend, ref, since, until))
-    entries = timeline(records)
+    entries = _linked(backend, timeline(records))
     if not status:
         entries = [e for e in entries if e.get("subresource") != "status"]
     return Result(str(ref), entries, len(records) >= limit)
+
+
+def _linked(backend: Backend, entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alerts whose audit record is not in the timeline (a search for alerts, or the record
+    outside the time range) get ``trigger``: that record's entry, in short, when the backend has
+    it, and the object and user from it where the rule's output did not print them."""
+    loose = [e for e in entries if e["kind"] == "alert" and "trigger_id" not in e and e.get("audit_id")]
+    if not loose:
+        return entries
+    triggers = {e["audit_id"]: e for e in timeline(backend.triggers_of(list({e["audit_id"] for e in loose})))}
+    for alert in loose:
+        trigger = triggers.get(alert["audit_id"])
+        if trigger is None:
+            continue
+        alert["trigger"] = {
+            key: trigger.get(key) for key in ("id", "time", "stage", "verb", "user", "resource", "namespace", "name")
+        }
+        alert["trigger"]["summary"] = summary(trigger)
+        for key in ("user", "verb", "resource", "namespace", "name"):
+            if alert.get(key) is None:
+                alert[key] = trigger.get(key)
+    return entries
 
 
 def _ref(backend: Backend, target: str) -> ObjectRef:
@@ -122,7 +154,7 @@ def who(
         near = difflib.get_close_matches(user, backend.users(), n=5, cutoff=0.5)
         hint = f"; users with records: {', '.join(near)}" if near else ""
         raise HistoryError(f"no records of user {user!r}" + hint)
-    return Result(f"user {user}", timeline(records), len(records) >= limit)
+    return Result(f"user {user}", _linked(backend, timeline(records)), len(records) >= limit)
 
 
 def search(
@@ -136,4 +168,4 @@ def search(
     if filters.resource is not None:
         filters.resource = resolve_kind(filters.resource, backend.resources())
     records = backend.search(filters, since, until, limit)
-    return Result("search", timeline(records), len(records) >= limit)
+    return Result("search", _linked(backend, timeline(records)), len(records) >= limit)

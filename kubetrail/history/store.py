@@ -3,6 +3,11 @@
 Every query is one indexed range scan: an object's records by ``(name, resource, namespace,
 time)``, a uid by ``uid``, a user's by ``(user, time)``, a search by time. WAL mode lets these
 run while the agent writes.
+
+**Alerts** come with the records that fired them: an object's or a user's audit records bring
+the alerts of their auditIDs (one indexed lookup in the ``alerts`` table per few hundred
+requests), whenever each was stored; alerts whose own columns (from the rule's output) name the
+object or the user come with the range scan as any record. A store of schema 1 has no alerts.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import orjson
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord
 from kubetrail.sinks.sqlite import StoreError, open_reader
 
+STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
 WORKLOADS = ("deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs")
 MUTATING = ("create", "update", "patch", "delete", "deletecollection")
 
@@ -25,7 +31,7 @@ MUTATING = ("create", "update", "patch", "delete", "deletecollection")
 class Filters:
     """``kubetrail search``'s filters; None means any."""
 
-    kind: str | None = None  # audit, event, log
+    kind: str | None = None  # audit, event, log, alert
     user: str | None = None
     verb: str | None = None
     resource: str | None = None
@@ -34,6 +40,25 @@ class Filters:
     code: int | None = None
     reason: str | None = None
     writes_only: bool = False
+    priority: str | None = None  # alerts of this priority or a more severe one (Falco's order)
+    rule: str | None = None  # alerts of this rule
+
+    def __post_init__(self) -> None:
+        if self.priority is not None:
+            from kubetrail.detect.rules import priority_level
+
+            try:
+                self.level: int | None = priority_level(self.priority)
+            except ValueError as exc:
+                raise HistoryError(str(exc)) from None
+        else:
+            self.level = None
+        if (self.priority is not None or self.rule is not None) and self.kind not in (None, "alert"):
+            raise HistoryError(f"--priority and --rule select alerts, not {self.kind} records")
+
+    @property
+    def alerts_only(self) -> bool:
+        return self.kind == "alert" or self.priority is not None or self.rule is not None
 
     def matches(self, row: dict[str, Any]) -> bool:
         for key in ("kind", "user", "verb", "resource", "namespace", "name", "code", "reason"):
@@ -65,6 +90,10 @@ class StoreBackend:
             self.conn = open_reader(self.path)
         except StoreError as exc:
             raise HistoryError(str(exc)) from None
+        self.has_alerts = (
+            self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'alerts'").fetchone()
+            is not None
+        )
 
     def _rows(self, sql: str, params: list[Any]) -> list[StoredRecord]:
         """Rows of ``sql``; one that ends ``ORDER BY time_ns DESC LIMIT ?`` (the newest N, which
@@ -96,10 +125,57 @@ class StoreBackend:
         extra = self._owned_events(ref, since, until, limit)
         if logs:
             extra += self._log_records(ref, since, until, limit)
+        records = self._with_alerts(records)
         if extra:
             records.extend(extra)
             records.sort(key=lambda r: (r.time_ns, str(r.id)))
         return records[-limit:]
+
+    def _with_alerts(self, records: list[StoredRecord]) -> list[StoredRecord]:
+        """``records`` and the alerts their audit records fired (not already among them), by time.
+        The alerts are looked up whatever their own time: one may be stored before its record."""
+        audit_ids = list({r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body})
+        if not audit_ids:
+            return records
+        seen = {r.id for r in records}
+        found = [r for r in self.alerts_for(audit_ids) if r.id not in seen]
+        if not found:
+            return records
+        return sorted(records + found, key=lambda r: (r.time_ns, str(r.id)))
+
+    def alerts_for(self, audit_ids: list[str]) -> list[StoredRecord]:
+        """The alerts fired by these audit requests (any stage)."""
+        if not self.has_alerts:
+            return []
+        out: list[StoredRecord] = []
+        for start in range(0, len(audit_ids), 500):
+            chunk = audit_ids[start : start + 500]
+            out += self._rows(
+                "SELECT r.id, r.time_ns, r.kind, r.body FROM alerts a JOIN records r ON r.id = a.id"
+                f" WHERE a.audit_id IN ({','.join('?' * len(chunk))})",
+                chunk,
+            )
+        return out
+
+    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]:
+        """The audit records (every stage stored) of these auditIDs: found by their identity
+        ``(auditID, stage)``, the unique index every row has, so no column is needed for it."""
+        from kubetrail.core.record import Record, identity_key
+
+        idents = [
+            bytes.fromhex(identity_key(Record("", 0, None, b"{}", (audit_id, stage))) or "")
+            for audit_id in audit_ids
+            for stage in STAGES
+        ]
+        out: list[StoredRecord] = []
+        for start in range(0, len(idents), 400):
+            chunk = idents[start : start + 400]
+            out += self._rows(
+                f"SELECT id, time_ns, kind, body FROM records WHERE ident IN ({','.join('?' * len(chunk))})"
+                " AND kind = 'audit'",
+                chunk,
+            )
+        return out
 
     def _owned_events(self, ref: ObjectRef, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
         """A workload's story goes on in its ReplicaSets' and pods' Events (an image that cannot
@@ -162,7 +238,7 @@ class StoreBackend:
             params += MUTATING
         sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
-        return self._rows(sql, params)
+        return self._with_alerts(self._rows(sql, params))[-limit:]
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
         clauses = []
@@ -175,6 +251,20 @@ class StoreBackend:
         if filters.writes_only:
             clauses.append(f"verb IN ({','.join('?' * len(MUTATING))})")
             params += MUTATING
+        if filters.alerts_only:
+            if not self.has_alerts:
+                return []
+            if filters.kind is None:
+                clauses.append("kind = 'alert'")
+            alert_clauses = []
+            if filters.rule is not None:
+                alert_clauses.append("rule = ?")
+                params.append(filters.rule)
+            if filters.level is not None:
+                alert_clauses.append("level <= ?")  # 0 is Emergency: at least as severe
+                params.append(filters.level)
+            if alert_clauses:
+                clauses.append(f"id IN (SELECT id FROM alerts WHERE {' AND '.join(alert_clauses)})")
         where = " AND ".join(clauses) or "1"
         sql = f"SELECT id, time_ns, kind, body FROM records WHERE {where}" + _time_clause(since, until, params)
         sql += " ORDER BY time_ns DESC LIMIT ?"

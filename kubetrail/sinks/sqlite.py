@@ -38,6 +38,14 @@ Design decisions:
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery).
+* **Alerts** (the ``detect`` filter's records, Falco's JSON output plus ``k8s.audit.id`` and
+  ``k8s.audit.stage``) are rows of kind ``alert``: ``user``/``verb``/``resource``/``namespace``/
+  ``name`` from the alert's ``output_fields`` (``ka.user.name``, ``ka.target.*``) where the rule
+  prints them, and the rest in the ``alerts`` table beside (``rule``, ``priority`` and its level,
+  ``tags``, ``output``, the triggering ``audit_id``/``stage``: the link to the audit record,
+  whose row is found by its identity). Their identity is always ``(auditID, stage, rule)``, the
+  filter's own, also for an alert read back from a file without it: a replay adds nothing.
+  Schema 2 added the table; a schema-1 store gets it (empty) when a writer opens it.
 * **Speed.** The columns are picked out of a record's JSON with one msgspec decode into a small
   struct (unknown members are skipped in C) instead of building the whole dict.
 """
@@ -56,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import orjson
 
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import RetryableError
@@ -64,7 +73,10 @@ from kubetrail.core.record import Batch, Record, identity_key
 
 # 'ktr1': marks a kubetrail store, so a reader never mistakes another SQLite file for one.
 APPLICATION_ID = 0x6B747231
-SCHEMA_VERSION = 1
+# Schema 2 (issue 21 item 6) added the alerts table: ALERTS_SCHEMA, _AlertProbe/_alert_row,
+# alert_columns and the INSERT_ALERT lines in StoreWriter._write are that part; a later schema
+# change takes 3 (and keeps the 1 -> 2 step in check_store).
+SCHEMA_VERSION = 2
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 
 SCHEMA = """
@@ -90,6 +102,27 @@ CREATE INDEX IF NOT EXISTS records_object ON records (name, resource, namespace,
 CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;
 """
+# The detect filter's alerts: what a search filters them by, and the link to the audit record.
+ALERTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id INTEGER PRIMARY KEY,
+    audit_id TEXT,
+    stage TEXT,
+    rule TEXT NOT NULL,
+    priority TEXT,
+    level INTEGER,
+    tags TEXT,
+    output TEXT
+);
+CREATE INDEX IF NOT EXISTS alerts_audit ON alerts (audit_id);
+CREATE INDEX IF NOT EXISTS alerts_rule ON alerts (rule);
+CREATE TRIGGER IF NOT EXISTS alerts_retention AFTER DELETE ON records WHEN old.kind = 'alert'
+BEGIN DELETE FROM alerts WHERE id = old.id; END;
+"""
+INSERT_ALERT = (
+    "INSERT OR IGNORE INTO alerts (id, audit_id, stage, rule, priority, level, tags, output)"
+    " SELECT id, ?, ?, ?, ?, ?, ?, ? FROM records WHERE ident = ? AND kind = 'alert'"
+)
 INSERT = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
     " tag, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
@@ -189,7 +222,20 @@ class _Probe(msgspec.Struct):
     kubernetes: _Kube | None = None
 
 
+class _AlertProbe(msgspec.Struct):
+    """The members of a ``detect`` alert that become columns (Falco's JSON output + identity)."""
+
+    rule: str
+    priority: str | None = None
+    tags: list[str] | None = None
+    output: str | None = None
+    output_fields: dict[str, str | None] | None = None
+    audit_id: str | None = msgspec.field(default=None, name="k8s.audit.id")
+    stage: str | None = msgspec.field(default=None, name="k8s.audit.stage")
+
+
 _DECODER = msgspec.json.Decoder(_Probe)
+_ALERT_DECODER = msgspec.json.Decoder(_AlertProbe)
 Row = tuple[
     bytes,
     int,
@@ -294,7 +340,61 @@ def row_of(record: Record) -> Row:
                 record.tag,
                 data,
             )
+    if b'"k8s.audit.id"' in data:  # only rows that would be "other" pay for this look
+        alert = _alert_probe(data)
+        if alert is not None:
+            return _alert_row(alert, record, data)
     return (ident, record.time_ns, "other", None, None, None, None, None, None, None, None, record.tag, data)
+
+
+def _alert_probe(data: bytes) -> _AlertProbe | None:
+    try:
+        return _ALERT_DECODER.decode(data)
+    except msgspec.ValidationError:
+        return None  # a record that only looks like an alert: stored as "other"
+
+
+def alert_ident(audit_id: str | None, stage: str | None, rule: str) -> bytes:
+    """The identity the detect filter gives an alert, ``(auditID, stage, "detect", rule)``, as
+    :func:`~kubetrail.core.record.identity_key` makes it: the same bytes with or without the
+    record's identity (an alert read back from a file has none)."""
+    text = "\x1f".join(("" if audit_id is None else audit_id, "" if stage is None else stage, "detect", rule))
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def _alert_row(alert: _AlertProbe, record: Record, data: bytes) -> Row:
+    fields = alert.output_fields or {}
+    code_text = fields.get("ka.response.code")
+    code = int(code_text) if code_text is not None and code_text.isdigit() else None
+    return (
+        alert_ident(alert.audit_id, alert.stage, alert.rule),
+        record.time_ns,
+        "alert",
+        fields.get("ka.user.name"),
+        fields.get("ka.verb"),
+        fields.get("ka.target.resource"),
+        fields.get("ka.target.namespace"),
+        fields.get("ka.target.name"),
+        None,
+        code,
+        None,
+        record.tag,
+        data,
+    )
+
+
+def alert_columns(row: Row) -> tuple[Any, ...]:
+    """The ``alerts`` table's values for an alert row, for INSERT_ALERT."""
+    from kubetrail.detect.rules import priority_level  # only a store that holds alerts needs it
+
+    alert = _alert_probe(row[12])
+    assert alert is not None  # the row was made from it
+    try:
+        level: int | None = priority_level(alert.priority)
+    except ValueError:
+        level = None  # an unknown priority is kept as written, matched by no --priority
+    tags = orjson.dumps(alert.tags).decode() if alert.tags is not None else None
+    return (alert.audit_id, alert.stage, alert.rule, alert.priority, level, tags, alert.output, row[0])
 
 
 # -- opening a store ----------------------------------------------------------------------------
@@ -318,7 +418,7 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             conn.execute("PRAGMA page_size=65536")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.executescript(SCHEMA)
+            conn.executescript(SCHEMA + ALERTS_SCHEMA)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot create the store schema in {path}: {exc}") from None
         return
@@ -334,6 +434,13 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         )
     if version < 1:
         raise StoreError(f"{path} has no store schema version; it was not changed")
+    if version == 1 and writable:
+        # Schema 2 only adds the alerts table: a writer adds it, readers of a schema-1 store
+        # find no alerts.
+        try:
+            conn.executescript(f"BEGIN; {ALERTS_SCHEMA} PRAGMA user_version=2; COMMIT;")
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot add the alerts table to {path}: {exc}") from None
 
 
 def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
@@ -430,12 +537,15 @@ class StoreWriter:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.executemany(INSERT, rows)
+            added = conn.total_changes - before  # records only: the alerts table's rows are extra
+            alerts = [row for row in rows if row[2] == "alert"]  # few: the detect filter's
+            if alerts:
+                conn.executemany(INSERT_ALERT, [alert_columns(row) for row in alerts])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
-        added = conn.total_changes - before
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ def test_the_dataset_is_small_and_self_contained() -> None:
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("example") / "store.db"
     env = {**os.environ, "KUBETRAIL_EXAMPLES": str(EXAMPLES), "KUBETRAIL_STORE": str(path)}
+    counts = []
     for _ in range(2):  # the second run stores nothing new
         done = subprocess.run(
             [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(EXAMPLES / "history" / "ingest.conf")],
@@ -58,6 +60,10 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
             timeout=120,
         )
         assert done.returncode == 0, done.stderr
+        with sqlite3.connect(path) as conn:
+            counts.append(dict(conn.execute("SELECT kind, count(*) FROM records GROUP BY kind").fetchall()))
+    assert counts[0] == counts[1]
+    assert counts[0]["alert"] >= 4 and counts[0]["event"] and counts[0]["log"]
     return path
 
 
@@ -82,7 +88,16 @@ def test_the_deployments_history(store: Path) -> None:
         ("patch", None, "admin", 200),
         ("delete", None, "norbac", 403),
     ]
-    create, _, scale, broken, back, _ = audit
+    create, _, scale, broken, back, refused = audit
+    # The alerts each request fired, right after it.
+    after = {e["id"]: entries[i + 1 : i + 3] for i, e in enumerate(entries) if e["kind"] == "audit"}
+    assert [a["rule"] for a in after[create["id"]][:1]] == ["K8s Deployment Created"]
+    assert {a["rule"] for a in after[refused["id"]]} == {"Disallowed K8s User", "K8s Request Forbidden"}
+    assert all(a["kind"] == "alert" and a["trigger_id"] == refused["id"] for a in after[refused["id"]])
+    assert [e["rule"] for e in entries if e["kind"] == "alert"] == [
+        "K8s Deployment Created",
+        *sorted(["Disallowed K8s User", "K8s Request Forbidden"]),
+    ]
     assert any(c["path"] == "/spec/replicas" and c["new"] == 1 for c in create["changes"])
     assert scale["changes"] == [{"op": "replace", "path": "/spec/replicas", "old": 1, "new": 3}]
     image = "/spec/template/spec/containers/0/image"
@@ -108,13 +123,40 @@ def test_the_deployments_history(store: Path) -> None:
 
 def test_who_read_the_secret(store: Path) -> None:
     entries = history(store, "who", "system:serviceaccount:shop:reader")
-    assert [(e["verb"], e["resource"], e["name"], e["code"]) for e in entries] == [
-        ("get", "secrets", "db-credentials", 200)
+    # The read, and right after it the alert Falco's rules raise for it (the detect filter in
+    # ingest.conf ran them on the recorded audit log).
+    assert [(e["kind"], e["verb"], e["resource"], e["name"], e.get("code") or e.get("rule")) for e in entries] == [
+        ("audit", "get", "secrets", "db-credentials", 200),
+        ("alert", "get", "secrets", "db-credentials", "K8s Secret Get Successfully"),
     ]
+    read, alert = entries
+    assert alert["priority"] == "Error" and alert["trigger_id"] == read["id"]
+    assert alert["audit_id"] == read["audit_id"] and alert["stage"] == "ResponseComplete"
+    assert "user=system:serviceaccount:shop:reader secret=db-credentials" in alert["output"]
     denied = history(store, "search", "--code", "403")
-    assert [(e["user"], e["verb"], e["resource"], e["name"]) for e in denied] == [
-        ("norbac", "delete", "deployments", "web")
+    # The refused request and the two alerts it fired (their output prints resp=403).
+    assert [(e["kind"], e["user"], e["verb"], e["resource"], e["name"]) for e in denied] == [
+        ("audit", "norbac", "delete", "deployments", "web"),
+        ("alert", "norbac", "delete", "deployments", "web"),
+        ("alert", "norbac", "delete", "deployments", "web"),
     ]
+    assert {e.get("rule") for e in denied[1:]} == {"Disallowed K8s User", "K8s Request Forbidden"}
+
+
+def test_alerts_of_the_story(store: Path) -> None:
+    alerts = history(store, "search", "--kind", "alert", "--priority", "warning")
+    assert [(e["rule"], e["priority"], e["user"]) for e in alerts] == [
+        ("Create Disallowed Namespace", "Warning", "admin"),
+        ("K8s Secret Get Successfully", "Error", "system:serviceaccount:shop:reader"),
+        ("Disallowed K8s User", "Warning", "norbac"),
+        ("K8s Request Forbidden", "Warning", "norbac"),
+    ]
+    # Each names the record that fired it (its object and user are that record's).
+    assert all(e["trigger"]["user"] == e["user"] and e["trigger"]["verb"] == e["verb"] for e in alerts)
+    assert history(store, "search", "--rule", "K8s Deployment Created")[0]["name"] == "web"
+    text = CliRunner().invoke(main, ["history", "deploy/shop/web", "--store", str(store)]).output.splitlines()
+    refused = next(i for i, line in enumerate(text) if "delete deployments/shop/web by norbac" in line)
+    assert "ALERT  Warning " in text[refused + 1] and "ALERT  Warning " in text[refused + 2]
 
 
 def test_scripts_run_without_arguments(tmp_path: Path) -> None:
