@@ -73,6 +73,12 @@ class ComponentMetrics:
         self.buffer_records = parent.buffer_records.labels(*labels)
         self.buffer_bytes = parent.buffer_bytes.labels(*labels)
 
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The pipeline's whole registry (every component's metrics), for a plugin that reads or
+        exports them all: the ``fluentbit_metrics`` input scrapes it."""
+        return self._parent.registry
+
     def counter(self, name: str, doc: str, *labels: str) -> Counter:
         """A plugin's own counter with this component's labels bound; more labels via .labels()."""
         metric = self._parent.plugin_metric(Counter, name, doc, labels)

@@ -43,7 +43,7 @@ class FluentbitMetricsSource(Source):
             raise ConfigError("must be more than 0", key="scrape_interval")
         self.on_start: bool = config["scrape_on_start"]
         # The pipeline's registry, shared by every component's metrics.
-        self.registry = ctx.metrics._parent.registry
+        self.registry = ctx.metrics.registry
         self.scrapes = 0
         self._stop = asyncio.Event()
 

@@ -39,9 +39,10 @@ import orjson
 
 from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
+from kubetrail.core.gzip_body import GzipBodyError, gunzip_bounded
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sources.kubernetes_audit import BadRequest, KubernetesAuditSource
+from kubetrail.sources.kubernetes_audit import BadRequest
 from kubetrail.sources.server_base import SERVER_TLS_OPTIONS, Warnings, server_tls
 
 _NOT_TAG_CHAR = re.compile(r"[^A-Za-z0-9_.]")
@@ -130,8 +131,8 @@ class HttpSource(Source):
         except OSError:
             await runner.cleanup()
             raise
-        sockets = getattr(site._server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        addresses = runner.addresses  # (host, port, ...) per listening socket: the port when it was 0
+        self.bound_port = addresses[0][1] if addresses else self.port
         self.started.set()
         self.log.info("http input listening", extra={"listen": self.host, "port": self.bound_port})
         try:
@@ -194,7 +195,10 @@ class HttpSource(Source):
         body = b"".join(chunks)
         encoding = request.headers.get("Content-Encoding", "").strip().lower()
         if encoding in ("gzip", "x-gzip"):
-            body = KubernetesAuditSource._gunzip(self, body)  # type: ignore[arg-type]  # bounded by self.limit
+            try:
+                body = gunzip_bounded(body, self.limit)
+            except GzipBodyError as exc:
+                raise BadRequest(413 if exc.too_large else 400, f"error: {exc}") from None
         elif encoding not in ("", "identity"):
             raise BadRequest(400, f"error: content encoding {encoding!r} is not supported (gzip is)")
         return body

@@ -22,6 +22,7 @@ import pytest
 
 from kubetrail.core.config import load_config
 from kubetrail.core.errors import ConfigError
+from kubetrail.core.gzip_body import GzipBodyError, gunzip_bounded
 from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sources.http import parse_urlencoded, tag_from_path
@@ -250,6 +251,33 @@ async def test_http_bad_requests_get_400_or_413_and_the_server_goes_on(tmp_path:
         assert record.body == {"still": "serving"}
         assert run.metric("kubetrail_errors_total", type="http_400") >= 7
         assert run.metric("kubetrail_errors_total", type="http_413") == 1
+
+
+def test_gunzip_bounded_stops_at_the_limit_and_names_what_is_wrong() -> None:
+    body = orjson.dumps([{"n": i} for i in range(100)])
+    packed = gzip.compress(body)
+    assert gunzip_bounded(packed, len(body)) == body
+    with pytest.raises(GzipBodyError, match="over buffer_max_size \\(1023 bytes\\)") as too_large:
+        gunzip_bounded(gzip.compress(b" " * (10 * 1024 * 1024)), 1023)  # inflates no further than 1 KiB
+    assert too_large.value.too_large
+    for bad, message in ((packed[:-12], "truncated gzip body"), (b"\x1f\x8b garbage", "bad gzip body")):
+        with pytest.raises(GzipBodyError, match=message) as error:
+            gunzip_bounded(bad, 1 << 20)
+        assert not error.value.too_large
+
+
+async def test_http_gzip_bomb_gets_413_and_a_truncated_body_400(tmp_path: Path) -> None:
+    async with running(tmp_path, http_input("    buffer_max_size 64k"), ready="started") as run:
+        bomb = gzip.compress(b"[" + b" " * (20 * 1024 * 1024) + b"]", compresslevel=9)
+        assert len(bomb) < 64 * 1024
+        status, text, _ = await post(run, "/", bomb, **{"Content-Encoding": "gzip"})
+        assert status == 413 and text == "error: decompressed body over buffer_max_size (65536 bytes)\n"
+        status, text, _ = await post(run, "/", gzip.compress(b'{"a": 1}')[:-4], **{"Content-Encoding": "gzip"})
+        assert status == 400 and text == "error: truncated gzip body\n"
+        status, _, _ = await post(run, "/", gzip.compress(b'{"a": 1}'), **{"Content-Encoding": "gzip"})
+        assert status == 201
+        (record,) = await run.wait_records(1)
+        assert record.body == {"a": 1}
 
 
 class GatedSink(CollectSink):
