@@ -13,7 +13,7 @@ import asyncio
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -36,6 +36,10 @@ try:  # optional (built from native/): out_file text written with writev from th
     from kubetrail_native import write_framed
 except ImportError:  # pragma: no cover - depends on the installation
     write_framed = None
+try:  # optional (built from native/): csv, ltsv and template text written from the block's lines
+    from kubetrail_native import FieldsWriter
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    FieldsWriter = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +102,15 @@ class FileSink(Sink):
             "ltsv": self._format_ltsv,
             "template": self._format_template,
         }.get(self.format)
+        # The same three formats natively, byte for byte (native/src/fieldtext.rs); the lines it
+        # leaves (a float, a repeated key, ...) go through the body formatter above.
+        self._fields_writer: Any = None
+        if self._body_formatter is not None and FieldsWriter is not None:
+            kind = ("csv", "ltsv", "template").index(self.format)
+            pieces = [piece.encode() for piece in _PLACEHOLDER.split(self.template)]
+            self._fields_writer = FieldsWriter(
+                kind, self.delimiter.encode(), self.label_delimiter.encode(), pieces if kind == 2 else []
+            )
 
     async def start(self) -> None:
         await asyncio.to_thread(self._check_directory)
@@ -139,12 +152,29 @@ class FileSink(Sink):
                     return _Framed(block, times_bytes(batch.block_times()), batch.tag.encode())
                 return framed_lines(block, batch.block_times(), batch.tag)
         elif self._body_formatter is not None and not batch.is_materialized and batch.raw_block is not None:
-            # Each line decoded once for its fields; no Record holding both bytes and dict.
-            body_formatter, loads = self._body_formatter, orjson.loads
-            lines = batch.raw_block.split(b"\n")
-            return b"".join([body_formatter(t, loads(line)) for t, line in zip(batch.block_times(), lines)])  # noqa: B905
+            return self._fields_from_block(batch.raw_block, batch.block_times())
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
+
+    def _fields_from_block(self, block: bytes, times: Sequence[int]) -> bytes:
+        """``csv``/``ltsv``/``template`` text of a block's lines, without a Record per line."""
+        body_formatter, loads = self._body_formatter, orjson.loads
+        assert body_formatter is not None
+        if self._fields_writer is not None:
+            text, slow = self._fields_writer.format(block, times_bytes(times))
+            if not slow:
+                return text  # type: ignore[no-any-return]
+            # The lines the native writer left, formatted here and put where they belong.
+            lines = block.split(b"\n")
+            pieces, done = [], 0
+            for index, position in slow:
+                pieces += [text[done:position], body_formatter(times[index], loads(lines[index]))]
+                done = position
+            pieces.append(text[done:])
+            return b"".join(pieces)
+        # Each line decoded once for its fields; no Record holding both bytes and dict.
+        lines = block.split(b"\n")
+        return b"".join([body_formatter(t, loads(line)) for t, line in zip(times, lines)])  # noqa: B905
 
     def _write_sync(self, target: Path, pieces: list[bytes | _Framed], batch: Batch) -> None:
         size_before: int | None = None

@@ -82,36 +82,43 @@ def framed_lines(block: bytes, times: Sequence[int], tag: str, first: int | None
     )
 
 
-def dated_lines(batch: Batch, date_key: str, date_format: str) -> bytes | None:
-    """The batch's block with each line's time put first under ``date_key`` (``double`` or
-    ``epoch``), natively, without a record per line; None when that path does not apply."""
-    block = batch.raw_block
-    if frame_lines is None or block is None or date_format not in ("double", "epoch"):
+# frame_lines' ``join`` per format: a line each, one array, back to back.
+_JOINS = {"json_lines": 0, "json": 1, "json_stream": 2}
+
+
+def block_framing(fmt: str, date_key: str | None, date_format: str) -> tuple[int, bytes, int] | None:
+    """How :func:`frame_lines` / ``write_framed`` write a block in ``fmt``: ``(style, key
+    text, join)``; None for a date format they do not write (``iso8601`` and the like)."""
+    if date_key is None:
+        return 4, b"", _JOINS[fmt]  # the lines as they are
+    if date_format not in ("double", "epoch"):
         return None
     key = orjson.dumps(date_key)[1:-1]
-    style = 2 if date_format == "double" else 3
-    framed: bytes | None = frame_lines(block, times_bytes(batch.block_times()), style, key)
-    return framed
+    return (2 if date_format == "double" else 3), key, _JOINS[fmt]
 
 
 def encode_batch(batch: Batch, fmt: str, date_key: str | None, date_format: str) -> bytes:
-    """``batch`` in one of :data:`JSON_FORMATS` (``json`` ends with a newline, as Fluent Bit's)."""
-    if fmt == "json_lines" and date_key is None and batch.raw_block is not None:
-        return batch.raw_block  # the source's own validated JSON lines: nothing to re-encode
-    if date_key is not None:
-        dated = dated_lines(batch, date_key, date_format)
-        if dated is not None:
-            if fmt == "json_lines":
-                return dated
-            if fmt == "json":  # JSON lines hold no raw newline: the separators are exactly these
-                return b"[" + dated[:-1].replace(b"\n", b",") + b"]\n"
-            if fmt == "json_stream":
-                return dated.replace(b"\n", b"")
+    """``batch`` in one of :data:`JSON_FORMATS` (``json`` ends with a newline, as Fluent Bit's).
+
+    A block (see :mod:`kubetrail.core.block`) is framed natively in one pass into one bytes
+    object, each line's time put in front where there is a date key: no record, and no
+    intermediate copies of a buffer as large as the input."""
+    if fmt not in _JOINS:
+        raise ValueError(f"unknown JSON format {fmt!r}; allowed: {', '.join(JSON_FORMATS)}")
+    block = batch.raw_block
+    if block is not None:
+        if fmt == "json_lines" and date_key is None:
+            return block  # the source's own validated JSON lines: nothing to re-encode
+        spec = block_framing(fmt, date_key, date_format)
+        if spec is not None and frame_lines is not None:
+            style, key, join = spec
+            times = times_bytes(batch.block_times()) if style != 4 else b""
+            framed: bytes | None = frame_lines(block, times, style, key, 0, join)
+            if framed is not None:
+                return framed
     records = batch.records
     if fmt == "json":
         return b"[" + b",".join([with_date(r, date_key, date_format) for r in records]) + b"]\n"
     if fmt == "json_lines":
         return b"".join([with_date(r, date_key, date_format) + b"\n" for r in records])
-    if fmt == "json_stream":
-        return b"".join([with_date(r, date_key, date_format) for r in records])
-    raise ValueError(f"unknown JSON format {fmt!r}; allowed: {', '.join(JSON_FORMATS)}")
+    return b"".join([with_date(r, date_key, date_format) for r in records])

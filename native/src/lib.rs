@@ -28,6 +28,7 @@
 //!          the two decoders differ (msgspec takes a repeated key's last value and any integer)
 //!          the reference wins, so such a line is never passed on unredacted by mistake.
 
+mod fieldtext;
 mod jsonlines;
 mod regexlines;
 mod timefmt;
@@ -1114,5 +1115,6 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::write_framed, module)?)?;
     module.add_class::<timefmt::TimeFormat>()?;
+    module.add_class::<fieldtext::FieldsWriter>()?;
     Ok(())
 }

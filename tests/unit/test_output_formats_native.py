@@ -1,0 +1,279 @@
+"""Output formats written natively from a block equal the Python path byte for byte (issue 18).
+
+* ``file`` ``csv``/``ltsv``/``template`` by ``kubetrail_native.FieldsWriter`` against the
+  Python formatters (``orjson.loads`` per line, ``FileSink._format_*``), on hand-picked and
+  random lines: escapes, unicode (surrogate pairs too), nested values, missing keys, numbers,
+  booleans, null, repeated keys, whitespace; the lines the writer leaves to Python (floats,
+  integers beyond 64 bits, repeated keys) are named and spliced back in place.
+* The ``json`` family (``stdout``, ``http``) from a block with ``frame_lines``: each format and
+  date option equals the record path's bytes.
+* ``stdout`` writing a block with ``writev`` into a real file equals what it writes into an
+  in-memory stream (the encoded path), numbering continued across batches.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from array import array
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.block import ReadyBlock
+from kubetrail.core.component import ComponentContext
+from kubetrail.core.metrics import MetricsRegistry
+from kubetrail.core.options import resolve_options
+from kubetrail.core.record import Batch, Record
+from kubetrail.parsers.registry import ParserRegistry
+from kubetrail.sinks import file as file_module
+from kubetrail.sinks.file import FileSink
+from kubetrail.sinks.json_format import encode_batch
+from kubetrail.sinks.stdout import StdoutSink
+from tests.unit.helpers import build, section
+
+native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
+
+# Lines the native writer must write itself (no float, no wide integer, no repeated key).
+NATIVE_LINES = [
+    b'{"a":"x","n":1}',
+    b"{}",
+    b'{"s":"caf\\u00e9 \\"q\\" back\\\\slash \\/ tab\\t nl\\n cr\\r bs\\b ff\\f ctl\\u0001 del\x7f"}',
+    '{"u":"é 😀 \u2028 日本","k\u00e9y":"v"}'.encode(),
+    b'{"pair":"\\ud83d\\ude00","lower":"\\u00E9"}',
+    b'{"nested":{"b":[1,-2,true,false,null,"s\\"",{"c":"\\u0001\\u001f\\n"}],"e":{}},"arr":[]}',
+    b'  { "spaced" : [ 1 , { "x" : "y" } ] , "t" : true }  ',
+    b'{"ints":[0,-1,9223372036854775807,-9223372036854775808,18446744073709551615]}',
+    b'{"n":null,"t":true,"f":false,"i":-42}',
+    b'{"delims":"a,b\\tc d:e=f","time":"their own time"}',
+    b'{"quote":"\\"\\"","empty":""}',
+    b'{"time":{"nested":1},"message":"m"}',
+    b'{"esc\\"key":"v","k\\\\2":1}',
+    b'{"deep":[[[[[[[[[[{"a":[[[]]]}]]]]]]]]]]}',
+]
+
+# Lines it must leave to Python (and why), each spliced back where it belongs.
+SLOW_LINES = [
+    b'{"f":1.5}',  # a float: orjson's own repr
+    b'{"a":1,"a":2}',  # a repeated key: orjson keeps the first place with the last value
+    b'{"big":18446744073709551616}',  # beyond 64 bits: orjson reads a float
+    b'{"neg":-9223372036854775809}',
+    b'{"z":-0}',  # orjson reads 0
+    b'{"e":1e5}',
+    b'{"nested":{"x":[0.1]}}',
+]
+
+TIMES = [1_795_867_200_001_800_000, 0, 5, 1_700_000_000_999_999_999, -1_500_000_000]
+
+TEMPLATES = [
+    "{time} {message}",
+    "{a} {n} {missing} {time}",
+    "[{s}] {u}{pair} {nested} {ints} {t}{f}{n} {delims}",
+    "no placeholders",
+    '{time}{time} {esc"key} {k\\2} {} {{a}} {a b}',
+    "{f} {a} {big} {deep}",
+]
+
+FORMATS: list[dict[str, str]] = [
+    {"format": "csv"},
+    {"format": "csv", "delimiter": "tab"},
+    {"format": "csv", "delimiter": "space"},
+    {"format": "ltsv"},
+    {"format": "ltsv", "delimiter": "comma", "label_delimiter": "="},
+    {"format": "ltsv", "delimiter": "space", "label_delimiter": "=>"},
+    *({"format": "template", "template": template} for template in TEMPLATES),
+]
+
+
+def sink(tmp_path: Path, **props: str) -> FileSink:
+    return build(FileSink, path=str(tmp_path), **props)  # type: ignore[no-any-return]
+
+
+def reference(s: FileSink, lines: list[bytes], times: list[int]) -> bytes:
+    """The Python formatter, one decoded line at a time."""
+    formatter = s._body_formatter
+    assert formatter is not None
+    return b"".join(formatter(t, orjson.loads(line)) for t, line in zip(times, lines, strict=True))
+
+
+def times_for(n: int) -> list[int]:
+    return [TIMES[i % len(TIMES)] + i for i in range(n)]
+
+
+def block_of(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+@pytest.mark.parametrize("props", FORMATS, ids=lambda p: "-".join(p.values()))
+def test_field_formats_from_native_equal_python(tmp_path: Path, props: dict[str, str]) -> None:
+    s = sink(tmp_path, **props)
+    assert s._fields_writer is not None
+    lines = NATIVE_LINES
+    times = times_for(len(lines))
+    text, slow = s._fields_writer.format(block_of(lines), file_module.times_bytes(times))
+    assert slow == []  # every one of these lines written natively
+    assert text == reference(s, lines, times)
+
+
+@pytest.mark.parametrize("props", FORMATS, ids=lambda p: "-".join(p.values()))
+def test_lines_left_to_python_are_spliced_in_place(tmp_path: Path, props: dict[str, str]) -> None:
+    s = sink(tmp_path, **props)
+    lines: list[bytes] = []
+    for i, odd in enumerate(SLOW_LINES):  # an odd line between native ones, and two in a row
+        lines += [NATIVE_LINES[i % len(NATIVE_LINES)], odd]
+    lines += [SLOW_LINES[0], SLOW_LINES[1]]
+    times = times_for(len(lines))
+    block = block_of(lines)
+    _, slow = s._fields_writer.format(block, file_module.times_bytes(times))
+    slow_indices = [index for index, _ in slow]
+    if props["format"] != "template":
+        assert slow_indices == [i for i, line in enumerate(lines) if line in SLOW_LINES]
+    assert s._fields_from_block(block, times) == reference(s, lines, times)
+
+
+def random_value(rnd: random.Random, depth: int = 0) -> Any:
+    kind = rnd.randrange(9 if depth < 3 else 6)
+    pool = ['"', "\\", "\n", "\t", "\x01", "\x1f", "\x7f", "é", "😀", "\u2028", ",", " ", ":", "=", "{", "}", "a", "Z"]
+    if kind == 0:
+        return "".join(rnd.choice(pool) for _ in range(rnd.randrange(8)))
+    if kind == 1:
+        return rnd.choice([0, 1, -1, 7, 2**63 - 1, -(2**63), 2**64 - 1, rnd.randrange(-(10**12), 10**12)])
+    if kind == 2:
+        return rnd.choice([True, False, None])
+    if kind == 3:
+        return rnd.choice([0.5, -1.25, 1e16, 3.0])  # floats: left to Python
+    if kind in (4, 5):
+        return "".join(rnd.choice("abc xyz-_/.") for _ in range(rnd.randrange(12)))
+    if kind in (6, 7):
+        return {random_key(rnd): random_value(rnd, depth + 1) for _ in range(rnd.randrange(4))}
+    return [random_value(rnd, depth + 1) for _ in range(rnd.randrange(4))]
+
+
+def random_key(rnd: random.Random) -> str:
+    return rnd.choice(["a", "b", "time", "message", "k é", 'q"', "n\\", "log", "x"])
+
+
+def random_line(rnd: random.Random) -> bytes:
+    body = {random_key(rnd): random_value(rnd) for _ in range(rnd.randrange(6))}
+    style = rnd.randrange(3)
+    if style == 0:
+        return orjson.dumps(body)
+    if style == 1:  # ASCII escapes, surrogate pairs, spaces after separators
+        return json.dumps(body, ensure_ascii=True).encode()
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@pytest.mark.parametrize("props", FORMATS, ids=lambda p: "-".join(p.values()))
+def test_random_lines_equal_python(tmp_path: Path, props: dict[str, str]) -> None:
+    rnd = random.Random(18)
+    s = sink(tmp_path, **props)
+    lines = [random_line(rnd) for _ in range(600)]
+    times = times_for(len(lines))
+    block = block_of(lines)
+    _, slow = s._fields_writer.format(block, file_module.times_bytes(times))
+    assert len(slow) < len(lines) // 2  # most lines native: the test exercises the writer
+    assert s._fields_from_block(block, times) == reference(s, lines, times)
+
+
+def test_without_the_native_writer_the_python_formatter_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(file_module, "FieldsWriter", None)
+    s = sink(tmp_path, format="csv")
+    assert s._fields_writer is None
+    lines, times = NATIVE_LINES, times_for(len(NATIVE_LINES))
+    assert s._fields_from_block(block_of(lines), times) == reference(s, lines, times)
+
+
+def test_a_block_with_a_wrong_count_of_times_is_refused() -> None:
+    writer = native.FieldsWriter(0)
+    with pytest.raises(ValueError, match="one time per line"):
+        writer.format(b'{"a":1}\n{"b":2}\n', file_module.times_bytes([1]))
+
+
+# --- the json family from a block (stdout, http) -------------------------------------------
+
+
+def block_batch(lines: list[bytes], times: list[int], tag: str = "app.x") -> Batch:
+    """A batch of a block that knows its lines' times (as a parser's block does)."""
+    lazy = ReadyBlock(
+        block_of(lines), len(lines), lambda: [Record(tag, t, None, line) for t, line in zip(times, lines, strict=True)]
+    )
+    lazy.times = array("q", times)
+    return Batch(tag, None, block=lazy)
+
+
+def records_batch(lines: list[bytes], times: list[int], tag: str = "app.x") -> Batch:
+    return Batch(tag, [Record(tag, t, None, line) for t, line in zip(times, lines, strict=True)])
+
+
+COMPACT = [line for line in NATIVE_LINES if not line.startswith(b" ")] + [b'{"f":1.5}']
+
+
+@pytest.mark.parametrize("fmt", ["json", "json_lines", "json_stream"])
+@pytest.mark.parametrize(("date_key", "date_format"), [(None, "double"), ("date", "double"), ('w"k', "epoch")])
+def test_json_formats_from_a_block_equal_the_record_path(fmt: str, date_key: str | None, date_format: str) -> None:
+    times = [1_795_867_200_123_456_789 + i * 1_000_003 for i in range(len(COMPACT))]
+    block = block_batch(COMPACT, times)
+    fast = encode_batch(block, fmt, date_key, date_format)
+    assert not block.is_materialized  # framed from the block, no record built
+    assert fast == encode_batch(records_batch(COMPACT, times), fmt, date_key, date_format)
+    if fmt == "json":
+        assert len(orjson.loads(fast)) == len(COMPACT)
+
+
+def test_an_empty_block_is_an_empty_json_array() -> None:
+    assert encode_batch(block_batch([], []), "json", None, "double") == b"[]\n"
+    assert encode_batch(block_batch([], []), "json", "date", "double") == b"[]\n"
+
+
+def stdout_sink(stream: Any, **props: str) -> StdoutSink:
+    values = resolve_options(section("output", **props), StdoutSink.options, "stdout")
+    ctx = ComponentContext(
+        "stdout.0", MetricsRegistry().component("stdout.0", "sink", "stdout"), logging.getLogger("t"), ParserRegistry()
+    )
+    return StdoutSink(ctx, values, stream=stream)
+
+
+@pytest.mark.parametrize(
+    "props",
+    [
+        {"format": "msgpack"},
+        {"format": "json_lines"},
+        {"format": "json_lines", "json_date_format": "epoch", "json_date_key": "ts"},
+        {"format": "json_lines", "json_date_format": "iso8601"},
+        {"format": "json"},
+    ],
+    ids=lambda p: "-".join(p.values()),
+)
+async def test_stdout_by_writev_equals_the_encoded_stream(tmp_path: Path, props: dict[str, str]) -> None:
+    times = [1_795_867_200_123_456_789 + i * 1_000_003 for i in range(len(COMPACT))]
+    lines = COMPACT
+    in_memory = io.BytesIO()
+    expected_sink = stdout_sink(in_memory, **props)
+    for _ in range(2):
+        await expected_sink.write(records_batch(lines, times))
+    with (tmp_path / "out").open("wb") as stream:
+        s = stdout_sink(stream, **props)
+        for _ in range(2):  # the second batch numbered after the first (msgpack)
+            batch = block_batch(lines, times)
+            await s.write(batch)
+            # iso8601 dates are Python's to write (from records); the others come from the block.
+            assert batch.is_materialized == (props.get("json_date_format") == "iso8601")
+    assert (tmp_path / "out").read_bytes() == in_memory.getvalue()
+    if props["format"] == "msgpack":
+        assert in_memory.getvalue().splitlines()[len(lines)].startswith(b"[%d] app.x: [" % len(lines))
+
+
+async def test_stdout_writes_what_it_buffered_before_the_block(tmp_path: Path) -> None:
+    times = [1, 2]
+    lines = [b'{"a":1}', b'{"b":2}']
+    with (tmp_path / "out").open("wb") as stream:
+        s = stdout_sink(stream, format="msgpack")
+        stream.write(b"before\n")  # e.g. something else printed on stdout
+        await s.write(block_batch(lines, times))
+    assert (tmp_path / "out").read_bytes() == (
+        b'before\n[0] app.x: [0.000000001, {"a":1}]\n[1] app.x: [0.000000002, {"b":2}]\n'
+    )
