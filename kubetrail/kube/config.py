@@ -5,6 +5,13 @@ explicit Fluent Bit options (``kube_url``, ``kube_ca_file``, ``kube_ca_path``,
 ``kube_token_file``), whose defaults are the in-cluster service account files. A kubeconfig's
 inline credentials are written to files under a private temp dir so that every credential is
 handled the same way: as a file that may rotate.
+
+Without ``kube_url`` the address is the in-cluster one, found as every Kubernetes client finds
+it (client-go's ``InClusterConfig``): ``https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT``
+(an IPv6 host in brackets), which the kubelet sets in every pod, when both are set and the token
+file exists; that needs no cluster DNS (hostNetwork pods, DNS not up yet). Otherwise
+``https://kubernetes.default.svc``, Fluent Bit's default. ``kube_url`` always wins. Credentials
+never come from the environment: the token and CA stay files, re-read when they rotate.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import base64
 import os
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,7 +112,13 @@ def _write_private(content: bytes, name: str) -> str:
 # The connection options every plugin that talks to the API server accepts, with Fluent Bit's
 # names and defaults (its kubernetes_events input and kubernetes filter share them too).
 CONNECTION_OPTIONS: tuple[Option, ...] = (
-    Option("kube_url", "str", IN_CLUSTER_URL, help="API server URL"),
+    Option(
+        "kube_url",
+        "str",
+        None,
+        help="API server URL (default: https://$KUBERNETES_SERVICE_HOST:$KUBERNETES_SERVICE_PORT in a pod with "
+        f"the token file, else {IN_CLUSTER_URL})",
+    ),
     Option("kube_ca_file", "str", f"{SA_DIR}/ca.crt"),
     Option("kube_ca_path", help="Directory of CA certificates"),
     Option(
@@ -128,13 +142,27 @@ def connection_from_options(config: dict[str, Any]) -> ConnectionConfig:
             return ConnectionConfig.from_kubeconfig(config["kubeconfig"], token_ttl=config["kube_token_ttl"])
         except KubeConfigError as exc:
             raise ConfigError(str(exc), key="kubeconfig") from None
+    token_file = config["kube_token_file"] or None
     return ConnectionConfig(
-        url=config["kube_url"].rstrip("/"),
+        url=(config["kube_url"] or in_cluster_url(token_file)).rstrip("/"),
         ca_file=config["kube_ca_file"] or None,
         ca_path=config["kube_ca_path"],
-        token_file=config["kube_token_file"] or None,
+        token_file=token_file,
         token_ttl=config["kube_token_ttl"],
         tls_verify=config["tls.verify"],
         tls_vhost=config["tls.vhost"],
         tls_debug=config["tls.debug"],
     )
+
+
+def in_cluster_url(token_file: str | None, environ: Mapping[str, str] = os.environ) -> str:
+    """The API server as a pod reaches it: the ``kubernetes`` Service's address from the
+    environment the kubelet sets (as client-go does), when the pod has its token; else the
+    Service's DNS name."""
+    host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
+    port = environ.get("KUBERNETES_SERVICE_PORT", "").strip()
+    if not host or not port or not token_file or not os.path.isfile(token_file):
+        return IN_CLUSTER_URL
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address, as Go's net.JoinHostPort writes it
+    return f"https://{host}:{port}"

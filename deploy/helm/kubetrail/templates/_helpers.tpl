@@ -43,11 +43,6 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* The API server as pods reach it: the kubernetes Service's environment, no DNS needed. */}}
-{{- define "kubetrail.kubeUrl" -}}
-https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
-{{- end -}}
-
 {{/* The state directory of a node part on the host, one per release. */}}
 {{- define "kubetrail.hostState" -}}
 {{- printf "%s/%s-%s" (trimSuffix "/" .Values.hostStatePath) .Release.Namespace .Release.Name -}}
@@ -108,7 +103,6 @@ https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
     name      kubernetes
     alias     kubernetes
     match     kube.*
-    kube_url  {{ include "kubetrail.kubeUrl" . }}
     node_name ${NODE_NAME}
 {{- include "kubetrail.optionLines" .Values.logs.kubernetesFilter }}
 {{ include "kubetrail.tail" (dict "root" . "outputs" .Values.logs.outputs) }}
@@ -121,7 +115,6 @@ https://${KUBERNETES_SERVICE_HOST}:${KUBERNETES_SERVICE_PORT}
     name                            kubernetes_events
     alias                           events
     tag                             kube.events
-    kube_url                        {{ include "kubetrail.kubeUrl" . }}
     kube_api                        {{ .Values.events.api }}
 {{- with .Values.events.namespaces }}
     kube_namespace                  {{ join "," . }}
