@@ -16,6 +16,15 @@ Fluent Bit with the same records) answers ``history``, ``who`` and ``search`` as
   case-insensitively.
 * Plain ``urllib`` (one request per question; this is a command, not the hot path).
 * Results are capped by the index's result window (10,000 by default), like ``--limit``.
+* **Alerts** are the ``detect`` filter's documents as the outputs write them (``rule``,
+  ``priority``, ``output``, ``output_fields`` with Falco's field names, ``k8s.audit.id``,
+  ``k8s.audit.stage``; dotted names are objects in the mapping). An object's or a user's audit
+  records bring the alerts of their auditIDs (one ``terms`` query), alerts whose
+  ``output_fields.ka.target.*``/``ka.user.name`` name the object or user come with the records,
+  as the store's columns do; ``--priority`` is "this or more severe", by Falco's names.
+  Alerts cannot share an index with Kubernetes Events (an alert's ``source`` is a string,
+  ``k8s_audit``, an Event's an object): send them to an index of their own and read both,
+  ``es://HOST:PORT/kubetrail,kubetrail-alerts`` (a list or a pattern, as Elasticsearch takes it).
 """
 
 from __future__ import annotations
@@ -29,8 +38,9 @@ from typing import Any
 
 import orjson
 
+from kubetrail.detect.rules import PRIORITIES
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord
-from kubetrail.history.store import MUTATING, WORKLOADS, Filters
+from kubetrail.history.store import MUTATING, STAGES, WORKLOADS, Filters
 from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.sinks.sqlite import _IRREGULAR, resource_of_kind
 
@@ -38,6 +48,15 @@ MAX_WINDOW = 10_000
 AUDIT_FIELDS = ("objectRef.resource", "objectRef.name", "objectRef.namespace", "user.username", "verb")
 EVENT_FIELDS = ("involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "reason")
 _TIMES = TimeParser()
+# The alert's own fields that stand for the store's columns (what its rule's output printed).
+ALERT_COLUMNS = {
+    "user": "output_fields.ka.user.name",
+    "verb": "output_fields.ka.verb",
+    "resource": "output_fields.ka.target.resource",
+    "namespace": "output_fields.ka.target.namespace",
+    "name": "output_fields.ka.target.name",
+    "code": "output_fields.ka.response.code",
+}
 _KIND_OF = {v: k for k, v in _IRREGULAR.items()}
 
 
@@ -158,6 +177,29 @@ class EsBackend:
             return {"term": {field: {"value": value, "case_insensitive": True}}}
         return {"term": {field: value}}
 
+    def _any_of(self, field: str, values: list[Any]) -> dict[str, Any]:
+        kind, has_keyword = self.fields.get(field, ("keyword", False))
+        if kind == "text" and has_keyword:
+            return {"terms": {field + ".keyword": values}}
+        if kind == "text":
+            return {"bool": {"should": [{"match_phrase": {field: v}} for v in values], "minimum_should_match": 1}}
+        return {"terms": {field: values}}
+
+    def _alert_clause(self, **columns: Any) -> dict[str, Any] | None:
+        """Alerts whose own fields have these values (None: the index holds no alerts, or none
+        of them prints one of these fields)."""
+        if self._missing(("rule", "k8s.audit.id")):
+            return None
+        clauses: list[dict[str, Any]] = [{"exists": {"field": "rule"}}, {"exists": {"field": "k8s.audit.id"}}]
+        for key, value in columns.items():
+            if value is None:
+                continue
+            field = ALERT_COLUMNS[key]
+            if field not in self.fields:
+                return None
+            clauses.append(self._any_of(field, value) if isinstance(value, list) else self._term(field, value))
+        return {"bool": {"filter": clauses}}
+
     def _prefix(self, field: str, value: str) -> dict[str, Any]:
         kind, has_keyword = self.fields.get(field, ("keyword", False))
         target = field + ".keyword" if kind == "text" and has_keyword else field
@@ -190,6 +232,9 @@ class EsBackend:
             if ref.namespace is not None:
                 event.append(self._term(f"{side}.namespace", ref.namespace))
             clauses.append({"bool": {"filter": event}})
+        alert = self._alert_clause(resource=ref.resource, namespace=ref.namespace, name=ref.name)
+        if alert is not None and clauses:
+            clauses.append(alert)
         if not clauses:
             missing = self._missing(
                 ("objectRef.resource", "objectRef.name", "involvedObject.kind", "involvedObject.name")
@@ -272,7 +317,42 @@ class EsBackend:
                     pod.append(self._term("kubernetes.namespace_name", ref.namespace))
                 should.append({"bool": {"filter": pod}})
         query = {"bool": {"should": should, "minimum_should_match": 1, "filter": self._range(since, until)}}
-        return self._search(query, limit)
+        return self._with_alerts(self._search(query, limit))[-limit:]
+
+    def _with_alerts(self, records: list[StoredRecord]) -> list[StoredRecord]:
+        """``records`` and the alerts their audit records fired (not already among them), by time."""
+        audit_ids = list({r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body})
+        if not audit_ids:
+            return records
+        seen = {r.id for r in records}
+        found = [r for r in self.alerts_for(audit_ids) if r.id not in seen]
+        if not found:
+            return records
+        return sorted(records + found, key=lambda r: (r.time_ns, str(r.id)))
+
+    def alerts_for(self, audit_ids: list[str]) -> list[StoredRecord]:
+        """The alerts fired by these audit requests (any stage)."""
+        if self._missing(("rule", "k8s.audit.id")):
+            return []
+        out: list[StoredRecord] = []
+        for start in range(0, len(audit_ids), 1000):
+            chunk = audit_ids[start : start + 1000]
+            query = {"bool": {"filter": [{"exists": {"field": "rule"}}, self._any_of("k8s.audit.id", chunk)]}}
+            out += self._search(query, MAX_WINDOW)
+        return out
+
+    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]:
+        """The audit records of these auditIDs (every stage stored)."""
+        if self._missing(("auditID", "stage")):
+            return []
+        out: list[StoredRecord] = []
+        for start in range(0, len(audit_ids), 1000):
+            chunk = audit_ids[start : start + 1000]
+            query = {
+                "bool": {"filter": [self._any_of("auditID", chunk), self._any_of("stage", list(STAGES))]},
+            }
+            out += [r for r in self._search(query, MAX_WINDOW) if r.kind == "audit"]
+        return out
 
     def uid_ref(self, uid: str) -> ObjectRef | None:
         should = [
@@ -299,13 +379,52 @@ class EsBackend:
         missing = self._missing(("user.username",))
         if missing:
             raise HistoryError(f"index {self.index!r} has no audit user field (missing: {', '.join(missing)})")
-        filters = [self._term("user.username", user), *self._range(since, until)]
+        filters = [self._term("user.username", user)]
         if writes_only:
             filters.append({"bool": {"should": [self._term("verb", v) for v in MUTATING], "minimum_should_match": 1}})
-        return self._search({"bool": {"filter": filters}}, limit)
+        sides = [{"bool": {"filter": filters}}]
+        alert = self._alert_clause(user=user, verb=list(MUTATING) if writes_only else None)
+        if alert is not None:
+            sides.append(alert)
+        query = {"bool": {"should": sides, "minimum_should_match": 1, "filter": self._range(since, until)}}
+        return self._with_alerts(self._search(query, limit))[-limit:]
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
-        clauses: list[dict[str, Any]] = list(self._range(since, until))
+        alerts = self._alert_search(filters)
+        if filters.alerts_only:
+            if alerts is None:
+                return []
+            return self._search({"bool": {"filter": [alerts, *self._range(since, until)]}}, limit)
+        records = self._record_search(filters)
+        if filters.kind is None and alerts is not None:
+            records = {"bool": {"should": [records, alerts], "minimum_should_match": 1}}
+        return self._search({"bool": {"filter": [records, *self._range(since, until)]}}, limit)
+
+    def _alert_search(self, filters: Filters) -> dict[str, Any] | None:
+        """The alerts matching ``filters`` (their columns as the store has them), or None."""
+        if filters.reason is not None:
+            return None  # alerts have no reason
+        query = self._alert_clause(
+            user=filters.user,
+            verb=list(MUTATING) if filters.writes_only and filters.verb is None else filters.verb,
+            resource=filters.resource,
+            namespace=filters.namespace,
+            name=filters.name,
+            code=str(filters.code) if filters.code is not None else None,
+        )
+        if query is None:
+            return None
+        if filters.writes_only and filters.verb is not None and filters.verb not in MUTATING:
+            return None
+        if filters.rule is not None:
+            query["bool"]["filter"].append(self._term("rule", filters.rule))
+        if filters.level is not None:
+            names = [name for level, name in enumerate(PRIORITIES) if level <= filters.level]
+            query["bool"]["filter"].append(self._any_of("priority", names))
+        return query
+
+    def _record_search(self, filters: Filters) -> dict[str, Any]:
+        clauses: list[dict[str, Any]] = []
         fields = {"user": "user.username", "verb": "verb", "code": "responseStatus.code", "reason": "reason"}
         for key, field in fields.items():
             value = getattr(filters, key)
@@ -336,7 +455,7 @@ class EsBackend:
                 event.append(self._term("involvedObject.name", filters.name))
             sides = [{"bool": {"filter": audit}}, {"bool": {"filter": event}}]
             clauses.append({"bool": {"should": sides, "minimum_should_match": 1}})
-        return self._search({"bool": {"filter": clauses}}, limit)
+        return {"bool": {"filter": clauses}}
 
     def _terms(self, field: str, filters: list[dict[str, Any]]) -> list[str]:
         if field not in self.fields:
@@ -375,6 +494,8 @@ class EsBackend:
 def _kind(source: dict[str, Any]) -> str:
     if "auditID" in source and "stage" in source:
         return "audit"
+    if "rule" in source and "k8s.audit.id" in source:
+        return "alert"
     if "involvedObject" in source or "regarding" in source:
         return "event"
     kube = source.get("kubernetes")

@@ -19,8 +19,9 @@ output, the triggering ``audit_id``/``stage``) placed **right after the audit en
 them** (matched by auditID, whichever stage the timeline kept), whenever they were stored, before
 or after their record; an alert whose record is not in the timeline stays at its own time. It
 takes its object and user from that record when its rule's output did not print them, and
-``trigger_id`` names the record's entry. An output field holding a Secret (``%jevt.obj`` of a
-Secret write) is redacted like the record, in ``output_fields`` and in ``output``.
+``trigger_id`` names the record's entry. An output field holding an object (``%jevt.obj``, the
+whole audit event; a Secret) is redacted like the record, in ``output_fields`` and in
+``output``; a rule printing a single Secret value by its path is not recognised.
 """
 
 from __future__ import annotations
@@ -419,12 +420,16 @@ def redact_alert(body: dict[str, Any]) -> dict[str, Any]:
             parsed = orjson.loads(value)
         except orjson.JSONDecodeError:
             continue
-        if not (secret_target or _is_secretish(parsed)):
+        if isinstance(parsed, dict) and "auditID" in parsed:  # %jevt.obj: the whole audit event
+            new = redact_record(parsed)
+        elif secret_target or _is_secretish(parsed):
+            new = _redact_object(parsed, force=secret_target)
+        else:
             continue
-        new = _redact_object(parsed, force=secret_target)
         if new is parsed:
             continue
-        text = orjson.dumps(new).decode()
+        # As Falco prints an object (two-space indent) when the original was so printed.
+        text = orjson.dumps(new, option=orjson.OPT_INDENT_2 if "\n" in value else 0).decode()
         if out is body:
             out = {**body, "output_fields": dict(fields)}
         out["output_fields"][key] = text
@@ -495,7 +500,8 @@ def collapse_stages(records: list[StoredRecord]) -> list[StoredRecord]:
         ):
             best[audit_id] = record
     out.extend(best.values())
-    out.sort(key=lambda r: (r.time_ns, str(r.id)))
+    # Alerts of one request share its time: by rule, so every backend gives the same order.
+    out.sort(key=lambda r: (r.time_ns, str(r.body.get("rule")) if r.kind == "alert" else "", str(r.id)))
     return out
 
 

@@ -15,6 +15,7 @@ shop/db; mallory is forbidden to delete the Deployment; the pods log a few lines
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 from kubetrail.core.record import Record
@@ -182,3 +183,22 @@ def story() -> list[Record]:
               "Scaled down replica set web-6d4b8 from 3 to 2", type="Normal", count=2),
         log(52, "other-7f9c-abcde", "not about web", 0, "file-uid-2"),
     ]  # fmt: skip
+
+
+RULES = Path(__file__).resolve().parents[2] / "examples" / "history" / "rules"
+
+
+def alerts(records: list[Record], *rules_files: Path | str) -> list[Record]:
+    """The alerts the real ``detect`` filter raises on ``records``' audit records: Falco's
+    k8s_audit rules unchanged and the example's local rule (examples/history/rules), then any
+    ``rules_files``; as the filter emits them (Falco's JSON output + identity, with the record
+    identity ``(auditID, stage, "detect", rule)``)."""
+    from kubetrail.core.record import Batch
+    from kubetrail.transforms.detect import DetectTransform
+    from tests.unit.helpers import build
+
+    files = [str(RULES / "k8s_audit_rules.yaml"), str(RULES / "local.yaml"), *map(str, rules_files)]
+    detect = build(DetectTransform, rules_file=files, alert_tag="kube.alert")
+    audit = [r for r in records if r.tag == "kube.audit"]
+    _, emitted = detect.process_emitting(Batch("kube.audit", audit))
+    return [record for batch in emitted for record in batch.records]
