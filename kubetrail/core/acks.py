@@ -24,14 +24,23 @@ class AckToken:
 
     A new token holds one reference for the source itself, so that it cannot complete while the
     batch is still being routed; :meth:`seal` gives that reference up once routing is done.
+
+    Two moments can differ: the batch is *delivered* when every reference is released (then the
+    :meth:`on_complete` hooks run), and the source is *told* (its callback: checkpoint, 2xx) when
+    moreover every :meth:`hold` is released. A filter that removed a record as a copy of one
+    still in flight holds the batch so the source is not told before that twin is delivered,
+    while what the batch itself delivered counts as delivered at once.
     """
 
-    __slots__ = ("_callback", "_failed", "_pending")
+    __slots__ = ("_callback", "_failed", "_held_failed", "_holds", "_hooks", "_pending")
 
     def __init__(self, callback: Callable[[bool], None] | None = None) -> None:
         self._pending = 1
         self._failed = False
         self._callback = callback
+        self._hooks: list[Callable[[bool], None]] | None = None
+        self._holds = 0
+        self._held_failed = False
 
     @property
     def pending(self) -> int:
@@ -53,9 +62,48 @@ class AckToken:
         if not delivered:
             self._failed = True
         self._pending -= 1
-        if self._pending == 0 and self._callback is not None:
-            callback, self._callback = self._callback, None
-            callback(not self._failed)
+        if self._pending == 0:
+            hooks, self._hooks = self._hooks, None
+            try:
+                for hook in hooks or ():
+                    hook(not self._failed)
+            finally:  # a failing hook must not keep the source from its acknowledgement
+                if not self._holds:
+                    self._tell()
+
+    def on_complete(self, hook: Callable[[bool], None]) -> None:
+        """Also run ``hook(delivered)`` when the batch is delivered, *before* the source's callback.
+
+        For a filter that must record what was delivered before the source acts on it (the
+        ``kubernetes_audit`` filter persists delivered dedupe keys before a tail's checkpoint
+        or a webhook's 2xx moves past them)."""
+        if self._pending <= 0:
+            raise RuntimeError("on_complete() on an acknowledgement token that already completed")
+        if self._hooks is None:
+            self._hooks = [hook]
+        else:
+            self._hooks.append(hook)
+
+    def hold(self) -> None:
+        """Keep the source's callback (not the hooks) from running until :meth:`unhold`."""
+        if self._pending <= 0:
+            raise RuntimeError("hold() on an acknowledgement token that already completed")
+        self._holds += 1
+
+    def unhold(self, delivered: bool = True) -> None:
+        """Gives up a :meth:`hold`; ``delivered=False`` makes the source's callback say not delivered."""
+        if self._holds <= 0:
+            raise RuntimeError("unhold() called more often than hold()")
+        if not delivered:
+            self._held_failed = True
+        self._holds -= 1
+        if not self._holds and not self._pending:
+            self._tell()
+
+    def _tell(self) -> None:
+        callback, self._callback = self._callback, None
+        if callback is not None:
+            callback(not (self._failed or self._held_failed))
 
     def seal(self) -> None:
         """Routing is finished: give up the source's own reference."""

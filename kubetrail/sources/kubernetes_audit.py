@@ -45,12 +45,12 @@ written rotation (key not matching the certificate yet) keeps the previous conte
 retried on the next handshake. Request bodies are never logged: audit events carry secrets
 until the filter redacts them.
 
-Delivery hook (shared with the ``kubernetes_audit`` filter, by convention rather than import):
-every record of a batch carries the same ``meta`` dict ``{"_ack": token, "_on_delivered": []}``.
-A transform may ``retain()`` the token (to hold the answer back) and append callables
-``f(delivered: bool)`` that this source runs when the token completes. That is how the filter
-persists only *delivered* keys for deduplication, so a kill -9 between "filtered" and
-"delivered" cannot turn the API server's retry into a loss.
+Delivery hook: the ``kubernetes_audit`` filter works with the batch's token, as with any
+source's: it may ``hold()`` it (to hold the answer back while a twin of a removed duplicate is
+in flight) and register ``on_complete`` hooks, which run before this source's callback. That is
+how the filter persists only *delivered* keys for deduplication, before the 2xx: a kill -9
+between "filtered" and "delivered" cannot turn the API server's retry into a loss, and one
+after the answer cannot turn a tail's replay of the same events into duplicates.
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ import os
 import ssl
 import time
 import zlib
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -477,8 +476,6 @@ class KubernetesAuditSource(Source):
         now = time.time_ns()
         # Events of a pretty-printed body contain newlines; their bytes cannot be JSON lines.
         compact = b"\n" not in body and b"\r" not in body
-        # One dict shared by the batch's records: the delivery hook (see the module docstring).
-        meta: dict[str, Any] = {"_on_delivered": []}
         records: list[Record] = []
         append = records.append
         for index, (event, raw) in enumerate(zip(events, raws, strict=True)):
@@ -487,9 +484,9 @@ class KubernetesAuditSource(Source):
             stamp = event.stageTimestamp or event.requestReceivedTimestamp or event.timestamp
             time_ns = now if stamp is None else round(stamp.timestamp() * 1_000_000) * 1000
             if compact:
-                append(Record(tag, time_ns, None, bytes(raw), (event.auditID, event.stage), meta))
+                append(Record(tag, time_ns, None, bytes(raw), (event.auditID, event.stage)))
             else:
-                append(Record(tag, time_ns, msgspec.json.decode(raw), None, (event.auditID, event.stage), meta))
+                append(Record(tag, time_ns, msgspec.json.decode(raw), None, (event.auditID, event.stage)))
         raw_block = b"\n".join([r.raw for r in records]) + b"\n" if compact and records else None  # type: ignore[misc]
         return records, raw_block
 
@@ -498,21 +495,12 @@ class KubernetesAuditSource(Source):
             return 429, "sink buffers are full; retry later"
         loop = asyncio.get_running_loop()
         delivered: asyncio.Future[bool] = loop.create_future()
-        meta = records[0].meta
-        assert meta is not None
-        hooks: list[Callable[[bool], None]] = meta["_on_delivered"]
 
-        def complete(ok: bool) -> None:
-            for hook in hooks:
-                try:
-                    hook(ok)
-                except Exception:
-                    self.log.exception("delivery hook failed")
+        def complete(ok: bool) -> None:  # after the token's on_complete hooks (the filter's)
             if not delivered.done():
                 delivered.set_result(ok)
 
         token = AckToken(complete)
-        meta["_ack"] = token
         batch = Batch(self.tag, records, token, size, raw_block=raw_block)
         self._pending += 1
         # Not cancelled on timeout: cancelling the router half-way could leave the batch in some

@@ -20,6 +20,35 @@ def test_token_completes_once_after_all_releases() -> None:
         token.release()
 
 
+def test_hooks_run_on_delivery_before_the_source_is_told_and_holds_delay_only_the_source() -> None:
+    """on_complete hooks run when the last reference goes, before the source's callback; a hold
+    delays the callback (and can turn it into "not delivered"), never the hooks."""
+    calls: list[str] = []
+    token = AckToken(lambda ok: calls.append(f"source {ok}"))
+    token.on_complete(lambda ok: calls.append(f"hook {ok}"))
+    token.hold()
+    token.retain()
+    token.seal()
+    token.release(True)
+    assert calls == ["hook True"], "the hold must not delay the hooks, only the source"
+    token.unhold(False)
+    assert calls == ["hook True", "source False"]
+    with pytest.raises(RuntimeError):
+        token.unhold()
+    with pytest.raises(RuntimeError):
+        token.on_complete(calls.append)
+
+    failing = AckToken(lambda ok: calls.append(f"told {ok}"))
+
+    def broken(ok: bool) -> None:
+        raise ValueError("hook bug")
+
+    failing.on_complete(broken)
+    with pytest.raises(ValueError):
+        failing.seal()
+    assert calls[-1] == "told True", "a failing hook must not keep the source from being told"
+
+
 def test_ordered_acks_only_advance_over_contiguous_completions() -> None:
     advanced: list[int] = []
     acks: OrderedAcks[int] = OrderedAcks(advanced.append)

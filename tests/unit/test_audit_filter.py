@@ -11,10 +11,10 @@ import orjson
 import pytest
 from prometheus_client import generate_latest
 
-from kubetrail.core.acks import AckToken
+from kubetrail.core.acks import AckToken, OrderedAcks
 from kubetrail.core.config import load_config
 from kubetrail.core.errors import ConfigError
-from kubetrail.core.record import Record
+from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms import kubernetes_audit
 from kubetrail.transforms.kubernetes_audit import REDACTED, KubernetesAuditTransform
@@ -224,19 +224,40 @@ def sample(flt: KubernetesAuditTransform, name: str) -> float:
     return float(line.rsplit(" ", 1)[1])
 
 
-def hooked(events: list[dict[str, Any]]) -> tuple[list[Record], AckToken, dict[str, Any], list[bool]]:
-    """Records as the webhook input makes them: one meta dict with the batch's delivery hook."""
+def hooked(events: list[dict[str, Any]]) -> tuple[Batch, AckToken, list[bool]]:
+    """A batch as the webhook input makes it: its records and its token (``results`` gets what
+    the token's callback, the webhook's answer, was told)."""
     results: list[bool] = []
-    meta: dict[str, Any] = {"_on_delivered": []}
+    token = AckToken(results.append)
+    return Batch("audit.webhook", [rec(e) for e in events], token), token, results
 
-    def complete(ok: bool) -> None:
-        for hook in meta["_on_delivered"]:
-            hook(ok)
-        results.append(ok)
 
-    token = AckToken(complete)
-    meta["_ack"] = token
-    return [rec(e, meta) for e in events], token, meta, results
+def tailed(events: list[dict[str, Any]], acks: OrderedAcks[int], end: int) -> tuple[Batch, AckToken]:
+    """A batch as the tail makes it: a lazy block of the lines, with a token of its in-order
+    checkpoint (``end``: the offset the checkpoint moves to once it and all before it are done)."""
+    block = b"".join(orjson.dumps(e) + b"\n" for e in events)
+    token = acks.token(end)
+    batch = Batch(
+        "audit.file",
+        None,
+        token,
+        len(block),
+        raw_block=block,
+        materialize=lambda: [rec(e) for e in events],
+        count=len(events),
+    )
+    return batch, token
+
+
+def ids(batch: Batch) -> list[str]:
+    return [orjson.loads(r.json_bytes())["auditID"] for r in batch.records]
+
+
+def delivered(token: AckToken) -> None:
+    """The router's part (one sink) and the sink's: routed, then delivered."""
+    token.retain()
+    token.seal()
+    token.release(True)
 
 
 def db_keys(path: Path) -> list[str]:
@@ -247,41 +268,147 @@ def db_keys(path: Path) -> list[str]:
 def test_dedupe_records_keys_in_db_only_when_delivered(tmp_path: Path) -> None:
     db = tmp_path / "dedupe.db"
     flt = build(KubernetesAuditTransform, db=str(db))
-    records, token, _, _ = hooked([event("a"), event("b")])
-    assert len(flt.process(records)) == 2
+    batch, token, _ = hooked([event("a"), event("b")])
+    assert len(flt.process_batch(batch)) == 2
     assert db_keys(db) == [], "keys written before delivery: a crash now would lose the retry"
     token.seal()  # delivered by every sink
     assert db_keys(db) == ["a2", "b2"]
     # a new process (kill -9 and restart) still drops the API server's retry
     again = build(KubernetesAuditTransform, db=str(db))
-    records, token, _, _ = hooked([event("a"), event("c")])
-    assert [r.identity for r in again.process(records)] == [("c", "ResponseComplete")]
+    batch, token, _ = hooked([event("a"), event("c")])
+    assert [r.identity for r in again.process_batch(batch).records] == [("c", "ResponseComplete")]
 
 
 def test_dedupe_forgets_keys_of_a_dropped_batch(tmp_path: Path) -> None:
     flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
-    records, token, _, _ = hooked([event("a")])
-    flt.process(records)
+    batch, token, _ = hooked([event("a")])
+    flt.process_batch(batch)
     token.retain()
     token.release(False)  # a sink dropped it
     token.seal()
-    records, _, _, _ = hooked([event("a")])
-    assert len(flt.process(records)) == 1, "the retry of an undelivered batch must pass"
+    batch, _, _ = hooked([event("a")])
+    assert len(flt.process_batch(batch)) == 1, "the retry of an undelivered batch must pass"
 
 
 def test_retry_of_an_in_flight_batch_waits_for_its_twin(tmp_path: Path) -> None:
     flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
-    first, first_token, _, first_results = hooked([event("a"), event("b")])
-    flt.process(first)
+    first, first_token, first_results = hooked([event("a"), event("b")])
+    flt.process_batch(first)
     first_token.retain()  # routed to a sink that has not delivered yet
     first_token.seal()
-    retry, retry_token, _, retry_results = hooked([event("a"), event("b"), event("c")])
-    kept = flt.process(retry)
-    assert [r.identity[0] for r in kept] == ["c"]  # type: ignore[index]
+    retry, retry_token, retry_results = hooked([event("a"), event("b"), event("c")])
+    assert ids(flt.process_batch(retry)) == ["c"]
     retry_token.seal()  # "c" needs no sink in this test
     assert retry_results == [], "the retry completed while its twin was still in flight"
     first_token.release(True)
     assert first_results == [True] and retry_results == [True]
+
+
+# -- both paths (webhook and tail) into one filter: the races of issue 16 ----------------------
+
+
+def test_keys_the_tail_delivered_are_in_db_before_its_checkpoint_moves(tmp_path: Path) -> None:
+    """Race 1 (the one seen on a real API server): the tail delivered a key, kubetrail was
+    SIGKILLed before the API server had the webhook's 2xx for the batch with the same event;
+    after the restart the API server re-sends that batch. Tail keys were kept in memory only,
+    so the re-sent copy went out again. Now they are in db before the checkpoint moves."""
+    db = tmp_path / "dedupe.db"
+    flt = build(KubernetesAuditTransform, db=str(db))
+    in_db_at_checkpoint: list[list[str]] = []
+    acks: OrderedAcks[int] = OrderedAcks(lambda offset: in_db_at_checkpoint.append(db_keys(db)))
+    batch, token = tailed([event("a"), event("b")], acks, 100)
+    assert ids(flt.process_batch(batch)) == ["a", "b"]
+    assert db_keys(db) == [], "stored before delivery: a kill now would lose the tail's replay"
+    delivered(token)
+    assert in_db_at_checkpoint == [["a2", "b2"]]
+    # kill -9, restart: the API server re-sends the webhook batch that was never answered
+    again = build(KubernetesAuditTransform, db=str(db))
+    retry, retry_token, results = hooked([event("a"), event("b"), event("c")])
+    assert ids(again.process_batch(retry)) == ["c"]
+    delivered(retry_token)
+    assert results == [True] and db_keys(db) == ["a2", "b2", "c2"]
+
+
+def test_keys_the_webhook_delivered_are_not_read_again_by_the_tail_after_a_restart(tmp_path: Path) -> None:
+    """The reverse: the webhook delivered (and answered), the tail's checkpoint was behind."""
+    db = tmp_path / "dedupe.db"
+    flt = build(KubernetesAuditTransform, db=str(db))
+    batch, token, results = hooked([event("a"), event("b")])
+    flt.process_batch(batch)
+    delivered(token)
+    assert results == [True]
+    again = build(KubernetesAuditTransform, db=str(db))
+    replay, _ = tailed([event("a"), event("b"), event("c")], OrderedAcks(lambda _: None), 9)
+    assert ids(again.process_batch(replay)) == ["c"]
+
+
+def test_a_tailed_copy_of_an_in_flight_webhook_key_holds_the_tail_checkpoint(tmp_path: Path) -> None:
+    """Race 2: the tail's copy is removed while the webhook's is still in flight. Its batch
+    must not complete (the checkpoint would move past the event) before the twin is delivered:
+    a kill -9 meanwhile loses nothing (the tail reads it again; the API server re-sends)."""
+    flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
+    hook_batch, hook_token, hook_results = hooked([event("a")])
+    flt.process_batch(hook_batch)
+    hook_token.retain()  # at a sink
+    hook_token.seal()
+    checkpoints: list[int] = []
+    acks: OrderedAcks[int] = OrderedAcks(checkpoints.append)
+    batch, token = tailed([event("a"), event("b")], acks, 50)
+    assert ids(flt.process_batch(batch)) == ["b"]
+    delivered(token)  # "b" is delivered
+    assert checkpoints == [], "the tail's checkpoint moved past 'a' while its twin was in flight"
+    hook_token.release(True)
+    assert hook_results == [True] and checkpoints == [50]
+
+
+def test_a_webhook_copy_of_an_in_flight_tailed_key_is_answered_once_the_tail_delivered(tmp_path: Path) -> None:
+    """Race 3: the webhook's copy is removed while the tail's is in flight. The 2xx waits for
+    the tail's delivery; if that fails the answer is not 2xx, so the API server's retry brings
+    the event (whose key was forgotten)."""
+    db = tmp_path / "d.db"
+    flt = build(KubernetesAuditTransform, db=str(db))
+    checkpoints: list[int] = []
+    acks: OrderedAcks[int] = OrderedAcks(checkpoints.append)
+    batch, token = tailed([event("a")], acks, 10)
+    flt.process_batch(batch)
+    token.retain()
+    token.seal()
+    hook_batch, hook_token, results = hooked([event("a")])
+    assert ids(flt.process_batch(hook_batch)) == []
+    hook_token.seal()
+    assert results == [], "answered 2xx while the only copy delivered so far was still in flight"
+    token.release(True)
+    assert results == [True] and checkpoints == [10] and db_keys(db) == ["a2"]
+    # and when the tail's copy is dropped by its sink instead:
+    batch, token = tailed([event("x")], acks, 20)
+    flt.process_batch(batch)
+    token.retain()
+    token.seal()
+    hook_batch, hook_token, results = hooked([event("x")])
+    assert ids(flt.process_batch(hook_batch)) == []
+    hook_token.seal()
+    token.release(False)
+    assert results == [False], "a 2xx here loses the event: its only copy was dropped"
+    retry, _, results = hooked([event("x")])
+    assert ids(flt.process_batch(retry)) == ["x"], "the API server's retry must go through"
+
+
+def test_without_db_keys_are_still_in_flight_until_delivered() -> None:
+    """No db (memory only): the same waits within one process, and the fast path for batches
+    without a repeated key (one native call) keeps working around them."""
+    flt = build(KubernetesAuditTransform)
+    acks: OrderedAcks[int] = OrderedAcks(lambda _: None)
+    first, first_token = tailed([event(f"id-{i}") for i in range(100)], acks, 1)
+    assert len(flt.process_batch(first)) == 100
+    first_token.retain()
+    first_token.seal()
+    hook_batch, hook_token, results = hooked([event("id-7"), event("new")])
+    assert ids(flt.process_batch(hook_batch)) == ["new"]
+    hook_token.seal()
+    assert results == []
+    first_token.release(True)
+    assert results == [True]
+    assert not flt.flying
 
 
 def test_dedupe_window_expires(tmp_path: Path) -> None:
