@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetrail.detect import condition as cond
-from kubetrail.detect.fields import Event, FieldRef, fast_getter, field_ref
+from kubetrail.detect.fields import Event, FieldRef, as_text, class_of, fast_getter, field_ref
 from kubetrail.detect.rules import PRIORITIES, SOURCE, Origin, RuleDef, RulesError, RuleSet, looks_like_list_name
 
 # (key, the spellings of the field a constraint may use, the reference an event's key is read with)
@@ -40,6 +40,18 @@ _INDEX = (
         frozenset({"ka.target.subresource", "jevt.value[/objectRef/subresource]"}),
         field_ref("ka.target.subresource", None),
     ),
+)
+# The other fields of an event's detection class (their index in fields.class_of), as rules
+# may spell them; each has the same value as the light struct's member (a code as its text).
+_CLASS_FIELDS = tuple(
+    (index, frozenset({name, f"jevt.value[{pointer}]", f"json.value[{pointer}]"}))
+    for index, name, pointer in (
+        (4, "ka.user.name", "/user/username"),
+        (5, "ka.impuser.name", "/impersonatedUser/username"),
+        (6, "ka.target.namespace", "/objectRef/namespace"),
+        (7, "ka.auth.decision", "/annotations/authorization.k8s.io~1decision"),
+        (8, "ka.response.code", "/responseStatus/code"),
+    )
 )
 _INDEX_REFS = tuple(ref for _, _, ref in _INDEX)
 _STAGE, _VERB, _RESOURCE, _SUBRESOURCE = (fast_getter(ref) for ref in _INDEX_REFS)
@@ -144,21 +156,23 @@ class CompiledRule:
     tree: cond.Node  # macros inlined, exceptions added: what is folded per index key
     lists: dict[str, list[str]]
 
-    def specialise(self, key: tuple[Any, ...]) -> cond.Predicate | bool:
+    def specialise(self, key: tuple[Any, ...]) -> tuple[cond.Predicate | bool, bool]:
         """The rule for events with this (stage, verb, resource, subresource): True (fires on
-        every such event), False (on none), or a predicate over what is left."""
+        every such event), False (on none), or a predicate over what is left; and whether the
+        result depends only on the event's detection class (:func:`~kubetrail.detect.fields.class_of`:
+        the key and the few-valued fields of ``_FEW_VALUES``)."""
         known: dict[str, str | None] = {}
         for (_, spellings, _), value in zip(_INDEX, key, strict=True):
             for spelling in spellings:
                 known[spelling] = value
         folded = cond.fold(self.tree, known, self.lists)
         if isinstance(folded, bool):
-            return folded
+            return folded, True
         refs: list[FieldRef] = []
         predicate = cond.compile_tree(folded, self.lists, refs)
         if refs and all(ref.key in _FEW_VALUES for ref in refs):
-            return _memoised(predicate, refs)
-        return predicate
+            return _memoised(predicate, refs), True
+        return predicate, False
 
     @property
     def priority_name(self) -> str:
@@ -170,6 +184,13 @@ class CompiledRule:
             if allowed is not None and value not in allowed:
                 return False
         return True
+
+
+# A rule specialised for an index key: its predicate (None: fires) and whether that depends on
+# the event's detection class alone.
+_Special = tuple[CompiledRule, cond.Predicate | None, bool]
+# What an event's detection class fires (see Engine.decide_class).
+Decision = tuple[tuple[CompiledRule, cond.Predicate | None], ...]
 
 
 @dataclass
@@ -188,7 +209,7 @@ class Engine:
         self.warnings = warnings
         self.skipped_sources: Counter[str] = ruleset.other_sources()
         self.disabled = sum(1 for r in ruleset.rules.values() if not r.enabled and r.source == SOURCE)
-        self._by_key: dict[tuple[Any, ...], tuple[tuple[CompiledRule, cond.Predicate | None], ...]] = {}
+        self._by_key: dict[tuple[Any, ...], tuple[_Special, ...]] = {}
         self._seconds: dict[int, str] = {}
         self.hostname = socket.gethostname()
 
@@ -207,18 +228,52 @@ class Engine:
         event's index key (None: it fires, nothing left to check)."""
         key = self._key(ev)
         found = self._by_key.get(key)
-        return self._specialised(key) if found is None else found
+        if found is None:
+            found = self._specialised(key)
+        return tuple((rule, predicate) for rule, predicate, _ in found)
 
-    def _specialised(self, key: tuple[Any, ...]) -> tuple[tuple[CompiledRule, cond.Predicate | None], ...]:
+    def decide_class(self, ev: Event) -> Decision:
+        """What every event of ``ev``'s detection class fires, decided on ``ev``: the candidate
+        rules, in order, with None for a rule that fires on all of them and the predicate of a
+        rule each event must still be checked against; the rules that depend only on the class
+        and do not fire on ``ev`` are left out. Empty: no event of the class fires anything.
+        ``ev`` must be an audit event that decoded to its light struct."""
+        key = self._key(ev)
+        found = self._by_key.get(key)
+        if found is None:
+            found = self._specialised(key)
+        assert ev.light is not None
+        # The rules that read more than the class are folded with what the class knows (e.g.
+        # "Anonymous Request Allowed" is False for every user but system:anonymous, whatever
+        # the URI): most of them end up decided too.
+        known: dict[str, str | None] = {}
+        for (_, spellings, _), value in zip(_INDEX, key, strict=True):
+            known.update(dict.fromkeys(spellings, value))
+        for index, spellings in _CLASS_FIELDS:
+            known.update(dict.fromkeys(spellings, as_text(class_of(ev.light)[index])))
+        decision: list[tuple[CompiledRule, cond.Predicate | None]] = []
+        for rule, predicate, by_class in found:
+            if by_class:
+                if predicate is None or predicate(ev):
+                    decision.append((rule, None))
+                continue
+            folded = cond.fold(rule.tree, known, rule.lists)
+            if folded is True:
+                decision.append((rule, None))
+            elif folded is not False:
+                decision.append((rule, cond.compile_tree(folded, rule.lists)))
+        return tuple(decision)
+
+    def _specialised(self, key: tuple[Any, ...]) -> tuple[_Special, ...]:
         if len(self._by_key) > 10_000:  # odd verbs/resources must not grow it without bound
             self._by_key.clear()
-        chosen: list[tuple[CompiledRule, cond.Predicate | None]] = []
+        chosen: list[_Special] = []
         for rule in self.rules:
             if not rule.admits(key):
                 continue
-            special = rule.specialise(key)
+            special, by_class = rule.specialise(key)
             if special is not False:
-                chosen.append((rule, None if special is True else special))
+                chosen.append((rule, None if special is True else special, by_class))
         found = self._by_key[key] = tuple(chosen)
         return found
 
@@ -243,7 +298,7 @@ class Engine:
             found = self._specialised(key)
         if not found:
             return []
-        return [rule for rule, predicate in found if predicate is None or predicate(ev)]
+        return [rule for rule, predicate, _ in found if predicate is None or predicate(ev)]
 
     def alert(self, rule: CompiledRule, ev: Event) -> Alert:
         text, fields = rule.output.render(ev)

@@ -29,57 +29,44 @@ from typing import Any
 import msgspec
 import orjson
 
+from kubetrail.transforms.kubernetes_audit import AuditEvent
+
 # -- the event ----------------------------------------------------------------------------
 
 
-# Typed members: msgspec decodes typed structs about three times faster than ``Any``. An event
-# whose members have other types fails this decode and is read from its parsed document
-# instead (same values, slower), so odd input changes speed, never results.
+# The members most rules read, as the ``kubernetes_audit`` filter decodes them: one definition
+# (:class:`~kubetrail.transforms.kubernetes_audit.AuditEvent`) for the filter's scan, the rules
+# and the native scan's mirror of it, whose detection classes (:func:`class_of`) the ``detect``
+# filter takes instead of decoding each line again. Typed members: msgspec decodes typed structs
+# about three times faster than ``Any``. An event whose members have other types fails this
+# decode and is read from its parsed document instead (same values, slower), so odd input
+# changes speed, never results.
+Light = AuditEvent
 
 
-class _User(msgspec.Struct, gc=False):
-    username: str | None = None
-
-
-class _Ref(msgspec.Struct, gc=False):
-    resource: str | None = None
-    subresource: str | None = None
-    namespace: str | None = None
-    name: str | None = None
-
-
-class _Status(msgspec.Struct, gc=False):
-    code: int | None = None
-    reason: str | None = None
-
-
-class _Annotations(
-    msgspec.Struct,
-    gc=False,
-    rename={"decision": "authorization.k8s.io/decision", "reason": "authorization.k8s.io/reason"},
-):
-    decision: str | None = None
-    reason: str | None = None
-
-
-class Light(msgspec.Struct, gc=False):
-    """The members of an audit event most rules read; the rest is skipped by the decoder."""
-
-    auditID: str | None = None
-    stage: str | None = None
-    verb: str | None = None
-    requestURI: str | None = None
-    userAgent: str | None = None
-    stageTimestamp: str | None = None
-    user: _User | None = None
-    impersonatedUser: _User | None = None
-    objectRef: _Ref | None = None
-    responseStatus: _Status | None = None
-    annotations: _Annotations | None = None
-    # Kept as their bytes, parsed only when a rule reads into them: most events that reach a
-    # pod rule (a Metadata-level log) have none, and then nothing is parsed at all.
-    requestObject: msgspec.Raw = msgspec.Raw()  # empty: the event has none
-    responseObject: msgspec.Raw = msgspec.Raw()
+def class_of(light: Light) -> tuple[Any, ...]:
+    """The event's detection class, in the native scan's order (``native/src/auditclass.rs``):
+    stage, verb, resource, subresource, user, impersonated user, namespace, authorization
+    decision, response code. Rules specialised for the first four that read only these (see
+    ``engine._FEW_VALUES``) decide every event of a class alike."""
+    ref, user, imp, notes, status = (
+        light.objectRef,
+        light.user,
+        light.impersonatedUser,
+        light.annotations,
+        light.responseStatus,
+    )
+    return (
+        light.stage,
+        light.verb,
+        ref.resource if ref else None,
+        ref.subresource if ref else None,
+        user.username if user else None,
+        imp.username if imp else None,
+        ref.namespace if ref else None,
+        notes.decision if notes else None,
+        status.code if status else None,
+    )
 
 
 _DECODE_ONE = msgspec.json.Decoder(Light).decode
@@ -94,7 +81,7 @@ class Event:
     __slots__ = ("_cache", "_doc", "_objects", "_raw", "light", "time_ns")
 
     def __init__(
-        self, raw: bytes | tuple[_Lines, int], light: Light | None = None, time_ns: int | None = None, doc: Any = None
+        self, raw: bytes | tuple[Lines, int], light: Light | None = None, time_ns: int | None = None, doc: Any = None
     ) -> None:
         self._raw = raw  # or (block, line number): a block is cut into lines only if one is needed
         self.light = light
@@ -216,11 +203,11 @@ def decode_lines_block(block: bytes, count: int) -> list[Event] | None:
         return None
     if len(lights) != count:
         return None
-    lines = _Lines(block)
+    lines = Lines(block)
     return [Event((lines, index), light) for index, light in enumerate(lights)]
 
 
-class _Lines:
+class Lines:
     """A block's lines, cut on the first request for one."""
 
     __slots__ = ("_block", "_lines")
@@ -338,7 +325,7 @@ def _top(*keys: str) -> Extract:
 
 def _top_list(*keys: str) -> Extract:
     def extract(ev: Event, arg: str | None) -> Any:
-        value = _doc_path(ev.doc(), keys)  # lists are not in the light struct
+        value = _light_path(ev, keys)  # typed list[str] in the light struct, else the document's
         return _texts(value) if isinstance(value, list) else None
 
     return extract
@@ -368,6 +355,16 @@ def _annotation(name: str, attribute: str) -> Extract:
 
     extract.light_path = ("annotations", attribute)  # type: ignore[attr-defined]
     return extract
+
+
+def _response_reason(ev: Event, arg: str | None) -> Any:
+    light = ev.light
+    if light is None:
+        return as_text(_doc_path(ev.doc(), ("responseStatus", "reason")))
+    status = light.responseStatus
+    if status is None or not status.reason:
+        return None
+    return as_text(orjson.loads(bytes(status.reason)))  # kept raw: any JSON type (see AuditEvent)
 
 
 def _uri_param(ev: Event, arg: str | None) -> Any:
@@ -518,7 +515,6 @@ _LIGHT_POINTERS = {
     ("objectRef", "namespace"),
     ("objectRef", "name"),
     ("responseStatus", "code"),
-    ("responseStatus", "reason"),
 }
 
 
@@ -645,7 +641,7 @@ _add(
 _add("ka.req.pod.volumes.volume_type", _volume_types, True, "index", "The types of the pod's volumes")
 _add("ka.resp.name", _req("responseObject", "metadata", "name"), desc="The response object's name")
 _add("ka.response.code", _top("responseStatus", "code"), desc="The response code")
-_add("ka.response.reason", _top("responseStatus", "reason"), desc="The response reason")
+_add("ka.response.reason", _response_reason, desc="The response reason")
 _add("ka.useragent", _top("userAgent"), desc="The client's user agent")
 _add("ka.sourceips", _top_list("sourceIPs"), is_list=True, desc="The client's IP addresses")
 for _prefix in ("jevt", "json"):

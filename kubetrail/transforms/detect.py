@@ -35,6 +35,7 @@ built for the records that pass. See ``bench/bench_detect.py``.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,11 @@ from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.core.values import parse_duration
 from kubetrail.detect import Engine, Event, RulesError, decode_block, expand_paths, load_rules, priority_level
-from kubetrail.detect.engine import CompiledRule
-from kubetrail.detect.fields import decode_lines_block
+from kubetrail.detect.engine import CompiledRule, Decision
+from kubetrail.detect.fields import Lines, class_of, decode_lines_block
+from kubetrail.transforms.kubernetes_audit import detect_classes
+
+NO_CLASS = 0xFFFFFFFF  # a line the native scan gave no detection class: decided by itself
 
 
 class _RateLimit:
@@ -117,6 +121,13 @@ class DetectTransform(Transform):
         self.m_alerts = self.metrics.counter("kubetrail_detect_alerts", "Alerts emitted", "rule", "priority")
         self.m_limited = self.metrics.counter("kubetrail_detect_rate_limited", "Alerts dropped by rate_limit", "rule")
         self._counters: dict[str, Any] = {}  # rule -> its labelled counter (labels() per alert costs)
+        # Per native scanner (there is one per kubernetes_audit filter): class id -> what its
+        # events fire, None when its events are decided one by one. Ids are stable for the
+        # scanner's life and its table is bounded, so this is too.
+        self._classes: dict[int, tuple[Any, dict[int, Decision | None]]] = {}
+        self.m_class_events = self.metrics.counter(
+            "kubetrail_detect_class_events", "Events decided by their detection class, not one by one"
+        )
         self.log.info(
             "rules loaded",
             extra={
@@ -154,6 +165,10 @@ class DetectTransform(Transform):
         return events, records
 
     def _evaluate(self, batch: Batch) -> tuple[list[_Alert], set[int], list[Record] | None]:
+        if not self.drop_matched:
+            by_class = self._evaluate_classes(batch)
+            if by_class is not None:
+                return by_class, set(), None
         events, records = self._events(batch)
         engine = self.engine
         alerts: list[_Alert] = []
@@ -163,12 +178,90 @@ class DetectTransform(Transform):
             if not fired:
                 continue
             matched.add(index)
-            for rule in fired:
-                if self.rate_limit is not None and not self.rate_limit.allow(rule.name):
-                    self.m_limited.labels(rule.name).inc()
-                    continue
-                alerts.append(self._alert(rule, event, batch.tag))
+            self._alerts(fired, event, batch.tag, alerts)
         return alerts, matched, records
+
+    def _alerts(self, fired: list[CompiledRule], event: Event, tag: str, alerts: list[_Alert]) -> None:
+        for rule in fired:
+            if self.rate_limit is not None and not self.rate_limit.allow(rule.name):
+                self.m_limited.labels(rule.name).inc()
+                continue
+            alerts.append(self._alert(rule, event, tag))
+
+    # -- the fast path: the kubernetes_audit filter's detection classes ----------------------
+
+    def _evaluate_classes(self, batch: Batch) -> list[_Alert] | None:
+        """The alerts of a block the ``kubernetes_audit`` filter's native scan classified (None:
+        it did not): each class of events (same index key, user, namespace, ...; see
+        :func:`~kubetrail.detect.fields.class_of`) is decided once, on its first event, for
+        every rule that reads only those; its events are decoded only when the class fires or
+        has rules that read more. Same alerts, in the same order, as event by event."""
+        found = detect_classes(batch)
+        if found is None:
+            return None
+        scanner, id_bytes = found
+        ids = memoryview(id_bytes).cast("I")
+        block = batch.raw_block
+        if len(ids) != len(batch) or block is None:
+            return None
+        known = self._classes.get(id(scanner))
+        if known is None or known[0] is not scanner:
+            known = self._classes[id(scanner)] = (scanner, {})
+        decisions = known[1]
+        lines = Lines(block)
+        counts = Counter(ids)
+        new = [class_id for class_id in counts if class_id not in decisions and class_id != NO_CLASS]
+        if new:
+            self._decide(scanner, new, ids, lines, decisions)
+        batch_decisions = {class_id: decisions.get(class_id) for class_id in counts}
+        # The lines to look at: those of classes that fire something or are decided per event.
+        hot = {class_id for class_id, decision in batch_decisions.items() if decision is None or decision}
+        self.m_class_events.inc(
+            sum(count for class_id, count in counts.items() if batch_decisions[class_id] is not None)
+        )
+        if not hot:
+            return []
+        todo = [index for index, class_id in enumerate(ids) if class_id in hot]
+        events = decode_block([lines.line(index) for index in todo])
+        alerts: list[_Alert] = []
+        match = self.engine.match
+        tag = batch.tag
+        for index, event in zip(todo, events, strict=True):
+            decision = batch_decisions[ids[index]]
+            if decision is None:
+                fired = match(event)
+            else:
+                fired = [rule for rule, predicate in decision if predicate is None or predicate(event)]
+            if fired:
+                self._alerts(fired, event, tag, alerts)
+        return alerts
+
+    def _decide(
+        self, scanner: Any, new: list[int], ids: memoryview, lines: Lines, decisions: dict[int, Decision | None]
+    ) -> None:
+        """Decides the classes ``new`` on their first events in this block. A class whose event
+        is not what the native scan said it is (never seen; a safeguard) is decided event by
+        event (None)."""
+        wanted = set(new)
+        firsts: dict[int, int] = {}
+        for index, class_id in enumerate(ids):
+            if class_id in wanted and class_id not in firsts:
+                firsts[class_id] = index
+                if len(firsts) == len(wanted):
+                    break
+        for class_id, index in firsts.items():
+            (event,) = decode_block([lines.line(index)])
+            light = event.light
+            values = scanner.class_values(class_id)
+            if light is None or light.auditID is None or class_of(light) != values:
+                self.log.warning(
+                    "the native scan's detection class differs from the event's decoding: "
+                    "its events are decided one by one",
+                    extra={"class": values},
+                )
+                decisions[class_id] = None
+            else:
+                decisions[class_id] = self.engine.decide_class(event)
 
     def _alert(self, rule: CompiledRule, event: Event, tag: str) -> _Alert:
         body = self.engine.alert_record(self.engine.alert(rule, event), event)

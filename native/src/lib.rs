@@ -28,6 +28,7 @@
 //!          the two decoders differ (msgspec takes a repeated key's last value and any integer)
 //!          the reference wins, so such a line is never passed on unredacted by mistake.
 
+mod auditclass;
 mod fieldtext;
 mod jsonlines;
 mod regexlines;
@@ -383,6 +384,8 @@ struct AuditScanner {
     flatten: bool,
     /// Parts a big batch is cut into, each scanned by a thread of its own.
     threads: usize,
+    /// The `detect` filter's classes of events (see auditclass.rs).
+    classes: auditclass::ClassTable,
 }
 
 /// Below this many lines a batch is scanned in one piece (a thread costs ~20 us to start).
@@ -393,7 +396,16 @@ impl AuditScanner {
     /// written to ``key``) and stage index. A NATIVE line's flat members (when flattening) are
     /// written to ``flat``; its output is those members spliced onto the line (see
     /// ``Output``), made only when the batch's block is built.
-    fn scan_line(&self, line: &[u8], key: &mut String, flat: &mut Vec<u8>) -> (u8, u8, u32) {
+    /// A NATIVE line's detection class (a part-local id) is written to ``class``.
+    fn scan_line<'a>(
+        &self,
+        line: &'a [u8],
+        key: &mut String,
+        flat: &mut Vec<u8>,
+        classes: &mut auditclass::LocalClasses<'a>,
+        class: &mut u32,
+    ) -> (u8, u8, u32) {
+        *class = auditclass::NO_CLASS;
         if beyond_reference(line) {
             return (RETRY, 0, 0);
         }
@@ -439,12 +451,15 @@ impl AuditScanner {
         if self.flatten {
             write_flat(flat, &ev);
         }
+        *class = classes.id(auditclass::ClassKey::of(&ev));
         (NATIVE, stage_index, id_len)
     }
 
     /// Scans ``lines`` (no Python objects touched: this runs without the GIL, in threads).
-    fn scan_chunk(&self, lines: &[&[u8]]) -> ChunkScan {
+    fn scan_chunk<'a>(&self, lines: &[&'a [u8]]) -> ChunkScan<'a> {
         let mut chunk = ChunkScan {
+            class_ids: Vec::with_capacity(lines.len()),
+            classes: auditclass::LocalClasses::default(),
             codes: Vec::with_capacity(lines.len()),
             stage_indexes: Vec::with_capacity(lines.len()),
             id_lens: Vec::with_capacity(lines.len()),
@@ -459,8 +474,16 @@ impl AuditScanner {
             flat_ends: Vec::with_capacity(lines.len()),
         };
         let mut key = String::with_capacity(64);
+        let mut class = auditclass::NO_CLASS;
         for line in lines {
-            let (code, stage_index, id_len) = self.scan_line(line, &mut key, &mut chunk.flat);
+            let (code, stage_index, id_len) = self.scan_line(
+                line,
+                &mut key,
+                &mut chunk.flat,
+                &mut chunk.classes,
+                &mut class,
+            );
+            chunk.class_ids.push(class);
             chunk.flat_ends.push(chunk.flat.len());
             chunk.codes.push(code);
             chunk.stage_indexes.push(stage_index);
@@ -510,7 +533,7 @@ impl AuditScanner {
                 })
             }))
         });
-        let chunks: Vec<ChunkScan> = scanned.map_err(|_| {
+        let mut chunks: Vec<ChunkScan> = scanned.map_err(|_| {
             PyRuntimeError::new_err("the native audit scan failed (a bug): see the log")
         })?;
         let mut scan = AuditScan {
@@ -523,8 +546,13 @@ impl AuditScanner {
             key_text: String::with_capacity(chunks.iter().map(|c| c.keys.len()).sum()),
             key_spans: Vec::with_capacity(lines.len()),
             keys: None,
+            class_ids: Vec::with_capacity(lines.len()),
         };
+        for chunk in chunks.iter_mut() {
+            self.classes.merge(&chunk.classes, &mut chunk.class_ids);
+        }
         for (number, chunk) in chunks.into_iter().enumerate() {
+            scan.class_ids.extend_from_slice(&chunk.class_ids);
             let mut key_start = 0;
             let mut flat_start = 0;
             for (i, _) in chunk.codes.iter().enumerate() {
@@ -551,7 +579,10 @@ impl AuditScanner {
 }
 
 /// What one thread's scan of a part of a batch found (see ``AuditScan``).
-struct ChunkScan {
+struct ChunkScan<'a> {
+    /// Each line's detection class (part-local until merged), and the part's classes.
+    class_ids: Vec<u32>,
+    classes: auditclass::LocalClasses<'a>,
     codes: Vec<u8>,
     stage_indexes: Vec<u8>,
     id_lens: Vec<u32>,
@@ -738,7 +769,36 @@ impl AuditScanner {
             } else {
                 threads.min(64)
             },
+            classes: auditclass::ClassTable::default(),
         })
+    }
+
+    /// A detection class's values (see auditclass.rs): (stage, verb, resource, subresource,
+    /// user name, impersonated user name, namespace, authorization decision, response code);
+    /// None for an unknown id.
+    fn class_values<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Option<Bound<'py, PyTuple>>> {
+        let Some(key) = self.classes.get(id) else {
+            return Ok(None);
+        };
+        let mut items: Vec<Bound<'py, PyAny>> = key
+            .texts()
+            .iter()
+            .map(|t| match t {
+                Some(text) => PyString::new(py, text).into_any(),
+                None => py.None().into_bound(py),
+            })
+            .collect();
+        items.push(match key.code() {
+            Some(code) => code.into_pyobject(py)?.into_any(),
+            None => py.None().into_bound(py),
+        });
+        Ok(Some(PyTuple::new(py, items)?))
+    }
+
+    /// How many detection classes the scanner has seen.
+    #[getter]
+    fn class_count(&self) -> usize {
+        self.classes.len()
     }
 
     /// Parts a big batch is cut into (each scanned by a thread of its own).
@@ -789,6 +849,8 @@ struct AuditScan {
     key_spans: Vec<(usize, usize)>,
     /// The keys as Python strings, made on first use (a filter without dedupe never asks).
     keys: Option<Py<PyList>>,
+    /// Each line's detection class (see auditclass.rs), NO_CLASS for none.
+    class_ids: Vec<u32>,
 }
 
 impl AuditScan {
@@ -816,6 +878,17 @@ impl AuditScan {
     #[getter]
     fn codes<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
         PyBytes::new(py, &self.codes)
+    }
+
+    /// Each line's detection class id as a native-endian u32 (0xffffffff: none), for the
+    /// ``detect`` filter (see auditclass.rs). Kept after ``release``.
+    #[getter]
+    fn class_ids<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        let mut bytes = Vec::with_capacity(self.class_ids.len() * 4);
+        for id in &self.class_ids {
+            bytes.extend_from_slice(&id.to_ne_bytes());
+        }
+        PyBytes::new(py, &bytes)
     }
 
     /// auditID + stage code per line, None where the line is not a kept audit event.

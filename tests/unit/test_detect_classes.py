@@ -1,0 +1,296 @@
+"""The ``detect`` filter's fast path: the ``kubernetes_audit`` filter's native scan gives each
+event a detection class (index key, user, impersonated user, namespace, decision, code) and
+the filter decides a class once. Every test compares it with the event-by-event path on the
+same block: the alerts must be byte for byte the same, in the same order."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.record import Batch, Record
+from kubetrail.detect.fields import Light, class_of
+from kubetrail.transforms import detect as detect_module
+from kubetrail.transforms.detect import DetectTransform
+from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform, NativeScanner, detect_classes
+from tests.unit.helpers import build, write
+from tests.unit.test_detect import POD, audit
+
+pytestmark = pytest.mark.skipif(NativeScanner is None, reason="kubetrail_native is not built")
+
+FALCO = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "falco" / "k8s_audit_rules.yaml"
+
+# Rules that read fields of the class, fields beyond it, list-valued fields and missing ones.
+RULES = """
+- list: allowed_users
+  items: [alice, "system:kube-scheduler"]
+- list: sensitive
+  items: [secrets, configmaps]
+- macro: kevt
+  condition: (jevt.value[/stage] in (ResponseComplete, ResponseStarted))
+- rule: Unknown User
+  desc: by class alone
+  condition: kevt and not ka.user.name in (allowed_users)
+  output: user=%ka.user.name verb=%ka.verb target=%ka.target.name/%ka.target.resource uri=%ka.uri code=%ka.response.code
+  priority: WARNING
+  source: k8s_audit
+  tags: [users]
+- rule: Anonymous Allowed
+  desc: class, then the URI per event
+  condition: >
+    kevt and ka.user.name=system:anonymous and ka.auth.decision=allow
+    and not ka.uri in (/healthz, /livez)
+  output: anonymous uri=%ka.uri reason=%ka.auth.reason
+  priority: CRITICAL
+  source: k8s_audit
+- rule: Sensitive Read
+  desc: key and namespace
+  condition: >
+    kevt and ka.verb in (get, list) and ka.target.resource in (sensitive)
+    and ka.target.namespace != kube-system
+  output: read %ka.target.namespace/%ka.target.name by %ka.user.name (groups %ka.user.groups) as %ka.impuser.name
+  priority: NOTICE
+  source: k8s_audit
+  exceptions:
+    - name: scheduler
+      fields: [ka.user.name]
+      values: [["system:kube-scheduler"]]
+- rule: Group Member
+  desc: a list-valued field read per event
+  condition: kevt and ka.user.groups intersects (admins, devs) and ka.verb != watch
+  output: group member %ka.user.name %ka.user.groups from %ka.sourceips
+  priority: INFORMATIONAL
+  source: k8s_audit
+- rule: Privileged
+  desc: the request object, per event
+  condition: kevt and ka.verb=create and ka.target.resource=pods and ka.req.pod.containers.privileged intersects (true)
+  output: privileged %ka.req.pod.containers.image by %ka.user.name at %jevt.time code %jevt.value[/responseStatus/code]
+  priority: ERROR
+  source: k8s_audit
+- rule: Failed Request
+  desc: response code with a missing value
+  condition: kevt and ka.response.code >= 400
+  output: failed %ka.response.code %ka.response.reason %ka.useragent
+  priority: DEBUG
+  source: k8s_audit
+"""
+
+
+def varied(count: int, seed: int = 5) -> list[bytes]:
+    """Audit events of many shapes: missing and null members, odd users, list values, escapes."""
+    rng = random.Random(seed)
+    users = ["alice", "bob", "system:anonymous", "system:kube-scheduler", 'eve "quoted"', "zoë", None]
+    resources = ["pods", "secrets", "configmaps", "leases", None]
+    out: list[bytes] = []
+    for i in range(count):
+        changes: dict[str, Any] = {
+            "auditID": f"00000000-0000-4000-8000-{i:012d}",
+            "verb": rng.choice(["get", "list", "create", "watch", "delete"]),
+            "stage": rng.choice(["ResponseComplete", "ResponseComplete", "ResponseStarted", "RequestReceived"]),
+            "requestURI": rng.choice(["/healthz", "/api/v1/pods", "/livez", "/api/v1/namespaces/a/secrets/x"]),
+            "stageTimestamp": f"2026-12-05T03:{i % 60:02d}:{i % 59:02d}.{i:06d}Z",
+        }
+        user = rng.choice(users)
+        groups = rng.choice([["devs"], ["admins", "x"], [], None])
+        changes["user"] = {"username": user, "groups": groups} if user is not None else rng.choice([None, {}])
+        if rng.random() < 0.3:
+            changes["impersonatedUser"] = None
+        resource = rng.choice(resources)
+        if resource is None:
+            changes["objectRef"] = rng.choice([None, {"namespace": "shop"}])
+        else:
+            changes["objectRef"] = {
+                "resource": resource,
+                "namespace": rng.choice(["shop", "kube-system", None]),
+                "name": f"o\\{i}" if i % 13 == 0 else f"obj-{i % 7}",
+            }
+            if rng.random() < 0.2:
+                changes["objectRef"]["subresource"] = "exec"
+        code = rng.choice([200, 201, 403, 404, None])
+        changes["responseStatus"] = {"code": code, "reason": "Forbidden"} if code is not None else None
+        if rng.random() < 0.2:
+            changes["annotations"] = None
+        elif rng.random() < 0.2:
+            changes["annotations"] = {"authorization.k8s.io/decision": "forbid"}
+        if changes["verb"] == "create" and resource == "pods" and rng.random() < 0.5:
+            pod = orjson.loads(orjson.dumps(POD))
+            pod["spec"]["containers"][0].setdefault("securityContext", {})["privileged"] = rng.random() < 0.5
+            changes["requestObject"] = pod
+        else:
+            changes["requestObject"] = None
+            changes["level"] = "Metadata"
+        body = audit(**changes)
+        for key, value in list(body.items()):
+            if isinstance(value, dict):
+                body[key] = {k: v for k, v in value.items() if v is not None or rng.random() < 0.5}
+        out.append(orjson.dumps(body))
+    return out
+
+
+def lazy(lines: list[bytes]) -> Batch:
+    """A tail's lazy batch of these lines."""
+    block = b"".join(line + b"\n" for line in lines)
+    return Batch(
+        "audit",
+        None,
+        None,
+        len(block),
+        raw_block=block,
+        materialize=lambda: [Record("audit", 1, None, line) for line in lines],
+        count=len(lines),
+    )
+
+
+def plain(batch: Batch) -> Batch:
+    """The same block without the scan's classes: the detect filter's event-by-event path."""
+    block = batch.raw_block
+    assert block is not None
+    return Batch("audit", None, None, len(block), raw_block=block, materialize=lambda: batch.records, count=len(batch))
+
+
+def alerts_of(flt: DetectTransform, batch: Batch) -> list[bytes]:
+    _, emitted = flt.process_emitting(batch)
+    return [line for out in emitted for line in (out.raw_block or b"").split(b"\n") if line]
+
+
+def detect_filter(tmp_path: Path, rules: str | Path) -> DetectTransform:
+    path = rules if isinstance(rules, Path) else write(tmp_path / "rules.yaml", rules)
+    return build(DetectTransform, rules_file=str(path))
+
+
+def both_ways(tmp_path: Path, lines: list[bytes], rules: str | Path) -> tuple[list[bytes], list[bytes], int]:
+    """Alerts by class and event by event, for the kubernetes_audit filter's output of ``lines``;
+    and how many events were decided by their class."""
+    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    scanned = [audit_filter.process_batch(lazy(lines[i : i + 300])) for i in range(0, len(lines), 300)]
+    assert all(detect_classes(batch) is not None for batch in scanned)
+    fast, slow = detect_filter(tmp_path, rules), detect_filter(tmp_path, rules)
+    by_class = [line for batch in scanned for line in alerts_of(fast, batch)]
+    by_event = [line for batch in scanned for line in alerts_of(slow, plain(batch))]
+    return by_class, by_event, _counter(fast)
+
+
+def _counter(flt: DetectTransform) -> int:
+    """Events the filter decided by their class."""
+    labels = {"component": "detect.0", "kind": "test", "plugin": "detect"}
+    return int(flt.metrics.registry.get_sample_value("kubetrail_detect_class_events_total", labels) or 0)
+
+
+def test_native_classes_are_the_light_decoding(tmp_path: Path) -> None:
+    lines = varied(600)
+    scanner = NativeScanner([], [], True, [], True)
+    scan = scanner.scan_block(b"".join(line + b"\n" for line in lines))
+    ids = memoryview(scan.class_ids).cast("I")
+    by_values: dict[tuple[Any, ...], int] = {}
+    for line, class_id in zip(lines, ids, strict=True):
+        assert class_id != detect_module.NO_CLASS, line
+        values = class_of(_decode(line))
+        assert scanner.class_values(class_id) == values
+        # one id per distinct class, the same id for equal classes
+        assert by_values.setdefault(values, class_id) == class_id
+    assert len(set(by_values.values())) == len(by_values) == scanner.class_count
+    assert scanner.class_values(10**6) is None
+
+
+def _decode(line: bytes) -> Light:
+    import msgspec
+
+    return msgspec.json.decode(line, type=Light)
+
+
+def test_lines_the_scan_does_not_finish_have_no_class() -> None:
+    scanner = NativeScanner([], [], True, [], True)
+    lines = [
+        b'{"auditID":"a","stage":"ResponseComplete","verb":"get"}',
+        b'{"stage":"ResponseComplete"}',  # PASS: no auditID
+        b'{"auditID":"b","stage":"ResponseComplete","objectRef":{"resource":"secrets"},"level":"Request"}',  # SLOW
+        b'{"auditID":"c","stage":"ResponseComplete","verb":5}',  # RETRY: a verb of another type
+        b"not json",
+    ]
+    scan = scanner.scan_block(b"".join(line + b"\n" for line in lines))
+    ids = list(memoryview(scan.class_ids).cast("I"))
+    assert ids[0] != detect_module.NO_CLASS
+    assert ids[1:] == [detect_module.NO_CLASS] * 4
+
+
+def test_by_class_gives_the_alerts_event_by_event_gives(tmp_path: Path) -> None:
+    by_class, by_event, counted = both_ways(tmp_path, varied(2000), RULES)
+    assert by_class == by_event
+    assert len(by_event) > 300
+    fired = {orjson.loads(line)["rule"] for line in by_event}
+    assert fired == {
+        "Unknown User",
+        "Anonymous Allowed",
+        "Sensitive Read",
+        "Group Member",
+        "Privileged",
+        "Failed Request",
+    }
+    assert counted > 1500  # most events were decided by their class (not all: SLOW secrets)
+
+
+@pytest.mark.skipif(not FALCO.exists(), reason="Falco's rules are not in ../shared/testdata/falco")
+def test_falco_rules_by_class_and_event_by_event(tmp_path: Path) -> None:
+    lines = varied(1500, seed=9)
+    # and the benchmark's kind of events: five users, nine resources, seven verbs
+    rng = random.Random(3)
+    for i in range(1500):
+        user = rng.choice(["alice@example.com", "system:kube-scheduler", "system:node:worker-1"])
+        changes: dict[str, Any] = {
+            "auditID": f"10000000-0000-4000-8000-{i:012d}",
+            "verb": rng.choice(["get", "list", "watch", "update", "patch", "create", "delete"]),
+            "user": {"username": user, "groups": ["system:authenticated"]},
+            "objectRef": {
+                "resource": rng.choice(["pods", "configmaps", "secrets", "services", "deployments", "clusterroles"]),
+                "namespace": rng.choice(["shop", "kube-system", "default"]),
+                "name": f"obj-{i % 50}",
+            },
+            "level": "Metadata",
+            "requestObject": None,
+            "responseObject": None,
+        }
+        lines.append(orjson.dumps(audit(**changes)))
+    by_class, by_event, counted = both_ways(tmp_path, lines, FALCO)
+    assert by_class == by_event
+    assert len(by_event) > 1000
+    assert counted > 2000
+
+
+def test_a_class_the_event_does_not_confirm_is_decided_event_by_event(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Safeguard: when the scan's class values differ from the event's own decoding (a bug
+    there), the class's events are decided one by one: still the same alerts."""
+    lines = varied(500, seed=11)
+    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    batch = audit_filter.process_batch(lazy(lines))
+    found = detect_classes(batch)
+    assert found is not None
+    scanner, ids = found
+
+    class Lying:
+        def class_values(self, class_id: int) -> Any:
+            values = scanner.class_values(class_id)
+            return (*values[:4], "someone else", *values[5:])
+
+    lying = Lying()
+    monkeypatch.setattr(detect_module, "detect_classes", lambda b: (lying, ids) if b is batch else None)
+    fast, slow = detect_filter(tmp_path, RULES), detect_filter(tmp_path, RULES)
+    assert alerts_of(fast, batch) == alerts_of(slow, plain(batch))
+    assert _counter(fast) == 0
+    assert all(decision is None for decision in fast._classes[id(lying)][1].values())
+
+
+def test_without_classes_the_filter_decodes_each_line(tmp_path: Path) -> None:
+    """A batch the audit filter changed (a dropped or redacted line) carries no classes."""
+    lines = varied(200, seed=2)
+    audit_filter = build(KubernetesAuditTransform, dedupe="off", drop_stages="RequestReceived")
+    batch = audit_filter.process_batch(lazy(lines))
+    assert detect_classes(batch) is None
+    flt = detect_filter(tmp_path, RULES)
+    assert alerts_of(flt, batch)
+    assert _counter(flt) == 0
