@@ -68,15 +68,33 @@ adds dotted paths (``requestObject.spec.password``, ``*`` for any key or list it
 only in events whose bytes contain the path's last key.
 
 **Deduplication by (auditID, stage)** within ``dedupe_window``, the window the API server's
-retries can span. Correctness needs to know which records were *delivered*, not merely seen:
-a key recorded when a batch passes the filter would, after a kill -9 before delivery, make the
-API server's retry of that batch look like a duplicate and lose it. So when a record carries
-the delivery hook of the ``kubernetes_audit`` input (``meta["_ack"]``/``meta["_on_delivered"]``,
-see that module), its key is *in flight* until the batch's token completes, then *delivered*
-(and written to ``db``) or forgotten if a sink dropped it. A duplicate of an in-flight key is
-removed and its batch's token is retained until the twin is delivered, so the retried request
-is not answered 2xx before the data is safe. Records without the hook (``tail``, whose own
-offsets already make restarts exact) are deduplicated in memory only.
+retries can span, across every path into the filter: one filter may take the webhook input
+*and* a tail of the same API server's audit log (two copies of every event, for redundancy)
+and still let each key through once. Correctness needs to know which records were
+*delivered*, not merely seen, and that comes from each batch's acknowledgement token (any
+source's: the webhook's answers the API server; a tail's moves its checkpoint):
+
+* a batch's new keys go into ``seen`` when it is filtered (a later copy is removed at once) and
+  are *in flight* until its token completes: then *delivered* (and written to ``db``, in a
+  hook that runs before the source's callback, so before a tail checkpoint or a 2xx moves past
+  them), or forgotten if a sink dropped the batch (its source sends it again);
+* a batch that had a copy removed while its twin may still be in flight *holds* its token
+  (:meth:`~kubetrail.core.acks.AckToken.hold`): its source is told only once every batch then in
+  flight is delivered, and told "not delivered" if one was dropped: the dropped key is
+  forgotten, and the webhook's copy comes again (the API server re-sends its batch when the
+  webhook answered 503, for the twin or for this batch). What the batch
+  itself delivered counts as delivered at once. The native fast path keeps no text per key, so
+  which batch holds the twin is not known: it waits for all of them (a delay of at most the
+  sinks' latency, only for batches that had a copy removed);
+* hence, with ``db`` set on the filter, a SIGKILL at any moment loses nothing and repeats
+  nothing: a key delivered by either path is in ``db`` before its source's checkpoint or 2xx
+  passes it, so neither the API server's re-sent batches nor the tail's re-read lines come out
+  twice, and a removed copy's source was not told before its twin was delivered, so it is sent
+  again if the twin was not. Left: a kill between a sink's write and its acknowledgement (the
+  same window a single path has; idempotent sinks use the records' identity for it). Without
+  ``db`` the same holds within one process; a restart forgets the keys.
+
+With no token (``process`` called on records alone) keys are remembered at once, in memory.
 """
 
 from __future__ import annotations
@@ -602,13 +620,15 @@ class _PyKeySet:
         self._keys.difference_update(batch)
 
 
-class _InFlight:
-    """The keys of one batch between filtering and delivery, and who waits for that batch."""
+class _Flying:
+    """One batch's new keys between filtering and delivery (already in ``seen``), and the
+    batches that wait for it: those with a copy removed as a duplicate while it flew."""
 
-    __slots__ = ("keys", "waiters")
+    __slots__ = ("handle", "keys", "waiters")
 
-    def __init__(self) -> None:
-        self.keys: list[str] = []
+    def __init__(self, handle: Any, keys: Collection[str] | None) -> None:
+        self.handle = handle  # what seen.add returned: forgotten if the batch is not delivered
+        self.keys = keys  # the keys as text, for db (None without db)
         self.waiters: list[AckToken] = []
 
 
@@ -689,7 +709,7 @@ class KubernetesAuditTransform(Transform):
         self.max_keys: int = max(1, config["dedupe_max_keys"])
         self.seen: Any = _PyKeySet() if self.native is None else NativeKeySet()
         self._expiry: deque[tuple[float, Any]] = deque()  # (when, what seen.add returned)
-        self.in_flight: dict[str, _InFlight] = {}
+        self.flying: dict[_Flying, None] = {}  # batches filtered and not yet delivered, in order
         self.db: StateDB | None = None
         self._last_db_prune = 0.0
         self._warned_evict = False
@@ -714,7 +734,7 @@ class KubernetesAuditTransform(Transform):
         cutoff = time.time() - self.window
         self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
         rows = self.db.execute("SELECT key, delivered_at FROM audit_dedupe ORDER BY delivered_at").fetchall()
-        # One expiry entry per delivery time, as _remember made them.
+        # One expiry entry per delivery time, as _landed made them.
         groups: dict[float, list[str]] = {}
         for key, at in rows:
             groups.setdefault(at, []).append(key)
@@ -722,14 +742,12 @@ class KubernetesAuditTransform(Transform):
             self._expiry.append((at, self.seen.add(group)))
         self.log.info("dedupe keys loaded", extra={"keys": len(self.seen), "db": str(self.db.path)})
 
-    def _remember(self, keys: Collection[str], persist: bool) -> None:
-        now = time.time()
-        self._expiry.append((now, self.seen.add(keys)))
-        if persist and self.db is not None:
-            conn = self.db.conn
-            conn.execute("BEGIN")
-            conn.executemany("INSERT OR REPLACE INTO audit_dedupe VALUES (?, ?)", [(k, now) for k in keys])
-            conn.execute("COMMIT")
+    def _persist(self, keys: Collection[str], now: float) -> None:
+        assert self.db is not None
+        conn = self.db.conn
+        conn.execute("BEGIN")
+        conn.executemany("INSERT OR REPLACE INTO audit_dedupe VALUES (?, ?)", [(k, now) for k in keys])
+        conn.execute("COMMIT")
 
     def _expire(self) -> None:
         now = time.time()
@@ -748,24 +766,35 @@ class KubernetesAuditTransform(Transform):
             self._last_db_prune = now
             self.db.execute("DELETE FROM audit_dedupe WHERE delivered_at < ?", (cutoff,))
 
-    def _track(self, meta: dict[str, Any], keys: list[str]) -> None:
-        """Keys of a hooked batch: in flight now, delivered (or forgotten) when its token completes."""
-        state = _InFlight()
-        state.keys = keys
-        in_flight = self.in_flight
-        for key in keys:
-            in_flight[key] = state
+    def _fly(self, token: AckToken | None, handle: Any, keys: Collection[str] | None) -> None:
+        """New keys (``handle``: what ``seen`` returned for them) of a batch with ``token``: in
+        flight until the token completes, then delivered (in ``db``) or forgotten."""
+        if token is None or token.done:  # nothing tells when it is delivered: remembered now
+            self._expiry.append((time.time(), handle))
+            return
+        state = _Flying(handle, keys if self.db is not None else None)
+        self.flying[state] = None
+        token.on_complete(lambda ok: self._landed(state, ok))
 
-        def on_delivered(ok: bool) -> None:
-            for key in state.keys:
-                if in_flight.get(key) is state:
-                    del in_flight[key]
-            if ok:
-                self._remember(state.keys, persist=True)
-            for token in state.waiters:
-                token.release(ok)  # a re-sent twin may now answer (or fail and be retried)
-
-        meta["_on_delivered"].append(on_delivered)
+    def _landed(self, state: _Flying, ok: bool) -> None:
+        """A batch's token completed (before its source's callback: before a tail checkpoint or a
+        webhook answer moves past it). Its keys are delivered, or forgotten if a sink dropped it."""
+        self.flying.pop(state, None)
+        if ok:
+            now = time.time()
+            self._expiry.append((now, state.handle))
+            if state.keys and self.db is not None:
+                try:
+                    self._persist(state.keys, now)
+                except Exception:  # db unwritable: keep serving; a restart may then repeat these
+                    self.metrics.error("db")
+                    self.log.exception("cannot store delivered dedupe keys in db")
+        else:
+            # Not delivered: its source sends it again (the API server's retry; a tail replays
+            # only after a restart), or a twin elsewhere must now go through.
+            self.seen.forget(state.handle)
+        for waiter in state.waiters:
+            waiter.unhold(ok)  # a batch that dropped a copy of these keys may now tell its source
 
     # -- the filter --------------------------------------------------------------------------
 
@@ -783,15 +812,24 @@ class KubernetesAuditTransform(Transform):
         return _Retried(scan, block.split(b"\n")[:-1], self.scan_options) if RETRY in scan.codes else scan
 
     def process(self, records: list[Record]) -> list[Record]:
+        """Records without their batch: no token tells when they are delivered, so their keys are
+        remembered at once, in memory (the router always calls :meth:`process_batch`)."""
+        return self._process_records(records, None)
+
+    def _process_records(self, records: list[Record], token: AckToken | None) -> list[Record]:
         if not records:
             return records
         raws = _raws(records)
-        return self._process_scanned(records, raws, self._scan_lines(raws))
+        return self._process_scanned(records, raws, self._scan_lines(raws), token)
+
+    def _records_batch(self, batch: Batch) -> Batch:
+        """A batch filtered as its records (dedupe tied to its token)."""
+        return batch.derive(self._process_records(batch.records, batch.ack))
 
     def _process_scanned(
-        self, records: list[Record], raws: list[bytes], scan: _PyScan | _Retried | Any
+        self, records: list[Record], raws: list[bytes], scan: _PyScan | _Retried | Any, token: AckToken | None
     ) -> list[Record]:
-        keep = self._select(scan, records)
+        keep = self._select(scan, token)
         codes = scan.codes
         identities = scan.identities()
         flatten = self.flatten
@@ -819,7 +857,7 @@ class KubernetesAuditTransform(Transform):
         """A tailed file's lazy batch is filtered as its block: no record is built per line."""
         block = _lazy_block(batch)
         if block is None:
-            return super().process_batch(batch)
+            return self._records_batch(batch)
         return self._process_block(batch, block, self._scan_block(block))
 
     async def process_batch_async(self, batch: Batch) -> Batch:
@@ -837,7 +875,7 @@ class KubernetesAuditTransform(Transform):
         records = batch.records
         raws = _raws(records)
         scanned = await loop.run_in_executor(self._scan_thread(), self._scan_lines, raws)
-        return batch.derive(self._process_scanned(records, raws, scanned))
+        return batch.derive(self._process_scanned(records, raws, scanned, batch.ack))
 
     def _scan_and_build(self, block: bytes) -> tuple[_PyScan | _Retried | Any, bytes | None]:
         """In the scan thread: the scan, and the new block as it is when every line goes on (no
@@ -872,11 +910,11 @@ class KubernetesAuditTransform(Transform):
         # is filtered as the records its source parsed line by line.
         if (len(scan) != len(batch) or PASS in codes) and batch.raw_block is not block:
             scan.release()
-            return super().process_batch(batch)
+            return self._records_batch(batch)
         if len(scan) != len(batch):
             scan.release()
-            return super().process_batch(batch)  # not one document per line after all
-        keep = self._select(scan, None)
+            return self._records_batch(batch)  # not one document per line after all
+        keep = self._select(scan, batch.ack)
         replacements: dict[int, bytes] | None = None
         if SLOW in codes:
             lines = block.split(b"\n")
@@ -959,57 +997,51 @@ class KubernetesAuditTransform(Transform):
             raw = _splice(_flat(ev, redacted), raw)
         return raw, self.flatten or redacted
 
-    def _select(self, scan: _PyScan | Any, records: list[Record] | None) -> bytes | None:
+    def _select(self, scan: _PyScan | Any, token: AckToken | None) -> bytes | None:
         """Which lines go on (one byte each, 0 = removed; None = all): drop rules and dedupe.
 
-        ``records`` are the batch's records when it has them (their ``meta`` may carry the
-        webhook's delivery hook), None for a lazy batch (tail: no hooks).
+        ``token``: the batch's acknowledgement token (any source's: the webhook's, a tail's),
+        whose completion tells when the batch's keys are delivered; None when unknown.
         """
         codes: bytes = scan.codes
         dropped = codes.count(DROP)
         if not self.dedupe:
-            if dropped:
-                self.m_dropped_by_rule.inc(dropped)
-                return bytes(code != DROP for code in codes)
-            return None
+            return self._rule_drops(codes, dropped)
         self._expire()
-        hooked = records is not None and any(r.meta is not None and "_on_delivered" in r.meta for r in records)
-        if not hooked and self.native is not None and not self.in_flight and not isinstance(scan, _Retried):
-            # The tail's common case in one native call, without a Python string per key.
-            batch = self.seen.add_scan_if_new(scan)
-            if batch is not None:
-                self._expiry.append((time.time(), batch))
-                if dropped:
-                    self.m_dropped_by_rule.inc(dropped)
-                    return bytes(code != DROP for code in codes)
-                return None
+        persist = self.db is not None and token is not None
+        if self.native is not None and not isinstance(scan, _Retried):
+            # The common case in one native call, without a Python string per key: no key
+            # repeats within the batch and none is seen or in flight.
+            handle = self.seen.add_scan_if_new(scan)
+            if handle is not None:
+                # With db the keys are needed as text, to be stored once delivered.
+                self._fly(token, handle, [k for k in scan.keys if k is not None] if persist else None)
+                return self._rule_drops(codes, dropped)
         keys: list[str | None] = scan.keys  # Python strings from here on
-        if not hooked and (self.native is None or self.in_flight or isinstance(scan, _Retried)):
-            # The common case in C: no key repeats within the batch, none seen, none in flight.
+        if self.native is None or isinstance(scan, _Retried):
+            # The same common case in C (set operations) for the Python key set.
             events = len(codes) - dropped - codes.count(PASS)
             batch_keys = set(keys)
             batch_keys.discard(None)
-            if (
-                len(batch_keys) == events
-                and self.seen.isdisjoint(batch_keys)
-                and (not self.in_flight or self.in_flight.keys().isdisjoint(batch_keys))
-            ):
+            if len(batch_keys) == events and self.seen.isdisjoint(batch_keys):
                 if batch_keys:
-                    self._remember(batch_keys, persist=False)  # type: ignore[arg-type]
-                if dropped:
-                    self.m_dropped_by_rule.inc(dropped)
-                    return bytes(code != DROP for code in codes)
-                return None
-        return self._select_each(codes, keys, records, dropped)
+                    self._fly(token, self.seen.add(batch_keys), batch_keys)  # type: ignore[arg-type]
+                return self._rule_drops(codes, dropped)
+        return self._select_each(codes, keys, token, dropped)
 
-    def _select_each(self, codes: bytes, keys: list[str | None], records: list[Record] | None, dropped: int) -> bytes:
-        """The per-line dedupe: repeats, seen keys, keys in flight and the webhook's hooks."""
-        seen, in_flight = self.seen, self.in_flight
+    def _rule_drops(self, codes: bytes, dropped: int) -> bytes | None:
+        if dropped:
+            self.m_dropped_by_rule.inc(dropped)
+            return bytes(code != DROP for code in codes)
+        return None
+
+    def _select_each(self, codes: bytes, keys: list[str | None], token: AckToken | None, dropped: int) -> bytes:
+        """The per-line dedupe: repeats within the batch and keys seen (delivered or in flight)."""
+        seen = self.seen
         keep = bytearray(b"\x01") * len(codes)
         duplicates = 0
-        hooked_meta: dict[str, Any] | None = None
-        hooked_keys: list[str] = []
-        plain_keys: list[str] = []
+        seen_before = False
+        new_keys: list[str] = []
         batch_keys: set[str] = set()
         for index, code in enumerate(codes):
             if code == PASS:
@@ -1019,34 +1051,29 @@ class KubernetesAuditTransform(Transform):
                 continue
             key = keys[index]
             assert key is not None
-            meta = records[index].meta if records is not None else None
-            hooked = meta is not None and "_on_delivered" in meta
-            if key in seen or key in batch_keys:
-                duplicates += 1
+            if key in batch_keys:
+                duplicates += 1  # its twin goes on in this very batch
                 keep[index] = 0
                 continue
-            twin = in_flight.get(key)
-            if twin is not None:
+            if key in seen:
                 duplicates += 1
                 keep[index] = 0
-                token = meta.get("_ack") if hooked else None  # type: ignore[union-attr]
-                if isinstance(token, AckToken) and token not in twin.waiters:
-                    token.retain()  # answer the re-sent batch only once its twin is delivered
-                    twin.waiters.append(token)
+                seen_before = True
                 continue
             batch_keys.add(key)
-            if hooked:
-                if hooked_meta is not None and meta is not hooked_meta:
-                    self._track(hooked_meta, hooked_keys)
-                    hooked_keys = []
-                hooked_meta = meta
-                hooked_keys.append(key)
-            else:
-                plain_keys.append(key)
-        if hooked_keys and hooked_meta is not None:
-            self._track(hooked_meta, hooked_keys)
-        if plain_keys:
-            self._remember(plain_keys, persist=False)  # no delivery hook: memory only (see above)
+            new_keys.append(key)
+        if seen_before and token is not None and not token.done and self.flying:
+            # A removed copy's twin may still be in flight (seen holds both kinds, and the native
+            # fast path keeps no text per key to tell which): this batch's source is told only
+            # once every batch in flight now is delivered, and told "not delivered" if one was
+            # dropped (its keys are forgotten then: the source sends this one again and the copy
+            # goes through). Its own keys count as delivered as soon as it is (AckToken.hold).
+            # Those batches were all filtered before this one: waits never form a cycle.
+            for state in self.flying:
+                token.hold()
+                state.waiters.append(token)
+        if new_keys:
+            self._fly(token, seen.add(new_keys), new_keys)
         # The router counts what a filter removes (dropped{reason="filtered"}); these split it.
         if duplicates:
             self.m_duplicates.inc(duplicates)
