@@ -6,10 +6,17 @@ offline. The API returns exactly the entries ``kubetrail history --json`` prints
 
 * ``GET /api/history?q=KIND/NS/NAME|UID[&logs=1&since=&until=]``
 * ``GET /api/who?user=USER[&writes=1...]``
-* ``GET /api/search?code=403&verb=...``
+* ``GET /api/search?code=403&verb=...`` (``kind=alert&priority=warning&rule=...`` for alerts)
 * ``GET /api/follow?after=ID&q=...|user=...``: records added to the store since ``ID`` that
-  belong to the query (live follow; the page polls every 2 s). The store only: Elasticsearch
-  has no insertion order to follow, so there the answer says so.
+  belong to the query (live follow; the page polls every 2 s), alerts included: those naming
+  the object or user, and those fired by a request about it (looked up by auditID, whether the
+  request is new or was shown already). The store only: Elasticsearch has no insertion order
+  to follow, so there the answer says so.
+
+**Alerts** on the page: a colour per Falco priority (a purple-to-pink scale of their own), the
+rule and its output, indented under the request that fired them (a link marks that row); an
+alert shown away from its request (a search) links to its object's history with that request
+marked (``?q=...&audit=AUDITID``). Expanding one shows the whole alert JSON.
 
 Backend calls are blocking (sqlite3, urllib): they run in a worker thread, one at a time (a
 lock), so the event loop keeps serving the page.
@@ -26,7 +33,7 @@ import orjson
 from aiohttp import web
 
 from kubetrail.history import queries
-from kubetrail.history.model import HistoryError, ObjectRef, parse_time, summary, timeline
+from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, parse_time, summary, timeline
 from kubetrail.history.store import Filters, StoreBackend
 
 PAGE = Path(__file__).with_name("ui") / "index.html"
@@ -105,17 +112,22 @@ class TimelineApp:
             code = int(q["code"]) if q.get("code") else None
         except ValueError:
             return _json({"error": f"code must be a number, got {q['code']!r}"}, 400)
-        filters = Filters(
-            q.get("kind") or None,
-            q.get("user") or None,
-            q.get("verb") or None,
-            q.get("resource") or None,
-            q.get("namespace") or None,
-            q.get("name") or None,
-            code,
-            q.get("reason") or None,
-            q.get("writes") in ("1", "true", "on"),
-        )
+        try:
+            filters = Filters(
+                q.get("kind") or None,
+                q.get("user") or None,
+                q.get("verb") or None,
+                q.get("resource") or None,
+                q.get("namespace") or None,
+                q.get("name") or None,
+                code,
+                q.get("reason") or None,
+                q.get("writes") in ("1", "true", "on"),
+                q.get("priority") or None,
+                q.get("rule") or None,
+            )
+        except HistoryError as exc:
+            return _json({"error": str(exc)}, 400)
         return await self._answer(request, lambda s, u: queries.search(self.backend, filters, since=s, until=u))
 
     async def follow(self, request: web.Request) -> web.Response:
@@ -147,9 +159,37 @@ class TimelineApp:
             same_ns = ref.namespace is None or columns["namespace"] == ref.namespace
             return bool(columns["name"] == ref.name and columns["resource"] == ref.resource and same_ns)
 
-        rows = await self._call(lambda: backend.newer(after))
-        last = rows[-1][0].id if rows else after
-        records = [record for record, columns in rows if wanted(columns)]
+        def about(record: StoredRecord) -> bool:
+            """An audit record (a new alert's trigger) about the followed object or user."""
+            body = record.body
+            ref_ = body.get("objectRef") or {}
+            return wanted(
+                {
+                    "kind": "audit",
+                    "user": (body.get("user") or {}).get("username"),
+                    "resource": ref_.get("resource"),
+                    "namespace": ref_.get("namespace"),
+                    "name": ref_.get("name"),
+                }
+            )
+
+        def newer() -> tuple[list[StoredRecord], int]:
+            rows = backend.newer(after)
+            records = [record for record, columns in rows if wanted(columns)]
+            # A new alert whose own fields do not name the object: kept if its request does.
+            others = [r for r, columns in rows if columns["kind"] == "alert" and not wanted(columns)]
+            audit_ids = list({str(r.body.get("k8s.audit.id")) for r in others})
+            if audit_ids:
+                about_ids = {t.body.get("auditID") for t in backend.triggers_of(audit_ids) if about(t)}
+                records += [r for r in others if r.body.get("k8s.audit.id") in about_ids]
+            # A new request's alerts stored before it (shown already or not: the page knows).
+            new_ids = [r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body]
+            if new_ids:
+                have = {r.id for r in records}
+                records += [r for r in backend.alerts_for(new_ids) if r.id not in have]
+            return records, int(rows[-1][0].id) if rows else after
+
+        records, last = await self._call(newer)
         entries = [{**entry, "summary": summary(entry)} for entry in timeline(records)]
         return _json({"entries": entries, "last_id": last})
 

@@ -220,6 +220,13 @@ def test_the_recorded_example_in_the_browser(tmp_path: Path) -> None:
         assert warnings and all("ErrImageNeverPull" in row["text"] or "Failed" in row["text"] for row in warnings)
         assert any("localhost/busybox:latest \u2192 localhost/busybox:1.37" in row["changes"] for row in page.rows)
         assert "failed" in page.rows[-1]["class"] or any("norbac" in t and "403" in t for t in texts)
+        # The alerts Falco's rules raised at ingest, each right after the request that fired it.
+        create = next(i for i, t in enumerate(texts) if t.startswith("create deployments/shop/web by admin"))
+        assert page.rows[create + 1]["kind"] == "alert" and "p-info" in page.rows[create + 1]["class"]
+        assert page.rows[create + 1]["text"].startswith("K8s Deployment Created (user=admin deployment=web")
+        refused = next(i for i, t in enumerate(texts) if "by norbac" in t)
+        assert [row["kind"] for row in page.rows[refused + 1 : refused + 3]] == ["alert", "alert"]
+        assert all("p-warning" in row["class"] for row in page.rows[refused + 1 : refused + 3])
     finally:
         proc.terminate()
         proc.wait(timeout=10)
