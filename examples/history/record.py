@@ -17,6 +17,11 @@ and keeps the API server's audit log lines about the story's namespace as they w
 
 The API server runs with the audit policy below (bodies of Deployment and Pod writes, metadata
 only for Secrets), so ``kubetrail history deploy/shop/web`` can say what each write changed.
+
+The alerts are not recorded: ``ingest.conf`` runs the ``detect`` filter (Falco's rules in
+``rules/``) on the recorded audit log, so they are always what those rules say about it, and a
+change of rules needs no re-recording. Steps 5 and 6 fire ``K8s Secret Get Successfully``,
+``Disallowed K8s User`` and the example's ``K8s Request Forbidden``.
 """
 
 from __future__ import annotations
