@@ -60,13 +60,6 @@ class Filters:
     def alerts_only(self) -> bool:
         return self.kind == "alert" or self.priority is not None or self.rule is not None
 
-    def matches(self, row: dict[str, Any]) -> bool:
-        for key in ("kind", "user", "verb", "resource", "namespace", "name", "code", "reason"):
-            wanted = getattr(self, key)
-            if wanted is not None and row.get(key) != wanted:
-                return False
-        return not (self.writes_only and row.get("verb") not in MUTATING)
-
 
 def _time_clause(since: int | None, until: int | None, params: list[Any]) -> str:
     clause = ""
