@@ -482,54 +482,6 @@ def test_audit_by_webhook_and_by_file_exactly_once_each_no_secret(setup: Setup) 
         assert secret_value not in path.read_text(errors="replace"), path
 
 
-def test_upgrade_with_a_new_output_rolls_the_pods_and_loses_nothing(setup: Setup) -> None:
-    admin = setup.admin
-    before = {p["metadata"]["name"] for p in _wait_ready(admin, "events", 2)}
-    ns = _namespace(admin, "e2e-upgrade")
-    count = 3000
-    script = f'i=0; while [ $i -lt {count} ]; do i=$((i+1)); echo "n=$i up"; usleep 5000; done; sleep 3600 & wait'
-    assert admin.post(f"/api/v1/namespaces/{ns}/pods", busybox_pod("steady", script)).status == 201
-    wait_pod_phase(admin, ns, "steady", ("Running",))
-    time.sleep(3)
-    values = setup.values.parent / "values-upgrade.yaml"
-    doc = yaml.safe_load(setup.values.read_text())
-    doc["config"]["outputs"] = OUTPUTS + "[OUTPUT]\n    name  null\n    match nothing.*\n"
-    values.write_text(yaml.safe_dump(doc))
-    _helm(setup, "upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(values), "--wait", "--timeout", "300s")
-    after = {p["metadata"]["name"] for p in _wait_ready(admin, "events", 2)}
-    assert not before & after, "the changed config did not roll the events pods"
-
-    def ours() -> list[dict[str, Any]]:
-        return [
-            r for r in _records(setup.out, "kt-kubetrail-logs") if r.get("kubernetes", {}).get("namespace_name") == ns
-        ]
-
-    wait_for(lambda: len({_line_number(r) for r in ours()}) >= count, 180, "every line across the upgrade")
-    numbers = Counter(_line_number(r) for r in ours())
-    assert set(numbers) == set(range(1, count + 1))
-    assert [n for n, c in numbers.items() if c > 1] == []
-
-
-def test_a_broken_config_stops_the_upgrade_in_the_check_hook(setup: Setup) -> None:
-    admin = setup.admin
-    values = setup.values.parent / "values-broken.yaml"
-    doc = yaml.safe_load(setup.values.read_text())
-    doc["config"]["outputs"] = OUTPUTS.replace("format plain", "formt  plain")
-    values.write_text(yaml.safe_dump(doc))
-    done = _helm(setup, "upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(values), "--timeout", "120s", check=False)
-    assert done.returncode != 0
-    assert "pre-upgrade" in done.stderr, done.stderr
-    # The Job stays for inspection: its pod's log is kubetrail's own message.
-    pods = admin.get(f"/api/v1/namespaces/{NS}/pods", labelSelector="app.kubernetes.io/component=config-check")
-    pod = pods.json()["items"][0]["metadata"]["name"]
-    log = admin.get(f"/api/v1/namespaces/{NS}/pods/{pod}/log", container="logs")
-    assert "'formt': unknown property for output plugin 'file'" in log.body.decode(), log.body
-    # The running release is untouched.
-    status = _helm(setup, "status", RELEASE, "-n", NS, "-o", "json")
-    assert json.loads(status.stdout)["info"]["status"] in ("deployed", "failed")
-    assert _wait_ready(admin, "logs", 1)
-
-
 SIDECAR_APP = r"""
 i=0
 while [ $i -lt {count} ]; do
@@ -720,6 +672,54 @@ def test_projected_token_renewed_by_the_kubelet_is_used_and_nothing_gets_401(set
             seen_jtis.update(extra.get("authentication.kubernetes.io/credential-id", []))
     for name, claims in renewed.items():
         assert f"JTI={claims['jti']}" in seen_jtis, f"{name}: no request with its renewed token in the audit log"
+
+
+def test_upgrade_with_a_new_output_rolls_the_pods_and_loses_nothing(setup: Setup) -> None:
+    admin = setup.admin
+    before = {p["metadata"]["name"] for p in _wait_ready(admin, "events", 2)}
+    ns = _namespace(admin, "e2e-upgrade")
+    count = 3000
+    script = f'i=0; while [ $i -lt {count} ]; do i=$((i+1)); echo "n=$i up"; usleep 5000; done; sleep 3600 & wait'
+    assert admin.post(f"/api/v1/namespaces/{ns}/pods", busybox_pod("steady", script)).status == 201
+    wait_pod_phase(admin, ns, "steady", ("Running",))
+    time.sleep(3)
+    values = setup.values.parent / "values-upgrade.yaml"
+    doc = yaml.safe_load(setup.values.read_text())
+    doc["config"]["outputs"] = OUTPUTS + "[OUTPUT]\n    name  null\n    match nothing.*\n"
+    values.write_text(yaml.safe_dump(doc))
+    _helm(setup, "upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(values), "--wait", "--timeout", "300s")
+    after = {p["metadata"]["name"] for p in _wait_ready(admin, "events", 2)}
+    assert not before & after, "the changed config did not roll the events pods"
+
+    def ours() -> list[dict[str, Any]]:
+        return [
+            r for r in _records(setup.out, "kt-kubetrail-logs") if r.get("kubernetes", {}).get("namespace_name") == ns
+        ]
+
+    wait_for(lambda: len({_line_number(r) for r in ours()}) >= count, 180, "every line across the upgrade")
+    numbers = Counter(_line_number(r) for r in ours())
+    assert set(numbers) == set(range(1, count + 1))
+    assert [n for n, c in numbers.items() if c > 1] == []
+
+
+def test_a_broken_config_stops_the_upgrade_in_the_check_hook(setup: Setup) -> None:
+    admin = setup.admin
+    values = setup.values.parent / "values-broken.yaml"
+    doc = yaml.safe_load(setup.values.read_text())
+    doc["config"]["outputs"] = OUTPUTS.replace("format plain", "formt  plain")
+    values.write_text(yaml.safe_dump(doc))
+    done = _helm(setup, "upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(values), "--timeout", "120s", check=False)
+    assert done.returncode != 0
+    assert "pre-upgrade" in done.stderr, done.stderr
+    # The Job stays for inspection: its pod's log is kubetrail's own message.
+    pods = admin.get(f"/api/v1/namespaces/{NS}/pods", labelSelector="app.kubernetes.io/component=config-check")
+    pod = pods.json()["items"][0]["metadata"]["name"]
+    log = admin.get(f"/api/v1/namespaces/{NS}/pods/{pod}/log", container="logs")
+    assert "'formt': unknown property for output plugin 'file'" in log.body.decode(), log.body
+    # The running release is untouched.
+    status = _helm(setup, "status", RELEASE, "-n", NS, "-o", "json")
+    assert json.loads(status.stdout)["info"]["status"] in ("deployed", "failed")
+    assert _wait_ready(admin, "logs", 1)
 
 
 def test_uninstall_leaves_no_kubetrail_objects(setup: Setup) -> None:
