@@ -72,6 +72,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         container_log_max_files=args.container_log_max_files,
         container_log_monitor_interval=args.container_log_monitor_interval,
         images=args.image,
+        pod_cidr=args.pod_cidr,
     )
     print(f"local cluster up in {time.monotonic() - started:.1f}s: {cluster.url}")
     for name, comp in cluster.components.items():
@@ -163,6 +164,7 @@ def parser() -> argparse.ArgumentParser:
         default=0,
         help="1: also a real node (containerd, kubelet, kube-proxy; needs root and --controllers)",
     )
+    u.add_argument("--pod-cidr", default="10.244.0.0/24", help="the node's pod network (CNI bridge, host-local)")
     u.add_argument("--container-log-max-size", default="10Mi", help="kubelet containerLogMaxSize (e.g. 1Mi)")
     u.add_argument("--container-log-max-files", type=int, default=5, help="kubelet containerLogMaxFiles")
     u.add_argument(

@@ -81,6 +81,7 @@ class ClusterOptions:
     container_log_max_files: int = 5
     container_log_monitor_interval: str = "10s"
     images: list[str] = field(default_factory=list)  # extra OCI image archives for the node
+    pod_cidr: str = "10.244.0.0/24"  # the node's pods (CNI bridge + host-local)
 
     def node_options(self) -> NodeOptions:
         return NodeOptions(
@@ -88,6 +89,7 @@ class ClusterOptions:
             container_log_max_files=self.container_log_max_files,
             container_log_monitor_interval=self.container_log_monitor_interval,
             images=[str(Path(i).resolve()) for i in self.images],
+            pod_cidr=self.pod_cidr,
         )
 
     def validate(self) -> None:

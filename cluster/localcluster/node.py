@@ -33,6 +33,7 @@ before removed.  :func:`leftovers` checks all of that and names what it finds.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -52,8 +53,7 @@ from .gotools import NodeBinaries
 from .kubeapi import KubeAPI
 from .process import Component, ComponentError, free_port, probe
 
-POD_CIDR = "10.244.0.0/24"
-POD_GATEWAY = "10.244.0.1"
+POD_CIDR = "10.244.0.0/24"  # the default; --pod-cidr chooses another
 SERVICE_CIDR = "10.0.0.0/24"
 SERVICE_IP = "10.0.0.1"  # the `kubernetes` Service
 BRIDGE = "cni0"
@@ -96,8 +96,10 @@ class NodeOptions:
     container_log_monitor_interval: str = "10s"
     images: list[str] = field(default_factory=list)  # extra OCI image archives to import
     ready_timeout: float = 120.0
+    pod_cidr: str = POD_CIDR
 
     def validate(self) -> None:
+        _check_pod_cidr(self.pod_cidr)
         if not _SIZE.match(self.container_log_max_size):
             raise NodeError(
                 f"container log max size {self.container_log_max_size!r} is not a quantity like 1Mi, 512Ki, 10Mi"
@@ -111,6 +113,43 @@ class NodeOptions:
         for image in self.images:
             if not Path(image).is_file():
                 raise NodeError(f"image archive not found: {image}")
+
+
+def _host_networks(route_file: Path = Path("/proc/net/route")) -> list[tuple[str, ipaddress.IPv4Network]]:
+    """(interface, network) of this host's directly connected IPv4 routes (not the default)."""
+    out = []
+    try:
+        lines = route_file.read_text().splitlines()[1:]
+    except OSError:
+        return out
+    for line in lines:
+        cols = line.split()
+        if len(cols) < 8 or cols[1] == "00000000":
+            continue
+        dest = ipaddress.IPv4Address(int(cols[1], 16).to_bytes(4, "little"))
+        mask = ipaddress.IPv4Address(int(cols[7], 16).to_bytes(4, "little"))
+        out.append((cols[0], ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)))
+    return out
+
+
+def _check_pod_cidr(cidr: str, route_file: Path = Path("/proc/net/route")) -> None:
+    """The CNI misconfigurations that would leave pods without a network, refused before
+    anything starts: not a network, too small or too large, or overlapping the Service range or
+    a network this host is already on (the bridge's gateway would shadow it)."""
+    try:
+        network = ipaddress.ip_network(cidr, strict=True)
+    except ValueError as exc:
+        raise NodeError(f"pod CIDR {cidr!r} is not an IPv4 network like 10.244.0.0/24: {exc}") from None
+    if not isinstance(network, ipaddress.IPv4Network) or not 16 <= network.prefixlen <= 28:
+        raise NodeError(f"pod CIDR {cidr}: an IPv4 network from /16 to /28 is needed (one node's pods)")
+    if network.overlaps(ipaddress.ip_network(SERVICE_CIDR)):
+        raise NodeError(f"pod CIDR {cidr} overlaps the Service range {SERVICE_CIDR}")
+    for iface, host in _host_networks(route_file):
+        if iface != BRIDGE and network.overlaps(host):
+            raise NodeError(
+                f"pod CIDR {cidr} overlaps {host} on {iface}, a network this host is on: pods and the host "
+                "could not reach each other; choose a free range (--pod-cidr)"
+            )
 
 
 def node_ip() -> str:
@@ -171,8 +210,9 @@ def _udp_port_free(ip: str, port: int) -> bool:
     return True
 
 
-def preflight() -> None:
-    """Refuse early, with the reason, when this host cannot run the node."""
+def preflight(proc: Path = Path("/proc"), sysfs: Path = Path("/sys")) -> None:
+    """Refuse early, with the reason, when this host cannot run the node (``proc``/``sysfs``:
+    where the kernel's features are read, for tests)."""
     problems = []
     if os.geteuid() != 0:
         problems.append("not root (containerd, the kubelet and kube-proxy need root)")
@@ -181,14 +221,14 @@ def preflight() -> None:
             problems.append(
                 f"{tool} not found (apt-get install iptables conntrack nftables iproute2; scripts/setup does)"
             )
-    filesystems = Path("/proc/filesystems").read_text() if Path("/proc/filesystems").exists() else ""
+    filesystems = (proc / "filesystems").read_text() if (proc / "filesystems").exists() else ""
     if "overlay" not in filesystems:
         problems.append("the kernel has no overlay filesystem (containerd's overlayfs snapshotter needs it)")
-    if not Path("/sys/fs/cgroup/memory").is_dir() and not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+    if not (sysfs / "fs/cgroup/memory").is_dir() and not (sysfs / "fs/cgroup/cgroup.controllers").exists():
         problems.append("no cgroup memory controller under /sys/fs/cgroup")
-    if not Path("/proc/sys/net/ipv4/ip_forward").exists():
+    if not (proc / "sys/net/ipv4/ip_forward").exists():
         problems.append("no /proc/sys/net/ipv4/ip_forward (network namespace without sysctls?)")
-    if Path(f"/sys/class/net/{BRIDGE}").exists():
+    if (sysfs / "class/net" / BRIDGE).exists():
         problems.append(f"a {BRIDGE} interface already exists: another node (or CNI setup) runs on this machine")
     busy = [str(port) for port in (*KUBELET_PORTS, *PROXY_PORTS) if _port_in_use(port)]
     if busy:
@@ -472,6 +512,8 @@ imports = []
 """
 
     def _cni_conflist(self) -> dict[str, Any]:
+        o = self.options
+        pod_net = ipaddress.ip_network(o.pod_cidr)
         return {
             "cniVersion": "1.0.0",
             "name": "kubetrail",
@@ -485,7 +527,7 @@ imports = []
                     "ipam": {
                         "type": "host-local",
                         "dataDir": str(self.dir / "cni" / "ipam"),
-                        "ranges": [[{"subnet": POD_CIDR, "gateway": POD_GATEWAY}]],
+                        "ranges": [[{"subnet": o.pod_cidr, "gateway": str(next(pod_net.hosts()))}]],
                         # No default route: pods reach Services and the node, nothing else.
                         "routes": [{"dst": SERVICE_CIDR}, {"dst": f"{self.ip}/32"}],
                     },
@@ -539,7 +581,7 @@ imports = []
             "mode": "iptables",
             "clientConnection": {"kubeconfig": str(self.dir / "kube-proxy.kubeconfig")},
             "hostnameOverride": self.name,
-            "clusterCIDR": POD_CIDR,
+            "clusterCIDR": self.options.pod_cidr,
             "nodePortAddresses": ["primary"],
             "oomScoreAdj": 0,
             "healthzBindAddress": f"127.0.0.1:{PROXY_PORTS[1]}",
@@ -783,7 +825,7 @@ imports = []
         self._unmount()
         self._delete_links()
         self._remove_cgroups(errors)
-        for prefix in (POD_CIDR, SERVICE_CIDR):
+        for prefix in (self.options.pod_cidr, SERVICE_CIDR):
             for flag in ("-s", "-d"):
                 _run(["conntrack", "-D", flag, prefix], timeout=10)
         for key, value in self.sysctl_before.items():
