@@ -22,6 +22,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from kubetrail.detect import condition as cond
 from kubetrail.detect.fields import Event, FieldRef, as_text, class_of, fast_getter, field_ref
 from kubetrail.detect.rules import PRIORITIES, SOURCE, Origin, RuleDef, RulesError, RuleSet, looks_like_list_name
@@ -327,6 +329,57 @@ class Engine:
             "k8s.audit.id": _AUDIT_ID(ev),
             "k8s.audit.stage": _STAGE(ev),
         }
+
+
+# Members of the event the native alert writer reads (``native/src/alerts.rs``), by light path.
+_NATIVE_FIELDS = {
+    ("auditID",): 0,
+    ("stage",): 1,
+    ("verb",): 2,
+    ("requestURI",): 3,
+    ("userAgent",): 4,
+    ("user", "username"): 5,
+    ("impersonatedUser", "username"): 6,
+    ("objectRef", "resource"): 7,
+    ("objectRef", "subresource"): 8,
+    ("objectRef", "namespace"): 9,
+    ("objectRef", "name"): 10,
+    ("responseStatus", "code"): 11,
+    ("annotations", "decision"): 12,
+    ("annotations", "reason"): 13,
+}
+
+
+def native_template(rule: CompiledRule) -> tuple[bytes, bytes, list[bytes | int], list[tuple[bytes, int]]] | None:
+    """The rule's alert as the native writer's template (``native/src/alerts.rs``): the
+    record's constant members, the output's escaped text and field ids, the output_fields;
+    None when the output reads a field the writer does not have (Python writes those alerts).
+    Laid out as :meth:`Engine.alert_record` and orjson write it."""
+    parts: list[bytes | int] = []
+    fields: dict[str, int] = {}
+    for part in rule.output.parts:
+        if isinstance(part, str):
+            if part:
+                parts.append(orjson.dumps(part)[1:-1])
+            continue
+        found = _NATIVE_FIELDS.get(part.light) if part.light is not None else None
+        if found is None:
+            return None
+        parts.append(found)
+        fields.setdefault(part.key, found)
+    head = (
+        b',"rule":'
+        + orjson.dumps(rule.name)
+        + b',"priority":'
+        + orjson.dumps(rule.priority_name)
+        + b',"source":'
+        + orjson.dumps(SOURCE)
+        + b',"tags":'
+        + orjson.dumps(rule.tags)
+        + b',"output":"'
+    )
+    priority = b": " + orjson.dumps(rule.priority_name)[1:-1] + b" "
+    return head, priority, parts, [(orjson.dumps(key) + b":", found) for key, found in fields.items()]
 
 
 def _condition_error(exc: cond.ConditionError, text: str, origin: Origin, item: str) -> RulesError:

@@ -34,6 +34,7 @@ built for the records that pass. See ``bench/bench_detect.py``.
 
 from __future__ import annotations
 
+import calendar
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -50,9 +51,14 @@ from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.core.values import parse_duration
 from kubetrail.detect import Engine, Event, RulesError, decode_block, expand_paths, load_rules, priority_level
-from kubetrail.detect.engine import CompiledRule, Decision
+from kubetrail.detect.engine import CompiledRule, Decision, native_template
 from kubetrail.detect.fields import Lines, class_of, decode_lines_block
 from kubetrail.transforms.kubernetes_audit import detect_classes
+
+try:  # optional: the native alert writer (see native/src/alerts.rs)
+    from kubetrail_native import AlertWriter
+except ImportError:  # pragma: no cover - depends on the installation
+    AlertWriter = None
 
 NO_CLASS = 0xFFFFFFFF  # a line the native scan gave no detection class: decided by itself
 
@@ -125,6 +131,17 @@ class DetectTransform(Transform):
         # events fire, None when its events are decided one by one. Ids are stable for the
         # scanner's life and its table is bounded, so this is too.
         self._classes: dict[int, tuple[Any, dict[int, Decision | None]]] = {}
+        # The native alert writer's templates: rule name -> its number (rules whose output reads
+        # a field the writer does not have are left to Python).
+        self._templates: dict[str, int] = {}
+        self._writer: Any = None
+        if AlertWriter is not None:
+            compiled = [(rule.name, native_template(rule)) for rule in self.engine.rules]
+            usable = [(name, template) for name, template in compiled if template is not None]
+            self._templates = {name: number for number, (name, _) in enumerate(usable)}
+            hostname = b',"hostname":' + orjson.dumps(self.engine.hostname)
+            self._writer = AlertWriter([template for _, template in usable], hostname)
+        self._tag_json = ("", b'""')
         self.m_class_events = self.metrics.counter(
             "kubetrail_detect_class_events", "Events decided by their detection class, not one by one"
         )
@@ -222,18 +239,71 @@ class DetectTransform(Transform):
         if not hot:
             return []
         todo = [index for index, class_id in enumerate(ids) if class_id in hot]
-        events = decode_block([lines.line(index) for index in todo])
-        alerts: list[_Alert] = []
+        # Only the events a predicate must still see are decoded here (and those whose alert
+        # the native writer leaves to Python, later).
+        per_event = {
+            class_id
+            for class_id in hot
+            if (decision := batch_decisions[class_id]) is None or any(p is not None for _, p in decision)
+        }
+        eventful = [index for index in todo if ids[index] in per_event]
+        events = dict(zip(eventful, decode_block([lines.line(index) for index in eventful]), strict=True))
+        items: list[tuple[int, CompiledRule]] = []
         match = self.engine.match
-        tag = batch.tag
-        for index, event in zip(todo, events, strict=True):
+        limit = self.rate_limit
+        for index in todo:
             decision = batch_decisions[ids[index]]
+            event = events.get(index)
             if decision is None:
+                assert event is not None
                 fired = match(event)
+            elif event is None:
+                fired = [rule for rule, _ in decision]
             else:
                 fired = [rule for rule, predicate in decision if predicate is None or predicate(event)]
-            if fired:
-                self._alerts(fired, event, tag, alerts)
+            for rule in fired:
+                if limit is not None and not limit.allow(rule.name):
+                    self.m_limited.labels(rule.name).inc()
+                    continue
+                items.append((index, rule))
+        return self._write_alerts(items, ids, lines, events, block, batch.tag)
+
+    def _write_alerts(
+        self,
+        items: list[tuple[int, CompiledRule]],
+        ids: memoryview,
+        lines: Lines,
+        events: dict[int, Event],
+        block: bytes,
+        tag: str,
+    ) -> list[_Alert]:
+        """The alerts of ``items`` (line, rule) in order: natively where the rule's output
+        reads only what the native writer has (and the line is one the scan decoded), else
+        in Python, as event by event."""
+        rendered: list[bytes | None] = [None] * len(items)
+        writer, templates = self._writer, self._templates
+        if writer is not None:
+            chosen = [
+                (at, (index, number))
+                for at, (index, rule) in enumerate(items)
+                if (number := templates.get(rule.name)) is not None and ids[index] != NO_CLASS
+            ]
+            if chosen:
+                if self._tag_json[0] != tag:
+                    self._tag_json = (tag, orjson.dumps(tag))
+                written = writer.render(block, [pair for _, pair in chosen], self._tag_json[1])
+                for (at, _), raw in zip(chosen, written, strict=True):
+                    rendered[at] = raw
+        alerts: list[_Alert] = []
+        for (index, rule), raw in zip(items, rendered, strict=True):
+            if raw is not None:
+                alerts.append((raw, None, None))
+                self._count(rule)
+                continue
+            event = events.get(index)
+            if event is None:
+                event = events[index] = decode_block([lines.line(index)])[0]
+            alerts.append(self._alert(rule, event, tag))
         return alerts
 
     def _decide(
@@ -263,13 +333,16 @@ class DetectTransform(Transform):
             else:
                 decisions[class_id] = self.engine.decide_class(event)
 
-    def _alert(self, rule: CompiledRule, event: Event, tag: str) -> _Alert:
-        body = self.engine.alert_record(self.engine.alert(rule, event), event)
-        body["trigger_tag"] = tag
+    def _count(self, rule: CompiledRule) -> None:
         counter = self._counters.get(rule.name)
         if counter is None:
             counter = self._counters[rule.name] = self.m_alerts.labels(rule.name, rule.priority_name)
         counter.inc()
+
+    def _alert(self, rule: CompiledRule, event: Event, tag: str) -> _Alert:
+        body = self.engine.alert_record(self.engine.alert(rule, event), event)
+        body["trigger_tag"] = tag
+        self._count(rule)
         identity = (body["k8s.audit.id"], body["k8s.audit.stage"], "detect", rule.name)
         return orjson.dumps(body), event.timestamp_ns(), identity
 
@@ -293,7 +366,18 @@ class DetectTransform(Transform):
         return [r for i, r in enumerate(records) if i not in matched]
 
 
-_Alert = tuple[bytes, int, tuple[Any, ...]]  # the alert's JSON, its time, its identity
+# The alert's JSON, its time and its identity; the native writer gives the JSON only (the
+# others are read back from it if records are built, see _emitted).
+_Alert = tuple[bytes, int | None, tuple[Any, ...] | None]
+
+
+def _time_and_identity(raw: bytes) -> tuple[int, tuple[Any, ...]]:
+    """A natively written alert's time (ns) and identity, read back from its JSON."""
+    body = orjson.loads(raw)
+    stamp: str = body["time"]  # YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ, UTC (see native/src/alerts.rs)
+    whole = calendar.timegm(time.strptime(stamp[:19], "%Y-%m-%dT%H:%M:%S"))
+    at = whole * 1_000_000_000 + int(stamp[20:29])
+    return at, (body["k8s.audit.id"], body["k8s.audit.stage"], "detect", body["rule"])
 
 
 def _emitted(tag: str, alerts: list[_Alert], parent: Batch) -> Batch:
@@ -307,6 +391,11 @@ def _emitted(tag: str, alerts: list[_Alert], parent: Batch) -> Batch:
     block = b"\n".join([raw for raw, _, _ in alerts]) + b"\n"
 
     def materialize() -> list[Record]:
-        return [Record(tag, at, None, raw, identity) for raw, at, identity in alerts]
+        records: list[Record] = []
+        for raw, at, identity in alerts:
+            if at is None or identity is None:
+                at, identity = _time_and_identity(raw)
+            records.append(Record(tag, at, None, raw, identity))
+        return records
 
     return Batch(tag, None, token, len(block), raw_block=block, materialize=materialize, count=len(alerts))

@@ -28,6 +28,7 @@
 //!          the two decoders differ (msgspec takes a repeated key's last value and any integer)
 //!          the reference wins, so such a line is never passed on unredacted by mistake.
 
+mod alerts;
 mod auditclass;
 mod fieldtext;
 mod jsonlines;
@@ -1180,6 +1181,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(count_newlines, module)?)?;
     module.add_class::<AuditScanner>()?;
     module.add_class::<AuditScan>()?;
+    module.add_class::<alerts::AlertWriter>()?;
     module.add_class::<KeySet>()?;
     module.add_class::<KeyBatch>()?;
     module.add_class::<jsonlines::JsonLinesScanner>()?;

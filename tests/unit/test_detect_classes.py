@@ -18,6 +18,11 @@ from kubetrail.transforms import detect as detect_module
 from kubetrail.transforms.detect import DetectTransform
 from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform, NativeScanner, detect_classes
 from tests.unit.helpers import build, write
+
+try:
+    from kubetrail_native import AlertWriter
+except ImportError:  # pragma: no cover - depends on the installation
+    AlertWriter = None
 from tests.unit.test_detect import POD, audit
 
 pytestmark = pytest.mark.skipif(NativeScanner is None, reason="kubetrail_native is not built")
@@ -80,6 +85,19 @@ RULES = """
 """
 
 
+# Times the native alert writer takes (UTC, "Z") and ones it leaves to Python, all valid.
+STAMPS = [
+    "2026-12-05T03:{minute:02d}:{second:02d}.{micros:06d}Z",
+    "2026-12-05T03:{minute:02d}:{second:02d}.{micros:06d}Z",
+    "2026-12-05T03:{minute:02d}:{second:02d}Z",
+    "2028-02-29T23:{minute:02d}:{second:02d}.1Z",
+    "2026-12-05T03:{minute:02d}:{second:02d}.{micros:06d}987Z",
+    "2026-12-05T03:{minute:02d}:{second:02d}.{micros:06d}+02:00",
+    "2026-12-05T03:{minute:02d}:{second:02d}.{micros:06d}",
+    "1970-01-01T00:00:00Z",
+]
+
+
 def varied(count: int, seed: int = 5) -> list[bytes]:
     """Audit events of many shapes: missing and null members, odd users, list values, escapes."""
     rng = random.Random(seed)
@@ -92,7 +110,7 @@ def varied(count: int, seed: int = 5) -> list[bytes]:
             "verb": rng.choice(["get", "list", "create", "watch", "delete"]),
             "stage": rng.choice(["ResponseComplete", "ResponseComplete", "ResponseStarted", "RequestReceived"]),
             "requestURI": rng.choice(["/healthz", "/api/v1/pods", "/livez", "/api/v1/namespaces/a/secrets/x"]),
-            "stageTimestamp": f"2026-12-05T03:{i % 60:02d}:{i % 59:02d}.{i:06d}Z",
+            "stageTimestamp": rng.choice(STAMPS).format(minute=i % 60, second=i % 59, micros=i % 1_000_000),
         }
         user = rng.choice(users)
         groups = rng.choice([["devs"], ["admins", "x"], [], None])
@@ -294,3 +312,57 @@ def test_without_classes_the_filter_decodes_each_line(tmp_path: Path) -> None:
     flt = detect_filter(tmp_path, RULES)
     assert alerts_of(flt, batch)
     assert _counter(flt) == 0
+
+
+def test_alert_records_are_the_same_either_way(tmp_path: Path) -> None:
+    """Records built from the natively written alerts: same bytes, time and identity."""
+    lines = varied(600, seed=4)
+    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    batch = audit_filter.process_batch(lazy(lines))
+    fast, slow = detect_filter(tmp_path, RULES), detect_filter(tmp_path, RULES)
+    (by_class,) = fast.process_emitting(batch)[1]
+    (by_event,) = slow.process_emitting(plain(batch))[1]
+    assert by_class.raw_block == by_event.raw_block
+    assert [(r.time_ns, r.identity, r.raw) for r in by_class.records] == [
+        (r.time_ns, r.identity, r.raw) for r in by_event.records
+    ]
+    assert len(by_class.records) > 50
+
+
+def test_rate_limit_by_class(tmp_path: Path) -> None:
+    lines = varied(800, seed=8)
+    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    batch = audit_filter.process_batch(lazy(lines))
+    rules = write(tmp_path / "rules.yaml", RULES)
+    fast = build(DetectTransform, rules_file=str(rules), rate_limit="3/1h")
+    slow = build(DetectTransform, rules_file=str(rules), rate_limit="3/1h")
+    by_class, by_event = alerts_of(fast, batch), alerts_of(slow, plain(batch))
+    assert by_class == by_event
+    assert len(by_event) == 3 * 6  # three of each rule
+
+
+@pytest.mark.skipif(AlertWriter is None, reason="kubetrail_native has no AlertWriter")
+def test_the_native_writer_leaves_odd_times_and_lines_to_python() -> None:
+    writer = AlertWriter(
+        [(b',"rule":"r","priority":"Notice","source":"k8s_audit","tags":[],"output":"', b": Notice ", [5], [])],
+        b',"hostname":"h"',
+    )
+    good = '{"auditID":"a","stage":"ResponseComplete","user":{"username":"u"},"stageTimestamp":"%s"}'
+    stamps = [
+        "2026-12-05T03:00:00.123456Z",  # written
+        "2026-02-30T03:00:00Z",  # no such day: Python's time is "now"
+        "2026-12-05T24:00:00Z",
+        "2026-12-05T03:00:00+00:00",  # forms fromisoformat takes: Python's
+        "2026-12-05 03:00:00Z",
+        "2026-12-05T03:00:00,5Z",
+        "2026-12-05T03:00:00.Z",
+        "1969-12-31T23:59:59Z",
+    ]
+    lines = [(good % stamp).encode() for stamp in stamps]
+    lines.append(b'{"auditID":"a","stage":"ResponseComplete","verb":"get","verb":"list"}')  # repeated key
+    block = b"".join(line + b"\n" for line in lines)
+    written = writer.render(block, [(index, 0) for index in range(len(lines))], b'"t"')
+    assert written[0] is not None and written[1:] == [None] * (len(lines) - 1)
+    assert orjson.loads(written[0])["output"] == "03:00:00.123456000: Notice u"
+    with pytest.raises(ValueError):
+        writer.render(block, [(len(lines), 0)], b'"t"')
