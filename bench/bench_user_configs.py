@@ -21,10 +21,12 @@ Rows (issue 18), targets in brackets:
 * ``multiline``: a ``[MULTILINE_PARSER]`` (a start line and indented continuations) in the
   ``multiline`` filter, on 300,000 plain text lines.
 
-``--formats`` adds the file output's and stdout's formats on the ``json+time`` parser, each
-against ``plain`` [each within 10% of plain]. ``--before DIR`` also runs each row with the
-kubetrail of another checkout (e.g. ``git archive`` of an older commit unpacked in DIR; the
-same venv), alternating with this one in every round: the change's effect in one run.
+``--formats`` adds the file output's and stdout's formats on the ``json+time`` parser, and the
+``http`` output's ``json`` and ``json_lines`` to a local aiohttp receiver (a process of its own,
+appending each body to a file), each against ``plain`` [each within 10% of plain].
+``--before DIR`` also runs each row with the kubetrail of another checkout (e.g. ``git
+archive`` of an older commit unpacked in DIR; the same venv), alternating with this one in
+every round: the change's effect in one run.
 ``--no-naive`` skips the naive loops.
 """
 
@@ -90,6 +92,32 @@ STDOUT_OUTPUT = """
     name   stdout
     match  *
     format {fmt}
+"""
+
+HTTP_OUTPUT = """
+[OUTPUT]
+    name   http
+    match  *
+    host   127.0.0.1
+    port   {port}
+    uri    /
+    format {fmt}
+"""
+
+# A local HTTP receiver (aiohttp, in a process of its own): each body appended to one file, so
+# the bench counts what arrived after the run.
+RECEIVER = r"""
+import sys
+from aiohttp import web
+target = sys.argv[1]
+async def receive(request):
+    body = await request.read()
+    with open(target, "ab") as out:
+        out.write(body)
+    return web.Response(status=201)
+app = web.Application(client_max_size=1 << 30)
+app.router.add_post("/", receive)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=lambda *a: print("ready", flush=True))
 """
 
 # The naive loops: the obvious Python for the same work (read, parse, take the time, write).
@@ -168,7 +196,7 @@ class Row:
     records: int  # records the output must hold
     naive: str | None
     naive_args: tuple[str, ...] = ()
-    output: str = "file"
+    output: str = "file"  # file, stdout or http
 
 
 def cri_file(count: int) -> Path:
@@ -245,17 +273,59 @@ def rows(args: argparse.Namespace) -> list[Row]:
             out.append(
                 Row(f"json+time stdout {fmt}", audit, "    parser audit_time", "", fmt, n, None, output="stdout")
             )
+        for fmt in ("json", "json_lines"):
+            out.append(Row(f"json+time http {fmt}", audit, "    parser audit_time", "", fmt, n, None, output="http"))
     if args.rows:
         wanted = set(args.rows.split(","))
         out = [row for row in out if row.name in wanted]
     return out
 
 
+class Receiver:
+    """The HTTP receiver process for the http rows; what it received is in ``target``."""
+
+    def __init__(self, directory: Path) -> None:
+        import socket
+        import subprocess
+
+        self.target = directory / "http-received"
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        script = directory / "receiver.py"
+        script.write_text(RECEIVER)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), str(self.target), str(self.port)], stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise SystemExit("FAILED: the HTTP receiver did not start")
+
+    def records(self, fmt: str) -> int:
+        """Records received (json: one array per body, each body one line)."""
+        import orjson
+
+        data = self.target.read_bytes() if self.target.exists() else b""
+        self.target.unlink(missing_ok=True)
+        if fmt == "json_lines":
+            return data.count(b"\n")
+        return sum(len(orjson.loads(body)) for body in data.splitlines())
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+RECEIVER_PROC: Receiver | None = None
+
+
 def run_row(
     row: Row, work: Path, cold: bool, tree: str | None = None, naive: bool = True
 ) -> tuple[Measured, Measured | None]:
     out_file = work / "out.txt"
-    output = (FILE_OUTPUT if row.output == "file" else STDOUT_OUTPUT).format(out=work, fmt=row.fmt)
+    port = RECEIVER_PROC.port if RECEIVER_PROC is not None else 0
+    template = {"file": FILE_OUTPUT, "stdout": STDOUT_OUTPUT, "http": HTTP_OUTPUT}[row.output]
+    output = template.format(out=work, fmt=row.fmt, port=port)
     config = work / "bench.conf"
     config.write_text(SERVICE + INPUT.format(src=row.src, extra=row.tail_extra) + row.filters + output)
     if not cold:
@@ -266,10 +336,14 @@ def run_row(
             m = measure(command, stdout=stdout, cwd=tree)
     else:
         m = measure(command, cwd=tree)
-    written = count_lines(out_file)
+    if row.output == "http":
+        assert RECEIVER_PROC is not None
+        written = RECEIVER_PROC.records(row.fmt)
+    else:
+        written = count_lines(out_file)
     if m.returncode or written != row.records:
         raise SystemExit(f"FAILED: {row.name}: rc={m.returncode}, {written} of {row.records} records")
-    out_file.unlink()
+    out_file.unlink(missing_ok=True)
     if not naive:
         return m, None
     naive = None
@@ -305,6 +379,26 @@ def main() -> int:
     runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
     naive_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
     before_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
+    global RECEIVER_PROC
+    if any(row.output == "http" for row in selected):
+        RECEIVER_PROC = Receiver(Path(tempfile.mkdtemp(prefix="kubetrail-bench-http-", dir=args.output_dir)))
+    try:
+        rounds(args, selected, runs, naive_runs, before_runs)
+    finally:
+        if RECEIVER_PROC is not None:
+            RECEIVER_PROC.stop()
+            shutil.rmtree(RECEIVER_PROC.target.parent, ignore_errors=True)
+    report(args, selected, runs, naive_runs, before_runs)
+    return 0
+
+
+def rounds(
+    args: argparse.Namespace,
+    selected: list[Row],
+    runs: dict[str, list[Measured]],
+    naive_runs: dict[str, list[Measured]],
+    before_runs: dict[str, list[Measured]],
+) -> None:
     for _ in range(args.repeat):
         for row in selected:
             for tree in ([args.before] if args.before else []) + [None]:
@@ -316,6 +410,15 @@ def main() -> int:
                 (before_runs if tree else runs)[row.name].append(m)
                 if naive is not None:
                     naive_runs[row.name].append(naive)
+
+
+def report(
+    args: argparse.Namespace,
+    selected: list[Row],
+    runs: dict[str, list[Measured]],
+    naive_runs: dict[str, list[Measured]],
+    before_runs: dict[str, list[Measured]],
+) -> None:
     print(f"{cpu_count_hint()}; median of {args.repeat} rounds; input sizes:")
     for row in selected:
         print(f"  {row.name}: {row.src.name} ({row.src.stat().st_size / 1e6:.0f} MB) -> {row.records:,} records")
@@ -355,7 +458,6 @@ def main() -> int:
                 f" | now wall {m.wall:6.2f} cpu {m.cpu:5.2f} ({now_cpus}) | now/before wall {m.wall / b.wall:.2f}"
                 f" cpu {m.cpu / b.cpu:.2f}"
             )
-    return 0
 
 
 if __name__ == "__main__":

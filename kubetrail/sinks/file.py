@@ -43,6 +43,15 @@ except ImportError:  # pragma: no cover - depends on the installation (or an old
 
 
 @dataclass(frozen=True)
+class _Fields:
+    """A block to write as ``csv``/``ltsv``/``template`` text, formatted natively on the way to
+    the file (``FieldsWriter.write``)."""
+
+    block: bytes
+    times: Sequence[int]
+
+
+@dataclass(frozen=True)
 class _Framed:
     """A block to write as ``out_file`` text, framed on the way to the file (``write_framed``)."""
 
@@ -140,7 +149,7 @@ class FileSink(Sink):
     def _target(self, batch: Batch) -> Path:
         return self.directory / (self.file_name or batch.tag)
 
-    def _data(self, batch: Batch) -> bytes | _Framed:
+    def _data(self, batch: Batch) -> bytes | _Framed | _Fields:
         if self.format in ("plain", "out_file"):
             block = batch.raw_block
             if block is not None:
@@ -152,37 +161,43 @@ class FileSink(Sink):
                     return _Framed(block, times_bytes(batch.block_times()), batch.tag.encode())
                 return framed_lines(block, batch.block_times(), batch.tag)
         elif self._body_formatter is not None and not batch.is_materialized and batch.raw_block is not None:
+            if self._fields_writer is not None:
+                return _Fields(batch.raw_block, batch.block_times())
             return self._fields_from_block(batch.raw_block, batch.block_times())
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 
     def _fields_from_block(self, block: bytes, times: Sequence[int]) -> bytes:
-        """``csv``/``ltsv``/``template`` text of a block's lines, without a Record per line."""
+        """``csv``/``ltsv``/``template`` text of a block's lines without the native module: each
+        line decoded once for its fields, no Record holding both bytes and dict."""
         body_formatter, loads = self._body_formatter, orjson.loads
         assert body_formatter is not None
-        if self._fields_writer is not None:
-            text, slow = self._fields_writer.format(block, times_bytes(times))
-            if not slow:
-                return text  # type: ignore[no-any-return]
-            # The lines the native writer left, formatted here and put where they belong.
-            lines = block.split(b"\n")
-            pieces, done = [], 0
-            for index, position in slow:
-                pieces += [text[done:position], body_formatter(times[index], loads(lines[index]))]
-                done = position
-            pieces.append(text[done:])
-            return b"".join(pieces)
-        # Each line decoded once for its fields; no Record holding both bytes and dict.
         lines = block.split(b"\n")
         return b"".join([body_formatter(t, loads(line)) for t, line in zip(times, lines)])  # noqa: B905
 
-    def _write_sync(self, target: Path, pieces: list[bytes | _Framed], batch: Batch) -> None:
+    def _write_fields(self, handle: IO[bytes], data: _Fields) -> None:
+        """The block's lines formatted natively straight into the file; a line the native
+        writer leaves (a float, a repeated key, ...) is formatted here, in its place."""
+        body_formatter, writer = self._body_formatter, self._fields_writer
+        assert body_formatter is not None and writer is not None
+        handle.flush()  # what is buffered goes first
+        times, first = times_bytes(data.times), 0
+        lines: list[bytes] | None = None
+        while (stop := writer.write(handle.fileno(), data.block, times, first)) is not None:
+            lines = lines or data.block.split(b"\n")
+            handle.write(body_formatter(data.times[stop], orjson.loads(lines[stop])))
+            handle.flush()
+            first = stop + 1
+
+    def _write_sync(self, target: Path, pieces: list[bytes | _Framed | _Fields], batch: Batch) -> None:
         size_before: int | None = None
         try:
             handle = self._open(target, batch)
             size_before = os.fstat(handle.fileno()).st_size
             for data in pieces:
-                if isinstance(data, _Framed):
+                if isinstance(data, _Fields):
+                    self._write_fields(handle, data)
+                elif isinstance(data, _Framed):
                     handle.flush()  # what is buffered goes first (the file is opened to append)
                     write_framed(handle.fileno(), data.block, data.times, data.tag)
                 else:

@@ -18,7 +18,6 @@ use std::borrow::Cow;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
 
 use crate::block_lines;
 
@@ -35,6 +34,11 @@ type Walk<T> = Result<T, Slow>;
 struct Cursor<'a> {
     s: &'a [u8],
     at: usize,
+    /// Whether the line has a control byte at all (then each string is checked for a raw one,
+    /// which JSON does not allow; most lines have none, and skip that check).
+    controls: bool,
+    /// How a `"` of the JSON text is written: itself, or doubled inside a csv field.
+    quote: &'static [u8],
 }
 
 impl<'a> Cursor<'a> {
@@ -75,7 +79,7 @@ impl<'a> Cursor<'a> {
         let mut at = start + found;
         if self.s[at] == b'"' {
             let raw = &self.s[start..at];
-            if raw.iter().any(|&b| b < 0x20) {
+            if self.controls && raw.iter().any(|&b| b < 0x20) {
                 return Err(Slow); // not valid JSON: the reference decoder decides
             }
             self.at = at + 1;
@@ -193,7 +197,7 @@ impl<'a> Cursor<'a> {
             b'"' => {
                 let text = self.string()?;
                 if let Some(out) = out {
-                    write_orjson_string(out, &text);
+                    write_string(out, &text, self.quote);
                 }
             }
             b'{' => {
@@ -207,7 +211,7 @@ impl<'a> Cursor<'a> {
                         self.ws();
                         let key = self.string()?;
                         if let Some(out) = out {
-                            write_orjson_string(out, &key);
+                            write_string(out, &key, self.quote);
                         }
                         self.ws();
                         self.expect(b':')?;
@@ -336,15 +340,29 @@ fn push(out: &mut Option<&mut Vec<u8>>, piece: &[u8]) {
     }
 }
 
-/// A string as orjson writes it: `"` and `\` escaped, control characters as `\b \t \n \f \r`
-/// or `\u00XX` (lower-case hex), everything else (non-ASCII, DEL, `/`) as it is.
-fn write_orjson_string(out: &mut Vec<u8>, text: &[u8]) {
+/// A decoded string as orjson writes it, each `"` written as `quote`. A borrowed one had no
+/// escape and no control byte in the input, so nothing in it needs escaping: copied whole
+/// (most strings: the fast path).
+fn write_string(out: &mut Vec<u8>, text: &Cow<'_, [u8]>, quote: &[u8]) {
+    match text {
+        Cow::Borrowed(raw) => {
+            out.extend_from_slice(quote);
+            out.extend_from_slice(raw);
+            out.extend_from_slice(quote);
+        }
+        Cow::Owned(decoded) => write_orjson_string(out, decoded, quote),
+    }
+}
+
+/// A string as orjson writes it: `"` and `\` escaped, control characters as `\b \t \n \f
+/// \r` or `\u00XX` (lower-case hex), everything else (non-ASCII, DEL, `/`) as it is.
+fn write_orjson_string(out: &mut Vec<u8>, text: &[u8], quote: &[u8]) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
+    out.extend_from_slice(quote);
     let mut from = 0;
     for (i, &b) in text.iter().enumerate() {
         let escape: &[u8] = match b {
-            b'"' => b"\\\"",
+            b'"' => b"\\",
             b'\\' => b"\\\\",
             0x08 => b"\\b",
             b'\t' => b"\\t",
@@ -361,11 +379,14 @@ fn write_orjson_string(out: &mut Vec<u8>, text: &[u8]) {
             out.push(HEX[(b & 15) as usize]);
         } else {
             out.extend_from_slice(escape);
+            if b == b'"' {
+                out.extend_from_slice(quote); // the escaped quote itself
+            }
         }
         from = i + 1;
     }
     out.extend_from_slice(&text[from..]);
-    out.push(b'"');
+    out.extend_from_slice(quote);
 }
 
 /// `SECONDS.NNNNNNNNN`, as `kubetrail.core.dates.epoch_text` (floor division for negatives).
@@ -373,6 +394,21 @@ fn write_epoch(out: &mut Vec<u8>, t: i64) {
     let (secs, nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
     out.extend_from_slice(secs.to_string().as_bytes());
     out.extend_from_slice(format!(".{nanos:09}").as_bytes());
+}
+
+/// Output gathered before each write (fits in the caches; one write per ~1,000 audit lines).
+const CHUNK: usize = 1 << 20;
+
+fn paired_lines<'a>(block: &'a [u8], times: &[u8]) -> PyResult<Vec<&'a [u8]>> {
+    let lines: Vec<&[u8]> = block_lines(block).collect();
+    if times.len() != lines.len() * 8 {
+        return Err(PyValueError::new_err("one time per line"));
+    }
+    Ok(lines)
+}
+
+fn time_at(times: &[u8], i: usize) -> i64 {
+    i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]))
 }
 
 /// One piece of a compiled template: literal text, or the index of a placeholder's key.
@@ -393,72 +429,137 @@ pub struct FieldsWriter {
     time_key: Option<usize>,
 }
 
+/// Per-call buffers, reused from line to line (no allocation per line).
+#[derive(Default)]
+struct Scratch {
+    /// The keys seen on this line (csv/ltsv: a repeated one goes to Python), as spans of `keys`.
+    keys: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    /// A cheap filter in front of the spans: one bit per key's hash.
+    mask: u64,
+    /// Template: each placeholder's value text, as spans of `text`.
+    text: Vec<u8>,
+    slots: Vec<Option<(usize, usize)>>,
+}
+
+impl Scratch {
+    /// Whether `key` was seen on this line already; remembers it.
+    fn repeated(&mut self, key: &[u8]) -> bool {
+        let hash = key.iter().fold(key.len() as u64, |h, &b| {
+            h.wrapping_mul(31).wrapping_add(b as u64)
+        });
+        let bit = 1u64 << (hash % 64);
+        if self.mask & bit != 0 && self.spans.iter().any(|&(a, b)| &self.keys[a..b] == key) {
+            return true;
+        }
+        self.mask |= bit;
+        let start = self.keys.len();
+        self.keys.extend_from_slice(key);
+        self.spans.push((start, self.keys.len()));
+        false
+    }
+
+    fn clear(&mut self) {
+        self.keys.clear();
+        self.spans.clear();
+        self.mask = 0;
+        self.text.clear();
+        self.slots.iter_mut().for_each(|slot| *slot = None);
+    }
+}
+
 impl FieldsWriter {
-    fn line(
-        &self,
-        line: &[u8],
-        t: i64,
-        out: &mut Vec<u8>,
-        slots: &mut [Option<Vec<u8>>],
-    ) -> Walk<()> {
+    fn line(&self, line: &[u8], t: i64, out: &mut Vec<u8>, scratch: &mut Scratch) -> Walk<()> {
         if std::str::from_utf8(line).is_err() {
             return Err(Slow);
         }
-        let mut cursor = Cursor { s: line, at: 0 };
+        let controls = line.iter().fold(false, |seen, &b| seen | (b < 0x20));
+        let mut cursor = Cursor {
+            s: line,
+            at: 0,
+            controls,
+            quote: b"\"",
+        };
+        scratch.clear();
         match self.kind {
-            CSV | LTSV => {
-                let mut seen: Vec<Cow<'_, [u8]>> = Vec::new();
-                if self.kind == LTSV {
-                    out.extend_from_slice(b"time");
-                    out.extend_from_slice(&self.label_delimiter);
-                }
+            CSV => {
                 write_epoch(out, t);
-                let mut text: Vec<u8> = Vec::new();
                 cursor.members(|key, cursor| {
-                    if seen.contains(&key) {
+                    if scratch.repeated(&key) {
                         return Err(Slow); // a repeated key: orjson's dict decides its place
                     }
-                    text.clear();
-                    cursor.text_value(&mut text)?;
                     out.push(self.delimiter);
-                    if self.kind == CSV {
-                        out.push(b'"');
-                        let mut from = 0;
-                        for quote in memchr::memchr_iter(b'"', &text) {
-                            out.extend_from_slice(&text[from..=quote]);
-                            out.push(b'"');
-                            from = quote + 1;
+                    out.push(b'"');
+                    if cursor.peek() == Some(b'"') {
+                        match cursor.string()? {
+                            // No quote in a string without escapes: its bytes are the field.
+                            Cow::Borrowed(raw) => out.extend_from_slice(raw),
+                            Cow::Owned(text) => double_quotes(out, &text),
                         }
-                        out.extend_from_slice(&text[from..]);
-                        out.push(b'"');
                     } else {
-                        out.extend_from_slice(&key);
-                        out.extend_from_slice(&self.label_delimiter);
-                        for &b in &text {
-                            if b == self.delimiter {
-                                out.push(b' ');
-                            } else if b == b'\n' {
-                                out.extend_from_slice(b"\\n");
-                            } else {
-                                out.push(b);
+                        cursor.quote = b"\"\"";
+                        let done = cursor.json_value(&mut Some(&mut *out), 0);
+                        cursor.quote = b"\"";
+                        done?;
+                    }
+                    out.push(b'"');
+                    Ok(())
+                })?;
+            }
+            LTSV => {
+                out.extend_from_slice(b"time");
+                out.extend_from_slice(&self.label_delimiter);
+                write_epoch(out, t);
+                // A tab (the default) never appears raw in JSON text.
+                let visible = self.delimiter >= 0x20;
+                cursor.members(|key, cursor| {
+                    if scratch.repeated(&key) {
+                        return Err(Slow);
+                    }
+                    out.push(self.delimiter);
+                    out.extend_from_slice(&key);
+                    out.extend_from_slice(&self.label_delimiter);
+                    let mark = out.len();
+                    // A decoded string may hold any delimiter (a tab from `\t`); JSON text only
+                    // a visible one.
+                    let mut replace = visible;
+                    if cursor.peek() == Some(b'"') {
+                        replace = true;
+                        let text = cursor.string()?;
+                        if memchr::memchr(b'\n', &text).is_some() {
+                            for &b in text.iter() {
+                                if b == b'\n' {
+                                    out.extend_from_slice(b"\\n");
+                                } else {
+                                    out.push(b);
+                                }
+                            }
+                        } else {
+                            out.extend_from_slice(&text);
+                        }
+                    } else {
+                        cursor.json_value(&mut Some(&mut *out), 0)?; // no raw newline in JSON
+                    }
+                    if replace {
+                        for b in &mut out[mark..] {
+                            if *b == self.delimiter {
+                                *b = b' '; // the same length: replaced in place
                             }
                         }
                     }
-                    seen.push(key);
                     Ok(())
                 })?;
             }
             _ => {
-                slots.iter_mut().for_each(|slot| *slot = None);
                 let mut has_time = false;
                 cursor.members(|key, cursor| {
                     has_time |= key.as_ref() == b"time";
                     match self.keys.iter().position(|k| k.as_slice() == key.as_ref()) {
                         Some(index) => {
                             // A repeated key: the last value wins, as in orjson's dict.
-                            let mut text = Vec::new();
-                            cursor.text_value(&mut text)?;
-                            slots[index] = Some(text);
+                            let start = scratch.text.len();
+                            cursor.text_value(&mut scratch.text)?;
+                            scratch.slots[index] = Some((start, scratch.text.len()));
                             Ok(())
                         }
                         None => cursor.json_value(&mut None, 0),
@@ -467,8 +568,8 @@ impl FieldsWriter {
                 for piece in &self.pieces {
                     match piece {
                         Piece::Text(text) => out.extend_from_slice(text),
-                        Piece::Key(index) => match &slots[*index] {
-                            Some(text) => out.extend_from_slice(text),
+                        Piece::Key(index) => match scratch.slots[*index] {
+                            Some((a, b)) => out.extend_from_slice(&scratch.text[a..b]),
                             None if Some(*index) == self.time_key && !has_time => {
                                 write_epoch(out, t)
                             }
@@ -481,6 +582,17 @@ impl FieldsWriter {
         out.push(b'\n');
         Ok(())
     }
+}
+
+/// `text` with each `"` doubled (a csv field's inside).
+fn double_quotes(out: &mut Vec<u8>, text: &[u8]) {
+    let mut from = 0;
+    for quote in memchr::memchr_iter(b'"', text) {
+        out.extend_from_slice(&text[from..=quote]);
+        out.push(b'"');
+        from = quote + 1;
+    }
+    out.extend_from_slice(&text[from..]);
 }
 
 #[pymethods]
@@ -534,33 +646,53 @@ impl FieldsWriter {
     }
 
     /// The lines of ``block`` (newline-terminated JSON objects) with their ``times`` (an int64
-    /// per line, native-endian) in this format: ``(text, slow)``, where ``slow`` lists
-    /// ``(line index, position in text)`` for the lines left to Python's formatter (their text
-    /// belongs at that position). Raises ValueError when lines and times do not pair up.
-    fn format<'py>(
+    /// per line, native-endian) in this format, written to the file descriptor ``fd`` from
+    /// line ``first`` on, through a
+    /// small buffer that is reused (no output buffer as large as the input: on this VM, filling
+    /// 266 MB of fresh memory costs more than writing it), without the GIL. Stops before the
+    /// first line left to Python and returns its index (None: all written); the caller writes
+    /// that line's text and calls again from the next line. ValueError when lines and times
+    /// do not pair up; OSError as the OS reports it.
+    fn write(
         &self,
-        py: Python<'py>,
+        py: Python<'_>,
+        fd: i32,
         block: &[u8],
         times: &[u8],
-    ) -> PyResult<(Bound<'py, PyBytes>, Vec<(usize, usize)>)> {
-        let lines: Vec<&[u8]> = block_lines(block).collect();
-        if times.len() != lines.len() * 8 {
-            return Err(PyValueError::new_err("one time per line"));
-        }
-        let (out, slow) = py.detach(|| {
-            let mut out: Vec<u8> = Vec::with_capacity(block.len() + block.len() / 8 + 64);
-            let mut slow = Vec::new();
-            let mut slots: Vec<Option<Vec<u8>>> = vec![None; self.keys.len()];
-            for (i, line) in lines.iter().enumerate() {
-                let t = i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        first: usize,
+    ) -> PyResult<Option<usize>> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+
+        let lines = paired_lines(block, times)?;
+        py.detach(|| {
+            // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never
+            // closes it.
+            let mut file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let mut out: Vec<u8> = Vec::with_capacity(CHUNK + CHUNK / 4);
+            let mut scratch = Scratch {
+                slots: vec![None; self.keys.len()],
+                ..Scratch::default()
+            };
+            let mut stop = None;
+            for (i, line) in lines.iter().enumerate().skip(first) {
                 let mark = out.len();
-                if self.line(line, t, &mut out, &mut slots).is_err() {
+                if self
+                    .line(line, time_at(times, i), &mut out, &mut scratch)
+                    .is_err()
+                {
                     out.truncate(mark);
-                    slow.push((i, mark));
+                    stop = Some(i);
+                    break;
+                }
+                if out.len() >= CHUNK {
+                    file.write_all(&out)?;
+                    out.clear();
                 }
             }
-            (out, slow)
-        });
-        Ok((PyBytes::new(py, &out), slow))
+            file.write_all(&out)?;
+            Ok(stop)
+        })
+        .map_err(|e: std::io::Error| PyErr::from(e))
     }
 }
