@@ -208,18 +208,25 @@ def decode_lines_block(block: bytes, count: int) -> list[Event] | None:
 
 
 class Lines:
-    """A block's lines, cut on the first request for one."""
+    """A block's lines, each cut out on request (only as far into the block as asked: cutting
+    all of a big block into lines costs more than the few a filter usually needs)."""
 
-    __slots__ = ("_block", "_lines")
+    __slots__ = ("_block", "_starts")
 
     def __init__(self, block: bytes) -> None:
         self._block = block
-        self._lines: list[bytes] | None = None
+        self._starts = [0]  # where each line found so far starts, and one past the last's end
 
     def line(self, index: int) -> bytes:
-        if self._lines is None:
-            self._lines = self._block.split(b"\n")
-        return self._lines[index]
+        block, starts = self._block, self._starts
+        find = block.find
+        while len(starts) <= index + 1:
+            start = starts[-1]
+            if start > len(block):
+                raise IndexError("line index out of range")
+            end = find(b"\n", start)
+            starts.append((len(block) if end < 0 else end) + 1)
+        return block[starts[index] : starts[index + 1] - 1]
 
 
 # -- values ---------------------------------------------------------------------------------

@@ -291,19 +291,22 @@ class DetectTransform(Transform):
             if chosen:
                 if self._tag_json[0] != tag:
                     self._tag_json = (tag, orjson.dumps(tag))
-                written = writer.render(block, [pair for _, pair in chosen], self._tag_json[1])
-                for (at, _), raw in zip(chosen, written, strict=True):
+                natively = writer.render(block, [pair for _, pair in chosen], self._tag_json[1])
+                for (at, _), raw in zip(chosen, natively, strict=True):
                     rendered[at] = raw
         alerts: list[_Alert] = []
+        written: dict[str, tuple[CompiledRule, int]] = {}  # counted once per rule and batch
         for (index, rule), raw in zip(items, rendered, strict=True):
             if raw is not None:
                 alerts.append((raw, None, None))
-                self._count(rule)
+                written[rule.name] = (rule, written[rule.name][1] + 1 if rule.name in written else 1)
                 continue
             event = events.get(index)
             if event is None:
                 event = events[index] = decode_block([lines.line(index)])[0]
             alerts.append(self._alert(rule, event, tag))
+        for rule, count in written.values():
+            self._count(rule, count)
         return alerts
 
     def _decide(
@@ -333,11 +336,11 @@ class DetectTransform(Transform):
             else:
                 decisions[class_id] = self.engine.decide_class(event)
 
-    def _count(self, rule: CompiledRule) -> None:
+    def _count(self, rule: CompiledRule, count: int = 1) -> None:
         counter = self._counters.get(rule.name)
         if counter is None:
             counter = self._counters[rule.name] = self.m_alerts.labels(rule.name, rule.priority_name)
-        counter.inc()
+        counter.inc(count)
 
     def _alert(self, rule: CompiledRule, event: Event, tag: str) -> _Alert:
         body = self.engine.alert_record(self.engine.alert(rule, event), event)
