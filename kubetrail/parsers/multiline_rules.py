@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,14 +108,35 @@ class RuleSet:
     match_string: str | None = None
     equal: bool = False
     negate: bool = False
+    # Regex rules as (search, next state) per state, built on first use: the state machine runs
+    # once per line, and scanning every rule's states there cost more than the regexes.
+    _starts: list[tuple[Callable[[str], object], str]] | None = field(default=None, init=False, repr=False)
+    _steps: dict[str, list[tuple[Callable[[str], object], str]]] = field(default_factory=dict, init=False, repr=False)
+
+    def starts(self) -> list[tuple[Callable[[str], object], str]]:
+        """The ``start_state`` rules in order, as (search, next state)."""
+        if self._starts is None:
+            self._starts = [(rule.regex.search, rule.next_state) for rule in self.rules if START in rule.states]
+        return self._starts
+
+    def steps(self, state: str) -> list[tuple[Callable[[str], object], str]]:
+        """The rules that continue a message in ``state``, as (search, next state)."""
+        found = self._steps.get(state)
+        if found is None:
+            found = self._steps[state] = [
+                (rule.regex.search, rule.next_state)
+                for rule in self.rules
+                if state in rule.states and state not in (START, "last")
+            ]
+        return found
 
     def start(self, line: str) -> str | None:
         """The next state if ``line`` starts a message, else None."""
         if self.match_string is not None:
             return "cont" if self._continues(line) else None
-        for rule in self.rules:
-            if START in rule.states and rule.regex.search(line):
-                return rule.next_state
+        for search, following in self.starts():
+            if search(line):
+                return following
         return None
 
     def step(self, state: str, line: str) -> str | None:
@@ -124,9 +146,9 @@ class RuleSet:
         if self.match_string is not None:
             # The previous line asked for this one; it continues further only if it asks too.
             return "cont" if self._continues(line) else "last"
-        for rule in self.rules:
-            if state in rule.states and state != START and rule.regex.search(line):
-                return rule.next_state
+        for search, following in self.steps(state):
+            if search(line):
+                return following
         return None
 
     def _continues(self, line: str) -> bool:
@@ -192,18 +214,67 @@ class LineJoiner:
         message, if any, ended before it and it starts a new one) or ``"alone"`` (the open
         message, if any, ended before it and it passes alone)."""
         text = line[:-1] if line.endswith("\n") else line
-        if self.active is not None:
-            following = self.active.step(self.state, text)
+        active = self.active
+        if active is not None:
+            following = active.step(self.state, text)
             if following is not None:
                 self.state = following
                 return "append"
-        self.active = None
+            self.active = None
         for ruleset in self.rulesets:
             state = ruleset.start(text)
             if state is not None:
                 self.active, self.state = ruleset, state
                 return "start"
         return "alone"
+
+    def feed_many(self, lines: list[Any]) -> list[str]:
+        """:meth:`feed` of each line in order: the same actions, and ``"pass"`` for a value that
+        is not text (it ends the open message). The loop that runs once per line of a multiline
+        filter: regex rules are looked up once per change of state, not per line, and no
+        method is called per line but the regexes' own."""
+        if any(ruleset.match_string is not None for ruleset in self.rulesets):
+            return [self.feed(line) if isinstance(line, str) else self._pass() for line in lines]
+        actions: list[str] = []
+        act = actions.append
+        starts = [(ruleset, ruleset.starts()) for ruleset in self.rulesets]
+        active, state = self.active, self.state
+        steps = active.steps(state) if active is not None else []
+        following: str | None
+        for line in lines:
+            if not isinstance(line, str):
+                active = None
+                act("pass")
+                continue
+            text = line[:-1] if line[-1:] == "\n" else line
+            if active is not None:
+                for search, following in steps:  # noqa: B007 - the rule that matched is used below
+                    if search(text):
+                        break
+                else:
+                    following = None
+                if following is not None:
+                    if following != state:
+                        state, steps = following, active.steps(following)
+                    act("append")
+                    continue
+                active = None
+            for ruleset, rules in starts:
+                for search, following in rules:
+                    if search(text):
+                        active, state, steps = ruleset, following, ruleset.steps(following)
+                        break
+                if active is not None:
+                    act("start")
+                    break
+            else:
+                act("alone")
+        self.active, self.state = active, (state if active is not None else "")
+        return actions
+
+    def _pass(self) -> str:
+        self.end()
+        return "pass"
 
     def end(self) -> None:
         self.active = None

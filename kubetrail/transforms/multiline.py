@@ -262,33 +262,30 @@ class MultilineTransform(Transform):
         joiner = self.joiners.get(tag)
         if joiner is None:
             joiner = self.joiners[tag] = LineJoiner(self.rulesets)
-        pieces = self._pieces.setdefault(tag, [])
+        # The open message stays a local list while the batch is walked (written back at the
+        # end): this loop runs once per line, so it does no dict write, no call per message of
+        # one line, and only one method call (the state machine) per record.
+        pieces = self._pieces.pop(tag, [])
         out: list[Record] = []
-        key = self.key
-        for record in records:
-            text = record.body.get(key)
-            if not isinstance(text, str):
-                # Nothing to join on: it ends the open message and passes as it is.
-                if pieces:
-                    out.append(self._join(pieces))
-                    pieces = self._pieces[tag] = []
-                joiner.end()
-                out.append(record)
-                continue
-            action = joiner.feed(text)
+        emit, join, key = out.append, self._join, self.key
+        # A value that is not text ("pass") has nothing to join on: it ends the open message
+        # and passes as it is, like a line that starts nothing ("alone").
+        actions = joiner.feed_many([record.body.get(key) for record in records])
+        for record, action in zip(records, actions):  # noqa: B905 - one action per record
             if action == "append" and pieces:
                 pieces.append(record)
                 continue
             if pieces:
-                out.append(self._join(pieces))
+                emit(join(pieces) if len(pieces) > 1 else pieces[0])
             if action == "start":
-                pieces = self._pieces[tag] = [record]
+                pieces = [record]
             else:
-                pieces = self._pieces[tag] = []
-                out.append(record)
-        if not pieces:
+                pieces = []
+                emit(record)
+        if pieces:
+            self._pieces[tag] = pieces
+        else:
             # Nothing open: forget the tag (tags made from file paths come and go).
-            self._pieces.pop(tag, None)
             self.joiners.pop(tag, None)
         return out
 
