@@ -15,6 +15,7 @@ list values are ``(a,b)``, as Falco prints them.
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import time
@@ -25,7 +26,7 @@ from typing import Any
 import orjson
 
 from kubetrail.detect import condition as cond
-from kubetrail.detect.fields import Event, FieldRef, as_text, class_of, fast_getter, field_ref
+from kubetrail.detect.fields import Event, FieldRef, as_text, class_of, fast_getter, field_ref, object_member
 from kubetrail.detect.rules import PRIORITIES, SOURCE, Origin, RuleDef, RulesError, RuleSet, looks_like_list_name
 
 # (key, the spellings of the field a constraint may use, the reference an event's key is read with)
@@ -176,6 +177,18 @@ class CompiledRule:
             return _memoised(predicate, refs), True
         return predicate, False
 
+    @functools.cached_property
+    def fields(self) -> frozenset[str]:
+        """The fields the rule's checks read, as spelled (with their arguments)."""
+        found: set[str] = set()
+        todo = [self.tree]
+        while todo:
+            node = todo.pop()
+            if node.kind == "check":
+                found.add(node.field)
+            todo.extend(node.children)
+        return frozenset(found)
+
     @property
     def priority_name(self) -> str:
         return PRIORITIES[self.priority]
@@ -251,14 +264,20 @@ class Engine:
         known: dict[str, str | None] = {}
         for (_, spellings, _), value in zip(_INDEX, key, strict=True):
             known.update(dict.fromkeys(spellings, value))
+        values = class_of(ev.light)
         for index, spellings in _CLASS_FIELDS:
-            known.update(dict.fromkeys(spellings, as_text(class_of(ev.light)[index])))
+            known.update(dict.fromkeys(spellings, as_text(values[index])))
+        has_request, has_response = values[9], values[10]
         decision: list[tuple[CompiledRule, cond.Predicate | None]] = []
         for rule, predicate, by_class in found:
             if by_class:
                 if predicate is None or predicate(ev):
                     decision.append((rule, None))
                 continue
+            if not (has_request and has_response):
+                # What a rule reads in an object the class's events lack is not available.
+                absent = {"requestObject": not has_request, "responseObject": not has_response}
+                known = known | {field: None for field in rule.fields if absent.get(object_member(field) or "", False)}
             folded = cond.fold(rule.tree, known, rule.lists)
             if folded is True:
                 decision.append((rule, None))

@@ -47,8 +47,10 @@ Light = AuditEvent
 def class_of(light: Light) -> tuple[Any, ...]:
     """The event's detection class, in the native scan's order (``native/src/auditclass.rs``):
     stage, verb, resource, subresource, user, impersonated user, namespace, authorization
-    decision, response code. Rules specialised for the first four that read only these (see
-    ``engine._FEW_VALUES``) decide every event of a class alike."""
+    decision, response code, whether it has a request object, a response object. Rules
+    specialised for the first four that read only these (see ``engine._FEW_VALUES``) decide
+    every event of a class alike; the two flags decide what rules read in those objects when an
+    event has none (see :func:`object_member`)."""
     ref, user, imp, notes, status = (
         light.objectRef,
         light.user,
@@ -66,7 +68,33 @@ def class_of(light: Light) -> tuple[Any, ...]:
         ref.namespace if ref else None,
         notes.decision if notes else None,
         status.code if status else None,
+        _present(light.requestObject),
+        _present(light.responseObject),
     )
+
+
+def _present(raw: msgspec.Raw) -> bool:
+    return bool(raw) and bytes(raw) != b"null"  # null: Event.member gives None, as for none
+
+
+# ka.req.* fields that do not read the request object.
+_NOT_OF_REQUEST = frozenset({"ka.req.binding.subject.has_name", "ka.req.configmap.name"})
+
+
+def object_member(spelling: str) -> str | None:
+    """``requestObject`` or ``responseObject`` when the field (as a rule spells it, with its
+    argument) reads only inside that member, so it is not available on an event without it;
+    None for any other field. The tests check this against every field."""
+    name, _, arg = spelling.partition("[")
+    if name.startswith("ka.req.") and name not in _NOT_OF_REQUEST and name in FIELDS:
+        return "requestObject"
+    if name == "ka.resp.name":
+        return "responseObject"
+    if name in ("jevt.value", "json.value"):
+        for member in ("requestObject", "responseObject"):
+            if arg.startswith(f"/{member}/") or arg == f"/{member}]":
+                return member
+    return None
 
 
 _DECODE_ONE = msgspec.json.Decoder(Light).decode

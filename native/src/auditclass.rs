@@ -26,11 +26,13 @@ pub(crate) const NO_CLASS: u32 = u32::MAX;
 const MAX_CLASSES: usize = 20_000;
 
 /// stage, verb, resource, subresource, user name, impersonated user name, namespace,
-/// authorization decision (strings), then the response code (an integer).
+/// authorization decision (strings), then the response code (an integer) and whether the
+/// event has a request object and a response object (rules on pods read into them).
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub(crate) struct ClassKey<'a> {
     texts: [Option<Cow<'a, str>>; 8],
     code: Option<i64>,
+    objects: (bool, bool),
 }
 
 impl<'a> ClassKey<'a> {
@@ -53,6 +55,7 @@ impl<'a> ClassKey<'a> {
                 text(ev.annotations.as_ref().and_then(|n| n.decision.as_ref())),
             ],
             code: ev.response_status.as_ref().and_then(|s| s.code),
+            objects: (ev.request_object.is_some(), ev.response_object.is_some()),
         }
     }
 
@@ -63,6 +66,7 @@ impl<'a> ClassKey<'a> {
                 .clone()
                 .map(|t| t.map(|t| Cow::Owned(t.into_owned()))),
             code: self.code,
+            objects: self.objects,
         }
     }
 
@@ -72,6 +76,10 @@ impl<'a> ClassKey<'a> {
 
     pub(crate) fn code(&self) -> Option<i64> {
         self.code
+    }
+
+    pub(crate) fn objects(&self) -> (bool, bool) {
+        self.objects
     }
 }
 

@@ -42,7 +42,7 @@ use std::fmt;
 use memchr::memmem;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyDict, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
 
@@ -164,6 +164,12 @@ struct Event<'a> {
     response_status: Option<Status>,
     #[serde(borrow, default)]
     annotations: Option<Annotations<'a>>,
+    /// Whether the event has a (non-null) request / response object: the detect filter's
+    /// class (auditclass.rs); skipped, as msgspec.Raw keeps them unparsed in Python.
+    #[serde(default, rename = "requestObject")]
+    request_object: Option<serde::de::IgnoredAny>,
+    #[serde(default, rename = "responseObject")]
+    response_object: Option<serde::de::IgnoredAny>,
 }
 
 fn stage_code(stage: &str) -> &str {
@@ -775,7 +781,8 @@ impl AuditScanner {
     }
 
     /// A detection class's values (see auditclass.rs): (stage, verb, resource, subresource,
-    /// user name, impersonated user name, namespace, authorization decision, response code);
+    /// user name, impersonated user name, namespace, authorization decision, response code,
+    /// whether it has a request object, a response object);
     /// None for an unknown id.
     fn class_values<'py>(&self, py: Python<'py>, id: u32) -> PyResult<Option<Bound<'py, PyTuple>>> {
         let Some(key) = self.classes.get(id) else {
@@ -793,6 +800,9 @@ impl AuditScanner {
             Some(code) => code.into_pyobject(py)?.into_any(),
             None => py.None().into_bound(py),
         });
+        let (request, response) = key.objects();
+        items.push(PyBool::new(py, request).to_owned().into_any());
+        items.push(PyBool::new(py, response).to_owned().into_any());
         Ok(Some(PyTuple::new(py, items)?))
     }
 

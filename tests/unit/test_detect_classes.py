@@ -142,6 +142,10 @@ def varied(count: int, seed: int = 5) -> list[bytes]:
             changes["requestObject"] = None
             changes["level"] = "Metadata"
         body = audit(**changes)
+        if rng.random() < 0.15:
+            body[rng.choice(["requestObject", "responseObject"])] = None  # null: as if there were none
+        elif rng.random() < 0.15:
+            body.pop("responseObject")
         for key, value in list(body.items()):
             if isinstance(value, dict):
                 body[key] = {k: v for k, v in value.items() if v is not None or rng.random() < 0.5}
@@ -366,3 +370,31 @@ def test_the_native_writer_leaves_odd_times_and_lines_to_python() -> None:
     assert orjson.loads(written[0])["output"] == "03:00:00.123456000: Notice u"
     with pytest.raises(ValueError):
         writer.render(block, [(len(lines), 0)], b'"t"')
+
+
+def test_fields_said_to_read_only_an_object_are_missing_without_it() -> None:
+    """decide_class folds such fields to 'not available' for a class without the object."""
+    from kubetrail.detect.fields import FIELDS, Event, field_ref, object_member
+
+    members = {"requestObject": 0, "responseObject": 0}
+    for name, spec in FIELDS.items():
+        args = {"none": [None], "index": [None, "0"], "required": ["command", "/requestObject/spec", "/responseObject"]}
+        for arg in args[spec.arg]:
+            spelling = name if arg is None else f"{name}[{arg}]"
+            member = object_member(spelling)
+            if member is None:
+                continue
+            members[member] += 1
+            ref = field_ref(name, arg)
+            with_it = audit()  # a privileged pod create with both objects
+            without = audit(**{member: None})
+            nulled = {**audit(), member: None}
+            assert Event.from_body(without).value(ref) is None, spelling
+            assert Event.from_body(nulled).value(ref) is None, spelling
+            if spelling in ("ka.req.pod.containers.image", "ka.resp.name", "jevt.value[/requestObject/spec]"):
+                assert Event.from_body(with_it).value(ref) is not None, spelling
+    assert members["requestObject"] > 40 and members["responseObject"] >= 3
+    assert object_member("ka.req.configmap.name") is None  # the objectRef's name
+    assert object_member("ka.req.binding.subject.has_name[x]") is None  # always true
+    assert object_member("jevt.value[/requestObjects]") is None
+    assert object_member("ka.user.name") is None
