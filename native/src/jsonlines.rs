@@ -307,15 +307,16 @@ impl JsonLinesScanner {
 /// 4 the line as it is (no times needed). `join`: 0 each framed line ends with a newline
 /// (`json_lines`), 1 they are one JSON array `[A,B]` and a newline (`json`), 2 back to back
 /// (`json_stream`). `times` holds a native-endian int64 per line.
+///
+/// The output is `glue 0, body 0, glue 1, body 1, ..., glue n`: each glue is what lies between
+/// two lines' bytes (the previous line's `]`, the separator, the next line's prefix), formatted
+/// into one small buffer, so `writev` gets two slices a line.
 struct Frames<'a> {
     /// Per line, the part of the line written after its prefix.
     bodies: Vec<&'a [u8]>,
-    /// The small formatted prefixes, back to back; `ends[i]` is where line i's ends.
+    /// The glues back to back; `ends[k]` is where glue k ends (n + 1 of them).
     prefixes: Vec<u8>,
     ends: Vec<usize>,
-    /// Written after each body (before the join's separator).
-    suffix: &'static [u8],
-    join: u8,
 }
 
 impl<'a> Frames<'a> {
@@ -346,7 +347,16 @@ impl<'a> Frames<'a> {
         let mut ends: Vec<usize> = Vec::with_capacity(lines.len());
         let mut bodies: Vec<&[u8]> = Vec::with_capacity(lines.len());
         let mut number = itoa_buffer();
+        let suffix: &[u8] = if style <= 1 { b"]" } else { b"" };
+        let separator: &[u8] = [b"\n" as &[u8], b",", b""][join as usize];
+        if join == 1 {
+            prefixes.push(b'[');
+        }
         for (i, line) in lines.iter().enumerate() {
+            if i > 0 {
+                prefixes.extend_from_slice(suffix);
+                prefixes.extend_from_slice(separator);
+            }
             match style {
                 0 | 1 => {
                     let t = time_at(i);
@@ -397,34 +407,27 @@ impl<'a> Frames<'a> {
             }
             ends.push(prefixes.len());
         }
+        if !lines.is_empty() {
+            prefixes.extend_from_slice(suffix);
+        }
+        prefixes.extend_from_slice([b"\n" as &[u8], b"]\n", b""][join as usize]);
+        if join == 0 && lines.is_empty() {
+            prefixes.clear(); // no line: nothing at all
+        }
+        ends.push(prefixes.len());
         Some(Self {
             bodies,
             prefixes,
             ends,
-            suffix: if style <= 1 { b"]" } else { b"" },
-            join,
         })
     }
 
     /// Every piece of the output in order.
     fn pieces<'s>(&'s self, mut put: impl FnMut(&'s [u8])) {
-        if self.join == 1 {
-            put(b"[");
-        }
+        put(&self.prefixes[..self.ends[0]]);
         for (i, body) in self.bodies.iter().enumerate() {
-            if self.join == 1 && i > 0 {
-                put(b",");
-            }
-            let from = if i == 0 { 0 } else { self.ends[i - 1] };
-            put(&self.prefixes[from..self.ends[i]]);
             put(body);
-            put(self.suffix);
-            if self.join == 0 {
-                put(b"\n");
-            }
-        }
-        if self.join == 1 {
-            put(b"]\n");
+            put(&self.prefixes[self.ends[i]..self.ends[i + 1]]);
         }
     }
 
