@@ -2,7 +2,7 @@
 rules) -> file, against the same pipeline without ``detect``.
 
     .venv/bin/python bench/bench_detect.py [--lines 1000000] [--repeat 3] [--rules FILE]
-        [--output-dir /dev/shm] [--cold]
+        [--output-dir /dev/shm] [--cold] [--in-process 200000]
 
 Each variant is a kubetrail child process on the same input (``gen_audit.py`` lines, cached
 under ~/.cache/kubetrail/bench); rounds alternate the variants and medians are compared, as in
@@ -10,6 +10,12 @@ under ~/.cache/kubetrail/bench); rounds alternate the variants and medians are c
 ../shared/testdata/falco/ (or ``--rules``), all 48 rules loaded. Alerts go to the same file
 output; the run fails unless every input line and the alerts the engine gives for them (counted
 in-process beforehand) came out.
+
+``--in-process N`` also times the ``detect`` filter alone in this process, on the
+``kubernetes_audit`` filter's output of N lines in tail-sized blocks: by detection class (the
+native scan's classes, alerts written natively) and event by event (the same blocks without
+the classes), alternating rounds; CPU time of the filter only, so steadier than the pipeline's
+on a shared machine. The two must give the same alert bytes (checked).
 
 Target (issue 21): at least 100,000 events/s with all rules loaded. "CPU" is user+sys seconds
 of the child: on this shared 2-core machine wall time depends on the neighbours, CPU time much
@@ -60,6 +66,64 @@ def expected_alerts(src: Path, rules: Path) -> int:
     return count
 
 
+def in_process(src: Path, rules: Path, count: int, rounds: int) -> None:
+    """The detect filter's CPU per event, by class and event by event (see the docstring)."""
+    import time
+
+    sys.path.insert(0, str(ROOT))
+    from kubetrail.core.record import Batch, Record
+    from kubetrail.transforms.detect import DetectTransform
+    from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform, detect_classes
+    from tests.unit.helpers import build
+
+    with src.open("rb") as lines_file:
+        lines = [line.rstrip(b"\n") for _, line in zip(range(count), lines_file, strict=False)]
+    audit = build(KubernetesAuditTransform, dedupe="off")
+    blocks: list[Batch] = []
+    for start in range(0, len(lines), 1100):  # about a tail read (1 MB) each
+        part = lines[start : start + 1100]
+        block = b"".join(line + b"\n" for line in part)
+        lazy = Batch(
+            "audit",
+            None,
+            None,
+            len(block),
+            raw_block=block,
+            materialize=lambda part=part: [Record("audit", 1, None, line) for line in part],  # type: ignore[misc]
+            count=len(part),
+        )
+        blocks.append(audit.process_batch(lazy))
+    assert all(detect_classes(batch) is not None for batch in blocks)
+
+    def plain(batch: Batch) -> Batch:
+        block = batch.raw_block
+        assert block is not None
+        return Batch("audit", None, None, len(block), raw_block=block, materialize=lambda: [], count=len(batch))
+
+    variants = {"by class": blocks, "event by event": [plain(batch) for batch in blocks]}
+    seconds: dict[str, list[float]] = {name: [] for name in variants}
+    outputs: dict[str, bytes] = {}
+    for _ in range(rounds):
+        for name, batches in variants.items():
+            flt = build(DetectTransform, rules_file=str(rules))
+            out: list[bytes] = []
+            started = time.process_time()
+            for batch in batches:
+                for emitted in flt.process_emitting(batch)[1]:
+                    out.append(emitted.raw_block or b"")
+            seconds[name].append(time.process_time() - started)
+            outputs[name] = b"".join(out)
+    assert outputs["by class"] == outputs["event by event"], "the two paths gave different alerts"
+    alerts = outputs["by class"].count(b"\n")
+    print(f"in process: the detect filter alone on {len(lines)} events ({alerts} alerts), median of {rounds} rounds")
+    for name, times in seconds.items():
+        median = sorted(times)[len(times) // 2]
+        print(
+            f"  {name:<15} {median / len(lines) * 1e6:5.2f} us of CPU an event "
+            f"({len(lines) / median:>9,.0f} events per CPU-second; rounds {', '.join(f'{t:.2f}' for t in times)} s)"
+        )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lines", type=int, default=1_000_000)
@@ -67,11 +131,14 @@ def main() -> int:
     parser.add_argument("--rules", type=Path, default=FALCO_RULES, help="rules file (default: Falco's k8s_audit)")
     parser.add_argument("--output-dir", help="where the file output writes (default: the temp dir)")
     parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
+    parser.add_argument("--in-process", type=int, default=0, metavar="N", help="also time the filter alone on N lines")
     args = parser.parse_args()
     if not args.rules.exists():
         print(f"rules file not found: {args.rules} (give one with --rules)", file=sys.stderr)
         return 2
     src = audit_lines_file(args.lines)
+    if args.in_process:
+        in_process(src, args.rules, args.in_process, args.repeat)
     alerts = expected_alerts(src, args.rules)
     variants = [
         ("tail + kubernetes_audit", AUDIT, 0),

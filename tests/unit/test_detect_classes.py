@@ -398,3 +398,13 @@ def test_fields_said_to_read_only_an_object_are_missing_without_it() -> None:
     assert object_member("ka.req.binding.subject.has_name[x]") is None  # always true
     assert object_member("jevt.value[/requestObjects]") is None
     assert object_member("ka.user.name") is None
+
+
+def test_lines_are_cut_out_as_asked() -> None:
+    from kubetrail.detect.fields import Lines
+
+    for block in (b"a\nbb\n\nccc\n", b"a\nbb\n\nccc"):
+        lines = Lines(block)
+        assert [lines.line(i) for i in (3, 0, 2, 1)] == [b"ccc", b"a", b"", b"bb"]
+    with pytest.raises(IndexError):
+        Lines(b"a\n").line(3)
