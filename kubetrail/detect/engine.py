@@ -7,10 +7,20 @@ from each rule which stages, verbs, resources and subresources it can match at a
 selection is cached per distinct key (there are few), so an event costs one dict lookup plus
 its candidate rules, not all of them.
 
+**Classes.** Beyond the key, most specialised rules read only fields with few values in a
+cluster (user, namespace, decision, response code): :meth:`Engine.decide_class` decides, on one
+event, what every event of its *detection class* (:func:`~kubetrail.detect.fields.class_of`)
+fires. A rule that reads more is folded with what the class knows (the user, whether there is
+a request object, ...) and usually ends up decided too; what is left is a predicate each event
+of the class is checked against. The ``detect`` filter keeps these per class id of the native
+scan.
+
 **Alerts** follow Falco's JSON output (``time``, ``rule``, ``priority``, ``source``, ``tags``,
 ``output``, ``output_fields``, ``hostname``); ``output`` starts with the event's time and the
 priority as Falco's does. Missing values are ``<NA>`` in text and null in ``output_fields``;
-list values are ``(a,b)``, as Falco prints them.
+list values are ``(a,b)``, as Falco prints them. :func:`native_template` compiles a rule's
+alert for the native writer (``native/src/alerts.rs``) when its output reads only members the
+audit scan decodes.
 """
 
 from __future__ import annotations

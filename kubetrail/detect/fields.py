@@ -6,10 +6,12 @@ string is written as compact JSON (``true``, ``201``, an object). A value that i
 false, so ``not`` of it is true (Falco's semantics), and an output shows ``<NA>``.
 
 **Speed.** Most rules read a handful of top-level members (user, verb, objectRef, stage), so an
-:class:`Event` holds a small msgspec struct of just those (:class:`Light`, decoded for a whole
+:class:`Event` holds a small msgspec struct of just those (:class:`Light`: the
+``kubernetes_audit`` filter's own ``AuditEvent``, one definition for both; decoded for a whole
 block at once by :func:`decode_block`); the event is parsed in full with orjson only when a rule
 reaches into ``requestObject``/``responseObject`` or a ``jevt`` field. Values are cached per
-event, since many rules ask for the same ones.
+event, since many rules ask for the same ones. :func:`class_of` is the Python side of the native
+scan's detection classes (the ``detect`` filter's fast path).
 
 Where the plugin's code and its documentation disagree, the documentation is followed:
 ``ka.sourceips`` is the request's ``sourceIPs`` (the plugin reads it under

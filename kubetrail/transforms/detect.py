@@ -26,10 +26,19 @@ delivered (in its ``db``), only then. Put ``detect`` after ``kubernetes_audit`` 
 alerts were delivered is removed there before it reaches the rules, and one whose alerts were
 not delivered fires them again with the same identity. No second dedupe store is needed.
 
-**Speed.** The filter reads a lazy batch's block as it is (the ``kubernetes_audit`` filter's
-output, or a tail's): one msgspec call decodes the few members most rules read for the whole
-block, the rules are indexed by stage, verb, resource and subresource, and no record object is
-built for the records that pass. See ``bench/bench_detect.py``.
+**Speed.** The rules are indexed by stage, verb, resource and subresource, and no record object
+is built for the records that pass. A block the ``kubernetes_audit`` filter's native scan made
+carries each line's *detection class* (see :func:`~kubetrail.detect.fields.class_of`: the index
+key, user, impersonated user, namespace, decision, response code, whether the event has a
+request/response object), found while that scan decoded exactly those members of every event
+anyway: a class is decided once, on its first event (:meth:`Engine.decide_class`), and kept for
+the scanner's life; a line is decoded in Python only when its class fires a rule that must
+still look at the event, or its alert is one the native writer leaves to Python. Alerts of
+rules whose output reads only members the scan decodes are written natively
+(``kubetrail_native.AlertWriter``), byte for byte what :meth:`_alert` writes. Any other block
+(the Python scan, a batch the audit filter changed, a tail's) is read as it is: one msgspec
+call decodes the few members most rules read for the whole block. Both ways give the same
+alerts in the same order (``tests/unit/test_detect_classes.py``); see ``bench/bench_detect.py``.
 """
 
 from __future__ import annotations
