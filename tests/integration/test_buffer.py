@@ -24,7 +24,7 @@ import pytest
 
 from tests.files import written_lines
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, wait_for
-from tests.servers import ServerUnavailable, free_port
+from tests.servers import free_port, running
 from tests.servers.search import SearchServer
 
 pytestmark = pytest.mark.slow
@@ -153,15 +153,8 @@ def test_output_down_while_input_produces_then_recovers_and_survives_kill9(tmp_p
 
 @pytest.fixture(scope="module")
 def elasticsearch() -> Iterator[SearchServer]:
-    try:
-        server = SearchServer("elasticsearch")
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no real Elasticsearch: {exc} (python -m tests.servers build)")
-    try:
+    with running(lambda: SearchServer("elasticsearch"), "no real Elasticsearch") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _es(server: SearchServer, method: str, path: str, body: Any = None) -> Any:

@@ -32,12 +32,6 @@ SOURCE = HERE / "gelf"
 START_TIMEOUT = 30.0
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def build() -> Path:
     """The receiver's directory with graygelf installed (``npm ci``, cached by the lock's hash)."""
     node, npm = shutil.which("node"), shutil.which("npm")
@@ -66,11 +60,13 @@ def build() -> Path:
 class GelfReceiver(ServerProcess):
     """The receiver process; :attr:`messages` collects what it decoded, in arrival order."""
 
+    name = "the GELF receiver"
+
     def __init__(self, tls: bool = False) -> None:
         self.directory = build()
         self.workdir = Path(tempfile.mkdtemp(prefix="kubetrail-gelf-"))
         self.log_path = self.workdir / "receiver.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.udp_port = self.port = 0
         self.tcp_port = self.tls_port = 0
         self.ca_file: Path | None = None
@@ -87,20 +83,19 @@ class GelfReceiver(ServerProcess):
             pki.write_cert(self.ca_file, ca.cert)
             server.write(self.workdir / "server.crt", self.workdir / "server.key")
             args = [str(self.workdir / "server.crt"), str(self.workdir / "server.key")]
-        self.udp_port, self.tcp_port, self.tls_port = free_udp_port(), free_port(), free_port()
+        self.udp_port, self.tcp_port, self.tls_port = free_port(socket.SOCK_DGRAM), free_port(), free_port()
         self.port = self.udp_port
-        self.proc = subprocess.Popen(
-            ["node", "receiver.js", str(self.udp_port), str(self.tcp_port), str(self.tls_port), *args],
-            cwd=self.directory,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=open(self.log_path, "ab"),  # noqa: SIM115  (the process owns it)
-            start_new_session=True,
-        )
-        threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(START_TIMEOUT):
-            self.stop_process()
-            raise ServerUnavailable(f"the GELF receiver did not start: {self.log_tail()}")
+
+        def launch(attempt: int) -> None:
+            # It says it is ready on stdout, where the messages it decodes come after.
+            self.spawn(
+                ["node", "receiver.js", str(self.udp_port), str(self.tcp_port), str(self.tls_port), *args],
+                stdout=subprocess.PIPE,
+                cwd=self.directory,
+            )
+            threading.Thread(target=self._read, daemon=True).start()
+
+        self.start_attempts(launch, lambda: True if self._ready.is_set() else None, START_TIMEOUT, 0.02, attempts=1)
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None

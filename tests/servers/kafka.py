@@ -30,15 +30,13 @@ import base64
 import datetime
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
 from pathlib import Path
 
-from tests.servers import HERE, ServerUnavailable, cache_root, free_port
+from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root, free_port, maven_lib, port_open
 
 START_TIMEOUT = 180.0  # three JVMs on a loaded 2-core machine: 10-40 s
 HEAP = "256m"
@@ -65,28 +63,7 @@ def lib_dir() -> Path:
 
 def build() -> Path:
     """The jars (fetched once); :class:`ServerUnavailable` says what is missing."""
-    lib = lib_dir()
-    if (lib / ".complete").exists():
-        return lib
-    if shutil.which("java") is None:
-        raise ServerUnavailable("no 'java' on PATH: install Java 17 (apt-get install openjdk-17-jre-headless)")
-    if shutil.which("mvn") is None:
-        raise ServerUnavailable("no 'mvn' on PATH: install Maven (apt-get install maven)")
-    tmp = lib.with_name(f"lib.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    proc = subprocess.run(
-        ["mvn", "-q", "-B", "-f", str(pom()), "dependency:copy-dependencies", f"-DoutputDirectory={tmp}"],
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ServerUnavailable(f"fetching Kafka from Maven Central failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
-    (tmp / ".complete").touch()
-    shutil.rmtree(lib, ignore_errors=True)
-    tmp.rename(lib)
-    return lib
+    return maven_lib("Kafka", pom(), lib_dir())
 
 
 def java_command(lib: Path, main: str, *args: str, heap: str = HEAP) -> list[str]:
@@ -156,32 +133,28 @@ def make_tls(directory: Path) -> tuple[Path, Path]:
     return ca_path, keystore
 
 
-class Node:
-    """One KRaft node (broker + controller): its ports, directories and process."""
+class Node(ServerProcess):
+    """One KRaft node (broker + controller): its ports, directories and process. The cluster
+    waits for its nodes together (:meth:`KafkaCluster.wait_ready`); a node is stopped with
+    SIGTERM, a controlled shutdown that moves leadership first, given 60 s."""
+
+    stop_timeout = 60.0
 
     def __init__(self, node_id: int, workdir: Path) -> None:
+        self.name = f"Kafka node {node_id}"
         self.node_id = node_id
-        self.dir = workdir / f"node{node_id}"
+        self.dir = self.workdir = workdir / f"node{node_id}"
+        self.log_path = self.dir / "server.log"
         self.plain_port = free_port()
         self.sasl_port = free_port()
         self.tls_port = free_port()
         self.controller_port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.pid = 0
 
     @property
     def config_path(self) -> Path:
         return self.dir / "server.properties"
-
-    @property
-    def log_path(self) -> Path:
-        return self.dir / "server.log"
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
 
 
 class KafkaCluster:
@@ -280,15 +253,7 @@ ssl.client.auth=none
         self.wait_ready()
 
     def start_node(self, node: Node, wait: bool = True) -> None:
-        with open(node.log_path, "ab") as log:
-            node.proc = subprocess.Popen(
-                java_command(self.lib, MAIN_CLASS, str(node.config_path), heap=self.heap),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        node.pid = node.proc.pid
+        node.pid = node.spawn(java_command(self.lib, MAIN_CLASS, str(node.config_path), heap=self.heap)).pid
         (node.dir / "pid").write_text(str(node.pid))
         if wait:
             self.wait_ready()
@@ -303,8 +268,8 @@ ssl.client.auth=none
         while time.monotonic() < deadline:
             for node in self.nodes:
                 if node.proc is not None and node.proc.poll() is not None:
-                    raise ServerUnavailable(f"Kafka node {node.node_id} exited; last log lines:\n{node.log_tail()}")
-            if all(_port_open(n.plain_port) and _port_open(n.sasl_port) and _port_open(n.tls_port) for n in running):
+                    raise ServerUnavailable(f"{node.name} exited; last log lines:\n{node.log_tail(30)}")
+            if all(port_open(n.plain_port) and port_open(n.sasl_port) and port_open(n.tls_port) for n in running):
                 # made only now: a client made before the ports open logs every refused connect
                 addresses = ",".join(f"127.0.0.1:{n.plain_port}" for n in running)
                 admin = admin or AdminClient({"bootstrap.servers": addresses, "socket.timeout.ms": 5000})
@@ -315,20 +280,12 @@ ssl.client.auth=none
                 if {n.node_id for n in running} <= set(brokers):
                     return
             time.sleep(0.5)
-        tails = "\n".join(f"node {n.node_id}:\n{n.log_tail()}" for n in self.nodes)
+        tails = "\n".join(f"node {n.node_id}:\n{n.log_tail(30)}" for n in self.nodes)
         raise ServerUnavailable(f"Kafka did not become ready in {timeout:.0f}s:\n{tails}")
 
     def stop_node(self, node: Node, kill: bool = False) -> None:
         """SIGTERM: a controlled shutdown (leadership moves first); ``kill``: SIGKILL."""
-        proc, node.proc = node.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        os.killpg(proc.pid, signal.SIGKILL if kill else signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
+        node.stop_process(kill=kill)
 
     def rss_mb(self) -> list[float]:
         """Resident memory of each running node, MB (what the 3-node choice was measured by)."""
@@ -377,19 +334,11 @@ ssl.client.auth=none
         }
 
     def stop(self) -> None:
-        for node in self.nodes:
+        for node in self.nodes:  # all at once: each one's shutdown then waits less on the others
             if node.proc is not None and node.proc.poll() is None:
                 os.killpg(node.proc.pid, signal.SIGTERM)
         for node in self.nodes:
             self.stop_node(node)
-
-
-def _port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def up(directory: Path, brokers: int = 3) -> KafkaCluster:

@@ -9,21 +9,14 @@ target) with filesystem storage in a temporary directory, on free loopback ports
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
-import subprocess
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root, free_port
+from tests.servers import HERE, ServerProcess, cache_root, find_go, free_port, go_build, go_version, http_get
 
 MODULE_DIR = HERE / "loki"
 PACKAGE = "github.com/grafana/loki/v3/cmd/loki"
-BUILD_ENV = {"GOWORK": "off", "GOFLAGS": "-mod=mod", "GOTOOLCHAIN": "local", "CGO_ENABLED": "0"}
 BUILD_TIMEOUT = 40 * 60
 START_TIMEOUT = 120.0
 REJECT_OLD_SAMPLES_MAX_AGE = "168h"  # entries older than a week are refused (the too-old tests)
@@ -78,59 +71,31 @@ def version() -> str:
     return match.group(1)
 
 
-def _go() -> str:
-    go = shutil.which("go")
-    if go is None:
-        raise ServerUnavailable("no Go toolchain on PATH: install Go 1.26 to build Loki")
-    return go
-
-
 def binary_path(go: str) -> Path:
-    gover = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, check=True).stdout.strip()
-    return cache_root() / f"loki-{version()}-{gover}" / "loki"
+    return cache_root() / f"loki-{version()}-{go_version(go)}" / "loki"
 
 
 def build() -> Path:
     """The Loki binary, built once; :class:`ServerUnavailable` says why it cannot be."""
-    go = _go()
-    target = binary_path(go)
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"loki.tmp{os.getpid()}")
-    env = {**os.environ, **BUILD_ENV}
-    try:
-        proc = subprocess.run(
-            [go, "build", "-trimpath", "-o", str(tmp), PACKAGE],
-            cwd=MODULE_DIR,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-        )
-    except subprocess.TimeoutExpired:
-        tmp.unlink(missing_ok=True)
-        raise ServerUnavailable(f"building Loki took over {BUILD_TIMEOUT // 60} minutes") from None
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        raise ServerUnavailable(f"building Loki {version()} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    os.replace(tmp, target)
-    return target
+    go = find_go("Loki")
+    return go_build(f"Loki {version()}", go, MODULE_DIR, PACKAGE, binary_path(go), BUILD_TIMEOUT)
 
 
 class Loki(ServerProcess):
     """One Loki process; ``url`` is its HTTP address. Always :meth:`stop` it (the fixture does)."""
+
+    name = "Loki"
 
     def __init__(self, auth_enabled: bool = False) -> None:
         self.binary = build()
         self.auth_enabled = auth_enabled
         self.workdir = Path(tempfile.mkdtemp(prefix="kubetrail-loki-"))
         self.log_path = self.workdir / "loki.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.port = 0
 
     def start(self) -> None:
-        for attempt in range(3):  # a free port can be taken between picking and binding
+        def launch(attempt: int) -> None:
             self.port = free_port()
             config = self.workdir / f"loki-{attempt}.yaml"
             config.write_text(
@@ -143,30 +108,10 @@ class Loki(ServerProcess):
                     max_age=REJECT_OLD_SAMPLES_MAX_AGE,
                 )
             )
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [str(self.binary), f"-config.file={config}"],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            if self._wait_ready():
-                return
-            self.stop_process()
-        raise ServerUnavailable(f"Loki did not start; last log lines:\n{self.log_tail()}")
+            self.spawn([str(self.binary), f"-config.file={config}"])
 
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.url}/ready", timeout=5) as response:
-                    if response.read().strip() == b"ready":
-                        return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        return False
+        def ready() -> bool | None:
+            body = http_get(f"{self.url}/ready")
+            return True if body is not None and body.strip() == b"ready" else None
+
+        self.start_attempts(launch, ready, START_TIMEOUT, interval=0.5)

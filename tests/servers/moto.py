@@ -9,15 +9,12 @@ between tests (moto's ``/moto-api/reset``).
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.servers import ServerProcess, ServerUnavailable, free_port
+from tests.servers import ServerProcess, ServerUnavailable, free_port, http_get
 
 START_TIMEOUT = 60.0
 
@@ -35,45 +32,26 @@ def available() -> str | None:
 class MotoServer(ServerProcess):
     """``python -m moto.server`` on a free loopback port; ``url`` is its endpoint."""
 
+    name = "moto"
+
     def __init__(self) -> None:
         reason = available()
         if reason:
             raise ServerUnavailable(reason)
         self.workdir = Path(tempfile.mkdtemp(prefix="kubetrail-moto-"))
         self.log_path = self.workdir / "moto.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
         self.port = 0
 
     def start(self) -> None:
-        for _ in range(3):  # a free port can be taken between picking and binding
+        def launch(attempt: int) -> None:
             self.port = free_port()
-            with open(self.log_path, "ab") as log:
-                self.proc = subprocess.Popen(
-                    [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    cwd=self.workdir,
-                )
-            if self._wait_ready():
-                return
-            self.stop_process()
-        raise ServerUnavailable(f"moto did not start; last log lines:\n{self.log_tail()}")
+            self.spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)], cwd=self.workdir)
 
-    def _wait_ready(self) -> bool:
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                return False
-            try:
-                with urllib.request.urlopen(f"{self.url}/moto-api/", timeout=5):
-                    return True
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        return False
+        def ready() -> bool | None:
+            return True if http_get(f"{self.url}/moto-api/") is not None else None
+
+        self.start_attempts(launch, ready, START_TIMEOUT)
 
     def reset(self) -> None:
         request = urllib.request.Request(f"{self.url}/moto-api/reset", method="POST")

@@ -21,8 +21,6 @@ import hashlib
 import importlib
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ from typing import Any
 import orjson
 
 from tests.files import written_lines
-from tests.servers import ServerUnavailable, cache_root, free_port
+from tests.servers import ServerProcess, ServerUnavailable, cache_root, free_port, port_open
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 # the module, not the function localcluster/__init__ exports under the same name
@@ -119,19 +117,26 @@ service:
 """
 
 
-class Collector:
+class Collector(ServerProcess):
     """One collector process: OTLP/HTTP on ``port``, the Fluent Forward protocol on ``forward_port``
-    and the Unix socket ``forward_socket``; received logs in ``output`` (OTLP/JSON lines)."""
+    and the Unix socket ``forward_socket``; received logs in ``output`` (OTLP/JSON lines). A
+    collector that does not start fails the test (RuntimeError), it is not skipped: the binary
+    was there. Restartable: the work directory and what it received stay across :meth:`stop`."""
+
+    name = "collector"
+    start_error = RuntimeError
+    stop_timeout = 20.0
 
     def __init__(self, binary: Path, workdir: Path) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.log_path = workdir / "collector.log"
         self.port = free_port()
         self.forward_port = free_port()
         # Unix socket paths are limited to ~107 bytes: not under a test's long tmp_path.
         self.forward_socket = Path(tempfile.mkdtemp(prefix="ktff-")) / "forward.sock"
         self.output = workdir / "received.jsonl"
-        self.proc: subprocess.Popen[bytes] | None = None
+        self.proc = None
 
     def start(self, timeout: float = 60.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -140,32 +145,16 @@ class Collector:
         config.write_text(_config(self.port, self.forward_port, self.forward_socket, self.output))
         if self.output.exists():  # the file exporter truncates its file: keep what a restart would lose
             self.output.rename(self.workdir / f"received-{len(list(self.workdir.glob('received*')))}.jsonl")
-        log = open(self.workdir / "collector.log", "ab")  # noqa: SIM115 - the process owns it
-        self.proc = subprocess.Popen([str(self.binary), "--config", str(config)], stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited: {(self.workdir / 'collector.log').read_text()[-3000:]}")
-            try:
-                for port in (self.port, self.forward_port):
-                    with socket.create_connection(("127.0.0.1", port), timeout=1):
-                        pass
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"collector did not listen on {self.port} within {timeout}s") from None
-                time.sleep(0.05)
+        self.start_attempts(
+            lambda attempt: self.spawn([str(self.binary), "--config", str(config)]),
+            lambda: True if port_open(self.port) and port_open(self.forward_port) else None,
+            timeout,
+            interval=0.05,
+            attempts=1,
+        )
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        self.stop_process()
         shutil.rmtree(self.forward_socket.parent, ignore_errors=True)
 
     def requests(self) -> list[dict[str, Any]]:

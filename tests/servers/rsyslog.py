@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Any
 import orjson
 
 from tests.files import written_lines
+from tests.servers import ServerProcess, free_port, port_open, udp_bound
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -63,14 +63,12 @@ def version() -> str:
     return out.split("\n", 1)[0].split(" compiled")[0].strip()
 
 
-def free_port(kind: int = socket.SOCK_STREAM) -> int:
-    with socket.socket(socket.AF_INET, kind) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclass
-class RsyslogServer:
+class RsyslogServer(ServerProcess):
+    """rsyslogd on its ports; restartable on the same ports, and what it wrote stays across
+    :meth:`stop`. Not starting fails the test (RuntimeError): the fixture skips only when rsyslog
+    is not installed at all."""
+
     workdir: Path
     tcp_port: int = field(default_factory=free_port)
     udp_port: int = field(default_factory=lambda: free_port(socket.SOCK_DGRAM))
@@ -78,9 +76,17 @@ class RsyslogServer:
     ca_file: Path | None = None
     proc: subprocess.Popen[bytes] | None = None
 
+    name = "rsyslogd"
+    start_error = RuntimeError
+    stop_timeout = 20.0  # SIGTERM: rsyslog writes out its queue first
+
     @property
     def output(self) -> Path:
         return self.workdir / "received.jsonl"
+
+    @property  # type: ignore[override]
+    def log_path(self) -> Path:
+        return self.workdir / "rsyslogd.log"
 
     def _config(self) -> str:
         tls_globals = ""
@@ -118,35 +124,17 @@ class RsyslogServer:
             self.tls_port = free_port()
         conf = self.workdir / "rsyslog.conf"
         conf.write_text(self._config())
-        log = open(self.workdir / "rsyslogd.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [binary, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
         ports = [self.tcp_port] + ([self.tls_port] if self.tls_port else [])
-        deadline = time.monotonic() + timeout
-        checks = [(port, _listening) for port in ports] + [(self.udp_port, _udp_bound)]
-        for port, ready in checks:
-            while not ready(port):
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"rsyslogd exited: {(self.workdir / 'rsyslogd.log').read_text()[-2000:]}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"rsyslogd did not listen on {port} within {timeout}s")
-                time.sleep(0.05)
+        self.start_attempts(
+            lambda attempt: self.spawn([binary, "-n", "-f", str(conf), "-i", str(self.workdir / "rsyslogd.pid")]),
+            lambda: True if all(port_open(port) for port in ports) and udp_bound(self.udp_port) else None,
+            timeout,
+            interval=0.05,
+            attempts=1,
+        )
 
     def stop(self) -> None:
-        """SIGTERM (rsyslog writes out its queue), then wait; SIGKILL if it hangs."""
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        self.stop_process()
 
     def records(self) -> list[dict[str, Any]]:
         return [orjson.loads(line) for line in written_lines(self.output) if line.strip()]
@@ -159,21 +147,3 @@ class RsyslogServer:
             if len(got) >= count or time.monotonic() > deadline:
                 return got
             time.sleep(0.05)
-
-
-def _udp_bound(port: int) -> bool:
-    """Someone (rsyslog) holds the UDP port: our own bind is refused."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return True
-        return False
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False

@@ -25,7 +25,7 @@ from kubetrail.sinks.es import EsSink
 from kubetrail.sinks.http_base import BadResponseError
 from kubetrail.sinks.opensearch import OpenSearchSink
 from tests.fakes.http_server import Answer, ScriptedServer
-from tests.servers import ServerUnavailable
+from tests.servers import running
 from tests.servers.search import SearchServer
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123Z
@@ -33,15 +33,8 @@ T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123Z
 
 @pytest.fixture(scope="session", params=["opensearch", "elasticsearch"])
 def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
-    try:
-        server = SearchServer(request.param)
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no real {request.param}: {exc} (python -m tests.servers build)")
-    try:
+    with running(lambda: SearchServer(request.param), f"no real {request.param}") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def real_sink(server: SearchServer, **props: Any) -> EsSink:

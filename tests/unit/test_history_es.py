@@ -18,7 +18,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.es import EsSink
 from kubetrail.sinks.opensearch import OpenSearchSink
 from kubetrail.sinks.sqlite import SqliteSink
-from tests.servers import ServerUnavailable
+from tests.servers import running
 from tests.servers.search import SearchServer
 from tests.unit.helpers import build
 from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, alerts, story
@@ -26,15 +26,8 @@ from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, alerts, story
 
 @pytest.fixture(scope="module", params=["opensearch", "elasticsearch"])
 def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
-    try:
-        server = SearchServer(request.param)
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no real {request.param}: {exc} (python -m tests.servers build)")
-    try:
+    with running(lambda: SearchServer(request.param), f"no real {request.param}") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def write(sink: Any, records: list[Record]) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import ssl
 import stat
@@ -32,7 +31,8 @@ import pytest
 from kubetrail.core.config import load_config
 from kubetrail.core.errors import ConfigError
 from kubetrail.runtime.pipeline import Pipeline
-from tests.servers.rsyslog import free_port, gtls_available, rsyslogd
+from tests.servers import ServerProcess, free_port, udp_bound
+from tests.servers.rsyslog import gtls_available, rsyslogd
 from tests.unit.helpers import write
 from tests.unit.source_helpers import Running, running, wait_until
 
@@ -75,11 +75,15 @@ async def send_tcp(port: int, data: bytes) -> bytes:
 # --- rsyslog forwarding ------------------------------------------------------------------------
 
 
-class RsyslogRelay:
+class RsyslogRelay(ServerProcess):
     """A real rsyslogd that takes messages on a UDP port and forwards them with omfwd."""
+
+    name = "rsyslogd"
+    stop_timeout = 20.0
 
     def __init__(self, workdir: Path, actions: list[str], global_extra: str = "") -> None:
         self.workdir = workdir
+        self.log_path = workdir / "rsyslogd.log"
         self.port = free_port(socket.SOCK_DGRAM)
         workdir.mkdir(parents=True, exist_ok=True)
         conf = workdir / "rsyslog.conf"
@@ -91,10 +95,7 @@ class RsyslogRelay:
         )
         binary = rsyslogd()
         assert binary is not None
-        with open(workdir / "rsyslogd.log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [binary, "-n", "-f", str(conf), "-i", str(workdir / "rsyslogd.pid")], stdout=log, stderr=log
-            )
+        self.spawn([binary, "-n", "-f", str(conf), "-i", str(workdir / "rsyslogd.pid")])
 
     def send(self, message: bytes) -> None:
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -104,25 +105,14 @@ class RsyslogRelay:
         """rsyslogd holds its UDP port (our own bind is refused)."""
 
         def bound() -> bool:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"rsyslogd exited: {(self.workdir / 'rsyslogd.log').read_text()[-2000:]}")
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-                try:
-                    sock.bind(("127.0.0.1", self.port))
-                except OSError:
-                    return True
-                return False
+            if self.proc is None or self.proc.poll() is not None:
+                raise AssertionError(f"rsyslogd exited: {self.log_tail()}")
+            return udp_bound(self.port)
 
         await wait_until(bound, 30, "rsyslogd to listen")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        self.stop_process()  # the work directory is the test's
 
 
 @needs_rsyslog

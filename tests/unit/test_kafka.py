@@ -25,7 +25,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from tests.servers import ServerUnavailable, kafka
+from tests.servers import ServerUnavailable, kafka, running
 from tests.unit.helpers import write
 from tests.unit.run_helpers import run_config
 
@@ -34,15 +34,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[kafka.KafkaCluster]:
-    try:
-        server = kafka.KafkaCluster(tmp_path_factory.mktemp("kafka"), brokers=3)
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"Kafka: {exc} (python -m tests.servers build)")
-    try:
+    with running(lambda: kafka.KafkaCluster(tmp_path_factory.mktemp("kafka"), brokers=3), "Kafka") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def new_topic(cluster: kafka.KafkaCluster, partitions: int = 1, **config: str) -> str:

@@ -24,7 +24,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sinks.loki import LokiSink
 from tests.fakes.http_server import Answer, Recorded, ScriptedServer
-from tests.servers import ServerUnavailable
+from tests.servers import running
 from tests.servers.loki import Loki
 from tests.unit.helpers import build
 
@@ -33,15 +33,8 @@ DAY_NS = 86_400 * 1_000_000_000
 
 @pytest.fixture(scope="session")
 def loki() -> Iterator[Loki]:
-    try:
-        server = Loki(auth_enabled=True)
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no real Loki: {exc} (python -m tests.servers build)")
-    try:
+    with running(lambda: Loki(auth_enabled=True), "no real Loki") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def query(server: Loki, tenant: str, logql: str) -> list[tuple[dict[str, str], int, str]]:

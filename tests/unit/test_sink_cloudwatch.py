@@ -29,7 +29,7 @@ from kubetrail.sinks import cloudwatch_logs
 from kubetrail.sinks.aws_base import Template
 from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
 from tests.fakes.http_server import Answer, ScriptedServer
-from tests.servers import ServerUnavailable
+from tests.servers import running
 from tests.servers.moto import MotoServer
 from tests.unit.helpers import build, write
 
@@ -39,15 +39,8 @@ HOUR_MS = 3600 * 1000
 
 @pytest.fixture(scope="module")
 def moto() -> Iterator[MotoServer]:
-    try:
-        server = MotoServer()
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no moto server: {exc}")
-    try:
+    with running(MotoServer, "no moto server", build_hint=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks.gelf import GelfSink
-from tests.servers import ServerUnavailable
+from tests.servers import running
 from tests.servers.gelf import GelfReceiver
 from tests.unit.helpers import build
 
@@ -23,15 +23,8 @@ T0 = 1_704_164_645_123_456_789  # 2024-01-02T03:04:05.123456789Z
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[GelfReceiver]:
-    try:
-        server = GelfReceiver(tls=True)
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no GELF receiver: {exc}")
-    try:
+    with running(lambda: GelfReceiver(tls=True), "no GELF receiver", build_hint=False) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -28,8 +28,8 @@ from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.plugins import COMMON_OUTPUT_OPTIONS, SINKS
 from kubetrail.sinks.s3 import S3Sink
-from tests.servers import ServerUnavailable
 from tests.servers import minio as minio_server
+from tests.servers import running
 from tests.servers.minio import MinioServer
 from tests.unit.helpers import build, write
 
@@ -39,15 +39,8 @@ T0 = 1_704_164_645_123_456_789  # 2024-01-02T03:04:05.123456789Z
 
 @pytest.fixture(scope="module")
 def minio() -> Iterator[MinioServer]:
-    try:
-        server = MinioServer()
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no MinIO: {exc} (python -m tests.servers build)")
-    try:
+    with running(MinioServer, "no MinIO") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
