@@ -14,7 +14,7 @@ from prometheus_client import generate_latest
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Record
 from kubetrail.transforms.lua import LuaTransform
-from tests.unit.helpers import build, write
+from tests.unit.helpers import build, file_output_yaml, tail_yaml, write
 from tests.unit.run_helpers import out_file_records, run_config, tail_to_out_file
 
 T0 = 1_700_000_000_123_456_789
@@ -272,21 +272,7 @@ def test_compile_error_is_a_configuration_error_of_kubetrail_check(tmp_path: Pat
 def test_inline_code_in_a_yaml_pipeline(tmp_path: Path) -> None:
     # The YAML form Fluent Bit's docs show for inline code ("code: |").
     log = write(tmp_path / "in.log", '{"level":"debug"}\n{"level":"error"}\n')
-    config = write(
-        tmp_path / "p.yaml",
-        f"""
-service:
-  grace: 2
-pipeline:
-  inputs:
-    - name: tail
-      path: {log}
-      tag: app
-      parser: json
-      read_from_head: on
-      exit_on_eof: on
-      db: {tmp_path / "tail.db"}
-  filters:
+    filters = """  filters:
     - name: lua
       match: '*'
       call: drop_debug
@@ -298,13 +284,9 @@ pipeline:
           record["seen_by"] = "lua"
           return 2, timestamp, record
         end
-  outputs:
-    - name: file
-      match: '*'
-      path: {tmp_path / "out"}
-      file: out.txt
-      mkdir: on
-""",
+"""
+    config = tail_yaml(
+        tmp_path, log, tag="app", rest=filters + "  outputs:\n" + file_output_yaml(tmp_path, "*", "out.txt", fmt=None)
     )
     result = run_config(config)
     assert result.returncode == 0, result.stderr

@@ -10,7 +10,7 @@ import pytest
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Record
 from kubetrail.transforms.nest import NestTransform
-from tests.unit.helpers import build
+from tests.unit.helpers import build, file_output_yaml, tail_yaml
 from tests.unit.run_helpers import out_file_records, run_config, tail_to_out_file
 
 MEM = {
@@ -148,34 +148,16 @@ def test_yaml_config_with_a_wildcard_list_through_kubetrail_run(tmp_path: Path) 
     # Fluent Bit's YAML format: a list value is the key repeated (wildcard: [a*, b]).
     log = tmp_path / "in.log"
     log.write_text('{"a1":1,"a2":2,"b":3,"c":4}\n')
-    config = tmp_path / "p.yaml"
-    config.write_text(
-        f"""
-service:
-  grace: 2
-pipeline:
-  inputs:
-    - name: tail
-      path: {log}
-      tag: app
-      parser: json
-      read_from_head: on
-      exit_on_eof: on
-      db: {tmp_path / "tail.db"}
-  filters:
+    filters = """  filters:
     - name: nest
       match: '*'
       operation: nest
       wildcard: ['a*', 'b']
       nest_under: grouped
       remove_prefix: a
-  outputs:
-    - name: file
-      match: '*'
-      path: {tmp_path / "out"}
-      file: out.txt
-      mkdir: on
 """
+    config = tail_yaml(
+        tmp_path, log, tag="app", rest=filters + "  outputs:\n" + file_output_yaml(tmp_path, "*", "out.txt", fmt=None)
     )
     result = run_config(config)
     assert result.returncode == 0, result.stderr

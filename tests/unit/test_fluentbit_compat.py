@@ -24,7 +24,7 @@ from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms.content_modifier import ContentModifierTransform
 from kubetrail.transforms.rewrite_tag import RewriteTagTransform, split_rule
 from tests.files import written_json_lines
-from tests.unit.helpers import build, write
+from tests.unit.helpers import build, file_output, file_output_yaml, run_pipeline, tail_input, tail_yaml, write
 
 
 def jsonl(*docs: dict[str, Any]) -> str:
@@ -35,45 +35,6 @@ def stored_offset(db: Path) -> int:
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
     return rows[0][0] if rows else -1
-
-
-def tail_yaml(tmp_path: Path, log: Path, input_extra: str = "", rest: str = "") -> Path:
-    """A YAML pipeline tailing ``log`` (JSON lines) once, to whatever ``rest`` declares."""
-    return write(
-        tmp_path / "p.yaml",
-        f"""
-service:
-  grace: 2
-pipeline:
-  inputs:
-    - name: tail
-      path: {log}
-      tag: kube.app
-      parser: json
-      read_from_head: true
-      exit_on_eof: true
-      db: {tmp_path / "tail.db"}
-{input_extra}
-{rest}
-""",
-    )
-
-
-def file_output(tmp_path: Path, match: str, name: str, extra: str = "") -> str:
-    return f"""    - name: file
-      match: "{match}"
-      path: {tmp_path / "out"}
-      file: {name}
-      format: plain
-      mkdir: true
-{extra}
-"""
-
-
-async def run(config: Path) -> Pipeline:
-    pipeline = Pipeline(load_config(config))
-    assert await asyncio.wait_for(pipeline.run(), 20) == 0
-    return pipeline
 
 
 # -- YAML processors -------------------------------------------------------------------------
@@ -93,7 +54,7 @@ async def test_input_and_output_processors_run_where_they_are_declared(tmp_path:
           - name: grep
             exclude: level ^debug$""",
         "  outputs:\n"
-        + file_output(
+        + file_output_yaml(
             tmp_path,
             "kube.*",
             "hashed.jsonl",
@@ -103,9 +64,9 @@ async def test_input_and_output_processors_run_where_they_are_declared(tmp_path:
             action: hash
             key: msg""",
         )
-        + file_output(tmp_path, "kube.*", "plain.jsonl"),
+        + file_output_yaml(tmp_path, "kube.*", "plain.jsonl"),
     )
-    await run(config)
+    await run_pipeline(config)
     # The input's processors ran before routing: both outputs see the insert and the drop.
     assert written_json_lines(tmp_path / "out" / "plain.jsonl") == [{"msg": "a", "level": "info", "cluster": "east"}]
     # The output's processor changed only that output's copy.
@@ -122,7 +83,7 @@ async def test_an_output_processor_dropping_everything_still_acknowledges(tmp_pa
         tmp_path,
         log,
         rest="  outputs:\n"
-        + file_output(
+        + file_output_yaml(
             tmp_path,
             "*",
             "none.jsonl",
@@ -132,7 +93,7 @@ async def test_an_output_processor_dropping_everything_still_acknowledges(tmp_pa
             regex: msg ^z$""",
         ),
     )
-    pipeline = await run(config)
+    pipeline = await run_pipeline(config)
     assert not (tmp_path / "out" / "none.jsonl").exists()
     assert stored_offset(tmp_path / "tail.db") == log.stat().st_size
     assert any("grep" in p.component_id for p in pipeline.processors["file.0"])
@@ -482,7 +443,7 @@ async def test_rewritten_records_are_routed_again_and_checkpointed_after_deliver
     - name: modify
       match: alerts.*
       add: routed yes""",
-        file_output(tmp_path, "kube.*", "kube.jsonl") + file_output(tmp_path, "alerts.*", "alerts.jsonl"),
+        file_output_yaml(tmp_path, "kube.*", "kube.jsonl") + file_output_yaml(tmp_path, "alerts.*", "alerts.jsonl"),
     )
     pipeline = Pipeline(load_config(config))
     alerts = pipeline.runners[1]
@@ -540,9 +501,9 @@ async def test_a_new_tag_matching_its_own_filter_does_not_loop(tmp_path: Path) -
         """    - name: rewrite_tag
       match: kube.*
       rule: $level ^error$ kube.errors true""",
-        file_output(tmp_path, "*", "all.jsonl"),
+        file_output_yaml(tmp_path, "*", "all.jsonl"),
     )
-    pipeline = await asyncio.wait_for(run(config), 20)
+    pipeline = await run_pipeline(config)
     records = written_json_lines(tmp_path / "out" / "all.jsonl")
     assert records == [{"n": 0, "level": "error"}, {"n": 0, "level": "error"}]  # original + one copy
     assert any("matches the filter's own match" in note for note in pipeline.notes)
@@ -562,9 +523,9 @@ async def test_dynamic_tags_that_would_loop_at_run_time_stop(tmp_path: Path) -> 
     - name: rewrite_tag
       match: hop.*
       rule: $to ^(.*)$ kube.$to false""",
-        file_output(tmp_path, "*", "all.jsonl"),
+        file_output_yaml(tmp_path, "*", "all.jsonl"),
     )
-    await run(config)
+    await run_pipeline(config)
     assert written_json_lines(tmp_path / "out" / "all.jsonl") == [{"n": 0, "to": "x"}]
 
 
@@ -580,29 +541,10 @@ async def test_tail_docker_mode_joins_docker_split_lines(tmp_path: Path) -> None
             {"log": "second half\n", "stream": "stdout", "time": "2024-05-01T10:00:00.000000003Z"},
         ),
     )
-    config = write(
-        tmp_path / "p.conf",
-        f"""[SERVICE]
-    grace 2
-[INPUT]
-    name              tail
-    path              {log}
-    tag               kube.*
-    parser            docker
-    docker_mode       on
-    docker_mode_flush 4
-    read_from_head    on
-    exit_on_eof       on
-[OUTPUT]
-    name   file
-    match  *
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-""",
-    )
-    pipeline = await run(config)
+    docker = "    docker_mode on\n    docker_mode_flush 4"
+    source = tail_input(log, tag="kube.*", parser="docker", extra=docker)
+    config = write(tmp_path / "p.conf", f"[SERVICE]\n    grace 2\n{source}{file_output(tmp_path / 'out')}")
+    pipeline = await run_pipeline(config)
     assert [(r["stream"], r["log"]) for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == [
         ("stderr", "one line\n"),
         ("stdout", "first half, second half\n"),
@@ -620,28 +562,11 @@ async def test_tail_tag_regex_names_parts_of_the_path(tmp_path: Path) -> None:
     logs = Path("/tmp") / uuid.uuid4().hex / "containers"
     name = "web-1_shop_app-" + "a" * 64 + ".log"
     write(logs / name, jsonl({"n": 1}))
-    config = write(
-        tmp_path / "p.conf",
-        f"""[SERVICE]
-    grace 2
-[INPUT]
-    name           tail
-    path           {logs}/*.log
-    tag            kube.<namespace_name>.<pod_name>.<container_name>
-    tag_regex      {TAG_REGEX}
-    read_from_head on
-    exit_on_eof    on
-[OUTPUT]
-    name   file
-    match  kube.shop.web-1.app
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-""",
-    )
+    source = tail_input(f"{logs}/*.log", tag="kube.<namespace_name>.<pod_name>.<container_name>", parser=None)
+    output = file_output(tmp_path / "out", match="kube.shop.web-1.app")
+    config = write(tmp_path / "p.conf", f"[SERVICE]\n    grace 2\n{source}    tag_regex {TAG_REGEX}\n{output}")
     try:
-        await run(config)
+        await run_pipeline(config)
     finally:
         shutil.rmtree(logs.parent)
     assert len(written_json_lines(tmp_path / "out" / "out.jsonl")) == 1
@@ -718,9 +643,9 @@ async def test_conditional_processors_as_in_fluent_bits_docs(tmp_path: Path) -> 
                 - field: "$request['status_code']"
                   op: gte
                   value: 500""",
-        "  outputs:\n" + file_output(tmp_path, "*", "out.jsonl"),
+        "  outputs:\n" + file_output_yaml(tmp_path, "*", "out.jsonl"),
     )
-    await run(config)
+    await run_pipeline(config)
     assert written_json_lines(tmp_path / "out" / "out.jsonl") == [
         {
             "log": "Error: Connection refused",
@@ -850,9 +775,9 @@ async def test_multiline_as_an_input_processor_joins_within_each_batch(tmp_path:
         logs:
           - name: multiline
             multiline.parser: python""",
-        "  outputs:\n" + file_output(tmp_path, "*", "out.jsonl"),
+        "  outputs:\n" + file_output_yaml(tmp_path, "*", "out.jsonl"),
     )
-    pipeline = await run(config)
+    pipeline = await run_pipeline(config)
     assert written_json_lines(tmp_path / "out" / "out.jsonl") == [{"log": "start"}, {"log": "\n".join(trace)}]
     assert any("buffer has no effect in a processor" in note for note in pipeline.notes)
 

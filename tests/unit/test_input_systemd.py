@@ -29,7 +29,7 @@ import pytest
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Record
 from kubetrail.sources.systemd import compose_tag, entry_body, parse_filter
-from tests.unit.helpers import write
+from tests.unit.helpers import file_output, write
 from tests.unit.source_helpers import running, wait_until
 
 JOURNAL_REMOTE = next(
@@ -292,14 +292,7 @@ def test_kill9_then_restart_from_db_loses_nothing(tmp_path: Path) -> None:
     tag node.*
     max_entries 1000
     db {tmp_path / "cursor.db"}
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    file out.jsonl
-    format plain
-    mkdir on
-""",
+{file_output(tmp_path / "out")}""",
     )
     out = tmp_path / "out" / "out.jsonl"
     log = (tmp_path / "kubetrail.log").open("ab")

@@ -26,7 +26,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.servers import ServerUnavailable, kafka, running
-from tests.unit.helpers import write
+from tests.unit.helpers import file_output, tail_input, write
 from tests.unit.run_helpers import run_config
 
 pytestmark = pytest.mark.slow
@@ -98,15 +98,7 @@ def tail_to_kafka(tmp_path: Path, log: Path, output: str, service: str = "", inp
     grace 5
     log_level info
 {service}
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    parser json
-    read_from_head on
-    exit_on_eof on
-    db {tmp_path / "tail.db"}
-{input_extra}
+{tail_input(log, db=tmp_path / "tail.db", extra=input_extra)}
 [OUTPUT]
     name kafka
     match *
@@ -377,14 +369,7 @@ def kafka_to_file(tmp_path: Path, cluster: kafka.KafkaCluster, topic: str, group
     group_id {group}
     poll_ms 100
 {extra}
-[OUTPUT]
-    name file
-    match *
-    path {tmp_path / "out"}
-    file out.jsonl
-    format plain
-    mkdir on
-""",
+{file_output(tmp_path / "out")}""",
     )
 
 

@@ -19,7 +19,7 @@ from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms.multiline import MultilineTransform
 from tests.files import written_json_lines
-from tests.unit.helpers import build, section, write
+from tests.unit.helpers import build, run_pipeline, section, tail_file_config, write
 
 JAVA = [
     'Exception in thread "main" java.lang.IllegalStateException: boom',
@@ -246,34 +246,16 @@ async def test_pipeline_with_a_classic_multiline_parser_section(tmp_path: Path) 
     rule          "cont"        "/^\\s+/"                  "cont"
 """,
     )
-    config = write(
-        tmp_path / "p.conf",
-        f"""[SERVICE]
-    grace        3
-    parsers_file parsers_multiline.conf
-[INPUT]
-    name           tail
-    path           {log}
-    tag            app
-    parser         json
-    read_from_head on
-    exit_on_eof    on
-[FILTER]
-    name                  multiline
-    match                 app
-    multiline.key_content log
-    multiline.parser      java, dated, python
-[OUTPUT]
-    name   file
-    match  *
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-""",
+    multiline = "[FILTER]\n    name multiline\n    match app\n    multiline.key_content log\n"
+    config = tail_file_config(
+        tmp_path,
+        log,
+        input_extra="    parser json",
+        filters=multiline + "    multiline.parser java, dated, python",
+        service_extra="    parsers_file parsers_multiline.conf",
+        grace=3,
     )
-    pipeline = Pipeline(load_config(config))
-    assert await asyncio.wait_for(pipeline.run(), 20) == 0
+    await run_pipeline(config)
     # The last trace was held open when the file ended: flushed before the output drained.
     assert [r["log"] for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == [
         "start",
@@ -329,30 +311,10 @@ async def test_tail_multiline_parser_java_and_a_custom_parser(tmp_path: Path) ->
         '[MULTILINE_PARSER]\n    name dated\n    type regex\n    rule "start_state" "/^[A-Z][a-z]+ \\d+ /" "cont"\n'
         '    rule "cont" "/^\\s+at/" "cont"\n',
     )
-    config = write(
-        tmp_path / "p.conf",
-        f"""[SERVICE]
-    grace        2
-    parsers_file ml.conf
-[INPUT]
-    name             tail
-    path             {log}
-    tag              app
-    multiline.parser java, dated
-    read_from_head   on
-    exit_on_eof      on
-    db               {tmp_path / "tail.db"}
-[OUTPUT]
-    name   file
-    match  *
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-""",
+    config = tail_file_config(
+        tmp_path, log, input_extra="    multiline.parser java, dated", service_extra="    parsers_file ml.conf"
     )
-    pipeline = Pipeline(load_config(config))
-    assert await asyncio.wait_for(pipeline.run(), 20) == 0
+    await run_pipeline(config)
     assert [r["log"] for r in written_json_lines(tmp_path / "out" / "out.jsonl")] == [
         "starting",
         "\n".join(JAVA),
@@ -411,33 +373,12 @@ async def test_a_message_held_across_batches_keeps_the_checkpoint_until_delivere
         tmp_path / "app.log",
         "".join(orjson.dumps({"log": line}).decode() + "\n" for line in ["before", *PYTHON, "after"]),
     )
-    config = write(
-        tmp_path / "p.conf",
-        f"""[SERVICE]
-    grace 3
-[INPUT]
-    name           tail
-    path           {log}
-    tag            app
-    parser         json
-    batch_size     1
-    buffer_chunk_size 1
-    read_from_head on
-    exit_on_eof    on
-    db             {tmp_path / "tail.db"}
-[FILTER]
-    name             multiline
-    match            app
-    multiline.parser python
-    flush_ms         60000
-[OUTPUT]
-    name   file
-    match  *
-    path   {tmp_path / "out"}
-    file   out.jsonl
-    format plain
-    mkdir  on
-""",
+    config = tail_file_config(
+        tmp_path,
+        log,
+        input_extra="    parser json\n    batch_size 1\n    buffer_chunk_size 1",
+        filters="[FILTER]\n    name multiline\n    match app\n    multiline.parser python\n    flush_ms 60000",
+        grace=3,
     )
     pipeline = Pipeline(load_config(config))
     runner = pipeline.runners[0]

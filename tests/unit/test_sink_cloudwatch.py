@@ -31,7 +31,7 @@ from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
 from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import running
 from tests.servers.moto import MotoServer
-from tests.unit.helpers import build, write
+from tests.unit.helpers import build, tail_input, write
 
 REGION = "eu-west-1"
 HOUR_MS = 3600 * 1000
@@ -463,13 +463,7 @@ def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_
     grace 5
     scheduler.base 0.2
     scheduler.cap 0.5
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    parser json
-    read_from_head on
-    db {tmp_path / "tail.db"}
+{tail_input(log, db=tmp_path / "tail.db", exit_on_eof=None)}
 [OUTPUT]
     name cloudwatch_logs
     match *

@@ -31,7 +31,7 @@ from kubetrail.sinks.s3 import S3Sink
 from tests.servers import minio as minio_server
 from tests.servers import running
 from tests.servers.minio import MinioServer
-from tests.unit.helpers import build, write
+from tests.unit.helpers import build, tail_input, write
 
 REGION = "us-east-1"
 T0 = 1_704_164_645_123_456_789  # 2024-01-02T03:04:05.123456789Z
@@ -198,15 +198,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
         return write(tmp_path / f"p-{exit_on_eof}.conf", f"""
 [SERVICE]
     grace 60
-[INPUT]
-    name tail
-    path {log}
-    tag app
-    parser json
-    read_from_head on
-    exit_on_eof {"on" if exit_on_eof else "off"}
-    batch_size 8k
-    db {tmp_path / "tail.db"}
+{tail_input(log, db=tmp_path / "tail.db", exit_on_eof=exit_on_eof, extra="    batch_size 8k")}
 [OUTPUT]
     name s3
     match *
