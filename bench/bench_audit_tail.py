@@ -5,7 +5,10 @@ Same input, same run, two kubetrail child processes: tail alone, and tail plus t
 matters is the cost of the filter as a share of tail-only throughput.
 
     .venv/bin/python bench/bench_audit_tail.py [--lines 1000000] [--repeat 3] [--without-dedupe]
-        [--breakdown] [--python-scan] [--output-dir /dev/shm] [--cold]
+        [--breakdown] [--python-scan] [--with-db] [--output-dir /dev/shm] [--cold]
+
+``--with-db`` adds the filter with a ``db``: every delivered key is then stored (what one filter
+fed by both the webhook and the tail needs to stay exact across a restart).
 
 The file output fsyncs each group of queued batches, and the filter's flat keys nearly double
 the bytes written, so on a disk-bound machine part of the filter's cost is the disk's;
@@ -45,6 +48,7 @@ def main() -> int:
         "--without-dedupe", action="store_true", help="also run the filter with dedupe off (normalisation, redaction)"
     )
     parser.add_argument("--python-scan", action="store_true", help="also run the filter with its pure-Python scan")
+    parser.add_argument("--with-db", action="store_true", help="also run the filter with a db (delivered keys stored)")
     parser.add_argument(
         "--breakdown", action="store_true", help="also run dedupe off + flatten off (the scan and redaction alone)"
     )
@@ -68,6 +72,9 @@ def main() -> int:
         variants.append(("  ... and flatten off", FILTER.format(dedupe="off", native="on", flatten="off")))
     if args.python_scan:
         variants.append(("tail + filter, python scan", FILTER.format(dedupe="on", native="off", flatten="on")))
+    if args.with_db:
+        with_db = FILTER.format(dedupe="on", native="on", flatten="on") + "    db      @WORK@/dedupe.db\n"
+        variants.append(("tail + filter, db", with_db))
     runs: dict[str, list[Measured]] = {name: [] for name, _ in variants}
     sizes: dict[str, int] = {}
     # Rounds alternate the variants, and the median of each is compared: on a shared machine a
@@ -77,7 +84,8 @@ def main() -> int:
             work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-", dir=args.output_dir))
             try:
                 config = work / "bench.conf"
-                config.write_text(audit_tail_config(src, work, parser="k8s_audit", filters=flt))
+                filters = flt.replace("@WORK@", str(work))
+                config.write_text(audit_tail_config(src, work, parser="k8s_audit", filters=filters))
                 if not args.cold:
                     warm_free_memory(work)
                 m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])

@@ -155,7 +155,8 @@ class Kill:
     def __init__(self, work: Path, audit_dir: Path) -> None:
         self.lines = len(written_lines(work / "out" / "audit.out"))
         with sqlite3.connect(work / "dedupe.db") as conn:
-            self.stored = {row[0] for row in conn.execute("SELECT key FROM audit_dedupe")}
+            rows = conn.execute("SELECT keys FROM audit_dedupe_batches").fetchall()
+        self.stored = {key for (keys,) in rows for key in orjson.loads(keys)}
         with sqlite3.connect(work / "tail.db") as conn:
             checkpoints = dict(conn.execute("SELECT inode, offset FROM in_tail_files").fetchall())
         self.tail_acknowledged: set[str] = set()

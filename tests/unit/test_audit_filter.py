@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -262,7 +263,20 @@ def delivered(token: AckToken) -> None:
 
 def db_keys(path: Path) -> list[str]:
     with sqlite3.connect(path) as conn:
-        return [row[0] for row in conn.execute("SELECT key FROM audit_dedupe ORDER BY key")]
+        rows = conn.execute("SELECT keys FROM audit_dedupe_batches").fetchall()
+    return sorted(key for (keys,) in rows for key in orjson.loads(keys))
+
+
+def test_keys_a_db_of_an_earlier_version_holds_are_still_loaded(tmp_path: Path) -> None:
+    """Earlier versions stored a row per key in audit_dedupe: a restart onto this one keeps them."""
+    db = tmp_path / "dedupe.db"
+    build(KubernetesAuditTransform, db=str(db))  # creates the tables
+    with sqlite3.connect(db) as conn:
+        conn.execute("INSERT INTO audit_dedupe VALUES ('a2', ?)", (time.time(),))
+        conn.execute("INSERT INTO audit_dedupe VALUES ('old2', ?)", (time.time() - 3600,))  # past the window
+    flt = build(KubernetesAuditTransform, db=str(db))
+    batch, _, _ = hooked([event("a"), event("old"), event("b")])
+    assert ids(flt.process_batch(batch)) == ["old", "b"]
 
 
 def test_dedupe_records_keys_in_db_only_when_delivered(tmp_path: Path) -> None:
@@ -414,7 +428,6 @@ def test_without_db_keys_are_still_in_flight_until_delivered() -> None:
 def test_dedupe_window_expires(tmp_path: Path) -> None:
     flt = build(KubernetesAuditTransform, dedupe_window="0.05")
     run(flt, [event("a")])
-    import time
 
     time.sleep(0.1)
     assert len(run(flt, [event("a")])) == 1
