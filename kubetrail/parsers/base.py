@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from array import array
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, TypeVar
 
 from kubetrail.core.block import LineBlock
 from kubetrail.core.record import Record
@@ -105,3 +107,51 @@ def unparsed_record(tag: str, line: bytes, now_ns: int, key: str = "log") -> Rec
 
 def wall_ns() -> int:
     return time.time_ns()
+
+
+P = TypeVar("P", bound=Parser)
+
+
+class ScannedLineBlock(LineBlock, Generic[P]):
+    """A block a native scanner turns into final JSON lines with each line's time: what the
+    ``json`` parser (any ``time_format``) and the ``regex`` parser share once their scanner has
+    run, so the rule lives once. The times the scan could not take itself come back as
+    ``(line index, value)`` and are parsed here with the parser's ``time_format``; one that does
+    not parse keeps the time of reading and is reported as ``bad_time`` (the record stays, as in
+    Fluent Bit). Under ``time_keep off`` such a line's time key must go, which only the
+    line-by-line path does: the block then gives up (None)."""
+
+    __slots__ = ("_now", "_parser", "tag")
+
+    def __init__(self, parser: P, block: bytes, count: int, tag: str) -> None:
+        super().__init__(block, count)
+        self._parser = parser
+        self.tag = tag
+        self._now = wall_ns()  # the time of a line without one: when it was read
+
+    def take_times(
+        self, data: bytes, raw_times: bytes, slow: Iterable[tuple[int, Any]], value_of: Callable[[Any], Any]
+    ) -> bytes | None:
+        """``data`` with :attr:`times` set from the scan's ``raw_times`` (int64 ns) and ``slow``
+        parsed through ``value_of`` (the raw value -> what ``time_format`` reads), or None."""
+        times = array("q")
+        times.frombytes(raw_times)
+        bad = 0
+        parse = self._parser.time_parser.parse_ns
+        for index, raw in slow:
+            try:
+                times[index] = parse(value_of(raw))
+            except (ValueError, TypeError, AttributeError, OverflowError):
+                bad += 1  # kept whole, with the time it was read at
+                continue
+            if not self._parser.time_keep:
+                return None  # the reference took a time the scan did not: its key must go
+        if bad and self.report is not None:
+            self.report("bad_time", bad)
+        self.times = times
+        return data
+
+    def build(self, data: bytes) -> list[Record]:
+        tag = self.tag
+        assert self.times is not None
+        return [Record(tag, t, None, line) for t, line in zip(self.times, data.split(b"\n"))]  # noqa: B905

@@ -24,7 +24,6 @@ The tail hands whole blocks to :meth:`JsonParser.line_block` (see :mod:`kubetrai
 
 from __future__ import annotations
 
-from array import array
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +32,7 @@ import orjson
 
 from kubetrail.core.block import LineBlock
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, ScannedLineBlock, unparsed_record, wall_ns
 
 try:  # optional (built from native/): counts a block's lines ~5x faster than bytes.count
     from kubetrail_native import count_newlines
@@ -230,17 +229,14 @@ class _JsonBlock(LineBlock):
         return [Record(tag, t, None, line) for t, line in zip(self.line_times(), data.split(b"\n"))]  # noqa: B905
 
 
-class _ScannedBlock(LineBlock):
+class _ScannedBlock(ScannedLineBlock["JsonParser"]):
     """A block whose times the native scan takes (any ``time_format``), with ``time_key`` cut
     out of the bytes under ``time_keep off`` (see the module docstring)."""
 
-    __slots__ = ("_now", "_parser", "tag")
+    __slots__ = ()
 
     def __init__(self, parser: JsonParser, block: bytes, tag: str) -> None:
-        super().__init__(block, count_newlines(block))
-        self._parser = parser
-        self.tag = tag
-        self._now = wall_ns()
+        super().__init__(parser, block, count_newlines(block), tag)
         self.rewrites = not parser.time_keep
 
     def validate(self) -> bytes | None:
@@ -252,26 +248,4 @@ class _ScannedBlock(LineBlock):
         scanned = self._parser._scanner.scan(self.source, self._now)
         if scanned is None:
             return None  # a repeated or escaped time_key: the reference decoder decides
-        data: bytes = scanned[0]
-        raw_times, slow = scanned[1], scanned[2]
-        times = array("q")
-        times.frombytes(raw_times)
-        bad = 0
-        parse = self._parser.time_parser.parse_ns
-        for index, raw in slow:
-            try:
-                times[index] = parse(orjson.loads(raw))
-            except (ValueError, TypeError, AttributeError, OverflowError):
-                bad += 1  # kept whole, with the time it was read at (as Fluent Bit does)
-                continue
-            if not self._parser.time_keep:
-                return None  # the reference took a time the scan did not: its key must go
-        if bad and self.report is not None:
-            self.report("bad_time", bad)
-        self.times = times
-        return data
-
-    def build(self, data: bytes) -> list[Record]:
-        tag = self.tag
-        assert self.times is not None
-        return [Record(tag, t, None, line) for t, line in zip(self.times, data.split(b"\n"))]  # noqa: B905
+        return self.take_times(scanned[0], scanned[1], scanned[2], orjson.loads)  # slow: the raw JSON value

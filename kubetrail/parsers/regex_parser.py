@@ -12,13 +12,12 @@ A line that does not match sends the block to the line-by-line path below, which
 from __future__ import annotations
 
 import re
-from array import array
 from typing import Any
 
 from kubetrail.core.block import LineBlock
 from kubetrail.core.options import ruby_to_python_regex
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parsed, Parser, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, ScannedLineBlock, unparsed_record, wall_ns
 
 try:  # optional (built from native/): a block matched and written as JSON lines in one call
     from kubetrail_native import RegexLinesScanner, count_newlines
@@ -87,41 +86,21 @@ class RegexParser(Parser):
         return records, failed
 
 
-class _RegexBlock(LineBlock):
+def _as_is(text: Any) -> Any:
+    return text
+
+
+class _RegexBlock(ScannedLineBlock["RegexParser"]):
     """A block matched natively into JSON lines (see the module docstring)."""
 
-    __slots__ = ("_now", "_parser", "tag")
+    __slots__ = ()
 
     def __init__(self, parser: RegexParser, block: bytes, tag: str) -> None:
-        super().__init__(block, count_newlines(block))
-        self._parser = parser
-        self.tag = tag
-        self._now = wall_ns()
+        super().__init__(parser, block, count_newlines(block), tag)
         self.rewrites = True  # the lines become JSON: nobody may take the text as records
 
     def validate(self) -> bytes | None:
         scanned = self._parser._scanner.scan(self.source, self._now)
         if scanned is None:
             return None  # a line that does not match: the line-by-line path keeps it as log
-        data: bytes = scanned[0]
-        times = array("q")
-        times.frombytes(scanned[1])
-        bad = 0
-        parse = self._parser.time_parser.parse_ns
-        for index, text in scanned[2]:
-            try:
-                times[index] = parse(text)
-            except (ValueError, TypeError, AttributeError, OverflowError):
-                bad += 1  # kept, with the time it was read at
-                continue
-            if not self._parser.time_keep:
-                return None  # the reference took a time the scan did not: its key must go
-        if bad and self.report is not None:
-            self.report("bad_time", bad)
-        self.times = times
-        return data
-
-    def build(self, data: bytes) -> list[Record]:
-        tag = self.tag
-        assert self.times is not None
-        return [Record(tag, t, None, line) for t, line in zip(self.times, data.split(b"\n"))]  # noqa: B905
+        return self.take_times(scanned[0], scanned[1], scanned[2], _as_is)  # slow: the group's text
