@@ -31,6 +31,20 @@ Rotation:
 * **inotify** (``inotify_watcher``) only shortens the wait; the loop never depends on an event
   (see :mod:`.tail_watch`).
 
+Several tails in one ``db`` (Fluent Bit users share one by accident; Fluent Bit then mixes
+them, fluent/fluent-bit#8928): every row of ``in_tail_files`` carries the ``scope`` of the input
+that wrote it, its ``alias`` (``''`` without one), and a tail reads, resumes and deletes only
+rows of its own scope; the file identity is unique per scope, so two tails may even follow the
+same file, each with its own offset. That costs one indexed column. Only the alias can be the
+scope: ``tail.0`` changes when an input is added above it, and a scope by ``path`` would change
+with every edit of the globs, and either way the rows would then be taken for another input's
+(its files read from the wrong offset, under the wrong tag). So sharing needs an alias on each
+tail, checked at load time with the rest of the rule (:func:`kubetrail.core.state.check_state_files`).
+Rows written before scopes existed (scope ``''``) are taken over by the first aliased tail that
+follows their file (its path matches, or it is a rotated backup of a file it follows), so a db
+keeps its offsets when a tail gets an alias or a second tail joins it. Renaming an alias
+starts that tail afresh, as a new ``db`` would (the old rows stay, unused).
+
 Container runtime formats (``multiline.parser cri, docker``) are joined per stream by
 :mod:`kubetrail.parsers.multiline`, whose docstring explains how checkpoints stay exact while a
 message is half read.
@@ -95,9 +109,9 @@ CREATE TABLE IF NOT EXISTS in_tail_files (
     fingerprint BLOB NOT NULL,
     created INTEGER NOT NULL,
     rotated INTEGER NOT NULL DEFAULT 0,
-    uid TEXT
+    uid TEXT,
+    scope TEXT NOT NULL DEFAULT ''
 );
-CREATE UNIQUE INDEX IF NOT EXISTS in_tail_files_identity ON in_tail_files (dev, inode);
 -- With multiline.parser: lines up to `emitted` were delivered, except the pieces of the messages
 -- still pending (stream -> start offset, JSON); in_tail_files.offset is the smallest start.
 CREATE TABLE IF NOT EXISTS in_tail_multiline (
@@ -292,6 +306,8 @@ class TailSource(Source):
             self.parser = parser
         self.db_config = config
         self.db: StateDB | None = None
+        # Whose rows in a shared db are this input's (see the module docstring).
+        self.scope: str = (config.get("alias") or "").strip()
         self.files: dict[tuple[int, int], TailedFile] = {}
         self._stop = asyncio.Event()
         self._warned_paths: set[str] = set()
@@ -378,6 +394,13 @@ class TailSource(Source):
                 if "uid" not in columns:  # a db written before records carried identities
                     self.db.execute("ALTER TABLE in_tail_files ADD COLUMN uid TEXT")
                 self.db.execute("UPDATE in_tail_files SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
+                if "scope" not in columns:  # a db written before tails sharing one were kept apart
+                    self.db.execute("ALTER TABLE in_tail_files ADD COLUMN scope TEXT NOT NULL DEFAULT ''")
+                self.db.execute("DROP INDEX IF EXISTS in_tail_files_identity")  # (dev, inode) without scope
+                self.db.execute(
+                    "CREATE UNIQUE INDEX IF NOT EXISTS in_tail_files_scoped ON in_tail_files (scope, dev, inode)"
+                )
+                self._adopt_unscoped()
         if self.use_inotify and self.watcher is None and not self.exit_on_eof:
             watcher = FileWatcher(self.log)
             if watcher.start():
@@ -549,12 +572,35 @@ class TailSource(Source):
         if self.db is None:
             return False
         return (
-            self.db.execute("SELECT 1 FROM in_tail_files WHERE dev=? AND inode=?", (st.st_dev, st.st_ino)).fetchone()
+            self.db.execute(
+                "SELECT 1 FROM in_tail_files WHERE scope=? AND dev=? AND inode=?", (self.scope, st.st_dev, st.st_ino)
+            ).fetchone()
             is not None
         )
 
     def _matched(self, path: str) -> bool:
         return any(fnmatch.fnmatch(path, pattern) for pattern in self.patterns)
+
+    def _adopt_unscoped(self) -> None:
+        """Take over the rows written before scopes (scope ``''``) of the files this input
+        follows: those its path matches and their rotated backups (see the module docstring)."""
+        assert self.db is not None
+        if not self.scope:
+            return
+        rows = self.db.execute("SELECT id, name FROM in_tail_files WHERE scope=''").fetchall()
+        if not rows:
+            return
+        backups: set[str] | None = None  # looked for only if a row's name is not matched
+        for row_id, name in rows:
+            if not self._matched(name):
+                if backups is None:
+                    backups = {
+                        b for p in self.patterns for f in glob.glob(p) for b in _backups_of(f) + _target_backups(f)
+                    }
+                if name not in backups:
+                    continue
+            # OR IGNORE: a row of this scope for the same file exists already; that one stays.
+            self.db.execute("UPDATE OR IGNORE in_tail_files SET scope=? WHERE id=?", (self.scope, row_id))
 
     def _resume_rotated(self) -> None:
         """Finish files that were rotated away while kubetrail was stopped.
@@ -568,7 +614,8 @@ class TailSource(Source):
         if self.db is None:
             return
         rows = self.db.execute(
-            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files"
+            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files WHERE scope=?",
+            (self.scope,),
         ).fetchall()
         for row_id, name, offset, inode, dev, fp_len, fingerprint, uid in rows:
             here = _same_file(name, dev, inode, fp_len, fingerprint, allow_gz=False)
@@ -707,8 +754,8 @@ class TailSource(Source):
         uid = _new_uid()
         if self.db is not None:
             row = self.db.execute(
-                "SELECT id, offset, fp_len, fingerprint, uid FROM in_tail_files WHERE dev=? AND inode=?",
-                (st.st_dev, st.st_ino),
+                "SELECT id, offset, fp_len, fingerprint, uid FROM in_tail_files WHERE scope=? AND dev=? AND inode=?",
+                (self.scope, st.st_dev, st.st_ino),
             ).fetchone()
             if row is not None:
                 stored_len, stored_fp = row[2], row[3]
@@ -730,9 +777,9 @@ class TailSource(Source):
         if self.db is None:
             return None
         cursor = self.db.execute(
-            "INSERT OR REPLACE INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created, uid)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time()), uid),
+            "INSERT OR REPLACE INTO in_tail_files (name, offset, inode, dev, fp_len, fingerprint, created, uid, scope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, offset, st.st_ino, st.st_dev, fp_len, fingerprint, int(time.time()), uid, self.scope),
         )
         row_id = cursor.lastrowid
         # SQLite may hand out the id of a deleted row again (no AUTOINCREMENT): a new file must not
