@@ -65,7 +65,7 @@ class ScriptedServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0, ssl_context=ssl_context)
         await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._runner.addresses[0][1]
         self.scheme = "https" if ssl_context is not None else "http"
         return self
 

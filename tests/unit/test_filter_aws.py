@@ -120,7 +120,7 @@ async def known(aws: AwsTransform, timeout: float = 10.0) -> dict[str, str]:
 
 
 def sample(aws: AwsTransform, name: str, **labels: str) -> float:
-    registry = aws.metrics._parent.registry  # the registry build() made
+    registry = aws.metrics.registry  # the registry build() made
     value = registry.get_sample_value(name, {"component": "aws.0", "kind": "test", "plugin": "aws", **labels})
     return value or 0.0
 

@@ -170,7 +170,7 @@ end"""
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 3  # failing, working again, failing
     assert "bad record" in messages[0] and "works again after 3 failed records" in messages[1]
-    errors = generate_latest(transform.metrics._parent.registry).decode()
+    errors = generate_latest(transform.metrics.registry).decode()
     assert 'kubetrail_errors_total{component="lua.0",kind="test",plugin="lua",type="lua_error"} 4.0' in errors
 
 

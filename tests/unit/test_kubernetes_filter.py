@@ -190,7 +190,7 @@ def test_use_kubelet_is_refused() -> None:
 def _metrics(f: KubernetesTransform) -> str:
     from prometheus_client import generate_latest
 
-    return generate_latest(f.metrics._parent.registry).decode()
+    return generate_latest(f.metrics.registry).decode()
 
 
 # -- parsers -------------------------------------------------------------------------------
