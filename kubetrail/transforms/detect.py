@@ -65,9 +65,9 @@ from kubetrail.detect.fields import Lines, class_of, decode_lines_block
 from kubetrail.transforms.kubernetes_audit import detect_classes
 
 try:  # optional: the native alert writer (see native/src/alerts.rs)
-    from kubetrail_native import AlertWriter
+    from kubetrail_native import AlertWriter, class_counts, lines_of
 except ImportError:  # pragma: no cover - depends on the installation
-    AlertWriter = None
+    AlertWriter = class_counts = lines_of = None
 
 NO_CLASS = 0xFFFFFFFF  # a line the native scan gave no detection class: decided by itself
 
@@ -235,7 +235,8 @@ class DetectTransform(Transform):
             known = self._classes[id(scanner)] = (scanner, {})
         decisions = known[1]
         lines = Lines(block)
-        counts = Counter(ids)
+        # Per class, not per line, from here on (a Python loop over the lines is most of the cost).
+        counts = dict(class_counts(id_bytes)) if class_counts is not None else Counter(ids)
         new = [class_id for class_id in counts if class_id not in decisions and class_id != NO_CLASS]
         if new:
             self._decide(scanner, new, ids, lines, decisions)
@@ -247,7 +248,10 @@ class DetectTransform(Transform):
         )
         if not hot:
             return []
-        todo = [index for index, class_id in enumerate(ids) if class_id in hot]
+        if lines_of is not None:
+            todo = lines_of(id_bytes, list(hot))
+        else:
+            todo = [index for index, class_id in enumerate(ids) if class_id in hot]
         # Only the events a predicate must still see are decoded here (and those whose alert
         # the native writer leaves to Python, later).
         per_event = {

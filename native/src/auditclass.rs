@@ -159,3 +159,44 @@ impl ClassTable {
             .len()
     }
 }
+
+/// Each distinct class id in ``ids`` (native-endian u32s, as ``AuditScan.class_ids`` gives
+/// them) with how many lines have it, in order of first appearance: the ``detect`` filter
+/// decides per class, not per line.
+#[pyo3::pyfunction]
+pub(crate) fn class_counts(ids: &[u8]) -> pyo3::PyResult<Vec<(u32, usize)>> {
+    let mut order: Vec<(u32, usize)> = Vec::new();
+    let mut at: HashMap<u32, usize> = HashMap::new();
+    for id in decode_ids(ids)? {
+        match at.get(&id) {
+            Some(&i) => order[i].1 += 1,
+            None => {
+                at.insert(id, order.len());
+                order.push((id, 1));
+            }
+        }
+    }
+    Ok(order)
+}
+
+/// The numbers of the lines whose class id is in ``wanted``, in order.
+#[pyo3::pyfunction]
+pub(crate) fn lines_of(ids: &[u8], wanted: Vec<u32>) -> pyo3::PyResult<Vec<usize>> {
+    let wanted: std::collections::HashSet<u32> = wanted.into_iter().collect();
+    Ok(decode_ids(ids)?
+        .enumerate()
+        .filter(|(_, id)| wanted.contains(id))
+        .map(|(line, _)| line)
+        .collect())
+}
+
+fn decode_ids(ids: &[u8]) -> pyo3::PyResult<impl Iterator<Item = u32> + '_> {
+    if ids.len() % 4 != 0 {
+        return Err(pyo3::exceptions::PyValueError::new_err(
+            "class ids are 4 bytes each",
+        ));
+    }
+    Ok(ids
+        .chunks_exact(4)
+        .map(|b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]])))
+}

@@ -408,3 +408,16 @@ def test_lines_are_cut_out_as_asked() -> None:
         assert [lines.line(i) for i in (3, 0, 2, 1)] == [b"ccc", b"a", b"", b"bb"]
     with pytest.raises(IndexError):
         Lines(b"a\n").line(3)
+
+
+def test_native_class_counts_and_lines_of() -> None:
+    from array import array
+
+    from kubetrail_native import class_counts, lines_of
+
+    ids = array("I", [5, 7, 5, detect_module.NO_CLASS, 300, 7, 5])
+    assert class_counts(ids.tobytes()) == [(5, 3), (7, 2), (detect_module.NO_CLASS, 1), (300, 1)]
+    assert lines_of(ids.tobytes(), [7, detect_module.NO_CLASS]) == [1, 3, 5]
+    assert lines_of(ids.tobytes(), []) == [] and class_counts(b"") == []
+    with pytest.raises(ValueError):
+        class_counts(b"12345")
