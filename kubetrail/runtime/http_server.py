@@ -37,9 +37,8 @@ class MonitoringServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.listen, self.port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        addresses = self._runner.addresses  # (host, port, ...) per listening socket: the port when it was 0
+        self.bound_port = addresses[0][1] if addresses else self.port
 
     async def stop(self) -> None:
         if self._runner is not None:
