@@ -299,15 +299,10 @@ async def test_against_motos_imds() -> None:
     as a second, independent IMDS."""
     from moto.instance_metadata.responses import INSTANCE_METADATA
 
-    from tests.servers import ServerUnavailable
+    from tests.servers import running
     from tests.servers.moto import MotoServer
 
-    try:
-        server = MotoServer()
-        server.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no moto server: {exc}")
-    try:
+    with running(MotoServer, "no moto server", build_hint=False) as server:
         for version in ("v2", "v1"):
             options = {k: "on" for k in ("ec2_instance_type", "private_ip", "ami_id", "hostname")}
             aws = make(server.url, imds_version=version, **options)
@@ -323,5 +318,3 @@ async def test_against_motos_imds() -> None:
                 "ami_id": INSTANCE_METADATA["ami-id"],
                 "hostname": INSTANCE_METADATA["hostname"],
             }, version
-    finally:
-        server.stop()

@@ -26,6 +26,7 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.servers import ServerUnavailable, kafka, running
+from tests.servers.search import SearchServer
 from tests.unit.helpers import file_output, tail_input, write
 from tests.unit.run_helpers import run_config
 
@@ -537,19 +538,20 @@ def test_brokers_stopped_and_restarted_while_the_output_runs(cluster: kafka.Kafk
     assert "not acknowledged by the brokers" in output
 
 
-def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
+@pytest.fixture
+def search() -> Iterator[SearchServer]:
+    with running(lambda: SearchServer("opensearch"), "no real OpenSearch") as server:
+        yield server
+
+
+def test_aggregator_group_of_three_with_a_member_killed_every_20s(
+    cluster: kafka.KafkaCluster, search: SearchServer, tmp_path: Path
+) -> None:
     """Three ``kafka`` input members (one group) -> opensearch; one member is killed with SIGKILL
     every 20 s and restarted while records keep arriving: every record is stored exactly once
     (its identity header is the document ``_id``; the re-reads after each kill answer 409)."""
     import urllib.request
 
-    from tests.servers.search import SearchServer
-
-    try:
-        search = SearchServer("opensearch")
-        search.start()
-    except ServerUnavailable as exc:
-        pytest.skip(f"no real OpenSearch: {exc} (python -m tests.servers build)")
     topic = new_topic(cluster, partitions=6)
     group = f"agg-{uuid.uuid4().hex[:6]}"
     total = 40_000
@@ -638,7 +640,6 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(cluster: kafka
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        search.stop()
     assert kills >= 3
     # Exactly once: one document per identity, none missing (ids are unique, so count == total
     # means none lost and none stored twice).
