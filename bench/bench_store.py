@@ -2,12 +2,19 @@
 
     python bench/bench_store.py ingest [--records N]     # records/s into the store vs the file output
     python bench/bench_store.py query [--records N]      # history/who latency on a store of N records
+    python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
 
 **ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like the
 tail gives them, each record with its audit identity, written by the sink as the runtime calls
 it (one worker); the same batches through the ``file`` output (plain JSON lines, fsync per
 batch) in the same run, for the ratio the issue asks for (at most 2x the file output's cost).
 Also the size on disk per million records.
+
+**pipeline**: the whole agent as a child process, ``tail`` (the built-in ``k8s_audit`` parser,
+``read_from_head``, ``exit_on_eof``) -> ``kubernetes_audit`` -> the ``sqlite`` output, against
+the same pipeline into the ``file`` output with its default format (``out_file``), alternating
+rounds in the same run; wall time and CPU seconds (user+sys) of each child. The sink's own cost
+is the difference between the two (the tail and the filter are the same work in both).
 
 **query**: a store of N synthetic records (default 10M: 60% audit, 30% Events, 10% log lines,
 over 500,000 objects in 50 namespaces and 500 users, ~300-byte bodies) is built once into the
@@ -33,11 +40,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import msgspec
 import orjson
 from _sinks import BATCH, build
 
 from _common import CACHE, audit_lines_file
 from kubetrail.core.record import Batch, Record
+from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.sinks.file import FileSink
 from kubetrail.sinks.sqlite import APPLICATION_ID, INSERT, SCHEMA, SCHEMA_VERSION, SqliteSink
 
@@ -45,18 +54,40 @@ NAMESPACES = 50
 OBJECTS_PER_NS = 2_000  # per resource
 RESOURCES = ("deployments", "pods", "configmaps", "services", "replicasets")
 USERS = 500
+_TIMES = TimeParser()
 
 
-def audit_batches(lines: list[bytes]) -> list[Batch]:
-    """Batches of materialised records with their audit identity (as after the audit filter)."""
+class _Keys(msgspec.Struct):
+    auditID: str
+    stage: str
+    stageTimestamp: str
+
+
+_KEYS = msgspec.json.Decoder(_Keys)
+
+
+def audit_batches(lines: list[bytes], lazy: bool = True) -> list[Batch]:
+    """Batches as ``tail -> kubernetes_audit`` hands them on: a block of the lines, records
+    (each with its audit identity) built only if a sink asks (``lazy``); or those records
+    already built, as a batch that some other filter or output touched has them."""
     out = []
     for start in range(0, len(lines), BATCH):
         chunk = lines[start : start + BATCH]
-        records = []
-        for n, line in enumerate(chunk):
-            raw = line.rstrip(b"\n")
-            records.append(Record("audit", time.time_ns(), raw=raw, identity=(f"id-{start + n}", "ResponseComplete")))
-        out.append(Batch("audit", records, raw_block=b"".join(chunk), size_bytes=len(b"".join(chunk))))
+
+        def materialize(chunk: list[bytes] = chunk) -> list[Record]:
+            records = []
+            for line in chunk:
+                raw = line.rstrip(b"\n")
+                event = _KEYS.decode(raw)  # what the tail's parser and the audit filter took
+                stamp = _TIMES.parse_ns(event.stageTimestamp)
+                records.append(Record("audit", stamp, raw=raw, identity=(event.auditID, event.stage)))
+            return records
+
+        block = b"".join(chunk)
+        if lazy:
+            out.append(Batch("audit", None, raw_block=block, materialize=materialize, count=len(chunk)))
+        else:
+            out.append(Batch("audit", materialize(), raw_block=block, size_bytes=len(block)))
     return out
 
 
@@ -93,11 +124,13 @@ def ingest(records: int, group: int) -> None:
                 lambda: build(FileSink, path=str(work), file="out2.jsonl", format="out_file"),
             ),
             ("sqlite (sync full)", lambda: build(SqliteSink, path=str(work / "full.db"), sync="full")),
+            ("sqlite (sync full, from records)", lambda: build(SqliteSink, path=str(work / "rec.db"), sync="full")),
             ("sqlite (sync normal)", lambda: build(SqliteSink, path=str(work / "normal.db"), sync="normal")),
             ("sqlite (sync full, workers 2)", lambda: build(SqliteSink, path=str(work / "w2.db"), sync="full")),
         ):
             workers = 2 if "workers 2" in name else 1
-            results[name] = asyncio.run(timed(factory(), audit_batches(lines), group, workers))
+            batches = audit_batches(lines, lazy="from records" not in name)
+            results[name] = asyncio.run(timed(factory(), batches, group, workers))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
         base = results["file (plain, fsync per batch)"]
         print(
@@ -112,6 +145,75 @@ def ingest(records: int, group: int) -> None:
             f"  store size: {size / records * 1e6 / 2**20:,.0f} MiB per million records"
             f" ({size / records:.0f} bytes each)"
         )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+_PIPELINE = """
+[SERVICE]
+    log_level warn
+    grace     60
+[INPUT]
+    name           tail
+    path           {src}
+    tag            audit
+    read_from_head on
+    exit_on_eof    on
+    parser         k8s_audit
+    db             {db}
+[FILTER]
+    name  kubernetes_audit
+    match audit
+[OUTPUT]
+    name  {output}
+    match *
+{options}
+"""
+
+
+def pipeline(records: int, rounds: int) -> None:
+    from _common import cpu_count_hint, measure, warm_free_memory
+
+    src = audit_lines_file(max(records, 100_000))
+    lines = src.read_bytes().splitlines(keepends=True)[:records]
+    work = Path(tempfile.mkdtemp(prefix="bench-store-pipe-", dir=CACHE))
+    try:
+        source = work / "audit.log"
+        source.write_bytes(b"".join(lines))
+        outputs = {
+            "tail -> kubernetes_audit -> file (out_file)": ("file", "    path {out}\n    file out.log"),
+            "tail -> kubernetes_audit -> sqlite": ("sqlite", "    path {out}/store.db"),
+        }
+        results: dict[str, list[tuple[float, float]]] = {name: [] for name in outputs}
+        for _ in range(rounds):
+            for name, (output, options) in outputs.items():  # alternating: the same noise for both
+                out = work / "out"
+                shutil.rmtree(out, ignore_errors=True)
+                out.mkdir()
+                config = work / "pipeline.conf"
+                config.write_text(
+                    _PIPELINE.format(src=source, db=out / "tail.db", output=output, options=options.format(out=out))
+                )
+                warm_free_memory(work, 512)
+                m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
+                if m.returncode != 0:
+                    raise SystemExit(f"{name}: kubetrail exited {m.returncode}")
+                if output == "sqlite":
+                    with sqlite3.connect(out / "store.db") as conn:
+                        stored = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+                    if stored != records:
+                        raise SystemExit(f"{name}: {stored:,} records in the store, expected {records:,}")
+                results[name].append((m.wall, m.cpu))
+        print(f"pipeline of {records:,} audit records, {rounds} alternating rounds ({cpu_count_hint()})")
+        base_wall = statistics.median(w for w, _ in results["tail -> kubernetes_audit -> file (out_file)"])
+        base_cpu = statistics.median(c for _, c in results["tail -> kubernetes_audit -> file (out_file)"])
+        for name, samples in results.items():
+            wall = statistics.median(w for w, _ in samples)
+            cpu = statistics.median(c for _, c in samples)
+            print(
+                f"  {name:<44} {records / wall:>9,.0f} records/s wall ({wall / base_wall:4.2f}x)"
+                f"   CPU {cpu:6.2f} s ({cpu / base_cpu:4.2f}x, {cpu / records * 1e6:5.1f} us/record)"
+            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -256,12 +358,15 @@ def query(count: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ingest", "query"))
+    parser.add_argument("what", choices=("ingest", "query", "pipeline"))
     parser.add_argument("--records", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
     args = parser.parse_args()
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group)
+    elif args.what == "pipeline":
+        pipeline(args.records or 500_000, args.rounds)
     else:
         query(args.records or 10_000_000)
 

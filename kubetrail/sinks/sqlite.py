@@ -46,8 +46,27 @@ Design decisions:
   whose row is found by its identity). Their identity is always ``(auditID, stage, rule)``, the
   filter's own, also for an alert read back from a file without it: a replay adds nothing.
   Schema 2 added the table; a schema-1 store gets it (empty) when a writer opens it.
-* **Speed.** The columns are picked out of a record's JSON with one msgspec decode into a small
-  struct (unknown members are skipped in C) instead of building the whole dict.
+* **Speed** (bench/bench_store.py; figures in docs/benchmarks.md). Where the time went, per
+  audit event (~890 bytes), in CPU on this machine: building the row in Python (msgspec decode
+  of the columns, the identity hash, the tuple) ~3 us, plus ~1 us to build the ``Record`` the
+  tail had not built; binding the 13 values through Python's ``sqlite3`` ``executemany`` ~3.5
+  us; SQLite itself (the row and its five B-trees) ~5.5 us (an ``INSERT ... SELECT`` of the same
+  rows inside SQLite). So the hot path is native (``native/src/storerows.rs``): a batch still in
+  its block form (``tail -> kubernetes_audit`` hands them on so, no record built) whose every
+  line is an audit event goes as bytes to ``StoreInserter``, which decodes the columns and
+  inserts the rows on a connection of its own, GIL released from the first line to the
+  ``COMMIT`` (the event loop reads and filters on meanwhile). Same rows as :func:`row_of` (tests
+  compare them): the time is the event's ``stageTimestamp``, which is what the ``k8s_audit``
+  parser and the webhook give the record, and an audit event's identity is always its own
+  ``(auditID, stage)``, whichever identity the record carries, so both paths agree on what a
+  replay is. Anything else (a batch with records, a block with an Event, a log line, an alert,
+  or a line the native decoder would read differently from msgspec) goes the Python way:
+  :func:`row_of`, which stays the one place that decides a record's columns.
+  The native writer is used only when it shares this process's SQLite library (see
+  :func:`_one_sqlite_in_process`). Measured and not kept: ``sync normal`` (within the noise),
+  a unique ``(time_ns, ident)`` index instead of ``ident`` + ``time_ns`` (-1 us of SQLite's
+  5.5, but a replay whose source gave another time would then be stored twice), 16 KiB or 4 KiB
+  pages (more CPU per row than 64 KiB: 7 and 10 us), ``workers 2`` (within the noise).
 """
 
 from __future__ import annotations
@@ -70,6 +89,13 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
+
+try:  # optional (built from native/): a block's audit rows without the GIL (see "Speed" above)
+    from kubetrail_native import StoreInserter as _StoreInserter
+    from kubetrail_native import audit_store_rows as _native_audit_rows
+except ImportError:  # pragma: no cover - depends on the installation
+    _native_audit_rows = None
+    _StoreInserter = None
 
 # 'ktr1': marks a kubetrail store, so a reader never mistakes another SQLite file for one.
 APPLICATION_ID = 0x6B747231
@@ -262,20 +288,35 @@ def _probe(record: Record, data: bytes) -> _Probe | None:
         return None
 
 
-def row_of(record: Record) -> Row:
-    """The row for ``record``: identity, time, kind and the indexed columns, and its bytes."""
-    data = record.json_bytes()
+def _ident(record: Record, data: bytes) -> bytes:
     key = identity_key(record)
-    ident = (
-        bytes.fromhex(key)
-        if key is not None
-        else hashlib.blake2b(
-            record.tag.encode() + b"\0" + str(record.time_ns).encode() + b"\0" + data, digest_size=16
-        ).digest()
-    )
+    if key is not None:
+        return bytes.fromhex(key)
+    return hashlib.blake2b(
+        record.tag.encode() + b"\0" + str(record.time_ns).encode() + b"\0" + data, digest_size=16
+    ).digest()
+
+
+def audit_ident(audit_id: str, stage: str) -> bytes:
+    """An audit event's identity: :func:`identity_key` of ``(auditID, stage)`` as 16 bytes,
+    taken from the event itself whatever identity its record carries (the ``kubernetes_audit``
+    filter gives that one; ``tail`` alone gives ``(file, offset)``), so the native block path and
+    this one always agree and the same event from two sources is stored once."""
+    return hashlib.blake2b(f"{audit_id}\x1f{stage}".encode(), digest_size=16).digest()
+
+
+def row_of(record: Record) -> Row:
+    """The row for ``record``: identity, time, kind and the indexed columns, and its bytes.
+
+    The one place that decides a record's columns, by kind (audit, event, log, other): a new
+    kind of record (alerts, say) gets its branch here, and ``audit_store_rows`` in
+    ``native/src/storerows.rs`` must keep giving what the audit branch gives.
+    """
+    data = record.json_bytes()
     p = _probe(record, data)
     if p is not None:
         if p.auditID is not None and p.stage is not None:
+            ident = audit_ident(p.auditID, p.stage)
             ref = p.objectRef or _Ref()
             resource = ref.resource  # a subresource (scale, status, exec) stays in the body
             uid = ref.uid
@@ -309,7 +350,7 @@ def row_of(record: Record) -> Row:
             reason = p.reason if isinstance(p.reason, str) else None
             resource = resource_of_kind(involved.kind) if involved.kind else None
             return (
-                ident,
+                _ident(record, data),
                 record.time_ns,
                 "event",
                 None,
@@ -326,7 +367,7 @@ def row_of(record: Record) -> Row:
         kube = p.kubernetes
         if kube is not None and kube.pod_name is not None:
             return (
-                ident,
+                _ident(record, data),
                 record.time_ns,
                 "log",
                 None,
@@ -344,7 +385,39 @@ def row_of(record: Record) -> Row:
         alert = _alert_probe(data)
         if alert is not None:
             return _alert_row(alert, record, data)
-    return (ident, record.time_ns, "other", None, None, None, None, None, None, None, None, record.tag, data)
+    return (
+        _ident(record, data),
+        record.time_ns,
+        "other",
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
+        record.tag,
+        data,
+    )
+
+
+def _block_of(batch: Batch) -> bytes | None:
+    """A batch still in its block form (tail -> kubernetes_audit gives these: no record built
+    yet), for the native rows; None for one with records (their times and identities are the
+    records' own: those rows are built by :func:`row_of`)."""
+    if _native_audit_rows is None or batch.is_materialized:
+        return None
+    block = batch.raw_block
+    return None if batch.is_materialized else block  # validation failed: now its source's records
+
+
+def native_rows(tag: str, block: bytes) -> list[Row] | None:
+    """The rows of a block of audit event lines, built natively without the GIL; None when a
+    line is not an audit event the native decoder takes (then :func:`row_of` decides)."""
+    if _native_audit_rows is None:
+        return None
+    return _native_audit_rows(tag, block)  # type: ignore[no-any-return]
 
 
 def _alert_probe(data: bytes) -> _AlertProbe | None:
@@ -466,9 +539,35 @@ def open_reader(path: str | Path) -> sqlite3.Connection:
     return conn
 
 
+def _one_sqlite_in_process() -> bool:
+    """Whether the native writer's SQLite is the very library Python's sqlite3 module uses.
+
+    Two SQLite libraries in one process would each keep their own table of the POSIX locks they
+    hold, and closing a file in one drops the other's locks: the UI's readers (Python) and the
+    native writer must share one. The native module links the system's libsqlite3 dynamically;
+    so does Python's ``_sqlite3`` here when its file names that library, and then the loader maps
+    it once: exactly one libsqlite3 mapped, of the same version."""
+    if _StoreInserter is None:
+        return False
+    try:
+        import _sqlite3
+
+        if b"libsqlite3.so" not in Path(_sqlite3.__file__).read_bytes():
+            return False  # a Python with SQLite built in
+        with open("/proc/self/maps") as maps:
+            libraries = {line.split()[-1] for line in maps if "libsqlite3" in line}
+    except (OSError, AttributeError):
+        return False
+    return len(libraries) == 1 and _StoreInserter.sqlite_version() == sqlite3.sqlite_version
+
+
 class StoreWriter:
     """The single writer of a store file: schema, pragmas, the writer lock, inserts, retention.
-    Synchronous; the sink calls it from a worker thread."""
+    Synchronous; the sink calls it from a worker thread.
+
+    ``native``: blocks of audit events are decoded and inserted by the native module's
+    ``StoreInserter`` (a second connection of this process, used only for those inserts) when
+    it is built and shares this process's SQLite; ``False`` keeps every insert in Python."""
 
     def __init__(
         self,
@@ -478,9 +577,12 @@ class StoreWriter:
         retention_time: float = 0.0,
         retention_size: int = 0,
         retention_interval: float = 60.0,
+        native: bool = True,
     ) -> None:
         self.path = Path(path)
         self.sync = sync
+        self.use_native = native
+        self.native: Any = None  # the StoreInserter, once open
         self.retention_time = retention_time
         self.retention_size = retention_size
         self.retention_interval = retention_interval
@@ -519,8 +621,34 @@ class StoreWriter:
             if isinstance(exc, StoreError):
                 raise
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
+        if self.use_native and _one_sqlite_in_process():
+            try:
+                self.native = _StoreInserter(str(self.path), self.sync.upper(), INSERT)
+            except RuntimeError as exc:
+                conn.close()
+                os.close(fd)
+                raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self.conn = conn
         self._lock_fd = fd
+
+    def write_blocks(self, blocks: list[tuple[str, bytes]]) -> int | None:
+        """Insert the rows of blocks of audit event lines (``(tag, block)``) in one transaction,
+        built without the GIL; returns how many were new, or None, with nothing written, when a
+        line is not an audit event the native decoder takes (then the caller gives records to
+        :meth:`write`). Raises ``sqlite3.Error`` with the transaction rolled back."""
+        with self._write_lock:
+            if self.native is None:
+                built = [native_rows(tag, block) for tag, block in blocks]
+                if any(rows is None for rows in built):
+                    return None
+                return self._write([row for rows in built for row in rows])  # type: ignore[union-attr]
+            try:
+                added: int | None = self.native.write(blocks)
+            except RuntimeError as exc:  # SQLite's error, rolled back (a full disk, an I/O error)
+                raise sqlite3.OperationalError(str(exc)) from None
+            if added is not None:
+                self._after_commit()
+            return added
 
     def write(self, rows: list[Row]) -> int:
         """Insert ``rows`` in one transaction; returns how many were new (the rest were replays).
@@ -546,10 +674,13 @@ class StoreWriter:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        self._after_commit()
+        return added
+
+    def _after_commit(self) -> None:
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
-        return added
 
     def apply_retention(self, now_ns: int | None = None) -> int:
         """Delete rows older than ``retention_time`` and the oldest rows while the pages in use
@@ -596,6 +727,9 @@ class StoreWriter:
         return int((pages - free) * size)
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
+            self.native = None
         if self.conn is not None:
             try:
                 self.conn.execute("PRAGMA optimize")
@@ -653,14 +787,28 @@ class SqliteSink(Sink):
         return "store"  # every batch goes to the one file: queued batches share a commit
 
     async def write_group(self, batches: list[Batch]) -> None:
-        rows = [row_of(record) for batch in batches for record in batch.records]
+        # Blocks are read here, on the event loop (a lazy batch is validated on first need); their
+        # rows are decoded and inserted in the writer's thread, without the GIL, while the loop
+        # reads on. A batch with records, or a block with a line that is not an audit event, is
+        # written the Python way, from its records.
+        blocks = [_block_of(batch) for batch in batches]
+        total = sum(len(batch) for batch in batches)
         try:
-            added = await asyncio.to_thread(self.writer.write, rows)
+            added = None
+            if all(block is not None for block in blocks):
+                pairs = [(batch.tag, block) for batch, block in zip(batches, blocks, strict=True)]
+                added = await asyncio.to_thread(self.writer.write_blocks, pairs)  # type: ignore[arg-type]
+            if added is None:
+                rows: list[Row] = []
+                for batch, block in zip(batches, blocks, strict=True):
+                    native = native_rows(batch.tag, block) if block is not None else None
+                    rows.extend(native if native is not None else [row_of(r) for r in batch.records])
+                added = await asyncio.to_thread(self.writer.write, rows)
         except sqlite3.Error as exc:
             # SQLITE_FULL, an I/O error, a lock held too long: rolled back, nothing acknowledged.
             raise RetryableError(f"cannot write store {self.writer.path}: {exc}") from None
         self.m_new.inc(added)
-        self.m_replayed.inc(len(rows) - added)
+        self.m_replayed.inc(total - added)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.writer.close)

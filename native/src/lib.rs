@@ -33,6 +33,7 @@ mod auditclass;
 mod fieldtext;
 mod jsonlines;
 mod regexlines;
+mod storerows;
 mod timefmt;
 
 use std::borrow::Cow;
@@ -1202,6 +1203,8 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::write_framed, module)?)?;
     module.add_class::<timefmt::TimeFormat>()?;
+    module.add_function(wrap_pyfunction!(storerows::audit_store_rows, module)?)?;
+    module.add_class::<storerows::StoreInserter>()?;
     module.add_class::<fieldtext::FieldsWriter>()?;
     Ok(())
 }

@@ -15,6 +15,8 @@ import textwrap
 import time
 from pathlib import Path
 
+import msgspec
+import orjson
 import pytest
 
 from kubetrail.core.errors import RetryableError
@@ -344,3 +346,273 @@ async def test_two_workers_share_the_writer(tmp_path: Path) -> None:
     conn = open_reader(tmp_path / "s.db")
     assert conn.execute("SELECT count(*) FROM records").fetchone()[0] == 2 * 10 * 200
     conn.close()
+
+
+# -- the native path: blocks of audit events decoded and inserted without the GIL ----------------
+
+try:
+    from kubetrail_native import TimeFormat as _TimeFormat
+
+    from kubetrail.sinks.sqlite import _one_sqlite_in_process, _StoreInserter, native_rows
+
+    _NATIVE = _StoreInserter is not None
+except ImportError:  # pragma: no cover - depends on the installation
+    _NATIVE = False
+needs_native = pytest.mark.skipif(not _NATIVE, reason="kubetrail_native is not built (scripts/setup builds it)")
+_RFC3339 = _TimeFormat(None, 0) if _NATIVE else None
+
+
+def _audit_line(n: int, **changes: object) -> bytes:
+    body: dict[str, object] = {
+        "kind": "Event",
+        "apiVersion": "audit.k8s.io/v1",
+        "level": "Metadata",
+        "auditID": f"a-{n}",
+        "stage": "ResponseComplete",
+        "requestURI": f"/api/v1/namespaces/ns-{n % 3}/pods/p-{n}",
+        "verb": "get",
+        "user": {"username": f"user-{n % 5}", "groups": ["system:authenticated"]},
+        "sourceIPs": ["10.0.0.1"],
+        "objectRef": {"resource": "pods", "namespace": f"ns-{n % 3}", "name": f"p-{n}", "apiVersion": "v1"},
+        "responseStatus": {"metadata": {}, "code": 200},
+        "requestReceivedTimestamp": "2026-12-05T06:00:00.000001Z",
+        "stageTimestamp": f"2026-12-05T06:00:{n % 60:02d}.{n:06d}Z",
+    }
+    for key, value in changes.items():
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
+    return orjson.dumps(body)
+
+
+def _records_of(lines: list[bytes], tag: str = "kube.audit") -> list[Record]:
+    """The records tail (k8s_audit parser: time from stageTimestamp) would make of ``lines``; a
+    line that is not JSON (to msgspec, the reference) is kept under ``log``, as the tail does."""
+    assert _RFC3339 is not None
+    out = []
+    for line in lines:
+        try:
+            body = msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            out.append(Record(tag, T0, {"log": line.decode(errors="replace")}, identity=("file", len(out))))
+            continue
+        stamp = body.get("stageTimestamp") if isinstance(body, dict) else None
+        time_ns = _RFC3339.parse_ns(stamp) if isinstance(stamp, str) else None
+        out.append(Record(tag, time_ns if time_ns is not None else T0, raw=line, identity=("file", len(out))))
+    return out
+
+
+def _lazy(lines: list[bytes], tag: str = "kube.audit") -> Batch:
+    """A batch as tail -> kubernetes_audit hands it on: a block, records built only if asked."""
+    return Batch(
+        tag, None, raw_block=b"".join(line + b"\n" for line in lines), materialize=lambda: _records_of(lines, tag),
+        count=len(lines),
+    )  # fmt: skip
+
+
+def _edge_lines() -> list[bytes]:
+    return [
+        *(r.json_bytes() for r in story() if r.tag == "kube.audit"),
+        # a create with generateName: the name (and uid) only in the response
+        _audit_line(
+            1,
+            verb="create",
+            objectRef={"resource": "pods", "namespace": "ns-1"},
+            responseObject={"kind": "Pod", "metadata": {"name": "web-x1", "uid": "u-1"}},
+        ),
+        # the response names another object: its uid is not this one's
+        _audit_line(2, responseObject={"metadata": {"name": "other", "uid": "u-2"}}),
+        _audit_line(3, objectRef={"resource": "pods", "name": "p-3", "uid": "u-3", "subresource": "exec"}),
+        _audit_line(6, responseObject={"metadata": None}),
+        _audit_line(7, user={"username": 'a "quoted" name\u00e9\\'}, responseStatus=None),
+        _audit_line(8, stageTimestamp="2026-12-05T08:00:00.123456789+02:00"),
+        _audit_line(9, user=None, objectRef=None, verb=None),
+        # flattened by kubernetes_audit: its prefix first, the event's members after
+        b'{"time":"2026-12-05T06:00:10.000010Z","k8s.audit.id":"a-10","user.name":"flat",'
+        + _audit_line(10, verb="patch")[1:],
+    ]
+
+
+@needs_native
+def test_native_rows_are_row_of() -> None:
+    """The native decoder gives exactly the Python rows (time from stageTimestamp, as tail's
+    k8s_audit parser and the webhook give the record), for ordinary and unusual events."""
+    lines = _edge_lines()
+    got = native_rows("kube.audit", b"".join(line + b"\n" for line in lines))
+    assert got is not None
+    assert got == [row_of(record) for record in _records_of(lines)]
+    names = {row[7] for row in got}
+    assert "web-x1" in names and "p-3" in names  # the create's name from its response; the ref's uid
+    assert {row[8] for row in got} >= {"u-1", "u-3"} and "u-2" not in {row[8] for row in got}
+
+
+@needs_native
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"kind":"Event","involvedObject":{"kind":"Pod","name":"p"},"reason":"Pulled"}',  # a Kubernetes Event
+        b'{"log":"hello","kubernetes":{"pod_name":"p","namespace_name":"n"}}',  # a container log line
+        b'{"rule":"r","priority":"Warning","output":"o","k8s.audit.id":"a","k8s.audit.stage":"ResponseComplete"}',
+        b"not json",
+        _audit_line(20)[:-1] + b',"verb":"delete"}',  # a repeated key: msgspec takes the last
+        _audit_line(21, stageTimestamp=None),
+        _audit_line(22, user="alice"),  # a member of another type: msgspec stores it as "other"
+        _audit_line(23, responseStatus={"code": 200.5}),
+        _audit_line(24, user={"username": "\\ud800"}).replace(b"\\\\ud800", b"\\ud800"),  # a lone surrogate
+        _audit_line(25, responseObject="not an object"),  # msgspec: object or null
+        _audit_line(26, responseObject=[1, 2]),
+        _audit_line(27, user=["alice"]),  # an array where an object belongs
+        _audit_line(28, objectRef=["pods", "ns", "p"]),
+        _audit_line(29, responseStatus=[200]),
+        b'["a-1", "ResponseComplete", "2026-12-05T06:00:00Z"]',
+    ],
+    ids=[
+        "event",
+        "log",
+        "alert",
+        "not-json",
+        "repeated-key",
+        "no-stage-time",
+        "user-string",
+        "float-code",
+        "surrogate",
+        "response-string",
+        "response-array",
+        "user-array",
+        "ref-array",
+        "status-array",
+        "array",
+    ],
+)
+async def test_a_block_the_native_decoder_does_not_take_goes_the_python_way(tmp_path: Path, line: bytes) -> None:
+    lines = [_audit_line(30), line, _audit_line(31)]
+    assert native_rows("kube.audit", b"".join(x + b"\n" for x in lines)) is None
+    s = sink(tmp_path / "s.db")
+    await s.start()
+    assert s.writer.native is not None
+    await s.write(_lazy(lines))
+    await s.close()
+    conn = open_reader(tmp_path / "s.db")
+    stored = conn.execute("SELECT ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
+                          " tag, body FROM records ORDER BY id").fetchall()  # fmt: skip
+    conn.close()
+    assert stored == [row_of(r) for r in _records_of(lines)]
+
+
+def _all_rows(path: Path) -> list[tuple[object, ...]]:
+    conn = open_reader(path)
+    try:
+        return conn.execute(
+            "SELECT ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body"
+            " FROM records ORDER BY id"
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+@needs_native
+async def test_the_native_writer_stores_what_python_stores(tmp_path: Path) -> None:
+    """The same events as blocks (native writer) and as records (Python, ``native`` off): the
+    same rows; a replay either way adds nothing; a group mixing both kinds of batch."""
+    assert _one_sqlite_in_process()  # this machine's Python links the system libsqlite3
+    lines = [_audit_line(n) for n in range(100, 2600)] + _edge_lines()  # other auditIDs than the edge lines'
+    chunks = [lines[start : start + 1000] for start in range(0, len(lines), 1000)]
+    fast = sink(tmp_path / "native.db")
+    await fast.start()
+    assert fast.writer.native is not None
+    await fast.write_group([_lazy(chunk) for chunk in chunks])
+    slow = sink(tmp_path / "python.db")
+    slow.writer.use_native = False
+    await slow.start()
+    assert slow.writer.native is None
+    await slow.write_group([Batch("kube.audit", _records_of(chunk)) for chunk in chunks])
+    await slow.close()
+    assert _all_rows(tmp_path / "native.db") == _all_rows(tmp_path / "python.db")
+    assert len(_all_rows(tmp_path / "native.db")) == len(lines)
+    # Replays: as blocks, as records (another identity on the record: the event's own counts),
+    # and a group mixing a block, records and a block the native decoder declines.
+    await fast.write_group([_lazy(chunk) for chunk in chunks])
+    await fast.write(Batch("kube.audit", _records_of(lines[:10])))
+    event = story()[2].json_bytes()
+    await fast.write_group([_lazy(lines[:5]), Batch("kube.audit", _records_of(lines[5:9])), _lazy([lines[9], event])])
+    await fast.close()
+    stored = _all_rows(tmp_path / "native.db")
+    assert len(stored) == len(lines) + 1  # only the Event was new
+    assert stored[-1][2] == "event"
+    assert fast.m_new._value.get() == len(lines) + 1  # type: ignore[attr-defined]
+
+
+_NATIVE_WRITER = textwrap.dedent(
+    """
+    import asyncio, sys
+    sys.path.insert(0, {repo!r})
+    from kubetrail.core.record import Batch
+    from kubetrail.sinks.sqlite import SqliteSink
+    from tests.unit.helpers import build
+    from tests.unit.test_store import _audit_line, _lazy
+
+    async def main():
+        s = build(SqliteSink, path={path!r})
+        await s.start()
+        assert s.writer.native is not None
+        n = 0
+        while True:
+            await s.write(_lazy([_audit_line(n * 500 + i, verb=f"v{{n}}") for i in range(500)]))
+            print(n, flush=True)  # acknowledged
+            n += 1
+
+    asyncio.run(main())
+    """
+)
+
+
+@needs_native
+def test_kill_9_keeps_every_batch_the_native_writer_acknowledged(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NATIVE_WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    acked = -1
+    for line in proc.stdout:
+        acked = int(line)
+        if acked >= 15:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    writer = StoreWriter(path)
+    writer.open()
+    writer.close()
+    conn = open_reader(path)
+    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    counts = dict(conn.execute("SELECT verb, count(*) FROM records GROUP BY 1").fetchall())
+    conn.close()
+    assert all(counts.get(f"v{n}") == 500 for n in range(acked + 1)), "an acknowledged batch is missing"
+    assert all(count == 500 for count in counts.values()), "a batch was stored in part"
+
+
+@needs_native
+async def test_a_full_disk_stops_the_native_writer_and_loses_nothing(tiny_disk: Path) -> None:
+    path = tiny_disk / "s.db"
+    s = sink(path)
+    await s.start()
+    assert s.writer.native is not None
+    acked: list[int] = []
+    failed_at = None
+    for n in range(400):
+        try:
+            await s.write(_lazy([_audit_line(n * 100 + i, verb=f"v{n}") for i in range(100)]))
+            acked.append(n)
+        except RetryableError as exc:
+            assert "full" in str(exc)
+            failed_at = n
+            break
+    assert failed_at is not None, "the disk never filled"
+    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
+    await s.write(_lazy([_audit_line(failed_at * 100 + i, verb=f"v{failed_at}") for i in range(100)]))
+    await s.close()
+    conn = open_reader(path)
+    counts = dict(conn.execute("SELECT verb, count(*) FROM records GROUP BY 1").fetchall())
+    conn.close()
+    assert counts == {f"v{n}": 100 for n in [*acked, failed_at]}
