@@ -91,13 +91,14 @@ def audit_batches(lines: list[bytes], lazy: bool = True) -> list[Batch]:
     return out
 
 
-async def timed(sink: object, batches: list[Batch], group: int, workers: int = 1) -> float:
+async def timed(sink: object, batches: list[Batch], group: int, workers: int = 1) -> tuple[float, float]:
     """Seconds to write ``batches`` in groups of ``group`` (what the sink runner hands a busy
     output: up to 16 queued batches per ``write_group``, one commit/fsync each), by ``workers``
     concurrent deliveries as the runner's ``workers`` option runs them."""
     await sink.start()  # type: ignore[attr-defined]
     groups = [batches[start : start + group] for start in range(0, len(batches), group)]
     started = time.perf_counter()
+    cpu = time.process_time()  # every thread of this process: the sink's work whatever the load
 
     async def worker(mine: list[list[Batch]]) -> None:
         for item in mine:
@@ -105,8 +106,9 @@ async def timed(sink: object, batches: list[Batch], group: int, workers: int = 1
 
     await asyncio.gather(*(worker(groups[n::workers]) for n in range(workers)))
     elapsed = time.perf_counter() - started
+    cpu = time.process_time() - cpu
     await sink.close()  # type: ignore[attr-defined]
-    return elapsed
+    return elapsed, cpu
 
 
 def ingest(records: int, group: int) -> None:
@@ -132,14 +134,17 @@ def ingest(records: int, group: int) -> None:
             batches = audit_batches(lines, lazy="from records" not in name)
             results[name] = asyncio.run(timed(factory(), batches, group, workers))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
-        base = results["file (plain, fsync per batch)"]
+        base, base_cpu = results["file (plain, fsync per batch)"]
         print(
             f"ingest of {records:,} audit records ({sum(map(len, lines)) / len(lines):.0f} bytes each),"
             f" batches of {BATCH}, {group} batches per write (commit)"
         )
-        for name, elapsed in results.items():
-            print(f"  {name:<32} {records / elapsed:>10,.0f} records/s   {elapsed / base:5.2f}x the file output's time")
-        print(f"  {'sqlite replay (all present)':<32} {records / replay:>10,.0f} records/s")
+        for name, (elapsed, cpu) in results.items():
+            print(
+                f"  {name:<34} {records / elapsed:>10,.0f} records/s {elapsed / base:6.2f}x the file output's time"
+                f"   CPU {cpu / records * 1e6:5.2f} us/record ({cpu / base_cpu:5.2f}x)"
+            )
+        print(f"  {'sqlite replay (all present)':<34} {records / replay[0]:>10,.0f} records/s")
         size = (work / "full.db").stat().st_size
         print(
             f"  store size: {size / records * 1e6 / 2**20:,.0f} MiB per million records"
