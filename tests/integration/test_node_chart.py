@@ -396,9 +396,12 @@ def test_events_exactly_once_with_the_leader_deleted_mid_burst(setup: Setup) -> 
     path = f"/apis/apps/v1/namespaces/{ns}/deployments/burst"
 
     def scale(n: int) -> None:
-        body = admin.get(path).json()
-        body["spec"]["replicas"] = n
-        assert admin.put(path, body).status == 200
+        # Through the scale subresource, as kubectl scale does: the controllers update the
+        # Deployment's status meanwhile, which would make a PUT of the whole object a 409.
+        done = admin.request(
+            "PATCH", f"{path}/scale", {"spec": {"replicas": n}}, content_type="application/merge-patch+json"
+        )
+        assert done.status == 200, done.body
 
     scale(6)
     time.sleep(4)
