@@ -774,7 +774,11 @@ class KubernetesAuditTransform(Transform):
             seen.forget(batch)
         if self.db is not None and now - self._last_db_prune >= DB_PRUNE_INTERVAL:
             self._last_db_prune = now
-            self._prune(cutoff)
+            try:
+                self._prune(cutoff)
+            except Exception:  # db unwritable: dedupe goes on in memory (see _landed)
+                self.metrics.error("db")
+                self.log.exception("cannot prune expired dedupe keys in db")
 
     def _fly(self, token: AckToken | None, handle: Any, keys: Collection[str] | None) -> None:
         """New keys (``handle``: what ``seen`` returned for them) of a batch with ``token``: in
@@ -800,8 +804,9 @@ class KubernetesAuditTransform(Transform):
                     self.metrics.error("db")
                     self.log.exception("cannot store delivered dedupe keys in db")
         else:
-            # Not delivered: its source sends it again (the API server's retry; a tail replays
-            # only after a restart), or a twin elsewhere must now go through.
+            # A sink dropped it: the API server re-sends a webhook batch (it was answered 503);
+            # for a tail the drop is final (the sink's retry_limit), and a copy that comes by
+            # the webhook must now go through.
             self.seen.forget(state.handle)
         for waiter in state.waiters:
             waiter.unhold(ok)  # a batch that dropped a copy of these keys may now tell its source

@@ -425,6 +425,23 @@ def test_without_db_keys_are_still_in_flight_until_delivered() -> None:
     assert not flt.flying
 
 
+def test_a_db_that_cannot_be_written_is_logged_and_the_batch_still_answered(tmp_path: Path) -> None:
+    """The keys cannot be stored (disk full, file removed): counted and logged, the source is
+    still told (a restart may then repeat those keys; nothing is lost), and the filter goes on."""
+    flt = build(KubernetesAuditTransform, db=str(tmp_path / "d.db"))
+    assert flt.db is not None
+    flt.db.conn.close()
+    batch, token, results = hooked([event("a")])
+    assert ids(flt.process_batch(batch)) == ["a"]
+    delivered(token)
+    assert results == [True]
+    text = generate_latest(flt.metrics._parent.registry).decode()
+    (line,) = [x for x in text.splitlines() if x.startswith("kubetrail_errors_total{") and 'type="db"' in x]
+    assert float(line.rsplit(" ", 1)[1]) >= 1  # the store (and the prune before it) failed
+    batch, token, results = hooked([event("a"), event("b")])
+    assert ids(flt.process_batch(batch)) == ["b"], "still deduplicated in memory"
+
+
 def test_dedupe_window_expires(tmp_path: Path) -> None:
     flt = build(KubernetesAuditTransform, dedupe_window="0.05")
     run(flt, [event("a")])
