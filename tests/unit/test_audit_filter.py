@@ -407,6 +407,29 @@ def test_a_webhook_copy_of_an_in_flight_tailed_key_is_answered_once_the_tail_del
     assert ids(flt.process_batch(retry)) == ["x"], "the API server's retry must go through"
 
 
+def test_a_held_batch_counts_its_own_keys_as_delivered_at_once(tmp_path: Path) -> None:
+    """Race 4 (seen on the real API server with an earlier version that retained the token for
+    the wait): a tail batch with a new key and a copy whose twin is in flight was written by
+    the sink but, waiting for the twin, not yet counted as delivered; a SIGKILL then, and the
+    tail's replay wrote the new key again. Its own keys are stored when it is delivered; only
+    its source (the checkpoint) waits for the twin."""
+    db = tmp_path / "d.db"
+    flt = build(KubernetesAuditTransform, db=str(db))
+    hook_batch, hook_token, _ = hooked([event("a")])
+    flt.process_batch(hook_batch)
+    hook_token.retain()  # the webhook's copy of "a" at a sink
+    hook_token.seal()
+    checkpoints: list[int] = []
+    batch, token = tailed([event("a"), event("b")], OrderedAcks(checkpoints.append), 70)
+    assert ids(flt.process_batch(batch)) == ["b"]
+    delivered(token)
+    assert db_keys(db) == ["b2"] and checkpoints == []
+    # SIGKILL now; after the restart the tail reads both lines again, the API server re-sends "a"
+    again = build(KubernetesAuditTransform, db=str(db))
+    replay, _ = tailed([event("a"), event("b")], OrderedAcks(checkpoints.append), 70)
+    assert ids(again.process_batch(replay)) == ["a"]
+
+
 def test_without_db_keys_are_still_in_flight_until_delivered() -> None:
     """No db (memory only): the same waits within one process, and the fast path for batches
     without a repeated key (one native call) keeps working around them."""
