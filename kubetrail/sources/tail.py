@@ -149,6 +149,19 @@ def _fingerprint(handle: IO[bytes]) -> tuple[int, bytes]:
     return len(head), hashlib.sha256(head).digest()
 
 
+def _grow_fingerprint(tailed: TailedFile) -> None:
+    """Fingerprint more of a file that was short when opened, but only if its head still starts
+    with the bytes fingerprinted so far. A commit can come after the file was truncated and
+    written again (copytruncate): fingerprinting the new head then would hide the copy of the
+    old content, whose unread rest would be lost (_find_copy matches on the old fingerprint)."""
+    try:
+        head = os.pread(tailed.handle.fileno(), FINGERPRINT_SIZE, 0)
+    except (OSError, ValueError):
+        return
+    if len(head) > tailed.fp_len and hashlib.sha256(head[: tailed.fp_len]).digest() == tailed.fingerprint:
+        tailed.fp_len, tailed.fingerprint = len(head), hashlib.sha256(head).digest()
+
+
 @dataclass(eq=False)
 class TailedFile:
     path: str
@@ -1049,10 +1062,7 @@ class TailSource(Source):
         if self.db is None or tailed.row_id is None:
             return
         if tailed.fp_len < FINGERPRINT_SIZE and not tailed.compressed:
-            try:
-                tailed.fp_len, tailed.fingerprint = _fingerprint(tailed.handle)
-            except (OSError, ValueError):
-                pass
+            _grow_fingerprint(tailed)
         resume = min(position, *pending.values()) if pending else position
         self.db.execute(
             "UPDATE in_tail_files SET offset=?, fp_len=?, fingerprint=? WHERE id=?",
