@@ -184,10 +184,12 @@ def detect_filter(tmp_path: Path, rules: str | Path) -> DetectTransform:
     return build(DetectTransform, rules_file=str(path))
 
 
-def both_ways(tmp_path: Path, lines: list[bytes], rules: str | Path) -> tuple[list[bytes], list[bytes], int]:
+def both_ways(
+    tmp_path: Path, lines: list[bytes], rules: str | Path, **audit_options: str
+) -> tuple[list[bytes], list[bytes], int]:
     """Alerts by class and event by event, for the kubernetes_audit filter's output of ``lines``;
     and how many events were decided by their class."""
-    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    audit_filter = build(KubernetesAuditTransform, dedupe="off", **audit_options)
     scanned = [audit_filter.process_batch(lazy(lines[i : i + 300])) for i in range(0, len(lines), 300)]
     assert all(detect_classes(batch) is not None for batch in scanned)
     fast, slow = detect_filter(tmp_path, rules), detect_filter(tmp_path, rules)
@@ -239,8 +241,9 @@ def test_lines_the_scan_does_not_finish_have_no_class() -> None:
     assert ids[1:] == [detect_module.NO_CLASS] * 4
 
 
-def test_by_class_gives_the_alerts_event_by_event_gives(tmp_path: Path) -> None:
-    by_class, by_event, counted = both_ways(tmp_path, varied(2000), RULES)
+@pytest.mark.parametrize("flatten", ["on", "off"])
+def test_by_class_gives_the_alerts_event_by_event_gives(tmp_path: Path, flatten: str) -> None:
+    by_class, by_event, counted = both_ways(tmp_path, varied(2000), RULES, flatten=flatten)
     assert by_class == by_event
     assert len(by_event) > 300
     fired = {orjson.loads(line)["rule"] for line in by_event}
@@ -421,3 +424,23 @@ def test_native_class_counts_and_lines_of() -> None:
     assert lines_of(ids.tobytes(), []) == [] and class_counts(b"") == []
     with pytest.raises(ValueError):
         class_counts(b"12345")
+
+
+def test_past_the_class_table_events_are_decided_one_by_one(tmp_path: Path) -> None:
+    """The scanner keeps at most 20,000 classes; events of a class past that have none and are
+    decided event by event: the same alerts."""
+    lines = [
+        orjson.dumps(audit(auditID=f"20000000-0000-4000-8000-{i:012d}", user={"username": f"user-{i}"}, verb="get"))
+        for i in range(20_100)
+    ]
+    audit_filter = build(KubernetesAuditTransform, dedupe="off")
+    batch = audit_filter.process_batch(lazy(lines))
+    found = detect_classes(batch)
+    assert found is not None
+    ids = memoryview(found[1]).cast("I")
+    assert ids[19_999] != detect_module.NO_CLASS and ids[20_000] == detect_module.NO_CLASS
+    rules = RULES.replace("items: [alice,", "items: [user-20050, alice,")
+    fast, slow = detect_filter(tmp_path, rules), detect_filter(tmp_path, rules)
+    by_class, by_event = alerts_of(fast, batch), alerts_of(slow, plain(batch))
+    assert by_class == by_event and len(by_event) == 20_100 - 1
+    assert _counter(fast) == 20_000
