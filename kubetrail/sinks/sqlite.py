@@ -75,6 +75,7 @@ import asyncio
 import fcntl
 import hashlib
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -89,6 +90,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
+from kubetrail.transforms.kubernetes_audit import _Flat  # the filter's flat members, to find them
 
 try:  # optional (built from native/): a block's audit rows without the GIL (see "Speed" above)
     from kubetrail_native import StoreInserter as _StoreInserter
@@ -102,6 +104,9 @@ APPLICATION_ID = 0x6B747231
 # Schema 2 (issue 21 item 6) added the alerts table: ALERTS_SCHEMA, _AlertProbe/_alert_row,
 # alert_columns and the INSERT_ALERT lines in StoreWriter._write are that part; a later schema
 # change takes 3 (and keeps the 1 -> 2 step in check_store).
+# The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
+# of an audit row in this order: a change of INSERT's columns changes it too. It writes audit
+# rows only; every other kind (alert included) is decided by row_of, here.
 SCHEMA_VERSION = 2
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 
@@ -297,6 +302,32 @@ def _ident(record: Record, data: bytes) -> bytes:
     ).digest()
 
 
+# The members the kubernetes_audit filter puts in front of an event's own (see that module): copies
+# of the event's fields, compact JSON. They are found by this pattern: the longest run of such
+# members at the start of the object, each with its comma (so a line flattened twice loses both
+# runs); the native module scans for the same by hand, given the keys (tests compare the two).
+_FLAT_KEYS = tuple(_Flat.__struct_encode_fields__)
+_JSON_STRING = r'"[^"\\]*(?:\\.[^"\\]*)*"'  # unrolled: 3x faster in Python's re than (?:[^"\\]|\\.)*
+_FLAT_VALUE = rf"(?:{_JSON_STRING}|-?[0-9]+|true|false|\[(?:{_JSON_STRING}(?:,{_JSON_STRING})*)?\])"
+FLAT_PREFIX = r'\A\{(?:"(?:' + "|".join(re.escape(key) for key in _FLAT_KEYS) + rf')":{_FLAT_VALUE},)+'
+_FLAT_RE = re.compile(FLAT_PREFIX.encode())
+
+
+def without_flat_prefix(data: bytes) -> bytes:
+    """An audit event's bytes without the members ``kubernetes_audit`` copied in front of them
+    (about as many bytes again, all already in the event): the event as the API server wrote
+    it. Kept whole when the filter marked it ``k8s.audit.redacted`` (the one member that is not
+    a copy), or when the run of such members has no ``k8s.audit.id`` or is not followed by
+    another member. ``without_flat_prefix`` in native/src/storerows.rs does the same."""
+    match = _FLAT_RE.match(data)
+    if match is None or data[match.end() : match.end() + 1] != b'"':
+        return data
+    prefix = match.group()
+    if b'"k8s.audit.id":' not in prefix or b'"k8s.audit.redacted":' in prefix:
+        return data
+    return b"{" + data[match.end() :]
+
+
 def audit_ident(audit_id: str, stage: str) -> bytes:
     """An audit event's identity: :func:`identity_key` of ``(auditID, stage)`` as 16 bytes,
     taken from the event itself whatever identity its record carries (the ``kubernetes_audit``
@@ -343,7 +374,7 @@ def row_of(record: Record) -> Row:
                 code,
                 None,
                 record.tag,
-                data,
+                without_flat_prefix(data),
             )
         involved = p.involvedObject or p.regarding
         if involved is not None and (p.kind == "Event" or p.kind is None):
@@ -417,7 +448,7 @@ def native_rows(tag: str, block: bytes) -> list[Row] | None:
     line is not an audit event the native decoder takes (then :func:`row_of` decides)."""
     if _native_audit_rows is None:
         return None
-    return _native_audit_rows(tag, block)  # type: ignore[no-any-return]
+    return _native_audit_rows(tag, block, list(_FLAT_KEYS))  # type: ignore[no-any-return]
 
 
 def _alert_probe(data: bytes) -> _AlertProbe | None:
@@ -623,7 +654,7 @@ class StoreWriter:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         if self.use_native and _one_sqlite_in_process():
             try:
-                self.native = _StoreInserter(str(self.path), self.sync.upper(), INSERT)
+                self.native = _StoreInserter(str(self.path), self.sync.upper(), INSERT, list(_FLAT_KEYS))
             except RuntimeError as exc:
                 conn.close()
                 os.close(fd)

@@ -616,3 +616,75 @@ async def test_a_full_disk_stops_the_native_writer_and_loses_nothing(tiny_disk: 
     counts = dict(conn.execute("SELECT verb, count(*) FROM records GROUP BY 1").fetchall())
     conn.close()
     assert counts == {f"v{n}": 100 for n in [*acked, failed_at]}
+
+
+def _flattened(lines: list[bytes], native_scan: bool) -> list[bytes]:
+    """``lines`` as the kubernetes_audit filter hands them on (its flat members in front)."""
+    from kubetrail.transforms.kubernetes_audit import KubernetesAuditTransform
+
+    flt = build(KubernetesAuditTransform, dedupe="off")
+    if not native_scan:
+        flt.native = None  # its pure-Python scan, the reference
+    out = flt.process_batch(Batch("kube.audit", _records_of(lines)))
+    return [record.json_bytes() for record in out.records]
+
+
+_SECRET_READ = _audit_line(
+    40,
+    level="RequestResponse",
+    objectRef={"resource": "secrets", "namespace": "shop", "name": "db"},
+    responseObject={"kind": "Secret", "apiVersion": "v1", "metadata": {"name": "db"}, "data": {"pw": "aHVudGVyMg=="}},
+)
+
+
+@needs_native
+@pytest.mark.parametrize("native_scan", [True, False], ids=["native-scan", "python-scan"])
+def test_the_store_keeps_the_event_without_the_filters_copies(native_scan: bool) -> None:
+    """An audit event is stored as the API server wrote it, without the members the
+    kubernetes_audit filter copied in front (about as many bytes again); both paths alike. A
+    Secret the filter redacted keeps them (its ``k8s.audit.redacted`` is no copy)."""
+    lines = [*_edge_lines(), _SECRET_READ]
+    flat = _flattened(lines, native_scan)
+    assert all(f.startswith(b'{"time":') and len(f) > len(line) for f, line in zip(flat, lines, strict=True))
+    python = [row_of(record) for record in _records_of(flat)]
+    assert native_rows("kube.audit", b"".join(f + b"\n" for f in flat)) == python
+    # The events' own bytes; the line that came flattened already loses both runs of copies; a
+    # redacted event (the story's Secret read too) is kept whole, redacted.
+    redacted = [b'"k8s.audit.redacted":true' in f for f in flat]
+    assert sum(redacted) == 2 and redacted[-1]
+    for f, line, row in zip(flat[:-2], lines[:-2], python[:-2], strict=True):
+        assert row[12] == (f if b'"k8s.audit.redacted":true' in f else line)
+    assert python[-2][12] == b"{" + lines[-2][lines[-2].index(b'"kind"') :]
+    assert python[-1][12] == flat[-1] and b"aHVudGVy" not in flat[-1]
+    # The columns are the same as from the events themselves (the twice-flattened line aside).
+    plain = [row_of(r) for r in _records_of(lines)]
+    assert [row[:12] for row in python[:-1]] == [row[:12] for row in plain[:-1]]
+
+
+@needs_native
+def test_a_prefix_that_is_not_the_filters_is_kept() -> None:
+    """Only the filter's exact members are taken off: anything else stays in the body."""
+    line = _audit_line(41)
+    kept = [
+        b'{"time":"x","user.name":"u",' + line[1:],  # no k8s.audit.id among them
+        b'{"time":"x","k8s.audit.id":"a-41","k8s.audit.redacted":true,' + line[1:],
+        b'{"time": "x","k8s.audit.id":"a-41",' + line[1:],  # not the filter's compact form
+        b'{"other":1,"k8s.audit.id":"a-41",' + line[1:],
+    ]
+    for body in kept:
+        (row,) = native_rows("kube.audit", body + b"\n") or [None]
+        assert row is not None and row[12] == body, body[:60]
+        (python,) = [row_of(r) for r in _records_of([body])]
+        assert python[12] == body
+    # Values of every shape the filter writes (escapes, negative numbers, empty and escaped
+    # arrays, booleans) are passed over alike by the native scan and the pattern.
+    stripped = [
+        b'{"time":"a\\"b\\\\","k8s.audit.id":"a-41","http.response.status_code":-1,"user.groups":[],',
+        b'{"k8s.audit.id":"a-41","k8s.audit.source_ips":["1","2\\"x"],"user.name":"\\u00e9",',
+        b'{"k8s.audit.id":"a-41","user.groups":["a"],"k8s.audit.verb":"get",',
+    ]
+    for prefix in stripped:
+        body = prefix + line[1:]
+        (row,) = native_rows("kube.audit", body + b"\n") or [None]
+        (python,) = [row_of(r) for r in _records_of([body])]
+        assert row is not None and row[12] == python[12] == line, prefix
