@@ -33,6 +33,11 @@ import orjson
 
 from kubetrail.transforms.kubernetes_audit import AuditEvent
 
+try:  # optional: kubetrail_native (see native/src/alerts.rs)
+    from kubetrail_native import cut_lines as _cut_lines
+except ImportError:  # pragma: no cover - depends on the installation
+    _cut_lines = None
+
 # -- the event ----------------------------------------------------------------------------
 
 
@@ -257,6 +262,12 @@ class Lines:
             end = find(b"\n", start)
             starts.append((len(block) if end < 0 else end) + 1)
         return block[starts[index] : starts[index + 1] - 1]
+
+    def many(self, indexes: list[int]) -> list[bytes]:
+        """Several lines at once (natively, when built: one pass over the block in Rust)."""
+        if _cut_lines is not None and len(indexes) > 1:
+            return _cut_lines(self._block, indexes)  # type: ignore[no-any-return]
+        return [self.line(index) for index in indexes]
 
 
 # -- values ---------------------------------------------------------------------------------

@@ -260,7 +260,7 @@ class DetectTransform(Transform):
             if (decision := batch_decisions[class_id]) is None or any(p is not None for _, p in decision)
         }
         eventful = [index for index in todo if ids[index] in per_event]
-        events = dict(zip(eventful, decode_block([lines.line(index) for index in eventful]), strict=True))
+        events = dict(zip(eventful, decode_block(lines.many(eventful)), strict=True))
         items: list[tuple[int, CompiledRule]] = []
         match = self.engine.match
         limit = self.rate_limit
@@ -335,8 +335,8 @@ class DetectTransform(Transform):
                 firsts[class_id] = index
                 if len(firsts) == len(wanted):
                     break
-        for class_id, index in firsts.items():
-            (event,) = decode_block([lines.line(index)])
+        first_events = decode_block(lines.many(list(firsts.values())))
+        for class_id, event in zip(firsts, first_events, strict=True):
             light = event.light
             values = scanner.class_values(class_id)
             if light is None or light.auditID is None or class_of(light) != values:

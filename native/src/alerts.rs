@@ -331,3 +331,24 @@ impl AlertWriter {
         Ok(list)
     }
 }
+
+/// Lines ``indexes`` of ``block`` (newline-terminated lines), as bytes: the `detect` filter
+/// needs a few lines of a big block, and finding them in Python costs a loop over all of them.
+#[pyfunction]
+pub(crate) fn cut_lines<'py>(
+    py: Python<'py>,
+    block: &[u8],
+    indexes: Vec<usize>,
+) -> PyResult<Bound<'py, PyList>> {
+    let lines: Vec<&[u8]> = block_lines(block).collect();
+    if indexes.iter().any(|&i| i >= lines.len()) {
+        return Err(pyo3::exceptions::PyIndexError::new_err(
+            "line index out of range",
+        ));
+    }
+    let list = PyList::empty(py);
+    for index in indexes {
+        list.append(PyBytes::new(py, lines[index]))?;
+    }
+    Ok(list)
+}

@@ -1193,6 +1193,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<AuditScanner>()?;
     module.add_class::<AuditScan>()?;
     module.add_class::<alerts::AlertWriter>()?;
+    module.add_function(wrap_pyfunction!(alerts::cut_lines, module)?)?;
     module.add_function(wrap_pyfunction!(auditclass::class_counts, module)?)?;
     module.add_function(wrap_pyfunction!(auditclass::lines_of, module)?)?;
     module.add_class::<KeySet>()?;

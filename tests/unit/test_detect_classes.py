@@ -411,6 +411,11 @@ def test_lines_are_cut_out_as_asked() -> None:
         assert [lines.line(i) for i in (3, 0, 2, 1)] == [b"ccc", b"a", b"", b"bb"]
     with pytest.raises(IndexError):
         Lines(b"a\n").line(3)
+    block = b'{"a":1}\n\n{"b":2}\nlast'
+    assert Lines(block).many([2, 0, 3, 1, 2]) == [b'{"b":2}', b'{"a":1}', b"last", b"", b'{"b":2}']
+    assert Lines(block).many([1]) == [b""] and Lines(block).many([]) == []
+    with pytest.raises(IndexError):
+        Lines(block).many([0, 4])
 
 
 def test_native_class_counts_and_lines_of() -> None:
