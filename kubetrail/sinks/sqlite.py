@@ -4,7 +4,9 @@
 One local SQLite file keeps audit records, Kubernetes Events and (optionally) container log
 lines. Each record is one row: the fields people filter on as indexed columns (time, kind of
 record, user, verb, resource, namespace, name, uid, response code, reason) and the whole record,
-as the JSON bytes the pipeline delivered, beside them.
+as the JSON bytes the pipeline delivered, beside them; an audit event without the members the
+``kubernetes_audit`` filter copied in front of it (:func:`without_flat_prefix`: the event as the
+API server wrote it, half the bytes; the columns hold what those copies were for).
 
 Design decisions:
 
@@ -62,6 +64,8 @@ Design decisions:
   replay is. Anything else (a batch with records, a block with an Event, a log line, an alert,
   or a line the native decoder would read differently from msgspec) goes the Python way:
   :func:`row_of`, which stays the one place that decides a record's columns.
+  In the whole pipeline half the store's work was the filter's copies of the event's fields
+  in each stored body (1,700 bytes instead of 890): they are left out (see above).
   The native writer is used only when it shares this process's SQLite library (see
   :func:`_one_sqlite_in_process`). Measured and not kept: ``sync normal`` (within the noise),
   a unique ``(time_ns, ident)`` index instead of ``ident`` + ``time_ns`` (-1 us of SQLite's

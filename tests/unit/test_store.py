@@ -536,11 +536,17 @@ async def test_the_native_writer_stores_what_python_stores(tmp_path: Path) -> No
     await fast.write(Batch("kube.audit", _records_of(lines[:10])))
     event = story()[2].json_bytes()
     await fast.write_group([_lazy(lines[:5]), Batch("kube.audit", _records_of(lines[5:9])), _lazy([lines[9], event])])
+    # New events, then a block with an Event line: the native writer has inserted the first
+    # block when it meets the second; it rolls back and the group goes the Python way, once.
+    fresh = [_audit_line(n) for n in range(5000, 5100)]
+    second = [*fresh[60:], story()[9].json_bytes()]
+    await fast.write_group([_lazy(fresh[:60]), _lazy(second)])
     await fast.close()
     stored = _all_rows(tmp_path / "native.db")
-    assert len(stored) == len(lines) + 1  # only the Event was new
-    assert stored[-1][2] == "event"
-    assert fast.m_new._value.get() == len(lines) + 1  # type: ignore[attr-defined]
+    assert len(stored) == len(lines) + 1 + 101  # only the Events and the fresh events were new
+    assert [row[2] for row in stored[len(lines) :]] == ["event"] + ["audit"] * 100 + ["event"]
+    assert stored[len(lines) + 1 :] == [row_of(r) for r in [*_records_of(fresh[:60]), *_records_of(second)]]
+    assert fast.m_new._value.get() == len(lines) + 102  # type: ignore[attr-defined]
 
 
 _NATIVE_WRITER = textwrap.dedent(
