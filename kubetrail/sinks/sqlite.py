@@ -12,7 +12,8 @@ Design decisions:
 
 * **SQLite, not DuckDB**, measured on this machine (bench/bench_store.py; figures in
   docs/benchmarks.md): the same audit rows with the same identity and indexes went in at 28,000-45,000
-  records/s here and at 16,000/s into DuckDB 2.0 (bulk through Arrow: its PRIMARY KEY and
+  records/s here through Python's sqlite3 then (117,000-131,000 now, natively: see "Speed") and
+  at 16,000/s into DuckDB 2.0 (bulk through Arrow: its PRIMARY KEY and
   ART indexes are kept row by row), and, decisive, a DuckDB file open for writing in one process
   cannot be opened by another ("Conflicting lock is held"), so ``kubetrail history`` could not
   read the store of a running agent. SQLite in WAL mode
@@ -22,7 +23,8 @@ Design decisions:
 * **Idempotent by identity.** ``ident`` holds the record's identity key
   (:func:`~kubetrail.core.record.identity_key`: audit ``(auditID, stage)``, Events ``(uid,
   resourceVersion)``, log lines ``(file uid, offset)``) as 16 bytes under a UNIQUE index and
-  rows go in with ``INSERT OR IGNORE``: a replay changes nothing. A record without identity gets
+  rows go in with ``INSERT OR IGNORE``: a replay changes nothing. An audit event's is always its
+  own ``(auditID, stage)``, whatever identity its record carries (:func:`audit_ident`). A record without identity gets
   a digest of its tag, time and bytes, so a replayed batch of those is absorbed too.
 * **Acknowledged after commit.** Batches are written in a worker thread, several queued batches
   in one transaction (a group commit, as the ``file`` output does), and ``write`` returns only
