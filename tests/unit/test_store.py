@@ -529,6 +529,14 @@ async def test_the_native_writer_stores_what_python_stores(tmp_path: Path) -> No
     await slow.write_group([Batch("kube.audit", _records_of(chunk)) for chunk in chunks])
     await slow.close()
     assert _all_rows(tmp_path / "native.db") == _all_rows(tmp_path / "python.db")
+    # Without the native writer (another SQLite in the process, say) blocks still get the
+    # native rows, inserted through Python's sqlite3.
+    middle = sink(tmp_path / "rows.db")
+    middle.writer.use_native = False
+    await middle.start()
+    await middle.write_group([_lazy(chunk) for chunk in chunks])
+    await middle.close()
+    assert _all_rows(tmp_path / "rows.db") == _all_rows(tmp_path / "python.db")
     assert len(_all_rows(tmp_path / "native.db")) == len(lines)
     # Replays: as blocks, as records (another identity on the record: the event's own counts),
     # and a group mixing a block, records and a block the native decoder declines.
