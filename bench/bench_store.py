@@ -1,6 +1,6 @@
 """The embedded store (the ``sqlite`` output) and ``kubetrail history`` / ``who`` on it.
 
-    python bench/bench_store.py ingest [--records N]     # records/s into the store vs the file output
+    python bench/bench_store.py ingest [--records N] [--into M]  # records/s into the store (holding M) vs file
     python bench/bench_store.py query [--records N]      # history/who latency on a store of N records
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
 
@@ -50,7 +50,7 @@ from _common import CACHE, audit_lines_file
 from kubetrail.core.record import Batch, Record
 from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.sinks.file import FileSink
-from kubetrail.sinks.sqlite import APPLICATION_ID, INSERT, SCHEMA, SCHEMA_VERSION, SqliteSink
+from kubetrail.sinks.sqlite import ALERTS_SCHEMA, APPLICATION_ID, INSERT, SCHEMA, SCHEMA_VERSION, SqliteSink
 
 NAMESPACES = 50
 OBJECTS_PER_NS = 2_000  # per resource
@@ -125,9 +125,12 @@ def flattened(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def ingest(records: int, group: int) -> None:
+def ingest(records: int, group: int, into: int = 0) -> None:
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
+    prefilled = CACHE / f"store-{into}-64k.db"
+    if into and not prefilled.exists():
+        build_store(prefilled, into)
     try:
         results = {}
         for name, factory in (
@@ -145,10 +148,15 @@ def ingest(records: int, group: int) -> None:
             ("sqlite (sync full, workers 2)", lambda: build(SqliteSink, path=str(work / "w2.db"), sync="full")),
             ("sqlite (sync full, flattened)", lambda: build(SqliteSink, path=str(work / "flat.db"), sync="full")),
         ):
+            if into and name.startswith("sqlite"):  # a store holding ``into`` records already
+                db = Path(factory().writer.path)
+                shutil.copy(prefilled, db)
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results[name] = asyncio.run(timed(factory(), batches, group, workers))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
+        if into:
+            print(f"into a store holding {into:,} records already (its copy for each sqlite row)")
         base, base_cpu = results["file (plain, fsync per batch)"]
         print(
             f"ingest of {records:,} audit records ({sum(map(len, lines)) / len(lines):.0f} bytes each),"
@@ -160,7 +168,7 @@ def ingest(records: int, group: int) -> None:
                 f"   CPU {cpu / records * 1e6:5.2f} us/record ({cpu / base_cpu:5.2f}x)"
             )
         print(f"  {'sqlite replay (all present)':<34} {records / replay[0]:>10,.0f} records/s")
-        size = (work / "full.db").stat().st_size
+        size = (work / "full.db").stat().st_size - (prefilled.stat().st_size if into else 0)
         print(
             f"  store size: {size / records * 1e6 / 2**20:,.0f} MiB per million records"
             f" ({size / records:.0f} bytes each)"
@@ -306,6 +314,7 @@ def build_store(path: Path, count: int) -> None:
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     conn = sqlite3.connect(partial, isolation_level=None)
+    conn.execute("PRAGMA page_size=65536")  # as the sqlite output makes its stores (check_store)
     conn.execute("PRAGMA journal_mode=OFF")
     conn.execute("PRAGMA synchronous=OFF")
     conn.execute("PRAGMA cache_size=-262144")
@@ -325,6 +334,7 @@ def build_store(path: Path, count: int) -> None:
         conn.execute("COMMIT")
     for statement in indexes:  # building an index once is much faster than keeping it row by row
         conn.execute(statement)
+    conn.executescript(ALERTS_SCHEMA)  # schema 2: the (empty) alerts table
     conn.execute("PRAGMA journal_mode=WAL")
     conn.close()
     partial.rename(path)
@@ -343,7 +353,7 @@ def query(count: int) -> None:
     from kubetrail.history import queries
     from kubetrail.history.store import StoreBackend
 
-    path = CACHE / f"store-{count}.db"
+    path = CACHE / f"store-{count}-64k.db"
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         build_store(path, count)
@@ -381,10 +391,11 @@ def main() -> None:
     parser.add_argument("what", choices=("ingest", "query", "pipeline"))
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
+    parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
     args = parser.parse_args()
     if args.what == "ingest":
-        ingest(args.records or 200_000, args.group)
+        ingest(args.records or 200_000, args.group, args.into)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds)
     else:
