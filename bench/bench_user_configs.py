@@ -27,7 +27,8 @@ appending each body to a file), each against ``plain`` [each within 10% of plain
 ``--before DIR`` also runs each row with the kubetrail of another checkout (e.g. ``git
 archive`` of an older commit unpacked in DIR; the same venv), alternating with this one in
 every round: the change's effect in one run.
-``--no-naive`` skips the naive loops.
+``--no-naive`` skips the naive loops. ``--filter-only`` times the ``multiline`` row's filter
+alone in this process (run it from the checkout to measure, with ``PYTHONPATH`` set to it).
 """
 
 from __future__ import annotations
@@ -362,6 +363,37 @@ def median(ms: list[Measured]) -> Measured:
     return sorted(ms, key=lambda m: m.wall)[len(ms) // 2]
 
 
+def multiline_filter_only(args: argparse.Namespace) -> int:
+    """The ``multiline`` row's filter alone (no tail, no output): the trace lines as the tail's
+    records, through the filter in batches of 20,000, best CPU time of ``--repeat`` rounds."""
+    import time
+
+    from kubetrail.core.config import load_config
+    from kubetrail.core.record import Record
+    from kubetrail.parsers.registry import ParserRegistry
+    from kubetrail.transforms.multiline import MultilineTransform
+    from tests.unit.helpers import build
+
+    traces, _ = trace_file(args.trace_messages)
+    lines = traces.read_bytes().split(b"\n")[:-1]
+    config = Path(tempfile.mkdtemp(prefix="kubetrail-bench-")) / "multiline.conf"
+    config.write_text(SERVICE)
+    parsers = ParserRegistry()
+    parsers.multiline_sections = list(load_config(config).multiline_parsers)  # type: ignore[attr-defined]
+    shutil.rmtree(config.parent)
+    best, out = float("inf"), 0
+    for _ in range(args.repeat):
+        records = [Record("bench", 0, {"log": line.decode()}) for line in lines]
+        options = {"multiline.parser": "app_trace", "multiline.key_content": "log", "buffer": "off"}
+        transform = build(MultilineTransform, parsers=parsers, **options)
+        start, out = time.process_time(), 0
+        for at in range(0, len(records), 20_000):
+            out += len(transform.process(records[at : at + 20_000]))
+        best = min(best, time.process_time() - start)
+    print(f"multiline filter alone: {len(lines):,} lines -> {out:,} records, {best:.3f} s CPU (best of {args.repeat})")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--audit-lines", type=int, default=300_000)
@@ -374,7 +406,14 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
     parser.add_argument("--before", help="also run each row with the kubetrail of this checkout, alternating")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
+    parser.add_argument(
+        "--filter-only",
+        action="store_true",
+        help="only the multiline row's filter, in this process: CPU seconds of its records through it",
+    )
     args = parser.parse_args()
+    if args.filter_only:
+        return multiline_filter_only(args)
     selected = rows(args)
     runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
     naive_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
