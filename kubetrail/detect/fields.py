@@ -31,7 +31,7 @@ from typing import Any
 import msgspec
 import orjson
 
-from kubetrail.transforms.kubernetes_audit import AuditEvent
+from kubetrail.core.audit_event import AuditEvent
 
 try:  # optional: kubetrail_native (see native/src/alerts.rs)
     from kubetrail_native import cut_lines as _cut_lines
