@@ -141,6 +141,12 @@ class Batch:
             return None
         return block.source
 
+    @property
+    def line_block(self) -> LineBlock | None:
+        """The block this batch still is (None once it is records): for a filter that made the
+        block and reads what its own scan left in it (the audit filter's detection classes)."""
+        return self._block if self._records is None else None
+
     def block_times(self) -> Sequence[int]:
         """Each record's time, in order, without building records where the block knows them."""
         block = self._block

@@ -540,8 +540,8 @@ def detect_classes(batch: Batch) -> tuple[Any, bytes] | None:
     """``(scanner, class ids)`` for a batch this filter made from a block, still as it made it:
     the native scanner (``class_values(id)`` tells a class) and one native-endian u32 per line
     (``0xffffffff``: no class, decide the line itself). None otherwise."""
-    block = batch._block  # Batch has no accessor for its block; this module made it
-    if batch._records is not None or not isinstance(block, ScannedBlock) or block.classes is None:
+    block = batch.line_block  # this module made it
+    if not isinstance(block, ScannedBlock) or block.classes is None:
         return None
     return block.classes
 
