@@ -204,9 +204,8 @@ async def start(backend: Any, host: str, port: int) -> tuple[web.AppRunner, int]
     except OSError:
         await runner.cleanup()
         raise
-    server = site._server
-    bound = server.sockets[0].getsockname()[1] if server is not None and server.sockets else port  # type: ignore[attr-defined]
-    return runner, int(bound)
+    addresses = runner.addresses  # (host, port, ...) per listening socket: the port when it was 0
+    return runner, int(addresses[0][1]) if addresses else port
 
 
 def serve(backend: Any, host: str, port: int, *, fallback: bool = False) -> None:

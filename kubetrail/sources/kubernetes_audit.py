@@ -61,7 +61,6 @@ import ipaddress
 import os
 import ssl
 import time
-import zlib
 from datetime import datetime
 from typing import Any
 
@@ -70,6 +69,7 @@ import msgspec
 from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
+from kubetrail.core.gzip_body import GzipBodyError, gunzip_bounded
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 
@@ -333,9 +333,8 @@ class KubernetesAuditSource(Source):
         except OSError:
             await runner.cleanup()
             raise
-        server = site._server  # the asyncio server, for the bound port when port is 0
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self.port
+        addresses = runner.addresses  # (host, port, ...) per listening socket: the port when it was 0
+        self.bound_port = addresses[0][1] if addresses else self.port
         self.started.set()
         self.log.info(
             "audit webhook listening",
@@ -429,21 +428,11 @@ class KubernetesAuditSource(Source):
             raise BadRequest(408, f"body not received within read_timeout ({self.read_timeout:g} s)") from None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if encoding in ("gzip", "x-gzip"):
-            body = self._gunzip(body)
+            try:
+                body = gunzip_bounded(body, self.limit)
+            except GzipBodyError as exc:
+                raise BadRequest(413 if exc.too_large else 400, str(exc)) from None
         return body
-
-    def _gunzip(self, data: bytes) -> bytes:
-        inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
-        try:
-            # max_length bounds the output: a bomb stops expanding at limit + 1 bytes.
-            out = inflater.decompress(data, self.limit + 1)
-        except zlib.error as exc:
-            raise BadRequest(400, f"bad gzip body: {exc}") from None
-        if len(out) > self.limit or inflater.unconsumed_tail:
-            raise BadRequest(413, f"decompressed body over buffer_max_size ({self.limit} bytes)")
-        if not inflater.eof:
-            raise BadRequest(400, "truncated gzip body")
-        return out
 
     def _parse(self, body: bytes) -> tuple[list[Record], bytes | None]:
         """Body -> records (original bytes per event) and, when possible, the block of JSON lines."""
