@@ -7,7 +7,7 @@ rules) -> file, against the same pipeline without ``detect``.
 Each variant is a kubetrail child process on the same input (``gen_audit.py`` lines, cached
 under ~/.cache/kubetrail/bench); rounds alternate the variants and medians are compared, as in
 ``bench_audit_tail.py``. The rules are Falco's full ``k8s_audit_rules.yaml`` from
-../shared/testdata/falco/ (or ``--rules``), all 48 rules loaded. Alerts go to the same file
+examples/history/rules/ (a copy of Falco's, unchanged; or ``--rules``), all 48 rules loaded. Alerts go to the same file
 output; the run fails unless every input line and the alerts the engine gives for them (counted
 in-process beforehand) came out.
 
@@ -33,7 +33,7 @@ from pathlib import Path
 from _common import Measured, audit_lines_file, audit_tail_config, cpu_count_hint, measure, warm_free_memory
 
 ROOT = Path(__file__).resolve().parents[1]
-FALCO_RULES = ROOT.parent / "shared" / "testdata" / "falco" / "k8s_audit_rules.yaml"
+FALCO_RULES = ROOT / "examples" / "history" / "rules" / "k8s_audit_rules.yaml"
 
 AUDIT = """[FILTER]
     name    kubernetes_audit

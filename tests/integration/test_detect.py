@@ -2,7 +2,7 @@
 
 A control plane of its own (no controllers) whose audit policy logs request and response bodies
 (Secrets only at Metadata), since Falco's pod, role, binding and configmap rules read
-``requestObject``. For every one of the 48 rules of ../shared/testdata/falco/k8s_audit_rules.yaml
+``requestObject``. For every one of the 48 rules of Falco's k8s_audit_rules.yaml (examples/history/rules/)
 a scripted action makes the API server log an event that fires it, and a harmless twin of that
 action logs one that does not. Rules Falco ships switched off by a macro (``Create Disallowed
 Pod``, ``Full K8s Administrative Access``, ``All K8s Audit Events``, the two node rules) are
@@ -37,7 +37,7 @@ from localcluster import KubeAPI, LocalCluster  # noqa: E402
 
 pytestmark = pytest.mark.cluster
 
-FALCO_RULES = ROOT.parent / "shared" / "testdata" / "falco" / "k8s_audit_rules.yaml"
+FALCO_RULES = ROOT / "examples" / "history" / "rules" / "k8s_audit_rules.yaml"  # Falco's, unchanged
 
 POLICY = """\
 apiVersion: audit.k8s.io/v1

@@ -1,6 +1,6 @@
 """The detect engine and filter: Falco's rules language on hand-written audit events.
 
-Falco's own rules file is read from ../shared/testdata/falco/ (Apache-2.0, see its NOTICE) when
+Falco's own rules file is read from examples/history/rules/ (Apache-2.0, licence header kept) when
 it is there, unchanged; those tests are skipped with the reason otherwise. The events of the
 real API server are in tests/integration/test_detect.py.
 """
@@ -20,7 +20,7 @@ from kubetrail.detect import Event, RulesError, RuleSet, compile_rules, load_rul
 from kubetrail.detect.fields import FIELDS
 from tests.unit.helpers import write
 
-FALCO_RULES = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "falco" / "k8s_audit_rules.yaml"
+FALCO_RULES = Path(__file__).resolve().parents[2] / "examples" / "history" / "rules" / "k8s_audit_rules.yaml"
 needs_falco = pytest.mark.skipif(not FALCO_RULES.exists(), reason=f"Falco's rules file not found at {FALCO_RULES}")
 
 POD = {

@@ -27,7 +27,7 @@ from tests.unit.test_detect import POD, audit
 
 pytestmark = pytest.mark.skipif(NativeScanner is None, reason="kubetrail_native is not built")
 
-FALCO = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "falco" / "k8s_audit_rules.yaml"
+FALCO = Path(__file__).resolve().parents[2] / "examples" / "history" / "rules" / "k8s_audit_rules.yaml"
 
 # Rules that read fields of the class, fields beyond it, list-valued fields and missing ones.
 RULES = """
@@ -258,7 +258,7 @@ def test_by_class_gives_the_alerts_event_by_event_gives(tmp_path: Path, flatten:
     assert counted > 1500  # most events were decided by their class (not all: SLOW secrets)
 
 
-@pytest.mark.skipif(not FALCO.exists(), reason="Falco's rules are not in ../shared/testdata/falco")
+@pytest.mark.skipif(not FALCO.exists(), reason=f"Falco's rules file not found at {FALCO}")
 def test_falco_rules_by_class_and_event_by_event(tmp_path: Path) -> None:
     lines = varied(1500, seed=9)
     # and the benchmark's kind of events: five users, nine resources, seven verbs
