@@ -125,7 +125,7 @@ def flattened(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def ingest(records: int, group: int, into: int = 0) -> None:
+def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
     prefilled = CACHE / f"store-{into}-64k.db"
@@ -151,12 +151,18 @@ def ingest(records: int, group: int, into: int = 0) -> None:
             if into and name.startswith("sqlite"):  # a store holding ``into`` records already
                 db = Path(factory().writer.path)
                 shutil.copy(prefilled, db)
+                if without:  # what one index costs: the same ingest without it
+                    with sqlite3.connect(db) as conn:
+                        conn.execute(f"DROP INDEX {without}")
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results[name] = asyncio.run(timed(factory(), batches, group, workers))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
         if into:
-            print(f"into a store holding {into:,} records already (its copy for each sqlite row)")
+            print(
+                f"into a store holding {into:,} records already (its copy for each sqlite row)"
+                + (f", without the index {without}" if without else "")
+            )
         base, base_cpu = results["file (plain, fsync per batch)"]
         print(
             f"ingest of {records:,} audit records ({sum(map(len, lines)) / len(lines):.0f} bytes each),"
@@ -392,10 +398,11 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
     parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
+    parser.add_argument("--without", default="", help="ingest --into: drop this index first (records_object, ...)")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
     args = parser.parse_args()
     if args.what == "ingest":
-        ingest(args.records or 200_000, args.group, args.into)
+        ingest(args.records or 200_000, args.group, args.into, args.without)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds)
     else:
