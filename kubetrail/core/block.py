@@ -23,8 +23,10 @@ into JSON lines natively) hands the tail a :class:`LineBlock` instead of records
 What asks for what:
 
 * a **sink** writing JSON lines reads ``batch.raw_block``: the validated bytes (``None`` when
-  the batch has records that no longer match a block). ``out_file``-style formats also read
-  ``batch.block_times()``, so even they build no record;
+  the batch has records that no longer match a block). Formats that frame each line with its
+  time (``out_file``, stdout's ``msgpack`` text, the ``json`` family with a date) also read
+  ``batch.block_times()``, and so do ``csv``/``ltsv``/``template``, whose fields the native
+  writer takes from each line's bytes: none of them builds a record;
 * a **filter** that works on records reads ``batch.records``, which validates and builds;
 * a **filter that decodes every line itself** (``kubernetes_audit``'s native scan) reads
   ``batch.pending_block()``: the source bytes *before* validation, offered only while they are
