@@ -207,11 +207,19 @@ impl<'a> Cursor<'a> {
                 if self.peek() == Some(b'}') {
                     self.at += 1;
                 } else {
+                    // A key repeated in a nested object: orjson's dict keeps its first place
+                    // with the last value, so the text is Python's to write. Only checked where
+                    // the text is written; no allocation for objects of one member.
+                    let mut keys: Vec<Cow<'a, [u8]>> = Vec::new();
                     loop {
                         self.ws();
                         let key = self.string()?;
                         if let Some(out) = out {
+                            if keys.contains(&key) {
+                                return Err(Slow);
+                            }
                             write_string(out, &key, self.quote);
+                            keys.push(key);
                         }
                         self.ws();
                         self.expect(b':')?;

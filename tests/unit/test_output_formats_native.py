@@ -66,6 +66,8 @@ SLOW_LINES = [
     b'{"z":-0}',  # orjson reads 0
     b'{"e":1e5}',
     b'{"nested":{"x":[0.1]}}',
+    b'{"nested":{"k":1,"j":2,"k":3}}',  # a key repeated inside a value: orjson keeps one
+    b'{"arr":[{"a":1},{"b":2,"b":3}]}',
 ]
 
 TIMES = [1_795_867_200_001_800_000, 0, 5, 1_700_000_000_999_999_999, -1_500_000_000]
@@ -77,6 +79,7 @@ TEMPLATES = [
     "no placeholders",
     '{time}{time} {esc"key} {k\\2} {} {{a}} {a b}',
     "{f} {a} {big} {deep}",
+    "{nested} {arr}",
 ]
 
 FORMATS: list[dict[str, str]] = [
