@@ -209,6 +209,13 @@ class FileSink(Sink):
             if stale is not None:
                 self._cut_back(stale, target, size_before)
             raise RetryableError(f"cannot write {target}: {exc.strerror or exc}") from None
+        except ValueError:
+            # A line no formatter could take (csv/ltsv/template: not JSON after all), found
+            # after part of the batch was written: nothing of it stays in the file.
+            stale = self._files.pop(target, None)
+            if stale is not None:
+                self._cut_back(stale, target, size_before)
+            raise
 
     @staticmethod
     def _cut_back(handle: IO[bytes], target: Path, size: int | None) -> None:

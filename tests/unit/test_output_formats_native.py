@@ -318,3 +318,18 @@ async def test_stdout_writes_what_it_buffered_before_the_block(tmp_path: Path) -
     assert (tmp_path / "out").read_bytes() == (
         b'before\n[0] app.x: [0.000000001, {"a":1}]\n[1] app.x: [0.000000002, {"b":2}]\n'
     )
+
+
+def test_a_line_no_formatter_takes_leaves_nothing_of_the_batch(tmp_path: Path) -> None:
+    """A lone surrogate: the native writer leaves the line, orjson refuses it; what the native
+    writer had written of the batch before it is cut, so a retry does not repeat it."""
+    s = sink(tmp_path, format="csv")
+    target = tmp_path / "out.csv"
+    good = block_batch([b'{"a":1}'], [1])
+    s._write_sync(target, [s._data(good)], good)
+    before = target.read_bytes()
+    lines = [b'{"a":2}', b'{"a":"\\ud800"}', b'{"a":3}']
+    bad = block_batch(lines, [2, 3, 4])
+    with pytest.raises(ValueError):
+        s._write_sync(target, [s._data(bad)], bad)
+    assert target.read_bytes() == before == b'0.000000001,"1"\n'
