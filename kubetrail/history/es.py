@@ -39,7 +39,7 @@ from typing import Any
 import orjson
 
 from kubetrail.detect.rules import PRIORITIES
-from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord
+from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
 from kubetrail.history.store import MUTATING, STAGES, WORKLOADS, Filters
 from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.sinks.sqlite import _IRREGULAR, resource_of_kind
@@ -317,18 +317,7 @@ class EsBackend:
                     pod.append(self._term("kubernetes.namespace_name", ref.namespace))
                 should.append({"bool": {"filter": pod}})
         query = {"bool": {"should": should, "minimum_should_match": 1, "filter": self._range(since, until)}}
-        return self._with_alerts(self._search(query, limit))[-limit:]
-
-    def _with_alerts(self, records: list[StoredRecord]) -> list[StoredRecord]:
-        """``records`` and the alerts their audit records fired (not already among them), by time."""
-        audit_ids = list({r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body})
-        if not audit_ids:
-            return records
-        seen = {r.id for r in records}
-        found = [r for r in self.alerts_for(audit_ids) if r.id not in seen]
-        if not found:
-            return records
-        return sorted(records + found, key=lambda r: (r.time_ns, str(r.id)))
+        return with_alerts(self._search(query, limit), self.alerts_for)[-limit:]
 
     def alerts_for(self, audit_ids: list[str]) -> list[StoredRecord]:
         """The alerts fired by these audit requests (any stage)."""
@@ -387,7 +376,7 @@ class EsBackend:
         if alert is not None:
             sides.append(alert)
         query = {"bool": {"should": sides, "minimum_should_match": 1, "filter": self._range(since, until)}}
-        return self._with_alerts(self._search(query, limit))[-limit:]
+        return with_alerts(self._search(query, limit), self.alerts_for)[-limit:]
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
         alerts = self._alert_search(filters)

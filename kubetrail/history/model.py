@@ -30,7 +30,7 @@ import copy
 import difflib
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -503,6 +503,22 @@ def collapse_stages(records: list[StoredRecord]) -> list[StoredRecord]:
     # Alerts of one request share its time: by rule, so every backend gives the same order.
     out.sort(key=lambda r: (r.time_ns, str(r.body.get("rule")) if r.kind == "alert" else "", str(r.id)))
     return out
+
+
+def with_alerts(
+    records: list[StoredRecord], alerts_for: Callable[[list[str]], list[StoredRecord]]
+) -> list[StoredRecord]:
+    """``records`` and the alerts their audit records fired (not already among them), by time.
+    ``alerts_for`` is the backend's lookup by auditID; the alerts are looked up whatever their
+    own time, since one may be stored before its record."""
+    audit_ids = list({r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body})
+    if not audit_ids:
+        return records
+    seen = {r.id for r in records}
+    found = [r for r in alerts_for(audit_ids) if r.id not in seen]
+    if not found:
+        return records
+    return sorted(records + found, key=lambda r: (r.time_ns, str(r.id)))
 
 
 def timeline(records: list[StoredRecord], *, track_changes: bool = True) -> list[dict[str, Any]]:

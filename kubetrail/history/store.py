@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 
-from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord
+from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
 from kubetrail.sinks.sqlite import StoreError, open_reader
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
@@ -118,23 +118,11 @@ class StoreBackend:
         extra = self._owned_events(ref, since, until, limit)
         if logs:
             extra += self._log_records(ref, since, until, limit)
-        records = self._with_alerts(records)
+        records = with_alerts(records, self.alerts_for)
         if extra:
             records.extend(extra)
             records.sort(key=lambda r: (r.time_ns, str(r.id)))
         return records[-limit:]
-
-    def _with_alerts(self, records: list[StoredRecord]) -> list[StoredRecord]:
-        """``records`` and the alerts their audit records fired (not already among them), by time.
-        The alerts are looked up whatever their own time: one may be stored before its record."""
-        audit_ids = list({r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body})
-        if not audit_ids:
-            return records
-        seen = {r.id for r in records}
-        found = [r for r in self.alerts_for(audit_ids) if r.id not in seen]
-        if not found:
-            return records
-        return sorted(records + found, key=lambda r: (r.time_ns, str(r.id)))
 
     def alerts_for(self, audit_ids: list[str]) -> list[StoredRecord]:
         """The alerts fired by these audit requests (any stage)."""
@@ -231,7 +219,7 @@ class StoreBackend:
             params += MUTATING
         sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
-        return self._with_alerts(self._rows(sql, params))[-limit:]
+        return with_alerts(self._rows(sql, params), self.alerts_for)[-limit:]
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
         clauses = []
