@@ -38,11 +38,11 @@ from typing import Any
 
 import orjson
 
+from kubetrail.core.kinds import kind_of_resource, resource_of_kind
 from kubetrail.detect.rules import PRIORITIES
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
 from kubetrail.history.store import MUTATING, STAGES, WORKLOADS, Filters
 from kubetrail.parsers.timefmt import TimeParser
-from kubetrail.sinks.sqlite import _IRREGULAR, resource_of_kind
 
 MAX_WINDOW = 10_000
 AUDIT_FIELDS = ("objectRef.resource", "objectRef.name", "objectRef.namespace", "user.username", "verb")
@@ -57,18 +57,6 @@ ALERT_COLUMNS = {
     "name": "output_fields.ka.target.name",
     "code": "output_fields.ka.response.code",
 }
-_KIND_OF = {v: k for k, v in _IRREGULAR.items()}
-
-
-def kind_of_resource(resource: str) -> str:
-    """``deployments`` -> ``deployment`` (compared case-insensitively with an Event's kind)."""
-    if resource in _KIND_OF:
-        return _KIND_OF[resource]
-    if resource.endswith("ies"):
-        return resource[:-3] + "y"
-    if resource.endswith(("ses", "xes", "ches", "shes")):
-        return resource[:-2]
-    return resource[:-1] if resource.endswith("s") else resource
 
 
 class EsBackend:

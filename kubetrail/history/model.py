@@ -37,9 +37,9 @@ from typing import Any
 import jsonpatch
 import orjson
 
+from kubetrail.core.kinds import resource_of_kind
 from kubetrail.core.values import parse_duration
 from kubetrail.parsers.timefmt import TimeParser
-from kubetrail.sinks.sqlite import resource_of_kind
 
 REDACTED = "[REDACTED]"
 UID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")

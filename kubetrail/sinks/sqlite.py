@@ -98,6 +98,7 @@ import orjson
 
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import RetryableError
+from kubetrail.core.kinds import resource_of_kind
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
 from kubetrail.transforms.kubernetes_audit import _Flat  # the filter's flat members, to find them
@@ -168,33 +169,6 @@ INSERT = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
     " tag, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
-
-# Event involvedObject kinds -> the API resource the audit log names, for the kinds whose plural
-# is not simply lower case + "s"; anything else falls back to that rule (see resource_of_kind).
-_IRREGULAR = {
-    "endpoints": "endpoints",
-    "ingress": "ingresses",
-    "networkpolicy": "networkpolicies",
-    "podsecuritypolicy": "podsecuritypolicies",
-    "priorityclass": "priorityclasses",
-    "storageclass": "storageclasses",
-    "ingressclass": "ingressclasses",
-    "runtimeclass": "runtimeclasses",
-    "componentstatus": "componentstatuses",
-}
-
-
-def resource_of_kind(kind: str) -> str:
-    """``Deployment`` -> ``deployments``: Events name an object's kind, audit records its
-    resource; the store keeps the resource so both meet in one index."""
-    lower = kind.lower()
-    if lower in _IRREGULAR:
-        return _IRREGULAR[lower]
-    if lower.endswith(("s", "x", "ch", "sh")):
-        return lower + "es"
-    if lower.endswith("y") and lower[-2:-1] not in ("a", "e", "o", "u"):
-        return lower[:-1] + "ies"
-    return lower + "s"
 
 
 class StoreError(Exception):
