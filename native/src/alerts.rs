@@ -18,6 +18,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
+use crate::jsonesc::{escape_json_into, write_json_string};
 use crate::{block_lines, Event, JStr};
 
 /// A member of the event an output may read (the ids the Python side uses).
@@ -59,36 +60,6 @@ pub(crate) struct AlertWriter {
     rules: Vec<Template>,
     /// `,"hostname":"..."` (encoded).
     hostname: Vec<u8>,
-}
-
-/// JSON string escaping as orjson writes it (quote, backslash, control characters), no quotes.
-fn escape_into(out: &mut Vec<u8>, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bytes = value.as_bytes();
-    let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let short: &[u8] = match b {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&bytes[start..i]);
-        if short.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 0xf) as usize]);
-        } else {
-            out.extend_from_slice(short);
-        }
-        start = i + 1;
-    }
-    out.extend_from_slice(&bytes[start..]);
 }
 
 /// The field's value as the Python fields give it (a code as its decimal text); None: missing.
@@ -223,7 +194,7 @@ impl AlertWriter {
             match part {
                 Part::Text(text) => out.extend_from_slice(text),
                 Part::Field(f) => match field(&ev, *f, &code) {
-                    Some(value) => escape_into(out, value),
+                    Some(value) => escape_json_into(out, value.as_bytes(), b"\""),
                     None => out.extend_from_slice(b"<NA>"),
                 },
             }
@@ -235,20 +206,16 @@ impl AlertWriter {
             }
             out.extend_from_slice(name);
             match field(&ev, *f, &code) {
-                Some(value) => {
-                    out.push(b'"');
-                    escape_into(out, value);
-                    out.push(b'"');
-                }
+                Some(value) => write_json_string(out, value),
                 None => out.extend_from_slice(b"null"),
             }
         }
         out.push(b'}');
         out.extend_from_slice(&self.hostname);
         out.extend_from_slice(b",\"k8s.audit.id\":\"");
-        escape_into(out, id.as_str());
+        escape_json_into(out, id.as_str().as_bytes(), b"\"");
         out.extend_from_slice(b"\",\"k8s.audit.stage\":\"");
-        escape_into(out, stage.as_str());
+        escape_json_into(out, stage.as_str().as_bytes(), b"\"");
         out.extend_from_slice(b"\",\"trigger_tag\":");
         out.extend_from_slice(tag);
         out.push(b'}');

@@ -20,6 +20,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::block_lines;
+use crate::jsonesc::escape_json_into;
 
 const CSV: u8 = 0;
 const LTSV: u8 = 1;
@@ -358,43 +359,12 @@ fn write_string(out: &mut Vec<u8>, text: &Cow<'_, [u8]>, quote: &[u8]) {
             out.extend_from_slice(raw);
             out.extend_from_slice(quote);
         }
-        Cow::Owned(decoded) => write_orjson_string(out, decoded, quote),
-    }
-}
-
-/// A string as orjson writes it: `"` and `\` escaped, control characters as `\b \t \n \f
-/// \r` or `\u00XX` (lower-case hex), everything else (non-ASCII, DEL, `/`) as it is.
-fn write_orjson_string(out: &mut Vec<u8>, text: &[u8], quote: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.extend_from_slice(quote);
-    let mut from = 0;
-    for (i, &b) in text.iter().enumerate() {
-        let escape: &[u8] = match b {
-            b'"' => b"\\",
-            b'\\' => b"\\\\",
-            0x08 => b"\\b",
-            b'\t' => b"\\t",
-            b'\n' => b"\\n",
-            0x0c => b"\\f",
-            b'\r' => b"\\r",
-            0..=0x1f => b"",
-            _ => continue,
-        };
-        out.extend_from_slice(&text[from..i]);
-        if escape.is_empty() {
-            out.extend_from_slice(b"\\u00");
-            out.push(HEX[(b >> 4) as usize]);
-            out.push(HEX[(b & 15) as usize]);
-        } else {
-            out.extend_from_slice(escape);
-            if b == b'"' {
-                out.extend_from_slice(quote); // the escaped quote itself
-            }
+        Cow::Owned(decoded) => {
+            out.extend_from_slice(quote);
+            escape_json_into(out, decoded, quote);
+            out.extend_from_slice(quote);
         }
-        from = i + 1;
     }
-    out.extend_from_slice(&text[from..]);
-    out.extend_from_slice(quote);
 }
 
 /// `SECONDS.NNNNNNNNN`, as `kubetrail.core.dates.epoch_text` (floor division for negatives).

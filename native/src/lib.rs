@@ -31,6 +31,7 @@
 mod alerts;
 mod auditclass;
 mod fieldtext;
+mod jsonesc;
 mod jsonlines;
 mod regexlines;
 mod storerows;
@@ -46,6 +47,8 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyBytes, PyDict, PyList, PyString, PyTuple};
 use serde::de::{Deserializer, Visitor};
 use serde::Deserialize;
+
+use jsonesc::write_json_string;
 
 const PASS: u8 = 0;
 const DROP: u8 = 1;
@@ -233,50 +236,6 @@ fn write_jstr(out: &mut Vec<u8>, value: &JStr) {
         }
         Cow::Owned(text) => write_json_string(out, text),
     }
-}
-
-/// JSON string escaping as msgspec writes it: quote, backslash and control characters only.
-pub(crate) fn write_json_string(out: &mut Vec<u8>, value: &str) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    out.push(b'"');
-    let bytes = value.as_bytes();
-    let mut start = 0;
-    // 16 bytes at a time: a chunk with nothing to escape (most of a string with an escaped
-    // quote in it) is passed over with one test the compiler vectorises (a fold, no early exit).
-    for (index, chunk) in bytes.chunks(16).enumerate() {
-        if chunk.len() == 16
-            && !chunk
-                .iter()
-                .fold(false, |any, &b| any | (b < 0x20 || b == b'"' || b == b'\\'))
-        {
-            continue;
-        }
-        for (offset, &b) in chunk.iter().enumerate() {
-            let escape: &[u8] = match b {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                b'\t' => b"\\t",
-                0x08 => b"\\b",
-                0x0c => b"\\f",
-                0x00..=0x1f => b"",
-                _ => continue,
-            };
-            let i = index * 16 + offset;
-            out.extend_from_slice(&bytes[start..i]);
-            if escape.is_empty() {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
-            } else {
-                out.extend_from_slice(escape);
-            }
-            start = i + 1;
-        }
-    }
-    out.extend_from_slice(&bytes[start..]);
-    out.push(b'"');
 }
 
 /// A flat member's name as written: quoted, with its colon.

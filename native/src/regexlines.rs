@@ -19,8 +19,9 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use regex::Regex;
 
+use crate::block_lines;
+use crate::jsonesc::write_json_string;
 use crate::timefmt::{Compiled, TimeFormat};
-use crate::{block_lines, write_json_string};
 
 #[pyclass(module = "kubetrail_native", frozen)]
 pub struct RegexLinesScanner {

@@ -55,6 +55,8 @@ NATIVE_LINES = [
     b'{"time":{"nested":1},"message":"m"}',
     b'{"esc\\"key":"v","k\\\\2":1}',
     b'{"deep":[[[[[[[[[[{"a":[[[]]]}]]]]]]]]]]}',
+    # Escapes past the first 16 bytes of a nested string (the escaper skips clean 16-byte chunks).
+    b'{"long":{"v":"0123456789abcdefghij\\"klmnopqrstuvwxyz0123456789\\n\\u0001 after \\\\ the chunks\\t"}}',
 ]
 
 # Lines it must leave to Python (and why), each spliced back where it belongs.
