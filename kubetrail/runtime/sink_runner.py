@@ -29,10 +29,17 @@ batch of a group is acknowledged after the group's write; a failed group write l
 behind and its batches then go through the per-batch policy above, one by one.
 
 Two buffers feed the workers: batches from ``memory`` inputs wait in a bounded in-memory buffer
-(``max_batches`` queued or being delivered; ``enqueue`` waits while it is full: that wait is the
-backpressure the input feels); batches from ``filesystem`` inputs go through this output's
-:class:`~.disk_buffer.DiskQueue`, which acknowledges them once they are on disk and feeds them
-to the same workers.
+(``max_batches`` queued or being delivered, and at most ``max_bytes`` of their input bytes;
+``enqueue`` waits while it is full: that wait is the backpressure the input feels); batches
+from ``filesystem`` inputs go through this output's :class:`~.disk_buffer.DiskQueue`, which
+acknowledges them once they are on disk and feeds them to the same workers.
+
+The buffer is bounded by bytes as well as by batches because a batch's size is the input's to
+choose (tail's ``batch_size``, an audit webhook body, a joined multiline message): 16 batches of
+a 64 MB ``batch_size`` would otherwise hold 1 GB. A batch is let in when it fits under
+``max_bytes`` or the buffer is empty (so one batch bigger than the limit still passes, alone):
+the buffer holds at most ``max(max_bytes, the largest batch)``. With the default 1 MiB tail
+batches the 16-batch limit is reached first (16 MiB), so the byte limit changes nothing there.
 
 State changes (failing -> recovered) are logged once, not once per attempt.
 """
@@ -56,6 +63,8 @@ BACKOFF_CAP = 60.0
 # A group write (see Sink.write_group) takes at most this many queued batches / input bytes.
 GROUP_MAX_BATCHES = 16
 GROUP_MAX_BYTES = 16 * 1024 * 1024
+# Input bytes an output's memory buffer holds at most (queued or being delivered); see above.
+MAX_BUFFER_BYTES = 64 * 1024 * 1024
 
 
 class SinkRunner:
@@ -70,6 +79,7 @@ class SinkRunner:
         max_batches: int = 16,
         backoff_base: float = BACKOFF_BASE,
         *,
+        max_bytes: int = MAX_BUFFER_BYTES,
         backoff_cap: float = BACKOFF_CAP,
         spool: DiskQueue | None = None,
         dead_letters: DeadLetters | None = None,
@@ -88,6 +98,9 @@ class SinkRunner:
         # counts too, so grouping does not double the memory a full buffer holds).
         self._queue: asyncio.Queue[Batch | None] = asyncio.Queue()
         self._slots = asyncio.Semaphore(max(1, max_batches))
+        self.max_bytes = max(1, max_bytes)
+        self._room = asyncio.Event()  # set when a delivery gives bytes back (see _put)
+        self._admit = asyncio.Lock()  # one producer at a time waits for room by bytes
         self._group_max = max(1, min(GROUP_MAX_BATCHES, max_batches // 2))  # half: the other fills meanwhile
         self._tasks: list[asyncio.Task[None]] = []
         self._failing = False
@@ -115,13 +128,28 @@ class SinkRunner:
     async def _put(self, batch: Batch) -> None:
         # Counted once it has a place: a wait cancelled at shutdown leaves the counts as they were.
         await self._slots.acquire()
+        try:
+            # Room by bytes too, first come first served (a big batch waiting for room is not
+            # overtaken by small ones forever); an empty buffer takes any batch, so one bigger
+            # than max_bytes cannot wait forever. No await between this check and the count.
+            async with self._admit:
+                while self._buffered_batches and self._buffered_bytes + batch.size_bytes > self.max_bytes:
+                    self._room.clear()
+                    await self._room.wait()
+                self._count_in(batch)
+        except BaseException:
+            self._slots.release()
+            raise
+        self._queue.put_nowait(batch)
+
+    def _count_in(self, batch: Batch) -> None:
+        """``batch`` has its place in the buffer: counted in the gauges and metrics."""
         self._buffered_records += len(batch)
         self._buffered_bytes += batch.size_bytes
         self._buffered_batches += 1
         self.metrics.records_in.inc(len(batch))
         self.metrics.bytes_in.inc(batch.size_bytes)
         self._update_gauges()
-        self._queue.put_nowait(batch)
 
     def start(self) -> None:
         for index in range(self.workers):
@@ -179,6 +207,7 @@ class SinkRunner:
                 self._buffered_bytes -= done.size_bytes
                 self._buffered_batches -= 1
                 self._slots.release()
+            self._room.set()
             self._update_gauges()
             if stop:
                 return
