@@ -112,8 +112,6 @@ _WRITER = textwrap.dedent(
     import asyncio, sys
     sys.path.insert(0, {repo!r})
     from kubetrail.core.record import Batch, Record
-from kubetrail.history.model import HistoryError
-from kubetrail.history.store import Filters, StoreBackend
     from kubetrail.sinks.sqlite import SqliteSink
     from tests.unit.helpers import build
 
@@ -133,24 +131,34 @@ from kubetrail.history.store import Filters, StoreBackend
 )
 
 
-def test_kill_9_keeps_every_acknowledged_batch(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
+def kill_9_after_acks(script: str, path: Path, acks: int = 16) -> tuple[int, sqlite3.Connection]:
+    """Runs a writer ``script`` (``{repo}``/``{path}`` filled in; it prints each batch's number
+    once acknowledged) until ``acks`` batches are acknowledged, SIGKILLs it mid-stream (the next
+    batch may be half written), reopens the store (replaying the WAL) and checks its integrity.
+    Returns the last acknowledged batch and a reader."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", _WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", script.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout is not None
     acked = -1
     for line in proc.stdout:
         acked = int(line)
-        if acked >= 15:
+        if acked >= acks - 1:
             break
-    os.kill(proc.pid, signal.SIGKILL)  # mid-stream: the next batch may be half written
+    os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    # A writer that died on its own (a broken script) acknowledged nothing: the test must fail.
+    assert acked == acks - 1, f"the writer acknowledged {acked + 1} batches, not {acks}"
     writer = StoreWriter(path)
-    writer.open()  # replays the WAL; the integrity check passes
+    writer.open()
     writer.close()
     conn = open_reader(path)
     assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    return acked, conn
+
+
+def test_kill_9_keeps_every_acknowledged_batch(tmp_path: Path) -> None:
+    acked, conn = kill_9_after_acks(_WRITER, tmp_path / "s.db")
     batches = conn.execute("SELECT json_extract(body, '$.n'), count(*) FROM records GROUP BY 1").fetchall()
     conn.close()
     counts = dict(batches)
@@ -583,23 +591,7 @@ _NATIVE_WRITER = textwrap.dedent(
 
 @needs_native
 def test_kill_9_keeps_every_batch_the_native_writer_acknowledged(tmp_path: Path) -> None:
-    path = tmp_path / "s.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _NATIVE_WRITER.format(repo=str(REPO), path=str(path))], stdout=subprocess.PIPE, text=True
-    )
-    assert proc.stdout is not None
-    acked = -1
-    for line in proc.stdout:
-        acked = int(line)
-        if acked >= 15:
-            break
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    writer = StoreWriter(path)
-    writer.open()
-    writer.close()
-    conn = open_reader(path)
-    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    acked, conn = kill_9_after_acks(_NATIVE_WRITER, tmp_path / "s.db")
     counts = dict(conn.execute("SELECT verb, count(*) FROM records GROUP BY 1").fetchall())
     conn.close()
     assert all(counts.get(f"v{n}") == 500 for n in range(acked + 1)), "an acknowledged batch is missing"
