@@ -415,29 +415,36 @@ def main() -> int:
     if args.filter_only:
         return multiline_filter_only(args)
     selected = rows(args)
-    runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
-    naive_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
-    before_runs: dict[str, list[Measured]] = {row.name: [] for row in selected}
+    results = Results.of(selected)
     global RECEIVER_PROC
     if any(row.output == "http" for row in selected):
         RECEIVER_PROC = Receiver(Path(tempfile.mkdtemp(prefix="kubetrail-bench-http-", dir=args.output_dir)))
     try:
-        rounds(args, selected, runs, naive_runs, before_runs)
+        rounds(args, selected, results)
     finally:
         if RECEIVER_PROC is not None:
             RECEIVER_PROC.stop()
             shutil.rmtree(RECEIVER_PROC.target.parent, ignore_errors=True)
-    report(args, selected, runs, naive_runs, before_runs)
+    report(args, selected, results)
     return 0
 
 
-def rounds(
-    args: argparse.Namespace,
-    selected: list[Row],
-    runs: dict[str, list[Measured]],
-    naive_runs: dict[str, list[Measured]],
-    before_runs: dict[str, list[Measured]],
-) -> None:
+@dataclass
+class Results:
+    """Each row's measurements by name: with this checkout, with the naive reference command,
+    and with the ``--before`` checkout."""
+
+    runs: dict[str, list[Measured]]
+    naive_runs: dict[str, list[Measured]]
+    before_runs: dict[str, list[Measured]]
+
+    @classmethod
+    def of(cls, selected: list[Row]) -> Results:
+        return cls(*({row.name: [] for row in selected} for _ in range(3)))
+
+
+def rounds(args: argparse.Namespace, selected: list[Row], results: Results) -> None:
+    runs, naive_runs, before_runs = results.runs, results.naive_runs, results.before_runs
     for _ in range(args.repeat):
         for row in selected:
             for tree in ([args.before] if args.before else []) + [None]:
@@ -451,13 +458,8 @@ def rounds(
                     naive_runs[row.name].append(naive)
 
 
-def report(
-    args: argparse.Namespace,
-    selected: list[Row],
-    runs: dict[str, list[Measured]],
-    naive_runs: dict[str, list[Measured]],
-    before_runs: dict[str, list[Measured]],
-) -> None:
+def report(args: argparse.Namespace, selected: list[Row], results: Results) -> None:
+    runs, naive_runs, before_runs = results.runs, results.naive_runs, results.before_runs
     print(f"{cpu_count_hint()}; median of {args.repeat} rounds; input sizes:")
     for row in selected:
         print(f"  {row.name}: {row.src.name} ({row.src.stat().st_size / 1e6:.0f} MB) -> {row.records:,} records")
