@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import gzip
 import json
 import signal
@@ -64,7 +65,8 @@ rules:
   - level: Metadata
 """
 
-CONFIG = """
+# The two paths of the audit records into kubetrail: the webhook receiver and a tail of the log.
+AUDIT_INPUTS = """
 [SERVICE]
     grace     5
     log_level info
@@ -85,6 +87,10 @@ CONFIG = """
     read_from_head on
     rotate_wait    30
     db             {dir}/tail.db
+"""
+CONFIG = (
+    AUDIT_INPUTS
+    + """\
 [FILTER]
     name  kubernetes_audit
     match audit.webhook
@@ -106,6 +112,7 @@ CONFIG = """
     file   file.jsonl
     format plain
 """
+)
 
 
 class FlakySink:
@@ -207,10 +214,13 @@ def keys_of(lines: list[bytes]) -> Counter[tuple[str, str]]:
     return counts
 
 
-@pytest.fixture(scope="module")
-def setup(control_plane_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    work = tmp_path_factory.mktemp("audit-e2e")
-    ca = pki.make_ca("audit-e2e-ca")
+@contextlib.contextmanager
+def webhook_and_log_cluster(work: Path, binaries: Path, config_text: str, ca_name: str) -> Iterator[dict[str, Any]]:
+    """kubetrail (a real process, ``config_text`` formatted with ``port``, ``dir`` and
+    ``audit_log``) and a control plane whose API server sends its audit webhook to it (mutual
+    TLS, certificates of a new CA ``ca_name``) and logs to ``audit_log`` (rotating at 1 MB,
+    gzip backups) under :data:`POLICY`. Yields work, cluster, kubetrail, port and config."""
+    ca = pki.make_ca(ca_name)
     pki.write_cert(work / "ca.crt", ca.cert)
     pki.serving_cert(ca, "kubetrail-receiver").write(work / "receiver.crt", work / "receiver.key")
     pki.issue(ca, "kube-apiserver", client=True).write(work / "apiserver.crt", work / "apiserver.key")
@@ -219,13 +229,13 @@ def setup(control_plane_binaries: Path, tmp_path_factory: pytest.TempPathFactory
     port = free_port(set())
     cluster_dir = work / "cluster"
     config = work / "kubetrail.conf"
-    config.write_text(CONFIG.format(port=port, dir=work, audit_log=cluster_dir / "audit" / "audit.log"))
+    config.write_text(config_text.format(port=port, dir=work, audit_log=cluster_dir / "audit" / "audit.log"))
     kt = Kubetrail(config, work / "kubetrail.log")
     kt.start()  # before the cluster: the API server's first audit batches must find it
     wait_listening(port)
     cluster = LocalCluster.up(
         cluster_dir,
-        bin_dir=control_plane_binaries,
+        bin_dir=binaries,
         controllers=False,
         webhook_url=f"https://127.0.0.1:{port}/audit",
         webhook_ca=str(work / "ca.crt"),
@@ -242,6 +252,13 @@ def setup(control_plane_binaries: Path, tmp_path_factory: pytest.TempPathFactory
         cluster.down()
         if kt.proc is not None and kt.proc.poll() is None:
             kt.stop()
+
+
+@pytest.fixture(scope="module")
+def setup(control_plane_binaries: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    work = tmp_path_factory.mktemp("audit-e2e")
+    with webhook_and_log_cluster(work, control_plane_binaries, CONFIG, "audit-e2e-ca") as env:
+        yield env
 
 
 def workload(api: KubeAPI, norbac: KubeAPI, ns: str, round_: int) -> None:

@@ -36,34 +36,22 @@ import orjson
 import pytest
 
 from kubetrail.transforms.kubernetes_audit import _STAGE_CODE
-from localcluster import LocalCluster, pki
-from localcluster.process import free_port
+from localcluster import LocalCluster
 from tests.files import written_lines
-from tests.integration.test_audit import POLICY, Kubetrail, read_log, wait_listening, workload
+from tests.integration.test_audit import (
+    AUDIT_INPUTS,
+    Kubetrail,
+    read_log,
+    wait_listening,
+    webhook_and_log_cluster,
+    workload,
+)
 
 pytestmark = pytest.mark.cluster
 
-CONFIG = """
-[SERVICE]
-    grace     5
-    log_level info
-[INPUT]
-    name           kubernetes_audit
-    tag            audit.webhook
-    listen         127.0.0.1
-    port           {port}
-    tls.crt_file   {dir}/receiver.crt
-    tls.key_file   {dir}/receiver.key
-    tls.ca_file    {dir}/ca.crt
-    ack_timeout    3
-[INPUT]
-    name           tail
-    tag            audit.file
-    path           {audit_log}
-    parser         k8s_audit
-    read_from_head on
-    rotate_wait    30
-    db             {dir}/tail.db
+CONFIG = (
+    AUDIT_INPUTS
+    + """\
 [FILTER]
     name  kubernetes_audit
     match audit.*
@@ -74,43 +62,13 @@ CONFIG = """
     path   {dir}/out
     file   audit.out
 """
+)
 
 
 @pytest.fixture
 def setup(control_plane_binaries: Path, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    work = tmp_path
-    ca = pki.make_ca("audit-one-filter-ca")
-    pki.write_cert(work / "ca.crt", ca.cert)
-    pki.serving_cert(ca, "kubetrail-receiver").write(work / "receiver.crt", work / "receiver.key")
-    pki.issue(ca, "kube-apiserver", client=True).write(work / "apiserver.crt", work / "apiserver.key")
-    (work / "policy.yaml").write_text(POLICY)
-    (work / "out").mkdir()
-    port = free_port(set())
-    cluster_dir = work / "cluster"
-    config = work / "kubetrail.conf"
-    config.write_text(CONFIG.format(port=port, dir=work, audit_log=cluster_dir / "audit" / "audit.log"))
-    kt = Kubetrail(config, work / "kubetrail.log")
-    kt.start()  # before the cluster: the API server's first audit batches must find it
-    wait_listening(port)
-    cluster = LocalCluster.up(
-        cluster_dir,
-        bin_dir=control_plane_binaries,
-        controllers=False,
-        webhook_url=f"https://127.0.0.1:{port}/audit",
-        webhook_ca=str(work / "ca.crt"),
-        webhook_client_cert=str(work / "apiserver.crt"),
-        webhook_client_key=str(work / "apiserver.key"),
-        audit_log_maxsize=1,
-        audit_log_maxbackup=100,
-        audit_log_compress=True,
-        apiserver_extra_args=[f"--audit-policy-file={work / 'policy.yaml'}"],
-    )
-    try:
-        yield {"work": work, "cluster": cluster, "kubetrail": kt, "port": port}
-    finally:
-        cluster.down()
-        if kt.proc is not None and kt.proc.poll() is None:
-            kt.stop()
+    with webhook_and_log_cluster(tmp_path, control_plane_binaries, CONFIG, "audit-one-filter-ca") as env:
+        yield env
 
 
 def delivered(path: Path, lines: dict[tuple[str, str], list[int]] | None = None) -> dict[tuple[str, str], list[str]]:
