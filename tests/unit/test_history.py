@@ -4,44 +4,21 @@ bad input (unknown kind, no records, missing or corrupt store)."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
-from click.testing import CliRunner, Result
 
-from kubetrail.cli.main import main
-from kubetrail.core.record import Batch
 from kubetrail.history.model import REDACTED, redact_record
-from kubetrail.sinks.sqlite import SqliteSink
-from tests.unit.helpers import build
+from tests.unit.history_helpers import cli, entries, fill
 from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, story
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("store") / "s.db"
-    sink = build(SqliteSink, path=str(path))
-
-    async def fill() -> None:
-        await sink.start()
-        await sink.write(Batch("t", story()))
-        await sink.close()
-
-    asyncio.run(fill())
+    fill(path, story())
     return path
-
-
-def cli(store: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, [*args, "--store", str(store)])
-
-
-def entries(store: Path, *args: str) -> list[dict[str, Any]]:
-    result = cli(store, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return [orjson.loads(line) for line in result.stdout.splitlines()]
 
 
 def test_history_merges_audit_and_events_oldest_first(store: Path) -> None:

@@ -6,33 +6,18 @@ rule), simple filters, redaction, retention, and a store of the previous schema.
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
-from click.testing import CliRunner, Result
 
-from kubetrail.cli.main import main
-from kubetrail.core.record import Batch, Record, identity_key
-from kubetrail.sinks.sqlite import SqliteSink, StoreWriter, alert_ident, row_of
-from tests.unit.helpers import build, write
+from kubetrail.core.record import Record, identity_key
+from kubetrail.sinks.sqlite import StoreWriter, alert_ident, row_of
+from tests.unit.helpers import write
+from tests.unit.history_helpers import cli, entries, fill
 from tests.unit.history_story import SA_CI, SECRET_VALUE, T0, alerts, audit, story
-
-
-def fill(path: Path, *batches: list[Record]) -> None:
-    """Each list is one write (one commit), in order: as batches reach the output."""
-    sink = build(SqliteSink, path=str(path))
-
-    async def run() -> None:
-        await sink.start()
-        for records in batches:
-            await sink.write(Batch("t", records))
-        await sink.close()
-
-    asyncio.run(run())
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +27,6 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     records = story()
     fill(path, alerts(records), records)
     return path
-
-
-def cli(store: Path, *args: str) -> Result:
-    return CliRunner().invoke(main, [*args, "--store", str(store)])
-
-
-def entries(store: Path, *args: str) -> list[dict[str, Any]]:
-    result = cli(store, *args, "--json")
-    assert result.exit_code == 0, result.output
-    return [orjson.loads(line) for line in result.stdout.splitlines()]
 
 
 def rows(path: Path, sql: str) -> list[tuple[Any, ...]]:

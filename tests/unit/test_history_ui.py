@@ -6,7 +6,6 @@ the page polls, with records written into the store while the UI runs."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import shutil
@@ -20,9 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from kubetrail.core.record import Batch
-from kubetrail.sinks.sqlite import SqliteSink
-from tests.unit.helpers import build
+from tests.unit.history_helpers import fill, ui_server
 from tests.unit.history_story import SECRET_VALUE, audit, deployment, event, story
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,36 +34,12 @@ def chromium() -> str:
     pytest.skip("no chromium (scripts/setup installs Debian's chromium)")
 
 
-def fill(path: Path, records: list) -> None:  # type: ignore[type-arg]
-    sink = build(SqliteSink, path=str(path))
-
-    async def run() -> None:
-        await sink.start()
-        await sink.write(Batch("t", records))
-        await sink.close()
-
-    asyncio.run(run())
-
-
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     store = tmp_path_factory.mktemp("ui") / "s.db"
     fill(store, story())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetrail.cli.main", "ui", "--store", str(store), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(r"(http://\S+)", line)
-    assert match, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"  # type: ignore[union-attr]
-    try:
-        yield match.group(1), store
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0
+    with ui_server(store) as url:
+        yield url, store
 
 
 def browse(url: str, tmp_path: Path, screenshot: str | None = None) -> str:
@@ -204,16 +177,8 @@ def test_the_recorded_example_in_the_browser(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetrail.cli.main", "ui", "--store", str(store), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        match = re.search(r"(http://\S+)", proc.stdout.readline())
-        assert match
-        page = parse(browse(match.group(1) + "?q=deploy/shop/web", tmp_path, "ui-example.png"))
+    with ui_server(store) as url:
+        page = parse(browse(url + "?q=deploy/shop/web", tmp_path, "ui-example.png"))
         texts = [row["text"] for row in page.rows]
         assert any(t.startswith("create deployments/shop/web by admin") for t in texts)
         warnings = [row for row in page.rows if "Warning" in row["class"]]
@@ -227,6 +192,3 @@ def test_the_recorded_example_in_the_browser(tmp_path: Path) -> None:
         refused = next(i for i, t in enumerate(texts) if "by norbac" in t)
         assert [row["kind"] for row in page.rows[refused + 1 : refused + 3]] == ["alert", "alert"]
         assert all("p-warning" in row["class"] for row in page.rows[refused + 1 : refused + 3])
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)

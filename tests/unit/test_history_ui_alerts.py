@@ -14,8 +14,6 @@ import asyncio
 import base64
 import itertools
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,8 +24,8 @@ import orjson
 import pytest
 
 from kubetrail.core.record import Record
+from tests.unit.history_helpers import fill, ui_server
 from tests.unit.history_story import SA_CI, SECRET_VALUE, alerts, audit, deployment, story
-from tests.unit.test_history_alerts import fill
 from tests.unit.test_history_ui import ARTIFACTS, chromium
 
 # Every row of the timeline as the page shows it: kind, classes, badge, rule, text, link.
@@ -47,20 +45,8 @@ def ui(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     store = tmp_path / "s.db"
     records = story()
     fill(store, alerts(records), records)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "kubetrail.cli.main", "ui", "--store", str(store), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    match = re.search(r"(http://\S+)", proc.stdout.readline())
-    assert match, proc.stderr.read() if proc.poll() is not None else "no URL"  # type: ignore[union-attr]
-    try:
-        yield match.group(1), store
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0
+    with ui_server(store) as url:
+        yield url, store
 
 
 class Browser:

@@ -1,0 +1,67 @@
+"""What the history tests share: a store written by the real ``sqlite`` output, ``kubetrail
+history``/``who``/``search`` through click's runner, and ``kubetrail ui`` as a real process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+from click.testing import CliRunner, Result
+
+from kubetrail.cli.main import main
+from kubetrail.core.record import Batch, Record
+from kubetrail.sinks.sqlite import SqliteSink
+from tests.unit.helpers import build
+
+
+def fill(path: Path, *batches: list[Record]) -> None:
+    """Each list is one write (one commit), in order: as batches reach the output."""
+    sink = build(SqliteSink, path=str(path))
+
+    async def run() -> None:
+        await sink.start()
+        for records in batches:
+            await sink.write(Batch("t", records))
+        await sink.close()
+
+    asyncio.run(run())
+
+
+def cli(store: Path, *args: str) -> Result:
+    return CliRunner().invoke(main, [*args, "--store", str(store)])
+
+
+def entries(store: Path, *args: str) -> list[dict[str, Any]]:
+    """The timeline entries ``--json`` prints (the command must succeed)."""
+    result = cli(store, *args, "--json")
+    assert result.exit_code == 0, result.output
+    return [orjson.loads(line) for line in result.stdout.splitlines()]
+
+
+@contextlib.contextmanager
+def ui_server(store: Path) -> Iterator[str]:
+    """``kubetrail ui`` on ``store`` (a free port): its URL. Stopped by SIGTERM after the block,
+    which it must answer with exit code 0 (checked only when the block itself succeeded)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kubetrail.cli.main", "ui", "--store", str(store), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = proc.stdout.readline()
+        match = re.search(r"(http://\S+)", line)
+        assert match, f"no URL printed: {line!r} {proc.stderr.read() if proc.poll() is not None else ''}"
+        yield match.group(1)
+    finally:
+        proc.terminate()
+        code = proc.wait(timeout=10)
+    assert code == 0, f"kubetrail ui exited {code}"
