@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -212,27 +213,36 @@ def tiny_disk(tmp_path: Path) -> object:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-async def test_a_full_disk_stops_acknowledging_and_loses_nothing(tiny_disk: Path) -> None:
-    path = tiny_disk / "s.db"
-    s = sink(path)
-    await s.start()
+async def write_until_full(s: SqliteSink, disk: Path, batch: Callable[[int], Batch]) -> tuple[list[int], int]:
+    """Writes ``batch(0)``, ``batch(1)``... until the disk is full (the write must fail saying
+    so), then makes room again (the operator grows the volume). Returns the acknowledged
+    batches and the one that failed."""
     acked: list[int] = []
     failed_at = None
     for n in range(400):
-        records = [Record("t", n * 1000 + i, {"n": n, "pad": "z" * 200}, identity=("d", n, i)) for i in range(100)]
         try:
-            await s.write(Batch("t", records))
+            await s.write(batch(n))
             acked.append(n)
         except RetryableError as exc:
             assert "full" in str(exc)
             failed_at = n
             break
     assert failed_at is not None, "the disk never filled"
-    # Room again (the operator grows the volume): the same batch is retried and goes in once.
-    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
-    retry = [Record("t", failed_at * 1000 + i, {"n": failed_at, "pad": "z" * 200}, identity=("d", failed_at, i))
-             for i in range(100)]  # fmt: skip
-    await s.write(Batch("t", retry))
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    return acked, failed_at
+
+
+async def test_a_full_disk_stops_acknowledging_and_loses_nothing(tiny_disk: Path) -> None:
+    path = tiny_disk / "s.db"
+    s = sink(path)
+    await s.start()
+
+    def batch(n: int) -> Batch:
+        records = [Record("t", n * 1000 + i, {"n": n, "pad": "z" * 200}, identity=("d", n, i)) for i in range(100)]
+        return Batch("t", records)
+
+    acked, failed_at = await write_until_full(s, tiny_disk, batch)
+    await s.write(batch(failed_at))  # the same batch, retried with room again, goes in once
     await s.close()
     conn = open_reader(path)
     counts = dict(conn.execute("SELECT json_extract(body, '$.n'), count(*) FROM records GROUP BY 1").fetchall())
@@ -604,19 +614,12 @@ async def test_a_full_disk_stops_the_native_writer_and_loses_nothing(tiny_disk: 
     s = sink(path)
     await s.start()
     assert s.writer.native is not None
-    acked: list[int] = []
-    failed_at = None
-    for n in range(400):
-        try:
-            await s.write(_lazy([_audit_line(n * 100 + i, verb=f"v{n}") for i in range(100)]))
-            acked.append(n)
-        except RetryableError as exc:
-            assert "full" in str(exc)
-            failed_at = n
-            break
-    assert failed_at is not None, "the disk never filled"
-    subprocess.run(["mount", "-o", "remount,size=8m", str(tiny_disk)], check=True)
-    await s.write(_lazy([_audit_line(failed_at * 100 + i, verb=f"v{failed_at}") for i in range(100)]))
+
+    def batch(n: int) -> Batch:
+        return _lazy([_audit_line(n * 100 + i, verb=f"v{n}") for i in range(100)])
+
+    acked, failed_at = await write_until_full(s, tiny_disk, batch)
+    await s.write(batch(failed_at))
     await s.close()
     conn = open_reader(path)
     counts = dict(conn.execute("SELECT verb, count(*) FROM records GROUP BY 1").fetchall())
