@@ -204,10 +204,7 @@ impl<'a> Cursor<'a> {
             b'{' => {
                 self.at += 1;
                 push(out, b"{");
-                self.ws();
-                if self.peek() == Some(b'}') {
-                    self.at += 1;
-                } else {
+                if !self.empty(b'}') {
                     // A key repeated in a nested object: orjson's dict keeps its first place
                     // with the last value, so the text is Python's to write. Only checked where
                     // the text is written; no allocation for objects of one member.
@@ -227,17 +224,8 @@ impl<'a> Cursor<'a> {
                         push(out, b":");
                         self.ws();
                         self.json_value(out, depth + 1)?;
-                        self.ws();
-                        match self.peek() {
-                            Some(b',') => {
-                                self.at += 1;
-                                push(out, b",");
-                            }
-                            Some(b'}') => {
-                                self.at += 1;
-                                break;
-                            }
-                            _ => return Err(Slow),
+                        if !self.next_item(out, b'}')? {
+                            break;
                         }
                     }
                 }
@@ -246,24 +234,12 @@ impl<'a> Cursor<'a> {
             b'[' => {
                 self.at += 1;
                 push(out, b"[");
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.at += 1;
-                } else {
+                if !self.empty(b']') {
                     loop {
                         self.ws();
                         self.json_value(out, depth + 1)?;
-                        self.ws();
-                        match self.peek() {
-                            Some(b',') => {
-                                self.at += 1;
-                                push(out, b",");
-                            }
-                            Some(b']') => {
-                                self.at += 1;
-                                break;
-                            }
-                            _ => return Err(Slow),
+                        if !self.next_item(out, b']')? {
+                            break;
                         }
                     }
                 }
@@ -283,6 +259,34 @@ impl<'a> Cursor<'a> {
             _ => return Err(Slow),
         }
         Ok(())
+    }
+
+    /// Just past an opening bracket: true, and past `close` too, when the container is empty.
+    fn empty(&mut self, close: u8) -> bool {
+        self.ws();
+        let empty = self.peek() == Some(close);
+        if empty {
+            self.at += 1;
+        }
+        empty
+    }
+
+    /// After a member or an element: a `,` (written to `out`; true: another follows) or the
+    /// container's `close` (consumed, not written; false). Anything else is Python's.
+    fn next_item(&mut self, out: &mut Option<&mut Vec<u8>>, close: u8) -> Walk<bool> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.at += 1;
+                push(out, b",");
+                Ok(true)
+            }
+            Some(byte) if byte == close => {
+                self.at += 1;
+                Ok(false)
+            }
+            _ => Err(Slow),
+        }
     }
 
     fn skip_number(&mut self) {
@@ -313,10 +317,7 @@ impl<'a> Cursor<'a> {
     ) -> Walk<()> {
         self.ws();
         self.expect(b'{')?;
-        self.ws();
-        if self.peek() == Some(b'}') {
-            self.at += 1;
-        } else {
+        if !self.empty(b'}') {
             loop {
                 self.ws();
                 let key = self.string()?;
@@ -324,14 +325,8 @@ impl<'a> Cursor<'a> {
                 self.expect(b':')?;
                 self.ws();
                 member(key, self)?;
-                self.ws();
-                match self.peek() {
-                    Some(b',') => self.at += 1,
-                    Some(b'}') => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return Err(Slow),
+                if !self.next_item(&mut None, b'}')? {
+                    break;
                 }
             }
         }
