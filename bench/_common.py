@@ -10,6 +10,7 @@ import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,14 +113,46 @@ class Measured:
     returncode: int
 
 
+def _vm_hwm_mb(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def measure(command: list[str], **kwargs: object) -> Measured:
-    """Run a child process; wall time, CPU seconds (user+sys) and peak RSS of that child alone."""
+    """Run a child process; wall time, CPU seconds (user+sys) and peak RSS of that child alone.
+
+    Peak RSS is the child's own ``VmHWM``, read every 20 ms while it runs; the last read counts
+    (it only grows within one program, and a read between fork and exec would show the
+    parent's). ``wait4``'s ``ru_maxrss`` is used only where no read worked: Linux carries the
+    parent's peak into a child across ``exec``, so a benchmark process that once held 500 MB
+    made every later child report at least 500 MB."""
     start = time.perf_counter()
     proc = subprocess.Popen(command, **kwargs)  # type: ignore[call-overload]
+    last: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            hwm = _vm_hwm_mb(proc.pid)
+            if hwm is not None:
+                last[:] = [hwm]
+            done.wait(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    done.set()
+    poller.join()
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return Measured(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, proc.returncode)
+    rss = last[0] if last else usage.ru_maxrss / 1024
+    return Measured(wall, usage.ru_utime + usage.ru_stime, rss, proc.returncode)
 
 
 def cpu_count_hint() -> str:
