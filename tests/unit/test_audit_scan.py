@@ -1,7 +1,7 @@
 """The native audit scan (``kubetrail_native``) against the pure-Python scan it replaces.
 
 Both must say the same of every line: code, dedupe key, identity and output bytes. The input
-is real audit lines (the shared audit2rbac log, the benchmark generator's events) plus lines made
+is real audit lines (the audit2rbac demo log in tests/fixtures/, the benchmark generator's events) plus lines made
 to hit each edge: escapes, non-ASCII text, nulls, wrong types, unknown stages, not-JSON, lines
 that are not object literals, Secrets and TokenRequests to redact.
 """
@@ -21,7 +21,7 @@ from kubetrail.transforms import kubernetes_audit
 from kubetrail.transforms.kubernetes_audit import DONE, DROP, PASS, RETRY, SLOW, KubernetesAuditTransform, _PyScan
 from tests.unit.helpers import build
 
-SHARED_LOG = Path(__file__).resolve().parents[3] / "shared" / "testdata" / "audit2rbac" / "demo.log"
+SHARED_LOG = Path(__file__).resolve().parents[1] / "fixtures" / "audit2rbac" / "demo.log"  # tests/fixtures/NOTICE.md
 
 native_only = pytest.mark.skipif(kubernetes_audit.NativeScanner is None, reason="kubetrail_native is not built")
 

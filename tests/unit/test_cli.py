@@ -17,7 +17,7 @@ from tests.fakes.http_server import ScriptedServer
 from tests.unit.helpers import write
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO_LOG = REPO.parent / "shared" / "testdata" / "audit2rbac" / "demo.log"
+DEMO_LOG = REPO / "tests" / "fixtures" / "audit2rbac" / "demo.log"  # see tests/fixtures/NOTICE.md
 
 
 def kubetrail(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
