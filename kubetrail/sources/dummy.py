@@ -31,6 +31,7 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.sources.periodic import stopped_before
 
 DEFAULT_MESSAGE = '{"message":"dummy"}'
 
@@ -120,13 +121,8 @@ class DummySource(Source):
             if self.samples and self.ticks >= self.samples:
                 await self._stop.wait()  # idle, as Fluent Bit's collector after the last sample
                 return
-            delay = due - loop.time()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                    return
-                except TimeoutError:
-                    pass
+            if await stopped_before(self._stop, due):
+                return
             await emitter.send(self._tick_batch())
             self.ticks += 1
             due += self.period

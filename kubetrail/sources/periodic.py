@@ -24,6 +24,18 @@ INTERVAL_OPTIONS = (
 )
 
 
+async def stopped_before(stop: asyncio.Event, due: float) -> bool:
+    """Wait until the loop time ``due``; True when ``stop`` was set first (the collector ends)."""
+    delay = due - asyncio.get_running_loop().time()
+    if delay <= 0:
+        return stop.is_set()
+    try:
+        await asyncio.wait_for(stop.wait(), delay)
+    except TimeoutError:
+        return False
+    return True
+
+
 class PeriodicSource(Source):
     """Calls :meth:`sample` every period and sends the body it returns as one record (None:
     nothing this time)."""
@@ -47,13 +59,8 @@ class PeriodicSource(Source):
         loop = asyncio.get_running_loop()
         due = loop.time() + self.period
         while not self._stop.is_set():
-            delay = due - loop.time()
-            if delay > 0:
-                try:
-                    await asyncio.wait_for(self._stop.wait(), delay)
-                    return
-                except TimeoutError:
-                    pass
+            if await stopped_before(self._stop, due):
+                return
             body = self.sample()
             if body is not None:
                 record = Record(self.tag, time.time_ns(), body)
