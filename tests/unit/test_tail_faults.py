@@ -182,3 +182,26 @@ def test_rotated_twice_and_gzipped_while_stopped_loses_and_repeats_nothing(tmp_p
     seen = _delivered(tmp_path)
     assert sorted(seen) == list(range(1, 401)), f"lost: {sorted(set(range(1, 401)) - set(seen))[:10]}"
     assert [n for n, c in seen.items() if c > 1] == []
+
+
+def test_a_short_files_fingerprint_grows_only_while_its_head_is_the_same(tmp_path: Path) -> None:
+    """A checkpoint commit fingerprints more of a file that was short when opened, but not a
+    file truncated and written again since (copytruncate): that fingerprint must stay the old
+    content's, which is how the copy holding the unread rest is found."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from kubetrail.sources.tail import _grow_fingerprint
+
+    path = tmp_path / "c.log"
+    path.write_bytes(b"n0\n")
+    with path.open("rb") as handle:
+        tailed = SimpleNamespace(handle=handle, fp_len=3, fingerprint=hashlib.sha256(b"n0\n").digest())
+        os.truncate(path, 0)
+        path.write_bytes(b"m0\nm1 a longer new line\n")
+        _grow_fingerprint(tailed)  # type: ignore[arg-type]
+        assert (tailed.fp_len, tailed.fingerprint) == (3, hashlib.sha256(b"n0\n").digest())
+        grown = b"n0\nn1 grown in place\n"
+        path.write_bytes(grown)
+        _grow_fingerprint(tailed)  # type: ignore[arg-type]
+        assert (tailed.fp_len, tailed.fingerprint) == (len(grown), hashlib.sha256(grown).digest())
