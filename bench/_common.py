@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
 CACHE = Path(os.environ.get("KUBETRAIL_CACHE_DIR", Path.home() / ".cache" / "kubetrail")) / "bench"
 
 
@@ -40,13 +39,13 @@ def warm_free_memory(directory: Path, megabytes: int = 2048) -> None:
 
 
 def audit_lines_file(count: int) -> Path:
-    """``count`` lines from shared/bench/gen_audit.py, generated once and cached outside the repo."""
+    """``count`` lines from bench/gen_audit.py, generated once and cached outside the repo."""
     CACHE.mkdir(parents=True, exist_ok=True)
     target = CACHE / f"audit-{count}.jsonl"
     if not target.exists():
         partial = target.with_suffix(".tmp")
         with partial.open("wb") as out:
-            subprocess.run([sys.executable, str(SHARED / "bench" / "gen_audit.py"), str(count)], stdout=out, check=True)
+            subprocess.run([sys.executable, str(REPO / "bench" / "gen_audit.py"), str(count)], stdout=out, check=True)
         partial.rename(target)
     return target
 

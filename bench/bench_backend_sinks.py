@@ -8,7 +8,7 @@ protobuf, file exporter, ``tests/servers/otelcol.py``), ``splunk`` -> the fake H
 (``tests/fakes/splunk.py``, Splunk cannot be installed here; run in its own process). Servers are
 started one at a time, each stopped before the next, so they do not compete for the 2 cores.
 
-Input: audit events from shared/bench/gen_audit.py (~0.9 KB each) in batches of 1,000 records as
+Input: audit events from bench/gen_audit.py (~0.9 KB each) in batches of 1,000 records as
 the tail source hands them over (``bench/_sinks.py``); each sink's ``write`` is awaited batch
 after batch, as the sink runner does with one worker. A retryable answer (e.g. a 429) is retried
 after a short pause and counted, so the figure includes it. After each run the records are

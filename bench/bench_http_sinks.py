@@ -1,7 +1,7 @@
 """Benchmark: records/s through the ``http`` sink (json_lines, gzip on/off) to a loopback receiver,
 against the ``file`` sink (format plain, fsync per batch) in the same run.
 
-Input: audit events from shared/bench/gen_audit.py (~1 KB each), in batches of 1,000 records
+Input: audit events from bench/gen_audit.py (~1 KB each), in batches of 1,000 records
 as the tail source hands them over: the original JSON lines (``raw_block``) plus lazily built
 records. The sink's ``write`` is awaited batch after batch, as the sink runner does with one
 worker. The receiver is an aiohttp server in another process (its CPU does not count here): it

@@ -1,7 +1,7 @@
 """Benchmark: records/s through the ``forward`` and ``syslog`` (tcp) sinks to local receivers,
 against the ``file`` sink (format plain, fsync per batch) in the same run.
 
-Input: audit events from shared/bench/gen_audit.py (~1 KB each) in batches of 1,000 records,
+Input: audit events from bench/gen_audit.py (~1 KB each) in batches of 1,000 records,
 handed over as the tail source does (original JSON lines plus lazily built records); each
 sink's ``write`` is awaited batch after batch (one worker, as the sink runner does).
 
