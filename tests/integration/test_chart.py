@@ -175,6 +175,9 @@ def test_rendered_configs_are_valid_and_a_broken_one_is_named(
         (["--set", "audit.webhook.enabled=true", "--set", "audit.webhook.tlsSecret=x"], "clientCASecret"),
         (["--set", "events.api=v2"], "/events/api"),
         (["--set", "image.pullPolicy=Sometimes"], "/image/pullPolicy"),
+        (["--set", "audit.file.enabled=true", "--set", "audit.file.webhook.enabled=true"], "audit.webhook.tlsSecret"),
+        (["--set", "audit.file.webhook.port=http"], "/audit/file/webhook/port"),
+        ([*ALL_PARTS, "--set", "audit.file.webhook.enabled=true"], "the API server posts to one receiver"),
     ],
 )
 def test_bad_values_fail_with_the_value_named(
@@ -183,6 +186,59 @@ def test_bad_values_fail_with_the_value_named(
     result = run_helm(local_cluster, "template", RELEASE, str(CHART), *args, check=False)
     assert result.returncode != 0
     assert message in result.stderr, result.stderr
+
+
+COMBINED_AUDIT = [
+    "--set",
+    "audit.webhook.tlsSecret=kt-audit-tls",
+    "--set",
+    "audit.webhook.tokenSecret=kt-audit-token",
+    "--set",
+    "audit.file.enabled=true",
+    "--set",
+    "audit.file.webhook.enabled=true",
+    "--set",
+    "audit.file.webhook.port=9443",
+]
+
+
+def test_audit_file_part_with_the_webhook_runs_both_into_one_filter(
+    local_cluster: LocalCluster, helm: Path, tmp_path: Path
+) -> None:
+    docs = render(local_cluster, *COMBINED_AUDIT)
+    assert not [d for d in docs if "audit-webhook" in d["metadata"]["name"]]  # no separate receiver
+    (daemonset,) = [d for d in docs if d["kind"] == "DaemonSet" and d["metadata"]["name"].endswith("audit-file")]
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["hostNetwork"] is True
+    assert pod["securityContext"]["fsGroup"] == 65532
+    container = pod["containers"][0]
+    assert {"name": "audit", "containerPort": 9443, "protocol": "TCP"} in container["ports"]
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert {"/etc/kubetrail/tls", "/etc/kubetrail/token", "/var/log/kubernetes/audit"} <= mounts
+    secrets = {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"kt-audit-tls", "kt-audit-token"}
+    (hook,) = [d for d in docs if d["kind"] == "Job"]
+    (check,) = [c for c in hook["spec"]["template"]["spec"]["containers"] if c["name"] == "audit-file"]
+    assert "/etc/kubetrail/tls" in {m["mountPath"] for m in check["volumeMounts"]}
+
+    configs = part_configs(docs)
+    text = configs["kt-kubetrail-audit-file/kubetrail.conf"]
+    assert text == configs["kt-kubetrail-config-check/audit-file.conf"]
+    assert text.count("[FILTER]") == 1 and "match kube.audit.*" in text
+    assert "tag               kube.audit.webhook" in text and "tag          kube.audit.file" in text
+    assert "db    /var/lib/kubetrail/state/audit-keys.db" in text
+    ca = make_ca()
+    pair = serving_cert(ca, "kt-kubetrail-audit-webhook")
+    write_cert(tmp_path / "tls.crt", pair.cert)
+    write_key(tmp_path / "tls.key", pair.key)
+    (tmp_path / "token").write_text("s3cret\n")
+    text = text.replace("/etc/kubetrail/tls", str(tmp_path)).replace("/etc/kubetrail/token", str(tmp_path))
+    result = kubetrail_check(text, tmp_path)
+    assert result.returncode == 0, result.stderr
+    # A user's own filter db wins over the chart's.
+    own = render(local_cluster, *COMBINED_AUDIT, "--set", "audit.file.filter.db=/var/lib/kubetrail/state/mine.db")
+    text = part_configs(own)["kt-kubetrail-audit-file/kubetrail.conf"]
+    assert "audit-keys.db" not in text and text.count("mine.db") == 1
 
 
 def _secrets(admin: KubeAPI, namespace: str, tmp_path: Path) -> None:

@@ -170,13 +170,58 @@ helm.sh/chart: {{ printf "%s-%s" .root.Chart.Name .root.Chart.Version | replace 
     db           /var/lib/kubetrail/state/audit-file.db
     rotate_wait  {{ $f.rotateWait }}
     storage.type filesystem
+{{- if $f.webhook.enabled }}
+{{- $w := .Values.audit.webhook }}
+
+[INPUT]
+    name              kubernetes_audit
+    alias             audit-webhook
+    tag               kube.audit.webhook
+    port              {{ $f.webhook.port }}
+    path              {{ $w.path }}
+    tls.crt_file      /etc/kubetrail/tls/tls.crt
+    tls.key_file      /etc/kubetrail/tls/tls.key
+{{- if $w.clientCASecret }}
+    tls.ca_file       /etc/kubetrail/client-ca/ca.crt
+{{- end }}
+{{- if $w.tokenSecret }}
+    bearer_token_file /etc/kubetrail/token/token
+{{- end }}
+    storage.type      filesystem
+{{- end }}
 
 [FILTER]
     name  kubernetes_audit
     alias audit
     match kube.audit.*
+{{- if and $f.webhook.enabled (not (hasKey $f.filter "db")) }}
+{{- /* Both paths' keys outlive a restart (the webhook re-sends what was not answered 2xx, the
+     log is read again from its checkpoint): the filter keeps them in the node's state dir. */}}
+    db    /var/lib/kubetrail/state/audit-keys.db
+{{- end }}
 {{- include "kubetrail.optionLines" $f.filter }}
 {{ include "kubetrail.tail" (dict "root" . "outputs" $f.outputs) }}
+{{- end -}}
+
+{{/* With a cluster to ask (helm install/upgrade, template --dry-run=server), a missing webhook
+     Secret fails now, not as a pod stuck in ContainerCreating. */}}
+{{- define "kubetrail.checkWebhookSecrets" -}}
+{{- $w := .Values.audit.webhook -}}
+{{- if lookup "v1" "Namespace" "" .Release.Namespace }}
+{{- range $key := list "tlsSecret" "clientCASecret" "tokenSecret" }}
+{{- $name := get $w $key }}
+{{- if and $name (not (lookup "v1" "Secret" $.Release.Namespace $name)) }}
+{{- fail (printf "audit.webhook.%s: Secret %q not found in namespace %q" $key $name $.Release.Namespace) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* "true" when the part (dict "root" $ "part" NAME) serves the audit webhook and so needs its Secrets. */}}
+{{- define "kubetrail.receivesWebhook" -}}
+{{- if or (eq .part "audit-webhook") (and (eq .part "audit-file") .root.Values.audit.file.enabled .root.Values.audit.file.webhook.enabled) -}}
+true
+{{- end -}}
 {{- end -}}
 
 {{- define "kubetrail.config.aggregator" -}}
