@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from kubetrail.core import secrets
 from kubetrail.core.errors import ConfigError, Location
 from kubetrail.core.values import parse_bool, parse_duration, parse_size, split_list
 
@@ -32,6 +33,9 @@ class Option:
     # key starting with what comes before the ``*`` belongs to it; the value is a dict of
     # ``suffix -> text`` (passed through to a library, which validates them itself).
     prefix: bool = False
+    # A credential: the value may name files, ``${file:/path}``, read again when they rotate
+    # (kubetrail.core.secrets); the plugin then reads it with ``secrets.reveal``.
+    secret: bool = False
 
     def describe_allowed(self) -> str:
         if self.kind == "choice":
@@ -81,7 +85,13 @@ REDACTED = "<redacted>"
 def shown_value(name: str, value: Any) -> Any:
     """An option's value as ``kubetrail check`` and logs may show it: credentials written inline
     in a config (``http_passwd``, ``shared_key``, ``splunk_token``, ``security.users``, an
-    ``Authorization`` header) are redacted; files holding them (``*_file``) are shown."""
+    ``Authorization`` header) are redacted; files holding them (``*_file``, ``${file:...}``) are shown."""
+    if isinstance(value, secrets.Secret):
+        return value.text
+    if isinstance(value, list) and secrets.secrets_in(value):  # some items from files, some inline
+        inline = shown_value(name, [v for v in value if not isinstance(v, secrets.Secret)])
+        rest = iter(inline) if isinstance(inline, list) else iter([inline] * len(value))
+        return [item.text if isinstance(item, secrets.Secret) else next(rest) for item in value]
     if (name.endswith(_SECRET_SUFFIXES) or "password" in name) and isinstance(value, str | list) and value:
         return REDACTED
     if isinstance(value, dict) and name.endswith(".*"):  # a prefix family (rdkafka.sasl.password)
@@ -145,12 +155,16 @@ def resolve_options(
         if opt is None:
             family = next((o for o in declared.values() if o.prefix and prop.name.startswith(o.name[:-1])), None)
             if family is not None and len(prop.name) > len(family.name) - 1:
-                values.setdefault(family.name, {})[prop.name[len(family.name) - 1 :]] = prop.value
+                text = _credential(prop, family, declared.values(), label)
+                values.setdefault(family.name, {})[prop.name[len(family.name) - 1 :]] = text
                 continue
             allowed = ", ".join(sorted(declared))
             raise ConfigError(f"unknown property for {label}; allowed: {allowed}", prop.location, prop.name)
         try:
-            parsed = opt.parse(prop.value)
+            if secrets.has_reference(prop.value):
+                parsed = _credential(prop, opt, declared.values(), label)
+            else:
+                parsed = opt.parse(prop.value)
         except (ValueError, re.error) as exc:
             raise ConfigError(
                 f"bad value {prop.value!r} ({exc}); expected {opt.describe_allowed()}", prop.location, prop.name
@@ -168,6 +182,24 @@ def resolve_options(
             raise ConfigError(f"required property missing in {label}", section.location, opt.name)
         values[opt.name] = [] if opt.multiple else {} if opt.prefix else opt.default
     return values
+
+
+def _credential(prop: Property, opt: Option, options: Iterable[Option], label: str) -> secrets.Text:
+    """A string option's value; ``${file:...}`` read once here (a bad file stops the start, naming
+    the option and the path) and only in credential options."""
+    if not secrets.has_reference(prop.value):
+        return prop.value
+    if not opt.secret:
+        allowed = ", ".join(sorted(o.name for o in options if o.secret)) or "none"
+        raise ConfigError(
+            f"${{file:...}} (a credential file) is allowed only in credential options; those of {label}: {allowed}",
+            prop.location,
+            prop.name,
+        )
+    try:
+        return secrets.parse_secret(prop.value, prop.name)
+    except secrets.SecretFileError as exc:
+        raise ConfigError(f"credential file: {exc}", prop.location, prop.name) from None
 
 
 _NAMED_GROUP = re.compile(r"\(\?<([A-Za-z_][A-Za-z0-9_]*)>")

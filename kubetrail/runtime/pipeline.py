@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrail import __version__
+from kubetrail.core import secrets
 from kubetrail.core.acks import AckToken
 from kubetrail.core.component import ComponentContext, Sink, Source, Transform
 from kubetrail.core.config import PipelineConfig
@@ -318,6 +319,7 @@ class Pipeline:
                 key = exc.key or "name"
                 raise ConfigError(exc.message, section.location_of(key), exc.key) from None
             raise
+        secrets.bind(values, logger, metrics)  # ${file:...} credentials log and count as this plugin
         return BuiltComponent(component_id, kind, plugin, values, instance, dead_letters)
 
     def _build_processors(self, sections: list[Section]) -> list[RoutedTransform]:

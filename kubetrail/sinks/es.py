@@ -46,6 +46,7 @@ from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
+from kubetrail.core.secrets import Text, derive, reveal
 from kubetrail.core.values import parse_size
 from kubetrail.sinks.http_base import (
     BadResponseError,
@@ -91,7 +92,7 @@ def es_options(default_index: str) -> tuple[Option, ...]:
         Option("trace_error", "bool", False, help="Log the server's error and the record for each failed item"),
         Option("target_index", help="Index per record from record accessors ($ns); index when one is missing"),
         Option("cloud_id", help="Elastic Cloud deployment id: sets host, port 443 and TLS"),
-        Option("cloud_auth", help="Elastic Cloud USER:PASSWORD (basic authentication)"),
+        Option("cloud_auth", help="Elastic Cloud USER:PASSWORD (basic authentication)", secret=True),
         # Amazon OpenSearch Service's SigV4 signing is not implemented: aws_auth on is refused.
         Option("aws_auth", "bool", False, help="Not supported (SigV4 signing); on is refused"),
         *(
@@ -108,7 +109,7 @@ def es_options(default_index: str) -> tuple[Option, ...]:
     )
 
 
-def cloud_settings(cloud_id: str, cloud_auth: str | None) -> dict[str, Any]:
+def cloud_settings(cloud_id: str, cloud_auth: Text | None) -> dict[str, Any]:
     """Fluent Bit's Elastic Cloud options: ``cloud_id`` is ``NAME:BASE64`` where BASE64 decodes
     to ``REGION_HOST[:PORT]$ES_ID$KIBANA_ID``; the Elasticsearch host is ``ES_ID.REGION_HOST``,
     over TLS, port 443 unless the id names one. ``cloud_auth`` is ``USER:PASSWORD``."""
@@ -124,10 +125,11 @@ def cloud_settings(cloud_id: str, cloud_auth: str | None) -> dict[str, Any]:
     settings: dict[str, Any] = {"host": f"{parts[1]}.{region}", "port": int(port) if port.isdigit() else 443}
     settings["tls"] = True
     if cloud_auth:
-        user, colon, password = cloud_auth.partition(":")
-        if not colon:
+        if ":" not in (reveal(cloud_auth) or ""):
             raise ConfigError("cloud_auth is USER:PASSWORD", key="cloud_auth")
-        settings["http_user"], settings["http_passwd"] = user, password
+        # From a file, both halves follow it (derive): the user may rotate with the password.
+        settings["http_user"] = derive(lambda text: text.partition(":")[0], cloud_auth)
+        settings["http_passwd"] = derive(lambda text: text.partition(":")[2], cloud_auth)
     return settings
 
 
@@ -191,7 +193,10 @@ class _Pending:
 class EsSink(HttpSink):
     plugin_name = "es"
     description = "Elasticsearch _bulk API, one document per record, idempotent with record ids"
-    options = (*es_options("fluent-bit"), Option("http_api_key", help="Sent as 'Authorization: ApiKey <key>'"))
+    options = (
+        *es_options("fluent-bit"),
+        Option("http_api_key", help="Sent as 'Authorization: ApiKey <key>'", secret=True),
+    )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
         if config.get("aws_auth"):
@@ -248,7 +253,7 @@ class EsSink(HttpSink):
         if api_key:
             if c.get("http_user"):
                 raise ConfigError("use either http_api_key or http_user, not both", key="http_api_key")
-            self.http.settings.headers.insert(0, ("Authorization", f"ApiKey {api_key}"))
+            self.http.settings.headers.insert(0, ("Authorization", derive("ApiKey {}".format, api_key)))
         self._pending: OrderedDict[int, _Pending] = OrderedDict()
         self.m_replayed = self.metrics.counter(
             "kubetrail_es_replayed_documents",

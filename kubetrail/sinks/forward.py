@@ -44,6 +44,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.core.secrets import Text, reveal
 from kubetrail.sinks.http_base import TLS_OPTIONS
 from kubetrail.sinks.stream_base import NET_OPTIONS, StreamConnection, tls_context
 
@@ -62,11 +63,11 @@ class ForwardSink(Sink):
         Option("ack_response_timeout", "duration", 60.0, help="Seconds to wait for an ack before retrying"),
         Option("compress", "choice", "none", choices=("none", "off", "gzip"), help="gzip: CompressedPackedForward"),
         Option("forward_mode", "choice", "packed_forward", choices=("packed_forward", "forward")),
-        Option("shared_key", help="Shared key of the secure-forward handshake"),
+        Option("shared_key", help="Shared key of the secure-forward handshake", secret=True),
         Option("empty_shared_key", "bool", False, help="Do the handshake with an empty shared key"),
         Option("self_hostname", "str", "localhost", help="Host name sent in the handshake"),
-        Option("username", help="User for the handshake's user authentication"),
-        Option("password", "str", "", help="Password for the handshake's user authentication"),
+        Option("username", help="User for the handshake's user authentication", secret=True),
+        Option("password", "str", "", help="Password for the handshake's user authentication", secret=True),
         *NET_OPTIONS,
         *TLS_OPTIONS,
     )
@@ -92,10 +93,11 @@ class ForwardSink(Sink):
         shared_key = config["shared_key"]
         if shared_key is None and config["empty_shared_key"]:
             shared_key = ""
-        self.shared_key: str | None = shared_key
+        # Credentials may follow files (${file:...}): revealed at each handshake, i.e. each connection.
+        self.shared_key: Text | None = shared_key
         self.self_hostname: str = config["self_hostname"]
-        self.username: str | None = config["username"]
-        self.password: str = config["password"]
+        self.username: Text | None = config["username"]
+        self.password: Text = config["password"]
         if self.username and self.shared_key is None:
             raise ConfigError(
                 "username needs shared_key (user authentication is part of the handshake)", key="username"
@@ -180,7 +182,7 @@ class ForwardSink(Sink):
         if self.shared_key is None:
             return
         try:
-            await self._handshake(self.shared_key)
+            await self._handshake(reveal(self.shared_key) or "")
         except BaseException:
             await self.conn.close()
             raise
@@ -189,7 +191,9 @@ class ForwardSink(Sink):
         endpoint = self.conn.endpoint
         helo = await self._read_object(self.conn.io_timeout, "the HELO of the handshake")
         try:
-            ping, salt, nonce = fwd.ping(helo, self.self_hostname, shared_key, self.username, self.password)
+            ping, salt, nonce = fwd.ping(
+                helo, self.self_hostname, shared_key, reveal(self.username), reveal(self.password) or ""
+            )
         except fwd.ProtocolError as exc:
             raise RetryableError(f"{endpoint} {exc}") from None
         await self.conn.send(msgpack.packb(ping, use_bin_type=True))

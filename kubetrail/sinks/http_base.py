@@ -49,6 +49,7 @@ from kubetrail import __version__
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
+from kubetrail.core.secrets import Secret, Text, derive, reveal
 
 GZIP_LEVEL = 1
 GZIP_IN_THREAD_BYTES = 256 * 1024  # below this, a thread hop costs more than it saves
@@ -103,13 +104,13 @@ def client_options(
     if default_uri is not None:
         options.append(Option("uri", "str", default_uri, help="Path of the request"))
     options += [
-        Option("http_user", help="Basic authentication user"),
-        Option("http_passwd", "str", "", help="Basic authentication password (requires http_user)"),
+        Option("http_user", help="Basic authentication user", secret=True),
+        Option("http_passwd", "str", "", help="Basic authentication password (requires http_user)", secret=True),
     ]
     if bearer_token:
-        options.append(Option("bearer_token", help="Sent as 'Authorization: Bearer <token>'"))
+        options.append(Option("bearer_token", help="Sent as 'Authorization: Bearer <token>'", secret=True))
     options += [
-        Option("header", multiple=True, help="Extra request header 'Name value'; repeat for several"),
+        Option("header", multiple=True, help="Extra request header 'Name value'; repeat for several", secret=True),
         Option("compress", "choice", default_compress, choices=("gzip", "none", "off"), help="Body compression"),
         *TLS_OPTIONS,
         Option("net.connect_timeout", "duration", 10.0, help="Time to establish a connection"),
@@ -119,15 +120,26 @@ def client_options(
     return tuple(options)
 
 
-def parse_headers(values: Iterable[str], key: str = "header") -> list[tuple[str, str]]:
-    """``header`` values ``Name value`` -> pairs; a value without a name or value is a config error."""
-    headers = []
+def parse_headers(values: Iterable[Text], key: str = "header") -> list[tuple[str, Any]]:
+    """``header`` values ``Name value`` -> pairs; a value without a name or value is a config error.
+
+    A value with ``${file:...}`` (``Authorization Bearer ${file:/t}``) stays a secret that follows
+    its file; its name must be written in the config, so it cannot change with the file."""
+    headers: list[tuple[str, Any]] = []
     for text in values:
-        name, _, value = text.strip().partition(" ")
+        name, _, value = (reveal(text) or "").strip().partition(" ")
         value = value.strip()
         if not name or not value or ":" in name:
-            raise ConfigError(f"bad header {text!r}; expected 'Name value', e.g. 'X-Scope-OrgID tenant1'", key=key)
-        headers.append((name, value))
+            shown_text = text.text if isinstance(text, Secret) else text
+            raise ConfigError(
+                f"bad header {shown_text!r}; expected 'Name value', e.g. 'X-Scope-OrgID tenant1'", key=key
+            )
+        if isinstance(text, Secret):
+            if not text.text.strip().startswith(name + " "):
+                raise ConfigError(f"bad header {text.text!r}: write the header name before ${{file:...}}", key=key)
+            headers.append((name, derive(lambda t: t.strip().partition(" ")[2].strip(), text)))
+        else:
+            headers.append((name, value))
     return headers
 
 
@@ -158,6 +170,10 @@ def build_ssl_context(config: Mapping[str, Any]) -> ssl.SSLContext:
     return context
 
 
+def basic_authorization(user: str, passwd: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{passwd}".encode()).decode()
+
+
 @dataclass
 class HttpSettings:
     """Everything needed to talk to one destination, validated."""
@@ -167,7 +183,8 @@ class HttpSettings:
     uri: str = "/"
     ssl_context: ssl.SSLContext | None = None
     server_hostname: str | None = None
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    # A value is a str or a secret read from a file (reveal() at each request).
+    headers: list[tuple[str, Text]] = field(default_factory=list)
     gzip: bool = False
     connect_timeout: float = 10.0
     io_timeout: float = 60.0
@@ -190,13 +207,12 @@ class HttpSettings:
         if passwd and not user:
             raise ConfigError("http_passwd needs http_user", key="http_passwd")
         if user:
-            credentials = base64.b64encode(f"{user}:{passwd or ''}".encode()).decode()
-            headers.insert(0, ("Authorization", f"Basic {credentials}"))
+            headers.insert(0, ("Authorization", derive(basic_authorization, user, passwd)))
         token = config.get("bearer_token")
         if token:
             if user:
                 raise ConfigError("use either bearer_token or http_user, not both", key="bearer_token")
-            headers.append(("Authorization", f"Bearer {token}"))
+            headers.append(("Authorization", derive("Bearer {}".format, token)))
         for name in ("net.connect_timeout", "net.io_timeout"):
             if config.get(name) is not None and config[name] < 0:
                 raise ConfigError("must not be negative", key=name)
@@ -360,7 +376,7 @@ class HttpClient:
             body = await gzip_body(body)
             all_headers["Content-Encoding"] = "gzip"
         for name, value in s.headers:
-            all_headers[name] = value
+            all_headers[name] = value if isinstance(value, str) else value.get()  # a rotated file: its new value
         # aiohttp's sock_read covers a silent server; this bounds a server that never reads the body.
         deadline = (s.connect_timeout + s.io_timeout) if s.io_timeout else None
         try:

@@ -52,13 +52,14 @@ from typing import Any
 
 import msgpack
 import orjson
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
 
 from kubetrail.core.accessor import RecordAccessor
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.core.secrets import Secret, Text, reveal
 
 IDENTITY_HEADER = "kubetrail-identity"
 TIME_HEADER = "kubetrail-time"
@@ -112,10 +113,61 @@ def _timestamp(time_ns: int, fmt: str) -> float | str:
     return f"{base}.{nanos:09d}Z" if fmt == "iso8601_ns" else f"{base}Z"
 
 
-def producer_config(brokers: str, rdkafka: Mapping[str, str], logger: Any) -> dict[str, Any]:
+class SaslCredentials:
+    """``rdkafka.sasl.username`` / ``rdkafka.sasl.password`` read from files that rotate.
+
+    librdkafka changes a running client's SASL PLAIN/SCRAM credentials in place
+    (``set_sasl_credentials``, used from the next authentication: every new connection, and
+    the periodic re-authentication a broker asks for with ``connections.max.reauth.ms``), so the
+    producer and the consumer are not rebuilt: no rebalance of the consumer group, no new
+    idempotent producer id, no batch in flight lost. Established connections keep the session
+    they authenticated; a broker without ``connections.max.reauth.ms`` lets them live until they
+    reconnect. Any other librdkafka property cannot change on a running client, so a
+    ``${file:...}`` there is refused at start rather than read once and silently kept.
+    """
+
+    KEYS = ("sasl.username", "sasl.password")
+
+    def __init__(self, rdkafka: Mapping[str, Text], logger: logging.Logger) -> None:
+        for key, value in rdkafka.items():
+            if isinstance(value, Secret) and key not in self.KEYS:
+                raise ConfigError(
+                    "${file:...} is read only in rdkafka.sasl.username and rdkafka.sasl.password (librdkafka "
+                    "changes no other property of a running client); give TLS keys as files with ssl.*.location",
+                    key=f"rdkafka.{key}",
+                )
+        self.log = logger
+        self.username, self.password = rdkafka.get("sasl.username"), rdkafka.get("sasl.password")
+        self.rotating = isinstance(self.username, Secret) or isinstance(self.password, Secret)
+        self._applied = self.current()
+
+    def current(self) -> tuple[str, str]:
+        return (reveal(self.username) or "", reveal(self.password) or "")
+
+    def apply(self, client: Producer | Consumer) -> None:
+        """Hand rotated credentials to the client (from its librdkafka thread; a stat per second)."""
+        if not self.rotating:
+            return
+        current = self.current()
+        if current == self._applied:
+            return
+        client.set_sasl_credentials(*current)
+        changed = [k for k, old, new in zip(self.KEYS, self._applied, current, strict=True) if old != new]
+        self._applied = current
+        self.log.info(
+            "SASL credentials changed: librdkafka uses them from its next authentication", extra={"changed": changed}
+        )
+
+
+def revealed(rdkafka: Mapping[str, Text]) -> dict[str, str]:
+    """``rdkafka.*`` with the current content of any credential file."""
+    return {key: reveal(value) or "" for key, value in rdkafka.items()}
+
+
+def producer_config(brokers: str, rdkafka: Mapping[str, Text], logger: Any) -> dict[str, Any]:
     """The librdkafka configuration: ``rdkafka.*`` as given, the guarantees on top."""
     config: dict[str, Any] = {"bootstrap.servers": brokers, "logger": ClientLog(logger)}
-    for key, value in rdkafka.items():
+    for key, value in revealed(rdkafka).items():
         config[key] = value
     acks = str(config.get("acks", config.get("request.required.acks", "all"))).strip().lower()
     if acks not in ("all", "-1"):
@@ -191,7 +243,12 @@ class KafkaSink(Sink):
         ),
         Option("queue_full_retries", "int", 10, help="Waits of 1 s for room in librdkafka's queue (0: no limit)"),
         Option("identity_header", "bool", True, help="Put the record identity and time in message headers"),
-        Option("rdkafka.*", prefix=True, help="Any librdkafka property (security.protocol, sasl.*, ssl.*, ...)"),
+        Option(
+            "rdkafka.*",
+            prefix=True,
+            help="Any librdkafka property (security.protocol, sasl.*, ssl.*, ...)",
+            secret=True,  # ${file:...} in sasl.username / sasl.password only (SaslCredentials)
+        ),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -212,7 +269,8 @@ class KafkaSink(Sink):
         self.timestamp_format: str = config["timestamp_format"]
         self.queue_full_retries: int = config["queue_full_retries"]
         self.headers: bool = config["identity_header"]
-        self.rdkafka: dict[str, str] = dict(config["rdkafka.*"])
+        self.rdkafka: dict[str, Text] = dict(config["rdkafka.*"])
+        self.sasl = SaslCredentials(self.rdkafka, self.log)
         self._config = producer_config(self.brokers, self.rdkafka, self.log)
         self._config["error_cb"] = self._on_error
         try:
@@ -238,6 +296,7 @@ class KafkaSink(Sink):
 
     def _poll(self) -> None:
         while not self._stopping.is_set():
+            self.sasl.apply(self.producer)
             self.producer.poll(0.1)
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from kubetrail.core.component import ComponentContext
 from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.core.secrets import derive
 from kubetrail.sinks.http_base import (
     BadResponseError,
     HttpResponse,
@@ -76,7 +77,7 @@ class SplunkSink(HttpSink):
     description = "Splunk HTTP Event Collector, with optional indexer acknowledgement"
     options = (
         *client_options(8088, None),
-        Option("splunk_token", help="HEC token, sent as 'Authorization: Splunk <token>'"),
+        Option("splunk_token", help="HEC token, sent as 'Authorization: Splunk <token>'", secret=True),
         Option("channel", help="X-Splunk-Request-Channel (a GUID); required by HEC with indexer ack"),
         Option("splunk_ack", "bool", False, help="Acknowledge a batch only once HEC reports it indexed"),
         Option("splunk_ack_timeout", "duration", 60.0, help="How long to wait for an indexer ack"),
@@ -101,7 +102,7 @@ class SplunkSink(HttpSink):
         if token:
             if c["http_user"]:
                 raise ConfigError("use either splunk_token or http_user, not both", key="splunk_token")
-            self.http.settings.headers.insert(0, ("Authorization", f"Splunk {token}"))
+            self.http.settings.headers.insert(0, ("Authorization", derive("Splunk {}".format, token)))
         self.ack: bool = c["splunk_ack"]
         self.channel: str | None = c["channel"] or (str(uuid.uuid4()) if self.ack else None)
         if self.channel:

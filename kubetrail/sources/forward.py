@@ -55,6 +55,7 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
+from kubetrail.core.secrets import Secret, Text, reveal
 from kubetrail.sources.server_base import (
     SERVER_TLS_OPTIONS,
     Warnings,
@@ -113,10 +114,15 @@ class ForwardSource(Source):
         Option("buffer_chunk_size", "size", 1024000, help="Bytes read from a connection at a time"),
         Option("buffer_max_size", "size", 6144000, help="Largest message, also after gzip (larger: connection closed)"),
         Option("tag_prefix", help="Prefix added to the incoming tag"),
-        Option("shared_key", help="Shared key of the secure-forward handshake"),
+        Option("shared_key", help="Shared key of the secure-forward handshake", secret=True),
         Option("empty_shared_key", "bool", False, help="Do the handshake with an empty shared key"),
         Option("self_hostname", "str", "localhost", help="Host name sent in the handshake's PONG"),
-        Option("security.users", multiple=True, help="'USER PASSWORD' accepted in the handshake (repeatable)"),
+        Option(
+            "security.users",
+            multiple=True,
+            help="'USER PASSWORD' accepted in the handshake (repeatable)",
+            secret=True,
+        ),
         *SERVER_TLS_OPTIONS,
     )
 
@@ -142,17 +148,14 @@ class ForwardSource(Source):
                 f"buffer_max_size ({self.max_size}) is smaller than buffer_chunk_size ({self.chunk_size})",
                 key="buffer_max_size",
             )
-        shared_key: str | None = config["shared_key"]
+        shared_key: Text | None = config["shared_key"]
         if shared_key is None and config["empty_shared_key"]:
             shared_key = ""
+        # Credentials may follow files (${file:...}): revealed at each handshake.
         self.shared_key = shared_key
         self.self_hostname: str = config["self_hostname"]
-        self.users: dict[str, str] = {}
-        for entry in config["security.users"] or []:
-            user, _, password = entry.strip().partition(" ")
-            if not user or not password.strip():
-                raise ConfigError(f"{entry!r} is not 'USER PASSWORD'", key="security.users")
-            self.users[user] = password.strip()
+        self._user_entries: list[Text] = list(config["security.users"] or [])
+        self.users = self._users()
         if self.users and self.shared_key is None:
             raise ConfigError(
                 "security.users needs shared_key (or empty_shared_key on): users are checked in the handshake",
@@ -252,8 +255,25 @@ class ForwardSource(Source):
                 raise ConnectionError("closed during the handshake")
             unpacker.feed(data)
 
+    def _users(self) -> dict[str, str]:
+        """``security.users`` as user -> password, with the current content of their files."""
+        users: dict[str, str] = {}
+        for entry in self._user_entries:
+            user, _, password = (reveal(entry) or "").strip().partition(" ")
+            if not user or not password.strip():
+                shown = entry.text if isinstance(entry, Secret) else entry
+                raise ConfigError(f"{shown!r} is not 'USER PASSWORD'", key="security.users")
+            users[user] = password.strip()
+        return users
+
     async def _handshake(self, reader: asyncio.StreamReader, conn: _Connection, unpacker: msgpack.Unpacker) -> bool:
         assert self.shared_key is not None
+        shared_key = reveal(self.shared_key) or ""
+        if any(isinstance(entry, Secret) for entry in self._user_entries):
+            try:
+                self.users = self._users()
+            except ConfigError as exc:  # a rotated file that is not 'USER PASSWORD': keep the last good list
+                self.warn("bad_users", f"security.users: {exc.message}; keeping the last good list")
         nonce = os.urandom(16)
         auth_salt = os.urandom(16) if self.users else b""
         await conn.send(fwd.helo(nonce, auth_salt))
@@ -261,8 +281,8 @@ class ForwardSource(Source):
             ping = await asyncio.wait_for(self._next(reader, unpacker), HANDSHAKE_TIMEOUT)
         except TimeoutError:
             raise fwd.ProtocolError(f"no PING within {HANDSHAKE_TIMEOUT:g}s of the HELO") from None
-        reason, salt, client = fwd.check_ping(ping, nonce, auth_salt, self.shared_key, self.users)
-        await conn.send(fwd.pong(reason, self.self_hostname, salt, nonce, self.shared_key))
+        reason, salt, client = fwd.check_ping(ping, nonce, auth_salt, shared_key, self.users)
+        await conn.send(fwd.pong(reason, self.self_hostname, salt, nonce, shared_key))
         if reason:
             self.warn("auth_failed", f"handshake refused for {conn.peer} ({client}): {reason}", peer=conn.peer)
             return False

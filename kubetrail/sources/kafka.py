@@ -52,7 +52,7 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.kafka import IDENTITY_HEADER, TIME_HEADER, ClientLog, reason
+from kubetrail.sinks.kafka import IDENTITY_HEADER, TIME_HEADER, ClientLog, SaslCredentials, reason, revealed
 
 COMMIT_INTERVAL = 0.5  # seconds between commits of delivered offsets
 REVOKE_WAIT = 10.0  # seconds a revoked partition's batches in flight get to be delivered
@@ -91,7 +91,12 @@ class KafkaSource(Source):
         Option("format", "choice", "none", choices=("none", "json"), help="json: the payload is parsed as JSON"),
         Option("buffer_max_size", "size", 4 * 1024 * 1024, help="Most payload bytes taken per poll"),
         Option("enable_auto_commit", "bool", False, help="Must stay off: offsets are committed once delivered"),
-        Option("rdkafka.*", prefix=True, help="Any librdkafka consumer property (security, sasl.*, ssl.*, ...)"),
+        Option(
+            "rdkafka.*",
+            prefix=True,
+            help="Any librdkafka consumer property (security, sasl.*, ssl.*, ...)",
+            secret=True,  # ${file:...} in sasl.username / sasl.password only (SaslCredentials)
+        ),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -119,7 +124,8 @@ class KafkaSource(Source):
         }
         if config["client_id"]:
             settings["client.id"] = config["client_id"]
-        settings.update(config["rdkafka.*"])
+        self.sasl = SaslCredentials(config["rdkafka.*"], self.log)
+        settings.update(revealed(config["rdkafka.*"]))
         for key in ("enable.auto.commit", "enable.auto.offset.store"):
             if str(settings.get(key, "false")).strip().lower() in ("true", "1", "on", "yes"):
                 raise ConfigError("must stay off: offsets are committed once delivered", key=f"rdkafka.{key}")
@@ -222,6 +228,7 @@ class KafkaSource(Source):
         out: list[Message] = []
         size = 0
         timeout = self.poll_seconds
+        self.sasl.apply(self.consumer)  # rotated credential files (at most a stat per second)
         while len(out) < MAX_MESSAGES and size < self.max_bytes:
             got = self.consumer.consume(MAX_MESSAGES - len(out), timeout)
             if not got:
