@@ -113,15 +113,25 @@ except ImportError:  # pragma: no cover - depends on the installation
 # 'ktr1': marks a kubetrail store, so a reader never mistakes another SQLite file for one.
 APPLICATION_ID = 0x6B747231
 # Schema 2 (issue 21 item 6) added the alerts table: ALERTS_SCHEMA, _AlertProbe/_alert_row,
-# alert_columns and the INSERT_ALERT lines in StoreWriter._write are that part; a later schema
-# change takes 3 (and keeps the 1 -> 2 step in check_store).
+# alert_columns and the INSERT_ALERT lines in StoreWriter._write are that part. Schema 3 replaced
+# the object index (name, resource, namespace, time_ns) by OBJECT_INDEX, led by the record's time
+# bucket (see "Steady state" above); check_store keeps the 1 -> 2 -> 3 steps.
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order: a change of INSERT's columns changes it too. It writes audit
 # rows only; every other kind (alert included) is decided by row_of, here.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# The object index's leading key: the record's time bucket, 2^46 ns (19.5 hours; a shift floors
+# in SQLite and Python alike, negative times included), as an expression: no column to fill, the
+# INSERT unchanged. A query must spell it exactly so for SQLite to use the index.
+BUCKET_BITS = 46
+BUCKET_KEY = f"time_ns >> {BUCKET_BITS}"
+OBJECT_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS records_object_bucket ON records ({BUCKET_KEY}, name, resource, namespace, time_ns)"
+    " WHERE name IS NOT NULL"
+)
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 
-SCHEMA = """
+SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     ident BLOB NOT NULL,
@@ -140,7 +150,7 @@ CREATE TABLE IF NOT EXISTS records (
 );
 CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident);
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
-CREATE INDEX IF NOT EXISTS records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL;
+{OBJECT_INDEX};
 CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
 CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;
 """
@@ -522,13 +532,18 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         )
     if version < 1:
         raise StoreError(f"{path} has no store schema version; it was not changed")
-    if version == 1 and writable:
-        # Schema 2 only adds the alerts table: a writer adds it, readers of a schema-1 store
-        # find no alerts.
+    if version < SCHEMA_VERSION and writable:
+        # Schema 2 only adds the alerts table (readers of a schema-1 store find no alerts); 3
+        # builds the bucket-led object index and drops the old one (readers of an older store query
+        # the old one: kubetrail.history.store). One transaction: a kill -9 during the index
+        # build (seconds per million records) leaves the old schema, built again next time.
+        steps = (ALERTS_SCHEMA if version < 2 else "") + f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object;"
         try:
-            conn.executescript(f"BEGIN; {ALERTS_SCHEMA} PRAGMA user_version=2; COMMIT;")
+            conn.executescript(f"BEGIN; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"cannot add the alerts table to {path}: {exc}") from None
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
 
 
 def _quick_check(conn: sqlite3.Connection, path: Path) -> None:

@@ -17,8 +17,16 @@ from click.testing import CliRunner, Result
 
 from kubetrail.cli.main import main
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.sqlite import SqliteSink
+from kubetrail.sinks.sqlite import OBJECT_INDEX, SCHEMA, SqliteSink
 from tests.unit.helpers import build
+
+# Schemas 1 and 2 had this object index (led by the name), which schema 3 replaced: for stores
+# written by an older kubetrail.
+V2_OBJECT_INDEX = (
+    "CREATE INDEX IF NOT EXISTS records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
+)
+V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX)
+assert V2_SCHEMA != SCHEMA
 
 
 def fill(path: Path, *batches: list[Record]) -> None:

@@ -16,7 +16,7 @@ import pytest
 from kubetrail.core.record import Record, identity_key
 from kubetrail.sinks.sqlite import StoreWriter, alert_ident, row_of
 from tests.unit.helpers import write
-from tests.unit.history_helpers import cli, entries, fill
+from tests.unit.history_helpers import V2_SCHEMA, cli, entries, fill
 from tests.unit.history_story import SA_CI, SECRET_VALUE, T0, alerts, audit, story
 
 
@@ -231,7 +231,7 @@ def test_a_schema_1_store_gets_the_alerts_table(tmp_path: Path) -> None:
     conn = sqlite3.connect(path)
     conn.execute(f"PRAGMA application_id={store_module.APPLICATION_ID}")
     conn.execute("PRAGMA user_version=1")
-    conn.executescript(store_module.SCHEMA)
+    conn.executescript(V2_SCHEMA)
     conn.executemany(store_module.INSERT, [row_of(r) for r in story()])
     conn.commit()
     conn.close()
@@ -239,5 +239,5 @@ def test_a_schema_1_store_gets_the_alerts_table(tmp_path: Path) -> None:
     assert len(entries(path, "history", "deploy/shop/web")) == 9
     records = story()
     fill(path, alerts(records))
-    assert rows(path, "PRAGMA user_version") == [(2,)]
+    assert rows(path, "PRAGMA user_version") == [(store_module.SCHEMA_VERSION,)]
     assert len(entries(path, "history", "deploy/shop/web")) == 16
