@@ -267,7 +267,9 @@ imagePullSecrets:
 priorityClassName: {{ . }}
 {{- end }}
 securityContext:
-  {{- toYaml (merge (dict) $v.podSecurityContext (.podSecurity | default dict)) | nindent 2 }}
+  {{- /* credentialSecrets: their files are group-readable by the non-root user (0440), not world-readable. */}}
+  {{- $credentials := ternary (dict "fsGroup" 65532) (dict) (not (empty $v.credentialSecrets)) }}
+  {{- toYaml (merge (dict) $v.podSecurityContext (.podSecurity | default dict) $credentials) | nindent 2 }}
 {{- with (default $v.nodeSelector .values.nodeSelector) }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
@@ -338,6 +340,7 @@ capabilities:
   readOnly: true
 - name: tmp
   mountPath: /tmp
+{{- include "kubetrail.credentialMounts" . }}
 {{- with .Values.extraVolumeMounts }}
 {{ toYaml . }}
 {{- end }}
@@ -370,8 +373,47 @@ capabilities:
     name: {{ include "kubetrail.partName" . }}
 - name: tmp
   emptyDir: {sizeLimit: 64Mi}
+{{- include "kubetrail.credentialVolumes" .root }}
 {{- with .root.Values.extraVolumes }}
 {{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* credentialSecrets: the outputs' (and kafka inputs') credentials as files, each Secret at
+     /etc/kubetrail/secrets/<name>/, named in the config as ${file:/etc/kubetrail/secrets/<name>/<key>}
+     and re-read by kubetrail when the kubelet rotates them (never environment variables). Every
+     part, the config check hook and the helm test pods mount them all. With a cluster to ask, a
+     Secret that does not exist fails the install naming it. */}}
+{{- define "kubetrail.credentialMounts" -}}
+{{- $seen := dict }}
+{{- range $i, $c := .Values.credentialSecrets }}
+{{- if hasKey $seen $c.name }}
+{{- fail (printf "credentialSecrets[%d].name: %q is used twice (each Secret needs its own directory)" $i $c.name) }}
+{{- end }}
+{{- $_ := set $seen $c.name true }}
+- {name: credentials-{{ $c.name }}, mountPath: /etc/kubetrail/secrets/{{ $c.name }}, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{- define "kubetrail.credentialVolumes" -}}
+{{- $root := . }}
+{{- $names := list }}
+{{- range .Values.credentialSecrets }}{{ $names = append $names .name }}{{ end }}
+{{- /* A config naming a directory no credentialSecrets entry mounts would fail in every pod: fail here. */}}
+{{- range $ref := regexFindAll `\$\{file:\s*/etc/kubetrail/secrets/[^/}]*` (toYaml .Values) -1 | uniq }}
+{{- $name := regexReplaceAll "^.*/etc/kubetrail/secrets/" $ref "" }}
+{{- if not (has $name $names) }}
+{{- fail (printf "the config names %s/...}, but credentialSecrets has no entry named %q to mount there" $ref $name) }}
+{{- end }}
+{{- end }}
+{{- $ask := lookup "v1" "Namespace" "" .Release.Namespace }}
+{{- range $i, $c := .Values.credentialSecrets }}
+{{- $secret := default $c.name $c.secretName }}
+{{- if and $ask (not (lookup "v1" "Secret" $root.Release.Namespace $secret)) }}
+{{- fail (printf "credentialSecrets[%d]: Secret %q not found in namespace %q" $i $secret $root.Release.Namespace) }}
+{{- end }}
+- name: credentials-{{ $c.name }}
+  secret: {secretName: {{ $secret }}, defaultMode: 0440}
 {{- end }}
 {{- end -}}
 
