@@ -265,3 +265,28 @@ def test_check_shows_the_reference_never_the_secret_and_exits_2_on_a_missing_fil
     bad = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2
     assert f"{config}:7: 'http_passwd': credential file: cannot read {volume}/passwd: No such file" in bad.stderr
+
+
+def test_yaml_config_reads_the_same_reference(tmp_path: Path) -> None:
+    volume = secret_volume(tmp_path / "s", {"token": "t0k3n"})
+    config = write(
+        tmp_path / "k.yaml",
+        f"""pipeline:
+  inputs:
+    - name: dummy
+  outputs:
+    - name: loki
+      match: '*'
+      bearer_token: ${{file:{volume}/token}}
+      header: ['X-Scope-OrgID tenant1', 'X-Extra ${{file:{volume}/token}}']
+""",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kubetrail.cli.main", "check", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"bearer_token: ${{file:{volume}/token}}" in result.stdout
+    assert "t0k3n" not in result.stdout
