@@ -1,7 +1,7 @@
 """The embedded store (the ``sqlite`` output) and ``kubetrail history`` / ``who`` on it.
 
     python bench/bench_store.py ingest [--records N] [--into M]  # records/s into the store (holding M) vs file
-    python bench/bench_store.py query [--records N]      # history/who latency on a store of N records
+    python bench/bench_store.py query [--records N] [--cold]  # history/who latency on a store of N records
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
 
 **ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like
@@ -10,7 +10,11 @@ records built, each with its audit identity; "flattened": with the filter's copi
 fields in front, as it really hands them on), written by the sink as the runtime calls it (one
 worker); the same batches through the ``file`` output (plain JSON lines, fsync per
 batch) in the same run, for the ratio the issue asks for (at most 2x the file output's cost).
-Also the size on disk per million records.
+Also the size on disk per million records. ``--into M``: each sqlite row writes into a copy of
+a cached store of M synthetic records whose month of activity ends where the audit lines begin
+(the steady state: the new records join the newest time bucket), and one more row does the
+same with schema 2's object index (led by the name) in place of schema 3's (led by the time
+bucket): the before and after of issue 19 in the same run.
 
 **pipeline**: the whole agent as a child process, ``tail`` (the built-in ``k8s_audit`` parser,
 ``read_from_head``, ``exit_on_eof``) -> ``kubernetes_audit`` -> the ``sqlite`` output, against
@@ -23,7 +27,10 @@ over 500,000 objects in 50 namespaces and 500 users, ~300-byte bodies) is built 
 cache (rows inserted directly, indexes built after; minutes), then ``history`` (the same call
 ``kubetrail history`` makes: query, decode, timeline with diffs) for 300 random objects and
 ``who`` for 100 random users (each has ~12,000 records: the default ``--limit`` keeps the
-newest 1,000), p50/p99 in milliseconds.
+newest 1,000), p50/p99 in milliseconds. ``--cold``: before each query the store file is dropped
+from the page cache (``posix_fadvise(DONTNEED)``) and the store opened anew, as a ``kubetrail
+history`` command finds it when the agent's writes and other programs have pushed it out.
+A store of schema 2 (an older kubetrail's) is cached under another name than schema 3's.
 """
 
 from __future__ import annotations
@@ -51,6 +58,9 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.sinks.file import FileSink
 from kubetrail.sinks.sqlite import ALERTS_SCHEMA, APPLICATION_ID, INSERT, SCHEMA, SCHEMA_VERSION, SqliteSink
+
+# Schema 2's object index (schema 3 leads it by the time bucket): the "before" of issue 19.
+NAME_LED_INDEX = "CREATE INDEX records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
 
 NAMESPACES = 50
 OBJECTS_PER_NS = 2_000  # per resource
@@ -128,9 +138,10 @@ def flattened(lines: list[bytes]) -> list[bytes]:
 def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
-    prefilled = CACHE / f"store-{into}-64k.db"
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
     if into and not prefilled.exists():
-        build_store(prefilled, into)
+        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
+        build_store(prefilled, into, t0=first - MONTH_NS)  # a month of records up to the ingest's
     try:
         results = {}
         for name, factory in (
@@ -147,13 +158,22 @@ def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
             ("sqlite (sync normal)", lambda: build(SqliteSink, path=str(work / "normal.db"), sync="normal")),
             ("sqlite (sync full, workers 2)", lambda: build(SqliteSink, path=str(work / "w2.db"), sync="full")),
             ("sqlite (sync full, flattened)", lambda: build(SqliteSink, path=str(work / "flat.db"), sync="full")),
+            (
+                "sqlite (sync full, name-led index)",
+                lambda: build(SqliteSink, path=str(work / "name-led.db"), sync="full"),
+            ),
         ):
+            if "name-led" in name and not into:
+                continue  # a young store: both indexes take new keys anywhere in a small tree
             if into and name.startswith("sqlite"):  # a store holding ``into`` records already
                 db = Path(factory().writer.path)
                 shutil.copy(prefilled, db)
-                if without:  # what one index costs: the same ingest without it
-                    with sqlite3.connect(db) as conn:
+                with sqlite3.connect(db) as conn:
+                    if without:  # what one index costs: the same ingest without it
                         conn.execute(f"DROP INDEX {without}")
+                    if "name-led" in name:  # schema 2's index under schema 3's number: not migrated
+                        conn.execute("DROP INDEX records_object_bucket")
+                        conn.execute(NAME_LED_INDEX)
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results[name] = asyncio.run(timed(factory(), batches, group, workers))
@@ -252,10 +272,13 @@ def pipeline(records: int, rounds: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def synthetic_rows(count: int, seed: int = 7) -> object:
+MONTH_NS = 30 * 86400 * 10**9
+QUERY_T0 = 1_760_000_000_000_000_000  # the query store's month starts here (2025-10-09)
+
+
+def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
     rng = random.Random(seed)
-    t0 = 1_760_000_000_000_000_000
-    step = 30 * 86400 * 10**9 // count  # a month of activity
+    step = MONTH_NS // count  # a month of activity
     verbs = ("get", "list", "update", "patch", "create", "delete", "watch")
     for i in range(count):
         ns = f"ns-{rng.randrange(NAMESPACES)}"
@@ -316,7 +339,7 @@ def synthetic_rows(count: int, seed: int = 7) -> object:
             yield (ident, t, "log", None, None, "pods", ns, pod, None, None, "app", "logs", orjson.dumps(body))
 
 
-def build_store(path: Path, count: int) -> None:
+def build_store(path: Path, count: int, t0: int = QUERY_T0) -> None:
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     conn = sqlite3.connect(partial, isolation_level=None)
@@ -329,7 +352,7 @@ def build_store(path: Path, count: int) -> None:
     table, *indexes = [s for s in SCHEMA.split(";") if s.strip()]
     conn.execute(table)
     started = time.perf_counter()
-    rows = synthetic_rows(count)
+    rows = synthetic_rows(count, t0=t0)
     insert = INSERT.replace("INSERT OR IGNORE", "INSERT")
     while True:
         chunk = [row for _, row in zip(range(100_000), rows, strict=False)]
@@ -355,40 +378,80 @@ def percentiles(samples: list[float]) -> str:
     )
 
 
-def query(count: int) -> None:
+def drop_from_page_cache(path: Path) -> None:
+    for name in (path, Path(f"{path}-wal")):
+        if name.exists():
+            fd = os.open(name, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def query(count: int, cold: bool) -> None:
     from kubetrail.history import queries
     from kubetrail.history.store import StoreBackend
 
-    path = CACHE / f"store-{count}-64k.db"
+    # Schema 2's store under its old name (an older kubetrail measured with this bench reads it).
+    path = CACHE / (f"store-{count}-64k.db" if SCHEMA_VERSION == 2 else f"store-{count}-64k-s{SCHEMA_VERSION}.db")
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         build_store(path, count)
     size = path.stat().st_size
-    print(f"store of {count:,} records: {size / 2**30:.2f} GiB ({size / count * 1e6 / 2**20:,.0f} MiB per million)")
+    print(
+        f"store of {count:,} records: {size / 2**30:.2f} GiB ({size / count * 1e6 / 2**20:,.0f} MiB per million),"
+        f" schema {SCHEMA_VERSION}, {'cold: dropped from the page cache before each query' if cold else 'warm'}"
+    )
+    if not cold:  # warm: every page in the page cache (read through once), whatever ran before
+        with path.open("rb") as whole:
+            while whole.read(1 << 24):
+                pass
     backend = StoreBackend(path)
+
+    def drop() -> None:
+        """Cold: the file out of the page cache, no connection (none of SQLite's cache)."""
+        if cold:
+            backend.close()
+            drop_from_page_cache(path)
+
+    def fresh() -> StoreBackend:
+        """Cold: the store opened anew (timed: a command opens it too)."""
+        nonlocal backend
+        if cold:
+            backend = StoreBackend(path)
+        return backend
+
     rng = random.Random(11)
     samples: dict[str, list[float]] = {"history": [], "history --logs": [], "who": [], "who --limit 100": []}
     sizes: dict[str, list[int]] = {k: [] for k in samples}
+    cpu: dict[str, list[float]] = {k: [] for k in samples}  # CPU of all threads: less noisy than wall
     for label, logs in (("history", False), ("history --logs", True)):
         for _ in range(300):  # other random objects for each variant: no answer comes from a warm cache
             resource = RESOURCES[rng.randrange(len(RESOURCES))]
             target = f"{resource}/ns-{rng.randrange(NAMESPACES)}/obj-{rng.randrange(OBJECTS_PER_NS)}"
-            started = time.perf_counter()
+            drop()
+            started, cpu_started = time.perf_counter(), time.process_time()
             try:
-                result = queries.history(backend, target, logs=logs)
+                result = queries.history(fresh(), target, logs=logs)
                 sizes[label].append(len(result.entries))
             except queries.HistoryError:
                 sizes[label].append(0)
             samples[label].append(time.perf_counter() - started)
+            cpu[label].append(time.process_time() - cpu_started)
     for label, limit in (("who", queries.DEFAULT_LIMIT), ("who --limit 100", 100)):
         for _ in range(100):
             user = f"user-{rng.randrange(USERS)}"
-            started = time.perf_counter()
-            result = queries.who(backend, user, limit=limit)
+            drop()
+            started, cpu_started = time.perf_counter(), time.process_time()
+            result = queries.who(fresh(), user, limit=limit)
             samples[label].append(time.perf_counter() - started)
+            cpu[label].append(time.process_time() - cpu_started)
             sizes[label].append(len(result.entries))
     for label, values in samples.items():
-        print(f"  {label:<16} {percentiles(values)}   (entries: median {statistics.median(sizes[label]):,.0f})")
+        print(
+            f"  {label:<16} {percentiles(values)}   CPU p50 {statistics.median(cpu[label]) * 1000:6.1f} ms"
+            f"   (entries: median {statistics.median(sizes[label]):,.0f})"
+        )
     backend.close()
 
 
@@ -400,13 +463,14 @@ def main() -> None:
     parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
     parser.add_argument("--without", default="", help="ingest --into: drop this index first (records_object, ...)")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
+    parser.add_argument("--cold", action="store_true", help="query: the store out of the page cache for each query")
     args = parser.parse_args()
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group, args.into, args.without)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds)
     else:
-        query(args.records or 10_000_000)
+        query(args.records or 10_000_000, args.cold)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ MUTATING = ("create", "update", "patch", "delete", "deletecollection")
 BODY_READERS = 8  # connections reading a long answer's bodies at once (see above)
 PARALLEL_FROM = 64  # rows; fewer are read by the backend's own connection
 IN_CHUNK = 500  # ids per "id IN (...)": well under SQLite's limit on parameters
+MAX_BUCKETS = 1_000  # time buckets listed without looking (19.5 hours each: 2.2 years)
 
 
 @dataclass
@@ -121,8 +122,22 @@ class StoreBackend:
             raise HistoryError(f"cannot read store {self.path}: {exc}") from None
 
     def buckets(self, since: int | None, until: int | None) -> list[int]:
-        """The time buckets holding records in ``[since, until]``, newest first: one seek of the
-        time index per bucket, so a store with a gap of months costs no more than one without."""
+        """The time buckets from the newest to the oldest record in ``[since, until]``, newest
+        first: every one between when they are few (an empty one costs a seek that finds
+        nothing), else those holding records, one seek of the time index each (a store with a
+        stray time decades off would otherwise list thousands)."""
+        newest = self.conn.execute(
+            "SELECT max(time_ns) FROM records" + (" WHERE time_ns <= ?" if until is not None else ""),
+            [] if until is None else [until],
+        ).fetchone()[0]
+        oldest = self.conn.execute(
+            "SELECT min(time_ns) FROM records" + (" WHERE time_ns >= ?" if since is not None else ""),
+            [] if since is None else [since],
+        ).fetchone()[0]
+        if newest is None or oldest is None or newest < oldest:
+            return []
+        if (newest >> BUCKET_BITS) - (oldest >> BUCKET_BITS) < MAX_BUCKETS:
+            return list(range(newest >> BUCKET_BITS, (oldest >> BUCKET_BITS) - 1, -1))
         out: list[int] = []
         bound = until
         while True:
@@ -150,12 +165,18 @@ class StoreBackend:
         if buckets is None or not self.by_bucket:
             sql = f"SELECT id FROM records WHERE {where}{clause} ORDER BY time_ns DESC LIMIT ?"
             return self._ids(sql, [*params, *time_params, limit])
-        sql = f"SELECT id FROM records WHERE {BUCKET_KEY} = ? AND {where}{clause} ORDER BY time_ns DESC LIMIT ?"
+        # The newest bucket first, then 4, 16, 64... at a time: an object written every second
+        # stops after its last bucket or two, one written once a week costs few statements.
         ids: list[int] = []
-        for bucket in buckets:
-            ids += self._ids(sql, [bucket, *params, *time_params, limit - len(ids)])
-            if len(ids) >= limit:
-                break
+        start, size = 0, 1
+        while start < len(buckets) and len(ids) < limit:
+            group = buckets[start : start + size]
+            sql = (
+                f"SELECT id FROM records WHERE {BUCKET_KEY} IN ({','.join('?' * len(group))}) AND {where}{clause}"
+                " ORDER BY time_ns DESC LIMIT ?"
+            )
+            ids += self._ids(sql, [*group, *params, *time_params, limit - len(ids)])
+            start, size = start + size, size * 4
         return ids
 
     def _records(self, ids: list[int]) -> list[StoredRecord]:

@@ -13,6 +13,7 @@ import pytest
 
 from kubetrail.core.record import Record
 from kubetrail.history import queries
+from kubetrail.history import store as store_module
 from kubetrail.history.store import PARALLEL_FROM, Filters, StoreBackend
 from kubetrail.sinks.sqlite import APPLICATION_ID, BUCKET_BITS, INSERT, SCHEMA_VERSION, StoreWriter, row_of
 from tests.unit.history_helpers import V2_SCHEMA, entries, fill
@@ -72,11 +73,31 @@ def test_the_index_is_led_by_the_bucket_and_queries_use_it(stores: tuple[Path, P
         assert "records_object_bucket" in str(plan), plan
         names = {r[0] for r in backend.conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_object" not in names
-        # The non-empty buckets, newest first, found without visiting the empty year between.
+        # Every bucket from the newest record to the oldest (in the range), newest first.
+        newest, oldest = times[-1] >> BUCKET_BITS, times[0] >> BUCKET_BITS
+        assert backend.buckets(None, None) == list(range(newest, oldest - 1, -1))
+        first, last = times[3] >> BUCKET_BITS, times[7] >> BUCKET_BITS
+        assert backend.buckets(times[3], times[7]) == list(range(last, first - 1, -1))
+        assert backend.buckets(times[-1] + 1, None) == []
+    finally:
+        backend.close()
+
+
+def test_a_long_span_lists_only_the_buckets_holding_records(
+    stores: tuple[Path, Path, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past MAX_BUCKETS (a stray time decades off) the empty buckets are skipped through the
+    time index; the timelines stay the same."""
+    compact, spread, times = stores
+    expected = without_times(entries(compact, "history", "deploy/web", "--logs"))
+    monkeypatch.setattr(store_module, "MAX_BUCKETS", 3)
+    backend = StoreBackend(spread)
+    try:
         assert backend.buckets(None, None) == sorted({t >> BUCKET_BITS for t in times}, reverse=True)
         assert backend.buckets(times[3], times[7]) == sorted({t >> BUCKET_BITS for t in times[3:8]}, reverse=True)
     finally:
         backend.close()
+    assert without_times(entries(spread, "history", "deploy/web", "--logs")) == expected
 
 
 @pytest.mark.parametrize(
