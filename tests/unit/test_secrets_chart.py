@@ -5,6 +5,8 @@ without it); the install on a real API server is tests/integration/test_chart_se
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import yaml
 
 from tests.servers import cache_root
 from tests.unit.test_chart_aggregator import render
+from tests.unit.test_secrets import secret_volume
 
 OUTPUTS = """[OUTPUT]
     name es
@@ -143,3 +146,43 @@ def test_a_config_naming_a_secret_that_is_not_mounted_fails(helm: Path, tmp_path
         'the config names ${file:/etc/kubetrail/secrets/kafka/...}, but credentialSecrets has no entry named "kafka"'
         in result.stderr
     ), result.stderr
+
+
+def test_credentials_example_renders_configs_that_kubetrail_checks(helm: Path, tmp_path: Path) -> None:
+    """deploy/examples/credentials-values.yaml: every part's config, with the Secrets' keys laid out
+    as the kubelet mounts them (here under tmp_path instead of /etc/kubetrail/secrets), passes
+    ``kubetrail check``, which reads each ${file:...}; a key missing from a Secret fails it."""
+    example = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "credentials-values.yaml"
+    result = render(helm, "-f", str(example))
+    assert result.returncode == 0, result.stderr
+    mounted = tmp_path / "secrets"
+    for name in ("es", "kafka"):
+        secret_volume(mounted / name, {"username": f"{name}-user", "password": f"{name}-pw\n"})
+    configs = {
+        doc["metadata"]["name"]: doc["data"]["kubetrail.conf"]
+        for doc in yaml.safe_load_all(result.stdout)
+        if doc and doc["kind"] == "ConfigMap" and "kubetrail.conf" in doc.get("data", {})
+    }
+    assert {"t-kubetrail-logs", "t-kubetrail-events", "t-kubetrail-aggregator"} <= set(configs)
+    assert "rdkafka.sasl.password ${file:/etc/kubetrail/secrets/kafka/password}" in configs["t-kubetrail-aggregator"]
+    env = {"POD_NAME": "p-0", "NODE_NAME": "n", "KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+
+    def check(name: str, text: str) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / f"{name}.conf"
+        path.write_text(text.replace("/etc/kubetrail/secrets/", f"{mounted}/"))
+        return subprocess.run(
+            [sys.executable, "-m", "kubetrail.cli.main", "check", "-c", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**env, "PATH": "/usr/bin:/bin"},
+        )
+
+    for name, text in configs.items():
+        result = check(name, text)
+        assert result.returncode == 0, (name, result.stderr)
+        assert "es-pw" not in result.stdout and "kafka-pw" not in result.stdout
+    (mounted / "kafka" / "password").unlink()
+    broken = check("broken", configs["t-kubetrail-aggregator"])
+    assert broken.returncode == 2
+    assert f"'rdkafka.sasl.password': credential file: cannot read {mounted}/kafka/password" in broken.stderr
