@@ -30,7 +30,10 @@ symlinks sees a different inode after a swap, so the file's (inode, mtime, size)
 watched (as :class:`~kubetrail.kube.credentials.TokenSource` does), and it also catches files
 rewritten in place or renamed over. The stamp is checked at most once a second per file, when a
 plugin asks for the value (each request, each new connection, each handshake), so the cost on
-the hot path is a clock read, and a rotated secret is in use within a second of the swap.
+the hot path is a clock read, and a rotated secret is in use within a second of the swap. Each
+file is checked on its own: a user and a password swapped together are both seen within that
+second, and a request sent between the two reads carries one old and one new, is refused (401,
+an authentication error) and retried like any refusal, so nothing is lost.
 
 **Bad files.** At start (``kubetrail check`` and ``run``) a file that is missing, unreadable,
 empty, larger than a Kubernetes Secret can be (1 MiB) or not UTF-8 is a configuration error
@@ -183,10 +186,6 @@ class Secret:
 
     def get(self) -> str:
         return "".join(p if isinstance(p, str) else p.value() for p in self.parts)
-
-    @property
-    def version(self) -> tuple[int, ...]:
-        return tuple(f.version for f in self.files)
 
     def __repr__(self) -> str:
         return f"Secret({self.text!r})"
