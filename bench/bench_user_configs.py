@@ -22,8 +22,10 @@ Rows (issue 18), targets in brackets:
   ``multiline`` filter, on 300,000 plain text lines.
 
 ``--formats`` adds the file output's and stdout's formats on the ``json+time`` parser, and the
-``http`` output's ``json`` and ``json_lines`` to a local aiohttp receiver (a process of its own,
-appending each body to a file), each against ``plain`` [each within 10% of plain].
+``http`` output's ``json`` and ``json_lines`` to a local receiver (a process of its own,
+appending each body to a file: a small Go ``net/http`` program built once into the bench cache,
+or with ``--python-receiver`` or no Go an aiohttp one), each against ``plain`` [each within 10%
+of plain].
 ``--before DIR`` also runs each row with the kubetrail of another checkout (e.g. ``git
 archive`` of an older commit unpacked in DIR; the same venv), alternating with this one in
 every round: the change's effect in one run.
@@ -34,6 +36,7 @@ alone in this process (run it from the checkout to measure, with ``PYTHONPATH`` 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import sys
@@ -105,9 +108,48 @@ HTTP_OUTPUT = """
     format {fmt}
 """
 
-# A local HTTP receiver (aiohttp, in a process of its own): each body appended to one file, so
-# the bench counts what arrived after the run.
-RECEIVER = r"""
+# The http rows' receiver: a Go program (standard library only) built once into the bench cache
+# (never committed as a binary): it copies each body into one file and answers 201, costing far
+# less CPU than a Python server on the same two cores; the bench counts what arrived after the
+# run. Without Go, the aiohttp receiver below does the same (and costs more of the shared CPU).
+GO_RECEIVER = r"""
+package main
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"sync"
+)
+
+func main() {
+	out, err := os.OpenFile(os.Args[1], os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		panic(err)
+	}
+	listener, err := net.Listen("tcp", "127.0.0.1:"+os.Args[2])
+	if err != nil {
+		panic(err)
+	}
+	var lock sync.Mutex
+	handler := func(w http.ResponseWriter, r *http.Request) {
+		lock.Lock()
+		_, err := io.Copy(out, r.Body)
+		lock.Unlock()
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusInternalServerError)
+			return
+		}
+		w.WriteHeader(http.StatusCreated)
+	}
+	fmt.Println("ready")
+	panic(http.Serve(listener, http.HandlerFunc(handler)))
+}
+"""
+
+PY_RECEIVER = r"""
 import sys
 from aiohttp import web
 target = sys.argv[1]
@@ -120,6 +162,7 @@ app = web.Application(client_max_size=1 << 30)
 app.router.add_post("/", receive)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[2]), print=lambda *a: print("ready", flush=True))
 """
+
 
 # The naive loops: the obvious Python for the same work (read, parse, take the time, write).
 NAIVE_JSON = r"""
@@ -282,10 +325,32 @@ def rows(args: argparse.Namespace) -> list[Row]:
     return out
 
 
+def go_receiver() -> Path | None:
+    """The Go receiver's binary, built from :data:`GO_RECEIVER` once per source text (the file
+    name carries its hash); None without a ``go`` command."""
+    import hashlib
+    import subprocess
+
+    go = shutil.which("go") or ("/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None)
+    if go is None:
+        return None
+    digest = hashlib.sha256(GO_RECEIVER.encode()).hexdigest()[:12]
+    binary = CACHE / f"http-receiver-{digest}"
+    if not binary.exists():
+        build = Path(tempfile.mkdtemp(prefix="http-receiver-", dir=CACHE))
+        try:
+            (build / "main.go").write_text(GO_RECEIVER)
+            subprocess.run([go, "build", "-o", str(build / "receiver"), "main.go"], cwd=build, check=True)
+            (build / "receiver").rename(binary)  # whole or not at all
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+    return binary
+
+
 class Receiver:
     """The HTTP receiver process for the http rows; what it received is in ``target``."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, python: bool = False) -> None:
         import socket
         import subprocess
 
@@ -293,11 +358,16 @@ class Receiver:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
-        script = directory / "receiver.py"
-        script.write_text(RECEIVER)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(self.target), str(self.port)], stdout=subprocess.PIPE, text=True
-        )
+        binary = None if python else go_receiver()
+        if binary is not None:
+            command = [str(binary)]
+            self.kind = "Go net/http"
+        else:
+            script = directory / "receiver.py"
+            script.write_text(PY_RECEIVER)
+            command = [sys.executable, str(script)]
+            self.kind = "Python aiohttp"
+        self.proc = subprocess.Popen([*command, str(self.target), str(self.port)], stdout=subprocess.PIPE, text=True)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline().strip() != "ready":
             raise SystemExit("FAILED: the HTTP receiver did not start")
@@ -307,7 +377,8 @@ class Receiver:
         import orjson
 
         data = self.target.read_bytes() if self.target.exists() else b""
-        self.target.unlink(missing_ok=True)
+        if data:
+            os.truncate(self.target, 0)  # not unlinked: the Go receiver keeps it open (O_APPEND)
         if fmt == "json_lines":
             return data.count(b"\n")
         return sum(len(orjson.loads(body)) for body in data.splitlines())
@@ -406,6 +477,7 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
     parser.add_argument("--before", help="also run each row with the kubetrail of this checkout, alternating")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
+    parser.add_argument("--python-receiver", action="store_true", help="http rows: the aiohttp receiver, not Go's")
     parser.add_argument(
         "--filter-only",
         action="store_true",
@@ -418,7 +490,9 @@ def main() -> int:
     results = Results.of(selected)
     global RECEIVER_PROC
     if any(row.output == "http" for row in selected):
-        RECEIVER_PROC = Receiver(Path(tempfile.mkdtemp(prefix="kubetrail-bench-http-", dir=args.output_dir)))
+        directory = Path(tempfile.mkdtemp(prefix="kubetrail-bench-http-", dir=args.output_dir))
+        RECEIVER_PROC = Receiver(directory, python=args.python_receiver)
+        print(f"http rows: receiver {RECEIVER_PROC.kind} (its CPU is not the row's; it shares the cores)")
     try:
         rounds(args, selected, results)
     finally:

@@ -9,6 +9,14 @@ is ``msgpack``, which kubetrail does not write: the default here is ``json``, an
 A batch is acknowledged after a 2xx; everything else follows
 :func:`~kubetrail.sinks.http_base.check_status` (retry 408/429/5xx/network errors, dead-letter
 other 4xx with the server's reason).
+
+A block with a date key (or in ``json``) is not framed into a new bytes object: the native
+``FramedBody`` formats only each line's prefix (the date, the separators) and, on a plain TCP
+connection, writes prefixes and lines to the socket with ``writev`` straight from the block
+(:class:`~kubetrail.sinks.http_base.StreamedBody`), as the file output writes ``out_file``.
+Every request filled a buffer as large as its batch before (and aiohttp joined it with the
+headers into a second one), which cost more CPU than the send itself. The bytes on the wire are
+the same as ``encode_batch``'s (tests compare them); gzip and TLS take the framed bytes.
 """
 
 from __future__ import annotations
@@ -21,8 +29,20 @@ from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch
-from kubetrail.sinks.http_base import HttpSink, client_options
-from kubetrail.sinks.json_format import JSON_DATE_OPTIONS, JSON_FORMATS, date_key_option, encode_batch
+from kubetrail.sinks.http_base import Body, HttpSink, client_options
+from kubetrail.sinks.json_format import (
+    JSON_DATE_OPTIONS,
+    JSON_FORMATS,
+    block_frame_args,
+    date_key_option,
+    encode_batch,
+)
+
+try:  # optional (built from native/): a block's framed body, written from the block itself
+    from kubetrail_native import FramedBody as _FramedBody
+except ImportError:  # pragma: no cover - depends on the installation
+    _FramedBody = None
+FramedBody: Any = _FramedBody
 
 CONTENT_TYPES = {
     "json": "application/json",
@@ -112,7 +132,19 @@ class HttpOutputSink(HttpSink):
         self.header_tag: str | None = config["header_tag"] or None
         self.content_type = CONTENT_TYPES[self.format]
 
+    def body(self, batch: Batch) -> Body:
+        """The request body: a block framed natively where it can be (see the module
+        docstring), else ``encode_batch``'s bytes (records; a block of ``json_lines`` without
+        a date key is its own bytes already)."""
+        if FramedBody is not None and (self.format != "json_lines" or self.date_key is not None):
+            args = block_frame_args(batch, self.format, self.date_key, self.date_format)
+            if args is not None:
+                framed: Body | None = FramedBody.build(*args)
+                if framed is not None:
+                    return framed
+        return encode_batch(batch, self.format, self.date_key, self.date_format)
+
     async def write(self, batch: Batch) -> None:
-        body = encode_batch(batch, self.format, self.date_key, self.date_format)
+        body = self.body(batch)
         headers = {self.header_tag: batch.tag} if self.header_tag else None
         await self.http.send(self.method, None, body, content_type=self.content_type, headers=headers)

@@ -22,6 +22,12 @@ One place decides how kubetrail talks HTTP so that ``http``, ``es``, ``opensearc
 * **gzip** uses compression level 1: audit events compress ~13x already at level 1 and
   the default level 6 costs several times the CPU, which in a Python process is the budget.
   Large bodies are compressed in a worker thread (zlib releases the GIL) so inputs keep flowing.
+* **Large bodies** (64 KiB and more) go out after the headers, not joined with them
+  (:class:`StreamedBody`): aiohttp 3.12+ on Python before 3.12.9 joins headers and body into a
+  new bytes object, a copy of every body into fresh memory. A body that can write itself to a
+  socket (:class:`SocketWritable`: the ``http`` output's block framed natively) does so on a
+  plain TCP connection whose transport has nothing queued, from the block's own bytes; what
+  the socket does not take, and everything on TLS, goes through aiohttp as bytes.
 
 The API (stable; other sinks build on it): :func:`client_options`, :class:`HttpSettings`
 (``from_config``), :class:`HttpClient` (``start``, ``close``, ``url``, ``request``, ``send``),
@@ -39,9 +45,10 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
+import aiohttp.payload
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -299,6 +306,69 @@ def check_status(response: HttpResponse) -> None:
     raise BadResponseError(f"{message} (unexpected status)", status)
 
 
+class SocketWritable(Protocol):
+    """A request body made elsewhere (``kubetrail_native.FramedBody``): its size, the bytes from
+    an offset on, and a write of them to a non-blocking socket that stops where it would block
+    (returning the offset reached)."""
+
+    def __len__(self) -> int: ...
+
+    def tobytes(self, offset: int = 0) -> bytes: ...
+
+    def send(self, fd: int, offset: int) -> int: ...
+
+
+Body = bytes | SocketWritable
+STREAMED_BODY_BYTES = 64 * 1024  # below this, joining headers and body costs less than a second send
+
+
+def plain_socket_fd(writer: Any) -> int | None:
+    """The socket under aiohttp's ``writer`` when bytes may be written to it directly: a plain
+    TCP connection (not TLS) whose transport has nothing queued; None otherwise."""
+    transport = getattr(writer, "transport", None)
+    if transport is None or transport.is_closing() or transport.get_write_buffer_size():
+        return None
+    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:
+        return None  # TLS: the bytes must go through the TLS layer
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else None
+
+
+class StreamedBody(aiohttp.payload.Payload):
+    """A body written after the request's headers instead of joined with them; a
+    :class:`SocketWritable` first straight to the socket where :func:`plain_socket_fd` allows.
+    Stateless: aiohttp may write it again (a retry on a new connection)."""
+
+    def __init__(self, value: Body, content_type: str | None = None) -> None:
+        super().__init__(value, content_type=content_type)
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        value = self._value
+        return (value if isinstance(value, bytes) else value.tobytes()).decode(encoding, errors)
+
+    async def write(self, writer: Any) -> None:
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        value: Body = self._value
+        size = len(value) if content_length is None else min(len(value), content_length)
+        sent = 0
+        send_headers = getattr(writer, "send_headers", None)  # aiohttp 3.12+ buffers them
+        if send_headers is not None and size and not getattr(writer, "chunked", False):
+            send_headers()
+            if not isinstance(value, bytes) and size == len(value):
+                fd = plain_socket_fd(writer)
+                if fd is not None:
+                    sent = value.send(fd, 0)
+        if sent == size:
+            return
+        if isinstance(value, bytes):
+            await writer.write(value if (sent, size) == (0, len(value)) else memoryview(value)[sent:size])
+        else:  # what the socket did not take (the transport queues it and waits), or all of it on TLS
+            await writer.write(value.tobytes(sent)[: size - sent])
+
+
 def gzip_sync(data: bytes) -> bytes:
     compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 16 + zlib.MAX_WBITS)  # 16+: gzip framing
     return compressor.compress(data) + compressor.flush()
@@ -349,7 +419,7 @@ class HttpClient:
         self,
         method: str,
         path: str | None = None,
-        body: bytes | None = None,
+        body: Body | None = None,
         *,
         content_type: str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -373,8 +443,11 @@ class HttpClient:
         if headers:
             all_headers.update(headers)
         if body is not None and (s.gzip if compress is None else compress):
-            body = await gzip_body(body)
+            body = await gzip_body(body if isinstance(body, bytes) else body.tobytes())
             all_headers["Content-Encoding"] = "gzip"
+        payload: bytes | StreamedBody | None = body if isinstance(body, bytes) or body is None else StreamedBody(body)
+        if isinstance(body, bytes) and len(body) >= STREAMED_BODY_BYTES:
+            payload = StreamedBody(body)
         for name, value in s.headers:
             all_headers[name] = value if isinstance(value, str) else value.get()  # a rotated file: its new value
         # aiohttp's sock_read covers a silent server; this bounds a server that never reads the body.
@@ -384,7 +457,7 @@ class HttpClient:
                 async with self._session.request(
                     method,
                     url,
-                    data=body,
+                    data=payload,
                     headers=all_headers,
                     params=params,
                     allow_redirects=False,
@@ -405,9 +478,7 @@ class HttpClient:
         except (aiohttp.ClientError, OSError) as exc:
             raise HttpRetryableError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
 
-    async def send(
-        self, method: str, path: str | None = None, body: bytes | None = None, **kwargs: Any
-    ) -> HttpResponse:
+    async def send(self, method: str, path: str | None = None, body: Body | None = None, **kwargs: Any) -> HttpResponse:
         """:meth:`request`, then :func:`check_status`: returns only 2xx answers."""
         response = await self.request(method, path, body, **kwargs)
         check_status(response)

@@ -97,6 +97,22 @@ def block_framing(fmt: str, date_key: str | None, date_format: str) -> tuple[int
     return (2 if date_format == "double" else 3), key, _JOINS[fmt]
 
 
+def block_frame_args(
+    batch: Batch, fmt: str, date_key: str | None, date_format: str
+) -> tuple[bytes, bytes, int, bytes, int] | None:
+    """``(block, times, style, key text, join)``: how the native framers (``frame_lines``, the
+    http output's ``FramedBody``) write ``batch`` in ``fmt`` from its block; None without a
+    block or for a date format they do not write."""
+    block = batch.raw_block
+    if block is None:
+        return None
+    spec = block_framing(fmt, date_key, date_format)
+    if spec is None:
+        return None
+    style, key, join = spec
+    return block, times_bytes(batch.block_times()) if style != 4 else b"", style, key, join
+
+
 def encode_batch(batch: Batch, fmt: str, date_key: str | None, date_format: str) -> bytes:
     """``batch`` in one of :data:`JSON_FORMATS` (``json`` ends with a newline, as Fluent Bit's).
 
@@ -109,10 +125,9 @@ def encode_batch(batch: Batch, fmt: str, date_key: str | None, date_format: str)
     if block is not None:
         if fmt == "json_lines" and date_key is None:
             return block  # the source's own validated JSON lines: nothing to re-encode
-        spec = block_framing(fmt, date_key, date_format)
-        if spec is not None and frame_lines is not None:
-            style, key, join = spec
-            times = times_bytes(batch.block_times()) if style != 4 else b""
+        args = block_frame_args(batch, fmt, date_key, date_format) if frame_lines is not None else None
+        if args is not None:
+            block, times, style, key, join = args
             framed: bytes | None = frame_lines(block, times, style, key, 0, join)
             if framed is not None:
                 return framed

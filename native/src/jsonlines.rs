@@ -299,8 +299,9 @@ impl JsonLinesScanner {
 /// Fluent Bit's text framings of JSON lines, from a block and its times without a record per
 /// line: what the `file` output's `out_file`, `stdout`'s `msgpack` text and the `json` family
 /// with a date key produce per record (see `kubetrail/sinks/json_format.py`, whose Python
-/// version tests compare with). One builder (`Frames`) serves both ways out: `frame_lines`
-/// into one bytes object, `write_framed` straight to a file descriptor with `writev`.
+/// version tests compare with). One builder (`Frames`) serves every way out: `frame_lines`
+/// into one bytes object, `write_framed` straight to a file descriptor with `writev`, and the
+/// `http` output's request body (`httpbody::FramedBody`, `writev` to its socket).
 ///
 /// `style`: 0 `TAG: [S.NNNNNNNNN, LINE]`, 1 the same after `[N] ` (N from `first`), 2 the line
 /// with `"KEY":S.F` (a double, as orjson writes it) put first, 3 the same with whole seconds,
@@ -311,19 +312,19 @@ impl JsonLinesScanner {
 /// The output is `glue 0, body 0, glue 1, body 1, ..., glue n`: each glue is what lies between
 /// two lines' bytes (the previous line's `]`, the separator, the next line's prefix), formatted
 /// into one small buffer, so `writev` gets two slices a line.
-struct Frames<'a> {
+pub(crate) struct Frames<'a> {
     /// Per line, the part of the line written after its prefix.
-    bodies: Vec<&'a [u8]>,
+    pub(crate) bodies: Vec<&'a [u8]>,
     /// The glues back to back; `ends[k]` is where glue k ends (n + 1 of them).
-    prefixes: Vec<u8>,
-    ends: Vec<usize>,
+    pub(crate) prefixes: Vec<u8>,
+    pub(crate) ends: Vec<usize>,
 }
 
 impl<'a> Frames<'a> {
     /// None when the lines and times do not pair up, or a line cannot take a date (not an
     /// object, or a double this module does not write as orjson does): the caller then
     /// formats records.
-    fn new(
+    pub(crate) fn new(
         block: &'a [u8],
         times: &[u8],
         style: u8,

@@ -1,0 +1,268 @@
+"""The ``http`` output's body from a block (``kubetrail_native.FramedBody``, written with ``writev``
+from the block to the socket; kubetrail/sinks/http_base.py ``StreamedBody``) against what it sent
+before: ``encode_batch``'s bytes, which for records is the Python formatter. Real loopback aiohttp
+servers (tests/fakes/http_server.py, and one here that reads slowly), TLS from a test CA."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import socket
+from array import array
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+
+from kubetrail.core.block import ReadyBlock
+from kubetrail.core.dates import DATE_FORMATS
+from kubetrail.core.errors import RetryableError
+from kubetrail.core.record import Batch, Record
+from kubetrail.sinks import http as http_sink
+from kubetrail.sinks.http import HttpOutputSink
+from kubetrail.sinks.json_format import date_key_option, encode_batch
+from tests.fakes.http_server import Answer, ScriptedServer
+from tests.unit.helpers import build
+from tests.unit.test_http_sink import server_ctx, tls_files  # noqa: F401 - the fixture
+
+FramedBody = http_sink.FramedBody
+pytestmark = pytest.mark.skipif(FramedBody is None, reason="kubetrail_native is not built")
+
+T0 = 1_795_867_200_001_800_000
+
+
+def lines_of(count: int, seed: int, big_every: int = 0) -> list[bytes]:
+    """Compact JSON lines (orjson's own bytes, so the record path re-encodes them unchanged):
+    escapes, non-ASCII, nesting, empty objects, now and then a line of 20 KB."""
+    rnd = random.Random(seed)
+    out = []
+    for i in range(count):
+        if i % 17 == 5:
+            out.append(b"{}")
+            continue
+        doc: dict[str, Any] = {
+            "i": i,
+            "verb": rnd.choice(["get", "list", "watch"]),
+            "msg": 'caf\u00e9 "quoted" \\ tab\t' * rnd.randint(0, 3),
+            "nested": {"a": [1, 2.5, None, True], "b": {"c": "x" * rnd.randint(0, 200)}},
+        }
+        if big_every and i % big_every == 3:
+            doc["blob"] = "y" * 20_000
+        out.append(orjson.dumps(doc))
+    return out
+
+
+def times_for(count: int, seed: int) -> list[int]:
+    rnd = random.Random(seed)
+    # Whole seconds, odd nanoseconds, microseconds: the date texts differ in length.
+    return [T0 + rnd.choice([0, 1, 999_999_999, rnd.randrange(10**9)]) + i * 10**9 for i in range(count)]
+
+
+def block_batch(lines: list[bytes], times: list[int], tag: str = "app.log") -> Batch:
+    """A lazy batch, as a json parser hands one over: the block, its times, records on demand."""
+    block = ReadyBlock(
+        b"".join(line + b"\n" for line in lines),
+        len(lines),
+        lambda: [Record(tag, t, None, line) for t, line in zip(times, lines, strict=True)],
+    )
+    block.times = array("q", times)  # what a parser's validation sets
+    return Batch(tag, None, block=block)
+
+
+def records_batch(lines: list[bytes], times: list[int], tag: str = "app.log") -> Batch:
+    """The same records without a block: the Python formatter's path (the reference)."""
+    return Batch(tag, [Record(tag, t, orjson.loads(line)) for t, line in zip(times, lines, strict=True)])
+
+
+def sink(server: ScriptedServer, **props: Any) -> HttpOutputSink:
+    return build(HttpOutputSink, host="127.0.0.1", port=server.port, **props)  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def server() -> Any:
+    srv = await ScriptedServer().start()
+    srv.default = Answer(204, b"", "text/plain")
+    yield srv
+    await srv.stop()
+
+
+# Three batches in a row: small (headers and body joined), ~1.3 MB with 20 KB lines, one line.
+BATCHES = [(lines_of(40, 1), times_for(40, 1)), (lines_of(900, 2, 50), times_for(900, 2)), ([b"{}"], [T0])]
+
+
+def expected_bodies(fmt: str, date_key: str | None, date_format: str) -> list[bytes]:
+    bodies = [encode_batch(records_batch(lines, times), fmt, date_key, date_format) for lines, times in BATCHES]
+    # What was sent before this body type: encode_batch of the block (natively framed bytes).
+    before = [encode_batch(block_batch(lines, times), fmt, date_key, date_format) for lines, times in BATCHES]
+    assert before == bodies
+    return bodies
+
+
+@pytest.mark.parametrize("compress", ["none", "gzip"])
+@pytest.mark.parametrize(
+    ("date_key", "date_format"),
+    [*(("date", f) for f in DATE_FORMATS), ("@timestamp", "double"), ("false", "double")],
+)
+@pytest.mark.parametrize("fmt", ["json", "json_lines", "json_stream"])
+async def test_bodies_from_a_block_are_the_bytes_sent_before(
+    server: ScriptedServer, fmt: str, date_key: str, date_format: str, compress: str
+) -> None:
+    expected = expected_bodies(fmt, date_key_option(date_key), date_format)
+    out = sink(server, format=fmt, json_date_key=date_key, json_date_format=date_format, compress=compress)
+    try:
+        for lines, times in BATCHES:
+            await out.write(block_batch(lines, times))
+    finally:
+        await out.close()
+    assert [r.body for r in server.requests] == expected
+    for request, body in zip(server.requests, expected, strict=True):
+        assert "Transfer-Encoding" not in request.headers
+        if compress == "gzip":
+            assert request.headers["Content-Encoding"] == "gzip"
+            assert request.wire_size < len(body) or len(body) < 1000  # a tiny body does not shrink
+        else:
+            assert request.wire_size == len(body)
+
+
+async def test_a_retried_batch_sends_the_same_bytes_again(server: ScriptedServer) -> None:
+    """The sink runner retries by calling ``write`` again with the same batch."""
+    server.answers = [Answer(503, b"busy", "text/plain"), Answer(500, b"", "text/plain")]
+    lines, times = BATCHES[1]
+    batch = block_batch(lines, times)
+    (expected, *_) = [encode_batch(records_batch(lines, times), "json", "date", "double")]
+    out = sink(server, format="json")
+    try:
+        for _ in range(2):
+            with pytest.raises(RetryableError, match="HTTP 50"):
+                await out.write(batch)
+        await out.write(batch)
+    finally:
+        await out.close()
+    assert [r.body for r in server.requests] == [expected] * 3
+
+
+class Recording:
+    """A FramedBody that records what its ``send`` calls wrote (the type is native: no patching)."""
+
+    def __init__(self, body: Any) -> None:
+        self.body = body
+        self.sends: list[tuple[int, int]] = []  # (offset asked, offset reached)
+
+    def __len__(self) -> int:
+        return len(self.body)
+
+    def tobytes(self, offset: int = 0) -> bytes:
+        return self.body.tobytes(offset)  # type: ignore[no-any-return]
+
+    def send(self, fd: int, offset: int) -> int:
+        reached: int = self.body.send(fd, offset)
+        self.sends.append((offset, reached))
+        return reached
+
+
+def recording(out: HttpOutputSink) -> list[Recording]:
+    made: list[Recording] = []
+
+    def body(batch: Batch) -> Any:
+        framed = HttpOutputSink.body(out, batch)
+        assert isinstance(framed, FramedBody), "a block with a date is framed natively"
+        made.append(Recording(framed))
+        return made[-1]
+
+    out.body = body  # type: ignore[method-assign]
+    return made
+
+
+async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport() -> None:
+    """A server that reads late: the socket takes part of the body, the rest is queued by the
+    transport and sent as the server reads. Same bytes; a second request on the connection too."""
+    received: list[bytes] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.3)  # aiohttp stops reading the socket once its buffer is full
+        received.append(await request.read())
+        return web.Response(status=200)
+
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_post("/", slow)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
+    out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json_lines")
+    made = recording(out)
+    try:
+        await out.write(block_batch(lines, times))
+        await out.write(block_batch(lines[:10], times[:10]))
+    finally:
+        await out.close()
+        await runner.cleanup()
+    expected = [
+        encode_batch(records_batch(ls, ts), "json_lines", "date", "double")
+        for ls, ts in ((lines, times), (lines[:10], times[:10]))
+    ]
+    assert received == expected
+    (offset, reached) = made[0].sends[0]
+    assert offset == 0 and 0 < reached < len(expected[0]), "the socket took part, the transport the rest"
+    assert made[1].sends == [(0, len(expected[1]))], "the next request on the connection: all at once"
+
+
+async def test_tls_bodies_go_through_the_tls_layer(tls_files: dict[str, Path]) -> None:  # noqa: F811
+    srv = await ScriptedServer().start(server_ctx(tls_files))
+    srv.default = Answer(204, b"", "text/plain")
+    lines, times = BATCHES[1]
+    out = sink(srv, format="json", tls="on", **{"tls.ca_file": str(tls_files["ca.crt"])})
+    made = recording(out)
+    try:
+        await out.write(block_batch(lines, times))
+    finally:
+        await out.close()
+        await srv.stop()
+    assert [r.body for r in srv.requests] == [encode_batch(records_batch(lines, times), "json", "date", "double")]
+    assert made[0].sends == [], "never written to the raw socket under TLS"
+
+
+def test_send_goes_on_from_where_the_socket_stopped() -> None:
+    """FramedBody.send on a socket with small buffers: each call writes what fits and returns
+    the offset reached; called again from there, the pieces follow on byte for byte."""
+    lines, times = lines_of(600, 3, 40), times_for(600, 3)
+    batch = block_batch(lines, times)
+    body = HttpOutputSink.body(build(HttpOutputSink, format="json"), batch)
+    assert isinstance(body, FramedBody)
+    whole = body.tobytes()
+    assert whole == encode_batch(records_batch(lines, times), "json", "date", "double")
+    assert len(body) == body.size == len(whole)
+    for offset in (0, 1, 17, len(whole) // 2, len(whole) - 1, len(whole)):
+        assert body.tobytes(offset) == whole[offset:]
+    writer, reader = socket.socketpair()
+    with writer, reader:
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        writer.setblocking(False)
+        got = bytearray()
+        offset, calls = 0, 0
+        while offset < len(whole):
+            reached = body.send(writer.fileno(), offset)
+            assert offset <= reached <= len(whole)
+            offset, calls = reached, calls + 1
+            reader.settimeout(1)
+            got += reader.recv(1 << 20)
+        while len(got) < len(whole):
+            got += reader.recv(1 << 20)
+        assert bytes(got) == whole and calls > 3
+        reader.close()
+        with pytest.raises(OSError):  # the peer is gone: EPIPE / ECONNRESET, not a signal
+            for _ in range(100):
+                body.send(writer.fileno(), 0)
+
+
+def test_a_block_natively_unframeable_is_encoded_as_before() -> None:
+    """A line that is not an object cannot take a date, nor a time the native double writer
+    leaves to orjson: the body is encode_batch's bytes (from records), as before."""
+    out = build(HttpOutputSink, format="json")
+    for lines, times in (([b'{"a":1}', b"[1,2]"], [T0, T0]), ([b'{"a":1}'], [5])):
+        body = out.body(block_batch(lines, times))
+        assert isinstance(body, bytes) and body == encode_batch(block_batch(lines, times), "json", "date", "double")
