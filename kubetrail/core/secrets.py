@@ -36,7 +36,7 @@ second, and a request sent between the two reads carries one old and one new, is
 an authentication error) and retried like any refusal, so nothing is lost.
 
 **Bad files.** At start (``kubetrail check`` and ``run``) a file that is missing, unreadable,
-empty, larger than a Kubernetes Secret can be (1 MiB) or not UTF-8 is a configuration error
+empty, of more than one line, larger than a Kubernetes Secret can be (1 MiB) or not UTF-8 is a configuration error
 naming the option, the path and what is wrong (exit 2). Later the same problems keep the last
 good value (an empty file is most often one caught half-written), log once per distinct problem
 and count ``kubetrail_secret_reload_errors_total{option}`` at each check that still fails (at
@@ -104,6 +104,10 @@ def read_secret_file(path: str) -> str:
         raise SecretFileError(f"{path} is not UTF-8 text (byte {exc.start})") from None
     if not text:
         raise SecretFileError(f"{path} is empty")
+    if "\n" in text or "\r" in text:
+        # A header or a SASL password cannot hold one (HTTP header injection); most often two
+        # secrets pasted into one key.
+        raise SecretFileError(f"{path} has more than one line (a credential is one line; trailing breaks are removed)")
     return text
 
 

@@ -102,6 +102,7 @@ def test_derived_values_are_recomputed_only_after_a_change(tmp_path: Path) -> No
         (lambda p: p.mkdir(), "is a directory"),
         (lambda p: p.write_bytes(b"x" * (secrets.MAX_BYTES + 1)), "larger than 1 MiB"),
         (lambda p: p.write_bytes(b"\xff\xfe"), "not UTF-8"),
+        (lambda p: p.write_text("first\nsecond\n"), "has more than one line"),
     ],
 )
 def test_a_bad_file_at_start_names_the_option_and_the_path(tmp_path: Path, setup: Any, problem: str) -> None:
