@@ -17,10 +17,10 @@ SECRETS = ["--set", "credentialSecrets[0].name=es", "--set", "credentialSecrets[
 
 def test_install_fails_naming_a_missing_secret_and_works_once_it_exists(
     local_cluster: LocalCluster,
-    helm: Path,
+    helm: Path,  # noqa: F811 (the fixture imported above)
     admin: KubeAPI,
     namespace: str,
-    tmp_path: Path,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     outputs = tmp_path / "outputs.conf"
     outputs.write_text(OUTPUTS)
