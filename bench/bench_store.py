@@ -135,7 +135,9 @@ def flattened(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
+def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int = 0) -> None:
+    """``pair``: only the file (plain) baseline, the native ``sync full`` row and (``into``) the
+    same with schema 2's name-led index, alternating for that many rounds (medians and each)."""
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
     prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
@@ -143,8 +145,8 @@ def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
         first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
         build_store(prefilled, into, t0=first - MONTH_NS)  # a month of records up to the ingest's
     try:
-        results = {}
-        for name, factory in (
+        results: dict[str, list[tuple[float, float]]] = {}
+        rows = (
             (
                 "file (plain, fsync per batch)",
                 lambda: build(FileSink, path=str(work), file="out.jsonl", format="plain"),
@@ -162,11 +164,17 @@ def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
                 "sqlite (sync full, name-led index)",
                 lambda: build(SqliteSink, path=str(work / "name-led.db"), sync="full"),
             ),
-        ):
+        )
+        if pair:
+            rows = tuple(row for row in rows if row[0].endswith(("plain, fsync per batch)", "(sync full)", "index)")))
+        for name, factory in rows * max(pair, 1):
             if "name-led" in name and not into:
                 continue  # a young store: both indexes take new keys anywhere in a small tree
-            if into and name.startswith("sqlite"):  # a store holding ``into`` records already
+            if name.startswith("sqlite"):
                 db = Path(factory().writer.path)
+                for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):  # an earlier round's
+                    stale.unlink(missing_ok=True)
+            if into and name.startswith("sqlite"):  # a store holding ``into`` records already
                 shutil.copy(prefilled, db)
                 with sqlite3.connect(db) as conn:
                     if without:  # what one index costs: the same ingest without it
@@ -176,22 +184,26 @@ def ingest(records: int, group: int, into: int = 0, without: str = "") -> None:
                         conn.execute(NAME_LED_INDEX)
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
-            results[name] = asyncio.run(timed(factory(), batches, group, workers))
+            results.setdefault(name, []).append(asyncio.run(timed(factory(), batches, group, workers)))
         replay = asyncio.run(timed(build(SqliteSink, path=str(work / "full.db")), audit_batches(lines), group))
         if into:
             print(
                 f"into a store holding {into:,} records already (its copy for each sqlite row)"
                 + (f", without the index {without}" if without else "")
             )
-        base, base_cpu = results["file (plain, fsync per batch)"]
+        base = statistics.median(wall for wall, _ in results["file (plain, fsync per batch)"])
+        base_cpu = statistics.median(cpu for _, cpu in results["file (plain, fsync per batch)"])
         print(
             f"ingest of {records:,} audit records ({sum(map(len, lines)) / len(lines):.0f} bytes each),"
             f" batches of {BATCH}, {group} batches per write (commit)"
         )
-        for name, (elapsed, cpu) in results.items():
+        for name, runs in results.items():
+            elapsed = statistics.median(wall for wall, _ in runs)
+            cpu = statistics.median(cpu for _, cpu in runs)
+            each = f"   rounds: {', '.join(f'{records / wall:,.0f}' for wall, _ in runs)}" if len(runs) > 1 else ""
             print(
                 f"  {name:<34} {records / elapsed:>10,.0f} records/s {elapsed / base:6.2f}x the file output's time"
-                f"   CPU {cpu / records * 1e6:5.2f} us/record ({cpu / base_cpu:5.2f}x)"
+                f"   CPU {cpu / records * 1e6:5.2f} us/record ({cpu / base_cpu:5.2f}x){each}"
             )
         print(f"  {'sqlite replay (all present)':<34} {records / replay[0]:>10,.0f} records/s")
         size = (work / "full.db").stat().st_size - (prefilled.stat().st_size if into else 0)
@@ -463,10 +475,13 @@ def main() -> None:
     parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
     parser.add_argument("--without", default="", help="ingest --into: drop this index first (records_object, ...)")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
+    parser.add_argument(
+        "--pair", action="store_true", help="ingest: only file plain, sqlite sync full (and name-led), --rounds times"
+    )
     parser.add_argument("--cold", action="store_true", help="query: the store out of the page cache for each query")
     args = parser.parse_args()
     if args.what == "ingest":
-        ingest(args.records or 200_000, args.group, args.into, args.without)
+        ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds)
     else:
