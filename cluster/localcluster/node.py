@@ -643,8 +643,16 @@ imports = []
         and :class:`NodeError` names the failing component with its last log lines.
         """
         started = time.monotonic()
-        if len(str(self.socket)) + len(".ttrpc") > 107:
-            raise NodeError(f"the node dir {self.dir} is too long for a unix socket path; use a shorter cluster dir")
+        # The longest unix sockets: containerd's ttrpc one, and the kubelet's pod-resources socket
+        # (a temporary name of up to 10 digits under its root dir); sun_path holds 107 bytes.
+        longest = max(
+            len(str(self.socket)) + len(".ttrpc"), len(str(self.dir / "kubelet" / "root" / "pod-resources")) + 11
+        )
+        if longest > 107:
+            raise NodeError(
+                f"the node dir {self.dir} is too long for the unix sockets under it ({longest} of at most 107 "
+                "bytes); use a shorter cluster dir"
+            )
         stale = _mounts_under([str(self.dir)])
         if stale:
             raise NodeError(f"an earlier node's mounts are still under {self.dir} ({stale[0]}, ...): run `down` first")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import ClusterError, LocalCluster
-from localcluster.node import NodeError, _check_pod_cidr, preflight
+from localcluster.node import Node, NodeError, NodeOptions, _check_pod_cidr, preflight
 
 
 def _kernel(tmp_path: Path, filesystems: str, cgroup_memory: bool) -> tuple[Path, Path]:
@@ -70,3 +70,18 @@ def test_a_bad_pod_cidr_stops_up_before_anything_starts(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match=re.escape("pod CIDR '10.244.0.0/33' is not an IPv4 network")):
         LocalCluster.up(tmp_path / "c", controllers=True, nodes=1, pod_cidr="10.244.0.0/33", allow_build=False)
     assert not (tmp_path / "c" / "node").exists()
+
+
+def test_a_node_dir_too_long_for_the_kubelets_sockets_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """The kubelet's pod-resources socket (root dir + 10 digits) is the longest path under the
+    node dir: a dir that leaves it over 107 bytes made the kubelet exit with `bind: invalid
+    argument` in a CI run; now the start says why before anything runs."""
+    # Room for containerd's socket (the only one checked before), not for the kubelet's.
+    base = Path("/tmp") / ("d" * 65)
+    assert len(str(base / "node" / "run" / "containerd.sock.ttrpc")) <= 107
+    node = Node(base, bins=None, options=NodeOptions(), name="n", ip="10.0.0.1")  # type: ignore[arg-type]
+    with pytest.raises(NodeError, match=r"too long for the unix sockets under it \(\d+ of at most 107 bytes\)"):
+        node.start(admin=None, url="", ca_file=Path(), log=None, save=lambda: None)  # type: ignore[arg-type]
+    assert not base.exists()
+    short = Node(Path("/tmp/ktn.abcdef/test_node_is_torn_down_when_it0/c"), None, NodeOptions(), "n", "10.0.0.1")  # type: ignore[arg-type]
+    assert len(str(short.dir / "kubelet" / "root" / "pod-resources")) + 11 <= 107
