@@ -42,6 +42,14 @@ is dropped; only the fast path is lost for that block.
 
 **Identities.** ``identity`` is ``(uid, offset of the block's first line)``: built records get
 ``(uid, offset of their line in source)``, the tail's ``(file uid, byte offset)``.
+
+**Lines with no parser.** A tail with no ``parser`` hands its lines as a :class:`TextBlock`:
+each line is the record ``{key: line}``, so validation writes those JSON lines (natively, one
+call) and every record has the time the block was read. Its ``source`` is text, not JSON, so
+``rewrites`` is set and :meth:`Batch.pending_block` never offers it. A filter that works on
+lines of text (``multiline``) reads the block itself (``batch.line_block``, a
+:class:`TextBlock` while nobody built its records) and hands on a block of its own output
+(:class:`ReadyBlock` with ``times``); anything else reads records or ``raw_block`` as usual.
 """
 
 from __future__ import annotations
@@ -50,8 +58,15 @@ from array import array
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 if TYPE_CHECKING:
     from kubetrail.core.record import Batch, Record
+
+try:  # optional (built from native/): a block of text lines as JSON lines in one call
+    from kubetrail_native import text_json_lines
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    text_json_lines = None
 
 
 class LineBlock:
@@ -125,3 +140,47 @@ class ReadyBlock(LineBlock):
 
     def build(self, data: bytes) -> list[Record]:
         return self._build()
+
+
+class TextBlock(LineBlock):
+    """Lines of text read with no parser: each line is the record ``{key: line}`` (invalid
+    UTF-8 replaced by U+FFFD), all with the time the block was read (``time_ns``), as the
+    tail's line-by-line path makes them. ``crlf``: the file ends its lines with CRLF (its first
+    line does), so each line's ``\\r`` is cut, as on that path; a CRLF block holding a line
+    that is only ``\\r`` (a blank line there) must not be made a TextBlock."""
+
+    __slots__ = ("crlf", "key", "tag", "time_ns")
+
+    def __init__(self, source: bytes, count: int, tag: str, key: str, time_ns: int, crlf: bool) -> None:
+        super().__init__(source, count)
+        self.tag = tag
+        self.key = key
+        self.time_ns = time_ns
+        self.crlf = crlf
+        self.rewrites = True  # the source is text; the JSON lines are made by validation
+
+    def json_prefix(self) -> bytes:
+        """``{"key":"``: what each record's JSON line starts with (orjson's escaping of the key)."""
+        return orjson.dumps({self.key: ""})[:-2]
+
+    def validate(self) -> bytes | None:
+        self.times = array("q", [self.time_ns]) * self.count
+        if text_json_lines is not None:
+            data: bytes = text_json_lines(self.source, self.json_prefix(), self.crlf)
+            return data
+        dumps, key = orjson.dumps, self.key
+        return b"".join([dumps({key: text}) + b"\n" for text in self.texts()])
+
+    def texts(self) -> list[str]:
+        """Each line's text, as its record has it."""
+        lines = self.source.split(b"\n")
+        lines.pop()  # the empty string after the final newline
+        if self.crlf:
+            lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
+        return [line.decode("utf-8", "replace") for line in lines]
+
+    def build(self, data: bytes) -> list[Record]:
+        from kubetrail.core.record import Record  # here: record.py imports this module
+
+        tag, now, key = self.tag, self.time_ns, self.key
+        return [Record(tag, now, {key: text}) for text in self.texts()]

@@ -33,6 +33,11 @@ from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option, Section, resolve_options, ruby_to_python_regex
 from kubetrail.core.record import Record
 
+try:  # optional (built from native/): the rules over a block of lines in one call
+    from kubetrail_native import LineRules
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    LineRules = None
+
 START = "start_state"
 
 # (from states, regex, next state), as Fluent Bit defines them.
@@ -279,6 +284,111 @@ class LineJoiner:
     def end(self) -> None:
         self.active = None
         self.state = ""
+
+
+# Pattern text Rust's ``regex`` reads otherwise than Python's ``re`` without failing to compile:
+# a class inside a class or a set operation (``[[:alpha:]]``, ``[a&&b]``, ``[a--b]``, ``[a~~b]``),
+# the word-start/end assertions ``\<``, ``\>``, ``\b{...}`` (literal ``<`` and ``>`` in ``re``),
+# verbose mode (whitespace inside a class), and non-ASCII text (case folding). Such a rule set
+# stays with Python's ``re``.
+_UNSAFE = re.compile(r"\\[<>]|\\b\{|\(\?[a-zA-Z-]*x|[^\x00-\x7f]")
+
+
+def _rust_reads_as_python(pattern: str) -> bool:
+    """Whether ``pattern`` (Python syntax) means the same to Rust's ``regex`` where both compile it
+    (on ASCII text: see native/src/multilines.rs for the rest)."""
+    if _UNSAFE.search(pattern):
+        return False
+    in_class, index = False, 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            index += 2
+            continue
+        if not in_class:
+            if char == "[":
+                in_class = True
+                index += 1
+                if pattern[index : index + 1] == "^":
+                    index += 1
+                if pattern[index : index + 1] == "]":  # a leading "]" is literal in both
+                    index += 1
+                continue
+        elif char == "[" or pattern[index : index + 2] in ("&&", "--", "~~"):
+            return False
+        elif char == "]":
+            in_class = False
+        index += 1
+    return True
+
+
+class NativeRules:
+    """Regex rule sets as the native state machine (``kubetrail_native.LineRules``): each
+    (rule set, state) a number, each rule's pattern compiled by Rust's ``regex``. It walks a block
+    of lines as :meth:`LineJoiner.feed_many` does, from and to a :class:`LineJoiner`'s state, and
+    writes the joined messages as JSON lines. :meth:`of` gives None where it cannot take the rule
+    sets: no native module, an ``endswith``/``equal`` parser, or a pattern Rust compiles otherwise
+    or not at all; the filter then stays on its record path."""
+
+    def __init__(self, rulesets: list[RuleSet]) -> None:
+        rules: list[Rule] = []
+        self.states: list[tuple[RuleSet, str]] = []
+        self.ids: dict[tuple[int, str], int] = {}
+        for ruleset in rulesets:
+            for rule in ruleset.rules:
+                rules.append(rule)
+                if (id(ruleset), rule.next_state) not in self.ids:
+                    self.ids[(id(ruleset), rule.next_state)] = len(self.states)
+                    self.states.append((ruleset, rule.next_state))
+        index = {id(rule): n for n, rule in enumerate(rules)}
+        starts = [
+            (index[id(rule)], self.ids[(id(ruleset), rule.next_state)])
+            for ruleset in rulesets
+            for rule in ruleset.rules
+            if START in rule.states
+        ]
+        # As RuleSet.steps: the rules of a state, none from start_state or "last".
+        steps = [
+            [
+                (index[id(rule)], self.ids[(id(ruleset), rule.next_state)])
+                for rule in ruleset.rules
+                if state in rule.states and state not in (START, "last")
+            ]
+            for ruleset, state in self.states
+        ]
+        self.searches = [rule.regex.search for rule in rules]
+        assert LineRules is not None
+        self.native: Any = LineRules([rule.regex.pattern for rule in rules], starts, steps)
+
+    @classmethod
+    def of(cls, rulesets: list[RuleSet]) -> NativeRules | None:
+        if LineRules is None or not rulesets:
+            return None
+        for ruleset in rulesets:
+            if ruleset.match_string is not None:
+                return None
+            if not all(_rust_reads_as_python(rule.regex.pattern) for rule in ruleset.rules):
+                return None
+        try:
+            return cls(rulesets)
+        except ValueError:  # a pattern Rust's regex does not take (look-around, ...)
+            return None
+
+    def search(self, rule: int, text: str) -> bool:
+        """Python's verdict, for the lines the native walk does not decide itself."""
+        return self.searches[rule](text) is not None
+
+    def state_of(self, joiner: LineJoiner) -> int:
+        """The joiner's open message as a state number (-1: none)."""
+        if joiner.active is None:
+            return -1
+        return self.ids[(id(joiner.active), joiner.state)]
+
+    def set_state(self, joiner: LineJoiner, state: int) -> None:
+        if state < 0:
+            joiner.end()
+        else:
+            joiner.active, joiner.state = self.states[state]
 
 
 @dataclass

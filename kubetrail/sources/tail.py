@@ -45,6 +45,10 @@ follows their file (its path matches, or it is a rotated backup of a file it fol
 keeps its offsets when a tail gets an alias or a second tail joins it. Renaming an alias
 starts that tail afresh, as a new ``db`` would (the old rows stay, unused).
 
+With no ``parser``, a block of whole lines goes on as one :class:`~kubetrail.core.block.TextBlock`
+(each line the record ``{key: line}``, made only when someone asks), unless the line-by-line
+path would drop a line of it (an empty line); see :mod:`kubetrail.core.block`.
+
 Container runtime formats (``multiline.parser cri, docker``) are joined per stream by
 :mod:`kubetrail.parsers.multiline`, whose docstring explains how checkpoints stay exact while a
 message is half read.
@@ -70,6 +74,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from kubetrail.core.acks import AckToken, OrderedAcks
+from kubetrail.core.block import TextBlock
 from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
@@ -84,11 +89,14 @@ from kubetrail.parsers.multiline_rules import BUILTIN_RULES, RegexLogJoiner, Rul
 from kubetrail.sources.tail_watch import FileWatcher
 
 try:  # optional (built from native/): many times faster than ``b"\n\n" in block``
-    from kubetrail_native import has_blank_line
+    from kubetrail_native import count_newlines, has_blank_line
 except ImportError:  # pragma: no cover - depends on the installation
 
     def has_blank_line(block: bytes) -> bool:
         return block.startswith(b"\n") or b"\n\n" in block
+
+    def count_newlines(block: bytes) -> int:
+        return block.count(b"\n")
 
 
 FINGERPRINT_SIZE = 256
@@ -903,8 +911,9 @@ class TailSource(Source):
         plain = not (skip_first or self.path_key or self.offset_key)
         # A blank line is skipped by the line-by-line path, so such a block is parsed that way:
         # a lazy block's count must be its records' count from the start.
-        if self.parser is not None and plain and not has_blank_line(block):
-            lazy = self.parser.line_block(block, tailed.tag)
+        if plain and not has_blank_line(block):
+            parser = self.parser
+            lazy = parser.line_block(block, tailed.tag) if parser is not None else self._text_block(tailed, block)
             if lazy is not None:
                 lazy.fallback = lambda: self._line_batch(tailed, block, start, token, False, True)
                 lazy.identity = (tailed.uid, start)
@@ -915,6 +924,15 @@ class TailSource(Source):
             token.seal()  # nothing to deliver, but the offset may still advance
             return None
         return batch
+
+    def _text_block(self, tailed: TailedFile, block: bytes) -> TextBlock | None:
+        """No parser: the lines as one block of ``{key: line}`` records (see TextBlock), unless
+        it holds a line the line-by-line path would skip (only ``\\r`` in a CRLF file)."""
+        first_end = block.find(b"\n")
+        crlf = first_end > 0 and block[first_end - 1] == 13  # as _line_batch decides: by the first line
+        if crlf and (block.startswith(b"\r\n") or b"\n\r\n" in block):
+            return None
+        return TextBlock(block, count_newlines(block), tailed.tag, self.key, wall_ns(), crlf)
 
     def _bad_input(self, kind: str, count: int) -> None:
         """Bad input a lazy block found when it was validated (``bad_time``)."""

@@ -29,6 +29,17 @@ about it); kubetrail's copy continues after this filter instead, through the fil
 it on the route. When the inputs finish (``exit_on_eof``, shutdown), held messages are flushed
 before the outputs drain; one still held at a crash was never acknowledged and is read again.
 
+**Blocks of lines.** A tail with no parser hands its lines as one
+:class:`~kubetrail.core.block.TextBlock` (see :mod:`kubetrail.core.block`). With regex rules
+the native module takes (:class:`~kubetrail.parsers.multiline_rules.NativeRules`) and the key
+the tail's, the filter walks that block in one native call, from the tag's state and back to
+it, and hands on a block of the joined messages' JSON lines with their times and identities:
+no record per line unless a later filter asks for records. Only the lines of the message open
+at either end of the block become records, the same records the record path holds, so state,
+held batches, ``flush_ms`` and ``buffer`` work alike whichever path a batch took (a block with
+a blank line comes as records, for one). Anything else (parsed records, ``partial_message``,
+``cri``/``docker``, ``endswith``/``equal``) goes through the record path.
+
 ``emitter_mem_buf_limit`` has no effect: a held message is bounded by ``flush_ms``, and what it
 holds back counts against its input's own ``mem_buf_limit``.
 """
@@ -37,11 +48,13 @@ from __future__ import annotations
 
 import asyncio
 import time
+from array import array
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubetrail.core.acks import AckToken
+from kubetrail.core.block import ReadyBlock, TextBlock
 from kubetrail.core.component import ComponentContext, Transform
 from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
@@ -50,7 +63,14 @@ from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.core.values import split_list
 from kubetrail.parsers.multiline import ContainerLogJoiner, JoinStats
-from kubetrail.parsers.multiline_rules import BUILTIN_RULES, LineJoiner, RuleSet, builtin, from_section
+from kubetrail.parsers.multiline_rules import (
+    BUILTIN_RULES,
+    LineJoiner,
+    NativeRules,
+    RuleSet,
+    builtin,
+    from_section,
+)
 
 _PARTIAL_KEYS = ("partial_message", "partial_id", "partial_ordinal", "partial_last")
 
@@ -104,6 +124,8 @@ class MultilineTransform(Transform):
             if not names:
                 raise ConfigError("mode parser needs multiline.parser (e.g. java, python, go)", key="multiline.parser")
             self._parsers(names, ctx)
+        # The rules as the native state machine, for blocks of text lines (None: records only).
+        self.native = NativeRules.of(self.rulesets) if self.mode == "parser" and not self.container else None
         self.joiners: dict[str, LineJoiner] = {}
         self.containers: dict[str, ContainerLogJoiner] = {}
         self.held: dict[str, _Held] = {}
@@ -184,20 +206,21 @@ class MultilineTransform(Transform):
     def process_emitting(self, batch: Batch) -> tuple[Batch, list[Batch]]:
         tag = batch.tag
         held = self.held.pop(tag, None)
-        out = self._feed(tag, batch.records)
+        block = self._text_block(batch)
+        out = self._feed_block(tag, batch, block) if block is not None else batch.derive(self._feed(tag, batch.records))
         copies: list[Batch] = []
         if held is not None:
             # The held message continued or ended here: it and what followed go out together.
-            if out:
+            if len(out):
                 if batch.ack is not None:
                     batch.ack.retain()
                     held.parents.append(batch.ack)
                 copies.append(self._copy_batch(tag, out, held.parents))
                 held = None
-            out = []
+            out = batch.derive([])
         if self._is_open(tag):
             if not self.buffer:
-                out.extend(self._finish_open(tag))
+                out = batch.derive([*out.records, *self._finish_open(tag)])
             else:
                 if held is None:
                     held = _Held(since=time.monotonic())
@@ -209,14 +232,102 @@ class MultilineTransform(Transform):
             # Every record continued the held message, which then ended with nothing after it
             # (it cannot: an end needs a following line); keep the bookkeeping honest anyway.
             copies.append(self._copy_batch(tag, self._finish_open(tag), held.parents))
-        return batch.derive(out), copies
+        return out, copies
 
-    def _copy_batch(self, tag: str, records: list[Record], parents: list[AckToken]) -> Batch:
+    def _copy_batch(self, tag: str, records: list[Record] | Batch, parents: list[AckToken]) -> Batch:
         def release(delivered: bool) -> None:
             for parent in parents:
                 parent.release(delivered)
 
+        if isinstance(records, Batch):
+            block = records.line_block
+            if block is not None:  # a block of joined messages stays one
+                return Batch(tag, None, AckToken(release), block=block)
+            records = records.records
         return Batch(tag, records, AckToken(release))
+
+    # -- blocks of text lines ------------------------------------------------------------------
+
+    def _text_block(self, batch: Batch) -> TextBlock | None:
+        """The batch's lines as the tail read them, when this filter can walk them natively."""
+        if self.native is None:
+            return None
+        block = batch.line_block
+        if isinstance(block, TextBlock) and block.key == self.key:
+            return block
+        return None
+
+    def _feed_block(self, tag: str, batch: Batch, block: TextBlock) -> Batch:
+        """:meth:`_feed_rules` of a block of text lines, in one native call: the same messages,
+        written as JSON lines. The lines of the message open at the start (the head) or the end
+        (the tail) become records, which the tag's state holds as the record path does."""
+        native = self.native
+        assert native is not None
+        joiner = self.joiners.get(tag) or LineJoiner(self.rulesets)
+        pieces = self._pieces.pop(tag, [])
+        source = block.source
+        start = native.state_of(joiner) if pieces else -1
+        close = not self.buffer  # buffer off: a message open at the end goes out as it is
+        data, offsets, count, head_end, tail_start, state, joined = native.native.join(
+            source, block.crlf, block.json_prefix(), start, close, native.search
+        )
+        if joined:
+            self.m_joined.inc(joined)
+        lead: Record | None = None  # the message open before the block, if a line here ended it
+        if pieces:
+            pieces.extend(self._line_records(tag, block, 0, head_end))
+            if head_end < len(source):
+                lead = self._join(pieces) if len(pieces) > 1 else pieces[0]
+                pieces = []
+        if tail_start >= 0:
+            pieces = self._line_records(tag, block, tail_start, len(source))
+        native.set_state(joiner, state)
+        if pieces:
+            self._pieces[tag] = pieces
+            self.joiners[tag] = joiner
+        else:
+            self.joiners.pop(tag, None)  # nothing open: forget the tag
+        if lead is None and not count:
+            return batch.derive([])
+        times = array("q", [block.time_ns]) * count
+        if lead is not None:
+            data = lead.json_bytes() + b"\n" + data
+            times.insert(0, lead.time_ns)
+        starts = array("q")
+        starts.frombytes(offsets)
+        uid, first = block.identity if block.identity is not None else (None, 0)
+        now = block.time_ns
+
+        def build() -> list[Record]:
+            lines = data.split(b"\n")
+            records = [lead] if lead is not None else []
+            identified = block.identity is not None
+            records.extend(
+                Record(tag, now, None, line, (uid, first + at) if identified else None)
+                for line, at in zip(lines[len(records) :], starts, strict=False)  # split has one more
+            )
+            return records
+
+        ready = ReadyBlock(data, len(times), build)
+        ready.times = times
+        return Batch(tag, None, batch.ack, batch.size_bytes, batch.created, block=ready)
+
+    @staticmethod
+    def _line_records(tag: str, block: TextBlock, begin: int, end: int) -> list[Record]:
+        """The records of the block's lines in ``[begin, end)``, as the tail's record path makes
+        them (a few lines: the message open at either end of the block)."""
+        lines = block.source[begin:end].split(b"\n")
+        lines.pop()  # the empty string after the final newline
+        uid, at = block.identity if block.identity is not None else (None, 0)
+        identified = block.identity is not None
+        at += begin
+        records: list[Record] = []
+        for line in lines:
+            text = line[:-1] if block.crlf and line.endswith(b"\r") else line
+            identity = (uid, at) if identified else None
+            records.append(Record(tag, block.time_ns, {block.key: text.decode("utf-8", "replace")}, None, identity))
+            at += len(line) + 1
+        return records
 
     # -- the joiners -------------------------------------------------------------------------
 

@@ -33,6 +33,7 @@ mod auditclass;
 mod fieldtext;
 mod jsonesc;
 mod jsonlines;
+mod multilines;
 mod regexlines;
 mod storerows;
 mod timefmt;
@@ -1166,5 +1167,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(storerows::audit_store_rows, module)?)?;
     module.add_class::<storerows::StoreInserter>()?;
     module.add_class::<fieldtext::FieldsWriter>()?;
+    module.add_class::<multilines::LineRules>()?;
+    module.add_function(wrap_pyfunction!(multilines::text_json_lines, module)?)?;
     Ok(())
 }
