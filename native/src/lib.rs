@@ -31,6 +31,7 @@
 mod alerts;
 mod auditclass;
 mod fieldtext;
+mod httpbody;
 mod jsonesc;
 mod jsonlines;
 mod multilines;
@@ -1167,6 +1168,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(storerows::audit_store_rows, module)?)?;
     module.add_class::<storerows::StoreInserter>()?;
     module.add_class::<fieldtext::FieldsWriter>()?;
+    module.add_class::<httpbody::FramedBody>()?;
     module.add_class::<multilines::LineRules>()?;
     module.add_function(wrap_pyfunction!(multilines::text_json_lines, module)?)?;
     Ok(())
