@@ -76,8 +76,7 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Walk<Cow<'a, [u8]>> {
         self.expect(b'"')?;
         let start = self.at;
-        let found = memchr::memchr2(b'"', b'\\', &self.s[start..]).ok_or(Slow)?;
-        let mut at = start + found;
+        let mut at = find_quote_or_backslash(self.s, start).ok_or(Slow)?;
         if self.s[at] == b'"' {
             let raw = &self.s[start..at];
             if self.controls && raw.iter().any(|&b| b < 0x20) {
@@ -137,9 +136,9 @@ impl<'a> Cursor<'a> {
                     }
                 }
                 _ => {
-                    let next = memchr::memchr2(b'"', b'\\', &self.s[at..]).ok_or(Slow)?;
-                    out.extend_from_slice(&self.s[at..at + next]);
-                    at += next;
+                    let next = find_quote_or_backslash(self.s, at).ok_or(Slow)?;
+                    out.extend_from_slice(&self.s[at..next]);
+                    at = next;
                 }
             }
         }
@@ -188,73 +187,67 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    /// The value at the cursor written as orjson writes it into `out` (None: only skipped,
-    /// where its text is not needed, so a float there does not matter).
-    fn json_value(&mut self, out: &mut Option<&mut Vec<u8>>, depth: usize) -> Walk<()> {
+    /// The value at the cursor written as orjson writes it into `out`, token by token (the way
+    /// for a value that is not already compact: spaces, escapes orjson writes otherwise).
+    fn json_value(&mut self, out: &mut Vec<u8>, depth: usize) -> Walk<()> {
         if depth > 200 {
             return Err(Slow);
         }
         match self.peek().ok_or(Slow)? {
             b'"' => {
                 let text = self.string()?;
-                if let Some(out) = out {
-                    write_string(out, &text, self.quote);
-                }
+                write_string(out, &text, self.quote);
             }
             b'{' => {
                 self.at += 1;
-                push(out, b"{");
+                out.push(b'{');
                 if !self.empty(b'}') {
                     // A key repeated in a nested object: orjson's dict keeps its first place
-                    // with the last value, so the text is Python's to write. Only checked where
-                    // the text is written; no allocation for objects of one member.
+                    // with the last value, so the text is Python's to write. No allocation for
+                    // objects of one member.
                     let mut keys: Vec<Cow<'a, [u8]>> = Vec::new();
                     loop {
                         self.ws();
                         let key = self.string()?;
-                        if let Some(out) = out {
-                            if keys.contains(&key) {
-                                return Err(Slow);
-                            }
-                            write_string(out, &key, self.quote);
-                            keys.push(key);
+                        if keys.contains(&key) {
+                            return Err(Slow);
                         }
+                        write_string(out, &key, self.quote);
+                        keys.push(key);
                         self.ws();
                         self.expect(b':')?;
-                        push(out, b":");
+                        out.push(b':');
                         self.ws();
                         self.json_value(out, depth + 1)?;
-                        if !self.next_item(out, b'}')? {
+                        if !self.next_item(b'}')? {
                             break;
                         }
+                        out.push(b',');
                     }
                 }
-                push(out, b"}");
+                out.push(b'}');
             }
             b'[' => {
                 self.at += 1;
-                push(out, b"[");
+                out.push(b'[');
                 if !self.empty(b']') {
                     loop {
                         self.ws();
                         self.json_value(out, depth + 1)?;
-                        if !self.next_item(out, b']')? {
+                        if !self.next_item(b']')? {
                             break;
                         }
+                        out.push(b',');
                     }
                 }
-                push(out, b"]");
+                out.push(b']');
             }
-            b't' => push(out, self.literal(b"true")?),
-            b'f' => push(out, self.literal(b"false")?),
-            b'n' => push(out, self.literal(b"null")?),
+            b't' => out.extend_from_slice(self.literal(b"true")?),
+            b'f' => out.extend_from_slice(self.literal(b"false")?),
+            b'n' => out.extend_from_slice(self.literal(b"null")?),
             b'-' | b'0'..=b'9' => {
-                if out.is_some() {
-                    let text = self.number()?;
-                    push(out, text);
-                } else {
-                    self.skip_number();
-                }
+                let text = self.number()?;
+                out.extend_from_slice(text);
             }
             _ => return Err(Slow),
         }
@@ -271,14 +264,13 @@ impl<'a> Cursor<'a> {
         empty
     }
 
-    /// After a member or an element: a `,` (written to `out`; true: another follows) or the
-    /// container's `close` (consumed, not written; false). Anything else is Python's.
-    fn next_item(&mut self, out: &mut Option<&mut Vec<u8>>, close: u8) -> Walk<bool> {
+    /// After a member or an element: a `,` (true: another follows) or the container's `close`
+    /// (false), consumed. Anything else is Python's.
+    fn next_item(&mut self, close: u8) -> Walk<bool> {
         self.ws();
         match self.peek() {
             Some(b',') => {
                 self.at += 1;
-                push(out, b",");
                 Ok(true)
             }
             Some(byte) if byte == close => {
@@ -289,23 +281,175 @@ impl<'a> Cursor<'a> {
         }
     }
 
-    fn skip_number(&mut self) {
-        while matches!(
-            self.peek(),
-            Some(b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
-        ) {
-            self.at += 1;
+    /// Past the value at the cursor without looking into it: a template's unused values. The
+    /// block's lines are valid JSON (a parser's block is validated by msgspec's strict decoder
+    /// before any output sees it), so strings are found by their quotes and containers by
+    /// counting brackets; the values a template writes are still checked as they are decoded.
+    fn skip(&mut self) -> Walk<()> {
+        let s = self.s;
+        match self.peek().ok_or(Slow)? {
+            b'"' => self.at = skip_string(s, self.at).ok_or(Slow)?,
+            b'{' | b'[' => {
+                let mut depth = 0usize;
+                let mut i = self.at;
+                loop {
+                    match *s.get(i).ok_or(Slow)? {
+                        b'"' => {
+                            i = skip_string(s, i).ok_or(Slow)?;
+                            continue;
+                        }
+                        b'{' | b'[' => depth += 1,
+                        b'}' | b']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                self.at = i + 1;
+                                return Ok(());
+                            }
+                        }
+                        _ => {}
+                    }
+                    i += 1;
+                }
+            }
+            _ => {
+                while !matches!(
+                    self.peek(),
+                    None | Some(b',' | b'}' | b']' | b' ' | b'\t' | b'\r' | b'\n')
+                ) {
+                    self.at += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Past the value at the cursor when its bytes are already exactly what orjson writes for
+    /// it after decoding (compact, orjson's escapes, integers within 64 bits, no repeated
+    /// key): then the caller copies the span whole instead of re-encoding it token by token.
+    /// False: not such a value, or not one this walk vouches for (the cursor is then anywhere;
+    /// the caller goes back to the value's start and re-encodes). `keys`: the key spans of the
+    /// objects open around the cursor (a stack, so no allocation per object).
+    fn compact(&mut self, keys: &mut Vec<(usize, usize)>, depth: usize) -> bool {
+        if depth > 200 {
+            return false;
+        }
+        match self.peek() {
+            Some(b'"') => self.compact_string(),
+            Some(b'{') => {
+                self.at += 1;
+                if self.peek() == Some(b'}') {
+                    self.at += 1;
+                    return true;
+                }
+                let base = keys.len();
+                loop {
+                    let start = self.at;
+                    if self.peek() != Some(b'"') || !self.compact_string() {
+                        return false;
+                    }
+                    // Compact keys are equal as text exactly when their spellings are equal
+                    // (orjson's escaping is one spelling per text), so spans are compared.
+                    let key = &self.s[start..self.at];
+                    if keys[base..].iter().any(|&(a, b)| &self.s[a..b] == key) {
+                        return false; // repeated: orjson's dict keeps one
+                    }
+                    keys.push((start, self.at));
+                    if self.peek() != Some(b':') {
+                        return false;
+                    }
+                    self.at += 1;
+                    if !self.compact(keys, depth + 1) {
+                        return false;
+                    }
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b'}') => {
+                            self.at += 1;
+                            keys.truncate(base);
+                            return true;
+                        }
+                        _ => return false,
+                    }
+                }
+            }
+            Some(b'[') => {
+                self.at += 1;
+                if self.peek() == Some(b']') {
+                    self.at += 1;
+                    return true;
+                }
+                loop {
+                    if !self.compact(keys, depth + 1) {
+                        return false;
+                    }
+                    match self.peek() {
+                        Some(b',') => self.at += 1,
+                        Some(b']') => {
+                            self.at += 1;
+                            return true;
+                        }
+                        _ => return false,
+                    }
+                }
+            }
+            Some(b't') => self.literal(b"true").is_ok(),
+            Some(b'f') => self.literal(b"false").is_ok(),
+            Some(b'n') => self.literal(b"null").is_ok(),
+            Some(b'-' | b'0'..=b'9') => self.number().is_ok(),
+            _ => false,
         }
     }
 
+    /// Past the string at the cursor when it is written as orjson writes its text.
+    fn compact_string(&mut self) -> bool {
+        let start = self.at;
+        let Some(end) = find_quote_or_backslash(self.s, start + 1) else {
+            return false;
+        };
+        if self.s[end] == b'"' {
+            if self.controls && self.s[start + 1..end].iter().any(|&b| b < 0x20) {
+                return false; // a raw control byte: not JSON
+            }
+            self.at = end + 1;
+            return true;
+        }
+        // Escapes (rare): compact when escaping the decoded text again gives the same bytes.
+        let Ok(text) = self.string() else {
+            return false;
+        };
+        let raw = &self.s[start + 1..self.at - 1];
+        let mut again = Vec::with_capacity(raw.len());
+        escape_json_into(&mut again, &text, b"\"");
+        again == raw
+    }
+
+    /// The value at the cursor as orjson writes it into `out`: copied whole when it is
+    /// already written so (`compact`), else re-encoded (`json_value`). A csv field (`quote`
+    /// `""`) has each `"` of the copy doubled.
+    fn copy_value(&mut self, out: &mut Vec<u8>, keys: &mut Vec<(usize, usize)>) -> Walk<()> {
+        let start = self.at;
+        keys.clear();
+        if self.compact(keys, 0) {
+            let span = &self.s[start..self.at];
+            if self.quote.len() == 1 {
+                out.extend_from_slice(span);
+            } else {
+                double_quotes(out, span);
+            }
+            return Ok(());
+        }
+        self.at = start;
+        self.json_value(out, 0)
+    }
+
     /// A top-level value as Python's `_text` gives it: a string's own text, else orjson's.
-    fn text_value(&mut self, out: &mut Vec<u8>) -> Walk<()> {
+    fn text_value(&mut self, out: &mut Vec<u8>, keys: &mut Vec<(usize, usize)>) -> Walk<()> {
         if self.peek() == Some(b'"') {
             let text = self.string()?;
             out.extend_from_slice(&text);
             Ok(())
         } else {
-            self.json_value(&mut Some(out), 0)
+            self.copy_value(out, keys)
         }
     }
 
@@ -325,7 +469,7 @@ impl<'a> Cursor<'a> {
                 self.expect(b':')?;
                 self.ws();
                 member(key, self)?;
-                if !self.next_item(&mut None, b'}')? {
+                if !self.next_item(b'}')? {
                     break;
                 }
             }
@@ -338,10 +482,71 @@ impl<'a> Cursor<'a> {
     }
 }
 
-fn push(out: &mut Option<&mut Vec<u8>>, piece: &[u8]) {
-    if let Some(out) = out {
-        out.extend_from_slice(piece);
+/// The first `"` or `\\` in `s` from `at` on. Inlined, 16 bytes a step: most strings here are
+/// short (keys, names, timestamps), where a call into `memchr2` cost more than the search (it
+/// was a quarter of the walk's time).
+#[inline(always)]
+fn find_quote_or_backslash(s: &[u8], mut at: usize) -> Option<usize> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{
+            __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128,
+            _mm_set1_epi8,
+        };
+        // SAFETY: SSE2 is part of x86_64; each load reads 16 bytes inside `s`.
+        unsafe {
+            let quote = _mm_set1_epi8(b'"' as i8);
+            let backslash = _mm_set1_epi8(b'\\' as i8);
+            while at + 16 <= s.len() {
+                let chunk = _mm_loadu_si128(s.as_ptr().add(at) as *const __m128i);
+                let hits = _mm_movemask_epi8(_mm_or_si128(
+                    _mm_cmpeq_epi8(chunk, quote),
+                    _mm_cmpeq_epi8(chunk, backslash),
+                ));
+                if hits != 0 {
+                    return Some(at + hits.trailing_zeros() as usize);
+                }
+                at += 16;
+            }
+        }
     }
+    s.get(at..)?
+        .iter()
+        .position(|&b| b == b'"' || b == b'\\')
+        .map(|i| at + i)
+}
+
+/// The end of the string whose opening quote is at `at` (past its closing quote), its escapes
+/// not looked into.
+fn skip_string(s: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    loop {
+        i = find_quote_or_backslash(s, i)?;
+        if s[i] == b'\\' {
+            i += 2; // the escaped byte, whatever it is
+            continue;
+        }
+        return Some(i + 1);
+    }
+}
+
+/// Whether every byte of `line` is printable ASCII (no control byte, nothing to check as
+/// UTF-8): one vectorised pass instead of a UTF-8 check and a control-byte scan.
+fn printable_ascii(line: &[u8]) -> bool {
+    // A fold without an early exit, 32 bytes at a time: the compiler vectorises it.
+    let mut chunks = line.chunks_exact(32);
+    for chunk in &mut chunks {
+        if chunk
+            .iter()
+            .fold(false, |any, &b| any | !(0x20..0x80).contains(&b))
+        {
+            return false;
+        }
+    }
+    !chunks
+        .remainder()
+        .iter()
+        .any(|&b| !(0x20..0x80).contains(&b))
 }
 
 /// A decoded string as orjson writes it, each `"` written as `quote`. A borrowed one had no
@@ -413,15 +618,19 @@ struct Scratch {
     /// Template: each placeholder's value text, as spans of `text`.
     text: Vec<u8>,
     slots: Vec<Option<(usize, usize)>>,
+    /// The key spans of the nested objects open in `Cursor::compact`.
+    nested: Vec<(usize, usize)>,
 }
 
 impl Scratch {
     /// Whether `key` was seen on this line already; remembers it.
     fn repeated(&mut self, key: &[u8]) -> bool {
-        let hash = key.iter().fold(key.len() as u64, |h, &b| {
-            h.wrapping_mul(31).wrapping_add(b as u64)
-        });
-        let bit = 1u64 << (hash % 64);
+        // Length, first and last byte tell most keys of a line apart (no loop over the key).
+        let (first, last) = (key.first().copied(), key.last().copied());
+        let hash = (key.len() as u64)
+            ^ (u64::from(first.unwrap_or(0)) << 16)
+            ^ (u64::from(last.unwrap_or(0)) << 32);
+        let bit = 1u64 << (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58);
         if self.mask & bit != 0 && self.spans.iter().any(|&(a, b)| &self.keys[a..b] == key) {
             return true;
         }
@@ -443,10 +652,15 @@ impl Scratch {
 
 impl FieldsWriter {
     fn line(&self, line: &[u8], t: i64, out: &mut Vec<u8>, scratch: &mut Scratch) -> Walk<()> {
-        if std::str::from_utf8(line).is_err() {
-            return Err(Slow);
-        }
-        let controls = line.iter().fold(false, |seen, &b| seen | (b < 0x20));
+        // Most lines are printable ASCII: one pass says so, and no string needs a control check.
+        let controls = if printable_ascii(line) {
+            false
+        } else {
+            if std::str::from_utf8(line).is_err() {
+                return Err(Slow);
+            }
+            line.iter().fold(false, |seen, &b| seen | (b < 0x20))
+        };
         let mut cursor = Cursor {
             s: line,
             at: 0,
@@ -471,7 +685,7 @@ impl FieldsWriter {
                         }
                     } else {
                         cursor.quote = b"\"\"";
-                        let done = cursor.json_value(&mut Some(&mut *out), 0);
+                        let done = cursor.copy_value(out, &mut scratch.nested);
                         cursor.quote = b"\"";
                         done?;
                     }
@@ -494,12 +708,13 @@ impl FieldsWriter {
                     out.extend_from_slice(&self.label_delimiter);
                     let mark = out.len();
                     // A decoded string may hold any delimiter (a tab from `\t`); JSON text only
-                    // a visible one.
+                    // a visible one, and a string without escapes no control byte unless the
+                    // line has one.
                     let mut replace = visible;
                     if cursor.peek() == Some(b'"') {
-                        replace = true;
                         let text = cursor.string()?;
-                        if memchr::memchr(b'\n', &text).is_some() {
+                        replace |= controls || matches!(text, Cow::Owned(_));
+                        if replace && memchr::memchr(b'\n', &text).is_some() {
                             for &b in text.iter() {
                                 if b == b'\n' {
                                     out.extend_from_slice(b"\\n");
@@ -511,13 +726,13 @@ impl FieldsWriter {
                             out.extend_from_slice(&text);
                         }
                     } else {
-                        cursor.json_value(&mut Some(&mut *out), 0)?; // no raw newline in JSON
+                        cursor.copy_value(out, &mut scratch.nested)?; // no raw newline in JSON
                     }
                     if replace {
-                        for b in &mut out[mark..] {
-                            if *b == self.delimiter {
-                                *b = b' '; // the same length: replaced in place
-                            }
+                        let mut from = mark;
+                        while let Some(at) = memchr::memchr(self.delimiter, &out[from..]) {
+                            out[from + at] = b' '; // the same length: replaced in place
+                            from += at + 1;
                         }
                     }
                     Ok(())
@@ -531,11 +746,11 @@ impl FieldsWriter {
                         Some(index) => {
                             // A repeated key: the last value wins, as in orjson's dict.
                             let start = scratch.text.len();
-                            cursor.text_value(&mut scratch.text)?;
+                            cursor.text_value(&mut scratch.text, &mut scratch.nested)?;
                             scratch.slots[index] = Some((start, scratch.text.len()));
                             Ok(())
                         }
-                        None => cursor.json_value(&mut None, 0),
+                        None => cursor.skip(),
                     }
                 })?;
                 for piece in &self.pieces {
@@ -559,13 +774,22 @@ impl FieldsWriter {
 
 /// `text` with each `"` doubled (a csv field's inside).
 fn double_quotes(out: &mut Vec<u8>, text: &[u8]) {
-    let mut from = 0;
-    for quote in memchr::memchr_iter(b'"', text) {
-        out.extend_from_slice(&text[from..=quote]);
-        out.push(b'"');
-        from = quote + 1;
+    // A byte loop into reserved space: in a nested value quotes come every few bytes, where a
+    // search per quote (memchr) and a copy per piece cost three times as much.
+    out.reserve(text.len() * 2);
+    let spare = out.spare_capacity_mut();
+    let mut n = 0;
+    for &b in text {
+        spare[n].write(b);
+        n += 1;
+        if b == b'"' {
+            spare[n].write(b'"');
+            n += 1;
+        }
     }
-    out.extend_from_slice(&text[from..]);
+    let len = out.len() + n;
+    // SAFETY: the first `n` bytes of the spare capacity were written just above.
+    unsafe { out.set_len(len) };
 }
 
 #[pymethods]

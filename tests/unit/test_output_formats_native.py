@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 from array import array
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ NATIVE_LINES = [
     b'{"deep":[[[[[[[[[[{"a":[[[]]]}]]]]]]]]]]}',
     # Escapes past the first 16 bytes of a nested string (the escaper skips clean 16-byte chunks).
     b'{"long":{"v":"0123456789abcdefghij\\"klmnopqrstuvwxyz0123456789\\n\\u0001 after \\\\ the chunks\\t"}}',
+    # Nested values already written as orjson writes them (copied whole) beside ones that are
+    # not (re-encoded): escapes orjson writes otherwise, spaces, the same key in other objects.
+    b'{"c":{"s":"a\\"b\\\\c\\n\\u001f/\x7f","l":["x",{"k":[true,null]}],"n":-12}}',
+    b'{"d":{"s":"\\u007f"},"u":{"s":"\\u00e9\\/x"},"h":["\\u001F"],"w":{"k":1,"s":"\\ud83d\\ude00"}}',
+    b'{"a":{"k":{"k":1},"j":{"k":2}},"b":[{"k":1},{"k":2,"j":[{"k":3}]}],"k":{"k":0}}',
+    b'{"s":{ "k":1},"t":[1 ,2],"v":{"k" :1},"x":[1,2 ],"y":{"a":[]\t,"b":{}}}',
+    b'{"q":["\\"\\"",{"\\"":"\\""}],"m":"0123456789abcdef0123456789abcdef\\"x"}',
 ]
 
 # Lines it must leave to Python (and why), each spliced back where it belongs.
@@ -70,6 +78,8 @@ SLOW_LINES = [
     b'{"nested":{"x":[0.1]}}',
     b'{"nested":{"k":1,"j":2,"k":3}}',  # a key repeated inside a value: orjson keeps one
     b'{"arr":[{"a":1},{"b":2,"b":3}]}',
+    b'{"deeper":[{"a":{"b":{"c":1,"c":2}}}]}',  # repeated in an object inside a compact value
+    b'{"after":{"a":{"x":1},"b":[1,2.5]}}',  # a float after a compact member
 ]
 
 TIMES = [1_795_867_200_001_800_000, 0, 5, 1_700_000_000_999_999_999, -1_500_000_000]
@@ -183,12 +193,17 @@ def random_key(rnd: random.Random) -> str:
 
 def random_line(rnd: random.Random) -> bytes:
     body = {random_key(rnd): random_value(rnd) for _ in range(rnd.randrange(6))}
-    style = rnd.randrange(3)
+    style = rnd.randrange(5)
     if style == 0:
         return orjson.dumps(body)
     if style == 1:  # ASCII escapes, surrogate pairs, spaces after separators
         return json.dumps(body, ensure_ascii=True).encode()
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    if style == 2:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    text = orjson.dumps(body).decode()
+    if style == 3:  # escapes orjson does not write: upper-case hex, an escaped slash
+        return re.sub(r"\\u00([0-9a-f]{2})", lambda m: "\\u00" + m[1].upper(), text).replace("/", "\\/").encode()
+    return text.replace(",", ", ", 1).encode()  # one space: in a string or between members
 
 
 @pytest.mark.parametrize("props", FORMATS, ids=lambda p: "-".join(p.values()))
