@@ -13,6 +13,15 @@
 //! integer outside 64 bits or `-0`, a repeated key (orjson keeps the first position with the
 //! last value), a lone surrogate, a line that is not an object or not valid UTF-8. Those lines
 //! are reported with the position their text belongs at, and Python splices them in.
+//!
+//! Speed (issue 18): most nested values in real lines are already written as orjson would
+//! write them (an API server's or orjson's own output), so each is first checked by a walk
+//! that writes nothing (`Cursor::compact`) and then copied whole; re-encoding token by token
+//! (`Cursor::json_value`) is the fallback, so an unusual value costs time, never correctness.
+//! Strings are found with an inlined 16-byte search (most are a few bytes long: a call into
+//! `memchr2` per string cost more than the search). A template's unused values are skipped
+//! structurally: a block reaches an output only after its parser validated it (msgspec's strict
+//! decoder refuses what orjson refuses: bad escapes, control bytes, lone surrogates).
 
 use std::borrow::Cow;
 
@@ -402,25 +411,37 @@ impl<'a> Cursor<'a> {
 
     /// Past the string at the cursor when it is written as orjson writes its text.
     fn compact_string(&mut self) -> bool {
-        let start = self.at;
-        let Some(end) = find_quote_or_backslash(self.s, start + 1) else {
-            return false;
-        };
-        if self.s[end] == b'"' {
-            if self.controls && self.s[start + 1..end].iter().any(|&b| b < 0x20) {
-                return false; // a raw control byte: not JSON
+        let s = self.s;
+        let mut at = self.at + 1;
+        loop {
+            let Some(next) = find_quote_or_backslash(s, at) else {
+                return false;
+            };
+            if s[next] == b'"' {
+                if self.controls && s[self.at + 1..next].iter().any(|&b| b < 0x20) {
+                    return false; // a raw control byte: not JSON
+                }
+                self.at = next + 1;
+                return true;
             }
-            self.at = end + 1;
-            return true;
+            // An escape orjson writes: `\"` `\\` `\n` `\r` `\t` `\b` `\f`, or `\u00XX` (lower-case
+            // hex) for the other control bytes. Any other spelling (`\/`, `\u00e9`, upper-case
+            // hex, a surrogate pair) decodes to text orjson writes otherwise.
+            at = match s.get(next + 1) {
+                Some(b'"' | b'\\' | b'n' | b'r' | b't' | b'b' | b'f') => next + 2,
+                Some(b'u') => match s.get(next + 2..next + 6) {
+                    Some([b'0', b'0', high @ (b'0' | b'1'), low])
+                        if matches!(low, b'0'..=b'9' | b'a'..=b'f')
+                            && !(*high == b'0'
+                                && matches!(low, b'8' | b'9' | b'a' | b'c' | b'd')) =>
+                    {
+                        next + 6
+                    }
+                    _ => return false,
+                },
+                _ => return false,
+            };
         }
-        // Escapes (rare): compact when escaping the decoded text again gives the same bytes.
-        let Ok(text) = self.string() else {
-            return false;
-        };
-        let raw = &self.s[start + 1..self.at - 1];
-        let mut again = Vec::with_capacity(raw.len());
-        escape_json_into(&mut again, &text, b"\"");
-        again == raw
     }
 
     /// The value at the cursor as orjson writes it into `out`: copied whole when it is
@@ -676,20 +697,26 @@ impl FieldsWriter {
                         return Err(Slow); // a repeated key: orjson's dict decides its place
                     }
                     out.push(self.delimiter);
-                    out.push(b'"');
+                    let start = cursor.at;
                     if cursor.peek() == Some(b'"') {
                         match cursor.string()? {
-                            // No quote in a string without escapes: its bytes are the field.
-                            Cow::Borrowed(raw) => out.extend_from_slice(raw),
-                            Cow::Owned(text) => double_quotes(out, &text),
+                            // No quote inside a string without escapes: the JSON string, its
+                            // quotes included, is the field.
+                            Cow::Borrowed(_) => out.extend_from_slice(&line[start..cursor.at]),
+                            Cow::Owned(text) => {
+                                out.push(b'"');
+                                double_quotes(out, &text);
+                                out.push(b'"');
+                            }
                         }
                     } else {
+                        out.push(b'"');
                         cursor.quote = b"\"\"";
                         let done = cursor.copy_value(out, &mut scratch.nested);
                         cursor.quote = b"\"";
                         done?;
+                        out.push(b'"');
                     }
-                    out.push(b'"');
                     Ok(())
                 })?;
             }

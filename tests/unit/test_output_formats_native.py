@@ -61,7 +61,7 @@ NATIVE_LINES = [
     # Nested values already written as orjson writes them (copied whole) beside ones that are
     # not (re-encoded): escapes orjson writes otherwise, spaces, the same key in other objects.
     b'{"c":{"s":"a\\"b\\\\c\\n\\u001f/\x7f","l":["x",{"k":[true,null]}],"n":-12}}',
-    b'{"d":{"s":"\\u007f"},"u":{"s":"\\u00e9\\/x"},"h":["\\u001F"],"w":{"k":1,"s":"\\ud83d\\ude00"}}',
+    b'{"d":{"s":"\\u007f"},"e":["\\u0008\\u000a\\u000B\\u000b\\u0020"],"u":{"s":"\\u00e9\\/x"},"h":["\\u001F"],"w":{"k":1,"s":"\\ud83d\\ude00"}}',
     b'{"a":{"k":{"k":1},"j":{"k":2}},"b":[{"k":1},{"k":2,"j":[{"k":3}]}],"k":{"k":0}}',
     b'{"s":{ "k":1},"t":[1 ,2],"v":{"k" :1},"x":[1,2 ],"y":{"a":[]\t,"b":{}}}',
     b'{"q":["\\"\\"",{"\\"":"\\""}],"m":"0123456789abcdef0123456789abcdef\\"x"}',
