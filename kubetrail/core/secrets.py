@@ -293,18 +293,25 @@ class _Metrics(Protocol):
     def counter(self, name: str, doc: str, *labels: str) -> Any: ...
 
 
+def reload_counters(metrics: _Metrics) -> tuple[Any, Any]:
+    """A plugin's (errors, reloads) counters by ``option``; also used for TLS files
+    (:mod:`kubetrail.core.tls_files`), so one pair of metrics covers every credential file."""
+    errors = metrics.counter(
+        "kubetrail_secret_reload_errors",
+        "Checks of a changed or failing credential file that could not read it (the last good value is kept)",
+        "option",
+    )
+    reloads = metrics.counter(
+        "kubetrail_secret_reloads", "Credential files re-read after they changed (rotations)", "option"
+    )
+    return errors, reloads
+
+
 def bind(config: Mapping[str, Any], logger: logging.Logger, metrics: _Metrics | None) -> list[SecretFile]:
     """Give every secret file of a plugin's options the plugin's logger and metrics."""
     files = [f for s in secrets_in(config.values()) for f in s.files]
     if files and metrics is not None:
-        errors = metrics.counter(
-            "kubetrail_secret_reload_errors",
-            "Checks of a changed or failing credential file that could not read it (the last good value is kept)",
-            "option",
-        )
-        reloads = metrics.counter(
-            "kubetrail_secret_reloads", "Credential files re-read after they changed (rotations)", "option"
-        )
+        errors, reloads = reload_counters(metrics)
     for secret_file in files:
         secret_file.logger = logger
         if metrics is not None:

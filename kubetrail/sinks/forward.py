@@ -102,7 +102,7 @@ class ForwardSink(Sink):
             raise ConfigError(
                 "username needs shared_key (user authentication is part of the handshake)", key="username"
             )
-        context = tls_context(config, config["tls"])
+        context = tls_context(config, config["tls"], ctx)
         self.conn = StreamConnection(
             config["host"],
             port,

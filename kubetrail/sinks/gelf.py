@@ -138,7 +138,7 @@ class GelfSink(Sink):
         self.conn = StreamConnection(
             self.host,
             self.port,
-            tls_context(config, self.mode == "tls"),
+            tls_context(config, self.mode == "tls", ctx),
             config["tls.vhost"],
             config["net.connect_timeout"],
             self.io_timeout,

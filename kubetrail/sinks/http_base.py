@@ -10,6 +10,10 @@ One place decides how kubetrail talks HTTP so that ``http``, ``es``, ``opensearc
   ``net.keepalive``; added: ``net.io_timeout`` defaults to 60s instead of Fluent Bit's "none",
   because a destination that accepts a connection and never answers must not stall a pipeline.
   :func:`client_options` returns them with each plugin's own default port and URI.
+* **TLS files rotate** (:class:`~kubetrail.core.tls_files.ClientTls`): each request asks for
+  the current context, rebuilt when ``tls.crt_file``/``tls.key_file``/``tls.ca_file`` changed
+  (stat at most once a second); aiohttp pools connections by context, so requests after a
+  rotation open connections with the new certificate while requests in flight finish on theirs.
 * **Status classification** (:func:`check_status`), the contract the sink runner relies on:
   2xx delivered; 408, 429, 5xx, timeouts and connection/TLS errors -> :class:`RetryableError`
   (``HttpRetryableError`` carries ``Retry-After``); 401, 403, 404, 407 -> retryable too, because
@@ -57,6 +61,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.secrets import Secret, Text, derive, reveal
+from kubetrail.core.tls_files import ClientTls
 
 GZIP_LEVEL = 1
 GZIP_IN_THREAD_BYTES = 256 * 1024  # below this, a thread hop costs more than it saves
@@ -151,7 +156,9 @@ def parse_headers(values: Iterable[Text], key: str = "header") -> list[tuple[str
 
 
 def build_ssl_context(config: Mapping[str, Any]) -> ssl.SSLContext:
-    """The TLS context from Fluent Bit's ``tls.*`` options; unreadable files are config errors."""
+    """The TLS context from Fluent Bit's ``tls.*`` options; a bad file is a config error naming
+    the option at fault (:class:`~kubetrail.core.tls_files.ClientTls` reports it the same way
+    when a rotated file is bad)."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     ca_file, ca_path = config.get("tls.ca_file"), config.get("tls.ca_path")
     if ca_file or ca_path:
@@ -159,22 +166,53 @@ def build_ssl_context(config: Mapping[str, Any]) -> ssl.SSLContext:
             context.load_verify_locations(cafile=ca_file, capath=ca_path)
         except (OSError, ssl.SSLError) as exc:
             key = "tls.ca_file" if ca_file else "tls.ca_path"
-            raise ConfigError(f"cannot load CA certificates: {exc}", key=key) from None
+            raise ConfigError(f"cannot load CA certificates from {ca_file or ca_path}: {exc}", key=key) from None
     crt_file, key_file = config.get("tls.crt_file"), config.get("tls.key_file")
     if bool(crt_file) != bool(key_file):
         missing = "tls.key_file" if crt_file else "tls.crt_file"
         raise ConfigError("tls.crt_file and tls.key_file go together", key=missing)
     if crt_file:
-        try:
-            context.load_cert_chain(crt_file, key_file, password=config.get("tls.key_passwd"))
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"cannot load the client certificate or key: {exc}", key="tls.crt_file") from None
+        _load_client_certificate(context, crt_file, str(key_file), config.get("tls.key_passwd"))
     if not config.get("tls.verify", True):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
     elif not config.get("tls.verify_hostname", True):
         context.check_hostname = False
     return context
+
+
+def _load_client_certificate(context: ssl.SSLContext, crt_file: str, key_file: str, passwd: str | None) -> None:
+    """``load_cert_chain`` with its one "PEM lib" error told apart: which file is unreadable or
+    not PEM, or a key that does not match the certificate (a half-done rotation)."""
+    texts = {}
+    for key, path in (("tls.crt_file", crt_file), ("tls.key_file", key_file)):
+        try:
+            with open(path, "rb") as handle:
+                texts[key] = handle.read()
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror or exc}", key=key) from None
+    try:
+        context.load_cert_chain(crt_file, key_file, password=passwd)
+        return
+    except (OSError, ssl.SSLError) as exc:
+        error = exc
+    if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+        raise ConfigError(f"the key in {key_file} does not match the certificate in {crt_file}", key="tls.key_file")
+    try:  # does the certificate file parse? (cadata takes PEM certificates only)
+        ssl.create_default_context().load_verify_locations(cadata=texts["tls.crt_file"].decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError):
+        raise ConfigError(f"{crt_file} holds no PEM certificate", key="tls.crt_file") from None
+    hint = " (or tls.key_passwd is wrong)" if passwd else ""
+    raise ConfigError(f"{key_file} holds no usable PEM private key{hint}: {error}", key="tls.key_file")
+
+
+def client_tls(config: Mapping[str, Any]) -> ClientTls:
+    """:func:`build_ssl_context` for ``config``, rebuilt whenever its files rotate."""
+    return ClientTls(
+        {key: config.get(key) for key in ("tls.ca_file", "tls.crt_file", "tls.key_file")},
+        lambda: build_ssl_context(config),
+        directories={"tls.ca_path": config.get("tls.ca_path")},
+    )
 
 
 def basic_authorization(user: str, passwd: str) -> str:
@@ -188,8 +226,10 @@ class HttpSettings:
     host: str
     port: int
     uri: str = "/"
-    ssl_context: ssl.SSLContext | None = None
+    ssl_context: ssl.SSLContext | None = None  # the context at start (a fixed one if tls is None)
     server_hostname: str | None = None
+    # The files behind ssl_context: each request asks it for the current context (rotations).
+    tls: ClientTls | None = None
     # A value is a str or a secret read from a file (reveal() at each request).
     headers: list[tuple[str, Text]] = field(default_factory=list)
     gzip: bool = False
@@ -223,11 +263,13 @@ class HttpSettings:
         for name in ("net.connect_timeout", "net.io_timeout"):
             if config.get(name) is not None and config[name] < 0:
                 raise ConfigError("must not be negative", key=name)
+        tls = client_tls(config) if config.get("tls") else None
         return cls(
             host=host,
             port=port,
             uri=uri,
-            ssl_context=build_ssl_context(config) if config.get("tls") else None,
+            ssl_context=tls.current if tls is not None else None,
+            tls=tls,
             server_hostname=config.get("tls.vhost") or None,
             headers=headers,
             gzip=config.get("compress") == "gzip",
@@ -462,6 +504,9 @@ class HttpClient:
                     params=params,
                     allow_redirects=False,
                     server_hostname=s.server_hostname,
+                    # The rotated context, if any: aiohttp pools connections by context, so
+                    # requests after a rotation open new ones and open ones finish with theirs.
+                    ssl=s.tls.context() if s.tls is not None else True,
                 ) as response:
                     data = await response.read()
                     return HttpResponse(method, url, response.status, response.reason or "", response.headers, data)
@@ -491,6 +536,8 @@ class HttpSink(Sink):
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
         self.http = HttpClient(HttpSettings.from_config(config))
+        if self.http.settings.tls is not None:
+            self.http.settings.tls.bind(ctx.logger, ctx.metrics)  # a bad rotated file logs and counts as this sink
 
     async def start(self) -> None:
         await self.http.start()

@@ -3,8 +3,10 @@
 Both speak a framed protocol over a long-lived connection, so they share:
 
 * Fluent Bit's TLS option names (``tls``, ``tls.verify``, ``tls.ca_file``, ...; the context is
-  built by :func:`kubetrail.sinks.http_base.build_ssl_context`, shared with the HTTP sinks) and
-  networking names (``net.connect_timeout``, ``net.io_timeout``);
+  built by :func:`kubetrail.sinks.http_base.build_ssl_context`, shared with the HTTP sinks, and
+  rebuilt when its files rotate: :class:`~kubetrail.core.tls_files.ClientTls` is asked at each
+  connect, so a reconnect after a rotation presents the new certificate while an open
+  connection keeps its session) and networking names (``net.connect_timeout``, ``net.io_timeout``);
 * connecting with a timeout, writing with a timeout, and noticing a peer that went away.
 
 Why check for a dead peer before each write: TCP accepts a write into the kernel buffer even
@@ -24,9 +26,11 @@ import ssl
 from collections.abc import Mapping
 from typing import Any
 
+from kubetrail.core.component import ComponentContext
 from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.options import Option
-from kubetrail.sinks.http_base import build_ssl_context
+from kubetrail.core.tls_files import ClientTls
+from kubetrail.sinks.http_base import client_tls
 
 NET_OPTIONS: tuple[Option, ...] = (
     Option("net.connect_timeout", "duration", 10.0, help="Seconds to wait for a connection"),
@@ -34,17 +38,21 @@ NET_OPTIONS: tuple[Option, ...] = (
 )
 
 
-def tls_context(config: Mapping[str, Any], enabled: bool) -> ssl.SSLContext | None:
+def tls_context(config: Mapping[str, Any], enabled: bool, ctx: ComponentContext | None = None) -> ClientTls | None:
     """The client TLS context from the ``tls.*`` options (built by the HTTP sinks' code, so every
-    sink reads them the same way), or None when TLS is off. Missing files are configuration
-    errors at start, not a retry loop at the first write."""
+    sink reads them the same way), following its files as they rotate, or None when TLS is off.
+    Missing files are configuration errors at start, not a retry loop at the first write; with
+    ``ctx`` a bad rotated file logs and counts as that sink."""
     for key in ("tls.ca_file", "tls.crt_file", "tls.key_file"):
         path = config.get(key)
         if path and not os.path.isfile(path):
             raise ConfigError(f"file {path!r} does not exist", key=key)
     if not enabled:
         return None
-    return build_ssl_context(config)
+    tls = client_tls(config)
+    if ctx is not None:
+        tls.bind(ctx.logger, ctx.metrics)
+    return tls
 
 
 class StreamConnection:
@@ -54,7 +62,7 @@ class StreamConnection:
         self,
         host: str,
         port: int,
-        tls: ssl.SSLContext | None,
+        tls: ClientTls | ssl.SSLContext | None,
         server_hostname: str | None,
         connect_timeout: float,
         io_timeout: float,
@@ -87,6 +95,8 @@ class StreamConnection:
         if self.usable():
             return False
         await self.close()
+        # A rotated certificate/key/CA is picked up here, at connect (checked at most once a second).
+        context = self.tls.context() if isinstance(self.tls, ClientTls) else self.tls
         try:
             if self.unix_path:
                 opened = asyncio.open_unix_connection(self.unix_path)
@@ -94,7 +104,7 @@ class StreamConnection:
                 opened = asyncio.open_connection(
                     self.host,
                     self.port,
-                    ssl=self.tls,
+                    ssl=context,
                     server_hostname=self.server_hostname if self.tls else None,
                     ssl_handshake_timeout=self.connect_timeout if self.tls else None,
                 )

@@ -170,7 +170,7 @@ class SyslogSink(Sink):
         self.message_key: str | None = config["syslog_message_key"]
         if config["tls"] and self.mode != "tls":
             raise ConfigError(f"'tls on' needs 'mode tls' (mode is {self.mode})", key="tls")
-        context = tls_context(config, self.mode == "tls")
+        context = tls_context(config, self.mode == "tls", ctx)
         self.io_timeout: float = config["net.io_timeout"]
         self.conn = StreamConnection(
             self.host,
