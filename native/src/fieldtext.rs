@@ -590,9 +590,31 @@ fn write_string(out: &mut Vec<u8>, text: &Cow<'_, [u8]>, quote: &[u8]) {
 
 /// `SECONDS.NNNNNNNNN`, as `kubetrail.core.dates.epoch_text` (floor division for negatives).
 fn write_epoch(out: &mut Vec<u8>, t: i64) {
-    let (secs, nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
-    out.extend_from_slice(secs.to_string().as_bytes());
-    out.extend_from_slice(format!(".{nanos:09}").as_bytes());
+    let (secs, mut nanos) = (t.div_euclid(1_000_000_000), t.rem_euclid(1_000_000_000));
+    // Digits written backwards into a stack buffer: no formatter and no allocation per line.
+    let mut text = [0u8; 32];
+    let mut at = text.len();
+    for _ in 0..9 {
+        at -= 1;
+        text[at] = b'0' + (nanos % 10) as u8;
+        nanos /= 10;
+    }
+    at -= 1;
+    text[at] = b'.';
+    let mut whole = secs.unsigned_abs();
+    loop {
+        at -= 1;
+        text[at] = b'0' + (whole % 10) as u8;
+        whole /= 10;
+        if whole == 0 {
+            break;
+        }
+    }
+    if secs < 0 {
+        at -= 1;
+        text[at] = b'-';
+    }
+    out.extend_from_slice(&text[at..]);
 }
 
 /// Output gathered before each write (fits in the caches; one write per ~1,000 audit lines).
@@ -631,9 +653,10 @@ pub struct FieldsWriter {
 /// Per-call buffers, reused from line to line (no allocation per line).
 #[derive(Default)]
 struct Scratch {
-    /// The keys seen on this line (csv/ltsv: a repeated one goes to Python), as spans of `keys`.
+    /// The keys seen on this line (csv/ltsv: a repeated one goes to Python), as spans of the
+    /// line, or of `keys` for a key with escapes (decoded; `true`).
     keys: Vec<u8>,
-    spans: Vec<(usize, usize)>,
+    spans: Vec<(usize, usize, bool)>,
     /// A cheap filter in front of the spans: one bit per key's hash.
     mask: u64,
     /// Template: each placeholder's value text, as spans of `text`.
@@ -645,20 +668,37 @@ struct Scratch {
 
 impl Scratch {
     /// Whether `key` was seen on this line already; remembers it.
-    fn repeated(&mut self, key: &[u8]) -> bool {
+    fn repeated(&mut self, line: &[u8], key: &Cow<'_, [u8]>) -> bool {
         // Length, first and last byte tell most keys of a line apart (no loop over the key).
         let (first, last) = (key.first().copied(), key.last().copied());
         let hash = (key.len() as u64)
             ^ (u64::from(first.unwrap_or(0)) << 16)
             ^ (u64::from(last.unwrap_or(0)) << 32);
         let bit = 1u64 << (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58);
-        if self.mask & bit != 0 && self.spans.iter().any(|&(a, b)| &self.keys[a..b] == key) {
+        let text = |&(a, b, owned): &(usize, usize, bool)| {
+            if owned {
+                &self.keys[a..b]
+            } else {
+                &line[a..b]
+            }
+        };
+        if self.mask & bit != 0 && self.spans.iter().any(|span| text(span) == key.as_ref()) {
             return true;
         }
         self.mask |= bit;
-        let start = self.keys.len();
-        self.keys.extend_from_slice(key);
-        self.spans.push((start, self.keys.len()));
+        // A key without escapes is a slice of the line: remembered by its place, not copied.
+        let span = match key {
+            Cow::Borrowed(raw) => {
+                let start = raw.as_ptr() as usize - line.as_ptr() as usize;
+                (start, start + raw.len(), false)
+            }
+            Cow::Owned(decoded) => {
+                let start = self.keys.len();
+                self.keys.extend_from_slice(decoded);
+                (start, self.keys.len(), true)
+            }
+        };
+        self.spans.push(span);
         false
     }
 
@@ -693,7 +733,7 @@ impl FieldsWriter {
             CSV => {
                 write_epoch(out, t);
                 cursor.members(|key, cursor| {
-                    if scratch.repeated(&key) {
+                    if scratch.repeated(line, &key) {
                         return Err(Slow); // a repeated key: orjson's dict decides its place
                     }
                     out.push(self.delimiter);
@@ -727,7 +767,7 @@ impl FieldsWriter {
                 // A tab (the default) never appears raw in JSON text.
                 let visible = self.delimiter >= 0x20;
                 cursor.members(|key, cursor| {
-                    if scratch.repeated(&key) {
+                    if scratch.repeated(line, &key) {
                         return Err(Slow);
                     }
                     out.push(self.delimiter);
