@@ -566,11 +566,11 @@ def _jwt_claims(token: str) -> dict[str, Any]:
     return orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
 
 
-def _metrics(pod: dict[str, Any]) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def _metrics(pod: dict[str, Any], port: int = 2020) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """The pod's Prometheus samples, read from the host over the pod network."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    url = f"http://{pod['status']['podIP']}:2020/metrics"
+    url = f"http://{pod['status']['podIP']}:{port}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     return {
@@ -723,6 +723,61 @@ def test_a_broken_config_stops_the_upgrade_in_the_check_hook(setup: Setup) -> No
     status = _helm(setup, "status", RELEASE, "-n", NS, "-o", "json")
     assert json.loads(status.stdout)["info"]["status"] in ("deployed", "failed")
     assert _wait_ready(admin, "logs", 1)
+
+
+def test_audit_file_part_with_the_webhook_delivers_each_key_once_across_a_restart(setup: Setup) -> None:
+    """`audit.file.webhook`: the audit-file DaemonSet also receives the webhook on the node's
+    network (the API server's webhook URL, node IP and port 30443, now served by the pod itself,
+    not the NodePort Service the upgrade removes), both paths into one `kubernetes_audit` filter.
+    Each `(auditID, stage)` of a burst comes out once, although both paths carry it and the pod
+    is deleted in the middle (the webhook re-sends what was not answered, the tail re-reads from
+    its checkpoint: the filter's keys in the node's state dir drop the second copies)."""
+    admin = setup.admin
+    metrics_port = 30220  # on the node's network now: not the default 2020 other programs may hold
+    values = setup.values.parent / "values-combined.yaml"
+    doc = yaml.safe_load(setup.values.read_text())
+    doc["metrics"] = {"port": metrics_port}
+    doc["audit"]["webhook"]["enabled"] = False
+    doc["audit"]["file"]["webhook"] = {"enabled": True, "port": WEBHOOK_NODE_PORT}
+    values.write_text(yaml.safe_dump(doc))
+    _helm(setup, "upgrade", RELEASE, str(CHART), "-n", NS, "-f", str(values), "--wait", "--timeout", "300s")
+    wait_for(lambda: not _pods(admin, "audit-webhook"), 120, "the separate receiver gone")
+    (pod,) = _wait_ready(admin, "audit-file", 1)
+    assert pod["spec"].get("hostNetwork") is True
+    # The API server's webhook reaches the pod (batches it had queued meanwhile are retried).
+    wait_for(
+        lambda: _sum(_metrics(pod, metrics_port), "kubetrail_records_in_total", component="audit-webhook") > 0,
+        120,
+        "the webhook's first records",
+    )
+    start = time.time()
+    ns = _namespace(admin, "e2e-audit-both")
+    for i in range(40):
+        assert admin.post(f"/api/v1/namespaces/{ns}/configmaps", {"metadata": {"name": f"c{i}"}}).status == 201
+        if i == 20:
+            resp = admin.delete(f"/api/v1/namespaces/{NS}/pods/{pod['metadata']['name']}")
+            assert resp.ok, resp
+    end = time.time() + 2
+    time.sleep(3)
+    (pod,) = _wait_ready(admin, "audit-file", 1, timeout=180)
+
+    def keys() -> Counter[tuple[str, str]]:
+        return Counter(
+            (r["auditID"], r["stage"])
+            for r in _records(setup.out, "kt-kubetrail-audit-file")
+            if "auditID" in r and start <= _epoch(r.get("stageTimestamp", "1970-01-01T00:00:00Z")) <= end
+        )
+
+    window = _audit_log_keys(setup.cluster, start, end)
+    assert len(window) >= 80  # 40 creates, each at least RequestReceived and ResponseComplete
+    wait_for(lambda: window <= set(keys()), 180, "every key of the window, by one path or the other")
+    time.sleep(5)  # a late second copy, if the filter let one through, would land by now
+    counts = keys()
+    assert [k for k, c in counts.items() if c > 1] == []
+    # Both paths carried records into the new pod, and its filter dropped the second copies.
+    samples = _metrics(pod, metrics_port)
+    assert _sum(samples, "kubetrail_records_in_total", component="audit-webhook") > 0
+    assert _sum(samples, "kubetrail_records_in_total", component="audit-file") > 0
 
 
 def test_uninstall_leaves_no_kubetrail_objects(setup: Setup) -> None:
