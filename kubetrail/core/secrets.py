@@ -87,6 +87,9 @@ def _stamp(path: str) -> tuple[int, int, int] | None:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
+file_stamp = _stamp  # the same stamp for TLS files (core/tls_files.py) and librdkafka's ssl.*.location
+
+
 def read_secret_file(path: str) -> str:
     """The secret in ``path`` (trailing line breaks removed), or :class:`SecretFileError` saying why."""
     try:

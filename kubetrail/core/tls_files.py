@@ -120,7 +120,7 @@ class ClientTls:
         return paths
 
     def _stat(self) -> Stamps:
-        return tuple((path, secrets._stamp(path)) for _, path in self._paths())
+        return tuple((path, secrets.file_stamp(path)) for _, path in self._paths())
 
     def _read(self) -> dict[str, dict[str, bytes]]:
         """option -> {file: bytes}."""

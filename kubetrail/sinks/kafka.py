@@ -59,7 +59,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.core.secrets import Secret, Text, reveal
+from kubetrail.core.secrets import CHECK_INTERVAL, Secret, Text, file_stamp, reveal
 
 IDENTITY_HEADER = "kubetrail-identity"
 TIME_HEADER = "kubetrail-time"
@@ -113,6 +113,50 @@ def _timestamp(time_ns: int, fmt: str) -> float | str:
     return f"{base}.{nanos:09d}Z" if fmt == "iso8601_ns" else f"{base}Z"
 
 
+class SslLocations:
+    """librdkafka's ``ssl.*.location`` files: watched only to say that a rotation is *not* used.
+
+    librdkafka (2.16, the one confluent-kafka 2.16 bundles) reads ``ssl.certificate.location``,
+    ``ssl.key.location``, ``ssl.ca.location`` (and the ``ssl.*.pem`` strings) once, when the
+    client is created, into one ``SSL_CTX`` all broker connections share; it has no call to load
+    them again (a polling reload, ``ssl.certificate.refresh.interval.ms``, is an open pull request,
+    confluentinc/librdkafka#5483, refused as unknown by this version). A new client would read the
+    new files, but not for free: a new producer is a new idempotent producer id (safe only once the
+    old one is flushed), a new consumer leaves and rejoins its group (a rebalance for every
+    member). kubetrail does not do that behind the user's back; it notices the rotation (a stat
+    per second, as for the other credential files) and warns once per change, naming the option
+    and the file, so that a restart (``kubectl rollout restart``: offsets are committed only once
+    delivered, nothing is lost) happens before the old certificate expires.
+    """
+
+    KEYS = ("ssl.certificate.location", "ssl.key.location", "ssl.ca.location", "ssl.keystore.location")
+
+    def __init__(self, rdkafka: Mapping[str, Text], logger: logging.Logger) -> None:
+        self.log = logger
+        self.paths = {f"rdkafka.{k}": str(rdkafka[k]) for k in self.KEYS if isinstance(rdkafka.get(k), str)}
+        self._stamps = {option: file_stamp(path) for option, path in self.paths.items()}
+        self._checked = time.monotonic()
+
+    def check(self) -> list[str]:
+        """The options whose file changed since the last check (each warned about once)."""
+        now = time.monotonic()
+        if not self.paths or now - self._checked < CHECK_INTERVAL:
+            return []
+        self._checked = now
+        changed = []
+        for option, path in self.paths.items():
+            stamp = file_stamp(path)
+            if stamp != self._stamps[option]:
+                self._stamps[option] = stamp
+                changed.append(option)
+                self.log.warning(
+                    f"{option} changed on disk, but librdkafka loaded it when the client was created and cannot "
+                    "load it again: restart kubetrail to use the new file (before the old certificate expires)",
+                    extra={"option": option, "path": path},
+                )
+        return changed
+
+
 class SaslCredentials:
     """``rdkafka.sasl.username`` / ``rdkafka.sasl.password`` read from files that rotate.
 
@@ -137,6 +181,7 @@ class SaslCredentials:
                     key=f"rdkafka.{key}",
                 )
         self.log = logger
+        self.ssl_files = SslLocations(rdkafka, logger)  # checked from apply(): the same poll loops
         self.username, self.password = rdkafka.get("sasl.username"), rdkafka.get("sasl.password")
         self.rotating = isinstance(self.username, Secret) or isinstance(self.password, Secret)
         self._applied = self.current()
@@ -146,6 +191,7 @@ class SaslCredentials:
 
     def apply(self, client: Producer | Consumer) -> None:
         """Hand rotated credentials to the client (from its librdkafka thread; a stat per second)."""
+        self.ssl_files.check()
         if not self.rotating:
             return
         current = self.current()

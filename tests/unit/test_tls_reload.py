@@ -33,6 +33,7 @@ from kubetrail.sinks.forward import ForwardSink
 from kubetrail.sinks.gelf import GelfSink
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.http_base import client_tls
+from kubetrail.sinks.kafka import KafkaSink
 from kubetrail.sinks.stream_base import StreamConnection
 from kubetrail.sinks.syslog import SyslogSink
 from tests.unit.helpers import build
@@ -365,3 +366,52 @@ async def test_stream_connection_keeps_an_open_session_and_reconnects_with_the_n
         await conn.close()
         server.close()
         await server.wait_closed()
+
+
+# -- kafka: librdkafka cannot reload ------------------------------------------------------------
+
+
+def test_kafka_warns_that_a_rotated_ssl_location_is_not_used_until_restart(
+    tmp_path: Path, certs: Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    """librdkafka reads ssl.*.location once (at client creation); the rotation is named in a warning."""
+    volume = secret_volume(tmp_path / "tls", certs.secret(certs.ca1, certs.alice))
+    options = {
+        "rdkafka.security.protocol": "ssl",
+        "rdkafka.ssl.ca.location": str(volume / "ca.crt"),
+        "rdkafka.ssl.certificate.location": str(volume / "tls.crt"),
+        "rdkafka.ssl.key.location": str(volume / "tls.key"),
+    }
+    sink = build(KafkaSink, brokers="127.0.0.1:1", **{k.replace(".", "__"): v for k, v in options.items()})
+    caplog.set_level(logging.WARNING, logger="kubetrail.test")
+    try:
+        sink.sasl.apply(sink.producer)
+        assert sink.sasl.ssl_files.check() == []
+        secret_volume(volume, certs.secret(certs.ca1, certs.carol))
+        after_check_interval()
+        sink.sasl.apply(sink.producer)  # the poll loop's call
+        after_check_interval()
+        sink.sasl.apply(sink.producer)  # no new change: no new warning
+        warnings = [r for r in caplog.records if "cannot load it again" in r.getMessage()]
+        assert sorted(r.__dict__["option"] for r in warnings) == [
+            "rdkafka.ssl.ca.location",
+            "rdkafka.ssl.certificate.location",
+            "rdkafka.ssl.key.location",
+        ]
+        assert all(r.__dict__["path"].startswith(str(volume)) for r in warnings)
+    finally:
+        sink.producer.flush(0)
+
+
+def test_kafka_refuses_a_bad_ssl_location_at_start(tmp_path: Path, certs: Pki) -> None:
+    data = certs.secret(certs.ca1, certs.alice)
+    data["tls.key"] = pem(certs.bob)[1]
+    volume = secret_volume(tmp_path / "tls", data)
+    with pytest.raises(ConfigError, match="librdkafka refused the configuration"):
+        build(
+            KafkaSink,
+            brokers="127.0.0.1:1",
+            rdkafka__security__protocol="ssl",
+            rdkafka__ssl__certificate__location=str(volume / "tls.crt"),
+            rdkafka__ssl__key__location=str(volume / "tls.key"),
+        )
