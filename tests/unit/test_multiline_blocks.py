@@ -7,6 +7,7 @@ across batches and when each input batch is acknowledged (the tail's checkpoint)
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 from pathlib import Path
@@ -338,3 +339,79 @@ async def test_a_crlf_file_with_an_empty_line_takes_the_line_path(tmp_path: Path
     config = tail_file_config(tmp_path, log)
     await run_pipeline(config)
     assert written_lines(tmp_path / "out" / "out.jsonl") == [b'{"log":"one"}', b'{"log":"two"}']
+
+
+async def test_a_trace_held_across_blocks_keeps_the_checkpoint_until_delivered(tmp_path: Path) -> None:
+    """The block path's held message keeps the tail's checkpoint before its first line until the
+    joined message is delivered (tail with no parser, one line per block), as the record path
+    does (``test_multiline_filter.py``'s test of the same with a json parser)."""
+    import sqlite3
+
+    from kubetrail.core.config import load_config
+    from kubetrail.runtime.pipeline import Pipeline
+
+    trace = [POOL[0], POOL[1], POOL[1], POOL[1]]
+    log = tmp_path / "app.log"
+    log.write_bytes(b"".join(line + b"\n" for line in [b"before", *trace, b"after"]))
+    write(
+        tmp_path / "ml.conf",
+        "[MULTILINE_PARSER]\n    name app_trace\n    type regex\n"
+        + "".join(f"    rule {rule}\n" for rule in TRACE_RULES),
+    )
+    config = tail_file_config(
+        tmp_path,
+        log,
+        input_extra="    batch_size 1\n    buffer_chunk_size 1",
+        filters="[FILTER]\n    name multiline\n    match app\n    multiline.parser app_trace\n    flush_ms 60000",
+        service_extra="    parsers_file ml.conf",
+        grace=3,
+    )
+    pipeline = Pipeline(load_config(config))
+    runner = pipeline.runners[0]
+    gate = asyncio.Event()
+    real_group = runner.sink.write_group
+    walked: list[int] = []
+    feed_block = MultilineTransform._feed_block
+
+    def counted(self: MultilineTransform, tag: str, batch: Batch, block: TextBlock) -> Batch:
+        walked.append(block.count)
+        return feed_block(self, tag, batch, block)
+
+    def has_trace(batch: Batch) -> bool:
+        data = batch.raw_block
+        return data is not None and b"ERROR request" in data
+
+    async def gated_group(batches: list[Batch]) -> None:
+        held = [i for i, b in enumerate(batches) if has_trace(b)]
+        cut = held[0] if held else len(batches)
+        if cut:
+            await real_group(batches[:cut])
+        if cut < len(batches):
+            await gate.wait()  # the joined message waits here
+            await real_group(batches[cut:])
+
+    runner.sink.write_group = gated_group  # type: ignore[method-assign]
+    MultilineTransform._feed_block = counted  # type: ignore[method-assign]
+    try:
+        task = asyncio.create_task(pipeline.run())
+
+        def offset() -> int:
+            with sqlite3.connect(tmp_path / "tail.db") as conn:
+                rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
+            return rows[0][0] if rows else -1
+
+        await asyncio.sleep(1.0)  # every line read (one per block), the joined message at the gate
+        assert written_lines(tmp_path / "out" / "out.jsonl") == [b'{"log":"before"}']
+        assert offset() == len(b"before\n")  # not past the trace's first line
+        gate.set()
+        assert await asyncio.wait_for(task, 20) == 0
+    finally:
+        MultilineTransform._feed_block = feed_block  # type: ignore[method-assign]
+    assert len(walked) == 6  # every line came as a block of one
+    joined = "\n".join(line.decode() for line in trace)
+    assert [orjson.loads(line)["log"] for line in written_lines(tmp_path / "out" / "out.jsonl")] == [
+        "before",
+        joined,
+        "after",
+    ]
+    assert offset() == log.stat().st_size
