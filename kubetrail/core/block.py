@@ -171,16 +171,31 @@ class TextBlock(LineBlock):
         dumps, key = orjson.dumps, self.key
         return b"".join([dumps({key: text}) + b"\n" for text in self.texts()])
 
-    def texts(self) -> list[str]:
-        """Each line's text, as its record has it."""
-        lines = self.source.split(b"\n")
-        lines.pop()  # the empty string after the final newline
+    def texts(self, lines: list[bytes] | None = None) -> list[str]:
+        """Each line's text (of ``lines``, lines of the source; default all), as its record has it."""
+        if lines is None:
+            lines = self.source.split(b"\n")
+            lines.pop()  # the empty string after the final newline
         if self.crlf:
             lines = [line[:-1] if line.endswith(b"\r") else line for line in lines]
         return [line.decode("utf-8", "replace") for line in lines]
 
-    def build(self, data: bytes) -> list[Record]:
+    def line_records(self, begin: int = 0, end: int | None = None) -> list[Record]:
+        """The records of the whole lines in ``source[begin:end]``, with their identities (a
+        filter that takes the block holds a few of them: a message open at its start or end)."""
         from kubetrail.core.record import Record  # here: record.py imports this module
 
+        lines = self.source[begin:end].split(b"\n")
+        lines.pop()  # the empty string after the final newline
         tag, now, key = self.tag, self.time_ns, self.key
-        return [Record(tag, now, {key: text}) for text in self.texts()]
+        records = [Record(tag, now, {key: text}) for text in self.texts(lines)]
+        if self.identity is not None:
+            uid, position = self.identity
+            position += begin
+            for record, line in zip(records, lines, strict=True):
+                record.identity = (uid, position)
+                position += len(line) + 1
+        return records
+
+    def build(self, data: bytes) -> list[Record]:
+        return self.line_records()

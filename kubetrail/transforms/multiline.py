@@ -275,12 +275,12 @@ class MultilineTransform(Transform):
             self.m_joined.inc(joined)
         lead: Record | None = None  # the message open before the block, if a line here ended it
         if pieces:
-            pieces.extend(self._line_records(tag, block, 0, head_end))
+            pieces.extend(block.line_records(0, head_end))
             if head_end < len(source):
                 lead = self._join(pieces) if len(pieces) > 1 else pieces[0]
                 pieces = []
         if tail_start >= 0:
-            pieces = self._line_records(tag, block, tail_start, len(source))
+            pieces = block.line_records(tail_start)
         native.set_state(joiner, state)
         if pieces:
             self._pieces[tag] = pieces
@@ -311,23 +311,6 @@ class MultilineTransform(Transform):
         ready = ReadyBlock(data, len(times), build)
         ready.times = times
         return Batch(tag, None, batch.ack, batch.size_bytes, batch.created, block=ready)
-
-    @staticmethod
-    def _line_records(tag: str, block: TextBlock, begin: int, end: int) -> list[Record]:
-        """The records of the block's lines in ``[begin, end)``, as the tail's record path makes
-        them (a few lines: the message open at either end of the block)."""
-        lines = block.source[begin:end].split(b"\n")
-        lines.pop()  # the empty string after the final newline
-        uid, at = block.identity if block.identity is not None else (None, 0)
-        identified = block.identity is not None
-        at += begin
-        records: list[Record] = []
-        for line in lines:
-            text = line[:-1] if block.crlf and line.endswith(b"\r") else line
-            identity = (uid, at) if identified else None
-            records.append(Record(tag, block.time_ns, {block.key: text.decode("utf-8", "replace")}, None, identity))
-            at += len(line) + 1
-        return records
 
     # -- the joiners -------------------------------------------------------------------------
 
