@@ -415,3 +415,66 @@ async def test_a_trace_held_across_blocks_keeps_the_checkpoint_until_delivered(t
         "after",
     ]
     assert offset() == log.stat().st_size
+
+
+PATTERNS = [
+    r"^a{2,}$",
+    r"^\x41",
+    r"^\u0041",
+    r"[a-]",
+    r"^\-",
+    r"^\s+at ",
+    r"\bfoo\b",
+    r"(?i)^exception",
+    r"[^\s.():]+:",
+    r"^[\t ]*... \d+ (?:more|common)",
+    r"\W",
+    r"[\]]",
+    r"[\[]",
+    r"\$",
+    r"(?m)^x$",
+    r"(?s).x",
+    r"\Bb",
+    r"(|a)",
+    r"[\s\S]",
+    r"\v|\f|\a",
+    r"^\s",
+]
+SUBJECTS = ["aa", "a", "A", "x", "-", " ", "5", ".", "  at foo", "foo bar", "Exception", "EXCEPTION: x", "j.l.X: y"]
+SUBJECTS += [
+    "\t... 2 more",
+    "]",
+    "[",
+    "$",
+    "\x0b",
+    "\x0c",
+    "\x07",
+    "\x08",
+    "\t",
+    "ab",
+    "\x1c x",
+    "\x7f",
+    "\u2003x",
+    "\u00e9:",
+]
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_a_rule_starts_the_same_lines_natively_as_with_python_re(pattern: str) -> None:
+    import re
+
+    assert _rust_reads_as_python(pattern)
+    regex = re.compile(pattern)
+    rules = native.LineRules([pattern], [(0, 0)], [[]])
+    asked: list[str] = []
+
+    def search(rule: int, text: str) -> bool:
+        asked.append(text)
+        return regex.search(text) is not None
+
+    for subject in SUBJECTS:
+        # One line, the message it starts left open: tail_start 0 when it started one.
+        out = rules.join(subject.encode() + b"\n", False, b'{"log":"', -1, False, search)
+        assert (out[4] == 0) is (regex.search(subject) is not None), subject
+    # Only the lines that are not plain ASCII (or hold U+001C..U+001F) were asked of Python.
+    assert asked == ["\x1c x", "\u2003x", "\u00e9:"]
