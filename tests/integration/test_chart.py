@@ -28,13 +28,11 @@ pytestmark = pytest.mark.cluster
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "deploy" / "helm" / "kubetrail"
 RELEASE = "kt"
+WEBHOOK_SECRETS = ["--set", "audit.webhook.tlsSecret=kt-audit-tls", "--set", "audit.webhook.tokenSecret=kt-audit-token"]
 ALL_PARTS = [
     "--set",
     "audit.webhook.enabled=true",
-    "--set",
-    "audit.webhook.tlsSecret=kt-audit-tls",
-    "--set",
-    "audit.webhook.tokenSecret=kt-audit-token",
+    *WEBHOOK_SECRETS,
     "--set",
     "audit.file.enabled=true",
     "--set",
@@ -189,10 +187,7 @@ def test_bad_values_fail_with_the_value_named(
 
 
 COMBINED_AUDIT = [
-    "--set",
-    "audit.webhook.tlsSecret=kt-audit-tls",
-    "--set",
-    "audit.webhook.tokenSecret=kt-audit-token",
+    *WEBHOOK_SECRETS,
     "--set",
     "audit.file.enabled=true",
     "--set",
