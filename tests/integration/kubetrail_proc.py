@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from tests import timing
 from tests.files import written_lines
 
 RUNNING: list[KubetrailProcess] = []
@@ -102,9 +102,5 @@ def identities(records: list[dict[str, Any]]) -> Counter[tuple[str, str]]:
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str, interval: float = 0.2) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+    """Until ``check()``, ``timeout`` stretched on a loaded machine (:func:`tests.timing.wait_for`)."""
+    timing.wait_for(check, timeout, what, interval)

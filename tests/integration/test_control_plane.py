@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from localcluster import ApiResponse, AuditSink, KubeAPI, LocalCluster
+from tests.timing import scaled
 
 pytestmark = pytest.mark.cluster
 
@@ -28,13 +29,14 @@ T = TypeVar("T")
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.25) -> T:
-    deadline = time.monotonic() + timeout
+    limit = scaled(timeout)  # a loaded machine: see tests/timing.py
+    deadline = time.monotonic() + limit
     while True:
         result = fn()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {result!r}")
+            raise AssertionError(f"timed out after {limit:.0f}s waiting for {what}; last: {result!r}")
         time.sleep(interval)
 
 

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Protocol, TypeVar
 
+from tests.timing import scaled
+
 HERE = Path(__file__).resolve().parent
 
 
@@ -137,8 +139,10 @@ class ServerProcess:
 
     def wait_until(self, ready: Callable[[], bool | None], timeout: float, interval: float = 0.2) -> bool:
         """Poll ``ready`` until it says True (ready) or False (this attempt failed, stop waiting);
-        None means not yet. False too when the process exits or ``timeout`` passes."""
-        deadline = time.monotonic() + timeout
+        None means not yet. False too when the process exits or ``timeout`` passes: ``timeout``
+        as on an idle machine, stretched by :func:`tests.timing.scaled` on a loaded one (a JVM
+        took minutes to start at load 25 in CI; the wait still ends as soon as it is ready)."""
+        deadline = time.monotonic() + scaled(timeout)
         while time.monotonic() < deadline:
             if self.proc is None or self.proc.poll() is not None:
                 return False
@@ -163,7 +167,10 @@ class ServerProcess:
             if self.wait_until(ready, timeout, interval):
                 return
             self.stop_process()
-        raise self.start_error(f"{self.name} did not start; last log lines:\n{self.log_tail()}")
+        raise self.start_error(
+            f"{self.name} did not start in {attempts} attempts of {scaled(timeout):.0f} s;"
+            f" last log lines:\n{self.log_tail()}"
+        )
 
     def stop_process(self, kill: bool = False, timeout: float | None = None) -> None:
         """SIGTERM to the process group (``kill``: SIGKILL), SIGKILL if it is not gone in time."""

@@ -24,6 +24,7 @@ from typing import Any
 import orjson
 
 from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root, free_port
+from tests.timing import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -107,7 +108,7 @@ class GelfReceiver(ServerProcess):
                 self.messages.append(item)
 
     def wait_for(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # a loaded machine: see tests/timing.py
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.05)
         return list(self.messages)

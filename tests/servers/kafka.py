@@ -37,6 +37,7 @@ import uuid
 from pathlib import Path
 
 from tests.servers import HERE, ServerProcess, ServerUnavailable, cache_root, free_port, maven_lib, port_open
+from tests.timing import scaled
 
 START_TIMEOUT = 180.0  # three JVMs on a loaded 2-core machine: 10-40 s
 HEAP = "256m"
@@ -245,7 +246,7 @@ ssl.client.auth=none
                 )
             )
         for node, proc in zip(self.nodes, formats, strict=True):
-            out, _ = proc.communicate(timeout=120)
+            out, _ = proc.communicate(timeout=scaled(120))
             if proc.returncode != 0:
                 raise ServerUnavailable(f"formatting Kafka node {node.node_id} failed:\n{out.decode()[-2000:]}")
         for node in self.nodes:
@@ -262,6 +263,7 @@ ssl.client.auth=none
         """Every running node is a registered broker and every port answers."""
         from confluent_kafka.admin import AdminClient
 
+        timeout = scaled(timeout)  # 267 s for three nodes was seen at load 25
         deadline = time.monotonic() + timeout
         running = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
         admin: AdminClient | None = None
@@ -306,8 +308,8 @@ ssl.client.auth=none
         admin = AdminClient({"bootstrap.servers": self.bootstrap})
         replication = min(3, len(self.nodes))
         futures = admin.create_topics([NewTopic(name, partitions, replication, config=config or {})])
-        futures[name].result(timeout=60)
-        deadline = time.monotonic() + 60
+        futures[name].result(timeout=scaled(60))
+        deadline = time.monotonic() + scaled(60)
         while time.monotonic() < deadline:  # metadata reaches every broker a moment later
             topic = admin.list_topics(name, timeout=10).topics.get(name)
             if (
@@ -318,7 +320,7 @@ ssl.client.auth=none
             ):
                 return
             time.sleep(0.2)
-        raise ServerUnavailable(f"topic {name} has no leaders after 60 s")
+        raise ServerUnavailable(f"topic {name} has no leaders after {scaled(60):.0f} s")
 
     def env(self) -> dict[str, str]:
         return {

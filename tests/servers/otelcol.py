@@ -31,6 +31,7 @@ import orjson
 
 from tests.files import written_lines
 from tests.servers import ServerProcess, ServerUnavailable, cache_root, free_port, port_open
+from tests.timing import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 # the module, not the function localcluster/__init__ exports under the same name
@@ -173,7 +174,7 @@ class Collector(ServerProcess):
         return found
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # a loaded machine: see tests/timing.py
         while True:
             got = self.log_records()
             if len(got) >= count or time.monotonic() > deadline:

@@ -23,6 +23,7 @@ import orjson
 
 from tests.files import written_lines
 from tests.servers import ServerProcess, free_port, port_open, udp_bound
+from tests.timing import scaled
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -141,7 +142,7 @@ class RsyslogServer(ServerProcess):
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[dict[str, Any]]:
         """At least ``count`` messages written out (rsyslog writes asynchronously)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + scaled(timeout)  # a loaded machine: see tests/timing.py
         while True:
             got = self.records()
             if len(got) >= count or time.monotonic() > deadline:

@@ -14,6 +14,7 @@ from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.options import Option, Property, Section, resolve_options
 from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.runtime.pipeline import Pipeline
+from tests.timing import scaled
 
 
 def section(kind: str, **props: Any) -> Section:
@@ -104,9 +105,10 @@ def tail_file_config(
 
 
 async def run_pipeline(config: Path, timeout: float = 20) -> Pipeline:
-    """Build the pipeline of ``config`` and run it until its finite inputs are done (exit 0)."""
+    """Build the pipeline of ``config`` and run it until its finite inputs are done (exit 0);
+    ``timeout`` as on an idle machine (:func:`tests.timing.scaled`)."""
     pipeline = Pipeline(load_config(config))
-    assert await asyncio.wait_for(pipeline.run(), timeout) == 0
+    assert await asyncio.wait_for(pipeline.run(), scaled(timeout)) == 0
     return pipeline
 
 

@@ -13,16 +13,18 @@ from typing import Any
 
 import orjson
 
+from tests.timing import scaled
 from tests.unit.helpers import write
 
 
 def run_config(config: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """``kubetrail run -c config`` as a real process, until its finite inputs are done."""
+    """``kubetrail run -c config`` as a real process, until its finite inputs are done (within
+    ``timeout`` as on an idle machine, :func:`tests.timing.scaled`)."""
     return subprocess.run(
         [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)],
         capture_output=True,
         text=True,
-        timeout=timeout,
+        timeout=scaled(timeout),
     )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 from kubetrail.core.config import load_config
 from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.pipeline import Pipeline
+from tests.timing import scaled
 from tests.unit.helpers import write
 
 
@@ -70,10 +71,13 @@ class Running:
 
 
 async def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
+    """Until ``check()``; ``timeout`` as on an idle machine, stretched on a loaded one
+    (:func:`tests.timing.scaled`): only the point of giving up moves, never the condition."""
+    limit = scaled(timeout)
+    deadline = time.monotonic() + limit
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
         await asyncio.sleep(0.02)
 
 

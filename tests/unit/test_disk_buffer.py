@@ -31,6 +31,7 @@ from kubetrail.runtime.disk_buffer import (
     decode_batch,
     encode_batch,
 )
+from tests.timing import scaled
 
 LOG = logging.getLogger("kubetrail.test.buffer")
 
@@ -115,7 +116,7 @@ def frames(path: Path) -> list[tuple[int, int]]:
 
 
 async def wait_until(check: Any, timeout: float = 10) -> None:
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(scaled(timeout)):  # a loaded machine: see tests/timing.py
         while not check():
             await asyncio.sleep(0.005)
 
