@@ -41,14 +41,16 @@ pub struct FramedBody {
 }
 
 impl FramedBody {
-    /// Every non-empty piece of the body in order: glue 0, line 0, glue 1, ..., glue n.
-    fn pieces<'s>(&'s self, block: &'s [u8]) -> Vec<&'s [u8]> {
-        let mut out: Vec<&[u8]> = Vec::with_capacity(self.bodies.len() * 2 + 1);
+    /// Every non-empty piece in order: `head` (the request's headers, or nothing), then the
+    /// body's glue 0, line 0, glue 1, ..., glue n.
+    fn pieces<'s>(&'s self, block: &'s [u8], head: &'s [u8]) -> Vec<&'s [u8]> {
+        let mut out: Vec<&[u8]> = Vec::with_capacity(self.bodies.len() * 2 + 2);
         let mut push = |piece: &'s [u8]| {
             if !piece.is_empty() {
                 out.push(piece);
             }
         };
+        push(head);
         push(&self.glue[..self.ends[0]]);
         for (i, &(start, end)) in self.bodies.iter().enumerate() {
             push(&block[start..end]);
@@ -57,11 +59,11 @@ impl FramedBody {
         out
     }
 
-    /// The pieces from byte `offset` of the body on (the first one cut where it starts).
-    fn pieces_from<'s>(&'s self, block: &'s [u8], offset: usize) -> Vec<&'s [u8]> {
+    /// The pieces from byte `offset` of `head` + body on (the first one cut where it starts).
+    fn pieces_from<'s>(&'s self, block: &'s [u8], head: &'s [u8], offset: usize) -> Vec<&'s [u8]> {
         let mut at = 0usize;
         let mut out = Vec::new();
-        for piece in self.pieces(block) {
+        for piece in self.pieces(block, head) {
             let end = at + piece.len();
             if end > offset {
                 out.push(&piece[offset.saturating_sub(at)..]);
@@ -122,11 +124,14 @@ impl FramedBody {
         self.size
     }
 
-    /// Writes the body from byte `offset` on to the non-blocking socket `fd` with `writev`
-    /// (the GIL released) until all is written or the socket would block; returns the offset
-    /// reached. Other errors are raised as `OSError`.
-    fn send(&self, py: Python<'_>, fd: i32, offset: usize) -> PyResult<usize> {
-        let pieces = self.pieces_from(self.block.as_bytes(py), offset);
+    /// Writes `head` (the request's headers: one `writev` carries them with the body, one
+    /// segment train and one wake-up of the receiver instead of two) and the body, from byte
+    /// `offset` of the two on, to the non-blocking socket `fd` with `writev` (the GIL released)
+    /// until all is written or the socket would block; returns the offset reached (counted
+    /// over `head` + body). Other errors are raised as `OSError`.
+    #[pyo3(signature = (fd, offset, head=None))]
+    fn send(&self, py: Python<'_>, fd: i32, offset: usize, head: Option<&[u8]>) -> PyResult<usize> {
+        let pieces = self.pieces_from(self.block.as_bytes(py), head.unwrap_or(b""), offset);
         py.detach(|| {
             // SAFETY: the descriptor is the caller's open socket; ManuallyDrop never closes it.
             let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
@@ -175,7 +180,7 @@ impl FramedBody {
     /// the transport to queue (or the whole body, for a TLS connection).
     #[pyo3(signature = (offset=0))]
     fn tobytes<'py>(&self, py: Python<'py>, offset: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let pieces = self.pieces_from(self.block.as_bytes(py), offset);
+        let pieces = self.pieces_from(self.block.as_bytes(py), b"", offset);
         let total = self.size.saturating_sub(offset);
         let pieces = &pieces;
         new_bytes_filled(py, total, move |out| {
