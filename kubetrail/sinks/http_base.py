@@ -18,7 +18,8 @@ One place decides how kubetrail talks HTTP so that ``http``, ``es``, ``opensearc
   2xx delivered; 408, 429, 5xx, timeouts and connection/TLS errors -> :class:`RetryableError`
   (``HttpRetryableError`` carries ``Retry-After``); 401, 403, 404, 407 -> retryable too, because
   they say the destination refuses *us* (credentials, URI), not the payload, and dead-lettering
-  every record until someone fixes a token would lose nothing only on paper; any other 4xx ->
+  every record until someone fixes a token would lose nothing only on paper (so is nginx's 400
+  for a client certificate it refuses, a rotation under way); any other 4xx ->
   :class:`PermanentError` whose message is the response's status, reason and body excerpt.
 * **Bad answers** (an HTML page from a proxy, garbage instead of JSON) raise
   :class:`BadResponseError`, a retryable error naming the URL, status, content type and the
@@ -44,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
+import os
 import ssl
 import time
 import zlib
@@ -71,6 +73,8 @@ USER_AGENT = f"kubetrail/{__version__}"
 # Not the payload's fault: the destination refuses this client (auth, URI) -> retry, keep data.
 REFUSED_CLIENT_STATUSES = frozenset({401, 403, 404, 407})
 RETRYABLE_STATUSES = frozenset({408, 429})
+# nginx's 400 pages for its internal 495 (certificate does not verify) and 496 (none sent).
+CERTIFICATE_REFUSED_BODIES = (b"The SSL certificate error", b"No required SSL certificate was sent")
 
 
 class HttpRetryableError(RetryableError):
@@ -342,6 +346,10 @@ def check_status(response: HttpResponse) -> None:
         raise HttpRetryableError(message, status, retry_after_seconds(response.headers.get("Retry-After")))
     if status in REFUSED_CLIENT_STATUSES:
         raise HttpRetryableError(f"{message} (check credentials, host and uri)", status)
+    if status == 400 and any(text in response.body for text in CERTIFICATE_REFUSED_BODIES):
+        # nginx (ingress-nginx too) verifies client certificates after the handshake and answers
+        # 400 when it refuses one: the client is refused, not the data (a rotation under way).
+        raise HttpRetryableError(f"{message} (the server refused the client certificate: tls.crt_file)", status)
     if 400 <= status < 500:
         raise PermanentError(message)
     # 1xx/3xx: redirects are not followed (a POST body must not silently go elsewhere).
@@ -350,14 +358,14 @@ def check_status(response: HttpResponse) -> None:
 
 class SocketWritable(Protocol):
     """A request body made elsewhere (``kubetrail_native.FramedBody``): its size, the bytes from
-    an offset on, and a write of them to a non-blocking socket that stops where it would block
-    (returning the offset reached)."""
+    an offset on, and a write of ``head`` and then itself to a non-blocking socket that stops
+    where the socket would block (returning the offset reached over both)."""
 
     def __len__(self) -> int: ...
 
     def tobytes(self, offset: int = 0) -> bytes: ...
 
-    def send(self, fd: int, offset: int) -> int: ...
+    def send(self, fd: int, offset: int, head: bytes | None = None) -> int: ...
 
 
 Body = bytes | SocketWritable
@@ -376,9 +384,33 @@ def plain_socket_fd(writer: Any) -> int | None:
     return sock.fileno() if sock is not None else None
 
 
+def take_headers(writer: Any) -> bytes | None:
+    """The request's serialised headers, taken from aiohttp's writer (3.12+ buffers them until
+    the body's first write, as ``send_headers`` does) so that one ``writev`` carries them with
+    the body; None where this aiohttp has no such buffer (then ``send_headers`` writes them)."""
+    buf = getattr(writer, "_headers_buf", None)
+    if not isinstance(buf, bytes) or not buf or getattr(writer, "_headers_written", True):
+        return None
+    writer._headers_buf, writer._headers_written = None, True
+    return buf
+
+
+def writev_nonblocking(fd: int, pieces: list[bytes | memoryview]) -> int:
+    """``os.writev`` on a non-blocking socket: the bytes it took (0 when it would block)."""
+    while True:
+        try:
+            return os.writev(fd, pieces)
+        except BlockingIOError:
+            return 0
+        except InterruptedError:
+            continue
+
+
 class StreamedBody(aiohttp.payload.Payload):
-    """A body written after the request's headers instead of joined with them; a
-    :class:`SocketWritable` first straight to the socket where :func:`plain_socket_fd` allows.
+    """A body written with the request's headers by one ``writev`` on a plain TCP connection
+    (:func:`plain_socket_fd`), straight from its own bytes (a :class:`SocketWritable` from the
+    block it frames): not joined with the headers into a new bytes object. What the socket does
+    not take, and everything on TLS, goes to aiohttp's writer (the transport queues it).
     Stateless: aiohttp may write it again (a retry on a new connection)."""
 
     def __init__(self, value: Body, content_type: str | None = None) -> None:
@@ -395,19 +427,28 @@ class StreamedBody(aiohttp.payload.Payload):
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         value: Body = self._value
         size = len(value) if content_length is None else min(len(value), content_length)
-        sent = 0
-        send_headers = getattr(writer, "send_headers", None)  # aiohttp 3.12+ buffers them
-        if send_headers is not None and size and not getattr(writer, "chunked", False):
-            send_headers()
-            if not isinstance(value, bytes) and size == len(value):
-                fd = plain_socket_fd(writer)
-                if fd is not None:
-                    sent = value.send(fd, 0)
-        if sent == size:
+        if size and size == len(value) and not getattr(writer, "chunked", False):
+            fd = plain_socket_fd(writer)
+            head = take_headers(writer) if fd is not None else None
+            if fd is not None and head is not None:
+                reached = writev_nonblocking(fd, [head, value]) if isinstance(value, bytes) else value.send(fd, 0, head)
+                if reached < len(head):  # the socket took not even the headers: the rest, queued
+                    writer.transport.write(head[reached:])
+                    reached = len(head)
+                await self._write_rest(writer, value, reached - len(head), size)
+                return
+        send_headers = getattr(writer, "send_headers", None)
+        if send_headers is not None and size:
+            send_headers()  # alone, not joined with the body
+        await self._write_rest(writer, value, 0, size)
+
+    @staticmethod
+    async def _write_rest(writer: Any, value: Body, sent: int, size: int) -> None:
+        if sent >= size:
             return
         if isinstance(value, bytes):
             await writer.write(value if (sent, size) == (0, len(value)) else memoryview(value)[sent:size])
-        else:  # what the socket did not take (the transport queues it and waits), or all of it on TLS
+        else:
             await writer.write(value.tobytes(sent)[: size - sent])
 
 

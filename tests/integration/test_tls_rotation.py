@@ -94,11 +94,14 @@ http {{
         wait_for(lambda: port_open(self.port), 20, "nginx to listen")
 
     def reload(self) -> None:
-        """SIGHUP: new workers with the new files; the old ones finish their requests and go."""
+        """SIGHUP: new workers with the new files; returns once the old worker has exited (it
+        finishes the requests it has and closes kept-alive connections), so every later request
+        meets the new configuration."""
         assert self.proc is not None
-        before = (self.work / "error.log").read_text().count("reconfiguring")
+        error_log = self.work / "error.log"
+        before = error_log.read_text().count("exited with code")
         self.proc.send_signal(signal.SIGHUP)
-        wait_for(lambda: (self.work / "error.log").read_text().count("reconfiguring") > before, 20, "nginx to reload")
+        wait_for(lambda: error_log.read_text().count("exited with code") > before, 30, "nginx's old worker to exit")
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -148,15 +151,9 @@ def metric(port: int, name: str, option: str) -> float:
     return total
 
 
-def test_http_output_client_certificate_and_ca_rotate_exactly_once(
-    tmp_path: Path, nginx_tls: tuple[Nginx, Recorder, Pki]
-) -> None:
-    server, recorder, certs = nginx_tls
-    volume = secret_volume(tmp_path / "secret", certs.secret(certs.ca1, certs.alice))
-    log = tmp_path / "in.log"
-    log.touch()
-    metrics_port = free_port()
-    proc = KubetrailProcess(
+def kubetrail(tmp_path: Path, log: Path, port: int, volume: Path, metrics_port: int) -> KubetrailProcess:
+    """The http output with its TLS files in ``volume``, tailing ``log``."""
+    return KubetrailProcess(
         tmp_path / "kt",
         f"""[SERVICE]
     flush 0.2
@@ -177,7 +174,7 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
     name http
     match *
     host 127.0.0.1
-    port {server.port}
+    port {port}
     uri /ingest
     format json_lines
     tls on
@@ -186,6 +183,17 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
     tls.key_file {volume}/tls.key
 """,
     ).start()
+
+
+def test_http_output_client_certificate_and_ca_rotate_exactly_once(
+    tmp_path: Path, nginx_tls: tuple[Nginx, Recorder, Pki]
+) -> None:
+    server, recorder, certs = nginx_tls
+    volume = secret_volume(tmp_path / "secret", certs.secret(certs.ca1, certs.alice))
+    log = tmp_path / "in.log"
+    log.touch()
+    metrics_port = free_port()
+    proc = kubetrail(tmp_path, log, server.port, volume, metrics_port)
 
     def delivered(total: int) -> bool:
         with recorder.lock:
@@ -230,3 +238,43 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
     assert "cannot reload a TLS file" in output and "tls.key_file" in output and "does not match" in output
     assert output.count("cannot reload a TLS file") == 1, "logged once"
     assert os.path.exists(server.work / "access.log")
+
+
+def test_a_client_certificate_nginx_refuses_with_400_is_held_back_until_it_rotates(
+    tmp_path: Path, nginx_tls: tuple[Nginx, Recorder, Pki]
+) -> None:
+    """nginx trusts a new client CA before the client's certificate rotates: it answers 400 ("The
+    SSL certificate error") after the handshake. That refuses the client, not the records: they
+    are retried (not rejected) and delivered once the certificate rotates."""
+    server, recorder, certs = nginx_tls
+    volume = secret_volume(tmp_path / "secret", certs.secret(certs.ca1, certs.alice))
+    log = tmp_path / "in.log"
+    log.touch()
+    proc = kubetrail(tmp_path, log, server.port, volume, free_port())
+
+    def delivered(total: int) -> bool:
+        with recorder.lock:
+            return len(recorder.received) >= total
+
+    try:
+        append_lines(log, 0, 100)
+        wait_for(lambda: delivered(100), 60, "100 records as alice")
+        server.configure(certs.server1, certs.ca2)  # same serving certificate, only CA 2's clients
+        server.reload()
+        append_lines(log, 100, 100)
+        wait_for(lambda: '" 400 ' in (server.work / "access.log").read_text(), 30, "nginx to refuse alice")
+        time.sleep(2)
+        with recorder.lock:
+            assert len(recorder.received) == 100
+        secret_volume(volume, certs.secret(certs.ca1, certs.bob))  # bob is from CA 2; nginx serves CA 1
+        wait_for(lambda: delivered(200), 60, "the held records as bob")
+        assert proc.stop() == 0
+    finally:
+        if proc.alive():
+            proc.kill9()
+    with recorder.lock:
+        received = list(recorder.received)
+    counts = Counter(record["n"] for _, record in received)
+    assert sorted(counts) == list(range(200)) and set(counts.values()) == {1}, "every record exactly once"
+    assert {cn for cn, record in received if record["n"] >= 100} == {"CN=bob"}
+    assert "refused the client certificate" in proc.log()

@@ -23,16 +23,17 @@ from typing import Any
 import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from kubetrail.core import secrets
-from kubetrail.core.errors import ConfigError
+from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.record import Batch, Record
 from kubetrail.core.tls_files import ClientTls
 from kubetrail.sinks.forward import ForwardSink
 from kubetrail.sinks.gelf import GelfSink
 from kubetrail.sinks.http import HttpOutputSink
-from kubetrail.sinks.http_base import client_tls
+from kubetrail.sinks.http_base import HttpResponse, check_status, client_tls
 from kubetrail.sinks.kafka import KafkaSink
 from kubetrail.sinks.stream_base import StreamConnection
 from kubetrail.sinks.syslog import SyslogSink
@@ -415,3 +416,18 @@ def test_kafka_refuses_a_bad_ssl_location_at_start(tmp_path: Path, certs: Pki) -
             rdkafka__ssl__certificate__location=str(volume / "tls.crt"),
             rdkafka__ssl__key__location=str(volume / "tls.key"),
         )
+
+
+@pytest.mark.parametrize(
+    ("body", "retried"),
+    [
+        (b"<html><head><title>400 The SSL certificate error</title></head></html>", True),
+        (b"<html><head><title>400 No required SSL certificate was sent</title></head></html>", True),
+        (b'{"error": "bad json"}', False),
+    ],
+)
+def test_nginx_400_for_a_refused_client_certificate_is_retried_not_rejected(body: bytes, retried: bool) -> None:
+    response = HttpResponse("POST", "https://es:9200/_bulk", 400, "Bad Request", CIMultiDictProxy(CIMultiDict()), body)
+    with pytest.raises(RetryableError if retried else PermanentError) as info:
+        check_status(response)
+    assert ("refused the client certificate" in str(info.value)) == retried
