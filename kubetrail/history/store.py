@@ -108,11 +108,21 @@ class StoreBackend:
         except StoreError as exc:
             raise HistoryError(str(exc)) from None
         self.has_alerts = self._has("table", "alerts")
-        self.by_bucket = self._has("index", "records_object_bucket")  # schema 3; else the name-led index
+        self._schema_seen = -1
+        self.by_bucket = False
+        self._check_schema()
         self._local = threading.local()  # a body reader's connection, one per pool thread
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+
+    def _check_schema(self) -> None:
+        """Whether the store has schema 3's bucket-led object index, else the name-led one; read
+        again after a writer changed the schema (the UI outlives a migration)."""
+        seen = self.conn.execute("PRAGMA schema_version").fetchone()[0]
+        if seen != self._schema_seen:
+            self._schema_seen = seen
+            self.by_bucket = self._has("index", "records_object_bucket")
 
     def _has(self, type_: str, name: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?", (type_, name)).fetchone()
@@ -252,6 +262,7 @@ class StoreBackend:
     def object_records(
         self, ref: ObjectRef, since: int | None, until: int | None, logs: bool, limit: int
     ) -> list[StoredRecord]:
+        self._check_schema()
         buckets = self.buckets(since, until) if self.by_bucket else None
         params: list[Any] = [ref.name, ref.resource]
         where = "name = ? AND resource = ? AND kind != 'log'"
@@ -383,6 +394,7 @@ class StoreBackend:
                 clauses.append("level <= ?")  # 0 is Emergency: at least as severe
                 params.append(filters.level)
         where = " AND ".join(clauses) or "1"
+        self._check_schema()
         if table == "records r" and filters.name is not None and self.by_bucket:
             # A name is what the object index finds, bucket by bucket (led by the time bucket).
             return self._records(self._newest_ids(where, params, since, until, limit, self.buckets(since, until)))

@@ -159,19 +159,25 @@ def test_a_schema_2_store_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_p
     _v2_store(path, records)
     before = {args: entries(path, *args) for args in (("history", "deploy/shop/web", "--logs"), ("who", "alice"))}
     assert before[("history", "deploy/shop/web", "--logs")]
-    backend = StoreBackend(path)
+    backend = StoreBackend(path)  # open through the migration, as the UI is
     assert not backend.by_bucket  # a reader changes nothing and uses the old index
-    backend.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (2,)
     fill(path, at(story(), spread_times(len(story()))))  # the writer migrates; a replay adds nothing
+    ref = queries.parse_ref("deploy/shop/web")
+    assert not isinstance(ref, str)
+    got = [r.id for r in backend.object_records(ref, None, None, False, 1000)]
+    assert backend.by_bucket  # it noticed the new index
+    backend.close()
+    fresh = StoreBackend(path)
+    assert fresh.by_bucket and got == [r.id for r in fresh.object_records(ref, None, None, False, 1000)] != []
+    fresh.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_object_bucket" in indexes and "records_object" not in indexes
         assert conn.execute("SELECT count(*) FROM records").fetchone() == (len(records),)
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    assert StoreBackend(path).by_bucket
     for args, found in before.items():
         assert entries(path, *args) == found
 
