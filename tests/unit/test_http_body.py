@@ -148,7 +148,7 @@ class Recording:
 
     def __init__(self, body: Any) -> None:
         self.body = body
-        self.sends: list[tuple[int, int]] = []  # (offset asked, offset reached)
+        self.sends: list[tuple[int, int, int]] = []  # (offset asked, header bytes, offset reached)
 
     def __len__(self) -> int:
         return len(self.body)
@@ -156,9 +156,9 @@ class Recording:
     def tobytes(self, offset: int = 0) -> bytes:
         return self.body.tobytes(offset)  # type: ignore[no-any-return]
 
-    def send(self, fd: int, offset: int) -> int:
-        reached: int = self.body.send(fd, offset)
-        self.sends.append((offset, reached))
+    def send(self, fd: int, offset: int, head: bytes | None = None) -> int:
+        reached: int = self.body.send(fd, offset, head)
+        self.sends.append((offset, len(head or b""), reached))
         return reached
 
 
@@ -206,9 +206,11 @@ async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport
         for ls, ts in ((lines, times), (lines[:10], times[:10]))
     ]
     assert received == expected
-    (offset, reached) = made[0].sends[0]
-    assert offset == 0 and 0 < reached < len(expected[0]), "the socket took part, the transport the rest"
-    assert made[1].sends == [(0, len(expected[1]))], "the next request on the connection: all at once"
+    (offset, head, reached) = made[0].sends[0]
+    assert offset == 0 and head > 0, "the headers go in the same writev"
+    assert head < reached < head + len(expected[0]), "the socket took part, the transport the rest"
+    ((offset, head, reached),) = made[1].sends
+    assert reached == head + len(expected[1]), "the next request on the connection: all at once"
 
 
 async def test_tls_bodies_go_through_the_tls_layer(tls_files: dict[str, Path]) -> None:  # noqa: F811
@@ -242,17 +244,19 @@ def test_send_goes_on_from_where_the_socket_stopped() -> None:
     with writer, reader:
         writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
         writer.setblocking(False)
-        got = bytearray()
-        offset, calls = 0, 0
-        while offset < len(whole):
-            reached = body.send(writer.fileno(), offset)
-            assert offset <= reached <= len(whole)
-            offset, calls = reached, calls + 1
-            reader.settimeout(1)
-            got += reader.recv(1 << 20)
-        while len(got) < len(whole):
-            got += reader.recv(1 << 20)
-        assert bytes(got) == whole and calls > 3
+        reader.settimeout(1)
+        for head in (None, b"POST / HTTP/1.1\r\n\r\n"):
+            total = len(head or b"") + len(whole)
+            got = bytearray()
+            offset, calls = 0, 0
+            while offset < total:
+                reached = body.send(writer.fileno(), offset, head)
+                assert offset <= reached <= total
+                offset, calls = reached, calls + 1
+                got += reader.recv(1 << 20)
+            while len(got) < total:
+                got += reader.recv(1 << 20)
+            assert bytes(got) == (head or b"") + whole and calls > 3
         reader.close()
         with pytest.raises(OSError):  # the peer is gone: EPIPE / ECONNRESET, not a signal
             for _ in range(100):
