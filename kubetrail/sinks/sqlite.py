@@ -39,21 +39,22 @@ Design decisions:
   (``retention_size``, the pages in use): checked after a commit at most every
   ``retention_interval``; the oldest rows go first, in bounded chunks so a writer never holds
   the lock for long. Freed pages are reused by later inserts, so the file stops growing.
-* **Steady state: the object index is led by a time bucket** (schema 3). Schema 2's
-  ``(name, resource, namespace, time_ns)`` took each new key at a random place of a B-tree that
-  outgrows the cache: into a store of 2M records half of each insert's cost was that index
-  (a commit of 16,000 rows dirties most of its leaf pages, all written to the WAL). Schema 3's ``(time_ns >> 46, name, resource,
-  namespace, time_ns)`` (:data:`OBJECT_INDEX`, an index on an expression: no column, the
-  INSERT unchanged) puts new keys in the newest bucket's subtree, 2^46 ns (19.5 hours) of
-  records. A query of an object scans the buckets of its time range (``kubetrail.history.store``:
-  in groups, several at once, newest first, stopping at ``--limit``). The bucket's width is a
-  trade: inserts stay local while the bucket's keys fit the writer's 64 MiB cache (about a
-  million; at 100 records/s a bucket ends with 7M, ~400 MiB, so late in each bucket inserts
-  scatter again, over that bucket's subtree instead of the whole store's), and an object's
-  history costs a seek per bucket (37 for a month; out of the page cache each is a disk read
-  of a 64 KiB page). Figures: docs/benchmarks.md (issue 19). A writer opening a store
-  of schema 1 or 2 builds the new index and drops the old in one transaction (a kill -9
-  midway leaves schema 2, migrated again next time); readers of an older store use its index.
+* **Steady state: the object index is led by a time bucket** (schema 3). Schema 2's ``(name,
+  resource, namespace, time_ns)`` took each new key at a random place of a B-tree that outgrows
+  the cache: into a store of 2M records half of each insert's cost was that index (a commit of
+  16,000 rows dirties most of its leaf pages, all written to the WAL). Schema 3's ``(time_ns >>
+  46, name, resource, namespace, time_ns)`` (:data:`OBJECT_INDEX`, an index on an expression: no
+  column, the INSERT unchanged) puts new keys in the newest bucket's subtree, 2^46 ns (19.5
+  hours) of records. A query of an object scans the buckets of its time range
+  (``kubetrail.history.store``: in groups, several at once, newest first, stopping at
+  ``--limit``). The bucket's width is a trade: inserts stay local while the bucket's keys fit
+  the writer's 64 MiB cache (about a million; at 100 records/s a bucket ends with 7M, ~400 MiB,
+  so late in each bucket inserts scatter again, over that bucket's subtree instead of the whole
+  store's), and an object's history costs a seek per bucket (37 for a month; out of the page
+  cache each is a disk read of a 64 KiB page). Figures: docs/benchmarks.md (issue 19). A writer
+  opening a store of schema 1 or 2 builds the new index and drops the old in one transaction (a
+  kill -9 midway leaves schema 2, migrated again next time); readers of an older store use its
+  index.
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery).
