@@ -41,7 +41,7 @@ import random
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from _common import CACHE, Measured, audit_lines_file, cpu_count_hint, measure, warm_free_memory
@@ -434,6 +434,9 @@ def median(ms: list[Measured]) -> Measured:
     return sorted(ms, key=lambda m: m.wall)[len(ms) // 2]
 
 
+STARTUP_LINES = 2_000
+
+
 def median_cpu(ms: list[Measured]) -> float:
     return sorted(m.cpu for m in ms)[len(ms) // 2]
 
@@ -483,6 +486,11 @@ def main() -> int:
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
     parser.add_argument("--python-receiver", action="store_true", help="http rows: the aiohttp receiver, not Go's")
     parser.add_argument(
+        "--startup",
+        action="store_true",
+        help=f"also run the audit rows on {STARTUP_LINES:,} lines: their fixed cost, and the CPU beyond it",
+    )
+    parser.add_argument(
         "--filter-only",
         action="store_true",
         help="only the multiline row's filter, in this process: CPU seconds of its records through it",
@@ -515,6 +523,8 @@ class Results:
     runs: dict[str, list[Measured]]
     naive_runs: dict[str, list[Measured]]
     before_runs: dict[str, list[Measured]]
+    # --startup: (row, tree or None) -> the same row on STARTUP_LINES lines: its fixed cost.
+    startup: dict[tuple[str, str | None], list[Measured]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, selected: list[Row]) -> Results:
@@ -534,9 +544,42 @@ def rounds(args: argparse.Namespace, selected: list[Row], results: Results) -> N
                 (before_runs if tree else runs)[row.name].append(m)
                 if naive is not None:
                     naive_runs[row.name].append(naive)
+                if args.startup and row.src.name.startswith("audit-"):
+                    small = replace(row, src=audit_lines_file(STARTUP_LINES), records=STARTUP_LINES)
+                    work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-", dir=args.output_dir))
+                    try:
+                        m, _ = run_row(small, work, True, tree, False)
+                    finally:
+                        shutil.rmtree(work, ignore_errors=True)
+                    results.startup.setdefault((row.name, tree), []).append(m)
+
+
+def report_startup(args: argparse.Namespace, selected: list[Row], results: Results) -> None:
+    """Each row's CPU beyond its fixed cost (the same config on STARTUP_LINES lines: imports,
+    e.g. aiohttp for the http output, and set-up), against ``json+time``'s: the per-record
+    cost, which a larger input does not dilute."""
+    trees: list[str | None] = [*([args.before] if args.before else []), None]
+    print(f"CPU s beyond start-up (median CPU minus the median CPU of the same row on {STARTUP_LINES:,} lines):")
+    for tree in trees:
+        label = "before" if tree else "now"
+        plain_key = ("json+time", tree)
+        base = None
+        if plain_key in results.startup:
+            plain_runs = results.before_runs if tree else results.runs
+            base = median_cpu(plain_runs["json+time"]) - median_cpu(results.startup[plain_key])
+        for row in selected:
+            if (row.name, tree) not in results.startup:
+                continue
+            full = median_cpu((results.before_runs if tree else results.runs)[row.name])
+            fixed = median_cpu(results.startup[(row.name, tree)])
+            ratio = f"{(full - fixed) / base:.2f}x plain's" if base else ""
+            figures = f"cpu {full:5.2f} start-up {fixed:5.2f} beyond {full - fixed:5.2f}"
+            print(f"  {label:<6} {row.name:<28} {figures}  {ratio}")
 
 
 def report(args: argparse.Namespace, selected: list[Row], results: Results) -> None:
+    if args.startup:
+        report_startup(args, selected, results)
     runs, naive_runs, before_runs = results.runs, results.naive_runs, results.before_runs
     print(f"{cpu_count_hint()}; median of {args.repeat} rounds; input sizes:")
     for row in selected:
