@@ -43,6 +43,7 @@ from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from localcluster import KubeAPI, LocalCluster, pki
 from localcluster.process import free_port
 from tests.files import written_lines
+from tests.timing import scaled
 
 pytestmark = pytest.mark.cluster
 
@@ -188,6 +189,7 @@ class Kubetrail:
 def wait_listening(port: int, timeout: float = 20.0) -> None:
     import socket
 
+    timeout = scaled(timeout)  # kubetrail's start on a loaded machine: see tests/timing.py
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as sock:
@@ -343,7 +345,7 @@ def test_every_audit_record_exactly_once_from_webhook_and_log(setup: dict[str, A
     def outputs() -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
         return keys_of(written_lines(webhook_out)), keys_of(written_lines(file_out))
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(60)  # a loaded machine: see tests/timing.py
     while time.monotonic() < deadline:
         webhook, tailed = outputs()
         if set(truth) <= set(webhook) and set(truth) <= set(tailed):

@@ -167,10 +167,7 @@ class ServerProcess:
             if self.wait_until(ready, timeout, interval):
                 return
             self.stop_process()
-        raise self.start_error(
-            f"{self.name} did not start in {attempts} attempts of {scaled(timeout):.0f} s;"
-            f" last log lines:\n{self.log_tail()}"
-        )
+        raise self.start_error(f"{self.name} did not start; last log lines:\n{self.log_tail()}")
 
     def stop_process(self, kill: bool = False, timeout: float | None = None) -> None:
         """SIGTERM to the process group (``kill``: SIGKILL), SIGKILL if it is not gone in time."""

@@ -426,6 +426,7 @@ async def test_total_limit_size_pauses_appends_until_deliveries_free_space(tmp_p
             appended += 1
 
     task = asyncio.create_task(producer())
+    await wait_until(lambda: appended > 0)  # the first appends can take a while on a loaded machine
     await asyncio.sleep(0.3)
     assert 0 < appended < 40  # paused at the limit, not dropping
     assert h.queue.disk_bytes <= 2000 + 400

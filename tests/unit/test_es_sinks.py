@@ -27,6 +27,7 @@ from kubetrail.sinks.opensearch import OpenSearchSink
 from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import running
 from tests.servers.search import SearchServer
+from tests.timing import scaled
 
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123Z
 
@@ -38,7 +39,12 @@ def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
 
 
 def real_sink(server: SearchServer, **props: Any) -> EsSink:
-    """The sink made for ``server``: ``opensearch`` for OpenSearch, ``es`` for Elasticsearch."""
+    """The sink made for ``server``: ``opensearch`` for OpenSearch, ``es`` for Elasticsearch.
+
+    Its ``net.io_timeout`` (60 s by default) stretches on a loaded machine (tests/timing.py):
+    creating an index took a loaded OpenSearch over 70 s in CI, and a timeout here is the
+    machine, not the sink; what the server answers is asserted as before."""
+    props.setdefault("net.io_timeout", f"{scaled(60):.0f}s")
     return sink(OpenSearchSink if server.kind == "opensearch" else EsSink, server.url, **props)
 
 
@@ -46,7 +52,7 @@ def api(server: SearchServer, method: str, path: str, body: Any = None) -> Any:
     data = orjson.dumps(body) if body is not None else None
     request = urllib.request.Request(server.url + path, data=data, method=method)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=scaled(60)) as response:
         return orjson.loads(response.read())
 
 

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from kubetrail.cli.main import main
+from tests.timing import scaled
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -182,7 +183,7 @@ def test_scripts_run_without_arguments(tmp_path: Path) -> None:
     assert proc.stdout is not None
     out = []
     url = None
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + scaled(240)
     for line in proc.stdout:
         out.append(line)
         match = re.search(r"kubetrail ui: (http://\S+)", line)

@@ -38,6 +38,7 @@ from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
 from tests.files import written_json_lines
+from tests.timing import scaled
 from tests.unit.helpers import write
 from tests.unit.source_helpers import Running, running, wait_until
 
@@ -539,7 +540,7 @@ def test_kubetrail_forward_output_to_forward_input_in_another_process(tmp_path: 
     receiver = start(receiver_conf, tmp_path / "receiver.log")
     sender = start(sender_conf, tmp_path / "sender.log")
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while len(written_json_lines(out)) < 2000 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert sorted(r["n"] for r in written_json_lines(out)) == list(range(2000))
@@ -549,7 +550,7 @@ def test_kubetrail_forward_output_to_forward_input_in_another_process(tmp_path: 
             fh.write("".join(orjson.dumps({"n": i}).decode() + "\n" for i in range(2000, 3000)))
         time.sleep(1.5)
         receiver = start(receiver_conf, tmp_path / "receiver.log")
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while len(written_json_lines(out)) < 3000 and time.monotonic() < deadline:
             time.sleep(0.1)
         got = sorted(r["n"] for r in written_json_lines(out))

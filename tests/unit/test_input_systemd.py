@@ -29,6 +29,7 @@ import pytest
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.record import Record
 from kubetrail.sources.systemd import compose_tag, entry_body, parse_filter
+from tests.timing import scaled
 from tests.unit.helpers import file_output, write
 from tests.unit.source_helpers import running, wait_until
 
@@ -303,7 +304,7 @@ def test_kill9_then_restart_from_db_loses_nothing(tmp_path: Path) -> None:
         )
 
     proc = start()
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + scaled(60)
     while time.monotonic() < deadline and sum(_delivered(out).values()) < total // 5:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
@@ -312,7 +313,7 @@ def test_kill9_then_restart_from_db_loses_nothing(tmp_path: Path) -> None:
     assert 0 < before < total, "kill -9 should land mid-journal"
     restarted = start()
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + scaled(120)
         while time.monotonic() < deadline and len(_delivered(out)) < total:
             time.sleep(0.1)
         time.sleep(1.0)  # nothing beyond the journal may follow

@@ -27,6 +27,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from tests.servers import ServerUnavailable, kafka, running
 from tests.servers.search import SearchServer
+from tests.timing import scaled
 from tests.unit.helpers import file_output, tail_input, write
 from tests.unit.run_helpers import run_config
 
@@ -46,7 +47,9 @@ def new_topic(cluster: kafka.KafkaCluster, partitions: int = 1, **config: str) -
 
 
 def read_topic(cluster: kafka.KafkaCluster, topic: str, expected: int, timeout: float = 60) -> list[Any]:
-    """Every message of ``topic`` (waits until ``expected`` are there, then a moment more)."""
+    """Every message of ``topic`` (waits until ``expected`` are there, then a moment more);
+    ``timeout`` and the moment stretch on a loaded machine (tests/timing.py): a longer quiet
+    window only gives a duplicate more time to show."""
     consumer = Consumer(
         {
             "bootstrap.servers": cluster.bootstrap,
@@ -57,14 +60,14 @@ def read_topic(cluster: kafka.KafkaCluster, topic: str, expected: int, timeout: 
     )
     consumer.subscribe([topic])
     out: list[Any] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + scaled(timeout)
     quiet_until = None
     try:
         while time.monotonic() < deadline:
             got = consumer.consume(1000, 0.5)
             out.extend(m for m in got if m.error() is None)
             if len(out) >= expected:
-                quiet_until = quiet_until or time.monotonic() + 1.5  # any extra (a duplicate) shows too
+                quiet_until = quiet_until or time.monotonic() + scaled(1.5)  # any extra (a duplicate) shows too
                 if time.monotonic() > quiet_until:
                     break
     finally:
@@ -280,6 +283,7 @@ def run_until(config: Path, needle: str, timeout: float = 90) -> str:
     )
     assert proc.stdout is not None
     lines: list[str] = []
+    timeout = scaled(timeout)  # a loaded machine: see tests/timing.py
     deadline = time.monotonic() + timeout
     timer = threading.Timer(timeout, proc.terminate)  # a log that never shows it still ends
     timer.start()
@@ -291,7 +295,7 @@ def run_until(config: Path, needle: str, timeout: float = 90) -> str:
     finally:
         timer.cancel()
         proc.send_signal(signal.SIGTERM)
-        rest, _ = proc.communicate(timeout=60)
+        rest, _ = proc.communicate(timeout=scaled(60))
     return "".join(lines) + rest
 
 
@@ -375,6 +379,7 @@ def kafka_to_file(tmp_path: Path, cluster: kafka.KafkaCluster, topic: str, group
 
 
 def wait_lines(path: Path, count: int, timeout: float = 60) -> list[dict[str, Any]]:
+    timeout = scaled(timeout)  # a loaded machine: see tests/timing.py
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if path.exists():
@@ -382,13 +387,13 @@ def wait_lines(path: Path, count: int, timeout: float = 60) -> list[dict[str, An
             if len(lines) >= count:
                 return [orjson.loads(line) for line in lines]
         time.sleep(0.3)
-    raise AssertionError(f"{path}: fewer than {count} lines after {timeout}s")
+    raise AssertionError(f"{path}: fewer than {count} lines after {timeout:.0f}s")
 
 
 def committed(cluster: kafka.KafkaCluster, group: str, topic: str, partitions: int) -> list[int]:
     consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": group})
     try:
-        got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=20)
+        got = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=scaled(20))
         return [tp.offset for tp in got]
     finally:
         consumer.close()
@@ -411,13 +416,13 @@ def test_input_json_records_dead_letters_and_commits(cluster: kafka.KafkaCluster
     )
     try:
         records = wait_lines(tmp_path / "out" / "out.jsonl", 98)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while committed(cluster, group, topic, 2) != [50, 50] and time.monotonic() < deadline:
             time.sleep(0.5)
         assert committed(cluster, group, topic, 2) == [50, 50]  # the bad messages do not block
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        out, _ = proc.communicate(timeout=scaled(30))
     assert proc.returncode == 0, out
     assert sorted(r["payload"]["n"] for r in records) == [i for i in range(100) if i not in (10, 60)]
     first = records[0]
@@ -445,7 +450,9 @@ def topic_size(cluster: kafka.KafkaCluster, topic: str, partitions: int) -> int:
     """Messages in ``topic`` now (the sum of its partitions' high watermarks)."""
     consumer = Consumer({"bootstrap.servers": cluster.bootstrap, "group.id": "sizer"})
     try:
-        return sum(consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(partitions))
+        limit = scaled(10)
+        marks = [consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=limit) for p in range(partitions)]
+        return sum(high for _, high in marks)
     finally:
         consumer.close()
 
@@ -531,7 +538,7 @@ def test_brokers_stopped_and_restarted_while_the_output_runs(cluster: kafka.Kafk
         got = read_topic(cluster, topic, total, timeout=120)
     finally:
         proc.send_signal(signal.SIGTERM)
-        output, _ = proc.communicate(timeout=60)
+        output, _ = proc.communicate(timeout=scaled(60))
     counts = Counter(orjson.loads(m.value())["n"] for m in got)
     assert sorted(counts) == list(range(total)), output[-3000:]
     assert max(counts.values()) == 1, [n for n, c in counts.items() if c > 1][:10]
@@ -600,10 +607,18 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(
             if i % 500 == 0:
                 producer.poll(0)
                 time.sleep(0.3)  # about 1,600 records/s: the stream outlasts three kills
-        producer.flush(60)
+        producer.flush(scaled(60))
+
+    # OpenSearch beside three brokers and three members answers slowly on a loaded machine (a
+    # 30 s read timeout was blown at load 25): a deadline that stretches, the same question
+    search_timeout = scaled(60)
+
+    def refresh() -> None:
+        request = urllib.request.Request(f"{search.url}/agg/_refresh", method="POST")
+        urllib.request.urlopen(request, timeout=search_timeout).close()
 
     def count() -> int:
-        with urllib.request.urlopen(f"{search.url}/agg/_count", timeout=30) as response:
+        with urllib.request.urlopen(f"{search.url}/agg/_count", timeout=search_timeout) as response:
             return int(orjson.loads(response.read())["count"])
 
     members = [member() for _ in range(3)]
@@ -611,7 +626,7 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(
     producer.start()
     kills = 0
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + scaled(240)  # ends as soon as every record is stored
         next_kill = time.monotonic() + 20
         while time.monotonic() < deadline:
             time.sleep(1)
@@ -623,14 +638,14 @@ def test_aggregator_group_of_three_with_a_member_killed_every_20s(
                 kills += 1
                 next_kill += 20
             if not producer.is_alive() and kills >= 3:
-                urllib.request.urlopen(urllib.request.Request(f"{search.url}/agg/_refresh", method="POST"), timeout=30)
+                refresh()
                 if count() >= total:
                     break
         producer.join()
         time.sleep(3)  # anything late (a duplicate) would show now
-        urllib.request.urlopen(urllib.request.Request(f"{search.url}/agg/_refresh", method="POST"), timeout=30)
+        refresh()
         stored = count()
-        with urllib.request.urlopen(f"{search.url}/agg/_search?size=1", timeout=30) as response:
+        with urllib.request.urlopen(f"{search.url}/agg/_search?size=1", timeout=search_timeout) as response:
             sample = orjson.loads(response.read())["hits"]["hits"][0]
     finally:
         for proc in members:
@@ -736,7 +751,7 @@ def test_input_format_none_client_id_and_small_polls(cluster: kafka.KafkaCluster
         records = wait_lines(tmp_path / "out" / "out.jsonl", 90)
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+        proc.communicate(timeout=scaled(30))
     payloads = sorted(r["payload"] for r in records)
     assert len(payloads) == 90 and all(p.startswith("plain line ") and p.endswith("\ufffd") for p in payloads)
     assert {r["key"] for r in records} == {None}
@@ -754,7 +769,7 @@ def test_kafka_up_and_down_for_people(tmp_path: Path) -> None:
         [sys.executable, "-m", "tests.servers", "kafka", "up", str(directory), "--brokers", "1"],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=scaled(300),
     )
     try:
         assert up.returncode == 0, up.stderr[-3000:]
@@ -768,14 +783,14 @@ def test_kafka_up_and_down_for_people(tmp_path: Path) -> None:
                 "ssl.ca.location": env["KAFKA_CA_FILE"],
             }
         )
-        metadata = producer.list_topics(timeout=30)
+        metadata = producer.list_topics(timeout=scaled(30))
         assert len(metadata.brokers) == 1
     finally:
         down = subprocess.run(
             [sys.executable, "-m", "tests.servers", "kafka", "down", str(directory)],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=scaled(120),
         )
     assert down.returncode == 0 and "stopped 1 Kafka node(s)" in down.stdout, down.stdout + down.stderr
     pid = int((directory / "node1" / "pid").read_text())
@@ -801,7 +816,7 @@ def test_check_in_cluster_tries_every_bootstrap_broker(cluster: kafka.KafkaClust
         [sys.executable, "-m", "kubetrail.cli.main", "check", "--in-cluster", "--checks", "outputs", "-c", str(config)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=scaled(120),
     )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()

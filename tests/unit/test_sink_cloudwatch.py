@@ -31,6 +31,7 @@ from kubetrail.sinks.cloudwatch_logs import CloudWatchLogsSink, CloudWatchSink
 from tests.fakes.http_server import Answer, ScriptedServer
 from tests.servers import running
 from tests.servers.moto import MotoServer
+from tests.timing import scaled
 from tests.unit.helpers import build, tail_input, write
 
 REGION = "eu-west-1"
@@ -482,7 +483,7 @@ def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_
     reader = threading.Thread(target=lambda: err.extend(proc.stderr or []), daemon=True)
     reader.start()
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + scaled(60)
         while not any("auto_create_group is off" in line for line in err) and time.monotonic() < deadline:
             assert proc.poll() is None, "".join(err)[-2000:]
             time.sleep(0.1)
@@ -490,7 +491,7 @@ def test_kubetrail_checkpoints_only_what_cloudwatch_stored(aws: MotoServer, tmp_
         time.sleep(1)  # a few more retries
         assert tail_offset(tmp_path / "tail.db") == 0  # nothing acknowledged while CloudWatch refuses
         logs(aws).create_log_group(logGroupName="late-group")
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + scaled(90)
         while tail_offset(tmp_path / "tail.db") < log.stat().st_size and time.monotonic() < deadline:
             time.sleep(0.1)
         assert tail_offset(tmp_path / "tail.db") == log.stat().st_size, "".join(err)[-2000:]

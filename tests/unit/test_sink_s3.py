@@ -31,6 +31,7 @@ from kubetrail.sinks.s3 import S3Sink
 from tests.servers import minio as minio_server
 from tests.servers import running
 from tests.servers.minio import MinioServer
+from tests.timing import scaled
 from tests.unit.helpers import build, tail_input, write
 
 REGION = "us-east-1"
@@ -131,7 +132,7 @@ async def test_multipart_upload_with_gzip_when_the_file_is_full(aws: MinioServer
     try:
         for start in range(0, len(records), 10):
             await out.write(Batch("big", records[start : start + 10]))
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while not s3(aws).list_objects_v2(Bucket="logs").get("Contents") and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
     finally:
@@ -151,7 +152,7 @@ async def test_upload_timeout_uploads_while_running_and_log_key(aws: MinioServer
     await out.start()
     try:
         await out.write(Batch("a", [rec(0, tag="a"), rec(1, tag="a", log={"nested": True})]))
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while not objects(aws) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
         found = objects(aws)
@@ -170,7 +171,7 @@ async def test_missing_bucket_keeps_the_data_and_uploads_once_it_exists(aws: Min
         sealed = list((out.sealed_dir).glob("*.data"))
         assert len(sealed) == 1  # waiting, not dropped
         s3(aws).create_bucket(Bucket="logs")
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while not s3(aws).list_objects_v2(Bucket="logs").get("Contents") and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
     finally:
@@ -213,7 +214,7 @@ def test_acknowledged_batches_survive_kill_9_and_are_uploaded_after_restart(aws:
 
     proc = run_kubetrail(config(exit_on_eof=False))
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + scaled(120)
         offset = 0
         while time.monotonic() < deadline:  # the tail checkpoints only acknowledged batches
             try:
@@ -378,7 +379,7 @@ async def test_parts_go_up_while_the_file_fills(aws: MinioServer, tmp_path: Path
         for start in range(0, len(records), 10):
             await out.write(Batch("big", records[start : start + 10]))
             await asyncio.sleep(0.05)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while calls.count("UploadPart") < 2 and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         assert calls.count("UploadPart") >= 2 and "CompleteMultipartUpload" not in calls  # still filling
@@ -401,7 +402,7 @@ async def test_a_streamed_upload_resumes_after_a_crash(aws: MinioServer, tmp_pat
     records = parts_payload(80)
     for start in range(0, 60, 10):
         await out.write(Batch("big", records[start : start + 10]))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while "UploadPart" not in first and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert first.count("UploadPart") == 1  # 6 MB synced: one part up
@@ -413,7 +414,7 @@ async def test_a_streamed_upload_resumes_after_a_crash(aws: MinioServer, tmp_pat
     await again.start()
     second: list[str] = []
     again.aws.client.meta.events.register("before-call.s3.*", lambda model, **_: second.append(model.name))
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while "CompleteMultipartUpload" not in second and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     await again.close()

@@ -22,6 +22,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.timing import scaled
 from tests.unit.helpers import tail_file_config
 
 pytestmark = pytest.mark.slow
@@ -101,7 +102,7 @@ def test_rotation_under_load_loses_and_repeats_nothing(tmp_path: Path, mode: str
         writer.join()
         total, rotations = done
         assert rotations >= 3
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + scaled(30)
         while time.monotonic() < deadline and sum(_delivered(tmp_path).values()) < total:
             time.sleep(0.2)
     finally:
@@ -122,7 +123,7 @@ def test_kill9_mid_file_then_restart_from_db(tmp_path: Path) -> None:
         for start in range(0, total, 10_000):
             handle.write(b"".join(f"{stamp} stdout F line {n} x\n".encode() for n in range(start, start + 10_000)))
     proc = _start(_config(tmp_path, log), tmp_path)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while time.monotonic() < deadline and sum(_delivered(tmp_path).values()) < total // 10:
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
