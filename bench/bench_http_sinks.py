@@ -11,6 +11,11 @@ reads each body (aiohttp undoes gzip), counts the lines and answers 204.
 
 Variants: ``json_date_key false`` sends the input bytes as they are (the fast path);
 ``json_date_key date`` (the default) re-encodes each record with its time added.
+
+A second table gives CPU seconds (this process's, the receiver's not included) of ``json`` and
+``json_lines`` with the date key on batches as a ``json`` parser with ``time_format`` hands them
+over (the block and each line's time, no record: the http output frames them natively), against
+the ``file`` sink writing the same blocks ``plain``; ``--cpu-rounds`` rounds alternate them.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import argparse
 import asyncio
 import multiprocessing
 import tempfile
+import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ import orjson
 from _sinks import BATCH, build, run_sink
 
 from _common import audit_lines_file, cpu_count_hint
+from kubetrail.core.block import ReadyBlock
+from kubetrail.core.record import Batch
 from kubetrail.sinks.file import FileSink
 from kubetrail.sinks.http import HttpOutputSink
 
@@ -56,9 +65,55 @@ def receiver(port_queue: Any, stop: Any) -> None:
     asyncio.run(main())
 
 
+def timed_batches(lines: list[bytes]) -> list[Batch]:
+    """Batches as a json parser with ``time_format`` hands them over: the block with each line's
+    time (what validation sets), records never built."""
+    out = []
+    for start in range(0, len(lines), BATCH):
+        chunk = lines[start : start + BATCH]
+        block = ReadyBlock(b"".join(chunk), len(chunk), list)
+        block.times = array("q", [1_795_867_200_001_800_000 + (start + i) * 1_000_003 for i in range(len(chunk))])
+        out.append(Batch("audit", None, block=block, size_bytes=len(block.source)))
+    return out
+
+
+async def sink_cpu(sink: Any, lines: list[bytes]) -> float:
+    """CPU seconds of ``sink.write`` over :func:`timed_batches` (start and close not counted)."""
+    work = timed_batches(lines)
+    await sink.start()
+    started = time.process_time()
+    for batch in work:
+        await sink.write(batch)
+    used = time.process_time() - started
+    await sink.close()
+    return used
+
+
+def cpu_table(port: int, lines: list[bytes], tmp: str, rounds: int) -> int:
+    """The second table (see the module docstring); returns the lines the receiver must count."""
+    variants: list[tuple[str, Any]] = [
+        ("file (plain, fsync per batch)", lambda: build(FileSink, path=tmp, file="out.log", format="plain")),
+        ("http json + date", lambda: build(HttpOutputSink, port=port, format="json")),
+        ("http json_lines + date", lambda: build(HttpOutputSink, port=port, format="json_lines")),
+    ]
+    cpu: dict[str, list[float]] = {name: [] for name, _ in variants}
+    for _ in range(rounds):
+        for name, make in variants:
+            cpu[name].append(asyncio.run(sink_cpu(make(), lines)))
+            Path(tmp, "out.log").unlink(missing_ok=True)
+    print(f"CPU s of the sink's writes, blocks with times (median of {rounds}, all rounds):")
+    base = sorted(cpu[variants[0][0]])[rounds // 2]
+    for name, values in cpu.items():
+        mid = sorted(values)[rounds // 2]
+        print(f"  {name:38s} {mid:6.3f} ({', '.join(f'{v:.3f}' for v in values)})  {mid / base:.2f}x file")
+    batches = -(-len(lines) // BATCH)
+    return rounds * (batches + len(lines))  # the receiver counts newlines: json is one line a batch
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--records", type=int, default=200_000)
+    parser.add_argument("--cpu-rounds", type=int, default=3, help="rounds of the CPU table (0: skip it)")
     args = parser.parse_args()
     source = audit_lines_file(args.records)
     lines = source.read_bytes().splitlines(keepends=True)[: args.records]
@@ -96,11 +151,12 @@ def main() -> None:
                 results[name] = asyncio.run(run_sink(make(), lines))
                 print(f"  {name:38s} {results[name]:>10,.0f} records/s")
             Path(tmp, "out.log").unlink(missing_ok=True)
+            cpu_lines = cpu_table(port, lines, tmp, args.cpu_rounds) if args.cpu_rounds else 0
     finally:
         stop.set()
         port_queue_result = ports.get(timeout=30)
         proc.join(timeout=30)
-    expected = len(lines) * (len(results) - 1)
+    expected = len(lines) * (len(results) - 1) + cpu_lines
     assert port_queue_result == expected, f"receiver counted {port_queue_result} lines, expected {expected}"
     baseline = results["file (plain, fsync per batch)"]
     print("ratio to the file sink in the same run:")
