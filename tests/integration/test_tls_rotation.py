@@ -13,6 +13,10 @@ is refused from then on), and the volume swaps to CA 2's bundle and bob's certif
 are delivered exactly once across it, the later ones as bob; a key that does not match its
 certificate put in the volume keeps bob's pair (logged naming ``tls.key_file``, counted) and
 delivery goes on.
+
+The ``syslog`` output (a stream output) is checked against rsyslog's gtls input requiring a client
+certificate by name (``x509/name``, ``permittedPeer``): restarted on a new CA accepting only bob,
+kubetrail's reconnects fail until the Secret rotates, then every message arrives once.
 """
 
 from __future__ import annotations
@@ -28,13 +32,17 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 import pytest
 
+from tests.files import written_lines
 from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
 from tests.integration.test_secret_rotation import Recorder, append_lines
 from tests.servers import free_port, port_open
+from tests.servers.rsyslog import RsyslogServer, gtls_available, rsyslogd
 from tests.unit.test_secrets import secret_volume
 from tests.unit.test_tls_reload import Pki, pem
 
@@ -278,3 +286,97 @@ def test_a_client_certificate_nginx_refuses_with_400_is_held_back_until_it_rotat
     assert sorted(counts) == list(range(200)) and set(counts.values()) == {1}, "every record exactly once"
     assert {cn for cn, record in received if record["n"] >= 100} == {"CN=bob"}
     assert "refused the client certificate" in proc.log()
+
+
+@dataclass
+class MutualTlsRsyslog(RsyslogServer):
+    """rsyslog's TLS input (gtls) requiring a client certificate from ``client_ca`` whose name is
+    ``peer`` (``authMode="x509/name"``, ``permittedPeer``): the identity check is rsyslog's."""
+
+    serving: pki.KeyPair | None = None
+    client_ca: pki.KeyPair | None = None
+    peer: str = ""
+
+    def _config(self) -> str:
+        assert self.serving is not None and self.client_ca is not None and self.tls_port is not None
+        self.serving.write(self.workdir / "server.crt", self.workdir / "server.key")
+        (self.workdir / "client-ca.crt").write_text(Pki.ca_pem(self.client_ca))
+        return (
+            f'global(workDirectory="{self.workdir}" maxMessageSize="64k"'
+            f' DefaultNetstreamDriverCAFile="{self.workdir / "client-ca.crt"}"'
+            f' DefaultNetstreamDriverCertFile="{self.workdir / "server.crt"}"'
+            f' DefaultNetstreamDriverKeyFile="{self.workdir / "server.key"}")\n'
+            'module(load="imtcp")\nmodule(load="imudp")\n'
+            f'input(type="imtcp" port="{self.tcp_port}" name="tcp")\n'
+            f'input(type="imudp" port="{self.udp_port}" name="udp")\n'
+            f'input(type="imtcp" port="{self.tls_port}" name="tls" streamDriver.name="gtls"'
+            f' streamDriver.mode="1" streamDriver.authMode="x509/name" permittedPeer=["{self.peer}"])\n'
+            'template(name="msg" type="string" string="%msg%\\n")\n'
+            f'action(type="omfile" file="{self.output}" template="msg")\n'
+        )
+
+    def messages(self) -> list[str]:
+        return [line.strip() for line in written_lines(self.output) if line.strip()]
+
+
+@pytest.mark.skipif(rsyslogd() is None or not gtls_available(), reason="rsyslog + rsyslog-gnutls (scripts/setup)")
+def test_syslog_output_reconnects_with_the_rotated_certificate_exactly_once(tmp_path: Path) -> None:
+    certs = Pki()
+    server = MutualTlsRsyslog(tmp_path / "rsyslog", serving=certs.server1, client_ca=certs.ca1, peer="alice")
+    volume = secret_volume(tmp_path / "secret", certs.secret(certs.ca1, certs.alice))
+    log = tmp_path / "in.log"
+    log.touch()
+    server.start(tls=True)
+    proc = KubetrailProcess(
+        tmp_path / "kt",
+        f"""[SERVICE]
+    flush 0.2
+    grace 5
+    log_level info
+    scheduler.base 0.2
+    scheduler.cap 1
+[INPUT]
+    name tail
+    path {log}
+    read_from_head on
+    refresh_interval 1
+[OUTPUT]
+    name syslog
+    match *
+    host 127.0.0.1
+    port {server.tls_port}
+    mode tls
+    syslog_format rfc5424
+    syslog_message_key log
+    tls on
+    tls.vhost localhost
+    tls.ca_file {volume}/ca.crt
+    tls.crt_file {volume}/tls.crt
+    tls.key_file {volume}/tls.key
+""",
+    ).start()
+
+    def received(total: int) -> bool:
+        return len(server.messages()) >= total
+
+    try:
+        append_lines(log, 0, 100)
+        wait_for(lambda: received(100), 60, "100 messages as alice")
+        # rsyslog moves to CA 2 and accepts only bob; kubetrail's connection is closed by the
+        # restart and its reconnects fail (it trusts CA 1) until the Secret rotates.
+        server.stop()
+        server.serving, server.client_ca, server.peer = certs.server2, certs.ca2, "bob"
+        server.start(tls=True)
+        append_lines(log, 100, 100)
+        time.sleep(2)
+        assert len(server.messages()) == 100
+        secret_volume(volume, certs.secret(certs.ca2, certs.bob))
+        wait_for(lambda: received(200), 60, "the held messages as bob")
+        assert proc.stop() == 0
+    finally:
+        if proc.alive():
+            proc.kill9()
+        server.stop()
+    counts = Counter(orjson.loads(m)["n"] for m in server.messages())
+    assert sorted(counts) == list(range(200)) and set(counts.values()) == {1}, "every record exactly once"
+    assert "TLS files changed" in proc.log()
