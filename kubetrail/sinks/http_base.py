@@ -336,6 +336,13 @@ def retry_after_seconds(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def refuses_client_certificate(response: HttpResponse) -> bool:
+    """nginx's (ingress-nginx's too) 400 for a client certificate it refuses: it verifies them
+    after the handshake. The client is refused, not the data (a rotation under way): a sink that
+    reads 400 as "the payload is bad" must check this first."""
+    return response.status == 400 and any(text in response.body for text in CERTIFICATE_REFUSED_BODIES)
+
+
 def check_status(response: HttpResponse) -> None:
     """Raise the error the sink runner should see for a non-2xx answer (see the module docstring)."""
     status = response.status
@@ -346,9 +353,7 @@ def check_status(response: HttpResponse) -> None:
         raise HttpRetryableError(message, status, retry_after_seconds(response.headers.get("Retry-After")))
     if status in REFUSED_CLIENT_STATUSES:
         raise HttpRetryableError(f"{message} (check credentials, host and uri)", status)
-    if status == 400 and any(text in response.body for text in CERTIFICATE_REFUSED_BODIES):
-        # nginx (ingress-nginx too) verifies client certificates after the handshake and answers
-        # 400 when it refuses one: the client is refused, not the data (a rotation under way).
+    if refuses_client_certificate(response):
         raise HttpRetryableError(f"{message} (the server refused the client certificate: tls.crt_file)", status)
     if 400 <= status < 500:
         raise PermanentError(message)

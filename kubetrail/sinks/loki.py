@@ -38,7 +38,7 @@ from kubetrail.core.errors import ConfigError, PermanentError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
 from kubetrail.core.values import split_list
-from kubetrail.sinks.http_base import HttpResponse, HttpSink, check_status, client_options
+from kubetrail.sinks.http_base import HttpResponse, HttpSink, check_status, client_options, refuses_client_certificate
 
 _INVALID_LABEL_CHARS = re.compile(r"[^a-zA-Z0-9_]")
 # Only the max-age message: its cutoff holds for the whole tenant ("entry too far behind" also
@@ -253,7 +253,7 @@ class LokiSink(HttpSink):
     async def _deliver(self, tenant: str | None, entries: list[tuple[int, Record]]) -> list[tuple[int, Record, str]]:
         """Push ``entries``; returns the ones Loki refused for good, with its reason."""
         response = await self._push(tenant, entries)
-        if response.status != 400:
+        if response.status != 400 or refuses_client_certificate(response):
             check_status(response)  # 2xx returns; 429/5xx retry the whole batch (resends are deduplicated)
             return []
         # Per-entry refusal: the others are stored. Find the refused ones.

@@ -35,8 +35,10 @@ from kubetrail.sinks.gelf import GelfSink
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.http_base import HttpResponse, check_status, client_tls
 from kubetrail.sinks.kafka import KafkaSink
+from kubetrail.sinks.loki import LokiSink
 from kubetrail.sinks.stream_base import StreamConnection
 from kubetrail.sinks.syslog import SyslogSink
+from tests.fakes.http_server import Answer, ScriptedServer
 from tests.unit.helpers import build
 from tests.unit.test_secrets import secret_volume
 
@@ -431,3 +433,18 @@ def test_nginx_400_for_a_refused_client_certificate_is_retried_not_rejected(body
     with pytest.raises(RetryableError if retried else PermanentError) as info:
         check_status(response)
     assert ("refused the client certificate" in str(info.value)) == retried
+
+
+async def test_loki_reads_nginx_certificate_400_as_a_refused_client_not_bad_entries() -> None:
+    """Loki's own 400 names refused entries (isolated, dead-lettered); nginx's (Loki's gateway
+    is often nginx) refuses the client certificate: the whole push is retried, nothing rejected."""
+    server = await ScriptedServer().start()
+    server.default = Answer(400, b"<html><title>400 The SSL certificate error</title></html>", "text/html")
+    out = build(LokiSink, host="127.0.0.1", port=str(server.port))
+    try:
+        with pytest.raises(RetryableError, match="refused the client certificate"):
+            await out.write(records(0, 8))
+        assert len(server.requests) == 1  # no halving into single entries
+    finally:
+        await out.close()
+        await server.stop()
