@@ -448,3 +448,20 @@ async def test_loki_reads_nginx_certificate_400_as_a_refused_client_not_bad_entr
     finally:
         await out.close()
         await server.stop()
+
+
+def test_a_ca_path_directory_is_watched_file_by_file(tmp_path: Path, certs: Pki) -> None:
+    """tls.ca_path: a file added to (or changed in) the directory rebuilds the context."""
+    directory = tmp_path / "cas"
+    directory.mkdir()
+    (directory / "ca1.pem").write_text(Pki.ca_pem(certs.ca1))
+    tls = client_tls({"tls": "on", "tls.ca_path": str(directory)})
+    registry = MetricsRegistry()
+    tls.bind(logging.getLogger(LOGGER), registry.component("http.0", "sink", "http"))
+    first = tls.context()
+    after_check_interval()
+    assert tls.context() is first
+    (directory / "ca2.pem").write_text(Pki.ca_pem(certs.ca2))
+    after_check_interval()
+    assert tls.context() is not first and tls.version == 1
+    assert sample(registry, "kubetrail_secret_reloads_total", "tls.ca_path") == 1
