@@ -197,7 +197,7 @@ def test_scripts_run_without_arguments(tmp_path: Path) -> None:
         assert "# deployments/shop/web:" in text
         assert "create deployments/shop/web by admin" in text
         assert "~ /spec/template/spec/containers/0/image: localhost/busybox:latest -> localhost/busybox:1.37" in text
-        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        page = urllib.request.urlopen(url, timeout=scaled(10)).read().decode()
         assert "<title>kubetrail" in page
     finally:
         os.killpg(proc.pid, signal.SIGTERM)

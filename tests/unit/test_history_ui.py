@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests.timing import scaled
 from tests.unit.history_helpers import fill, ui_server
 from tests.unit.history_story import SECRET_VALUE, audit, deployment, event, story
 
@@ -109,7 +110,7 @@ def parse(dom: str) -> Timeline:
 
 def test_the_page_loads_offline(ui: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = ui
-    page = urllib.request.urlopen(url, timeout=10).read().decode()
+    page = urllib.request.urlopen(url, timeout=scaled(10)).read().decode()
     # Nothing from elsewhere: no src/href to another host, no CDN.
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)
     dom = browse(url, tmp_path, "ui-start.png")
@@ -147,7 +148,7 @@ def test_a_user_and_a_bad_search(ui: tuple[str, Path], tmp_path: Path) -> None:
 
 def test_live_follow_returns_what_was_written_since(ui: tuple[str, Path]) -> None:
     url, store = ui
-    first = orjson.loads(urllib.request.urlopen(url + "api/history?q=deploy/shop/web", timeout=10).read())
+    first = orjson.loads(urllib.request.urlopen(url + "api/history?q=deploy/shop/web", timeout=scaled(10)).read())
     last_id = first["last_id"]
     fill(
         store,
@@ -157,7 +158,7 @@ def test_live_follow_returns_what_was_written_since(ui: tuple[str, Path]) -> Non
         ],
     )
     answer = orjson.loads(
-        urllib.request.urlopen(url + f"api/follow?q=deploy/shop/web&after={last_id}", timeout=10).read()
+        urllib.request.urlopen(url + f"api/follow?q=deploy/shop/web&after={last_id}", timeout=scaled(10)).read()
     )
     assert [(e["verb"], e["user"]) for e in answer["entries"]] == [("update", "dave")]
     assert answer["last_id"] == last_id + 2

@@ -24,6 +24,7 @@ import orjson
 import pytest
 
 from kubetrail.core.record import Record
+from tests.timing import scaled
 from tests.unit.history_helpers import fill, ui_server
 from tests.unit.history_story import SA_CI, SECRET_VALUE, alerts, audit, deployment, story
 from tests.unit.test_history_ui import ARTIFACTS, chromium
@@ -246,7 +247,7 @@ def test_follow_answers_alerts_fired_by_the_objects_requests(ui: tuple[str, Path
     import urllib.request
 
     url, store = ui
-    first = orjson.loads(urllib.request.urlopen(url + "api/history?q=deploy/shop/web", timeout=10).read())
+    first = orjson.loads(urllib.request.urlopen(url + "api/history?q=deploy/shop/web", timeout=scaled(10)).read())
     quiet = Record(
         "kube.alert",
         first["entries"][0]["time_ns"],
@@ -267,7 +268,9 @@ def test_follow_answers_alerts_fired_by_the_objects_requests(ui: tuple[str, Path
     fill(store, [quiet])
 
     def follow(target: str) -> list[dict[str, Any]]:
-        answer = urllib.request.urlopen(url + f"api/follow?q={target}&after={first['last_id']}", timeout=10).read()
+        answer = urllib.request.urlopen(
+            url + f"api/follow?q={target}&after={first['last_id']}", timeout=scaled(10)
+        ).read()
         return orjson.loads(answer)["entries"]  # type: ignore[no-any-return]
 
     assert [(e["kind"], e["rule"], e["audit_id"]) for e in follow("deploy/shop/web")] == [

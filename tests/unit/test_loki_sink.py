@@ -26,6 +26,7 @@ from kubetrail.sinks.loki import LokiSink
 from tests.fakes.http_server import Answer, Recorded, ScriptedServer
 from tests.servers import running
 from tests.servers.loki import Loki
+from tests.timing import scaled
 from tests.unit.helpers import build
 
 DAY_NS = 86_400 * 1_000_000_000
@@ -45,7 +46,7 @@ def query(server: Loki, tenant: str, logql: str) -> list[tuple[dict[str, str], i
     )
     request = urllib.request.Request(f"{server.url}/loki/api/v1/query_range?{params}")
     request.add_header("X-Scope-OrgID", tenant)
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=scaled(60)) as response:
         result = orjson.loads(response.read())["data"]["result"]
     return [(stream["stream"], int(ts), line) for stream in result for ts, line in stream["values"]]
 
