@@ -169,6 +169,9 @@ def test_a_bad_file_later_keeps_the_last_good_context_logs_once_and_counts(
     volume = secret_volume(tmp_path / "tls", certs.secret(certs.ca1, certs.alice))
     tls, registry = bound(volume)
     good = tls.context()
+    builds: list[int] = []
+    build_context = tls._build
+    tls._build = lambda: builds.append(1) or build_context()  # type: ignore[method-assign]
     caplog.set_level(logging.INFO, logger=LOGGER)
     target = data_file(volume, {"tls.crt_file": "tls.crt", "tls.key_file": "tls.key", "tls.ca_file": "ca.crt"}[option])
     if damage == "mismatched key":
@@ -191,6 +194,7 @@ def test_a_bad_file_later_keeps_the_last_good_context_logs_once_and_counts(
     assert errors[0].__dict__["path"] == str(volume / target.name)  # the path the config names
     assert sample(registry, "kubetrail_secret_reload_errors_total", option) == 3
     assert tls.version == 0
+    assert len(builds) <= 1, "the same bad bytes are not built again every second"
     # Fixed by the next rotation: the new files are used and the recovery is logged.
     if target.is_dir():
         target.rmdir()  # (the kubelet would remove its old directory whatever it holds)
