@@ -172,6 +172,9 @@ impl<'a> Cursor<'a> {
         if (count > 1 && self.s[digits] == b'0') || text == b"-0" {
             return Err(Slow);
         }
+        if count <= 18 {
+            return Ok(text); // below 10^18: within 64 bits either way, no parse needed
+        }
         let magnitude: u128 = std::str::from_utf8(&self.s[digits..self.at])
             .ok()
             .and_then(|d| d.parse().ok())
@@ -846,7 +849,28 @@ fn double_quotes(out: &mut Vec<u8>, text: &[u8]) {
     out.reserve(text.len() * 2);
     let spare = out.spare_capacity_mut();
     let mut n = 0;
-    for &b in text {
+    let mut words = text.chunks_exact(8);
+    for word in &mut words {
+        // Eight bytes without a quote (SWAR test for a zero byte in word ^ '"'*8) go in one copy.
+        let value = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
+        let x = value ^ 0x2222_2222_2222_2222;
+        if x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080 == 0 {
+            for (slot, &b) in spare[n..n + 8].iter_mut().zip(word) {
+                slot.write(b);
+            }
+            n += 8;
+            continue;
+        }
+        for &b in word {
+            spare[n].write(b);
+            n += 1;
+            if b == b'"' {
+                spare[n].write(b'"');
+                n += 1;
+            }
+        }
+    }
+    for &b in words.remainder() {
         spare[n].write(b);
         n += 1;
         if b == b'"' {
