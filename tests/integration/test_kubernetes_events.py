@@ -273,6 +273,8 @@ def test_missing_rbac_names_verb_and_resource_and_backs_off(
     run = KubetrailProcess(
         tmp_path, config(local_cluster, tmp_path, namespace, token_file=local_cluster.norbac_token_file)
     ).start()
+    # counted from its first attempt: starting the process alone took seconds at load 19
+    wait_for(lambda: "forbidden" in run.log() or not run.alive(), 60, "the first forbidden answer")
     time.sleep(8)
     assert run.alive(), "a permission error must not crash the process"
     log = run.log()
@@ -352,6 +354,8 @@ def test_replicas_with_leader_election_fail_over_without_loss_or_duplicates(
     try:
         for _ in range(replicas - 1):
             time.sleep(3)
+            # a lease renewal can be late on a loaded machine: the leader, once there is one again
+            wait_for(lambda: leader() is not None, 30, "the leader")
             current = leader()
             assert current is not None
             succession.append(current)
