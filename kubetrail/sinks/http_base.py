@@ -374,7 +374,7 @@ class SocketWritable(Protocol):
 
 
 Body = bytes | SocketWritable
-STREAMED_BODY_BYTES = 64 * 1024  # below this, joining headers and body costs less than a second send
+STREAMED_BODY_BYTES = 64 * 1024  # below this, aiohttp's join of headers and body costs next to nothing
 
 
 def plain_socket_fd(writer: Any) -> int | None:
@@ -432,7 +432,9 @@ class StreamedBody(aiohttp.payload.Payload):
     async def write_with_length(self, writer: Any, content_length: int | None) -> None:
         value: Body = self._value
         size = len(value) if content_length is None else min(len(value), content_length)
-        if size and size == len(value) and not getattr(writer, "chunked", False):
+        # Only where the bytes go out as they are: no chunked framing, no aiohttp compression.
+        plain = not getattr(writer, "chunked", False) and getattr(writer, "_compress", None) is None
+        if size and size == len(value) and plain:
             fd = plain_socket_fd(writer)
             head = take_headers(writer) if fd is not None else None
             if fd is not None and head is not None:

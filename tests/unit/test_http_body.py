@@ -270,3 +270,31 @@ def test_a_block_natively_unframeable_is_encoded_as_before() -> None:
     for lines, times in (([b'{"a":1}', b"[1,2]"], [T0, T0]), ([b'{"a":1}'], [5])):
         body = out.body(block_batch(lines, times))
         assert isinstance(body, bytes) and body == encode_batch(block_batch(lines, times), "json", "date", "double")
+
+
+async def test_headers_method_and_uri_on_the_direct_path(server: ScriptedServer) -> None:
+    """The headers taken from aiohttp's buffer into the body's writev are the request's own."""
+    lines, times = BATCHES[1]
+    out = sink(
+        server,
+        format="json_lines",
+        http_user="user",
+        http_passwd="p@ss",
+        header=["X-Tenant team-a"],
+        header_tag="X-Tag",
+        http_method="put",
+        uri="/ingest/v1",
+    )
+    made = recording(out)
+    try:
+        await out.write(block_batch(lines, times))
+    finally:
+        await out.close()
+    (request,) = server.requests
+    assert (request.method, request.path) == ("PUT", "/ingest/v1")
+    assert request.headers["Authorization"] == "Basic dXNlcjpwQHNz"
+    assert (request.headers["X-Tenant"], request.headers["X-Tag"]) == ("team-a", "app.log")
+    assert request.headers["Content-Type"] == "application/x-ndjson"
+    assert request.body == encode_batch(records_batch(lines, times), "json_lines", "date", "double")
+    ((offset, head, reached),) = made[0].sends
+    assert offset == 0 and head > 0 and reached == head + len(request.body)
