@@ -26,6 +26,7 @@ from tests.files import written_lines
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, wait_for
 from tests.servers import free_port, running
 from tests.servers.search import SearchServer
+from tests.timing import scaled
 
 pytestmark = pytest.mark.slow
 
@@ -160,7 +161,7 @@ def elasticsearch() -> Iterator[SearchServer]:
 def _es(server: SearchServer, method: str, path: str, body: Any = None) -> Any:
     request = urllib.request.Request(server.url + path, data=orjson.dumps(body) if body else None, method=method)
     request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=60) as response:
+    with urllib.request.urlopen(request, timeout=scaled(60)) as response:
         return orjson.loads(response.read())
 
 
@@ -177,7 +178,7 @@ def es_numbers(server: SearchServer, index: str) -> Counter[int]:
 
 
 def replayed_documents(metrics_port: int) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as response:
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=scaled(10)) as response:
         text = response.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
