@@ -21,6 +21,7 @@ from kubetrail.sinks.opensearch import OpenSearchSink
 from kubetrail.sinks.sqlite import SqliteSink
 from tests.servers import running
 from tests.servers.search import SearchServer
+from tests.timing import scaled
 from tests.unit.helpers import build
 from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, alerts, story
 
@@ -58,16 +59,17 @@ def sources(search: SearchServer, tmp_path_factory: pytest.TempPathFactory) -> t
     """The story in an index (refreshed) and in a store."""
     host, port = search.url.removeprefix("http://").rsplit(":", 1)
     cls = OpenSearchSink if search.kind == "opensearch" else EsSink
-    write(build(cls, host=host, port=port, index="trail"), story())
+    patient = {"net.io_timeout": f"{scaled(60):.0f}s"}  # a loaded machine: see tests/timing.py
+    write(build(cls, host=host, port=port, index="trail", **patient), story())
     # The detect filter's alerts (Falco's rules) in an index of their own, as they must be: their
     # "source" is a string, an Event's an object; one index cannot map both.
     fired = alerts(story())
-    write(build(cls, host=host, port=port, index="trail-alerts"), fired)
+    write(build(cls, host=host, port=port, index="trail-alerts", **patient), fired)
     import urllib.request
 
     for index in ("trail", "trail-alerts"):
         urllib.request.urlopen(
-            urllib.request.Request(f"{search.url}/{index}/_refresh", method="POST"), timeout=60
+            urllib.request.Request(f"{search.url}/{index}/_refresh", method="POST"), timeout=scaled(60)
         ).read()
     store = tmp_path_factory.mktemp("es-store") / "s.db"
     write(build(SqliteSink, path=str(store)), story() + fired)
@@ -150,7 +152,8 @@ def test_bad_input_against_an_index(sources: tuple[str, Path], search: SearchSer
     # An index kubetrail did not write: say which fields are missing.
     host, port = search.url.removeprefix("http://").rsplit(":", 1)
     cls = OpenSearchSink if search.kind == "opensearch" else EsSink
-    write(build(cls, host=host, port=port, index="plain"), [Record("t", 10**18, {"message": "hello"})])
+    patient = {"net.io_timeout": f"{scaled(60):.0f}s"}  # creates an index: see sources()
+    write(build(cls, host=host, port=port, index="plain", **patient), [Record("t", 10**18, {"message": "hello"})])
     result = runner.invoke(main, ["history", "deploy/shop/web", "--from", base + "/plain"])
     assert result.exit_code == 1
     assert "has none of kubetrail's object fields (missing: objectRef.resource, objectRef.name" in result.stderr
