@@ -24,8 +24,13 @@ from kubetrail.sinks import http as http_sink
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.json_format import date_key_option, encode_batch
 from tests.fakes.http_server import Answer, ScriptedServer
+from tests.unit import test_http_sink
 from tests.unit.helpers import build
 from tests.unit.test_http_sink import server_ctx, tls_files  # noqa: F401 - the fixture
+
+# test_http_sink's fixture (a server answering 204), bound here rather than imported so that the
+# tests' ``server`` parameters do not read as redefinitions of an unused import.
+server = test_http_sink.server
 
 FramedBody = http_sink.FramedBody
 pytestmark = pytest.mark.skipif(FramedBody is None, reason="kubetrail_native is not built")
@@ -78,14 +83,6 @@ def records_batch(lines: list[bytes], times: list[int], tag: str = "app.log") ->
 
 def sink(server: ScriptedServer, **props: Any) -> HttpOutputSink:
     return build(HttpOutputSink, host="127.0.0.1", port=server.port, **props)  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-async def server() -> Any:
-    srv = await ScriptedServer().start()
-    srv.default = Answer(204, b"", "text/plain")
-    yield srv
-    await srv.stop()
 
 
 # Three batches in a row: small (headers and body joined), ~1.3 MB with 20 KB lines, one line.

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.servers import cache_root
+from tests.unit import test_chart_aggregator
 from tests.unit.test_chart_aggregator import render
 from tests.unit.test_secrets import secret_volume
 
@@ -58,12 +58,9 @@ EVERY_PART = [
 ]
 
 
-@pytest.fixture(scope="module")
-def helm() -> Path:
-    found = sorted((cache_root() / "control-plane").glob("helm-*/helm"))
-    if not found:
-        pytest.skip("helm was not built (scripts/local-cluster build)")
-    return found[-1]
+# test_chart_aggregator's fixture (the built helm, or skip), bound rather than imported so that the
+# tests' ``helm`` parameters do not read as redefinitions of an unused import.
+helm = test_chart_aggregator.helm
 
 
 def pod_specs(text: str) -> dict[str, dict[str, Any]]:
