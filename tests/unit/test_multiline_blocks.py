@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from kubetrail.sources.tail import TailSource
 from kubetrail.transforms.multiline import MultilineTransform
 from tests.files import written_lines
 from tests.unit.helpers import build, run_pipeline, section, tail_file_config, write
+from tests.unit.test_multiline_filter import hold_from_first, tail_offset
 
 native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
 if not hasattr(native, "LineRules"):  # an older build of the module
@@ -284,31 +286,42 @@ def test_text_block_json_lines_are_orjson_bytes(seed: int) -> None:
 # -- the whole pipeline: tail (no parser) -> multiline -> file --------------------------------------
 
 
-async def pipeline_output(tmp_path: Path, log: Path, block_path: bool, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    walked: list[int] = []
+def counting_feed_block(walked: list[int]) -> Callable[[MultilineTransform, str, Batch, TextBlock], Batch]:
+    """The filter's ``_feed_block`` noting in ``walked`` the line count of each block it walks."""
     feed_block = MultilineTransform._feed_block
 
     def counted(self: MultilineTransform, tag: str, batch: Batch, block: TextBlock) -> Batch:
         walked.append(block.count)
         return feed_block(self, tag, batch, block)
 
+    return counted
+
+
+def trace_parsers_file(directory: Path) -> str:
+    """``directory/ml.conf`` with the app_trace multiline parser (TRACE_RULES); returns the
+    ``[SERVICE]`` line that loads it."""
+    write(
+        directory / "ml.conf",
+        "[MULTILINE_PARSER]\n    name app_trace\n    type regex\n"
+        + "".join(f"    rule {rule}\n" for rule in TRACE_RULES),
+    )
+    return "    parsers_file ml.conf"
+
+
+async def pipeline_output(tmp_path: Path, log: Path, block_path: bool, monkeypatch: pytest.MonkeyPatch) -> bytes:
+    walked: list[int] = []
     with monkeypatch.context() as patch:
-        patch.setattr(MultilineTransform, "_feed_block", counted)
+        patch.setattr(MultilineTransform, "_feed_block", counting_feed_block(walked))
         if not block_path:
             patch.setattr(TailSource, "_text_block", lambda self, tailed, block: None)
             patch.setattr(NativeRules, "of", classmethod(lambda cls, rulesets: None))
         work = tmp_path / ("block" if block_path else "records")
-        write(
-            work / "ml.conf",
-            "[MULTILINE_PARSER]\n    name app_trace\n    type regex\n"
-            + "".join(f"    rule {rule}\n" for rule in TRACE_RULES),
-        )
         config = tail_file_config(
             work,
             log,
             input_extra="    batch_size 200\n    buffer_chunk_size 100",
             filters="[FILTER]\n    name multiline\n    match app\n    multiline.parser app_trace, java",
-            service_extra="    parsers_file ml.conf",
+            service_extra=trace_parsers_file(work),
         )
         await run_pipeline(config)
     # The block path walked blocks of several lines; the record path none.
@@ -345,60 +358,37 @@ async def test_a_trace_held_across_blocks_keeps_the_checkpoint_until_delivered(t
     """The block path's held message keeps the tail's checkpoint before its first line until the
     joined message is delivered (tail with no parser, one line per block), as the record path
     does (``test_multiline_filter.py``'s test of the same with a json parser)."""
-    import sqlite3
-
     from kubetrail.core.config import load_config
     from kubetrail.runtime.pipeline import Pipeline
 
     trace = [POOL[0], POOL[1], POOL[1], POOL[1]]
     log = tmp_path / "app.log"
     log.write_bytes(b"".join(line + b"\n" for line in [b"before", *trace, b"after"]))
-    write(
-        tmp_path / "ml.conf",
-        "[MULTILINE_PARSER]\n    name app_trace\n    type regex\n"
-        + "".join(f"    rule {rule}\n" for rule in TRACE_RULES),
-    )
     config = tail_file_config(
         tmp_path,
         log,
         input_extra="    batch_size 1\n    buffer_chunk_size 1",
         filters="[FILTER]\n    name multiline\n    match app\n    multiline.parser app_trace\n    flush_ms 60000",
-        service_extra="    parsers_file ml.conf",
+        service_extra=trace_parsers_file(tmp_path),
         grace=3,
     )
     pipeline = Pipeline(load_config(config))
     runner = pipeline.runners[0]
     gate = asyncio.Event()
-    real_group = runner.sink.write_group
     walked: list[int] = []
     feed_block = MultilineTransform._feed_block
-
-    def counted(self: MultilineTransform, tag: str, batch: Batch, block: TextBlock) -> Batch:
-        walked.append(block.count)
-        return feed_block(self, tag, batch, block)
 
     def has_trace(batch: Batch) -> bool:
         data = batch.raw_block
         return data is not None and b"ERROR request" in data
 
-    async def gated_group(batches: list[Batch]) -> None:
-        held = [i for i, b in enumerate(batches) if has_trace(b)]
-        cut = held[0] if held else len(batches)
-        if cut:
-            await real_group(batches[:cut])
-        if cut < len(batches):
-            await gate.wait()  # the joined message waits here
-            await real_group(batches[cut:])
-
-    runner.sink.write_group = gated_group  # type: ignore[method-assign]
-    MultilineTransform._feed_block = counted  # type: ignore[method-assign]
+    runner.sink.write_group = hold_from_first(runner.sink.write_group, gate, has_trace)  # type: ignore[method-assign]
+    MultilineTransform._feed_block = counting_feed_block(walked)  # type: ignore[method-assign]
     try:
         task = asyncio.create_task(pipeline.run())
 
         def offset() -> int:
-            with sqlite3.connect(tmp_path / "tail.db") as conn:
-                rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
-            return rows[0][0] if rows else -1
+            return tail_offset(tmp_path / "tail.db")
 
         await asyncio.sleep(1.0)  # every line read (one per block), the joined message at the gate
         assert written_lines(tmp_path / "out" / "out.jsonl") == [b'{"log":"before"}']

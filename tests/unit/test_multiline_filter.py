@@ -5,6 +5,8 @@ the acknowledgement chain, flush_ms, and a whole pipeline run."""
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -363,12 +365,34 @@ def test_tail_refuses_container_and_line_parsers_mixed(tmp_path: Path) -> None:
         Pipeline(load_config(unknown))
 
 
+def hold_from_first(
+    real_group: Callable[[list[Batch]], Awaitable[None]], gate: asyncio.Event, held: Callable[[Batch], bool]
+) -> Callable[[list[Batch]], Awaitable[None]]:
+    """A sink's ``write_group`` for batches queued together: those before the first ``held`` one
+    are written at once, the rest once ``gate`` is set."""
+
+    async def gated_group(batches: list[Batch]) -> None:
+        cut = next((i for i, b in enumerate(batches) if held(b)), len(batches))
+        if cut:
+            await real_group(batches[:cut])
+        if cut < len(batches):
+            await gate.wait()  # the joined message waits here
+            await real_group(batches[cut:])
+
+    return gated_group
+
+
+def tail_offset(db: Path) -> int:
+    """The offset the tail checkpointed in ``db`` (-1 before any)."""
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
+    return rows[0][0] if rows else -1
+
+
 async def test_a_message_held_across_batches_keeps_the_checkpoint_until_delivered(tmp_path: Path) -> None:
     """Tail reads one line per batch (batch_size and buffer_chunk_size 1): the python trace spans
     six batches, held by the filter (buffer on). Until the joined message is delivered the tail's
     checkpoint stays before the trace; then the whole file is checkpointed, nothing twice."""
-    import sqlite3
-
     log = write(
         tmp_path / "app.log",
         "".join(orjson.dumps({"log": line}).decode() + "\n" for line in ["before", *PYTHON, "after"]),
@@ -385,31 +409,20 @@ async def test_a_message_held_across_batches_keeps_the_checkpoint_until_delivere
     gate = asyncio.Event()
     real_write = runner.sink.write
 
+    def has_traceback(batch: Batch) -> bool:
+        return any("Traceback" in str(r.body.get("log")) for r in batch.records)
+
     async def gated(batch: Batch) -> None:
-        if any("Traceback" in str(r.body.get("log")) for r in batch.records):
+        if has_traceback(batch):
             await gate.wait()  # the joined message waits here
         await real_write(batch)
 
-    real_group = runner.sink.write_group
-
-    async def gated_group(batches: list[Batch]) -> None:
-        # Batches queued together: those before the joined message are written at once.
-        held = [i for i, b in enumerate(batches) if any("Traceback" in str(r.body.get("log")) for r in b.records)]
-        cut = held[0] if held else len(batches)
-        if cut:
-            await real_group(batches[:cut])
-        if cut < len(batches):
-            await gate.wait()
-            await real_group(batches[cut:])
-
     runner.sink.write = gated  # type: ignore[method-assign]
-    runner.sink.write_group = gated_group  # type: ignore[method-assign]
+    runner.sink.write_group = hold_from_first(runner.sink.write_group, gate, has_traceback)  # type: ignore[method-assign]
     task = asyncio.create_task(pipeline.run())
 
     def offset() -> int:
-        with sqlite3.connect(tmp_path / "tail.db") as conn:
-            rows = conn.execute("SELECT offset FROM in_tail_files").fetchall()
-        return rows[0][0] if rows else -1
+        return tail_offset(tmp_path / "tail.db")
 
     first_line = len(orjson.dumps({"log": "before"})) + 1
     await asyncio.sleep(1.0)  # every line read (one per batch), the joined message at the gate
