@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from kubetrail.core.component import ComponentContext
@@ -49,13 +50,18 @@ def batches(lines: list[bytes], tag: str = "audit", size: int = BATCH) -> list[B
     return out
 
 
+async def timed_writes(sink: Any, work: list[Batch], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds (by ``clock``) of ``sink.write`` over ``work``; start and close not timed."""
+    await sink.start()
+    started = clock()
+    for batch in work:
+        await sink.write(batch)
+    used = clock() - started
+    await sink.close()
+    return used
+
+
 async def run_sink(sink: Any, lines: list[bytes]) -> float:
     """Records/s of ``sink.write`` over fresh batches of ``lines`` (start and close not timed)."""
     work = batches(lines)  # fresh batches: materialised records must not carry over between runs
-    await sink.start()
-    started = time.perf_counter()
-    for batch in work:
-        await sink.write(batch)
-    elapsed = time.perf_counter() - started
-    await sink.close()
-    return len(lines) / elapsed
+    return len(lines) / await timed_writes(sink, work)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from _sinks import BATCH, build, run_sink
+from _sinks import BATCH, build, run_sink, timed_writes
 
 from _common import audit_lines_file, cpu_count_hint
 from kubetrail.core.block import ReadyBlock
@@ -79,14 +79,7 @@ def timed_batches(lines: list[bytes]) -> list[Batch]:
 
 async def sink_cpu(sink: Any, lines: list[bytes]) -> float:
     """CPU seconds of ``sink.write`` over :func:`timed_batches` (start and close not counted)."""
-    work = timed_batches(lines)
-    await sink.start()
-    started = time.process_time()
-    for batch in work:
-        await sink.write(batch)
-    used = time.process_time() - started
-    await sink.close()
-    return used
+    return await timed_writes(sink, timed_batches(lines), time.process_time)
 
 
 def cpu_table(port: int, lines: list[bytes], tmp: str, rounds: int) -> int:
