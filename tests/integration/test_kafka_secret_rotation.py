@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +33,15 @@ from confluent_kafka.admin import (
     UserScramCredentialUpsertion,
 )
 
-from tests.files import written_lines
-from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
+from tests.integration.kubetrail_proc import KubetrailProcess, file_output, read_records, wait_for
+from tests.integration.rotation import (
+    append_lines,
+    assert_exactly_once,
+    config_section,
+    output_section,
+    service,
+    tail_input,
+)
 from tests.servers import kafka, running
 from tests.unit.test_kafka import read_topic
 from tests.unit.test_secrets import secret_volume
@@ -72,12 +78,13 @@ def set_user(cluster: kafka.KafkaCluster, user: str, password: str | None) -> No
         future.result(timeout=30)
 
 
-def sasl_options(volume: Path) -> str:
-    return f"""    rdkafka.security.protocol SASL_PLAINTEXT
-    rdkafka.sasl.mechanisms SCRAM-SHA-256
-    rdkafka.sasl.username ${{file:{volume}/username}}
-    rdkafka.sasl.password ${{file:{volume}/password}}
-"""
+def sasl_options(volume: Path) -> tuple[str, ...]:
+    return (
+        "rdkafka.security.protocol SASL_PLAINTEXT",
+        "rdkafka.sasl.mechanisms SCRAM-SHA-256",
+        f"rdkafka.sasl.username ${{file:{volume}/username}}",
+        f"rdkafka.sasl.password ${{file:{volume}/password}}",
+    )
 
 
 def new_topic(cluster: kafka.KafkaCluster) -> str:
@@ -86,15 +93,32 @@ def new_topic(cluster: kafka.KafkaCluster) -> str:
     return name
 
 
-def rotate_wrong_then_right(volume: Path, user: str, password: str, send: Any, count: Any, expected: int) -> None:
-    """A wrong password in the file holds the next records back (past several re-authentications);
-    the right one lets them through."""
-    secret_volume(volume, {"username": user, "password": "wrong-password"})
-    time.sleep(REAUTH_MS / 1000 * 2)  # every connection has re-authenticated (and failed) by now
-    send()
+def rotate(
+    cluster: kafka.KafkaCluster,
+    volume: Path,
+    users: tuple[str, str],
+    send: Callable[[int], None],
+    count: Callable[[], int],
+    done: str,
+) -> None:
+    """200 records as ``users[0]``; the volume swapped to ``users[1]`` and ``users[0]`` deleted at
+    the broker; 200 more. Then a wrong password in the file holds the next 100 back (past several
+    re-authentications) until the right one lets them through. ``done``: "as" or "read as"."""
+    old, new = users
+    send(200)
+    wait_for(lambda: count() >= 200, 90, f"200 records {done} {old}")
+    secret_volume(volume, {"username": new, "password": "b-pw"})
+    set_user(cluster, old, None)  # revoked: a connection still on it fails its re-authentication
     time.sleep(REAUTH_MS / 1000 * 2)
-    assert count() == expected - 100, "records got through with a wrong password in the file"
-    secret_volume(volume, {"username": user, "password": password})
+    send(200)
+    wait_for(lambda: count() >= 400, 90, f"200 more records {done} {new}")
+    secret_volume(volume, {"username": new, "password": "wrong-password"})
+    time.sleep(REAUTH_MS / 1000 * 2)  # every connection has re-authenticated (and failed) by now
+    send(100)
+    time.sleep(REAUTH_MS / 1000 * 2)
+    assert count() == 400, "records got through with a wrong password in the file"
+    secret_volume(volume, {"username": new, "password": "b-pw"})
+    wait_for(lambda: count() >= 500, 90, "the held records once the password is right again")
 
 
 def test_output_rotates_sasl_users_exactly_once(cluster: kafka.KafkaCluster, tmp_path: Path) -> None:
@@ -106,53 +130,28 @@ def test_output_rotates_sasl_users_exactly_once(cluster: kafka.KafkaCluster, tmp
     log.touch()
     proc = KubetrailProcess(
         tmp_path / "kt",
-        f"""[SERVICE]
-    flush 0.2
-    grace 5
-    log_level info
-    scheduler.base 0.5
-    scheduler.cap 2
-[INPUT]
-    name tail
-    path {log}
-    parser json
-    read_from_head on
-    refresh_interval 1
-[OUTPUT]
-    name kafka
-    match *
-    brokers {cluster.bootstrap_sasl}
-    topics {topic}
-{sasl_options(volume)}""",
+        service("scheduler.base 0.5", "scheduler.cap 2")
+        + tail_input(log, "parser json")
+        + output_section("kafka", f"brokers {cluster.bootstrap_sasl}", f"topics {topic}", *sasl_options(volume)),
     ).start()
     sent = 0
 
-    def send(count: int = 100) -> None:
+    def send(count: int) -> None:
         nonlocal sent
-        with log.open("a") as handle:
-            handle.writelines(orjson.dumps({"n": i}).decode() + "\n" for i in range(sent, sent + count))
+        append_lines(log, sent, count)
         sent += count
 
     def in_topic() -> int:
         return len(read_topic(cluster, topic, 0, timeout=3))
 
     try:
-        send(200)
-        wait_for(lambda: in_topic() >= 200, 90, "200 records as out-a")
-        secret_volume(volume, {"username": "out-b", "password": "b-pw"})
-        set_user(cluster, "out-a", None)  # revoked: a connection still on out-a fails its re-authentication
-        time.sleep(REAUTH_MS / 1000 * 2)
-        send(200)
-        wait_for(lambda: in_topic() >= 400, 90, "200 more records as out-b")
-        rotate_wrong_then_right(volume, "out-b", "b-pw", send, in_topic, 500)
-        wait_for(lambda: in_topic() >= 500, 90, "the held records once the password is right again")
+        rotate(cluster, volume, ("out-a", "out-b"), send, in_topic, "as")
         assert proc.stop() == 0
     finally:
         if proc.alive():
             proc.kill9()
     messages = read_topic(cluster, topic, 500)
-    counts = Counter(orjson.loads(m.value())["n"] for m in messages)
-    assert sorted(counts) == list(range(500)) and set(counts.values()) == {1}, "every record exactly once"
+    assert_exactly_once((orjson.loads(m.value())["n"] for m in messages), 500)
     output = proc.log()
     assert "SASL credentials changed" in output
     assert "Authentication failed" in output or "SASL authentication error" in output, output[-3000:]
@@ -166,7 +165,7 @@ def test_input_rotates_sasl_users_without_rebalancing(cluster: kafka.KafkaCluste
     producer = Producer({"bootstrap.servers": cluster.bootstrap, "enable.idempotence": True})
     sent = 0
 
-    def send(count: int = 100) -> None:
+    def send(count: int) -> None:
         nonlocal sent
         for i in range(sent, sent + count):
             producer.produce(topic, orjson.dumps({"n": i}))
@@ -177,49 +176,31 @@ def test_input_rotates_sasl_users_without_rebalancing(cluster: kafka.KafkaCluste
     out = tmp_path / "out"
     proc = KubetrailProcess(
         tmp_path / "kt",
-        f"""[SERVICE]
-    flush 0.2
-    grace 5
-    log_level info
-[INPUT]
-    name kafka
-    tag kafka
-    brokers {cluster.bootstrap_sasl}
-    topics {topic}
-    group_id rotation-{uuid.uuid4().hex[:6]}
-    format json
-    poll_ms 200
-{sasl_options(volume)}[OUTPUT]
-    name file
-    match *
-    path {out}
-    file out.jsonl
-    format plain
-    mkdir on
-""",
+        service()
+        + config_section(
+            "INPUT",
+            "kafka",
+            "tag kafka",
+            f"brokers {cluster.bootstrap_sasl}",
+            f"topics {topic}",
+            f"group_id rotation-{uuid.uuid4().hex[:6]}",
+            "format json",
+            "poll_ms 200",
+            *sasl_options(volume),
+        )
+        + file_output(out),
     ).start()
 
     def consumed() -> int:
-        path = out / "out.jsonl"
-        return len([line for line in written_lines(path) if line.strip()]) if path.exists() else 0
+        return len(read_records(out / "out.jsonl"))
 
     try:
-        send(200)
-        wait_for(lambda: consumed() >= 200, 90, "200 records read as in-a")
-        secret_volume(volume, {"username": "in-b", "password": "b-pw"})
-        set_user(cluster, "in-a", None)
-        time.sleep(REAUTH_MS / 1000 * 2)
-        send(200)
-        wait_for(lambda: consumed() >= 400, 90, "200 more records read as in-b")
-        rotate_wrong_then_right(volume, "in-b", "b-pw", send, consumed, 500)
-        wait_for(lambda: consumed() >= 500, 90, "the held records once the password is right again")
+        rotate(cluster, volume, ("in-a", "in-b"), send, consumed, "read as")
         assert proc.stop() == 0
     finally:
         if proc.alive():
             proc.kill9()
-    records = [orjson.loads(line) for line in written_lines(out / "out.jsonl") if line.strip()]
-    counts = Counter(r["payload"]["n"] for r in records)
-    assert sorted(counts) == list(range(500)) and set(counts.values()) == {1}, "every record exactly once"
+    assert_exactly_once((r["payload"]["n"] for r in read_records(out / "out.jsonl")), 500)
     output = proc.log()
     assert "SASL credentials changed" in output
     assert output.count("partitions assigned") == 1, "a credential change must not rebalance the group"
