@@ -45,6 +45,11 @@ from typing import Any
 
 from _common import REPO, cpu_count_hint
 
+sys.path.insert(0, str(REPO))
+
+# The http output section the rotation tests use too (the same host, uri and json_lines format).
+from tests.integration.rotation import http_output
+
 CONFIG = """
 [SERVICE]
     log_level    warn
@@ -58,17 +63,6 @@ CONFIG = """
     read_from_head   on
     refresh_interval 1
     storage.type     filesystem
-[OUTPUT]
-    name                     http
-    match                    *
-    host                     127.0.0.1
-    port                     {port}
-    uri                      /ingest
-    format                   json_lines
-    json_date_key            false
-    storage.total_limit_size {limit}
-    retry_limit              no_limits
-{extra}
 """
 
 SEQ = re.compile(rb"seq=(\d{9})")
@@ -177,9 +171,11 @@ def main() -> int:
     recv = mp.Process(target=receiver, args=(capacity, port_q, down, low, stats, stop), daemon=True)
     recv.start()
     port = port_q.get(timeout=60)
-    extra = "\n".join(f"    {item}" for item in args.extra)
+    output = http_output(
+        port, "json_date_key false", f"storage.total_limit_size {args.limit}", "retry_limit no_limits", *args.extra
+    )
     config = work / "bench.conf"
-    config.write_text(CONFIG.format(storage=storage, src=src, port=port, limit=args.limit, extra=extra))
+    config.write_text(CONFIG.format(storage=storage, src=src) + output)
     log = (work / "kubetrail.log").open("wb")
     kt = subprocess.Popen(
         [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)], cwd=REPO, stdout=log, stderr=log
