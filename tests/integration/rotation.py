@@ -53,6 +53,15 @@ class Recorder(ThreadingHTTPServer):
         with self.lock:
             return list(self.received)
 
+    def assert_rotated_once(self, total: int, before: str, after: str, switch: int = 200) -> None:
+        """Records ``0 .. total - 1`` each received once, those below ``switch`` delivered as
+        identity ``before`` and the rest as ``after``."""
+        received = self.records()
+        assert_exactly_once((record["n"] for _, record in received), total)
+        by_identity = {record["n"]: identity for identity, record in received}
+        assert {by_identity[i] for i in range(switch)} == {before}
+        assert {by_identity[i] for i in range(switch, total)} == {after}
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: Recorder
@@ -147,19 +156,24 @@ def service(*lines: str) -> str:
 QUICK_RETRIES = ("scheduler.base 0.2", "scheduler.cap 1")
 
 
+def config_section(kind: str, name: str, *lines: str) -> str:
+    """A ``[KIND]`` section of plugin ``name`` with ``lines`` as its options."""
+    return f"[{kind}]\n    name {name}\n" + _options(lines)
+
+
 def tail_input(log: Path, *lines: str) -> str:
     """A ``[INPUT]`` tail of ``log`` from its head, then ``lines``."""
-    return f"[INPUT]\n    name tail\n    path {log}\n    read_from_head on\n    refresh_interval 1\n" + _options(lines)
+    return config_section("INPUT", "tail", f"path {log}", "read_from_head on", "refresh_interval 1", *lines)
 
 
-def output(name: str, *lines: str) -> str:
+def output_section(name: str, *lines: str) -> str:
     """An ``[OUTPUT]`` of plugin ``name`` matching everything, then ``lines``."""
-    return f"[OUTPUT]\n    name {name}\n    match *\n" + _options(lines)
+    return config_section("OUTPUT", name, "match *", *lines)
 
 
 def http_output(port: int, *lines: str) -> str:
     """The http output posting JSON lines to ``127.0.0.1:port/ingest``, then ``lines``."""
-    return output("http", "host 127.0.0.1", f"port {port}", "uri /ingest", "format json_lines", *lines)
+    return output_section("http", "host 127.0.0.1", f"port {port}", "uri /ingest", "format json_lines", *lines)
 
 
 def _options(lines: Iterable[str]) -> str:

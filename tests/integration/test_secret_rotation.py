@@ -31,7 +31,6 @@ from tests.integration.rotation import (
     Nginx,
     Recorder,
     append_lines,
-    assert_exactly_once,
     http_output,
     require_nginx,
     service,
@@ -102,10 +101,6 @@ def test_http_basic_auth_rotates_between_users_exactly_once(tmp_path: Path, gate
     finally:
         if proc.alive():
             proc.kill9()
-    received = recorder.records()
-    assert_exactly_once((record["n"] for _, record in received), 500)
-    by_user = {record["n"]: user for user, record in received}
-    assert {by_user[i] for i in range(200)} == {"alice"}
-    assert {by_user[i] for i in range(200, 500)} == {"bob"}
+    recorder.assert_rotated_once(500, "alice", "bob")
     output = proc.log()
     assert "credential file changed" in output and "alice-pw" not in output and "bob-pw" not in output

@@ -42,7 +42,7 @@ from tests.integration.rotation import (
     append_lines,
     assert_exactly_once,
     http_output,
-    output,
+    output_section,
     require_nginx,
     service,
     tail_input,
@@ -173,11 +173,7 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
     finally:
         if proc.alive():
             proc.kill9()
-    received = recorder.records()
-    assert_exactly_once((record["n"] for _, record in received), 500)
-    by_cn = {record["n"]: cn for cn, record in received}
-    assert {by_cn[i] for i in range(200)} == {"CN=alice"}
-    assert {by_cn[i] for i in range(200, 500)} == {"CN=bob"}
+    recorder.assert_rotated_once(500, "CN=alice", "CN=bob")
     output = proc.log()
     assert "TLS files changed" in output
     assert "cannot reload a TLS file" in output and "tls.key_file" in output and "does not match" in output
@@ -261,7 +257,7 @@ def test_syslog_output_reconnects_with_the_rotated_certificate_exactly_once(tmp_
         tmp_path / "kt",
         service(*QUICK_RETRIES)
         + tail_input(log)
-        + output(
+        + output_section(
             "syslog",
             "host 127.0.0.1",
             f"port {server.tls_port}",
