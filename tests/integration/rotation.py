@@ -13,7 +13,8 @@ import signal
 import subprocess
 import threading
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.integration.kubetrail_proc import wait_for
+from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
 from tests.servers import free_port, port_open
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
@@ -178,6 +179,18 @@ def http_output(port: int, *lines: str) -> str:
 
 def _options(lines: Iterable[str]) -> str:
     return "".join(f"    {line}\n" for line in lines)
+
+
+@contextmanager
+def stops_cleanly(proc: KubetrailProcess) -> Iterator[KubetrailProcess]:
+    """The body runs with ``proc``; at its end ``proc`` is stopped by SIGTERM and must exit 0, and
+    if the body fails it is killed, not left running."""
+    try:
+        yield proc
+        assert proc.stop() == 0
+    finally:
+        if proc.alive():
+            proc.kill9()
 
 
 def append_lines(path: Path, start: int, count: int) -> None:

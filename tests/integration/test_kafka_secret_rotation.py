@@ -40,6 +40,7 @@ from tests.integration.rotation import (
     config_section,
     output_section,
     service,
+    stops_cleanly,
     tail_input,
 )
 from tests.servers import kafka, running
@@ -144,12 +145,8 @@ def test_output_rotates_sasl_users_exactly_once(cluster: kafka.KafkaCluster, tmp
     def in_topic() -> int:
         return len(read_topic(cluster, topic, 0, timeout=3))
 
-    try:
+    with stops_cleanly(proc):
         rotate(cluster, volume, ("out-a", "out-b"), send, in_topic, "as")
-        assert proc.stop() == 0
-    finally:
-        if proc.alive():
-            proc.kill9()
     messages = read_topic(cluster, topic, 500)
     assert_exactly_once((orjson.loads(m.value())["n"] for m in messages), 500)
     output = proc.log()
@@ -194,12 +191,8 @@ def test_input_rotates_sasl_users_without_rebalancing(cluster: kafka.KafkaCluste
     def consumed() -> int:
         return len(read_records(out / "out.jsonl"))
 
-    try:
+    with stops_cleanly(proc):
         rotate(cluster, volume, ("in-a", "in-b"), send, consumed, "read as")
-        assert proc.stop() == 0
-    finally:
-        if proc.alive():
-            proc.kill9()
     assert_exactly_once((r["payload"]["n"] for r in read_records(out / "out.jsonl")), 500)
     output = proc.log()
     assert "SASL credentials changed" in output

@@ -45,6 +45,7 @@ from tests.integration.rotation import (
     output_section,
     require_nginx,
     service,
+    stops_cleanly,
     tail_input,
 )
 from tests.servers import free_port
@@ -146,7 +147,7 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
     metrics_port = free_port()
     proc = kubetrail(tmp_path, log, server.port, volume, metrics_port)
 
-    try:
+    with stops_cleanly(proc):
         append_lines(log, 0, 200)
         wait_for(lambda: recorder.count() >= 200, 60, "the first 200 records as alice")
         # The rotation: nginx moves to CA 2 (its serving certificate and the clients it
@@ -169,10 +170,6 @@ def test_http_output_client_certificate_and_ca_rotate_exactly_once(
         wait_for(lambda: metric(metrics_port, "kubetrail_secret_reload_errors_total", "tls.key_file") >= 1, 10, "count")
         assert metric(metrics_port, "kubetrail_secret_reloads_total", "tls.crt_file") == 1
         assert metric(metrics_port, "kubetrail_secret_reloads_total", "tls.ca_file") == 1
-        assert proc.stop() == 0
-    finally:
-        if proc.alive():
-            proc.kill9()
     recorder.assert_rotated_once(500, "CN=alice", "CN=bob")
     output = proc.log()
     assert "TLS files changed" in output
@@ -193,7 +190,7 @@ def test_a_client_certificate_nginx_refuses_with_400_is_held_back_until_it_rotat
     log.touch()
     proc = kubetrail(tmp_path, log, server.port, volume, free_port())
 
-    try:
+    with stops_cleanly(proc):
         append_lines(log, 0, 100)
         wait_for(lambda: recorder.count() >= 100, 60, "100 records as alice")
         configure(server, certs.server1, certs.ca2)  # same serving certificate, only CA 2's clients
@@ -204,10 +201,6 @@ def test_a_client_certificate_nginx_refuses_with_400_is_held_back_until_it_rotat
         assert recorder.count() == 100
         secret_volume(volume, certs.secret(certs.ca1, certs.bob))  # bob is from CA 2; nginx serves CA 1
         wait_for(lambda: recorder.count() >= 200, 60, "the held records as bob")
-        assert proc.stop() == 0
-    finally:
-        if proc.alive():
-            proc.kill9()
     received = recorder.records()
     assert_exactly_once((record["n"] for _, record in received), 200)
     assert {cn for cn, record in received if record["n"] >= 100} == {"CN=bob"}
