@@ -15,6 +15,7 @@ import os
 import re
 import subprocess
 import tempfile
+import urllib.request
 from pathlib import Path
 
 from tests.servers import HERE, ServerProcess, cache_root, http_get, maven_lib
@@ -101,6 +102,23 @@ class SearchServer(ServerProcess):
             )
 
         self.start_attempts(launch, self._ready, START_TIMEOUT, interval=0.5)
+        self._ignore_disk_watermarks()
+
+    def _ignore_disk_watermarks(self) -> None:
+        """A test node never refuses shards for disk space. The node computes its disk use from
+        the space available to it: where the filesystem keeps a large reserve (this machine:
+        17 GB available of 252, "93%" in `_cat/allocation` with 75 GB written), that is past
+        the watermarks; once the node's first disk reading is in (about 30 s after its start),
+        a new index gets no primary ("primary shard is not active", or 403 on creating it), and
+        test_history_es.py's first write waited out every retry (20 errors in two CI runs)."""
+        body = json.dumps({"persistent": {"cluster.routing.allocation.disk.threshold_enabled": False}}).encode()
+        request = urllib.request.Request(
+            f"{self.url}/_cluster/settings", data=body, method="PUT", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.loads(response.read())
+        if not answer.get("acknowledged"):
+            raise RuntimeError(f"{self.kind} did not take the disk threshold setting: {answer}")
 
     def _ready(self) -> bool | None:
         if not self.port:
