@@ -60,5 +60,5 @@ def wait_for(check: Callable[[], T], timeout: float, what: str, interval: float 
         if answer:
             return answer
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}")
+            raise AssertionError(f"timed out after {limit:.0f} s waiting for {what}; last: {answer!r}")
         time.sleep(interval)

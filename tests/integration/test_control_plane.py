@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 import pytest
 
 from localcluster import ApiResponse, AuditSink, KubeAPI, LocalCluster
-from tests.timing import scaled
+from tests import timing
 
 pytestmark = pytest.mark.cluster
 
@@ -29,15 +29,8 @@ T = TypeVar("T")
 
 
 def wait_for(what: str, fn: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.25) -> T:
-    limit = scaled(timeout)  # a loaded machine: see tests/timing.py
-    deadline = time.monotonic() + limit
-    while True:
-        result = fn()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {limit:.0f}s waiting for {what}; last: {result!r}")
-        time.sleep(interval)
+    """:func:`tests.timing.wait_for` with this module's argument order."""
+    return timing.wait_for(fn, timeout, what, interval)  # type: ignore[return-value]
 
 
 def core_event(namespace: str, name: str, message: str = "hello", reason: str = "KubetrailTest") -> dict[str, Any]:
