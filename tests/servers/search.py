@@ -77,7 +77,11 @@ class SearchServer(ServerProcess):
         # and prints it; a port taken between its check and its bind fails the attempt.
         def launch(attempt: int) -> None:
             self.log_path = self.workdir / f"server-{attempt}.log"
-            self.cluster_name = f"kubetrail-test-{os.getpid()}-{attempt}"
+            # Unique per server, not per process: two nodes alive at once in one pytest (an
+            # Elasticsearch and an OpenSearch, wire-compatible) with the same name joined into one
+            # cluster through the default discovery ports, and an index of one lost its primary
+            # when the other stopped ("primary shard is not active", red indices in a CI run).
+            self.cluster_name = f"kubetrail-test-{os.getpid()}-{self.workdir.name}-{attempt}"
             self.port = 0
             self.spawn(
                 [

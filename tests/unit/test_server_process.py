@@ -102,3 +102,23 @@ def test_stop_kills_a_group_that_ignores_sigterm(tmp_path: Path) -> None:
     else:
         os.kill(pid, signal.SIGKILL)
         raise AssertionError("the server's child outlived stop_process")
+
+
+def test_two_search_servers_alive_at_once_never_form_one_cluster() -> None:
+    """An Elasticsearch and an OpenSearch node (wire-compatible) started by one pytest process
+    were named alike and joined through the default discovery ports: an index on one lost its
+    primary when the other stopped (red indices in a CI run). Each server's cluster has one node."""
+    import json
+
+    from tests.servers import running
+    from tests.servers.search import SearchServer
+
+    with (
+        running(lambda: SearchServer("elasticsearch"), "no real Elasticsearch") as first,
+        running(lambda: SearchServer("opensearch"), "no real OpenSearch") as second,
+    ):
+        assert first.cluster_name != second.cluster_name
+        time.sleep(3)  # discovery of a same-named node takes about a second
+        for server in (first, second):
+            nodes = json.loads(http_get(f"{server.url}/_cat/nodes?format=json", timeout=20) or "[]")
+            assert len(nodes) == 1, (server.kind, nodes)
