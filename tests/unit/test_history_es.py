@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from kubetrail.cli.main import main
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.es import EsSink
-from kubetrail.sinks.http_base import HttpRetryableError
 from kubetrail.sinks.opensearch import OpenSearchSink
 from kubetrail.sinks.sqlite import SqliteSink
 from tests.servers import running
@@ -33,21 +32,10 @@ def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
 
 
 def write(sink: Any, records: list[Record]) -> None:
-    """One batch into the sink, retried as the sink runner would: the first write creates the
-    index, which took a loaded OpenSearch more than the 70 s timeout in a CI run (each record's
-    identity is its `_id`, so a retry stores nothing twice)."""
-
     async def run() -> None:
         await sink.start()
         try:
-            for attempt in range(4):
-                try:
-                    await sink.write(Batch("t", records))
-                    return
-                except HttpRetryableError:
-                    if attempt == 3:
-                        raise
-                    await asyncio.sleep(5)
+            await sink.write(Batch("t", records))
         finally:
             await sink.close()
 
