@@ -31,6 +31,8 @@ from typing import Any
 
 import pytest
 
+from tests import required
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "cluster"))
 
@@ -89,9 +91,9 @@ def control_plane_binaries(request: pytest.FixtureRequest) -> Path:
         with show:  # a cold build takes minutes: let its progress reach the terminal
             return ensure_binaries(log=sys.stderr)
     except GoNotFoundError as exc:
-        pytest.skip(f"no control-plane binaries: {exc}")
+        required.unavailable(f"no control-plane binaries: {exc}")
     except BuildError as exc:
-        pytest.skip(
+        required.unavailable(
             f"building the control plane failed; run `scripts/local-cluster build` to see why "
             f"and fix it: {str(exc)[:2000]}"
         )

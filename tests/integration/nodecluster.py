@@ -5,8 +5,8 @@ only one node can run per machine (``/var/log/pods``, port 10250 are fixed), so 
 need one take turns.  When the node cannot start here (not root, no Go, a failed build, a
 missing kernel feature or host tool, another node already running) the tests are skipped with
 the reason, which carries the failing component's last log lines; everything started so far
-has been stopped by then.  ``KUBETRAIL_REQUIRE_NODE=1`` turns that skip into a failure, for a
-CI that must prove the node works.
+has been stopped by then.  ``KUBETRAIL_REQUIRE_NODE=1`` (or CI's ``KUBETRAIL_REQUIRE_ALL=1``) turns
+that skip into a failure, for a CI that must prove the node works.
 
 Pods for tests: ``busybox_pod(...)`` builds a Pod spec on ``localhost/busybox:latest``
 (``imagePullPolicy: Never``: nothing can be pulled here) with a short grace period (``sh`` as
@@ -22,18 +22,15 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import pytest
+from typing import Any, NoReturn
 
 from localcluster import BuildError, ClusterError, KubeAPI, LocalCluster
+from tests import required
 
 
-def unavailable(reason: str) -> None:
-    """Skip with the reason (fail with ``KUBETRAIL_REQUIRE_NODE=1``)."""
-    if os.environ.get("KUBETRAIL_REQUIRE_NODE") == "1":
-        pytest.fail(f"the node could not start (KUBETRAIL_REQUIRE_NODE=1): {reason}")
-    pytest.skip(f"no local node: {reason}")
+def unavailable(reason: str) -> NoReturn:
+    """Skip with the reason (fail with ``KUBETRAIL_REQUIRE_NODE=1`` or in CI: :mod:`tests.required`)."""
+    required.unavailable(f"no local node: {reason}", kind="node")
 
 
 @contextlib.contextmanager

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
 
+from tests import required
 from tests.integration.kubetrail_proc import KubetrailProcess, wait_for
 from tests.servers import free_port, port_open
 
@@ -30,7 +30,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 def require_nginx() -> None:
     if not Path(NGINX).exists():
-        pytest.skip("nginx is not installed (scripts/setup installs Debian's nginx-light)")
+        required.unavailable("nginx is not installed (scripts/setup installs Debian's nginx-light)")
 
 
 class Recorder(ThreadingHTTPServer):

@@ -22,6 +22,7 @@ import yaml
 
 from localcluster import KubeAPI, LocalCluster
 from localcluster.pki import make_ca, serving_cert, write_cert, write_key
+from tests import required
 
 pytestmark = pytest.mark.cluster
 
@@ -50,7 +51,7 @@ POD_ENV = {"KUBERNETES_SERVICE_HOST": "10.0.0.1", "KUBERNETES_SERVICE_PORT": "44
 @pytest.fixture(scope="module")
 def helm(local_cluster: LocalCluster) -> Path:
     if local_cluster.helm is None or local_cluster.kubectl is None:
-        pytest.skip("helm/kubectl were not built (scripts/local-cluster build says why)")
+        required.unavailable("helm/kubectl were not built (scripts/local-cluster build says why)")
     return local_cluster.helm
 
 

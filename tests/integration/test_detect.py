@@ -29,6 +29,7 @@ import orjson
 import pytest
 
 from kubetrail.detect import Event, load_rules
+from tests import required
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "cluster"))
@@ -432,7 +433,7 @@ class Scripted:
 @pytest.fixture(scope="module")
 def scripted(detect_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Scripted:
     if not FALCO_RULES.exists():
-        pytest.skip(f"Falco's rules file not found at {FALCO_RULES}")
+        required.unavailable(f"Falco's rules file not found at {FALCO_RULES}")
     admin = detect_cluster.client("admin")
     ctx = Ctx(admin, detect_cluster.client("collector"), KubeAPI(detect_cluster.url, detect_cluster.ca_file), "")
     ctx.ns = f"detect-{secrets.token_hex(3)}"
@@ -469,7 +470,7 @@ def _light(raw: bytes) -> Any:
 
 def test_every_falco_rule_has_a_case() -> None:
     if not FALCO_RULES.exists():
-        pytest.skip(f"Falco's rules file not found at {FALCO_RULES}")
+        required.unavailable(f"Falco's rules file not found at {FALCO_RULES}")
     names = [rule.name for rule in load_rules([str(FALCO_RULES)]).rules]
     assert sorted(names) == sorted(case.rule for case in CASES)
 

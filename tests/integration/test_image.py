@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests import required
+
 ROOT = Path(__file__).resolve().parents[2]
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
@@ -27,7 +29,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="building and running 
 def image_archive() -> Path:
     result = subprocess.run([str(ROOT / "scripts" / "image"), "build"], capture_output=True, text=True, timeout=1200)
     if result.returncode != 0 and "debootstrap" in result.stderr and shutil.which("debootstrap") is None:
-        pytest.skip(f"no debootstrap: {result.stderr[-500:]}")
+        required.unavailable(f"no debootstrap: {result.stderr[-500:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     return Path(result.stdout.strip().splitlines()[-1])
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from localcluster import ClusterError, LocalCluster
+from tests import required
 
 ROOT = Path(__file__).resolve().parents[2]
 TOOL = ROOT / "scripts" / "local-cluster"
@@ -63,7 +64,7 @@ def test_missing_go_toolchain_is_reported(tmp_path: Path, command: list[str]) ->
 
 def test_unreachable_module_proxy_is_reported_and_leaves_no_binary(tmp_path: Path) -> None:
     if shutil.which("go") is None:
-        pytest.skip("needs Go")
+        required.unavailable("needs Go")
     cache = tmp_path / "cache"
     env = {
         "KUBETRAIL_CACHE_DIR": str(cache),

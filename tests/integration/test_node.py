@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from localcluster import ClusterError, KubeAPI, LocalCluster
+from tests import required
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, read_records, wait_for
 from tests.integration.nodecluster import busybox_pod, node_cluster, wait_pod_phase
 
@@ -221,7 +222,10 @@ def test_pod_reaches_the_api_server_through_the_service(cluster: LocalCluster, a
     assert cluster.node is not None
     image = cluster.node.kubetrail_image
     if image is None:
-        pytest.skip("no kubetrail image archive to import (scripts/image build makes one); busybox has no usable TLS")
+        required.unavailable(
+            "no kubetrail image archive to import (scripts/image build makes one); busybox has no usable TLS",
+            kind="node",
+        )
     ns = _namespace(admin)
     pod = busybox_pod("incluster", "", image=image)
     pod["spec"]["containers"][0]["command"] = ["python3", "-c", IN_CLUSTER_CHECK]

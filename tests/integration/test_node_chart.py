@@ -35,6 +35,7 @@ import yaml
 from localcluster import KubeAPI, LocalCluster
 from localcluster.node import node_ip
 from localcluster.pki import issue, make_ca, write_cert, write_key
+from tests import required
 from tests.files import written_lines
 from tests.integration.kubetrail_proc import wait_for
 from tests.integration.nodecluster import busybox_pod, node_cluster, wait_pod_phase
@@ -86,7 +87,9 @@ def _helm(setup: Setup, *args: str, check: bool = True, timeout: float = 400) ->
 def _image_archive() -> Path:
     done = subprocess.run([str(ROOT / "scripts" / "image"), "build"], capture_output=True, text=True, timeout=1800)
     if done.returncode != 0:
-        pytest.skip(f"scripts/image build failed, so the chart cannot run on the node: {done.stderr[-2000:]}")
+        required.unavailable(
+            f"scripts/image build failed, so the chart cannot run on the node: {done.stderr[-2000:]}", kind="node"
+        )
     return Path(done.stdout.strip().splitlines()[-1])
 
 
@@ -158,7 +161,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     try:
         ip = node_ip()
     except Exception as exc:  # no default route: the node cannot start either
-        pytest.skip(f"no node IP: {exc}")
+        required.unavailable(f"no node IP: {exc}", kind="node")
     _webhook_pki(webhook_dir, ip)
     # Out of the pytest tmp tree, whose parents are 0700: the pods' non-root users must get in.
     out = Path("/var/lib") / f"kubetrail-e2e-{uuid.uuid4().hex[:8]}"
@@ -175,7 +178,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
         webhook_token_file=str(webhook_dir / "token"),
     ) as cluster:
         if cluster.helm is None:
-            pytest.skip("helm was not built")
+            required.unavailable("helm was not built", kind="node")
         admin = cluster.client("admin")
         s = Setup(cluster, admin, out, webhook_dir, _values(base, cluster, out))
         assert admin.post("/api/v1/namespaces", {"metadata": {"name": NS}}).status == 201

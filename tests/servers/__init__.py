@@ -201,8 +201,10 @@ S = TypeVar("S", bound=Startable)
 def running(make: Callable[[], S], unavailable: str, build_hint: bool = True) -> Iterator[S]:
     """The server ``make()`` returns, started, and stopped at the end: what every server fixture
     does. When it cannot be had here (:class:`ServerUnavailable`), the test is skipped with
-    ``unavailable`` and the reason (and how to build the servers ahead, with ``build_hint``)."""
-    import pytest  # only the tests use this; the module also serves `python -m tests.servers`
+    ``unavailable`` and the reason (and how to build the servers ahead, with ``build_hint``).
+
+    In CI the test fails instead (:mod:`tests.required`)."""
+    from tests.required import unavailable as missing  # pytest: only the tests use this
 
     server: S | None = None
     try:
@@ -212,7 +214,7 @@ def running(make: Callable[[], S], unavailable: str, build_hint: bool = True) ->
         if server is not None:
             server.stop()  # what did start (a cluster's first nodes, a work directory) goes
         hint = " (python -m tests.servers build)" if build_hint else ""
-        pytest.skip(f"{unavailable}: {exc}{hint}")
+        missing(f"{unavailable}: {exc}{hint}", kind="servers")
     try:
         yield server
     finally:

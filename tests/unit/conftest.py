@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import required
 from tests.servers import ServerUnavailable, otelcol
 
 
@@ -16,7 +17,7 @@ def collector_binary() -> Path:
     try:
         return otelcol.build()
     except ServerUnavailable as exc:
-        pytest.skip(f"{exc} (python -m tests.servers.otelcol build)")
+        required.unavailable(f"{exc} (python -m tests.servers.otelcol build)", kind="servers")
 
 
 @pytest.fixture

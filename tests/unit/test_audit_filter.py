@@ -19,6 +19,7 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms import kubernetes_audit
 from kubetrail.transforms.kubernetes_audit import REDACTED, KubernetesAuditTransform
+from tests import required
 from tests.unit.helpers import build, tail_file_config
 
 SECRET_PLAIN = "hunter2-plain"
@@ -31,7 +32,7 @@ def scan(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     if request.param == "python scan":
         monkeypatch.setattr(kubernetes_audit, "NativeScanner", None)
     elif kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     return str(request.param)
 
 

@@ -21,6 +21,7 @@ from kubetrail.core.record import Batch
 from kubetrail.parsers import json_parser
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.transforms import kubernetes_audit
+from tests import required
 from tests.unit.helpers import tail_file_config, write
 from tests.unit.test_audit_scan import base_event, edge_lines, mutated_lines
 
@@ -132,7 +133,7 @@ async def test_parsed_once_gives_what_checking_first_gives(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: str, seed: int
 ) -> None:
     if native == "on" and kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     lines = mixed_lines(seed)
     since_ns = time.time_ns()
     once, once_failures, checked, checked_failures = await delivered_both_ways(tmp_path, monkeypatch, lines, native)
@@ -148,7 +149,7 @@ async def test_one_border_line_among_events_is_judged_as_the_check_would(
 ) -> None:
     """No other line makes the filter check the block: only its own scan can send it the check."""
     if native == "on" and kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     lines = [orjson.dumps(base_event(i, level="Metadata")) for i in range(20)]
     lines.insert(7, odd)
     since_ns = time.time_ns()
@@ -163,7 +164,7 @@ async def test_a_valid_audit_log_is_not_parsed_by_the_tail(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: str
 ) -> None:
     if native == "on" and kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     checks = 0
     real_check = json_parser._JsonBlock.validate
 

@@ -19,6 +19,7 @@ import pytest
 from kubetrail.core.record import Batch, Record
 from kubetrail.transforms import kubernetes_audit
 from kubetrail.transforms.kubernetes_audit import DONE, DROP, PASS, RETRY, SLOW, KubernetesAuditTransform, _PyScan
+from tests import required
 from tests.unit.helpers import build
 
 SHARED_LOG = Path(__file__).resolve().parents[1] / "fixtures" / "audit2rbac" / "demo.log"  # tests/fixtures/NOTICE.md
@@ -248,7 +249,7 @@ def lazy_batch(lines: list[bytes]) -> Batch:
 def test_a_lazy_batch_and_its_records_give_the_same_output(native: str) -> None:
     """process_batch (the block path) and process (the record path) agree, record for record."""
     if native == "on" and kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     # A lazy batch holds JSON lines the tail has validated.
     lines = [line for line in real_lines() + edge_lines() if line and b"\n" not in line and is_json(line)]
     by_block = build(KubernetesAuditTransform, native=native).process_batch(lazy_batch(lines))
@@ -341,7 +342,7 @@ def test_native_and_python_scans_agree_on_broken_lines(options: dict[str, Any]) 
 @pytest.mark.parametrize("native", ["on", "off"])
 def test_a_block_that_is_not_one_line_per_record_goes_the_record_way(native: str) -> None:
     if native == "on" and kubernetes_audit.NativeScanner is None:
-        pytest.skip("kubetrail_native is not built")
+        required.unavailable("kubetrail_native is not built", kind="native")
     lines = [orjson.dumps(base_event(i)) for i in range(3)]
     for block in (b"\n".join(lines), b"".join(line + b"\n" for line in lines) + b"{}\n"):
         batch = lazy_batch(lines)

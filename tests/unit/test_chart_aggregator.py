@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import required
 from tests.servers import cache_root
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -24,7 +25,7 @@ EXAMPLE = ROOT / "deploy" / "examples" / "kafka-aggregator-values.yaml"
 def helm() -> Path:
     found = sorted((cache_root() / "control-plane").glob("helm-*/helm"))
     if not found:
-        pytest.skip("helm was not built (scripts/local-cluster build)")
+        required.unavailable("helm was not built (scripts/local-cluster build)")
     return found[-1]
 
 

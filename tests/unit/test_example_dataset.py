@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from kubetrail.cli.main import main
+from tests import required
 from tests.timing import scaled
 
 REPO = Path(__file__).resolve().parents[2]
@@ -162,7 +163,7 @@ def test_alerts_of_the_story(store: Path) -> None:
 
 def test_scripts_run_without_arguments(tmp_path: Path) -> None:
     if shutil.which("strace") is None:
-        pytest.skip("no strace to see which files scripts/run opens")
+        required.unavailable("no strace to see which files scripts/run opens")
     trace = tmp_path / "trace"
     # scripts/run begins with scripts/setup, which (re)builds the environment when the
     # project's requirements or native code changed; done here first, so that the trace shows

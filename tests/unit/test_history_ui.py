@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from tests import required
 from tests.timing import scaled
 from tests.unit.history_helpers import fill, ui_server
 from tests.unit.history_story import SECRET_VALUE, audit, deployment, event, story
@@ -32,7 +33,7 @@ def chromium() -> str:
         found = shutil.which(name)
         if found:
             return found
-    pytest.skip("no chromium (scripts/setup installs Debian's chromium)")
+    required.unavailable("no chromium (scripts/setup installs Debian's chromium)")
 
 
 @pytest.fixture(scope="module")

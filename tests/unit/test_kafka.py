@@ -25,6 +25,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from tests import required
 from tests.servers import ServerUnavailable, kafka, running
 from tests.servers.search import SearchServer
 from tests.timing import scaled
@@ -763,7 +764,7 @@ def test_kafka_up_and_down_for_people(tmp_path: Path) -> None:
     try:
         kafka.build()
     except ServerUnavailable as exc:
-        pytest.skip(f"Kafka: {exc}")
+        required.unavailable(f"Kafka: {exc}", kind="servers")
     directory = tmp_path / "k"
     up = subprocess.run(
         [sys.executable, "-m", "tests.servers", "kafka", "up", str(directory), "--brokers", "1"],

@@ -24,13 +24,14 @@ from kubetrail.parsers.multiline_rules import NativeRules, _rust_reads_as_python
 from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.sources.tail import TailSource
 from kubetrail.transforms.multiline import MultilineTransform
+from tests import required
 from tests.files import written_lines
 from tests.unit.helpers import build, run_pipeline, section, tail_file_config, write
 from tests.unit.test_multiline_filter import hold_from_first, tail_offset
 
 native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
 if not hasattr(native, "LineRules"):  # an older build of the module
-    pytest.skip("kubetrail_native has no LineRules", allow_module_level=True)
+    required.unavailable("kubetrail_native has no LineRules", kind="native", allow_module_level=True)
 
 TRACE_RULES = [
     '"start_state" "/^\\d{4}-\\d{2}-\\d{2} /" "cont"',
