@@ -82,6 +82,8 @@ class KubeClient:
             if config.url.startswith("https")
             else None
         )
+        if self.tls is not None:
+            self.tls.bind(self.log, metrics)  # a half-written rotation logs and counts as this component
         self._session: aiohttp.ClientSession | None = None
         self._bad_line_logged = 0.0
         self.requests = 0  # requests sent, for metrics and the efficiency benchmark

@@ -5,17 +5,24 @@ runs (the kubelet swaps a projected volume's ``..data`` symlink atomically, at 8
 lifetime). The token is re-read when its file's (inode, mtime, size) changes, checked at most once
 a second, so a rotated token is used from the next request on and the old one never reaches its
 expiry in use; also after ``kube_token_ttl`` (for files whose stamp does not change, such as a
-network filesystem) and whenever the server answers 401. The TLS context is rebuilt the same way
-when any CA or client certificate file changes. Nothing here ever reads an environment variable.
+network filesystem) and whenever the server answers 401. The TLS context is rebuilt when any CA
+or client certificate file changes, by the outputs' :mod:`kubetrail.core.tls_files`. Nothing here
+ever reads an environment variable.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import ssl
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from kubetrail.core.errors import ConfigError
+from kubetrail.core.secrets import CHECK_INTERVAL, file_stamp
+from kubetrail.core.tls_files import ClientTls
 
 
 class CredentialError(Exception):
@@ -29,7 +36,7 @@ class TokenSource:
         self._token: str | None = None
         self._read_at = 0.0
         self._checked = 0.0
-        self._stamp: tuple[int, int, int] = (0, 0, 0)
+        self._stamp: tuple[int, int, int] | None = None
         # Why the file is read next (first, changed, ttl, 401): the kubetrail_kube_token_reads metric.
         self.on_read = on_read
         self._why = "first"
@@ -42,14 +49,14 @@ class TokenSource:
         if self.path is None:
             return None  # no token file configured: e.g. behind `kubectl proxy`
         now = time.monotonic()
-        if self._token is not None and now - self._checked >= 1.0:
+        if self._token is not None and now - self._checked >= CHECK_INTERVAL:
             self._checked = now
-            if _stamp(self.path) != self._stamp:
+            if file_stamp(self.path) != self._stamp:
                 self._token, self._why = None, "changed"
             elif now - self._read_at >= self.ttl:
                 self._token, self._why = None, "ttl"
         if self._token is None:
-            self._stamp = _stamp(self.path)
+            self._stamp = file_stamp(self.path)
             self._token = self._read()
             self._read_at = self._checked = now
             if self.on_read is not None:
@@ -71,16 +78,15 @@ class TokenSource:
         return token
 
 
-def _stamp(path: str) -> tuple[int, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (0, 0, 0)
-    return (st.st_ino, st.st_mtime_ns, st.st_size)
-
-
 class TLSContextSource:
-    """An SSL context for the API server, rebuilt when its files change."""
+    """An SSL context for the API server, rebuilt when its files change.
+
+    The rebuilding is the outputs' mechanism, :class:`~kubetrail.core.tls_files.ClientTls`:
+    the files checked at most once a second, a half-written rotation (a key that does not match
+    its certificate yet) keeps the last good context and is logged once, counted under
+    ``kubetrail_secret_reload_errors_total{option}``. What is particular to the API server is
+    when it starts: on first use, not at construction, so that a CA file mounted after start is
+    a :class:`CredentialError` that the caller retries like any other failed request."""
 
     def __init__(
         self,
@@ -95,26 +101,33 @@ class TLSContextSource:
         self.verify = verify
         self.client_cert = client_cert
         self.client_key = client_key
-        self._context: ssl.SSLContext | None = None
-        self._stamps: tuple[object, ...] = ()
-        self._checked = 0.0
+        self._files: ClientTls | None = None
+        self._owner: tuple[logging.Logger, Any] | None = None
 
-    def _files(self) -> list[str]:
-        files = [f for f in (self.ca_file, self.client_cert, self.client_key) if f]
-        if self.ca_path and os.path.isdir(self.ca_path):
-            files.extend(os.path.join(self.ca_path, n) for n in sorted(os.listdir(self.ca_path)))
-        return files
+    def bind(self, logger: logging.Logger, metrics: Any) -> None:
+        """Log and count reloads as this component (``metrics``: its ``counter`` factory, or None)."""
+        self._owner = (logger, metrics)
+        if self._files is not None:
+            self._files.bind(logger, metrics)
 
     def context(self) -> ssl.SSLContext:
-        now = time.monotonic()
-        if self._context is not None and now - self._checked < 1.0:
-            return self._context
-        self._checked = now
-        stamps = tuple(_stamp(f) for f in self._files())
-        if self._context is None or stamps != self._stamps:
-            self._context = self._build()
-            self._stamps = stamps
-        return self._context
+        if self._files is None:
+            try:
+                files = {
+                    "kube_ca_file": self.ca_file,
+                    "client-certificate": self.client_cert,
+                    "client-key": self.client_key,
+                }
+                self._files = ClientTls(
+                    files,
+                    self._build,
+                    directories={"kube_ca_path": self.ca_path},
+                )
+            except ConfigError as exc:
+                raise CredentialError(exc.message) from None
+            if self._owner is not None:
+                self._files.bind(*self._owner)
+        return self._files.context()
 
     def _build(self) -> ssl.SSLContext:
         ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
@@ -135,10 +148,13 @@ class TLSContextSource:
                         if os.path.isfile(full):
                             ctx.load_verify_locations(cafile=full)
             except (OSError, ssl.SSLError) as exc:
-                raise CredentialError(f"cannot load CA from {self.ca_file or self.ca_path}: {exc}") from None
+                option = "kube_ca_file" if self.ca_file else "kube_ca_path"
+                raise ConfigError(f"cannot load CA from {self.ca_file or self.ca_path}: {exc}", key=option) from None
         if self.client_cert:
             try:
                 ctx.load_cert_chain(self.client_cert, self.client_key)
             except (OSError, ssl.SSLError) as exc:
-                raise CredentialError(f"cannot load client certificate {self.client_cert}: {exc}") from None
+                raise ConfigError(
+                    f"cannot load client certificate {self.client_cert}: {exc}", key="client-certificate"
+                ) from None
         return ctx

@@ -16,6 +16,8 @@ from kubetrail.kube.client import ApiError, KubeClient
 from kubetrail.kube.config import ConnectionConfig, KubeConfigError
 from kubetrail.kube.credentials import CredentialError, TLSContextSource, TokenSource
 from tests.unit.fake_api import serve
+from tests.unit.test_secrets import secret_volume
+from tests.unit.test_tls_reload import Pki, after_check_interval, data_file, pem, touch_changed
 
 
 def event(kind: str, name: str, rv: str) -> bytes:
@@ -207,3 +209,33 @@ def test_kubeconfig_errors(tmp_path: Path) -> None:
     config = ConnectionConfig.from_kubeconfig(str(path))
     assert config.url == "https://10.0.0.1:6443" and config.ca_file == str(tmp_path / "ca.crt")
     assert config.token_file is not None and Path(config.token_file).read_text() == "abc"
+
+
+def test_api_server_tls_files_rotate_and_a_half_written_rotation_keeps_the_last_good_context(tmp_path: Path) -> None:
+    """The API server's CA and client certificate rotate by the outputs' mechanism
+    (core/tls_files.py): a key that does not match its certificate yet keeps the last good
+    context (before, every request raised until the second file arrived), counted and logged
+    as the component's; the finished rotation gives a new context."""
+    certs = Pki()
+    volume = secret_volume(tmp_path / "kube", certs.secret(certs.ca1, certs.alice))
+    source = TLSContextSource(
+        str(volume / "ca.crt"), None, True, client_cert=str(volume / "tls.crt"), client_key=str(volume / "tls.key")
+    )
+    registry = MetricsRegistry()
+    source.bind(logging.getLogger("kubetrail.test.kube"), registry.component("kubernetes_events.0", "source", "x"))
+    first = source.context()
+    assert source.context() is first
+
+    touch_changed(data_file(volume, "tls.key"), pem(certs.bob)[1])  # half of a rotation: bob's key, alice's cert
+    after_check_interval()
+    assert source.context() is first
+    labels = {"component": "kubernetes_events.0", "kind": "source", "plugin": "x", "option": "client-certificate"}
+    assert registry.registry.get_sample_value("kubetrail_secret_reload_errors_total", labels) == 1.0
+
+    secret_volume(volume, certs.secret(certs.ca2, certs.bob))  # the rotation completed
+    after_check_interval()
+    second = source.context()
+    assert second is not first
+    assert [c["subject"] for c in second.get_ca_certs()] != [c["subject"] for c in first.get_ca_certs()]
+    reloads = {**labels, "option": "kube_ca_file"}
+    assert registry.registry.get_sample_value("kubetrail_secret_reloads_total", reloads) == 1.0
