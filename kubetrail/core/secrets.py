@@ -258,6 +258,16 @@ def reveal(value: Text | None) -> str | None:
     return value.get()
 
 
+def read_now(value: Text | None) -> str | None:
+    """The text of an option value with its files read now, not their last checked value: for a
+    value used only inside a rebuild that a watcher of the same files has just found due (the
+    password of a rotated TLS key, :mod:`kubetrail.core.tls_files`), which must not see the
+    previous second's value. :class:`SecretFileError` when a file cannot be used."""
+    if value is None or isinstance(value, str):
+        return value
+    return "".join(p if isinstance(p, str) else read_secret_file(p.path) for p in value.parts)
+
+
 def derive(compute: Callable[..., str], *inputs: Text | None) -> Text:
     """``compute(*current values)``: a plain string when no input comes from a file, else a
     :class:`Derived` secret that follows the files. None inputs are passed as empty strings."""

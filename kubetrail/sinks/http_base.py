@@ -62,7 +62,7 @@ from kubetrail import __version__
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
-from kubetrail.core.secrets import Secret, Text, derive, reveal
+from kubetrail.core.secrets import Secret, SecretFileError, Text, derive, read_now, reveal
 from kubetrail.core.tls_files import ClientTls
 
 GZIP_LEVEL = 1
@@ -98,7 +98,7 @@ TLS_OPTIONS: tuple[Option, ...] = (
     Option("tls.ca_path", help="Directory of CA certificates"),
     Option("tls.crt_file", help="Client certificate (PEM) for mutual TLS"),
     Option("tls.key_file", help="Client private key (PEM)"),
-    Option("tls.key_passwd", help="Password of tls.key_file"),
+    Option("tls.key_passwd", help="Password of tls.key_file (may name a file: ${file:/path})", secret=True),
     Option("tls.vhost", help="Server name for SNI and certificate checks (default: host)"),
     Option("tls.debug", "int", 1, help="Accepted for Fluent Bit compatibility"),
 )
@@ -176,7 +176,11 @@ def build_ssl_context(config: Mapping[str, Any]) -> ssl.SSLContext:
         missing = "tls.key_file" if crt_file else "tls.crt_file"
         raise ConfigError("tls.crt_file and tls.key_file go together", key=missing)
     if crt_file:
-        _load_client_certificate(context, crt_file, str(key_file), config.get("tls.key_passwd"))
+        try:
+            passwd = read_now(config.get("tls.key_passwd"))
+        except SecretFileError as exc:
+            raise ConfigError(str(exc), key="tls.key_passwd") from None
+        _load_client_certificate(context, crt_file, str(key_file), passwd)
     if not config.get("tls.verify", True):
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
@@ -211,9 +215,16 @@ def _load_client_certificate(context: ssl.SSLContext, crt_file: str, key_file: s
 
 
 def client_tls(config: Mapping[str, Any]) -> ClientTls:
-    """:func:`build_ssl_context` for ``config``, rebuilt whenever its files rotate."""
+    """:func:`build_ssl_context` for ``config``, rebuilt whenever its files rotate (the key's
+    password file too: an encrypted key is rotated with its password)."""
+    files = {key: config.get(key) for key in ("tls.ca_file", "tls.crt_file", "tls.key_file")}
+    passwd = config.get("tls.key_passwd")
+    if isinstance(passwd, Secret):
+        if len(passwd.files) != 1:
+            raise ConfigError("may name one file (${file:/path}), not several", key="tls.key_passwd")
+        files["tls.key_passwd"] = passwd.files[0].path
     return ClientTls(
-        {key: config.get(key) for key in ("tls.ca_file", "tls.crt_file", "tls.key_file")},
+        files,
         lambda: build_ssl_context(config),
         directories={"tls.ca_path": config.get("tls.ca_path")},
     )

@@ -51,7 +51,7 @@ from tests.integration.rotation import (
 from tests.servers import free_port
 from tests.servers.rsyslog import RsyslogServer, gtls_available, rsyslogd
 from tests.unit.test_secrets import secret_volume
-from tests.unit.test_tls_reload import Pki, pem
+from tests.unit.test_tls_reload import Pki, encrypted_secret, pem
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -123,8 +123,8 @@ def secret_tls_files(volume: Path) -> tuple[str, ...]:
     return (f"tls.ca_file {volume}/ca.crt", f"tls.crt_file {volume}/tls.crt", f"tls.key_file {volume}/tls.key")
 
 
-def kubetrail(tmp_path: Path, log: Path, port: int, volume: Path, metrics_port: int) -> KubetrailProcess:
-    """The http output with its TLS files in ``volume``, tailing ``log``."""
+def kubetrail(tmp_path: Path, log: Path, port: int, volume: Path, metrics_port: int, *tls: str) -> KubetrailProcess:
+    """The http output with its TLS files in ``volume`` (and the ``tls`` options), tailing ``log``."""
     return KubetrailProcess(
         tmp_path / "kt",
         service(*QUICK_RETRIES, "http_server on", "http_listen 127.0.0.1", f"http_port {metrics_port}")
@@ -133,6 +133,7 @@ def kubetrail(tmp_path: Path, log: Path, port: int, volume: Path, metrics_port: 
             port,
             "tls on",
             *secret_tls_files(volume),
+            *tls,
         ),
     ).start()
 
@@ -205,6 +206,38 @@ def test_a_client_certificate_nginx_refuses_with_400_is_held_back_until_it_rotat
     assert_exactly_once((record["n"] for _, record in received), 200)
     assert {cn for cn, record in received if record["n"] >= 100} == {"CN=bob"}
     assert "refused the client certificate" in proc.log()
+
+
+def test_an_encrypted_key_and_its_password_file_rotate_together_exactly_once(
+    tmp_path: Path, nginx_tls: tuple[Nginx, Recorder, Pki]
+) -> None:
+    """``tls.key_passwd ${file:...}``: the new key arrives before its password (two Secrets, or
+    one written twice); until both are there the old pair is used (nginx refuses it by then, so
+    the records wait), then every record is delivered once as the new certificate."""
+    server, recorder, certs = nginx_tls
+    volume = secret_volume(tmp_path / "secret", encrypted_secret(certs, certs.ca1, certs.alice, "pw-1", "pw-1"))
+    log = tmp_path / "in.log"
+    log.touch()
+    metrics_port = free_port()
+    passwd = f"tls.key_passwd ${{file:{volume}/key-password}}"
+    proc = kubetrail(tmp_path, log, server.port, volume, metrics_port, passwd)
+
+    with stops_cleanly(proc):
+        append_lines(log, 0, 100)
+        wait_for(lambda: recorder.count() >= 100, 60, "100 records as alice")
+        configure(server, certs.server2, certs.ca2)
+        server.reload()
+        # The new key, encrypted with a password that is not in the volume yet.
+        secret_volume(volume, encrypted_secret(certs, certs.ca2, certs.bob, "pw-2", "pw-1"))
+        append_lines(log, 100, 100)
+        wait_for(lambda: metric(metrics_port, "kubetrail_secret_reload_errors_total", "tls.key_file") >= 1, 30, "count")
+        time.sleep(1.5)
+        assert recorder.count() == 100  # alice is refused and bob's key does not open yet: held
+        secret_volume(volume, encrypted_secret(certs, certs.ca2, certs.bob, "pw-2", "pw-2"))
+        wait_for(lambda: recorder.count() >= 200, 60, "the held records as bob")
+        assert metric(metrics_port, "kubetrail_secret_reloads_total", "tls.key_passwd") == 1
+    recorder.assert_rotated_once(200, "CN=alice", "CN=bob", switch=100)
+    assert "tls.key_passwd is wrong" in proc.log()
 
 
 @dataclass

@@ -152,6 +152,51 @@ def test_only_the_changed_file_is_counted(tmp_path: Path, certs: Pki) -> None:
     assert sample(registry, "kubetrail_secret_reloads_total", "tls.ca_file") == 0
 
 
+def encrypted_secret(certs: Pki, ca: pki.KeyPair, client: pki.KeyPair, password: str, written: str) -> dict[str, str]:
+    """A Secret with the client key encrypted by ``password`` and ``written`` as its password key."""
+    key = client.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(password.encode()),
+    ).decode()
+    return certs.secret(ca, client) | {"tls.key": key, "key-password": written + "\n"}
+
+
+def test_an_encrypted_key_rotates_with_its_password_file(tmp_path: Path, certs: Pki) -> None:
+    """``tls.key_passwd ${file:...}``: the password file is watched with the key; a key whose
+    password has not arrived yet keeps the last good context; both arrived, a new one."""
+    volume = secret_volume(tmp_path / "tls", encrypted_secret(certs, certs.ca1, certs.alice, "pw-1", "pw-1"))
+    passwd = secrets.parse_secret(f"${{file:{volume}/key-password}}", "tls.key_passwd")
+    tls = client_tls(tls_options(volume) | {"tls.key_passwd": passwd})
+    registry = MetricsRegistry()
+    tls.bind(logging.getLogger(LOGGER), registry.component("http.0", "sink", "http"))
+    first = tls.context()
+    # Half of a rotation: bob's key, encrypted with the new password, beside the old password.
+    secret_volume(volume, encrypted_secret(certs, certs.ca2, certs.bob, "pw-2", "pw-1"))
+    after_check_interval()
+    assert tls.context() is first
+    assert sample(registry, "kubetrail_secret_reload_errors_total", "tls.key_file") == 1
+    secret_volume(volume, encrypted_secret(certs, certs.ca2, certs.bob, "pw-2", "pw-2"))
+    after_check_interval()
+    second = tls.context()
+    assert second is not first and tls.version == 1
+    assert sample(registry, "kubetrail_secret_reloads_total", "tls.key_passwd") == 1
+    names = {dict(x[0] for x in c["subject"]).get("commonName") for c in second.get_ca_certs()}
+    assert "tls-reload-ca-2" in names
+
+
+def test_a_wrong_or_unusable_key_password_at_start_is_a_config_error(tmp_path: Path, certs: Pki) -> None:
+    volume = secret_volume(tmp_path / "tls", encrypted_secret(certs, certs.ca1, certs.alice, "pw-1", "wrong"))
+    passwd = secrets.parse_secret(f"${{file:{volume}/key-password}}", "tls.key_passwd")
+    with pytest.raises(ConfigError, match=r"no usable PEM private key \(or tls.key_passwd is wrong\)") as caught:
+        client_tls(tls_options(volume) | {"tls.key_passwd": passwd})
+    assert caught.value.key == "tls.key_file"
+    two = secrets.parse_secret(f"${{file:{volume}/key-password}}${{file:{volume}/key-password}}", "tls.key_passwd")
+    with pytest.raises(ConfigError, match="one file") as caught:
+        client_tls(tls_options(volume) | {"tls.key_passwd": two})
+    assert caught.value.key == "tls.key_passwd"
+
+
 @pytest.mark.parametrize(
     ("damage", "option", "words"),
     [
