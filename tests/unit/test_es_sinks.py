@@ -32,7 +32,9 @@ from tests.timing import scaled
 T0 = 1_700_000_000_123_456_789  # 2023-11-14T22:13:20.123Z
 
 
-@pytest.fixture(scope="session", params=["opensearch", "elasticsearch"])
+# Module scope: a session-scoped server outlives this module until pytest ends (an Elasticsearch
+# JVM was seen alive 13 minutes after its last test, beside the next modules' servers).
+@pytest.fixture(scope="module", params=["opensearch", "elasticsearch"])
 def search(request: pytest.FixtureRequest) -> Iterator[SearchServer]:
     with running(lambda: SearchServer(request.param), f"no real {request.param}") as server:
         yield server

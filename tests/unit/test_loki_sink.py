@@ -32,7 +32,7 @@ from tests.unit.helpers import build
 DAY_NS = 86_400 * 1_000_000_000
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # not session: the server would outlive this module until pytest ends
 def loki() -> Iterator[Loki]:
     with running(lambda: Loki(auth_enabled=True), "no real Loki") as server:
         yield server
