@@ -1,0 +1,203 @@
+"""The store's read path for long and cold answers (issue 19: the object index walked bucket by
+bucket in groups by several connections, bodies read in runs of neighbouring ids by several
+connections, the descriptors told the reads are random) gives exactly what the simple path
+gives: one statement per question on one connection. Compared on a store written by the real
+``sqlite`` output with 60 time buckets, a dozen users, many objects and bodies with diffs, for
+``who``, ``history`` (with and without logs) and ``search``, with limits that cut inside a bucket
+and ``--since``/``--until`` inside buckets."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.core.record import Record
+from kubetrail.history import queries
+from kubetrail.history import store as store_module
+from kubetrail.history.model import StoredRecord
+from kubetrail.history.store import PARALLEL_FROM, Filters, StoreBackend, advise_random
+from kubetrail.sinks.sqlite import BUCKET_BITS
+from tests.unit.history_helpers import fill
+from tests.unit.history_story import T0, audit, deployment, event, log
+
+BUCKET_S = (1 << BUCKET_BITS) / 1e9  # a bucket in seconds (19.5 hours)
+BUCKETS = 60
+USERS = [f"user-{n}" for n in range(12)] + ["system:serviceaccount:ci:default"]
+DEPLOYMENTS = [f"web-{n}" for n in range(8)]
+
+
+class OneStatement(StoreBackend):
+    """The simple read path: the newest ids by one statement, the bodies by one connection."""
+
+    def _newest_ids(
+        self,
+        where: str,
+        params: list[Any],
+        since: int | None,
+        until: int | None,
+        limit: int,
+        buckets: list[int] | None = None,
+    ) -> list[int]:
+        time_params: list[Any] = []
+        clause = store_module._time_clause(since, until, time_params)
+        sql = f"SELECT id FROM records WHERE {where}{clause} ORDER BY time_ns DESC LIMIT ?"
+        return [row[0] for row in self.conn.execute(sql, [*params, *time_params, limit])]
+
+    def _records(self, ids: list[int]) -> list[StoredRecord]:
+        marks = ",".join("?" * len(ids))
+        rows = self.conn.execute(f"SELECT id, time_ns, kind, body FROM records WHERE id IN ({marks})", ids)
+        records = [StoredRecord(r[0], r[1], r[2], orjson.loads(r[3])) for r in rows]
+        return sorted(records, key=lambda r: (r.time_ns, r.id))
+
+
+def records() -> list[Record]:
+    """A month and a half of a busy namespace: every record at its own time (no ties at a limit),
+    updates with request and response objects (diffs), Events of the ReplicaSets and pods, logs."""
+    rng = random.Random(19)
+    out: list[Record] = []
+    replicas = dict.fromkeys(DEPLOYMENTS, 1)
+    count = 3_000
+    for n in range(count):
+        offset = n * BUCKETS * BUCKET_S / count + rng.random() * 0.5  # increasing, distinct
+        name = rng.choice(DEPLOYMENTS)
+        roll = rng.random()
+        if roll < 0.6:
+            user = rng.choice(USERS)
+            verb = rng.choice(("get", "list", "update", "patch", "create", "delete"))
+            before = deployment(replicas[name], "nginx:1.27", str(1000 + n))
+            if verb in ("update", "patch"):
+                replicas[name] = rng.randrange(1, 9)
+            after = deployment(replicas[name], "nginx:1.27", str(1001 + n))
+            for body in (before, after):
+                body["metadata"]["name"] = name
+            writes = verb in ("update", "patch", "create")
+            out.append(
+                audit(
+                    offset,
+                    f"a-{n}",
+                    verb,
+                    user,
+                    "deployments",
+                    name,
+                    request=after if writes else None,
+                    response=after if verb != "delete" else None,
+                    code=403 if rng.random() < 0.05 else 200,
+                )
+            )
+        elif roll < 0.85:
+            owner = f"{name}-6d4b8" if rng.random() < 0.5 else f"{name}-6d4b8-{n % 7}x"
+            kind = "ReplicaSet" if owner.count("-") == 2 else "Pod"
+            uid = f"00000000-0000-4000-8000-{n:012d}"
+            out.append(event(offset, uid, str(n), kind, owner, "Scaled", f"event {n} of {owner}"))
+        else:
+            pod = f"{name}-6d4b8-{n % 7}x"
+            out.append(log(offset, pod, f"line {n}", n * 100, file_uid=f"f-{pod}"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("readpath") / "store.db"
+    everything = records()
+    fill(path, *[everything[start : start + 400] for start in range(0, len(everything), 400)])
+    return path
+
+
+def _both(store: Path, ask: Any) -> tuple[Any, Any, StoreBackend]:
+    fast, simple = StoreBackend(store), OneStatement(store)
+    try:
+        got, want = ask(fast), ask(simple)
+    except queries.HistoryError as exc:  # the same error from both, or a failure
+        with pytest.raises(queries.HistoryError, match=str(exc)):
+            ask(simple)
+        got = want = str(exc)
+    finally:
+        fast.close()
+        simple.close()
+    return got, want, fast
+
+
+def _times() -> list[tuple[int | None, int | None]]:
+    """No range, and ranges starting and ending inside buckets."""
+    inside = [T0 + int((k + 0.37) * BUCKET_S * 1e9) for k in (3, 11, 29, 30, 47)]
+    return [(None, None), (inside[0], None), (None, inside[3]), (inside[1], inside[2]), (inside[3], inside[4])]
+
+
+@pytest.mark.parametrize("limit", [queries.DEFAULT_LIMIT, PARALLEL_FROM + 3, 40, 7, 1])
+def test_who_is_the_same(store: Path, limit: int) -> None:
+    used_readers = False
+    for user in USERS:
+        for since, until in _times():
+            for writes_only in (False, True):
+                got, want, fast = _both(
+                    store,
+                    lambda b, u=user, s=since, t=until, w=writes_only: queries.who(
+                        b, u, since=s, until=t, writes_only=w, limit=limit
+                    ),
+                )
+                assert got == want, (user, since, until, writes_only)
+                used_readers |= len(fast._readers) > 1
+    # Users have ~140 records each: an unlimited answer is read by several connections.
+    assert used_readers == (limit > PARALLEL_FROM)
+
+
+@pytest.mark.parametrize("limit", [queries.DEFAULT_LIMIT, 25, 3])
+@pytest.mark.parametrize("logs", [False, True])
+def test_history_is_the_same(store: Path, limit: int, logs: bool) -> None:
+    targets = [f"deploy/shop/{name}" for name in DEPLOYMENTS[:4]] + ["deploy/web-5", "pods/shop/web-1-6d4b8-3x"]
+    for target in targets:
+        for since, until in _times():
+            got, want, fast = _both(
+                store,
+                lambda b, t=target, s=since, u=until: queries.history(b, t, since=s, until=u, logs=logs, limit=limit),
+            )
+            assert fast.by_bucket
+            assert got == want, (target, since, until)
+            if since is None and until is None:
+                assert not isinstance(got, str) and len(got.entries) >= min(limit, 3)
+
+
+@pytest.mark.parametrize(
+    "filters",
+    [
+        Filters(name="web-3"),
+        Filters(kind="audit"),
+        Filters(user="user-4", writes_only=True),
+        Filters(kind="event", name="web-2-6d4b8"),
+        Filters(code=403),
+    ],
+)
+def test_search_is_the_same(store: Path, filters: Filters) -> None:
+    for limit in (queries.DEFAULT_LIMIT, 90, 5):
+        for since, until in _times():
+            got, want, _ = _both(
+                store, lambda b, s=since, u=until, n=limit: queries.search(b, filters, since=s, until=u, limit=n)
+            )
+            assert got == want, (filters, limit, since, until)
+
+
+def test_every_descriptor_of_the_store_is_told_reads_are_random(store: Path, tmp_path: Path) -> None:
+    """advise_random finds SQLite's own descriptors of the store and its WAL by inode: two for
+    each connection (the backend's and each body reader's), none of another file's."""
+    other = tmp_path / "other"
+    other.write_bytes(b"x")
+    fd = os.open(other, os.O_RDONLY)
+    backend = StoreBackend(store)
+    try:
+        assert advise_random(other) == 1
+        wal = Path(f"{store}-wal").exists()
+        per_connection = 2 if wal else 1
+        assert advise_random(store) == per_connection
+        backend.user_records("user-3", None, None, 1_000)  # ~140 records: several body readers
+        assert len(backend._readers) > 1
+        assert advise_random(store) == per_connection * (1 + len(backend._readers))
+    finally:
+        backend.close()
+        os.close(fd)
+    assert advise_random(store) == 0
+    assert advise_random(tmp_path / "missing.db") == 0
