@@ -27,6 +27,14 @@ expired credentials, access denied, a missing log group or bucket without auto-c
 dead-lettering every record until someone fixes an IAM policy would lose nothing only on paper.
 Other client errors (a malformed request) are permanent, with AWS's code and message.
 
+**A CA bundle that rotates** (``tls.ca_file``, for an endpoint behind a private CA: MinIO,
+a VPC endpoint behind a proxy): botocore reads the bundle once, when a client is made, so
+:meth:`AwsClient.refresh` (called before each batch of requests) makes a new client when the
+file changed. Watching and validating are :mod:`kubetrail.core.tls_files`' (stat at most once
+a second; a bundle that does not load keeps the current client, logged once, counted as
+``kubetrail_secret_reload_errors_total{option="tls.ca_file"}``). Requests in flight finish on
+the old client, which is closed at the next rotation or at shutdown.
+
 **Templates** (:class:`Template`): Fluent Bit's record-accessor templates used by
 ``log_group_template``/``log_stream_template``: literal text with ``$key['sub']`` accessors,
 ``$TAG`` and ``$TAG[n]`` (the tag split on dots).
@@ -34,9 +42,11 @@ Other client errors (a malformed request) are permanent, with AWS's code and mes
 
 from __future__ import annotations
 
+import logging
 import re
+import ssl
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -62,6 +72,7 @@ from botocore.exceptions import (
 from kubetrail.core.accessor import RecordAccessor
 from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
+from kubetrail.core.tls_files import ClientTls
 from kubetrail.sinks.http_base import TLS_OPTIONS
 
 AWS_OPTIONS: tuple[Option, ...] = (
@@ -215,8 +226,21 @@ class AwsClient:
             self.verify = False
         elif config.get("tls.ca_file"):
             self.verify = str(config["tls.ca_file"])
+        # The bundle's rotations (a ConfigError naming tls.ca_file here when it does not load).
+        self.ca_file: ClientTls | None = None
+        if isinstance(self.verify, str):
+            path = self.verify
+            self.ca_file = ClientTls({"tls.ca_file": path}, lambda: _ca_bundle(path))
+        self._ca_version = 0
         self._stack: AsyncExitStack | None = None
+        self._retired: list[AsyncExitStack] = []  # clients replaced by a rotation, closed later
         self.client: Any = None
+        self.on_client: list[Callable[[Any], None]] = []  # run on every new client (event hooks)
+
+    def bind(self, logger: logging.Logger, metrics: Any) -> None:
+        """Log and count the CA bundle's reloads as the owning sink."""
+        if self.ca_file is not None:
+            self.ca_file.bind(logger, metrics)
 
     async def start(self) -> None:
         if self.client is not None:
@@ -247,12 +271,44 @@ class AwsClient:
             await stack.aclose()
             raise
         self._stack = stack
+        for hook in self.on_client:
+            hook(self.client)
+
+    async def refresh(self) -> None:
+        """A new client when ``tls.ca_file`` changed since this one was made (see the module
+        docstring); the current one otherwise. A new client that cannot be made raises, as
+        :meth:`start` does, and the current one stays."""
+        if self.ca_file is None or self.client is None:
+            return
+        self.ca_file.context()  # stats at most once a second; a bad bundle keeps the last good
+        if self.ca_file.version == self._ca_version:
+            return
+        current = (self.client, self._stack)
+        self.client = self._stack = None
+        try:
+            await self.start()
+        except BaseException:
+            self.client, self._stack = current
+            raise
+        self._ca_version = self.ca_file.version
+        retired, self._retired = self._retired, [current[1]] if current[1] is not None else []
+        for stack in retired:
+            await stack.aclose()
 
     async def close(self) -> None:
-        stack, self._stack = self._stack, None
+        stacks = [*self._retired, *([self._stack] if self._stack is not None else [])]
+        self._stack, self._retired = None, []
         self.client = None
-        if stack is not None:
+        for stack in stacks:
             await stack.aclose()
+
+
+def _ca_bundle(path: str) -> ssl.SSLContext:
+    """Load ``path`` as botocore will, to know that it can (the context itself is not used)."""
+    try:
+        return ssl.create_default_context(cafile=path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"cannot load CA certificates from {path}: {exc}", key="tls.ca_file") from None
 
 
 _TEMPLATE_PART = re.compile(r"\$TAG\[(\d+)\]|\$TAG\b|\$([A-Za-z0-9_\-@]+(?:\[\s*(?:'[^']*'|\"[^\"]*\"|\d+)\s*\])*)")

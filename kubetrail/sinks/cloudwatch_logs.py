@@ -183,9 +183,13 @@ class CloudWatchLogsSink(Sink):
         return Template(text, key) if text else None
 
     async def start(self) -> None:
+        if self.emf_header and not self.aws.on_client:
+            # On every client: a rotated tls.ca_file gives a new one (AwsClient.refresh).
+            self.aws.on_client.append(
+                lambda client: client.meta.events.register("before-sign.cloudwatch-logs.PutLogEvents", _emf_header)
+            )
+        self.aws.bind(self.log, self.ctx.metrics)
         await self.aws.start()
-        if self.emf_header:
-            self.aws.client.meta.events.register("before-sign.cloudwatch-logs.PutLogEvents", _emf_header)
 
     async def close(self) -> None:
         await self.aws.close()
@@ -319,6 +323,10 @@ class CloudWatchLogsSink(Sink):
     # -- delivery -------------------------------------------------------------------------
 
     async def write(self, batch: Batch) -> None:
+        try:
+            await self.aws.refresh()  # a rotated tls.ca_file: a new client first
+        except Exception as exc:
+            raise classify(exc, "a new client for the rotated tls.ca_file") from None
         key = id(batch)
         progress = self._progress.get(key)
         if progress is None or progress.batch is not batch:

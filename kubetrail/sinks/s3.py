@@ -188,6 +188,7 @@ class S3Sink(Sink):
 
     async def start(self) -> None:
         await asyncio.to_thread(self._recover)
+        self.aws.bind(self.log, self.ctx.metrics)
         await self.aws.start()
         if self._uploader is None:
             self._uploader = asyncio.create_task(self._upload_loop(), name=f"{self.ctx.component_id}.upload")
@@ -382,6 +383,10 @@ class S3Sink(Sink):
                 filling = [(path, size) for path, size, _ in self._open.values()] if self.stream_parts else []
             for path, tag in full:  # only this task seals, so a part upload never races a seal
                 await asyncio.to_thread(self._seal, path, tag)
+            try:
+                await self.aws.refresh()  # a rotated tls.ca_file: a new client (only this task uploads)
+            except Exception as exc:
+                self.log.warning("cannot make a client with the rotated tls.ca_file", extra={"error": str(exc)})
             for path, size in filling:
                 await self._stream_part(path, size)
             ok = await self._upload_sealed()

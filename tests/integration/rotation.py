@@ -82,15 +82,24 @@ class _Handler(BaseHTTPRequestHandler):
 
 class Nginx:
     """nginx on a free port proxying to a :class:`Recorder`, passing ``remote_user`` (an nginx
-    variable: who the server authenticated) as ``X-Remote-User``. ``server`` and ``location`` are
-    extra directives (authentication, TLS) for the ``server`` and ``location /`` blocks."""
+    variable: who the server authenticated) as ``X-Remote-User``, or to another server on
+    ``upstream`` (its port). ``server`` and ``location`` are extra directives (authentication,
+    TLS) for the ``server`` and ``location /`` blocks."""
 
     def __init__(
-        self, work: Path, recorder: Recorder, remote_user: str, server: str = "", location: str = "", ssl: bool = False
+        self,
+        work: Path,
+        recorder: Recorder | None,
+        remote_user: str,
+        server: str = "",
+        location: str = "",
+        ssl: bool = False,
+        upstream: int | None = None,
     ) -> None:
         self.work = work
         self.port = free_port()
         self.recorder = recorder
+        self.upstream = upstream if upstream is not None else recorder.server_address[1] if recorder else 0
         self.remote_user = remote_user
         self.server = server
         self.location = location
@@ -118,7 +127,7 @@ http {{
         location / {{
             {self.location}
             proxy_set_header X-Remote-User {self.remote_user};
-            proxy_pass http://127.0.0.1:{self.recorder.server_address[1]};
+            proxy_pass http://127.0.0.1:{self.upstream};
         }}
     }}
 }}

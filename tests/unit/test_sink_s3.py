@@ -421,3 +421,69 @@ async def test_a_streamed_upload_resumes_after_a_crash(aws: MinioServer, tmp_pat
     assert "CreateMultipartUpload" not in second and second.count("UploadPart") == 1  # the same upload, the rest
     body = objects(aws)["resume/big"]["body"]
     assert [orjson.loads(line)["i"] for line in body.splitlines()] == list(range(80))
+
+
+async def test_a_rotated_ca_bundle_gives_a_new_client_and_every_record_once(aws: MinioServer, tmp_path: Path) -> None:
+    """MinIO behind nginx terminating TLS with a certificate of a private CA (how a private S3
+    endpoint is often reached). The server moves to a certificate of a new CA; uploads fail
+    verification and wait; the Secret with the new CA bundle arrives and the next upload makes
+    a new client with it (botocore reads the bundle only when a client is made). Every record
+    is in the bucket once. A bundle that does not load keeps the current client."""
+    from tests.integration.rotation import Nginx, require_nginx
+    from tests.unit.test_secrets import secret_volume
+    from tests.unit.test_tls_reload import Pki, after_check_interval
+
+    require_nginx()
+    certs = Pki()
+    work = tmp_path / "nginx"
+    work.mkdir()
+    proxy = Nginx(
+        work,
+        None,
+        "-",
+        server=f"ssl_certificate {work}/server.crt; ssl_certificate_key {work}/server.key;",
+        location="proxy_set_header Host $http_host; client_max_body_size 0;",  # SigV4 signed the Host
+        ssl=True,
+        upstream=aws.port,
+    )
+    certs.server1.write(work / "server.crt", work / "server.key")
+    proxy.start()
+    volume = secret_volume(tmp_path / "ca", {"ca.crt": Pki.ca_pem(certs.ca1)})
+    s3(aws).create_bucket(Bucket="logs")
+    out = sink(
+        aws, tmp_path, endpoint=f"https://127.0.0.1:{proxy.port}", upload_timeout="1s", use_put_object="on",
+        **{"tls.ca_file": str(volume / "ca.crt")},
+    )  # fmt: skip
+
+    def numbers() -> list[int]:
+        return sorted(orjson.loads(line)["i"] for o in objects(aws).values() for line in o["body"].splitlines())
+
+    async def until(count: int, what: str) -> None:
+        deadline = time.monotonic() + scaled(30)
+        while len(numbers()) < count and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert len(numbers()) >= count, what
+
+    await out.start()
+    try:
+        await out.write(Batch("a", [rec(i, tag="a") for i in range(0, 50)]))
+        await until(50, "the first 50 through CA 1")
+        certs.server2.write(work / "server.crt", work / "server.key")
+        proxy.reload()
+        await out.write(Batch("a", [rec(i, tag="a") for i in range(50, 100)]))
+        await asyncio.sleep(3)
+        assert len(numbers()) == 50  # the server's new certificate is not trusted yet: held
+        secret_volume(volume, {"ca.crt": Pki.ca_pem(certs.ca2)})
+        await until(100, "the held 50 through CA 2")
+        assert out.aws.ca_file is not None and out.aws.ca_file.version == 1
+        secret_volume(volume, {"ca.crt": "not a certificate"})
+        after_check_interval()
+        await out.write(Batch("a", [rec(i, tag="a") for i in range(100, 150)]))
+        await until(150, "50 more with the last good bundle")
+        assert out.aws.ca_file.version == 1
+    finally:
+        await out.close()
+        assert proxy.proc is not None
+        proxy.proc.terminate()
+        proxy.proc.wait(10)
+    assert numbers() == list(range(150))
