@@ -2,7 +2,9 @@
 
     python bench/bench_store.py ingest [--records N] [--into M]  # records/s into the store (holding M) vs file
     python bench/bench_store.py query [--records N] [--cold]  # history/who latency on a store of N records
+    python bench/bench_store.py who-layout [--records N] [--cold]  # who as read today vs bodies kept by user
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
+    python bench/bench_store.py migrate [--records N]  # the writer's migration of a store from schema 3
 
 **ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like
 ``tail -> kubernetes_audit`` hands them on (a block, no record built; "from records": the
@@ -31,12 +33,20 @@ newest 1,000), p50/p99 in milliseconds. ``--cold``: before each query the store 
 from the page cache (``posix_fadvise(DONTNEED)``) and the store opened anew, as a ``kubetrail
 history`` command finds it when the agent's writes and other programs have pushed it out.
 A store of schema 2 (an older kubetrail's) is cached under another name than schema 3's.
+
+**who-layout**: cold (or warm) ``who`` on the query store as it reads today (the user index, then
+each body by its id: ~1,000 pages of 64 KiB) against the same answer from a copy of the store's
+audit rows clustered by ``(user, time_ns)`` in a file of their own (built once into the cache,
+~2 minutes; what a covering user index or a user-clustered table would give: a writer-side
+change), alternating user by user; both must give the same timeline entries. Also the bytes the
+store's disk read for each (the block device's counter: the whole machine's reads count too).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import random
 import shutil
@@ -61,6 +71,9 @@ from kubetrail.sinks.sqlite import ALERTS_SCHEMA, APPLICATION_ID, INSERT, SCHEMA
 
 # Schema 2's object index (schema 3 leads it by the time bucket): the "before" of issue 19.
 NAME_LED_INDEX = "CREATE INDEX records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
+# Schema 3's identity index (schema 4 leads it by the identity's time bucket): the "before" of
+# the identity index.
+GLOBAL_IDENT_INDEX = "CREATE UNIQUE INDEX records_ident ON records (ident)"
 
 NAMESPACES = 50
 OBJECTS_PER_NS = 2_000  # per resource
@@ -164,11 +177,16 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 "sqlite (sync full, name-led index)",
                 lambda: build(SqliteSink, path=str(work / "name-led.db"), sync="full"),
             ),
+            (
+                "sqlite (sync full, global identity)",
+                lambda: build(SqliteSink, path=str(work / "ident-global.db"), sync="full"),
+            ),
         )
         if pair:
-            rows = tuple(row for row in rows if row[0].endswith(("plain, fsync per batch)", "(sync full)", "index)")))
+            pairs = ("plain, fsync per batch)", "(sync full)", "global identity)")
+            rows = tuple(row for row in rows if row[0].endswith(pairs))
         for name, factory in rows * max(pair, 1):
-            if "name-led" in name and not into:
+            if ("name-led" in name or "global identity" in name) and not into:
                 continue  # a young store: both indexes take new keys anywhere in a small tree
             if name.startswith("sqlite"):
                 db = Path(factory().writer.path)
@@ -179,9 +197,12 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 with sqlite3.connect(db) as conn:
                     if without:  # what one index costs: the same ingest without it
                         conn.execute(f"DROP INDEX {without}")
-                    if "name-led" in name:  # schema 2's index under schema 3's number: not migrated
+                    if "name-led" in name:  # schema 2's index under this schema's number: not migrated
                         conn.execute("DROP INDEX records_object_bucket")
                         conn.execute(NAME_LED_INDEX)
+                    if "global identity" in name:  # schema 3's identity index, the same way
+                        conn.execute("DROP INDEX records_ident_bucket")
+                        conn.execute(GLOBAL_IDENT_INDEX)
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results.setdefault(name, []).append(asyncio.run(timed(factory(), batches, group, workers)))
@@ -284,11 +305,63 @@ def pipeline(records: int, rounds: int) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def migrate(count: int) -> None:
+    """The writer's migration of a store of ``count`` records from schema 3 to this one (on open,
+    one transaction), on copies, wall and CPU: "typical" is the ingest bench's cached store
+    (audit rows timed by their stageTimestamp, as tail's k8s_audit parser, the webhook and the
+    native rows store them) put back to schema 3's identity index: the index is built, no row
+    changes; "worst" is the cached store a schema-3 bench built (its synthetic audit bodies had
+    no stageTimestamp: every audit row gets its ibucket, 0, a rewrite of 60% of the rows)."""
+    from kubetrail.sinks.sqlite import StoreWriter
+
+    first = _TIMES.parse_ns(_KEYS.decode(audit_lines_file(100_000).open("rb").readline().rstrip(b"\n")).stageTimestamp)
+    typical = CACHE / f"store-{count}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    if not typical.exists():
+        build_store(typical, count, t0=first - MONTH_NS)
+    sources = {"typical": typical, "worst": CACHE / f"store-{count}-64k-s3-before-ingest.db"}
+    work = Path(tempfile.mkdtemp(prefix="bench-store-migrate-", dir=CACHE))
+    try:
+        for label, source in sources.items():
+            if not source.exists():
+                print(f"  {label}: no {source.name} (built by a schema 3 bench_store.py ingest --into {count})")
+                continue
+            copy = work / "store.db"
+            shutil.copy(source, copy)
+            with sqlite3.connect(copy) as conn:
+                if label == "typical":
+                    conn.execute("DROP INDEX records_ident_bucket")
+                    conn.execute(GLOBAL_IDENT_INDEX)
+                    conn.execute("PRAGMA user_version=3")
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+            drop_from_page_cache(copy)  # as an agent's restart after an upgrade may find it
+            writer = StoreWriter(copy)
+            started, cpu = time.perf_counter(), time.process_time()
+            writer.open()
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            assert writer.conn is not None
+            changed = writer.conn.execute("SELECT count(*) FROM records WHERE ibucket IS NOT NULL").fetchone()[0]
+            writer.close()
+            print(
+                f"  {label:<8} schema {version} -> {SCHEMA_VERSION}, {count:,} records: {elapsed:6.1f} s"
+                f" (CPU {cpu:5.1f} s), {changed:,} rows given an ibucket"
+            )
+            copy.unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 MONTH_NS = 30 * 86400 * 10**9
 QUERY_T0 = 1_760_000_000_000_000_000  # the query store's month starts here (2025-10-09)
 
 
+def _rfc3339(time_ns: int) -> str:
+    seconds, fraction = divmod(time_ns, 10**9)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{fraction:09d}Z"
+
+
 def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
+    """Rows as the sqlite output stores them; an audit row's time is its body's stageTimestamp
+    (as from tail's k8s_audit parser or the webhook: its identity bucket is the default one)."""
     rng = random.Random(seed)
     step = MONTH_NS // count  # a month of activity
     verbs = ("get", "list", "update", "patch", "create", "delete", "watch")
@@ -298,7 +371,9 @@ def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
         name = f"obj-{rng.randrange(OBJECTS_PER_NS)}"
         roll = rng.random()
         t = t0 + i * step
-        ident = i.to_bytes(16, "big")
+        # A 16-byte hash, as the output's identities are (consecutive integers would all sort
+        # before the new records' keys, and a global identity index would look cheap).
+        ident = hashlib.blake2b(i.to_bytes(8, "big"), digest_size=16).digest()
         if roll < 0.6:
             user = f"user-{rng.randrange(USERS)}"
             verb = verbs[rng.randrange(len(verbs))]
@@ -313,6 +388,7 @@ def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
                 "sourceIPs": ["10.0.0.1"],
                 "objectRef": {"resource": resource, "namespace": ns, "name": name},
                 "responseStatus": {"code": 200},
+                "stageTimestamp": _rfc3339(t),
             }
             yield (ident, t, "audit", user, verb, resource, ns, name, None, 200, None, "audit", orjson.dumps(body))
         elif roll < 0.9:
@@ -467,9 +543,112 @@ def query(count: int, cold: bool) -> None:
     backend.close()
 
 
+USER_BODIES = (
+    "CREATE TABLE user_bodies (user TEXT, time_ns INTEGER, id INTEGER, kind TEXT, body BLOB,"
+    " PRIMARY KEY (user, time_ns, id)) WITHOUT ROWID"
+)
+
+
+def _query_store(count: int) -> Path:
+    """The cached query store (built if missing)."""
+    path = CACHE / (f"store-{count}-64k.db" if SCHEMA_VERSION == 2 else f"store-{count}-64k-s{SCHEMA_VERSION}.db")
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        build_store(path, count)
+    return path
+
+
+def _device_read_bytes(path: Path) -> int | None:
+    """Bytes read so far by the block device holding ``path`` (None where unknown)."""
+    dev = os.stat(path).st_dev
+    try:
+        fields = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text().split()
+    except OSError:
+        return None
+    return int(fields[2]) * 512
+
+
+def who_layout(count: int, cold: bool, users: int = 100) -> None:
+    from kubetrail.history import queries
+    from kubetrail.history.model import StoredRecord, timeline
+    from kubetrail.history.store import StoreBackend, advise_random
+
+    path = _query_store(count)
+    clustered = path.with_name(path.stem + "-user-bodies.db")
+    if not clustered.exists():
+        started = time.perf_counter()
+        partial = clustered.with_suffix(".partial")
+        partial.unlink(missing_ok=True)
+        conn = sqlite3.connect(partial, isolation_level=None)
+        for pragma in ("page_size=65536", "journal_mode=OFF", "synchronous=OFF", "cache_size=-1000000"):
+            conn.execute(f"PRAGMA {pragma}")
+        conn.execute("ATTACH ? AS src", (f"file:{path}?mode=ro",))
+        conn.execute(USER_BODIES)
+        conn.execute(  # a scan and one sort (through the user index: a random read per row)
+            "INSERT INTO user_bodies SELECT user, time_ns, id, kind, body FROM src.records NOT INDEXED"
+            " WHERE user IS NOT NULL ORDER BY user, time_ns, id"
+        )
+        conn.close()
+        partial.rename(clustered)
+        print(f"built {clustered.name} in {time.perf_counter() - started:.0f} s")
+    print(
+        f"who on {count:,} records, {'cold' if cold else 'warm'}: the store ({path.stat().st_size / 2**30:.2f} GiB)"
+        f" against its users' audit rows clustered by user ({clustered.stat().st_size / 2**30:.2f} GiB more)"
+    )
+    if not cold:
+        for name in (path, clustered):
+            with name.open("rb") as whole:
+                while whole.read(1 << 24):
+                    pass
+
+    def today(user: str) -> list[dict[str, object]]:
+        backend = StoreBackend(path)
+        try:
+            return queries.who(backend, user).entries
+        finally:
+            backend.close()
+
+    def by_user(user: str) -> list[dict[str, object]]:
+        conn = sqlite3.connect(f"file:{clustered}?mode=ro", uri=True)
+        try:
+            advise_random(clustered)
+            rows = conn.execute(
+                "SELECT id, time_ns, kind, body FROM user_bodies WHERE user = ? ORDER BY time_ns DESC LIMIT ?",
+                (user, queries.DEFAULT_LIMIT),
+            ).fetchall()
+        finally:
+            conn.close()
+        return timeline([StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in reversed(rows)])
+
+    rng = random.Random(13)
+    results: dict[str, list[tuple[float, float, float]]] = {"today (index, then bodies by id)": [], "clustered": []}
+    for _ in range(users):
+        user = f"user-{rng.randrange(USERS)}"
+        answers = []
+        for label, run in zip(results, (today, by_user), strict=True):
+            if cold:
+                drop_from_page_cache(path)
+                drop_from_page_cache(clustered)
+            read = _device_read_bytes(path)
+            started, cpu = time.perf_counter(), time.process_time()
+            answers.append(run(user))
+            elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+            after = _device_read_bytes(path)
+            mib = (after - read) / 2**20 if read is not None and after is not None else 0.0
+            results[label].append((elapsed, cpu, mib))
+        if answers[0] != answers[1]:
+            raise SystemExit(f"who {user}: the clustered rows gave another timeline")
+    for label, samples in results.items():
+        print(
+            f"  {label:<34} {percentiles([s[0] for s in samples])}   CPU p50"
+            f" {statistics.median(s[1] for s in samples) * 1000:6.1f} ms   disk read p50"
+            f" {statistics.median(s[2] for s in samples):6.1f} MiB"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ingest", "query", "pipeline"))
+    parser.add_argument("what", choices=("ingest", "query", "who-layout", "pipeline", "migrate"))
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
     parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
@@ -484,6 +663,10 @@ def main() -> None:
         ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds)
+    elif args.what == "migrate":
+        migrate(args.records or 2_000_000)
+    elif args.what == "who-layout":
+        who_layout(args.records or 10_000_000, args.cold)
     else:
         query(args.records or 10_000_000, args.cold)
 

@@ -25,7 +25,8 @@ Design decisions:
   resourceVersion)``, log lines ``(file uid, offset)``) as 16 bytes under a UNIQUE index and
   rows go in with ``INSERT OR IGNORE``: a replay changes nothing. An audit event's is always its
   own ``(auditID, stage)``, whatever identity its record carries (:func:`audit_ident`). A record without identity gets
-  a digest of its tag, time and bytes, so a replayed batch of those is absorbed too.
+  a digest of its tag, time and bytes, so a replayed batch of those is absorbed too. The unique
+  index is on ``(identity bucket, ident)`` (schema 4, "Identity index" below).
 * **Acknowledged after commit.** Batches are written in a worker thread, several queued batches
   in one transaction (a group commit, as the ``file`` output does), and ``write`` returns only
   after ``COMMIT`` (``synchronous=FULL`` by default: the WAL is fsynced at each commit).
@@ -55,6 +56,24 @@ Design decisions:
   opening a store of schema 1 or 2 builds the new index and drops the old in one transaction (a
   kill -9 midway leaves schema 2, migrated again next time); readers of an older store use its
   index.
+* **Identity index** (schema 4). Schema 3's unique index on ``ident`` alone took each new key at
+  a random place of a B-tree of the whole store (16-byte hashes; ~300 MiB at 10M records): into
+  a store of 10M records it was what remained of the cost of an insert after the object index
+  (14.5 us CPU per record against 9.4 without it). Schema 4's :data:`IDENT_INDEX` is unique on
+  ``(IDENT_KEY, ident)``, led by the bucket (2^46 ns, the object index's) of a time the identity
+  itself determines, so new keys land in the newest bucket's subtree while uniqueness stays
+  exact for all time: two rows of one identity always have one bucket (:func:`identity_bucket`).
+  An audit event's ``(auditID, stage)`` has one ``stageTimestamp``, in the event's own bytes,
+  whichever path brings it (the webhook's records, tail's, the native rows, a source that
+  stamped the record with the time it read it); every other row (Events, log lines, alerts,
+  records without identity, an audit event without an RFC 3339 ``stageTimestamp``) is in bucket
+  0, unique by identity alone as before, since its time is its source's and a replay may bring
+  another (a tail without a time parser stamps the time it read; a time-keyed
+  ``(time_ns, ident)`` index was rejected for that). No row is rewritten for it: ``ibucket`` is
+  NULL for the native rows and for every row of a migrated store, where the key is the audit
+  row's time bucket (its time is its ``stageTimestamp`` there) or 0; the Python path, whose
+  record times are its source's, sets it. A lookup by identity must name the bucket
+  (:func:`ident_buckets`: one seek per bucket). Figures: docs/benchmarks.md ("Identity index").
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery).
@@ -115,6 +134,7 @@ from kubetrail.core.errors import RetryableError
 from kubetrail.core.kinds import resource_of_kind
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
+from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.transforms.kubernetes_audit import _Flat  # the filter's flat members, to find them
 
 try:  # optional (built from native/): a block's audit rows without the GIL (see "Speed" above)
@@ -129,11 +149,15 @@ APPLICATION_ID = 0x6B747231
 # Schema 2 (issue 21 item 6) added the alerts table: ALERTS_SCHEMA, _AlertProbe/_alert_row,
 # alert_columns and the INSERT_ALERT lines in StoreWriter._write are that part. Schema 3 replaced
 # the object index (name, resource, namespace, time_ns) by OBJECT_INDEX, led by the record's time
-# bucket (see "Steady state" above); check_store keeps the 1 -> 2 -> 3 steps.
+# bucket (see "Steady state" above). Schema 4 replaced the unique index on ident by IDENT_INDEX,
+# led by the bucket of a time the identity determines (see "Identity index" above), with the
+# column ibucket for the rows whose bucket is not the default; check_store keeps the 1 -> 2 -> 3
+# -> 4 steps.
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order: a change of INSERT's columns changes it too. It writes audit
-# rows only; every other kind (alert included) is decided by row_of, here.
-SCHEMA_VERSION = 3
+# rows only (their ibucket NULL: IDENT_KEY's default, the stageTimestamp's bucket); every other
+# kind (alert included) is decided by row_of, here, and written by INSERT_ROW with its ibucket.
+SCHEMA_VERSION = 4
 # The object index's leading key: the record's time bucket, 2^46 ns (19.5 hours; a shift floors
 # in SQLite and Python alike, negative times included), as an expression: no column to fill, the
 # INSERT unchanged. A query must spell it exactly so for SQLite to use the index.
@@ -143,6 +167,13 @@ OBJECT_INDEX = (
     f"CREATE INDEX IF NOT EXISTS records_object_bucket ON records ({BUCKET_KEY}, name, resource, namespace, time_ns)"
     " WHERE name IS NOT NULL"
 )
+# The identity index's leading key (schema 4): the bucket of a time the identity determines, so
+# that new keys land in the newest bucket's subtree instead of all over a B-tree of the whole
+# store. ``ibucket`` when the writer set it (the Python path always does, identity_bucket); NULL
+# (the native rows, and every row a schema-3 store held) means: an audit row's own time bucket
+# (its time is its stageTimestamp there), 0 for every other kind. Lookups by identity must name it.
+IDENT_KEY = f"ifnull(ibucket, CASE WHEN kind = 'audit' THEN {BUCKET_KEY} ELSE 0 END)"
+IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS records_ident_bucket ON records ({IDENT_KEY}, ident)"
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 
 SCHEMA = f"""
@@ -160,9 +191,10 @@ CREATE TABLE IF NOT EXISTS records (
     code INTEGER,
     reason TEXT,
     tag TEXT NOT NULL,
-    body BLOB NOT NULL
+    body BLOB NOT NULL,
+    ibucket INTEGER
 );
-CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident);
+{IDENT_INDEX};
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
 {OBJECT_INDEX};
 CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
@@ -187,11 +219,16 @@ BEGIN DELETE FROM alerts WHERE id = old.id; END;
 """
 INSERT_ALERT = (
     "INSERT OR IGNORE INTO alerts (id, audit_id, stage, rule, priority, level, tags, output)"
-    " SELECT id, ?, ?, ?, ?, ?, ?, ? FROM records WHERE ident = ? AND kind = 'alert'"
+    f" SELECT id, ?, ?, ?, ?, ?, ?, ? FROM records WHERE {IDENT_KEY} = 0 AND ident = ? AND kind = 'alert'"
 )
 INSERT = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
     " tag, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+)
+# The Python path's rows: a Row and its identity bucket (identity_bucket).
+INSERT_ROW = (
+    "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
+    " tag, body, ibucket) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
 
 
@@ -342,6 +379,35 @@ def audit_ident(audit_id: str, stage: str) -> bytes:
     filter gives that one; ``tail`` alone gives ``(file, offset)``), so the native block path and
     this one always agree and the same event from two sources is stored once."""
     return hashlib.blake2b(f"{audit_id}\x1f{stage}".encode(), digest_size=16).digest()
+
+
+class _Stamp(msgspec.Struct):
+    stageTimestamp: str | None = None
+
+
+_STAMP_DECODER = msgspec.json.Decoder(_Stamp)
+
+
+def identity_bucket(kind: str, body: bytes, times: TimeParser | None = None) -> int:
+    """The identity index's bucket of a stored row (the ``ibucket`` of :data:`IDENT_KEY`): what
+    every replay of the same identity, by whichever path, gives again, so that "a replay changes
+    nothing" holds for all time. An audit event's ``(auditID, stage)`` has one
+    ``stageTimestamp``, in the event the API server wrote (its webhook and its log give the same
+    text; the native rows' time is the same parse of it): that time's bucket. Every other row
+    gets 0, where the identity alone decides: an Event's ``(uid, resourceVersion)``, a log line's
+    ``(file, offset)``, an alert's ``(auditID, stage, rule)`` have times their source gives, which a
+    replay may give otherwise (a tail without a time parser stamps the time it read); so does an
+    audit event without a ``stageTimestamp`` in RFC 3339. ``times``: a parser to reuse (not
+    thread-safe: one per writer)."""
+    if kind != "audit":
+        return 0
+    try:
+        stamp = _STAMP_DECODER.decode(body).stageTimestamp
+        if stamp is None:
+            return 0
+        return (times or TimeParser()).parse_ns(stamp) >> BUCKET_BITS
+    except (msgspec.DecodeError, ValueError, OverflowError):
+        return 0
 
 
 def row_of(record: Record) -> Row:
@@ -549,15 +615,49 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
     if version < SCHEMA_VERSION and writable:
         # Schema 2 only adds the alerts table (readers of a schema-1 store find no alerts); 3
         # builds the bucket-led object index and drops the old one (readers of an older store query
-        # the old one: kubetrail.history.store). One transaction: a kill -9 during the index
-        # build (seconds per million records) leaves the old schema, built again next time.
+        # the old one: kubetrail.history.store); 4 adds ibucket (no row rewritten: NULL, the
+        # default bucket), sets it on the audit rows whose stageTimestamp's bucket is not their
+        # time's (a source that stamped them otherwise; none from tail's k8s_audit parser, the
+        # webhook or the native rows), builds the bucket-led identity index and drops the global
+        # one. One transaction: a kill -9 during the index builds (seconds per million records)
+        # leaves the old schema, built again next time.
         steps = (ALERTS_SCHEMA if version < 2 else "") + f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object;"
+        if version < 4:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+            times = TimeParser()
+
+            def bucket_of(kind: str, body: bytes) -> int:
+                return identity_bucket(kind, body, times)
+
+            conn.create_function("kubetrail_identity_bucket", 2, bucket_of, deterministic=True)
+            steps += (
+                ("" if "ibucket" in columns else "ALTER TABLE records ADD COLUMN ibucket INTEGER;")
+                + "UPDATE records SET ibucket = kubetrail_identity_bucket(kind, body)"
+                f" WHERE kind = 'audit' AND ibucket IS NULL AND kubetrail_identity_bucket(kind, body) != {BUCKET_KEY};"
+                + f"{IDENT_INDEX}; DROP INDEX IF EXISTS records_ident;"
+            )
         try:
             conn.executescript(f"BEGIN; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
+
+
+def ident_buckets(conn: sqlite3.Connection) -> list[int]:
+    """Every identity bucket a store of schema 4 holds (:data:`IDENT_KEY`), for a lookup by
+    identity (``WHERE IDENT_KEY IN (...) AND ident IN (...)``): one seek of the identity index
+    per bucket, a few dozen for a month of records."""
+    found: list[int] = []
+    after = -(1 << 62)
+    while True:
+        row = conn.execute(
+            f"SELECT {IDENT_KEY} FROM records WHERE {IDENT_KEY} > ? ORDER BY {IDENT_KEY} LIMIT 1", (after,)
+        ).fetchone()
+        if row is None:
+            return found
+        after = row[0]
+        found.append(after)
 
 
 def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
@@ -634,6 +734,7 @@ class StoreWriter:
         self.deleted = 0
         self._lock_fd: int | None = None
         self._write_lock = threading.Lock()
+        self._times = TimeParser()  # identity_bucket's, used under the write lock
         self.conn: sqlite3.Connection | None = None
 
     def open(self) -> None:
@@ -706,9 +807,10 @@ class StoreWriter:
         conn = self.conn
         assert conn is not None
         before = conn.total_changes
+        bucketed = [(*row, identity_bucket(row[2], row[12], self._times)) for row in rows]
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(INSERT, rows)
+            conn.executemany(INSERT_ROW, bucketed)
             added = conn.total_changes - before  # records only: the alerts table's rows are extra
             alerts = [row for row in rows if row[2] == "alert"]  # few: the detect filter's
             if alerts:

@@ -10,7 +10,9 @@
 //! record (the tests compare the two): identity `blake2b-128(auditID "\x1f" stage)`, time
 //! from `stageTimestamp` (as the `k8s_audit` parser and the webhook input take it), `"audit"`,
 //! user, verb, resource, namespace, name (a create's from its response), uid, code, no reason,
-//! the tag and the line's bytes.
+//! the tag and the line's bytes. The store's `ibucket` column is left NULL (the INSERT has no
+//! such value): the identity index then keys the row by its time's bucket, and its time is the
+//! `stageTimestamp`, the bucket the Python path gives the same event (`identity_bucket`).
 //!
 //! `StoreInserter` goes one step further: it decodes the blocks and inserts their rows itself,
 //! in one transaction on a connection of its own, with the GIL released from the first line to
