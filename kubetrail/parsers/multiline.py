@@ -23,22 +23,44 @@ Nothing delivered is sent twice, and no piece is lost.
 
 The hot loop is written for speed (one ``split`` per line, a one-entry cache for the whole-second
 part of the time); it is most of what tail + cri costs per line.
+
+**CRI as a block.** Where the native module has ``cri_join`` (``native/src/crilines.rs``),
+:meth:`ContainerLogJoiner.process_block` does what :meth:`~ContainerLogJoiner.process` does for
+a block of ``cri`` lines in one call: the fixed shape sliced, pieces joined per stream, and the
+finished records written as the JSON lines orjson would write for them, with each one's time and
+first piece's offset. The tail hands on a :class:`~kubetrail.core.block.ReadyBlock`, so a
+``plain`` output writes those bytes and no ``Record`` exists unless a filter asks for records
+(then each is built from its line, body decoded on first use). The state stays here: the pending
+messages go into the call and come back out (at most one per stream), so checkpoints, the flush
+timeout and :meth:`~ContainerLogJoiner.flush` are the same whichever path a block took. The
+record path stays for what the block path does not take: docker lines, the replay window after
+a restart (rare, and exact by construction there), a ``key`` that is one of the record's own
+fields, and an installation without the native module.
 """
 
 from __future__ import annotations
 
 import calendar
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
+from kubetrail.core.block import ReadyBlock
 from kubetrail.core.record import Record
 from kubetrail.parsers.timefmt import TimeParser
 
+try:  # optional (built from native/): a block of CRI lines joined and written in one call
+    from kubetrail_native import cri_join
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    cri_join = None
+
 FORMATS = ("cri", "docker")
 _STREAMS = {b"stdout": "stdout", b"stderr": "stderr"}
+_STREAM_NAMES = ("stdout", "stderr")  # cri_join's stream numbers
+_CRI_FIELDS = ("time", "stream", "_p")  # a key among these changes the record's layout
 _SLOW_TIMES = TimeParser()
 
 
@@ -85,6 +107,9 @@ class ContainerLogJoiner:
         self.replay_streams: dict[str, int] = {}  # ...except these streams' pieces from these offsets
         self._second_key = b""
         self._second_ns: int | None = None
+        # cri_join's part of each record after "_p": `"key":"` as orjson writes the key.
+        self._key_prefix = orjson.dumps({key: ""})[1:-2]
+        self.blocks = cri_join is not None and self.cri and not self.docker and key not in _CRI_FIELDS
 
     # -- checkpoint support ------------------------------------------------------------------
 
@@ -205,6 +230,50 @@ class ContainerLogJoiner:
         if replaying and position >= self.replay_until:
             self.replay_until = -1
         return records
+
+    def process_block(self, block: bytes, start: int, tag: str, stats: JoinStats) -> ReadyBlock | None:
+        """:meth:`process` of a block of whole lines (newline-terminated) that begins at file
+        offset ``start``, as a block of the finished records' JSON lines; None where only the
+        record path applies (see the module docstring)."""
+        if not self.blocks or self.replay_until > start:
+            return None
+        assert cri_join is not None
+        pending = self.pending
+        given = [
+            (_STREAM_NAMES.index(stream), p.start, p.time_text, p.time_ns, b"".join(p.parts), p.size, p.over)
+            for stream, p in pending.items()
+        ]
+        try:
+            data, time_bytes, offset_bytes, count, left, counts = cri_join(
+                block, start, self._key_prefix, self.max_size, self.truncate, time.time_ns(), given, self.time_ns
+            )
+        except OverflowError:  # a time beyond int64 ns (year 2262 on): Python's int holds it
+            return None
+        previous = dict(pending)
+        pending.clear()
+        for index, first, time_text, time_ns, joined, size, over in left:
+            stream = _STREAM_NAMES[index]
+            old = previous.get(stream)
+            # The same first piece is the same message: it keeps its age for the flush timeout.
+            since = old.since if old is not None and old.start == first else time.monotonic()
+            pending[stream] = _Pending(first, time_text, time_ns, since, [joined], size, over)
+        stats.bad_lines += counts[0]
+        stats.bad_times += counts[1]
+        stats.bad_utf8 += counts[2]
+        stats.long_skipped += counts[3]
+        stats.long_truncated += counts[4]
+        times, offsets = array("q"), array("q")
+        times.frombytes(time_bytes)
+        offsets.frombytes(offset_bytes)
+        uid = self.uid
+
+        def build() -> list[Record]:
+            lines = data.split(b"\n")  # one more than the records: the b"" after the last newline
+            return [Record(tag, ns, None, line, (uid, at)) for line, ns, at in zip(lines, times, offsets, strict=False)]
+
+        ready = ReadyBlock(data, count, build)
+        ready.times = times
+        return ready
 
     def _add(self, entry: _Pending, piece: bytes) -> None:
         if entry.over:

@@ -74,7 +74,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any, cast
 
 from kubetrail.core.acks import AckToken, OrderedAcks
-from kubetrail.core.block import TextBlock
+from kubetrail.core.block import ReadyBlock, TextBlock
 from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.config.compat import no_effect
 from kubetrail.core.errors import ConfigError
@@ -991,23 +991,38 @@ class TailSource(Source):
         """multiline.parser cri/docker: parse, join pieces per stream, remember what is pending."""
         joiner = tailed.joiner
         assert joiner is not None
+        stats = JoinStats()
+        if isinstance(joiner, ContainerLogJoiner) and not (self.path_key or self.offset_key):
+            # cri lines as one block of records' JSON lines (see parsers/multiline.py)
+            lines_at = block.find(b"\n") + 1 if skip_first else 0  # skip the rest of a too-long line
+            ready = joiner.process_block(block[lines_at:] if lines_at else block, start + lines_at, tailed.tag, stats)
+            if ready is not None:
+                if stats.any():
+                    self._join_stats(tailed, stats)
+                return self._container_batch(tailed, ready, end, len(block))
         lines = block.split(b"\n")
         lines.pop()
         if skip_first and lines:  # the rest of a line already reported as too long
             start += len(lines[0]) + 1
             del lines[0]
-        stats = JoinStats()
         records = joiner.process(lines, start, tailed.tag, stats)
         if stats.any():
             self._join_stats(tailed, stats)
         return self._container_batch(tailed, records, end, len(block))
 
-    def _container_batch(self, tailed: TailedFile, records: list[Record], end: int, size: int) -> Batch | None:
+    def _container_batch(
+        self, tailed: TailedFile, records: list[Record] | ReadyBlock, end: int, size: int
+    ) -> Batch | None:
         joiner = tailed.joiner
         assert joiner is not None
         if joiner.pending:
             tailed.marks[end] = joiner.pending_starts()
         token = tailed.acks.token(end, self._track(size))
+        if isinstance(records, ReadyBlock):
+            if not records.count:
+                token.seal()
+                return None
+            return Batch(tailed.tag, None, token, size, block=records)
         if not records:
             token.seal()
             return None

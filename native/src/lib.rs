@@ -30,6 +30,7 @@
 
 mod alerts;
 mod auditclass;
+mod crilines;
 mod fieldtext;
 mod httpbody;
 mod jsonesc;
@@ -1171,5 +1172,6 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<httpbody::FramedBody>()?;
     module.add_class::<multilines::LineRules>()?;
     module.add_function(wrap_pyfunction!(multilines::text_json_lines, module)?)?;
+    module.add_function(wrap_pyfunction!(crilines::cri_join, module)?)?;
     Ok(())
 }

@@ -1,0 +1,269 @@
+"""CRI lines as one block: ``ContainerLogJoiner.process_block`` (``kubetrail_native.cri_join``)
+against the record path (``ContainerLogJoiner.process``) on the same input.
+
+Every comparison is byte for byte: the JSON lines a ``plain`` output writes, each record's time,
+identity and body (built from the block on demand), the counters of bad input, and the pending
+messages left after each batch (the state checkpoints and the flush timeout are made of), then
+what a flush at the end sends. The input mixes every kind of line (pieces of stdout and stderr
+interleaved, bad lines, bad and odd times, invalid UTF-8, characters cut between pieces, long
+messages) and is cut into batches at random line boundaries, so pieces cross batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+import time
+from array import array
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from kubetrail.parsers import multiline
+from kubetrail.parsers.multiline import ContainerLogJoiner, JoinStats
+from tests import required
+from tests.unit.helpers import run_pipeline, tail_file_config
+
+native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
+if not hasattr(native, "cri_join"):  # an older build of the module
+    required.unavailable("kubetrail_native has no cri_join", kind="native", allow_module_level=True)
+
+NOW = 1_700_000_000_123_456_789  # time.time_ns() during a comparison: bad lines and bad times get it
+
+STAMPS: list[bytes] = [
+    b"2026-12-01T12:00:00.000000001Z",
+    b"2026-12-01T12:00:00.5Z",
+    b"2026-12-01T12:00:00.123456789123Z",  # more than 9 digits: cut to ns
+    b"2026-12-01T12:00:00Z",
+    b"2024-02-29T23:59:59.999Z",  # leap day
+    b"2026-12-31T23:59:60.1Z",  # a leap second, as strptime takes it
+    b"1969-07-20T20:17:40Z",  # before the epoch
+    b"2026-12-01T12:00:00.5+02:00",  # an offset: Python decides
+    b"2026-12-01T12:00:00-05:30",
+    b"2026-1-1T1:0:0",  # one-digit fields: Python decides
+    b"2026-12-01T12:00:00.Z",  # no digits: a bad time
+    b"2026-12-01T12:00:00.12aZ",
+    b"2026-02-30T12:00:00Z",  # no such day
+    b"2026-13-01T12:00:00Z",
+    b"2026-12-01T24:00:00Z",
+    b"0000-01-01T00:00:00Z",
+    b"2026-12-01T12:00:00z",
+    "2026-12-01T12:00:00\u00e9Z".encode(),  # not ASCII: the time text gets U+FFFD per byte
+    b"yesterday",
+    b"",
+]
+
+MESSAGES: list[bytes] = [
+    b'level=info msg="request handled" path=/api/v1/items/1 took=0.6614',
+    b'quote " backslash \\ tab \t bell \x07 esc \x1b del \x7f',
+    b"ends with CR\r",
+    "caf\u00e9 \u65e5\u672c \U0001f600".encode(),
+    b"broken \xff\xfe utf-8 \xc3(",
+    b"",
+    b" leading space",
+    b"x" * 70,  # over the small max_size
+    "\u00e9".encode() * 30,  # 60 bytes of two-byte characters: a cut must not split one
+]
+
+
+def cri_lines(rnd: random.Random, count: int) -> list[bytes]:
+    """``count`` lines of every kind, pieces of stdout and stderr interleaved."""
+    lines: list[bytes] = []
+    for _ in range(count):
+        kind = rnd.random()
+        stream = rnd.choice([b"stdout", b"stderr"])
+        stamp = rnd.choice(STAMPS) if rnd.random() < 0.3 else STAMPS[0]
+        message = rnd.choice(MESSAGES)
+        if kind < 0.45:
+            lines.append(b" ".join([stamp, stream, b"F", message]))
+        elif kind < 0.75:  # a message in pieces, the last maybe never written
+            cut = rnd.randint(0, len(message))
+            lines.append(b" ".join([stamp, stream, b"P", message[:cut]]))
+            if rnd.random() < 0.8:
+                lines.append(b" ".join([stamp, stream, b"F", message[cut:]]))
+        else:
+            lines.append(
+                rnd.choice(
+                    [
+                        b"",  # skipped
+                        stamp + b" " + stream + b" F",  # three parts: an empty message
+                        stamp + b" stdin F wrong stream",
+                        stamp + b" " + stream + b" X wrong flag",
+                        stamp + b"  " + stream + b" F two spaces",
+                        b"not a container log line",
+                        b"two words",
+                        b"\xff\xfe not utf-8 and not cri",
+                        b'{"log":"a docker line under cri","stream":"stdout"}',
+                    ]
+                )
+            )
+    return lines
+
+
+def state(joiner: ContainerLogJoiner) -> dict[str, tuple[Any, ...]]:
+    """The pending messages as checkpoints and flushes see them."""
+    return {
+        stream: (p.start, p.time_text, p.time_ns, b"".join(p.parts), p.size, p.over)
+        for stream, p in joiner.pending.items()
+    }
+
+
+def compare(lines: list[bytes], cuts: list[int], max_size: int, truncate: bool) -> int:
+    """Both paths over ``lines`` cut into batches at ``cuts``; returns the records compared."""
+    records_path = ContainerLogJoiner(("cri",), max_size, truncate, "log", "uid")
+    block_path = ContainerLogJoiner(("cri",), max_size, truncate, "log", "uid")
+    assert block_path.blocks
+    compared, offset = 0, 1000
+    bounds = [0, *cuts, len(lines)]
+    for begin, end in itertools.pairwise(bounds):
+        block = b"".join(line + b"\n" for line in lines[begin:end])
+        expected_stats, got_stats = JoinStats(), JoinStats()
+        expected = records_path.process(lines[begin:end], offset, "kube.x", expected_stats)
+        ready = block_path.process_block(block, offset, "kube.x", got_stats)
+        assert ready is not None
+        assert ready.data() == b"".join(orjson.dumps(r.body) + b"\n" for r in expected)
+        assert ready.count == len(expected)
+        assert list(ready.line_times() or []) == [r.time_ns for r in expected]
+        built = ready.records()
+        assert built is not None
+        assert [(r.tag, r.time_ns, r.identity, r.body) for r in built] == [
+            (r.tag, r.time_ns, r.identity, r.body) for r in expected
+        ]
+        assert got_stats == expected_stats
+        assert state(block_path) == state(records_path)
+        compared += len(expected)
+        offset += len(block)
+    expected_stats, got_stats = JoinStats(), JoinStats()
+    flushed = records_path.flush(float("inf"), "kube.x", expected_stats)
+    assert [(r.time_ns, r.identity, r.body) for r in block_path.flush(float("inf"), "kube.x", got_stats)] == [
+        (r.time_ns, r.identity, r.body) for r in flushed
+    ]
+    assert got_stats == expected_stats
+    return compared + len(flushed)
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize(("max_size", "truncate"), [(4 * 1024 * 1024, False), (40, False), (40, True)])
+def test_random_batches_give_what_the_record_path_gives(
+    seed: int, max_size: int, truncate: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    rnd = random.Random(seed * 7 + max_size)
+    lines = cri_lines(rnd, 400)
+    cuts = sorted(rnd.sample(range(1, len(lines)), 25))
+    assert compare(lines, cuts, max_size, truncate) > 200  # fewer where long messages are skipped
+
+
+def test_pieces_across_batches_and_a_p_without_f_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    t = STAMPS[0]
+    lines = [
+        t + b" stdout P one ",
+        t + b" stderr P err ",
+        t + b" stdout P two ",
+        t + b" stdout F three",  # ends stdout's message in a later batch
+        t + b" stderr P \xc3",  # a character cut between pieces comes out whole
+        t + b" stderr F \xa9 end",
+        t + b" stdout P never ends",
+    ]
+    assert compare(lines, [1, 3, 5], 4 * 1024 * 1024, False) == 3  # stdout, stderr, the flushed one
+
+
+def test_stamps_are_timed_as_python_times_them() -> None:
+    """Every stamp of the list, and a spread of valid ones, timed natively where the shape is
+    the common one (no call into Python for it) and by Python's own parser otherwise."""
+    rnd = random.Random(3)
+    stamps = list(STAMPS)
+    for _ in range(300):
+        year, month = rnd.randint(1678, 2261), rnd.randint(1, 12)  # ns since 1970 fit in 64 bits
+        digits = "".join(rnd.choice("0123456789") for _ in range(rnd.randint(1, 12)))
+        fraction = rnd.choice(["", "." + digits])
+        stamp = f"{year:04d}-{month:02d}-{rnd.randint(1, 31):02d}T{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}"
+        stamps.append(f"{stamp}:{rnd.randint(0, 61):02d}{fraction}Z".encode())
+    reference = ContainerLogJoiner(("cri",), 1 << 20, False, "log", "u")
+    asked: list[bytes] = []
+
+    def time_of(stamp: bytes) -> int | None:
+        asked.append(stamp)
+        return reference.time_ns(stamp)
+
+    block = b"".join(stamp + b" stdout F m\n" for stamp in stamps)
+    _, times, _, count, _, (bad_lines, bad_times, *_) = native.cri_join(
+        block, 0, b'"log":"', 1 << 20, False, -1, [], time_of
+    )
+    expected = [reference.time_ns(stamp) for stamp in stamps]
+    got = array("q")
+    got.frombytes(times)
+    assert (count, bad_lines) == (len(stamps), 0)  # an empty stamp is a bad time, not a bad line
+    assert list(got) == [-1 if ns is None else ns for ns in expected]
+    assert bad_times == sum(ns is None for ns in expected) > 5
+    common = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z")
+    assert not [s for s in asked if common.fullmatch(s) and reference.time_ns(s) is not None]
+    assert b"2026-12-01T12:00:00.5+02:00" in asked  # the rest is Python's
+
+
+def test_a_time_beyond_64_bits_of_ns_leaves_the_block_to_the_record_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python's int takes year 9999 in ns, an int64 array does not: that block goes line by
+    line, and the joiner's state is untouched by the try."""
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    joiner = ContainerLogJoiner(("cri",), 1 << 20, False, "log", "u")
+    assert joiner.process_block(STAMPS[0] + b" stdout P open\n", 0, "t", JoinStats()) is not None
+    before = state(joiner)
+    for stamp in (b"9999-12-31T23:59:59Z", b"1000-01-01T00:00:00Z", b"9999-12-31T23:59:59+01:00"):
+        assert joiner.process_block(stamp + b" stderr F far\n", 100, "t", JoinStats()) is None
+        assert state(joiner) == before
+    assert joiner.process([b"9999-12-31T23:59:59Z stderr F far"], 100, "t", JoinStats())[0].time_ns > 2**63
+
+
+def test_a_key_among_the_record_s_fields_or_docker_stays_on_the_record_path() -> None:
+    assert ContainerLogJoiner(("cri",), 100, False, "log", "u").blocks
+    assert not ContainerLogJoiner(("cri",), 100, False, "time", "u").blocks
+    assert not ContainerLogJoiner(("docker", "cri"), 100, False, "log", "u").blocks
+    replaying = ContainerLogJoiner(("cri",), 100, False, "log", "u")
+    replaying.replay(500, {"stdout": 300})
+    assert replaying.process_block(b"x\n", 400, "t", JoinStats()) is None  # inside the replay window
+    assert replaying.process_block(b"x\n", 500, "t", JoinStats()) is not None
+
+
+@pytest.mark.parametrize("filters", ["", "[FILTER]\n    name modify\n    match *\n    add  cluster one\n"])
+async def test_tail_to_file_writes_the_same_bytes_either_way(
+    tmp_path: Path, filters: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole pipeline, reads of 1 KiB so lines and pieces cross reads, a P whose F never
+    comes (flushed at EOF with ``_p: P``); with a filter that works on records, the block's
+    records are built from its lines. The record path is the same code without ``cri_join``."""
+    rnd = random.Random(11)
+    lines = cri_lines(rnd, 600)
+    log = tmp_path / "c.log"
+    log.write_bytes(b"".join(line + b"\n" for line in lines) + STAMPS[0] + b" stdout P last words\n")
+    extra = "    multiline.parser cri\n    batch_size 1k\n    buffer_chunk_size 1k\n    buffer_max_size 64\n"
+    outputs = []
+    blocks: list[int] = []
+    process_block = ContainerLogJoiner.process_block
+
+    def counted(joiner: ContainerLogJoiner, *args: Any) -> Any:
+        ready = process_block(joiner, *args)
+        blocks.append(ready is not None)
+        return ready
+
+    for native_path in (True, False):
+        work = tmp_path / ("block" if native_path else "records")
+        work.mkdir()
+        with monkeypatch.context() as patch:
+            patch.setattr(ContainerLogJoiner, "process_block", counted)
+            if not native_path:
+                patch.setattr(multiline, "cri_join", None)
+            config = tail_file_config(work, log, tag="kube.x", input_extra=extra, filters=filters)
+            await run_pipeline(config)
+        outputs.append((work / "out" / "out.jsonl").read_bytes())
+    block_out, record_out = outputs
+    assert sum(blocks) > 30  # the first run took the block path (every read), the second none
+    assert block_out == record_out
+    last = orjson.loads(block_out.splitlines()[-1])
+    assert last["_p"] == "P" and last["log"].endswith("last words")
+    assert len(block_out.splitlines()) > 400
+    if filters:
+        assert all(orjson.loads(line)["cluster"] == "one" for line in block_out.splitlines())
