@@ -50,7 +50,7 @@ from typing import Any
 import orjson
 
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
-from kubetrail.sinks.sqlite import BUCKET_BITS, BUCKET_KEY, StoreError, open_reader
+from kubetrail.sinks.sqlite import BUCKET_BITS, BUCKET_KEY, IDENT_KEY, StoreError, ident_buckets, open_reader
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
 WORKLOADS = ("deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs")
@@ -309,7 +309,9 @@ class StoreBackend:
 
     def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]:
         """The audit records (every stage stored) of these auditIDs: found by their identity
-        ``(auditID, stage)``, the unique index every row has, so no column is needed for it."""
+        ``(auditID, stage)``, the unique index every row has, so no column is needed for it.
+        Schema 4's identity index is led by a bucket: every bucket the store holds is named
+        (listed by a seek each), else SQLite would scan the whole index."""
         from kubetrail.core.record import Record, identity_key
 
         idents = [
@@ -317,11 +319,13 @@ class StoreBackend:
             for audit_id in audit_ids
             for stage in STAGES
         ]
+        buckets = ident_buckets(self.conn) if idents and self._has("index", "records_ident_bucket") else []
+        in_buckets = f"{IDENT_KEY} IN ({','.join(map(str, buckets))}) AND " if buckets else ""
         out: list[StoredRecord] = []
         for start in range(0, len(idents), 400):
             chunk = idents[start : start + 400]
             out += self._rows(
-                f"SELECT id, time_ns, kind, body FROM records WHERE ident IN ({','.join('?' * len(chunk))})"
+                f"SELECT id, time_ns, kind, body FROM records WHERE {in_buckets}ident IN ({','.join('?' * len(chunk))})"
                 " AND kind = 'audit'",
                 chunk,
             )

@@ -288,3 +288,24 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
         columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
         assert "ibucket" not in columns  # the ALTER TABLE rolled back with the rest
         assert conn.execute(f"SELECT {COLUMNS} FROM records ORDER BY id").fetchall() == rows
+
+
+def test_audit_records_are_found_by_identity_in_every_bucket(tmp_path: Path) -> None:
+    """``triggers_of`` (an alert's audit records) names every bucket: records on both sides of
+    bucket boundaries, in bucket 0 and restamped ones are all found, as on a schema 3 store."""
+    lines = [*boundary_lines(), _audit_line(93, stageTimestamp=None)]
+    rows, records = _v3_rows(lines)
+    v3, v4 = tmp_path / "v3.db", tmp_path / "v4.db"
+    _v3_store(v3, rows)
+    asyncio.run(write_all(v4, Batch("t", records)))
+    ids = [f"a-{n}" for n in range(len(boundary_lines()))] + ["a-92", "a-93", "a-none"]
+    found = {}
+    for path in (v3, v4):
+        backend = StoreBackend(path)
+        try:
+            found[path] = sorted((r.body["auditID"], r.time_ns) for r in backend.triggers_of(ids))
+        finally:
+            backend.close()
+    expected = sorted((r.body["auditID"], r.time_ns) for r in records if r.body.get("auditID") in ids)
+    assert found[v3] == found[v4] == expected
+    assert len(expected) == len(lines) + 1  # a-92 is _v3_rows' own untimed event
