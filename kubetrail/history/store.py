@@ -37,7 +37,6 @@ object or the user come with the range scan as any record. A store of schema 1 h
 
 from __future__ import annotations
 
-import functools
 import os
 import sqlite3
 import threading
@@ -58,7 +57,6 @@ MUTATING = ("create", "update", "patch", "delete", "deletecollection")
 BODY_READERS = 8  # connections reading a long answer's bodies at once (see above)
 PARALLEL_FROM = 64  # rows; fewer are read by the backend's own connection
 IN_CHUNK = 500  # ids per "id IN (...)": well under SQLite's limit on parameters
-PARALLEL_BUCKETS = 4  # a group of this many buckets or more is scanned by the body readers at once
 MAX_BUCKETS = 1_000  # time buckets listed without looking (19.5 hours each: 2.2 years)
 
 
@@ -190,35 +188,26 @@ class StoreBackend:
         if buckets is None or not self.by_bucket:
             sql = f"SELECT id FROM records WHERE {where}{clause} ORDER BY time_ns DESC LIMIT ?"
             return self._ids(sql, [*params, *time_params, limit])
-        # The newest bucket first, then 4, 16, 64... at a time: an object written every second
-        # stops after its last bucket or two, one written once a week costs few statements. A
-        # group's buckets are scanned by the body readers at once: out of the page cache each
-        # bucket is a read of its own (one disk read at a time would add ~0.2 ms per bucket).
-        found: list[tuple[int, int]] = []
-
-        def scan(conn: sqlite3.Connection, part: list[int], want: int) -> list[tuple[int, int]]:
-            sql = (
-                f"SELECT id, time_ns FROM records WHERE {BUCKET_KEY} IN ({','.join('?' * len(part))})"
-                f" AND {where}{clause} ORDER BY time_ns DESC LIMIT ?"
-            )
-            return conn.execute(sql, [*part, *params, *time_params, want]).fetchall()
-
+        # The newest bucket first, then 4, 16, 64... at a time, a statement each on this
+        # connection: an object written every second stops after its last bucket or two, one
+        # written once a week costs few statements. The groups were scanned by the body readers
+        # at once until measured (cold, 10M records, load 7-8): as fast in wall time (p50 24.6
+        # against 24.5 ms, 14.1 against 17.9 in another run), half the CPU (6-7 ms against
+        # 14.5-15), and warm 2.0 against 8.7 ms (docs/benchmarks.md, "Cold queries").
+        found: list[int] = []
         start, size = 0, 1
         try:
             while start < len(buckets) and len(found) < limit:
-                group, want = buckets[start : start + size], limit - len(found)
-                if len(group) < PARALLEL_BUCKETS:
-                    rows = scan(self.conn, group, want)
-                else:
-                    parts = [group[n::BODY_READERS] for n in range(BODY_READERS)]
-                    done = self._map(functools.partial(self._scan_part, scan, want), parts)
-                    rows = [row for part in done for row in part]
-                    rows.sort(key=lambda row: (-row[1], -row[0]))  # newest first, as one statement gives them
-                found += rows[:want]
+                group = buckets[start : start + size]
+                sql = (
+                    f"SELECT id FROM records WHERE {BUCKET_KEY} IN ({','.join('?' * len(group))})"
+                    f" AND {where}{clause} ORDER BY time_ns DESC LIMIT ?"
+                )
+                found += [row[0] for row in self.conn.execute(sql, [*group, *params, *time_params, limit - len(found)])]
                 start, size = start + size, size * 4
         except sqlite3.DatabaseError as exc:
             raise HistoryError(f"cannot read store {self.path}: {exc}") from None
-        return [row[0] for row in found]
+        return found
 
     def _records(self, ids: list[int]) -> list[StoredRecord]:
         """The records of ``ids``, oldest first (ties by id), their bodies read in file order,
@@ -241,9 +230,6 @@ class StoreBackend:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(BODY_READERS, thread_name_prefix="store-reader")
         return list(self._pool.map(work, [part for part in parts if part]))
-
-    def _scan_part(self, scan: Callable[..., list[Any]], want: int, part: list[int]) -> list[Any]:
-        return scan(self._reader(), part, want)
 
     def _reader(self) -> sqlite3.Connection:
         """This pool thread's own read-only connection."""
