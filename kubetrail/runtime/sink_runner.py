@@ -23,7 +23,8 @@ own worker, so with several workers the others keep delivering.
 
 A sink that can write several batches in one call (``Sink.group_key`` / ``write_group``: the
 file output, one fsync for batches queued for the same file) gets the batches queued right
-behind the one a worker takes, up to half the buffer (GROUP_MAX_BATCHES, GROUP_MAX_BYTES): a
+behind the one a worker takes, up to half the buffer (GROUP_MAX_BATCHES, GROUP_MAX_BYTES, or a
+lower ``group_max_bytes`` of the sink's own: the http output, one request per group): a
 group commit, so the fsyncs stop limiting a busy output; the other half fills meanwhile. Each
 batch of a group is acknowledged after the group's write; a failed group write leaves nothing
 behind and its batches then go through the per-batch policy above, one by one.
@@ -225,11 +226,15 @@ class SinkRunner:
             return group, None, False
         assert group_key is not None  # a key came from it
         size = batch.size_bytes
-        while len(group) < self._group_max and size < GROUP_MAX_BYTES and not self._queue.empty():
+        # A sink may cap its groups lower (``group_max_bytes``: the http output keeps a request
+        # within a Fluent Bit chunk's size); a batch then joins only if the group stays within.
+        cap: int | None = getattr(self.sink, "group_max_bytes", None)
+        limit = GROUP_MAX_BYTES if cap is None else min(cap, GROUP_MAX_BYTES)
+        while len(group) < self._group_max and size < limit and not self._queue.empty():
             more = self._queue.get_nowait()
             if more is None:
                 return group, None, True
-            if group_key(more) != key:
+            if group_key(more) != key or (cap is not None and size + more.size_bytes > limit):
                 return group, more, False
             group.append(more)
             size += more.size_bytes

@@ -1,4 +1,4 @@
-"""The ``http`` output: one POST (or PUT) per batch, with Fluent Bit's options.
+"""The ``http`` output: one POST (or PUT) per batch or group of batches, with Fluent Bit's options.
 
 Formats are Fluent Bit's JSON family (``json``, ``json_lines``, ``json_stream``) encoded by
 :mod:`kubetrail.sinks.json_format`, the same code as ``stdout``; an unmodified batch in
@@ -17,6 +17,16 @@ connection, writes prefixes and lines to the socket with ``writev`` straight fro
 Every request filled a buffer as large as its batch before (and aiohttp joined it with the
 headers into a second one), which cost more CPU than the send itself. The bytes on the wire are
 the same as ``encode_batch``'s (tests compare them); gzip and TLS take the framed bytes.
+
+Batches queued one behind the other share one request (``group_key`` / ``write_group``, the
+sink runner's group write) up to ``group_max_bytes`` of input, 2 MiB: about one Fluent Bit
+chunk, the most Fluent Bit's http output sends in one request, so a receiver sized for Fluent
+Bit takes them. Each request cost ~0.2 ms of CPU here whatever its size (aiohttp's Python and
+the kernel's loopback path), about 50 ms over 266 MB in 1 MiB batches; half as many requests
+save half of that. The bodies are joined natively (``FramedBody.join``: no line copied; one
+array for ``json``). A failed request delivered nothing, and the runner then sends each batch
+on its own. ``json_lines`` without a date key is not grouped: its body is the block itself,
+and joining blocks would copy every byte.
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ from kubetrail.sinks.json_format import (
     JSON_DATE_OPTIONS,
     JSON_FORMATS,
     block_frame_args,
+    block_framing,
     date_key_option,
     encode_batch,
 )
@@ -54,6 +65,9 @@ CONTENT_TYPES = {
 class HttpOutputSink(HttpSink):
     plugin_name = "http"
     description = "POSTs each batch as JSON to an HTTP endpoint"
+    # Batches queued together share a request up to this many input bytes: about a Fluent Bit
+    # chunk (2 MB), the most its http output sends at once, so no receiver sees bigger bodies.
+    group_max_bytes = 2 * 1024 * 1024
     options = (
         *client_options(80, "/", bearer_token=True),
         Option(
@@ -131,6 +145,9 @@ class HttpOutputSink(HttpSink):
         self.method: str = config["http_method"].upper()
         self.header_tag: str | None = config["header_tag"] or None
         self.content_type = CONTENT_TYPES[self.format]
+        spec = block_framing(self.format, None, self.date_format)
+        assert spec is not None  # without a date key every JSON format has a framing
+        self.join = spec[2]  # how the format joins records: a line each, one array, back to back
 
     def body(self, batch: Batch) -> Body:
         """The request body: a block framed natively where it can be (see the module
@@ -145,6 +162,35 @@ class HttpOutputSink(HttpSink):
         return encode_batch(batch, self.format, self.date_key, self.date_format)
 
     async def write(self, batch: Batch) -> None:
-        body = self.body(batch)
-        headers = {self.header_tag: batch.tag} if self.header_tag else None
+        await self.write_group([batch])
+
+    def group_key(self, batch: Batch) -> object | None:
+        """Batches queued one behind the other go out in one request (see the module
+        docstring) where their bodies are framed natively (joined without copying a line);
+        with ``header_tag`` only batches of one tag, since the header names one."""
+        if FramedBody is None or (self.format == "json_lines" and self.date_key is None):
+            return None  # the body is the block itself: joining would copy every byte
+        return batch.tag if self.header_tag else ""
+
+    async def write_group(self, batches: list[Batch]) -> None:
+        """One request for ``batches`` (all delivered by its 2xx, or none: the runner then
+        sends each again on its own)."""
+        body = self.joined_body([self.body(batch) for batch in batches])
+        headers = {self.header_tag: batches[0].tag} if self.header_tag else None
         await self.http.send(self.method, None, body, content_type=self.content_type, headers=headers)
+
+    def joined_body(self, bodies: list[Body]) -> Body:
+        """The bodies of several batches as the body of one batch holding all their records:
+        natively without copying a line, else as bytes (``json``: one array)."""
+        if len(bodies) == 1:
+            return bodies[0]
+        join = self.join
+        if FramedBody is not None and not any(isinstance(body, bytes) for body in bodies):
+            joined: Body | None = FramedBody.join(bodies, join)
+            if joined is not None:
+                return joined
+        data = [body if isinstance(body, bytes) else body.tobytes() for body in bodies]
+        if join != 1:
+            return b"".join(data)
+        inner = [body[1:-2] for body in data if body != b"[]\n"]  # each is "[...]\n"
+        return b"[" + b",".join(inner) + b"]\n"

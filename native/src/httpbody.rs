@@ -30,10 +30,11 @@ const IOV_MAX: usize = 1024;
 
 #[pyclass(module = "kubetrail_native", frozen)]
 pub struct FramedBody {
-    /// The block the lines are taken from (kept alive: `bodies` are ranges into it).
-    block: Py<PyBytes>,
-    /// Per line, the range of the block written after its glue.
-    bodies: Vec<(usize, usize)>,
+    /// The blocks the lines are taken from (kept alive: `bodies` are ranges into them); one,
+    /// or several for a body that `join` made of several batches.
+    blocks: Vec<Py<PyBytes>>,
+    /// Per line, the block and the range of it written after its glue.
+    bodies: Vec<(usize, usize, usize)>,
     /// The glues back to back (see `Frames`); `ends[k]` is where glue k ends.
     glue: Vec<u8>,
     ends: Vec<usize>,
@@ -43,7 +44,7 @@ pub struct FramedBody {
 impl FramedBody {
     /// Every non-empty piece in order: `head` (the request's headers, or nothing), then the
     /// body's glue 0, line 0, glue 1, ..., glue n.
-    fn pieces<'s>(&'s self, block: &'s [u8], head: &'s [u8]) -> Vec<&'s [u8]> {
+    fn pieces<'s>(&'s self, blocks: &[&'s [u8]], head: &'s [u8]) -> Vec<&'s [u8]> {
         let mut out: Vec<&[u8]> = Vec::with_capacity(self.bodies.len() * 2 + 2);
         let mut push = |piece: &'s [u8]| {
             if !piece.is_empty() {
@@ -52,18 +53,28 @@ impl FramedBody {
         };
         push(head);
         push(&self.glue[..self.ends[0]]);
-        for (i, &(start, end)) in self.bodies.iter().enumerate() {
-            push(&block[start..end]);
+        for (i, &(block, start, end)) in self.bodies.iter().enumerate() {
+            push(&blocks[block][start..end]);
             push(&self.glue[self.ends[i]..self.ends[i + 1]]);
         }
         out
     }
 
+    /// The blocks' bytes, in `blocks` order.
+    fn datas<'s>(&'s self, py: Python<'s>) -> Vec<&'s [u8]> {
+        self.blocks.iter().map(|block| block.as_bytes(py)).collect()
+    }
+
     /// The pieces from byte `offset` of `head` + body on (the first one cut where it starts).
-    fn pieces_from<'s>(&'s self, block: &'s [u8], head: &'s [u8], offset: usize) -> Vec<&'s [u8]> {
+    fn pieces_from<'s>(
+        &'s self,
+        blocks: &[&'s [u8]],
+        head: &'s [u8],
+        offset: usize,
+    ) -> Vec<&'s [u8]> {
         let mut at = 0usize;
         let mut out = Vec::new();
-        for piece in self.pieces(block, head) {
+        for piece in self.pieces(blocks, head) {
             let end = at + piece.len();
             if end > offset {
                 out.push(&piece[offset.saturating_sub(at)..]);
@@ -96,22 +107,88 @@ impl FramedBody {
             ends,
         } = Frames::new(data, times, style, text, 0, join)?;
         // Each line is a sub-slice of the block: keep where it lies, not the borrow.
-        let bodies: Vec<(usize, usize)> = lines
+        let bodies: Vec<(usize, usize, usize)> = lines
             .iter()
             .map(|line| {
                 let start = line.as_ptr() as usize - base;
-                (start, start + line.len())
+                (0, start, start + line.len())
             })
             .collect();
         drop(lines);
-        let size = glue.len() + bodies.iter().map(|(s, e)| e - s).sum::<usize>();
+        let size = glue.len() + bodies.iter().map(|(_, s, e)| e - s).sum::<usize>();
         Some(Self {
-            block: block.unbind(),
+            blocks: vec![block.unbind()],
             bodies,
             glue,
             ends,
             size,
         })
+    }
+
+    /// One body of several batches' bodies (each from `build` with the same `join`), as
+    /// `build` would frame their blocks joined: for `join` 1 (`json`) one array, the first
+    /// body's `]` and the next one's `[` turned into a `,`; otherwise the bodies back to back.
+    /// A body without lines adds nothing. No line is copied: the result keeps every block.
+    /// None when a body does not have the shape `join` says (the caller then joins bytes).
+    #[staticmethod]
+    fn join(py: Python<'_>, parts: Vec<PyRef<'_, FramedBody>>, join: u8) -> Option<Self> {
+        let (open, close): (&[u8], &[u8]) = if join == 1 {
+            (b"[", b"]\n")
+        } else {
+            (b"", b"")
+        };
+        let full: Vec<&FramedBody> = parts
+            .iter()
+            .map(|p| &**p)
+            .filter(|p| !p.bodies.is_empty())
+            .collect();
+        let Some(first) = parts.first() else {
+            return None;
+        };
+        if full.is_empty() {
+            return Some(Self {
+                blocks: first.blocks.iter().map(|b| b.clone_ref(py)).collect(),
+                bodies: Vec::new(),
+                glue: first.glue.clone(),
+                ends: first.ends.clone(),
+                size: first.size,
+            });
+        }
+        let mut out = Self {
+            blocks: Vec::new(),
+            bodies: Vec::with_capacity(full.iter().map(|p| p.bodies.len()).sum()),
+            glue: Vec::with_capacity(full.iter().map(|p| p.glue.len()).sum()),
+            ends: Vec::new(),
+            size: 0,
+        };
+        out.ends.reserve(out.bodies.capacity() + 1);
+        for (k, part) in full.iter().enumerate() {
+            let base = out.blocks.len();
+            out.blocks
+                .extend(part.blocks.iter().map(|b| b.clone_ref(py)));
+            let mut head = &part.glue[..part.ends[0]];
+            if k > 0 {
+                // The previous body's closing glue, already in `out.glue`, lost its `]`.
+                head = head.strip_prefix(open)?;
+                if join == 1 {
+                    out.glue.push(b',');
+                }
+            }
+            out.glue.extend_from_slice(head);
+            let last = part.bodies.len() - 1;
+            for (i, &(block, start, end)) in part.bodies.iter().enumerate() {
+                out.ends.push(out.glue.len());
+                out.bodies.push((base + block, start, end));
+                let mut tail = &part.glue[part.ends[i]..part.ends[i + 1]];
+                if i == last && k + 1 < full.len() {
+                    tail = tail.strip_suffix(close)?;
+                }
+                out.glue.extend_from_slice(tail);
+            }
+        }
+        out.ends.push(out.glue.len());
+        out.size = out.glue.len() + out.bodies.iter().map(|(_, s, e)| e - s).sum::<usize>();
+        Some(out)
     }
 
     /// Bytes in the body.
@@ -131,7 +208,8 @@ impl FramedBody {
     /// over `head` + body). Other errors are raised as `OSError`.
     #[pyo3(signature = (fd, offset, head=None))]
     fn send(&self, py: Python<'_>, fd: i32, offset: usize, head: Option<&[u8]>) -> PyResult<usize> {
-        let pieces = self.pieces_from(self.block.as_bytes(py), head.unwrap_or(b""), offset);
+        let blocks = self.datas(py);
+        let pieces = self.pieces_from(&blocks, head.unwrap_or(b""), offset);
         py.detach(|| {
             // SAFETY: the descriptor is the caller's open socket; ManuallyDrop never closes it.
             let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
@@ -180,7 +258,8 @@ impl FramedBody {
     /// the transport to queue (or the whole body, for a TLS connection).
     #[pyo3(signature = (offset=0))]
     fn tobytes<'py>(&self, py: Python<'py>, offset: usize) -> PyResult<Bound<'py, PyBytes>> {
-        let pieces = self.pieces_from(self.block.as_bytes(py), b"", offset);
+        let blocks = self.datas(py);
+        let pieces = self.pieces_from(&blocks, b"", offset);
         let total = self.size.saturating_sub(offset);
         let pieces = &pieces;
         new_bytes_filled(py, total, move |out| {

@@ -32,6 +32,7 @@ mod alerts;
 mod auditclass;
 mod crilines;
 mod fieldtext;
+mod framedcopy;
 mod httpbody;
 mod jsonesc;
 mod jsonlines;
@@ -1165,6 +1166,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(jsonlines::frame_lines, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::write_framed, module)?)?;
+    module.add_function(wrap_pyfunction!(framedcopy::write_framed_buffered, module)?)?;
     module.add_class::<timefmt::TimeFormat>()?;
     module.add_function(wrap_pyfunction!(storerows::audit_store_rows, module)?)?;
     module.add_class::<storerows::StoreInserter>()?;

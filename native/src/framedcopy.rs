@@ -1,0 +1,146 @@
+//! `out_file` and `msgpack` text (`[N] TAG: [S.NNNNNNNNN, LINE]`) written to a file descriptor
+//! through one small reused buffer, in a single pass over the block.
+//!
+//! Why not `write_framed` (`jsonlines.rs`, `writev` straight from the block): that path first
+//! builds `Frames` (a slice list and a prefix buffer for every line, the numbers formatted
+//! through 128-bit division) and then hands the kernel two or three slices per line. For the
+//! `stdout` output's `msgpack` text of 300,000 audit lines (266 MB) that cost ~0.07 s of CPU
+//! more than writing the block itself (`format plain`), measured in one process: ~0.05 s user
+//! (the frames) and the rest in the kernel's per-slice copy. Here each line's prefix is
+//! formatted with 64-bit arithmetic straight into a 256 KiB buffer that stays in the CPU's
+//! cache, the line copied after it, and the buffer written with plain `write` when full: one
+//! copy of the lines in user space (cheap while the buffer is cache-resident) against no
+//! per-line bookkeeping and one large slice per system call. A line larger than the buffer
+//! goes to the kernel from the block itself. Measured in one process on the same blocks (CPU s,
+//! 3 rounds): the block's own `write` 0.058-0.062, `write_framed` 0.123-0.132, this 0.099-0.103.
+//!
+//! The text is byte for byte what `Frames` writes for styles 0 and 1 (tests compare both); a
+//! block that `Frames` would refuse (lines and times that do not pair up, no final newline) is
+//! refused here before anything is written.
+
+use std::cell::RefCell;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::block_lines;
+
+/// Bytes gathered before one `write`: large enough that system calls are few, small enough to
+/// stay in the L2 cache between the copy in and the kernel's copy out.
+const BUFFER: usize = 256 * 1024;
+
+thread_local! {
+    // Reused by every call on this thread: a fresh buffer per call would be fresh memory
+    // (page faults) each time.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::new());
+}
+
+/// `value` in decimal, appended.
+fn put_u64(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// `TAG: [S.NNNNNNNNN, ` (after `[N] ` when `number` is given) for a time in nanoseconds;
+/// seconds by floored division, as `Frames` (and `kubetrail.core.dates.epoch_text`) write them.
+fn put_prefix(out: &mut Vec<u8>, number: Option<u64>, tag: &[u8], time_ns: i64) {
+    if let Some(number) = number {
+        out.push(b'[');
+        put_u64(out, number);
+        out.extend_from_slice(b"] ");
+    }
+    out.extend_from_slice(tag);
+    out.extend_from_slice(b": [");
+    let secs = time_ns.div_euclid(1_000_000_000);
+    let mut nanos = time_ns.rem_euclid(1_000_000_000) as u64;
+    if secs < 0 {
+        out.push(b'-');
+    }
+    put_u64(out, secs.unsigned_abs());
+    let mut text = *b".000000000, ";
+    for digit in text[1..10].iter_mut().rev() {
+        *digit = b'0' + (nanos % 10) as u8;
+        nanos /= 10;
+    }
+    out.extend_from_slice(&text);
+}
+
+/// Writes the block's lines framed as `out_file` text (`first` None) or `msgpack` text
+/// (`[N] ` numbered from `first`) to `fd`, with the GIL released; returns the bytes written.
+/// `times` holds a native-endian int64 per line. ValueError, before anything is written, when
+/// the lines and times do not pair up or a non-empty block lacks its final newline; OSError
+/// when a write fails (what was written before stays written, as with `write_framed`).
+#[pyfunction]
+#[pyo3(signature = (fd, block, times, tag, first=None))]
+pub fn write_framed_buffered(
+    py: Python<'_>,
+    fd: i32,
+    block: &[u8],
+    times: &[u8],
+    tag: &[u8],
+    first: Option<u64>,
+) -> PyResult<usize> {
+    let lines = memchr::memchr_iter(b'\n', block).count();
+    if (!block.is_empty() && !block.ends_with(b"\n")) || times.len() != lines * 8 {
+        return Err(PyValueError::new_err(
+            "one time per line of a newline-terminated block",
+        ));
+    }
+    py.detach(|| {
+        SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            buf.clear();
+            buf.reserve(BUFFER + tag.len() + 64);
+            // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
+            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let mut out: &std::fs::File = &file;
+            let mut written = 0usize;
+            let result = (|| -> std::io::Result<()> {
+                for (i, line) in block_lines(block).enumerate() {
+                    let time =
+                        i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                    put_prefix(&mut buf, first.map(|n| n + i as u64), tag, time);
+                    if buf.len() + line.len() > BUFFER {
+                        out.write_all(&buf)?;
+                        written += buf.len();
+                        buf.clear();
+                        if line.len() >= BUFFER {
+                            out.write_all(line)?; // from the block itself
+                            written += line.len();
+                        } else {
+                            buf.extend_from_slice(line);
+                        }
+                    } else {
+                        buf.extend_from_slice(line);
+                    }
+                    buf.extend_from_slice(b"]\n");
+                    if buf.len() >= BUFFER {
+                        out.write_all(&buf)?;
+                        written += buf.len();
+                        buf.clear();
+                    }
+                }
+                out.write_all(&buf)?;
+                written += buf.len();
+                Ok(())
+            })();
+            buf.clear();
+            if buf.capacity() > 4 * BUFFER {
+                buf.shrink_to(BUFFER); // a huge tag must not keep its memory
+            }
+            result.map(|()| written)
+        })
+    })
+    .map_err(PyErr::from)
+}
