@@ -26,7 +26,10 @@ What asks for what:
   the batch has records that no longer match a block). Formats that frame each line with its
   time (``out_file``, stdout's ``msgpack`` text, the ``json`` family with a date) also read
   ``batch.block_times()``, and so do ``csv``/``ltsv``/``template``, whose fields the native
-  writer takes from each line's bytes: none of them builds a record;
+  writer takes from each line's bytes: none of them builds a record. That writer also sets
+  ``keep_members`` before asking, and a parser whose validation walks each line (``json``
+  with a ``time_format``) then keeps the lines' top-level member spans in ``members`` for it;
+  without them (validated earlier, another parser) the writer walks the lines itself;
 * a **filter** that works on records reads ``batch.records``, which validates and builds;
 * a **filter that decodes every line itself** (``kubernetes_audit``'s native scan) reads
   ``batch.pending_block()``: the source bytes *before* validation, offered only while they are
@@ -76,7 +79,18 @@ class LineBlock:
     whether validation may change the bytes (then ``Batch.pending_block`` withholds them).
     """
 
-    __slots__ = ("_data", "count", "fallback", "identity", "report", "rewrites", "source", "times")
+    __slots__ = (
+        "_data",
+        "count",
+        "fallback",
+        "identity",
+        "keep_members",
+        "members",
+        "report",
+        "rewrites",
+        "source",
+        "times",
+    )
 
     def __init__(self, source: bytes, count: int) -> None:
         self.source = source
@@ -91,6 +105,12 @@ class LineBlock:
         self.report: Callable[[str, int], None] | None = None
         self._data: bytes | bool | None = False  # False: not validated yet
         self.rewrites = False  # True when validation may change the bytes (a parser cuts a key)
+        # Set before validation by a sink whose native writer reads each line's top-level
+        # members (``FieldsWriter``: csv, ltsv, template); a parser whose scan walks the lines
+        # anyway then keeps them in ``members`` (``kubetrail_native.LineMembers``, of the bytes
+        # ``data()`` returns), so the line is not walked a second time. None: not kept.
+        self.keep_members = False
+        self.members: Any = None
 
     def validate(self) -> bytes | None:
         """The final bytes when every line is a record as this block expects, else None. Called

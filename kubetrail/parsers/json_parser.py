@@ -17,7 +17,10 @@ The tail hands whole blocks to :meth:`JsonParser.line_block` (see :mod:`kubetrai
   number, an escape, a text not in the format) goes to :class:`TimeParser`, the reference:
   one that fails there keeps its key and the time of reading, and is counted (``bad_time``),
   as Fluent Bit keeps such a record whole. Only a time that the reference takes but the scan
-  does not, under ``time_keep off``, sends the block to the line-by-line path.
+  does not, under ``time_keep off``, sends the block to the line-by-line path. When a sink asked
+  for them (``LineBlock.keep_members``: the native csv/ltsv/template writer), the same walk
+  keeps each line's top-level member spans and whether each container is already compact, so
+  that writer does not walk the lines again.
 
 ``types`` and ``decode_field`` change values, so those parsers decode every line (eager).
 """
@@ -46,6 +49,12 @@ try:  # optional (built from native/): a block's times and time_key cut, without
     from kubetrail_native import JsonLinesScanner
 except ImportError:  # pragma: no cover - depends on the installation
     JsonLinesScanner = None
+try:  # a build whose scan can keep each line's member spans (for the csv/ltsv/template writer)
+    from kubetrail_native import LineMembers as _LineMembers  # noqa: F401 - its presence is the test
+
+    _SCAN_KEEPS_MEMBERS = True
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    _SCAN_KEEPS_MEMBERS = False
 
 _VALID_ONLY = msgspec.json.Decoder(msgspec.defstruct("AnyObject", []))  # checks syntax, builds nothing
 
@@ -245,7 +254,14 @@ class _ScannedBlock(ScannedLineBlock["JsonParser"]):
                 return None
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None  # a line that is not a JSON object: the line-by-line path keeps it as log
-        scanned = self._parser._scanner.scan(self.source, self._now)
+        scanner = self._parser._scanner
+        # members=True only when a sink asked: the walk then keeps each line's member spans.
+        if self.keep_members and _SCAN_KEEPS_MEMBERS:
+            scanned = scanner.scan(self.source, self._now, members=True)
+        else:
+            scanned = scanner.scan(self.source, self._now)
         if scanned is None:
             return None  # a repeated or escaped time_key: the reference decoder decides
-        return self.take_times(scanned[0], scanned[1], scanned[2], orjson.loads)  # slow: the raw JSON value
+        data = self.take_times(scanned[0], scanned[1], scanned[2], orjson.loads)  # slow: the raw JSON value
+        self.members = scanned[3] if data is not None and len(scanned) > 3 else None
+        return data

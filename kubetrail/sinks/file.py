@@ -49,6 +49,8 @@ class _Fields:
 
     block: bytes
     times: Sequence[int]
+    # The lines' top-level members as the parser's scan kept them (LineMembers), or None.
+    members: Any = None
 
 
 @dataclass(frozen=True)
@@ -160,10 +162,17 @@ class FileSink(Sink):
                 if write_framed is not None:
                     return _Framed(block, times_bytes(batch.block_times()), batch.tag.encode())
                 return framed_lines(block, batch.block_times(), batch.tag)
-        elif self._body_formatter is not None and not batch.is_materialized and batch.raw_block is not None:
-            if self._fields_writer is not None:
-                return _Fields(batch.raw_block, batch.block_times())
-            return self._fields_from_block(batch.raw_block, batch.block_times())
+        elif self._body_formatter is not None and not batch.is_materialized:
+            lazy = batch.line_block
+            if lazy is not None and self._fields_writer is not None:
+                lazy.keep_members = True  # before validation: the parser's scan keeps them for us
+            block = batch.raw_block
+            if block is not None:
+                if self._fields_writer is not None:
+                    # The members are of the validated bytes only (not of a fallback's records).
+                    members = lazy.members if lazy is not None and lazy.data() is block else None
+                    return _Fields(block, batch.block_times(), members)
+                return self._fields_from_block(block, batch.block_times())
         formatter = self._formatter
         return b"".join([formatter(record) for record in batch.records])
 
@@ -183,7 +192,8 @@ class FileSink(Sink):
         handle.flush()  # what is buffered goes first
         times, first = times_bytes(data.times), 0
         lines: list[bytes] | None = None
-        while (stop := writer.write(handle.fileno(), data.block, times, first)) is not None:
+        extra = () if data.members is None else (data.members,)  # an older build takes none
+        while (stop := writer.write(handle.fileno(), data.block, times, first, *extra)) is not None:
             lines = lines or data.block.split(b"\n")
             handle.write(body_formatter(data.times[stop], orjson.loads(lines[stop])))
             handle.flush()

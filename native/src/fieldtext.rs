@@ -27,9 +27,11 @@ use std::borrow::Cow;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use crate::block_lines;
 use crate::jsonesc::escape_json_into;
+use crate::jsonlines::{LineMembers, Member, COMPACT, KEY_ESCAPED, REPEATED, VALUE_ESCAPED};
 
 const CSV: u8 = 0;
 const LTSV: u8 = 1;
@@ -49,6 +51,11 @@ struct Cursor<'a> {
     controls: bool,
     /// How a `"` of the JSON text is written: itself, or doubled inside a csv field.
     quote: &'static [u8],
+    /// The line's top-level members as the parser's scan found them (`LineMembers`), when it
+    /// kept them: `members` then goes from span to span instead of walking the line.
+    known: Option<&'a [Member]>,
+    /// The member whose value is at the cursor, when known: its value's end and flags.
+    hint: Option<Member>,
 }
 
 impl<'a> Cursor<'a> {
@@ -151,6 +158,22 @@ impl<'a> Cursor<'a> {
                 }
             }
         }
+    }
+
+    /// The string value at the cursor, decoded: from the member's span when the scan saw no
+    /// escape in it (no search), else as `string` decodes it.
+    fn value_string(&mut self) -> Walk<Cow<'a, [u8]>> {
+        if let Some(m) = self.hint {
+            if m.flags & VALUE_ESCAPED == 0 && self.at == m.value as usize {
+                let raw = self
+                    .s
+                    .get(self.at + 1..m.value_end as usize - 1)
+                    .ok_or(Slow)?;
+                self.at = m.value_end as usize;
+                return Ok(Cow::Borrowed(raw));
+            }
+        }
+        self.string()
     }
 
     /// An integer as orjson writes it after decoding (the same digits when within 64 bits);
@@ -298,6 +321,10 @@ impl<'a> Cursor<'a> {
     /// before any output sees it), so strings are found by their quotes and containers by
     /// counting brackets; the values a template writes are still checked as they are decoded.
     fn skip(&mut self) -> Walk<()> {
+        if let Some(m) = self.hint {
+            self.at = m.value_end as usize;
+            return Ok(());
+        }
         let s = self.s;
         match self.peek().ok_or(Slow)? {
             b'"' => self.at = skip_string(s, self.at).ok_or(Slow)?,
@@ -453,7 +480,15 @@ impl<'a> Cursor<'a> {
     fn copy_value(&mut self, out: &mut Vec<u8>, keys: &mut Vec<(usize, usize)>) -> Walk<()> {
         let start = self.at;
         keys.clear();
-        if self.compact(keys, 0) {
+        // The scan found it compact already (`COMPACT`): copied without a second walk.
+        let known = self
+            .hint
+            .filter(|m| m.flags & COMPACT != 0 && m.value as usize == start)
+            .map(|m| m.value_end as usize);
+        if let Some(end) = known {
+            self.at = end;
+        }
+        if known.is_some() || self.compact(keys, 0) {
             let span = &self.s[start..self.at];
             if self.quote.len() == 1 {
                 out.extend_from_slice(span);
@@ -469,7 +504,7 @@ impl<'a> Cursor<'a> {
     /// A top-level value as Python's `_text` gives it: a string's own text, else orjson's.
     fn text_value(&mut self, out: &mut Vec<u8>, keys: &mut Vec<(usize, usize)>) -> Walk<()> {
         if self.peek() == Some(b'"') {
-            let text = self.string()?;
+            let text = self.value_string()?;
             out.extend_from_slice(&text);
             Ok(())
         } else {
@@ -483,6 +518,29 @@ impl<'a> Cursor<'a> {
         &mut self,
         mut member: impl FnMut(Cow<'a, [u8]>, &mut Self) -> Walk<()>,
     ) -> Walk<()> {
+        if let Some(known) = self.known {
+            // From span to span: the keys and the values' kinds are known, only what is
+            // written is looked at. A value the callback leaves anywhere but at its end means
+            // the spans are not this line's: Python's.
+            for m in known {
+                let key = if m.flags & KEY_ESCAPED == 0 {
+                    let raw = self.s.get(m.key as usize + 1..m.key_end as usize - 1);
+                    Cow::Borrowed(raw.ok_or(Slow)?)
+                } else {
+                    self.hint = None;
+                    self.at = m.key as usize;
+                    self.string()?
+                };
+                self.at = m.value as usize;
+                self.hint = Some(*m);
+                member(key, self)?;
+                if self.at != m.value_end as usize {
+                    return Err(Slow);
+                }
+            }
+            self.hint = None;
+            return Ok(());
+        }
         self.ws();
         self.expect(b'{')?;
         if !self.empty(b'}') {
@@ -504,6 +562,33 @@ impl<'a> Cursor<'a> {
         }
         Ok(())
     }
+}
+
+/// The end of the object or array at `at` (past its close) when it is written exactly as orjson
+/// writes it after decoding (see `Cursor::compact`), in a line already validated (no raw
+/// control byte in a string); None when it is not. `keys` is scratch space. The json parser's
+/// scan calls this as it skips a top-level container, so the writer need not walk it again.
+pub(crate) fn compact_end(line: &[u8], at: usize, keys: &mut Vec<(usize, usize)>) -> Option<usize> {
+    let mut cursor = Cursor {
+        s: line,
+        at,
+        controls: false,
+        quote: b"\"",
+        known: None,
+        hint: None,
+    };
+    keys.clear();
+    cursor.compact(keys, 0).then_some(cursor.at)
+}
+
+/// The end of the string whose opening quote is at `at` (past its closing quote), and whether
+/// it has an escape.
+pub(crate) fn string_end(s: &[u8], at: usize) -> Option<(usize, bool)> {
+    let first = find_quote_or_backslash(s, at + 1)?;
+    if s[first] == b'"' {
+        return Some((first + 1, false));
+    }
+    Some((skip_string(s, first - 1)?, true))
 }
 
 /// The first `"` or `\\` in `s` from `at` on. Inlined, 16 bytes a step: most strings here are
@@ -660,8 +745,9 @@ struct Scratch {
     /// line, or of `keys` for a key with escapes (decoded; `true`).
     keys: Vec<u8>,
     spans: Vec<(usize, usize, bool)>,
-    /// A cheap filter in front of the spans: one bit per key's hash.
-    mask: u64,
+    /// A cheap filter in front of the spans: one bit of 1,024 per key's hash (an audit line's
+    /// 15 keys then rarely share a bit, where 64 bits made most lines compare spans).
+    mask: [u64; 16],
     /// Template: each placeholder's value text, as spans of `text`.
     text: Vec<u8>,
     slots: Vec<Option<(usize, usize)>>,
@@ -669,15 +755,24 @@ struct Scratch {
     nested: Vec<(usize, usize)>,
 }
 
+/// A key's bit in a 1,024-bit set (`[u64; 16]`): word and mask. The first eight bytes, the
+/// length and the last byte tell most keys of a line apart (no loop over the key).
+#[inline]
+pub(crate) fn key_bit(key: &[u8]) -> (usize, u64) {
+    let head = match key.get(..8) {
+        Some(eight) => u64::from_le_bytes(eight.try_into().unwrap_or([0; 8])),
+        None => key.iter().fold(0u64, |h, &b| (h << 8) | u64::from(b)),
+    };
+    let hash =
+        head ^ ((key.len() as u64) << 56) ^ (u64::from(key.last().copied().unwrap_or(0)) << 48);
+    let slot = (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 54) as usize;
+    (slot >> 6, 1u64 << (slot & 63))
+}
+
 impl Scratch {
     /// Whether `key` was seen on this line already; remembers it.
     fn repeated(&mut self, line: &[u8], key: &Cow<'_, [u8]>) -> bool {
-        // Length, first and last byte tell most keys of a line apart (no loop over the key).
-        let (first, last) = (key.first().copied(), key.last().copied());
-        let hash = (key.len() as u64)
-            ^ (u64::from(first.unwrap_or(0)) << 16)
-            ^ (u64::from(last.unwrap_or(0)) << 32);
-        let bit = 1u64 << (hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 58);
+        let (word, bit) = key_bit(key);
         let text = |&(a, b, owned): &(usize, usize, bool)| {
             if owned {
                 &self.keys[a..b]
@@ -685,10 +780,10 @@ impl Scratch {
                 &line[a..b]
             }
         };
-        if self.mask & bit != 0 && self.spans.iter().any(|span| text(span) == key.as_ref()) {
+        if self.mask[word] & bit != 0 && self.spans.iter().any(|span| text(span) == key.as_ref()) {
             return true;
         }
-        self.mask |= bit;
+        self.mask[word] |= bit;
         // A key without escapes is a slice of the line: remembered by its place, not copied.
         let span = match key {
             Cow::Borrowed(raw) => {
@@ -708,16 +803,27 @@ impl Scratch {
     fn clear(&mut self) {
         self.keys.clear();
         self.spans.clear();
-        self.mask = 0;
+        self.mask = [0; 16];
         self.text.clear();
         self.slots.iter_mut().for_each(|slot| *slot = None);
     }
 }
 
 impl FieldsWriter {
-    fn line(&self, line: &[u8], t: i64, out: &mut Vec<u8>, scratch: &mut Scratch) -> Walk<()> {
+    /// One line in this format into `out`; `known`: its members, when the parser's scan kept
+    /// them (`LineMembers`).
+    fn line<'a>(
+        &self,
+        line: &'a [u8],
+        known: Option<&'a [Member]>,
+        t: i64,
+        out: &mut Vec<u8>,
+        scratch: &mut Scratch,
+    ) -> Walk<()> {
         // Most lines are printable ASCII: one pass says so, and no string needs a control check.
-        let controls = if printable_ascii(line) {
+        // A line with known members was validated (UTF-8, no raw control byte in a string)
+        // before the scan that found them: no pass at all.
+        let controls = if known.is_some() || printable_ascii(line) {
             false
         } else {
             if std::str::from_utf8(line).is_err() {
@@ -730,19 +836,29 @@ impl FieldsWriter {
             at: 0,
             controls,
             quote: b"\"",
+            known,
+            hint: None,
         };
         scratch.clear();
+        // The scan compared the raw keys already (`REPEATED`); that says all when no key has an
+        // escape (two spellings of one key), else the keys are compared here as decoded.
+        let scanned_keys = known.is_some_and(|k| k.iter().all(|m| m.flags & KEY_ESCAPED == 0));
+        let repeated =
+            |scratch: &mut Scratch, cursor: &Cursor, key: &Cow<'_, [u8]>| match cursor.hint {
+                Some(m) if scanned_keys => m.flags & REPEATED != 0,
+                _ => scratch.repeated(line, key),
+            };
         match self.kind {
             CSV => {
                 write_epoch(out, t);
                 cursor.members(|key, cursor| {
-                    if scratch.repeated(line, &key) {
+                    if repeated(scratch, cursor, &key) {
                         return Err(Slow); // a repeated key: orjson's dict decides its place
                     }
                     out.push(self.delimiter);
                     let start = cursor.at;
                     if cursor.peek() == Some(b'"') {
-                        match cursor.string()? {
+                        match cursor.value_string()? {
                             // No quote inside a string without escapes: the JSON string, its
                             // quotes included, is the field.
                             Cow::Borrowed(_) => out.extend_from_slice(&line[start..cursor.at]),
@@ -770,7 +886,7 @@ impl FieldsWriter {
                 // A tab (the default) never appears raw in JSON text.
                 let visible = self.delimiter >= 0x20;
                 cursor.members(|key, cursor| {
-                    if scratch.repeated(line, &key) {
+                    if repeated(scratch, cursor, &key) {
                         return Err(Slow);
                     }
                     out.push(self.delimiter);
@@ -782,7 +898,7 @@ impl FieldsWriter {
                     // line has one.
                     let mut replace = visible;
                     if cursor.peek() == Some(b'"') {
-                        let text = cursor.string()?;
+                        let text = cursor.value_string()?;
                         replace |= controls || matches!(text, Cow::Owned(_));
                         if replace && memchr::memchr(b'\n', &text).is_some() {
                             for &b in text.iter() {
@@ -844,43 +960,96 @@ impl FieldsWriter {
 
 /// `text` with each `"` doubled (a csv field's inside).
 fn double_quotes(out: &mut Vec<u8>, text: &[u8]) {
-    // A byte loop into reserved space: in a nested value quotes come every few bytes, where a
-    // search per quote (memchr) and a copy per piece cost three times as much.
+    // In a nested value quotes come every 8-9 bytes (audit lines): a search per quote and a
+    // copy per piece cost more than the text itself. With SSSE3 (every x86-64 CPU since 2006,
+    // checked at run time) eight bytes a step by one shuffle, whatever their quotes.
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("ssse3") {
+        // SAFETY: the CPU has SSSE3 (checked just above).
+        unsafe { double_quotes_ssse3(out, text) };
+        return;
+    }
     out.reserve(text.len() * 2);
-    let spare = out.spare_capacity_mut();
-    let mut n = 0;
-    let mut words = text.chunks_exact(8);
-    for word in &mut words {
-        // Eight bytes without a quote (SWAR test for a zero byte in word ^ '"'*8) go in one copy.
-        let value = u64::from_le_bytes(word.try_into().unwrap_or([0; 8]));
-        let x = value ^ 0x2222_2222_2222_2222;
-        if x.wrapping_sub(0x0101_0101_0101_0101) & !x & 0x8080_8080_8080_8080 == 0 {
-            for (slot, &b) in spare[n..n + 8].iter_mut().zip(word) {
-                slot.write(b);
-            }
-            n += 8;
-            continue;
+    for &b in text {
+        out.push(b);
+        if b == b'"' {
+            out.push(b'"');
         }
-        for &b in word {
-            spare[n].write(b);
+    }
+}
+
+/// For each 8-bit mask of quotes in 8 bytes: the `pshufb` control that writes those bytes with
+/// each quote doubled (8 + popcount bytes; the rest of the 16 are don't-care).
+const fn doubling_table() -> [[u8; 16]; 256] {
+    let mut table = [[0x80u8; 16]; 256];
+    let mut mask = 0;
+    while mask < 256 {
+        let (mut from, mut to) = (0, 0);
+        while from < 8 {
+            table[mask][to] = from as u8;
+            to += 1;
+            if (mask >> from) & 1 == 1 {
+                table[mask][to] = from as u8;
+                to += 1;
+            }
+            from += 1;
+        }
+        mask += 1;
+    }
+    table
+}
+
+static DOUBLING: [[u8; 16]; 256] = doubling_table();
+
+/// `double_quotes` eight bytes a step: the quotes of 16 bytes found by one compare, each half
+/// spread by one shuffle (`DOUBLING`) and stored whole; the output moves on by its length.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3")]
+unsafe fn double_quotes_ssse3(out: &mut Vec<u8>, text: &[u8]) {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_set1_epi8,
+        _mm_shuffle_epi8, _mm_srli_si128, _mm_storeu_si128,
+    };
+    out.reserve(text.len() * 2 + 16);
+    let mut n = 0;
+    let mut i = 0;
+    {
+        let spare = out.spare_capacity_mut();
+        let to = spare.as_mut_ptr() as *mut u8;
+        let quote = _mm_set1_epi8(b'"' as i8);
+        // SAFETY (loads): text[i..i + 16] is inside `text`. (stores): each writes
+        // spare[n..n + 16] with n <= 2 * i + 8 < 2 * len, inside the 2 * len + 16 reserved.
+        while i + 16 <= text.len() {
+            let chunk = _mm_loadu_si128(text.as_ptr().add(i) as *const __m128i);
+            let hits = _mm_movemask_epi8(_mm_cmpeq_epi8(chunk, quote)) as usize;
+            if hits == 0 {
+                _mm_storeu_si128(to.add(n) as *mut __m128i, chunk);
+                i += 16;
+                n += 16;
+                continue;
+            }
+            let (low, high) = (hits & 0xff, hits >> 8);
+            let control = _mm_loadu_si128(DOUBLING[low].as_ptr() as *const __m128i);
+            _mm_storeu_si128(to.add(n) as *mut __m128i, _mm_shuffle_epi8(chunk, control));
+            n += 8 + low.count_ones() as usize;
+            let upper = _mm_srli_si128(chunk, 8);
+            let control = _mm_loadu_si128(DOUBLING[high].as_ptr() as *const __m128i);
+            _mm_storeu_si128(to.add(n) as *mut __m128i, _mm_shuffle_epi8(upper, control));
+            n += 8 + high.count_ones() as usize;
+            i += 16;
+        }
+        for &b in &text[i..] {
+            *to.add(n) = b;
             n += 1;
             if b == b'"' {
-                spare[n].write(b'"');
+                *to.add(n) = b'"';
                 n += 1;
             }
         }
     }
-    for &b in words.remainder() {
-        spare[n].write(b);
-        n += 1;
-        if b == b'"' {
-            spare[n].write(b'"');
-            n += 1;
-        }
-    }
     let len = out.len() + n;
     // SAFETY: the first `n` bytes of the spare capacity were written just above.
-    unsafe { out.set_len(len) };
+    out.set_len(len);
 }
 
 #[pymethods]
@@ -940,19 +1109,36 @@ impl FieldsWriter {
     /// 266 MB of fresh memory costs more than writing it), without the GIL. Stops before the
     /// first line left to Python and returns its index (None: all written); the caller writes
     /// that line's text and calls again from the next line. ValueError when lines and times
-    /// do not pair up; OSError as the OS reports it.
+    /// do not pair up; OSError as the OS reports it. ``members``: the block's `LineMembers` from
+    /// the parser's scan (ValueError when they are of another block): each line is then
+    /// written from its members' spans, without a walk of its own.
+    #[pyo3(signature = (fd, block, times, first, members=None))]
     fn write(
         &self,
         py: Python<'_>,
         fd: i32,
-        block: &[u8],
+        block: &Bound<'_, PyBytes>,
         times: &[u8],
         first: usize,
+        members: Option<Bound<'_, LineMembers>>,
     ) -> PyResult<Option<usize>> {
         use std::io::Write;
         use std::os::fd::FromRawFd;
 
-        let lines = paired_lines(block, times)?;
+        let lines = paired_lines(block.as_bytes(), times)?;
+        let members = members.as_ref().map(|m| m.get());
+        if let Some(m) = members {
+            // The spans are offsets into one block's lines: any other block would be misread.
+            if !m.data.bind(py).is(block) || m.starts.len() != lines.len() + 1 {
+                return Err(PyValueError::new_err("members of another block"));
+            }
+        }
+        let line_members = |i: usize| {
+            members.and_then(|m| {
+                let (a, b) = (m.starts[i] as usize, m.starts[i + 1] as usize);
+                m.members.get(a..b)
+            })
+        };
         py.detach(|| {
             // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never
             // closes it.
@@ -966,7 +1152,13 @@ impl FieldsWriter {
             for (i, line) in lines.iter().enumerate().skip(first) {
                 let mark = out.len();
                 if self
-                    .line(line, time_at(times, i), &mut out, &mut scratch)
+                    .line(
+                        line,
+                        line_members(i),
+                        time_at(times, i),
+                        &mut out,
+                        &mut scratch,
+                    )
                     .is_err()
                 {
                     out.truncate(mark);

@@ -15,8 +15,67 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use crate::fieldtext::{compact_end, key_bit, string_end};
 use crate::timefmt::{Compiled, TimeFormat};
 use crate::{block_lines, new_bytes_filled};
+
+/// `Member::flags`: the key has an escape (the writer decodes it).
+pub(crate) const KEY_ESCAPED: u8 = 1;
+/// `Member::flags`: the value is a string with an escape (else a string is its raw text).
+pub(crate) const VALUE_ESCAPED: u8 = 2;
+/// `Member::flags`: the value is an object or array written exactly as orjson writes it after
+/// decoding (`fieldtext::compact_end`): copied whole, never walked again.
+pub(crate) const COMPACT: u8 = 4;
+/// `Member::flags`: the key is spelled as an earlier key of its line (a repeated key).
+pub(crate) const REPEATED: u8 = 8;
+
+/// One top-level member of a scanned line, as offsets into the line of the scan's output (after
+/// any cut): the key's opening quote, past its closing quote, the value's first byte and past
+/// its last. What `fieldtext::FieldsWriter` needs to write a line without walking it again.
+#[derive(Clone, Copy)]
+pub(crate) struct Member {
+    pub(crate) key: u32,
+    pub(crate) key_end: u32,
+    pub(crate) value: u32,
+    pub(crate) value_end: u32,
+    pub(crate) flags: u8,
+}
+
+/// Every line's top-level members, kept by `JsonLinesScanner.scan(..., members=True)` for the
+/// block it returned (`data`): the side buffer that lets the `file` output's `csv`, `ltsv` and
+/// `template` writer skip its own walk of each line (see fieldtext.rs). Only a block the scan's
+/// caller validated gets one (msgspec's strict decoder: UTF-8, no raw control byte in a string,
+/// no bad escape), which the writer relies on.
+#[pyclass(module = "kubetrail_native", frozen)]
+pub struct LineMembers {
+    /// The block the offsets are of (the writer refuses any other).
+    pub(crate) data: Py<PyBytes>,
+    pub(crate) members: Vec<Member>,
+    /// Line i's members are `members[starts[i]..starts[i + 1]]`.
+    pub(crate) starts: Vec<u32>,
+}
+
+#[pymethods]
+impl LineMembers {
+    /// The number of lines.
+    fn __len__(&self) -> usize {
+        self.starts.len().saturating_sub(1)
+    }
+
+    /// Line ``index``'s members as ``(key start, key end, value start, value end, flags)``,
+    /// offsets into the line (for tests and debugging; the writer reads them natively).
+    fn line(&self, index: usize) -> PyResult<Vec<(u32, u32, u32, u32, u8)>> {
+        let (Some(&a), Some(&b)) = (self.starts.get(index), self.starts.get(index + 1)) else {
+            return Err(pyo3::exceptions::PyIndexError::new_err(
+                "line index out of range",
+            ));
+        };
+        Ok(self.members[a as usize..b as usize]
+            .iter()
+            .map(|m| (m.key, m.key_end, m.value, m.value_end, m.flags))
+            .collect())
+    }
+}
 
 /// One line's result in the first pass.
 struct Line {
@@ -133,6 +192,94 @@ fn skip_value(line: &[u8], at: usize) -> Option<usize> {
     }
 }
 
+/// The members of the lines scanned so far (see `LineMembers`), collected during the scan.
+struct Members {
+    members: Vec<Member>,
+    starts: Vec<u32>,
+    /// The key spans of the nested objects open in `compact_end` (reused: no allocation).
+    nested: Vec<(usize, usize)>,
+    /// The line's raw keys so far as bits (`fieldtext::key_bit`): a repeated key is found here,
+    /// while its bytes are in the cache, instead of by the writer.
+    seen: [u64; 16],
+}
+
+impl Members {
+    /// The member whose key's opening quote is at `at`: `(key end, value start, value end)`,
+    /// remembered with its flags. A container is checked for being compact (orjson's
+    /// spelling) as it is skipped: the one walk the writer would otherwise do again.
+    fn member(&mut self, line: &[u8], at: usize) -> Result<(usize, usize, usize), ()> {
+        let (key_end, key_escaped) = string_end(line, at).ok_or(())?;
+        let colon = skip_ws_forward(line, key_end);
+        if line.get(colon) != Some(&b':') {
+            return Err(());
+        }
+        let value = skip_ws_forward(line, colon + 1);
+        let mut flags = if key_escaped { KEY_ESCAPED } else { 0 };
+        let raw_key = &line[at + 1..key_end - 1];
+        let (word, bit) = key_bit(raw_key);
+        if self.seen[word] & bit != 0 {
+            let first = self.starts[self.starts.len() - 1] as usize;
+            let same = |m: &Member| &line[m.key as usize + 1..m.key_end as usize - 1] == raw_key;
+            if self.members[first..].iter().any(same) {
+                flags |= REPEATED;
+            }
+        }
+        self.seen[word] |= bit;
+        let value_end = match line.get(value) {
+            Some(b'"') => {
+                let (end, escaped) = string_end(line, value).ok_or(())?;
+                if escaped {
+                    flags |= VALUE_ESCAPED;
+                }
+                end
+            }
+            Some(b'{' | b'[') => match compact_end(line, value, &mut self.nested) {
+                Some(end) => {
+                    flags |= COMPACT;
+                    end
+                }
+                None => skip_value(line, value).ok_or(())?,
+            },
+            _ => skip_value(line, value).ok_or(())?,
+        };
+        // Offsets are u32: a line of 4 GiB has no members kept (the caller gives up on them).
+        let offset = |at: usize| u32::try_from(at).map_err(|_| ());
+        self.members.push(Member {
+            key: offset(at)?,
+            key_end: offset(key_end)?,
+            value: offset(value)?,
+            value_end: offset(value_end)?,
+            flags,
+        });
+        Ok((key_end, value, value_end))
+    }
+
+    /// The line's members are all in: the next line's start here.
+    fn line_done(&mut self) {
+        self.starts.push(self.members.len() as u32);
+        self.seen = [0; 16];
+    }
+
+    /// The last line lost the member whose key starts at `key` and the bytes `[a, b)` with it
+    /// (`time_keep off`): what came after moves back.
+    fn cut(&mut self, key: usize, a: usize, b: usize) {
+        let first = self.starts[self.starts.len() - 2] as usize;
+        let shift = (b - a) as u32;
+        let line = &mut self.members[first..];
+        let Some(gone) = line.iter().position(|m| m.key as usize == key) else {
+            return;
+        };
+        for m in line[gone + 1..].iter_mut() {
+            m.key -= shift;
+            m.key_end -= shift;
+            m.value -= shift;
+            m.value_end -= shift;
+        }
+        self.members.remove(first + gone);
+        *self.starts.last_mut().expect("a line was scanned") -= 1;
+    }
+}
+
 /// The top-level member `key` of one object line that msgspec has validated: `(value start,
 /// value end, time)` (time None: not a plain string or not in the format), or None when the key
 /// is absent. Err(()) when the key is repeated or written with escapes, which the reference
@@ -141,6 +288,7 @@ fn scan_line(
     line: &[u8],
     key: &str,
     format: &TimeFormat,
+    mut members: Option<&mut Members>,
 ) -> Result<Option<(usize, usize, Option<i64>)>, ()> {
     let key = key.as_bytes();
     let mut at = skip_ws_forward(line, 0);
@@ -156,14 +304,24 @@ fn scan_line(
             Some(b'"') => {}
             _ => return Err(()),
         }
-        let key_end = skip_string(line, at).ok_or(())?;
-        let name = &line[at + 1..key_end - 1];
-        at = skip_ws_forward(line, key_end);
-        if line.get(at) != Some(&b':') {
-            return Err(());
-        }
-        let value_start = skip_ws_forward(line, at + 1);
-        let value_end = skip_value(line, value_start).ok_or(())?;
+        let key_start = at;
+        let (key_end, value_start, value_end) = match members.as_deref_mut() {
+            None => {
+                let key_end = skip_string(line, at).ok_or(())?;
+                at = skip_ws_forward(line, key_end);
+                if line.get(at) != Some(&b':') {
+                    return Err(());
+                }
+                let value_start = skip_ws_forward(line, at + 1);
+                (
+                    key_end,
+                    value_start,
+                    skip_value(line, value_start).ok_or(())?,
+                )
+            }
+            Some(found) => found.member(line, key_start)?,
+        };
+        let name = &line[key_start + 1..key_end - 1];
         if name == key {
             if found.is_some() {
                 return Err(()); // a repeated key: msgspec and orjson take the last one
@@ -178,6 +336,9 @@ fn scan_line(
             Some(b'}') => break,
             _ => return Err(()),
         }
+    }
+    if let Some(found) = members {
+        found.line_done();
     }
     Ok(found.map(|(start, end)| {
         let raw = &line[start..end];
@@ -214,24 +375,28 @@ impl JsonLinesScanner {
 
     /// Scans a block of newline-terminated lines that msgspec has validated as one JSON document
     /// each. None when a line is not an object (or is blank, or repeats or escapes the key):
-    /// the caller's line-by-line path then decides and reports. Otherwise ``(block, times, slow)``: ``block`` is the lines with the key's
-    /// member cut where its time was taken here (the same object when nothing was cut);
-    /// ``times`` holds a native-endian int64 per line (``now_ns`` where the key is absent or
-    /// its time is in ``slow``); ``slow`` lists ``(index, value's JSON bytes)`` for the times
-    /// this scan did not take (not a plain string, or not in the format): the reference parser
-    /// decides those, and their key is left in place.
+    /// the caller's line-by-line path then decides and reports. Otherwise ``(block, times,
+    /// slow, members)``: ``block`` is the lines with the key's member cut where its time was
+    /// taken here (the same object when nothing was cut); ``times`` holds a native-endian int64
+    /// per line (``now_ns`` where the key is absent or its time is in ``slow``); ``slow`` lists
+    /// ``(index, value's JSON bytes)`` for the times this scan did not take (not a plain
+    /// string, or not in the format): the reference parser decides those, and their key is
+    /// left in place. ``members``: with ``members=True``, every line's top-level members in
+    /// ``block`` (`LineMembers`, for `FieldsWriter`), else None.
+    #[pyo3(signature = (block, now_ns, members=false))]
     fn scan<'py>(
         &self,
         py: Python<'py>,
         block: Bound<'py, PyBytes>,
         now_ns: i64,
-    ) -> PyResult<
-        Option<(
-            Bound<'py, PyBytes>,
-            Bound<'py, PyBytes>,
-            Vec<(usize, Bound<'py, PyBytes>)>,
-        )>,
-    > {
+        members: bool,
+    ) -> PyResult<Option<ScanResult<'py>>> {
+        let mut kept = members.then(|| Members {
+            members: Vec::new(),
+            starts: vec![0],
+            nested: Vec::new(),
+            seen: [0; 16],
+        });
         let bytes = block.as_bytes();
         let base = bytes.as_ptr() as usize;
         let mut lines: Vec<Line> = Vec::new();
@@ -243,7 +408,7 @@ impl JsonLinesScanner {
                 return Ok(None);
             }
             let start = line.as_ptr() as usize - base;
-            let Ok(found) = scan_line(line, &self.key, &self.format) else {
+            let Ok(found) = scan_line(line, &self.key, &self.format, kept.as_mut()) else {
                 return Ok(None);
             };
             let mut cut = None;
@@ -255,6 +420,9 @@ impl JsonLinesScanner {
                             return Ok(None);
                         };
                         let (a, b) = cut_span(line, member, ve);
+                        if let Some(kept) = kept.as_mut() {
+                            kept.cut(member, a, b);
+                        }
                         cut = Some((start + a, start + b));
                         cut_total += b - a;
                     }
@@ -292,9 +460,28 @@ impl JsonLinesScanner {
                 }
             })?
         };
-        Ok(Some((out, PyBytes::new(py, &times), slow)))
+        let members = match kept {
+            Some(kept) => Some(Bound::new(
+                py,
+                LineMembers {
+                    data: out.clone().unbind(),
+                    members: kept.members,
+                    starts: kept.starts,
+                },
+            )?),
+            None => None,
+        };
+        Ok(Some((out, PyBytes::new(py, &times), slow, members)))
     }
 }
+
+/// What `JsonLinesScanner.scan` returns for a block it took.
+type ScanResult<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Vec<(usize, Bound<'py, PyBytes>)>,
+    Option<Bound<'py, LineMembers>>,
+);
 
 /// Fluent Bit's text framings of JSON lines, from a block and its times without a record per
 /// line: what the `file` output's `out_file`, `stdout`'s `msgpack` text and the `json` family

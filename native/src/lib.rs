@@ -1162,6 +1162,7 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<KeySet>()?;
     module.add_class::<KeyBatch>()?;
     module.add_class::<jsonlines::JsonLinesScanner>()?;
+    module.add_class::<jsonlines::LineMembers>()?;
     module.add_class::<regexlines::RegexLinesScanner>()?;
     module.add_function(wrap_pyfunction!(jsonlines::frame_lines, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;

@@ -9,6 +9,10 @@
   date option equals the record path's bytes.
 * ``stdout`` writing a block with ``writev`` into a real file equals what it writes into an
   in-memory stream (the encoded path), numbering continued across batches.
+* The same three formats from the ``json`` parser's member spans (``LineMembers``, kept by its
+  scan when the sink asks): the spans are each line's members (checked against orjson), and
+  the text written from them equals the Python formatters and the writer's own walk, with the
+  time key cut first, last, in the middle or absent, and lines whose time the scan left.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kubetrail.core.component import ComponentContext
 from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.options import resolve_options
 from kubetrail.core.record import Batch, Record
+from kubetrail.parsers.json_parser import JsonParser
 from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.sinks import file as file_module
 from kubetrail.sinks.file import FileSink
@@ -351,3 +356,169 @@ def test_a_line_no_formatter_takes_leaves_nothing_of_the_batch(tmp_path: Path) -
     with pytest.raises(ValueError):
         s._write_sync(target, [s._data(bad)], bad)
     assert target.read_bytes() == before == b'0.000000001,"1"\n'
+
+
+# --- csv, ltsv and template from the json parser's member spans ------------------------------
+
+TS = b'"ts":"2026-11-28T12:00:00.001800Z"'
+KEY_ESCAPED, VALUE_ESCAPED, COMPACT_VALUE = 1, 2, 4  # LineMembers flags
+
+
+def with_time(line: bytes, where: int) -> bytes:
+    """``line`` (an object) with the ``ts`` member put first (0), last (1), or not at all (2)."""
+    if where == 2:
+        return line
+    at = line.index(b"{") + 1
+    empty = line[at:].lstrip().startswith(b"}")
+    if where == 0 or empty:
+        return line[:at] + TS + (b"" if empty else b",") + line[at:]
+    end = line.rindex(b"}")
+    return line[:end] + b"," + TS + line[end:]
+
+
+def random_timed_line(rnd: random.Random) -> bytes:
+    """A random object with ``ts`` at a random place (the middle too), in one of several spellings."""
+    body = {random_key(rnd): random_value(rnd) for _ in range(rnd.randrange(6))}
+    items = list(body.items())
+    if rnd.randrange(4):
+        items.insert(rnd.randrange(len(items) + 1), ("ts", f"2026-11-28T12:00:00.{rnd.randrange(1000):03d}Z"))
+    body = dict(items)
+    style = rnd.randrange(3)
+    if style == 0:
+        return orjson.dumps(body)
+    if style == 1:
+        return json.dumps(body, ensure_ascii=True).encode()
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+PARSER = JsonParser("p", time_key="ts", time_format="%Y-%m-%dT%H:%M:%S.%LZ")
+
+
+def timed_lines() -> list[bytes]:
+    """Lines the parser keeps as a block. Those its scan refuses (a key written with escapes
+    might spell the time key; the line-by-line path decides them) are left out."""
+    lines = [with_time(line, i % 3) for i, line in enumerate(NATIVE_LINES + SLOW_LINES)]
+    lines += [with_time(line, 1 - i % 2) for i, line in enumerate(NATIVE_LINES)]
+    lines.append(b'{"a":"x","ts":"not a time","b":[1]}')  # a time the scan leaves: kept, not cut
+    lines.append(b'{"ts":true,"m":{"k":"v"}}')  # not a string: the same
+    rnd = random.Random(1805)
+    lines += [random_timed_line(rnd) for _ in range(600)]
+    kept = [line for line in lines if PARSER.line_block(line + b"\n", "t").data() is not None]  # type: ignore[union-attr]
+    assert len(kept) > 300
+    return kept
+
+
+def scanned(lines: list[bytes], keep_members: bool = True) -> tuple[bytes, list[int], Any]:
+    """The json parser's block of ``lines`` (time_key ts cut out): its bytes, times, members."""
+    lazy = PARSER.line_block(block_of(lines), "t")
+    assert lazy is not None
+    lazy.keep_members = keep_members
+    data = lazy.data()
+    assert data is not None and lazy.times is not None
+    return data, list(lazy.times), lazy.members
+
+
+def has_float(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(has_float(v) for v in value.values())
+    if isinstance(value, list):
+        return any(has_float(v) for v in value)
+    return isinstance(value, float)
+
+
+def test_members_are_each_lines_members() -> None:
+    # Lines without a repeated top-level key (a dict has one of them, the spans both).
+    lines = [line for line in timed_lines() if len(json.loads(line, object_pairs_hook=list)) == len(orjson.loads(line))]
+    data, _, members = scanned(lines)
+    out_lines = data.split(b"\n")[:-1]
+    assert len(members) == len(out_lines) == len(lines)
+    compact_seen = 0
+    for index, line in enumerate(out_lines):
+        body = orjson.loads(line)
+        spans = members.line(index)
+        assert [orjson.loads(line[a:b]) for a, b, _, _, _ in spans] == list(body)
+        for (key, key_end, value, value_end, flags), name in zip(spans, body, strict=True):
+            raw = line[value:value_end]
+            assert orjson.loads(raw) == body[name]
+            assert bool(flags & KEY_ESCAPED) == (b"\\" in line[key:key_end])
+            assert bool(flags & VALUE_ESCAPED) == (raw.startswith(b'"') and b"\\" in raw)
+            container = raw[:1] in (b"{", b"[")
+            orjsons = container and orjson.dumps(orjson.loads(raw)) == raw
+            if flags & COMPACT_VALUE:  # copied whole by the writer: must be orjson's own text
+                assert orjsons
+                compact_seen += 1
+            else:  # and every container that is orjson's text (floats aside: the walk leaves them) is
+                assert not orjsons or has_float(body[name])
+    assert compact_seen > 100
+    assert b'"ts":"2026' not in data and b'"ts":"not a time"' in data and b'"ts":true' in data
+
+
+def test_members_are_not_kept_unless_asked() -> None:
+    assert scanned(NATIVE_LINES[:3], keep_members=False)[2] is None
+
+
+@pytest.mark.parametrize("props", FORMATS, ids=lambda p: "-".join(p.values()))
+def test_field_formats_from_members_equal_python(tmp_path: Path, props: dict[str, str]) -> None:
+    s = sink(tmp_path, **props)
+    data, times, members = scanned(timed_lines())
+    out_lines = data.split(b"\n")[:-1]
+    packed = file_module.times_bytes(times)
+
+    def written(with_members: Any) -> tuple[bytes, list[int]]:
+        path = tmp_path / "written"
+        path.unlink(missing_ok=True)
+        with path.open("ab") as handle:
+            s._write_fields(handle, file_module._Fields(data, times, with_members))
+        found, first = [], 0
+        with open(os.devnull, "wb") as null:
+            extra = () if with_members is None else (with_members,)
+            while (stop := s._fields_writer.write(null.fileno(), data, packed, first, *extra)) is not None:
+                found.append(stop)
+                first = stop + 1
+        return path.read_bytes(), found
+
+    from_members, left = written(members)
+    assert from_members == reference(s, out_lines, times)
+    assert (from_members, left) == written(None)  # the same lines left to Python as by its own walk
+    assert len(left) < len(out_lines) // 2
+
+
+def test_members_of_another_block_are_refused() -> None:
+    data, times, members = scanned(NATIVE_LINES[:3])
+    writer = native.FieldsWriter(0)
+    packed = file_module.times_bytes(times)
+    with open(os.devnull, "wb") as null:
+        assert writer.write(null.fileno(), data, packed, 0, members) is None
+        with pytest.raises(ValueError, match="members of another block"):
+            writer.write(null.fileno(), bytes(bytearray(data)), packed, 0, members)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ltsv", "template"])
+def test_the_file_sink_asks_the_parser_for_members(tmp_path: Path, fmt: str) -> None:
+    """Through the sink: a parser's block gets ``keep_members`` before it is validated, and
+    the file is the records' file; a block validated before the sink asked is written by the
+    writer's own walk, the same bytes."""
+    lines = timed_lines()[:60]
+    parser = PARSER
+    s = sink(tmp_path, format=fmt, template="{time} {a} {s} {nested}")
+
+    def written(batch: Batch, name: str) -> tuple[bytes, Any]:
+        data = s._data(batch)
+        s._write_sync(tmp_path / name, [data], batch)
+        s._files.pop(tmp_path / name).close()
+        return (tmp_path / name).read_bytes(), data
+
+    def by_records(batch: Batch, name: str) -> bytes:  # the same records (times of reading included), decoded
+        return written(Batch("t", [Record("t", r.time_ns, r.body) for r in batch.records]), name)[0]
+
+    lazy = Batch("t", None, block=parser.line_block(block_of(lines), "t"))
+    text, data = written(lazy, "members")
+    assert isinstance(data, file_module._Fields) and data.members is not None
+    assert not lazy.is_materialized
+    assert text == by_records(lazy, "records")
+    early = parser.line_block(block_of(lines), "t")
+    assert early is not None and early.data() is not None  # validated before any sink asked
+    walked = Batch("t", None, block=early)
+    text, data = written(walked, "walked")
+    assert isinstance(data, file_module._Fields) and data.members is None
+    assert text == by_records(walked, "records-walked")
