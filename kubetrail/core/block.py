@@ -53,6 +53,12 @@ call) and every record has the time the block was read. Its ``source`` is text, 
 lines of text (``multiline``) reads the block itself (``batch.line_block``, a
 :class:`TextBlock` while nobody built its records) and hands on a block of its own output
 (:class:`ReadyBlock` with ``times``); anything else reads records or ``raw_block`` as usual.
+
+**Container runtime pieces** (``multiline.parser cri``). The joiner holds pieces across reads,
+so a read's lines are not one record each: the tail's joiner writes the finished records of a
+read as JSON lines in one native call and hands on a :class:`ReadyBlock` with their times and a
+``build`` that makes each record from its line with its first piece's identity
+(:meth:`kubetrail.parsers.multiline.ContainerLogJoiner.process_block`).
 """
 
 from __future__ import annotations
