@@ -480,11 +480,7 @@ def query(count: int, cold: bool) -> None:
     from kubetrail.history import queries
     from kubetrail.history.store import StoreBackend
 
-    # Schema 2's store under its old name (an older kubetrail measured with this bench reads it).
-    path = CACHE / (f"store-{count}-64k.db" if SCHEMA_VERSION == 2 else f"store-{count}-64k-s{SCHEMA_VERSION}.db")
-    if not path.exists():
-        CACHE.mkdir(parents=True, exist_ok=True)
-        build_store(path, count)
+    path = _query_store(count)
     size = path.stat().st_size
     print(
         f"store of {count:,} records: {size / 2**30:.2f} GiB ({size / count * 1e6 / 2**20:,.0f} MiB per million),"
@@ -550,7 +546,8 @@ USER_BODIES = (
 
 
 def _query_store(count: int) -> Path:
-    """The cached query store (built if missing)."""
+    """The cached query store (built if missing); schema 2's under its old name (an older
+    kubetrail measured with this bench reads it)."""
     path = CACHE / (f"store-{count}-64k.db" if SCHEMA_VERSION == 2 else f"store-{count}-64k-s{SCHEMA_VERSION}.db")
     if not path.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
