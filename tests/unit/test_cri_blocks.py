@@ -69,13 +69,14 @@ MESSAGES: list[bytes] = [
 ]
 
 
-def cri_lines(rnd: random.Random, count: int) -> list[bytes]:
-    """``count`` lines of every kind, pieces of stdout and stderr interleaved."""
+def cri_lines(rnd: random.Random, count: int, bad: bool = True) -> list[bytes]:
+    """``count`` lines of every kind, pieces of stdout and stderr interleaved (``bad`` off:
+    only good times and CRI lines, so that every record's time comes from its line)."""
     lines: list[bytes] = []
     for _ in range(count):
-        kind = rnd.random()
+        kind = rnd.random() if bad else rnd.random() * 0.75
         stream = rnd.choice([b"stdout", b"stderr"])
-        stamp = rnd.choice(STAMPS) if rnd.random() < 0.3 else STAMPS[0]
+        stamp = rnd.choice(STAMPS if bad else STAMPS[:9]) if rnd.random() < 0.3 else STAMPS[0]
         message = rnd.choice(MESSAGES)
         if kind < 0.45:
             lines.append(b" ".join([stamp, stream, b"F", message]))
@@ -267,3 +268,36 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
     assert len(block_out.splitlines()) > 400
     if filters:
         assert all(orjson.loads(line)["cluster"] == "one" for line in block_out.splitlines())
+
+
+async def test_timed_formats_and_the_filesystem_buffer_give_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``out_file`` frames each line with its record's time (the block's ``times``), and a
+    filesystem buffer stores and reads back the block: both the same as line by line."""
+    lines = cri_lines(random.Random(5), 500, bad=False)
+    log = tmp_path / "c.log"
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    outputs = []
+    for native_path in (True, False):
+        work = tmp_path / ("block" if native_path else "records")
+        work.mkdir()
+        extra = "    multiline.parser cri\n    batch_size 2k\n    buffer_chunk_size 2k\n    storage.type filesystem\n"
+        framed = (
+            f"[OUTPUT]\n    name file\n    match *\n    path {work / 'out'}\n    file framed.txt\n    format out_file\n"
+        )
+        with monkeypatch.context() as patch:
+            if not native_path:
+                patch.setattr(multiline, "cri_join", None)
+            config = tail_file_config(
+                work,
+                log,
+                tag="kube.x",
+                input_extra=extra,
+                filters=framed,
+                service_extra=f"    storage.path {work / 'buf'}",
+            )
+            await run_pipeline(config)
+        outputs.append(((work / "out" / "out.jsonl").read_bytes(), (work / "out" / "framed.txt").read_bytes()))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1].count(b"\n") == outputs[0][0].count(b"\n") > 300
