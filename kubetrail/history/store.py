@@ -25,7 +25,7 @@ GIL while it reads). A row that retention deleted between the scan and the read 
 store and its WAL get ``posix_fadvise(POSIX_FADV_RANDOM)``: a cold ``who`` is bound by the
 disk's bandwidth (1,000 pages of 64 KiB: 62.5 MiB), and Linux's readahead adds to it whenever a
 descriptor's reads go up the file (measured on the 10M-record store, cold ``who``: a connection
-per run of neighbouring ids read 111-141 MiB from the device without it, 58 with it; every Nth
+per run of neighbouring ids read 104-141 MiB from the device without it, 58 with it; every Nth
 id per connection, as here, 57-62 MiB without, 58 with). SQLite does not say which descriptor is
 its own: they are found in ``/proc/self/fd`` by inode.
 
