@@ -315,7 +315,8 @@ class TailSource(Source):
         if self.multiline and config["batch_size"] == 1024 * 1024:
             # Container log records are dicts (~5x their bytes in memory, vs the lazy JSON path's
             # bytes) and sinks buffer 16 batches: smaller default batches keep RSS near 65 MB at
-            # ~10% of the throughput. An explicit batch_size is taken as it is.
+            # ~10% of the throughput. An explicit batch_size is taken as it is. (cri as a block,
+            # bytes not dicts: 1 MB batches measured no faster, and 15-20 MB more RSS.)
             self.read_size = max(MULTILINE_BATCH, config["buffer_chunk_size"])
         self.parser: Parser | None = None
         if config["parser"]:
