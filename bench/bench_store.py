@@ -16,7 +16,9 @@ Also the size on disk per million records. ``--into M``: each sqlite row writes 
 a cached store of M synthetic records whose month of activity ends where the audit lines begin
 (the steady state: the new records join the newest time bucket), and one more row does the
 same with schema 2's object index (led by the name) in place of schema 3's (led by the time
-bucket): the before and after of issue 19 in the same run.
+bucket): the before and after of issue 19 in the same run; another with schema 3's global
+identity index in place of schema 4's (led by the identity's time bucket), and one into an
+empty store. ``--pair``: only the file (plain), schema 4, global identity and empty store rows.
 
 **pipeline**: the whole agent as a child process, ``tail`` (the built-in ``k8s_audit`` parser,
 ``read_from_head``, ``exit_on_eof``) -> ``kubernetes_audit`` -> the ``sqlite`` output, against
@@ -181,18 +183,19 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 "sqlite (sync full, global identity)",
                 lambda: build(SqliteSink, path=str(work / "ident-global.db"), sync="full"),
             ),
+            ("sqlite (sync full, empty store)", lambda: build(SqliteSink, path=str(work / "empty.db"), sync="full")),
         )
         if pair:
-            pairs = ("plain, fsync per batch)", "(sync full)", "global identity)")
+            pairs = ("plain, fsync per batch)", "(sync full)", "global identity)", "empty store)")
             rows = tuple(row for row in rows if row[0].endswith(pairs))
         for name, factory in rows * max(pair, 1):
-            if ("name-led" in name or "global identity" in name) and not into:
+            if ("name-led" in name or "global identity" in name or "empty store" in name) and not into:
                 continue  # a young store: both indexes take new keys anywhere in a small tree
             if name.startswith("sqlite"):
                 db = Path(factory().writer.path)
                 for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):  # an earlier round's
                     stale.unlink(missing_ok=True)
-            if into and name.startswith("sqlite"):  # a store holding ``into`` records already
+            if into and name.startswith("sqlite") and "empty store" not in name:  # holding ``into`` records
                 shutil.copy(prefilled, db)
                 with sqlite3.connect(db) as conn:
                     if without:  # what one index costs: the same ingest without it
@@ -203,6 +206,7 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                     if "global identity" in name:  # schema 3's identity index, the same way
                         conn.execute("DROP INDEX records_ident_bucket")
                         conn.execute(GLOBAL_IDENT_INDEX)
+                os.sync()  # the copy's gigabytes written back now, not during the timed writes
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results.setdefault(name, []).append(asyncio.run(timed(factory(), batches, group, workers)))
@@ -326,6 +330,8 @@ def migrate(count: int) -> None:
                 print(f"  {label}: no {source.name} (built by a schema 3 bench_store.py ingest --into {count})")
                 continue
             copy = work / "store.db"
+            for stale in (Path(f"{copy}-wal"), Path(f"{copy}-shm")):  # the last copy's: not this file's
+                stale.unlink(missing_ok=True)
             shutil.copy(source, copy)
             with sqlite3.connect(copy) as conn:
                 if label == "typical":
