@@ -22,6 +22,15 @@
 //! `memchr2` per string cost more than the search). A template's unused values are skipped
 //! structurally: a block reaches an output only after its parser validated it (msgspec's strict
 //! decoder refuses what orjson refuses: bad escapes, control bytes, lone surrogates).
+//!
+//! Not walking at all (issue 18, fourth pass): the `json` parser's scan walks each line's top
+//! level anyway (to find and cut `time_key`), so when the sink asks for them before validation
+//! it keeps every member's spans (`jsonlines::LineMembers`) with what it learnt on the way: an
+//! escape in the key or string, a container already compact (`compact_end`, the check above,
+//! run by the scan), a repeated key. `Cursor::members` then goes from span to span and the
+//! writer touches only what it writes; everything the flags do not vouch for takes the same
+//! code as without spans. The two outputs are compared in tests, and a block without spans
+//! (another parser, validated before the sink asked) is walked here as before.
 
 use std::borrow::Cow;
 
