@@ -41,7 +41,7 @@ from kubetrail.sinks import file as file_module
 from kubetrail.sinks.file import FileSink
 from kubetrail.sinks.json_format import encode_batch
 from kubetrail.sinks.stdout import StdoutSink
-from tests.unit.helpers import build, section
+from tests.unit.helpers import build, run_pipeline, section, tail_input
 
 native = pytest.importorskip("kubetrail_native", reason="kubetrail_native is not built")
 
@@ -522,3 +522,46 @@ def test_the_file_sink_asks_the_parser_for_members(tmp_path: Path, fmt: str) -> 
     text, data = written(walked, "walked")
     assert isinstance(data, file_module._Fields) and data.members is None
     assert text == by_records(walked, "records-walked")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "ltsv"])
+async def test_through_tail_the_spans_reach_the_writer(
+    tmp_path: Path, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real pipeline (tail with the user's json parser -> file): every batch is written from
+    the parser's member spans, and the file is what the Python formatter makes of each record."""
+    base = 1_795_867_200 * 10**9  # 2026-11-28T12:00:00Z
+    bodies: list[dict[str, Any]] = []
+    lines: list[bytes] = []
+    for i in range(3000):
+        body: dict[str, Any] = {"kind": "Event", "auditID": f"id-{i}", "user": {"name": f'u"{i}', "groups": ["a", "b"]}}
+        if i % 7 == 0:
+            body["note"] = "tab\there é 😀"
+        if i % 11 == 0:
+            body["ratio"] = i / 8  # a float: that line is Python's
+        bodies.append(body)
+        stamp = f"2026-11-28T12:00:{i % 60:02d}.{i:06d}Z"
+        lines.append(orjson.dumps({**body, "ts": stamp}) if i % 2 else orjson.dumps({"ts": stamp, **body}))
+    log = tmp_path / "logs" / "app.log"
+    log.parent.mkdir()
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    conf = tmp_path / "p.conf"
+    conf.write_text(
+        "[PARSER]\n    name p\n    format json\n    time_key ts\n    time_format %Y-%m-%dT%H:%M:%S.%LZ\n"
+        + tail_input(log, tag="app", parser="p")
+        + f"[OUTPUT]\n    name file\n    match *\n    path {tmp_path}\n    file out.txt\n    format {fmt}\n"
+    )
+    spans: list[bool] = []
+    write_fields = FileSink._write_fields
+
+    def spying(self: FileSink, handle: Any, data: Any) -> None:
+        spans.append(data.members is not None)
+        write_fields(self, handle, data)
+
+    monkeypatch.setattr(FileSink, "_write_fields", spying)
+    await run_pipeline(conf)
+    assert spans and all(spans)
+    s = sink(tmp_path, format=fmt)
+    times = [base + (i % 60) * 10**9 + i * 1000 for i in range(len(bodies))]
+    expected = b"".join(s._body_formatter(t, body) for t, body in zip(times, bodies, strict=True))  # type: ignore[misc]
+    assert (tmp_path / "out.txt").read_bytes() == expected
