@@ -8,6 +8,7 @@ lost, but the run did not finish its work, which a supervisor and an SRE must se
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -69,6 +70,10 @@ def run(config_path: str | None, log_level: str | None) -> None:
         _config_error(exc)
         return
     setup_logging(log_level or pipeline.service["log_level"])
+    # What start-up made (modules, plugins, the config) lives as long as the process: out of the
+    # collector's sight, each full collection walks only what the pipeline makes. Measured: 8%
+    # less CPU for a tail -> file run of 300,000 lines (docs/benchmarks.md, issue 18).
+    gc.freeze()
     sys.exit(asyncio.run(_run(pipeline)))
 
 
