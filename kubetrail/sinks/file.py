@@ -32,10 +32,14 @@ _DELIMITERS = {"\\t": "\t", "tab": "\t", "space": " ", "comma": ",", ",": ",", "
 _PLACEHOLDER = re.compile(r"\{([^{}]+)\}")
 
 
-try:  # optional (built from native/): out_file text written with writev from the block itself
+try:  # optional (built from native/): out_file text framed from the block itself
     from kubetrail_native import write_framed
 except ImportError:  # pragma: no cover - depends on the installation
     write_framed = None
+try:  # a newer build: framed through one small reused buffer (see kubetrail.sinks.stdout)
+    from kubetrail_native import write_framed_buffered
+except ImportError:  # pragma: no cover - depends on the installation
+    write_framed_buffered = None
 try:  # optional (built from native/): csv, ltsv and template text written from the block's lines
     from kubetrail_native import FieldsWriter
 except ImportError:  # pragma: no cover - depends on the installation (or an older build)
@@ -55,7 +59,7 @@ class _Fields:
 
 @dataclass(frozen=True)
 class _Framed:
-    """A block to write as ``out_file`` text, framed on the way to the file (``write_framed``)."""
+    """A block to write as ``out_file`` text, framed on the way to the file (``write_framed_buffered``)."""
 
     block: bytes
     times: bytes
@@ -209,7 +213,8 @@ class FileSink(Sink):
                     self._write_fields(handle, data)
                 elif isinstance(data, _Framed):
                     handle.flush()  # what is buffered goes first (the file is opened to append)
-                    write_framed(handle.fileno(), data.block, data.times, data.tag)
+                    framed = write_framed_buffered or write_framed
+                    framed(handle.fileno(), data.block, data.times, data.tag)
                 else:
                     handle.write(data)
             handle.flush()
