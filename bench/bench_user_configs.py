@@ -46,6 +46,10 @@ from pathlib import Path
 
 from _common import CACHE, Measured, audit_lines_file, cpu_count_hint, measure, warm_free_memory
 
+# Service lines added to every row by --monitoring (the chart turns the monitoring server on in
+# every part, for its probes and metrics; it imports aiohttp, which the http rows import anyway).
+MONITORING = ""
+
 SERVICE = """
 [SERVICE]
     log_level warn
@@ -347,17 +351,22 @@ def go_receiver() -> Path | None:
     return binary
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 class Receiver:
     """The HTTP receiver process for the http rows; what it received is in ``target``."""
 
     def __init__(self, directory: Path, python: bool = False) -> None:
-        import socket
         import subprocess
 
         self.target = directory / "http-received"
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
+        self.port = free_port()
         binary = None if python else go_receiver()
         if binary is not None:
             command = [str(binary)]
@@ -399,7 +408,8 @@ def run_row(
     template = {"file": FILE_OUTPUT, "stdout": STDOUT_OUTPUT, "http": HTTP_OUTPUT}[row.output]
     output = template.format(out=work, fmt=row.fmt, port=port)
     config = work / "bench.conf"
-    config.write_text(SERVICE + INPUT.format(src=row.src, extra=row.tail_extra) + row.filters + output)
+    service = SERVICE.replace("[PARSER]", MONITORING + "[PARSER]", 1) if MONITORING else SERVICE
+    config.write_text(service + INPUT.format(src=row.src, extra=row.tail_extra) + row.filters + output)
     if not cold:
         warm_free_memory(work)
     command = [sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)]
@@ -484,6 +494,11 @@ def main() -> int:
     parser.add_argument("--cold", action="store_true", help="skip writing and deleting 2 GB before each run")
     parser.add_argument("--before", help="also run each row with the kubetrail of this checkout, alternating")
     parser.add_argument("--no-naive", action="store_true", help="skip the naive loops")
+    parser.add_argument(
+        "--monitoring",
+        action="store_true",
+        help="every row with the monitoring server on (http_server: health and metrics), as the chart runs it",
+    )
     parser.add_argument("--python-receiver", action="store_true", help="http rows: the aiohttp receiver, not Go's")
     parser.add_argument(
         "--startup",
@@ -496,6 +511,9 @@ def main() -> int:
         help="only the multiline row's filter, in this process: CPU seconds of its records through it",
     )
     args = parser.parse_args()
+    if args.monitoring:
+        global MONITORING
+        MONITORING = f"    http_server on\n    http_listen 127.0.0.1\n    http_port {free_port()}\n"
     if args.filter_only:
         return multiline_filter_only(args)
     selected = rows(args)
