@@ -262,11 +262,17 @@ _PIPELINE = """
 """
 
 
-def pipeline(records: int, rounds: int) -> None:
+def pipeline(records: int, rounds: int, into: int = 0) -> None:
+    """``into``: each sqlite round writes into a copy of the ingest bench's cached store of that
+    many records (the copy and its writeback not timed)."""
     from _common import cpu_count_hint, measure, warm_free_memory
 
     src = audit_lines_file(max(records, 100_000))
     lines = src.read_bytes().splitlines(keepends=True)[:records]
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    if into and not prefilled.exists():
+        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
+        build_store(prefilled, into, t0=first - MONTH_NS)  # a month of records up to the lines'
     work = Path(tempfile.mkdtemp(prefix="bench-store-pipe-", dir=CACHE))
     try:
         source = work / "audit.log"
@@ -285,6 +291,9 @@ def pipeline(records: int, rounds: int) -> None:
                 config.write_text(
                     _PIPELINE.format(src=source, db=out / "tail.db", output=output, options=options.format(out=out))
                 )
+                if into and output == "sqlite":
+                    shutil.copy(prefilled, out / "store.db")
+                    os.sync()  # the copy written back before the timed run
                 warm_free_memory(work, 512)
                 m = measure([sys.executable, "-m", "kubetrail.cli.main", "run", "-c", str(config)])
                 if m.returncode != 0:
@@ -292,10 +301,13 @@ def pipeline(records: int, rounds: int) -> None:
                 if output == "sqlite":
                     with sqlite3.connect(out / "store.db") as conn:
                         stored = conn.execute("SELECT count(*) FROM records").fetchone()[0]
-                    if stored != records:
-                        raise SystemExit(f"{name}: {stored:,} records in the store, expected {records:,}")
+                    if stored != records + into:
+                        raise SystemExit(f"{name}: {stored:,} records in the store, expected {records + into:,}")
                 results[name].append((m.wall, m.cpu))
-        print(f"pipeline of {records:,} audit records, {rounds} alternating rounds ({cpu_count_hint()})")
+        print(
+            f"pipeline of {records:,} audit records, {rounds} alternating rounds ({cpu_count_hint()})"
+            + (f", the store holding {into:,} records already" if into else "")
+        )
         base_wall = statistics.median(w for w, _ in results["tail -> kubernetes_audit -> file (out_file)"])
         base_cpu = statistics.median(c for _, c in results["tail -> kubernetes_audit -> file (out_file)"])
         for name, samples in results.items():
@@ -654,7 +666,9 @@ def main() -> None:
     parser.add_argument("what", choices=("ingest", "query", "who-layout", "pipeline", "migrate"))
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
-    parser.add_argument("--into", type=int, default=0, help="ingest: into a store of this many records (cached)")
+    parser.add_argument(
+        "--into", type=int, default=0, help="ingest, pipeline: into a store of this many records (cached)"
+    )
     parser.add_argument("--without", default="", help="ingest --into: drop this index first (records_object, ...)")
     parser.add_argument("--group", type=int, default=16, help="ingest: batches per write_group (1: one commit each)")
     parser.add_argument(
@@ -665,7 +679,7 @@ def main() -> None:
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
     elif args.what == "pipeline":
-        pipeline(args.records or 500_000, args.rounds)
+        pipeline(args.records or 500_000, args.rounds, args.into)
     elif args.what == "migrate":
         migrate(args.records or 2_000_000)
     elif args.what == "who-layout":
