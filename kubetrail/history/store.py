@@ -1,6 +1,7 @@
 """The history queries against the ``sqlite`` output's store (read-only; many readers at once).
 
-Every query is an indexed range scan: a uid by ``uid``, a user's by ``(user, time)``, a search by
+Every query is an indexed range scan: a uid by ``uid``, a user's by ``(user, time)`` (schema 5:
+the ``user_bodies`` table itself, bodies included: one range statement), a search by
 time, and an object's records by ``(time bucket, name, resource, namespace, time)`` (schema 3),
 one scan per time bucket that holds records, newest bucket first, stopping once ``limit`` rows
 are found. The bucket leads the object index so that the writer's new keys land at the end of
@@ -29,6 +30,14 @@ per run of neighbouring ids read 104-141 MiB from the device without it, 58 with
 id per connection, as here, 57-62 MiB without, 58 with). SQLite does not say which descriptor is
 its own: they are found in ``/proc/self/fd`` by inode.
 
+**Schema 5 keeps the body of a row with a user apart** (``user_bodies``, keyed ``(user, time_ns,
+id)``: kubetrail/sinks/sqlite.py, "A user's records together"). Every statement here that reads a
+body reads :data:`~kubetrail.sinks.sqlite.BODY` of its ``records`` row (``self.body``: plain
+``r.body`` in a store of an older schema), so no caller knows where a body is. ``who`` reads
+the user's newest rows and their bodies from ``user_bodies`` by one backwards range scan: cold,
+~30 neighbouring pages instead of ~1,000 scattered ones. A store migrated by a writer while a
+reader (the UI) has it open is seen at the reader's next query (``_check_schema``).
+
 **Alerts** come with the records that fired them: an object's or a user's audit records bring
 the alerts of their auditIDs (one indexed lookup in the ``alerts`` table per few hundred
 requests), whenever each was stored; alerts whose own columns (from the rule's output) name the
@@ -49,7 +58,7 @@ from typing import Any
 import orjson
 
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
-from kubetrail.sinks.sqlite import BUCKET_BITS, BUCKET_KEY, IDENT_KEY, StoreError, ident_buckets, open_reader
+from kubetrail.sinks.sqlite import BODY, BUCKET_BITS, BUCKET_KEY, IDENT_KEY, StoreError, ident_buckets, open_reader
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
 WORKLOADS = ("deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs")
@@ -94,13 +103,13 @@ class Filters:
         return self.kind == "alert" or self.priority is not None or self.rule is not None
 
 
-def _time_clause(since: int | None, until: int | None, params: list[Any]) -> str:
+def _time_clause(since: int | None, until: int | None, params: list[Any], table: str = "") -> str:
     clause = ""
     if since is not None:
-        clause += " AND time_ns >= ?"
+        clause += f" AND {table}time_ns >= ?"
         params.append(since)
     if until is not None:
-        clause += " AND time_ns <= ?"
+        clause += f" AND {table}time_ns <= ?"
         params.append(until)
     return clause
 
@@ -120,19 +129,40 @@ class StoreBackend:
         self.has_alerts = self._has("table", "alerts")
         self._schema_seen = -1
         self.by_bucket = False
+        self.split = False  # schema 5: the bodies of the rows with a user in user_bodies
+        self.body = "r.body"  # the body of a records row aliased r, in SQL
         self._check_schema()
         self._local = threading.local()  # a body reader's connection, one per pool thread
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
-    def _check_schema(self) -> None:
-        """Whether the store has schema 3's bucket-led object index, else the name-led one; read
-        again after a writer changed the schema (the UI outlives a migration)."""
-        seen = self.conn.execute("PRAGMA schema_version").fetchone()[0]
-        if seen != self._schema_seen:
-            self._schema_seen = seen
-            self.by_bucket = self._has("index", "records_object_bucket")
+    def _check_schema(self) -> bool:
+        """Whether the store has schema 3's bucket-led object index, else the name-led one, and
+        schema 5's user_bodies; read again after a writer changed the schema (the UI outlives a
+        migration). True when it changed."""
+        try:
+            seen = self.conn.execute("PRAGMA schema_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise HistoryError(f"cannot read store {self.path}: {exc}") from None
+        if seen == self._schema_seen:
+            return False
+        self._schema_seen = seen
+        self.by_bucket = self._has("index", "records_object_bucket")
+        self.split = self._has("table", "user_bodies")
+        self.body = BODY if self.split else "r.body"
+        return True
+
+    def _stored(self, rows: list[tuple[Any, ...]], again: Callable[[], list[tuple[Any, ...]]]) -> list[StoredRecord]:
+        """``(id, time_ns, kind, body)`` rows as records. An empty body is a row a writer moved
+        to user_bodies (a migration to schema 5) after this reader last looked at the schema:
+        the rows are read ``again`` once the schema is read anew."""
+        if any(not row[3] for row in rows):
+            if self._check_schema():
+                rows = again()
+            if any(not row[3] for row in rows):
+                raise HistoryError(f"cannot read store {self.path}: a record without its body")
+        return [StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in rows]
 
     def _has(self, type_: str, name: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?", (type_, name)).fetchone()
@@ -213,15 +243,20 @@ class StoreBackend:
         """The records of ``ids``, oldest first (ties by id), their bodies read in file order,
         a long list by several connections at once (see the module docstring)."""
         ordered = sorted(set(ids))
-        try:
-            if len(ordered) < PARALLEL_FROM:
-                rows = _bodies(self.conn, ordered)
-            else:
+
+        def read() -> list[tuple[Any, ...]]:
+            body = self.body
+            try:
+                if len(ordered) < PARALLEL_FROM:
+                    return _bodies(self.conn, ordered, body)
                 parts = [ordered[n::BODY_READERS] for n in range(BODY_READERS)]
-                rows = [row for part in self._map(lambda part: _bodies(self._reader(), part), parts) for row in part]
-        except sqlite3.DatabaseError as exc:
-            raise HistoryError(f"cannot read store {self.path}: {exc}") from None
-        records = [StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in rows]
+                return [
+                    row for part in self._map(lambda part: _bodies(self._reader(), part, body), parts) for row in part
+                ]
+            except sqlite3.DatabaseError as exc:
+                raise HistoryError(f"cannot read store {self.path}: {exc}") from None
+
+        records = self._stored(read(), read)
         records.sort(key=lambda r: (r.time_ns, r.id))
         return records
 
@@ -245,15 +280,21 @@ class StoreBackend:
         return conn
 
     def _rows(self, sql: str, params: list[Any]) -> list[StoredRecord]:
-        """Rows of ``sql``; one that ends ``ORDER BY time_ns DESC LIMIT ?`` (the newest N, which
-        is what a long history needs first) comes back oldest first."""
-        try:
-            rows = self.conn.execute(sql, params).fetchall()
-            if "ORDER BY time_ns DESC" in sql:
+        """Rows of ``sql``, where ``{body}`` stands for ``self.body`` (put in again if the schema
+        changed under it); one that ends ``ORDER BY time_ns DESC LIMIT ?`` (the
+        newest N, which is what a long history needs first) comes back oldest first."""
+
+        def read() -> list[tuple[Any, ...]]:
+            text = sql.replace("{body}", self.body)
+            try:
+                rows = self.conn.execute(text, params).fetchall()
+            except sqlite3.DatabaseError as exc:
+                raise HistoryError(f"cannot read store {self.path}: {exc}") from None
+            if "ORDER BY time_ns DESC" in text:
                 rows.reverse()
-        except sqlite3.DatabaseError as exc:
-            raise HistoryError(f"cannot read store {self.path}: {exc}") from None
-        return [StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in rows]
+            return rows
+
+        return self._stored(read(), read)
 
     def resources(self) -> list[str]:
         rows = self.conn.execute("SELECT DISTINCT resource FROM records WHERE resource IS NOT NULL").fetchall()
@@ -287,7 +328,7 @@ class StoreBackend:
         for start in range(0, len(audit_ids), 500):
             chunk = audit_ids[start : start + 500]
             out += self._rows(
-                "SELECT r.id, r.time_ns, r.kind, r.body FROM alerts a JOIN records r ON r.id = a.id"
+                "SELECT r.id, r.time_ns, r.kind, {body} FROM alerts a JOIN records r ON r.id = a.id"
                 f" WHERE a.audit_id IN ({','.join('?' * len(chunk))})",
                 chunk,
             )
@@ -311,8 +352,8 @@ class StoreBackend:
         for start in range(0, len(idents), 400):
             chunk = idents[start : start + 400]
             out += self._rows(
-                f"SELECT id, time_ns, kind, body FROM records WHERE {in_buckets}ident IN ({','.join('?' * len(chunk))})"
-                " AND kind = 'audit'",
+                "SELECT r.id, r.time_ns, r.kind, {body} FROM records r"
+                f" WHERE {in_buckets}ident IN ({','.join('?' * len(chunk))}) AND kind = 'audit'",
                 chunk,
             )
         return out
@@ -365,12 +406,19 @@ class StoreBackend:
     def user_records(
         self, user: str, since: int | None, until: int | None, limit: int, writes_only: bool = False
     ) -> list[StoredRecord]:
+        self._check_schema()
         params: list[Any] = [user]
         where = "user = ?"
         if writes_only:
             where += f" AND verb IN ({','.join('?' * len(MUTATING))})"
             params += MUTATING
-        records = self._records(self._newest_ids(where, params, since, until, limit))
+        if self.split:
+            # Schema 5: the user's rows and their bodies together, newest first, one range scan.
+            sql = f"SELECT id, time_ns, kind, body FROM user_bodies WHERE {where}"
+            sql += _time_clause(since, until, params) + " ORDER BY time_ns DESC, id DESC LIMIT ?"
+            records = self._rows(sql, [*params, limit])
+        else:
+            records = self._records(self._newest_ids(where, params, since, until, limit))
         return with_alerts(records, self.alerts_for)[-limit:]
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]:
@@ -402,6 +450,15 @@ class StoreBackend:
         if table == "records r" and filters.name is not None and self.by_bucket:
             # A name is what the object index finds, bucket by bucket (led by the time bucket).
             return self._records(self._newest_ids(where, params, since, until, limit, self.buckets(since, until)))
+        if table == "records r" and filters.user is not None and self.split:
+            # Schema 5 has no user index: user_bodies is one (user, time_ns, id), the rest of the
+            # filters on each of the user's rows, newest first.
+            where = " AND ".join(["b.user = ?"] + [f"r.{clause}" for clause in clauses])  # every clause names a column
+            params = [filters.user, *params]
+            sql = f"SELECT r.id FROM user_bodies b CROSS JOIN records r ON r.id = b.id WHERE {where}"
+            sql += _time_clause(since, until, params, "b.") + " ORDER BY b.time_ns DESC, b.id DESC LIMIT ?"
+            params.append(limit)
+            return self._records(self._ids(sql, params))
         sql = f"SELECT r.id FROM {table} WHERE {where}" + _time_clause(since, until, params)
         sql += " ORDER BY time_ns DESC LIMIT ?"
         params.append(limit)
@@ -409,13 +466,21 @@ class StoreBackend:
 
     def newer(self, after_id: int, limit: int = 1000) -> list[tuple[StoredRecord, dict[str, Any]]]:
         """Records added after ``after_id`` (the UI's live follow), with their indexed columns."""
-        rows = self.conn.execute(
-            "SELECT id, time_ns, kind, body, user, verb, resource, namespace, name, code, reason FROM records"
-            " WHERE id > ? ORDER BY id LIMIT ?",
-            (after_id, limit),
-        ).fetchall()
+        self._check_schema()
+
+        def read() -> list[tuple[Any, ...]]:
+            return self.conn.execute(
+                f"SELECT r.id, r.time_ns, r.kind, {self.body}, r.user, r.verb, r.resource, r.namespace, r.name,"
+                " r.code, r.reason FROM records r WHERE r.id > ? ORDER BY r.id LIMIT ?",
+                (after_id, limit),
+            ).fetchall()
+
+        rows = read()
+        stored = self._stored(rows, read)
+        if len(stored) != len(rows) or any(a.id != b[0] for a, b in zip(stored, rows, strict=False)):
+            rows = read()  # read again after a migration: the columns of the same rows
         out = []
-        for row in rows:
+        for record, row in zip(stored, rows, strict=True):
             columns = dict(
                 zip(
                     ("kind", "user", "verb", "resource", "namespace", "name", "code", "reason"),
@@ -423,7 +488,7 @@ class StoreBackend:
                     strict=True,
                 )
             )
-            out.append((StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])), columns))
+            out.append((record, columns))
         return out
 
     def last_id(self) -> int:
@@ -441,7 +506,15 @@ class StoreBackend:
         return [f"{ns}/{name}" if ns else name for ns, name in rows]
 
     def users(self) -> list[str]:
-        rows = self.conn.execute("SELECT DISTINCT user FROM records WHERE user IS NOT NULL LIMIT 100000").fetchall()
+        self._check_schema()
+        if self.split:  # one seek of user_bodies' key per user (no user index in schema 5)
+            rows = self.conn.execute(
+                "WITH RECURSIVE u(name) AS (SELECT (SELECT min(user) FROM user_bodies) UNION ALL"
+                " SELECT (SELECT user FROM user_bodies WHERE user > u.name ORDER BY user LIMIT 1) FROM u"
+                " WHERE u.name IS NOT NULL LIMIT 100000) SELECT name FROM u WHERE name IS NOT NULL"
+            ).fetchall()
+        else:
+            rows = self.conn.execute("SELECT DISTINCT user FROM records WHERE user IS NOT NULL LIMIT 100000").fetchall()
         return [r[0] for r in rows]
 
     def close(self) -> None:
@@ -452,13 +525,15 @@ class StoreBackend:
         self.conn.close()
 
 
-def _bodies(conn: sqlite3.Connection, ids: list[int]) -> list[tuple[Any, ...]]:
-    """``(id, time_ns, kind, body)`` of the rows of ``ids`` (sorted: read in file order)."""
+def _bodies(conn: sqlite3.Connection, ids: list[int], body: str) -> list[tuple[Any, ...]]:
+    """``(id, time_ns, kind, body)`` of the rows of ``ids`` (sorted: read in file order);
+    ``body``: the SQL of a row's body (``StoreBackend.body``)."""
     rows: list[tuple[Any, ...]] = []
     for start in range(0, len(ids), IN_CHUNK):
         chunk = ids[start : start + IN_CHUNK]
         rows += conn.execute(
-            f"SELECT id, time_ns, kind, body FROM records WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+            f"SELECT r.id, r.time_ns, r.kind, {body} FROM records r"
+            f" WHERE r.id IN ({','.join('?' * len(chunk))}) ORDER BY r.id",
             chunk,
         ).fetchall()
     return rows

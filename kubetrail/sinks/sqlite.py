@@ -74,6 +74,30 @@ Design decisions:
   row's time bucket (its time is its ``stageTimestamp`` there) or 0; the Python path, whose
   record times are its source's, sets it. A lookup by identity must name the bucket
   (:func:`ident_buckets`: one seek per bucket). Figures: docs/benchmarks.md ("Identity index").
+* **A user's records together** (schema 5). The body of every row with a ``user`` (audit
+  records; alerts whose rule prints ``ka.user.name``) lives in :data:`USER_BODIES`, a ``WITHOUT
+  ROWID`` table keyed ``(user, time_ns, id)``, with the row's ``kind`` and ``verb``; the
+  ``records`` row keeps its columns and an empty body (``x''``: the same one header byte as a
+  NULL, and schema 4's ``NOT NULL`` column needs no table rewrite to migrate). Why: a cold
+  ``who USER`` (newest 1,000) read each body from its own 64 KiB page of ``records``, ~1,000
+  random pages (58 MiB) on the 10M-record store, p99 258-1,284 ms against a 200 ms target; from
+  a table clustered by user the same answers are one range scan of ~30 neighbouring pages
+  (docs/benchmarks.md, "Cold queries" and "Schema 5"). Nothing is stored twice, and the
+  ``records_user (user, time_ns)`` index is gone: the table is that index, covering (``who``,
+  ``search --user`` and the list of users read it), which also takes an index's keys written in
+  the middle of a B-tree off each insert. The price: a commit writes into as many places of
+  that table as there are users writing (each user's range ends with its newest rows), and a
+  body read by id (``history``, ``search``) goes through the row's ``(user, time_ns, id)``: one
+  more B-tree descent. Readers get a body through :data:`BODY` (and the ``whole_records`` view
+  for anyone reading the file with ``sqlite3``), so no caller knows about the split. Writers:
+  the row goes in first (``INSERT OR IGNORE``: the identity index decides), and its body only
+  when the row was new, with the row's id, in the same transaction, so a replay adds nothing to
+  either table and a kill -9 leaves both or neither (the native writer does the same:
+  ``StoreInserter``'s ``insert_body``). Retention deletes ``records`` rows; a trigger deletes
+  their bodies. A writer migrates a schema 4 store in one transaction (bodies copied sorted by
+  the new key, the ``records`` bodies emptied, ``records_user`` dropped); the emptied space
+  inside the old ``records`` pages is reused only once retention frees whole pages (``VACUUM``
+  gives it back at once).
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery).
@@ -102,9 +126,7 @@ Design decisions:
   or a line the native decoder would read differently from msgspec) goes the Python way:
   :func:`row_of`, which stays the one place that decides a record's columns.
   Into a young store the native path takes 117,000-131,000 records/s here; into one holding 2M
-  records it took 38,000-65,000 with schema 2's object index (see "Steady state"); into one
-  holding 10M, 70,000-93,000 with schema 4 (12 us CPU a record, 50 us with schema 3's global
-  identity index; see "Identity index").
+  records it took 38,000-65,000 with schema 2's object index (see "Steady state").
   In the whole pipeline half the store's work was the filter's copies of the event's fields
   in each stored body (1,700 bytes instead of 890): they are left out (see above).
   The native writer is used only when it shares this process's SQLite library (see
@@ -154,12 +176,14 @@ APPLICATION_ID = 0x6B747231
 # bucket (see "Steady state" above). Schema 4 replaced the unique index on ident by IDENT_INDEX,
 # led by the bucket of a time the identity determines (see "Identity index" above), with the
 # column ibucket for the rows whose bucket is not the default; check_store keeps the 1 -> 2 -> 3
-# -> 4 steps.
+# -> 4 steps. Schema 5 moved the bodies of the rows with a user into USER_BODIES (see "A user's
+# records together" above) and dropped records_user.
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
-# of an audit row in this order: a change of INSERT's columns changes it too. It writes audit
+# of an audit row in this order, and INSERT_BODY with 6 for a new row with a user: a change of
+# their columns changes it too. It writes audit
 # rows only (their ibucket NULL: IDENT_KEY's default, the stageTimestamp's bucket); every other
 # kind (alert included) is decided by row_of, here, and written by INSERT_ROW with its ibucket.
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # The object index's leading key: the record's time bucket, 2^46 ns (19.5 hours; a shift floors
 # in SQLite and Python alike, negative times included), as an expression: no column to fill, the
 # INSERT unchanged. A query must spell it exactly so for SQLite to use the index.
@@ -200,7 +224,27 @@ CREATE TABLE IF NOT EXISTS records (
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
 {OBJECT_INDEX};
 CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
-CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;
+"""
+# Schema 5: the bodies of the rows with a user, together by user (see "A user's records together").
+# A records row with a user has an empty body; BODY is the body of a records row aliased ``r``.
+BODY = (
+    "CASE WHEN r.user IS NULL THEN r.body ELSE (SELECT b.body FROM user_bodies b"
+    " WHERE b.user = r.user AND b.time_ns = r.time_ns AND b.id = r.id) END"
+)
+USER_BODIES = f"""
+CREATE TABLE IF NOT EXISTS user_bodies (
+    user TEXT NOT NULL,
+    time_ns INTEGER NOT NULL,
+    id INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    verb TEXT,
+    body BLOB NOT NULL,
+    PRIMARY KEY (user, time_ns, id)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS user_bodies_retention AFTER DELETE ON records WHEN old.user IS NOT NULL
+BEGIN DELETE FROM user_bodies WHERE user = old.user AND time_ns = old.time_ns AND id = old.id; END;
+CREATE VIEW IF NOT EXISTS whole_records AS SELECT id, ident, time_ns, kind, user, verb, resource, namespace,
+    name, uid, code, reason, tag, {BODY} AS body, ibucket FROM records r;
 """
 # The detect filter's alerts: what a search filters them by, and the link to the audit record.
 ALERTS_SCHEMA = """
@@ -227,6 +271,8 @@ INSERT = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
     " tag, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
 )
+# A new row's body when it has a user (schema 5): user, time_ns, the row's id, kind, verb, body.
+INSERT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,?)"
 # The Python path's rows: a Row and its identity bucket (identity_bucket).
 INSERT_ROW = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
@@ -598,7 +644,7 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             conn.execute("PRAGMA page_size=65536")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.executescript(SCHEMA + ALERTS_SCHEMA)
+            conn.executescript(SCHEMA + ALERTS_SCHEMA + USER_BODIES)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot create the store schema in {path}: {exc}") from None
         return
@@ -622,7 +668,9 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # time's (a source that stamped them otherwise; none from tail's k8s_audit parser, the
         # webhook or the native rows), builds the bucket-led identity index and drops the global
         # one. One transaction: a kill -9 during the index builds (seconds per million records)
-        # leaves the old schema, built again next time.
+        # leaves the old schema, built again next time. 5 copies the bodies of the rows with a user
+        # into user_bodies (sorted by its key: appended in order), empties them in records and
+        # drops records_user (after 4's step, which reads the audit bodies).
         steps = (ALERTS_SCHEMA if version < 2 else "") + f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object;"
         if version < 4:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
@@ -637,6 +685,14 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
                 + "UPDATE records SET ibucket = kubetrail_identity_bucket(kind, body)"
                 f" WHERE kind = 'audit' AND ibucket IS NULL AND kubetrail_identity_bucket(kind, body) != {BUCKET_KEY};"
                 + f"{IDENT_INDEX}; DROP INDEX IF EXISTS records_ident;"
+            )
+        if version < 5:
+            steps += (
+                USER_BODIES + "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body)"
+                " SELECT user, time_ns, id, kind, verb, body FROM records NOT INDEXED WHERE user IS NOT NULL"
+                " ORDER BY user, time_ns, id;"
+                "UPDATE records SET body = x'' WHERE user IS NOT NULL;"
+                "DROP INDEX IF EXISTS records_user;"
             )
         try:
             conn.executescript(f"BEGIN; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
@@ -770,7 +826,11 @@ class StoreWriter:
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         if self.use_native and _one_sqlite_in_process():
             try:
-                self.native = _StoreInserter(str(self.path), self.sync.upper(), INSERT, list(_FLAT_KEYS))
+                self.native = _StoreInserter(
+                    str(self.path), self.sync.upper(), INSERT, list(_FLAT_KEYS), insert_body=INSERT_BODY
+                )
+            except TypeError:  # a native module older than schema 5: every row goes the Python way
+                self.native = None
             except RuntimeError as exc:
                 conn.close()
                 os.close(fd)
@@ -808,12 +868,23 @@ class StoreWriter:
     def _write(self, rows: list[Row]) -> int:
         conn = self.conn
         assert conn is not None
-        before = conn.total_changes
-        bucketed = [(*row, identity_bucket(row[2], row[12], self._times)) for row in rows]
+        times = self._times
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(INSERT_ROW, bucketed)
-            added = conn.total_changes - before  # records only: the alerts table's rows are extra
+            added = 0
+            cursor = conn.cursor()
+            for row in rows:
+                user = row[3]
+                if user is None:
+                    cursor.execute(INSERT_ROW, (*row, identity_bucket(row[2], row[12], times)))
+                    added += cursor.rowcount
+                    continue
+                # A user's row: its body goes beside its user's other rows (schema 5), only when
+                # the row is new (the identity index decided), with its id.
+                cursor.execute(INSERT_ROW, (*row[:12], b"", identity_bucket(row[2], row[12], times)))
+                if cursor.rowcount == 1:
+                    cursor.execute(INSERT_BODY, (user, row[1], cursor.lastrowid, row[2], row[4], row[12]))
+                    added += 1
             alerts = [row for row in rows if row[2] == "alert"]  # few: the detect filter's
             if alerts:
                 conn.executemany(INSERT_ALERT, [alert_columns(row) for row in alerts])

@@ -14,6 +14,12 @@
 //! such value): the identity index then keys the row by its time's bucket, and its time is the
 //! `stageTimestamp`, the bucket the Python path gives the same event (`identity_bucket`).
 //!
+//! Store schema 5 keeps the body of a row with a user apart, in `user_bodies` keyed `(user,
+//! time_ns, id)` (a user's records together on disk, for `who`): given that statement
+//! (`insert_body`), the row goes in with an empty body and, only when it was new (the identity
+//! index decided), its body follows with the row's id, in the same transaction, as the Python
+//! path does.
+//!
 //! `StoreInserter` goes one step further: it decodes the blocks and inserts their rows itself,
 //! in one transaction on a connection of its own, with the GIL released from the first line to
 //! the `COMMIT`. Binding a row's 13 values through Python's sqlite3 module cost ~3.5 us of CPU
@@ -417,14 +423,25 @@ fn sql_error(what: &str, err: rusqlite::Error) -> String {
 pub struct StoreInserter {
     conn: Mutex<Option<rusqlite::Connection>>,
     insert: String,
+    /// Schema 5's INSERT into `user_bodies` (user, time_ns, id, kind, verb, body); None: the
+    /// body stays in the row (an older Python module).
+    insert_body: Option<String>,
     flat: HashSet<Vec<u8>>,
 }
 
 #[pymethods]
 impl StoreInserter {
-    /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order).
+    /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order);
+    /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters).
     #[new]
-    fn new(path: &str, synchronous: &str, insert: &str, flat_keys: Vec<String>) -> PyResult<Self> {
+    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None))]
+    fn new(
+        path: &str,
+        synchronous: &str,
+        insert: &str,
+        flat_keys: Vec<String>,
+        insert_body: Option<&str>,
+    ) -> PyResult<Self> {
         let flat = key_set(flat_keys);
         let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
             let conn = rusqlite::Connection::open_with_flags(
@@ -436,6 +453,9 @@ impl StoreInserter {
             conn.pragma_update(None, "synchronous", synchronous)?;
             conn.pragma_update(None, "cache_size", -65536)?;
             conn.prepare(insert)?;
+            if let Some(sql) = insert_body {
+                conn.prepare(sql)?;
+            }
             Ok(conn)
         };
         let conn =
@@ -443,6 +463,7 @@ impl StoreInserter {
         Ok(StoreInserter {
             conn: Mutex::new(Some(conn)),
             insert: insert.to_owned(),
+            insert_body: insert_body.map(str::to_owned),
             flat,
         })
     }
@@ -492,6 +513,10 @@ impl StoreInserter {
                         .map_err(|e| sql_error("cannot begin", e))?;
                     let inserted = (|| -> Result<Option<usize>, rusqlite::Error> {
                         let mut stmt = conn.prepare(&self.insert)?;
+                        let mut body_stmt = match &self.insert_body {
+                            Some(sql) => Some(conn.prepare(sql)?),
+                            None => None,
+                        };
                         let mut added = 0;
                         let mut next = Some(first);
                         for &(tag, _) in slices {
@@ -503,7 +528,14 @@ impl StoreInserter {
                                 },
                             };
                             for row in &rows {
-                                added += stmt.execute(rusqlite::params![
+                                // Schema 5: a row with a user keeps an empty body; its body goes
+                                // beside the user's others once the row proved new.
+                                let apart = match (&mut body_stmt, row.user.as_deref()) {
+                                    (Some(body_stmt), Some(user)) => Some((body_stmt, user)),
+                                    _ => None,
+                                };
+                                let body: &[u8] = if apart.is_some() { b"" } else { &row.body };
+                                let new = stmt.execute(rusqlite::params![
                                     &row.ident[..],
                                     row.time_ns,
                                     "audit",
@@ -516,8 +548,19 @@ impl StoreInserter {
                                     row.code,
                                     None::<&str>,
                                     tag,
-                                    &row.body[..],
+                                    body,
                                 ])?;
+                                if let (1, Some((body_stmt, user))) = (new, apart) {
+                                    body_stmt.execute(rusqlite::params![
+                                        user,
+                                        row.time_ns,
+                                        conn.last_insert_rowid(),
+                                        "audit",
+                                        row.verb.as_deref(),
+                                        &row.body[..],
+                                    ])?;
+                                }
+                                added += new;
                             }
                         }
                         conn.execute_batch("COMMIT")?;

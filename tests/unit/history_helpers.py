@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -25,8 +26,32 @@ from tests.unit.helpers import build
 V2_OBJECT_INDEX = (
     "CREATE INDEX IF NOT EXISTS records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
 )
-V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX)
-assert V2_SCHEMA != SCHEMA
+# Schemas 1 to 4 had this user index, which schema 5's user_bodies table replaced.
+V4_USER_INDEX = "CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;"
+V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX) + V4_USER_INDEX
+assert V2_OBJECT_INDEX in V2_SCHEMA
+
+
+def to_schema_4(path: Path) -> None:
+    """A store of this schema put back as kubetrail wrote it with schema 4: every body in
+    ``records``, the user index, no ``user_bodies`` (the same rows, the same ids)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        "BEGIN; UPDATE records SET body = (SELECT b.body FROM user_bodies b WHERE b.user = records.user"
+        " AND b.time_ns = records.time_ns AND b.id = records.id) WHERE user IS NOT NULL;"
+        "DROP VIEW whole_records; DROP TRIGGER user_bodies_retention; DROP TABLE user_bodies;"
+        f"{V4_USER_INDEX} PRAGMA user_version=4; COMMIT;"
+    )
+    conn.close()
+
+
+def copy_store(source: Path, target: Path) -> Path:
+    """A consistent copy of a store (SQLite's backup: the WAL's pages included)."""
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+    src.close()
+    dst.close()
+    return target
 
 
 def fill(path: Path, *batches: list[Record]) -> None:

@@ -45,7 +45,7 @@ def rows(path: Path) -> list[tuple[object, ...]]:
     conn = open_reader(path)
     try:
         return conn.execute(
-            "SELECT kind, user, verb, resource, namespace, name, uid, code, reason, body FROM records ORDER BY id"
+            "SELECT kind, user, verb, resource, namespace, name, uid, code, reason, body FROM whole_records ORDER BY id"
         ).fetchall()
     finally:
         conn.close()
@@ -513,7 +513,7 @@ async def test_a_block_the_native_decoder_does_not_take_goes_the_python_way(tmp_
     await s.close()
     conn = open_reader(tmp_path / "s.db")
     stored = conn.execute("SELECT ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
-                          " tag, body FROM records ORDER BY id").fetchall()  # fmt: skip
+                          " tag, body FROM whole_records ORDER BY id").fetchall()  # fmt: skip
     conn.close()
     assert stored == [row_of(r) for r in _records_of(lines)]
 
@@ -523,7 +523,7 @@ def _all_rows(path: Path) -> list[tuple[object, ...]]:
     try:
         return conn.execute(
             "SELECT ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body"
-            " FROM records ORDER BY id"
+            " FROM whole_records ORDER BY id"
         ).fetchall()
     finally:
         conn.close()

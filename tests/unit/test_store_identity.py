@@ -36,14 +36,14 @@ from kubetrail.sinks.sqlite import (
 )
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from tests.unit.helpers import build
-from tests.unit.history_helpers import entries
+from tests.unit.history_helpers import V4_USER_INDEX, entries
 from tests.unit.history_story import alerts, story
 from tests.unit.test_store import _audit_line, _edge_lines, _lazy, _records_of, needs_native
 
 BUCKET = 1 << BUCKET_BITS
 # Schema 3's identity index and table (no ibucket): the store an older kubetrail wrote.
 V3_IDENT_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident)"
-V3_SCHEMA = SCHEMA.replace(IDENT_INDEX, V3_IDENT_INDEX).replace(",\n    ibucket INTEGER", "")
+V3_SCHEMA = SCHEMA.replace(IDENT_INDEX, V3_IDENT_INDEX).replace(",\n    ibucket INTEGER", "") + V4_USER_INDEX
 assert V3_SCHEMA.count("ibucket") == 0 and V3_IDENT_INDEX in V3_SCHEMA
 COLUMNS = "ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body"
 
@@ -87,7 +87,7 @@ async def write_all(path: Path, *batches: Batch) -> list[int]:
 def stored(path: Path, columns: str = COLUMNS) -> list[tuple[object, ...]]:
     conn = sqlite3.connect(path)
     try:
-        return conn.execute(f"SELECT {columns} FROM records ORDER BY id").fetchall()
+        return conn.execute(f"SELECT {columns} FROM whole_records ORDER BY id").fetchall()
     finally:
         conn.close()
 
@@ -110,7 +110,7 @@ def test_a_new_store_has_the_bucket_led_identity_index_and_lookups_use_it(tmp_pa
     asyncio.run(write_all(path, Batch("t", story())))
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_ident_bucket" in indexes and "records_ident" not in indexes
         plan = str(conn.execute("EXPLAIN QUERY PLAN " + INSERT_ALERT, [None] * 7 + [b"x"]).fetchall())
@@ -256,14 +256,17 @@ def test_a_schema_3_store_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_p
     assert reader.object_records(ref, None, None, True, 1000)  # the reader opened before goes on
     reader.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (4,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_ident_bucket" in indexes and "records_ident" not in indexes
+        assert "records_user" not in indexes  # schema 5: user_bodies holds those rows' bodies
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         # Nothing of the records changed; only the restamped audit rows and the untimed one got
         # an ibucket (their stageTimestamp's bucket, and 0).
-        assert conn.execute(f"SELECT {COLUMNS} FROM records ORDER BY id").fetchall() == rows
-        got = conn.execute("SELECT ibucket, kind, body FROM records WHERE ibucket IS NOT NULL ORDER BY id").fetchall()
+        assert conn.execute(f"SELECT {COLUMNS} FROM whole_records ORDER BY id").fetchall() == rows
+        got = conn.execute(
+            "SELECT ibucket, kind, body FROM whole_records WHERE ibucket IS NOT NULL ORDER BY id"
+        ).fetchall()
         assert len(got) == len(lines) - len(lines) // 2 + 1
         assert [ibucket for ibucket, _, _ in got] == [identity_bucket(kind, body) for _, kind, body in got]
         assert got[-1][0] == 0
@@ -279,12 +282,13 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
     with sqlite3.connect(path) as conn:  # the new index's name, taken: CREATE INDEX fails
         conn.execute("CREATE TABLE records_ident_bucket (x)")
     writer = StoreWriter(path)
-    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 3 to 4: .*records_ident_bucket"):
+    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 3 to 5: .*records_ident_bucket"):
         writer.open()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "records_ident" in indexes
+        assert "records_ident" in indexes and "records_user" in indexes
+        assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'user_bodies'").fetchone() == (0,)
         columns = {r[1] for r in conn.execute("PRAGMA table_info(records)")}
         assert "ibucket" not in columns  # the ALTER TABLE rolled back with the rest
         assert conn.execute(f"SELECT {COLUMNS} FROM records ORDER BY id").fetchall() == rows
