@@ -212,10 +212,20 @@ def test_long_answers_read_by_several_connections_are_the_same(tmp_path: Path) -
     ]
     fill(path, records)
     backend = StoreBackend(path)
+    split: list[int] = []
+    map_parts = backend._map
+
+    def spied(work: Any, parts: list[list[int]]) -> list[list[Any]]:
+        split.append(len([part for part in parts if part]))
+        return map_parts(work, parts)
+
+    backend._map = spied  # type: ignore[method-assign]
     try:
         got = backend.search(Filters(user="alice"), None, None, 10_000)
         assert [r.body["auditID"] for r in got] == [f"a-{n}" for n in range(count)]
-        assert len(backend._readers) > 1  # several connections took part
+        # Split over the pool's readers (how many connections the pool opens depends on how its
+        # threads are scheduled: asserting that failed once under load).
+        assert split and split[0] > 1 and backend._readers
         assert backend.user_records("alice", None, None, 10_000) == got
         newest = backend.user_records("alice", None, None, PARALLEL_FROM + 1)
         assert [r.body["auditID"] for r in newest] == [f"a-{n}" for n in range(count - PARALLEL_FROM - 1, count)]
