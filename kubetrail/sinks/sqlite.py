@@ -202,7 +202,7 @@ IDENT_KEY = f"ifnull(ibucket, CASE WHEN kind = 'audit' THEN {BUCKET_KEY} ELSE 0 
 IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS records_ident_bucket ON records ({IDENT_KEY}, ident)"
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 
-SCHEMA = f"""
+RECORDS_TABLE = """
 CREATE TABLE IF NOT EXISTS records (
     id INTEGER PRIMARY KEY,
     ident BLOB NOT NULL,
@@ -219,7 +219,9 @@ CREATE TABLE IF NOT EXISTS records (
     tag TEXT NOT NULL,
     body BLOB NOT NULL,
     ibucket INTEGER
-);
+);"""
+COLUMNS = "id, ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body, ibucket"
+SCHEMA = f"""{RECORDS_TABLE}
 {IDENT_INDEX};
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
 {OBJECT_INDEX};
@@ -231,7 +233,7 @@ BODY = (
     "CASE WHEN r.user IS NULL THEN r.body ELSE (SELECT b.body FROM user_bodies b"
     " WHERE b.user = r.user AND b.time_ns = r.time_ns AND b.id = r.id) END"
 )
-USER_BODIES = f"""
+USER_BODIES_TABLE = """
 CREATE TABLE IF NOT EXISTS user_bodies (
     user TEXT NOT NULL,
     time_ns INTEGER NOT NULL,
@@ -240,7 +242,8 @@ CREATE TABLE IF NOT EXISTS user_bodies (
     verb TEXT,
     body BLOB NOT NULL,
     PRIMARY KEY (user, time_ns, id)
-) WITHOUT ROWID;
+) WITHOUT ROWID;"""
+USER_BODIES = f"""{USER_BODIES_TABLE}
 CREATE TRIGGER IF NOT EXISTS user_bodies_retention AFTER DELETE ON records WHEN old.user IS NOT NULL
 BEGIN DELETE FROM user_bodies WHERE user = old.user AND time_ns = old.time_ns AND id = old.id; END;
 CREATE VIEW IF NOT EXISTS whole_records AS SELECT id, ident, time_ns, kind, user, verb, resource, namespace,
@@ -668,9 +671,13 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # time's (a source that stamped them otherwise; none from tail's k8s_audit parser, the
         # webhook or the native rows), builds the bucket-led identity index and drops the global
         # one. One transaction: a kill -9 during the index builds (seconds per million records)
-        # leaves the old schema, built again next time. 5 copies the bodies of the rows with a user
-        # into user_bodies (sorted by its key: appended in order), empties them in records and
-        # drops records_user (after 4's step, which reads the audit bodies).
+        # leaves the old schema, built again next time. 5 (after 4's step, which reads the audit
+        # bodies) copies the bodies of the rows with a user into user_bodies (sorted by its key:
+        # appended in order) and records into a new table without them (the same ids; its
+        # indexes built anew, records_user not), then drops the old one: its pages become free
+        # pages, reused by later inserts and not counted by retention_size (an UPDATE emptying
+        # the bodies in place left them in use, ~35% of a migrated store that retention by size
+        # would have made up for by deleting old records).
         steps = (ALERTS_SCHEMA if version < 2 else "") + f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object;"
         if version < 4:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
@@ -687,12 +694,14 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
                 + f"{IDENT_INDEX}; DROP INDEX IF EXISTS records_ident;"
             )
         if version < 5:
+            kept = COLUMNS.replace("body", "CASE WHEN user IS NULL THEN body ELSE x'' END")
             steps += (
-                USER_BODIES + "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body)"
+                USER_BODIES_TABLE + "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body)"
                 " SELECT user, time_ns, id, kind, verb, body FROM records NOT INDEXED WHERE user IS NOT NULL"
                 " ORDER BY user, time_ns, id;"
-                "UPDATE records SET body = x'' WHERE user IS NOT NULL;"
-                "DROP INDEX IF EXISTS records_user;"
+                + RECORDS_TABLE.replace("EXISTS records (", "EXISTS records_v5 (", 1)
+                + f"INSERT INTO records_v5 ({COLUMNS}) SELECT {kept} FROM records ORDER BY id;"
+                "DROP TABLE records; ALTER TABLE records_v5 RENAME TO records;" + SCHEMA + ALERTS_SCHEMA + USER_BODIES
             )
         try:
             conn.executescript(f"BEGIN; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
