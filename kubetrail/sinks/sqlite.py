@@ -78,26 +78,35 @@ Design decisions:
   records; alerts whose rule prints ``ka.user.name``) lives in :data:`USER_BODIES`, a ``WITHOUT
   ROWID`` table keyed ``(user, time_ns, id)``, with the row's ``kind`` and ``verb``; the
   ``records`` row keeps its columns and an empty body (``x''``: the same one header byte as a
-  NULL, and schema 4's ``NOT NULL`` column needs no table rewrite to migrate). Why: a cold
+  NULL; the column keeps schema 4's ``NOT NULL``). Why: a cold
   ``who USER`` (newest 1,000) read each body from its own 64 KiB page of ``records``, ~1,000
   random pages (58 MiB) on the 10M-record store, p99 258-1,284 ms against a 200 ms target; from
-  a table clustered by user the same answers are one range scan of ~30 neighbouring pages
-  (docs/benchmarks.md, "Cold queries" and "Schema 5"). Nothing is stored twice, and the
+  a table clustered by user the same answers are one range scan of ~16 pages: measured on the
+  same 10M records, cold ``who`` p50 15-21 ms, p99 70-198 ms, 1.0 MiB read, against schema 4's
+  88-94 / 175-258 ms, 58.6 MiB (docs/benchmarks.md, "Schema 5"). Nothing is stored twice, and the
   ``records_user (user, time_ns)`` index is gone: the table is that index, covering (``who``,
   ``search --user`` and the list of users read it), which also takes an index's keys written in
   the middle of a B-tree off each insert. The price: a commit writes into as many places of
-  that table as there are users writing (each user's range ends with its newest rows), and a
-  body read by id (``history``, ``search``) goes through the row's ``(user, time_ns, id)``: one
-  more B-tree descent. Readers get a body through :data:`BODY` (and the ``whole_records`` view
-  for anyone reading the file with ``sqlite3``), so no caller knows about the split. Writers:
+  that table as there are users writing (each user's range ends with its newest rows, in the
+  middle of the B-tree: page splits move cells, and leave pages partly empty), which cost more
+  than the dropped index saved: 16.6-17.9 us of CPU per record into a 10M store against
+  13.3-15.0, +9% on disk; and an audit body read by id (``history``, ``search``) is a second
+  page, its ``(user, time_ns, id)`` in ``user_bodies`` (cold ``history`` p50 +3-11 ms, still
+  far under its 200 ms target). Kept because the target it was for, cold ``who`` p99 under
+  200 ms, was met by nothing else measured on the reader side. Readers get a body through
+  :data:`BODY` (and the ``whole_records`` view for anyone reading the file with ``sqlite3``),
+  so no caller knows about the split. Writers:
   the row goes in first (``INSERT OR IGNORE``: the identity index decides), and its body only
   when the row was new, with the row's id, in the same transaction, so a replay adds nothing to
   either table and a kill -9 leaves both or neither (the native writer does the same:
   ``StoreInserter``'s ``insert_body``). Retention deletes ``records`` rows; a trigger deletes
-  their bodies. A writer migrates a schema 4 store in one transaction (bodies copied sorted by
-  the new key, the ``records`` bodies emptied, ``records_user`` dropped); the emptied space
-  inside the old ``records`` pages is reused only once retention frees whole pages (``VACUUM``
-  gives it back at once).
+  their bodies. A writer migrates a schema 4 store in one transaction: the bodies copied into
+  ``user_bodies`` sorted by its key, ``records`` copied into a new table without them (the same
+  ids, its indexes built anew, ``records_user`` not), the old one dropped, so its pages become
+  free pages, reused by later inserts and not counted by ``retention_size`` (10M records: 86 s,
+  the file 4.72 -> 8.98 GiB of which 5.09 in use, the WAL ~10 GB until the commit's
+  checkpoint; an UPDATE emptying the bodies in place took 190 s and left 7.14 GiB in use,
+  which retention by size would have made up for by deleting old records).
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery).
