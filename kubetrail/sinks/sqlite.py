@@ -86,11 +86,12 @@ Design decisions:
   88-94 / 175-258 ms, 58.6 MiB (docs/benchmarks.md, "Schema 5"). Nothing is stored twice, and the
   ``records_user (user, time_ns)`` index is gone: the table is that index, covering (``who``,
   ``search --user`` and the list of users read it), which also takes an index's keys written in
-  the middle of a B-tree off each insert. The price: a commit writes into as many places of
-  that table as there are users writing (each user's range ends with its newest rows, in the
-  middle of the B-tree: page splits move cells, and leave pages partly empty), which cost more
-  than the dropped index saved: 16.6-17.9 us of CPU per record into a 10M store against
-  13.3-15.0, +9% on disk; and an audit body read by id (``history``, ``search``) is a second
+  the middle of a B-tree off each insert. The price: a second insert per row (a statement and a
+  B-tree of ~1 KB cells), which costs more than the dropped index saved: 16.6-17.9 us of CPU
+  per record into a 10M store against 13.3-15.0, 9.4-9.8 against 8.2-8.6 into an empty one;
+  +9-10% on disk (the table's pages are left ~90% full). Not where the bodies land: the same
+  table keyed by time (every insert at its end, no place per user) measured the same CPU and
+  size. And an audit body read by id (``history``, ``search``) is a second
   page, its ``(user, time_ns, id)`` in ``user_bodies`` (cold ``history`` p50 +3-11 ms, still
   far under its 200 ms target). Kept because the target it was for, cold ``who`` p99 under
   200 ms, was met by nothing else measured on the reader side. Readers get a body through
