@@ -105,6 +105,11 @@ def delivered(out: Path) -> Counter[tuple[str, str]]:
     return identities(read_records(out / "events.jsonl"))
 
 
+def _keys(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Each record's (uid, resourceVersion), in the order written."""
+    return [(r["metadata"]["uid"], r["metadata"]["resourceVersion"]) for r in records]
+
+
 def assert_exactly_once(out: Path, writer: Writer) -> None:
     got = delivered(out)
     missing = set(writer.expected) - set(got)
@@ -142,13 +147,25 @@ def test_restarts_clean_and_kill9_deliver_each_occurrence_once(
     burst.start()
     time.sleep(0.5)
     run.kill9()
+    before_kill = _keys(read_records(tmp_path / "events.jsonl"))
     burst.join()
     writer.burst(5)
     run.start()
     wait_delivered(tmp_path, writer)
     time.sleep(2)  # anything duplicated would have arrived by now
     assert run.stop() == 0
-    assert_exactly_once(tmp_path, writer)
+    got = delivered(tmp_path)
+    assert set(got) == set(writer.expected), f"missing {len(set(writer.expected) - set(got))}, or unexpected"
+    # Exactly once, but for the one window no at-least-once sink closes (as in test_buffer and
+    # the node tests): kill -9 after the file output's fsync and before the checkpoint's commit
+    # re-sends that batch. So a duplicate is allowed only as a run at the very end of what the
+    # killed process had written, each delivered twice, at most one watch batch.
+    duplicated = {k for k, n in got.items() if n > 1}
+    assert max(got.values()) <= 2
+    if duplicated:
+        assert set(before_kill[-len(duplicated) :]) == duplicated, "a duplicate that is not the killed last batch"
+        assert len(duplicated) <= 64, f"{len(duplicated)} duplicates: more than one batch"
+        print(f"kill -9 landed between the write and the checkpoint: {len(duplicated)} re-sent")
     records = read_records(tmp_path / "events.jsonl")
     assert all(
         r["kind"] == "Event" and r["apiVersion"] == "v1" and "managedFields" not in r["metadata"] for r in records
