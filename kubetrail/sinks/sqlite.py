@@ -87,8 +87,9 @@ Design decisions:
   ``records_user (user, time_ns)`` index is gone: the table is that index, covering (``who``,
   ``search --user`` and the list of users read it), which also takes an index's keys written in
   the middle of a B-tree off each insert. The price: a second insert per row (a statement and a
-  B-tree of ~1 KB cells), which costs more than the dropped index saved: 16.6-17.9 us of CPU
-  per record into a 10M store against 13.3-15.0, 9.4-9.8 against 8.2-8.6 into an empty one;
+  B-tree of ~1 KB cells), which costs more than the dropped index saved: 12.4-17.9 us of CPU
+  per record into a 10M store (median 16.5) against 11.3-15.0 (12.5), 9.4-9.8 against 8.2-8.6
+  into an empty one;
   +9-10% on disk (the table's pages are left ~90% full). Not where the bodies land: the same
   table keyed by time (every insert at its end, no place per user) measured the same CPU and
   size. And an audit body read by id (``history``, ``search``) is a second
