@@ -222,7 +222,7 @@ def test_who_is_the_same(store: Path, limit: int) -> None:
                     ),
                 )
                 assert got == want, (user, since, until, writes_only)
-                used_readers |= len(fast._readers) > 1
+                used_readers |= bool(fast._readers)  # the body readers' pool took part
     # Users have ~140 records each: an unlimited answer is read by several connections; schema 5
     # reads them and their bodies by one statement.
     assert used_readers == (limit > PARALLEL_FROM and not fast.split)
@@ -275,8 +275,9 @@ def test_every_descriptor_of_the_store_is_told_reads_are_random(store: Path, tmp
         wal = Path(f"{store}-wal").exists()
         per_connection = 2 if wal else 1
         assert advise_random(store) == per_connection
-        backend.search(Filters(kind="audit"), None, None, 1_000)  # 1,000 records: several body readers
-        assert len(backend._readers) > 1
+        backend.search(Filters(kind="audit"), None, None, 1_000)  # 1,000 records: the body readers
+        # (how many connections the pool opens depends on how its threads are scheduled)
+        assert backend._readers
         assert advise_random(store) == per_connection * (1 + len(backend._readers))
     finally:
         backend.close()
