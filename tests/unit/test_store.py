@@ -697,3 +697,42 @@ def test_a_prefix_that_is_not_the_filters_is_kept() -> None:
         (row,) = native_rows("kube.audit", body + b"\n") or [None]
         (python,) = [row_of(r) for r in _records_of([body])]
         assert row is not None and row[12] == python[12] == line, prefix
+
+
+async def test_a_cleanly_closed_store_is_not_read_through_at_the_next_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The full quick_check runs only after an unclean close or a change since the clean one."""
+    from kubetrail.sinks import sqlite as sqlite_sink
+
+    checks: list[Path] = []
+    check = sqlite_sink._quick_check
+    monkeypatch.setattr(sqlite_sink, "_quick_check", lambda conn, path: (checks.append(path), check(conn, path)))
+    path = tmp_path / "s.db"
+    first = sink(path)
+    await write(first, story()[:3])
+    await first.close()
+    assert Path(f"{path}-clean").exists()
+    again = sink(path)
+    await write(again, story()[3:5])
+    assert not Path(f"{path}-clean").exists(), "a writer at work leaves no marker"
+    assert checks == []  # left clean: not read through
+    # A crash (what kill -9 leaves: connections gone, no clean close): the next writer checks.
+    writer = again.writer
+    if writer.native is not None:
+        writer.native.close()
+    assert writer.conn is not None and writer._lock_fd is not None
+    writer.conn.close()
+    os.close(writer._lock_fd)
+    third = sink(path)
+    await write(third, story()[5:6])
+    await third.close()
+    assert checks == [path]
+    # Changed since the clean close (same size: pages overwritten): checked, and refused.
+    with path.open("r+b") as damaged:
+        damaged.seek(65536 + 16)
+        damaged.write(b"\xff" * 65536)
+    fourth = sink(path)
+    with pytest.raises(RetryableError, match="corrupt"):
+        await fourth.start()
+    assert checks == [path, path]
