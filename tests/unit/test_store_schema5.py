@@ -23,7 +23,15 @@ from kubetrail.sinks.sqlite import SCHEMA_VERSION, SqliteSink, StoreWriter, open
 from tests.unit.helpers import build
 from tests.unit.history_helpers import copy_store, entries, fill, to_schema_4
 from tests.unit.history_story import alerts, story
-from tests.unit.test_store import _NATIVE_WRITER, _audit_line, _lazy, _records_of, kill_9_after_acks, needs_native
+from tests.unit.test_store import (
+    _NATIVE_WRITER,
+    _all_rows,
+    _audit_line,
+    _lazy,
+    _records_of,
+    kill_9_after_acks,
+    needs_native,
+)
 
 
 def consistent(conn: sqlite3.Connection) -> int:
@@ -42,22 +50,11 @@ def consistent(conn: sqlite3.Connection) -> int:
     return int(users)
 
 
-def whole(path: Path) -> list[tuple[Any, ...]]:
-    conn = open_reader(path)
-    try:
-        return conn.execute(
-            "SELECT ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body"
-            " FROM whole_records ORDER BY id"
-        ).fetchall()
-    finally:
-        conn.close()
-
-
 def test_a_new_store_keeps_the_bodies_of_rows_with_a_user_apart(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     records = story()
     fill(path, records)
-    assert whole(path) == [row_of(r) for r in records]  # the view gives every body back
+    assert _all_rows(path) == [row_of(r) for r in records]  # the view gives every body back
     conn = open_reader(path)
     try:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
@@ -109,7 +106,7 @@ async def test_every_writer_path_fills_it_and_a_replay_adds_nothing(tmp_path: Pa
         await s.write_group([_lazy([lines[70], _audit_line(5000)])])
         assert s.m_new._value.get() == len(lines) + 1  # type: ignore[attr-defined]
         await s.close()
-    rows = {name: whole(path) for name, path in paths.items()}
+    rows = {name: _all_rows(path) for name, path in paths.items()}
     assert rows["native"] == rows["python"] == rows["blocks"]
     assert len(rows["native"]) == len(lines) + 1
     for path in paths.values():
@@ -143,7 +140,7 @@ async def test_an_older_native_module_leaves_every_row_to_python(tmp_path: Path,
     lines = [_audit_line(n) for n in range(40)]
     await s.write(_lazy(lines))
     await s.close()
-    assert whole(path) == [row_of(r) for r in _records_of(lines)]
+    assert _all_rows(path) == [row_of(r) for r in _records_of(lines)]
     with sqlite3.connect(path) as conn:
         assert consistent(conn) == 40
 
@@ -154,7 +151,7 @@ def test_alerts_with_a_user_are_kept_by_user_and_read_back(tmp_path: Path) -> No
     assert fired
     path = tmp_path / "s.db"
     fill(path, records, fired)
-    assert whole(path) == [row_of(r) for r in [*records, *fired]]
+    assert _all_rows(path) == [row_of(r) for r in [*records, *fired]]
     conn = open_reader(path)
     try:
         consistent(conn)
@@ -266,7 +263,7 @@ def test_a_schema_4_store_is_migrated_by_the_next_writer(tmp_path: Path) -> None
         assert "records_user" not in indexes
         assert consistent(conn) > 600
     conn.close()
-    assert whole(path) == before  # every row and every body as it was
+    assert _all_rows(path) == before  # every row and every body as it was
     assert [entries(path, *ask) for ask in asks] == answers
     # The reader opened before goes on, now reading the bodies where they are.
     assert reader.user_records("user-2", None, None, 1000) == old_who
