@@ -175,6 +175,7 @@ from kubetrail.core.errors import RetryableError
 from kubetrail.core.kinds import resource_of_kind
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
+from kubetrail.core.secrets import file_stamp
 from kubetrail.parsers.timefmt import TimeParser
 from kubetrail.transforms.kubernetes_audit import _Flat  # the filter's flat members, to find them
 
@@ -748,11 +749,6 @@ def _clean_mark(path: Path) -> Path:
     return path.with_name(path.name + "-clean")
 
 
-def _file_stamp(path: Path) -> list[int]:
-    st = os.stat(path)
-    return [st.st_ino, st.st_size, st.st_mtime_ns]
-
-
 def _mark_clean(path: Path) -> None:
     """After a clean close (the WAL checkpointed into the file and gone): remember the file as
     it was left, so that the next writer can skip reading all of it (see :func:`_left_clean`).
@@ -763,10 +759,12 @@ def _mark_clean(path: Path) -> None:
     if Path(f"{path}-wal").exists():
         return  # a reader kept the WAL open: the next open checks
     mark = _clean_mark(path)
-    stamp = _file_stamp(path)
+    stamp = file_stamp(str(path))  # (inode, mtime, size), as credential files are watched
+    if stamp is None:
+        return
     for _ in range(50):
         mark.write_bytes(orjson.dumps(stamp))
-        if os.stat(mark).st_mtime_ns > stamp[2]:
+        if os.stat(mark).st_mtime_ns > stamp[1]:
             return
         time.sleep(0.005)
     mark.unlink(missing_ok=True)
@@ -784,9 +782,10 @@ def _left_clean(path: Path) -> bool:
     except (OSError, ValueError):
         mark.unlink(missing_ok=True)
         return False
-    current = _file_stamp(path)
+    current = file_stamp(str(path))
     wal = Path(f"{path}-wal")
-    return stamp == current and current[2] < marked and not (wal.exists() and wal.stat().st_size > 0)
+    unchanged = current is not None and stamp == list(current) and current[1] < marked
+    return unchanged and not (wal.exists() and wal.stat().st_size > 0)
 
 
 def _quick_check(conn: sqlite3.Connection, path: Path) -> None:
