@@ -33,7 +33,9 @@ first piece's offset. The tail hands on a :class:`~kubetrail.core.block.ReadyBlo
 (then each is built from its line, body decoded on first use). The state stays here: the pending
 messages go into the call and come back out (at most one per stream), so checkpoints, the flush
 timeout and :meth:`~ContainerLogJoiner.flush` are the same whichever path a block took. The
-record path stays for what the block path does not take: docker lines, the replay window after
+record path stays for what the block path does not take: docker lines (with ``docker, cri``, a
+block goes the block way when none of its lines is a docker document, as on a containerd node),
+the replay window after
 a restart (rare, and exact by construction there), a ``key`` that is one of the record's own
 fields, and an installation without the native module.
 """
@@ -109,7 +111,9 @@ class ContainerLogJoiner:
         self._second_ns: int | None = None
         # cri_join's part of each record after "_p": `"key":"` as orjson writes the key.
         self._key_prefix = orjson.dumps({key: ""})[1:-2]
-        self.blocks = cri_join is not None and self.cri and not self.docker and key not in _CRI_FIELDS
+        # With both formats (Fluent Bit's Helm chart default, `docker, cri`) a block takes this path
+        # when none of its lines is a docker document: see process_block.
+        self.blocks = cri_join is not None and self.cri and key not in _CRI_FIELDS
 
     # -- checkpoint support ------------------------------------------------------------------
 
@@ -239,6 +243,12 @@ class ContainerLogJoiner:
             return None
         assert cri_join is not None
         pending = self.pending
+        if self.docker and (
+            block[:1] == b"{" or b"\n{" in block or any(p.docker is not None for p in pending.values())
+        ):
+            # A docker document (a line starting with '{': a CRI line starts with its time) or a
+            # docker message pending: the record path, which tells the two formats apart per line.
+            return None
         given = [
             (_STREAM_NAMES.index(stream), p.start, p.time_text, p.time_ns, b"".join(p.parts), p.size, p.over)
             for stream, p in pending.items()

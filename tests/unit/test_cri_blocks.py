@@ -112,19 +112,34 @@ def state(joiner: ContainerLogJoiner) -> dict[str, tuple[Any, ...]]:
     }
 
 
-def compare(lines: list[bytes], cuts: list[int], max_size: int, truncate: bool) -> int:
-    """Both paths over ``lines`` cut into batches at ``cuts``; returns the records compared."""
-    records_path = ContainerLogJoiner(("cri",), max_size, truncate, "log", "uid")
-    block_path = ContainerLogJoiner(("cri",), max_size, truncate, "log", "uid")
+def compare(
+    lines: list[bytes], cuts: list[int], max_size: int, truncate: bool, formats: tuple[str, ...] = ("cri",)
+) -> tuple[int, int]:
+    """Both paths over ``lines`` cut into batches at ``cuts``; returns the records compared and
+    the batches the block path took (with ``docker`` among ``formats``, a batch the block path
+    declines goes the record way on that joiner, as the tail does)."""
+    records_path = ContainerLogJoiner(formats, max_size, truncate, "log", "uid")
+    block_path = ContainerLogJoiner(formats, max_size, truncate, "log", "uid")
     assert block_path.blocks
-    compared, offset = 0, 1000
+    compared, blocks, offset = 0, 0, 1000
     bounds = [0, *cuts, len(lines)]
     for begin, end in itertools.pairwise(bounds):
         block = b"".join(line + b"\n" for line in lines[begin:end])
         expected_stats, got_stats = JoinStats(), JoinStats()
         expected = records_path.process(lines[begin:end], offset, "kube.x", expected_stats)
         ready = block_path.process_block(block, offset, "kube.x", got_stats)
+        if ready is None and "docker" in formats:
+            taken = block_path.process(lines[begin:end], offset, "kube.x", got_stats)
+            assert [(r.time_ns, r.identity, r.body) for r in taken] == [
+                (r.time_ns, r.identity, r.body) for r in expected
+            ]
+            assert got_stats == expected_stats
+            assert state(block_path) == state(records_path)
+            compared += len(expected)
+            offset += len(block)
+            continue
         assert ready is not None
+        blocks += 1
         assert ready.data() == b"".join(orjson.dumps(r.body) + b"\n" for r in expected)
         assert ready.count == len(expected)
         assert list(ready.line_times() or []) == [r.time_ns for r in expected]
@@ -143,7 +158,7 @@ def compare(lines: list[bytes], cuts: list[int], max_size: int, truncate: bool) 
         (r.time_ns, r.identity, r.body) for r in flushed
     ]
     assert got_stats == expected_stats
-    return compared + len(flushed)
+    return compared + len(flushed), blocks
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -155,7 +170,42 @@ def test_random_batches_give_what_the_record_path_gives(
     rnd = random.Random(seed * 7 + max_size)
     lines = cri_lines(rnd, 400)
     cuts = sorted(rnd.sample(range(1, len(lines)), 25))
-    assert compare(lines, cuts, max_size, truncate) > 200  # fewer where long messages are skipped
+    assert compare(lines, cuts, max_size, truncate)[0] > 200  # fewer where long messages are skipped
+
+
+def docker_lines(rnd: random.Random, count: int) -> list[bytes]:
+    """docker json-file lines: whole messages, and messages cut into pieces (a ``log`` without
+    its newline), stdout and stderr interleaved, a bad time now and then."""
+    lines: list[bytes] = []
+    for _ in range(count):
+        stream = rnd.choice(["stdout", "stderr"])
+        stamp = rnd.choice(["2026-12-01T12:00:00.123456789Z", "2026-12-01T12:00:01Z", "bad time"])
+        message = rnd.choice(MESSAGES).decode("utf-8", "replace")
+        if rnd.random() < 0.3:  # a first piece, then the rest (or, at the end of a run, nothing yet)
+            cut = rnd.randint(0, len(message))
+            lines.append(orjson.dumps({"log": message[:cut], "stream": stream, "time": stamp}))
+            message = message[cut:]
+        lines.append(orjson.dumps({"log": message + "\n", "stream": stream, "time": stamp}))
+    return lines
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_docker_and_cri_take_the_block_path_where_no_line_is_docker(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``multiline.parser docker, cri`` (Fluent Bit's Helm chart default): runs of CRI lines go
+    the block way, runs with docker documents (also pieces of a docker message pending across
+    batches) the record way, and every batch gives what the record path gives."""
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    rnd = random.Random(seed)
+    lines: list[bytes] = []
+    for _ in range(12):  # runs of each format, as a file whose runtime changed, or a mixed test file
+        lines += cri_lines(rnd, 60) if rnd.random() < 0.6 else docker_lines(rnd, 15)
+    cuts = sorted(rnd.sample(range(1, len(lines)), 40))
+    compared, blocks = compare(lines, cuts, 4 * 1024 * 1024, False, ("docker", "cri"))
+    assert compared > 200
+    assert blocks >= 5  # the CRI-only batches went the block way
+    only_cri = [line for line in cri_lines(rnd, 300) if not line.startswith(b"{")]
+    compared, blocks = compare(only_cri, [100, 200], 4 * 1024 * 1024, False, ("docker", "cri"))
+    assert blocks == 3
 
 
 def test_pieces_across_batches_and_a_p_without_f_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,7 +220,7 @@ def test_pieces_across_batches_and_a_p_without_f_at_the_end(monkeypatch: pytest.
         t + b" stderr F \xa9 end",
         t + b" stdout P never ends",
     ]
-    assert compare(lines, [1, 3, 5], 4 * 1024 * 1024, False) == 3  # stdout, stderr, the flushed one
+    assert compare(lines, [1, 3, 5], 4 * 1024 * 1024, False) == (3, 4)  # stdout, stderr, the flushed one
 
 
 def test_stamps_are_timed_as_python_times_them() -> None:
@@ -222,16 +272,27 @@ def test_a_time_beyond_64_bits_of_ns_leaves_the_block_to_the_record_path(monkeyp
 def test_a_key_among_the_record_s_fields_or_docker_stays_on_the_record_path() -> None:
     assert ContainerLogJoiner(("cri",), 100, False, "log", "u").blocks
     assert not ContainerLogJoiner(("cri",), 100, False, "time", "u").blocks
-    assert not ContainerLogJoiner(("docker", "cri"), 100, False, "log", "u").blocks
+    assert not ContainerLogJoiner(("docker",), 100, False, "log", "u").blocks
+    both = ContainerLogJoiner(("docker", "cri"), 100, False, "log", "u")
+    assert both.process_block(b'{"log":"x\\n"}\n', 0, "t", JoinStats()) is None  # a docker line
+    assert both.process_block(b'2026-12-01T12:00:00Z stdout F x\n{"log":"y"}\n', 0, "t", JoinStats()) is None
+    assert both.process_block(b"2026-12-01T12:00:00Z stdout F x {\n", 0, "t", JoinStats()) is not None
     replaying = ContainerLogJoiner(("cri",), 100, False, "log", "u")
     replaying.replay(500, {"stdout": 300})
     assert replaying.process_block(b"x\n", 400, "t", JoinStats()) is None  # inside the replay window
     assert replaying.process_block(b"x\n", 500, "t", JoinStats()) is not None
 
 
-@pytest.mark.parametrize("filters", ["", "[FILTER]\n    name modify\n    match *\n    add  cluster one\n"])
+@pytest.mark.parametrize(
+    ("filters", "parsers"),
+    [
+        ("", "cri"),
+        ("[FILTER]\n    name modify\n    match *\n    add  cluster one\n", "cri"),
+        ("", "docker, cri"),  # the docker line among cri_lines' bad lines sends its batch the record way
+    ],
+)
 async def test_tail_to_file_writes_the_same_bytes_either_way(
-    tmp_path: Path, filters: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, filters: str, parsers: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The whole pipeline, reads of 1 KiB so lines and pieces cross reads, a P whose F never
     comes (flushed at EOF with ``_p: P``); with a filter that works on records, the block's
@@ -240,7 +301,7 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
     lines = cri_lines(rnd, 600)
     log = tmp_path / "c.log"
     log.write_bytes(b"".join(line + b"\n" for line in lines) + STAMPS[0] + b" stdout P last words\n")
-    extra = "    multiline.parser cri\n    batch_size 1k\n    buffer_chunk_size 1k\n    buffer_max_size 64\n"
+    extra = f"    multiline.parser {parsers}\n    batch_size 1k\n    buffer_chunk_size 1k\n    buffer_max_size 64\n"
     outputs = []
     blocks: list[int] = []
     process_block = ContainerLogJoiner.process_block
@@ -261,7 +322,8 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
             await run_pipeline(config)
         outputs.append((work / "out" / "out.jsonl").read_bytes())
     block_out, record_out = outputs
-    assert sum(blocks) > 30  # the first run took the block path (every read), the second none
+    # the first run took the block path (every read; with docker, those without a docker line)
+    assert sum(blocks) > (30 if parsers == "cri" else 20)
     assert block_out == record_out
     last = orjson.loads(block_out.splitlines()[-1])
     assert last["_p"] == "P" and last["log"].endswith("last words")
