@@ -33,11 +33,16 @@ first piece's offset. The tail hands on a :class:`~kubetrail.core.block.ReadyBlo
 (then each is built from its line, body decoded on first use). The state stays here: the pending
 messages go into the call and come back out (at most one per stream), so checkpoints, the flush
 timeout and :meth:`~ContainerLogJoiner.flush` are the same whichever path a block took. The
-record path stays for what the block path does not take: docker lines (with ``docker, cri``, a
-block goes the block way when none of its lines is a docker document, as on a containerd node),
-the replay window after
+record path stays for what the block path does not take: a block mixing docker and CRI lines
+(with ``docker, cri``, Fluent Bit's Helm chart default, a block of either format alone goes its
+block way), the replay window after
 a restart (rare, and exact by construction there), a ``key`` that is one of the record's own
 fields, and an installation without the native module.
+
+**docker as a block** (``docker_join``, ``native/src/dockerlines.rs``): the same for docker's
+json-file lines of exactly docker's shape (``log``, ``stream``, ``time``; any other line sends
+its block the record way), the pending messages carried across as for CRI, their document
+rebuilt as ``{"stream", "time"}``: 500,000 messages 3.1 s -> 1.0 s.
 """
 
 from __future__ import annotations
@@ -58,11 +63,17 @@ try:  # optional (built from native/): a block of CRI lines joined and written i
     from kubetrail_native import cri_join
 except ImportError:  # pragma: no cover - depends on the installation (or an older build)
     cri_join = None
+try:  # the same for docker json-file lines
+    from kubetrail_native import docker_join
+except ImportError:  # pragma: no cover - depends on the installation (or an older build)
+    docker_join = None
 
 FORMATS = ("cri", "docker")
 _STREAMS = {b"stdout": "stdout", b"stderr": "stderr"}
 _STREAM_NAMES = ("stdout", "stderr")  # cri_join's stream numbers
 _CRI_FIELDS = ("time", "stream", "_p")  # a key among these changes the record's layout
+_DOCKER_FIELDS = ("time", "stream")  # the same for docker's records
+_DOCKER_DOC = ["stream", "time"]  # a pending docker message's document, as docker_join makes it
 _SLOW_TIMES = TimeParser()
 
 
@@ -111,9 +122,11 @@ class ContainerLogJoiner:
         self._second_ns: int | None = None
         # cri_join's part of each record after "_p": `"key":"` as orjson writes the key.
         self._key_prefix = orjson.dumps({key: ""})[1:-2]
-        # With both formats (Fluent Bit's Helm chart default, `docker, cri`) a block takes this path
-        # when none of its lines is a docker document: see process_block.
-        self.blocks = cri_join is not None and self.cri and key not in _CRI_FIELDS
+        # With both formats (Fluent Bit's Helm chart default, `docker, cri`) a block takes the
+        # path of the format all its lines have: see process_block.
+        self.cri_blocks = cri_join is not None and self.cri and key not in _CRI_FIELDS
+        self.docker_blocks = docker_join is not None and self.docker and key not in _DOCKER_FIELDS
+        self.blocks = self.cri_blocks or self.docker_blocks
 
     # -- checkpoint support ------------------------------------------------------------------
 
@@ -241,32 +254,45 @@ class ContainerLogJoiner:
         record path applies (see the module docstring)."""
         if not self.blocks or self.replay_until > start:
             return None
-        assert cri_join is not None
         pending = self.pending
-        if self.docker and (
-            block[:1] == b"{" or b"\n{" in block or any(p.docker is not None for p in pending.values())
-        ):
-            # A docker document (a line starting with '{': a CRI line starts with its time) or a
-            # docker message pending: the record path, which tells the two formats apart per line.
-            return None
+        if self.docker and (block[:1] == b"{" or b"\n{" in block):
+            # docker documents (a CRI line starts with its time): all of the block, or the record path
+            if not self.docker_blocks or any(
+                stream not in _STREAM_NAMES
+                or p.docker != {"stream": stream, "time": p.time_text}
+                or list(p.docker) != _DOCKER_DOC
+                for stream, p in pending.items()
+            ):
+                return None
+            assert docker_join is not None
+            join: Any = docker_join
+            fixed: tuple[Any, ...] = (self._key_prefix, self.key == "log")
+        else:
+            if not self.cri_blocks or any(p.docker is not None for p in pending.values()):
+                return None
+            assert cri_join is not None
+            join, fixed = cri_join, (self._key_prefix,)
         given = [
             (_STREAM_NAMES.index(stream), p.start, p.time_text, p.time_ns, b"".join(p.parts), p.size, p.over)
             for stream, p in pending.items()
         ]
         try:
-            data, time_bytes, offset_bytes, count, left, counts = cri_join(
-                block, start, self._key_prefix, self.max_size, self.truncate, time.time_ns(), given, self.time_ns
-            )
+            joined = join(block, start, *fixed, self.max_size, self.truncate, time.time_ns(), given, self.time_ns)
         except OverflowError:  # a time beyond int64 ns (year 2262 on): Python's int holds it
             return None
+        if joined is None:  # a line docker_join does not take: the record path decides each line
+            return None
+        data, time_bytes, offset_bytes, count, left, counts = joined
         previous = dict(pending)
         pending.clear()
-        for index, first, time_text, time_ns, joined, size, over in left:
+        for index, first, time_text, time_ns, text, size, over in left:
             stream = _STREAM_NAMES[index]
             old = previous.get(stream)
             # The same first piece is the same message: it keeps its age for the flush timeout.
             since = old.since if old is not None and old.start == first else time.monotonic()
-            pending[stream] = _Pending(first, time_text, time_ns, since, [joined], size, over)
+            entry = pending[stream] = _Pending(first, time_text, time_ns, since, [text], size, over)
+            if join is docker_join:  # the first piece's document without its log, as _docker_line keeps it
+                entry.docker = {"stream": stream, "time": time_text}
         stats.bad_lines += counts[0]
         stats.bad_times += counts[1]
         stats.bad_utf8 += counts[2]

@@ -36,26 +36,26 @@ const STREAMS: [&[u8]; 2] = [b"stdout", b"stderr"];
 
 /// A stream's unfinished message: (stream index, file offset of its first piece, time text,
 /// time ns, the pieces so far, their size, grew past the limit). As `_Pending` in Python.
-type PendingTuple<'py> = (usize, i64, String, i64, Bound<'py, PyBytes>, usize, bool);
-type PendingOut<'py> = (usize, i64, String, i64, Bound<'py, PyBytes>, usize, bool);
+pub(crate) type PendingTuple<'py> = (usize, i64, String, i64, Bound<'py, PyBytes>, usize, bool);
+pub(crate) type PendingOut<'py> = (usize, i64, String, i64, Bound<'py, PyBytes>, usize, bool);
 
-struct Pending {
-    start: i64,
-    time_text: String,
-    time_ns: i64,
-    data: Vec<u8>,
-    size: usize,
-    over: bool,
+pub(crate) struct Pending {
+    pub(crate) start: i64,
+    pub(crate) time_text: String,
+    pub(crate) time_ns: i64,
+    pub(crate) data: Vec<u8>,
+    pub(crate) size: usize,
+    pub(crate) over: bool,
 }
 
 /// What the walk counted: bad lines, bad times, invalid UTF-8, long skipped, long truncated.
 #[derive(Default)]
-struct Stats {
-    bad_lines: usize,
-    bad_times: usize,
-    bad_utf8: usize,
-    long_skipped: usize,
-    long_truncated: usize,
+pub(crate) struct Stats {
+    pub(crate) bad_lines: usize,
+    pub(crate) bad_times: usize,
+    pub(crate) bad_utf8: usize,
+    pub(crate) long_skipped: usize,
+    pub(crate) long_truncated: usize,
 }
 
 fn two(text: &[u8], at: usize) -> Option<i64> {
@@ -143,7 +143,7 @@ fn ascii_text(stamp: &[u8]) -> String {
 }
 
 /// `_cut`: the first `limit` bytes, less a character the cut would split.
-fn cut(data: &[u8], limit: usize) -> &[u8] {
+pub(crate) fn cut(data: &[u8], limit: usize) -> &[u8] {
     if limit >= data.len() {
         return data;
     }
@@ -154,21 +154,42 @@ fn cut(data: &[u8], limit: usize) -> &[u8] {
     &data[..end]
 }
 
-struct Walk<'a, 'py> {
-    out: Vec<u8>,
-    times: Vec<i64>,
-    offsets: Vec<i64>,
-    stats: Stats,
-    key: &'a [u8],
-    now_ns: i64,
-    max_size: usize,
-    truncate: bool,
-    time_of: &'a Bound<'py, PyAny>,
+pub(crate) struct Walk<'a, 'py> {
+    pub(crate) out: Vec<u8>,
+    pub(crate) times: Vec<i64>,
+    pub(crate) offsets: Vec<i64>,
+    pub(crate) stats: Stats,
+    pub(crate) key: &'a [u8],
+    pub(crate) now_ns: i64,
+    pub(crate) max_size: usize,
+    pub(crate) truncate: bool,
+    pub(crate) time_of: &'a Bound<'py, PyAny>,
 }
 
-impl Walk<'_, '_> {
+impl<'a, 'py> Walk<'a, 'py> {
+    pub(crate) fn new(
+        block_len: usize,
+        key: &'a [u8],
+        now_ns: i64,
+        max_size: usize,
+        truncate: bool,
+        time_of: &'a Bound<'py, PyAny>,
+    ) -> Self {
+        Walk {
+            out: Vec::with_capacity(block_len + block_len / 2),
+            times: Vec::with_capacity(block_len / 64),
+            offsets: Vec::with_capacity(block_len / 64),
+            stats: Stats::default(),
+            key,
+            now_ns,
+            max_size,
+            truncate,
+            time_of,
+        }
+    }
+
     /// Lossy text of `data`, escaped into the output (invalid UTF-8 counted).
-    fn text(&mut self, data: &[u8]) {
+    pub(crate) fn text(&mut self, data: &[u8]) {
         match std::str::from_utf8(data) {
             Ok(_) => escape_json_into(&mut self.out, data, b"\""),
             Err(_) => {
@@ -179,7 +200,7 @@ impl Walk<'_, '_> {
         }
     }
 
-    fn time(&mut self, stamp: &[u8]) -> PyResult<i64> {
+    pub(crate) fn time(&mut self, stamp: &[u8]) -> PyResult<i64> {
         let found = match fast_time(stamp) {
             Some(found) => found,
             None => self
@@ -207,7 +228,7 @@ impl Walk<'_, '_> {
     }
 
     /// `_add`: a piece onto a pending message, within `max_size`.
-    fn add(&self, entry: &mut Pending, piece: &[u8]) {
+    pub(crate) fn add(&self, entry: &mut Pending, piece: &[u8]) {
         if entry.over {
             return;
         }
@@ -283,38 +304,9 @@ pub fn cri_join<'py>(
     now_ns: i64,
     pending: Vec<PendingTuple<'py>>,
     time_of: &Bound<'py, PyAny>,
-) -> PyResult<(
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
-    Bound<'py, PyBytes>,
-    usize,
-    Vec<PendingOut<'py>>,
-    (usize, usize, usize, usize, usize),
-)> {
-    let mut open: [Option<Pending>; 2] = [None, None];
-    for (stream, at, time_text, time_ns, data, size, over) in pending {
-        if stream < 2 {
-            open[stream] = Some(Pending {
-                start: at,
-                time_text,
-                time_ns,
-                data: data.as_bytes().to_vec(),
-                size,
-                over,
-            });
-        }
-    }
-    let mut walk = Walk {
-        out: Vec::with_capacity(block.len() + block.len() / 2),
-        times: Vec::with_capacity(block.len() / 64),
-        offsets: Vec::with_capacity(block.len() / 64),
-        stats: Stats::default(),
-        key: key_prefix,
-        now_ns,
-        max_size,
-        truncate,
-        time_of,
-    };
+) -> PyResult<JoinResult<'py>> {
+    let mut open = pending_in(pending);
+    let mut walk = Walk::new(block.len(), key_prefix, now_ns, max_size, truncate, time_of);
     let mut position = start;
     for line in block_lines(block) {
         let line_start = position;
@@ -374,39 +366,81 @@ pub fn cri_join<'py>(
             open[stream] = Some(entry);
         }
     }
-    let left: Vec<PendingOut<'py>> = open
-        .into_iter()
-        .enumerate()
-        .filter_map(|(stream, entry)| {
-            entry.map(|e| {
-                (
-                    stream,
-                    e.start,
-                    e.time_text,
-                    e.time_ns,
-                    PyBytes::new(py, &e.data),
-                    e.size,
-                    e.over,
-                )
+    Ok(walk.result(py, open))
+}
+
+/// What a join returns to Python: the finished records' JSON lines, each one's time and first
+/// piece's file offset (int64, native order), their count, the pending messages at the end (as
+/// given in), and `(bad_lines, bad_times, bad_utf8, long_skipped, long_truncated)`.
+pub(crate) type JoinResult<'py> = (
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    usize,
+    Vec<PendingOut<'py>>,
+    (usize, usize, usize, usize, usize),
+);
+
+/// The pending messages as Python gives them, by stream index.
+pub(crate) fn pending_in(pending: Vec<PendingTuple<'_>>) -> [Option<Pending>; 2] {
+    let mut open: [Option<Pending>; 2] = [None, None];
+    for (stream, at, time_text, time_ns, data, size, over) in pending {
+        if stream < 2 {
+            open[stream] = Some(Pending {
+                start: at,
+                time_text,
+                time_ns,
+                data: data.as_bytes().to_vec(),
+                size,
+                over,
+            });
+        }
+    }
+    open
+}
+
+impl Walk<'_, '_> {
+    /// The walk's output and the pending messages left, as Python takes them.
+    pub(crate) fn result<'py>(
+        self,
+        py: Python<'py>,
+        open: [Option<Pending>; 2],
+    ) -> JoinResult<'py> {
+        let walk = self;
+        let left: Vec<PendingOut<'py>> = open
+            .into_iter()
+            .enumerate()
+            .filter_map(|(stream, entry)| {
+                entry.map(|e| {
+                    (
+                        stream,
+                        e.start,
+                        e.time_text,
+                        e.time_ns,
+                        PyBytes::new(py, &e.data),
+                        e.size,
+                        e.over,
+                    )
+                })
             })
-        })
-        .collect();
-    let count = walk.times.len();
-    let as_bytes =
-        |values: &[i64]| -> Vec<u8> { values.iter().flat_map(|v| v.to_ne_bytes()).collect() };
-    let stats = &walk.stats;
-    Ok((
-        PyBytes::new(py, &walk.out),
-        PyBytes::new(py, &as_bytes(&walk.times)),
-        PyBytes::new(py, &as_bytes(&walk.offsets)),
-        count,
-        left,
+            .collect();
+        let count = walk.times.len();
+        let as_bytes =
+            |values: &[i64]| -> Vec<u8> { values.iter().flat_map(|v| v.to_ne_bytes()).collect() };
+        let stats = &walk.stats;
         (
-            stats.bad_lines,
-            stats.bad_times,
-            stats.bad_utf8,
-            stats.long_skipped,
-            stats.long_truncated,
-        ),
-    ))
+            PyBytes::new(py, &walk.out),
+            PyBytes::new(py, &as_bytes(&walk.times)),
+            PyBytes::new(py, &as_bytes(&walk.offsets)),
+            count,
+            left,
+            (
+                stats.bad_lines,
+                stats.bad_times,
+                stats.bad_utf8,
+                stats.long_skipped,
+                stats.long_truncated,
+            ),
+        )
+    }
 }

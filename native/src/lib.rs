@@ -31,6 +31,7 @@
 mod alerts;
 mod auditclass;
 mod crilines;
+mod dockerlines;
 mod fieldtext;
 mod framedcopy;
 mod httpbody;
@@ -68,7 +69,7 @@ const SECRET_HINTS: [&[u8]; 4] = [
 ];
 
 /// A JSON string, borrowed from the input unless it had escapes (then decoded and owned).
-struct JStr<'a>(Cow<'a, str>);
+pub(crate) struct JStr<'a>(pub(crate) Cow<'a, str>);
 
 impl<'de: 'a, 'a> Deserialize<'de> for JStr<'a> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
@@ -1176,5 +1177,6 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<multilines::LineRules>()?;
     module.add_function(wrap_pyfunction!(multilines::text_json_lines, module)?)?;
     module.add_function(wrap_pyfunction!(crilines::cri_join, module)?)?;
+    module.add_function(wrap_pyfunction!(dockerlines::docker_join, module)?)?;
     Ok(())
 }

@@ -1,5 +1,6 @@
-"""CRI lines as one block: ``ContainerLogJoiner.process_block`` (``kubetrail_native.cri_join``)
-against the record path (``ContainerLogJoiner.process``) on the same input.
+"""CRI and docker lines as one block: ``ContainerLogJoiner.process_block``
+(``kubetrail_native.cri_join`` / ``docker_join``) against the record path
+(``ContainerLogJoiner.process``) on the same input.
 
 Every comparison is byte for byte: the JSON lines a ``plain`` output writes, each record's time,
 identity and body (built from the block on demand), the counters of bad input, and the pending
@@ -113,13 +114,18 @@ def state(joiner: ContainerLogJoiner) -> dict[str, tuple[Any, ...]]:
 
 
 def compare(
-    lines: list[bytes], cuts: list[int], max_size: int, truncate: bool, formats: tuple[str, ...] = ("cri",)
+    lines: list[bytes],
+    cuts: list[int],
+    max_size: int,
+    truncate: bool,
+    formats: tuple[str, ...] = ("cri",),
+    key: str = "log",
 ) -> tuple[int, int]:
     """Both paths over ``lines`` cut into batches at ``cuts``; returns the records compared and
     the batches the block path took (with ``docker`` among ``formats``, a batch the block path
     declines goes the record way on that joiner, as the tail does)."""
-    records_path = ContainerLogJoiner(formats, max_size, truncate, "log", "uid")
-    block_path = ContainerLogJoiner(formats, max_size, truncate, "log", "uid")
+    records_path = ContainerLogJoiner(formats, max_size, truncate, key, "uid")
+    block_path = ContainerLogJoiner(formats, max_size, truncate, key, "uid")
     assert block_path.blocks
     compared, blocks, offset = 0, 0, 1000
     bounds = [0, *cuts, len(lines)]
@@ -173,20 +179,92 @@ def test_random_batches_give_what_the_record_path_gives(
     assert compare(lines, cuts, max_size, truncate)[0] > 200  # fewer where long messages are skipped
 
 
-def docker_lines(rnd: random.Random, count: int) -> list[bytes]:
+# Lines the docker block path declines (the record path decides them): not docker's shape, not
+# JSON, or JSON orjson refuses; each a bad line or a record of another layout there.
+ODD_DOCKER_LINES: list[bytes] = [
+    b'{"log":"with attrs\\n","stream":"stdout","attrs":{"app":"x"},"time":"2026-12-01T12:00:00Z"}',
+    b'{"stream":"stdout","log":"stream first\\n","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"time first\\n","time":"2026-12-01T12:00:00Z","stream":"stdout"}',
+    b'{"log": "spaced\\n", "stream": "stdout", "time": "2026-12-01T12:00:00Z"}',
+    b'{"log":"stdin\\n","stream":"stdin","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"no stream\\n","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"numeric time\\n","stream":"stdout","time":12}',
+    b'{"log":"twice\\n","log":"again\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"trailing\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}x',
+    b'{"log":"lone \\ud800 surrogate\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"raw \x01 control\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"bad \xff utf-8\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":12,"stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+    b'{"log":"cut off',
+    b"[1, 2]",
+    b"2026-12-01T12:00:00Z stdout F a CRI line",
+]
+
+
+def go_escaped(line: bytes) -> bytes:
+    """``line`` as docker (Go's encoding/json) escapes it: ``<``, ``>``, ``&``, U+2028 and, here,
+    an emoji as a surrogate pair; the record path's orjson writes them as they are."""
+    for raw, escaped in ((b"<", b"\\u003c"), (b">", b"\\u003e"), (b"&", b"\\u0026")):
+        line = line.replace(raw, escaped)
+    return line.replace("\u2028".encode(), b"\\u2028").replace("\U0001f600".encode(), b"\\ud83d\\ude00")
+
+
+def docker_lines(rnd: random.Random, count: int, odd: float = 0.0) -> list[bytes]:
     """docker json-file lines: whole messages, and messages cut into pieces (a ``log`` without
-    its newline), stdout and stderr interleaved, a bad time now and then."""
+    its newline), stdout and stderr interleaved, Go's escapes, a bad or odd time now and then,
+    and with probability ``odd`` a line of :data:`ODD_DOCKER_LINES`."""
+    messages = [m.decode("utf-8", "replace") for m in MESSAGES] + ['<b>&amp;</b> \u2028 \U0001f600 \\ "q"']
     lines: list[bytes] = []
     for _ in range(count):
+        if rnd.random() < odd:
+            lines.append(rnd.choice(ODD_DOCKER_LINES))
+            continue
         stream = rnd.choice(["stdout", "stderr"])
-        stamp = rnd.choice(["2026-12-01T12:00:00.123456789Z", "2026-12-01T12:00:01Z", "bad time"])
-        message = rnd.choice(MESSAGES).decode("utf-8", "replace")
+        stamp = rnd.choice(
+            ["2026-12-01T12:00:00.123456789Z", "2026-12-01T12:00:01Z", "2026-12-01T12:00:00.5+02:00", "bad time"]
+        )
+        message = rnd.choice(messages)
         if rnd.random() < 0.3:  # a first piece, then the rest (or, at the end of a run, nothing yet)
             cut = rnd.randint(0, len(message))
-            lines.append(orjson.dumps({"log": message[:cut], "stream": stream, "time": stamp}))
+            lines.append(go_escaped(orjson.dumps({"log": message[:cut], "stream": stream, "time": stamp})))
             message = message[cut:]
-        lines.append(orjson.dumps({"log": message + "\n", "stream": stream, "time": stamp}))
+        lines.append(go_escaped(orjson.dumps({"log": message + "\n", "stream": stream, "time": stamp})))
     return lines
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize(
+    ("max_size", "truncate", "key"),
+    [(4 * 1024 * 1024, False, "log"), (40, False, "log"), (40, True, "log"), (4 * 1024 * 1024, False, "message")],
+)
+def test_docker_blocks_give_what_the_record_path_gives(
+    seed: int, max_size: int, truncate: bool, key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``multiline.parser docker``: batches of docker's lines go the block way (``docker_join``),
+    those with an odd line the record way, pieces pending across both; the same records."""
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    rnd = random.Random(seed * 13 + max_size)
+    lines = docker_lines(rnd, 400, odd=0.01)
+    cuts = sorted(rnd.sample(range(1, len(lines)), 40))
+    compared, blocks = compare(lines, cuts, max_size, truncate, ("docker",), key)
+    assert compared > 200  # fewer where long messages are skipped
+    assert blocks >= 15  # most batches have no odd line
+
+
+def test_each_odd_docker_line_sends_its_batch_the_record_way(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: NOW)
+    good = b'{"log":"fine\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}'
+    for odd in ODD_DOCKER_LINES:
+        for formats in (("docker",), ("docker", "cri")):
+            joiner = ContainerLogJoiner(formats, 1 << 20, False, "log", "u")
+            if odd[:1] == b"{":
+                assert joiner.process_block(good + b"\n" + odd + b"\n", 0, "t", JoinStats()) is None, odd
+            assert compare([good, odd, good], [1, 2], 1 << 20, False, formats)[0] >= 2
+    # a docker piece pending from the record path (its document had another member) stays there
+    joiner = ContainerLogJoiner(("docker",), 1 << 20, False, "log", "u")
+    joiner.process([b'{"log":"open","stream":"stdout","attrs":{},"time":"2026-12-01T12:00:00Z"}'], 0, "t", JoinStats())
+    assert joiner.process_block(good + b"\n", 100, "t", JoinStats()) is None
+    assert compare([good, good], [1], 1 << 20, False, ("docker",)) == (2, 2)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -269,12 +347,12 @@ def test_a_time_beyond_64_bits_of_ns_leaves_the_block_to_the_record_path(monkeyp
     assert joiner.process([b"9999-12-31T23:59:59Z stderr F far"], 100, "t", JoinStats())[0].time_ns > 2**63
 
 
-def test_a_key_among_the_record_s_fields_or_docker_stays_on_the_record_path() -> None:
+def test_a_key_among_the_record_s_fields_or_mixed_lines_stay_on_the_record_path() -> None:
     assert ContainerLogJoiner(("cri",), 100, False, "log", "u").blocks
     assert not ContainerLogJoiner(("cri",), 100, False, "time", "u").blocks
-    assert not ContainerLogJoiner(("docker",), 100, False, "log", "u").blocks
+    assert not ContainerLogJoiner(("docker",), 100, False, "stream", "u").blocks
     both = ContainerLogJoiner(("docker", "cri"), 100, False, "log", "u")
-    assert both.process_block(b'{"log":"x\\n"}\n', 0, "t", JoinStats()) is None  # a docker line
+    assert both.process_block(b'{"log":"x\\n"}\n', 0, "t", JoinStats()) is None  # not docker's whole shape
     assert both.process_block(b'2026-12-01T12:00:00Z stdout F x\n{"log":"y"}\n', 0, "t", JoinStats()) is None
     assert both.process_block(b"2026-12-01T12:00:00Z stdout F x {\n", 0, "t", JoinStats()) is not None
     replaying = ContainerLogJoiner(("cri",), 100, False, "log", "u")
@@ -289,6 +367,7 @@ def test_a_key_among_the_record_s_fields_or_docker_stays_on_the_record_path() ->
         ("", "cri"),
         ("[FILTER]\n    name modify\n    match *\n    add  cluster one\n", "cri"),
         ("", "docker, cri"),  # the docker line among cri_lines' bad lines sends its batch the record way
+        ("", "docker"),
     ],
 )
 async def test_tail_to_file_writes_the_same_bytes_either_way(
@@ -298,10 +377,17 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
     comes (flushed at EOF with ``_p: P``); with a filter that works on records, the block's
     records are built from its lines. The record path is the same code without ``cri_join``."""
     rnd = random.Random(11)
-    lines = cri_lines(rnd, 600)
     log = tmp_path / "c.log"
-    log.write_bytes(b"".join(line + b"\n" for line in lines) + STAMPS[0] + b" stdout P last words\n")
-    extra = f"    multiline.parser {parsers}\n    batch_size 1k\n    buffer_chunk_size 1k\n    buffer_max_size 64\n"
+    if parsers == "docker":
+        lines = docker_lines(rnd, 600, odd=0.005)
+        tail_line = b'{"log":"last words","stream":"stdout","time":"2026-12-01T12:00:00Z"}\n'
+    else:
+        lines = cri_lines(rnd, 600)
+        tail_line = STAMPS[0] + b" stdout P last words\n"
+    longest = 256 if parsers == "docker" else 64  # some lines are too long for the buffer: skipped
+    extra = f"    multiline.parser {parsers}\n    batch_size 1k\n    buffer_chunk_size 1k\n"
+    extra += f"    buffer_max_size {longest}\n"
+    log.write_bytes(b"".join(line + b"\n" for line in lines) + tail_line)
     outputs = []
     blocks: list[int] = []
     process_block = ContainerLogJoiner.process_block
@@ -318,6 +404,7 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
             patch.setattr(ContainerLogJoiner, "process_block", counted)
             if not native_path:
                 patch.setattr(multiline, "cri_join", None)
+                patch.setattr(multiline, "docker_join", None)
             config = tail_file_config(work, log, tag="kube.x", input_extra=extra, filters=filters)
             await run_pipeline(config)
         outputs.append((work / "out" / "out.jsonl").read_bytes())
@@ -326,7 +413,10 @@ async def test_tail_to_file_writes_the_same_bytes_either_way(
     assert sum(blocks) > (30 if parsers == "cri" else 20)
     assert block_out == record_out
     last = orjson.loads(block_out.splitlines()[-1])
-    assert last["_p"] == "P" and last["log"].endswith("last words")
+    if parsers == "docker":  # a docker message never finished goes out as it is, without _p
+        assert last["log"] == "last words" and "_p" not in last
+    else:
+        assert last["_p"] == "P" and last["log"].endswith("last words")
     assert len(block_out.splitlines()) > 400
     if filters:
         assert all(orjson.loads(line)["cluster"] == "one" for line in block_out.splitlines())
@@ -351,6 +441,7 @@ async def test_timed_formats_and_the_filesystem_buffer_give_the_same_bytes(
         with monkeypatch.context() as patch:
             if not native_path:
                 patch.setattr(multiline, "cri_join", None)
+                patch.setattr(multiline, "docker_join", None)
             config = tail_file_config(
                 work,
                 log,
