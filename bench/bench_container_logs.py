@@ -7,7 +7,10 @@
 throughput  LINES CRI lines (5% of messages cut into P + F pieces, stdout and stderr
             interleaved) in one file -> tail -> file (format plain, fsync per batch), as a child
             process: lines/s over wall time and per CPU second. Target: >= 150,000 lines/s on one
-            core.
+            core. ``--variants cri,docker,docker_cri,docker_cri_on_docker --rounds 3``: also the
+            same messages as docker json-file lines (``multiline.parser docker``) and Fluent Bit's
+            Helm chart default ``multiline.parser docker, cri`` on the CRI file and on the docker
+            file, alternating, each with its ratio to the ``cri`` row of the same round.
 cluster     starts a local control plane; PODS pods on one (fake) node; PODS files of
             LINES_PER_POD lines -> tail + kubernetes filter -> file. Reports the requests the
             collector user sent, by verb and resource, from the API server's audit log (target: a
@@ -23,6 +26,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -56,12 +60,25 @@ def cri_lines(count: int, seed: int = 1) -> list[bytes]:
     return out
 
 
-def cri_file(count: int) -> Path:
+def docker_lines(count: int) -> list[bytes]:
+    """:func:`cri_lines`' messages as docker's json-file writes them (a piece without ``\\n``)."""
+    out: list[bytes] = []
+    for line in cri_lines(count):
+        stamp, stream, flag, message = line.rstrip(b"\n").split(b" ", 3)
+        log = message.decode() + ("\n" if flag == b"F" else "")
+        out.append(
+            json.dumps({"log": log, "stream": stream.decode(), "time": stamp.decode()}, separators=(",", ":")).encode()
+            + b"\n"
+        )
+    return out
+
+
+def cri_file(count: int, docker: bool = False) -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
-    target = CACHE / f"cri-{count}.log"
+    target = CACHE / f"{'docker' if docker else 'cri'}-{count}.log"
     if not target.exists():
         tmp = target.with_suffix(".tmp")
-        tmp.write_bytes(b"".join(cri_lines(count)))
+        tmp.write_bytes(b"".join(docker_lines(count) if docker else cri_lines(count)))
         tmp.rename(target)
     return target
 
@@ -76,7 +93,16 @@ OUTPUT = """
 """
 
 
-def tail_section(path: str, db: Path | None = None) -> str:
+# --variants: (docker file?, multiline.parser)
+VARIANTS = {
+    "cri": (False, "cri"),
+    "docker": (True, "docker"),
+    "docker_cri": (False, "docker, cri"),
+    "docker_cri_on_docker": (True, "docker, cri"),
+}
+
+
+def tail_section(path: str, db: Path | None = None, parsers: str = "cri") -> str:
     return f"""
 [SERVICE]
     log_level warn
@@ -86,7 +112,7 @@ def tail_section(path: str, db: Path | None = None) -> str:
     tag              kube.*
     read_from_head   on
     exit_on_eof      on
-    multiline.parser cri
+    multiline.parser {parsers}
     {"db " + str(db) if db else ""}
 """
 
@@ -108,18 +134,37 @@ def run_kubetrail(config_text: str, work: Path) -> tuple[float, float, float, in
 
 
 def bench_throughput(args: argparse.Namespace) -> None:
-    src = cri_file(args.lines)
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}: choose from {', '.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="kubetrail-bench-"))
+    results: dict[str, list[tuple[float, float, float]]] = {v: [] for v in variants}
     try:
-        wall, cpu, rss, written = run_kubetrail(tail_section(str(src)) + OUTPUT.format(out=work), work)
-        if written != args.lines:
-            raise SystemExit(f"wrote {written} records, expected {args.lines}")
-        print(f"input: {args.lines:,} CRI messages, {src.stat().st_size / 1e6:.0f} MB ({cpu_count_hint()})")
-        print(
-            f"tail + cri -> file: {args.lines / wall:>9,.0f} lines/s wall, {args.lines / cpu:>9,.0f} lines/CPU-s, "
-            f"wall {wall:.2f} s, cpu {cpu:.2f} s, peak RSS {rss:.1f} MB"
-        )
-        print(f"target >= 150,000 lines/s on one core: {'PASS' if args.lines / cpu >= 150_000 else 'MISS'}")
+        for round_no in range(args.rounds):
+            for variant in variants:
+                docker, parsers = VARIANTS[variant]
+                src = cri_file(args.lines, docker)
+                if round_no == 0:
+                    size = src.stat().st_size / 1e6
+                    print(f"{variant}: {args.lines:,} messages, {size:.0f} MB, multiline.parser {parsers}")
+                config = tail_section(str(src), parsers=parsers) + OUTPUT.format(out=work)
+                wall, cpu, rss, written = run_kubetrail(config, work)
+                if written != args.lines:
+                    raise SystemExit(f"{variant}: wrote {written} records, expected {args.lines}")
+                results[variant].append((wall, cpu, rss))
+        print(f"({cpu_count_hint()}; {args.rounds} rounds, variants alternating; medians)")
+        base = statistics.median(c for _, c, _ in results[variants[0]])
+        for variant, rows in results.items():
+            wall = statistics.median(w for w, _, _ in rows)
+            cpu = statistics.median(c for _, c, _ in rows)
+            rss = max(r for _, _, r in rows)
+            print(
+                f"tail + {variant:<20} -> file: {args.lines / wall:>9,.0f} lines/s wall, "
+                f"{args.lines / cpu:>9,.0f} lines/CPU-s, wall {wall:.2f} s, cpu {cpu:.2f} s "
+                f"({cpu / base:.2f}x {variants[0]}'s CPU), peak RSS {rss:.1f} MB"
+            )
+            print(f"  target >= 150,000 lines/s on one core: {'PASS' if args.lines / cpu >= 150_000 else 'MISS'}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -222,6 +267,8 @@ def main() -> int:
     sub = parser.add_subparsers(dest="mode", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--lines", type=int, default=1_000_000)
+    t.add_argument("--variants", default="cri", help=f"comma list of {', '.join(VARIANTS)} (the first is the baseline)")
+    t.add_argument("--rounds", type=int, default=1)
     c = sub.add_parser("cluster")
     c.add_argument("--pods", type=int, default=500)
     c.add_argument("--lines-per-pod", type=int, default=5)

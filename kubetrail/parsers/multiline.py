@@ -255,8 +255,9 @@ class ContainerLogJoiner:
         if not self.blocks or self.replay_until > start:
             return None
         pending = self.pending
-        if self.docker and (block[:1] == b"{" or b"\n{" in block):
-            # docker documents (a CRI line starts with its time): all of the block, or the record path
+        if self.docker and block[:1] == b"{":
+            # docker documents (a CRI line starts with its time): docker_join takes the block if
+            # every line is one, else the record path decides line by line
             if not self.docker_blocks or any(
                 stream not in _STREAM_NAMES
                 or p.docker != {"stream": stream, "time": p.time_text}
@@ -267,20 +268,23 @@ class ContainerLogJoiner:
             assert docker_join is not None
             join: Any = docker_join
             fixed: tuple[Any, ...] = (self._key_prefix, self.key == "log")
-        else:
+            declines: tuple[bool, ...] = ()
+        else:  # with docker too, cri_join declines a block with a docker document in it
             if not self.cri_blocks or any(p.docker is not None for p in pending.values()):
                 return None
             assert cri_join is not None
-            join, fixed = cri_join, (self._key_prefix,)
+            join, fixed, declines = cri_join, (self._key_prefix,), (self.docker,)
         given = [
             (_STREAM_NAMES.index(stream), p.start, p.time_text, p.time_ns, b"".join(p.parts), p.size, p.over)
             for stream, p in pending.items()
         ]
         try:
-            joined = join(block, start, *fixed, self.max_size, self.truncate, time.time_ns(), given, self.time_ns)
+            joined = join(
+                block, start, *fixed, self.max_size, self.truncate, time.time_ns(), given, self.time_ns, *declines
+            )
         except OverflowError:  # a time beyond int64 ns (year 2262 on): Python's int holds it
             return None
-        if joined is None:  # a line docker_join does not take: the record path decides each line
+        if joined is None:  # a line of the other format: the record path decides each line
             return None
         data, time_bytes, offset_bytes, count, left, counts = joined
         previous = dict(pending)

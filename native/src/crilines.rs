@@ -287,13 +287,16 @@ fn slice(line: &[u8]) -> Option<(&[u8], usize, bool, &[u8])> {
 /// writes the key; `now_ns` the time of bad lines and bad times; `time_of(stamp)` Python's
 /// time for a stamp not decided here (int or None).
 ///
+/// With `decline_json`, a line starting with `{` (a docker document under `docker, cri`) makes it
+/// return None: the block is the record path's.
+///
 /// Returns `(data, times, offsets, count, pending, stats)`: the finished records' JSON lines,
 /// each one's time and first piece's file offset (int64, native order), the pending messages
 /// at the end (as given in), and `(bad_lines, bad_times, bad_utf8, long_skipped,
 /// long_truncated)`.
 #[allow(clippy::too_many_arguments, clippy::type_complexity)]
 #[pyfunction]
-#[pyo3(signature = (block, start, key_prefix, max_size, truncate, now_ns, pending, time_of))]
+#[pyo3(signature = (block, start, key_prefix, max_size, truncate, now_ns, pending, time_of, decline_json=false))]
 pub fn cri_join<'py>(
     py: Python<'py>,
     block: &[u8],
@@ -304,7 +307,8 @@ pub fn cri_join<'py>(
     now_ns: i64,
     pending: Vec<PendingTuple<'py>>,
     time_of: &Bound<'py, PyAny>,
-) -> PyResult<JoinResult<'py>> {
+    decline_json: bool,
+) -> PyResult<Option<JoinResult<'py>>> {
     let mut open = pending_in(pending);
     let mut walk = Walk::new(block.len(), key_prefix, now_ns, max_size, truncate, time_of);
     let mut position = start;
@@ -313,6 +317,9 @@ pub fn cri_join<'py>(
         position += line.len() as i64 + 1;
         if line.is_empty() {
             continue;
+        }
+        if decline_json && line[0] == b'{' {
+            return Ok(None); // `docker, cri`: a docker document, the record path's to decide
         }
         let Some((stamp, stream, full, message)) = slice(line) else {
             walk.stats.bad_lines += 1;
@@ -366,7 +373,7 @@ pub fn cri_join<'py>(
             open[stream] = Some(entry);
         }
     }
-    Ok(walk.result(py, open))
+    Ok(Some(walk.result(py, open)))
 }
 
 /// What a join returns to Python: the finished records' JSON lines, each one's time and first
