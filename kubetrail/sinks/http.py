@@ -12,11 +12,17 @@ other 4xx with the server's reason).
 
 A block with a date key (or in ``json``) is not framed into a new bytes object: the native
 ``FramedBody`` formats only each line's prefix (the date, the separators) and, on a plain TCP
-connection, writes prefixes and lines to the socket with ``writev`` straight from the block
-(:class:`~kubetrail.sinks.http_base.StreamedBody`), as the file output writes ``out_file``.
-Every request filled a buffer as large as its batch before (and aiohttp joined it with the
-headers into a second one), which cost more CPU than the send itself. The bytes on the wire are
-the same as ``encode_batch``'s (tests compare them); gzip and TLS take the framed bytes.
+connection, writes prefixes and lines to the socket with ``writev`` straight from the block,
+in a worker thread for large bodies, as the file output writes. Every request filled a buffer
+as large as its batch before (and aiohttp joined it with the headers into a second one), which
+cost more CPU than the send itself. The bytes on the wire are the same as ``encode_batch``'s
+(tests compare them); gzip and TLS take the framed bytes.
+
+Without ``tls`` the requests go through :mod:`kubetrail.sinks.http_plain` (h11 on a socket of
+its own), not aiohttp: importing aiohttp cost ~0.1 s of CPU per process, about 11% of a
+300,000-line run, and its per-request Python more than h11's; where the socket would block the
+request waits for it on the event loop and goes on from the offset reached, instead of copying
+the rest of the body into aiohttp's transport. With ``tls`` aiohttp serves as before.
 
 Batches queued one behind the other share one request (``group_key`` / ``write_group``, the
 sink runner's group write) up to ``group_max_bytes`` of input, 2 MiB: about one Fluent Bit
@@ -68,6 +74,7 @@ class HttpOutputSink(HttpSink):
     # Batches queued together share a request up to this many input bytes: about a Fluent Bit
     # chunk (2 MB), the most its http output sends at once, so no receiver sees bigger bodies.
     group_max_bytes = 2 * 1024 * 1024
+    plain_transport = True  # without tls: kubetrail.sinks.http_plain, not aiohttp (module docstring)
     options = (
         *client_options(80, "/", bearer_token=True),
         Option(

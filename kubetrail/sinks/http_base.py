@@ -27,12 +27,12 @@ One place decides how kubetrail talks HTTP so that ``http``, ``es``, ``opensearc
 * **gzip** uses compression level 1: audit events compress ~13x already at level 1 and
   the default level 6 costs several times the CPU, which in a Python process is the budget.
   Large bodies are compressed in a worker thread (zlib releases the GIL) so inputs keep flowing.
-* **Large bodies** (64 KiB and more) go out after the headers, not joined with them
-  (:class:`StreamedBody`): aiohttp 3.12+ on Python before 3.12.9 joins headers and body into a
-  new bytes object, a copy of every body into fresh memory. A body that can write itself to a
-  socket (:class:`SocketWritable`: the ``http`` output's block framed natively) does so on a
-  plain TCP connection whose transport has nothing queued, from the block's own bytes; what
-  the socket does not take, and everything on TLS, goes through aiohttp as bytes.
+* **Two transports.** aiohttp (imported at the first request, not with this module) serves
+  TLS and every output but ``http``; large bodies go out after the headers without aiohttp's
+  join of the two (:mod:`kubetrail.sinks.http_streamed`). The ``http`` output on plain TCP
+  (``HttpSink.plain_transport``) uses :mod:`kubetrail.sinks.http_plain` instead: h11 on a
+  socket of its own, the body written from the block with the head in one system call, and
+  no aiohttp import (~0.1 s of CPU per process, see that module).
 
 The API (stable; other sinks build on it): :func:`client_options`, :class:`HttpSettings`
 (``from_config``), :class:`HttpClient` (``start``, ``close``, ``url``, ``request``, ``send``),
@@ -45,16 +45,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import os
 import ssl
 import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+from urllib.parse import urlencode
 
-import aiohttp
-import aiohttp.payload
 import orjson
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -64,6 +62,10 @@ from kubetrail.core.errors import ConfigError, PermanentError, RetryableError
 from kubetrail.core.options import Option
 from kubetrail.core.secrets import Secret, SecretFileError, Text, derive, read_now, reveal
 from kubetrail.core.tls_files import ClientTls
+from kubetrail.sinks import http_plain
+
+if TYPE_CHECKING:
+    import aiohttp
 
 GZIP_LEVEL = 1
 GZIP_IN_THREAD_BYTES = 256 * 1024  # below this, a thread hop costs more than it saves
@@ -385,89 +387,6 @@ class SocketWritable(Protocol):
 
 
 Body = bytes | SocketWritable
-STREAMED_BODY_BYTES = 64 * 1024  # below this, aiohttp's join of headers and body costs next to nothing
-
-
-def plain_socket_fd(writer: Any) -> int | None:
-    """The socket under aiohttp's ``writer`` when bytes may be written to it directly: a plain
-    TCP connection (not TLS) whose transport has nothing queued; None otherwise."""
-    transport = getattr(writer, "transport", None)
-    if transport is None or transport.is_closing() or transport.get_write_buffer_size():
-        return None
-    if transport.get_extra_info("sslcontext") is not None or transport.get_extra_info("ssl_object") is not None:
-        return None  # TLS: the bytes must go through the TLS layer
-    sock = transport.get_extra_info("socket")
-    return sock.fileno() if sock is not None else None
-
-
-def take_headers(writer: Any) -> bytes | None:
-    """The request's serialised headers, taken from aiohttp's writer (3.12+ buffers them until
-    the body's first write, as ``send_headers`` does) so that one ``writev`` carries them with
-    the body; None where this aiohttp has no such buffer (then ``send_headers`` writes them)."""
-    buf = getattr(writer, "_headers_buf", None)
-    if not isinstance(buf, bytes) or not buf or getattr(writer, "_headers_written", True):
-        return None
-    writer._headers_buf, writer._headers_written = None, True
-    return buf
-
-
-def writev_nonblocking(fd: int, pieces: list[bytes | memoryview]) -> int:
-    """``os.writev`` on a non-blocking socket: the bytes it took (0 when it would block)."""
-    while True:
-        try:
-            return os.writev(fd, pieces)
-        except BlockingIOError:
-            return 0
-        except InterruptedError:
-            continue
-
-
-class StreamedBody(aiohttp.payload.Payload):
-    """A body written with the request's headers by one ``writev`` on a plain TCP connection
-    (:func:`plain_socket_fd`), straight from its own bytes (a :class:`SocketWritable` from the
-    block it frames): not joined with the headers into a new bytes object. What the socket does
-    not take, and everything on TLS, goes to aiohttp's writer (the transport queues it).
-    Stateless: aiohttp may write it again (a retry on a new connection)."""
-
-    def __init__(self, value: Body, content_type: str | None = None) -> None:
-        super().__init__(value, content_type=content_type)
-        self._size = len(value)
-
-    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
-        value = self._value
-        return (value if isinstance(value, bytes) else value.tobytes()).decode(encoding, errors)
-
-    async def write(self, writer: Any) -> None:
-        await self.write_with_length(writer, None)
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        value: Body = self._value
-        size = len(value) if content_length is None else min(len(value), content_length)
-        # Only where the bytes go out as they are: no chunked framing, no aiohttp compression.
-        plain = not getattr(writer, "chunked", False) and getattr(writer, "_compress", None) is None
-        if size and size == len(value) and plain:
-            fd = plain_socket_fd(writer)
-            head = take_headers(writer) if fd is not None else None
-            if fd is not None and head is not None:
-                reached = writev_nonblocking(fd, [head, value]) if isinstance(value, bytes) else value.send(fd, 0, head)
-                if reached < len(head):  # the socket took not even the headers: the rest, queued
-                    writer.transport.write(head[reached:])
-                    reached = len(head)
-                await self._write_rest(writer, value, reached - len(head), size)
-                return
-        send_headers = getattr(writer, "send_headers", None)
-        if send_headers is not None and size:
-            send_headers()  # alone, not joined with the body
-        await self._write_rest(writer, value, 0, size)
-
-    @staticmethod
-    async def _write_rest(writer: Any, value: Body, sent: int, size: int) -> None:
-        if sent >= size:
-            return
-        if isinstance(value, bytes):
-            await writer.write(value if (sent, size) == (0, len(value)) else memoryview(value)[sent:size])
-        else:
-            await writer.write(value.tobytes(sent)[: size - sent])
 
 
 def gzip_sync(data: bytes) -> bytes:
@@ -482,15 +401,28 @@ async def gzip_body(data: bytes) -> bytes:
 
 
 class HttpClient:
-    """One aiohttp session to one destination, with the shared error handling."""
+    """One aiohttp session to one destination, with the shared error handling; or, with
+    ``plain_transport`` and no TLS, :mod:`kubetrail.sinks.http_plain`'s connections (no aiohttp
+    imported: see that module for why)."""
 
-    def __init__(self, settings: HttpSettings) -> None:
+    def __init__(self, settings: HttpSettings, *, plain_transport: bool = False) -> None:
         self.settings = settings
         self._session: aiohttp.ClientSession | None = None
+        self._plain: http_plain.PlainHttpPool | None = None
+        if plain_transport and settings.tls is None and settings.ssl_context is None:
+            self._plain = http_plain.PlainHttpPool(
+                settings.host,
+                settings.port,
+                connect_timeout=settings.connect_timeout,
+                io_timeout=settings.io_timeout,
+                keepalive=settings.keepalive,
+            )
 
     async def start(self) -> None:
-        if self._session is not None:
+        if self._session is not None or self._plain is not None:
             return
+        import aiohttp  # here, not at import: a plain-http ``http`` output never needs it
+
         s = self.settings
         connector = aiohttp.TCPConnector(
             ssl=s.ssl_context if s.ssl_context is not None else False,
@@ -512,6 +444,8 @@ class HttpClient:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+        if self._plain is not None:
+            self._plain.close()  # idle connections; a new request opens one again
 
     def url(self, path: str | None = None) -> str:
         return self.settings.base_url + (path if path is not None else self.settings.uri)
@@ -533,9 +467,8 @@ class HttpClient:
         per-item results in a 200 or use 4xx for one item of many. ``compress`` defaults to the
         ``compress`` option; the configured ``header`` values come last so a user can override.
         """
-        if self._session is None:
+        if self._session is None and self._plain is None:
             await self.start()
-        assert self._session is not None
         s = self.settings
         url = self.url(path)
         all_headers: CIMultiDict[str] = CIMultiDict()
@@ -546,13 +479,66 @@ class HttpClient:
         if body is not None and (s.gzip if compress is None else compress):
             body = await gzip_body(body if isinstance(body, bytes) else body.tobytes())
             all_headers["Content-Encoding"] = "gzip"
+        for name, value in s.headers:
+            all_headers[name] = value if isinstance(value, str) else value.get()  # a rotated file: its new value
+        # The io timeout covers a silent server; this bounds a server that never reads the body.
+        deadline = (s.connect_timeout + s.io_timeout) if s.io_timeout else None
+        if self._plain is not None:
+            return await self._plain_request(method, path, url, body, all_headers, params, deadline)
+        return await self._aiohttp_request(method, url, body, all_headers, params, deadline)
+
+    async def _plain_request(
+        self,
+        method: str,
+        path: str | None,
+        url: str,
+        body: Body | None,
+        headers: CIMultiDict[str],
+        params: Mapping[str, str] | None,
+        deadline: float | None,
+    ) -> HttpResponse:
+        assert self._plain is not None
+        s = self.settings
+        target = path if path is not None else s.uri
+        if params:
+            target += ("&" if "?" in target else "?") + urlencode(params)
+        # aiohttp's defaults, so that a receiver sees the same request whichever client sent it.
+        sent = [("User-Agent", USER_AGENT), ("Accept", "*/*"), *headers.items()]
+        try:
+            async with asyncio.timeout(deadline):
+                answer = await self._plain.request(method, target, sent, body)
+        except TimeoutError:
+            raise HttpRetryableError(f"{method} {url}: no answer within {deadline or s.io_timeout:g}s") from None
+        except http_plain.ConnectFailed as exc:
+            raise HttpRetryableError(f"{method} {url}: cannot connect: {exc.os_error}") from None
+        except (http_plain.ConnectTimeout, http_plain.ReadTimeout) as exc:
+            raise HttpRetryableError(f"{method} {url}: {exc}") from None
+        except http_plain.MalformedAnswer as exc:
+            raise BadResponseError(f"{method} {url}: malformed HTTP answer: {exc}") from None
+        except (http_plain.PlainHttpError, OSError) as exc:
+            raise HttpRetryableError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+        return HttpResponse(
+            method, url, answer.status, answer.reason, CIMultiDictProxy(CIMultiDict(answer.headers)), answer.body
+        )
+
+    async def _aiohttp_request(
+        self,
+        method: str,
+        url: str,
+        body: Body | None,
+        all_headers: CIMultiDict[str],
+        params: Mapping[str, str] | None,
+        deadline: float | None,
+    ) -> HttpResponse:
+        import aiohttp
+
+        from kubetrail.sinks.http_streamed import STREAMED_BODY_BYTES, StreamedBody
+
+        assert self._session is not None
+        s = self.settings
         payload: bytes | StreamedBody | None = body if isinstance(body, bytes) or body is None else StreamedBody(body)
         if isinstance(body, bytes) and len(body) >= STREAMED_BODY_BYTES:
             payload = StreamedBody(body)
-        for name, value in s.headers:
-            all_headers[name] = value if isinstance(value, str) else value.get()  # a rotated file: its new value
-        # aiohttp's sock_read covers a silent server; this bounds a server that never reads the body.
-        deadline = (s.connect_timeout + s.io_timeout) if s.io_timeout else None
         try:
             async with asyncio.timeout(deadline):
                 async with self._session.request(
@@ -592,9 +578,13 @@ class HttpClient:
 class HttpSink(Sink):
     """A sink with one :class:`HttpClient` built from :func:`client_options` values."""
 
+    # Whether plain-TCP requests go through kubetrail.sinks.http_plain instead of aiohttp (the
+    # http output's; the other outputs keep aiohttp, whose behaviour their tests pin down).
+    plain_transport = False
+
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
         super().__init__(ctx, config)
-        self.http = HttpClient(HttpSettings.from_config(config))
+        self.http = HttpClient(HttpSettings.from_config(config), plain_transport=self.plain_transport)
         if self.http.settings.tls is not None:
             self.http.settings.tls.bind(ctx.logger, ctx.metrics)  # a bad rotated file logs and counts as this sink
 
