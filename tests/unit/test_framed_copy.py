@@ -12,6 +12,7 @@ import random
 from array import array
 from pathlib import Path
 
+import orjson
 import pytest
 
 from kubetrail.sinks import json_format
@@ -118,3 +119,28 @@ async def test_stdout_msgpack_numbers_run_on_across_block_and_record_batches(tmp
     assert text == b"before\n" + in_memory.getvalue()
     numbers = [int(line[1 : line.index(b"]")]) for line in text.splitlines()[1:]]
     assert numbers == list(range(len(kinds) * len(COMPACT)))
+
+
+def test_double_dates_are_orjsons_text() -> None:
+    """The ``json`` family's ``double`` date (native/src/jsonlines.rs ``double_text``, zmij's
+    shortest digits): orjson's text of ``time_ns / 1e9`` for every time the native framer
+    takes (0 and 1e-4 s up to 1e16 s, either sign): whole seconds (``.0``), the ends of that
+    range, nanoseconds that need 19 significant digits and ties in the last digit."""
+    rnd = random.Random(19)
+    edges = [0, 1, -1, 100_000, 99_999, 10**9, -(10**9), 10**24 // 10**9 - 1, 9_999_999_999_999_999_999 // 1000]
+    times = edges + [
+        rnd.choice(
+            [
+                rnd.randrange(-(2**63), 2**63),
+                rnd.randrange(10**18),
+                rnd.randrange(10**9) * 10**9,
+                1_795_867_200_000_000_000 + rnd.randrange(10**9),
+                rnd.randrange(10**5, 10**9),
+            ]
+        )
+        for _ in range(100_000)
+    ]
+    times = [t for t in times if -(2**63) <= t < 2**63 and (t == 0 or 1e-4 <= abs(t / 1e9) < 1e16)]
+    block = b'{"a":1}\n' * len(times)
+    framed = native.frame_lines(block, array("q", times).tobytes(), 2, b"date", 0, 0)
+    assert framed == b"".join(orjson.dumps({"date": t / 1e9, "a": 1}) + b"\n" for t in times)
