@@ -526,6 +526,7 @@ class TailSource(Source):
 
     def _scan(self, initial: bool) -> None:
         self._last_scan = time.monotonic()
+        listings = DirListings()
         for pattern in self.patterns:
             self._check_directories(pattern)
             matches = sorted(glob.glob(pattern))
@@ -546,7 +547,7 @@ class TailSource(Source):
                     except OSError:
                         continue
                 if initial and self.read_from_head and not self._known(path):
-                    for backup in _backups_of(path):  # older data first, oldest backup first
+                    for backup in _backups_of(path, listings):  # older data first, oldest backup first
                         if not self._known(backup):
                             self._open_backup(backup, None)
                 # A file that took the place of one rotated away while stopped is read from its
@@ -616,8 +617,12 @@ class TailSource(Source):
         for row_id, name in rows:
             if not self._matched(name):
                 if backups is None:
+                    listings = DirListings()
                     backups = {
-                        b for p in self.patterns for f in glob.glob(p) for b in _backups_of(f) + _target_backups(f)
+                        b
+                        for p in self.patterns
+                        for f in glob.glob(p)
+                        for b in _backups_of(f, listings) + _target_backups(f, listings)
                     }
                 if name not in backups:
                     continue
@@ -639,6 +644,7 @@ class TailSource(Source):
             "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files WHERE scope=?",
             (self.scope,),
         ).fetchall()
+        listings = DirListings()
         for row_id, name, offset, inode, dev, fp_len, fingerprint, uid in rows:
             here = _same_file(name, dev, inode, fp_len, fingerprint, allow_gz=False)
             if here and self._matched(name):
@@ -647,7 +653,7 @@ class TailSource(Source):
                 self._open_backup(name, (row_id, offset, fp_len, fingerprint, uid))
                 continue
             found = False
-            candidates = _backups_of(name) + _target_backups(name)
+            candidates = _backups_of(name, listings) + _target_backups(name, listings)
             for index, candidate in enumerate(candidates):
                 if _same_file(candidate, dev, inode, fp_len, fingerprint):
                     self._open_backup(candidate, (row_id, offset, fp_len, fingerprint, uid), tag_path=name)
@@ -1253,14 +1259,44 @@ def _same_inode(path: str, dev: int, inode: int) -> bool:
 _BACKUP_TIME = re.compile(r"\d{8}-\d{6}|\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?")
 
 
-def _backups_of(path: str) -> list[str]:
+class DirListings:
+    """Directory listings kept for one pass over many files of the same directories (a scan of
+    ``/var/log/containers``): finding each file's backups by listing its directory anew made a
+    scan of N files cost N listings of N names (500 containers: 750,000 names, ~1.5 s of CPU
+    at start-up). A listing is as current as a ``glob`` at the moment it was taken."""
+
+    def __init__(self) -> None:
+        self._names: dict[str, list[str]] = {}
+
+    def names(self, directory: str) -> list[str]:
+        names = self._names.get(directory)
+        if names is None:
+            try:
+                names = os.listdir(directory or ".")
+            except OSError:
+                names = []
+            self._names[directory] = names
+        return names
+
+
+def _backups_of(path: str, listings: DirListings | None = None) -> list[str]:
     """Rotated copies of ``path`` next to it, oldest first: lumberjack's (the API server's audit
-    log) ``<stem>-<time><ext>[.gz]`` and kubelet's ``<name>.<time>[.gz]``."""
+    log) ``<stem>-<time><ext>[.gz]`` and kubelet's ``<name>.<time>[.gz]`` (the names the globs
+    ``<stem>-*<ext>``, ``<stem>-*<ext>.gz`` and ``<name>.*`` match, from one listing)."""
     directory, base = os.path.split(path)
     stem, ext = os.path.splitext(base)
-    found = set(glob.glob(os.path.join(glob.escape(directory), glob.escape(stem) + "-*" + glob.escape(ext))))
-    found |= set(glob.glob(os.path.join(glob.escape(directory), glob.escape(stem) + "-*" + glob.escape(ext) + ".gz")))
-    found |= set(glob.glob(os.path.join(glob.escape(directory), glob.escape(base) + ".*")))
+    lumberjack = stem + "-"
+    kubelet = base + "."
+    found: set[str] = set()
+    for name in (listings or DirListings()).names(directory):
+        if name.startswith(kubelet) or (
+            name.startswith(lumberjack)
+            and (
+                (name.endswith(ext) and len(name) >= len(lumberjack) + len(ext))
+                or (name.endswith(ext + ".gz") and len(name) >= len(lumberjack) + len(ext) + 3)
+            )
+        ):
+            found.add(os.path.join(directory, name))
     found.discard(path)
 
     def age(name: str) -> tuple[int, str | float, str]:
@@ -1279,13 +1315,13 @@ def _backups_of(path: str) -> list[str]:
     return sorted(found, key=age)
 
 
-def _target_backups(path: str) -> list[str]:
+def _target_backups(path: str, listings: DirListings | None = None) -> list[str]:
     """For a symlink (``/var/log/containers/*.log``): the backups next to its target, where kubelet
     rotates (``/var/log/pods/.../0.log.<time>``)."""
     if not os.path.islink(path):
         return []
     target = os.path.realpath(path)
-    return _backups_of(target) if target != path else []
+    return _backups_of(target, listings) if target != path else []
 
 
 def _same_file(candidate: str, dev: int, inode: int, fp_len: int, fingerprint: bytes, allow_gz: bool = True) -> bool:
