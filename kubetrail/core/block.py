@@ -54,7 +54,13 @@ lines of text (``multiline``) reads the block itself (``batch.line_block``, a
 :class:`TextBlock` while nobody built its records) and hands on a block of its own output
 (:class:`ReadyBlock` with ``times``); anything else reads records or ``raw_block`` as usual.
 
-**Container runtime pieces** (``multiline.parser cri``). The joiner holds pieces across reads,
+**Canonical lines.** ``canonical`` says that each line of :meth:`LineBlock.data` is exactly
+what orjson writes for its record's body (compact, no member repeated), as the container
+joiners and :class:`TextBlock` write them. A filter that only adds members to every record
+(``kubernetes``: the pod's metadata) may then splice them in before each line's closing brace
+and hand on a canonical block of its own: the record path's bytes, without its records.
+
+**Container runtime pieces** (``multiline.parser cri``, ``docker``). The joiner holds pieces across reads,
 so a read's lines are not one record each: the tail's joiner writes the finished records of a
 read as JSON lines in one native call and hands on a :class:`ReadyBlock` with their times and a
 ``build`` that makes each record from its line with its first piece's identity
@@ -87,6 +93,7 @@ class LineBlock:
 
     __slots__ = (
         "_data",
+        "canonical",
         "count",
         "fallback",
         "identity",
@@ -111,6 +118,7 @@ class LineBlock:
         self.report: Callable[[str, int], None] | None = None
         self._data: bytes | bool | None = False  # False: not validated yet
         self.rewrites = False  # True when validation may change the bytes (a parser cuts a key)
+        self.canonical = False  # True: each line of data() is orjson's bytes of its record's body
         # Set before validation by a sink whose native writer reads each line's top-level
         # members (``FieldsWriter``: csv, ltsv, template); a parser whose scan walks the lines
         # anyway then keeps them in ``members`` (``kubetrail_native.LineMembers``, of the bytes
@@ -184,6 +192,7 @@ class TextBlock(LineBlock):
         self.time_ns = time_ns
         self.crlf = crlf
         self.rewrites = True  # the source is text; the JSON lines are made by validation
+        self.canonical = True  # ... as orjson writes {key: text}
 
     def json_prefix(self) -> bytes:
         """``{"key":"``: what each record's JSON line starts with (orjson's escaping of the key)."""

@@ -4,14 +4,18 @@ tests/integration/test_container_logs.py.)"""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import orjson
 import pytest
 
+from kubetrail.core.block import TextBlock
 from kubetrail.core.errors import ConfigError
-from kubetrail.core.record import Record
+from kubetrail.core.record import Batch, Record
 from kubetrail.parsers.klog_parser import KlogParser
 from kubetrail.parsers.logr_parser import LogrParser
+from kubetrail.parsers.multiline import ContainerLogJoiner, JoinStats
 from kubetrail.transforms.kubernetes import KubernetesTransform
 from tests.unit.helpers import build
 
@@ -283,3 +287,120 @@ def orjson_line(obj: Any) -> bytes:
     import orjson
 
     return orjson.dumps(obj) + b"\n"
+
+
+# -- a block stays a block (process_batch) -------------------------------------------------------
+
+CRI_LINES = [
+    b"2026-12-01T12:00:00.000000001Z stdout F plain text",
+    b'2026-12-01T12:00:00.5Z stderr F quote " backslash \\ caf\xc3\xa9 \xf0\x9f\x98\x80',
+    b"2026-12-01T12:00:01Z stdout P first half ",
+    b"2026-12-01T12:00:01Z stdout F second half",
+    b"not a CRI line",  # a bad line: {"log": ...} without a stream
+    b"2026-12-01T12:00:02Z stderr F ends with a brace }",
+]
+
+
+def cri_batch(t: str, lines: list[bytes] = CRI_LINES, formats: tuple[str, ...] = ("cri",), key: str = "log") -> Batch:
+    """The tail's batch for ``lines`` with ``multiline.parser`` ``formats``: a block."""
+    joiner = ContainerLogJoiner(formats, 1 << 20, False, key, "uid-f")
+    ready = joiner.process_block(b"".join(line + b"\n" for line in lines), 100, t, JoinStats())
+    assert ready is not None
+    return Batch(t, None, None, 10, None, block=ready)
+
+
+def both_ways(f: KubernetesTransform, make: Any) -> tuple[Batch, list[bytes]]:
+    """The filter's batch for ``make()``, and the record path's JSON lines for another copy."""
+    out = f.process_batch(make())
+    expected = [r.json_bytes() for r in f.process(make().records)]
+    return out, expected
+
+
+def lines_of(batch: Batch) -> list[bytes]:
+    data = batch.raw_block
+    assert data is not None
+    return data.split(b"\n")[:-1]
+
+
+@pytest.mark.parametrize("namespace_labels", ["off", "on"])
+def test_a_block_gets_the_metadata_spliced_in_as_the_record_path_writes_it(
+    namespace_labels: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(time, "time_ns", lambda: 1_700_000_000_000_000_000)  # the bad line's time
+    f = filt(namespace_labels=namespace_labels, owner_references="on")
+    f.pods.apply("ADDED", pod(labels={"app": "web", "q": 'a"b'}, annotations={"a": "b"}, ownerReferences=[{"k": 1}]))
+    if f.namespaces is not None:
+        f.namespaces.apply("ADDED", {"metadata": {"name": "shop", "labels": {"team": "t"}}})
+    out, expected = both_ways(f, lambda: cri_batch(tag()))
+    assert out.line_block is not None and out.line_block.canonical  # still a block: no records built
+    assert lines_of(out) == expected and len(expected) == 5
+    assert list(out.block_times()) == [r.time_ns for r in cri_batch(tag()).records]
+    built = out.records  # built on demand, with the source's identities and the new bytes
+    assert [r.body for r in built] == [orjson.loads(line) for line in expected]
+    assert [r.identity for r in built] == [r.identity for r in cri_batch(tag()).records]
+    assert all(r.body["kubernetes"]["pod_id"] == "uid-1" for r in built)
+
+
+def test_docker_and_text_blocks_are_spliced_too(tmp_path: Any) -> None:
+    f = filt()
+    f.pods.apply("ADDED", pod())
+    docker = [
+        b'{"log":"whole \\u003cb\\u003e\\n","stream":"stdout","time":"2026-12-01T12:00:00Z"}',
+        b'{"log":"piece ","stream":"stderr","time":"2026-12-01T12:00:01Z"}',
+        b'{"log":"end\\n","stream":"stderr","time":"2026-12-01T12:00:02Z"}',
+    ]
+    out, expected = both_ways(f, lambda: cri_batch(tag(), docker, ("docker",)))
+    assert out.line_block is not None and lines_of(out) == expected and len(expected) == 2
+
+    def text_batch() -> Batch:
+        block = TextBlock(b"one }\nt\xc3\xa9 two\n", 2, tag(), "log", 5, False)
+        return Batch(tag(), None, None, 10, None, block=block)
+
+    out, expected = both_ways(f, text_batch)
+    assert out.line_block is not None and lines_of(out) == expected and len(expected) == 2
+
+
+def test_an_unknown_pod_s_block_is_spliced_and_counted_per_line() -> None:
+    f = filt()
+    out = f.process_batch(cri_batch(tag("nobody")))
+    assert out.line_block is not None
+    assert all(orjson.loads(line)["kubernetes"]["pod_name"] == "nobody" for line in lines_of(out))
+    misses = [line for line in _metrics(f).splitlines() if line.startswith("kubetrail_k8s_metadata_misses_total{")]
+    assert len(misses) == 1 and misses[0].endswith(" 5.0")
+
+
+def test_blocks_the_record_path_must_decide_go_that_way() -> None:
+    """Exclusion, a parser annotation or merge_parser with merge_log, a log merge_log parses, a
+    member named kubernetes: the record path's result, as records."""
+    from kubetrail.parsers.registry import ParserRegistry
+
+    def check(f: KubernetesTransform, make: Any, spliced: bool) -> None:
+        out, expected = both_ways(f, make)
+        assert (out.line_block is not None) is spliced
+        assert [r.json_bytes() for r in out.records] == expected
+
+    excluding = build(KubernetesTransform, kube_url="http://127.0.0.1:1", **{"k8s-logging__exclude": "on"})
+    excluding.pods.apply("ADDED", pod(annotations={"fluentbit.io/exclude_stderr": "true"}))
+    check(excluding, lambda: cri_batch(tag()), spliced=False)
+    other = build(KubernetesTransform, kube_url="http://127.0.0.1:1", **{"k8s-logging__exclude": "on"})
+    other.pods.apply("ADDED", pod(annotations={"fluentbit.io/exclude-sidecar": "true"}))  # another container
+    check(other, lambda: cri_batch(tag()), spliced=True)
+    parsing = build(
+        KubernetesTransform,
+        parsers=ParserRegistry(),
+        kube_url="http://127.0.0.1:1",
+        merge_log="on",
+        **{"k8s-logging__parser": "on"},
+    )
+    parsing.pods.apply("ADDED", pod(annotations={"fluentbit.io/parser_stderr": "json"}))
+    check(parsing, lambda: cri_batch(tag()), spliced=False)
+    merging = filt(merge_log="on", keep_log="off")
+    merging.pods.apply("ADDED", pod())
+    check(merging, lambda: cri_batch(tag()), spliced=True)  # no log starts with "{": nothing to merge
+    json_log = [*CRI_LINES, b'2026-12-01T12:00:03Z stdout F {"level":"warn"}']
+    check(merging, lambda: cri_batch(tag(), json_log), spliced=False)
+    plain = filt()
+    plain.pods.apply("ADDED", pod())
+    check(plain, lambda: cri_batch(tag(), key="kubernetes"), spliced=False)  # the joiner's key
+    not_container = cri_batch("app.logs")
+    assert plain.process_batch(not_container) is not_container
