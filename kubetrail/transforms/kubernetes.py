@@ -30,8 +30,9 @@ with many pods, or one pod it cannot find, puts a steady load on the API server.
   records (no exclude or parser annotation for any stream, no ``merge_log`` work: no ``log``
   starting with ``{``, no ``merge_parser``), the metadata's JSON, encoded once per tag, is
   spliced in before each line's closing brace: the bytes orjson writes for the record path's
-  bodies, without a record per line (tail + cri + kubernetes -> file: 3.1 s -> see
-  docs/benchmarks.md for 500,000 lines). Any other batch takes the record path.
+  bodies, without a record per line (tail + cri + kubernetes -> file, 500,000 lines of 500
+  pods: 2.5-2.8 s of CPU on the record path, 1.0-1.5 s so; docs/benchmarks.md, issue 7's
+  table). Any other batch takes the record path.
 
 Record shape (Fluent Bit's): ``kubernetes`` = ``{pod_name, namespace_name, pod_id, labels,
 annotations, host, pod_ip, container_name, docker_id, container_hash, container_image,
