@@ -48,6 +48,20 @@ pub(crate) struct Pending {
     pub(crate) over: bool,
 }
 
+impl Pending {
+    /// A message whose first piece starts at file offset `start`, timed by that piece.
+    pub(crate) fn new(start: i64, time_text: String, time_ns: i64) -> Self {
+        Pending {
+            start,
+            time_text,
+            time_ns,
+            data: Vec::new(),
+            size: 0,
+            over: false,
+        }
+    }
+}
+
 /// What the walk counted: bad lines, bad times, invalid UTF-8, long skipped, long truncated.
 #[derive(Default)]
 pub(crate) struct Stats {
@@ -227,6 +241,40 @@ impl<'a, 'py> Walk<'a, 'py> {
         self.offsets.push(offset);
     }
 
+    /// The `max_size` rules for a message whole in its line: None when it is skipped (counted).
+    pub(crate) fn whole<'m>(&mut self, message: &'m [u8]) -> Option<&'m [u8]> {
+        if message.len() <= self.max_size {
+            return Some(message);
+        }
+        if !self.truncate {
+            self.stats.long_skipped += 1;
+            return None;
+        }
+        self.stats.long_truncated += 1;
+        Some(cut(message, self.max_size))
+    }
+
+    /// A piece onto its stream's pending message (`open`; a new one from `first` when none is):
+    /// the message when `last` finished it, None while it stays open.
+    pub(crate) fn piece(
+        &mut self,
+        open: &mut Option<Pending>,
+        first: impl FnOnce(&mut Self) -> PyResult<Pending>,
+        piece: &[u8],
+        last: bool,
+    ) -> PyResult<Option<Pending>> {
+        let mut entry = match open.take() {
+            Some(entry) => entry,
+            None => first(self)?,
+        };
+        self.add(&mut entry, piece);
+        if last {
+            return Ok(Some(entry));
+        }
+        *open = Some(entry);
+        Ok(None)
+    }
+
     /// `_add`: a piece onto a pending message, within `max_size`.
     pub(crate) fn add(&self, entry: &mut Pending, piece: &[u8]) {
         if entry.over {
@@ -333,15 +381,9 @@ pub fn cri_join<'py>(
         };
         if full && open[stream].is_none() {
             let time_ns = walk.time(stamp)?;
-            let mut message = message;
-            if message.len() > max_size {
-                if !truncate {
-                    walk.stats.long_skipped += 1;
-                    continue;
-                }
-                walk.stats.long_truncated += 1;
-                message = cut(message, max_size);
-            }
+            let Some(message) = walk.whole(message) else {
+                continue;
+            };
             if stamp.is_ascii() {
                 walk.record(stamp, stream, message, time_ns, line_start);
             } else {
@@ -355,22 +397,9 @@ pub fn cri_join<'py>(
             }
             continue;
         }
-        let mut entry = match open[stream].take() {
-            Some(entry) => entry,
-            None => Pending {
-                start: line_start,
-                time_ns: walk.time(stamp)?,
-                time_text: ascii_text(stamp),
-                data: Vec::new(),
-                size: 0,
-                over: false,
-            },
-        };
-        walk.add(&mut entry, message);
-        if full {
+        let first = |w: &mut Walk| Ok(Pending::new(line_start, ascii_text(stamp), w.time(stamp)?));
+        if let Some(entry) = walk.piece(&mut open[stream], first, message, full)? {
             walk.finish(entry, stream);
-        } else {
-            open[stream] = Some(entry);
         }
     }
     Ok(Some(walk.result(py, open)))

@@ -29,7 +29,7 @@ use pyo3::prelude::*;
 use serde::Deserialize;
 
 use crate::block_lines;
-use crate::crilines::{cut, pending_in, JoinResult, Pending, PendingTuple, Walk};
+use crate::crilines::{pending_in, JoinResult, Pending, PendingTuple, Walk};
 use crate::jsonesc::escape_json_into;
 use crate::JStr;
 
@@ -147,38 +147,26 @@ pub fn docker_join<'py>(
         };
         let log = log.as_str().as_bytes();
         let complete = log.last() == Some(&b'\n');
+        let time = time.as_str();
         if complete && open[stream].is_none() {
-            let time_ns = walk.time(time.as_str().as_bytes())?;
-            let mut log = log;
-            if log.len() > max_size {
-                if !truncate {
-                    walk.stats.long_skipped += 1;
-                    continue;
-                }
-                walk.stats.long_truncated += 1;
-                log = cut(log, max_size);
-            }
-            walk.docker_record(stream, time.as_str(), log, log_first);
+            let time_ns = walk.time(time.as_bytes())?;
+            let Some(log) = walk.whole(log) else {
+                continue;
+            };
+            walk.docker_record(stream, time, log, log_first);
             walk.times.push(time_ns);
             walk.offsets.push(line_start);
             continue;
         }
-        let mut entry = match open[stream].take() {
-            Some(entry) => entry,
-            None => Pending {
-                start: line_start,
-                time_ns: walk.time(time.as_str().as_bytes())?,
-                time_text: time.as_str().to_owned(),
-                data: Vec::new(),
-                size: 0,
-                over: false,
-            },
+        let first = |w: &mut Walk| {
+            Ok(Pending::new(
+                line_start,
+                time.to_owned(),
+                w.time(time.as_bytes())?,
+            ))
         };
-        walk.add(&mut entry, log);
-        if complete {
+        if let Some(entry) = walk.piece(&mut open[stream], first, log, complete)? {
             walk.docker_finish(entry, stream);
-        } else {
-            open[stream] = Some(entry);
         }
     }
     Ok(Some(walk.result(py, open)))
