@@ -582,15 +582,18 @@ class KubernetesTransform(Transform):
             if parser is not None or log[0] == "{":
                 self.m_merge_failed.inc()
             return
-        if self.merge_trim:
-            # Fluent Bit's merge_log_trim (on by default): string values lose trailing \n / \r.
+        # Fluent Bit's merge_log_trim (on by default): string values lose trailing \n / \r. A JSON
+        # log without a backslash has no escaped \n or \r in it, so nothing to trim.
+        if self.merge_trim and (parser is not None or "\\" in log):
             parsed = {k: v.rstrip("\r\n") if isinstance(v, str) else v for k, v in parsed.items()}
         if self.merge_key:
             body[self.merge_key] = parsed
-        else:
+        elif "kubernetes" in parsed or "kubernetes_namespace" in parsed:
             for key, value in parsed.items():
-                if key not in ("kubernetes", "kubernetes_namespace"):
+                if key not in ("kubernetes", "kubernetes_namespace"):  # a log cannot overwrite metadata
                     body[key] = value
+        else:
+            body.update(parsed)
         if not self.keep_log:
             body.pop("log", None)
 

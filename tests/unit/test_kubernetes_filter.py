@@ -404,3 +404,20 @@ def test_blocks_the_record_path_must_decide_go_that_way() -> None:
     check(plain, lambda: cri_batch(tag(), key="kubernetes"), spliced=False)  # the joiner's key
     not_container = cri_batch("app.logs")
     assert plain.process_batch(not_container) is not_container
+
+
+def test_merge_log_trims_escaped_line_ends_of_string_values_only() -> None:
+    f = filt(merge_log="on")
+    f.pods.apply("ADDED", pod())
+    logs = ['{"msg":"line\\n","n":1,"s":"a\\r\\n","u":"b\\u000a","keep":"in\\nside"}', '{"plain":"text "}']
+    out = f.process(records(tag(), *logs))
+    assert {k: out[0].body[k] for k in ("msg", "n", "s", "u", "keep")} == {
+        "msg": "line",
+        "n": 1,
+        "s": "a",
+        "u": "b",
+        "keep": "in\nside",
+    }
+    assert out[1].body["plain"] == "text "  # only \n and \r are trimmed
+    off = filt(merge_log="on", merge_log_trim="off")
+    assert off.process(records(tag(), logs[0]))[0].body["msg"] == "line\n"
