@@ -44,8 +44,10 @@ use blake2::{Blake2b, Digest};
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use rusqlite::ffi;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
+use std::os::raw::c_int;
 
 use crate::timefmt::parse_rfc3339_ns;
 use crate::{beyond_reference, JStr};
@@ -416,6 +418,124 @@ fn sql_error(what: &str, err: rusqlite::Error) -> String {
     format!("{what}: {err}")
 }
 
+/// A prepared statement run through SQLite's C API, its values bound in place
+/// (`SQLITE_STATIC`): rusqlite binds every text and blob `SQLITE_TRANSIENT`, a malloc and a copy
+/// of each of a row's ~9 strings and its ~900-byte body (under SQLite's allocator mutex) only to
+/// be copied again into the record. Here the values are the block's bytes, alive until the
+/// statement has run; `run` steps it once and resets it, which drops SQLite's pointers to them.
+struct RawStatement {
+    db: *mut ffi::sqlite3,
+    stmt: *mut ffi::sqlite3_stmt,
+}
+
+impl RawStatement {
+    fn new(conn: &rusqlite::Connection, sql: &str) -> Result<Self, String> {
+        // SAFETY: the handle is the connection's own, used on this thread only while `conn` is
+        // borrowed (the statement is finalized before the borrow ends: it lives in a closure).
+        let db = unsafe { conn.handle() };
+        let mut stmt = std::ptr::null_mut();
+        let len = c_int::try_from(sql.len()).map_err(|_| "statement too long".to_owned())?;
+        // SAFETY: `sql` is valid for `len` bytes; `stmt` receives the new statement.
+        let rc = unsafe {
+            ffi::sqlite3_prepare_v2(
+                db,
+                sql.as_ptr().cast(),
+                len,
+                &mut stmt,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != ffi::SQLITE_OK || stmt.is_null() {
+            return Err(format!("cannot prepare {sql:?}: {}", errmsg(db)));
+        }
+        Ok(RawStatement { db, stmt })
+    }
+
+    fn text(&self, at: c_int, value: Option<&str>) {
+        // SAFETY: a live statement; the text outlives the next `run` (see the type's doc). A bind
+        // fails only for an index out of range or a value over SQLite's limit: the step then
+        // fails with that error (SQLITE_RANGE/TOOBIG are kept by the statement).
+        unsafe {
+            match value {
+                None => ffi::sqlite3_bind_null(self.stmt, at),
+                Some(text) => ffi::sqlite3_bind_text64(
+                    self.stmt,
+                    at,
+                    text.as_ptr().cast(),
+                    text.len() as u64,
+                    ffi::SQLITE_STATIC(),
+                    ffi::SQLITE_UTF8 as u8,
+                ),
+            };
+        }
+    }
+
+    fn blob(&self, at: c_int, value: &[u8]) {
+        // SAFETY: as `text`. An empty blob is bound as a zero-length blob (a null pointer would
+        // bind NULL), as rusqlite does.
+        unsafe {
+            if value.is_empty() {
+                ffi::sqlite3_bind_zeroblob(self.stmt, at, 0);
+            } else {
+                ffi::sqlite3_bind_blob64(
+                    self.stmt,
+                    at,
+                    value.as_ptr().cast(),
+                    value.len() as u64,
+                    ffi::SQLITE_STATIC(),
+                );
+            }
+        }
+    }
+
+    fn int(&self, at: c_int, value: Option<i64>) {
+        // SAFETY: a live statement.
+        unsafe {
+            match value {
+                None => ffi::sqlite3_bind_null(self.stmt, at),
+                Some(value) => ffi::sqlite3_bind_int64(self.stmt, at, value),
+            };
+        }
+    }
+
+    /// Steps the statement once (an INSERT: to its end) and resets it; the rows it changed.
+    fn run(&self) -> Result<usize, String> {
+        // SAFETY: a live statement whose bound values are alive (the caller's row).
+        unsafe {
+            let rc = ffi::sqlite3_step(self.stmt);
+            if rc != ffi::SQLITE_DONE {
+                let message = errmsg(self.db); // before the reset
+                ffi::sqlite3_reset(self.stmt);
+                return Err(message);
+            }
+            let changed = ffi::sqlite3_changes(self.db);
+            ffi::sqlite3_reset(self.stmt);
+            Ok(changed.max(0) as usize)
+        }
+    }
+
+    fn last_insert_rowid(&self) -> i64 {
+        // SAFETY: the connection's handle.
+        unsafe { ffi::sqlite3_last_insert_rowid(self.db) }
+    }
+}
+
+impl Drop for RawStatement {
+    fn drop(&mut self) {
+        // SAFETY: finalized once, here.
+        unsafe {
+            ffi::sqlite3_finalize(self.stmt);
+        }
+    }
+}
+
+fn errmsg(db: *mut ffi::sqlite3) -> String {
+    // SAFETY: SQLite's message for the connection's last error, a NUL-terminated string.
+    unsafe { std::ffi::CStr::from_ptr(ffi::sqlite3_errmsg(db)) }
+        .to_string_lossy()
+        .into_owned()
+}
+
 /// The store's writing connection for blocks of audit events (see the module doc). The Python
 /// `StoreWriter` opens the store first (checks, schema, WAL, the writer's lock) and keeps its
 /// own connection for retention; calls come one at a time (its write lock).
@@ -433,14 +553,17 @@ pub struct StoreInserter {
 impl StoreInserter {
     /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order);
     /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters).
+    /// ``setup``: statements run once on the new connection (the Python writer's pragmas for
+    /// it, e.g. ``PRAGMA wal_autocheckpoint=0`` when its own thread runs the checkpoints).
     #[new]
-    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None))]
+    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None, setup=None))]
     fn new(
         path: &str,
         synchronous: &str,
         insert: &str,
         flat_keys: Vec<String>,
         insert_body: Option<&str>,
+        setup: Option<&str>,
     ) -> PyResult<Self> {
         let flat = key_set(flat_keys);
         let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
@@ -452,6 +575,9 @@ impl StoreInserter {
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", synchronous)?;
             conn.pragma_update(None, "cache_size", -65536)?;
+            if let Some(sql) = setup {
+                conn.execute_batch(sql)?;
+            }
             conn.prepare(insert)?;
             if let Some(sql) = insert_body {
                 conn.prepare(sql)?;
@@ -511,10 +637,10 @@ impl StoreInserter {
                         .ok_or_else(|| "the store is closed".to_owned())?;
                     conn.execute_batch("BEGIN IMMEDIATE")
                         .map_err(|e| sql_error("cannot begin", e))?;
-                    let inserted = (|| -> Result<Option<usize>, rusqlite::Error> {
-                        let mut stmt = conn.prepare(&self.insert)?;
-                        let mut body_stmt = match &self.insert_body {
-                            Some(sql) => Some(conn.prepare(sql)?),
+                    let inserted = (|| -> Result<Option<usize>, String> {
+                        let stmt = RawStatement::new(conn, &self.insert)?;
+                        let body_stmt = match &self.insert_body {
+                            Some(sql) => Some(RawStatement::new(conn, sql)?),
                             None => None,
                         };
                         let mut added = 0;
@@ -530,40 +656,38 @@ impl StoreInserter {
                             for row in &rows {
                                 // Schema 5: a row with a user keeps an empty body; its body goes
                                 // beside the user's others once the row proved new.
-                                let apart = match (&mut body_stmt, row.user.as_deref()) {
+                                let apart = match (&body_stmt, row.user.as_deref()) {
                                     (Some(body_stmt), Some(user)) => Some((body_stmt, user)),
                                     _ => None,
                                 };
                                 let body: &[u8] = if apart.is_some() { b"" } else { &row.body };
-                                let new = stmt.execute(rusqlite::params![
-                                    &row.ident[..],
-                                    row.time_ns,
-                                    "audit",
-                                    row.user.as_deref(),
-                                    row.verb.as_deref(),
-                                    row.resource.as_deref(),
-                                    row.namespace.as_deref(),
-                                    row.name.as_deref(),
-                                    row.uid.as_deref(),
-                                    row.code,
-                                    None::<&str>,
-                                    tag,
-                                    body,
-                                ])?;
+                                stmt.blob(1, &row.ident);
+                                stmt.int(2, Some(row.time_ns));
+                                stmt.text(3, Some("audit"));
+                                stmt.text(4, row.user.as_deref());
+                                stmt.text(5, row.verb.as_deref());
+                                stmt.text(6, row.resource.as_deref());
+                                stmt.text(7, row.namespace.as_deref());
+                                stmt.text(8, row.name.as_deref());
+                                stmt.text(9, row.uid.as_deref());
+                                stmt.int(10, row.code);
+                                stmt.text(11, None);
+                                stmt.text(12, Some(tag));
+                                stmt.blob(13, body);
+                                let new = stmt.run()?;
                                 if let (1, Some((body_stmt, user))) = (new, apart) {
-                                    body_stmt.execute(rusqlite::params![
-                                        user,
-                                        row.time_ns,
-                                        conn.last_insert_rowid(),
-                                        "audit",
-                                        row.verb.as_deref(),
-                                        &row.body[..],
-                                    ])?;
+                                    body_stmt.text(1, Some(user));
+                                    body_stmt.int(2, Some(row.time_ns));
+                                    body_stmt.int(3, Some(stmt.last_insert_rowid()));
+                                    body_stmt.text(4, Some("audit"));
+                                    body_stmt.text(5, row.verb.as_deref());
+                                    body_stmt.blob(6, &row.body);
+                                    body_stmt.run()?;
                                 }
                                 added += new;
                             }
                         }
-                        conn.execute_batch("COMMIT")?;
+                        conn.execute_batch("COMMIT").map_err(|e| e.to_string())?;
                         Ok(Some(added))
                     })();
                     match inserted {
@@ -577,7 +701,7 @@ impl StoreInserter {
                             if !conn.is_autocommit() {
                                 let _ = conn.execute_batch("ROLLBACK");
                             }
-                            Err(sql_error("cannot write", err))
+                            Err(format!("cannot write: {err}"))
                         }
                     }
                 })
