@@ -3,6 +3,7 @@
     python bench/bench_store.py ingest [--records N] [--into M]  # records/s into the store (holding M) vs file
     python bench/bench_store.py query [--records N] [--cold]  # history/who latency on a store of N records
     python bench/bench_store.py who-layout [--records N] [--cold]  # who as read today vs bodies kept by user
+    python bench/bench_store.py writer [--into M] [--variant WORD]  # the writer alone: what each part costs
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
     python bench/bench_store.py compare --store A --store B [--records N] [--cold]  # the same queries on two stores
     python bench/bench_store.py migrate [--records N]  # the writer's migration of a store to this schema
@@ -26,6 +27,13 @@ empty store. ``--pair``: only the file (plain), schema 4, global identity and em
 the same pipeline into the ``file`` output with its default format (``out_file``), alternating
 rounds in the same run; wall time and CPU seconds (user+sys) of each child. The sink's own cost
 is the difference between the two (the tail and the filter are the same work in both).
+
+**writer**: the store's writer alone, in process (``StoreWriter.write_blocks``, the native
+writer), the same blocks into an empty store or a copy of the ``--into`` store, once as it is
+and once without each part of a row's insert (an index dropped, the bodies kept in ``records``,
+bodies cut to 250 bytes, SQLite's own checkpoints in the writer's thread), alternating in each
+round: the writer thread's CPU per record (the thread that runs SQLite; the decoder's and the
+checkpointer's threads are not in it), the process's, and records/s. Where each us goes.
 
 **query**: a store of N synthetic records (default 10M: 60% audit, 30% Events, 10% log lines,
 over 500,000 objects in 50 namespaces and 500 users, ~300-byte bodies) is built once into the
@@ -775,9 +783,112 @@ def compare(count: int, cold: bool, stores: list[Path]) -> None:
         backend.close()
 
 
+# The writer's levers (``writer``): what each part of a row's insert costs, as the same rows
+# written without it. Each: (SQL run on the new store before the writes, the native writer's
+# body statement or None for the bodies in ``records``, whether the checkpointer thread runs).
+_CUT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,substr(?,1,250))"
+WRITER_VARIANTS: dict[str, tuple[str, str | None, bool]] = {
+    "as it is": ("", "", True),
+    "checkpoints in the writer (SQLite's)": ("", "", False),
+    "without records_object_bucket": ("DROP INDEX records_object_bucket", "", True),
+    "without records_ident_bucket": ("DROP INDEX records_ident_bucket", "", True),
+    "without records_time": ("DROP INDEX records_time", "", True),
+    "without records_uid": ("DROP INDEX records_uid", "", True),
+    "bodies in records (no user_bodies)": ("", None, True),
+    "bodies cut to 250 bytes": ("", _CUT_BODY, True),
+}
+
+
+def writer(records: int, group: int, into: int, rounds: int, only: list[str]) -> None:
+    """The store's writer alone, in process: ``StoreWriter.write_blocks`` (the native writer) with
+    blocks of 1,000 real audit lines, ``group`` blocks a transaction, into an empty store or a
+    copy of the cached store of ``into`` records, for each variant (``WRITER_VARIANTS``),
+    alternating in each round. Reports the writer thread's CPU per record (the thread that runs
+    SQLite: its ``thread_time``; the native decoder's thread and the checkpointer's are not in
+    it), the process's CPU and the wall time; the open and the close are not timed."""
+    from kubetrail.sinks import sqlite as store
+
+    lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
+    blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    if into and not prefilled.exists():
+        raise SystemExit(f"no {prefilled.name}: `bench_store.py ingest --into {into}` builds it")
+    names = [name for name in WRITER_VARIANTS if not only or any(word in name for word in only)]
+    work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
+    results: dict[str, list[tuple[float, float, float]]] = {}
+    real_checkpointer, real_setup = store._Checkpointer, store.NATIVE_SETUP
+
+    class _NoCheckpointer:  # SQLite's own autocheckpoint (1000 pages) in the writer, as before
+        checkpoints = 0
+
+        def __init__(self, *args: object) -> None:
+            pass
+
+        def before_write(self) -> None:
+            pass
+
+        def committed(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    try:
+        for _ in range(rounds):
+            for name in names:
+                sql, body, checkpointer = WRITER_VARIANTS[name]
+                db = work / "store.db"
+                for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-clean")):
+                    stale.unlink(missing_ok=True)
+                if into:
+                    shutil.copy(prefilled, db)
+                    os.sync()
+                store._Checkpointer = real_checkpointer if checkpointer else _NoCheckpointer  # type: ignore[misc]
+                store.NATIVE_SETUP = real_setup if checkpointer else "PRAGMA wal_autocheckpoint=1000"
+                w = store.StoreWriter(db)
+                w.open()
+                assert w.conn is not None and w.native is not None, "the native writer is not built"
+                if not checkpointer:
+                    w.conn.execute("PRAGMA wal_autocheckpoint=1000")
+                if sql:
+                    w.conn.execute(sql)
+                if body != "":
+                    w.native.close()
+                    w.native = store._StoreInserter(
+                        str(db),
+                        "FULL",
+                        store.INSERT,
+                        list(store._FLAT_KEYS),
+                        insert_body=body,
+                        setup=store.NATIVE_SETUP,
+                    )
+                started, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+                for start in range(0, len(blocks), group):
+                    assert w.write_blocks(blocks[start : start + group]) is not None
+                elapsed = time.perf_counter() - started
+                results.setdefault(name, []).append((elapsed, time.process_time() - cpu, time.thread_time() - thread))
+                w.close()
+    finally:
+        store._Checkpointer, store.NATIVE_SETUP = real_checkpointer, real_setup  # type: ignore[misc]
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"the writer alone: {records:,} audit records, {group} blocks of {BATCH} a transaction, "
+        + (f"into a copy of the store of {into:,} records" if into else "into an empty store")
+        + f", {rounds} alternating rounds (medians; the writer thread's CPU of each round)"
+    )
+    for name, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        each = ", ".join(f"{r[2] / records * 1e6:.2f}" for r in runs)
+        print(
+            f"  {name:<40} writer thread {statistics.median(r[2] for r in runs) / records * 1e6:5.2f} us/record"
+            f" ({each})   process CPU {cpu / records * 1e6:5.2f} us   {records / wall:>9,.0f} records/s"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ingest", "query", "compare", "who-layout", "pipeline", "migrate"))
+    parser.add_argument("what", choices=("ingest", "writer", "query", "compare", "who-layout", "pipeline", "migrate"))
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
     parser.add_argument(
@@ -788,6 +899,9 @@ def main() -> None:
     parser.add_argument(
         "--pair", action="store_true", help="ingest: only file plain, sqlite sync full (and name-led), --rounds times"
     )
+    parser.add_argument(
+        "--variant", action="append", default=[], help="writer: only the variants whose name has this word"
+    )
     parser.add_argument("--cold", action="store_true", help="query: the store out of the page cache for each query")
     parser.add_argument(
         "--store", type=Path, action="append", default=[], help="query: this store; compare: two (or more) stores"
@@ -795,6 +909,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
+    elif args.what == "writer":
+        writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds, args.into)
     elif args.what == "migrate":
