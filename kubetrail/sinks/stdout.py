@@ -5,9 +5,10 @@ stream's file descriptor without a framed copy as large as the input, in a worke
 file output writes; see ``write`` for why). ``msgpack`` text is framed in one pass through a
 256 KiB buffer reused for every write (``kubetrail_native.write_framed_buffered``): each line's
 ``[N] TAG: [TIME, `` formatted and the line copied after it while the buffer stays in the CPU's
-cache, one ``write`` per 256 KiB; ``writev`` from the block (``write_framed``, still used for
-``json_lines`` with a date) spent ~0.025 s more CPU per 266 MB on its per-line slice list and
-prefixes. Anything else (a stream without a descriptor, records, ``json``/``json_stream``) is
+cache, one ``write`` per 256 KiB; ``writev`` from the block (``write_framed``) spent ~0.025 s
+more CPU per 266 MB on its per-line slice list and prefixes. ``json_lines`` with a date goes
+through the same buffer (``write_dated_lines_buffered``: ``{"date":...,`` then the line's
+members). Anything else (a stream without a descriptor, records, ``json``/``json_stream``) is
 encoded into one bytes object.
 """
 
@@ -40,6 +41,10 @@ try:  # optional (a newer native build): msgpack text framed through a small reu
     from kubetrail_native import write_framed_buffered
 except ImportError:  # pragma: no cover - depends on the installation
     write_framed_buffered = None
+try:  # optional (a newer native build): json_lines with a date through the same buffer
+    from kubetrail_native import write_dated_lines_buffered
+except ImportError:  # pragma: no cover - depends on the installation
+    write_dated_lines_buffered = None
 
 
 class StdoutSink(Sink):
@@ -127,6 +132,8 @@ class StdoutSink(Sink):
         try:
             if style == 1 and write_framed_buffered is not None:
                 write_framed_buffered(fd, block, times, text, first)
+            elif style in (2, 3) and write_dated_lines_buffered is not None:
+                write_dated_lines_buffered(fd, block, times, text, style)
             elif style == 1:
                 write_framed(fd, block, times, text, first)
             else:

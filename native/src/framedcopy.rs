@@ -16,7 +16,10 @@
 //!
 //! The text is byte for byte what `Frames` writes for styles 0 and 1 (tests compare both); a
 //! block that `Frames` would refuse (lines and times that do not pair up, no final newline) is
-//! refused here before anything is written.
+//! refused here before anything is written. `write_dated_lines_buffered` does the same for
+//! `json_lines` with a date key (`Frames`' styles 2 and 3), the `stdout` output's other
+//! `writev` path: 0.149 -> 0.133 s of CPU for 266 MB in one process, with the date's text from
+//! zmij (the file output's `plain` writes the same blocks in 0.129-0.145 s).
 
 use std::cell::RefCell;
 use std::io::Write;
@@ -26,6 +29,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use crate::block_lines;
+use crate::jsonlines::double_text;
 
 /// Bytes gathered before one `write`: large enough that system calls are few, small enough to
 /// stay in the L2 cache between the copy in and the kernel's copy out.
@@ -138,6 +142,107 @@ pub fn write_framed_buffered(
             buf.clear();
             if buf.capacity() > 4 * BUFFER {
                 buf.shrink_to(BUFFER); // a huge tag must not keep its memory
+            }
+            result.map(|()| written)
+        })
+    })
+    .map_err(PyErr::from)
+}
+
+/// `json_lines` with a date key (`style` 2: `{"KEY":S.F,` with the time as a double, as
+/// orjson writes it; 3: whole seconds) written to `fd` through the same reused buffer, with
+/// the GIL released; returns the bytes written. The text is byte for byte `Frames`' for these
+/// styles with `join` 0 (each line's object with the date put first, then a newline), which
+/// the `stdout` output wrote with `write_framed`: a slice list and two `writev` slices a line.
+/// Everything is checked before anything is written (ValueError: lines and times that do not
+/// pair up, no final newline, a line that is not an object, a double `Frames` leaves to
+/// Python), so the caller's fallback never follows half a block.
+#[pyfunction]
+#[pyo3(signature = (fd, block, times, key, style))]
+pub fn write_dated_lines_buffered(
+    py: Python<'_>,
+    fd: i32,
+    block: &[u8],
+    times: &[u8],
+    key: &[u8],
+    style: u8,
+) -> PyResult<usize> {
+    let refused =
+        || PyValueError::new_err("one time per object line of a newline-terminated block");
+    let lines: Vec<&[u8]> = block_lines(block).collect();
+    if (!block.is_empty() && !block.ends_with(b"\n"))
+        || times.len() != lines.len() * 8
+        || !(style == 2 || style == 3)
+    {
+        return Err(refused());
+    }
+    let time_at =
+        |i: usize| i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+    let mut doubles = zmij::Buffer::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim_ascii().first() != Some(&b'{')
+            || (style == 2 && double_text(time_at(i) as f64 / 1e9, &mut doubles).is_empty())
+        {
+            return Err(refused());
+        }
+    }
+    py.detach(|| {
+        SCRATCH.with(|scratch| {
+            let mut buf = scratch.borrow_mut();
+            buf.clear();
+            buf.reserve(BUFFER + key.len() + 64);
+            // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
+            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+            let mut out: &std::fs::File = &file;
+            let mut written = 0usize;
+            let result = (|| -> std::io::Result<()> {
+                for (i, line) in lines.iter().enumerate() {
+                    let body = &line.trim_ascii()[1..]; // checked above: an object
+                    buf.extend_from_slice(b"{\"");
+                    buf.extend_from_slice(key);
+                    buf.extend_from_slice(b"\":");
+                    let time = time_at(i);
+                    if style == 2 {
+                        buf.extend_from_slice(
+                            double_text(time as f64 / 1e9, &mut doubles).as_bytes(),
+                        );
+                    } else {
+                        let secs = time.div_euclid(1_000_000_000);
+                        if secs < 0 {
+                            buf.push(b'-');
+                        }
+                        put_u64(&mut buf, secs.unsigned_abs());
+                    }
+                    if body.trim_ascii() != b"}" {
+                        buf.push(b',');
+                    }
+                    if buf.len() + body.len() > BUFFER {
+                        out.write_all(&buf)?;
+                        written += buf.len();
+                        buf.clear();
+                        if body.len() >= BUFFER {
+                            out.write_all(body)?; // from the block itself
+                            written += body.len();
+                        } else {
+                            buf.extend_from_slice(body);
+                        }
+                    } else {
+                        buf.extend_from_slice(body);
+                    }
+                    buf.push(b'\n');
+                    if buf.len() >= BUFFER {
+                        out.write_all(&buf)?;
+                        written += buf.len();
+                        buf.clear();
+                    }
+                }
+                out.write_all(&buf)?;
+                written += buf.len();
+                Ok(())
+            })();
+            buf.clear();
+            if buf.capacity() > 4 * BUFFER {
+                buf.shrink_to(BUFFER);
             }
             result.map(|()| written)
         })

@@ -72,9 +72,13 @@ impl FramedBody {
         head: &'s [u8],
         offset: usize,
     ) -> Vec<&'s [u8]> {
+        let all = self.pieces(blocks, head);
+        if offset == 0 {
+            return all; // the usual call: no second list
+        }
         let mut at = 0usize;
         let mut out = Vec::new();
-        for piece in self.pieces(blocks, head) {
+        for piece in all {
             let end = at + piece.len();
             if end > offset {
                 out.push(&piece[offset.saturating_sub(at)..]);

@@ -144,3 +144,60 @@ def test_double_dates_are_orjsons_text() -> None:
     block = b'{"a":1}\n' * len(times)
     framed = native.frame_lines(block, array("q", times).tobytes(), 2, b"date", 0, 0)
     assert framed == b"".join(orjson.dumps({"date": t / 1e9, "a": 1}) + b"\n" for t in times)
+
+
+write_dated_lines_buffered = getattr(native, "write_dated_lines_buffered", None)
+needs_dated = pytest.mark.skipif(write_dated_lines_buffered is None, reason="kubetrail_native without it")
+
+
+def object_lines(seed: int, count: int) -> tuple[bytes, list[int]]:
+    """JSON objects of every size around the buffer's, padded with blanks, empty ones."""
+    rnd = random.Random(seed)
+    lines = []
+    for i in range(count):
+        size = rnd.choice([0, 10, 300, BUFFER - 60, BUFFER + 5, 2 * BUFFER]) if i % 7 == 3 else 150
+        lines.append(rnd.choice([b'{"m":"%s"}', b' { "m" : "%s" }\t', b'{"n":1,"m":"%s"}']) % (b"x" * size))
+        if i % 11 == 5:
+            lines.append(rnd.choice([b"{}", b"{ }", b" {}"]))
+    times = [1_795_867_200_000_000_000 + rnd.choice([0, 1, 999_999_999, rnd.randrange(10**9)]) for _ in lines]
+    return b"".join(line + b"\n" for line in lines), times
+
+
+@needs_dated
+@pytest.mark.parametrize("style", [2, 3])
+@pytest.mark.parametrize("seed", range(4))
+def test_dated_lines_are_frame_lines_text(tmp_path: Path, seed: int, style: int) -> None:
+    """``json_lines`` with a date through the buffer: ``Frames``' text for the style (each line
+    is written as ``frame_lines`` writes it, and that is orjson's, see test_output_formats_native)."""
+    block, times = object_lines(seed, 40 + seed * 30)
+    raw = array("q", times).tobytes()
+    expected = native.frame_lines(block, raw, style, b'we"ird', 0, 0)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        count = write_dated_lines_buffered(fd, block, raw, b'we"ird', style)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == expected and count == len(expected)
+
+
+@needs_dated
+@pytest.mark.parametrize(
+    ("block", "times", "style"),
+    [
+        (b'{"a":1}\n[1]\n', [0, 0], 2),  # not an object: no date can go in
+        (b'{"a":1}\n{"b":2}\n', [0, 5], 2),  # 5 ns: a double orjson writes with an exponent
+        (b'{"a":1}\n{"b":2}\n', [0], 3),
+        (b'{"a":1}\n{"b":2}', [0, 0], 3),
+        (b'{"a":1}\n', [0], 1),  # not a dated style
+    ],
+)
+def test_dated_lines_refused_write_nothing(tmp_path: Path, block: bytes, times: list[int], style: int) -> None:
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(ValueError, match="one time per object line"):
+            write_dated_lines_buffered(fd, block, array("q", times).tobytes(), b"date", style)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b""
