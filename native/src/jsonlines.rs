@@ -689,7 +689,7 @@ impl IntText {
 /// `String` per line: the date of every line was ~0.03 s per 300,000 lines that way, most of
 /// the framing's CPU. Within that range zmij writes fixed notation (it does for 1e-5..1e16),
 /// `.0` included on whole numbers.
-fn double_text(value: f64, buffer: &mut zmij::Buffer) -> &str {
+pub(crate) fn double_text(value: f64, buffer: &mut zmij::Buffer) -> &str {
     let abs = value.abs();
     if !value.is_finite() || (abs != 0.0 && !(1e-4..1e16).contains(&abs)) {
         return ""; // the caller never asks for such times; empty = use Python
