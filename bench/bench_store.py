@@ -31,9 +31,9 @@ is the difference between the two (the tail and the filter are the same work in 
 **writer**: the store's writer alone, in process (``StoreWriter.write_blocks``, the native
 writer), the same blocks into an empty store or a copy of the ``--into`` store, once as it is
 and once without each part of a row's insert (an index dropped, the bodies kept in ``records``,
-bodies cut to 250 bytes, SQLite's own checkpoints in the writer's thread), alternating in each
-round: the writer thread's CPU per record (the thread that runs SQLite; the decoder's and the
-checkpointer's threads are not in it), the process's, and records/s. Where each us goes.
+bodies cut to 250 bytes), alternating in each round: the writer thread's CPU per record (the
+thread that runs SQLite, its checkpoints included; the decoder's thread is not in it), the
+process's, and records/s. Where each us goes.
 
 **query**: a store of N synthetic records (default 10M: 60% audit, 30% Events, 10% log lines,
 over 500,000 objects in 50 namespaces and 500 users, ~300-byte bodies) is built once into the
@@ -785,17 +785,16 @@ def compare(count: int, cold: bool, stores: list[Path]) -> None:
 
 # The writer's levers (``writer``): what each part of a row's insert costs, as the same rows
 # written without it. Each: (SQL run on the new store before the writes, the native writer's
-# body statement or None for the bodies in ``records``, whether the checkpointer thread runs).
+# body statement or None for the bodies in ``records``).
 _CUT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,substr(?,1,250))"
-WRITER_VARIANTS: dict[str, tuple[str, str | None, bool]] = {
-    "as it is": ("", "", True),
-    "checkpoints in the writer (SQLite's)": ("", "", False),
-    "without records_object_bucket": ("DROP INDEX records_object_bucket", "", True),
-    "without records_ident_bucket": ("DROP INDEX records_ident_bucket", "", True),
-    "without records_time": ("DROP INDEX records_time", "", True),
-    "without records_uid": ("DROP INDEX records_uid", "", True),
-    "bodies in records (no user_bodies)": ("", None, True),
-    "bodies cut to 250 bytes": ("", _CUT_BODY, True),
+WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "as it is": ("", ""),
+    "without records_object_bucket": ("DROP INDEX records_object_bucket", ""),
+    "without records_ident_bucket": ("DROP INDEX records_ident_bucket", ""),
+    "without records_time": ("DROP INDEX records_time", ""),
+    "without records_uid": ("DROP INDEX records_uid", ""),
+    "bodies in records (no user_bodies)": ("", None),
+    "bodies cut to 250 bytes": ("", _CUT_BODY),
 }
 
 
@@ -804,7 +803,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
     blocks of 1,000 real audit lines, ``group`` blocks a transaction, into an empty store or a
     copy of the cached store of ``into`` records, for each variant (``WRITER_VARIANTS``),
     alternating in each round. Reports the writer thread's CPU per record (the thread that runs
-    SQLite: its ``thread_time``; the native decoder's thread and the checkpointer's are not in
+    SQLite, its checkpoints included: its ``thread_time``; the native decoder's thread is not in
     it), the process's CPU and the wall time; the open and the close are not timed."""
     from kubetrail.sinks import sqlite as store
 
@@ -816,40 +815,19 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
     names = [name for name in WRITER_VARIANTS if not only or any(word in name for word in only)]
     work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
     results: dict[str, list[tuple[float, float, float]]] = {}
-    real_checkpointer, real_setup = store._Checkpointer, store.NATIVE_SETUP
-
-    class _NoCheckpointer:  # SQLite's own autocheckpoint (1000 pages) in the writer, as before
-        checkpoints = 0
-
-        def __init__(self, *args: object) -> None:
-            pass
-
-        def before_write(self) -> None:
-            pass
-
-        def committed(self) -> None:
-            pass
-
-        def close(self) -> None:
-            pass
-
     try:
         for _ in range(rounds):
             for name in names:
-                sql, body, checkpointer = WRITER_VARIANTS[name]
+                sql, body = WRITER_VARIANTS[name]
                 db = work / "store.db"
                 for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-clean")):
                     stale.unlink(missing_ok=True)
                 if into:
                     shutil.copy(prefilled, db)
                     os.sync()
-                store._Checkpointer = real_checkpointer if checkpointer else _NoCheckpointer  # type: ignore[misc]
-                store.NATIVE_SETUP = real_setup if checkpointer else "PRAGMA wal_autocheckpoint=1000"
                 w = store.StoreWriter(db)
                 w.open()
                 assert w.conn is not None and w.native is not None, "the native writer is not built"
-                if not checkpointer:
-                    w.conn.execute("PRAGMA wal_autocheckpoint=1000")
                 if sql:
                     w.conn.execute(sql)
                 if body != "":
@@ -860,7 +838,6 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
                         store.INSERT,
                         list(store._FLAT_KEYS),
                         insert_body=body,
-                        setup=store.NATIVE_SETUP,
                     )
                 started, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
                 for start in range(0, len(blocks), group):
@@ -869,7 +846,6 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
                 results.setdefault(name, []).append((elapsed, time.process_time() - cpu, time.thread_time() - thread))
                 w.close()
     finally:
-        store._Checkpointer, store.NATIVE_SETUP = real_checkpointer, real_setup  # type: ignore[misc]
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"the writer alone: {records:,} audit records, {group} blocks of {BATCH} a transaction, "

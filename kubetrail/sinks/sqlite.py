@@ -158,7 +158,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import logging
 import os
 import re
 import sqlite3
@@ -220,13 +219,6 @@ OBJECT_INDEX = (
 IDENT_KEY = f"ifnull(ibucket, CASE WHEN kind = 'audit' THEN {BUCKET_KEY} ELSE 0 END)"
 IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS records_ident_bucket ON records ({IDENT_KEY}, ident)"
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
-# WAL checkpoints run in a thread of their own beside the inserts (see "Speed", _Checkpointer):
-# at most one every CHECKPOINT_INTERVAL seconds after a commit, and the WAL is held to about
-# WAL_LIMIT_BYTES (a writer that finds it larger waits for a checkpoint, then starts it anew).
-CHECKPOINT_INTERVAL = 0.5
-WAL_LIMIT_BYTES = 256 * 2**20
-CHECKPOINT_WAIT = 5.0  # at most this long (a reader's old snapshot keeps it from finishing)
-NATIVE_SETUP = "PRAGMA wal_autocheckpoint=0"  # the native writer's connection: no checkpoints of its own
 
 RECORDS_TABLE = """
 CREATE TABLE IF NOT EXISTS records (
@@ -841,121 +833,6 @@ def _one_sqlite_in_process() -> bool:
     return len(libraries) == 1 and _StoreInserter.sqlite_version() == sqlite3.sqlite_version
 
 
-class _Checkpointer:
-    """The store's WAL checkpoints, on a connection and a thread of their own.
-
-    Why: with SQLite's ``wal_autocheckpoint`` the connection that commits copies the WAL's pages
-    into the database file (and fsyncs it) right after its ``COMMIT``, in the writer's thread,
-    where the next rows wait for it. The writer's connections have ``wal_autocheckpoint=0``
-    instead, and this thread runs a ``PASSIVE`` checkpoint (it waits for no writer and no reader)
-    after a commit, at most every :data:`CHECKPOINT_INTERVAL` seconds, on the machine's other
-    core. Crash safety is SQLite's either way: a checkpoint only copies committed pages.
-
-    The WAL is reused from its start only when a write transaction begins with every frame
-    already checkpointed, which the writer's next ``BEGIN``, right after its ``COMMIT``, seldom
-    finds under a steady load. So once the WAL holds more than :data:`WAL_LIMIT_BYTES`, the
-    writer, before its next transaction, waits for a checkpoint of everything it committed
-    (:meth:`before_write`); its ``BEGIN`` then starts the WAL anew (the file keeps its size; the
-    writer's last close removes it). A reader holding an old snapshot keeps any checkpoint from
-    finishing (as it keeps SQLite's own): the writer waits at most ``wait`` seconds, then writes
-    on, and the WAL grows as it would have."""
-
-    def __init__(self, path: Path, sync: str, page_size: int, logger: logging.Logger) -> None:
-        self.conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self.conn.execute(f"PRAGMA synchronous={sync.upper()}")  # FULL: the file fsynced after each
-        self.conn.execute("PRAGMA wal_autocheckpoint=0")
-        self.limit_frames = max(1, WAL_LIMIT_BYTES // page_size)
-        self.log = logger
-        self.wait = CHECKPOINT_WAIT
-        self.checkpoints = 0  # completed ones (tests)
-        self._cond = threading.Condition()
-        self._commits = 0  # commits the writer reported
-        self._covered = 0  # the last of them a completed checkpoint covered
-        self._frames = 0  # WAL frames the last checkpoint found
-        self._wanted = False  # the writer waits: checkpoint now, not after the interval
-        self._stopping = False
-        self._last_error = ""
-        self._thread = threading.Thread(target=self._run, name="kubetrail-store-checkpoint", daemon=True)
-        self._thread.start()
-
-    def committed(self) -> None:
-        """The writer committed: a checkpoint is due (after the interval)."""
-        with self._cond:
-            self._commits += 1
-            self._cond.notify_all()
-
-    def before_write(self) -> None:
-        """Before the writer's transaction: when the WAL is over its limit, wait (at most
-        ``wait`` seconds) for a checkpoint of everything committed, so that this transaction
-        starts the WAL anew."""
-        with self._cond:
-            if self._frames < self.limit_frames or self._covered >= self._commits:
-                return
-            target = self._commits
-            self._wanted = True
-            self._cond.notify_all()
-            deadline = time.monotonic() + self.wait
-            while self._covered < target and not self._stopping:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            self._wanted = False
-
-    def _run(self) -> None:
-        started_after = 0  # the writer's commits when the last checkpoint began
-        last = 0.0
-        while True:
-            with self._cond:
-                while True:
-                    if self._stopping:
-                        return
-                    if self._wanted and self._covered < self._commits:
-                        due = last + 0.05 if started_after >= self._commits else 0.0  # retry a failed one soon
-                    elif self._commits > started_after:
-                        due = last + CHECKPOINT_INTERVAL
-                    else:
-                        self._cond.wait()
-                        continue
-                    wait = due - time.monotonic()
-                    if wait <= 0:
-                        break
-                    self._cond.wait(wait)
-                target = started_after = self._commits
-            result = self._checkpoint()
-            last = time.monotonic()
-            with self._cond:
-                if result is not None:
-                    _busy, frames, copied = result
-                    self._frames = frames
-                    if frames == copied:  # every frame in the file: the writer may start the WAL anew
-                        self._covered = max(self._covered, target)
-                        self.checkpoints += 1
-                self._cond.notify_all()
-
-    def _checkpoint(self) -> tuple[int, int, int] | None:
-        try:
-            # fetchall: the statement run to its end, so this connection holds no read mark (one
-            # held would keep the writer from starting the WAL anew).
-            (row,) = self.conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
-        except sqlite3.Error as exc:
-            # A full disk, an I/O error: the pages stay in the WAL (nothing is lost) and the
-            # next commit tries again; said once per distinct error.
-            if str(exc) != self._last_error:
-                self._last_error = str(exc)
-                self.log.warning("store checkpoint failed (the WAL keeps the records; retried): %s", exc)
-            return None
-        self._last_error = ""
-        return int(row[0]), int(row[1]), int(row[2])
-
-    def close(self) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        self._thread.join()
-        self.conn.close()
-
-
 class StoreWriter:
     """The single writer of a store file: schema, pragmas, the writer lock, inserts, retention.
     Synchronous; the sink calls it from a worker thread.
@@ -973,11 +850,8 @@ class StoreWriter:
         retention_size: int = 0,
         retention_interval: float = 60.0,
         native: bool = True,
-        logger: logging.Logger | None = None,
     ) -> None:
         self.path = Path(path)
-        self.log = logger or logging.getLogger(__name__)
-        self.checkpointer: _Checkpointer | None = None
         self.sync = sync
         self.use_native = native
         self.native: Any = None  # the StoreInserter, once open
@@ -1015,8 +889,6 @@ class StoreWriter:
             conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the identity index is written at random places
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does them
-            ((page_size,),) = conn.execute("PRAGMA page_size").fetchall()  # to its end: no read lock kept
         except (StoreError, sqlite3.Error) as exc:
             if conn is not None:
                 conn.close()
@@ -1025,27 +897,16 @@ class StoreWriter:
                 raise
             raise StoreError(f"cannot open store {self.path}: {exc}") from None
         if self.use_native and _one_sqlite_in_process():
-            args = (str(self.path), self.sync.upper(), INSERT, list(_FLAT_KEYS))
             try:
-                try:
-                    self.native = _StoreInserter(*args, insert_body=INSERT_BODY, setup=NATIVE_SETUP)
-                except TypeError:  # a native module without ``setup``: it checkpoints itself as well
-                    self.native = _StoreInserter(*args, insert_body=INSERT_BODY)
+                self.native = _StoreInserter(
+                    str(self.path), self.sync.upper(), INSERT, list(_FLAT_KEYS), insert_body=INSERT_BODY
+                )
             except TypeError:  # a native module older than schema 5: every row goes the Python way
                 self.native = None
             except RuntimeError as exc:
                 conn.close()
                 os.close(fd)
                 raise StoreError(f"cannot open store {self.path}: {exc}") from None
-        try:
-            self.checkpointer = _Checkpointer(self.path, self.sync, page_size, self.log)
-        except sqlite3.Error as exc:
-            if self.native is not None:
-                self.native.close()
-                self.native = None
-            conn.close()
-            os.close(fd)
-            raise StoreError(f"cannot open store {self.path}: {exc}") from None
         self.conn = conn
         self._lock_fd = fd
 
@@ -1060,8 +921,6 @@ class StoreWriter:
                 if any(rows is None for rows in built):
                     return None
                 return self._write([row for rows in built for row in rows])  # type: ignore[union-attr]
-            if self.checkpointer is not None:
-                self.checkpointer.before_write()
             try:
                 added: int | None = self.native.write(blocks)
             except RuntimeError as exc:  # SQLite's error, rolled back (a full disk, an I/O error)
@@ -1082,8 +941,6 @@ class StoreWriter:
         conn = self.conn
         assert conn is not None
         times = self._times
-        if self.checkpointer is not None:
-            self.checkpointer.before_write()
         conn.execute("BEGIN IMMEDIATE")
         try:
             added = 0
@@ -1115,8 +972,6 @@ class StoreWriter:
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
-        if self.checkpointer is not None:
-            self.checkpointer.committed()  # also for the retention's deletes, committed by now
 
     def apply_retention(self, now_ns: int | None = None) -> int:
         """Delete rows older than ``retention_time`` and the oldest rows while the pages in use
@@ -1163,9 +1018,6 @@ class StoreWriter:
         return int((pages - free) * size)
 
     def close(self) -> None:
-        if self.checkpointer is not None:
-            self.checkpointer.close()  # first: the last connection to close checkpoints the rest
-            self.checkpointer = None
         if self.native is not None:
             self.native.close()
             self.native = None
@@ -1210,7 +1062,6 @@ class SqliteSink(Sink):
             retention_time=config["retention_time"],
             retention_size=config["retention_size"],
             retention_interval=config["retention_interval"],
-            logger=self.log,
         )
         self.m_new = self.metrics.counter("kubetrail_store_records_added", "Records added to the store")
         self.m_replayed = self.metrics.counter(

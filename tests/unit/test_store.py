@@ -721,8 +721,6 @@ async def test_a_cleanly_closed_store_is_not_read_through_at_the_next_open(
     writer = again.writer
     if writer.native is not None:
         writer.native.close()
-    if writer.checkpointer is not None:  # its connection too
-        writer.checkpointer.close()
     assert writer.conn is not None and writer._lock_fd is not None
     writer.conn.close()
     os.close(writer._lock_fd)
