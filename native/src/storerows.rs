@@ -27,7 +27,10 @@
 //! same rows through `executemany` 9.5 us), more than the decoding. It links the system's
 //! libsqlite3, the library Python's sqlite3 module uses, so the process has one SQLite and its
 //! locks stay coherent between this connection and the readers' (the Python module checks
-//! that before using it).
+//! that before using it). Its statements run through SQLite's C API with every value bound in
+//! place (`RawStatement`: the block's bytes, `SQLITE_STATIC`), where rusqlite would copy each
+//! string and body into a buffer of SQLite's own first (docs/benchmarks.md "Store ingest, fifth
+//! pass").
 //!
 //! All or nothing: when any line is not an audit event this decoder takes the way msgspec
 //! would (not JSON, a field of another type, a repeated key, an escaped surrogate, no
@@ -553,8 +556,8 @@ pub struct StoreInserter {
 impl StoreInserter {
     /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order);
     /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters).
-    /// ``setup``: statements run once on the new connection (the Python writer's pragmas for
-    /// it, e.g. ``PRAGMA wal_autocheckpoint=0`` when its own thread runs the checkpoints).
+    /// ``setup``: statements run once on the new connection (pragmas of the caller's; the
+    /// benchmarks' variants).
     #[new]
     #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None, setup=None))]
     fn new(
