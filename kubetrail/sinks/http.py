@@ -13,7 +13,7 @@ other 4xx with the server's reason).
 A block with a date key (or in ``json``) is not framed into a new bytes object: the native
 ``FramedBody`` formats only each line's prefix (the date, the separators) and, on a plain TCP
 connection, writes prefixes and lines to the socket with ``writev`` straight from the block,
-in a worker thread for large bodies, as the file output writes. Every request filled a buffer
+as the file output writes ``out_file``. Every request filled a buffer
 as large as its batch before (and aiohttp joined it with the headers into a second one), which
 cost more CPU than the send itself. The bytes on the wire are the same as ``encode_batch``'s
 (tests compare them); gzip and TLS take the framed bytes.

@@ -29,7 +29,6 @@ client turns into its retryable errors with the same texts as the aiohttp path.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import os
 import socket
 from collections.abc import Sequence
@@ -40,18 +39,6 @@ from urllib.parse import quote
 import h11
 
 READ_BYTES = 256 * 1024  # one recv: answers are small, a large one comes in few reads
-# Bodies from this size on are written in a worker thread (the write releases the GIL), as the
-# file output writes: the event loop reads and parses the next block meanwhile. Below it, the
-# thread hop (~50 us) costs more than the write.
-THREAD_BYTES = 256 * 1024
-_writers: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _writer_pool() -> concurrent.futures.ThreadPoolExecutor:
-    global _writers
-    if _writers is None:
-        _writers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="http-send")
-    return _writers
 
 
 class FdWritable(Protocol):
@@ -112,16 +99,9 @@ class _Connection:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.h11 = h11.Connection(h11.CLIENT)
-        self._writing: concurrent.futures.Future[int] | None = None  # a write in a worker thread
 
     def close(self) -> None:
-        writing = self._writing
-        if writing is not None and not writing.done():
-            # A cancelled request whose write still runs in a thread: closed when it returns
-            # (soon: the socket never blocks), never under it (its descriptor could be reused).
-            writing.add_done_callback(lambda _: self.sock.close())
-        else:
-            self.sock.close()
+        self.sock.close()
 
     def alive(self) -> bool:
         """Whether an idle connection may carry a request: not closed by the server meanwhile
@@ -165,17 +145,15 @@ class _Connection:
                 continue
 
     async def write(self, head: bytes, body: PlainBody | None) -> None:
+        """In the event loop, not a worker thread (the native write releases the GIL all the
+        same): handing each large body to a thread, as the file output does, cost ~0.03 s more
+        CPU per 266 MB in GIL handoffs with the loop parsing the next block (futex calls 21 ->
+        1,627 a run), and the walls did not show a gain on this 2-core machine."""
         total = len(head) + (len(body) if body is not None else 0)
-        offset = 0
-        while True:
-            if total - offset >= THREAD_BYTES:
-                self._writing = _writer_pool().submit(self.write_some, head, body, offset)
-                offset = await asyncio.wrap_future(self._writing)
-            else:
-                offset = self.write_some(head, body, offset)
-            if offset >= total:
-                return
-            await self.writable()  # the socket is full: wait on the loop, not in the thread
+        offset = self.write_some(head, body, 0)
+        while offset < total:
+            await self.writable()  # the socket is full: wait for it on the loop
+            offset = self.write_some(head, body, offset)
 
     async def read_answer(self, io_timeout: float) -> PlainAnswer:
         loop = asyncio.get_running_loop()

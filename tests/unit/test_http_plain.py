@@ -2,7 +2,7 @@
 socket of its own). What test_http_body.py and test_http_sink.py check (the bytes of every
 format, gzip, retries, auth, headers, status classification) runs on this path already, against
 real aiohttp servers; here: that aiohttp is not imported, the body written from the offset the
-socket reached when it would block (in a worker thread), keep-alive and a connection the server
+socket reached when it would block, keep-alive and a connection the server
 closed while idle, answers h11 parses (chunked, informational, ``Connection: close``), and
 servers that misbehave (garbage, no answer, never reading the body). The misbehaving servers
 are small asyncio socket servers scripted here: no real server does these things on demand."""
@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import threading
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,7 +20,6 @@ from aiohttp import web
 
 from kubetrail.core.errors import PermanentError, RetryableError
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks import http_plain
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.json_format import encode_batch
 from tests.unit.helpers import build
@@ -37,11 +35,11 @@ def small_batch(n: int = 3) -> Batch:
 
 
 class Recording:
-    """A FramedBody that records its ``send`` calls and the thread each ran in."""
+    """A FramedBody that records its ``send`` calls."""
 
     def __init__(self, body: Any) -> None:
         self.body = body
-        self.sends: list[tuple[int, int, str]] = []  # (offset asked, offset reached, thread)
+        self.sends: list[tuple[int, int]] = []  # (offset asked, offset reached)
 
     def __len__(self) -> int:
         return len(self.body)
@@ -51,7 +49,7 @@ class Recording:
 
     def send(self, fd: int, offset: int, head: bytes | None = None) -> int:
         reached: int = self.body.send(fd, offset, head)
-        self.sends.append((offset, reached, threading.current_thread().name))
+        self.sends.append((offset, reached))
         return reached
 
 
@@ -116,7 +114,6 @@ def test_a_plain_http_output_does_not_import_aiohttp() -> None:
 import asyncio, sys, threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks import http_plain
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.json_format import encode_batch
 from tests.unit.helpers import build
@@ -153,9 +150,9 @@ print("aiohttp" in sys.modules, sorted(m for m in sys.modules if m.startswith("a
 
 
 async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached() -> None:
-    """A server that reads late: each write takes what the socket takes, in a worker thread;
-    the request waits on the event loop for the socket to be writable and goes on from the
-    offset reached (no copy of the rest). Same bytes; the next request on the connection too."""
+    """A server that reads late: each write takes what the socket takes; the request waits on
+    the event loop for the socket to be writable and goes on from the offset reached (no copy
+    of the rest). Same bytes; the next request on the connection too."""
     received: list[bytes] = []
 
     async def slow(request: web.Request) -> web.Response:
@@ -189,11 +186,8 @@ async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached() -
     assert sends[0][0] == 0 and all(sends[k][0] == sends[k - 1][1] for k in range(1, len(sends)))
     head = sends[-1][1] - len(expected[0])
     assert head > 0, "the request's head went with the body"
-    total = sends[-1][1]
-    for offset, _, thread in sends:  # a large rest in a worker thread, a small one inline
-        assert thread.startswith("http-send") == (total - offset >= http_plain.THREAD_BYTES)
-    ((offset, reached, thread),) = made[1].sends
-    assert offset == 0 and reached > len(expected[1]) and not thread.startswith("http-send"), "small: inline"
+    ((offset, reached),) = made[1].sends
+    assert offset == 0 and reached > len(expected[1]), "the next request: head and body in one call"
 
 
 async def test_keepalive_one_connection_and_an_idle_one_the_server_closed() -> None:
