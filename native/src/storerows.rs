@@ -454,11 +454,9 @@ impl RawStatement {
         Ok(RawStatement { db, stmt })
     }
 
-    fn text(&self, at: c_int, value: Option<&str>) {
-        // SAFETY: a live statement; the text outlives the next `run` (see the type's doc). A bind
-        // fails only for an index out of range or a value over SQLite's limit: the step then
-        // fails with that error (SQLITE_RANGE/TOOBIG are kept by the statement).
-        unsafe {
+    fn text(&self, at: c_int, value: Option<&str>) -> Result<(), String> {
+        // SAFETY: a live statement; the text outlives the next `run` (see the type's doc).
+        let rc = unsafe {
             match value {
                 None => ffi::sqlite3_bind_null(self.stmt, at),
                 Some(text) => ffi::sqlite3_bind_text64(
@@ -469,16 +467,17 @@ impl RawStatement {
                     ffi::SQLITE_STATIC(),
                     ffi::SQLITE_UTF8 as u8,
                 ),
-            };
-        }
+            }
+        };
+        self.bound(rc)
     }
 
-    fn blob(&self, at: c_int, value: &[u8]) {
+    fn blob(&self, at: c_int, value: &[u8]) -> Result<(), String> {
         // SAFETY: as `text`. An empty blob is bound as a zero-length blob (a null pointer would
         // bind NULL), as rusqlite does.
-        unsafe {
+        let rc = unsafe {
             if value.is_empty() {
-                ffi::sqlite3_bind_zeroblob(self.stmt, at, 0);
+                ffi::sqlite3_bind_zeroblob(self.stmt, at, 0)
             } else {
                 ffi::sqlite3_bind_blob64(
                     self.stmt,
@@ -486,18 +485,30 @@ impl RawStatement {
                     value.as_ptr().cast(),
                     value.len() as u64,
                     ffi::SQLITE_STATIC(),
-                );
+                )
             }
-        }
+        };
+        self.bound(rc)
     }
 
-    fn int(&self, at: c_int, value: Option<i64>) {
+    fn int(&self, at: c_int, value: Option<i64>) -> Result<(), String> {
         // SAFETY: a live statement.
-        unsafe {
+        let rc = unsafe {
             match value {
                 None => ffi::sqlite3_bind_null(self.stmt, at),
                 Some(value) => ffi::sqlite3_bind_int64(self.stmt, at, value),
-            };
+            }
+        };
+        self.bound(rc)
+    }
+
+    /// A failed bind (a value over SQLite's length limit) leaves the parameter as it was: the
+    /// row must not go in with the row before's value.
+    fn bound(&self, rc: c_int) -> Result<(), String> {
+        if rc == ffi::SQLITE_OK {
+            Ok(())
+        } else {
+            Err(errmsg(self.db))
         }
     }
 
@@ -556,17 +567,14 @@ pub struct StoreInserter {
 impl StoreInserter {
     /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order);
     /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters).
-    /// ``setup``: statements run once on the new connection (pragmas of the caller's; the
-    /// benchmarks' variants).
     #[new]
-    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None, setup=None))]
+    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None))]
     fn new(
         path: &str,
         synchronous: &str,
         insert: &str,
         flat_keys: Vec<String>,
         insert_body: Option<&str>,
-        setup: Option<&str>,
     ) -> PyResult<Self> {
         let flat = key_set(flat_keys);
         let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
@@ -578,9 +586,6 @@ impl StoreInserter {
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", synchronous)?;
             conn.pragma_update(None, "cache_size", -65536)?;
-            if let Some(sql) = setup {
-                conn.execute_batch(sql)?;
-            }
             conn.prepare(insert)?;
             if let Some(sql) = insert_body {
                 conn.prepare(sql)?;
@@ -664,27 +669,27 @@ impl StoreInserter {
                                     _ => None,
                                 };
                                 let body: &[u8] = if apart.is_some() { b"" } else { &row.body };
-                                stmt.blob(1, &row.ident);
-                                stmt.int(2, Some(row.time_ns));
-                                stmt.text(3, Some("audit"));
-                                stmt.text(4, row.user.as_deref());
-                                stmt.text(5, row.verb.as_deref());
-                                stmt.text(6, row.resource.as_deref());
-                                stmt.text(7, row.namespace.as_deref());
-                                stmt.text(8, row.name.as_deref());
-                                stmt.text(9, row.uid.as_deref());
-                                stmt.int(10, row.code);
-                                stmt.text(11, None);
-                                stmt.text(12, Some(tag));
-                                stmt.blob(13, body);
+                                stmt.blob(1, &row.ident)?;
+                                stmt.int(2, Some(row.time_ns))?;
+                                stmt.text(3, Some("audit"))?;
+                                stmt.text(4, row.user.as_deref())?;
+                                stmt.text(5, row.verb.as_deref())?;
+                                stmt.text(6, row.resource.as_deref())?;
+                                stmt.text(7, row.namespace.as_deref())?;
+                                stmt.text(8, row.name.as_deref())?;
+                                stmt.text(9, row.uid.as_deref())?;
+                                stmt.int(10, row.code)?;
+                                stmt.text(11, None)?;
+                                stmt.text(12, Some(tag))?;
+                                stmt.blob(13, body)?;
                                 let new = stmt.run()?;
                                 if let (1, Some((body_stmt, user))) = (new, apart) {
-                                    body_stmt.text(1, Some(user));
-                                    body_stmt.int(2, Some(row.time_ns));
-                                    body_stmt.int(3, Some(stmt.last_insert_rowid()));
-                                    body_stmt.text(4, Some("audit"));
-                                    body_stmt.text(5, row.verb.as_deref());
-                                    body_stmt.blob(6, &row.body);
+                                    body_stmt.text(1, Some(user))?;
+                                    body_stmt.int(2, Some(row.time_ns))?;
+                                    body_stmt.int(3, Some(stmt.last_insert_rowid()))?;
+                                    body_stmt.text(4, Some("audit"))?;
+                                    body_stmt.text(5, row.verb.as_deref())?;
+                                    body_stmt.blob(6, &row.body)?;
                                     body_stmt.run()?;
                                 }
                                 added += new;
