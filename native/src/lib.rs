@@ -1169,7 +1169,10 @@ fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(jsonlines::has_blank_line, module)?)?;
     module.add_function(wrap_pyfunction!(jsonlines::write_framed, module)?)?;
     module.add_function(wrap_pyfunction!(framedcopy::write_framed_buffered, module)?)?;
-    module.add_function(wrap_pyfunction!(framedcopy::write_dated_lines_buffered, module)?)?;
+    module.add_function(wrap_pyfunction!(
+        framedcopy::write_dated_lines_buffered,
+        module
+    )?)?;
     module.add_class::<timefmt::TimeFormat>()?;
     module.add_function(wrap_pyfunction!(storerows::audit_store_rows, module)?)?;
     module.add_class::<storerows::StoreInserter>()?;
