@@ -153,7 +153,8 @@ Design decisions:
   pages (more CPU per row than 64 KiB: 7 and 10 us), ``workers 2`` (within the noise).
   Fifth pass (docs/benchmarks.md "Store ingest, fifth pass"; ``bench_store.py writer`` measures
   each part): the native writer binds a row's values in place (its strings and body are not
-  copied into SQLite's buffers first: ~0.6 us a row). What the thread running SQLite spends
+  copied into SQLite's buffers first: 0.8-1.1 us a row of the writer thread's 8-9, 1.4-3.0 of
+  12-13 into 10M). What the thread running SQLite spends
   per row, ~7-7.5 us into an empty or a 2M store at load 3-4, is mostly the B-trees a row goes
   into beyond its table: the object index ~1.7-1.8 us, the identity index ~1.5-1.7, the bodies'
   table ~1.6, the time index ~0.4-0.7; serial by SQLite's design, so 100,000 records/s into a
