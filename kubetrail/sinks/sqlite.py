@@ -154,15 +154,16 @@ Design decisions:
   Fifth pass (docs/benchmarks.md "Store ingest, fifth pass"; ``bench_store.py writer`` measures
   each part): the native writer binds a row's values in place (its strings and body are not
   copied into SQLite's buffers first: 0.8-1.1 us a row of the writer thread's 8-9, 1.4-3.0 of
-  12-13 into 10M). What the thread running SQLite spends
-  per row, ~7-7.5 us into an empty or a 2M store at load 3-4, is mostly the B-trees a row goes
-  into beyond its table: the object index ~1.7-1.8 us, the identity index ~1.5-1.7, the bodies'
-  table ~1.6, the time index ~0.4-0.7; serial by SQLite's design, so 100,000 records/s into a
-  store holding records needs those cut (a schema change), not a setting. Measured there and
-  not kept: WAL checkpoints in a thread of their own (no CPU taken off the writer's thread, 1-2
-  us more process CPU into a 10M store), no checkpoints while writing, 64 blocks a commit
-  instead of 16, 32 or 16 KiB pages, ``mmap_size``, bodies cut to 250 bytes (-0.8-0.9 us: the
-  most a compression could save, before its own CPU and a schema change).
+  12-13 into 10M). What the thread running SQLite spends per row, ~7-7.5 us into an empty or a
+  2M store at load 3-4 (~9.8 into 10M), is mostly the B-trees a row goes into beyond its table:
+  the object index ~1.7-1.8 us, the identity index ~1.5-1.7, the bodies' table ~1.6 (each
+  ~2.8-3.0 into 10M), the time index ~0.4-0.7; serial by SQLite's design, so 100,000
+  records/s into a store holding records needs those cut (a schema change), not a setting.
+  Measured there and not kept: WAL checkpoints in a thread of their own (little or no CPU taken
+  off the writer's thread, 1-2 us more process CPU into a 10M store), no checkpoints while
+  writing, 64 blocks a commit instead of 16, 32 or 16 KiB pages, ``mmap_size``, bodies cut to
+  250 bytes (-0.8-0.9 us: the most a compression could save, before its own CPU and a schema
+  change).
 """
 
 from __future__ import annotations
