@@ -502,11 +502,13 @@ class HttpClient:
         target = path if path is not None else s.uri
         if params:
             target += ("&" if "?" in target else "?") + urlencode(params)
-        # aiohttp's defaults, so that a receiver sees the same request whichever client sent it.
-        sent = [("User-Agent", USER_AGENT), ("Accept", "*/*"), *headers.items()]
+        # aiohttp's defaults, so that a receiver sees the same request whichever client sent
+        # it; a configured header of the same name replaces one (as aiohttp's do).
+        sent: CIMultiDict[str] = CIMultiDict({"User-Agent": USER_AGENT, "Accept": "*/*"})
+        sent.update(headers)
         try:
             async with asyncio.timeout(deadline):
-                answer = await self._plain.request(method, target, sent, body)
+                answer = await self._plain.request(method, target, list(sent.items()), body)
         except TimeoutError:
             raise HttpRetryableError(f"{method} {url}: no answer within {deadline or s.io_timeout:g}s") from None
         except http_plain.ConnectFailed as exc:

@@ -241,10 +241,11 @@ class PlainHttpPool:
     async def request(
         self, method: str, path: str, headers: Sequence[tuple[str, str]], body: PlainBody | None
     ) -> PlainAnswer:
-        """One request and its whole answer. ``headers`` are the caller's (Host, Content-Length
-        and Connection are added here)."""
-        all_headers: list[tuple[bytes, bytes]] = [(b"Host", self.host_header.encode())]
-        all_headers += [(name.encode(), value.encode()) for name, value in headers]
+        """One request and its whole answer. ``headers`` are the caller's (Host unless they
+        name one, Content-Length and Connection are added here)."""
+        all_headers = [(name.encode(), value.encode()) for name, value in headers]
+        if not any(name.lower() == b"host" for name, _ in all_headers):  # a configured Host wins
+            all_headers.insert(0, (b"Host", self.host_header.encode()))
         if body is not None or method not in ("GET", "HEAD"):
             all_headers.append((b"Content-Length", b"%d" % (len(body) if body is not None else 0)))
         if not self.keepalive:

@@ -344,3 +344,27 @@ async def test_a_host_name_and_a_refused_port() -> None:
             await out.write(small_batch())
     finally:
         await out.close()
+
+
+async def test_configured_headers_replace_the_defaults() -> None:
+    """A configured ``Host``, ``User-Agent`` or ``Accept`` header is sent instead of the
+    default one, never beside it (a second Host is a 400 at most servers), as aiohttp did."""
+    heads: list[bytes] = []
+
+    async def keep(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heads.append((await read_request(reader))[0])
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+
+    async with RawServer(keep) as server:
+        for header in ([], ["Host logs.example", "User-Agent fluent-bit", "accept application/json"]):
+            out = build(HttpOutputSink, host="127.0.0.1", port=server.port, format="json", header=header)
+            try:
+                await out.write(small_batch())
+            finally:
+                await out.close()
+    default, configured = ([line.lower() for line in head.split(b"\r\n")] for head in heads)
+    assert b"host: 127.0.0.1:%d" % server.port in default and b"accept: */*" in default
+    assert any(line.startswith(b"user-agent: kubetrail/") for line in default)
+    for name, value in ((b"host", b"logs.example"), (b"user-agent", b"fluent-bit"), (b"accept", b"application/json")):
+        assert [line for line in configured if line.startswith(name + b":")] == [name + b": " + value]
