@@ -41,6 +41,77 @@ thread_local! {
     static SCRATCH: RefCell<Vec<u8>> = RefCell::new(Vec::new());
 }
 
+/// The reused buffer on its way to a file descriptor: what both writers below share.
+struct Spill<'a> {
+    buf: &'a mut Vec<u8>,
+    out: &'a std::fs::File,
+    written: usize,
+}
+
+impl Spill<'_> {
+    /// Writes out what the buffer holds.
+    fn flush(&mut self) -> std::io::Result<()> {
+        let mut out = self.out;
+        out.write_all(self.buf)?;
+        self.written += self.buf.len();
+        self.buf.clear();
+        Ok(())
+    }
+
+    /// Appends a line's bytes, writing the buffer out first where they would overflow it; a
+    /// piece as large as the buffer goes to the kernel from the block itself.
+    fn piece(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.buf.len() + data.len() > BUFFER {
+            self.flush()?;
+            if data.len() >= BUFFER {
+                let mut out = self.out;
+                out.write_all(data)?;
+                self.written += data.len();
+                return Ok(());
+            }
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    /// Ends a line with `tail`, writing the buffer out once it is full.
+    fn end_line(&mut self, tail: &[u8]) -> std::io::Result<()> {
+        self.buf.extend_from_slice(tail);
+        if self.buf.len() >= BUFFER {
+            self.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs `fill` on this thread's reused buffer bound to `fd` (`reserve`: room beyond BUFFER for
+/// one line's prefix), writes out the rest, and returns the bytes written.
+fn through_buffer(
+    fd: i32,
+    reserve: usize,
+    fill: impl FnOnce(&mut Spill<'_>) -> std::io::Result<()>,
+) -> std::io::Result<usize> {
+    SCRATCH.with(|scratch| {
+        let mut buf = scratch.borrow_mut();
+        buf.clear();
+        buf.reserve(BUFFER + reserve);
+        // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
+        let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let mut spill = Spill {
+            buf: &mut buf,
+            out: &file,
+            written: 0,
+        };
+        let result = fill(&mut spill).and_then(|()| spill.flush());
+        let written = spill.written;
+        buf.clear();
+        if buf.capacity() > 4 * BUFFER {
+            buf.shrink_to(BUFFER); // a huge tag or key must not keep its memory
+        }
+        result.map(|()| written)
+    })
+}
+
 /// `value` in decimal, appended.
 fn put_u64(out: &mut Vec<u8>, mut value: u64) {
     let mut digits = [0u8; 20];
@@ -102,48 +173,14 @@ pub fn write_framed_buffered(
         ));
     }
     py.detach(|| {
-        SCRATCH.with(|scratch| {
-            let mut buf = scratch.borrow_mut();
-            buf.clear();
-            buf.reserve(BUFFER + tag.len() + 64);
-            // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
-            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-            let mut out: &std::fs::File = &file;
-            let mut written = 0usize;
-            let result = (|| -> std::io::Result<()> {
-                for (i, line) in block_lines(block).enumerate() {
-                    let time =
-                        i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
-                    put_prefix(&mut buf, first.map(|n| n + i as u64), tag, time);
-                    if buf.len() + line.len() > BUFFER {
-                        out.write_all(&buf)?;
-                        written += buf.len();
-                        buf.clear();
-                        if line.len() >= BUFFER {
-                            out.write_all(line)?; // from the block itself
-                            written += line.len();
-                        } else {
-                            buf.extend_from_slice(line);
-                        }
-                    } else {
-                        buf.extend_from_slice(line);
-                    }
-                    buf.extend_from_slice(b"]\n");
-                    if buf.len() >= BUFFER {
-                        out.write_all(&buf)?;
-                        written += buf.len();
-                        buf.clear();
-                    }
-                }
-                out.write_all(&buf)?;
-                written += buf.len();
-                Ok(())
-            })();
-            buf.clear();
-            if buf.capacity() > 4 * BUFFER {
-                buf.shrink_to(BUFFER); // a huge tag must not keep its memory
+        through_buffer(fd, tag.len() + 64, |spill| {
+            for (i, line) in block_lines(block).enumerate() {
+                let time = i64::from_ne_bytes(times[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+                put_prefix(spill.buf, first.map(|n| n + i as u64), tag, time);
+                spill.piece(line)?;
+                spill.end_line(b"]\n")?;
             }
-            result.map(|()| written)
+            Ok(())
         })
     })
     .map_err(PyErr::from)
@@ -187,64 +224,30 @@ pub fn write_dated_lines_buffered(
         }
     }
     py.detach(|| {
-        SCRATCH.with(|scratch| {
-            let mut buf = scratch.borrow_mut();
-            buf.clear();
-            buf.reserve(BUFFER + key.len() + 64);
-            // SAFETY: the descriptor belongs to the caller's open file; ManuallyDrop never closes it.
-            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-            let mut out: &std::fs::File = &file;
-            let mut written = 0usize;
-            let result = (|| -> std::io::Result<()> {
-                for (i, line) in lines.iter().enumerate() {
-                    let body = &line.trim_ascii()[1..]; // checked above: an object
-                    buf.extend_from_slice(b"{\"");
-                    buf.extend_from_slice(key);
-                    buf.extend_from_slice(b"\":");
-                    let time = time_at(i);
-                    if style == 2 {
-                        buf.extend_from_slice(
-                            double_text(time as f64 / 1e9, &mut doubles).as_bytes(),
-                        );
-                    } else {
-                        let secs = time.div_euclid(1_000_000_000);
-                        if secs < 0 {
-                            buf.push(b'-');
-                        }
-                        put_u64(&mut buf, secs.unsigned_abs());
+        through_buffer(fd, key.len() + 64, |spill| {
+            for (i, line) in lines.iter().enumerate() {
+                let body = &line.trim_ascii()[1..]; // checked above: an object
+                let buf = &mut *spill.buf;
+                buf.extend_from_slice(b"{\"");
+                buf.extend_from_slice(key);
+                buf.extend_from_slice(b"\":");
+                let time = time_at(i);
+                if style == 2 {
+                    buf.extend_from_slice(double_text(time as f64 / 1e9, &mut doubles).as_bytes());
+                } else {
+                    let secs = time.div_euclid(1_000_000_000);
+                    if secs < 0 {
+                        buf.push(b'-');
                     }
-                    if body.trim_ascii() != b"}" {
-                        buf.push(b',');
-                    }
-                    if buf.len() + body.len() > BUFFER {
-                        out.write_all(&buf)?;
-                        written += buf.len();
-                        buf.clear();
-                        if body.len() >= BUFFER {
-                            out.write_all(body)?; // from the block itself
-                            written += body.len();
-                        } else {
-                            buf.extend_from_slice(body);
-                        }
-                    } else {
-                        buf.extend_from_slice(body);
-                    }
-                    buf.push(b'\n');
-                    if buf.len() >= BUFFER {
-                        out.write_all(&buf)?;
-                        written += buf.len();
-                        buf.clear();
-                    }
+                    put_u64(buf, secs.unsigned_abs());
                 }
-                out.write_all(&buf)?;
-                written += buf.len();
-                Ok(())
-            })();
-            buf.clear();
-            if buf.capacity() > 4 * BUFFER {
-                buf.shrink_to(BUFFER);
+                if body.trim_ascii() != b"}" {
+                    buf.push(b',');
+                }
+                spill.piece(body)?;
+                spill.end_line(b"\n")?;
             }
-            result.map(|()| written)
+            Ok(())
         })
     })
     .map_err(PyErr::from)
