@@ -6,9 +6,11 @@ servers (tests/fakes/http_server.py, and one here that reads slowly), TLS from a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 from array import array
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +174,10 @@ def recording(out: HttpOutputSink) -> list[Recording]:
     return made
 
 
-async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport() -> None:
-    """A server that reads late: the socket takes part of the body, the rest is queued by the
-    transport and sent as the server reads. Same bytes; a second request on the connection too."""
+@contextlib.asynccontextmanager
+async def slow_reader() -> AsyncIterator[tuple[int, list[bytes]]]:
+    """An aiohttp server on a free port that waits 0.3 s before reading each request's body,
+    so that a large body fills the socket; yields the port and the bodies it received."""
     received: list[bytes] = []
 
     async def slow(request: web.Request) -> web.Response:
@@ -186,18 +189,26 @@ async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport
     app.router.add_post("/", slow)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
-    out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json_lines")
-    made = recording(out)
     try:
-        await out.write(block_batch(lines, times))
-        await out.write(block_batch(lines[:10], times[:10]))
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield runner.addresses[0][1], received
     finally:
-        await out.close()
         await runner.cleanup()
+
+
+async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport() -> None:
+    """A server that reads late: the socket takes part of the body, the rest is queued by the
+    transport and sent as the server reads. Same bytes; a second request on the connection too."""
+    lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
+    async with slow_reader() as (port, received):
+        out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json_lines")
+        made = recording(out)
+        try:
+            await out.write(block_batch(lines, times))
+            await out.write(block_batch(lines[:10], times[:10]))
+        finally:
+            await out.close()
     expected = [
         encode_batch(records_batch(ls, ts), "json_lines", "date", "double")
         for ls, ts in ((lines, times), (lines[:10], times[:10]))

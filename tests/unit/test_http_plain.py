@@ -16,14 +16,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from aiohttp import web
 
 from kubetrail.core.errors import PermanentError, RetryableError
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.json_format import encode_batch
 from tests.unit.helpers import build
-from tests.unit.test_http_body import FramedBody, block_batch, lines_of, records_batch, times_for
+from tests.unit.test_http_body import FramedBody, block_batch, lines_of, records_batch, slow_reader, times_for
 
 pytestmark = pytest.mark.skipif(FramedBody is None, reason="kubetrail_native is not built")
 
@@ -153,29 +152,15 @@ async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached() -
     """A server that reads late: each write takes what the socket takes; the request waits on
     the event loop for the socket to be writable and goes on from the offset reached (no copy
     of the rest). Same bytes; the next request on the connection too."""
-    received: list[bytes] = []
-
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.3)  # aiohttp stops reading the socket once its buffer is full
-        received.append(await request.read())
-        return web.Response(status=200)
-
-    app = web.Application(client_max_size=1 << 30)
-    app.router.add_post("/", slow)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
     lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
-    out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json")
-    made = recording(out)
-    try:
-        await out.write(block_batch(lines, times))
-        await out.write(block_batch(lines[:10], times[:10]))
-    finally:
-        await out.close()
-        await runner.cleanup()
+    async with slow_reader() as (port, received):
+        out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json")
+        made = recording(out)
+        try:
+            await out.write(block_batch(lines, times))
+            await out.write(block_batch(lines[:10], times[:10]))
+        finally:
+            await out.close()
     expected = [
         encode_batch(records_batch(ls, ts), "json", "date", "double")
         for ls, ts in ((lines, times), (lines[:10], times[:10]))
