@@ -104,6 +104,30 @@ class ClientLog:
         self._log.log(min(level, logging.WARNING), text)
 
 
+class ClientErrors:
+    """librdkafka's error callback (its poll thread) into our log, with the latest text kept in
+    ``last`` for the messages that quote it.
+
+    An error is logged when its kind (digits ignored, as :class:`ClientLog` compares) differs
+    from the last one's: while brokers are down librdkafka reports the same refusal several
+    times a second, each with another ``(after Nms in state CONNECT)``, and the state is what
+    matters.
+    """
+
+    def __init__(self, logger: logging.Logger, brokers: str) -> None:
+        self._log = logger
+        self._brokers = brokers
+        self._kind = ""
+        self.last = ""
+
+    def __call__(self, err: KafkaError) -> None:
+        self.last = f"{err.name()}: {err.str()}"
+        kind = re.sub(r"\d+", "#", self.last)
+        if kind != self._kind:
+            self._kind = kind
+            self._log.warning("kafka client error", extra={"brokers": self._brokers, "error": self.last})
+
+
 def _timestamp(time_ns: int, fmt: str) -> float | str:
     """Fluent Bit's ``timestamp_format``: double, iso8601 (seconds), iso8601_ns."""
     if fmt == "double":
@@ -318,14 +342,14 @@ class KafkaSink(Sink):
         self.rdkafka: dict[str, Text] = dict(config["rdkafka.*"])
         self.sasl = SaslCredentials(self.rdkafka, self.log)
         self._config = producer_config(self.brokers, self.rdkafka, self.log)
-        self._config["error_cb"] = self._on_error
+        self._errors = ClientErrors(self.log, self.brokers)
+        self._config["error_cb"] = self._errors
         try:
             # librdkafka validates every property here: an unknown or bad one is refused with
             # its own message before anything starts.
             self.producer = Producer(self._config)
         except (KafkaException, ValueError, TypeError) as exc:
             raise ConfigError(f"librdkafka refused the configuration: {reason(exc)}", key="rdkafka.*") from None
-        self._last_error = ""
         self._poller: threading.Thread | None = None
         self._stopping = threading.Event()
         # id(batch) -> (batch, {record index acknowledged}) for batches being retried.
@@ -333,12 +357,6 @@ class KafkaSink(Sink):
         self._m_messages = self.metrics.counter("kubetrail_kafka_messages", "Messages acknowledged by the brokers")
 
     # -- librdkafka callbacks (poll thread) ---------------------------------------------------
-
-    def _on_error(self, err: KafkaError) -> None:
-        text = f"{err.name()}: {err.str()}"
-        if text != self._last_error:
-            self._last_error = text
-            self.log.warning("kafka client error", extra={"brokers": self.brokers, "error": text})
 
     def _poll(self) -> None:
         while not self._stopping.is_set():
@@ -372,7 +390,7 @@ class KafkaSink(Sink):
                 )
 
     def _last_error_text(self) -> str:
-        return f" (last client error: {self._last_error})" if self._last_error else ""
+        return f" (last client error: {self._errors.last})" if self._errors.last else ""
 
     async def close(self) -> None:
         remaining = await asyncio.to_thread(self.producer.flush, 10)

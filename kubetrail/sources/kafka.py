@@ -52,7 +52,15 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.kafka import IDENTITY_HEADER, TIME_HEADER, ClientLog, SaslCredentials, reason, revealed
+from kubetrail.sinks.kafka import (
+    IDENTITY_HEADER,
+    TIME_HEADER,
+    ClientErrors,
+    ClientLog,
+    SaslCredentials,
+    reason,
+    revealed,
+)
 
 COMMIT_INTERVAL = 0.5  # seconds between commits of delivered offsets
 REVOKE_WAIT = 10.0  # seconds a revoked partition's batches in flight get to be delivered
@@ -131,7 +139,8 @@ class KafkaSource(Source):
                 raise ConfigError("must stay off: offsets are committed once delivered", key=f"rdkafka.{key}")
         settings["enable.auto.commit"] = False
         settings["enable.auto.offset.store"] = False
-        settings["error_cb"] = self._on_error
+        self._errors = ClientErrors(self.log, self.brokers)
+        settings["error_cb"] = self._errors
         try:
             self.consumer = Consumer(settings)  # librdkafka validates every property here
         except (KafkaException, ValueError, TypeError) as exc:
@@ -141,18 +150,11 @@ class KafkaSource(Source):
         self._lock = threading.Lock()
         self._stop = asyncio.Event()
         self.commit_due = threading.Event()
-        self._last_error = ""
         self.m_bad = self.metrics.counter("kubetrail_kafka_bad_messages", "Messages not valid for the input's format")
         self.m_commits = self.metrics.counter("kubetrail_kafka_commits", "Offset commits of delivered records")
         self.m_revoked = self.metrics.counter("kubetrail_kafka_partitions_revoked", "Partitions handed to others")
 
     # -- librdkafka callbacks (consumer thread) ------------------------------------------------
-
-    def _on_error(self, err: KafkaError) -> None:
-        text = f"{err.name()}: {err.str()}"
-        if text != self._last_error:
-            self._last_error = text
-            self.log.warning("kafka client error", extra={"brokers": self.brokers, "error": text})
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         with self._lock:
@@ -246,7 +248,7 @@ class KafkaSource(Source):
             err = message.error()
             if err is not None:
                 if err.code() != KafkaError._PARTITION_EOF:
-                    self._on_error(err)
+                    self._errors(err)
                 continue
             groups.setdefault((message.topic(), message.partition()), []).append(message)  # type: ignore[arg-type]
         for key, group in groups.items():

@@ -8,6 +8,7 @@ search server stored under the identity as ``_id``).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -25,6 +26,7 @@ import orjson
 import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from kubetrail.sinks import kafka as kafka_sink
 from tests import required
 from tests.servers import ServerUnavailable, kafka, running
 from tests.servers.search import SearchServer
@@ -823,3 +825,30 @@ def test_check_in_cluster_tries_every_bootstrap_broker(cluster: kafka.KafkaClust
     lines = proc.stdout.splitlines()
     assert sum(line.startswith("ok    kafka.0 broker") for line in lines) == 3 + 1  # input's 3, output's 1
     assert f"FAIL  kafka.0 broker: 127.0.0.1:{closed} not reachable" in proc.stdout
+
+
+def test_a_client_error_repeated_with_other_digits_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    """librdkafka repeats a refusal many times a second while brokers are down, each time with
+    another "(after Nms ...)"; the log says it once, and again only when the error changes."""
+
+    class Refused:
+        def __init__(self, text: str) -> None:
+            self.text = text
+
+        def name(self) -> str:
+            return "_TRANSPORT"
+
+        def str(self) -> str:
+            return self.text
+
+    logger = logging.getLogger("test.kafka.errors")
+    errors = kafka_sink.ClientErrors(logger, "127.0.0.1:9")
+    refused = "127.0.0.1:9/bootstrap: Connect failed: Connection refused (after {}ms in state CONNECT)"
+    texts = [refused.format(ms) for ms in (0, 1, 3, 0, 12)] + ["Failed to resolve 'nowhere:9092'", refused.format(2)]
+    with caplog.at_level(logging.WARNING, logger="test.kafka.errors"):
+        for text in texts:
+            errors(Refused(text))  # type: ignore[arg-type]
+    said = [r.__dict__["error"] for r in caplog.records]
+    assert len(said) == 3, said
+    assert "refused (after 0ms" in said[0] and "resolve" in said[1] and "refused (after 2ms" in said[2]
+    assert errors.last.endswith("(after 2ms in state CONNECT)")
