@@ -27,6 +27,7 @@ give the same digests.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import io
@@ -388,9 +389,18 @@ def build(force: bool, python: str) -> Path:
     key = input_key(release)
     out_dir = cache_dir() / "image"
     out = out_dir / f"kubetrail-{ver}-{key}.oci.tar"
-    if out.exists() and not force:
-        print(f"up to date: {IMAGE_NAME}:{ver} ({key})", file=sys.stderr)
-        return out
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".build.lock", "w") as lock:
+        # One build at a time: two (the test suite's lanes on a cold cache) would remove each
+        # other's debootstrap directory; the second finds the first's archive when it is done.
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists() and not force:
+            print(f"up to date: {IMAGE_NAME}:{ver} ({key})", file=sys.stderr)
+            return out
+        return _build_locked(out, out_dir, ver, key, release, mirror, python)
+
+
+def _build_locked(out: Path, out_dir: Path, ver: str, key: str, release: str, mirror: str, python: str) -> Path:
     base = base_rootfs(release, mirror)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix="build-") as tmp_name:
         tmp = Path(tmp_name)
