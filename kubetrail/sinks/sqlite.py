@@ -115,7 +115,8 @@ Design decisions:
   is found by ``PRAGMA quick_check`` when the writer opens it, which reads every page (3.6 s of
   CPU and the whole file from disk for 10M records): so it runs only when the last writer did
   not close the store cleanly (kill -9, a crash, a full disk at shutdown) or the file changed
-  since. A clean close leaves ``<store>-clean`` with the file's (inode, size, mtime) and the
+  since. A clean close (also with readers open: it checkpoints every frame and empties the WAL
+  they keep) leaves ``<store>-clean`` with the file's (inode, size, mtime) and the
   next writer, finding them unchanged, skips the check (damage that changes none of them, a
   bad disk block, is met by the first statement that reads it, as a reader meets it).
 * **Alerts** (the ``detect`` filter's records, Falco's JSON output plus ``k8s.audit.id`` and
@@ -769,8 +770,9 @@ def _mark_clean(path: Path) -> None:
     The marker must be newer than the file's last change by at least one tick of the clock the
     kernel stamps files with (a few ms): a stray write to the store in the same tick as the
     marker would otherwise leave the stamp unchanged."""
-    if Path(f"{path}-wal").exists():
-        return  # a reader kept the WAL open: the next open checks
+    wal = Path(f"{path}-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        return  # frames a reader kept from the checkpoint: the next open checks
     mark = _clean_mark(path)
     stamp = file_stamp(str(path))  # (inode, mtime, size), as credential files are watched
     if stamp is None:
@@ -1037,6 +1039,13 @@ class StoreWriter:
         if self.conn is not None:
             try:
                 self.conn.execute("PRAGMA optimize")
+                # The last connection to close checkpoints the WAL and deletes it; a reader still
+                # open (the UI in this process, `kubetrail history` in another) would keep it, and
+                # the next writer would read the whole store through (_left_clean). So: every
+                # frame into the file and the WAL emptied now, unless a reader is in the middle of
+                # a read (busy: not waited for, the WAL stays and the next open checks).
+                self.conn.execute("PRAGMA busy_timeout=0")
+                self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
             except sqlite3.Error:
                 pass  # a full disk at shutdown: the data is committed already
             self.conn.close()

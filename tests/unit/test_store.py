@@ -736,3 +736,45 @@ async def test_a_cleanly_closed_store_is_not_read_through_at_the_next_open(
     with pytest.raises(RetryableError, match="corrupt"):
         await fourth.start()
     assert checks == [path, path]
+
+
+async def test_a_reader_open_at_the_writers_close_does_not_cost_the_next_open_a_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader left open (the UI in the agent's process, `kubetrail history` in another) keeps
+    the WAL file: the writer's close checkpoints every frame and empties it, so the close is
+    still clean and the next writer does not read the store through. A reader in the middle of
+    a read at that moment keeps its frames: then no marker, and the next open checks."""
+    from kubetrail.sinks import sqlite as sqlite_sink
+
+    checks: list[Path] = []
+    check = sqlite_sink._quick_check
+    monkeypatch.setattr(sqlite_sink, "_quick_check", lambda conn, path: (checks.append(path), check(conn, path)))
+    path = tmp_path / "s.db"
+    wal = Path(f"{path}-wal")
+    first = sink(path)
+    await write(first, story()[:3])
+    reader = open_reader(path)
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+    await first.close()
+    assert wal.exists() and wal.stat().st_size == 0, "the reader keeps the file, the frames are in the store"
+    assert Path(f"{path}-clean").exists()
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 3
+    again = sink(path)
+    await write(again, story()[3:5])
+    assert checks == []
+    # Mid-read at the close: the checkpoint cannot empty the WAL, and is not waited for.
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 5
+    await write(again, story()[5:6])
+    started = time.monotonic()
+    await again.close()
+    assert time.monotonic() - started < 2
+    assert wal.stat().st_size > 0 and not Path(f"{path}-clean").exists()
+    reader.execute("COMMIT")
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 6
+    reader.close()
+    third = sink(path)
+    await write(third, story()[6:7])
+    await third.close()
+    assert checks == [path]
