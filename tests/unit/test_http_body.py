@@ -197,30 +197,6 @@ async def slow_reader() -> AsyncIterator[tuple[int, list[bytes]]]:
         await runner.cleanup()
 
 
-async def test_a_body_larger_than_the_socket_takes_goes_on_through_the_transport() -> None:
-    """A server that reads late: the socket takes part of the body, the rest is queued by the
-    transport and sent as the server reads. Same bytes; a second request on the connection too."""
-    lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
-    async with slow_reader() as (port, received):
-        out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json_lines")
-        made = recording(out)
-        try:
-            await out.write(block_batch(lines, times))
-            await out.write(block_batch(lines[:10], times[:10]))
-        finally:
-            await out.close()
-    expected = [
-        encode_batch(records_batch(ls, ts), "json_lines", "date", "double")
-        for ls, ts in ((lines, times), (lines[:10], times[:10]))
-    ]
-    assert received == expected
-    (offset, head, reached) = made[0].sends[0]
-    assert offset == 0 and head > 0, "the headers go in the same writev"
-    assert head < reached < head + len(expected[0]), "the socket took part, the transport the rest"
-    ((offset, head, reached),) = made[1].sends
-    assert reached == head + len(expected[1]), "the next request on the connection: all at once"
-
-
 async def test_tls_bodies_go_through_the_tls_layer(tls_files: dict[str, Path]) -> None:  # noqa: F811
     srv = await ScriptedServer().start(server_ctx(tls_files))
     srv.default = Answer(204, b"", "text/plain")

@@ -13,7 +13,6 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import pytest
 
@@ -22,7 +21,15 @@ from kubetrail.core.record import Batch, Record
 from kubetrail.sinks.http import HttpOutputSink
 from kubetrail.sinks.json_format import encode_batch
 from tests.unit.helpers import build
-from tests.unit.test_http_body import FramedBody, block_batch, lines_of, records_batch, slow_reader, times_for
+from tests.unit.test_http_body import (
+    FramedBody,
+    block_batch,
+    lines_of,
+    recording,
+    records_batch,
+    slow_reader,
+    times_for,
+)
 
 pytestmark = pytest.mark.skipif(FramedBody is None, reason="kubetrail_native is not built")
 
@@ -31,38 +38,6 @@ T0 = 1_700_000_000_123_456_789
 
 def small_batch(n: int = 3) -> Batch:
     return Batch("t", [Record("t", T0 + i, body_={"n": i}) for i in range(n)])
-
-
-class Recording:
-    """A FramedBody that records its ``send`` calls."""
-
-    def __init__(self, body: Any) -> None:
-        self.body = body
-        self.sends: list[tuple[int, int]] = []  # (offset asked, offset reached)
-
-    def __len__(self) -> int:
-        return len(self.body)
-
-    def tobytes(self, offset: int = 0) -> bytes:
-        return self.body.tobytes(offset)  # type: ignore[no-any-return]
-
-    def send(self, fd: int, offset: int, head: bytes | None = None) -> int:
-        reached: int = self.body.send(fd, offset, head)
-        self.sends.append((offset, reached))
-        return reached
-
-
-def recording(out: HttpOutputSink) -> list[Recording]:
-    made: list[Recording] = []
-
-    def body(batch: Batch) -> Any:
-        framed = HttpOutputSink.body(out, batch)
-        assert isinstance(framed, FramedBody)
-        made.append(Recording(framed))
-        return made[-1]
-
-    out.body = body  # type: ignore[method-assign]
-    return made
 
 
 class RawServer:
@@ -148,13 +123,14 @@ print("aiohttp" in sys.modules, sorted(m for m in sys.modules if m.startswith("a
     assert done.stdout.strip() == "False []"
 
 
-async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached() -> None:
+@pytest.mark.parametrize("fmt", ["json", "json_lines"])
+async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached(fmt: str) -> None:
     """A server that reads late: each write takes what the socket takes; the request waits on
     the event loop for the socket to be writable and goes on from the offset reached (no copy
     of the rest). Same bytes; the next request on the connection too."""
     lines, times = lines_of(3000, 7, 4), times_for(3000, 7)  # ~15 MB
     async with slow_reader() as (port, received):
-        out = build(HttpOutputSink, host="127.0.0.1", port=port, format="json")
+        out = build(HttpOutputSink, host="127.0.0.1", port=port, format=fmt)
         made = recording(out)
         try:
             await out.write(block_batch(lines, times))
@@ -162,17 +138,17 @@ async def test_a_body_the_socket_cannot_take_goes_on_from_the_offset_reached() -
         finally:
             await out.close()
     expected = [
-        encode_batch(records_batch(ls, ts), "json", "date", "double")
+        encode_batch(records_batch(ls, ts), fmt, "date", "double")
         for ls, ts in ((lines, times), (lines[:10], times[:10]))
     ]
     assert received == expected
-    sends = made[0].sends
+    sends = made[0].sends  # (offset asked, head bytes, offset reached)
     assert len(sends) > 2, "the socket would block: several writes"
-    assert sends[0][0] == 0 and all(sends[k][0] == sends[k - 1][1] for k in range(1, len(sends)))
-    head = sends[-1][1] - len(expected[0])
-    assert head > 0, "the request's head went with the body"
-    ((offset, reached),) = made[1].sends
-    assert offset == 0 and reached > len(expected[1]), "the next request: head and body in one call"
+    assert sends[0][0] == 0 and all(sends[k][0] == sends[k - 1][2] for k in range(1, len(sends)))
+    head = sends[0][1]
+    assert head > 0 and sends[-1][2] == head + len(expected[0]), "the request's head went with the body"
+    ((offset, head, reached),) = made[1].sends
+    assert offset == 0 and head > 0 and reached == head + len(expected[1]), "the next request: all in one call"
 
 
 async def test_keepalive_one_connection_and_an_idle_one_the_server_closed() -> None:
