@@ -330,6 +330,16 @@ fn slice(line: &[u8]) -> Option<(&[u8], usize, bool, &[u8])> {
     Some((&line[..first], stream, full, message))
 }
 
+/// The block's non-empty lines, each with its offset in the file (`start`: the block's own).
+pub(crate) fn lines_at(block: &[u8], start: i64) -> impl Iterator<Item = (i64, &[u8])> {
+    let mut position = start;
+    block_lines(block).filter_map(move |line| {
+        let at = position;
+        position += line.len() as i64 + 1;
+        (!line.is_empty()).then_some((at, line))
+    })
+}
+
 /// A block of CRI lines (newline-terminated, whole lines from file offset `start`) through the
 /// joiner, from and back to the pending messages. `key_prefix` is `"<key>":"` as orjson
 /// writes the key; `now_ns` the time of bad lines and bad times; `time_of(stamp)` Python's
@@ -359,13 +369,7 @@ pub fn cri_join<'py>(
 ) -> PyResult<Option<JoinResult<'py>>> {
     let mut open = pending_in(pending);
     let mut walk = Walk::new(block.len(), key_prefix, now_ns, max_size, truncate, time_of);
-    let mut position = start;
-    for line in block_lines(block) {
-        let line_start = position;
-        position += line.len() as i64 + 1;
-        if line.is_empty() {
-            continue;
-        }
+    for (line_start, line) in lines_at(block, start) {
         if decline_json && line[0] == b'{' {
             return Ok(None); // `docker, cri`: a docker document, the record path's to decide
         }

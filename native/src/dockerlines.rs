@@ -28,8 +28,7 @@ use memchr::memmem;
 use pyo3::prelude::*;
 use serde::Deserialize;
 
-use crate::block_lines;
-use crate::crilines::{pending_in, JoinResult, Pending, PendingTuple, Walk};
+use crate::crilines::{lines_at, pending_in, JoinResult, Pending, PendingTuple, Walk};
 use crate::jsonesc::escape_json_into;
 use crate::JStr;
 
@@ -135,13 +134,7 @@ pub fn docker_join<'py>(
 ) -> PyResult<Option<JoinResult<'py>>> {
     let mut open = pending_in(pending);
     let mut walk = Walk::new(block.len(), key_prefix, now_ns, max_size, truncate, time_of);
-    let mut position = start;
-    for line in block_lines(block) {
-        let line_start = position;
-        position += line.len() as i64 + 1;
-        if line.is_empty() {
-            continue;
-        }
+    for (line_start, line) in lines_at(block, start) {
         let Some((log, stream, time)) = docker_line(line) else {
             return Ok(None);
         };
