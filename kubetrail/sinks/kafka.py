@@ -77,6 +77,12 @@ PERMANENT_ERRORS = frozenset(
 REMEMBERED_BATCHES = 256  # batches being retried whose acknowledged messages are remembered
 
 
+def message_kind(text: str) -> str:
+    """librdkafka's message with its digits ignored: the same complaint about another broker,
+    port or number of milliseconds is the same kind (:class:`ClientLog`, :class:`ClientErrors`)."""
+    return re.sub(r"\d+", "#", text)
+
+
 class ClientLog:
     """librdkafka's log lines into ours, each kind at most once per ``every`` seconds.
 
@@ -94,7 +100,7 @@ class ClientLog:
 
     def log(self, level: int, fmt: str, *args: object) -> None:
         text = fmt % args if args else fmt
-        kind = re.sub(r"\d+", "#", text)
+        kind = message_kind(text)
         now = time.monotonic()
         if now - self._seen.get(kind, -self._every) < self._every:
             return
@@ -122,7 +128,7 @@ class ClientErrors:
 
     def __call__(self, err: KafkaError) -> None:
         self.last = f"{err.name()}: {err.str()}"
-        kind = re.sub(r"\d+", "#", self.last)
+        kind = message_kind(self.last)
         if kind != self._kind:
             self._kind = kind
             self._log.warning("kafka client error", extra={"brokers": self._brokers, "error": self.last})
