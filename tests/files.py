@@ -3,10 +3,15 @@
 A writer can be in the middle of a line when a test reads: the last line without its newline
 is not written yet, so it is left for the next read. Every line before it is read as it is, so
 a broken or blank line there still fails the caller's parsing.
+
+A writer killed with SIGKILL mid-write leaves a fragment: the file output ends it with a newline
+when it starts again (``FileSink._end_torn_line``), so it stands alone as one line that is not
+JSON. ``json_lines_across_kills`` allows one such line per kill, and no more.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,3 +30,18 @@ def written_lines(path: Path) -> list[bytes]:
 def written_json_lines(path: Path) -> list[Any]:
     """The complete lines of ``path``, each parsed as JSON."""
     return [orjson.loads(line) for line in written_lines(path)]
+
+
+def json_lines_across_kills(path: Path, kills: int, parse: Callable[[bytes], Any] = orjson.loads) -> list[Any]:
+    """The complete lines of ``path``, each parsed (as JSON unless ``parse`` says otherwise),
+    where up to ``kills`` lines may be the fragments of writes cut short by kill -9 (skipped):
+    one more line that does not parse fails."""
+    parsed: list[Any] = []
+    torn: list[bytes] = []
+    for line in written_lines(path):
+        try:
+            parsed.append(parse(line))
+        except ValueError:  # orjson.JSONDecodeError is one
+            torn.append(line)
+    assert len(torn) <= kills, f"{len(torn)} lines of {path} are not JSON after {kills} kills: {torn[:3]!r}"
+    return parsed

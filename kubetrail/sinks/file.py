@@ -254,7 +254,9 @@ class FileSink(Sink):
             return handle
         if self.mkdir:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        handle = open(target, "ab")  # noqa: SIM115 - kept open across batches, closed in close()
+        # a+ (not a): the last byte is read back by _end_torn_line; every write still appends
+        handle = open(target, "a+b")  # noqa: SIM115 - kept open across batches, closed in close()
+        self._end_torn_line(handle, target)
         if self.csv_header and self.format == "csv" and handle.tell() == 0 and len(batch):
             header = [*batch.records[0].body.keys()]
             handle.write((self.delimiter.join(["time", *header]) + "\n").encode())
@@ -263,6 +265,20 @@ class FileSink(Sink):
             _, oldest = self._files.popitem(last=False)
             oldest.close()
         return handle
+
+    def _end_torn_line(self, handle: IO[bytes], target: Path) -> None:
+        """A file that ends mid-line was cut short by a crash (kill -9, power loss) in the
+        middle of a write. That batch was never acknowledged, so it comes again whole; the
+        fragment is ended with a newline so that it does not run into the first line appended
+        now and spoil it. The fragment itself is left: the file may hold lines of others."""
+        size = handle.tell()
+        if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
+            handle.write(b"\n")
+            self.log.warning(
+                "%s ended mid-line, a write cut short by a crash; the fragment is ended with a "
+                "newline and its batch is written again whole",
+                target,
+            )
 
     async def close(self) -> None:
         for handle in self._files.values():

@@ -11,10 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from tests import timing
-from tests.files import written_lines
+from tests.files import json_lines_across_kills
 
 RUNNING: list[KubetrailProcess] = []
 
@@ -90,10 +88,12 @@ def file_output(path: Path, file: str = "out.jsonl") -> str:
 """
 
 
-def read_records(*paths: Path) -> list[dict[str, Any]]:
+def read_records(*paths: Path, kills: int = 0) -> list[dict[str, Any]]:
+    """The records of file outputs (format plain); ``kills``: how many writers of each file were
+    killed with kill -9 and restarted, each of which may leave one fragment line."""
     out: list[dict[str, Any]] = []
     for path in paths:
-        out.extend(orjson.loads(line) for line in written_lines(path) if line.strip())
+        out.extend(json_lines_across_kills(path, kills))
     return out
 
 

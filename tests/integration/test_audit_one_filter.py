@@ -37,7 +37,7 @@ import pytest
 
 from kubetrail.transforms.kubernetes_audit import _STAGE_CODE
 from localcluster import LocalCluster
-from tests.files import written_lines
+from tests.files import json_lines_across_kills
 from tests.integration.test_audit import (
     AUDIT_INPUTS,
     Kubetrail,
@@ -72,13 +72,19 @@ def setup(control_plane_binaries: Path, tmp_path: Path) -> Iterator[dict[str, An
         yield env
 
 
-def delivered(path: Path, lines: dict[tuple[str, str], list[int]] | None = None) -> dict[tuple[str, str], list[str]]:
+def _tagged(line: bytes) -> tuple[bytes, dict[str, Any]]:
+    tag, _, rest = line.partition(b": ")
+    return tag, orjson.loads(rest)[1]
+
+
+def delivered(
+    path: Path, kills: int, lines: dict[tuple[str, str], list[int]] | None = None
+) -> dict[tuple[str, str], list[str]]:
     """(auditID, stage) -> the tags of its copies in the output, from ``TAG: [TIME, RECORD]``
-    lines (and into ``lines``, when given, the line numbers of the copies)."""
+    lines (and into ``lines``, when given, the line numbers of the copies, fragments of writes
+    cut short by the ``kills`` not counted)."""
     out: dict[tuple[str, str], list[str]] = {}
-    for number, line in enumerate(written_lines(path)):
-        tag, _, rest = line.partition(b": ")
-        record = orjson.loads(rest)[1]
+    for number, (tag, record) in enumerate(json_lines_across_kills(path, kills, _tagged)):
         key = (record["auditID"], record["stage"])
         out.setdefault(key, []).append(tag.decode())
         if lines is not None:
@@ -111,8 +117,9 @@ class Kill:
     keys the tail had acknowledged: the lines before its checkpoint in each file it had one for
     (found by inode; one already gzipped is left out, which only makes this set smaller)."""
 
-    def __init__(self, work: Path, audit_dir: Path) -> None:
-        self.lines = len(written_lines(work / "out" / "audit.out"))
+    def __init__(self, work: Path, audit_dir: Path, kills_before: int) -> None:
+        # numbered as delivered() numbers them: the fragments of earlier kills not counted
+        self.lines = len(json_lines_across_kills(work / "out" / "audit.out", kills_before, _tagged))
         with sqlite3.connect(work / "dedupe.db") as conn:
             rows = conn.execute("SELECT keys FROM audit_dedupe_batches").fetchall()
         self.stored = {key for (keys,) in rows for key in orjson.loads(keys)}
@@ -133,7 +140,7 @@ def killed_in(kt: Kubetrail, port: int, run: Any, after: float, work: Path, audi
 
     def kill() -> None:
         kt.kill9()
-        kills.append(Kill(work, audit_dir))
+        kills.append(Kill(work, audit_dir, len(kills)))
 
     killer = threading.Timer(after, kill)
     killer.start()
@@ -197,11 +204,11 @@ def test_webhook_and_log_into_one_filter_each_key_once_across_sigkill(setup: dic
     truth = Counter((r["auditID"], r["stage"]) for r in truth_records)
     assert len(truth) == len(truth_records), "the API server's log itself has duplicates"
     deadline = time.monotonic() + scaled(90)  # a loaded machine: see tests/timing.py
-    while time.monotonic() < deadline and not set(truth) <= set(delivered(out)):
+    while time.monotonic() < deadline and not set(truth) <= set(delivered(out, len(kills))):
         time.sleep(0.5)
     assert kt.stop() == 0
     numbers: dict[tuple[str, str], list[int]] = {}
-    got = delivered(out, numbers)
+    got = delivered(out, len(kills), numbers)
 
     missing = [key for key in truth if key not in got]
     assert not missing, f"{len(missing)} of {len(truth)} keys lost, e.g. {missing[:3]}"

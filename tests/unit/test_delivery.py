@@ -505,6 +505,28 @@ async def test_a_failed_group_write_leaves_nothing_and_each_batch_is_then_writte
     assert metric(registry, "kubetrail_retries_total") == 1
 
 
+async def test_a_line_torn_by_a_crash_does_not_spoil_the_next_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """kill -9 in the middle of a write leaves a fragment at the end of the file. The restarted
+    output ends it with a newline before appending, so the batch written again is whole."""
+    target = tmp_path / "out.log"
+    target.write_bytes(b'{"n":7}\n{"n":8,"pad')  # the fragment of a batch never acknowledged
+    sink = build(FileSink, path=str(tmp_path), file="out.log", format="plain")
+    await sink.start()
+    await sink.write(batch(8, 2))
+    await sink.close()
+    assert target.read_bytes().split(b"\n")[:3] == [b'{"n":7}', b'{"n":8,"pad', b'{"n":8}']
+    assert "ended mid-line" in caplog.text
+    caplog.clear()
+    sink = build(FileSink, path=str(tmp_path), file="out.log", format="plain")  # a clean end: nothing added
+    await sink.start()
+    await sink.write(batch(10, 1))
+    await sink.close()
+    assert target.read_bytes().endswith(b'{"n":9}\n{"n":10}\n')
+    assert "ended mid-line" not in caplog.text
+
+
 async def test_only_batches_for_the_same_file_are_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     sink = build(FileSink, path=str(tmp_path), format="plain")  # one file per tag
