@@ -12,12 +12,19 @@
 //! object iterator on audit lines. On a block known to be valid, finding a top-level member is
 //! a structural walk: strings skipped with memchr, brackets counted, everything else ignored.
 //!
+//! Without `members`, a line is not walked whole: the key's quoted text is found with memmem
+//! and, when it is there once, only the top-level members between it and the nearer end of the
+//! line are walked to learn whether it is a top-level key (`locate`). An audit line's
+//! `stageTimestamp` is its second last member, so this walks about 150 of its 900 bytes. A key
+//! found twice, or a `\uXXXX` escape that might spell one of its bytes, takes the whole walk.
+//!
 //! With `members=True` (a `csv`/`ltsv`/`template` file output asked, see
 //! `kubetrail/core/block.py`) the same walk keeps each line's top-level member spans for
 //! `fieldtext::FieldsWriter` (`LineMembers`), so that writer does not walk the line again; a
 //! container is then skipped by the writer's compactness check instead of a bracket count (one
 //! walk either way), and strings are found by its inlined 16-byte search.
 
+use memchr::memmem;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
@@ -96,6 +103,198 @@ pub struct JsonLinesScanner {
     key: String,
     remove: bool,
     format: TimeFormat,
+    /// `"key"` with its quotes, when `locate` may be used for this key (`plain_key`). Boxed:
+    /// the finder holds AVX2 vectors that need 32-byte alignment, and a Python object's memory
+    /// has 16 (unboxed, its aligned loads crashed).
+    quoted: Option<Box<memmem::Finder<'static>>>,
+}
+
+/// A key `locate` may look for: bytes no JSON escape but `\uXXXX` can write, so a line spells
+/// it some other way only with a `\u` escape (which `escape_may_spell` looks for).
+fn plain_key(key: &[u8]) -> bool {
+    !key.is_empty()
+        && key
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"_-.@$:".contains(b))
+}
+
+/// Whether a `\uXXXX` in the line might write one of the key's bytes: then the key might be
+/// written with escapes, which only the whole walk notices. `\\u0074` (an escaped backslash
+/// and text) counts too, which only sends the line to the whole walk.
+fn escape_may_spell(line: &[u8], key: &[u8]) -> bool {
+    // memchr, not memmem::find_iter: that builds a searcher per call, which cost more here.
+    memchr::memchr_iter(b'\\', line).any(|at| {
+        if line.get(at + 1) != Some(&b'u') {
+            return false;
+        }
+        let hex = line.get(at + 2..at + 6).unwrap_or_default();
+        match std::str::from_utf8(hex).map(|text| u32::from_str_radix(text, 16)) {
+            Ok(Ok(code)) => code < 128 && key.contains(&(code as u8)),
+            _ => true,
+        }
+    })
+}
+
+/// The opening quote of the string whose closing quote is at `close`: the nearest quote before
+/// it that no backslash escapes (an odd run of backslashes before a quote escapes it; outside
+/// strings a valid line has no backslash).
+fn string_start_back(line: &[u8], close: usize) -> Option<usize> {
+    let mut before = close;
+    loop {
+        let quote = memchr::memrchr(b'"', &line[..before])?;
+        let mut run = quote;
+        while run > 0 && line[run - 1] == b'\\' {
+            run -= 1;
+        }
+        if (quote - run) % 2 == 0 {
+            return Some(quote);
+        }
+        before = quote;
+    }
+}
+
+/// The first byte of the value whose last byte is at `end - 1`, in a line known to be valid
+/// JSON: `skip_value` read backwards.
+fn value_start_back(line: &[u8], end: usize) -> Option<usize> {
+    match *line.get(end.checked_sub(1)?)? {
+        b'"' => string_start_back(line, end - 1),
+        b'}' | b']' => {
+            let mut depth = 0usize;
+            let mut i = end;
+            while i > 0 {
+                i -= 1;
+                match line[i] {
+                    b'"' => i = string_start_back(line, i)?,
+                    b'}' | b']' => depth += 1,
+                    b'{' | b'[' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            None
+        }
+        _ => {
+            let mut i = end;
+            while i > 0
+                && !matches!(
+                    line[i - 1],
+                    b':' | b',' | b'[' | b'{' | b' ' | b'\t' | b'\r' | b'\n'
+                )
+            {
+                i -= 1;
+            }
+            Some(i)
+        }
+    }
+}
+
+/// Whether the quote at `quote` opens a top-level key, walking the top-level members from the
+/// object's `{` at `open` forwards until it is passed: that key's value start, or None (the
+/// quote is inside some member's value).
+fn key_value_forward(line: &[u8], open: usize, quote: usize) -> Result<Option<usize>, ()> {
+    let mut at = open + 1;
+    loop {
+        at = skip_ws_forward(line, at);
+        if line.get(at) != Some(&b'"') {
+            return Ok(None); // the object's end
+        }
+        let key_end = skip_string(line, at).ok_or(())?;
+        let colon = skip_ws_forward(line, key_end);
+        if line.get(colon) != Some(&b':') {
+            return Err(());
+        }
+        let value = skip_ws_forward(line, colon + 1);
+        if at == quote {
+            return Ok(Some(value));
+        }
+        let value_end = skip_value(line, value).ok_or(())?;
+        if value_end > quote {
+            return Ok(None);
+        }
+        at = skip_ws_forward(line, value_end);
+        match line.get(at) {
+            Some(b',') => at += 1,
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// `key_value_forward` from the line's end: the top-level members walked backwards from the
+/// closing `}` until the quote is reached or passed.
+fn key_value_backward(line: &[u8], quote: usize) -> Result<Option<usize>, ()> {
+    let close = skip_ws_back(line, line.len());
+    if close == 0 || line[close - 1] != b'}' {
+        return Err(());
+    }
+    let mut delimiter = close - 1; // the `}`, then each `,` between members
+    loop {
+        let value_end = skip_ws_back(line, delimiter);
+        if value_end == 0 {
+            return Err(());
+        }
+        if line[value_end - 1] == b'{' {
+            return Ok(None); // the object's start
+        }
+        let value = value_start_back(line, value_end).ok_or(())?;
+        if value <= quote {
+            return Ok(None); // inside this value, or this value is the quoted text
+        }
+        let colon = skip_ws_back(line, value);
+        if colon == 0 || line[colon - 1] != b':' {
+            return Err(());
+        }
+        let key_end = skip_ws_back(line, colon - 1);
+        if key_end == 0 || line[key_end - 1] != b'"' {
+            return Err(());
+        }
+        let key = string_start_back(line, key_end - 1).ok_or(())?;
+        if key <= quote {
+            return Ok((key == quote).then_some(value));
+        }
+        let before = skip_ws_back(line, key);
+        match before.checked_sub(1).map(|at| line[at]) {
+            Some(b',') => delimiter = before - 1,
+            _ => return Ok(None),
+        }
+    }
+}
+
+/// The top-level member `key` of an object line that msgspec has validated, found without
+/// walking the whole line (see the module's docs): `Some(Ok(Some((value start, value end))))`,
+/// `Some(Ok(None))` when the key is not a top-level member, `Some(Err(()))` when the line is
+/// not an object; None when `scan_line`'s whole walk must decide (the quoted key found twice,
+/// or a `\u` escape that might spell it).
+fn locate(
+    line: &[u8],
+    key: &[u8],
+    quoted: &memmem::Finder<'_>,
+) -> Option<Result<Option<(usize, usize)>, ()>> {
+    let open = skip_ws_forward(line, 0);
+    if line.get(open) != Some(&b'{') {
+        return Some(Err(()));
+    }
+    if escape_may_spell(line, key) {
+        return None;
+    }
+    let Some(quote) = quoted.find(line) else {
+        return Some(Ok(None));
+    };
+    if quoted.find(&line[quote + 1..]).is_some() {
+        return None;
+    }
+    let value = if quote < line.len() / 2 {
+        key_value_forward(line, open, quote)
+    } else {
+        key_value_backward(line, quote)
+    };
+    Some(value.and_then(|found| match found {
+        Some(start) => Ok(Some((start, skip_value(line, start).ok_or(())?))),
+        None => Ok(None),
+    }))
 }
 
 fn skip_ws_forward(line: &[u8], mut at: usize) -> usize {
@@ -346,15 +545,23 @@ fn scan_line(
     if let Some(found) = members {
         found.line_done();
     }
-    Ok(found.map(|(start, end)| {
-        let raw = &line[start..end];
-        let time = if raw.len() >= 2 && raw[0] == b'"' && !raw.contains(&b'\\') {
-            format.parse(&raw[1..raw.len() - 1])
-        } else {
-            None
-        };
-        (start, end, time)
-    }))
+    Ok(found.map(|(start, end)| with_time(line, start, end, format)))
+}
+
+/// The member's value span with its time (None: not a plain string, or not in the format).
+fn with_time(
+    line: &[u8],
+    start: usize,
+    end: usize,
+    format: &TimeFormat,
+) -> (usize, usize, Option<i64>) {
+    let raw = &line[start..end];
+    let time = if raw.len() >= 2 && raw[0] == b'"' && !raw.contains(&b'\\') {
+        format.parse(&raw[1..raw.len() - 1])
+    } else {
+        None
+    };
+    (start, end, time)
 }
 
 #[pymethods]
@@ -369,6 +576,8 @@ impl JsonLinesScanner {
             ),
             None => None,
         };
+        let quoted = plain_key(key.as_bytes())
+            .then(|| Box::new(memmem::Finder::new(format!("\"{key}\"").as_bytes()).into_owned()));
         Ok(Self {
             key,
             remove,
@@ -376,6 +585,7 @@ impl JsonLinesScanner {
                 compiled,
                 offset: offset_seconds,
             },
+            quoted,
         })
     }
 
@@ -414,7 +624,16 @@ impl JsonLinesScanner {
                 return Ok(None);
             }
             let start = line.as_ptr() as usize - base;
-            let Ok(found) = scan_line(line, &self.key, &self.format, kept.as_mut()) else {
+            let located = match (&self.quoted, &kept) {
+                (Some(quoted), None) => locate(line, self.key.as_bytes(), quoted),
+                _ => None,
+            };
+            let found = match located {
+                Some(Ok(span)) => Ok(span.map(|(a, b)| with_time(line, a, b, &self.format))),
+                Some(Err(())) => Err(()),
+                None => scan_line(line, &self.key, &self.format, kept.as_mut()),
+            };
+            let Ok(found) = found else {
                 return Ok(None);
             };
             let mut cut = None;

@@ -153,6 +153,18 @@ LINES = [
     b'{"t":"yesterday","a":1}',  # not in the format: kept whole, time of reading, counted
     b'{"t":null}',
     b'{"a":"\\u00e9\\"}","t":"2026-11-28T12:00:05Z"}',
+    # The key found by its quoted text (kubetrail_native's `locate`), walked from the nearer end:
+    b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:06Z","z":{"q":["]\\"}{",{"w":"\\\\"}],"n":-1.5e3},"e":[]}',
+    b'{"a":"t","b":1}',  # the quoted text as a value, not a key
+    b'{"aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa":1,"b":"t"}',  # the same, from the end
+    b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxx","a":{"t":"2026-11-28T12:00:07Z"}}',  # only nested
+    b'{"a":{"t":"x"},"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}',  # only nested, from the start
+    b'{"u":"a\\u0026b","t":"2026-11-28T12:00:08Z"}',  # an escape that cannot spell the key
+    b'{"u":"\\u0074","t":"2026-11-28T12:00:09Z"}',  # one that can: the whole walk decides
+    b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:10Z","s":"ends with \\\\"}',
+    b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:11Z","n":12,"b":true,"z":null}',
+    b'{ "pad" : "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx" , "t" : "2026-11-28T12:00:12Z" , "n" : [ 1 , 2 ] }',
+    b'{"s":"\\"t\\" quoted","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:13Z"}',
 ]
 ODD_LINES = [
     b'{"t":1764331200}',  # a number: the reference's epoch seconds
@@ -216,6 +228,46 @@ def test_a_block_with_an_odd_line_gives_what_the_eager_parse_gives(name: str, od
     expected = eager_records(parser, lines)
     assert without_read_times(records, since) == without_read_times(expected, since)
     assert len(records) == len(lines)  # nothing dropped
+
+
+def _random_value(rng: random.Random, depth: int) -> Any:
+    """JSON with what a backwards walk could trip on: quotes, backslashes, brackets in strings,
+    a nested "t", and \\u escapes (orjson writes some control characters that way)."""
+    texts = ['"t"', "t", "\\", 'a\\"', "]}{[", "\x01", "\u00e9", ",:", "x" * rng.randint(0, 40)]
+    kind = rng.randrange(6 if depth < 3 else 3)
+    if kind == 0:
+        return "".join(rng.choice(texts) for _ in range(rng.randint(0, 3)))
+    if kind == 1:
+        return rng.choice([0, -12, 3.5, 1e21, True, False, None])
+    if kind == 2:
+        return "2026-11-28T12:00:00.5Z"
+    if kind == 3:
+        return [_random_value(rng, depth + 1) for _ in range(rng.randint(0, 3))]
+    keys = ["t", "a", "b\\", '"', "pad"]
+    return {rng.choice(keys) + str(i % 2): _random_value(rng, depth + 1) for i in range(rng.randint(0, 3))} | (
+        {"t": _random_value(rng, depth + 1)} if rng.random() < 0.3 else {}
+    )
+
+
+@pytest.mark.parametrize("name", ["keep off", "keep on"])
+def test_random_lines_give_what_the_eager_parse_gives(name: str) -> None:
+    """The scan finds the key by its quoted text and walks from the nearer end of the line; on
+    lines with the key at every depth and place, and text that looks like JSON inside strings,
+    it must give what decoding each line gives."""
+    parser = JsonParser("p", **PARSERS[name])  # type: ignore[arg-type]
+    rng = random.Random(18)
+    for _ in range(300):
+        lines = []
+        for _ in range(8):
+            body = {f"k{i}": _random_value(rng, 1) for i in range(rng.randint(0, 4))}
+            if rng.random() < 0.7:  # a top-level key somewhere among the others
+                items = list(body.items())
+                items.insert(rng.randint(0, len(items)), ("t", f"2026-11-28T12:00:0{rng.randint(0, 9)}.25Z"))
+                body = dict(items)
+            lines.append(orjson.dumps(body))
+        since = time.time_ns()
+        records, _raw, _bad = lazy_records(parser, lines)
+        assert without_read_times(records, since) == without_read_times(eager_records(parser, lines), since), lines
 
 
 def test_time_keep_off_cuts_the_member_keeping_the_bytes_around_it() -> None:
