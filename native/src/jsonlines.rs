@@ -135,6 +135,12 @@ fn escape_may_spell(line: &[u8], key: &[u8]) -> bool {
     })
 }
 
+/// Whether a key written as `name` (raw, between its quotes) might be `key` once its escapes are
+/// decoded: the same rule for the whole walk and `locate`, so that both take the same lines.
+fn escaped_name_may_spell(name: &[u8], key: &[u8]) -> bool {
+    name.contains(&b'\\') && (!plain_key(key) || escape_may_spell(name, key))
+}
+
 /// The opening quote of the string whose closing quote is at `close`: the nearest quote before
 /// it that no backslash escapes (an odd run of backslashes before a quote escapes it; outside
 /// strings a valid line has no backslash).
@@ -532,7 +538,7 @@ fn scan_line(
                 return Err(()); // a repeated key: msgspec and orjson take the last one
             }
             found = Some((value_start, value_end));
-        } else if name.contains(&b'\\') && !key.contains(&b'\\') {
+        } else if escaped_name_may_spell(name, key) {
             return Err(()); // an escaped name might spell the key
         }
         at = skip_ws_forward(line, value_end);
