@@ -13,7 +13,8 @@ The tail hands whole blocks to :meth:`JsonParser.line_block` (see :mod:`kubetrai
 * any other ``time_format``, or ``time_keep off`` (what Fluent Bit users write): msgspec
   validates the block, then ``kubetrail_native.JsonLinesScanner`` finds each line's top-level
   ``time_key`` (by its quoted text, walking only from the nearer end of the line to confirm it
-  is top-level; a key seen twice or maybe spelled with escapes takes a walk of every member), parses it with the format compiled once (``native/src/timefmt.rs``) and, with
+  is top-level; a key seen twice or maybe spelled with escapes takes a walk of every member),
+  parses it with the format compiled once (``native/src/timefmt.rs``) and, with
   ``time_keep off``, cuts the member out of the line's bytes. A time it cannot decide (a
   number, an escape, a text not in the format) goes to :class:`TimeParser`, the reference:
   one that fails there keeps its key and the time of reading, and is counted (``bad_time``),
