@@ -237,7 +237,7 @@ def main() -> int:
     }
     cluster = None
     with_node = args.nodes == 1 and os.geteuid() == 0
-    for nodes in ([1, 0] if with_node else [0]):
+    for nodes in [1, 0] if with_node else [0]:
         try:
             cluster = LocalCluster.up(work / "cluster", nodes=nodes, **options)
             with_node = nodes == 1
