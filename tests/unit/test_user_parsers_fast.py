@@ -165,6 +165,8 @@ LINES = [
     b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:11Z","n":12,"b":true,"z":null}',
     b'{ "pad" : "xxxxxxxxxxxxxxxxxxxxxxxxxxxxx" , "t" : "2026-11-28T12:00:12Z" , "n" : [ 1 , 2 ] }',
     b'{"s":"\\"t\\" quoted","pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:13Z"}',
+    b'{"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx","t":"2026-11-28T12:00:14Z","z":1}\r',  # CRLF
+    b'  {"a":{"b":[1,2,{"c":"]"}]},"t":"2026-11-28T12:00:15Z"}\t',  # whitespace around the object
 ]
 ODD_LINES = [
     b'{"t":1764331200}',  # a number: the reference's epoch seconds
