@@ -10,8 +10,10 @@ name may come from the tag (one file per tag, as in Fluent Bit).
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import re
+import stat
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,6 +66,16 @@ class _Framed:
     block: bytes
     times: bytes
     tag: bytes
+
+
+def _sync(fd: int) -> None:
+    """fsync, where the file can be synced: a pipe or a device (EINVAL: "does not support
+    synchronization") has nothing on disk to wait for, and must not be retried forever."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
 
 
 def _text(value: Any) -> str:
@@ -218,7 +230,7 @@ class FileSink(Sink):
                 else:
                     handle.write(data)
             handle.flush()
-            os.fsync(handle.fileno())
+            _sync(handle.fileno())
         except OSError as exc:
             stale = self._files.pop(target, None)
             if stale is not None:
@@ -254,8 +266,7 @@ class FileSink(Sink):
             return handle
         if self.mkdir:
             target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        # a+ (not a): the last byte is read back by _end_torn_line; every write still appends
-        handle = open(target, "a+b")  # noqa: SIM115 - kept open across batches, closed in close()
+        handle = open(target, "ab")  # noqa: SIM115 - kept open across batches, closed in close()
         self._end_torn_line(handle, target)
         if self.csv_header and self.format == "csv" and handle.tell() == 0 and len(batch):
             header = [*batch.records[0].body.keys()]
@@ -270,9 +281,24 @@ class FileSink(Sink):
         """A file that ends mid-line was cut short by a crash (kill -9, power loss) in the
         middle of a write. That batch was never acknowledged, so it comes again whole; the
         fragment is ended with a newline so that it does not run into the first line appended
-        now and spoil it. The fragment itself is left: the file may hold lines of others."""
-        size = handle.tell()
-        if size and os.pread(handle.fileno(), 1, size - 1) != b"\n":
+        now and spoil it. The fragment itself is left: the file may hold lines of others.
+
+        Only a regular file we may read is looked at (read through a second descriptor: the
+        output's own is write-only, so that a write-only file, a pipe such as /dev/stdout, or
+        a device can still be written)."""
+        try:
+            appended = os.fstat(handle.fileno())
+            if not stat.S_ISREG(appended.st_mode) or appended.st_size == 0:
+                return
+            reader = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                same = os.fstat(reader).st_ino == appended.st_ino
+                last = os.pread(reader, 1, appended.st_size - 1) if same else b"\n"
+            finally:
+                os.close(reader)
+        except OSError:
+            return  # not readable: appended to as it is
+        if last != b"\n":
             handle.write(b"\n")
             self.log.warning(
                 "%s ended mid-line, a write cut short by a crash; the fragment is ended with a "

@@ -527,6 +527,22 @@ async def test_a_line_torn_by_a_crash_does_not_spoil_the_next_line(
     assert "ended mid-line" not in caplog.text
 
 
+async def test_a_pipe_is_written_without_looking_for_a_torn_line(tmp_path: Path) -> None:
+    """The torn-line check reads back only regular files, and fsync is skipped where the file
+    cannot be synced (EINVAL): a pipe, as /dev/stdout often is, is written and acknowledged
+    instead of retried forever."""
+    read_end, write_end = os.pipe()
+    try:
+        sink = build(FileSink, path="/proc/self/fd", file=str(write_end), format="plain")
+        await sink.start()
+        await sink.write(batch(0, 2))
+        await sink.close()
+        assert os.read(read_end, 1000) == b'{"n":0}\n{"n":1}\n'
+    finally:
+        os.close(read_end)
+        os.close(write_end)
+
+
 async def test_only_batches_for_the_same_file_are_grouped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
     sink = build(FileSink, path=str(tmp_path), format="plain")  # one file per tag
