@@ -6,7 +6,7 @@ a broken or blank line there still fails the caller's parsing.
 
 A writer killed with SIGKILL mid-write leaves a fragment: the file output ends it with a newline
 when it starts again (``FileSink._end_torn_line``), so it stands alone as one line that is not
-JSON. ``json_lines_across_kills`` allows one such line per kill, and no more.
+JSON. ``written_json_lines(path, kills=N)`` allows one such line per kill, and no more.
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ def written_lines(path: Path) -> list[bytes]:
     return lines
 
 
-def written_json_lines(path: Path) -> list[Any]:
-    """The complete lines of ``path``, each parsed as JSON."""
-    return [orjson.loads(line) for line in written_lines(path)]
-
-
-def json_lines_across_kills(path: Path, kills: int, parse: Callable[[bytes], Any] = orjson.loads) -> list[Any]:
-    """The complete lines of ``path``, each parsed (as JSON unless ``parse`` says otherwise),
-    where up to ``kills`` lines may be the fragments of writes cut short by kill -9 (skipped):
-    one more line that does not parse fails."""
+def written_json_lines(path: Path, kills: int = 0, parse: Callable[[bytes], Any] = orjson.loads) -> list[Any]:
+    """The complete lines of ``path``, each parsed (as JSON unless ``parse`` says otherwise).
+    ``kills``: how many times the writer was killed with kill -9 and started again; that many
+    lines may be the fragments of writes it cut short (skipped). One more line that does not
+    parse fails."""
     parsed: list[Any] = []
     torn: list[bytes] = []
     for line in written_lines(path):
@@ -43,5 +39,5 @@ def json_lines_across_kills(path: Path, kills: int, parse: Callable[[bytes], Any
             parsed.append(parse(line))
         except ValueError:  # orjson.JSONDecodeError is one
             torn.append(line)
-    assert len(torn) <= kills, f"{len(torn)} lines of {path} are not JSON after {kills} kills: {torn[:3]!r}"
+    assert len(torn) <= kills, f"{len(torn)} lines of {path} do not parse after {kills} kills: {torn[:3]!r}"
     return parsed

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from tests import timing
-from tests.files import json_lines_across_kills
+from tests.files import written_json_lines
 
 RUNNING: list[KubetrailProcess] = []
 
@@ -93,7 +93,7 @@ def read_records(*paths: Path, kills: int = 0) -> list[dict[str, Any]]:
     killed with kill -9 and restarted, each of which may leave one fragment line."""
     out: list[dict[str, Any]] = []
     for path in paths:
-        out.extend(json_lines_across_kills(path, kills))
+        out.extend(written_json_lines(path, kills))
     return out
 
 

@@ -42,7 +42,7 @@ from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from localcluster import KubeAPI, LocalCluster, pki
 from localcluster.process import free_port
-from tests.files import json_lines_across_kills
+from tests.files import written_json_lines
 from tests.timing import scaled
 
 pytestmark = pytest.mark.cluster
@@ -340,7 +340,7 @@ def test_every_audit_record_exactly_once_from_webhook_and_log(setup: dict[str, A
 
     def outputs() -> tuple[Counter[tuple[str, str]], Counter[tuple[str, str]]]:
         # one kill -9 above: each output may hold the fragment of one write it cut short
-        return keys_of(json_lines_across_kills(webhook_out, 1)), keys_of(json_lines_across_kills(file_out, 1))
+        return keys_of(written_json_lines(webhook_out, 1)), keys_of(written_json_lines(file_out, 1))
 
     deadline = time.monotonic() + scaled(60)  # a loaded machine: see tests/timing.py
     while time.monotonic() < deadline:
@@ -364,7 +364,7 @@ def test_every_audit_record_exactly_once_from_webhook_and_log(setup: dict[str, A
     # ...while the ground truth has them: the test would notice a leak
     truth_text = json.dumps(truth_records)
     assert PLAIN_AS_B64 in truth_text and B64 in truth_text
-    flat = json_lines_across_kills(webhook_out, 1)
+    flat = written_json_lines(webhook_out, 1)
     assert any(r.get("k8s.audit.redacted") and r.get("k8s.audit.resource") == "secrets" for r in flat)
     # the workload's kinds of traffic all arrived
     assert {"create", "update", "patch", "delete", "watch", "get", "list"} <= {r.get("k8s.audit.verb") for r in flat}

@@ -37,7 +37,7 @@ import pytest
 
 from kubetrail.transforms.kubernetes_audit import _STAGE_CODE
 from localcluster import LocalCluster
-from tests.files import json_lines_across_kills
+from tests.files import written_json_lines
 from tests.integration.test_audit import (
     AUDIT_INPUTS,
     Kubetrail,
@@ -84,7 +84,7 @@ def delivered(
     lines (and into ``lines``, when given, the line numbers of the copies, fragments of writes
     cut short by the ``kills`` not counted)."""
     out: dict[tuple[str, str], list[str]] = {}
-    for number, (tag, record) in enumerate(json_lines_across_kills(path, kills, _tagged)):
+    for number, (tag, record) in enumerate(written_json_lines(path, kills, _tagged)):
         key = (record["auditID"], record["stage"])
         out.setdefault(key, []).append(tag.decode())
         if lines is not None:
@@ -119,7 +119,7 @@ class Kill:
 
     def __init__(self, work: Path, audit_dir: Path, kills_before: int) -> None:
         # numbered as delivered() numbers them: the fragments of earlier kills not counted
-        self.lines = len(json_lines_across_kills(work / "out" / "audit.out", kills_before, _tagged))
+        self.lines = len(written_json_lines(work / "out" / "audit.out", kills_before, _tagged))
         with sqlite3.connect(work / "dedupe.db") as conn:
             rows = conn.execute("SELECT keys FROM audit_dedupe_batches").fetchall()
         self.stored = {key for (keys,) in rows for key in orjson.loads(keys)}

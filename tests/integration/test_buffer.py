@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from tests.files import json_lines_across_kills
+from tests.files import written_json_lines
 from tests.integration.kubetrail_proc import KubetrailProcess, file_output, wait_for
 from tests.servers import free_port, running
 from tests.servers.search import SearchServer
@@ -76,7 +76,7 @@ def config(work: Path, log: Path, out: Path, sync: str = "normal", output: str |
 
 def delivered(out: Path) -> Counter[int]:
     # one kill -9 at most per test: its cut-short write may stand as one fragment line
-    return Counter(record["n"] for record in json_lines_across_kills(out / "out.jsonl", kills=1))
+    return Counter(record["n"] for record in written_json_lines(out / "out.jsonl", kills=1))
 
 
 def assert_exactly_once(got: Counter[int], total: int) -> None:

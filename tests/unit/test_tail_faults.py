@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.files import json_lines_across_kills
+from tests.files import written_json_lines
 from tests.timing import scaled
 from tests.unit.helpers import tail_file_config
 
@@ -52,7 +52,7 @@ def _start(conf: Path, tmp_path: Path) -> subprocess.Popen[bytes]:
 
 def _delivered(tmp_path: Path, kills: int = 0) -> Counter[int]:
     path = tmp_path / "out" / "out.jsonl"
-    return Counter(int(record["log"].split()[1]) for record in json_lines_across_kills(path, kills))
+    return Counter(int(record["log"].split()[1]) for record in written_json_lines(path, kills))
 
 
 def _writer(log: Path, seconds: float, mode: str, done: list[int]) -> None:
