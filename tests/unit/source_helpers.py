@@ -81,6 +81,23 @@ async def wait_until(check: Callable[[], bool], timeout: float = 10.0, what: str
         await asyncio.sleep(0.02)
 
 
+async def read_until_closed(reader: asyncio.StreamReader, timeout: float = 10.0) -> bytes:
+    """Everything the server sends before it closes the connection.
+
+    A server that closes while bytes the client sent are still unread makes the kernel send a
+    reset instead of a FIN (RFC 1122 4.2.2.13), so a reset counts as the close here: which of
+    the two a client sees depends only on how much of its message had arrived.
+    """
+    received = bytearray()
+    async with asyncio.timeout(scaled(timeout)):
+        try:
+            while data := await reader.read(65536):
+                received += data
+        except ConnectionResetError:
+            pass
+    return bytes(received)
+
+
 def input_config(tmp_path: Path, input_lines: str, service: str = "", filters: str = "") -> Path:
     return write(
         tmp_path / "input.conf",

@@ -40,7 +40,7 @@ from kubetrail.runtime.pipeline import Pipeline
 from tests.files import written_json_lines
 from tests.timing import scaled
 from tests.unit.helpers import write
-from tests.unit.source_helpers import Running, running, wait_until
+from tests.unit.source_helpers import Running, read_until_closed, running, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -78,9 +78,14 @@ class Client:
             reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
         return cls(reader, writer)
 
-    async def send(self, obj: Any) -> None:
+    async def send(self, obj: Any, refused: bool = False) -> None:
+        """Send one message; with `refused`, the server may close the connection while it arrives."""
         self.writer.write(obj if isinstance(obj, bytes) else packb(obj))
-        await self.writer.drain()
+        try:
+            await self.writer.drain()
+        except (ConnectionResetError, BrokenPipeError):
+            if not refused:
+                raise
 
     async def answer(self, timeout: float = 10.0) -> Any:
         async with asyncio.timeout(timeout):
@@ -94,9 +99,7 @@ class Client:
 
     async def closed(self, timeout: float = 10.0) -> bool:
         """True when the server closes the connection (anything it still sends is read first)."""
-        async with asyncio.timeout(timeout):
-            while await self.reader.read(65536):
-                pass
+        await read_until_closed(self.reader, timeout)
         return True
 
     async def handshake(self, key: str, hostname: str = "client-1", user: str = "", password: str = "") -> Any:
@@ -299,7 +302,7 @@ async def test_shared_key_right_key_accepted_wrong_key_refused_and_counted(tmp_p
         # a client that skips the handshake is not a PING: closed, counted
         rude = await Client.connect(run.source.bound_port)
         assert (await rude.answer())[0] == "HELO"
-        await rude.send(["kube.app", entries(1)])
+        await rude.send(["kube.app", entries(1)], refused=True)
         assert await rude.closed()
         await good.send(["kube.app", entries(2), {"chunk": "ok"}])
         assert await good.answer() == {"ack": "ok"}
@@ -397,7 +400,7 @@ async def test_garbage_closes_that_connection_only_and_is_counted(fwd: Running) 
     assert await good.answer() == {"ack": "before"}
     for garbage in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"\xc1\xc1\xc1", packb({"not": "an array"})):
         bad = await Client.connect(port)
-        await bad.send(garbage)
+        await bad.send(garbage, refused=True)
         assert await bad.closed()
     await good.send(["kube.app", entries(1, 1), {"chunk": "after"}])
     assert await good.answer() == {"ack": "after"}
@@ -423,14 +426,14 @@ async def test_oversized_messages_and_gzip_bombs_close_the_connection(tmp_path: 
     async with running(tmp_path, forward_input(extra), ready="started") as run:
         port = run.source.bound_port
         big = await Client.connect(port)
-        await big.send(["kube.app", [[event_time(T0), {"blob": "x" * 300_000}]]])
+        await big.send(["kube.app", [[event_time(T0), {"blob": "x" * 300_000}]]], refused=True)
         assert await big.closed()
         bomb = await Client.connect(port)
         stream = packb([event_time(T0), {"blob": "y" * 5_000_000}])
-        await bomb.send(["kube.app", gzip.compress(stream), {"compressed": "gzip"}])
+        await bomb.send(["kube.app", gzip.compress(stream), {"compressed": "gzip"}], refused=True)
         assert await bomb.closed()
         corrupt = await Client.connect(port)
-        await corrupt.send(["kube.app", b"\x1f\x8bnot gzip", {"compressed": "gzip"}])
+        await corrupt.send(["kube.app", b"\x1f\x8bnot gzip", {"compressed": "gzip"}], refused=True)
         assert await corrupt.closed()
         ok = await Client.connect(port)
         await ok.send(["kube.app", entries(1), {"chunk": "fine"}])

@@ -27,7 +27,7 @@ from kubetrail.core.record import Batch
 from kubetrail.runtime.pipeline import Pipeline
 from kubetrail.sources.http import parse_urlencoded, tag_from_path
 from kubetrail.sources.tcp import JsonStream, unescape_separator
-from tests.unit.source_helpers import CollectSink, Running, input_config, running, wait_until
+from tests.unit.source_helpers import CollectSink, Running, input_config, read_until_closed, running, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "cluster"))
 from localcluster import pki
@@ -108,7 +108,7 @@ async def test_tcp_record_over_buffer_size_closes_only_that_connection(tmp_path:
         reader, writer = await connect(run)
         writer.write(b'{"big": "' + b"x" * 20_000)
         await writer.drain()
-        assert await asyncio.wait_for(reader.read(), 5) == b""  # closed by the server
+        assert await read_until_closed(reader) == b""  # closed by the server
         writer.close()
         await send(run, b'{"after": true}\n')
         (record,) = await run.wait_records(1)
