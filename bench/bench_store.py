@@ -796,6 +796,13 @@ WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "bodies in records (no user_bodies)": ("", None),
     "bodies cut to 250 bytes": ("", _CUT_BODY),
 }
+# Variants that change only the native writer connection's settings (StoreInserter's ``setup``).
+WRITER_SETUPS: dict[str, str] = {
+    "checkpoints every 1,000 pages (SQLite's default; before)": "PRAGMA wal_autocheckpoint=1000",
+    "checkpoints every 16,000 pages (1 GiB)": "PRAGMA wal_autocheckpoint=16000",
+    "a 256 MiB page cache": "PRAGMA wal_autocheckpoint=4000; PRAGMA cache_size=-262144",
+    "sync normal": "PRAGMA synchronous=NORMAL",
+}
 
 
 def writer(records: int, group: int, into: int, rounds: int, only: list[str]) -> None:
@@ -812,13 +819,15 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
     prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
     if into and not prefilled.exists():
         raise SystemExit(f"no {prefilled.name}: `bench_store.py ingest --into {into}` builds it")
-    names = [name for name in WRITER_VARIANTS if not only or any(word in name for word in only)]
+    every = [*WRITER_VARIANTS, *WRITER_SETUPS]
+    names = [name for name in every if not only or any(word in name for word in only)]
     work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
-    results: dict[str, list[tuple[float, float, float]]] = {}
+    results: dict[str, list[tuple[float, float, float, int]]] = {}
     try:
         for _ in range(rounds):
             for name in names:
-                sql, body = WRITER_VARIANTS[name]
+                sql, body = WRITER_VARIANTS.get(name, ("", ""))
+                setup = WRITER_SETUPS.get(name)
                 db = work / "store.db"
                 for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-clean")):
                     stale.unlink(missing_ok=True)
@@ -830,20 +839,23 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
                 assert w.conn is not None and w.native is not None, "the native writer is not built"
                 if sql:
                     w.conn.execute(sql)
-                if body != "":
+                if body != "" or setup:
                     w.native.close()
                     w.native = store._StoreInserter(
                         str(db),
                         "FULL",
                         store.INSERT,
                         list(store._FLAT_KEYS),
-                        insert_body=body,
+                        insert_body=store.INSERT_BODY if setup else body,
+                        setup=setup,
                     )
                 started, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
+                written = _written_bytes()
                 for start in range(0, len(blocks), group):
                     assert w.write_blocks(blocks[start : start + group]) is not None
                 elapsed = time.perf_counter() - started
-                results.setdefault(name, []).append((elapsed, time.process_time() - cpu, time.thread_time() - thread))
+                run = (elapsed, time.process_time() - cpu, time.thread_time() - thread, _written_bytes() - written)
+                results.setdefault(name, []).append(run)
                 w.close()
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -856,10 +868,24 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
         wall = statistics.median(r[0] for r in runs)
         cpu = statistics.median(r[1] for r in runs)
         each = ", ".join(f"{r[2] / records * 1e6:.2f}" for r in runs)
+        written = statistics.median(r[3] for r in runs) / records
         print(
             f"  {name:<40} writer thread {statistics.median(r[2] for r in runs) / records * 1e6:5.2f} us/record"
-            f" ({each})   process CPU {cpu / records * 1e6:5.2f} us   {records / wall:>9,.0f} records/s"
+            f" ({each})   process CPU {cpu / records * 1e6:5.2f} us   wall {wall / records * 1e6:5.2f} us"
+            f"   {records / wall:>9,.0f} records/s   {written:,.0f} bytes written to storage a record"
         )
+
+
+def _written_bytes() -> int:
+    """What this process has sent to storage so far (``/proc/self/io`` ``write_bytes``: the WAL
+    and the checkpoints' pages, counted as they are dirtied), or 0 where the kernel keeps no count."""
+    try:
+        for line in Path("/proc/self/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
 
 
 def main() -> None:

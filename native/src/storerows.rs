@@ -566,15 +566,17 @@ pub struct StoreInserter {
 #[pymethods]
 impl StoreInserter {
     /// ``insert``: the Python module's INSERT statement (13 parameters, in its row order);
-    /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters).
+    /// ``insert_body``: its INSERT of a new row's body when the row has a user (6 parameters);
+    /// ``setup``: statements run once on the new connection (pragmas of the Python writer's).
     #[new]
-    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None))]
+    #[pyo3(signature = (path, synchronous, insert, flat_keys, insert_body=None, setup=None))]
     fn new(
         path: &str,
         synchronous: &str,
         insert: &str,
         flat_keys: Vec<String>,
         insert_body: Option<&str>,
+        setup: Option<&str>,
     ) -> PyResult<Self> {
         let flat = key_set(flat_keys);
         let open = || -> Result<rusqlite::Connection, rusqlite::Error> {
@@ -586,6 +588,9 @@ impl StoreInserter {
             conn.busy_timeout(Duration::from_secs(10))?;
             conn.pragma_update(None, "synchronous", synchronous)?;
             conn.pragma_update(None, "cache_size", -65536)?;
+            if let Some(sql) = setup {
+                conn.execute_batch(sql)?;
+            }
             conn.prepare(insert)?;
             if let Some(sql) = insert_body {
                 conn.prepare(sql)?;

@@ -778,3 +778,31 @@ async def test_a_reader_open_at_the_writers_close_does_not_cost_the_next_open_a_
     await write(third, story()[6:7])
     await third.close()
     assert checks == [path]
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_the_wal_is_checkpointed_after_the_configured_pages_on_both_writers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """WAL_CHECKPOINT_PAGES reaches the connection that inserts: the native writer's own (a
+    per-connection setting) as well as Python's. Seen as the WAL file's high-water mark: with a
+    small limit it is reused from its start after each checkpoint, with a large one it holds
+    every commit."""
+    from kubetrail.sinks import sqlite as sqlite_sink
+
+    def high_water(pages: int) -> int:
+        monkeypatch.setattr(sqlite_sink, "WAL_CHECKPOINT_PAGES", pages)
+        path = tmp_path / f"{pages}-{native}.db"
+        writer = StoreWriter(path, native=native)
+        writer.open()
+        assert (writer.native is not None) == native
+        for commit in range(30):
+            lines = [_audit_line(commit * 200 + n) for n in range(200)]
+            assert writer.write_blocks([("kube.audit", b"".join(line + b"\n" for line in lines))]) == 200
+        size = Path(f"{path}-wal").stat().st_size
+        writer.close()
+        assert len(_all_rows(path)) == 6000  # every row in, through the checkpoints
+        return size
+
+    small, large = high_water(4), high_water(100_000)
+    assert small * 4 < large, (small, large)
