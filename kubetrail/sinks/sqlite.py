@@ -164,7 +164,11 @@ Design decisions:
   off the writer's thread, 1-2 us more process CPU into a 10M store), no checkpoints while
   writing, 64 blocks a commit instead of 16, 32 or 16 KiB pages, ``mmap_size``, bodies cut to
   250 bytes (-0.8-0.9 us: the most a compression could save, before its own CPU and a schema
-  change).
+  change). Sixth pass: checkpoints every :data:`WAL_CHECKPOINT_PAGES` (fewer bytes written).
+  A long ingest (1M records into one time bucket) falls to ~55,000 records/s: the object and
+  identity indexes, random inside the newest bucket, outgrow the page cache and each commit
+  rewrites most of their leaves (docs/benchmarks.md, "Store ingest, sixth pass", and what would
+  change it).
 """
 
 from __future__ import annotations
