@@ -16,7 +16,10 @@ cluster     starts a local control plane; PODS pods on one (fake) node; PODS fil
             collector user sent, by verb and resource, from the API server's audit log (target: a
             constant number of lists and watches, no GET per pod), kubetrail's peak RSS, and then
             FILTER_LINES lines spread over the same pods through the filter: lines/s (target
-            >= 80,000).
+            >= 80,000). ``--json-logs --rounds R``: the messages written as JSON objects (as
+            structured loggers do), through the filter with ``merge_log off`` and with ``merge_log
+            on`` (Fluent Bit's Helm chart default, and this chart's), taking turns: what merging
+            costs.
 """
 
 from __future__ import annotations
@@ -43,14 +46,23 @@ NODE = "bench-node"
 NS = "bench"
 
 
-def cri_lines(count: int, seed: int = 1) -> list[bytes]:
-    """``count`` messages as CRI lines: ~100 bytes each, 5% cut in two pieces."""
+def cri_lines(count: int, seed: int = 1, json_logs: bool = False) -> list[bytes]:
+    """``count`` messages as CRI lines: ~100 bytes each, 5% cut in two pieces; ``json_logs``:
+    each message a JSON object with the same fields."""
     rnd = random.Random(seed)
     out: list[bytes] = []
     for n in range(count):
         stamp = STAMP.format((n // 20_000) % 60, (n * 7919) % 1_000_000_000)
         stream = "stderr" if n % 7 == 0 else "stdout"
-        message = f'level=info msg="request handled" path=/api/v{n % 3}/items/{n} status=200 took={rnd.random():.4f}'
+        if json_logs:
+            message = (
+                f'{{"level":"info","msg":"request handled","path":"/api/v{n % 3}/items/{n}","status":200,'
+                f'"took":{rnd.random():.4f}}}'
+            )
+        else:
+            message = (
+                f'level=info msg="request handled" path=/api/v{n % 3}/items/{n} status=200 took={rnd.random():.4f}'
+            )
         if n % 20 == 0:
             half = len(message) // 2
             out.append(f"{stamp} {stream} P {message[:half]}\n".encode())
@@ -245,7 +257,7 @@ def bench_cluster(args: argparse.Namespace) -> None:
         print(f"per-pod GETs: {gets}  ({'PASS' if gets == 0 else 'MISS'}: no GET per pod)")
         # Throughput through the filter: FILTER_LINES over the same pods' files.
         per_pod = max(1, args.filter_lines // args.pods)
-        big = cri_lines(per_pod, seed=2)
+        big = cri_lines(per_pod, seed=2, json_logs=args.json_logs)
         shutil.rmtree(logs)
         logs.mkdir()
         for i in range(args.pods):
@@ -257,9 +269,40 @@ def bench_cluster(args: argparse.Namespace) -> None:
             f"{written / cpu:,.0f} lines/CPU-s, peak RSS {rss:.1f} MB (expected {messages:,})"
         )
         print(f"target >= 80,000 lines/s: {'PASS' if written / cpu >= 80_000 else 'MISS'}")
+        if args.json_logs:
+            merge_log(config, work, messages, args.rounds)
     finally:
         cluster.down()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def merge_log(config: str, work: Path, messages: int, rounds: int) -> None:
+    """The same JSON-logging pods through the filter with ``merge_log off`` and ``on``, taking
+    turns; with it on every record must have the log's fields at its top level."""
+    filt = "    namespace_labels on\n"
+    results: dict[str, list[tuple[float, float]]] = {"off": [], "on": []}
+    for _ in range(rounds):
+        for mode in results:
+            text = config.replace(filt, filt + f"    merge_log        {mode}\n")
+            wall, cpu, _rss, written = run_kubetrail(text, work)
+            if written != messages:
+                raise SystemExit(f"merge_log {mode}: {written} records, expected {messages}")
+            if mode == "on":
+                # merged: the member unescaped at the top level (inside ``log`` its quotes are escaped)
+                merged = sum(1 for line in (work / "out.jsonl").open("rb") if b'"status":200' in line)
+                if merged != messages:
+                    raise SystemExit(f"merge_log on: {merged} of {messages} records have the log's fields merged")
+            results[mode].append((wall, cpu))
+    base_wall = statistics.median(w for w, _ in results["off"])
+    base_cpu = statistics.median(c for _, c in results["off"])
+    for mode, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        print(
+            f"JSON logs, merge_log {mode:<3}: {messages / wall:>9,.0f} lines/s wall ({wall / base_wall:.2f}x),"
+            f" {messages / cpu:>9,.0f} lines/CPU-s ({cpu / base_cpu:.2f}x CPU)   rounds (wall s):"
+            f" {', '.join(f'{w:.2f}' for w, _ in runs)}"
+        )
 
 
 def main() -> int:
@@ -273,6 +316,8 @@ def main() -> int:
     c.add_argument("--pods", type=int, default=500)
     c.add_argument("--lines-per-pod", type=int, default=5)
     c.add_argument("--filter-lines", type=int, default=1_000_000)
+    c.add_argument("--json-logs", action="store_true", help="JSON messages, merge_log off against on")
+    c.add_argument("--rounds", type=int, default=1, help="--json-logs: rounds of off and on, taking turns")
     args = parser.parse_args()
     if args.mode == "throughput":
         bench_throughput(args)
