@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import threading
@@ -173,6 +174,21 @@ def measure(command: list[str], **kwargs: object) -> Measured:
     proc.returncode = os.waitstatus_to_exitcode(status)
     rss = last[0] if last else usage.ru_maxrss / 1024
     return Measured(wall, usage.ru_utime + usage.ru_stime, rss, proc.returncode)
+
+
+def medians_against(
+    results: dict[str, list[tuple[float, float]]], baseline: str
+) -> list[tuple[str, float, float, float, float]]:
+    """Per variant of ``results`` (its rounds' ``(wall, cpu)`` seconds): the median wall and CPU
+    and their ratios to the ``baseline`` variant's medians, measured in the same run."""
+    base_wall = statistics.median(wall for wall, _ in results[baseline])
+    base_cpu = statistics.median(cpu for _, cpu in results[baseline])
+    out = []
+    for name, runs in results.items():
+        wall = statistics.median(w for w, _ in runs)
+        cpu = statistics.median(c for _, c in runs)
+        out.append((name, wall, cpu, wall / base_wall, cpu / base_cpu))
+    return out
 
 
 def cpu_count_hint() -> str:

@@ -36,7 +36,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import CACHE, REPO, cpu_count_hint, measure
+from _common import CACHE, REPO, cpu_count_hint, measure, medians_against
 
 sys.path.insert(0, str(REPO / "cluster"))
 from localcluster import LocalCluster
@@ -293,15 +293,11 @@ def merge_log(config: str, work: Path, messages: int, rounds: int) -> None:
                 if merged != messages:
                     raise SystemExit(f"merge_log on: {merged} of {messages} records have the log's fields merged")
             results[mode].append((wall, cpu))
-    base_wall = statistics.median(w for w, _ in results["off"])
-    base_cpu = statistics.median(c for _, c in results["off"])
-    for mode, runs in results.items():
-        wall = statistics.median(w for w, _ in runs)
-        cpu = statistics.median(c for _, c in runs)
+    for mode, wall, cpu, wall_ratio, cpu_ratio in medians_against(results, "off"):
         print(
-            f"JSON logs, merge_log {mode:<3}: {messages / wall:>9,.0f} lines/s wall ({wall / base_wall:.2f}x),"
-            f" {messages / cpu:>9,.0f} lines/CPU-s ({cpu / base_cpu:.2f}x CPU)   rounds (wall s):"
-            f" {', '.join(f'{w:.2f}' for w, _ in runs)}"
+            f"JSON logs, merge_log {mode:<3}: {messages / wall:>9,.0f} lines/s wall ({wall_ratio:.2f}x),"
+            f" {messages / cpu:>9,.0f} lines/CPU-s ({cpu_ratio:.2f}x CPU)   rounds (wall s):"
+            f" {', '.join(f'{w:.2f}' for w, _ in results[mode])}"
         )
 
 

@@ -282,7 +282,7 @@ _PIPELINE = """
 def pipeline(records: int, rounds: int, into: int = 0) -> None:
     """``into``: each sqlite round writes into a copy of the ingest bench's cached store of that
     many records (the copy and its writeback not timed)."""
-    from _common import cpu_count_hint, measure, warm_free_memory
+    from _common import cpu_count_hint, measure, medians_against, warm_free_memory
 
     src = audit_lines_file(max(records, 100_000))
     lines = src.read_bytes().splitlines(keepends=True)[:records]
@@ -325,14 +325,12 @@ def pipeline(records: int, rounds: int, into: int = 0) -> None:
             f"pipeline of {records:,} audit records, {rounds} alternating rounds ({cpu_count_hint()})"
             + (f", the store holding {into:,} records already" if into else "")
         )
-        base_wall = statistics.median(w for w, _ in results["tail -> kubernetes_audit -> file (out_file)"])
-        base_cpu = statistics.median(c for _, c in results["tail -> kubernetes_audit -> file (out_file)"])
-        for name, samples in results.items():
-            wall = statistics.median(w for w, _ in samples)
-            cpu = statistics.median(c for _, c in samples)
+        for name, wall, cpu, wall_ratio, cpu_ratio in medians_against(
+            results, "tail -> kubernetes_audit -> file (out_file)"
+        ):
             print(
-                f"  {name:<44} {records / wall:>9,.0f} records/s wall ({wall / base_wall:4.2f}x)"
-                f"   CPU {cpu:6.2f} s ({cpu / base_cpu:4.2f}x, {cpu / records * 1e6:5.1f} us/record)"
+                f"  {name:<44} {records / wall:>9,.0f} records/s wall ({wall_ratio:4.2f}x)"
+                f"   CPU {cpu:6.2f} s ({cpu_ratio:4.2f}x, {cpu / records * 1e6:5.1f} us/record)"
             )
     finally:
         shutil.rmtree(work, ignore_errors=True)
