@@ -241,8 +241,18 @@ RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock sh
 # index leaf written by many commits is copied into the database file once per checkpoint, so
 # fewer checkpoints write fewer bytes (into a 2M store 3.0 instead of 3.6 KB a record, ~4% more
 # records/s: docs/benchmarks.md, "Store ingest, sixth pass"). The WAL file keeps its high-water
-# mark while the writer runs (removed at a clean close); a kill -9 replays at most that much.
+# mark while the writer runs (removed at a clean close). A reader holding an old snapshot keeps
+# checkpoints from finishing and the WAL grows past it; WAL_LIMIT_BYTES is what the file is cut
+# back to when the WAL starts anew (SQLite's journal_size_limit), so that growth does not stay
+# on disk. Both settings are per connection: the Python writer's and the native one's.
 WAL_CHECKPOINT_PAGES = 4000
+WAL_LIMIT_BYTES = 512 * 2**20
+
+
+def _wal_settings() -> str:
+    """The WAL's settings above, as statements for a writer connection (read when it opens)."""
+    return f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}; PRAGMA journal_size_limit={WAL_LIMIT_BYTES};"
+
 
 RECORDS_TABLE = """
 CREATE TABLE IF NOT EXISTS records (
@@ -914,7 +924,7 @@ class StoreWriter:
             conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
             conn.execute("PRAGMA busy_timeout=10000")
             conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the identity index is written at random places
-            conn.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
+            conn.executescript(_wal_settings())
         except (StoreError, sqlite3.Error) as exc:
             if conn is not None:
                 conn.close()
@@ -930,7 +940,7 @@ class StoreWriter:
                     INSERT,
                     list(_FLAT_KEYS),
                     insert_body=INSERT_BODY,
-                    setup=f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}",  # per connection
+                    setup=_wal_settings(),
                 )
             except TypeError:  # a native module older than this file: every row goes the Python way
                 self.native = None

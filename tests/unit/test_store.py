@@ -806,3 +806,46 @@ def test_the_wal_is_checkpointed_after_the_configured_pages_on_both_writers(
 
     small, large = high_water(4), high_water(100_000)
     assert small * 4 < large, (small, large)
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_a_wal_grown_behind_a_readers_snapshot_is_cut_back_once_it_starts_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, native: bool
+) -> None:
+    """A reader's old snapshot keeps checkpoints from finishing, so the WAL grows past its
+    checkpoint size; once the reader is gone and the WAL starts anew, the file is cut back to
+    WAL_LIMIT_BYTES instead of keeping that size on disk for as long as the writer runs."""
+    from kubetrail.sinks import sqlite as sqlite_sink
+
+    monkeypatch.setattr(sqlite_sink, "WAL_CHECKPOINT_PAGES", 4)
+    monkeypatch.setattr(sqlite_sink, "WAL_LIMIT_BYTES", 2 * 2**20)
+    path = tmp_path / "s.db"
+    wal = Path(f"{path}-wal")
+    writer = StoreWriter(path, native=native)
+    writer.open()
+    assert (writer.native is not None) == native
+    written = 0
+
+    def commit() -> None:
+        nonlocal written
+        lines = [_audit_line(written + n) for n in range(200)]
+        assert writer.write_blocks([("kube.audit", b"".join(line + b"\n" for line in lines))]) == 200
+        written += 200
+
+    commit()
+    reader = open_reader(path)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM records").fetchone()[0] == 200  # the snapshot, held
+    for _ in range(30):
+        commit()
+    grown = wal.stat().st_size
+    assert grown > 8 * 2**20, grown  # nothing checkpointed past the reader's snapshot
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(3):  # a checkpoint of everything, then a transaction that starts the WAL anew
+        commit()
+    # Cut to the limit when the WAL started anew, then the commits since (~2.3 MB each in 64 KiB
+    # pages); without the limit the file keeps the 70-odd MB it grew to.
+    assert wal.stat().st_size < grown // 8, (grown, wal.stat().st_size)
+    writer.close()
+    assert len(_all_rows(path)) == written
