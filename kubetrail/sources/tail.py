@@ -19,7 +19,11 @@ Rotation:
 
 * **rename** (kubelet's ``0.log`` -> ``0.log.<time>``, lumberjack's ``audit-<time>.log``): the
   old handle is read to its end and kept for ``rotate_wait``, then the new file is read from 0;
-  backups rotated (or gzipped) while stopped are found by inode + fingerprint;
+  backups rotated (or gzipped) while stopped are found by inode + fingerprint. A path found
+  empty at the rotation (the new file not created yet: containerd reopens the log a moment
+  after the kubelet's rename) is looked at again at every rotation check until a file is there,
+  for up to ``refresh_interval``: the glob's next expansion comes that late, and a file that
+  filled and rotated in the meantime would otherwise be read by no one (its lines lost);
 * **symlinks** (``/var/log/containers/*.log`` -> ``/var/log/pods/...``): ``stat`` follows the
   link, so the identity is the target's and a retargeted link is a rotation; backups are looked
   for next to the target too;
@@ -306,6 +310,9 @@ class TailSource(Source):
         self._warned_once: set[tuple[str, str]] = set()
         # Paths whose checkpointed file was rotated away while stopped: the file there now is new.
         self._successors: set[str] = set()
+        # Paths found empty when their file rotated away, and since when: opened from their first
+        # byte as soon as a file is there again (see "rename" above).
+        self._vacated: dict[str, float] = {}
         m = self.metrics
         self.m_long = m.counter("kubetrail_tail_long_lines", "Lines over buffer_max_size, by action", "action")
         self.m_bad = m.counter("kubetrail_tail_bad_input", "Bad input seen by tail, by kind", "kind")
@@ -1208,6 +1215,10 @@ class TailSource(Source):
 
     def _check_rotation(self) -> None:
         now = self._last_rotation_check = time.monotonic()
+        for path, since in list(self._vacated.items()):
+            if os.path.exists(path) or now - since >= self.refresh_interval:
+                del self._vacated[path]
+                self._open(path, from_head=True)  # nothing there (expired): does nothing
         for tailed in list(self.files.values()):
             if not tailed.at_eof:
                 continue
@@ -1233,6 +1244,8 @@ class TailSource(Source):
                 self.log.info("file rotated or removed", extra={"path": tailed.path})
                 if st is not None:
                     self._open(tailed.path, from_head=True)
+                else:
+                    self._vacated[tailed.path] = now
             elif now - tailed.rotated_at >= self.rotate_wait and not len(tailed.acks):
                 self._forget(tailed, delete_row=True)
 

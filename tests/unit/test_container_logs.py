@@ -28,8 +28,15 @@ def cri(stream: str, flag: str, message: str | bytes, stamp: str = T) -> bytes:
     return f"{stamp} {stream} {flag} ".encode() + body + b"\n"
 
 
-def config(tmp_path: Path, path: Path | str, extra: str = "", exit_on_eof: bool = True, parser: str = "cri") -> Path:
-    options = f"    multiline.parser {parser}\n    refresh_interval 0.2\n    rotate_wait 1\n{extra}"
+def config(
+    tmp_path: Path,
+    path: Path | str,
+    extra: str = "",
+    exit_on_eof: bool = True,
+    parser: str = "cri",
+    refresh: float = 0.2,
+) -> Path:
+    options = f"    multiline.parser {parser}\n    refresh_interval {refresh}\n    rotate_wait 1\n{extra}"
     return tail_file_config(tmp_path, path, tag="kube.*", input_extra=options, exit_on_eof=exit_on_eof)
 
 
@@ -366,6 +373,44 @@ async def test_kubelet_rotation_and_symlink_retargeting(tmp_path: Path, inotify:
     assert await asyncio.wait_for(Pipeline(load_config(config(tmp_path, f"{containers}/*.log"))).run(), 10) == 0
     assert Counter(r["log"] for r in delivered(tmp_path)) == Counter(f"n{i}" for i in range(6))
     assert all(r["time"] == T for r in delivered(tmp_path))
+
+
+@pytest.mark.parametrize("inotify", ["on", "off"])
+async def test_a_new_file_created_after_the_rotation_was_seen_is_read_before_the_next_glob(
+    tmp_path: Path, inotify: str
+) -> None:
+    """The kubelet renames 0.log, and containerd creates the new one a moment later: when the
+    rotation is seen in between, the path is empty. The new file must be found at the next
+    rotation checks, not at the glob's next expansion (``refresh_interval``, 60 s here): by then
+    it may have filled and rotated too, and nothing would read that file (the node test lost
+    5,380 lines so)."""
+    pods = tmp_path / "pods" / "ns_web_uid" / "app"
+    pods.mkdir(parents=True)
+    containers = tmp_path / "containers"
+    containers.mkdir()
+    link = containers / f"web_ns_app-{'a' * 64}.log"
+    zero = pods / "0.log"
+    zero.write_bytes(cri("stdout", "F", "n0"))
+    link.symlink_to(zero)
+    extra = f"    inotify_watcher {inotify}"
+    conf = config(tmp_path, f"{containers}/*.log", exit_on_eof=False, extra=extra, refresh=60)
+    pipeline = Pipeline(load_config(conf))
+    task = asyncio.create_task(pipeline.run())
+    try:
+        await _until(lambda: len(delivered(tmp_path)) == 1)
+        zero.rename(pods / "0.log.20240501-120000")
+        await asyncio.sleep(2.5)  # the rotation seen (checked every second at most), the path empty
+        zero.write_bytes(cri("stdout", "F", "n1"))
+        await _until(lambda: len(delivered(tmp_path)) == 2, timeout=5)
+        # Rotated again before the glob is expanded again: both files read, nothing twice.
+        zero.rename(pods / "0.log.20240501-120010")
+        await asyncio.sleep(2.5)
+        zero.write_bytes(cri("stdout", "F", "n2"))
+        await _until(lambda: len(delivered(tmp_path)) == 3, timeout=5)
+    finally:
+        pipeline.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+    assert [r["log"] for r in delivered(tmp_path)] == ["n0", "n1", "n2"]
 
 
 @pytest.mark.parametrize("after", [1, 50])
