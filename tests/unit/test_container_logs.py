@@ -330,6 +330,21 @@ async def test_a_message_whose_end_never_comes_is_flushed_after_flush_ms(tmp_pat
     assert [(r["log"], r["_p"]) for r in records] == [("other", "F"), ("half", "P")]
 
 
+def kubelet_layout(tmp_path: Path, content: bytes) -> tuple[Path, Path, Path, Path]:
+    """The kubelet's layout: ``(pods dir, containers dir, link, 0.log)``, the container's log
+    ``pods/<ns>_<pod>_<uid>/<container>/0.log`` (holding ``content``) and the symlink to it in
+    ``containers/`` that the glob matches."""
+    pods = tmp_path / "pods" / "ns_web_uid" / "app"
+    pods.mkdir(parents=True)
+    containers = tmp_path / "containers"
+    containers.mkdir()
+    link = containers / f"web_ns_app-{'a' * 64}.log"
+    zero = pods / "0.log"
+    zero.write_bytes(content)
+    link.symlink_to(zero)
+    return pods, containers, link, zero
+
+
 @pytest.mark.parametrize("inotify", ["on", "off"])
 async def test_kubelet_rotation_and_symlink_retargeting(tmp_path: Path, inotify: str) -> None:
     """/var/log/containers/<name>.log -> /var/log/pods/.../0.log; kubelet renames 0.log to
@@ -337,14 +352,7 @@ async def test_kubelet_rotation_and_symlink_retargeting(tmp_path: Path, inotify:
     import gzip
     import shutil
 
-    pods = tmp_path / "pods" / "ns_web_uid" / "app"
-    pods.mkdir(parents=True)
-    containers = tmp_path / "containers"
-    containers.mkdir()
-    link = containers / f"web_ns_app-{'a' * 64}.log"
-    zero = pods / "0.log"
-    zero.write_bytes(b"".join(cri("stdout", "F", f"n{i}") for i in range(3)))
-    link.symlink_to(zero)
+    pods, containers, link, zero = kubelet_layout(tmp_path, b"".join(cri("stdout", "F", f"n{i}") for i in range(3)))
     pipeline = Pipeline(
         load_config(config(tmp_path, f"{containers}/*.log", exit_on_eof=False, extra=f"    inotify_watcher {inotify}"))
     )
@@ -384,14 +392,7 @@ async def test_a_new_file_created_after_the_rotation_was_seen_is_read_before_the
     rotation checks, not at the glob's next expansion (``refresh_interval``, 60 s here): by then
     it may have filled and rotated too, and nothing would read that file (the node test lost
     5,380 lines so)."""
-    pods = tmp_path / "pods" / "ns_web_uid" / "app"
-    pods.mkdir(parents=True)
-    containers = tmp_path / "containers"
-    containers.mkdir()
-    link = containers / f"web_ns_app-{'a' * 64}.log"
-    zero = pods / "0.log"
-    zero.write_bytes(cri("stdout", "F", "n0"))
-    link.symlink_to(zero)
+    pods, containers, _link, zero = kubelet_layout(tmp_path, cri("stdout", "F", "n0"))
     extra = f"    inotify_watcher {inotify}"
     conf = config(tmp_path, f"{containers}/*.log", exit_on_eof=False, extra=extra, refresh=60)
     pipeline = Pipeline(load_config(conf))
@@ -443,13 +444,7 @@ async def test_kubelet_rotation_while_stopped_is_finished_from_the_target_s_back
     import gzip
     import shutil
 
-    pods = tmp_path / "pods" / "ns_web_uid" / "app"
-    pods.mkdir(parents=True)
-    containers = tmp_path / "containers"
-    containers.mkdir()
-    zero = pods / "0.log"
-    zero.write_bytes(b"".join(cri("stdout", "F", f"n{i}") for i in range(3)))
-    (containers / f"web_ns_app-{'a' * 64}.log").symlink_to(zero)
+    pods, containers, _link, zero = kubelet_layout(tmp_path, b"".join(cri("stdout", "F", f"n{i}") for i in range(3)))
     assert await run(tmp_path, f"{containers}/*.log")
     with zero.open("ab") as handle:  # written while kubetrail is stopped, then rotated and gzipped
         handle.write(cri("stdout", "F", "n3"))
