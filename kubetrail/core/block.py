@@ -84,6 +84,19 @@ except ImportError:  # pragma: no cover - depends on the installation (or an old
     text_json_lines = None
 
 
+def valid_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8 throughout. msgspec, which validates the JSON blocks, does not
+    check the UTF-8 of the members it skips, while orjson (a record's body) refuses such a line:
+    a block that holds one is not taken whole, and the line-by-line path repairs the line."""
+    if data.isascii():  # one C pass, most blocks
+        return True
+    try:
+        data.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class LineBlock:
     """Newline-terminated JSON lines, one record each; validated and built only on demand.
 

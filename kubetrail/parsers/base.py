@@ -7,7 +7,7 @@ from array import array
 from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
-from kubetrail.core.block import LineBlock
+from kubetrail.core.block import LineBlock, valid_utf8
 from kubetrail.core.record import Record
 from kubetrail.parsers.decoders import FieldDecoders
 from kubetrail.parsers.timefmt import TimeParser
@@ -46,6 +46,9 @@ class Parser:
         # Times not in time_format since the source last took this count (the record keeps
         # its time key and gets the time of reading, as in Fluent Bit).
         self.bad_times = 0
+        # Lines with invalid UTF-8, repaired with U+FFFD (kubetrail_tail_bad_input_total's
+        # ``invalid_utf8``), since the source last took this count.
+        self.bad_utf8 = 0
         for key, kind in self.types.items():
             if kind not in _CONVERTERS:
                 raise ValueError(f"type of {key!r} must be one of {', '.join(_CONVERTERS)}, not {kind!r}")
@@ -98,6 +101,15 @@ class Parser:
         if not self.time_keep:
             del body[self.time_key]
         return time_ns, True
+
+
+def repaired_utf8(parser: Parser, line: bytes) -> bytes:
+    """``line``, or its text with each invalid UTF-8 sequence replaced by U+FFFD (counted on
+    ``parser``): the record keeps its fields, and no sink meets bytes that are not text."""
+    if valid_utf8(line):
+        return line
+    parser.bad_utf8 += 1
+    return line.decode("utf-8", "replace").encode()
 
 
 def unparsed_record(tag: str, line: bytes, now_ns: int, key: str = "log") -> Record:

@@ -35,9 +35,9 @@ from typing import Any
 import msgspec
 import orjson
 
-from kubetrail.core.block import LineBlock
+from kubetrail.core.block import LineBlock, valid_utf8
 from kubetrail.core.record import Record
-from kubetrail.parsers.base import Parsed, Parser, ScannedLineBlock, unparsed_record, wall_ns
+from kubetrail.parsers.base import Parsed, Parser, ScannedLineBlock, repaired_utf8, unparsed_record, wall_ns
 
 try:  # optional (built from native/): counts a block's lines ~5x faster than bytes.count
     from kubetrail_native import count_newlines
@@ -104,6 +104,7 @@ class JsonParser(Parser):
         parse_time = self.time_parser.parse_ns
         offset = timedelta(seconds=self.time_parser.offset_seconds)
         for line in lines:
+            line = repaired_utf8(self, line)
             try:
                 shape = decode(line)
                 value = shape.t if has_time else None  # type: ignore[attr-defined]
@@ -144,6 +145,9 @@ class JsonParser(Parser):
 
     def parse_block(self, block: bytes, lines: list[bytes], tag: str) -> tuple[list[Record], int, bool]:
         """One C call decodes the whole block; any bad line sends the block to the per-line path."""
+        if not valid_utf8(block):  # the line path repairs the lines: the block is not theirs
+            records, failed = self.parse_lines(lines, tag)
+            return records, failed, False
         if not (self._lazy and self._rfc3339):
             records, failed = self.parse_lines(lines, tag)
             return records, failed, self._lazy and failed == 0 and all(r.raw is not None for r in records)
@@ -176,7 +180,7 @@ class JsonParser(Parser):
 
     def _parse_one_eager(self, line: bytes, tag: str, now: int) -> Record | None:
         try:
-            body = orjson.loads(line)
+            body = orjson.loads(repaired_utf8(self, line))
         except orjson.JSONDecodeError:
             return None
         if not isinstance(body, dict):
@@ -216,7 +220,7 @@ class _JsonBlock(LineBlock):
             shapes = self._decoder.decode_lines(self.source)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None
-        if len(shapes) != self.count:
+        if len(shapes) != self.count or not valid_utf8(self.source):
             return None
         self._shapes = shapes
         return self.source
@@ -252,7 +256,7 @@ class _ScannedBlock(ScannedLineBlock["JsonParser"]):
 
     def validate(self) -> bytes | None:
         try:
-            if len(_VALID_ONLY.decode_lines(self.source)) != self.count:
+            if len(_VALID_ONLY.decode_lines(self.source)) != self.count or not valid_utf8(self.source):
                 return None
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             return None  # a line that is not a JSON object: the line-by-line path keeps it as log

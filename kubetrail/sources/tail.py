@@ -949,7 +949,7 @@ class TailSource(Source):
         return TextBlock(block, count_newlines(block), tailed.tag, self.key, wall_ns(), crlf)
 
     def _bad_input(self, kind: str, count: int) -> None:
-        """Bad input a lazy block found when it was validated (``bad_time``)."""
+        """Bad input found while parsing (``bad_time``, ``invalid_utf8``)."""
         self.m_bad.labels(kind).inc(count)
 
     def _line_batch(
@@ -987,6 +987,9 @@ class TailSource(Source):
             if parser.bad_times:
                 self._bad_input("bad_time", parser.bad_times)
                 parser.bad_times = 0
+            if parser.bad_utf8:
+                self._bad_input("invalid_utf8", parser.bad_utf8)
+                parser.bad_utf8 = 0
         else:
             raw_block = None
             now = wall_ns()

@@ -111,7 +111,7 @@ import orjson
 
 from kubetrail.core.acks import AckToken
 from kubetrail.core.audit_event import AuditEvent
-from kubetrail.core.block import ReadyBlock
+from kubetrail.core.block import ReadyBlock, valid_utf8
 from kubetrail.core.component import ComponentContext, Transform
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
@@ -399,7 +399,9 @@ class _PyScan:
         codes = bytearray(len(lines))
         keys: list[str | None] = [None] * len(lines)
         for index, (raw, ev) in enumerate(zip(lines, events, strict=True)):
-            if ev is None or ev.auditID is None or ev.stage is None or not _utf8(raw):
+            # Invalid UTF-8 in a member msgspec skipped: not a well-formed event (the native scan
+            # checks all of it).
+            if ev is None or ev.auditID is None or ev.stage is None or not valid_utf8(raw):
                 continue  # PASS
             if ev.stage in options.drop_stages or ev.level in options.drop_levels:
                 codes[index] = DROP
@@ -498,18 +500,6 @@ def _secret_resource(ev: _Event) -> tuple[bool, bool]:
     if ref is None:
         return False, False
     return ref.resource == "secrets", ref.resource == "serviceaccounts" and ref.subresource == "token"
-
-
-def _utf8(raw: bytes) -> bool:
-    """msgspec skips the members it does not decode without checking their UTF-8; a line with
-    invalid UTF-8 anywhere is not a well-formed event (the native scan checks all of it)."""
-    if raw.isascii():
-        return True
-    try:
-        raw.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
 
 
 def _decode_event(raw: bytes) -> _Event | None:

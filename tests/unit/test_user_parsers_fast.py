@@ -175,6 +175,8 @@ ODD_LINES = [
     b"[1,2,3]",
     b'{"t":"2026-11-28T12:00:07Z","t":"2026-11-28T12:00:08Z"}',  # a repeated key
     b'{"\\u0074":"2026-11-28T12:00:09Z"}',  # the key written with an escape
+    b'{"t":"2026-11-28T12:00:10Z","m":"caf\xe9"}',  # invalid UTF-8 in a string msgspec skips
+    b'{"k\xff":1,"t":"2026-11-28T12:00:11Z"}',  # ... and in a key
 ]
 
 PARSERS = {
@@ -345,6 +347,42 @@ async def test_a_user_json_parser_through_tail_and_file(tmp_path: Path) -> None:
         if sample.name == "kubetrail_tail_bad_input_total"
     }
     assert bad.get("bad_time") == 1
+
+
+async def test_invalid_utf8_in_a_json_line_is_repaired_counted_and_delivered(tmp_path: Path) -> None:
+    """msgspec validates a block without checking the UTF-8 of what it skips, while a filter
+    (orjson) refuses such a line: it was passed on unfiltered, and a csv output retried the
+    batch forever. The line is repaired (U+FFFD), counted, filtered and delivered like any."""
+    lines = [orjson.dumps({"t": f"2026-11-28T12:00:{i:02}Z", "msg": f"line {i}"}) for i in range(50)]
+    lines[10] = b'{"t":"2026-11-28T12:00:10Z","msg":"caf\xe9 \xff"}'
+    lines[20] = b'{"t":"2026-11-28T12:00:20Z","msg":"drop me \xc3"}'
+    log = write(tmp_path / "logs" / "app.log", "")
+    log.write_bytes(b"".join(line + b"\n" for line in lines))
+    parser = "[PARSER]\n    name p\n    format json\n    time_key t\n    time_format %Y-%m-%dT%H:%M:%SZ\n"
+    conf = tail_file_config(
+        tmp_path,
+        log,
+        input_extra="    parser p\n",
+        filters="[FILTER]\n    name grep\n    match *\n    exclude msg ^drop\n",
+        output_extra=f"[OUTPUT]\n    name file\n    match *\n    path {tmp_path / 'out'}\n"
+        "    file out.csv\n    format csv\n",
+    )
+    conf.write_text(parser + conf.read_text())
+    pipeline = Pipeline(load_config(conf))
+    assert await pipeline.run() == 0
+    expected = [f"line {i}" for i in range(50) if i not in (10, 20)]
+    expected.insert(10, "caf\ufffd \ufffd")
+    out = [orjson.loads(line)["msg"] for line in (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()]
+    assert out == expected
+    csv = (tmp_path / "out" / "out.csv").read_text().splitlines()
+    assert [row.split(",", 1)[1].strip('"') for row in csv] == expected
+    bad = {
+        sample.labels.get("kind"): sample.value
+        for metric in pipeline.metrics.registry.collect()
+        for sample in metric.samples
+        if sample.name == "kubetrail_tail_bad_input_total"
+    }
+    assert bad.get("invalid_utf8") == 2
 
 
 async def test_out_file_format_takes_the_times_from_the_block(tmp_path: Path) -> None:
