@@ -1151,9 +1151,18 @@ fn count_newlines(block: &[u8]) -> usize {
     memchr::memchr_iter(b'\n', block).count()
 }
 
+/// Whether ``data`` is UTF-8 throughout: what ``data.decode()`` not raising says, without making
+/// the text, several times faster than ``bytes.isascii()`` (simdutf8). The JSON parsers check
+/// every block with it, since msgspec's validation skips the UTF-8 of what it does not decode.
+#[pyfunction]
+fn valid_utf8(data: &[u8]) -> bool {
+    simdutf8::basic::from_utf8(data).is_ok()
+}
+
 #[pymodule]
 fn kubetrail_native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_function(wrap_pyfunction!(count_newlines, module)?)?;
+    module.add_function(wrap_pyfunction!(valid_utf8, module)?)?;
     module.add_class::<AuditScanner>()?;
     module.add_class::<AuditScan>()?;
     module.add_class::<alerts::AlertWriter>()?;
