@@ -22,6 +22,19 @@ from kubetrail.core.acks import AckToken
 from kubetrail.core.block import LineBlock, ReadyBlock
 
 
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """A record's body from its JSON line (``raw``). A line that a parser's validation took
+    (msgspec, which reads numbers of any size) but orjson refuses (a number beyond a double:
+    ``1e999``, an integer of 400 digits) is kept as text under ``log``, as a parser keeps a line
+    that is not JSON: a filter or a sink that needs the fields never fails on it (a failing sink
+    retried the batch forever)."""
+    try:
+        body: dict[str, Any] = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {"log": raw.decode("utf-8", "replace")}
+    return body
+
+
 class Record(msgspec.Struct, gc=False):
     """One log record: tag, timestamp in nanoseconds, a body, and optional metadata.
 
@@ -46,7 +59,7 @@ class Record(msgspec.Struct, gc=False):
         """The record as a dict (parsed from ``raw`` on first access). Treat as read-only."""
         body = self.body_
         if body is None:
-            body = orjson.loads(self.raw) if self.raw is not None else {}
+            body = decode_body(self.raw) if self.raw is not None else {}
             self.body_ = body
         return body
 

@@ -26,7 +26,7 @@ from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.dates import epoch_text
 from kubetrail.core.errors import ConfigError, RetryableError
 from kubetrail.core.options import Option
-from kubetrail.core.record import Batch, Record
+from kubetrail.core.record import Batch, Record, decode_body
 from kubetrail.sinks.json_format import framed_lines, times_bytes
 
 MAX_OPEN_FILES = 64
@@ -195,10 +195,10 @@ class FileSink(Sink):
     def _fields_from_block(self, block: bytes, times: Sequence[int]) -> bytes:
         """``csv``/``ltsv``/``template`` text of a block's lines without the native module: each
         line decoded once for its fields, no Record holding both bytes and dict."""
-        body_formatter, loads = self._body_formatter, orjson.loads
+        body_formatter = self._body_formatter
         assert body_formatter is not None
         lines = block.split(b"\n")
-        return b"".join([body_formatter(t, loads(line)) for t, line in zip(times, lines)])  # noqa: B905
+        return b"".join([body_formatter(t, decode_body(line)) for t, line in zip(times, lines)])  # noqa: B905
 
     def _write_fields(self, handle: IO[bytes], data: _Fields) -> None:
         """The block's lines formatted natively straight into the file; a line the native
@@ -211,7 +211,7 @@ class FileSink(Sink):
         extra = () if data.members is None else (data.members,)  # an older build takes none
         while (stop := writer.write(handle.fileno(), data.block, times, first, *extra)) is not None:
             lines = lines or data.block.split(b"\n")
-            handle.write(body_formatter(data.times[stop], orjson.loads(lines[stop])))
+            handle.write(body_formatter(data.times[stop], decode_body(lines[stop])))
             handle.flush()
             first = stop + 1
 

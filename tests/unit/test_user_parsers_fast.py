@@ -349,13 +349,9 @@ async def test_a_user_json_parser_through_tail_and_file(tmp_path: Path) -> None:
     assert bad.get("bad_time") == 1
 
 
-async def test_invalid_utf8_in_a_json_line_is_repaired_counted_and_delivered(tmp_path: Path) -> None:
-    """msgspec validates a block without checking the UTF-8 of what it skips, while a filter
-    (orjson) refuses such a line: it was passed on unfiltered, and a csv output retried the
-    batch forever. The line is repaired (U+FFFD), counted, filtered and delivered like any."""
-    lines = [orjson.dumps({"t": f"2026-11-28T12:00:{i:02}Z", "msg": f"line {i}"}) for i in range(50)]
-    lines[10] = b'{"t":"2026-11-28T12:00:10Z","msg":"caf\xe9 \xff"}'
-    lines[20] = b'{"t":"2026-11-28T12:00:20Z","msg":"drop me \xc3"}'
+async def through_grep_to_plain_and_csv(tmp_path: Path, lines: list[bytes]) -> tuple[list[bytes], list[str], Any]:
+    """``lines`` tailed with a json parser (``t``), through grep (``exclude msg ^drop``), into
+    plain JSON lines and csv: both outputs' lines, and the tail's bad input counts."""
     log = write(tmp_path / "logs" / "app.log", "")
     log.write_bytes(b"".join(line + b"\n" for line in lines))
     parser = "[PARSER]\n    name p\n    format json\n    time_key t\n    time_format %Y-%m-%dT%H:%M:%SZ\n"
@@ -370,19 +366,50 @@ async def test_invalid_utf8_in_a_json_line_is_repaired_counted_and_delivered(tmp
     conf.write_text(parser + conf.read_text())
     pipeline = Pipeline(load_config(conf))
     assert await pipeline.run() == 0
-    expected = [f"line {i}" for i in range(50) if i not in (10, 20)]
-    expected.insert(10, "caf\ufffd \ufffd")
-    out = [orjson.loads(line)["msg"] for line in (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()]
-    assert out == expected
-    csv = (tmp_path / "out" / "out.csv").read_text().splitlines()
-    assert [row.split(",", 1)[1].strip('"') for row in csv] == expected
     bad = {
         sample.labels.get("kind"): sample.value
         for metric in pipeline.metrics.registry.collect()
         for sample in metric.samples
         if sample.name == "kubetrail_tail_bad_input_total"
     }
+    out = (tmp_path / "out" / "out.jsonl").read_bytes().splitlines()
+    return out, (tmp_path / "out" / "out.csv").read_text().splitlines(), bad
+
+
+def numbered(count: int) -> list[bytes]:
+    return [orjson.dumps({"t": f"2026-11-28T12:00:{i:02}Z", "msg": f"line {i}"}) for i in range(count)]
+
+
+def csv_messages(rows: list[str]) -> list[str]:
+    return [row.split(",", 1)[1].strip('"') for row in rows]
+
+
+async def test_invalid_utf8_in_a_json_line_is_repaired_counted_filtered_and_delivered(tmp_path: Path) -> None:
+    """msgspec validates a block without checking the UTF-8 of what it skips, while a filter
+    and the csv writer decode with orjson: such a line's batch was passed on unfiltered, and a
+    csv output retried it forever. The line is repaired (U+FFFD) and counted."""
+    lines = numbered(50)
+    lines[10] = b'{"t":"2026-11-28T12:00:10Z","msg":"caf\xe9 \xff"}'
+    lines[20] = b'{"t":"2026-11-28T12:00:20Z","msg":"drop me \xc3"}'
+    out, csv, bad = await through_grep_to_plain_and_csv(tmp_path, lines)
+    expected = [f"line {i}" for i in range(50) if i not in (10, 20)]
+    expected.insert(10, "caf\ufffd \ufffd")
+    assert [orjson.loads(line)["msg"] for line in out] == expected
+    assert csv_messages(csv) == expected
     assert bad.get("invalid_utf8") == 2
+
+
+async def test_a_number_beyond_a_double_keeps_its_line_as_text_and_is_delivered(tmp_path: Path) -> None:
+    """msgspec's validation reads numbers of any size; orjson refuses ``1e999``: the grep filter
+    failed on the batch and a csv output retried it forever. Its body is the line under ``log``
+    (what a line that is not JSON gets); plain JSON lines keep its bytes."""
+    lines = numbered(50)
+    lines[30] = b'{"t":"2026-11-28T12:00:30Z","msg":"huge","n":1e999}'
+    out, csv, _bad = await through_grep_to_plain_and_csv(tmp_path, lines)
+    assert out[30] == b'{"msg":"huge","n":1e999}'  # its bytes, as parsed (time_key cut)
+    assert [orjson.loads(line)["msg"] for line in out[:30] + out[31:]] == [f"line {i}" for i in range(50) if i != 30]
+    assert csv[30].split(",", 1)[1] == '"{""msg"":""huge"",""n"":1e999}"'  # the line as text
+    assert csv_messages(csv[:30] + csv[31:]) == [f"line {i}" for i in range(50) if i != 30]
 
 
 async def test_out_file_format_takes_the_times_from_the_block(tmp_path: Path) -> None:
