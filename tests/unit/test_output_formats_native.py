@@ -343,17 +343,37 @@ async def test_stdout_writes_what_it_buffered_before_the_block(tmp_path: Path) -
     )
 
 
-def test_a_line_no_formatter_takes_leaves_nothing_of_the_batch(tmp_path: Path) -> None:
-    """A lone surrogate: the native writer leaves the line, orjson refuses it; what the native
-    writer had written of the batch before it is cut, so a retry does not repeat it."""
+def test_a_line_orjson_refuses_is_written_as_its_text(tmp_path: Path) -> None:
+    """A lone surrogate: the native writer leaves the line and orjson refuses it, so its body
+    is the line under ``log`` (``decode_body``) and the batch is written, in order."""
+    s = sink(tmp_path, format="csv")
+    target = tmp_path / "out.csv"
+    lines = [b'{"a":2}', b'{"a":"\\ud800"}', b'{"a":3}']
+    batch = block_batch(lines, [2, 3, 4])
+    s._write_sync(target, [s._data(batch)], batch)
+    assert target.read_bytes() == b'0.000000002,"2"\n0.000000003,"{""a"":""\\ud800""}"\n0.000000004,"3"\n'
+
+
+def test_a_line_that_fails_to_format_leaves_nothing_of_the_batch(tmp_path: Path) -> None:
+    """A line the Python formatter fails on, after the native writer wrote part of the batch:
+    that part is cut, so a retry does not repeat it."""
     s = sink(tmp_path, format="csv")
     target = tmp_path / "out.csv"
     good = block_batch([b'{"a":1}'], [1])
     s._write_sync(target, [s._data(good)], good)
     before = target.read_bytes()
-    lines = [b'{"a":2}', b'{"a":"\\ud800"}', b'{"a":3}']
+    formatter = s._body_formatter
+    assert formatter is not None
+
+    def failing(time_ns: int, body: dict[str, Any]) -> bytes:
+        if body.get("a") == 2.5:
+            raise ValueError("cannot format")
+        return formatter(time_ns, body)
+
+    s._body_formatter = failing
+    lines = [b'{"a":2}', b'{"a":2.5}', b'{"a":3}']  # a float: the native writer leaves it to Python
     bad = block_batch(lines, [2, 3, 4])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot format"):
         s._write_sync(target, [s._data(bad)], bad)
     assert target.read_bytes() == before == b'0.000000001,"1"\n'
 
