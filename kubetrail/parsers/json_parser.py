@@ -20,9 +20,11 @@ The tail hands whole blocks to :meth:`JsonParser.line_block` (see :mod:`kubetrai
   one that fails there keeps its key and the time of reading, and is counted (``bad_time``),
   as Fluent Bit keeps such a record whole. Only a time that the reference takes but the scan
   does not, under ``time_keep off``, sends the block to the line-by-line path. When a sink asked
-  for them (``LineBlock.keep_members``: the native csv/ltsv/template writer), the same walk
-  keeps each line's top-level member spans and whether each container is already compact, so
-  that writer does not walk the lines again.
+  for them (``LineBlock.keep_members``: the native csv/ltsv/template writer), the scan walks
+  each line whole and keeps its top-level member spans and whether each container is already
+  compact, so that writer does not walk the lines again; walking every byte anyway, it also
+  checks each line strictly (``LineMembers.validated``), and msgspec's pass runs only for a
+  block it does not vouch for (a float inside a nested value, a surrogate escape, ...).
 
 ``types`` and ``decode_field`` change values, so those parsers decode every line (eager).
 """
@@ -255,19 +257,30 @@ class _ScannedBlock(ScannedLineBlock["JsonParser"]):
         self.rewrites = not parser.time_keep
 
     def validate(self) -> bytes | None:
-        try:
-            if len(_VALID_ONLY.decode_lines(self.source)) != self.count or not valid_utf8(self.source):
-                return None
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-            return None  # a line that is not a JSON object: the line-by-line path keeps it as log
         scanner = self._parser._scanner
-        # members=True only when a sink asked: the walk then keeps each line's member spans.
         if self.keep_members and _SCAN_KEEPS_MEMBERS:
+            # A sink asked for the members: the scan walks every line whole, and checks each
+            # strictly as it goes; msgspec's pass is left for a block it does not vouch for.
             scanned = scanner.scan(self.source, self._now, members=True)
+            if scanned is None:
+                return None  # not an object, or a repeated or escaped time_key: line by line
+            if not getattr(scanned[3], "validated", False) and not self._valid_json():
+                return None
         else:
+            if not self._valid_json():
+                return None
             scanned = scanner.scan(self.source, self._now)
-        if scanned is None:
-            return None  # a repeated or escaped time_key: the reference decoder decides
+            if scanned is None:
+                return None  # a repeated or escaped time_key: the reference decoder decides
         data = self.take_times(scanned[0], scanned[1], scanned[2], orjson.loads)  # slow: the raw JSON value
         self.members = scanned[3] if data is not None and len(scanned) > 3 else None
         return data
+
+    def _valid_json(self) -> bool:
+        """Whether every line is a JSON object (msgspec, strict) in UTF-8 (see valid_utf8)."""
+        try:
+            if len(_VALID_ONLY.decode_lines(self.source)) != self.count:
+                return False
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+            return False  # a line that is not a JSON object: the line-by-line path keeps it as log
+        return valid_utf8(self.source)

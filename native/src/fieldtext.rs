@@ -650,7 +650,7 @@ fn skip_string(s: &[u8], at: usize) -> Option<usize> {
 
 /// Whether every byte of `line` is printable ASCII (no control byte, nothing to check as
 /// UTF-8): one vectorised pass instead of a UTF-8 check and a control-byte scan.
-fn printable_ascii(line: &[u8]) -> bool {
+pub(crate) fn printable_ascii(line: &[u8]) -> bool {
     // A fold without an early exit, 32 bytes at a time: the compiler vectorises it.
     let mut chunks = line.chunks_exact(32);
     for chunk in &mut chunks {

@@ -28,7 +28,7 @@ use memchr::memmem;
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::fieldtext::{compact_end, key_bit, string_end};
+use crate::fieldtext::{compact_end, key_bit, printable_ascii, string_end};
 use crate::timefmt::{Compiled, TimeFormat};
 use crate::{block_lines, new_bytes_filled};
 
@@ -56,9 +56,9 @@ pub(crate) struct Member {
 
 /// Every line's top-level members, kept by `JsonLinesScanner.scan(..., members=True)` for the
 /// block it returned (`data`): the side buffer that lets the `file` output's `csv`, `ltsv` and
-/// `template` writer skip its own walk of each line (see fieldtext.rs). Only a block the scan's
-/// caller validated gets one (msgspec's strict decoder: UTF-8, no raw control byte in a string,
-/// no bad escape), which the writer relies on.
+/// `template` writer skip its own walk of each line (see fieldtext.rs). The writer relies on
+/// the block being valid (UTF-8, no raw control byte in a string, no bad escape): either this
+/// walk found every line so (`validated`) or the caller had msgspec validate the block.
 #[pyclass(module = "kubetrail_native", frozen)]
 pub struct LineMembers {
     /// The block the offsets are of (the writer refuses any other).
@@ -66,6 +66,10 @@ pub struct LineMembers {
     pub(crate) members: Vec<Member>,
     /// Line i's members are `members[starts[i]..starts[i + 1]]`.
     pub(crate) starts: Vec<u32>,
+    /// Whether the walk that found the members found every line strictly valid JSON that
+    /// orjson decodes too (see `Members::valid`): the caller need not validate the block.
+    #[pyo3(get)]
+    pub(crate) validated: bool,
 }
 
 #[pymethods]
@@ -412,6 +416,84 @@ struct Members {
     /// The line's raw keys so far as bits (`fieldtext::key_bit`): a repeated key is found here,
     /// while its bytes are in the cache, instead of by the writer.
     seen: [u64; 16],
+    /// Whether every line so far is, as far as this walk can vouch, a JSON object that
+    /// msgspec's strict decoder and orjson both take (see `valid_text`, `escapes_valid`,
+    /// `scalar_valid`; a nested container is vouched for when it is compact). The walk touches
+    /// every byte anyway, so checking as it goes spares the caller msgspec's pass over the
+    /// block. It only ever says no when unsure: a line it does not vouch for (a float in a
+    /// nested value, a surrogate escape, a tab between tokens, ...) sends the block to msgspec.
+    valid: bool,
+}
+
+/// A line whose bytes are text JSON may hold as they are: UTF-8 with no control byte at all
+/// (so no raw one in a string, and no whitespace but spaces between tokens).
+fn valid_text(line: &[u8]) -> bool {
+    printable_ascii(line)
+        || (simdutf8::basic::from_utf8(line).is_ok() && !line.iter().any(|&b| b < 0x20))
+}
+
+/// Whether every escape in a string's text (between its quotes) is one JSON allows, leaving
+/// out `\u` surrogates (msgspec decides whether they pair).
+fn escapes_valid(text: &[u8]) -> bool {
+    let mut at = 0;
+    while let Some(found) = memchr::memchr(b'\\', &text[at..]) {
+        let escape = at + found;
+        at = match text.get(escape + 1) {
+            Some(b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't') => escape + 2,
+            Some(b'u') => match text.get(escape + 2..escape + 6) {
+                Some(hex)
+                    if hex.iter().all(u8::is_ascii_hexdigit)
+                        && !(matches!(hex[0], b'd' | b'D')
+                            && matches!(hex[1], b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')) =>
+                {
+                    escape + 6
+                }
+                _ => return false,
+            },
+            _ => return false,
+        };
+    }
+    true
+}
+
+/// Whether a top-level scalar (what `skip_value` spans) is `true`, `false`, `null` or a number
+/// in JSON's grammar that orjson reads as a finite double or an integer: no exponent of three
+/// digits, no 30 bytes of digits (msgspec reads `1e999`, orjson refuses it).
+fn scalar_valid(text: &[u8]) -> bool {
+    if matches!(text, b"true" | b"false" | b"null") {
+        return true;
+    }
+    let digits = |at: &mut usize| {
+        let start = *at;
+        while matches!(text.get(*at), Some(b'0'..=b'9')) {
+            *at += 1;
+        }
+        *at - start
+    };
+    let mut at = usize::from(text.first() == Some(&b'-'));
+    match text.get(at) {
+        Some(b'0') => at += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut at);
+        }
+        _ => return false,
+    }
+    if text.get(at) == Some(&b'.') {
+        at += 1;
+        if digits(&mut at) == 0 {
+            return false;
+        }
+    }
+    if matches!(text.get(at), Some(b'e' | b'E')) {
+        at += 1;
+        if matches!(text.get(at), Some(b'+' | b'-')) {
+            at += 1;
+        }
+        if !(1..=2).contains(&digits(&mut at)) {
+            return false;
+        }
+    }
+    at == text.len() && text.len() < 30
 }
 
 impl Members {
@@ -453,6 +535,16 @@ impl Members {
             },
             _ => skip_value(line, value).ok_or(())?,
         };
+        if self.valid {
+            self.valid = (!key_escaped || escapes_valid(&line[at + 1..key_end - 1]))
+                && match line[value] {
+                    b'"' => {
+                        flags & VALUE_ESCAPED == 0 || escapes_valid(&line[value + 1..value_end - 1])
+                    }
+                    b'{' | b'[' => flags & COMPACT != 0,
+                    _ => scalar_valid(&line[value..value_end]),
+                };
+        }
         // Offsets are u32: a line of 4 GiB has no members kept (the caller gives up on them).
         let offset = |at: usize| u32::try_from(at).map_err(|_| ());
         self.members.push(Member {
@@ -506,12 +598,21 @@ fn scan_line(
     if line.get(at) != Some(&b'{') {
         return Err(());
     }
+    if let Some(kept) = members.as_deref_mut() {
+        kept.valid = kept.valid && valid_text(line);
+    }
     at += 1;
     let mut found: Option<(usize, usize)> = None;
+    let mut after_comma = false;
     loop {
         at = skip_ws_forward(line, at);
         match line.get(at) {
-            Some(b'}') => break,
+            Some(b'}') => {
+                if let Some(kept) = members.as_deref_mut() {
+                    kept.valid = kept.valid && !after_comma; // `{"a":1,}`
+                }
+                break;
+            }
             Some(b'"') => {}
             _ => return Err(()),
         }
@@ -543,13 +644,18 @@ fn scan_line(
         }
         at = skip_ws_forward(line, value_end);
         match line.get(at) {
-            Some(b',') => at += 1,
+            Some(b',') => {
+                at += 1;
+                after_comma = true;
+            }
             Some(b'}') => break,
             _ => return Err(()),
         }
     }
-    if let Some(found) = members {
-        found.line_done();
+    if let Some(kept) = members {
+        // Nothing but spaces after the object (a valid line has no other whitespace).
+        kept.valid = kept.valid && skip_ws_forward(line, at + 1) == line.len();
+        kept.line_done();
     }
     Ok(found.map(|(start, end)| with_time(line, start, end, format)))
 }
@@ -618,6 +724,7 @@ impl JsonLinesScanner {
             starts: vec![0],
             nested: Vec::new(),
             seen: [0; 16],
+            valid: true,
         });
         let bytes = block.as_bytes();
         let base = bytes.as_ptr() as usize;
@@ -698,6 +805,7 @@ impl JsonLinesScanner {
                     data: out.clone().unbind(),
                     members: kept.members,
                     starts: kept.starts,
+                    validated: kept.valid,
                 },
             )?),
             None => None,

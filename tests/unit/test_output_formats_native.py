@@ -35,6 +35,7 @@ from kubetrail.core.component import ComponentContext
 from kubetrail.core.metrics import MetricsRegistry
 from kubetrail.core.options import resolve_options
 from kubetrail.core.record import Batch, Record
+from kubetrail.parsers import json_parser
 from kubetrail.parsers.json_parser import JsonParser
 from kubetrail.parsers.registry import ParserRegistry
 from kubetrail.sinks import file as file_module
@@ -471,6 +472,75 @@ def test_members_are_each_lines_members() -> None:
                 assert not orjsons or has_float(body[name])
     assert compact_seen > 100
     assert b'"ts":"2026' not in data and b'"ts":"not a time"' in data and b'"ts":true' in data
+
+
+# Bytes that break JSON, or make it valid JSON only some decoders take.
+MUTATIONS = [b'"', b"\\", b",", b"}", b"]", b"{", b"[", b":", b" ", b"\t", b"\x01", b"\xff", b"\xc3", b"e", b"-"]
+MUTATIONS += [b".", b"0", b"1e999", b"1E+2", b"tru", b"nul", b"\\ud800", b"\\uDC00", b"\\u12", b"\\x", b",}", b"1" * 40]
+
+
+def mutated(rnd: random.Random, line: bytes) -> bytes:
+    for _ in range(rnd.randrange(1, 3)):
+        at = rnd.randrange(len(line) + 1)
+        op = rnd.randrange(3)
+        if op == 0:
+            line = line[:at] + rnd.choice(MUTATIONS) + line[at:]
+        elif op == 1:
+            line = line[:at] + line[at + 1 :]
+        else:
+            line = line[:at] + rnd.choice(MUTATIONS) + line[at + 1 :]
+    return line
+
+
+def test_the_scan_vouches_only_for_lines_msgspec_and_orjson_both_take() -> None:
+    """With members, the scan checks each line as it walks it (``LineMembers.validated``) and
+    the parser then skips msgspec's pass: it must never vouch for a line msgspec refuses (not
+    JSON) or orjson refuses (a filter could not decode it), on lines broken at random."""
+    rnd = random.Random(2026)
+    scanner = PARSER._scanner
+    lines = timed_lines() + [random_line(rnd) for _ in range(300)]
+    vouched = refused = 0
+    for _ in range(6000):
+        line = rnd.choice(lines)
+        if rnd.randrange(4):
+            line = mutated(rnd, line)
+        if not line or b"\n" in line:
+            continue
+        result = scanner.scan(line + b"\n", 0, members=True)  # never raises, whatever the line
+        if result is None or not result[3].validated:
+            refused += 1
+            continue
+        vouched += 1
+        assert len(json_parser._VALID_ONLY.decode_lines(line + b"\n")) == 1, line
+        assert isinstance(orjson.loads(line), dict), line
+    assert vouched > 1500 and refused > 1500
+    # One line it does not vouch for is enough for the block.
+    good = [b'{"ts":"2026-11-28T12:00:00.001Z","a":[1,{"b":null}]}'] * 3
+    assert scanner.scan(block_of(good), 0, members=True)[3].validated
+    assert not scanner.scan(block_of([*good, b'{"a":[1.5]}']), 0, members=True)[3].validated
+
+
+@pytest.mark.parametrize("nested_float", [False, True])
+def test_msgspec_runs_only_for_a_block_the_scan_does_not_vouch_for(
+    monkeypatch: pytest.MonkeyPatch, nested_float: bool
+) -> None:
+    calls: list[int] = []
+    real = json_parser._VALID_ONLY
+
+    class Counting:
+        def decode_lines(self, data: bytes) -> Any:
+            calls.append(len(data))
+            return real.decode_lines(data)
+
+    monkeypatch.setattr(json_parser, "_VALID_ONLY", Counting())
+    lines = [b'{"ts":"2026-11-28T12:00:00.001Z","a":[1,{"b":"x"}],"n":2.5}'] * 10
+    if nested_float:
+        lines.append(b'{"ts":"2026-11-28T12:00:00.002Z","a":[1.5]}')
+    _, times, members = scanned(lines)
+    assert members is not None and len(times) == len(lines)
+    assert len(calls) == int(nested_float)
+    _, _, none = scanned(lines, keep_members=False)  # without members: msgspec, as ever
+    assert none is None and len(calls) == 1 + int(nested_float)
 
 
 def test_members_are_not_kept_unless_asked() -> None:
