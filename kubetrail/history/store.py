@@ -55,8 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from kubetrail.core.record import decode_body
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
 from kubetrail.sinks.sqlite import BODY, BUCKET_BITS, BUCKET_KEY, IDENT_KEY, StoreError, ident_buckets, open_reader
 
@@ -162,7 +161,7 @@ class StoreBackend:
                 rows = again()
             if any(not row[3] for row in rows):
                 raise HistoryError(f"cannot read store {self.path}: a record without its body")
-        return [StoredRecord(row[0], row[1], row[2], orjson.loads(row[3])) for row in rows]
+        return [StoredRecord(row[0], row[1], row[2], decode_body(row[3])) for row in rows]
 
     def _has(self, type_: str, name: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?", (type_, name)).fetchone()

@@ -9,9 +9,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from kubetrail.core.record import Record
 from kubetrail.history.model import REDACTED, redact_record
 from tests.unit.history_helpers import cli, entries, fill
-from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, story
+from tests.unit.history_story import SA_CI, SECRET_VALUE, UID_WEB, audit, story
 
 
 @pytest.fixture(scope="module")
@@ -192,3 +193,22 @@ def test_limit_keeps_the_newest_records_oldest_first(store: Path) -> None:
     assert [e.get("verb") or e.get("reason") for e in got] == ["BackOff", "delete", "ScalingReplicaSet"]
     assert "older records left out (the newest 3 shown)" in result.stderr
     assert [e["verb"] for e in entries(store, "who", "alice", "--limit", "2")] == ["update", "get"]
+
+
+def test_a_stored_body_orjson_refuses_is_shown_as_its_text(tmp_path: Path) -> None:
+    """A body the store took (its writer reads numbers of any size) that orjson refuses, here
+    ``1e999``: the object's timeline still reads, that record with its line as text (before,
+    ``history`` failed on the whole object)."""
+    records = story()
+    odd = audit(200, "a-huge", "patch", "mallory", "deployments", "web", request={"spec": {"replicas": 7}})
+    raw = orjson.dumps(odd.body).replace(b'"replicas":7', b'"replicas":1e999')
+    assert raw.count(b"1e999") == 1
+    fill(tmp_path / "s.db", [*records, Record(odd.tag, odd.time_ns, None, raw, identity=odd.identity)])
+    timeline = entries(tmp_path / "s.db", "history", "deploy/shop/web")
+    assert len(timeline) == len(entries_of_web(tmp_path, records)) + 1
+    assert timeline[-1]["kind"] == "audit" and timeline[-1]["record"] == {"log": raw.decode()}
+
+
+def entries_of_web(tmp_path: Path, records: list[Record]) -> list[dict[str, object]]:
+    fill(tmp_path / "plain.db", records)
+    return entries(tmp_path / "plain.db", "history", "deploy/shop/web")
