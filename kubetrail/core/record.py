@@ -11,6 +11,8 @@ Per-record Python overhead is the whole performance budget of a Python collector
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -22,15 +24,51 @@ from kubetrail.core.acks import AckToken
 from kubetrail.core.block import LineBlock, ReadyBlock
 
 
+def _float_or_text(text: str) -> float | str:
+    value = float(text)
+    return value if math.isfinite(value) else text
+
+
+def _int_or_text(text: str) -> int | float | str:
+    value = int(text)
+    if -(2**63) <= value < 2**64:
+        return value
+    return _float_or_text(text)  # as orjson reads it: a double, when one holds it
+
+
+def _not_json(text: str) -> Any:
+    raise ValueError(f"{text} is not JSON")
+
+
+def decode_json(raw: bytes) -> Any:
+    """``raw`` decoded as orjson decodes it, except that a number beyond a double (``1e999``, an
+    integer of 400 digits), which orjson refuses, is kept as its text (a string). Lines reach
+    filters and sinks validated by msgspec, which reads numbers of any size, so a filter that
+    needs the whole document (the audit filter's redaction, a detection rule's fields) decodes
+    it here: such a number must not make it fail, pass its batch on unredacted, or blind a rule.
+    Raises ``ValueError`` on what is not JSON at all."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass  # the slow way, for the rare line that needs it
+    value = json.loads(raw, parse_float=_float_or_text, parse_int=_int_or_text, parse_constant=_not_json)
+    try:
+        orjson.dumps(value)  # what orjson would refuse to write (a lone surrogate) is not taken either
+    except orjson.JSONEncodeError as exc:
+        raise ValueError(str(exc)) from None
+    return value
+
+
 def decode_body(raw: bytes) -> dict[str, Any]:
-    """A record's body from its JSON line (``raw``). A line that a parser's validation took
-    (msgspec, which reads numbers of any size) but orjson refuses (a number beyond a double:
-    ``1e999``, an integer of 400 digits) is kept as text under ``log``, as a parser keeps a line
-    that is not JSON: a filter or a sink that needs the fields never fails on it (a failing sink
+    """A record's body from its JSON line (``raw``), by :func:`decode_json`; a line that is not
+    a JSON object after all is kept as text under ``log``, as a parser keeps a line that is not
+    JSON, so that a filter or a sink that needs the fields never fails on it (a failing sink
     retried the batch forever)."""
     try:
-        body: dict[str, Any] = orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        body = decode_json(raw)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError too
+        body = None
+    if not isinstance(body, dict):
         return {"log": raw.decode("utf-8", "replace")}
     return body
 

@@ -32,6 +32,7 @@ import msgspec
 import orjson
 
 from kubetrail.core.audit_event import AuditEvent
+from kubetrail.core.record import decode_json
 
 try:  # optional: kubetrail_native (see native/src/alerts.rs)
     from kubetrail_native import cut_lines as _cut_lines
@@ -143,8 +144,8 @@ class Event:
         doc = self._doc
         if doc is None:
             try:
-                doc = orjson.loads(self.raw)
-            except orjson.JSONDecodeError:
+                doc = decode_json(self.raw)
+            except ValueError:
                 doc = {}
             self._doc = doc
         return doc
@@ -162,7 +163,7 @@ class Event:
         if objects is None:
             objects = self._objects = {}
         if name not in objects:
-            objects[name] = orjson.loads(bytes(raw))
+            objects[name] = decode_json(bytes(raw))  # a number orjson refuses must not blind a rule
         return objects[name]
 
     def value(self, ref: FieldRef) -> Any:

@@ -115,7 +115,7 @@ from kubetrail.core.block import ReadyBlock, valid_utf8
 from kubetrail.core.component import ComponentContext, Transform
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.options import Option
-from kubetrail.core.record import Batch, Record
+from kubetrail.core.record import Batch, Record, decode_json
 from kubetrail.core.state import DB_OPTIONS, StateDB
 
 try:  # optional: the native scan, built from native/ (see "Speed" above)
@@ -933,14 +933,14 @@ class KubernetesAuditTransform(Transform):
         if self.redact_secrets and ev.level not in _BODILESS:
             secret_res, token_res = _secret_resource(ev)
             if secret_res or token_res or _hinted(raw):
-                body = orjson.loads(raw)
+                body = decode_json(raw)  # a number orjson refuses must not skip the redaction
                 for field in ("requestObject", "responseObject"):
                     if field in body:
                         redacted |= _redact_object(body[field], secret_res, token_res)
         for parts, needle in self.paths:
             if needle is None or needle in raw:
                 if body is None:
-                    body = orjson.loads(raw)
+                    body = decode_json(raw)
                 redacted |= _redact_path(body, parts)
         if redacted:
             raw = orjson.dumps(body)

@@ -168,6 +168,23 @@ def test_secrets_are_redacted_by_default(ev: dict[str, Any]) -> None:
     assert REDACTED in text
 
 
+def test_a_number_orjson_refuses_does_not_skip_the_redaction() -> None:
+    """A patch's body is logged as sent, so a user can put ``1e999`` beside a Secret's value.
+    msgspec (the scan) reads it, orjson refuses it: the filter failed, and its whole batch went
+    on unfiltered, every Secret in it unredacted. The number is kept as its text now."""
+    ev = event(objectRef=SECRET_REF, verb="patch", requestObject={"stringData": {"pw": SECRET_PLAIN}, "x": 7})
+    raw = orjson.dumps(ev).replace(b'"x":7', b'"x":1e999')
+    others = [event(f"id-{i}", objectRef=SECRET_REF, requestObject=secret()) for i in range(2, 5)]
+    records = [Record("audit", 1, None, raw, ("id-1", "ResponseComplete")), *[rec(e) for e in others]]
+    out = build(KubernetesAuditTransform).process(records)
+    assert len(out) == 4
+    text = b"".join(r.json_bytes() for r in out)
+    assert SECRET_PLAIN.encode() not in text and SECRET_B64.encode() not in text
+    first = orjson.loads(out[0].json_bytes())
+    assert first["requestObject"] == {"stringData": {"pw": REDACTED}, "x": "1e999"}
+    assert first["k8s.audit.redacted"] is True and first["k8s.audit.verb"] == "patch"
+
+
 def test_redaction_keeps_keys_and_other_fields() -> None:
     ev = event(objectRef=SECRET_REF, requestObject=secret())
     (out,) = run(build(KubernetesAuditTransform), [ev])

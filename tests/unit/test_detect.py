@@ -345,6 +345,19 @@ def test_odd_shapes_are_not_errors() -> None:
     assert [r.name for r in engine.match(Event.from_body(odd))] == ["c"]
 
 
+def test_a_number_orjson_refuses_does_not_blind_a_rule() -> None:
+    """The request body is logged as sent: ``1e999`` beside a privileged container. Audit lines
+    are validated by msgspec, which reads it; orjson refuses it, so the event read as empty and
+    no rule fired on it. The number is read as its text."""
+    raw = orjson.dumps(audit()).replace(b'"runAsUser":1000', b'"runAsUser":1e999', 1)
+    assert raw.count(b"1e999") == 1
+    engine = engine_of(
+        rule("ka.req.pod.containers.privileged intersects (true)", name="privileged")
+        + rule("ka.req.pod.host_network = true", name="host network")
+    )
+    assert sorted(r.name for r in engine.match(Event(raw))) == ["host network", "privileged"]
+
+
 # -- outputs -----------------------------------------------------------------------------------
 
 

@@ -399,17 +399,20 @@ async def test_invalid_utf8_in_a_json_line_is_repaired_counted_filtered_and_deli
     assert bad.get("invalid_utf8") == 2
 
 
-async def test_a_number_beyond_a_double_keeps_its_line_as_text_and_is_delivered(tmp_path: Path) -> None:
+async def test_a_number_beyond_a_double_is_kept_as_its_text_and_delivered(tmp_path: Path) -> None:
     """msgspec's validation reads numbers of any size; orjson refuses ``1e999``: the grep filter
-    failed on the batch and a csv output retried it forever. Its body is the line under ``log``
-    (what a line that is not JSON gets); plain JSON lines keep its bytes."""
+    failed on the batch and a csv output retried it forever. A filter and the csv writer now
+    read it as its text (``decode_json``); plain JSON lines keep the line's bytes."""
     lines = numbered(50)
-    lines[30] = b'{"t":"2026-11-28T12:00:30Z","msg":"huge","n":1e999}'
+    lines[30] = b'{"t":"2026-11-28T12:00:30Z","msg":"drop me","n":1e999}'
+    lines[31] = b'{"t":"2026-11-28T12:00:31Z","msg":"huge","n":-1e999}'
     out, csv, _bad = await through_grep_to_plain_and_csv(tmp_path, lines)
-    assert out[30] == b'{"msg":"huge","n":1e999}'  # its bytes, as parsed (time_key cut)
-    assert [orjson.loads(line)["msg"] for line in out[:30] + out[31:]] == [f"line {i}" for i in range(50) if i != 30]
-    assert csv[30].split(",", 1)[1] == '"{""msg"":""huge"",""n"":1e999}"'  # the line as text
-    assert csv_messages(csv[:30] + csv[31:]) == [f"line {i}" for i in range(50) if i != 30]
+    assert out[30] == b'{"msg":"huge","n":-1e999}'  # its bytes, as parsed (time_key cut); line 30 dropped
+    assert [orjson.loads(line)["msg"] for line in out[:30] + out[31:]] == [
+        f"line {i}" for i in range(50) if i < 30 or i > 31
+    ]
+    assert csv[30].split(",", 1)[1] == '"huge","-1e999"'
+    assert csv_messages(csv[:30] + csv[31:]) == [f"line {i}" for i in range(50) if i < 30 or i > 31]
 
 
 async def test_out_file_format_takes_the_times_from_the_block(tmp_path: Path) -> None:
