@@ -71,7 +71,7 @@ from kubetrail.core.component import ComponentContext, Emitter, Source
 from kubetrail.core.errors import ConfigError
 from kubetrail.core.gzip_body import GzipBodyError, gunzip_bounded
 from kubetrail.core.options import Option
-from kubetrail.core.record import Batch, Record
+from kubetrail.core.record import Batch, Record, decode_body
 
 DEFAULT_PORT = 8443  # HTTPS alternative port: the receiver is meant to run with TLS
 API_VERSIONS = frozenset({"audit.k8s.io/v1", "audit.k8s.io/v1beta1"})
@@ -475,7 +475,9 @@ class KubernetesAuditSource(Source):
             if compact:
                 append(Record(tag, time_ns, None, bytes(raw), (event.auditID, event.stage)))
             else:
-                append(Record(tag, time_ns, msgspec.json.decode(raw), None, (event.auditID, event.stage)))
+                # decode_json: a number beyond a double (a request body is logged as sent) is kept
+                # as its text; msgspec refused it, and failed every retry of the whole batch.
+                append(Record(tag, time_ns, decode_body(bytes(raw)), None, (event.auditID, event.stage)))
         raw_block = b"\n".join([r.raw for r in records]) + b"\n" if compact and records else None  # type: ignore[misc]
         return records, raw_block
 
