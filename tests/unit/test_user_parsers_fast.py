@@ -177,6 +177,7 @@ ODD_LINES = [
     b'{"\\u0074":"2026-11-28T12:00:09Z"}',  # the key written with an escape
     b'{"t":"2026-11-28T12:00:10Z","m":"caf\xe9"}',  # invalid UTF-8 in a string msgspec skips
     b'{"k\xff":1,"t":"2026-11-28T12:00:11Z"}',  # ... and in a key
+    b'{"t":"2026-11-28T12:00:12Z","n":1e999}',  # a number msgspec reads and orjson refuses
 ]
 
 PARSERS = {
