@@ -51,7 +51,10 @@ def decode_json(raw: bytes) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         pass  # the slow way, for the rare line that needs it
-    value = json.loads(raw, parse_float=_float_or_text, parse_int=_int_or_text, parse_constant=_not_json)
+    try:
+        value = json.loads(raw, parse_float=_float_or_text, parse_int=_int_or_text, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None  # as orjson refuses it (1,024 levels)
     try:
         orjson.dumps(value)  # what orjson would refuse to write (a lone surrogate) is not taken either
     except orjson.JSONEncodeError as exc:
