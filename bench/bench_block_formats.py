@@ -18,12 +18,13 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from typing import Any
 
 import kubetrail_native
 
 from _common import audit_lines_file
 from kubetrail.parsers.json_parser import JsonParser
-from kubetrail.sinks.file import times_bytes
+from kubetrail.sinks.json_format import times_bytes
 
 FORMATS = ("plain", "csv", "ltsv")
 
@@ -38,7 +39,7 @@ def blocks_of(data: bytes, size: int = 1 << 20) -> list[bytes]:
     return blocks
 
 
-def run(fmt: str, blocks: list[bytes], parser: JsonParser, null: int, writers: dict[str, object]) -> float:
+def run(fmt: str, blocks: list[bytes], parser: JsonParser, null: int, writers: dict[str, Any]) -> float:
     """CPU seconds to validate and write every block in ``fmt``."""
     start = time.process_time()
     for block in blocks:
@@ -46,12 +47,12 @@ def run(fmt: str, blocks: list[bytes], parser: JsonParser, null: int, writers: d
         assert lazy is not None
         lazy.keep_members = fmt != "plain"  # as the file output asks before validation
         data = lazy.data()
-        assert data is not None, "the audit lines are one block each"
+        assert data is not None and lazy.times is not None, "the audit lines are one block each"
         if fmt == "plain":
             os.write(null, data)
             continue
         extra = (lazy.members,) if lazy.members is not None else ()
-        left = writers[fmt].write(null, data, times_bytes(lazy.times), 0, *extra)  # type: ignore[attr-defined]
+        left = writers[fmt].write(null, data, times_bytes(lazy.times), 0, *extra)
         assert left is None, "every audit line is written natively"
     return time.process_time() - start
 
