@@ -475,8 +475,8 @@ class KubernetesAuditSource(Source):
             if compact:
                 append(Record(tag, time_ns, None, bytes(raw), (event.auditID, event.stage)))
             else:
-                # decode_json: a number beyond a double (a request body is logged as sent) is kept
-                # as its text; msgspec refused it, and failed every retry of the whole batch.
+                # decode_body: a number beyond a double (a request body is logged as sent) is kept
+                # as its text; msgspec's decode refused it, and failed every retry of the batch.
                 append(Record(tag, time_ns, decode_body(bytes(raw)), None, (event.auditID, event.stage)))
         raw_block = b"\n".join([r.raw for r in records]) + b"\n" if compact and records else None  # type: ignore[misc]
         return records, raw_block

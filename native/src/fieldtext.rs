@@ -830,8 +830,8 @@ impl FieldsWriter {
         scratch: &mut Scratch,
     ) -> Walk<()> {
         // Most lines are printable ASCII: one pass says so, and no string needs a control check.
-        // A line with known members was validated (UTF-8, no raw control byte in a string)
-        // before the scan that found them: no pass at all.
+        // A line with known members was validated (UTF-8, no raw control byte in a string) by
+        // the scan that found them or by msgspec before it (`LineMembers`): no pass at all.
         let controls = if known.is_some() || printable_ascii(line) {
             false
         } else {
