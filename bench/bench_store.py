@@ -16,9 +16,10 @@ worker); the same batches through the ``file`` output (plain JSON lines, fsync p
 batch) in the same run, for the ratio the issue asks for (at most 2x the file output's cost).
 Also the size on disk per million records. ``--into M``: each sqlite row writes into a copy of
 a cached store of M synthetic records whose month of activity ends where the audit lines begin
-(the steady state: the new records join the newest time bucket), and one more row does the
-same with schema 2's object index (led by the name) in place of schema 3's (led by the time
-bucket): the before and after of issue 19 in the same run; another with schema 3's global
+(the steady state: the new records join the newest segment of ids and time bucket), and one
+more row does the same with schema 2's object index (led by the name) in place of schema 6's
+(led by the segment of ids), one with schema 3-5's (led by the time bucket): the befores and
+after of issue 19 in the same run; another with schema 3's global
 identity index in place of schema 4's (led by the identity's time bucket), and one into an
 empty store. ``--pair``: only the file (plain), schema 4, global identity and empty store rows.
 
@@ -88,6 +89,11 @@ SPLIT_SCHEMA: str | None = getattr(_sqlite_module, "USER_BODIES", None)
 
 # Schema 2's object index (schema 3 leads it by the time bucket): the "before" of issue 19.
 NAME_LED_INDEX = "CREATE INDEX records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
+# Schemas 3-5's object index, led by the time bucket (schema 6 leads it by the segment of ids).
+BUCKET_LED_INDEX = (
+    "CREATE INDEX records_object_bucket ON records (time_ns >> 46, name, resource, namespace, time_ns)"
+    " WHERE name IS NOT NULL"
+)
 # Schema 3's identity index (schema 4 leads it by the identity's time bucket): the "before" of
 # the identity index.
 GLOBAL_IDENT_INDEX = "CREATE UNIQUE INDEX records_ident ON records (ident)"
@@ -195,6 +201,10 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 lambda: build(SqliteSink, path=str(work / "name-led.db"), sync="full"),
             ),
             (
+                "sqlite (sync full, bucket-led index)",
+                lambda: build(SqliteSink, path=str(work / "bucket-led.db"), sync="full"),
+            ),
+            (
                 "sqlite (sync full, global identity)",
                 lambda: build(SqliteSink, path=str(work / "ident-global.db"), sync="full"),
             ),
@@ -203,10 +213,10 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
         if pair:
             # (schema 3's global identity index against schema 4's was measured with this before
             # schema 5; it is left out: its copy's index rebuild took minutes at 10M)
-            pairs = ("plain, fsync per batch)", "(sync full)", "empty store)")
+            pairs = ("plain, fsync per batch)", "(sync full)", "bucket-led index)", "empty store)")
             rows = tuple(row for row in rows if row[0].endswith(pairs))
         for name, factory in rows * max(pair, 1):
-            if ("name-led" in name or "global identity" in name or "empty store" in name) and not into:
+            if ("-led" in name or "global identity" in name or "empty store" in name) and not into:
                 continue  # a young store: both indexes take new keys anywhere in a small tree
             if name.startswith("sqlite"):
                 db = Path(factory().writer.path)
@@ -218,8 +228,11 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                     if without:  # what one index costs: the same ingest without it
                         conn.execute(f"DROP INDEX {without}")
                     if "name-led" in name:  # schema 2's index under this schema's number: not migrated
-                        conn.execute("DROP INDEX records_object_bucket")
+                        conn.execute("DROP INDEX records_object_segment")
                         conn.execute(NAME_LED_INDEX)
+                    if "bucket-led" in name:  # schema 5's index, the same way
+                        conn.execute("DROP INDEX records_object_segment")
+                        conn.execute(BUCKET_LED_INDEX)
                     if "global identity" in name:  # schema 3's identity index, the same way
                         conn.execute("DROP INDEX records_ident_bucket")
                         conn.execute(GLOBAL_IDENT_INDEX)
@@ -339,14 +352,18 @@ def pipeline(records: int, rounds: int, into: int = 0) -> None:
 def migrate(count: int) -> None:
     """The writer's migration of a store of ``count`` records to this schema (on open, one
     transaction, the open's ``quick_check`` included), on a copy dropped from the page cache.
-    Schema 5: from the schema 4 store the ingest bench of a schema 4 tree cached (its audit rows'
+    Schema 6: from the schema 5 store the ingest bench of a schema 5 tree cached (the object
+    index built led by the segment of ids, the bucket-led one dropped). Schema 5: from the schema
+    4 store the ingest bench of a schema 4 tree cached (its audit rows'
     bodies copied into user_bodies, emptied in records, records_user dropped). Schema 4: from
     the schema 4 store put back to schema 3's identity index ("typical": the index is built, no
     row changes) and the store a schema-3 bench built ("worst": its synthetic audit bodies had no
     stageTimestamp: every audit row gets its ibucket, 0)."""
     from kubetrail.sinks.sqlite import StoreWriter
 
-    if SCHEMA_VERSION >= 5:
+    if SCHEMA_VERSION >= 6:
+        sources = {"schema 5": CACHE / f"store-{count}-64k-s5-before-ingest.db"}
+    elif SCHEMA_VERSION >= 5:
         sources = {"schema 4": CACHE / f"store-{count}-64k-s4-before-ingest.db"}
     else:
         sources = {
@@ -378,7 +395,10 @@ def migrate(count: int) -> None:
             writer.open()
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             assert writer.conn is not None
-            if SCHEMA_VERSION >= 5:
+            if SCHEMA_VERSION >= 6:
+                changed = writer.conn.execute("SELECT count(*) FROM records WHERE name IS NOT NULL").fetchone()[0]
+                what = "rows in the new object index"
+            elif SCHEMA_VERSION >= 5:
                 changed = writer.conn.execute("SELECT count(*) FROM user_bodies").fetchone()[0]
                 what = "bodies moved to user_bodies"
             else:
@@ -785,14 +805,22 @@ def compare(count: int, cold: bool, stores: list[Path]) -> None:
 # written without it. Each: (SQL run on the new store before the writes, the native writer's
 # body statement or None for the bodies in ``records``).
 _CUT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,substr(?,1,250))"
+_BY_IDS = (
+    "DROP INDEX records_object_segment; CREATE INDEX records_object_ids ON records (id >> {bits}, name, resource,"
+    " namespace, time_ns) WHERE name IS NOT NULL"
+)
+_BY_BUCKET = f"DROP INDEX records_object_segment; {BUCKET_LED_INDEX}"
 WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "as it is": ("", ""),
-    "without records_object_bucket": ("DROP INDEX records_object_bucket", ""),
+    "without records_object_segment": ("DROP INDEX records_object_segment", ""),
     "without records_ident_bucket": ("DROP INDEX records_ident_bucket", ""),
     "without records_time": ("DROP INDEX records_time", ""),
     "without records_uid": ("DROP INDEX records_uid", ""),
     "bodies in records (no user_bodies)": ("", None),
     "bodies cut to 250 bytes": ("", _CUT_BODY),
+    "object index by time bucket (schema 5)": (_BY_BUCKET, ""),
+    "object index by 2^16 ids": (_BY_IDS.format(bits=16), ""),
+    "object index by 2^20 ids": (_BY_IDS.format(bits=20), ""),
 }
 # Variants that change only the native writer connection's settings: run after the store's own
 # (StoreInserter's ``setup``), so each differs from "as it is" by its statement alone.
@@ -817,7 +845,8 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
     blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
     prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
     if into and not prefilled.exists():
-        raise SystemExit(f"no {prefilled.name}: `bench_store.py ingest --into {into}` builds it")
+        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
+        build_store(prefilled, into, t0=first - MONTH_NS)  # as ingest builds it
     every = [*WRITER_VARIANTS, *WRITER_SETUPS]
     names = [name for name in every if not only or any(word in name for word in only)]
     work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
@@ -837,7 +866,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
                 w.open()
                 assert w.conn is not None and w.native is not None, "the native writer is not built"
                 if sql:
-                    w.conn.execute(sql)
+                    w.conn.executescript(sql)
                 if body != "" or setup:
                     w.native.close()
                     w.native = store._StoreInserter(

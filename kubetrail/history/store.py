@@ -2,14 +2,17 @@
 
 Every query is an indexed range scan: a uid by ``uid``, a user's by ``(user, time)`` (schema 5:
 the ``user_bodies`` table itself, bodies included: one range statement), a search by
-time, and an object's records by ``(time bucket, name, resource, namespace, time)`` (schema 3),
-one scan per time bucket that holds records, newest bucket first, stopping once ``limit`` rows
-are found. The bucket leads the object index so that the writer's new keys land at the end of
-the B-tree (in a store holding millions of records an index led by the name took half of each
-insert: docs/benchmarks.md, issue 19); the price is one short scan per bucket (2^46 ns, 19.5
-hours: 37 for a month), found by jumping through the time index so that empty stretches cost
-nothing. A store of an older schema (opened read-only, not migrated) has the name-led index:
-one scan, as before. WAL mode lets these run while the agent writes.
+time, and an object's records by ``(segment of ids, name, resource, namespace, time)`` (schema
+6), one seek per segment, newest first, in groups of 1, 4, 16... segments a statement. The
+segment leads the object index so that the writer's new keys land in a subtree that stays in its
+cache (kubetrail/sinks/sqlite.py, "Steady state"). Segments are in the order records were
+stored, not their time, so once ``limit`` rows are found the segments not yet read are read in
+one more statement for rows newer than the Nth (:class:`Parts`): a record that came late is not
+missed. A store of schema 3-5 (opened read-only, not migrated) has the object index led by the
+time bucket (2^46 ns, 19.5 hours), whose buckets are in time order: its scan stops once
+``limit`` rows are found, and ``--since``/``--until`` skip the buckets outside them. A store of
+schema 2 or older has the name-led index: one scan. WAL mode lets these run while the agent
+writes.
 
 **Bodies are read apart from the index scan.** The scan yields row ids; the bodies are then
 read in id order (the file order: rows are appended as they come), and for a long answer (a
@@ -57,7 +60,17 @@ from typing import Any
 
 from kubetrail.core.record import decode_body
 from kubetrail.history.model import HistoryError, ObjectRef, StoredRecord, with_alerts
-from kubetrail.sinks.sqlite import BODY, BUCKET_BITS, BUCKET_KEY, IDENT_KEY, StoreError, ident_buckets, open_reader
+from kubetrail.sinks.sqlite import (
+    BODY,
+    BUCKET_BITS,
+    BUCKET_KEY,
+    IDENT_KEY,
+    OLD_OBJECT_INDEX,
+    StoreError,
+    ident_buckets,
+    object_segment_bits,
+    open_reader,
+)
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
 WORKLOADS = ("deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs")
@@ -102,6 +115,21 @@ class Filters:
         return self.kind == "alert" or self.priority is not None or self.rule is not None
 
 
+@dataclass(frozen=True)
+class Parts:
+    """The parts of the object index to scan, newest first: ``key`` is the index's leading
+    expression and ``values`` its values. Time buckets (schema 3-5) are in time order: every
+    record of a bucket is newer than those of the buckets after it, so a scan for the newest N
+    stops once it has N. Segments of ids (schema 6) are in the order records were stored: a
+    record that came late (a replayed buffer, a node that was away) sits in a newer segment than
+    records newer than it, so once N are found the segments not yet read are read once more,
+    together, for records newer than the Nth."""
+
+    key: str
+    values: list[int]
+    in_time_order: bool
+
+
 def _time_clause(since: int | None, until: int | None, params: list[Any], table: str = "") -> str:
     clause = ""
     if since is not None:
@@ -127,7 +155,8 @@ class StoreBackend:
         advise_random(self.path)  # open_reader read the store: its and the WAL's descriptors are open
         self.has_alerts = self._has("table", "alerts")
         self._schema_seen = -1
-        self.by_bucket = False
+        self.by_bucket = False  # schema 3-5: the object index led by the time bucket
+        self.segment_bits: int | None = None  # schema 6: led by a segment of ids, this wide
         self.split = False  # schema 5: the bodies of the rows with a user in user_bodies
         self.body = "r.body"  # the body of a records row aliased r, in SQL
         self._check_schema()
@@ -137,9 +166,9 @@ class StoreBackend:
         self._pool: ThreadPoolExecutor | None = None
 
     def _check_schema(self) -> bool:
-        """Whether the store has schema 3's bucket-led object index, else the name-led one, and
-        schema 5's user_bodies; read again after a writer changed the schema (the UI outlives a
-        migration). True when it changed."""
+        """Whether the store has schema 6's segment-led object index, or schema 3's bucket-led
+        one, else the name-led one, and schema 5's user_bodies; read again after a writer
+        changed the schema (the UI outlives a migration). True when it changed."""
         try:
             seen = self.conn.execute("PRAGMA schema_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
@@ -147,7 +176,8 @@ class StoreBackend:
         if seen == self._schema_seen:
             return False
         self._schema_seen = seen
-        self.by_bucket = self._has("index", "records_object_bucket")
+        self.segment_bits = object_segment_bits(self.conn)
+        self.by_bucket = self.segment_bits is None and self._has("index", OLD_OBJECT_INDEX)
         self.split = self._has("table", "user_bodies")
         self.body = BODY if self.split else "r.body"
         return True
@@ -200,6 +230,24 @@ class StoreBackend:
             out.append(newest >> BUCKET_BITS)
             bound = (out[-1] << BUCKET_BITS) - 1
 
+    def segments(self) -> list[int]:
+        """Every segment of ids from the newest record's to the oldest's, newest first (schema 6;
+        the store's rows are in few: 38 for 10M records at 2^18)."""
+        assert self.segment_bits is not None
+        newest, oldest = self.conn.execute("SELECT max(id), min(id) FROM records").fetchone()
+        if newest is None:
+            return []
+        return list(range(newest >> self.segment_bits, (oldest >> self.segment_bits) - 1, -1))
+
+    def _parts(self, since: int | None, until: int | None) -> Parts | None:
+        """The parts of the object index an object's scan reads, or None for a store whose object
+        index is led by the name (schema 2 or older: one scan)."""
+        if self.segment_bits is not None:
+            return Parts(f"id >> {self.segment_bits}", self.segments(), in_time_order=False)
+        if self.by_bucket:
+            return Parts(BUCKET_KEY, self.buckets(since, until), in_time_order=True)
+        return None
+
     def _newest_ids(
         self,
         where: str,
@@ -207,14 +255,14 @@ class StoreBackend:
         since: int | None,
         until: int | None,
         limit: int,
-        buckets: list[int] | None = None,
+        parts: Parts | None = None,
     ) -> list[int]:
-        """Ids of the newest ``limit`` records matching ``where``, newest first: bucket by bucket
-        through the object index when ``buckets`` (from :meth:`buckets`) is given and the store
-        has that index (``where`` must then constrain ``name``), else one scan."""
+        """Ids of the newest ``limit`` records matching ``where``, newest first: part by part
+        through the object index when ``parts`` (from :meth:`_parts`) is given (``where`` must
+        then constrain ``name``), else one scan."""
         time_params: list[Any] = []
         clause = _time_clause(since, until, time_params)
-        if buckets is None or not self.by_bucket:
+        if parts is None:
             sql = f"SELECT id FROM records WHERE {where}{clause} ORDER BY time_ns DESC LIMIT ?"
             return self._ids(sql, [*params, *time_params, limit])
         # The newest bucket first, then 4, 16, 64... at a time, a statement each on this
@@ -223,20 +271,36 @@ class StoreBackend:
         # at once until measured (cold, 10M records, load 7-8): as fast in wall time (p50 24.6
         # against 24.5 ms, 14.1 against 17.9 in another run), half the CPU (6-7 ms against
         # 14.5-15), and warm 2.0 against 8.7 ms (docs/benchmarks.md, "Cold queries").
-        found: list[int] = []
+        found: list[tuple[int, int]] = []  # (time_ns, id)
+
+        def scan(group: list[int], extra: str, extra_params: list[Any], count: int) -> list[tuple[int, int]]:
+            # The parts are integers from the store itself: written into the statement, so a
+            # long list never meets SQLite's limit on parameters.
+            sql = (
+                f"SELECT time_ns, id FROM records WHERE {parts.key} IN ({','.join(map(str, group))})"
+                f" AND {where}{clause}{extra} ORDER BY time_ns DESC LIMIT ?"
+            )
+            return [(row[0], row[1]) for row in self.conn.execute(sql, [*params, *time_params, *extra_params, count])]
+
         start, size = 0, 1
         try:
-            while start < len(buckets) and len(found) < limit:
-                group = buckets[start : start + size]
-                sql = (
-                    f"SELECT id FROM records WHERE {BUCKET_KEY} IN ({','.join('?' * len(group))})"
-                    f" AND {where}{clause} ORDER BY time_ns DESC LIMIT ?"
-                )
-                found += [row[0] for row in self.conn.execute(sql, [*group, *params, *time_params, limit - len(found)])]
+            while start < len(parts.values) and len(found) < limit:
+                # Parts out of time order: the newest N of each group, as the first group's
+                # could all be older than the second's.
+                count = limit - len(found) if parts.in_time_order else limit
+                found += scan(parts.values[start : start + size], "", [], count)
                 start, size = start + size, size * 4
+            if not parts.in_time_order:
+                found.sort(reverse=True)
+                del found[limit:]
+                if len(found) == limit and start < len(parts.values):
+                    # The parts not read yet may hold records newer than the Nth found (see Parts).
+                    found += scan(parts.values[start:], " AND time_ns >= ?", [found[-1][0]], limit)
+                    found.sort(reverse=True)
+                    del found[limit:]
         except sqlite3.DatabaseError as exc:
             raise HistoryError(f"cannot read store {self.path}: {exc}") from None
-        return found
+        return [ident for _, ident in found]
 
     def _records(self, ids: list[int]) -> list[StoredRecord]:
         """The records of ``ids``, oldest first (ties by id), their bodies read in file order,
@@ -303,16 +367,16 @@ class StoreBackend:
         self, ref: ObjectRef, since: int | None, until: int | None, logs: bool, limit: int
     ) -> list[StoredRecord]:
         self._check_schema()
-        buckets = self.buckets(since, until) if self.by_bucket else None
+        parts = self._parts(since, until)
         params: list[Any] = [ref.name, ref.resource]
         where = "name = ? AND resource = ? AND kind != 'log'"
         if ref.namespace is not None:
             where += " AND namespace = ?"
             params.append(ref.namespace)
-        records = self._records(self._newest_ids(where, params, since, until, limit, buckets))
-        extra = self._owned_events(ref, since, until, limit, buckets)
+        records = self._records(self._newest_ids(where, params, since, until, limit, parts))
+        extra = self._owned_events(ref, since, until, limit, parts)
         if logs:
-            extra += self._log_records(ref, since, until, limit, buckets)
+            extra += self._log_records(ref, since, until, limit, parts)
         records = with_alerts(records, self.alerts_for)
         if extra:
             records.extend(extra)
@@ -358,7 +422,7 @@ class StoreBackend:
         return out
 
     def _owned_events(
-        self, ref: ObjectRef, since: int | None, until: int | None, limit: int, buckets: list[int] | None
+        self, ref: ObjectRef, since: int | None, until: int | None, limit: int, parts: Parts | None
     ) -> list[StoredRecord]:
         """A workload's story goes on in its ReplicaSets' and pods' Events (an image that cannot
         be pulled is a Warning on the pod): those named after it (``web-<hash>[-<id>]``)."""
@@ -369,10 +433,10 @@ class StoreBackend:
         if ref.namespace is not None:
             where += " AND namespace = ?"
             params.append(ref.namespace)
-        return self._records(self._newest_ids(where, params, since, until, limit, buckets))
+        return self._records(self._newest_ids(where, params, since, until, limit, parts))
 
     def _log_records(
-        self, ref: ObjectRef, since: int | None, until: int | None, limit: int, buckets: list[int] | None
+        self, ref: ObjectRef, since: int | None, until: int | None, limit: int, parts: Parts | None
     ) -> list[StoredRecord]:
         """A pod's lines, or those of a workload's pods (named after it: ``web-<hash>-<id>``)."""
         params: list[Any] = []
@@ -388,7 +452,7 @@ class StoreBackend:
         if ref.namespace is not None:
             where += " AND namespace = ?"
             params.append(ref.namespace)
-        return self._records(self._newest_ids(where, params, since, until, limit, buckets))
+        return self._records(self._newest_ids(where, params, since, until, limit, parts))
 
     def uid_ref(self, uid: str) -> ObjectRef | None:
         row = self.conn.execute(
@@ -446,9 +510,10 @@ class StoreBackend:
                 params.append(filters.level)
         where = " AND ".join(clauses) or "1"
         self._check_schema()
-        if table == "records r" and filters.name is not None and self.by_bucket:
-            # A name is what the object index finds, bucket by bucket (led by the time bucket).
-            return self._records(self._newest_ids(where, params, since, until, limit, self.buckets(since, until)))
+        parts = self._parts(since, until) if table == "records r" and filters.name is not None else None
+        if parts is not None:
+            # A name is what the object index finds, part by part (led by the segment or bucket).
+            return self._records(self._newest_ids(where, params, since, until, limit, parts))
         if table == "records r" and filters.user is not None and self.split:
             # Schema 5 has no user index: user_bodies is one (user, time_ns, id), the rest of the
             # filters on each of the user's rows, newest first.

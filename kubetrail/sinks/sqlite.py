@@ -40,22 +40,28 @@ Design decisions:
   (``retention_size``, the pages in use): checked after a commit at most every
   ``retention_interval``; the oldest rows go first, in bounded chunks so a writer never holds
   the lock for long. Freed pages are reused by later inserts, so the file stops growing.
-* **Steady state: the object index is led by a time bucket** (schema 3). Schema 2's ``(name,
-  resource, namespace, time_ns)`` took each new key at a random place of a B-tree that outgrows
-  the cache: into a store of 2M records half of each insert's cost was that index (a commit of
-  16,000 rows dirties most of its leaf pages, all written to the WAL). Schema 3's ``(time_ns >>
-  46, name, resource, namespace, time_ns)`` (:data:`OBJECT_INDEX`, an index on an expression: no
-  column, the INSERT unchanged) puts new keys in the newest bucket's subtree, 2^46 ns (19.5
-  hours) of records. A query of an object scans the buckets of its time range
-  (``kubetrail.history.store``: in groups, several at once, newest first, stopping at
-  ``--limit``). The bucket's width is a trade: inserts stay local while the bucket's keys fit
-  the writer's 64 MiB cache (about a million; at 100 records/s a bucket ends with 7M, ~400 MiB,
-  so late in each bucket inserts scatter again, over that bucket's subtree instead of the whole
-  store's), and an object's history costs a seek per bucket (37 for a month; out of the page
-  cache each is a disk read of a 64 KiB page). Figures: docs/benchmarks.md (issue 19). A writer
-  opening a store of schema 1 or 2 builds the new index and drops the old in one transaction (a
-  kill -9 midway leaves schema 2, migrated again next time); readers of an older store use its
-  index.
+* **Steady state: the object index is led by a segment of ids** (schema 6; schema 3 led it by
+  a time bucket). Schema 2's ``(name, resource, namespace, time_ns)`` took each new key at a
+  random place of a B-tree that outgrows the cache: into a store of 2M records half of each
+  insert's cost was that index (a commit of 16,000 rows dirties most of its leaf pages, all
+  written to the WAL). Schema 3 put a time bucket in front, ``time_ns >> 46`` (19.5 hours), so
+  new keys landed in the newest bucket's subtree; but a bucket holds whatever arrives in 19.5
+  hours (70M records at 1,000/s), and once its subtree outgrew the writer's cache each commit
+  rewrote most of its leaves again: a long ingest fell to ~55,000 records/s, 5.8 KB written a
+  record. Schema 6's ``(id >> 18, name, resource, namespace, time_ns)`` (:data:`OBJECT_INDEX`,
+  an index on an expression: no column, the INSERT unchanged) bounds the subtree by count
+  instead of time: ids are given in the order rows are stored, so new keys land among the
+  newest 262,144 rows' keys (~20 MiB), which stay in the cache whatever the rate. The price is
+  on the reader's side: an object's history costs a seek per segment (38 for 10M records, as
+  many as schema 3's buckets for a month; out of the page cache each is a disk read of a 64 KiB
+  page) and ``--since``/``--until`` no longer skip segments (their times are checked inside
+  each seek: the index ends with ``time_ns``); and segments are in the order records came, not
+  their time: a record that came late sits after newer ones, so a query for the newest N reads
+  the segments not yet read once more for anything newer than the Nth
+  (``kubetrail.history.store``, ``Parts``). Figures: docs/benchmarks.md (issue 19, "Schema 6").
+  A writer opening an older store builds the new index and drops the old in one transaction (a
+  kill -9 midway leaves the old schema, migrated again next time); readers of an older store
+  use its index.
 * **Identity index** (schema 4). Schema 3's unique index on ``ident`` alone took each new key at
   a random place of a B-tree of the whole store (16-byte hashes; ~300 MiB at 10M records): into
   a store of 10M records it was what remained of the cost of an insert after the object index
@@ -165,10 +171,10 @@ Design decisions:
   writing, 64 blocks a commit instead of 16, 32 or 16 KiB pages, ``mmap_size``, bodies cut to
   250 bytes (-0.8-0.9 us: the most a compression could save, before its own CPU and a schema
   change). Sixth pass: checkpoints every :data:`WAL_CHECKPOINT_PAGES` (fewer bytes written).
-  A long ingest (1M records into one time bucket) falls to ~55,000 records/s: the object and
-  identity indexes, random inside the newest bucket, outgrow the page cache and each commit
-  rewrites most of their leaves (docs/benchmarks.md, "Store ingest, sixth pass", and what would
-  change it).
+  A long ingest (1M records into one time bucket) fell to ~55,000 records/s: the object and
+  identity indexes, random inside the newest bucket, outgrew the page cache and each commit
+  rewrote most of their leaves (docs/benchmarks.md, "Store ingest, sixth pass"); schema 6's
+  object index took that part away ("Steady state" above); the identity index's remains.
 """
 
 from __future__ import annotations
@@ -213,21 +219,28 @@ APPLICATION_ID = 0x6B747231
 # led by the bucket of a time the identity determines (see "Identity index" above), with the
 # column ibucket for the rows whose bucket is not the default; check_store keeps the 1 -> 2 -> 3
 # -> 4 steps. Schema 5 moved the bodies of the rows with a user into USER_BODIES (see "A user's
-# records together" above) and dropped records_user.
+# records together" above) and dropped records_user. Schema 6 leads the object index by the
+# segment of ids instead of the time bucket (see "Steady state" above).
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order, and INSERT_BODY with 6 for a new row with a user: a change of
 # their columns changes it too. It writes audit
 # rows only (their ibucket NULL: IDENT_KEY's default, the stageTimestamp's bucket); every other
 # kind (alert included) is decided by row_of, here, and written by INSERT_ROW with its ibucket.
-SCHEMA_VERSION = 5
-# The object index's leading key: the record's time bucket, 2^46 ns (19.5 hours; a shift floors
-# in SQLite and Python alike, negative times included), as an expression: no column to fill, the
-# INSERT unchanged. A query must spell it exactly so for SQLite to use the index.
+SCHEMA_VERSION = 6
+# A time bucket, 2^46 ns (19.5 hours; a shift floors in SQLite and Python alike, negative times
+# included), as an expression: no column to fill, the INSERT unchanged. It leads the identity
+# index (IDENT_KEY) and led schema 3-5's object index (OLD_OBJECT_INDEX, which readers of such a
+# store still use). A query must spell it exactly so for SQLite to use the index.
 BUCKET_BITS = 46
 BUCKET_KEY = f"time_ns >> {BUCKET_BITS}"
+OLD_OBJECT_INDEX = "records_object_bucket"
+# Schema 6: the object index led by a segment of 2^SEGMENT_BITS consecutive ids (see "Steady
+# state" above). Readers take the width from the index's own SQL (object_segment_bits), so a store
+# built with another width is read right.
+SEGMENT_BITS = 18
 OBJECT_INDEX = (
-    f"CREATE INDEX IF NOT EXISTS records_object_bucket ON records ({BUCKET_KEY}, name, resource, namespace, time_ns)"
-    " WHERE name IS NOT NULL"
+    f"CREATE INDEX IF NOT EXISTS records_object_segment ON records (id >> {SEGMENT_BITS}, name, resource, namespace,"
+    " time_ns) WHERE name IS NOT NULL"
 )
 # The identity index's leading key (schema 4): the bucket of a time the identity determines, so
 # that new keys land in the newest bucket's subtree instead of all over a B-tree of the whole
@@ -729,8 +742,11 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # indexes built anew, records_user not), then drops the old one: its pages become free
         # pages, reused by later inserts and not counted by retention_size (an UPDATE emptying
         # the bodies in place left them in use, ~35% of a migrated store that retention by size
-        # would have made up for by deleting old records).
-        steps = (ALERTS_SCHEMA if version < 2 else "") + f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object;"
+        # would have made up for by deleting old records). 6 builds the segment-led object index
+        # and drops the bucket-led one (seconds per million records, in the same transaction).
+        steps = (ALERTS_SCHEMA if version < 2 else "") + (
+            f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
+        )
         if version < 4:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
             times = TimeParser()
@@ -761,6 +777,15 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
+
+
+def object_segment_bits(conn: sqlite3.Connection) -> int | None:
+    """The segment width of a schema 6 store's object index, read from the index's SQL; None
+    for a store without that index (schema 5 or older: led by the time bucket or the name)."""
+    sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'records_object_segment'"
+    row = conn.execute(sql).fetchone()
+    found = re.search(r"\(id >> (\d+),", row[0]) if row else None
+    return int(found.group(1)) if found else None
 
 
 def ident_buckets(conn: sqlite3.Connection) -> list[int]:

@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 from click.testing import CliRunner, Result
 
 from kubetrail.cli.main import main
 from kubetrail.core.record import Batch, Record
-from kubetrail.sinks.sqlite import OBJECT_INDEX, SCHEMA, SqliteSink
+from kubetrail.sinks import sqlite as sqlite_module
+from kubetrail.sinks.sqlite import BUCKET_KEY, OBJECT_INDEX, SCHEMA, SEGMENT_BITS, SqliteSink
 from tests.unit.helpers import build
 
 # Schemas 1 and 2 had this object index (led by the name), which schema 3 replaced: for stores
@@ -30,11 +32,38 @@ V2_OBJECT_INDEX = (
 V4_USER_INDEX = "CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;"
 V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX) + V4_USER_INDEX
 assert V2_OBJECT_INDEX in V2_SCHEMA
+# Schemas 3 to 5 had this object index (led by the time bucket), which schema 6 replaced.
+V5_OBJECT_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS records_object_bucket ON records ({BUCKET_KEY}, name, resource, namespace, time_ns)"
+    " WHERE name IS NOT NULL"
+)
+
+
+def to_schema_5(path: Path) -> None:
+    """A store of this schema put back as kubetrail wrote it with schema 5: the object index led
+    by the time bucket instead of the segment of ids (the same rows, the same ids)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript(
+        f"BEGIN; DROP INDEX IF EXISTS records_object_segment; {V5_OBJECT_INDEX}; PRAGMA user_version=5; COMMIT;"
+    )
+    conn.close()
+
+
+@contextlib.contextmanager
+def segments_of(bits: int) -> Iterator[None]:
+    """New stores made meanwhile get an object index of segments of 2^bits ids (instead of
+    SEGMENT_BITS': a test's few thousand records then span many segments)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sqlite_module, "SCHEMA", SCHEMA.replace(f"(id >> {SEGMENT_BITS},", f"(id >> {bits},"))
+        assert sqlite_module.SCHEMA != SCHEMA
+        yield
 
 
 def to_schema_4(path: Path) -> None:
-    """A store of this schema put back as kubetrail wrote it with schema 4: every body in
-    ``records``, the user index, no ``user_bodies`` (the same rows, the same ids)."""
+    """A store of this schema (or 5) put back as kubetrail wrote it with schema 4: every body in
+    ``records``, the user index, no ``user_bodies``, the object index led by the time bucket (the
+    same rows, the same ids)."""
+    to_schema_5(path)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
         "BEGIN; UPDATE records SET body = (SELECT b.body FROM user_bodies b WHERE b.user = records.user"

@@ -1,7 +1,9 @@
-"""Schema 3 of the store: the object index led by a time bucket (issue 19). History, ``who`` and
-``search`` across bucket boundaries and gaps of months give what one scan gave; a store of
-schema 2 is read as it is and migrated by the next writer (history unchanged, replays still
-absorbed); long answers read their bodies through several connections and come back the same."""
+"""Schemas 3 to 5 of the store: the object index led by a time bucket (issue 19), as readers
+still find it in a store an older kubetrail wrote (the stores here are put back so:
+``to_schema_5``). History, ``who`` and ``search`` across bucket boundaries and gaps of months
+give what one scan gave; a store of schema 2 is read as it is and migrated by the next writer
+to schema 6 (history unchanged, replays still absorbed); long answers read their bodies through
+several connections and come back the same."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from kubetrail.history import queries
 from kubetrail.history import store as store_module
 from kubetrail.history.store import PARALLEL_FROM, Filters, StoreBackend
 from kubetrail.sinks.sqlite import APPLICATION_ID, BUCKET_BITS, INSERT, SCHEMA_VERSION, StoreWriter, row_of
-from tests.unit.history_helpers import V2_SCHEMA, entries, fill
+from tests.unit.history_helpers import V2_SCHEMA, entries, fill, to_schema_5
 from tests.unit.history_story import story
 
 BUCKET = 1 << BUCKET_BITS
@@ -51,12 +53,15 @@ def without_times(found: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[int]]:
-    """The story within a minute (one bucket) and the same story spread over many buckets."""
+    """The story within a minute (one bucket) and the same story spread over many buckets, as
+    schema 5 kept them."""
     tmp = tmp_path_factory.mktemp("buckets")
     compact, spread = tmp / "compact.db", tmp / "spread.db"
     fill(compact, story())
     times = spread_times(len(story()))
     fill(spread, at(story(), times))
+    to_schema_5(compact)
+    to_schema_5(spread)
     return compact, spread, times
 
 
@@ -167,15 +172,16 @@ def test_a_schema_2_store_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_p
     ref = queries.parse_ref("deploy/shop/web")
     assert not isinstance(ref, str)
     got = [r.id for r in backend.object_records(ref, None, None, False, 1000)]
-    assert backend.by_bucket  # it noticed the new index
+    assert backend.segment_bits is not None  # it noticed the new index
     backend.close()
     fresh = StoreBackend(path)
-    assert fresh.by_bucket and got == [r.id for r in fresh.object_records(ref, None, None, False, 1000)] != []
+    assert fresh.segment_bits is not None
+    assert got == [r.id for r in fresh.object_records(ref, None, None, False, 1000)] != []
     fresh.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "records_object_bucket" in indexes and "records_object" not in indexes
+        assert "records_object_segment" in indexes and not indexes & {"records_object", "records_object_bucket"}
         assert conn.execute("SELECT count(*) FROM records").fetchone() == (len(records),)
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     for args, found in before.items():
@@ -187,7 +193,7 @@ def test_a_failed_migration_changes_nothing(tmp_path: Path) -> None:
     path = tmp_path / "v2.db"
     _v2_store(path, story())
     with sqlite3.connect(path) as conn:  # a name the new index wants, taken: CREATE INDEX fails
-        conn.execute("CREATE TABLE records_object_bucket (x)")
+        conn.execute("CREATE TABLE records_object_segment (x)")
     writer = StoreWriter(path)
     with pytest.raises(Exception, match=rf"cannot migrate .* from store schema 2 to {SCHEMA_VERSION}"):
         writer.open()
@@ -231,3 +237,31 @@ def test_long_answers_read_by_several_connections_are_the_same(tmp_path: Path) -
         assert [r.body["auditID"] for r in newest] == [f"a-{n}" for n in range(count - PARALLEL_FROM - 1, count)]
     finally:
         backend.close()
+
+
+def test_a_schema_5_store_is_migrated_to_segments_by_the_next_writer(tmp_path: Path) -> None:
+    """Schema 6 builds the object index led by the segment of ids and drops the bucket-led one in
+    one transaction; every answer stays the same, and a replay still adds nothing."""
+    path = tmp_path / "v5.db"
+    records = at(story(), spread_times(len(story())))
+    fill(path, records)
+    to_schema_5(path)
+    asks = [("history", "deploy/shop/web", "--logs"), ("who", "alice"), ("search", "--name", "web")]
+    before = {args: entries(path, *args) for args in asks}
+    assert all(before.values())
+    reader = StoreBackend(path)
+    assert reader.by_bucket and reader.segment_bits is None
+    fill(path, records)  # the writer migrates; the replay adds nothing
+    ref = queries.parse_ref("deploy/shop/web")
+    assert not isinstance(ref, str)
+    assert reader.object_records(ref, None, None, False, 1000)
+    assert reader.segment_bits is not None and not reader.by_bucket  # it noticed the new index
+    reader.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert "records_object_segment" in indexes and "records_object_bucket" not in indexes
+        assert conn.execute("SELECT count(*) FROM records").fetchone() == (len(records),)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    for args, found in before.items():
+        assert entries(path, *args) == found

@@ -110,7 +110,7 @@ def test_a_new_store_has_the_bucket_led_identity_index_and_lookups_use_it(tmp_pa
     asyncio.run(write_all(path, Batch("t", story())))
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_ident_bucket" in indexes and "records_ident" not in indexes
         plan = str(conn.execute("EXPLAIN QUERY PLAN " + INSERT_ALERT, [None] * 7 + [b"x"]).fetchall())
@@ -256,7 +256,7 @@ def test_a_schema_3_store_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_p
     assert reader.object_records(ref, None, None, True, 1000)  # the reader opened before goes on
     reader.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (5,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_ident_bucket" in indexes and "records_ident" not in indexes
         assert "records_user" not in indexes  # schema 5: user_bodies holds those rows' bodies
@@ -282,7 +282,7 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
     with sqlite3.connect(path) as conn:  # the new index's name, taken: CREATE INDEX fails
         conn.execute("CREATE TABLE records_ident_bucket (x)")
     writer = StoreWriter(path)
-    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 3 to 5: .*records_ident_bucket"):
+    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 3 to 6: .*records_ident_bucket"):
         writer.open()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)

@@ -6,8 +6,10 @@ simple path gives: one statement per question on one connection, the user's newe
 their bodies. Compared on a store written by the real ``sqlite`` output with 60 time buckets, a
 dozen users, many objects and bodies with diffs, for ``who``, ``history`` (with and without
 logs) and ``search``, with limits that cut inside a bucket and ``--since``/``--until`` inside
-buckets; on that store (schema 5), on the same store as schema 4 wrote it and on that one
-migrated to schema 5 by a writer, whose answers must all be the same."""
+buckets; on that store (schema 6, its object index in segments of 64 ids, a tenth of the records
+stored late, after newer ones: the segments are not in time order), on the same store as
+schema 5 wrote it (the object index by time bucket), as schema 4 wrote it, and on that one
+migrated to schema 6 by a writer, whose answers must all be the same."""
 
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from kubetrail.history import queries
 from kubetrail.history import store as store_module
 from kubetrail.history.model import StoredRecord
 from kubetrail.history.store import PARALLEL_FROM, Filters, StoreBackend, advise_random
-from kubetrail.sinks.sqlite import BUCKET_BITS, StoreWriter
-from tests.unit.history_helpers import copy_store, fill, to_schema_4
+from kubetrail.sinks.sqlite import BUCKET_BITS, SEGMENT_BITS, StoreWriter
+from tests.unit.history_helpers import copy_store, fill, segments_of, to_schema_4, to_schema_5
 from tests.unit.history_story import T0, audit, deployment, event, log
 
 BUCKET_S = (1 << BUCKET_BITS) / 1e9  # a bucket in seconds (19.5 hours)
@@ -44,7 +46,7 @@ class OneStatement(StoreBackend):
         since: int | None,
         until: int | None,
         limit: int,
-        buckets: list[int] | None = None,
+        parts: store_module.Parts | None = None,
     ) -> list[int]:
         time_params: list[Any] = []
         clause = store_module._time_clause(since, until, time_params)
@@ -125,32 +127,48 @@ def records() -> list[Record]:
 
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """The store as this version writes it, as schema 4 wrote it, and that one migrated."""
+    """The store as this version writes it, as schemas 5 and 4 wrote it, and that one migrated."""
     folder = tmp_path_factory.mktemp("readpath")
     path = folder / "store.db"
     everything = records()
-    fill(path, *[everything[start : start + 400] for start in range(0, len(everything), 400)])
+    # Every tenth record comes 500 records late (a buffer replayed, a node that was away): in a
+    # segment after records newer than it.
+    order = sorted(range(len(everything)), key=lambda n: n + 500 * (n % 10 == 3))
+    stored = [everything[n] for n in order]
+    with segments_of(6):
+        fill(path, *[stored[start : start + 400] for start in range(0, len(stored), 400)])
+    v5 = copy_store(path, folder / "v5.db")
+    to_schema_5(v5)
     v4 = copy_store(path, folder / "v4.db")
     to_schema_4(v4)
     migrated = copy_store(v4, folder / "migrated.db")
     writer = StoreWriter(migrated)
     writer.open()  # migrates
     writer.close()
-    return {"schema 5": path, "schema 4": v4, "migrated": migrated}
+    return {"schema 6": path, "schema 5": v5, "schema 4": v4, "migrated": migrated}
 
 
-@pytest.fixture(params=["schema 5", "schema 4", "migrated"])
+@pytest.fixture(params=["schema 6", "schema 5", "schema 4", "migrated"])
 def store(stores: dict[str, Path], request: pytest.FixtureRequest) -> Path:
     return stores[request.param]
 
 
-def test_the_three_stores_are_what_they_say(stores: dict[str, Path]) -> None:
+def test_the_four_stores_are_what_they_say(stores: dict[str, Path]) -> None:
     for label, path in stores.items():
         backend = StoreBackend(path)
         try:
             assert backend.split == (label != "schema 4"), label
             version = backend.conn.execute("PRAGMA user_version").fetchone()[0]
-            assert version == (4 if label == "schema 4" else 5), label
+            assert version == {"schema 5": 5, "schema 4": 4}.get(label, 6), label
+            assert backend.segment_bits == {"schema 6": 6, "migrated": SEGMENT_BITS}.get(label), label
+            assert backend.by_bucket == (label in ("schema 5", "schema 4")), label
+            if label == "schema 6":  # many segments, and records in them out of time order
+                assert len(backend.segments()) > 40
+                (late,) = backend.conn.execute(
+                    "SELECT count(*) FROM records a WHERE a.time_ns < (SELECT max(b.time_ns) FROM records b"
+                    " WHERE b.id >> 6 < a.id >> 6)"
+                ).fetchone()
+                assert late > 200
             assert backend.conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             if backend.split:  # every row with a user has its body there only, and no other body is there
                 assert backend.conn.execute(
@@ -169,8 +187,8 @@ def test_the_three_stores_are_what_they_say(stores: dict[str, Path]) -> None:
 
 
 def test_answers_are_the_same_before_and_after_the_migration(stores: dict[str, Path]) -> None:
-    """who, history and search on the schema 4 store, on its migration and on the store this
-    version wrote: the same answers."""
+    """who, history and search on the schema 4 store, on its migration, on the schema 5 store
+    and on the store this version wrote: the same answers."""
     asks = [
         lambda b: queries.who(b, "user-3"),
         lambda b: queries.who(b, "user-5", writes_only=True, limit=50),
@@ -186,7 +204,7 @@ def test_answers_are_the_same_before_and_after_the_migration(stores: dict[str, P
         finally:
             backend.close()
     assert all(answer.entries for answer in answers["schema 4"])
-    assert answers["schema 4"] == answers["migrated"] == answers["schema 5"]
+    assert answers["schema 4"] == answers["migrated"] == answers["schema 5"] == answers["schema 6"]
 
 
 def _both(store: Path, ask: Any) -> tuple[Any, Any, StoreBackend]:
@@ -238,7 +256,7 @@ def test_history_is_the_same(store: Path, limit: int, logs: bool) -> None:
                 store,
                 lambda b, t=target, s=since, u=until: queries.history(b, t, since=s, until=u, logs=logs, limit=limit),
             )
-            assert fast.by_bucket
+            assert fast.by_bucket or fast.segment_bits is not None
             assert got == want, (target, since, until)
             if since is None and until is None:
                 assert not isinstance(got, str) and len(got.entries) >= min(limit, 3)
