@@ -302,3 +302,26 @@ def test_every_descriptor_of_the_store_is_told_reads_are_random(store: Path, tmp
         os.close(fd)
     assert advise_random(store) == 0
     assert advise_random(tmp_path / "missing.db") == 0
+
+
+def test_the_segments_are_listed_without_reading_the_rows(stores: dict[str, Path]) -> None:
+    """The newest and oldest ids come from the edges of the table's B-tree: a few dozen steps of
+    SQLite's machine, not one per row (``max(id), min(id)`` in one SELECT read every row: a
+    cold ``history`` on 10M records took 1.1 s instead of 20 ms)."""
+    backend = StoreBackend(stores["schema 6"])
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    try:
+        backend.conn.set_progress_handler(count, 1)
+        segments = backend.segments()
+        backend.conn.set_progress_handler(None, 1)
+        (rows,) = backend.conn.execute("SELECT count(*) FROM records").fetchone()
+        assert rows == 3000 and segments == list(range(rows >> 6, -1, -1))
+        assert steps < 100, steps
+    finally:
+        backend.close()
