@@ -735,14 +735,15 @@ def who_layout(count: int, cold: bool, users: int = 100) -> None:
         )
 
 
-def compare(count: int, cold: bool, stores: list[Path]) -> None:
+def compare(count: int, cold: bool, stores: list[Path], since_hours: float = 0) -> None:
     """The same queries on two stores of the same synthetic records (``--store A --store B``: the
     ingest bench's schema 4 and schema 5 stores, say), alternating query by query in one process
     (the same load for both), each answer checked equal: ``history`` of 150 objects (and with
     ``--logs``), ``who`` of 100 users (newest 1,000, and ``--limit 100``); wall p50/p99, CPU p50
     and the bytes the store's disk read (the block device's counter: the whole machine's reads
     count too). Cold: both files dropped from the page cache and the store opened anew before
-    each query (the open is timed); warm: both files read through once first."""
+    each query (the open is timed); warm: both files read through once first. ``--since-hours H``:
+    also 150 histories of the store's last H hours (``--since``)."""
     from kubetrail.history import queries
     from kubetrail.history.store import StoreBackend
 
@@ -765,6 +766,12 @@ def compare(count: int, cold: bool, stores: list[Path]) -> None:
             resource = RESOURCES[rng.randrange(len(RESOURCES))]
             target = f"{resource}/ns-{rng.randrange(NAMESPACES)}/obj-{rng.randrange(OBJECTS_PER_NS)}"
             asks.append((label, lambda b, t=target, g=logs: queries.history(b, t, logs=g)))
+    if since_hours:  # the last hours of the store's month only
+        since = QUERY_T0 + MONTH_NS - int(since_hours * 3600e9)
+        for _ in range(150):
+            resource = RESOURCES[rng.randrange(len(RESOURCES))]
+            target = f"{resource}/ns-{rng.randrange(NAMESPACES)}/obj-{rng.randrange(OBJECTS_PER_NS)}"
+            asks.append(("history --since", lambda b, t=target: queries.history(b, t, since=since)))
     for label, limit in (("who", queries.DEFAULT_LIMIT), ("who --limit 100", 100)):
         for _ in range(100):
             user = f"user-{rng.randrange(USERS)}"
@@ -932,6 +939,9 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], help="writer: only the variants whose name has this word"
     )
+    parser.add_argument(
+        "--since-hours", type=float, default=0, help="compare: also history of the store's last hours (--since)"
+    )
     parser.add_argument("--cold", action="store_true", help="query: the store out of the page cache for each query")
     parser.add_argument(
         "--store", type=Path, action="append", default=[], help="query: this store; compare: two (or more) stores"
@@ -948,7 +958,7 @@ def main() -> None:
     elif args.what == "who-layout":
         who_layout(args.records or 10_000_000, args.cold)
     elif args.what == "compare":
-        compare(args.records or 10_000_000, args.cold, args.store)
+        compare(args.records or 10_000_000, args.cold, args.store, args.since_hours)
     else:
         query(args.records or 10_000_000, args.cold, args.store[0] if args.store else None)
 

@@ -162,7 +162,11 @@ def test_redaction_of_patches_lists_and_tokens() -> None:
         ),
         (
             ("history", "deploy/shop/web", "--until", "2020-01-01T00:00:00Z"),
-            "no records about deployments/shop/web in that",
+            "no records about deployments/shop/web in that time range; its newest record is at 20",
+        ),
+        (
+            ("history", "deploy/shop/webb", "--since", "2020-01-01T00:00:00Z"),
+            "no records about deployments/shop/webb in that time range; deployments with records: shop/web",
         ),
         (("history", "00000000-0000-4000-8000-000000000000"), "no records carry uid"),
         (("history", "web"), "expected KIND/NAME, KIND/NAMESPACE/NAME or a uid, got 'web'"),
