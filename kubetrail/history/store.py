@@ -232,7 +232,7 @@ class StoreBackend:
 
     def segments(self) -> list[int]:
         """Every segment of ids from the newest record's to the oldest's, newest first (schema 6;
-        the store's rows are in few: 38 for 10M records at 2^18)."""
+        few: 38 for 10M records at 2^18)."""
         assert self.segment_bits is not None
         # Two subqueries: SQLite reads max(id) or min(id) alone from the B-tree's edge, but
         # both in one SELECT by reading every row.
