@@ -238,8 +238,9 @@ OLD_OBJECT_INDEX = "records_object_bucket"
 # state" above). Readers take the width from the index's own SQL (object_segment_bits), so a store
 # built with another width is read right.
 SEGMENT_BITS = 18
+OBJECT_INDEX_NAME = "records_object_segment"
 OBJECT_INDEX = (
-    f"CREATE INDEX IF NOT EXISTS records_object_segment ON records (id >> {SEGMENT_BITS}, name, resource, namespace,"
+    f"CREATE INDEX IF NOT EXISTS {OBJECT_INDEX_NAME} ON records (id >> {SEGMENT_BITS}, name, resource, namespace,"
     " time_ns) WHERE name IS NOT NULL"
 )
 # The identity index's leading key (schema 4): the bucket of a time the identity determines, so
@@ -782,8 +783,8 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
 def object_segment_bits(conn: sqlite3.Connection) -> int | None:
     """The segment width of a schema 6 store's object index, read from the index's SQL; None
     for a store without that index (schema 5 or older: led by the time bucket or the name)."""
-    sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = 'records_object_segment'"
-    row = conn.execute(sql).fetchone()
+    sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
+    row = conn.execute(sql, (OBJECT_INDEX_NAME,)).fetchone()
     found = re.search(r"\(id >> (\d+),", row[0]) if row else None
     return int(found.group(1)) if found else None
 
