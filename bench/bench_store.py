@@ -97,6 +97,11 @@ BUCKET_LED_INDEX = (
 # Schema 3's identity index (schema 4 leads it by the identity's time bucket): the "before" of
 # the identity index.
 GLOBAL_IDENT_INDEX = "CREATE UNIQUE INDEX records_ident ON records (ident)"
+# Schema 4-6's identity index, led by the time bucket (2^46 ns), which schema 7's replaced.
+TIME_BUCKET_IDENT_INDEX = (
+    "CREATE UNIQUE INDEX records_ident_bucket ON records"
+    " (ifnull(ibucket, CASE WHEN kind = 'audit' THEN time_ns >> 46 ELSE 0 END), ident)"
+)
 
 NAMESPACES = 50
 OBJECTS_PER_NS = 2_000  # per resource
@@ -205,6 +210,10 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 lambda: build(SqliteSink, path=str(work / "bucket-led.db"), sync="full"),
             ),
             (
+                "sqlite (sync full, identity by time bucket)",
+                lambda: build(SqliteSink, path=str(work / "ident-bucket.db"), sync="full"),
+            ),
+            (
                 "sqlite (sync full, global identity)",
                 lambda: build(SqliteSink, path=str(work / "ident-global.db"), sync="full"),
             ),
@@ -213,10 +222,10 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
         if pair:
             # (schema 3's global identity index against schema 4's was measured with this before
             # schema 5; it is left out: its copy's index rebuild took minutes at 10M)
-            pairs = ("plain, fsync per batch)", "(sync full)", "bucket-led index)", "empty store)")
+            pairs = ("plain, fsync per batch)", "(sync full)", "identity by time bucket)", "empty store)")
             rows = tuple(row for row in rows if row[0].endswith(pairs))
         for name, factory in rows * max(pair, 1):
-            if ("-led" in name or "global identity" in name or "empty store" in name) and not into:
+            if ("-led" in name or " identity" in name or "empty store" in name) and not into:
                 continue  # a young store: both indexes take new keys anywhere in a small tree
             if name.startswith("sqlite"):
                 db = Path(factory().writer.path)
@@ -234,8 +243,11 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                         conn.execute("DROP INDEX records_object_segment")
                         conn.execute(BUCKET_LED_INDEX)
                     if "global identity" in name:  # schema 3's identity index, the same way
-                        conn.execute("DROP INDEX records_ident_bucket")
+                        conn.execute("DROP INDEX records_ident_second")
                         conn.execute(GLOBAL_IDENT_INDEX)
+                    if "identity by time bucket" in name:  # schema 6's identity index, the same way
+                        conn.execute("DROP INDEX records_ident_second")
+                        conn.execute(TIME_BUCKET_IDENT_INDEX)
                 os.sync()  # the copy's gigabytes written back now, not during the timed writes
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
@@ -352,16 +364,20 @@ def pipeline(records: int, rounds: int, into: int = 0) -> None:
 def migrate(count: int) -> None:
     """The writer's migration of a store of ``count`` records to this schema (on open, one
     transaction, the open's ``quick_check`` included), on a copy dropped from the page cache.
-    Schema 6: from the schema 5 store the ingest bench of a schema 5 tree cached (the object
-    index built led by the segment of ids, the bucket-led one dropped). Schema 5: from the schema
-    4 store the ingest bench of a schema 4 tree cached (its audit rows'
-    bodies copied into user_bodies, emptied in records, records_user dropped). Schema 4: from
-    the schema 4 store put back to schema 3's identity index ("typical": the index is built, no
-    row changes) and the store a schema-3 bench built ("worst": its synthetic audit bodies had no
-    stageTimestamp: every audit row gets its ibucket, 0)."""
+    Schema 7: from the schema 6 store the ingest bench of a schema 6 tree cached (every audit
+    row's identity bucket read from its body, the identity index built anew). Schema 6: from
+    the schema 5 store the ingest bench of a schema 5 tree cached (the object index built led by
+    the segment of ids, the bucket-led one dropped). Schema 5: from the schema 4 store the
+    ingest bench of a schema 4 tree cached (its audit rows' bodies copied into user_bodies,
+    emptied in records, records_user dropped). Schema 4: from the schema 4 store put back to
+    schema 3's identity index ("typical": the index is built, no row changes) and the store a
+    schema-3 bench built ("worst": its synthetic audit bodies had no stageTimestamp: every audit
+    row gets its ibucket, 0)."""
     from kubetrail.sinks.sqlite import StoreWriter
 
-    if SCHEMA_VERSION >= 6:
+    if SCHEMA_VERSION >= 7:
+        sources = {"schema 6": CACHE / f"store-{count}-64k-s6-before-ingest.db"}
+    elif SCHEMA_VERSION >= 6:
         sources = {"schema 5": CACHE / f"store-{count}-64k-s5-before-ingest.db"}
     elif SCHEMA_VERSION >= 5:
         sources = {"schema 4": CACHE / f"store-{count}-64k-s4-before-ingest.db"}
@@ -395,7 +411,10 @@ def migrate(count: int) -> None:
             writer.open()
             elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
             assert writer.conn is not None
-            if SCHEMA_VERSION >= 6:
+            if SCHEMA_VERSION >= 7:
+                changed = writer.conn.execute("SELECT count(*) FROM records WHERE kind = 'audit'").fetchone()[0]
+                what = "audit rows whose bucket was read from their body"
+            elif SCHEMA_VERSION >= 6:
                 changed = writer.conn.execute("SELECT count(*) FROM records WHERE name IS NOT NULL").fetchone()[0]
                 what = "rows in the new object index"
             elif SCHEMA_VERSION >= 5:
@@ -817,22 +836,22 @@ _BY_IDS = (
     " namespace, time_ns) WHERE name IS NOT NULL"
 )
 _BY_BUCKET = f"DROP INDEX records_object_segment; {BUCKET_LED_INDEX}"
+_IDENT_BY = (
+    "DROP INDEX records_ident_second; CREATE UNIQUE INDEX records_ident_other ON records"
+    " (ifnull(ibucket, CASE WHEN kind = 'audit' THEN time_ns >> {bits} ELSE 0 END), ident)"
+)
 WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "as it is": ("", ""),
     "without records_object_segment": ("DROP INDEX records_object_segment", ""),
-    "without records_ident_bucket": ("DROP INDEX records_ident_bucket", ""),
+    "without records_ident_second": ("DROP INDEX records_ident_second", ""),
     "without records_time": ("DROP INDEX records_time", ""),
     "without records_uid": ("DROP INDEX records_uid", ""),
     "bodies in records (no user_bodies)": ("", None),
     "bodies cut to 250 bytes": ("", _CUT_BODY),
     "object index by time bucket (schema 5)": (_BY_BUCKET, ""),
-    # What a finer identity bucket would give (not a schema: a lookup by identity would need the
-    # audit event's time, which an alert does not carry): 2^30 ns, about a second.
-    "identity index by 2^30 ns": (
-        "DROP INDEX records_ident_bucket; CREATE UNIQUE INDEX records_ident_fine ON records"
-        " (ifnull(ibucket, CASE WHEN kind = 'audit' THEN time_ns >> 30 ELSE 0 END), ident)",
-        "",
-    ),
+    "identity index by time bucket (schema 6)": (f"DROP INDEX records_ident_second; {TIME_BUCKET_IDENT_INDEX}", ""),
+    "identity index by 2^28 ns": (_IDENT_BY.format(bits=28), ""),
+    "identity index by 2^33 ns": (_IDENT_BY.format(bits=33), ""),
     "object index by 2^16 ids": (_BY_IDS.format(bits=16), ""),
     "object index by 2^20 ids": (_BY_IDS.format(bits=20), ""),
 }

@@ -318,10 +318,11 @@ class EsBackend:
             out += self._search(query, MAX_WINDOW)
         return out
 
-    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]:
-        """The audit records of these auditIDs (every stage stored)."""
+    def triggers_of(self, alerts: list[tuple[str, int]]) -> list[StoredRecord]:
+        """The audit records of these alerts' requests (``(auditID, time)``: every stage stored)."""
         if self._missing(("auditID", "stage")):
             return []
+        audit_ids = list(dict.fromkeys(audit_id for audit_id, _ in alerts))
         out: list[StoredRecord] = []
         for start in range(0, len(audit_ids), 1000):
             chunk = audit_ids[start : start + 1000]

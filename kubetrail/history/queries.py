@@ -43,7 +43,9 @@ class Backend(Protocol):
 
     def search(self, filters: Filters, since: int | None, until: int | None, limit: int) -> list[StoredRecord]: ...
 
-    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]: ...
+    def triggers_of(self, alerts: list[tuple[str, int]]) -> list[StoredRecord]:
+        """The audit records of alerts' requests, given as ``(auditID, the alert's time)``."""
+        ...
 
     def near_names(self, ref: ObjectRef) -> list[str]: ...
 
@@ -90,7 +92,7 @@ def _linked(backend: Backend, entries: list[dict[str, Any]]) -> list[dict[str, A
     loose = [e for e in entries if e["kind"] == "alert" and "trigger_id" not in e and e.get("audit_id")]
     if not loose:
         return entries
-    triggers = {e["audit_id"]: e for e in timeline(backend.triggers_of(list({e["audit_id"] for e in loose})))}
+    triggers = {e["audit_id"]: e for e in timeline(backend.triggers_of([(e["audit_id"], e["time_ns"]) for e in loose]))}
     for alert in loose:
         trigger = triggers.get(alert["audit_id"])
         if trigger is None:

@@ -64,10 +64,12 @@ from kubetrail.sinks.sqlite import (
     BODY,
     BUCKET_BITS,
     BUCKET_KEY,
-    IDENT_KEY,
     OLD_OBJECT_INDEX,
     StoreError,
+    audit_ident,
+    ident_bucket_bits,
     ident_buckets,
+    ident_key,
     object_segment_bits,
     open_reader,
 )
@@ -79,6 +81,9 @@ BODY_READERS = 8  # connections reading a long answer's bodies at once (see abov
 PARALLEL_FROM = 64  # rows; fewer are read by the backend's own connection
 IN_CHUNK = 500  # ids per "id IN (...)": well under SQLite's limit on parameters
 MAX_BUCKETS = 1_000  # time buckets listed without looking (19.5 hours each: 2.2 years)
+# An alert's request's stages are looked for in its time's identity bucket, one after it and this
+# many before it (schema 7: 2^30 ns each, so at least 4.3 s before; triggers_of)
+STAGES_BEFORE = 4
 
 
 @dataclass
@@ -167,7 +172,8 @@ class StoreBackend:
 
     def _check_schema(self) -> bool:
         """Whether the store has schema 6's segment-led object index, or schema 3's bucket-led
-        one, else the name-led one, and schema 5's user_bodies; read again after a writer
+        one, else the name-led one, schema 5's user_bodies, and the width of its identity
+        buckets (schema 4 and 7); read again after a writer
         changed the schema (the UI outlives a migration). True when it changed."""
         try:
             seen = self.conn.execute("PRAGMA schema_version").fetchone()[0]
@@ -177,6 +183,7 @@ class StoreBackend:
             return False
         self._schema_seen = seen
         self.segment_bits = object_segment_bits(self.conn)
+        self.ident_bits = ident_bucket_bits(self.conn)
         self.by_bucket = self.segment_bits is None and self._has("index", OLD_OBJECT_INDEX)
         self.split = self._has("table", "user_bodies")
         self.body = BODY if self.split else "r.body"
@@ -401,20 +408,29 @@ class StoreBackend:
             )
         return out
 
-    def triggers_of(self, audit_ids: list[str]) -> list[StoredRecord]:
-        """The audit records (every stage stored) of these auditIDs: found by their identity
-        ``(auditID, stage)``, the unique index every row has, so no column is needed for it.
-        Schema 4's identity index is led by a bucket: every bucket the store holds is named
-        (listed by a seek each), else SQLite would scan the whole index."""
-        from kubetrail.core.record import Record, identity_key
-
-        idents = [
-            bytes.fromhex(identity_key(Record("", 0, None, b"{}", (audit_id, stage))) or "")
-            for audit_id in audit_ids
-            for stage in STAGES
-        ]
-        buckets = ident_buckets(self.conn) if idents and self._has("index", "records_ident_bucket") else []
-        in_buckets = f"{IDENT_KEY} IN ({','.join(map(str, buckets))}) AND " if buckets else ""
+    def triggers_of(self, alerts: list[tuple[str, int]]) -> list[StoredRecord]:
+        """The audit records of these alerts' requests (``(auditID, the alert's time)``): found by
+        their identity ``(auditID, stage)``, the unique index every row has, so no column is
+        needed for it. The identity index is led by a bucket of the audit event's time (schema
+        4), which a lookup must name. Schema 4-6's buckets (19.5 hours) are few: every bucket the
+        store holds is named (listed by a seek each), and every stage stored is found. Schema 7's
+        are of about a second, too many to list: an alert's time is its audit event's
+        (``stageTimestamp``, or the time its source gave the record, which the store kept too),
+        so its request's stages are looked for in the buckets from :data:`STAGES_BEFORE` before
+        it to one after, and, if none is there, among the records stored with its time exactly
+        (the time index). A stage further away (a watch's ``ResponseStarted`` minutes before its
+        end) is not found."""
+        if not alerts:
+            return []
+        self._check_schema()
+        bits = self.ident_bits
+        if bits is not None and bits < BUCKET_BITS:
+            return self._triggers_near(alerts, bits)
+        ids = list(dict.fromkeys(audit_id for audit_id, _ in alerts))
+        key = ident_key(bits) if bits is not None else ""
+        buckets = ident_buckets(self.conn, key) if bits is not None else []
+        in_buckets = f"{key} IN ({','.join(map(str, buckets))}) AND " if buckets else ""
+        idents = [audit_ident(audit_id, stage) for audit_id in ids for stage in STAGES]
         out: list[StoredRecord] = []
         for start in range(0, len(idents), 400):
             chunk = idents[start : start + 400]
@@ -424,6 +440,30 @@ class StoreBackend:
                 chunk,
             )
         return out
+
+    def _triggers_near(self, alerts: list[tuple[str, int]], bits: int) -> list[StoredRecord]:
+        """:meth:`triggers_of` in a store of buckets of 2^bits ns: per alert, a seek per bucket
+        near its time and stage of its request, else its time's records (see there)."""
+        key = ident_key(bits)
+        out: dict[int | str, StoredRecord] = {}
+        for audit_id, time_ns in dict.fromkeys(alerts):
+            idents = [audit_ident(audit_id, stage) for stage in STAGES]
+            marks = ",".join("?" * len(idents))
+            bucket = time_ns >> bits
+            near = ",".join(map(str, range(bucket - STAGES_BEFORE, bucket + 2)))
+            found = self._rows(
+                f"SELECT r.id, r.time_ns, r.kind, {{body}} FROM records r WHERE {key} IN ({near})"
+                f" AND ident IN ({marks}) AND kind = 'audit'",
+                idents,
+            )
+            if not found:
+                found = self._rows(
+                    "SELECT r.id, r.time_ns, r.kind, {body} FROM records r"
+                    f" WHERE time_ns = ? AND ident IN ({marks}) AND kind = 'audit'",
+                    [time_ns, *idents],
+                )
+            out.update((record.id, record) for record in found)
+        return list(out.values())
 
     def _owned_events(
         self, ref: ObjectRef, since: int | None, until: int | None, limit: int, parts: Parts | None

@@ -178,9 +178,9 @@ class TimelineApp:
             records = [record for record, columns in rows if wanted(columns)]
             # A new alert whose own fields do not name the object: kept if its request does.
             others = [r for r, columns in rows if columns["kind"] == "alert" and not wanted(columns)]
-            audit_ids = list({str(r.body.get("k8s.audit.id")) for r in others})
-            if audit_ids:
-                about_ids = {t.body.get("auditID") for t in backend.triggers_of(audit_ids) if about(t)}
+            asked = [(str(r.body.get("k8s.audit.id")), r.time_ns) for r in others]
+            if asked:
+                about_ids = {t.body.get("auditID") for t in backend.triggers_of(asked) if about(t)}
                 records += [r for r in others if r.body.get("k8s.audit.id") in about_ids]
             # A new request's alerts stored before it (shown already or not: the page knows).
             new_ids = [r.body["auditID"] for r in records if r.kind == "audit" and "auditID" in r.body]

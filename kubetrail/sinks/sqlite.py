@@ -220,17 +220,18 @@ APPLICATION_ID = 0x6B747231
 # column ibucket for the rows whose bucket is not the default; check_store keeps the 1 -> 2 -> 3
 # -> 4 steps. Schema 5 moved the bodies of the rows with a user into USER_BODIES (see "A user's
 # records together" above) and dropped records_user. Schema 6 leads the object index by the
-# segment of ids instead of the time bucket (see "Steady state" above).
+# segment of ids instead of the time bucket (see "Steady state" above). Schema 7 leads the
+# identity index by a bucket of about a second instead of the time bucket (see "Identity index").
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order, and INSERT_BODY with 6 for a new row with a user: a change of
 # their columns changes it too. It writes audit
 # rows only (their ibucket NULL: IDENT_KEY's default, the stageTimestamp's bucket); every other
 # kind (alert included) is decided by row_of, here, and written by INSERT_ROW with its ibucket.
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # A time bucket, 2^46 ns (19.5 hours; a shift floors in SQLite and Python alike, negative times
-# included), as an expression: no column to fill, the INSERT unchanged. It leads the identity
-# index (IDENT_KEY) and led schema 3-5's object index (OLD_OBJECT_INDEX, which readers of such a
-# store still use). A query must spell it exactly so for SQLite to use the index.
+# included), as an expression: no column to fill, the INSERT unchanged. It led schema 3-5's object
+# index (OLD_OBJECT_INDEX) and schema 4-6's identity index (OLD_IDENT_INDEX_NAME), which readers
+# of such a store still use. A query must spell it exactly so for SQLite to use the index.
 BUCKET_BITS = 46
 BUCKET_KEY = f"time_ns >> {BUCKET_BITS}"
 OLD_OBJECT_INDEX = "records_object_bucket"
@@ -243,13 +244,26 @@ OBJECT_INDEX = (
     f"CREATE INDEX IF NOT EXISTS {OBJECT_INDEX_NAME} ON records (id >> {SEGMENT_BITS}, name, resource, namespace,"
     " time_ns) WHERE name IS NOT NULL"
 )
-# The identity index's leading key (schema 4): the bucket of a time the identity determines, so
-# that new keys land in the newest bucket's subtree instead of all over a B-tree of the whole
-# store. ``ibucket`` when the writer set it (the Python path always does, identity_bucket); NULL
-# (the native rows, and every row a schema-3 store held) means: an audit row's own time bucket
-# (its time is its stageTimestamp there), 0 for every other kind. Lookups by identity must name it.
-IDENT_KEY = f"ifnull(ibucket, CASE WHEN kind = 'audit' THEN {BUCKET_KEY} ELSE 0 END)"
-IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS records_ident_bucket ON records ({IDENT_KEY}, ident)"
+# The identity index's leading key: the bucket of a time the identity determines, so that new
+# keys land in the newest bucket's subtree instead of all over a B-tree of the whole store (see
+# "Identity index" above). ``ibucket`` when the writer set it (the Python path always does,
+# identity_bucket); NULL (the native rows) means: an audit row's own time's bucket (its time is
+# its stageTimestamp there), 0 for every other kind. Schema 7's bucket is 2^IDENT_BITS ns (about a
+# second); schema 4-6's was the time bucket (2^46 ns, OLD_IDENT_INDEX_NAME, which readers of such
+# a store still use). Lookups by identity must name the bucket; readers take its width from the
+# index's own SQL (ident_bucket_bits).
+IDENT_BITS = 30
+IDENT_INDEX_NAME = "records_ident_second"
+OLD_IDENT_INDEX_NAME = "records_ident_bucket"
+
+
+def ident_key(bits: int) -> str:
+    """The identity index's leading key for buckets of 2^bits ns, spelt as the index spells it."""
+    return f"ifnull(ibucket, CASE WHEN kind = 'audit' THEN time_ns >> {bits} ELSE 0 END)"
+
+
+IDENT_KEY = ident_key(IDENT_BITS)
+IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS {IDENT_INDEX_NAME} ON records ({IDENT_KEY}, ident)"
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 # A WAL checkpoint after every 4,000 pages (256 MiB of 64 KiB pages) instead of SQLite's 1,000: an
 # index leaf written by many commits is copied into the database file once per checkpoint, so
@@ -505,7 +519,7 @@ class _Stamp(msgspec.Struct):
 _STAMP_DECODER = msgspec.json.Decoder(_Stamp)
 
 
-def identity_bucket(kind: str, body: bytes, times: TimeParser | None = None) -> int:
+def identity_bucket(kind: str, body: bytes, times: TimeParser | None = None, bits: int = IDENT_BITS) -> int:
     """The identity index's bucket of a stored row (the ``ibucket`` of :data:`IDENT_KEY`): what
     every replay of the same identity, by whichever path, gives again, so that "a replay changes
     nothing" holds for all time. An audit event's ``(auditID, stage)`` has one
@@ -515,14 +529,15 @@ def identity_bucket(kind: str, body: bytes, times: TimeParser | None = None) -> 
     ``(file, offset)``, an alert's ``(auditID, stage, rule)`` have times their source gives, which a
     replay may give otherwise (a tail without a time parser stamps the time it read); so does an
     audit event without a ``stageTimestamp`` in RFC 3339. ``times``: a parser to reuse (not
-    thread-safe: one per writer)."""
+    thread-safe: one per writer); ``bits``: the bucket's width (2^bits ns), schema 4-6's
+    :data:`BUCKET_BITS` for their migrations."""
     if kind != "audit":
         return 0
     try:
         stamp = _STAMP_DECODER.decode(body).stageTimestamp
         if stamp is None:
             return 0
-        return (times or TimeParser()).parse_ns(stamp) >> BUCKET_BITS
+        return (times or TimeParser()).parse_ns(stamp) >> bits
     except (msgspec.DecodeError, ValueError, OverflowError):
         return 0
 
@@ -744,24 +759,29 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # pages, reused by later inserts and not counted by retention_size (an UPDATE emptying
         # the bodies in place left them in use, ~35% of a migrated store that retention by size
         # would have made up for by deleting old records). 6 builds the segment-led object index
-        # and drops the bucket-led one (seconds per million records, in the same transaction).
+        # and drops the bucket-led one (seconds per million records, in the same transaction). 7
+        # sets every audit row's identity bucket anew at its width (a NULL where its time's own,
+        # the body decoded for it: rows a source stamped otherwise, or set by the Python path at
+        # schema 4-6's width, are written), builds the identity index and drops the old one.
         steps = (ALERTS_SCHEMA if version < 2 else "") + (
             f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
         )
-        if version < 4:
-            columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
-            times = TimeParser()
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+        if "ibucket" not in columns:
+            steps += "ALTER TABLE records ADD COLUMN ibucket INTEGER;"
+        times = TimeParser()
 
-            def bucket_of(kind: str, body: bytes) -> int:
-                return identity_bucket(kind, body, times)
+        def bucket_of(kind: str, body: bytes) -> int:
+            return identity_bucket(kind, body, times)
 
-            conn.create_function("kubetrail_identity_bucket", 2, bucket_of, deterministic=True)
-            steps += (
-                ("" if "ibucket" in columns else "ALTER TABLE records ADD COLUMN ibucket INTEGER;")
-                + "UPDATE records SET ibucket = kubetrail_identity_bucket(kind, body)"
-                f" WHERE kind = 'audit' AND ibucket IS NULL AND kubetrail_identity_bucket(kind, body) != {BUCKET_KEY};"
-                + f"{IDENT_INDEX}; DROP INDEX IF EXISTS records_ident;"
-            )
+        conn.create_function("kubetrail_identity_bucket", 2, bucket_of, deterministic=True)
+        body = "r.body" if version < 5 else BODY
+        bucket = f"nullif(kubetrail_identity_bucket(r.kind, {body}), r.time_ns >> {IDENT_BITS})"
+        steps += (
+            f"DROP INDEX IF EXISTS records_ident; DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
+            f"UPDATE records AS r SET ibucket = {bucket} WHERE r.kind = 'audit' AND r.ibucket IS NOT {bucket};"
+            + (f"{IDENT_INDEX};" if version >= 5 else "")  # else in the table the next step builds
+        )
         if version < 5:
             kept = COLUMNS.replace("body", "CASE WHEN user IS NULL THEN body ELSE x'' END")
             steps += (
@@ -789,16 +809,25 @@ def object_segment_bits(conn: sqlite3.Connection) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def ident_buckets(conn: sqlite3.Connection) -> list[int]:
-    """Every identity bucket a store of schema 4 holds (:data:`IDENT_KEY`), for a lookup by
-    identity (``WHERE IDENT_KEY IN (...) AND ident IN (...)``): one seek of the identity index
-    per bucket, a few dozen for a month of records."""
+def ident_bucket_bits(conn: sqlite3.Connection) -> int | None:
+    """The width of a store's identity buckets (2^bits ns), read from its identity index's SQL:
+    :data:`IDENT_BITS` for schema 7, :data:`BUCKET_BITS` for schema 4-6; None for a store of
+    schema 3 or older (unique on ``ident`` alone)."""
+    sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name IN (?, ?)"
+    row = conn.execute(sql, (IDENT_INDEX_NAME, OLD_IDENT_INDEX_NAME)).fetchone()
+    found = re.search(r"time_ns >> (\d+)", row[0]) if row else None
+    return int(found.group(1)) if found else None
+
+
+def ident_buckets(conn: sqlite3.Connection, key: str) -> list[int]:
+    """Every identity bucket a store holds (``key``: its :func:`ident_key`), for a lookup by
+    identity that knows no time (``WHERE key IN (...) AND ident IN (...)``): one seek of the
+    identity index per bucket, a few dozen for a month of records in schema 4-6's buckets of
+    19.5 hours (schema 7's, a second each, are looked up around a time instead)."""
     found: list[int] = []
     after = -(1 << 62)
     while True:
-        row = conn.execute(
-            f"SELECT {IDENT_KEY} FROM records WHERE {IDENT_KEY} > ? ORDER BY {IDENT_KEY} LIMIT 1", (after,)
-        ).fetchone()
+        row = conn.execute(f"SELECT {key} FROM records WHERE {key} > ? ORDER BY {key} LIMIT 1", (after,)).fetchone()
         if row is None:
             return found
         after = row[0]

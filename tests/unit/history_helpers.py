@@ -20,7 +20,19 @@ from click.testing import CliRunner, Result
 from kubetrail.cli.main import main
 from kubetrail.core.record import Batch, Record
 from kubetrail.sinks import sqlite as sqlite_module
-from kubetrail.sinks.sqlite import BUCKET_KEY, OBJECT_INDEX, SCHEMA, SEGMENT_BITS, SqliteSink
+from kubetrail.sinks.sqlite import (
+    BODY,
+    BUCKET_BITS,
+    BUCKET_KEY,
+    IDENT_INDEX_NAME,
+    OBJECT_INDEX,
+    OLD_IDENT_INDEX_NAME,
+    SCHEMA,
+    SEGMENT_BITS,
+    SqliteSink,
+    ident_key,
+    identity_bucket,
+)
 from tests.unit.helpers import build
 
 # Schemas 1 and 2 had this object index (led by the name), which schema 3 replaced: for stores
@@ -38,10 +50,31 @@ V5_OBJECT_INDEX = (
     " WHERE name IS NOT NULL"
 )
 
+# Schemas 4 to 6 had this identity index (led by the time bucket), which schema 7 replaced.
+V6_IDENT_INDEX = (
+    f"CREATE UNIQUE INDEX IF NOT EXISTS {OLD_IDENT_INDEX_NAME} ON records ({ident_key(BUCKET_BITS)}, ident)"
+)
+
+
+def to_schema_6(path: Path) -> None:
+    """A store of this schema put back as kubetrail wrote it with schema 6: the identity index
+    led by the time bucket, and the Python path's rows' ``ibucket`` that bucket (the same rows,
+    the same ids)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.create_function("old_bucket", 2, lambda kind, body: identity_bucket(kind, body, bits=BUCKET_BITS))
+    conn.executescript(
+        f"BEGIN; DROP INDEX IF EXISTS {IDENT_INDEX_NAME};"
+        f" UPDATE records AS r SET ibucket = old_bucket(r.kind, {BODY}) WHERE r.ibucket IS NOT NULL;"
+        f" {V6_IDENT_INDEX}; PRAGMA user_version=6; COMMIT;"
+    )
+    conn.close()
+
 
 def to_schema_5(path: Path) -> None:
-    """A store of this schema put back as kubetrail wrote it with schema 5: the object index led
-    by the time bucket instead of the segment of ids (the same rows, the same ids)."""
+    """A store of this schema put back as kubetrail wrote it with schema 5: schema 6's, and the
+    object index led by the time bucket instead of the segment of ids (the same rows, the same
+    ids)."""
+    to_schema_6(path)
     conn = sqlite3.connect(path, isolation_level=None)
     conn.executescript(
         f"BEGIN; DROP INDEX IF EXISTS records_object_segment; {V5_OBJECT_INDEX}; PRAGMA user_version=5; COMMIT;"

@@ -1,8 +1,9 @@
-"""Schema 4 of the store: the identity index led by the bucket of a time the identity determines
-(issue 19). A replay changes nothing whichever path brings it (native blocks, records from the
-tail's k8s_audit parser, records a source stamped with another time, the webhook's records);
-records whose time comes from their source are unique by identity alone (bucket 0); a store of
-schema 3 is read as it is and migrated by the next writer in one transaction."""
+"""The identity index led by the bucket of a time the identity determines (issue 19: schema 4's
+buckets of 19.5 hours, schema 7's of about a second). A replay changes nothing whichever path
+brings it (native blocks, records from the tail's k8s_audit parser, records a source stamped with
+another time, the webhook's records); records whose time comes from their source are unique by
+identity alone (bucket 0); a store of schema 3 or 6 is read as it is and migrated by the next
+writer in one transaction; an alert's audit records are found from its time."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ from kubetrail.runtime.plugins import COMMON_INPUT_OPTIONS
 from kubetrail.sinks.sqlite import (
     ALERTS_SCHEMA,
     APPLICATION_ID,
-    BUCKET_BITS,
+    IDENT_BITS,
     IDENT_INDEX,
+    IDENT_INDEX_NAME,
     IDENT_KEY,
     INSERT,
     INSERT_ALERT,
+    OLD_IDENT_INDEX_NAME,
     SCHEMA,
     SCHEMA_VERSION,
     SqliteSink,
@@ -36,11 +39,12 @@ from kubetrail.sinks.sqlite import (
 )
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from tests.unit.helpers import build
-from tests.unit.history_helpers import V4_USER_INDEX, entries
+from tests.unit.history_helpers import V4_USER_INDEX, entries, to_schema_6
 from tests.unit.history_story import alerts, story
 from tests.unit.test_store import _audit_line, _edge_lines, _lazy, _records_of, needs_native
 
-BUCKET = 1 << BUCKET_BITS
+BUCKET = 1 << IDENT_BITS
+EDGE = 1_650_000_000  # an identity bucket in 2026 (2^30 ns each)
 # Schema 3's identity index and table (no ibucket): the store an older kubetrail wrote.
 V3_IDENT_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident)"
 V3_SCHEMA = SCHEMA.replace(IDENT_INDEX, V3_IDENT_INDEX).replace(",\n    ibucket INTEGER", "") + V4_USER_INDEX
@@ -59,7 +63,7 @@ def stamp(time_ns: int) -> str:
 def boundary_lines(first: int = 0) -> list[bytes]:
     """Audit events on both sides of identity bucket boundaries (a microsecond before a bucket,
     its first nanosecond) and in the middle of one."""
-    edge = 25_000 * BUCKET
+    edge = EDGE * BUCKET
     times = []
     for n in range(12):
         base = edge + (n // 3) * BUCKET
@@ -110,30 +114,30 @@ def test_a_new_store_has_the_bucket_led_identity_index_and_lookups_use_it(tmp_pa
     asyncio.run(write_all(path, Batch("t", story())))
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (6,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "records_ident_bucket" in indexes and "records_ident" not in indexes
+        assert IDENT_INDEX_NAME in indexes and not {"records_ident", OLD_IDENT_INDEX_NAME} & indexes
         plan = str(conn.execute("EXPLAIN QUERY PLAN " + INSERT_ALERT, [None] * 7 + [b"x"]).fetchall())
-        assert "records_ident_bucket (<expr>=? AND ident=?)" in plan, plan
-        buckets = ident_buckets(conn)
-        # The story's audit events lie within a minute; everything else is in bucket 0.
-        assert buckets[0] == 0 and len(buckets) in (2, 3) and buckets == sorted(buckets)
-        audit = story()[1]
-        ident = row_of(audit)[0]
+        assert f"{IDENT_INDEX_NAME} (<expr>=? AND ident=?)" in plan, plan
+        buckets = ident_buckets(conn, IDENT_KEY)
+        # The story's audit events are in their stageTimestamps' buckets; everything else in 0.
+        audits = [r for r in story() if r.tag == "kube.audit"]
+        assert buckets == [0, *sorted({r.time_ns >> IDENT_BITS for r in audits})]
+        ident = row_of(audits[0])[0]
         sql = f"SELECT kind FROM records WHERE {IDENT_KEY} IN ({','.join(map(str, buckets))}) AND ident = ?"
         assert conn.execute(sql, (ident,)).fetchall() == [("audit",)]
-        assert "records_ident_bucket" in str(conn.execute("EXPLAIN QUERY PLAN " + sql, (ident,)).fetchall())
+        assert IDENT_INDEX_NAME in str(conn.execute("EXPLAIN QUERY PLAN " + sql, (ident,)).fetchall())
     finally:
         conn.close()
 
 
 def test_the_bucket_is_the_stage_timestamps_for_audit_events_and_0_for_the_rest() -> None:
     lines = boundary_lines()
-    expected = [(t >> BUCKET_BITS) for t in (r.time_ns for r in _records_of(lines))]
+    expected = [(t >> IDENT_BITS) for t in (r.time_ns for r in _records_of(lines))]
     assert [identity_bucket("audit", line) for line in lines] == expected
-    assert sorted(set(expected)) == list(range(24_999, 25_004))  # both sides of four boundaries
+    assert sorted(set(expected)) == list(range(EDGE - 1, EDGE + 4))  # both sides of four boundaries
     # Other spellings of the same instant: the same bucket.
-    t = 25_000 * BUCKET + 5 * 10**9
+    t = (EDGE * BUCKET // 10**9 + 5) * 10**9 + 5_000_000
     same = [stamp(t), stamp(t).replace("T", " "), stamp(t).replace("Z", "+00:00"), stamp(t)[:19] + ".005000Z"]
     assert len({identity_bucket("audit", _audit_line(1, stageTimestamp=s)) for s in same}) == 1
     for kind, body in (
@@ -200,8 +204,8 @@ def test_records_timed_by_their_source_are_unique_by_identity_alone(tmp_path: Pa
     """Events, log lines, alerts and an audit event without a stageTimestamp: a replay stamped
     a month later (another bucket) is still recognised."""
     records = [r for r in story() if r.tag != "kube.audit"] + alerts(story())
-    records.append(Record("kube.audit", 25_000 * BUCKET, orjson.loads(_audit_line(90, stageTimestamp=None))))
-    records.append(Record("kube.audit", 25_000 * BUCKET, orjson.loads(_audit_line(91, stageTimestamp="soon")),
+    records.append(Record("kube.audit", EDGE * BUCKET, orjson.loads(_audit_line(90, stageTimestamp=None))))
+    records.append(Record("kube.audit", EDGE * BUCKET, orjson.loads(_audit_line(91, stageTimestamp="soon")),
                           identity=("a-91", "ResponseComplete")))  # fmt: skip
     month = 30 * 86_400 * 10**9
     counts = asyncio.run(
@@ -231,9 +235,9 @@ def _v3_rows(lines: list[bytes]) -> tuple[list[tuple[object, ...]], list[Record]
     stamped otherwise (then the stageTimestamp's bucket must be set), the story's other kinds."""
     records = _records_of(lines)
     half = len(records) // 2
-    odd = restamped(records[half:], 2 * BUCKET)
+    odd = restamped(records[half:], 86_400 * 10**9)  # read again a day later
     other = [r for r in story() if r.tag != "kube.audit"]
-    untimed = Record("kube.audit", 25_000 * BUCKET, orjson.loads(_audit_line(92, stageTimestamp=None)))
+    untimed = Record("kube.audit", EDGE * BUCKET, orjson.loads(_audit_line(92, stageTimestamp=None)))
     everything = records[:half] + odd + other + [untimed]
     return [row_of(r) for r in everything], everything
 
@@ -258,7 +262,7 @@ def test_a_schema_3_store_is_read_as_it_is_and_migrated_by_the_next_writer(tmp_p
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
-        assert "records_ident_bucket" in indexes and "records_ident" not in indexes
+        assert IDENT_INDEX_NAME in indexes and "records_ident" not in indexes
         assert "records_user" not in indexes  # schema 5: user_bodies holds those rows' bodies
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         # Nothing of the records changed; only the restamped audit rows and the untimed one got
@@ -280,9 +284,9 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
     rows, _ = _v3_rows(boundary_lines())
     _v3_store(path, rows)
     with sqlite3.connect(path) as conn:  # the new index's name, taken: CREATE INDEX fails
-        conn.execute("CREATE TABLE records_ident_bucket (x)")
+        conn.execute(f"CREATE TABLE {IDENT_INDEX_NAME} (x)")
     writer = StoreWriter(path)
-    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 3 to 6: .*records_ident_bucket"):
+    with pytest.raises(Exception, match=rf"cannot migrate .* from store schema 3 to 7: .*{IDENT_INDEX_NAME}"):
         writer.open()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)
@@ -295,21 +299,95 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
 
 
 def test_audit_records_are_found_by_identity_in_every_bucket(tmp_path: Path) -> None:
-    """``triggers_of`` (an alert's audit records) names every bucket: records on both sides of
-    bucket boundaries, in bucket 0 and restamped ones are all found, as on a schema 3 store."""
+    """``triggers_of`` (an alert's audit records, asked with the alert's time: its record's)
+    finds records on both sides of bucket boundaries, in bucket 0 and restamped ones, in a store
+    of schema 3 (no bucket), 6 (every bucket named) and 7 (buckets near the time, else the time)."""
     lines = [*boundary_lines(), _audit_line(93, stageTimestamp=None)]
     rows, records = _v3_rows(lines)
-    v3, v4 = tmp_path / "v3.db", tmp_path / "v4.db"
+    v3, v6, v7 = tmp_path / "v3.db", tmp_path / "v6.db", tmp_path / "v7.db"
     _v3_store(v3, rows)
-    asyncio.run(write_all(v4, Batch("t", records)))
+    for path in (v6, v7):
+        asyncio.run(write_all(path, Batch("t", records)))
+    to_schema_6(v6)
     ids = [f"a-{n}" for n in range(len(boundary_lines()))] + ["a-92", "a-93", "a-none"]
+    times = {r.body["auditID"]: r.time_ns for r in records if r.body.get("auditID") in ids}
+    asked = [(audit_id, times.get(audit_id, EDGE * BUCKET)) for audit_id in ids]
     found = {}
-    for path in (v3, v4):
+    for path in (v3, v6, v7):
         backend = StoreBackend(path)
         try:
-            found[path] = sorted((r.body["auditID"], r.time_ns) for r in backend.triggers_of(ids))
+            assert backend.ident_bits == {v3: None, v6: 46, v7: IDENT_BITS}[path]
+            found[path] = sorted((r.body["auditID"], r.time_ns) for r in backend.triggers_of(asked))
         finally:
             backend.close()
     expected = sorted((r.body["auditID"], r.time_ns) for r in records if r.body.get("auditID") in ids)
-    assert found[v3] == found[v4] == expected
+    assert found[v3] == found[v6] == found[v7] == expected
     assert len(expected) == len(lines) + 1  # a-92 is _v3_rows' own untimed event
+
+
+def test_an_alert_finds_the_stages_of_its_request_near_its_time(tmp_path: Path) -> None:
+    """Schema 7 looks for an alert's request from its time: a stage up to 4 buckets (4.3 s)
+    before it is found; a watch's ResponseStarted ten minutes before its end is not (schema 6,
+    naming every bucket, finds it: the price of the finer bucket, said in triggers_of)."""
+    end = EDGE * BUCKET + BUCKET // 2
+    stages = [
+        ("a-1", "RequestReceived", end - 3 * 10**9),
+        ("a-1", "ResponseComplete", end),
+        ("a-2", "ResponseStarted", end - 600 * 10**9),
+        ("a-2", "ResponseComplete", end + 10**6),
+    ]
+    lines = [_audit_line(0, auditID=a, stage=stage, stageTimestamp=stamp(t)) for a, stage, t in stages]
+    v6, v7 = tmp_path / "v6.db", tmp_path / "v7.db"
+    for path in (v6, v7):
+        asyncio.run(write_all(path, _lazy(lines)))
+    to_schema_6(v6)
+    asked = [("a-1", end), ("a-2", end + 10**6)]
+    found = {}
+    for path in (v6, v7):
+        backend = StoreBackend(path)
+        try:
+            found[path] = sorted((r.body["auditID"], r.body["stage"]) for r in backend.triggers_of(asked))
+        finally:
+            backend.close()
+    assert found[v6] == sorted((a, stage) for a, stage, _ in stages)
+    assert found[v7] == [("a-1", "RequestReceived"), ("a-1", "ResponseComplete"), ("a-2", "ResponseComplete")]
+
+
+def test_a_schema_6_store_is_migrated_to_buckets_of_a_second_by_the_next_writer(tmp_path: Path) -> None:
+    """Schema 7 sets every audit row's bucket at its width (NULL where its time's own) and builds
+    the identity index anew in one transaction: a replay through every path still adds nothing,
+    and the answers stay the same."""
+    lines = boundary_lines() + _edge_lines() + [r.json_bytes() for r in story() if r.tag == "kube.audit"]
+    paths = _paths(lines)
+    path = tmp_path / "s.db"
+    half = len(lines) // 2
+    tail = paths["tail records"].records
+    restamped_ = paths["restamped 3 days later"].records
+    # Rows of the Python path (ibucket set; some restamped) and of the native one (NULL).
+    asyncio.run(write_all(path, Batch("t", tail[: half // 2] + restamped_[half // 2 : half]), _lazy(lines[half:])))
+    asyncio.run(write_all(path, Batch("t", [r for r in story() if r.tag != "kube.audit"])))
+    to_schema_6(path)
+    history = ("history", "deploy/shop/web", "--logs")
+    before = entries(path, *history)
+    assert before
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM records WHERE ibucket > 0").fetchone()[0] == half
+        count = conn.execute("SELECT count(*) FROM records").fetchone()[0]
+        audits = conn.execute("SELECT count(*) FROM records WHERE kind = 'audit'").fetchone()[0]
+    reader = StoreBackend(path)
+    assert reader.ident_bits == 46
+    assert set(asyncio.run(write_all(path, *paths.values()))) == {count}  # migrated; replays add nothing
+    assert reader.triggers_of([("a-0", tail[0].time_ns)]) and reader.ident_bits == IDENT_BITS
+    reader.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert IDENT_INDEX_NAME in indexes and OLD_IDENT_INDEX_NAME not in indexes
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        got = conn.execute("SELECT ibucket, time_ns, kind, body FROM whole_records WHERE kind = 'audit'").fetchall()
+        assert len(got) == audits > half
+        for ibucket, time_ns, kind, body in got:
+            bucket = identity_bucket(kind, body)
+            assert ibucket == (None if bucket == time_ns >> IDENT_BITS else bucket), (ibucket, time_ns, body)
+        assert sum(ibucket is not None for ibucket, *_ in got) >= half - half // 2  # the restamped rows
+    assert entries(path, *history) == before
