@@ -62,24 +62,32 @@ Design decisions:
   A writer opening an older store builds the new index and drops the old in one transaction (a
   kill -9 midway leaves the old schema, migrated again next time); readers of an older store
   use its index.
-* **Identity index** (schema 4). Schema 3's unique index on ``ident`` alone took each new key at
-  a random place of a B-tree of the whole store (16-byte hashes; ~300 MiB at 10M records): into
-  a store of 10M records it was what remained of the cost of an insert after the object index
-  (14.5 us CPU per record against 9.4 without it). Schema 4's :data:`IDENT_INDEX` is unique on
-  ``(IDENT_KEY, ident)``, led by the bucket (2^46 ns, the object index's) of a time the identity
-  itself determines, so new keys land in the newest bucket's subtree while uniqueness stays
-  exact for all time: two rows of one identity always have one bucket (:func:`identity_bucket`).
-  An audit event's ``(auditID, stage)`` has one ``stageTimestamp``, in the event's own bytes,
-  whichever path brings it (the webhook's records, tail's, the native rows, a source that
-  stamped the record with the time it read it); every other row (Events, log lines, alerts,
-  records without identity, an audit event without an RFC 3339 ``stageTimestamp``) is in bucket
-  0, unique by identity alone as before, since its time is its source's and a replay may bring
-  another (a tail without a time parser stamps the time it read; a time-keyed
-  ``(time_ns, ident)`` index was rejected for that). No row is rewritten for it: ``ibucket`` is
-  NULL for the native rows and for every row of a migrated store, where the key is the audit
-  row's time bucket (its time is its ``stageTimestamp`` there) or 0; the Python path, whose
-  record times are its source's, sets it. A lookup by identity must name the bucket
-  (:func:`ident_buckets`: one seek per bucket). Figures: docs/benchmarks.md ("Identity index").
+* **Identity index** (schema 4; schema 7 its bucket). Schema 3's unique index on ``ident`` alone
+  took each new key at a random place of a B-tree of the whole store (16-byte hashes; ~300 MiB
+  at 10M records): into a store of 10M records it was what remained of the cost of an insert
+  after the object index (14.5 us CPU per record against 9.4 without it). :data:`IDENT_INDEX` is
+  unique on ``(IDENT_KEY, ident)``, led by the bucket of a time the identity itself determines,
+  so new keys land in the newest bucket's subtree while uniqueness stays exact for all time: two
+  rows of one identity always have one bucket (:func:`identity_bucket`). An audit event's
+  ``(auditID, stage)`` has one ``stageTimestamp``, in the event's own bytes, whichever path
+  brings it (the webhook's records, tail's, the native rows, a source that stamped the record
+  with the time it read it); every other row (Events, log lines, alerts, records without
+  identity, an audit event without an RFC 3339 ``stageTimestamp``) is in bucket 0, unique by
+  identity alone as before, since its time is its source's and a replay may bring another (a
+  tail without a time parser stamps the time it read; a time-keyed ``(time_ns, ident)`` index
+  was rejected for that). ``ibucket`` is NULL for the native rows, where the key is the audit
+  row's own time's bucket (its time is its ``stageTimestamp`` there); the Python path, whose
+  record times are its source's, sets it. Schema 4-6's bucket was 2^46 ns (19.5 hours): the
+  newest bucket's subtree grew with all that arrives in 19.5 hours, outgrew the writer's cache,
+  and each commit rewrote most of its leaves (a long ingest: 10.5 us of the writer's thread a
+  record into a 2M store, 6.7 without the index). Schema 7's is 2^30 ns (1.07 s: :data:`IDENT_BITS`),
+  whose newest few subtrees stay in the cache at any rate (7.9 us; docs/benchmarks.md, "Schema
+  7"). The price is on the reader's side: a lookup by identity must name the bucket, and
+  seconds cannot be listed as schema 4-6's few buckets were (:func:`ident_buckets`). The one
+  lookup by identity, an alert's audit records (``kubetrail.history.store``, ``triggers_of``),
+  knows the alert's time, which is its audit event's (the ``detect`` filter gives the alert its
+  record's time, the ``stageTimestamp`` or what its source stamped, the same the store keeps):
+  the buckets near it, else the records stored at that time.
 * **A user's records together** (schema 5). The body of every row with a ``user`` (audit
   records; alerts whose rule prints ``ka.user.name``) lives in :data:`USER_BODIES`, a ``WITHOUT
   ROWID`` table keyed ``(user, time_ns, id)``, with the row's ``kind`` and ``verb``; the
@@ -762,24 +770,22 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # and drops the bucket-led one (seconds per million records, in the same transaction). 7
         # sets every audit row's identity bucket anew at its width (a NULL where its time's own,
         # the body decoded for it: rows a source stamped otherwise, or set by the Python path at
-        # schema 4-6's width, are written), builds the identity index and drops the old one.
+        # schema 4-6's width, are written), builds the identity index and drops the old one; the
+        # new buckets are found before the transaction (_changed_identity_buckets: reads only).
         steps = (ALERTS_SCHEMA if version < 2 else "") + (
             f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
         )
         columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
         if "ibucket" not in columns:
             steps += "ALTER TABLE records ADD COLUMN ibucket INTEGER;"
-        times = TimeParser()
-
-        def bucket_of(kind: str, body: bytes) -> int:
-            return identity_bucket(kind, body, times)
-
-        conn.create_function("kubetrail_identity_bucket", 2, bucket_of, deterministic=True)
-        body = "r.body" if version < 5 else BODY
-        bucket = f"nullif(kubetrail_identity_bucket(r.kind, {body}), r.time_ns >> {IDENT_BITS})"
+        try:
+            _changed_identity_buckets(conn, version, "ibucket" in columns)
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
         steps += (
             f"DROP INDEX IF EXISTS records_ident; DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
-            f"UPDATE records AS r SET ibucket = {bucket} WHERE r.kind = 'audit' AND r.ibucket IS NOT {bucket};"
+            "UPDATE records SET ibucket = (SELECT n.bucket FROM temp.new_buckets n WHERE n.id = records.id)"
+            " WHERE id IN (SELECT id FROM temp.new_buckets);"
             + (f"{IDENT_INDEX};" if version >= 5 else "")  # else in the table the next step builds
         )
         if version < 5:
@@ -798,6 +804,33 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
+        finally:
+            conn.execute("DROP TABLE IF EXISTS temp.new_buckets")
+
+
+def _changed_identity_buckets(conn: sqlite3.Connection, version: int, has_ibucket: bool) -> None:
+    """Schema 7's migration, its reading part: every audit row's identity bucket at
+    :data:`IDENT_BITS` (:func:`identity_bucket` of its body; NULL where it is its time's own),
+    and the rows whose ``ibucket`` that changes into ``temp.new_buckets (id, bucket)``, which
+    the migration's transaction applies. In Python, a row at a time: the same in SQL (a function
+    of the body in an UPDATE) took 2.5 times as long (each row's function called twice)."""
+    conn.execute("DROP TABLE IF EXISTS temp.new_buckets")
+    conn.execute("CREATE TEMP TABLE new_buckets (id INTEGER PRIMARY KEY, bucket INTEGER)")
+    body = "r.body" if version < 5 else BODY
+    old = "r.ibucket" if has_ibucket else "NULL"
+    times = TimeParser()
+    changed: list[tuple[int, int | None]] = []
+    for row_id, time_ns, was, data in conn.execute(
+        f"SELECT r.id, r.time_ns, {old}, {body} FROM records r WHERE r.kind = 'audit'"
+    ):
+        bucket = identity_bucket("audit", data, times)
+        now = None if bucket == time_ns >> IDENT_BITS else bucket
+        if now != was:
+            changed.append((row_id, now))
+            if len(changed) >= 100_000:
+                conn.executemany("INSERT INTO temp.new_buckets VALUES (?, ?)", changed)
+                changed.clear()
+    conn.executemany("INSERT INTO temp.new_buckets VALUES (?, ?)", changed)
 
 
 def object_segment_bits(conn: sqlite3.Connection) -> int | None:
@@ -970,6 +1003,9 @@ class StoreWriter:
         conn = None
         try:
             conn = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            # 64 MiB (SQLite's default is 2 MiB, 31 pages of 64 KiB): the identity index is written at
+            # random places, and a migration reads the bodies by index (10x slower with the default).
+            conn.execute("PRAGMA cache_size=-65536")
             if existed and not _left_clean(self.path):
                 # Every page read once (3.6 s of CPU for 10M records): only when the store was not
                 # closed cleanly by the last writer, or changed since (see _mark_clean).
@@ -978,7 +1014,6 @@ class StoreWriter:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={self.sync.upper()}")
             conn.execute("PRAGMA busy_timeout=10000")
-            conn.execute("PRAGMA cache_size=-65536")  # 64 MiB: the identity index is written at random places
             conn.executescript(_wal_settings())
         except (StoreError, sqlite3.Error) as exc:
             if conn is not None:
