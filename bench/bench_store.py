@@ -86,6 +86,7 @@ from kubetrail.sinks.sqlite import ALERTS_SCHEMA, APPLICATION_ID, INSERT, SCHEMA
 # Schema 5's table of the bodies of the rows with a user (None in an older tree: this file is also
 # run from a schema 4 tree, for the before of the same run).
 SPLIT_SCHEMA: str | None = getattr(_sqlite_module, "USER_BODIES", None)
+_AUDIT_IDENT: Any = getattr(_sqlite_module, "audit_ident", None)  # None in a tree before schema 4
 
 # Schema 2's object index (schema 3 leads it by the time bucket): the "before" of issue 19.
 NAME_LED_INDEX = "CREATE INDEX records_object ON records (name, resource, namespace, time_ns) WHERE name IS NOT NULL"
@@ -248,7 +249,9 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                     if "identity by time bucket" in name:  # schema 6's identity index, the same way
                         conn.execute("DROP INDEX records_ident_second")
                         conn.execute(TIME_BUCKET_IDENT_INDEX)
-                os.sync()  # the copy's gigabytes written back now, not during the timed writes
+            # The copy's gigabytes and the last row's writes (the file output's 888 MB, a store's
+            # checkpoints) written back now, not during this row's timed writes.
+            os.sync()
             workers = 2 if "workers 2" in name else 1
             batches = audit_batches(flattened(lines) if "flattened" in name else lines, lazy="from records" not in name)
             results.setdefault(name, []).append(asyncio.run(timed(factory(), batches, group, workers)))
@@ -458,8 +461,11 @@ def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
         roll = rng.random()
         t = t0 + i * step
         # A 16-byte hash, as the output's identities are (consecutive integers would all sort
-        # before the new records' keys, and a global identity index would look cheap).
+        # before the new records' keys, and a global identity index would look cheap); an audit
+        # row's is its (auditID, stage)'s, as the output gives it (an alert's lookup finds it).
         ident = hashlib.blake2b(i.to_bytes(8, "big"), digest_size=16).digest()
+        if roll < 0.6 and _AUDIT_IDENT is not None:
+            ident = _AUDIT_IDENT(f"{i:032x}", "ResponseComplete")
         if roll < 0.6:
             user = f"user-{rng.randrange(USERS)}"
             verb = verbs[rng.randrange(len(verbs))]
@@ -754,6 +760,14 @@ def who_layout(count: int, cold: bool, users: int = 100) -> None:
         )
 
 
+class _Found:
+    """An answer of ``compare``'s that is not a timeline: ``entries`` to compare across stores."""
+
+    def __init__(self, entries: list[Any]) -> None:
+        assert entries, "not found"  # every asked record is in the store
+        self.entries = entries
+
+
 def compare(count: int, cold: bool, stores: list[Path], since_hours: float = 0) -> None:
     """The same queries on two stores of the same synthetic records (``--store A --store B``: the
     ingest bench's schema 4 and schema 5 stores, say), alternating query by query in one process
@@ -762,7 +776,8 @@ def compare(count: int, cold: bool, stores: list[Path], since_hours: float = 0) 
     and the bytes the store's disk read (the block device's counter: the whole machine's reads
     count too). Cold: both files dropped from the page cache and the store opened anew before
     each query (the open is timed); warm: both files read through once first. ``--since-hours H``:
-    also 150 histories of the store's last H hours (``--since``)."""
+    also 150 histories of the store's last H hours (``--since``). And 100 alerts' audit records
+    (``triggers_of``, by auditID and time)."""
     from kubetrail.history import queries
     from kubetrail.history.store import StoreBackend
 
@@ -795,6 +810,19 @@ def compare(count: int, cold: bool, stores: list[Path], since_hours: float = 0) 
         for _ in range(100):
             user = f"user-{rng.randrange(USERS)}"
             asks.append((label, lambda b, u=user, n=limit: queries.who(b, u, limit=n)))
+    # An alert's audit record (``triggers_of``, what a search for alerts and the UI's live view
+    # ask for each alert): 100 audit rows at random, asked by (auditID, the row's time) as an
+    # alert gives them (synthetic_rows: the row of id N has auditID N - 1 in hex).
+    with sqlite3.connect(f"file:{stores[0]}?mode=ro", uri=True) as conn:
+        audits: list[tuple[str, int]] = []
+        while len(audits) < 100:
+            row = conn.execute("SELECT id, time_ns FROM records WHERE id = ? AND kind = 'audit'",
+                               (rng.randrange(1, count + 1),)).fetchone()  # fmt: skip
+            if row is not None:
+                audits.append((f"{row[0] - 1:032x}", row[1]))
+    conn.close()
+    for audit in audits:
+        asks.append(("alert's request", lambda b, a=audit: _Found([(r.id, r.time_ns) for r in b.triggers_of([a])])))
     results: dict[tuple[str, Path], list[tuple[float, float, float]]] = {}
     for label, ask in asks:
         answers = []
