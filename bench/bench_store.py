@@ -3,6 +3,7 @@
     python bench/bench_store.py ingest [--records N] [--into M]  # records/s into the store (holding M) vs file
     python bench/bench_store.py query [--records N] [--cold]  # history/who latency on a store of N records
     python bench/bench_store.py who-layout [--records N] [--cold]  # who as read today vs bodies kept by user
+    python bench/bench_store.py sink [--records N] [--into M]  # the sqlite output alone in a fresh process
     python bench/bench_store.py writer [--into M] [--variant WORD]  # the writer alone: what each part costs
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
     python bench/bench_store.py compare --store A --store B [--records N] [--cold]  # the same queries on two stores
@@ -965,6 +966,36 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
         )
 
 
+def sink_alone(records: int, group: int, into: int) -> None:
+    """The ``sqlite`` output alone, in this fresh process (nothing timed before it, unlike
+    ``ingest``'s rows): ``records`` audit lines as lazy blocks, ``group`` batches a
+    ``write_group``, into a copy of the cached store of ``into`` records or an empty store; the
+    process's user and system CPU apart (the system's share is the kernel writing the WAL and the
+    checkpoints, which varies from run to run on this machine)."""
+    lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    if into and not prefilled.exists():
+        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
+        build_store(prefilled, into, t0=first - MONTH_NS)  # as ingest builds it
+    work = Path(tempfile.mkdtemp(prefix="bench-store-sink-", dir=CACHE))
+    try:
+        if into:
+            shutil.copy(prefilled, work / "store.db")
+        os.sync()
+        batches = audit_batches(lines)
+        before = os.times()
+        elapsed, _ = asyncio.run(timed(build(SqliteSink, path=str(work / "store.db"), sync="full"), batches, group))
+        after = os.times()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"the sqlite output alone: {records:,} audit records into "
+        + (f"a copy of the store of {into:,} records" if into else "an empty store")
+        + f": {records / elapsed:,.0f} records/s, CPU {(after.user - before.user) / records * 1e6:.2f} us user"
+        f" + {(after.system - before.system) / records * 1e6:.2f} us system a record"
+    )
+
+
 def _written_bytes() -> int:
     """What this process has sent to storage so far (``/proc/self/io`` ``write_bytes``: the WAL
     and the checkpoints' pages, counted as they are dirtied), or 0 where the kernel keeps no count."""
@@ -979,7 +1010,9 @@ def _written_bytes() -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("ingest", "writer", "query", "compare", "who-layout", "pipeline", "migrate"))
+    parser.add_argument(
+        "what", choices=("ingest", "sink", "writer", "query", "compare", "who-layout", "pipeline", "migrate")
+    )
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
     parser.add_argument(
@@ -1003,6 +1036,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
+    elif args.what == "sink":
+        sink_alone(args.records or 1_000_000, args.group, args.into)
     elif args.what == "writer":
         writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant)
     elif args.what == "pipeline":

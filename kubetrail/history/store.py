@@ -45,6 +45,8 @@ reader (the UI) has it open is seen at the reader's next query (``_check_schema`
 the alerts of their auditIDs (one indexed lookup in the ``alerts`` table per few hundred
 requests), whenever each was stored; alerts whose own columns (from the rule's output) name the
 object or the user come with the range scan as any record. A store of schema 1 has no alerts.
+An alert whose request is not in the answer gets it by identity (``triggers_of``): in a store of
+schema 7 from the alert's time, the identity index's buckets being of about a second.
 """
 
 from __future__ import annotations
