@@ -178,15 +178,26 @@ def flattened(lines: list[bytes]) -> list[bytes]:
     return out
 
 
+def prefilled_store(into: int, lines: list[bytes]) -> Path:
+    """The cached store of ``into`` records that the ingest benches copy and write into (built if
+    missing: a month of synthetic records up to the first of ``lines``)."""
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    if into and not prefilled.exists():
+        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
+        build_store(prefilled, into, t0=first - MONTH_NS)
+    return prefilled
+
+
+def _store_words(into: int) -> str:
+    return f"a copy of the store of {into:,} records" if into else "an empty store"
+
+
 def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int = 0) -> None:
     """``pair``: only the file (plain) baseline, the native ``sync full`` row and (``into``) the
     same with schema 2's name-led index, alternating for that many rounds (medians and each)."""
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
-    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
-    if into and not prefilled.exists():
-        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
-        build_store(prefilled, into, t0=first - MONTH_NS)  # a month of records up to the ingest's
+    prefilled = prefilled_store(into, lines)
     try:
         results: dict[str, list[tuple[float, float]]] = {}
         rows = (
@@ -315,10 +326,7 @@ def pipeline(records: int, rounds: int, into: int = 0) -> None:
 
     src = audit_lines_file(max(records, 100_000))
     lines = src.read_bytes().splitlines(keepends=True)[:records]
-    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
-    if into and not prefilled.exists():
-        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
-        build_store(prefilled, into, t0=first - MONTH_NS)  # a month of records up to the lines'
+    prefilled = prefilled_store(into, lines)
     work = Path(tempfile.mkdtemp(prefix="bench-store-pipe-", dir=CACHE))
     try:
         source = work / "audit.log"
@@ -905,10 +913,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
 
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
-    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
-    if into and not prefilled.exists():
-        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
-        build_store(prefilled, into, t0=first - MONTH_NS)  # as ingest builds it
+    prefilled = prefilled_store(into, lines)
     every = [*WRITER_VARIANTS, *WRITER_SETUPS]
     names = [name for name in every if not only or any(word in name for word in only)]
     work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
@@ -951,7 +956,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
         shutil.rmtree(work, ignore_errors=True)
     print(
         f"the writer alone: {records:,} audit records, {group} blocks of {BATCH} a transaction, "
-        + (f"into a copy of the store of {into:,} records" if into else "into an empty store")
+        + f"into {_store_words(into)}"
         + f", {rounds} alternating rounds (medians; the writer thread's CPU of each round)"
     )
     for name, runs in results.items():
@@ -973,10 +978,7 @@ def sink_alone(records: int, group: int, into: int) -> None:
     process's user and system CPU apart (the system's share is the kernel writing the WAL and the
     checkpoints, which varies from run to run on this machine)."""
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
-    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
-    if into and not prefilled.exists():
-        first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
-        build_store(prefilled, into, t0=first - MONTH_NS)  # as ingest builds it
+    prefilled = prefilled_store(into, lines)
     work = Path(tempfile.mkdtemp(prefix="bench-store-sink-", dir=CACHE))
     try:
         if into:
@@ -989,9 +991,8 @@ def sink_alone(records: int, group: int, into: int) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"the sqlite output alone: {records:,} audit records into "
-        + (f"a copy of the store of {into:,} records" if into else "an empty store")
-        + f": {records / elapsed:,.0f} records/s, CPU {(after.user - before.user) / records * 1e6:.2f} us user"
+        f"the sqlite output alone: {records:,} audit records into {_store_words(into)}"
+        f": {records / elapsed:,.0f} records/s, CPU {(after.user - before.user) / records * 1e6:.2f} us user"
         f" + {(after.system - before.system) / records * 1e6:.2f} us system a record"
     )
 
