@@ -813,8 +813,9 @@ def _changed_identity_buckets(conn: sqlite3.Connection, version: int, has_ibucke
     """Schema 7's migration, its reading part: every audit row's identity bucket at
     :data:`IDENT_BITS` (:func:`identity_bucket` of its body; NULL where it is its time's own),
     and the rows whose ``ibucket`` that changes into ``temp.new_buckets (id, bucket)``, which
-    the migration's transaction applies. In Python, a row at a time: the same in SQL (a function
-    of the body in an UPDATE) took 2.5 times as long (each row's function called twice)."""
+    the migration's transaction applies. Each body is parsed once here; an UPDATE with the same
+    function in SQL calls it twice for each row it changes, which is every audit row the Python
+    path wrote (the webhook's): as fast where no row changes (8 s for 2M records), 2x where all do."""
     conn.execute("DROP TABLE IF EXISTS temp.new_buckets")
     conn.execute("CREATE TEMP TABLE new_buckets (id INTEGER PRIMARY KEY, bucket INTEGER)")
     body = "r.body" if version < 5 else BODY
