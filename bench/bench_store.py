@@ -889,6 +889,10 @@ WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "identity index by time bucket (schema 6)": (f"DROP INDEX records_ident_second; {TIME_BUCKET_IDENT_INDEX}", ""),
     "identity index by 2^28 ns": (_IDENT_BY.format(bits=28), ""),
     "identity index by 2^33 ns": (_IDENT_BY.format(bits=33), ""),
+    "uid index by segment of ids": (
+        "DROP INDEX records_uid; CREATE INDEX records_uid_segment ON records (id >> 18, uid) WHERE uid IS NOT NULL",
+        "",
+    ),
     "object index by 2^16 ids": (_BY_IDS.format(bits=16), ""),
     "object index by 2^20 ids": (_BY_IDS.format(bits=20), ""),
 }
@@ -902,16 +906,36 @@ WRITER_SETUPS: dict[str, str] = {
 }
 
 
-def writer(records: int, group: int, into: int, rounds: int, only: list[str]) -> None:
+def with_uids(lines: list[bytes], share: float) -> list[bytes]:
+    """``lines`` with an ``objectRef.uid`` (random, as object uids are) in ``share`` of them: the
+    bench's events are at level Metadata, without one; a policy at RequestResponse gives most
+    rows a uid (in the answer's object: 25-46% of the rows of this repository's real clusters'
+    audit logs)."""
+    import uuid
+
+    rng = random.Random(5)
+    out = []
+    for line in lines:
+        if rng.random() < share:
+            line = line.replace(
+                b'"objectRef":{', b'"objectRef":{"uid":"%s",' % str(uuid.UUID(int=rng.getrandbits(128))).encode(), 1
+            )
+        out.append(line)
+    return out
+
+
+def writer(records: int, group: int, into: int, rounds: int, only: list[str], uids: float = 0.0) -> None:
     """The store's writer alone, in process: ``StoreWriter.write_blocks`` (the native writer) with
     blocks of 1,000 real audit lines, ``group`` blocks a transaction, into an empty store or a
     copy of the cached store of ``into`` records, for each variant (``WRITER_VARIANTS``),
     alternating in each round. Reports the writer thread's CPU per record (the thread that runs
     SQLite, its checkpoints included: its ``thread_time``; the native decoder's thread is not in
-    it), the process's CPU and the wall time; the open and the close are not timed."""
+    it), the process's CPU and the wall time; the open and the close are not timed. ``uids``:
+    that share of the new lines get a uid (:func:`with_uids`), and of the copy's audit rows."""
     from kubetrail.sinks import sqlite as store
 
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
+    lines = with_uids(lines, uids) if uids else lines
     blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
     prefilled = prefilled_store(into, lines)
     every = [*WRITER_VARIANTS, *WRITER_SETUPS]
@@ -928,6 +952,13 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str]) ->
                     stale.unlink(missing_ok=True)
                 if into:
                     shutil.copy(prefilled, db)
+                    if uids:  # the copy's audit rows too, random as uids are (the same ones each time)
+                        with sqlite3.connect(db) as conn:
+                            conn.execute(
+                                "UPDATE records SET uid = lower(hex(randomblob(16))) WHERE kind = 'audit'"
+                                f" AND (id * 2654435761) % 1000 < {int(uids * 1000)}"
+                            )
+                        conn.close()
                     os.sync()
                 w = store.StoreWriter(db)
                 w.open()
@@ -1027,6 +1058,7 @@ def main() -> None:
     parser.add_argument(
         "--variant", action="append", default=[], help="writer: only the variants whose name has this word"
     )
+    parser.add_argument("--uids", type=float, default=0.0, help="writer: this share of the rows with a uid")
     parser.add_argument(
         "--since-hours", type=float, default=0, help="compare: also history of the store's last hours (--since)"
     )
@@ -1040,7 +1072,7 @@ def main() -> None:
     elif args.what == "sink":
         sink_alone(args.records or 1_000_000, args.group, args.into)
     elif args.what == "writer":
-        writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant)
+        writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant, args.uids)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds, args.into)
     elif args.what == "migrate":

@@ -67,13 +67,14 @@ from kubetrail.sinks.sqlite import (
     BUCKET_BITS,
     BUCKET_KEY,
     OLD_OBJECT_INDEX,
+    UID_INDEX_NAME,
     StoreError,
     audit_ident,
     ident_bucket_bits,
     ident_buckets,
     ident_key,
-    object_segment_bits,
     open_reader,
+    segment_bits,
 )
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
@@ -164,6 +165,8 @@ class StoreBackend:
         self._schema_seen = -1
         self.by_bucket = False  # schema 3-5: the object index led by the time bucket
         self.segment_bits: int | None = None  # schema 6: led by a segment of ids, this wide
+        self.uid_bits: int | None = None  # schema 7: the uid index too
+        self.ident_bits: int | None = None  # the identity index's buckets: 2^46 ns (schema 4-6), 2^30 (7)
         self.split = False  # schema 5: the bodies of the rows with a user in user_bodies
         self.body = "r.body"  # the body of a records row aliased r, in SQL
         self._check_schema()
@@ -184,7 +187,8 @@ class StoreBackend:
         if seen == self._schema_seen:
             return False
         self._schema_seen = seen
-        self.segment_bits = object_segment_bits(self.conn)
+        self.segment_bits = segment_bits(self.conn)
+        self.uid_bits = segment_bits(self.conn, UID_INDEX_NAME)
         self.ident_bits = ident_bucket_bits(self.conn)
         self.by_bucket = self.segment_bits is None and self._has("index", OLD_OBJECT_INDEX)
         self.split = self._has("table", "user_bodies")
@@ -240,9 +244,12 @@ class StoreBackend:
             bound = (out[-1] << BUCKET_BITS) - 1
 
     def segments(self) -> list[int]:
-        """Every segment of ids from the newest record's to the oldest's, newest first (schema 6;
-        few: 38 for 10M records at 2^18)."""
+        """Every segment of the object index's ids from the newest record's to the oldest's,
+        newest first (schema 6; few: 38 for 10M records at 2^18)."""
         assert self.segment_bits is not None
+        return self._segments(self.segment_bits)
+
+    def _segments(self, bits: int) -> list[int]:
         # Two subqueries: SQLite reads max(id) or min(id) alone from the B-tree's edge, but
         # both in one SELECT by reading every row.
         newest, oldest = self.conn.execute(
@@ -250,7 +257,7 @@ class StoreBackend:
         ).fetchone()
         if newest is None:
             return []
-        return list(range(newest >> self.segment_bits, (oldest >> self.segment_bits) - 1, -1))
+        return list(range(newest >> bits, (oldest >> bits) - 1, -1))
 
     def _parts(self, since: int | None, until: int | None) -> Parts | None:
         """The parts of the object index an object's scan reads, or None for a store whose object
@@ -501,14 +508,22 @@ class StoreBackend:
         return self._records(self._newest_ids(where, params, since, until, limit, parts))
 
     def uid_ref(self, uid: str) -> ObjectRef | None:
+        """The object a uid names, from the records that carry it (the oldest that is not a log
+        line). Schema 7's uid index is led by the segment of ids, as the object index: a seek in
+        each segment (named, else SQLite would scan the index); an older store's is on the uid."""
+        self._check_schema()
+        where = "uid = ? AND name IS NOT NULL"
+        params: list[Any] = [uid]
+        if self.uid_bits is not None:
+            segments = self._segments(self.uid_bits)
+            where = f"id >> {self.uid_bits} IN ({','.join(map(str, segments))}) AND {where}"
         row = self.conn.execute(
-            "SELECT resource, namespace, name FROM records WHERE uid = ? AND name IS NOT NULL AND kind != 'log'"
-            " ORDER BY time_ns LIMIT 1",
-            (uid,),
+            f"SELECT resource, namespace, name FROM records WHERE {where} AND kind != 'log' ORDER BY time_ns LIMIT 1",
+            params,
         ).fetchone()
         if row is None:
             row = self.conn.execute(
-                "SELECT resource, namespace, name FROM records WHERE uid = ? AND name IS NOT NULL LIMIT 1", (uid,)
+                f"SELECT resource, namespace, name FROM records WHERE {where} LIMIT 1", params
             ).fetchone()
         return ObjectRef(row[0], row[1], row[2]) if row else None
 

@@ -230,7 +230,8 @@ APPLICATION_ID = 0x6B747231
 # -> 4 steps. Schema 5 moved the bodies of the rows with a user into USER_BODIES (see "A user's
 # records together" above) and dropped records_user. Schema 6 leads the object index by the
 # segment of ids instead of the time bucket (see "Steady state" above). Schema 7 leads the
-# identity index by a bucket of about a second instead of the time bucket (see "Identity index").
+# identity index by a bucket of about a second instead of the time bucket (see "Identity index"),
+# and the uid index by the segment of ids (UID_INDEX).
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order, and INSERT_BODY with 6 for a new row with a user: a change of
 # their columns changes it too. It writes audit
@@ -245,8 +246,9 @@ BUCKET_BITS = 46
 BUCKET_KEY = f"time_ns >> {BUCKET_BITS}"
 OLD_OBJECT_INDEX = "records_object_bucket"
 # Schema 6: the object index led by a segment of 2^SEGMENT_BITS consecutive ids (see "Steady
-# state" above). Readers take the width from the index's own SQL (object_segment_bits), so a store
-# built with another width is read right.
+# state" above); schema 7 the uid index too (a uid is random: schema 6's index on the uid alone took
+# each new key at a random place of a B-tree of the whole store). Readers take the width from the
+# index's own SQL (segment_bits), so a store built with another width is read right.
 SEGMENT_BITS = 18
 OBJECT_INDEX_NAME = "records_object_segment"
 OBJECT_INDEX = (
@@ -273,6 +275,8 @@ def ident_key(bits: int) -> str:
 
 IDENT_KEY = ident_key(IDENT_BITS)
 IDENT_INDEX = f"CREATE UNIQUE INDEX IF NOT EXISTS {IDENT_INDEX_NAME} ON records ({IDENT_KEY}, ident)"
+UID_INDEX_NAME = "records_uid_segment"
+UID_INDEX = f"CREATE INDEX IF NOT EXISTS {UID_INDEX_NAME} ON records (id >> {SEGMENT_BITS}, uid) WHERE uid IS NOT NULL"
 RETENTION_CHUNK = 20_000  # rows deleted per statement: keeps each write lock short
 # A WAL checkpoint after every 4,000 pages (256 MiB of 64 KiB pages) instead of SQLite's 1,000: an
 # index leaf written by many commits is copied into the database file once per checkpoint, so
@@ -314,7 +318,7 @@ SCHEMA = f"""{RECORDS_TABLE}
 {IDENT_INDEX};
 CREATE INDEX IF NOT EXISTS records_time ON records (time_ns);
 {OBJECT_INDEX};
-CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL;
+{UID_INDEX};
 """
 # Schema 5: the bodies of the rows with a user, together by user (see "A user's records together").
 # A records row with a user has an empty body; BODY is the body of a records row aliased ``r``.
@@ -773,6 +777,7 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # the body decoded for it: rows a source stamped otherwise, or set by the Python path at
         # schema 4-6's width, are written), builds the identity index and drops the old one; the
         # new buckets are found before the transaction (_changed_identity_buckets: reads only).
+        # It also builds the segment-led uid index and drops the one on the uid alone.
         steps = (ALERTS_SCHEMA if version < 2 else "") + (
             f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
         )
@@ -784,10 +789,11 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
         steps += (
-            f"DROP INDEX IF EXISTS records_ident; DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
+            "DROP INDEX IF EXISTS records_uid; DROP INDEX IF EXISTS records_ident;"
+            f"DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
             "UPDATE records SET ibucket = (SELECT n.bucket FROM temp.new_buckets n WHERE n.id = records.id)"
             " WHERE id IN (SELECT id FROM temp.new_buckets);"
-            + (f"{IDENT_INDEX};" if version >= 5 else "")  # else in the table the next step builds
+            + (f"{IDENT_INDEX}; {UID_INDEX};" if version >= 5 else "")  # else in the table the next step builds
         )
         if version < 5:
             kept = COLUMNS.replace("body", "CASE WHEN user IS NULL THEN body ELSE x'' END")
@@ -835,11 +841,12 @@ def _changed_identity_buckets(conn: sqlite3.Connection, version: int, has_ibucke
     conn.executemany("INSERT INTO temp.new_buckets VALUES (?, ?)", changed)
 
 
-def object_segment_bits(conn: sqlite3.Connection) -> int | None:
-    """The segment width of a schema 6 store's object index, read from the index's SQL; None
-    for a store without that index (schema 5 or older: led by the time bucket or the name)."""
+def segment_bits(conn: sqlite3.Connection, index: str = OBJECT_INDEX_NAME) -> int | None:
+    """The segment width of a store's index led by the segment of ids (the object index since
+    schema 6, the uid index since 7), read from the index's SQL; None for a store without that
+    index (the object index led by the time bucket or the name, the uid index by the uid)."""
     sql = "SELECT sql FROM sqlite_master WHERE type = 'index' AND name = ?"
-    row = conn.execute(sql, (OBJECT_INDEX_NAME,)).fetchone()
+    row = conn.execute(sql, (index,)).fetchone()
     found = re.search(r"\(id >> (\d+),", row[0]) if row else None
     return int(found.group(1)) if found else None
 

@@ -29,6 +29,8 @@ from kubetrail.sinks.sqlite import (
     OLD_IDENT_INDEX_NAME,
     SCHEMA,
     SEGMENT_BITS,
+    UID_INDEX,
+    UID_INDEX_NAME,
     SqliteSink,
     ident_key,
     identity_bucket,
@@ -42,7 +44,9 @@ V2_OBJECT_INDEX = (
 )
 # Schemas 1 to 4 had this user index, which schema 5's user_bodies table replaced.
 V4_USER_INDEX = "CREATE INDEX IF NOT EXISTS records_user ON records (user, time_ns) WHERE user IS NOT NULL;"
-V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX) + V4_USER_INDEX
+# Schemas 1 to 6 had this uid index, which schema 7 replaced by one led by the segment of ids.
+V6_UID_INDEX = "CREATE INDEX IF NOT EXISTS records_uid ON records (uid) WHERE uid IS NOT NULL"
+V2_SCHEMA = SCHEMA.replace(OBJECT_INDEX, V2_OBJECT_INDEX).replace(UID_INDEX, V6_UID_INDEX) + V4_USER_INDEX
 assert V2_OBJECT_INDEX in V2_SCHEMA
 # Schemas 3 to 5 had this object index (led by the time bucket), which schema 6 replaced.
 V5_OBJECT_INDEX = (
@@ -58,14 +62,14 @@ V6_IDENT_INDEX = (
 
 def to_schema_6(path: Path) -> None:
     """A store of this schema put back as kubetrail wrote it with schema 6: the identity index
-    led by the time bucket, and the Python path's rows' ``ibucket`` that bucket (the same rows,
-    the same ids)."""
+    led by the time bucket, the Python path's rows' ``ibucket`` that bucket, the uid index on the
+    uid alone (the same rows, the same ids)."""
     conn = sqlite3.connect(path, isolation_level=None)
     conn.create_function("old_bucket", 2, lambda kind, body: identity_bucket(kind, body, bits=BUCKET_BITS))
     conn.executescript(
         f"BEGIN; DROP INDEX IF EXISTS {IDENT_INDEX_NAME};"
         f" UPDATE records AS r SET ibucket = old_bucket(r.kind, {BODY}) WHERE r.ibucket IS NOT NULL;"
-        f" {V6_IDENT_INDEX}; PRAGMA user_version=6; COMMIT;"
+        f" {V6_IDENT_INDEX}; DROP INDEX IF EXISTS {UID_INDEX_NAME}; {V6_UID_INDEX}; PRAGMA user_version=6; COMMIT;"
     )
     conn.close()
 

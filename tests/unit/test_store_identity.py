@@ -31,6 +31,7 @@ from kubetrail.sinks.sqlite import (
     OLD_IDENT_INDEX_NAME,
     SCHEMA,
     SCHEMA_VERSION,
+    UID_INDEX,
     SqliteSink,
     StoreWriter,
     ident_buckets,
@@ -39,7 +40,7 @@ from kubetrail.sinks.sqlite import (
 )
 from kubetrail.sources.kubernetes_audit import KubernetesAuditSource
 from tests.unit.helpers import build
-from tests.unit.history_helpers import V4_USER_INDEX, entries, to_schema_6
+from tests.unit.history_helpers import V4_USER_INDEX, V6_UID_INDEX, entries, to_schema_6
 from tests.unit.history_story import alerts, story
 from tests.unit.test_store import _audit_line, _edge_lines, _lazy, _records_of, needs_native
 
@@ -47,7 +48,10 @@ BUCKET = 1 << IDENT_BITS
 EDGE = 1_650_000_000  # an identity bucket in 2026 (2^30 ns each)
 # Schema 3's identity index and table (no ibucket): the store an older kubetrail wrote.
 V3_IDENT_INDEX = "CREATE UNIQUE INDEX IF NOT EXISTS records_ident ON records (ident)"
-V3_SCHEMA = SCHEMA.replace(IDENT_INDEX, V3_IDENT_INDEX).replace(",\n    ibucket INTEGER", "") + V4_USER_INDEX
+V3_SCHEMA = (
+    SCHEMA.replace(IDENT_INDEX, V3_IDENT_INDEX).replace(UID_INDEX, V6_UID_INDEX).replace(",\n    ibucket INTEGER", "")
+    + V4_USER_INDEX
+)
 assert V3_SCHEMA.count("ibucket") == 0 and V3_IDENT_INDEX in V3_SCHEMA
 COLUMNS = "ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason, tag, body"
 
@@ -375,14 +379,16 @@ def test_a_schema_6_store_is_migrated_to_buckets_of_a_second_by_the_next_writer(
         count = conn.execute("SELECT count(*) FROM records").fetchone()[0]
         audits = conn.execute("SELECT count(*) FROM records WHERE kind = 'audit'").fetchone()[0]
     reader = StoreBackend(path)
-    assert reader.ident_bits == 46
+    assert reader.ident_bits == 46 and reader.uid_bits is None
     assert set(asyncio.run(write_all(path, *paths.values()))) == {count}  # migrated; replays add nothing
     assert reader.triggers_of([("a-0", tail[0].time_ns)]) and reader.ident_bits == IDENT_BITS
+    assert reader.uid_ref("no-such-uid") is None and reader.uid_bits is not None
     reader.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert IDENT_INDEX_NAME in indexes and OLD_IDENT_INDEX_NAME not in indexes
+        assert "records_uid_segment" in indexes and "records_uid" not in indexes
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         got = conn.execute("SELECT ibucket, time_ns, kind, body FROM whole_records WHERE kind = 'audit'").fetchall()
         assert len(got) == audits > half
