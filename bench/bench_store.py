@@ -882,15 +882,15 @@ WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "without records_object_segment": ("DROP INDEX records_object_segment", ""),
     "without records_ident_second": ("DROP INDEX records_ident_second", ""),
     "without records_time": ("DROP INDEX records_time", ""),
-    "without records_uid": ("DROP INDEX records_uid", ""),
+    "without records_uid_segment": ("DROP INDEX records_uid_segment", ""),
     "bodies in records (no user_bodies)": ("", None),
     "bodies cut to 250 bytes": ("", _CUT_BODY),
     "object index by time bucket (schema 5)": (_BY_BUCKET, ""),
     "identity index by time bucket (schema 6)": (f"DROP INDEX records_ident_second; {TIME_BUCKET_IDENT_INDEX}", ""),
     "identity index by 2^28 ns": (_IDENT_BY.format(bits=28), ""),
     "identity index by 2^33 ns": (_IDENT_BY.format(bits=33), ""),
-    "uid index by segment of ids": (
-        "DROP INDEX records_uid; CREATE INDEX records_uid_segment ON records (id >> 18, uid) WHERE uid IS NOT NULL",
+    "uid index on the uid (schema 6)": (
+        "DROP INDEX records_uid_segment; CREATE INDEX records_uid ON records (uid) WHERE uid IS NOT NULL",
         "",
     ),
     "object index by 2^16 ids": (_BY_IDS.format(bits=16), ""),

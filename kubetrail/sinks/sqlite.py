@@ -61,7 +61,12 @@ Design decisions:
   (``kubetrail.history.store``, ``Parts``). Figures: docs/benchmarks.md (issue 19, "Schema 6").
   A writer opening an older store builds the new index and drops the old in one transaction (a
   kill -9 midway leaves the old schema, migrated again next time); readers of an older store
-  use its index.
+  use its index. Schema 7 leads the uid index the same way, ``(id >> 18, uid)``
+  (:data:`UID_INDEX`): a uid is random, and the index on the uid alone took each new key at a
+  random place of a B-tree of the whole store; the bench's events carry none (level Metadata),
+  but with half the rows carrying one (a RequestResponse policy: 25-46% of the rows of this
+  repository's real clusters' audit logs) it halved the writer's rate into a 2M store
+  (docs/benchmarks.md, "Schema 7"). A lookup by uid (``history UID``) seeks each segment.
 * **Identity index** (schema 4; schema 7 its bucket). Schema 3's unique index on ``ident`` alone
   took each new key at a random place of a B-tree of the whole store (16-byte hashes; ~300 MiB
   at 10M records): into a store of 10M records it was what remained of the cost of an insert
