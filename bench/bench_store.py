@@ -952,7 +952,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
                     stale.unlink(missing_ok=True)
                 if into:
                     shutil.copy(prefilled, db)
-                    if uids:  # the copy's audit rows too, random as uids are (the same ones each time)
+                    if uids:  # the copy's audit rows too (the same rows each time), random as uids are
                         with sqlite3.connect(db) as conn:
                             conn.execute(
                                 "UPDATE records SET uid = lower(hex(randomblob(16))) WHERE kind = 'audit'"
