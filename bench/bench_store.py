@@ -7,7 +7,7 @@
     python bench/bench_store.py writer [--into M] [--variant WORD]  # the writer alone: what each part costs
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
     python bench/bench_store.py compare --store A --store B [--records N] [--cold]  # the same queries on two stores
-    python bench/bench_store.py migrate [--records N]  # the writer's migration of a store to this schema
+    python bench/bench_store.py migrate [--records N] [--store S]  # the writer's migration of a store to this schema
 
 **ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like
 ``tail -> kubernetes_audit`` hands them on (a block, no record built; "from records": the
@@ -373,7 +373,7 @@ def pipeline(records: int, rounds: int, into: int = 0) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def migrate(count: int) -> None:
+def migrate(count: int, store: Path | None = None) -> None:
     """The writer's migration of a store of ``count`` records to this schema (on open, one
     transaction, the open's ``quick_check`` included), on a copy dropped from the page cache.
     Schema 7: from the schema 6 store the ingest bench of a schema 6 tree cached (every audit
@@ -384,10 +384,13 @@ def migrate(count: int) -> None:
     emptied in records, records_user dropped). Schema 4: from the schema 4 store put back to
     schema 3's identity index ("typical": the index is built, no row changes) and the store a
     schema-3 bench built ("worst": its synthetic audit bodies had no stageTimestamp: every audit
-    row gets its ibucket, 0)."""
+    row gets its ibucket, 0). ``store``: that store instead (a copy of it is migrated; ``count``
+    only labels it)."""
     from kubetrail.sinks.sqlite import StoreWriter
 
-    if SCHEMA_VERSION >= 7:
+    if store is not None:
+        sources = {"given": store}
+    elif SCHEMA_VERSION >= 7:
         sources = {"schema 6": CACHE / f"store-{count}-64k-s6-before-ingest.db"}
     elif SCHEMA_VERSION >= 6:
         sources = {"schema 5": CACHE / f"store-{count}-64k-s5-before-ingest.db"}
@@ -1064,7 +1067,7 @@ def main() -> None:
     )
     parser.add_argument("--cold", action="store_true", help="query: the store out of the page cache for each query")
     parser.add_argument(
-        "--store", type=Path, action="append", default=[], help="query: this store; compare: two (or more) stores"
+        "--store", type=Path, action="append", default=[], help="query, migrate: this store; compare: two or more"
     )
     args = parser.parse_args()
     if args.what == "ingest":
@@ -1076,7 +1079,7 @@ def main() -> None:
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds, args.into)
     elif args.what == "migrate":
-        migrate(args.records or 2_000_000)
+        migrate(args.records or 2_000_000, args.store[0] if args.store else None)
     elif args.what == "who-layout":
         who_layout(args.records or 10_000_000, args.cold)
     elif args.what == "compare":

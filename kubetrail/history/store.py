@@ -451,8 +451,8 @@ class StoreBackend:
         return out
 
     def _triggers_near(self, alerts: list[tuple[str, int]], bits: int) -> list[StoredRecord]:
-        """:meth:`triggers_of` in a store of buckets of 2^bits ns: per alert, a seek per bucket
-        near its time and stage of its request, else its time's records (see there)."""
+        """:meth:`triggers_of` in a store of buckets of 2^bits ns: per alert, a seek for each
+        stage of its request in each bucket near its time, else its time's records (see there)."""
         key = ident_key(bits)
         out: dict[int | str, StoredRecord] = {}
         for audit_id, time_ns in dict.fromkeys(alerts):
