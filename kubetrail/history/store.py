@@ -39,7 +39,9 @@ body reads :data:`~kubetrail.sinks.sqlite.BODY` of its ``records`` row (``self.b
 ``r.body`` in a store of an older schema), so no caller knows where a body is. ``who`` reads
 the user's newest rows and their bodies from ``user_bodies`` by one backwards range scan: cold,
 ~30 neighbouring pages instead of ~1,000 scattered ones. A store migrated by a writer while a
-reader (the UI) has it open is seen at the reader's next query (``_check_schema``).
+reader (the UI) has it open is seen at the reader's next query (``_check_schema``). Schema 8
+compresses bodies with the store's dictionaries (kubetrail/sinks/sqlite_bodies.py): every body
+read passes through ``BodyReader.plain`` in ``_stored``, the one place rows become records.
 
 **Alerts** come with the records that fired them: an object's or a user's audit records bring
 the alerts of their auditIDs (one indexed lookup in the ``alerts`` table per few hundred
@@ -76,6 +78,7 @@ from kubetrail.sinks.sqlite import (
     open_reader,
     segment_bits,
 )
+from kubetrail.sinks.sqlite_bodies import BodyError, BodyReader
 
 STAGES = ("RequestReceived", "ResponseStarted", "ResponseComplete", "Panic")
 WORKLOADS = ("deployments", "replicasets", "statefulsets", "daemonsets", "jobs", "cronjobs")
@@ -170,6 +173,7 @@ class StoreBackend:
         self.split = False  # schema 5: the bodies of the rows with a user in user_bodies
         self.body = "r.body"  # the body of a records row aliased r, in SQL
         self._check_schema()
+        self.bodies = BodyReader(self.conn, self.path)  # a compressed body back as it came
         self._local = threading.local()  # a body reader's connection, one per pool thread
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -204,7 +208,11 @@ class StoreBackend:
                 rows = again()
             if any(not row[3] for row in rows):
                 raise HistoryError(f"cannot read store {self.path}: a record without its body")
-        return [StoredRecord(row[0], row[1], row[2], decode_body(row[3])) for row in rows]
+        plain = self.bodies.plain
+        try:
+            return [StoredRecord(row[0], row[1], row[2], decode_body(plain(row[3]))) for row in rows]
+        except BodyError as exc:
+            raise HistoryError(str(exc)) from None
 
     def _has(self, type_: str, name: str) -> bool:
         row = self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = ? AND name = ?", (type_, name)).fetchone()

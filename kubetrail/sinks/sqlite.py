@@ -196,6 +196,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import sqlite3
@@ -207,6 +208,7 @@ from typing import Any
 
 import msgspec
 import orjson
+import zstandard
 
 from kubetrail.core.component import ComponentContext, Sink
 from kubetrail.core.errors import RetryableError
@@ -215,6 +217,13 @@ from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
 from kubetrail.core.secrets import file_stamp
 from kubetrail.parsers.timefmt import TimeParser
+from kubetrail.sinks.sqlite_bodies import (
+    DICTIONARIES,
+    TRAIN_AFTER_ROWS,
+    BodyCompressor,
+    newest_dictionary,
+    train_dictionary,
+)
 from kubetrail.transforms.kubernetes_audit import _Flat  # the filter's flat members, to find them
 
 try:  # optional (built from native/): a block's audit rows without the GIL (see "Speed" above)
@@ -236,13 +245,14 @@ APPLICATION_ID = 0x6B747231
 # records together" above) and dropped records_user. Schema 6 leads the object index by the
 # segment of ids instead of the time bucket (see "Steady state" above). Schema 7 leads the
 # identity index by a bucket of about a second instead of the time bucket (see "Identity index"),
-# and the uid index by the segment of ids (UID_INDEX).
+# and the uid index by the segment of ids (UID_INDEX). Schema 8 adds the compression dictionaries
+# (kubetrail.sinks.sqlite_bodies: a body is its JSON or a zstd frame made with one of them).
 # The native writer (native/src/storerows.rs, StoreInserter) runs INSERT below with the 13 values
 # of an audit row in this order, and INSERT_BODY with 6 for a new row with a user: a change of
 # their columns changes it too. It writes audit
 # rows only (their ibucket NULL: IDENT_KEY's default, the stageTimestamp's bucket); every other
 # kind (alert included) is decided by row_of, here, and written by INSERT_ROW with its ibucket.
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # A time bucket, 2^46 ns (19.5 hours; a shift floors in SQLite and Python alike, negative times
 # included), as an expression: no column to fill, the INSERT unchanged. It led schema 3-5's object
 # index (OLD_OBJECT_INDEX) and schema 4-6's identity index (OLD_IDENT_INDEX_NAME), which readers
@@ -746,7 +756,7 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             conn.execute("PRAGMA page_size=65536")
             conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
             conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            conn.executescript(SCHEMA + ALERTS_SCHEMA + USER_BODIES)
+            conn.executescript(SCHEMA + ALERTS_SCHEMA + USER_BODIES + DICTIONARIES)
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot create the store schema in {path}: {exc}") from None
         return
@@ -782,34 +792,13 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # the body decoded for it: rows a source stamped otherwise, or set by the Python path at
         # schema 4-6's width, are written), builds the identity index and drops the old one; the
         # new buckets are found before the transaction (_changed_identity_buckets: reads only).
-        # It also builds the segment-led uid index and drops the one on the uid alone.
-        steps = (ALERTS_SCHEMA if version < 2 else "") + (
-            f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
-        )
-        columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
-        if "ibucket" not in columns:
-            steps += "ALTER TABLE records ADD COLUMN ibucket INTEGER;"
+        # It also builds the segment-led uid index and drops the one on the uid alone. 8 adds the
+        # dictionaries table (no body rewritten: the bodies before it stay as they came).
         try:
-            _changed_identity_buckets(conn, version, "ibucket" in columns)
+            steps = _steps_to_7(conn, version) if version < 7 else ""
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
-        steps += (
-            "DROP INDEX IF EXISTS records_uid; DROP INDEX IF EXISTS records_ident;"
-            f"DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
-            "UPDATE records SET ibucket = (SELECT n.bucket FROM temp.new_buckets n WHERE n.id = records.id)"
-            " WHERE id IN (SELECT id FROM temp.new_buckets);"
-            + (f"{IDENT_INDEX}; {UID_INDEX};" if version >= 5 else "")  # else in the table the next step builds
-        )
-        if version < 5:
-            kept = COLUMNS.replace("body", "CASE WHEN user IS NULL THEN body ELSE x'' END")
-            steps += (
-                USER_BODIES_TABLE + "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body)"
-                " SELECT user, time_ns, id, kind, verb, body FROM records NOT INDEXED WHERE user IS NOT NULL"
-                " ORDER BY user, time_ns, id;"
-                + RECORDS_TABLE.replace("EXISTS records (", "EXISTS records_v5 (", 1)
-                + f"INSERT INTO records_v5 ({COLUMNS}) SELECT {kept} FROM records ORDER BY id;"
-                "DROP TABLE records; ALTER TABLE records_v5 RENAME TO records;" + SCHEMA + ALERTS_SCHEMA + USER_BODIES
-            )
+        steps += DICTIONARIES
         try:
             conn.executescript(f"BEGIN; {steps} PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
@@ -818,6 +807,36 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
             raise StoreError(f"cannot migrate {path} from store schema {version} to {SCHEMA_VERSION}: {exc}") from None
         finally:
             conn.execute("DROP TABLE IF EXISTS temp.new_buckets")
+
+
+def _steps_to_7(conn: sqlite3.Connection, version: int) -> str:
+    """The SQL of the migration from schema ``version`` to 7 (see check_store), after its reading
+    part (_changed_identity_buckets, which fills ``temp.new_buckets``)."""
+    steps = (ALERTS_SCHEMA if version < 2 else "") + (
+        f"{OBJECT_INDEX}; DROP INDEX IF EXISTS records_object; DROP INDEX IF EXISTS {OLD_OBJECT_INDEX};"
+    )
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(records)")}
+    if "ibucket" not in columns:
+        steps += "ALTER TABLE records ADD COLUMN ibucket INTEGER;"
+    _changed_identity_buckets(conn, version, "ibucket" in columns)
+    steps += (
+        "DROP INDEX IF EXISTS records_uid; DROP INDEX IF EXISTS records_ident;"
+        f"DROP INDEX IF EXISTS {OLD_IDENT_INDEX_NAME};"
+        "UPDATE records SET ibucket = (SELECT n.bucket FROM temp.new_buckets n WHERE n.id = records.id)"
+        " WHERE id IN (SELECT id FROM temp.new_buckets);"
+        + (f"{IDENT_INDEX}; {UID_INDEX};" if version >= 5 else "")  # else in the table the next step builds
+    )
+    if version < 5:
+        kept = COLUMNS.replace("body", "CASE WHEN user IS NULL THEN body ELSE x'' END")
+        steps += (
+            USER_BODIES_TABLE + "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body)"
+            " SELECT user, time_ns, id, kind, verb, body FROM records NOT INDEXED WHERE user IS NOT NULL"
+            " ORDER BY user, time_ns, id;"
+            + RECORDS_TABLE.replace("EXISTS records (", "EXISTS records_v5 (", 1)
+            + f"INSERT INTO records_v5 ({COLUMNS}) SELECT {kept} FROM records ORDER BY id;"
+            "DROP TABLE records; ALTER TABLE records_v5 RENAME TO records;" + SCHEMA + ALERTS_SCHEMA + USER_BODIES
+        )
+    return steps
 
 
 def _changed_identity_buckets(conn: sqlite3.Connection, version: int, has_ibucket: bool) -> None:
@@ -976,7 +995,9 @@ class StoreWriter:
 
     ``native``: blocks of audit events are decoded and inserted by the native module's
     ``StoreInserter`` (a second connection of this process, used only for those inserts) when
-    it is built and shares this process's SQLite; ``False`` keeps every insert in Python."""
+    it is built and shares this process's SQLite; ``False`` keeps every insert in Python.
+    ``compress``: bodies are compressed with the store's dictionary, trained once the store holds
+    enough records (:mod:`kubetrail.sinks.sqlite_bodies`)."""
 
     def __init__(
         self,
@@ -987,10 +1008,18 @@ class StoreWriter:
         retention_size: int = 0,
         retention_interval: float = 60.0,
         native: bool = True,
+        compress: bool = True,
+        train_after: int = TRAIN_AFTER_ROWS,
+        log: logging.Logger | None = None,
     ) -> None:
         self.path = Path(path)
         self.sync = sync
         self.use_native = native
+        self.compress = compress
+        self.log = log or logging.getLogger(__name__)
+        self.compressor: BodyCompressor | None = None  # the store's newest dictionary, once it has one
+        self.train_after = train_after  # the records a store holds when its dictionary is trained
+        self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
         self.retention_time = retention_time
         self.retention_size = retention_size
@@ -1052,8 +1081,17 @@ class StoreWriter:
                 conn.close()
                 os.close(fd)
                 raise StoreError(f"cannot open store {self.path}: {exc}") from None
+            if self.native is not None and not hasattr(self.native, "use_dictionary"):
+                self.native = None  # older than compression: the Python way compresses
         self.conn = conn
         self._lock_fd = fd
+        if self.compress:
+            self._use(newest_dictionary(conn))
+
+    def _use(self, compressor: BodyCompressor | None) -> None:
+        self.compressor = compressor
+        if self.native is not None and compressor is not None:
+            self.native.use_dictionary(compressor.dictionary, compressor.level)
 
     def write_blocks(self, blocks: list[tuple[str, bytes]]) -> int | None:
         """Insert the rows of blocks of audit event lines (``(tag, block)``) in one transaction,
@@ -1090,17 +1128,19 @@ class StoreWriter:
         try:
             added = 0
             cursor = conn.cursor()
+            compress = self.compressor.compress if self.compressor is not None else None
             for row in rows:
                 user = row[3]
+                body = compress(row[12]) if compress is not None else row[12]
                 if user is None:
-                    cursor.execute(INSERT_ROW, (*row, identity_bucket(row[2], row[12], times)))
+                    cursor.execute(INSERT_ROW, (*row[:12], body, identity_bucket(row[2], row[12], times)))
                     added += cursor.rowcount
                     continue
                 # A user's row: its body goes beside its user's other rows (schema 5), only when
                 # the row is new (the identity index decided), with its id.
                 cursor.execute(INSERT_ROW, (*row[:12], b"", identity_bucket(row[2], row[12], times)))
                 if cursor.rowcount == 1:
-                    cursor.execute(INSERT_BODY, (user, row[1], cursor.lastrowid, row[2], row[4], row[12]))
+                    cursor.execute(INSERT_BODY, (user, row[1], cursor.lastrowid, row[2], row[4], body))
                     added += 1
             alerts = [row for row in rows if row[2] == "alert"]  # few: the detect filter's
             if alerts:
@@ -1114,9 +1154,28 @@ class StoreWriter:
         return added
 
     def _after_commit(self) -> None:
+        if self.compress and self.compressor is None:
+            self._train()
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
+
+    def _train(self) -> None:
+        """The store's dictionary, trained once it holds enough records (see sqlite_bodies)."""
+        conn = self.conn
+        assert conn is not None
+        held = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+        if held < self._train_at:
+            return
+        try:
+            compressor = train_dictionary(conn, BODY)
+        except (zstandard.ZstdError, sqlite3.Error) as exc:
+            # Too few distinct samples, or a full disk: bodies stay as they came for a while.
+            self._train_at = held + self.train_after
+            self.log.warning("store %s: no compression dictionary yet (%s); trying again later", self.path, exc)
+            return
+        self.log.info("store %s: bodies compressed with dictionary %d from now on", self.path, compressor.dictionary_id)
+        self._use(compressor)
 
     def apply_retention(self, now_ns: int | None = None) -> int:
         """Delete rows older than ``retention_time`` and the oldest rows while the pages in use
@@ -1204,6 +1263,14 @@ class SqliteSink(Sink):
         Option("retention_time", "duration", 0.0, help="Delete records older than this (0: keep)"),
         Option("retention_size", "size", 0, help="Delete the oldest records while the store holds more (0: no limit)"),
         Option("retention_interval", "duration", 60.0, help="How often retention is checked"),
+        Option(
+            "compress",
+            "choice",
+            "zstd",
+            choices=("zstd", "off"),
+            help="zstd: bodies compressed with a dictionary the store trains on its first records (~3x smaller,"
+            " faster writes); off: bodies kept as JSON (readable with the sqlite3 shell)",
+        ),
     )
 
     def __init__(self, ctx: ComponentContext, config: Mapping[str, Any]) -> None:
@@ -1214,6 +1281,8 @@ class SqliteSink(Sink):
             retention_time=config["retention_time"],
             retention_size=config["retention_size"],
             retention_interval=config["retention_interval"],
+            compress=config["compress"] == "zstd",
+            log=self.log,
         )
         self.m_new = self.metrics.counter("kubetrail_store_records_added", "Records added to the store")
         self.m_replayed = self.metrics.counter(

@@ -32,6 +32,11 @@
 //! string and body into a buffer of SQLite's own first (docs/benchmarks.md "Store ingest, fifth
 //! pass").
 //!
+//! Compression (`kubetrail/sinks/sqlite_bodies.py`): once the store has a dictionary, the Python
+//! writer hands it over (`use_dictionary`) and each row's body is stored as one zstd frame made
+//! with it, by the thread that decodes the blocks (beside the one inserting), the same frame the
+//! Python path's `zstandard` makes (content size and dictionary ID in the header, no checksum).
+//!
 //! All or nothing: when any line is not an audit event this decoder takes the way msgspec
 //! would (not JSON, a field of another type, a repeated key, an escaped surrogate, no
 //! `stageTimestamp` in RFC 3339, an Event's or a log line's members), the function returns
@@ -39,7 +44,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blake2::digest::consts::U16;
@@ -51,6 +56,8 @@ use rusqlite::ffi;
 use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use std::os::raw::c_int;
+use zstd::bulk::Compressor;
+use zstd::dict::EncoderDictionary;
 
 use crate::timefmt::parse_rfc3339_ns;
 use crate::{beyond_reference, JStr};
@@ -409,12 +416,24 @@ pub fn audit_store_rows<'py>(
     Ok(Some(out))
 }
 
-/// A block's rows, or None when one of its lines is not for this decoder.
-fn block_rows<'a>(bytes: &'a [u8], flat: &HashSet<Vec<u8>>) -> Option<Vec<Row<'a>>> {
+/// A block's rows, their bodies compressed when a ``compressor`` is given, or None when one of
+/// its lines is not for this decoder (or, unexpectedly, a body cannot be compressed).
+fn block_rows<'a>(
+    bytes: &'a [u8],
+    flat: &HashSet<Vec<u8>>,
+    compressor: Option<&mut Compressor<'_>>,
+) -> Option<Vec<Row<'a>>> {
     let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    body.split(|&b| b == b'\n')
+    let mut rows: Vec<Row<'a>> = body
+        .split(|&b| b == b'\n')
         .map(|line| row_of(line, flat))
-        .collect()
+        .collect::<Option<_>>()?;
+    if let Some(compressor) = compressor {
+        for row in &mut rows {
+            row.body = Cow::Owned(compressor.compress(&row.body).ok()?);
+        }
+    }
+    Some(rows)
 }
 
 fn sql_error(what: &str, err: rusqlite::Error) -> String {
@@ -561,6 +580,8 @@ pub struct StoreInserter {
     /// body stays in the row (an older Python module).
     insert_body: Option<String>,
     flat: HashSet<Vec<u8>>,
+    /// The store's newest compression dictionary, prepared (None: bodies stored as they came).
+    dictionary: Mutex<Option<Arc<EncoderDictionary<'static>>>>,
 }
 
 #[pymethods]
@@ -604,7 +625,20 @@ impl StoreInserter {
             insert: insert.to_owned(),
             insert_body: insert_body.map(str::to_owned),
             flat,
+            dictionary: Mutex::new(None),
         })
+    }
+
+    /// From the next write on, bodies are compressed with ``dictionary`` (a zstd dictionary)
+    /// at ``level``; None: stored as they come.
+    #[pyo3(signature = (dictionary, level=3))]
+    fn use_dictionary(&self, dictionary: Option<&[u8]>, level: i32) -> PyResult<()> {
+        let prepared = dictionary.map(|d| Arc::new(EncoderDictionary::copy(d, level)));
+        *self
+            .dictionary
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("the dictionary is poisoned"))? = prepared;
+        Ok(())
     }
 
     /// Decodes ``blocks`` (``(tag, block)`` pairs) and inserts every row in one transaction.
@@ -621,17 +655,33 @@ impl StoreInserter {
             .map(|(t, b)| (t.as_str(), b.as_bytes()))
             .collect();
         let flat = &self.flat;
-        // Without the GIL. One thread decodes the blocks, one after the other, while this one
-        // inserts the rows of the block before (decoding is ~20% of the work): a line that is not
-        // for the native decoder rolls back what was inserted and leaves the group to Python.
+        let dictionary = self
+            .dictionary
+            .lock()
+            .map_err(|_| PyRuntimeError::new_err("the dictionary is poisoned"))?
+            .clone();
+        // Without the GIL. One thread decodes the blocks (and compresses their bodies), one after
+        // the other, while this one inserts the rows of the block before: a line that is not for
+        // the native decoder rolls back what was inserted and leaves the group to Python.
         let result = py.detach(|| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 std::thread::scope(|scope| -> Result<Option<usize>, String> {
                     let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Vec<Row>>>(2);
                     let slices = &slices;
+                    let dictionary = &dictionary;
                     scope.spawn(move || {
+                        let mut compressor = match dictionary {
+                            Some(d) => match Compressor::with_prepared_dictionary(d) {
+                                Ok(c) => Some(c),
+                                Err(_) => {
+                                    let _ = tx.send(None); // Python's path compresses them
+                                    return;
+                                }
+                            },
+                            None => None,
+                        };
                         for &(_, bytes) in slices {
-                            let rows = block_rows(bytes, flat);
+                            let rows = block_rows(bytes, flat, compressor.as_mut());
                             let declined = rows.is_none();
                             if tx.send(rows).is_err() || declined {
                                 return;

@@ -258,7 +258,7 @@ def test_a_schema_5_store_is_migrated_to_segments_by_the_next_writer(tmp_path: P
     assert reader.segment_bits is not None and not reader.by_bucket  # it noticed the new index
     reader.close()
     with sqlite3.connect(path) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_object_segment" in indexes and "records_object_bucket" not in indexes
         assert conn.execute("SELECT count(*) FROM records").fetchone() == (len(records),)

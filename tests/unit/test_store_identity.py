@@ -118,7 +118,7 @@ def test_a_new_store_has_the_bucket_led_identity_index_and_lookups_use_it(tmp_pa
     asyncio.run(write_all(path, Batch("t", story())))
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert IDENT_INDEX_NAME in indexes and not {"records_ident", OLD_IDENT_INDEX_NAME} & indexes
         plan = str(conn.execute("EXPLAIN QUERY PLAN " + INSERT_ALERT, [None] * 7 + [b"x"]).fetchall())
@@ -290,7 +290,7 @@ def test_a_failed_migration_from_schema_3_changes_nothing(tmp_path: Path) -> Non
     with sqlite3.connect(path) as conn:  # the new index's name, taken: CREATE INDEX fails
         conn.execute(f"CREATE TABLE {IDENT_INDEX_NAME} (x)")
     writer = StoreWriter(path)
-    with pytest.raises(Exception, match=rf"cannot migrate .* from store schema 3 to 7: .*{IDENT_INDEX_NAME}"):
+    with pytest.raises(Exception, match=rf"cannot migrate .* from store schema 3 to 8: .*{IDENT_INDEX_NAME}"):
         writer.open()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA user_version").fetchone() == (3,)

@@ -6,10 +6,10 @@ simple path gives: one statement per question on one connection, the user's newe
 their bodies. Compared on a store written by the real ``sqlite`` output with 60 time buckets, a
 dozen users, many objects and bodies with diffs, for ``who``, ``history`` (with and without
 logs) and ``search``, with limits that cut inside a bucket and ``--since``/``--until`` inside
-buckets; on that store (schema 7: since schema 6 its object index is in segments, here of 64 ids; a tenth of the records
+buckets; on that store (schema 8: since schema 6 its object index is in segments, here of 64 ids; a tenth of the records
 stored late, after newer ones: the segments are not in time order), on the same store as
 schema 5 wrote it (the object index by time bucket), as schema 4 wrote it, and on that one
-migrated to schema 7 by a writer, whose answers must all be the same."""
+migrated to schema 8 by a writer, whose answers must all be the same."""
 
 from __future__ import annotations
 
@@ -145,10 +145,10 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     writer = StoreWriter(migrated)
     writer.open()  # migrates
     writer.close()
-    return {"schema 7": path, "schema 5": v5, "schema 4": v4, "migrated": migrated}
+    return {"schema 8": path, "schema 5": v5, "schema 4": v4, "migrated": migrated}
 
 
-@pytest.fixture(params=["schema 7", "schema 5", "schema 4", "migrated"])
+@pytest.fixture(params=["schema 8", "schema 5", "schema 4", "migrated"])
 def store(stores: dict[str, Path], request: pytest.FixtureRequest) -> Path:
     return stores[request.param]
 
@@ -159,11 +159,11 @@ def test_the_four_stores_are_what_they_say(stores: dict[str, Path]) -> None:
         try:
             assert backend.split == (label != "schema 4"), label
             version = backend.conn.execute("PRAGMA user_version").fetchone()[0]
-            assert version == {"schema 5": 5, "schema 4": 4}.get(label, 7), label
-            assert backend.segment_bits == {"schema 7": 6, "migrated": SEGMENT_BITS}.get(label), label
+            assert version == {"schema 5": 5, "schema 4": 4}.get(label, 8), label
+            assert backend.segment_bits == {"schema 8": 6, "migrated": SEGMENT_BITS}.get(label), label
             assert backend.by_bucket == (label in ("schema 5", "schema 4")), label
-            assert backend.uid_bits == {"schema 7": 6, "migrated": SEGMENT_BITS}.get(label), label
-            if label == "schema 7":  # many segments, and records in them out of time order
+            assert backend.uid_bits == {"schema 8": 6, "migrated": SEGMENT_BITS}.get(label), label
+            if label == "schema 8":  # many segments, and records in them out of time order
                 assert len(backend.segments()) > 40
                 (late,) = backend.conn.execute(
                     "SELECT count(*) FROM records a WHERE a.time_ns < (SELECT max(b.time_ns) FROM records b"
@@ -246,7 +246,7 @@ def test_answers_are_the_same_before_and_after_the_migration(stores: dict[str, P
         finally:
             backend.close()
     assert all(answer.entries for answer in answers["schema 4"])
-    assert answers["schema 4"] == answers["migrated"] == answers["schema 5"] == answers["schema 7"]
+    assert answers["schema 4"] == answers["migrated"] == answers["schema 5"] == answers["schema 8"]
 
 
 def _both(store: Path, ask: Any) -> tuple[Any, Any, StoreBackend]:
@@ -350,7 +350,7 @@ def test_the_segments_are_listed_without_reading_the_rows(stores: dict[str, Path
     """The newest and oldest ids come from the edges of the table's B-tree: a few dozen steps of
     SQLite's machine, not one per row (``max(id), min(id)`` in one SELECT read every row: a
     cold ``history`` on 10M records took 1.1 s instead of 20 ms)."""
-    backend = StoreBackend(stores["schema 7"])
+    backend = StoreBackend(stores["schema 8"])
     steps = 0
 
     def count() -> int:

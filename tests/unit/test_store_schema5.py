@@ -57,7 +57,7 @@ def test_a_new_store_keeps_the_bodies_of_rows_with_a_user_apart(tmp_path: Path) 
     assert _all_rows(path) == [row_of(r) for r in records]  # the view gives every body back
     conn = open_reader(path)
     try:
-        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (7,)
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
         indexes = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert "records_user" not in indexes
         users = consistent(conn)
@@ -291,7 +291,7 @@ def test_a_failed_migration_from_schema_4_changes_nothing(tmp_path: Path) -> Non
     conn.close()
     copy = copy_store(path, tmp_path / "copy.db")
     writer = StoreWriter(path)
-    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 4 to 7: .*user_bodies"):
+    with pytest.raises(Exception, match=r"cannot migrate .* from store schema 4 to 8: .*user_bodies"):
         writer.open()
     with sqlite3.connect(path) as conn, sqlite3.connect(copy) as was:
         assert conn.execute("PRAGMA user_version").fetchone() == (4,)
@@ -305,9 +305,10 @@ def test_a_store_of_a_newer_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     fill(path, story())
     with sqlite3.connect(path) as conn:
-        conn.execute("PRAGMA user_version=8")
+        conn.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     conn.close()
-    with pytest.raises(Exception, match=r"newer kubetrail \(store schema 8; this version reads up to 7\)"):
+    newer = rf"newer kubetrail \(store schema {SCHEMA_VERSION + 1}; this version reads up to {SCHEMA_VERSION}\)"
+    with pytest.raises(Exception, match=newer):
         StoreWriter(path).open()
 
 

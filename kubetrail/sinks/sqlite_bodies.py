@@ -1,0 +1,165 @@
+"""The ``sqlite`` output's bodies compressed with a dictionary the store trains on its own records
+(``compress zstd``, the default; store schema 8).
+
+Why: a stored audit event is ~900 bytes of JSON of which most is the same keys, the same user
+agents, the same API paths as in every other one. Compressed alone, a record shrinks by half;
+with a zstd dictionary trained on the store's first records it shrinks ~10x (886 -> 80 bytes for
+the bench's events, 1,158 -> 186 for this repository's real RequestResponse audit log). What a
+record costs the writer is mostly bytes: each one is written twice (the WAL, then the checkpoint
+into the file), and the kernel's time for that decided whether the sink made 78,000 or 94,000
+records/s (docs/benchmarks.md, "Schema 7"); smaller cells also make the B-trees cheaper. So the
+store is ~3x smaller on disk and the writer faster (docs/benchmarks.md, "Schema 8"), for ~1.3 us
+of compression a record, done natively by the thread that decodes the blocks, beside the one
+running SQLite, and ~1 us to decompress on reading (a ``history`` answer of 1,000 records: 1 ms).
+
+Format: a body is either the record's JSON as it came (it starts with ``{``; or empty: a row
+whose body is in ``user_bodies``) or exactly one zstd frame (starting with :data:`ZSTD_MAGIC`)
+made with one of the store's dictionaries, whose ID the frame names in its header, with its
+content size and without a checksum (SQLite's pages carry none either). The dictionaries are rows
+of :data:`DICTIONARIES` keyed by that ID, never deleted (~110 KiB each): any body stays readable
+whichever dictionary made it, and a store written before compression (or with ``compress off``)
+is read as it is. The native writer (``native/src/storerows.rs``, ``use_dictionary``) and the
+Python one (:class:`BodyCompressor`, the ``zstandard`` wheel) make the same frames.
+
+When: a store starts without a dictionary; once it holds :data:`TRAIN_AFTER_ROWS` records, the
+writer trains one on the newest :data:`TRAIN_SAMPLES` bodies (0.2 s, once, between two commits)
+and compresses every body it writes from then on. The records before stay as they are (retention
+replaces them in time). Not done: training again as the records change (a cluster upgraded, new
+resources); a dictionary from another mix still compresses, only less.
+
+The price: a body in the file is not JSON any more for someone reading it with the ``sqlite3``
+shell (the ``whole_records`` view's ``body``; every column beside it is as before): ``kubetrail
+search --json`` prints the records, and ``compress off`` keeps bodies as they came.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import zstandard
+
+# Every zstd frame starts so (RFC 8878); a JSON body starts with "{", so the two never meet.
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+LEVEL = 3  # measured on audit events: as fast as levels 1-2 here and the smallest of them
+DICTIONARY_SIZE = 112_640  # zstd's own default size, 110 KiB
+TRAIN_AFTER_ROWS = 10_000  # a store trains its dictionary once it holds this many records
+TRAIN_SAMPLES = 10_000  # the newest bodies it trains on (0.2 s here)
+TRAIN_MAX_BYTES = 32 * 2**20  # and at most this many bytes of them
+# Dictionary IDs 0-32767 are zstd's "reserved for a public registry": ours start above.
+DICTIONARY_ID_BASE = 32_768
+
+DICTIONARIES = """
+CREATE TABLE IF NOT EXISTS dictionaries (
+    id INTEGER PRIMARY KEY,
+    created_ns INTEGER NOT NULL,
+    samples INTEGER NOT NULL,
+    dictionary BLOB NOT NULL
+);"""
+
+
+class BodyError(Exception):
+    """A compressed body that cannot be read back (its dictionary missing, a damaged frame)."""
+
+
+def is_compressed(body: bytes) -> bool:
+    return body[:4] == ZSTD_MAGIC
+
+
+class BodyCompressor:
+    """Compresses bodies with one of the store's dictionaries, as the native writer does. Not
+    thread-safe (the store's writer uses it under its write lock)."""
+
+    def __init__(self, dictionary_id: int, dictionary: bytes, level: int = LEVEL) -> None:
+        self.dictionary_id = dictionary_id
+        self.dictionary = dictionary
+        self.level = level
+        data = zstandard.ZstdCompressionDict(dictionary)
+        self._compressor = zstandard.ZstdCompressor(
+            level=level, dict_data=data, write_checksum=False, write_content_size=True, write_dict_id=True
+        )
+
+    def compress(self, body: bytes) -> bytes:
+        return self._compressor.compress(body) if body else body
+
+
+def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:
+    """A compressor with the store's newest dictionary; None for a store without one."""
+    if not _has_dictionaries(conn):
+        return None
+    row = conn.execute("SELECT id, dictionary FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
+    return BodyCompressor(row[0], row[1]) if row else None
+
+
+def train_dictionary(conn: sqlite3.Connection, body_sql: str) -> BodyCompressor:
+    """Train a dictionary on the store's newest plain bodies and add it (``conn`` is the writer's,
+    outside a transaction; ``body_sql``: the SQL of a ``records`` row ``r``'s body). Raises
+    ``zstandard.ZstdError`` when the samples cannot make one (too few, too alike)."""
+    samples: list[bytes | bytearray | memoryview] = []
+    size = 0
+    for (body,) in conn.execute(f"SELECT {body_sql} FROM records r ORDER BY r.id DESC LIMIT ?", (TRAIN_SAMPLES,)):
+        if body and not is_compressed(body):
+            samples.append(body)
+            size += len(body)
+            if size >= TRAIN_MAX_BYTES:
+                break
+    row = conn.execute("SELECT max(id) FROM dictionaries").fetchone()
+    dictionary_id = max(DICTIONARY_ID_BASE, (row[0] or 0) + 1)
+    trained = zstandard.train_dictionary(DICTIONARY_SIZE, samples, dict_id=dictionary_id, level=LEVEL)
+    data = trained.as_bytes()
+    conn.execute(
+        "INSERT INTO dictionaries (id, created_ns, samples, dictionary) VALUES (?, ?, ?, ?)",
+        (dictionary_id, time.time_ns(), len(samples), data),
+    )
+    return BodyCompressor(dictionary_id, data)
+
+
+def _has_dictionaries(conn: sqlite3.Connection) -> bool:
+    row = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'dictionaries'").fetchone()
+    return row is not None
+
+
+class BodyReader:
+    """Gives stored bodies back as they came: a compressed one decompressed with the dictionary
+    its frame names, read from the store on first need (``conn``: a connection to it; a writer
+    may add a dictionary after this reader opened). Thread-safe: the history backend's body
+    readers call it from their pool."""
+
+    def __init__(self, conn: sqlite3.Connection, path: object) -> None:
+        self.conn = conn
+        self.path = path
+        self._dictionaries: dict[int, zstandard.ZstdCompressionDict] = {}
+        self._lock = threading.Lock()
+        self._local = threading.local()  # a decompressor per dictionary, per thread
+
+    def plain(self, body: bytes) -> bytes:
+        if body[:4] != ZSTD_MAGIC:
+            return body
+        try:
+            dictionary_id = zstandard.get_frame_parameters(body).dict_id
+            decompressors: dict[int, zstandard.ZstdDecompressor] = self._local.__dict__.setdefault("by_id", {})
+            decompressor = decompressors.get(dictionary_id)
+            if decompressor is None:
+                decompressor = zstandard.ZstdDecompressor(dict_data=self._dictionary(dictionary_id))
+                decompressors[dictionary_id] = decompressor
+            return decompressor.decompress(body)
+        except zstandard.ZstdError as exc:
+            raise BodyError(f"store {self.path}: a compressed record cannot be read: {exc}") from None
+
+    def _dictionary(self, dictionary_id: int) -> zstandard.ZstdCompressionDict:
+        with self._lock:
+            found = self._dictionaries.get(dictionary_id)
+            if found is None:
+                row = None
+                if _has_dictionaries(self.conn):
+                    sql = "SELECT dictionary FROM dictionaries WHERE id = ?"
+                    row = self.conn.execute(sql, (dictionary_id,)).fetchone()
+                if row is None:
+                    raise BodyError(
+                        f"store {self.path}: a record was compressed with dictionary {dictionary_id},"
+                        " which the store does not hold (the file is damaged)"
+                    )
+                found = zstandard.ZstdCompressionDict(row[0])
+                self._dictionaries[dictionary_id] = found
+            return found

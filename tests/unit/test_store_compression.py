@@ -1,0 +1,193 @@
+"""Store schema 8: bodies compressed with a dictionary the store trains on its own first records
+(kubetrail/sinks/sqlite_bodies.py). The answers must be the very ones of a store that keeps its
+bodies as they came, whichever writer (native or Python) compressed them."""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from pathlib import Path
+
+import orjson
+import pytest
+
+from kubetrail.history.model import HistoryError
+from kubetrail.history.store import Filters, StoreBackend
+from kubetrail.sinks.sqlite import BODY, SCHEMA_VERSION, StoreWriter, row_of
+from kubetrail.sinks.sqlite_bodies import DICTIONARY_ID_BASE, is_compressed
+from tests.unit.history_story import story
+from tests.unit.test_store import _audit_line, needs_native
+
+BLOCK = 500
+
+
+def _block(lines: list[bytes]) -> bytes:
+    return b"".join(line + b"\n" for line in lines)
+
+
+def _write(path: Path, *, native: bool, compress: bool, lines: int = 3000, train_after: int = 1000) -> int:
+    """Audit lines in blocks of BLOCK (each block a commit), then the story's records (audit
+    records, Events, log lines: the Python path); returns how many were new."""
+    writer = StoreWriter(path, native=native, compress=compress, train_after=train_after)
+    writer.open()
+    assert (writer.native is not None) == native
+    added = 0
+    all_lines = [_audit_line(n) for n in range(lines)]
+    for start in range(0, lines, BLOCK):
+        new = writer.write_blocks([("kube.audit", _block(all_lines[start : start + BLOCK]))])
+        assert new is not None
+        added += new
+    added += writer.write([row_of(record) for record in story()])
+    writer.close()
+    return added
+
+
+def _stored_bodies(path: Path) -> list[tuple[int, bytes]]:
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(f"SELECT r.id, {BODY} FROM records r ORDER BY r.id").fetchall()
+    conn.close()
+    return rows
+
+
+def _answers(path: Path) -> list[tuple[int, int, str, dict[str, object]]]:
+    backend = StoreBackend(path)
+    try:
+        return [(r.id, r.time_ns, r.kind, r.body) for r in backend.search(Filters(), None, None, 100_000)]
+    finally:
+        backend.close()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_bodies_are_compressed_once_trained_and_read_back_as_they_came(tmp_path: Path, native: bool) -> None:
+    plain, packed = tmp_path / "plain.db", tmp_path / "packed.db"
+    total = 3000 + len(story())
+    assert _write(plain, native=native, compress=False) == total
+    assert _write(packed, native=native, compress=True) == total
+
+    # Trained once, after the commit that brought the store to 1,000 records, on those 1,000.
+    with sqlite3.connect(packed) as conn:
+        assert conn.execute("SELECT id, samples FROM dictionaries").fetchall() == [(DICTIONARY_ID_BASE, 1000)]
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
+    conn.close()
+    bodies = _stored_bodies(packed)
+    assert [is_compressed(body) for _, body in bodies] == [False] * 1000 + [True] * (total - 1000)
+    assert not any(is_compressed(body) for _, body in _stored_bodies(plain))
+    # Smaller: the bench's lines are ~490 bytes; compressed, a tenth of that or less.
+    sizes = {"plain": sum(len(b) for _, b in _stored_bodies(plain)[1000:3000]), "packed": 0}
+    sizes["packed"] = sum(len(b) for _, b in bodies[1000:3000])
+    assert sizes["packed"] * 5 < sizes["plain"], sizes
+
+    # The same answers, record for record (the story's Events and log lines, written the Python
+    # way, included), and the same history of the story's Deployment.
+    answers = _answers(packed)
+    assert answers == _answers(plain) and len(answers) == total
+    assert {orjson.dumps(body) for _, _, kind, body in answers if kind == "audit"} >= {
+        _audit_line(n) for n in (0, 999, 1000, 2999)
+    }
+
+
+@needs_native
+def test_a_replay_adds_nothing_whether_its_records_were_stored_plain_or_compressed(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _write(path, native=True, compress=True)
+    writer = StoreWriter(path, train_after=1000)
+    writer.open()
+    lines = [_audit_line(n) for n in range(3000)]
+    assert writer.compressor is not None  # the store's dictionary, found by the next writer
+    assert writer.write_blocks([("kube.audit", _block(lines[:BLOCK]))]) == 0  # stored plain
+    assert writer.write_blocks([("kube.audit", _block(lines[-BLOCK:]))]) == 0  # stored compressed
+    assert writer.write([row_of(record) for record in story()]) == 0
+    writer.close()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM dictionaries").fetchone() == (1,)  # not trained again
+    conn.close()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_a_reader_open_before_the_dictionary_reads_what_is_compressed_after(tmp_path: Path, native: bool) -> None:
+    """The UI follows a store it opened while the store was young."""
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, native=native, train_after=BLOCK)
+    writer.open()
+    lines = [_audit_line(n) for n in range(4 * BLOCK)]
+    writer.write_blocks([("kube.audit", _block(lines[:BLOCK]))])
+    backend = StoreBackend(path)
+    try:
+        assert len(backend.newer(0, 10_000)) == BLOCK
+        for start in range(BLOCK, len(lines), BLOCK):
+            writer.write_blocks([("kube.audit", _block(lines[start : start + BLOCK]))])
+        assert writer.compressor is not None
+        followed = backend.newer(BLOCK, 10_000)
+        assert [orjson.dumps(record.body) for record, _ in followed] == lines[BLOCK:]
+        assert all(is_compressed(body) for _, body in _stored_bodies(path)[BLOCK:])
+    finally:
+        backend.close()
+        writer.close()
+
+
+def test_a_store_without_the_dictionary_its_bodies_name_is_a_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _write(path, native=False, compress=True, lines=1000, train_after=BLOCK)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DELETE FROM dictionaries")
+    conn.close()
+    backend = StoreBackend(path)
+    try:
+        with pytest.raises(HistoryError, match=rf"compressed with dictionary {DICTIONARY_ID_BASE}, which the store"):
+            backend.search(Filters(), None, None, 10_000)
+    finally:
+        backend.close()
+
+
+def test_a_store_whose_records_cannot_train_a_dictionary_keeps_them_plain_and_tries_later(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, native=False, train_after=3)
+    writer.open()
+    records = story()[:3]
+    with caplog.at_level(logging.WARNING):
+        assert writer.write([row_of(record) for record in records]) == 3  # too little to train on
+    assert writer.compressor is None and "no compression dictionary yet" in caplog.text
+    assert writer._train_at == 6  # the next try, once the store holds 3 more
+    assert writer.write([row_of(record) for record in story()[3:]]) == len(story()) - 3
+    writer.close()
+    answers = _answers(path)
+    assert len(answers) == len(story())
+
+
+def test_compress_off_keeps_every_body_as_it_came(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _write(path, native=False, compress=False, lines=2000, train_after=BLOCK)
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT count(*) FROM dictionaries").fetchone() == (0,)
+        # the sqlite3 shell's view of it: JSON
+        assert conn.execute("SELECT json_extract(body, '$.auditID') FROM whole_records WHERE id = 2000").fetchone() == (
+            "a-1999",
+        )
+    conn.close()
+
+
+def test_a_schema_7_store_gets_the_dictionaries_table_and_nothing_else_changes(tmp_path: Path) -> None:
+    path = tmp_path / "s.db"
+    _write(path, native=False, compress=False, lines=1000)
+    with sqlite3.connect(path) as conn:
+        conn.executescript("DROP TABLE dictionaries; PRAGMA user_version=7;")
+        before = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+        rows = conn.execute("SELECT * FROM records ORDER BY id").fetchall()
+    conn.close()
+    writer = StoreWriter(path, train_after=500)
+    writer.open()
+    writer.close()
+    with sqlite3.connect(path) as conn:
+        after = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY name").fetchall()
+        assert [entry for entry in after if entry[1] != "dictionaries"] == before
+        assert conn.execute("SELECT * FROM records ORDER BY id").fetchall() == rows
+        assert conn.execute("PRAGMA user_version").fetchone() == (8,)
+    conn.close()
+    # The next writer trains its dictionary on the records it finds (the store holds enough).
+    writer = StoreWriter(path, train_after=500)
+    writer.open()
+    writer.write_blocks([("kube.audit", _block([_audit_line(n) for n in range(5000, 5000 + BLOCK)]))])
+    assert writer.compressor is not None
+    writer.close()
