@@ -22,7 +22,9 @@ more row does the same with schema 2's object index (led by the name) in place o
 (led by the segment of ids), one with schema 3-5's (led by the time bucket): the befores and
 after of issue 19 in the same run; another with schema 3's global
 identity index in place of schema 4's (led by the identity's time bucket), and one into an
-empty store. ``--pair``: only the file (plain), schema 4, global identity and empty store rows.
+empty store. ``--pair``: only the file (plain), the store as it is, ``compress off`` (into a
+copy of the same store with its bodies as they came) and empty store rows. The cached stores'
+bodies are compressed as the output compresses them (schema 8), or not for ``compress off``.
 
 **pipeline**: the whole agent as a child process, ``tail`` (the built-in ``k8s_audit`` parser,
 ``read_from_head``, ``exit_on_eof``) -> ``kubernetes_audit`` -> the ``sqlite`` output, against
@@ -33,7 +35,8 @@ is the difference between the two (the tail and the filter are the same work in 
 **writer**: the store's writer alone, in process (``StoreWriter.write_blocks``, the native
 writer), the same blocks into an empty store or a copy of the ``--into`` store, once as it is
 and once without each part of a row's insert (an index dropped, the bodies kept in ``records``,
-bodies cut to 250 bytes), alternating in each round: the writer thread's CPU per record (the
+bodies cut to 250 bytes, ``compress off`` into a copy of the store with plain bodies),
+alternating in each round: the writer thread's CPU per record (the
 thread that runs SQLite, its checkpoints included; the decoder's thread is not in it), the
 process's, and records/s. Where each us goes.
 
@@ -87,6 +90,11 @@ from kubetrail.sinks.sqlite import ALERTS_SCHEMA, APPLICATION_ID, INSERT, SCHEMA
 # Schema 5's table of the bodies of the rows with a user (None in an older tree: this file is also
 # run from a schema 4 tree, for the before of the same run).
 SPLIT_SCHEMA: str | None = getattr(_sqlite_module, "USER_BODIES", None)
+BODY_SQL: str = getattr(_sqlite_module, "BODY", "r.body")
+try:  # schema 8: compressed bodies (absent from an older tree this bench may run on)
+    from kubetrail.sinks.sqlite_bodies import DICTIONARIES, TRAIN_AFTER_ROWS, train_dictionary
+except ImportError:
+    DICTIONARIES = None  # type: ignore[assignment]
 _AUDIT_IDENT: Any = getattr(_sqlite_module, "audit_ident", None)  # None in a tree before schema 4
 
 # Schema 2's object index (schema 3 leads it by the time bucket): the "before" of issue 19.
@@ -178,13 +186,15 @@ def flattened(lines: list[bytes]) -> list[bytes]:
     return out
 
 
-def prefilled_store(into: int, lines: list[bytes]) -> Path:
+def prefilled_store(into: int, lines: list[bytes], compress: bool = True) -> Path:
     """The cached store of ``into`` records that the ingest benches copy and write into (built if
-    missing: a month of synthetic records up to the first of ``lines``)."""
-    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}-before-ingest.db"
+    missing: a month of synthetic records up to the first of ``lines``), its bodies compressed
+    as the output compresses them (``compress``) or as they came."""
+    plain = "" if compress else "-plain"
+    prefilled = CACHE / f"store-{into}-64k-s{SCHEMA_VERSION}{plain}-before-ingest.db"
     if into and not prefilled.exists():
         first = _TIMES.parse_ns(_KEYS.decode(lines[0].rstrip(b"\n")).stageTimestamp)
-        build_store(prefilled, into, t0=first - MONTH_NS)
+        build_store(prefilled, into, t0=first - MONTH_NS, compress=compress)
     return prefilled
 
 
@@ -198,6 +208,7 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
     work = Path(tempfile.mkdtemp(prefix="bench-store-", dir=CACHE))
     prefilled = prefilled_store(into, lines)
+    prefilled_plain = prefilled_store(into, lines, compress=False)
     try:
         results: dict[str, list[tuple[float, float]]] = {}
         rows = (
@@ -210,6 +221,10 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 lambda: build(FileSink, path=str(work), file="out2.jsonl", format="out_file"),
             ),
             ("sqlite (sync full)", lambda: build(SqliteSink, path=str(work / "full.db"), sync="full")),
+            (
+                "sqlite (sync full, compress off)",
+                lambda: build(SqliteSink, path=str(work / "plain.db"), sync="full", compress="off"),
+            ),
             ("sqlite (sync full, from records)", lambda: build(SqliteSink, path=str(work / "rec.db"), sync="full")),
             ("sqlite (sync normal)", lambda: build(SqliteSink, path=str(work / "normal.db"), sync="normal")),
             ("sqlite (sync full, workers 2)", lambda: build(SqliteSink, path=str(work / "w2.db"), sync="full")),
@@ -235,7 +250,7 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
         if pair:
             # (schema 3's global identity index against schema 4's was measured with this before
             # schema 5; it is left out: its copy's index rebuild took minutes at 10M)
-            pairs = ("plain, fsync per batch)", "(sync full)", "identity by time bucket)", "empty store)")
+            pairs = ("plain, fsync per batch)", "(sync full)", "compress off)", "empty store)")
             rows = tuple(row for row in rows if row[0].endswith(pairs))
         for name, factory in rows * max(pair, 1):
             if ("-led" in name or " identity" in name or "empty store" in name) and not into:
@@ -245,7 +260,7 @@ def ingest(records: int, group: int, into: int = 0, without: str = "", pair: int
                 for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):  # an earlier round's
                     stale.unlink(missing_ok=True)
             if into and name.startswith("sqlite") and "empty store" not in name:  # holding ``into`` records
-                shutil.copy(prefilled, db)
+                shutil.copy(prefilled_plain if "compress off" in name else prefilled, db)
                 with sqlite3.connect(db) as conn:
                     if without:  # what one index costs: the same ingest without it
                         conn.execute(f"DROP INDEX {without}")
@@ -531,13 +546,14 @@ def synthetic_rows(count: int, seed: int = 7, t0: int = QUERY_T0) -> object:
             yield (ident, t, "log", None, None, "pods", ns, pod, None, None, "app", "logs", orjson.dumps(body))
 
 
-def build_store(path: Path, count: int, t0: int = QUERY_T0) -> None:
+def build_store(path: Path, count: int, t0: int = QUERY_T0, compress: bool = True) -> None:
     """A store of ``count`` synthetic records laid out as the ``sqlite`` output of this tree
     writes them: rows appended in time order (their ids ascending), indexes built after; with
     schema 5, the bodies of the rows with a user inserted into ``user_bodies`` in the same time
     order, as the writer does (each user's range grows at its end; its leaf pages are taken as
     the file grows, interleaved with the other users': not the contiguous run that one sorted
-    insert, or a migration, would give)."""
+    insert, or a migration, would give). ``compress`` (schema 8): the bodies after the first
+    ``TRAIN_AFTER_ROWS`` compressed with a dictionary trained on those, as the writer does."""
     partial = path.with_suffix(".partial")
     partial.unlink(missing_ok=True)
     conn = sqlite3.connect(partial, isolation_level=None)
@@ -551,6 +567,9 @@ def build_store(path: Path, count: int, t0: int = QUERY_T0) -> None:
     conn.execute(table)
     if SPLIT_SCHEMA is not None:
         conn.executescript(SPLIT_SCHEMA)
+    if DICTIONARIES is not None:
+        conn.executescript(DICTIONARIES)
+    compressor = None
     started = time.perf_counter()
     rows = synthetic_rows(count, t0=t0)
     insert = INSERT.replace("INSERT OR IGNORE", "INSERT")
@@ -559,6 +578,10 @@ def build_store(path: Path, count: int, t0: int = QUERY_T0) -> None:
         chunk = [row for _, row in zip(range(100_000), rows, strict=False)]
         if not chunk:
             break
+        if compressor is None and compress and DICTIONARIES is not None and next_id > TRAIN_AFTER_ROWS:
+            compressor = train_dictionary(conn, "r.body" if SPLIT_SCHEMA is None else BODY_SQL)
+        if compressor is not None:
+            chunk = [(*row[:12], compressor.compress(row[12])) for row in chunk]
         conn.execute("BEGIN")
         if SPLIT_SCHEMA is not None:
             bodies = []
@@ -882,6 +905,7 @@ _IDENT_BY = (
 )
 WRITER_VARIANTS: dict[str, tuple[str, str | None]] = {
     "as it is": ("", ""),
+    "bodies as they came (compress off)": ("", ""),
     "without records_object_segment": ("DROP INDEX records_object_segment", ""),
     "without records_ident_second": ("DROP INDEX records_ident_second", ""),
     "without records_time": ("DROP INDEX records_time", ""),
@@ -941,6 +965,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
     lines = with_uids(lines, uids) if uids else lines
     blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
     prefilled = prefilled_store(into, lines)
+    prefilled_plain = prefilled_store(into, lines, compress=False)
     every = [*WRITER_VARIANTS, *WRITER_SETUPS]
     names = [name for name in every if not only or any(word in name for word in only)]
     work = Path(tempfile.mkdtemp(prefix="bench-store-writer-", dir=CACHE))
@@ -953,8 +978,9 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
                 db = work / "store.db"
                 for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-clean")):
                     stale.unlink(missing_ok=True)
+                plain = "compress off" in name
                 if into:
-                    shutil.copy(prefilled, db)
+                    shutil.copy(prefilled_plain if plain else prefilled, db)
                     if uids:  # the copy's audit rows too (the same rows each time), random as uids are
                         with sqlite3.connect(db) as conn:
                             conn.execute(
@@ -963,7 +989,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
                             )
                         conn.close()
                     os.sync()
-                w = store.StoreWriter(db)
+                w = store.StoreWriter(db, compress=not plain)
                 w.open()
                 assert w.conn is not None and w.native is not None, "the native writer is not built"
                 if sql:
@@ -978,6 +1004,7 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
                         insert_body=store.INSERT_BODY if setup else body,
                         setup=store._wal_settings() + (setup or ""),
                     )
+                    w._use(w.compressor)  # the new inserter compresses as the store's did
                 started, cpu, thread = time.perf_counter(), time.process_time(), time.thread_time()
                 written = _written_bytes()
                 for start in range(0, len(blocks), group):
@@ -1005,14 +1032,14 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
         )
 
 
-def sink_alone(records: int, group: int, into: int) -> None:
+def sink_alone(records: int, group: int, into: int, compress: str = "zstd") -> None:
     """The ``sqlite`` output alone, in this fresh process (nothing timed before it, unlike
     ``ingest``'s rows): ``records`` audit lines as lazy blocks, ``group`` batches a
     ``write_group``, into a copy of the cached store of ``into`` records or an empty store; the
     process's user and system CPU apart (the system's share is the kernel writing the WAL and the
     checkpoints, which varies from run to run on this machine)."""
     lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
-    prefilled = prefilled_store(into, lines)
+    prefilled = prefilled_store(into, lines, compress=compress != "off")
     work = Path(tempfile.mkdtemp(prefix="bench-store-sink-", dir=CACHE))
     try:
         if into:
@@ -1020,12 +1047,13 @@ def sink_alone(records: int, group: int, into: int) -> None:
         os.sync()
         batches = audit_batches(lines)
         before = os.times()
-        elapsed, _ = asyncio.run(timed(build(SqliteSink, path=str(work / "store.db"), sync="full"), batches, group))
+        sink = build(SqliteSink, path=str(work / "store.db"), sync="full", compress=compress)
+        elapsed, _ = asyncio.run(timed(sink, batches, group))
         after = os.times()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"the sqlite output alone: {records:,} audit records into {_store_words(into)}"
+        f"the sqlite output alone (compress {compress}): {records:,} audit records into {_store_words(into)}"
         f": {records / elapsed:,.0f} records/s, CPU {(after.user - before.user) / records * 1e6:.2f} us user"
         f" + {(after.system - before.system) / records * 1e6:.2f} us system a record"
     )
@@ -1062,6 +1090,7 @@ def main() -> None:
         "--variant", action="append", default=[], help="writer: only the variants whose name has this word"
     )
     parser.add_argument("--uids", type=float, default=0.0, help="writer: this share of the rows with a uid")
+    parser.add_argument("--compress", choices=("zstd", "off"), default="zstd", help="sink: the output's compress")
     parser.add_argument(
         "--since-hours", type=float, default=0, help="compare: also history of the store's last hours (--since)"
     )
@@ -1073,7 +1102,7 @@ def main() -> None:
     if args.what == "ingest":
         ingest(args.records or 200_000, args.group, args.into, args.without, args.rounds if args.pair else 0)
     elif args.what == "sink":
-        sink_alone(args.records or 1_000_000, args.group, args.into)
+        sink_alone(args.records or 1_000_000, args.group, args.into, args.compress)
     elif args.what == "writer":
         writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant, args.uids)
     elif args.what == "pipeline":

@@ -129,6 +129,14 @@ Design decisions:
   the file 4.72 -> 8.98 GiB of which 5.09 in use, the WAL ~10 GB until the commit's
   checkpoint; an UPDATE emptying the bodies in place took 190 s and left 7.14 GiB in use,
   which retention by size would have made up for by deleting old records).
+* **Compressed bodies** (schema 8, ``compress zstd``, the default; :mod:`kubetrail.sinks.sqlite_bodies`
+  says why and how). Once the store holds 10,000 records the writer trains a zstd dictionary on
+  them, keeps it in ``dictionaries``, and stores every body after as one zstd frame made with it
+  (the native writer in its decoding thread, the Python one with ``zstandard``); readers give
+  each body back as it came (``kubetrail.history.store``). What a record costs the writer is
+  mostly bytes written twice (the WAL, then the checkpoint): a tenth of the bytes for ~1.3 us
+  of compression beside the thread running SQLite (docs/benchmarks.md, "Schema 8"). A row's
+  columns, its identity and its time bucket come from the plain body, before compression.
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery). A corrupt store
