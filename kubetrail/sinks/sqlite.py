@@ -132,7 +132,8 @@ Design decisions:
 * **Compressed bodies** (schema 8, ``compress zstd``, the default; :mod:`kubetrail.sinks.sqlite_bodies`
   says why and how). Once the store holds 10,000 records the writer trains a zstd dictionary on
   them, keeps it in ``dictionaries``, and stores every body after as one zstd frame made with it
-  (the native writer in its decoding thread, the Python one with ``zstandard``); readers give
+  (the native writer in its decoding thread, the Python one with ``zstandard``), and a new
+  dictionary when bodies compress half as well as they did (``RatioWatch``); readers give
   each body back as it came (``kubetrail.history.store``). What a record costs the writer is
   mostly bytes written twice (the WAL, then the checkpoint): a tenth of the bytes for ~1.3 us
   of compression beside the thread running SQLite (docs/benchmarks.md, "Schema 8"). A row's
@@ -229,6 +230,8 @@ from kubetrail.sinks.sqlite_bodies import (
     DICTIONARIES,
     TRAIN_AFTER_ROWS,
     BodyCompressor,
+    BodyError,
+    RatioWatch,
     newest_dictionary,
     train_dictionary,
 )
@@ -1026,6 +1029,7 @@ class StoreWriter:
         self.compress = compress
         self.log = log or logging.getLogger(__name__)
         self.compressor: BodyCompressor | None = None  # the store's newest dictionary, once it has one
+        self._ratio = RatioWatch()  # how well the bodies compress with it
         self.train_after = train_after  # the records a store holds when its dictionary is trained
         self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
@@ -1100,6 +1104,15 @@ class StoreWriter:
         self.compressor = compressor
         if self.native is not None and compressor is not None:
             self.native.use_dictionary(compressor.dictionary, compressor.level)
+        self._ratio = RatioWatch(*self._compressed_bytes())
+
+    def _compressed_bytes(self) -> tuple[int, int]:
+        """Bytes of the bodies compressed so far (this writer's), before and after."""
+        plain, stored = (self.compressor.plain_bytes, self.compressor.stored_bytes) if self.compressor else (0, 0)
+        if self.native is not None:
+            native_plain, native_stored = self.native.compressed_bytes()
+            plain, stored = plain + native_plain, stored + native_stored
+        return plain, stored
 
     def write_blocks(self, blocks: list[tuple[str, bytes]]) -> int | None:
         """Insert the rows of blocks of audit event lines (``(tag, block)``) in one transaction,
@@ -1164,6 +1177,8 @@ class StoreWriter:
     def _after_commit(self) -> None:
         if self.compress and self.compressor is None:
             self._train()
+        elif self.compressor is not None and self._ratio.worse(*self._compressed_bytes()):
+            self._retrain()
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
@@ -1176,13 +1191,31 @@ class StoreWriter:
         if held < self._train_at:
             return
         try:
-            compressor = train_dictionary(conn, BODY)
-        except (zstandard.ZstdError, sqlite3.Error) as exc:
+            compressor = train_dictionary(conn, BODY, self.path)
+        except (zstandard.ZstdError, sqlite3.Error, BodyError) as exc:
             # Too few distinct samples, or a full disk: bodies stay as they came for a while.
             self._train_at = held + self.train_after
             self.log.warning("store %s: no compression dictionary yet (%s); trying again later", self.path, exc)
             return
         self.log.info("store %s: bodies compressed with dictionary %d from now on", self.path, compressor.dictionary_id)
+        self._use(compressor)
+
+    def _retrain(self) -> None:
+        """A new dictionary: the bodies compress much worse than they did with this one at first."""
+        assert self.conn is not None and self.compressor is not None
+        old = self.compressor.dictionary_id
+        try:
+            compressor = train_dictionary(self.conn, BODY, self.path)
+        except (zstandard.ZstdError, sqlite3.Error, BodyError) as exc:
+            self.log.warning("store %s: cannot train a new compression dictionary (%s)", self.path, exc)
+            self._use(self.compressor)  # the same one, with a new yardstick: not tried at every commit
+            return
+        self.log.info(
+            "store %s: records compress worse than they did with dictionary %d: dictionary %d from now on",
+            self.path,
+            old,
+            compressor.dictionary_id,
+        )
         self._use(compressor)
 
     def apply_retention(self, now_ns: int | None = None) -> int:
@@ -1276,7 +1309,7 @@ class SqliteSink(Sink):
             "choice",
             "zstd",
             choices=("zstd", "off"),
-            help="zstd: bodies compressed with a dictionary the store trains on its first records (~3x smaller,"
+            help="zstd: bodies compressed with a dictionary the store trains on its first records (1.7x smaller,"
             " faster writes); off: bodies kept as JSON (readable with the sqlite3 shell)",
         ),
     )

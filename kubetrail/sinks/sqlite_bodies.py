@@ -8,7 +8,8 @@ the bench's events, 1,158 -> 186 for this repository's real RequestResponse audi
 record costs the writer is mostly bytes: each one is written twice (the WAL, then the checkpoint
 into the file), and the kernel's time for that decided whether the sink made 78,000 or 94,000
 records/s (docs/benchmarks.md, "Schema 7"); smaller cells also make the B-trees cheaper. So the
-store is ~3x smaller on disk and the writer faster (docs/benchmarks.md, "Schema 8"), for ~1.3 us
+store is 1.7x smaller on disk (709 against 1,201 MiB per million of the bench's audit events) and
+the writer faster (docs/benchmarks.md, "Schema 8"), for ~1.2 us
 of compression a record, done natively by the thread that decodes the blocks, beside the one
 running SQLite, and ~1 us to decompress on reading (a ``history`` answer of 1,000 records: 1 ms).
 
@@ -22,10 +23,14 @@ is read as it is. The native writer (``native/src/storerows.rs``, ``use_dictiona
 Python one (:class:`BodyCompressor`, the ``zstandard`` wheel) make the same frames.
 
 When: a store starts without a dictionary; once it holds :data:`TRAIN_AFTER_ROWS` records, the
-writer trains one on the newest :data:`TRAIN_SAMPLES` bodies (0.2 s, once, between two commits)
-and compresses every body it writes from then on. The records before stay as they are (retention
-replaces them in time). Not done: training again as the records change (a cluster upgraded, new
-resources); a dictionary from another mix still compresses, only less.
+writer trains one on the newest :data:`TRAIN_SAMPLES` bodies (0.2 s, between two commits) and
+compresses every body it writes from then on. The records before stay as they are (retention
+replaces them in time). Records change (a cluster upgraded, new resources, another audit
+policy), and a dictionary of another mix compresses less: the writer watches the ratio over
+each :data:`RATIO_WINDOW_BYTES` of bodies (:class:`RatioWatch`), and when a window's is
+:data:`RETRAIN_FACTOR` times the first window's after the dictionary was trained, it trains a
+new one on the newest bodies. The first window after each training is the new yardstick, so
+records that are merely varied do not retrain again and again.
 
 The price: a body in the file is not JSON any more for someone reading it with the ``sqlite3``
 shell (the ``whole_records`` view's ``body``; every column beside it is as before): ``kubetrail
@@ -47,6 +52,8 @@ DICTIONARY_SIZE = 112_640  # zstd's own default size, 110 KiB
 TRAIN_AFTER_ROWS = 10_000  # a store trains its dictionary once it holds this many records
 TRAIN_SAMPLES = 10_000  # the newest bodies it trains on (0.2 s here)
 TRAIN_MAX_BYTES = 32 * 2**20  # and at most this many bytes of them
+RATIO_WINDOW_BYTES = 64 * 2**20  # of bodies before compression (~75,000 audit events)
+RETRAIN_FACTOR = 2.0  # a window's ratio this many times the yardstick's: a new dictionary
 # Dictionary IDs 0-32767 are zstd's "reserved for a public registry": ours start above.
 DICTIONARY_ID_BASE = 32_768
 
@@ -75,13 +82,40 @@ class BodyCompressor:
         self.dictionary_id = dictionary_id
         self.dictionary = dictionary
         self.level = level
+        self.plain_bytes = 0  # the bodies compressed so far, before and after
+        self.stored_bytes = 0
         data = zstandard.ZstdCompressionDict(dictionary)
         self._compressor = zstandard.ZstdCompressor(
             level=level, dict_data=data, write_checksum=False, write_content_size=True, write_dict_id=True
         )
 
     def compress(self, body: bytes) -> bytes:
-        return self._compressor.compress(body) if body else body
+        if not body:
+            return body
+        stored = self._compressor.compress(body)
+        self.plain_bytes += len(body)
+        self.stored_bytes += len(stored)
+        return stored
+
+
+class RatioWatch:
+    """Whether bodies compress much worse than right after the dictionary was trained. Fed the
+    running totals of bytes before and after compression; judges once a window's worth came."""
+
+    def __init__(self, plain: int = 0, stored: int = 0) -> None:
+        self._start = (plain, stored)  # the totals when the current window began
+        self.yardstick: float | None = None  # the first window's ratio
+
+    def worse(self, plain: int, stored: int) -> bool:
+        window_plain, window_stored = plain - self._start[0], stored - self._start[1]
+        if window_plain < RATIO_WINDOW_BYTES:
+            return False
+        self._start = (plain, stored)
+        ratio = window_stored / window_plain
+        if self.yardstick is None:
+            self.yardstick = ratio
+            return False
+        return ratio > RETRAIN_FACTOR * self.yardstick
 
 
 def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:
@@ -92,14 +126,16 @@ def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:
     return BodyCompressor(row[0], row[1]) if row else None
 
 
-def train_dictionary(conn: sqlite3.Connection, body_sql: str) -> BodyCompressor:
-    """Train a dictionary on the store's newest plain bodies and add it (``conn`` is the writer's,
-    outside a transaction; ``body_sql``: the SQL of a ``records`` row ``r``'s body). Raises
-    ``zstandard.ZstdError`` when the samples cannot make one (too few, too alike)."""
+def train_dictionary(conn: sqlite3.Connection, body_sql: str, path: object = None) -> BodyCompressor:
+    """Train a dictionary on the store's newest bodies (as they came) and add it (``conn`` is the
+    writer's, outside a transaction; ``body_sql``: the SQL of a ``records`` row ``r``'s body).
+    Raises ``zstandard.ZstdError`` when the samples cannot make one (too few, too alike)."""
+    reader = BodyReader(conn, path)
     samples: list[bytes | bytearray | memoryview] = []
     size = 0
     for (body,) in conn.execute(f"SELECT {body_sql} FROM records r ORDER BY r.id DESC LIMIT ?", (TRAIN_SAMPLES,)):
-        if body and not is_compressed(body):
+        if body:
+            body = reader.plain(body)
             samples.append(body)
             size += len(body)
             if size >= TRAIN_MAX_BYTES:

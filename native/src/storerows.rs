@@ -44,6 +44,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -416,22 +417,35 @@ pub fn audit_store_rows<'py>(
     Ok(Some(out))
 }
 
-/// A block's rows, their bodies compressed when a ``compressor`` is given, or None when one of
-/// its lines is not for this decoder (or, unexpectedly, a body cannot be compressed).
+/// Bytes of bodies before and after compression, for the writer's watch on the ratio.
+#[derive(Default)]
+struct Sizes {
+    plain: AtomicU64,
+    stored: AtomicU64,
+}
+
+/// A block's rows, their bodies compressed when a ``compressor`` is given (their sizes added
+/// to ``sizes``), or None when one of its lines is not for this decoder (or, unexpectedly, a
+/// body cannot be compressed).
 fn block_rows<'a>(
     bytes: &'a [u8],
     flat: &HashSet<Vec<u8>>,
-    compressor: Option<&mut Compressor<'_>>,
+    compressor: Option<(&mut Compressor<'_>, &Sizes)>,
 ) -> Option<Vec<Row<'a>>> {
     let body = bytes.strip_suffix(b"\n").unwrap_or(bytes);
     let mut rows: Vec<Row<'a>> = body
         .split(|&b| b == b'\n')
         .map(|line| row_of(line, flat))
         .collect::<Option<_>>()?;
-    if let Some(compressor) = compressor {
+    if let Some((compressor, sizes)) = compressor {
+        let (mut plain, mut stored) = (0, 0);
         for row in &mut rows {
+            plain += row.body.len() as u64;
             row.body = Cow::Owned(compressor.compress(&row.body).ok()?);
+            stored += row.body.len() as u64;
         }
+        sizes.plain.fetch_add(plain, Ordering::Relaxed);
+        sizes.stored.fetch_add(stored, Ordering::Relaxed);
     }
     Some(rows)
 }
@@ -582,6 +596,8 @@ pub struct StoreInserter {
     flat: HashSet<Vec<u8>>,
     /// The store's newest compression dictionary, prepared (None: bodies stored as they came).
     dictionary: Mutex<Option<Arc<EncoderDictionary<'static>>>>,
+    /// The bodies compressed so far (all dictionaries): ``compressed_bytes``.
+    sizes: Sizes,
 }
 
 #[pymethods]
@@ -626,7 +642,16 @@ impl StoreInserter {
             insert_body: insert_body.map(str::to_owned),
             flat,
             dictionary: Mutex::new(None),
+            sizes: Sizes::default(),
         })
+    }
+
+    /// Bytes of the bodies this writer compressed so far, before and after (replays included).
+    fn compressed_bytes(&self) -> (u64, u64) {
+        (
+            self.sizes.plain.load(Ordering::Relaxed),
+            self.sizes.stored.load(Ordering::Relaxed),
+        )
     }
 
     /// From the next write on, bodies are compressed with ``dictionary`` (a zstd dictionary)
@@ -669,6 +694,7 @@ impl StoreInserter {
                     let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Vec<Row>>>(2);
                     let slices = &slices;
                     let dictionary = &dictionary;
+                    let sizes = &self.sizes;
                     scope.spawn(move || {
                         let mut compressor = match dictionary {
                             Some(d) => match Compressor::with_prepared_dictionary(d) {
@@ -681,7 +707,7 @@ impl StoreInserter {
                             None => None,
                         };
                         for &(_, bytes) in slices {
-                            let rows = block_rows(bytes, flat, compressor.as_mut());
+                            let rows = block_rows(bytes, flat, compressor.as_mut().map(|c| (c, sizes)));
                             let declined = rows.is_none();
                             if tx.send(rows).is_err() || declined {
                                 return;

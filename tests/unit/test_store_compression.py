@@ -191,3 +191,61 @@ def test_a_schema_7_store_gets_the_dictionaries_table_and_nothing_else_changes(t
     writer.write_blocks([("kube.audit", _block([_audit_line(n) for n in range(5000, 5000 + BLOCK)]))])
     assert writer.compressor is not None
     writer.close()
+
+
+def _shifted_line(n: int) -> bytes:
+    """An audit event of another mix than ``_audit_line``'s: a write with its request's object,
+    whose members no dictionary trained on reads has seen (a new resource, another policy)."""
+    spec = {f"setting{k}": {"enabled": k % 2 == 0, "threshold": k * 7, "mode": f"mode-{k % 3}"} for k in range(12)}
+    return _audit_line(
+        n,
+        verb="patch",
+        objectRef={"resource": "widgets", "namespace": "prod", "name": f"w-{n}", "apiGroup": "example.io"},
+        requestObject={"apiVersion": "example.io/v1", "kind": "Widget", "spec": spec},
+    )
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_records_of_another_mix_get_a_new_dictionary(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, native: bool
+) -> None:
+    import zstandard
+
+    from kubetrail.sinks import sqlite_bodies
+
+    monkeypatch.setattr(sqlite_bodies, "RATIO_WINDOW_BYTES", 200_000)
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, native=native, train_after=1000)
+    writer.open()
+    lines = [_audit_line(n) for n in range(2000)] + [_shifted_line(n) for n in range(2000, 4000)]
+    dictionaries = []
+    with caplog.at_level(logging.INFO):
+        for start in range(0, len(lines), BLOCK):
+            assert writer.write_blocks([("kube.audit", _block(lines[start : start + BLOCK]))]) == BLOCK
+            dictionaries.append(writer.compressor.dictionary_id if writer.compressor else None)
+    writer.close()
+    first, second = DICTIONARY_ID_BASE, DICTIONARY_ID_BASE + 1
+    # Trained after the 2nd block; the 3rd block's ratio is the yardstick, the 4th's like it; the
+    # 5th, of the other mix, compresses much worse: a new dictionary, kept to the end (its first
+    # window is its own yardstick, and the same mix does not get worse than that).
+    assert dictionaries == [None, first, first, first, second, second, second, second], dictionaries
+    assert "records compress worse than they did with dictionary 32768: dictionary 32769" in caplog.text
+    bodies = _stored_bodies(path)
+    ids = [zstandard.get_frame_parameters(body).dict_id if is_compressed(body) else None for _, body in bodies]
+    assert ids == [None] * 1000 + [first] * 1500 + [second] * 1500
+    # Both dictionaries' records read back as they came.
+    backend = StoreBackend(path)
+    try:
+        assert [orjson.dumps(r.body) for r, _ in backend.newer(0, 10_000)] == lines
+    finally:
+        backend.close()
+    # The new dictionary compresses the new mix better than the first did.
+    with sqlite3.connect(path) as conn:
+        trained = dict(conn.execute("SELECT id, dictionary FROM dictionaries").fetchall())
+    conn.close()
+    sizes = {
+        key: sum(len(zstandard.ZstdCompressor(dict_data=zstandard.ZstdCompressionDict(data)).compress(line))
+                 for line in lines[3500:])
+        for key, data in trained.items()
+    }  # fmt: skip
+    assert sizes[second] * 2 < sizes[first], sizes
