@@ -226,6 +226,7 @@ from kubetrail.core.options import Option
 from kubetrail.core.record import Batch, Record, identity_key
 from kubetrail.core.secrets import file_stamp
 from kubetrail.parsers.timefmt import TimeParser
+from kubetrail.sinks import sqlite_bodies
 from kubetrail.sinks.sqlite_bodies import (
     DICTIONARIES,
     TRAIN_AFTER_ROWS,
@@ -1029,7 +1030,7 @@ class StoreWriter:
         self.compress = compress
         self.log = log or logging.getLogger(__name__)
         self.compressor: BodyCompressor | None = None  # the store's newest dictionary, once it has one
-        self._ratio = RatioWatch()  # how well the bodies compress with it
+        self._ratio: RatioWatch | None = None  # how well the bodies compress with it
         self.train_after = train_after  # the records a store holds when its dictionary is trained
         self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
@@ -1100,11 +1101,18 @@ class StoreWriter:
         if self.compress:
             self._use(newest_dictionary(conn))
 
-    def _use(self, compressor: BodyCompressor | None) -> None:
+    def _use(self, compressor: BodyCompressor | None, trained: bool = False) -> None:
+        """Compress with ``compressor`` from the next write on; ``trained``: it was just trained
+        here (the next may not be before RETRAIN_INTERVAL; a store's dictionary found at the open
+        may be replaced at the first window that compresses badly)."""
         self.compressor = compressor
-        if self.native is not None and compressor is not None:
+        if compressor is None:
+            self._ratio = None
+            return
+        if self.native is not None:
             self.native.use_dictionary(compressor.dictionary, compressor.level)
-        self._ratio = RatioWatch(*self._compressed_bytes())
+        not_before = time.monotonic() + sqlite_bodies.RETRAIN_INTERVAL if trained else 0.0
+        self._ratio = RatioWatch(compressor.ratio, *self._compressed_bytes(), not_before=not_before)
 
     def _compressed_bytes(self) -> tuple[int, int]:
         """Bytes of the bodies compressed so far (this writer's), before and after."""
@@ -1177,7 +1185,7 @@ class StoreWriter:
     def _after_commit(self) -> None:
         if self.compress and self.compressor is None:
             self._train()
-        elif self.compressor is not None and self._ratio.worse(*self._compressed_bytes()):
+        elif self._ratio is not None and self._ratio.worse(*self._compressed_bytes()):
             self._retrain()
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
@@ -1197,8 +1205,13 @@ class StoreWriter:
             self._train_at = held + self.train_after
             self.log.warning("store %s: no compression dictionary yet (%s); trying again later", self.path, exc)
             return
-        self.log.info("store %s: bodies compressed with dictionary %d from now on", self.path, compressor.dictionary_id)
-        self._use(compressor)
+        self.log.info(
+            "store %s: bodies compressed with dictionary %d from now on (to %.0f%% on its samples)",
+            self.path,
+            compressor.dictionary_id,
+            100 * compressor.ratio,
+        )
+        self._use(compressor, trained=True)
 
     def _retrain(self) -> None:
         """A new dictionary: the bodies compress much worse than they did with this one at first."""
@@ -1208,15 +1221,20 @@ class StoreWriter:
             compressor = train_dictionary(self.conn, BODY, self.path)
         except (zstandard.ZstdError, sqlite3.Error, BodyError) as exc:
             self.log.warning("store %s: cannot train a new compression dictionary (%s)", self.path, exc)
-            self._use(self.compressor)  # the same one, with a new yardstick: not tried at every commit
+            self._use(self.compressor, trained=True)  # tried again after RETRAIN_INTERVAL, not at every window
             return
+        assert self._ratio is not None
         self.log.info(
-            "store %s: records compress worse than they did with dictionary %d: dictionary %d from now on",
+            "store %s: records compress to %.0f%% with dictionary %d (%.0f%% when it was trained):"
+            " dictionary %d (%.0f%%) from now on",
             self.path,
+            100 * (self._ratio.last_ratio or 0.0),
             old,
+            100 * self._ratio.yardstick,
             compressor.dictionary_id,
+            100 * compressor.ratio,
         )
-        self._use(compressor)
+        self._use(compressor, trained=True)
 
     def apply_retention(self, now_ns: int | None = None) -> int:
         """Delete rows older than ``retention_time`` and the oldest rows while the pages in use

@@ -23,14 +23,17 @@ is read as it is. The native writer (``native/src/storerows.rs``, ``use_dictiona
 Python one (:class:`BodyCompressor`, the ``zstandard`` wheel) make the same frames.
 
 When: a store starts without a dictionary; once it holds :data:`TRAIN_AFTER_ROWS` records, the
-writer trains one on the newest :data:`TRAIN_SAMPLES` bodies (0.2 s, between two commits) and
-compresses every body it writes from then on. The records before stay as they are (retention
-replaces them in time). Records change (a cluster upgraded, new resources, another audit
-policy), and a dictionary of another mix compresses less: the writer watches the ratio over
-each :data:`RATIO_WINDOW_BYTES` of bodies (:class:`RatioWatch`), and when a window's is
-:data:`RETRAIN_FACTOR` times the first window's after the dictionary was trained, it trains a
-new one on the newest bodies. The first window after each training is the new yardstick, so
-records that are merely varied do not retrain again and again.
+writer trains one (0.2 s, between two commits) on up to :data:`TRAIN_SAMPLES` bodies spread over
+the newest :data:`TRAIN_SPAN` records (a burst of one kind of request does not make the whole
+dictionary), and compresses every body it writes from then on. The records before stay as they
+are (retention replaces them in time). Each dictionary keeps the ratio it gave on a tenth of the
+samples it was not trained on, its yardstick. Records change (a cluster upgraded, new
+resources, another audit policy) and a dictionary of another mix compresses less: the writer
+watches the ratio over each :data:`RATIO_WINDOW_BYTES` of bodies (:class:`RatioWatch`), and
+when a window's is :data:`RETRAIN_FACTOR` times the yardstick it trains a new dictionary on the
+newest records, at most once per :data:`RETRAIN_INTERVAL` (records that are merely varied do
+not make one every window). A writer that opens a store whose dictionary fits its records badly
+(another cluster's store, say) trains at its first window.
 
 The price: a body in the file is not JSON any more for someone reading it with the ``sqlite3``
 shell (the ``whole_records`` view's ``body``; every column beside it is as before): ``kubetrail
@@ -50,10 +53,12 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 LEVEL = 3  # measured on audit events: as fast as levels 1-2 here and the smallest of them
 DICTIONARY_SIZE = 112_640  # zstd's own default size, 110 KiB
 TRAIN_AFTER_ROWS = 10_000  # a store trains its dictionary once it holds this many records
-TRAIN_SAMPLES = 10_000  # the newest bodies it trains on (0.2 s here)
+TRAIN_SAMPLES = 10_000  # the bodies it trains on (0.2 s here)
+TRAIN_SPAN = 100_000  # spread over the newest this many records (every 10th of them)
 TRAIN_MAX_BYTES = 32 * 2**20  # and at most this many bytes of them
 RATIO_WINDOW_BYTES = 64 * 2**20  # of bodies before compression (~75,000 audit events)
 RETRAIN_FACTOR = 2.0  # a window's ratio this many times the yardstick's: a new dictionary
+RETRAIN_INTERVAL = 3600.0  # seconds: at most one new dictionary per writer in this time
 # Dictionary IDs 0-32767 are zstd's "reserved for a public registry": ours start above.
 DICTIONARY_ID_BASE = 32_768
 
@@ -62,6 +67,7 @@ CREATE TABLE IF NOT EXISTS dictionaries (
     id INTEGER PRIMARY KEY,
     created_ns INTEGER NOT NULL,
     samples INTEGER NOT NULL,
+    ratio REAL NOT NULL,
     dictionary BLOB NOT NULL
 );"""
 
@@ -78,9 +84,10 @@ class BodyCompressor:
     """Compresses bodies with one of the store's dictionaries, as the native writer does. Not
     thread-safe (the store's writer uses it under its write lock)."""
 
-    def __init__(self, dictionary_id: int, dictionary: bytes, level: int = LEVEL) -> None:
+    def __init__(self, dictionary_id: int, dictionary: bytes, ratio: float, level: int = LEVEL) -> None:
         self.dictionary_id = dictionary_id
         self.dictionary = dictionary
+        self.ratio = ratio  # compressed / plain bytes on samples it was not trained on
         self.level = level
         self.plain_bytes = 0  # the bodies compressed so far, before and after
         self.stored_bytes = 0
@@ -99,56 +106,69 @@ class BodyCompressor:
 
 
 class RatioWatch:
-    """Whether bodies compress much worse than right after the dictionary was trained. Fed the
-    running totals of bytes before and after compression; judges once a window's worth came."""
+    """Whether bodies compress much worse than the dictionary did on its held-out samples
+    (``yardstick``). Fed the running totals of bytes before and after compression; judges once
+    a window's worth came, and not before ``not_before`` (``time.monotonic()``)."""
 
-    def __init__(self, plain: int = 0, stored: int = 0) -> None:
+    def __init__(self, yardstick: float, plain: int = 0, stored: int = 0, not_before: float = 0.0) -> None:
+        self.yardstick = yardstick
+        self.not_before = not_before
         self._start = (plain, stored)  # the totals when the current window began
-        self.yardstick: float | None = None  # the first window's ratio
+        self.last_ratio: float | None = None  # the last whole window's
 
     def worse(self, plain: int, stored: int) -> bool:
         window_plain, window_stored = plain - self._start[0], stored - self._start[1]
         if window_plain < RATIO_WINDOW_BYTES:
             return False
         self._start = (plain, stored)
-        ratio = window_stored / window_plain
-        if self.yardstick is None:
-            self.yardstick = ratio
-            return False
-        return ratio > RETRAIN_FACTOR * self.yardstick
+        self.last_ratio = window_stored / window_plain
+        return self.last_ratio > RETRAIN_FACTOR * self.yardstick and time.monotonic() >= self.not_before
 
 
 def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:
     """A compressor with the store's newest dictionary; None for a store without one."""
     if not _has_dictionaries(conn):
         return None
-    row = conn.execute("SELECT id, dictionary FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
-    return BodyCompressor(row[0], row[1]) if row else None
+    row = conn.execute("SELECT id, dictionary, ratio FROM dictionaries ORDER BY id DESC LIMIT 1").fetchone()
+    return BodyCompressor(row[0], row[1], row[2]) if row else None
 
 
 def train_dictionary(conn: sqlite3.Connection, body_sql: str, path: object = None) -> BodyCompressor:
-    """Train a dictionary on the store's newest bodies (as they came) and add it (``conn`` is the
-    writer's, outside a transaction; ``body_sql``: the SQL of a ``records`` row ``r``'s body).
-    Raises ``zstandard.ZstdError`` when the samples cannot make one (too few, too alike)."""
+    """Train a dictionary on bodies (as they came) spread over the store's newest records, and
+    add it with its ratio on every 10th of them, held out (``conn`` is the writer's, outside a
+    transaction; ``body_sql``: the SQL of a ``records`` row ``r``'s body). Raises
+    ``zstandard.ZstdError`` when the samples cannot make one (too few, too alike)."""
     reader = BodyReader(conn, path)
-    samples: list[bytes | bytearray | memoryview] = []
+    newest = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+    stride = min(TRAIN_SPAN // TRAIN_SAMPLES, max(1, newest // TRAIN_SAMPLES))
+    samples: list[bytes] = []
+    held_out: list[bytes] = []
     size = 0
-    for (body,) in conn.execute(f"SELECT {body_sql} FROM records r ORDER BY r.id DESC LIMIT ?", (TRAIN_SAMPLES,)):
+    sql = f"SELECT {body_sql} FROM records r WHERE r.id % ? = 0 ORDER BY r.id DESC LIMIT ?"
+    for n, (body,) in enumerate(conn.execute(sql, (stride, TRAIN_SAMPLES))):
         if body:
             body = reader.plain(body)
-            samples.append(body)
+            if n % 10 == 9:
+                held_out.append(body)
+            else:
+                samples.append(body)
             size += len(body)
             if size >= TRAIN_MAX_BYTES:
                 break
     row = conn.execute("SELECT max(id) FROM dictionaries").fetchone()
     dictionary_id = max(DICTIONARY_ID_BASE, (row[0] or 0) + 1)
-    trained = zstandard.train_dictionary(DICTIONARY_SIZE, samples, dict_id=dictionary_id, level=LEVEL)
+    training: list[bytes | bytearray | memoryview] = [*samples]
+    trained = zstandard.train_dictionary(DICTIONARY_SIZE, training, dict_id=dictionary_id, level=LEVEL)
     data = trained.as_bytes()
+    probe = BodyCompressor(dictionary_id, data, 0.0)
+    for body in held_out or samples[:1000]:
+        probe.compress(body)
+    ratio = probe.stored_bytes / max(1, probe.plain_bytes)
     conn.execute(
-        "INSERT INTO dictionaries (id, created_ns, samples, dictionary) VALUES (?, ?, ?, ?)",
-        (dictionary_id, time.time_ns(), len(samples), data),
+        "INSERT INTO dictionaries (id, created_ns, samples, ratio, dictionary) VALUES (?, ?, ?, ?, ?)",
+        (dictionary_id, time.time_ns(), len(samples), ratio, data),
     )
-    return BodyCompressor(dictionary_id, data)
+    return BodyCompressor(dictionary_id, data, ratio)
 
 
 def _has_dictionaries(conn: sqlite3.Connection) -> bool:

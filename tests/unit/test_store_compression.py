@@ -5,6 +5,7 @@ bodies as they came, whichever writer (native or Python) compressed them."""
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 from pathlib import Path
 
@@ -64,9 +65,11 @@ def test_bodies_are_compressed_once_trained_and_read_back_as_they_came(tmp_path:
     assert _write(plain, native=native, compress=False) == total
     assert _write(packed, native=native, compress=True) == total
 
-    # Trained once, after the commit that brought the store to 1,000 records, on those 1,000.
+    # Trained once, after the commit that brought the store to 1,000 records, on 900 of those (every
+    # 10th held out to measure the ratio it gives: its yardstick).
     with sqlite3.connect(packed) as conn:
-        assert conn.execute("SELECT id, samples FROM dictionaries").fetchall() == [(DICTIONARY_ID_BASE, 1000)]
+        ((dictionary_id, samples, ratio),) = conn.execute("SELECT id, samples, ratio FROM dictionaries").fetchall()
+        assert (dictionary_id, samples) == (DICTIONARY_ID_BASE, 900) and 0.01 < ratio < 0.2, ratio
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
     conn.close()
     bodies = _stored_bodies(packed)
@@ -214,6 +217,7 @@ def test_records_of_another_mix_get_a_new_dictionary(
     from kubetrail.sinks import sqlite_bodies
 
     monkeypatch.setattr(sqlite_bodies, "RATIO_WINDOW_BYTES", 200_000)
+    monkeypatch.setattr(sqlite_bodies, "RETRAIN_INTERVAL", 0.0)
     path = tmp_path / "s.db"
     writer = StoreWriter(path, native=native, train_after=1000)
     writer.open()
@@ -225,11 +229,13 @@ def test_records_of_another_mix_get_a_new_dictionary(
             dictionaries.append(writer.compressor.dictionary_id if writer.compressor else None)
     writer.close()
     first, second = DICTIONARY_ID_BASE, DICTIONARY_ID_BASE + 1
-    # Trained after the 2nd block; the 3rd block's ratio is the yardstick, the 4th's like it; the
-    # 5th, of the other mix, compresses much worse: a new dictionary, kept to the end (its first
-    # window is its own yardstick, and the same mix does not get worse than that).
+    # Trained after the 2nd block; the 3rd and 4th blocks compress as its held-out samples did;
+    # the 5th, of the other mix, more than twice worse: a new dictionary, trained on the newest
+    # records of both mixes, kept to the end (the new mix compresses with it as its samples did).
     assert dictionaries == [None, first, first, first, second, second, second, second], dictionaries
-    assert "records compress worse than they did with dictionary 32768: dictionary 32769" in caplog.text
+    found = re.search(r"records compress to (\d+)% with dictionary 32768 \((\d+)% when it was trained\)", caplog.text)
+    assert found and int(found[1]) > 2 * int(found[2]), caplog.text
+    assert caplog.text.count("from now on") == 2
     bodies = _stored_bodies(path)
     ids = [zstandard.get_frame_parameters(body).dict_id if is_compressed(body) else None for _, body in bodies]
     assert ids == [None] * 1000 + [first] * 1500 + [second] * 1500
@@ -249,3 +255,31 @@ def test_records_of_another_mix_get_a_new_dictionary(
         for key, data in trained.items()
     }  # fmt: skip
     assert sizes[second] * 2 < sizes[first], sizes
+
+
+def test_a_new_dictionary_waits_for_the_retrain_interval_unless_the_writer_found_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dictionary this writer trained is kept for RETRAIN_INTERVAL whatever comes (records that
+    are merely varied do not make a dictionary a window); one it found in the store (another
+    cluster's mix, say) is replaced at the first window that compresses badly."""
+    from kubetrail.sinks import sqlite_bodies
+
+    monkeypatch.setattr(sqlite_bodies, "RATIO_WINDOW_BYTES", 200_000)
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, native=False, train_after=1000)
+    writer.open()
+    old = [_audit_line(n) for n in range(1000)]
+    new = [_shifted_line(n) for n in range(1000, 3000)]
+    for lines in (old[:BLOCK], old[BLOCK:], new[:BLOCK], new[BLOCK:1000]):
+        writer.write_blocks([("kube.audit", _block(lines))])
+    assert writer.compressor is not None and writer.compressor.dictionary_id == DICTIONARY_ID_BASE  # kept
+    assert writer._ratio is not None and writer._ratio.last_ratio is not None
+    assert writer._ratio.last_ratio > 2 * writer._ratio.yardstick  # though it compresses badly
+    writer.close()
+    writer = StoreWriter(path, native=False, train_after=1000)
+    writer.open()
+    assert writer.compressor is not None and writer.compressor.dictionary_id == DICTIONARY_ID_BASE
+    writer.write_blocks([("kube.audit", _block(new[1000:1500]))])
+    assert writer.compressor.dictionary_id == DICTIONARY_ID_BASE + 1  # replaced at its first window
+    writer.close()
