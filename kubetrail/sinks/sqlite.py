@@ -133,9 +133,10 @@ Design decisions:
   says why and how). Once the store holds 10,000 records the writer trains a zstd dictionary on
   them, keeps it in ``dictionaries``, and stores every body after as one zstd frame made with it
   (the native writer in its decoding thread, the Python one with ``zstandard``), and a new
-  dictionary when bodies compress half as well as they did (``RatioWatch``); readers give
+  dictionary when bodies compress more than twice as badly as its held-out samples did
+  (``RatioWatch``); readers give
   each body back as it came (``kubetrail.history.store``). What a record costs the writer is
-  mostly bytes written twice (the WAL, then the checkpoint): a tenth of the bytes for ~1.3 us
+  mostly bytes written twice (the WAL, then the checkpoint): a ninth of the bodies' bytes for ~1 us
   of compression beside the thread running SQLite (docs/benchmarks.md, "Schema 8"). A row's
   columns, its identity and its time bucket come from the plain body, before compression.
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
@@ -1327,7 +1328,7 @@ class SqliteSink(Sink):
             "choice",
             "zstd",
             choices=("zstd", "off"),
-            help="zstd: bodies compressed with a dictionary the store trains on its first records (1.7x smaller,"
+            help="zstd: bodies compressed with a dictionary the store trains on its first records (3x smaller,"
             " faster writes); off: bodies kept as JSON (readable with the sqlite3 shell)",
         ),
     )

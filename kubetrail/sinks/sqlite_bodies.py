@@ -3,13 +3,13 @@
 
 Why: a stored audit event is ~900 bytes of JSON of which most is the same keys, the same user
 agents, the same API paths as in every other one. Compressed alone, a record shrinks by half;
-with a zstd dictionary trained on the store's first records it shrinks ~10x (886 -> 80 bytes for
-the bench's events, 1,158 -> 186 for this repository's real RequestResponse audit log). What a
+with a zstd dictionary trained on the store's records it shrinks ~10x (886 -> ~90 bytes for the
+bench's events; 1,158 -> 186 on a RequestResponse audit log of the tests' real control plane). What a
 record costs the writer is mostly bytes: each one is written twice (the WAL, then the checkpoint
 into the file), and the kernel's time for that decided whether the sink made 78,000 or 94,000
 records/s (docs/benchmarks.md, "Schema 7"); smaller cells also make the B-trees cheaper. So the
-store is 1.7x smaller on disk (709 against 1,201 MiB per million of the bench's audit events) and
-the writer faster (docs/benchmarks.md, "Schema 8"), for ~1.2 us
+store is 3x smaller on disk (389 against 1,201 MiB per million of the bench's audit events) and
+the writer faster (docs/benchmarks.md, "Schema 8"), for ~1 us
 of compression a record, done natively by the thread that decodes the blocks, beside the one
 running SQLite, and ~1 us to decompress on reading (a ``history`` answer of 1,000 records: 1 ms).
 
