@@ -707,7 +707,8 @@ impl StoreInserter {
                             None => None,
                         };
                         for &(_, bytes) in slices {
-                            let rows = block_rows(bytes, flat, compressor.as_mut().map(|c| (c, sizes)));
+                            let rows =
+                                block_rows(bytes, flat, compressor.as_mut().map(|c| (c, sizes)));
                             let declined = rows.is_none();
                             if tx.send(rows).is_err() || declined {
                                 return;
