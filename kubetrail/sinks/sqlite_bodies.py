@@ -50,7 +50,7 @@ import zstandard
 
 # Every zstd frame starts so (RFC 8878); a JSON body starts with "{", so the two never meet.
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-LEVEL = 3  # measured on audit events: as fast as levels 1-2 here and the smallest of them
+LEVEL = 3  # on audit events here: 1.2 us a record natively (1.0 at level 1), 2-3% smaller than 1-2
 DICTIONARY_SIZE = 112_640  # zstd's own default size, 110 KiB
 TRAIN_AFTER_ROWS = 10_000  # a store trains its dictionary once it holds this many records
 TRAIN_SAMPLES = 10_000  # the bodies it trains on (0.2 s here)
