@@ -1032,6 +1032,7 @@ class StoreWriter:
         self.log = log or logging.getLogger(__name__)
         self.compressor: BodyCompressor | None = None  # the store's newest dictionary, once it has one
         self._ratio: RatioWatch | None = None  # how well the bodies compress with it
+        self._retired = (0, 0)  # bytes compressed by this writer's earlier Python compressors
         self.train_after = train_after  # the records a store holds when its dictionary is trained
         self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
@@ -1095,7 +1096,7 @@ class StoreWriter:
                 conn.close()
                 os.close(fd)
                 raise StoreError(f"cannot open store {self.path}: {exc}") from None
-            if self.native is not None and not hasattr(self.native, "use_dictionary"):
+            if self.native is not None and not hasattr(self.native, "compressed_bytes"):
                 self.native = None  # older than compression: the Python way compresses
         self.conn = conn
         self._lock_fd = fd
@@ -1106,6 +1107,9 @@ class StoreWriter:
         """Compress with ``compressor`` from the next write on; ``trained``: it was just trained
         here (the next may not be before RETRAIN_INTERVAL; a store's dictionary found at the open
         may be replaced at the first window that compresses badly)."""
+        if self.compressor is not None and compressor is not self.compressor:
+            plain, stored = self._retired
+            self._retired = (plain + self.compressor.plain_bytes, stored + self.compressor.stored_bytes)
         self.compressor = compressor
         if compressor is None:
             self._ratio = None
@@ -1113,11 +1117,13 @@ class StoreWriter:
         if self.native is not None:
             self.native.use_dictionary(compressor.dictionary, compressor.level)
         not_before = time.monotonic() + sqlite_bodies.RETRAIN_INTERVAL if trained else 0.0
-        self._ratio = RatioWatch(compressor.ratio, *self._compressed_bytes(), not_before=not_before)
+        self._ratio = RatioWatch(compressor.ratio, *self.compressed_bytes(), not_before=not_before)
 
-    def _compressed_bytes(self) -> tuple[int, int]:
-        """Bytes of the bodies compressed so far (this writer's), before and after."""
-        plain, stored = (self.compressor.plain_bytes, self.compressor.stored_bytes) if self.compressor else (0, 0)
+    def compressed_bytes(self) -> tuple[int, int]:
+        """Bytes of the bodies this writer compressed so far (replays included), before and after."""
+        plain, stored = self._retired
+        if self.compressor is not None:
+            plain, stored = plain + self.compressor.plain_bytes, stored + self.compressor.stored_bytes
         if self.native is not None:
             native_plain, native_stored = self.native.compressed_bytes()
             plain, stored = plain + native_plain, stored + native_stored
@@ -1186,7 +1192,7 @@ class StoreWriter:
     def _after_commit(self) -> None:
         if self.compress and self.compressor is None:
             self._train()
-        elif self._ratio is not None and self._ratio.worse(*self._compressed_bytes()):
+        elif self._ratio is not None and self._ratio.worse(*self.compressed_bytes()):
             self._retrain()
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
@@ -1283,6 +1289,9 @@ class StoreWriter:
 
     def close(self) -> None:
         if self.native is not None:
+            plain, stored = self._retired  # its counts outlive it (compressed_bytes only grows)
+            native_plain, native_stored = self.native.compressed_bytes()
+            self._retired = (plain + native_plain, stored + native_stored)
             self.native.close()
             self.native = None
         if self.conn is not None:
@@ -1348,6 +1357,15 @@ class SqliteSink(Sink):
         self.m_replayed = self.metrics.counter(
             "kubetrail_store_records_replayed", "Records the store already held (replays)"
         )
+        # rate(stored) / rate(plain): how well the store's dictionary fits the records coming in.
+        body_bytes = self.metrics.counter(
+            "kubetrail_store_body_bytes",
+            "Bytes of record bodies the store compressed (replays included), before (state=plain) and after"
+            " (state=stored) compression",
+            "state",
+        )
+        self.m_plain_bytes, self.m_stored_bytes = body_bytes.labels("plain"), body_bytes.labels("stored")
+        self._counted = (0, 0)  # the writer's compressed bytes already counted
 
     async def start(self) -> None:
         if self.writer.conn is None:
@@ -1385,6 +1403,10 @@ class SqliteSink(Sink):
             raise RetryableError(f"cannot write store {self.writer.path}: {exc}") from None
         self.m_new.inc(added)
         self.m_replayed.inc(total - added)
+        plain, stored = self.writer.compressed_bytes()
+        self.m_plain_bytes.inc(max(0, plain - self._counted[0]))
+        self.m_stored_bytes.inc(max(0, stored - self._counted[1]))
+        self._counted = (plain, stored)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.writer.close)

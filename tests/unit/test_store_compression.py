@@ -4,6 +4,7 @@ bodies as they came, whichever writer (native or Python) compressed them."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import sqlite3
@@ -12,12 +13,14 @@ from pathlib import Path
 import orjson
 import pytest
 
+from kubetrail.core.record import Batch
 from kubetrail.history.model import HistoryError
 from kubetrail.history.store import Filters, StoreBackend
-from kubetrail.sinks.sqlite import BODY, SCHEMA_VERSION, StoreWriter, row_of
+from kubetrail.sinks.sqlite import BODY, SCHEMA_VERSION, SqliteSink, StoreWriter, row_of
 from kubetrail.sinks.sqlite_bodies import DICTIONARY_ID_BASE, is_compressed
+from tests.unit.helpers import build
 from tests.unit.history_story import story
-from tests.unit.test_store import _audit_line, needs_native
+from tests.unit.test_store import _audit_line, _lazy, _records_of, needs_native
 
 BLOCK = 500
 
@@ -283,3 +286,35 @@ def test_a_new_dictionary_waits_for_the_retrain_interval_unless_the_writer_found
     writer.write_blocks([("kube.audit", _block(new[1000:1500]))])
     assert writer.compressor.dictionary_id == DICTIONARY_ID_BASE + 1  # replaced at its first window
     writer.close()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_the_output_counts_the_bytes_it_compressed_before_and_after(tmp_path: Path, native: bool) -> None:
+    """``kubetrail_store_body_bytes_total{state=plain|stored}``: what an SRE watches to see the
+    dictionary fit (their rates' ratio), across a restart of the output."""
+    lines = [_audit_line(n) for n in range(2000)]
+    sink = build(SqliteSink, path=str(tmp_path / "s.db"))
+    sink.writer.train_after = sink.writer._train_at = 1000
+    sink.writer.use_native = native
+
+    def counted(state: str) -> float:
+        labels = {"component": "sqlite.0", "kind": "test", "plugin": "sqlite", "state": state}
+        return sink.metrics.registry.get_sample_value("kubetrail_store_body_bytes_total", labels) or 0.0
+
+    async def run(chunk: list[bytes], records: bool = False) -> None:
+        await sink.start()
+        assert (sink.writer.native is not None) == native
+        batch = Batch("kube.audit", _records_of(chunk)) if records else _lazy(chunk)
+        await sink.write(batch)
+        await sink.close()
+
+    asyncio.run(run(lines[:1000]))  # trained after this one: nothing compressed yet
+    assert counted("plain") == counted("stored") == 0
+    asyncio.run(run(lines[1000:1500]))
+    plain = sum(len(line) for line in lines[1000:1500])
+    stored = sum(len(body) for _, body in _stored_bodies(tmp_path / "s.db")[1000:1500])
+    assert (counted("plain"), counted("stored")) == (plain, stored)
+    asyncio.run(run(lines[1500:], records=True))  # the Python path, after a restart of the output
+    plain += sum(len(line) for line in lines[1500:])
+    stored += sum(len(body) for _, body in _stored_bodies(tmp_path / "s.db")[1500:])
+    assert (counted("plain"), counted("stored")) == (plain, stored) and stored * 5 < plain
