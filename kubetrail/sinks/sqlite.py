@@ -1191,56 +1191,50 @@ class StoreWriter:
 
     def _after_commit(self) -> None:
         if self.compress and self.compressor is None:
-            self._train()
+            assert self.conn is not None
+            held = self.conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
+            if held >= self._train_at:
+                self._train(held)
         elif self._ratio is not None and self._ratio.worse(*self.compressed_bytes()):
-            self._retrain()
+            self._train(None)
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
 
-    def _train(self) -> None:
-        """The store's dictionary, trained once it holds enough records (see sqlite_bodies)."""
-        conn = self.conn
-        assert conn is not None
-        held = conn.execute("SELECT max(id) FROM records").fetchone()[0] or 0
-        if held < self._train_at:
-            return
-        try:
-            compressor = train_dictionary(conn, BODY, self.path)
-        except (zstandard.ZstdError, sqlite3.Error, BodyError) as exc:
-            # Too few distinct samples, or a full disk: bodies stay as they came for a while.
-            self._train_at = held + self.train_after
-            self.log.warning("store %s: no compression dictionary yet (%s); trying again later", self.path, exc)
-            return
-        self.log.info(
-            "store %s: bodies compressed with dictionary %d from now on (to %.0f%% on its samples)",
-            self.path,
-            compressor.dictionary_id,
-            100 * compressor.ratio,
-        )
-        self._use(compressor, trained=True)
-
-    def _retrain(self) -> None:
-        """A new dictionary: the bodies compress much worse than they did with this one at first."""
-        assert self.conn is not None and self.compressor is not None
-        old = self.compressor.dictionary_id
+    def _train(self, held: int | None) -> None:
+        """A dictionary trained on the store's newest records (see sqlite_bodies): its first once it
+        holds enough (``held``: how many), or a new one when the bodies compress much worse than
+        the last did on its held-out samples (``held`` None)."""
+        assert self.conn is not None
+        old, watch = self.compressor, self._ratio
         try:
             compressor = train_dictionary(self.conn, BODY, self.path)
         except (zstandard.ZstdError, sqlite3.Error, BodyError) as exc:
-            self.log.warning("store %s: cannot train a new compression dictionary (%s)", self.path, exc)
-            self._use(self.compressor, trained=True)  # tried again after RETRAIN_INTERVAL, not at every window
+            # Too few distinct samples, or a full disk: tried again later, not at every commit.
+            self.log.warning("store %s: no new compression dictionary (%s); trying again later", self.path, exc)
+            if held is not None:
+                self._train_at = held + self.train_after  # bodies stay as they came meanwhile
+            else:
+                self._use(old, trained=True)  # after RETRAIN_INTERVAL
             return
-        assert self._ratio is not None
-        self.log.info(
-            "store %s: records compress to %.0f%% with dictionary %d (%.0f%% when it was trained):"
-            " dictionary %d (%.0f%%) from now on",
-            self.path,
-            100 * (self._ratio.last_ratio or 0.0),
-            old,
-            100 * self._ratio.yardstick,
-            compressor.dictionary_id,
-            100 * compressor.ratio,
-        )
+        if old is None or watch is None:
+            self.log.info(
+                "store %s: bodies compressed with dictionary %d from now on (to %.0f%% on its samples)",
+                self.path,
+                compressor.dictionary_id,
+                100 * compressor.ratio,
+            )
+        else:
+            self.log.info(
+                "store %s: records compress to %.0f%% with dictionary %d (%.0f%% when it was trained):"
+                " dictionary %d (%.0f%%) from now on",
+                self.path,
+                100 * (watch.last_ratio or 0.0),
+                old.dictionary_id,
+                100 * watch.yardstick,
+                compressor.dictionary_id,
+                100 * compressor.ratio,
+            )
         self._use(compressor, trained=True)
 
     def apply_retention(self, now_ns: int | None = None) -> int:
@@ -1360,7 +1354,8 @@ class SqliteSink(Sink):
         # rate(stored) / rate(plain): how well the store's dictionary fits the records coming in.
         body_bytes = self.metrics.counter(
             "kubetrail_store_body_bytes",
-            "Bytes of record bodies the store compressed (replays included), before (state=plain) and after"
+            "Bytes of record bodies the store compressed (replays and retried batches included), before"
+            " (state=plain) and after"
             " (state=stored) compression",
             "state",
         )

@@ -190,7 +190,7 @@ class BodyReader:
         self._local = threading.local()  # a decompressor per dictionary, per thread
 
     def plain(self, body: bytes) -> bytes:
-        if body[:4] != ZSTD_MAGIC:
+        if not is_compressed(body):
             return body
         try:
             dictionary_id = zstandard.get_frame_parameters(body).dict_id

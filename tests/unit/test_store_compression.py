@@ -79,8 +79,10 @@ def test_bodies_are_compressed_once_trained_and_read_back_as_they_came(tmp_path:
     assert [is_compressed(body) for _, body in bodies] == [False] * 1000 + [True] * (total - 1000)
     assert not any(is_compressed(body) for _, body in _stored_bodies(plain))
     # Smaller: the bench's lines are ~490 bytes; compressed, a tenth of that or less.
-    sizes = {"plain": sum(len(b) for _, b in _stored_bodies(plain)[1000:3000]), "packed": 0}
-    sizes["packed"] = sum(len(b) for _, b in bodies[1000:3000])
+    sizes = {
+        "plain": sum(len(body) for _, body in _stored_bodies(plain)[1000:3000]),
+        "packed": sum(len(body) for _, body in bodies[1000:3000]),
+    }
     assert sizes["packed"] * 5 < sizes["plain"], sizes
 
     # The same answers, record for record (the story's Events and log lines, written the Python
@@ -154,7 +156,7 @@ def test_a_store_whose_records_cannot_train_a_dictionary_keeps_them_plain_and_tr
     records = story()[:3]
     with caplog.at_level(logging.WARNING):
         assert writer.write([row_of(record) for record in records]) == 3  # too little to train on
-    assert writer.compressor is None and "no compression dictionary yet" in caplog.text
+    assert writer.compressor is None and "no new compression dictionary" in caplog.text
     assert writer._train_at == 6  # the next try, once the store holds 3 more
     assert writer.write([row_of(record) for record in story()[3:]]) == len(story()) - 3
     writer.close()
@@ -318,3 +320,43 @@ def test_the_output_counts_the_bytes_it_compressed_before_and_after(tmp_path: Pa
     plain += sum(len(line) for line in lines[1500:])
     stored += sum(len(body) for _, body in _stored_bodies(tmp_path / "s.db")[1500:])
     assert (counted("plain"), counted("stored")) == (plain, stored) and stored * 5 < plain
+
+
+def test_a_failed_new_dictionary_keeps_the_old_one_until_the_retrain_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import time
+
+    import zstandard
+
+    from kubetrail.sinks import sqlite as sqlite_sink
+    from kubetrail.sinks import sqlite_bodies
+
+    monkeypatch.setattr(sqlite_bodies, "RATIO_WINDOW_BYTES", 200_000)
+    path = tmp_path / "s.db"
+    writer = StoreWriter(path, native=False, train_after=1000)
+    writer.open()
+    old = [_audit_line(n) for n in range(1000)]
+    writer.write_blocks([("kube.audit", _block(old[:BLOCK]))])
+    writer.write_blocks([("kube.audit", _block(old[BLOCK:]))])
+    assert writer.compressor is not None
+    first = writer.compressor
+    writer.close()
+
+    def refuse(*_: object) -> None:
+        raise zstandard.ZstdError("cannot train dict: Src size is incorrect")
+
+    monkeypatch.setattr(sqlite_sink, "train_dictionary", refuse)
+    writer = StoreWriter(path, native=False, train_after=1000)
+    writer.open()  # a dictionary found at the open: replaced at the first bad window, if it can be
+    with caplog.at_level(logging.WARNING):
+        writer.write_blocks([("kube.audit", _block([_shifted_line(n) for n in range(1000, 1500)]))])
+    assert "no new compression dictionary (cannot train dict" in caplog.text
+    assert writer.compressor is not None and writer.compressor.dictionary_id == first.dictionary_id
+    assert writer._ratio is not None and writer._ratio.not_before > time.monotonic() + 3000  # not every window
+    writer.close()
+    backend = StoreBackend(path)
+    try:  # nothing lost meanwhile: every record, plain and compressed, read back
+        assert [record.body["auditID"] for record, _ in backend.newer(0, 10_000)] == [f"a-{n}" for n in range(1500)]
+    finally:
+        backend.close()
