@@ -158,6 +158,16 @@ class Node(ServerProcess):
         return self.dir / "server.properties"
 
 
+def new_cluster_id() -> str:
+    """A KRaft cluster id: a random UUID in unpadded base64url, as ``kafka-storage random-uuid``
+    prints it. Like Kafka's own ``Uuid.randomUuid`` it never starts with "-": one id in 64 would,
+    and a command line would read it as an option (a CI run failed on exactly that)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 class KafkaCluster:
     """``brokers`` KRaft nodes on loopback; :meth:`start` formats and starts them, :meth:`stop`
     stops them (the fixture does). Addresses: :attr:`bootstrap` (PLAINTEXT), :attr:`bootstrap_sasl`,
@@ -169,7 +179,7 @@ class KafkaCluster:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.heap = heap
         self.nodes = [Node(i + 1, workdir) for i in range(brokers)]
-        self.cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        self.cluster_id = new_cluster_id()
         self.ca_file, self.keystore = make_tls(workdir / "tls")
 
     @property
@@ -231,8 +241,7 @@ ssl.client.auth=none
                         self.lib,
                         STORAGE_TOOL,
                         "format",
-                        "-t",
-                        self.cluster_id,
+                        f"--cluster-id={self.cluster_id}",
                         "-c",
                         str(node.config_path),
                         "--add-scram",
