@@ -1120,7 +1120,8 @@ class StoreWriter:
         self._ratio = RatioWatch(compressor.ratio, *self.compressed_bytes(), not_before=not_before)
 
     def compressed_bytes(self) -> tuple[int, int]:
-        """Bytes of the bodies this writer compressed so far (replays included), before and after."""
+        """Bytes of the bodies this writer compressed so far, before and after (a replay's too,
+        except where the native writer saw it was one: kubetrail_native's ``StoreInserter``)."""
         plain, stored = self._retired
         if self.compressor is not None:
             plain, stored = plain + self.compressor.plain_bytes, stored + self.compressor.stored_bytes

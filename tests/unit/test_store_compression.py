@@ -111,6 +111,37 @@ def test_a_replay_adds_nothing_whether_its_records_were_stored_plain_or_compress
     conn.close()
 
 
+@needs_native
+def test_after_a_replay_new_bodies_are_compressed_once_as_their_rows_prove_new(tmp_path: Path) -> None:
+    """Once a block is mostly replayed rows, the native writer stops compressing bodies before the
+    identity index has seen them (that set a replay's pace): the inserting thread compresses
+    those of the new rows. Each new body is compressed exactly once, replayed ones not at all."""
+    path = tmp_path / "s.db"
+    _write(path, native=True, compress=True)
+    writer = StoreWriter(path, train_after=1000)
+    writer.open()
+    # A replay in 12 blocks: the first is compressed before its rows prove old and, the decoder
+    # being ahead by up to 3 blocks (one in hand, two queued), so may those; no more.
+    old = [_audit_line(n) for n in range(3000)]
+    start = writer.compressed_bytes()
+    assert writer.write_blocks([("kube.audit", _block(old[i : i + 250])) for i in range(0, 3000, 250)]) == 0
+    assert writer.compressed_bytes()[0] - start[0] <= sum(len(line) for line in old[:1000])
+    # New lines, the second block's first without a user (its body stays in its row).
+    new = [_audit_line(n) for n in range(3000, 3000 + 3 * BLOCK)]
+    new[BLOCK] = _audit_line(3000 + BLOCK, user=None)
+    before = writer.compressed_bytes()
+    blocks = [("kube.audit", _block(new[i : i + BLOCK])) for i in range(0, len(new), BLOCK)]
+    assert writer.write_blocks(blocks) == len(new)
+    after = writer.compressed_bytes()
+    bodies = _stored_bodies(path)[-len(new) :]
+    assert after[0] - before[0] == sum(len(line) for line in new)
+    assert after[1] - before[1] == sum(len(body) for _, body in bodies)
+    assert all(is_compressed(body) for _, body in bodies)
+    writer.close()
+    followed = [record for record, _ in StoreBackend(path).newer(3000 + len(story()), 10_000)]
+    assert [orjson.dumps(record.body) for record in followed] == new
+
+
 @pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
 def test_a_reader_open_before_the_dictionary_reads_what_is_compressed_after(tmp_path: Path, native: bool) -> None:
     """The UI follows a store it opened while the store was young."""
