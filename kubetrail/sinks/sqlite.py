@@ -233,6 +233,7 @@ from kubetrail.sinks.sqlite_bodies import (
     TRAIN_AFTER_ROWS,
     BodyCompressor,
     BodyError,
+    OldBodies,
     RatioWatch,
     newest_dictionary,
     train_dictionary,
@@ -397,6 +398,8 @@ INSERT = (
 )
 # A new row's body when it has a user (schema 5): user, time_ns, the row's id, kind, verb, body.
 INSERT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,?)"
+UPDATE_ROW_BODY = "UPDATE records SET body = ? WHERE id = ?"
+UPDATE_USER_BODY = "UPDATE user_bodies SET body = ? WHERE user = ? AND time_ns = ? AND id = ?"
 # The Python path's rows: a Row and its identity bucket (identity_bucket).
 INSERT_ROW = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
@@ -1033,6 +1036,8 @@ class StoreWriter:
         self.compressor: BodyCompressor | None = None  # the store's newest dictionary, once it has one
         self._ratio: RatioWatch | None = None  # how well the bodies compress with it
         self._retired = (0, 0)  # bytes compressed by this writer's earlier Python compressors
+        # The bodies stored before the store's first dictionary, compressed in the background.
+        self._old_bodies = OldBodies(BODY, UPDATE_ROW_BODY, UPDATE_USER_BODY) if compress else None
         self.train_after = train_after  # the records a store holds when its dictionary is trained
         self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
@@ -1198,9 +1203,25 @@ class StoreWriter:
                 self._train(held)
         elif self._ratio is not None and self._ratio.worse(*self.compressed_bytes()):
             self._train(None)
+        if self.compressor is not None and self._old_bodies is not None and not self._old_bodies.done:
+            self._compress_old_bodies(self._old_bodies, self.compressor)
         if (self.retention_time or self.retention_size) and time.monotonic() >= self._next_retention:
             self._next_retention = time.monotonic() + self.retention_interval
             self.apply_retention()
+
+    def _compress_old_bodies(self, old: OldBodies, compressor: BodyCompressor) -> None:
+        assert self.conn is not None
+        try:
+            old.step(self.conn, compressor)
+        except sqlite3.Error as exc:  # a full disk, say: what was written is safe, tried again later
+            self.log.warning("store %s: old bodies not compressed this time (%s); trying again later", self.path, exc)
+            return
+        if old.done and old.compressed:
+            self.log.info(
+                "store %s: the bodies stored before compression are all compressed now (%d by this writer)",
+                self.path,
+                old.compressed,
+            )
 
     def _train(self, held: int | None) -> None:
         """A dictionary trained on the store's newest records (see sqlite_bodies): its first once it

@@ -18,21 +18,25 @@ whose body is in ``user_bodies``) or exactly one zstd frame (starting with :data
 made with one of the store's dictionaries, whose ID the frame names in its header, with its
 content size and without a checksum (SQLite's pages carry none either). The dictionaries are rows
 of :data:`DICTIONARIES` keyed by that ID, never deleted (~110 KiB each): any body stays readable
-whichever dictionary made it, and a store written before compression (or with ``compress off``)
-is read as it is. The native writer (``native/src/storerows.rs``, ``use_dictionary``) and the
+whichever dictionary made it, and a body stored as it came (before compression, or with
+``compress off``) is read as it is. The native writer (``native/src/storerows.rs``, ``use_dictionary``) and the
 Python one (:class:`BodyCompressor`, the ``zstandard`` wheel) make the same frames.
 
 When: a store starts without a dictionary; once it holds :data:`TRAIN_AFTER_ROWS` records, the
 writer trains one (0.2 s, between two commits) on up to :data:`TRAIN_SAMPLES` bodies spread over
 the newest :data:`TRAIN_SPAN` records (a burst of one kind of request does not make the whole
-dictionary), and compresses every body it writes from then on. The records before stay as they
-are (retention replaces them in time). Each dictionary keeps the ratio it gave on a tenth of the
-samples it was not trained on, its yardstick. Records change (a cluster upgraded, new
-resources, another audit policy) and a dictionary of another mix compresses less: the writer
-watches the ratio over each :data:`RATIO_WINDOW_BYTES` of bodies (:class:`RatioWatch`), and
-when a window's is :data:`RETRAIN_FACTOR` times the yardstick it trains a new dictionary on the
-newest records, at most once per :data:`RETRAIN_INTERVAL` (records that are merely varied do
-not make one every window). A writer that opens a store whose dictionary fits its records badly
+dictionary), and compresses every body it writes from then on. The bodies stored before (the
+store's first records, or a whole store written by a version before compression) are compressed
+in the background (:class:`OldBodies`): a few thousand after a commit, at most once a second,
+newest first, so that a store upgraded in place shrinks without a pause.
+
+Each dictionary keeps the ratio it gave on a tenth of the samples it was not trained on, its
+yardstick. Records change (a cluster upgraded, new resources, another audit policy) and a
+dictionary of another mix compresses less: the writer watches the ratio over each
+:data:`RATIO_WINDOW_BYTES` of bodies (:class:`RatioWatch`), and when a window's is
+:data:`RETRAIN_FACTOR` times the yardstick it trains a new dictionary on the newest records, at
+most once per :data:`RETRAIN_INTERVAL` (records that are merely varied do not make one every
+window). A writer that opens a store whose dictionary fits its records badly
 (another cluster's store, say) trains at its first window.
 
 The price: a body in the file is not JSON any more for someone reading it with the ``sqlite3``
@@ -59,6 +63,8 @@ TRAIN_MAX_BYTES = 32 * 2**20  # and at most this many bytes of them
 RATIO_WINDOW_BYTES = 64 * 2**20  # of bodies before compression (~75,000 audit events)
 RETRAIN_FACTOR = 2.0  # a window's ratio this many times the yardstick's: a new dictionary
 RETRAIN_INTERVAL = 3600.0  # seconds: at most one new dictionary per writer in this time
+OLD_BODIES_ROWS = 2_000  # old bodies compressed after a commit (~40 ms here) ...
+OLD_BODIES_INTERVAL = 1.0  # ... at most once in this many seconds: 1M old bodies in ~8 minutes
 # Dictionary IDs 0-32767 are zstd's "reserved for a public registry": ours start above.
 DICTIONARY_ID_BASE = 32_768
 
@@ -104,6 +110,10 @@ class BodyCompressor:
         self.stored_bytes += len(stored)
         return stored
 
+    def compress_old(self, body: bytes) -> bytes:
+        """A body stored before: not counted (the ratio watch judges the records coming in)."""
+        return self._compressor.compress(body)
+
 
 class RatioWatch:
     """Whether bodies compress much worse than the dictionary did on its held-out samples
@@ -123,6 +133,87 @@ class RatioWatch:
         self._start = (plain, stored)
         self.last_ratio = window_stored / window_plain
         return self.last_ratio > RETRAIN_FACTOR * self.yardstick and time.monotonic() >= self.not_before
+
+
+def needs_compressing(body: bytes) -> bool:
+    return bool(body) and not is_compressed(body)
+
+
+class OldBodies:
+    """Compresses the bodies a store holds as they came, in the background (see the module doc).
+
+    Which: the writer compresses every body once the store has a dictionary, so its plain bodies
+    are its oldest: those below a boundary id, found by bisection (~25 probes for 10M records)
+    when the writer opens the store. Going down from there, newest first, keeps that true at
+    every commit, so a restart finds where it stopped without keeping any state. Bodies written
+    while ``compress off`` was set, above the boundary, stay as they are: a user who chose
+    that. ``body_sql``: the SQL of a ``records`` row ``r``'s body; ``update_row`` (body, id) and
+    ``update_user_body`` (body, user, time_ns, id): the statements that store a body in its row
+    or beside its user's others (the store's layout is the sqlite module's).
+    """
+
+    def __init__(self, body_sql: str, update_row: str, update_user_body: str) -> None:
+        self.body_sql = body_sql
+        self.update_row = update_row
+        self.update_user_body = update_user_body
+        self.below: int | None = None  # every body from this id up is compressed; None: not found yet
+        self.done = False
+        self.compressed = 0  # bodies compressed here so far
+        self._next = 0.0
+
+    def _first_from(self, conn: sqlite3.Connection, at: int) -> tuple[int, bytes] | None:
+        sql = f"SELECT r.id, {self.body_sql} FROM records r WHERE r.id >= ? ORDER BY r.id LIMIT 1"
+        row = conn.execute(sql, (at,)).fetchone()
+        return (row[0], row[1] or b"") if row else None
+
+    def _boundary(self, conn: sqlite3.Connection) -> int:
+        """The lowest id from which every body is compressed (or empty)."""
+        low, high = conn.execute("SELECT coalesce(min(id), 0), coalesce(max(id), 0) + 1 FROM records").fetchone()
+        while low < high:
+            middle = (low + high) // 2
+            first = self._first_from(conn, middle)
+            if first is None or not needs_compressing(first[1]):
+                high = middle
+            else:
+                low = first[0] + 1
+        return int(low)
+
+    def step(self, conn: sqlite3.Connection, compressor: BodyCompressor) -> int:
+        """After a commit (``conn``: the writer's, outside a transaction): compress the next
+        :data:`OLD_BODIES_ROWS` old bodies in one transaction, unless it is too soon; returns how
+        many. Raises ``sqlite3.Error`` (rolled back; the next step tries again)."""
+        now = time.monotonic()
+        if self.done or now < self._next:
+            return 0
+        self._next = now + OLD_BODIES_INTERVAL
+        if self.below is None:
+            self.below = self._boundary(conn)
+        sql = f"SELECT r.id, r.user, r.time_ns, {self.body_sql} FROM records r WHERE r.id < ?"
+        rows = conn.execute(f"{sql} ORDER BY r.id DESC LIMIT ?", (self.below, OLD_BODIES_ROWS)).fetchall()
+        if not rows:
+            self.done = True
+            return 0
+        in_rows, beside_users = [], []
+        for row_id, user, time_ns, body in rows:
+            if needs_compressing(body):
+                frame = compressor.compress_old(body)
+                if user is None:
+                    in_rows.append((frame, row_id))
+                else:
+                    beside_users.append((frame, user, time_ns, row_id))
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.executemany(self.update_row, in_rows)
+            conn.executemany(self.update_user_body, beside_users)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        self.below = rows[-1][0]
+        self.done = len(rows) < OLD_BODIES_ROWS
+        self.compressed += len(in_rows) + len(beside_users)
+        return len(in_rows) + len(beside_users)
 
 
 def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:

@@ -75,8 +75,10 @@ def test_bodies_are_compressed_once_trained_and_read_back_as_they_came(tmp_path:
         assert (dictionary_id, samples) == (DICTIONARY_ID_BASE, 900) and 0.01 < ratio < 0.2, ratio
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,) == (8,)
     conn.close()
+    # Every body compressed: the first 1,000, stored before the dictionary, in the background step
+    # right after it was trained (OldBodies).
     bodies = _stored_bodies(packed)
-    assert [is_compressed(body) for _, body in bodies] == [False] * 1000 + [True] * (total - 1000)
+    assert all(is_compressed(body) for _, body in bodies)
     assert not any(is_compressed(body) for _, body in _stored_bodies(plain))
     # Smaller: the bench's lines are ~490 bytes; compressed, a tenth of that or less.
     sizes = {
@@ -274,7 +276,7 @@ def test_records_of_another_mix_get_a_new_dictionary(
     assert caplog.text.count("from now on") == 2
     bodies = _stored_bodies(path)
     ids = [zstandard.get_frame_parameters(body).dict_id if is_compressed(body) else None for _, body in bodies]
-    assert ids == [None] * 1000 + [first] * 1500 + [second] * 1500
+    assert ids == [first] * 2500 + [second] * 1500  # the first 1,000 in the background
     # Both dictionaries' records read back as they came.
     backend = StoreBackend(path)
     try:
@@ -391,3 +393,79 @@ def test_a_failed_new_dictionary_keeps_the_old_one_until_the_retrain_interval(
         assert [record.body["auditID"] for record, _ in backend.newer(0, 10_000)] == [f"a-{n}" for n in range(1500)]
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("native", [pytest.param(True, marks=needs_native), False])
+def test_bodies_stored_before_compression_are_compressed_in_the_background_newest_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, native: bool
+) -> None:
+    """A store written before compression (an upgrade in place) shrinks without a pause: after
+    a commit, a step of old bodies, newest first, so that a restarted writer finds where the
+    last one stopped; every answer stays the same."""
+    from kubetrail.sinks import sqlite_bodies
+
+    monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_ROWS", 1000)
+    monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_INTERVAL", 0.0)
+    path = tmp_path / "s.db"
+    # 2,500 audit lines, every 5th without a user (its body in its row), and the story's records.
+    lines = [_audit_line(n, user=None) if n % 5 == 0 else _audit_line(n) for n in range(2500)]
+    plain = StoreWriter(path, native=native, compress=False)
+    plain.open()
+    for start in range(0, len(lines), BLOCK):
+        plain.write_blocks([("kube.audit", _block(lines[start : start + BLOCK]))])
+    plain.write([row_of(record) for record in story()])
+    plain.close()
+    old = len(lines) + len(story())
+    before = _answers(path)
+
+    def compressed() -> list[bool]:
+        return [is_compressed(body) for _, body in _stored_bodies(path)]
+
+    more = [_audit_line(n) for n in range(2500, 2500 + 4 * BLOCK)]
+    with caplog.at_level(logging.INFO):
+        for step, block in enumerate(range(0, len(more), BLOCK)):
+            writer = StoreWriter(path, native=native, train_after=1000)  # a restart at every block
+            writer.open()
+            assert writer.write_blocks([("kube.audit", _block(more[block : block + BLOCK]))]) == BLOCK
+            writer.close()
+            # The first block came before the dictionary (trained after its commit); then, after
+            # each commit, the next 1,000 old bodies from the top.
+            held = old + (step + 1) * BLOCK
+            done = min(held, (step + 1) * 1000 + step * BLOCK)
+            assert compressed() == [False] * (held - done) + [True] * done, step
+    assert all(compressed())
+    assert caplog.text.count("the bodies stored before compression are all compressed now") == 1
+    answers = {answer[0]: answer for answer in _answers(path)}
+    assert [answers[answer[0]] for answer in before] == before
+    added = sorted(set(answers) - {answer[0] for answer in before})
+    assert [orjson.dumps(answers[i][3]) for i in added] == more
+
+
+def test_old_bodies_that_cannot_be_written_now_are_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kubetrail.sinks import sqlite_bodies
+
+    monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_INTERVAL", 0.0)
+    monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_ROWS", 10_000)
+    path = tmp_path / "s.db"
+    _write(path, native=False, compress=False)
+    real_step = sqlite_bodies.OldBodies.step
+    failures = iter([True])
+
+    def step(self: sqlite_bodies.OldBodies, conn: sqlite3.Connection, compressor: object) -> int:
+        if next(failures, False):
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_step(self, conn, compressor)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(sqlite_bodies.OldBodies, "step", step)
+    writer = StoreWriter(path, native=False, train_after=1000)
+    writer.open()
+    lines = [_audit_line(n) for n in range(3000, 3000 + BLOCK)]
+    with caplog.at_level(logging.INFO):
+        assert writer.write_blocks([("kube.audit", _block(lines))]) == BLOCK  # the write itself is safe
+        assert "old bodies not compressed this time (database or disk is full)" in caplog.text
+        assert not any(is_compressed(body) for _, body in _stored_bodies(path))
+        writer.write([row_of(record) for record in story()])  # a commit (replays): tried again
+    writer.close()
+    assert all(is_compressed(body) for _, body in _stored_bodies(path))
