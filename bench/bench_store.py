@@ -8,6 +8,7 @@
     python bench/bench_store.py pipeline [--records N] [--rounds R]  # tail -> kubernetes_audit -> sqlite vs file
     python bench/bench_store.py compare --store A --store B [--records N] [--cold]  # the same queries on two stores
     python bench/bench_store.py migrate [--records N] [--store S]  # the writer's migration of a store to this schema
+    python bench/bench_store.py upgrade [--records N] [--into M]  # a plain store's old bodies compressed beside
 
 **ingest**: real audit lines (shared/bench/gen_audit.py, cached) as batches of 1,000 like
 ``tail -> kubernetes_audit`` hands them on (a block, no record built; "from records": the
@@ -1032,6 +1033,73 @@ def writer(records: int, group: int, into: int, rounds: int, only: list[str], ui
         )
 
 
+def upgrade(records: int, group: int, into: int, rounds: int) -> None:
+    """A store written before compression, upgraded in place: ``records`` audit lines written by
+    the native writer into a copy of the cached store of ``into`` records with bodies as they
+    came, its old bodies compressed in the background (``OldBodies``) or left as they are,
+    alternating in each round: what that costs the new records. Then, on the last round's
+    store, the background step alone, repeated until every old body is compressed: bodies a
+    second, and the pages in use (what ``retention_size`` counts) against the store whose old
+    bodies were left."""
+    from kubetrail.sinks import sqlite as store
+
+    lines = audit_lines_file(max(records, 100_000)).read_bytes().splitlines(keepends=True)[:records]
+    blocks = [("audit", b"".join(lines[start : start + BATCH])) for start in range(0, len(lines), BATCH)]
+    prefilled_plain = prefilled_store(into, lines, compress=False)
+    work = Path(tempfile.mkdtemp(prefix="bench-store-upgrade-", dir=CACHE))
+    results: dict[str, list[tuple[float, float, int]]] = {}
+    used: dict[str, int] = {}
+    names = ("old bodies compressed beside", "old bodies left as they are")
+    try:
+        for round_no in range(rounds):
+            for name in names:
+                db = work / f"{name.split()[2]}.db"
+                for stale in (db, Path(f"{db}-wal"), Path(f"{db}-shm"), Path(f"{db}-clean")):
+                    stale.unlink(missing_ok=True)
+                shutil.copy(prefilled_plain, db)
+                os.sync()
+                w = store.StoreWriter(db)
+                w.open()
+                assert w.native is not None, "the native writer is not built"
+                used.setdefault("the store as it came", w.used_bytes())
+                if "left" in name:
+                    w._old_bodies = None
+                started, cpu = time.perf_counter(), time.process_time()
+                for start in range(0, len(blocks), group):
+                    assert w.write_blocks(blocks[start : start + group]) is not None
+                run = (time.perf_counter() - started, time.process_time() - cpu)
+                old = w._old_bodies
+                results.setdefault(name, []).append((*run, old.compressed if old else 0))
+                if round_no == rounds - 1 and old is not None and w.compressor is not None:
+                    started = time.perf_counter()
+                    while not old.done:
+                        old._next = 0.0
+                        w._compress_old_bodies(old, w.compressor)
+                    drained = time.perf_counter() - started
+                    print(
+                        f"  the background step alone: {old.compressed:,} old bodies in {drained:.1f} s,"
+                        f" {old.compressed / drained:,.0f} a second"
+                    )
+                if round_no == rounds - 1:
+                    used[name] = w.used_bytes()
+                w.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(
+        f"a store upgraded in place: {records:,} audit records into {_store_words(into)} with bodies as they came,"
+        f" {rounds} alternating rounds (medians)"
+    )
+    for name, runs in results.items():
+        wall = statistics.median(r[0] for r in runs)
+        cpu = statistics.median(r[1] for r in runs)
+        print(
+            f"  {name:<30} {records / wall:>9,.0f} records/s   process CPU {cpu / records * 1e6:5.2f} us"
+            f"   old bodies compressed meanwhile: {', '.join(f'{r[2]:,}' for r in runs)}"
+        )
+    for name, size in used.items():
+        print(f"  in use, {name:<40} {size / 2**20:>8,.0f} MiB")
+
+
 def sink_alone(records: int, group: int, into: int, compress: str = "zstd") -> None:
     """The ``sqlite`` output alone, in this fresh process (nothing timed before it, unlike
     ``ingest``'s rows): ``records`` audit lines as lazy blocks, ``group`` batches a
@@ -1078,7 +1146,7 @@ def _written_bytes() -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "what", choices=("ingest", "sink", "writer", "query", "compare", "who-layout", "pipeline", "migrate")
+        "what", choices=("ingest", "sink", "writer", "query", "compare", "who-layout", "pipeline", "migrate", "upgrade")
     )
     parser.add_argument("--records", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=3, help="pipeline: alternating rounds")
@@ -1111,6 +1179,8 @@ def main() -> None:
         writer(args.records or 200_000, args.group, args.into, args.rounds, args.variant, args.uids)
     elif args.what == "pipeline":
         pipeline(args.records or 500_000, args.rounds, args.into)
+    elif args.what == "upgrade":
+        upgrade(args.records or 1_000_000, args.group, args.into or 2_000_000, args.rounds)
     elif args.what == "migrate":
         migrate(args.records or 2_000_000, args.store[0] if args.store else None)
     elif args.what == "who-layout":

@@ -235,6 +235,7 @@ from kubetrail.sinks.sqlite_bodies import (
     BodyError,
     OldBodies,
     RatioWatch,
+    needs_compressing,
     newest_dictionary,
     train_dictionary,
 )
@@ -398,8 +399,14 @@ INSERT = (
 )
 # A new row's body when it has a user (schema 5): user, time_ns, the row's id, kind, verb, body.
 INSERT_BODY = "INSERT INTO user_bodies (user, time_ns, id, kind, verb, body) VALUES (?,?,?,?,?,?)"
-UPDATE_ROW_BODY = "UPDATE records SET body = ? WHERE id = ?"
-UPDATE_USER_BODY = "UPDATE user_bodies SET body = ? WHERE user = ? AND time_ns = ? AND id = ?"
+# An old body compressed (OldBodies): its row deleted and written again, as an UPDATE would not
+# do: SQLite merges the pages a delete leaves underfull, never those a smaller cell does (an
+# UPDATE left a store's pages in use as they were; this frees ~80% of user_bodies' pages).
+UPDATE_ROW_BODY = "UPDATE records SET body = ? WHERE id = ?"  # an alert's (its trigger)
+DELETE_ROW = "DELETE FROM records WHERE id = ?"
+INSERT_ROW_AGAIN = f"INSERT INTO records ({COLUMNS}) VALUES ({', '.join('?' * len(COLUMNS.split(',')))})"
+DELETE_USER_BODY = "DELETE FROM user_bodies WHERE user = ? AND time_ns = ? AND id = ?"
+_BODY_AT = [name.strip() for name in COLUMNS.split(",")].index("body")
 # The Python path's rows: a Row and its identity bucket (identity_bucket).
 INSERT_ROW = (
     "INSERT OR IGNORE INTO records (ident, time_ns, kind, user, verb, resource, namespace, name, uid, code, reason,"
@@ -1037,7 +1044,7 @@ class StoreWriter:
         self._ratio: RatioWatch | None = None  # how well the bodies compress with it
         self._retired = (0, 0)  # bytes compressed by this writer's earlier Python compressors
         # The bodies stored before the store's first dictionary, compressed in the background.
-        self._old_bodies = OldBodies(BODY, UPDATE_ROW_BODY, UPDATE_USER_BODY) if compress else None
+        self._old_bodies = OldBodies(BODY) if compress else None
         self.train_after = train_after  # the records a store holds when its dictionary is trained
         self._train_at = train_after
         self.native: Any = None  # the StoreInserter, once open
@@ -1210,9 +1217,41 @@ class StoreWriter:
             self.apply_retention()
 
     def _compress_old_bodies(self, old: OldBodies, compressor: BodyCompressor) -> None:
-        assert self.conn is not None
+        """A step of the bodies stored before compression (see OldBodies), in a transaction of its own."""
+        conn = self.conn
+        assert conn is not None
+        if not old.due():
+            return
         try:
-            old.step(self.conn, compressor)
+            rows = old.chunk(conn)
+            plain = [row for row in rows if needs_compressing(row[5])]
+            beside_users = [
+                (user, time_ns, row_id, kind, verb, compressor.compress_old(body))
+                for row_id, user, time_ns, kind, verb, body in plain
+                if user is not None
+            ]
+            alerts = [(compressor.compress_old(r[5]), r[0]) for r in plain if r[1] is None and r[3] == "alert"]
+            in_rows = {r[0]: r[5] for r in plain if r[1] is None and r[3] != "alert"}
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany(DELETE_USER_BODY, [row[:3] for row in beside_users])
+                conn.executemany(INSERT_BODY, beside_users)
+                conn.executemany(UPDATE_ROW_BODY, alerts)  # a delete would take its alerts row along
+                if in_rows:
+                    marks = ",".join("?" * len(in_rows))
+                    whole = conn.execute(f"SELECT {COLUMNS} FROM records WHERE id IN ({marks})", list(in_rows))
+                    again = [
+                        (*row[:_BODY_AT], compressor.compress_old(in_rows[row[0]]), *row[_BODY_AT + 1 :])
+                        for row in whole.fetchall()
+                    ]
+                    conn.executemany(DELETE_ROW, [(row[0],) for row in again])
+                    conn.executemany(INSERT_ROW_AGAIN, again)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            old.advance(rows, len(plain))
         except sqlite3.Error as exc:  # a full disk, say: what was written is safe, tried again later
             self.log.warning("store %s: old bodies not compressed this time (%s); trying again later", self.path, exc)
             return

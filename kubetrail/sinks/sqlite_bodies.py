@@ -27,8 +27,10 @@ writer trains one (0.2 s, between two commits) on up to :data:`TRAIN_SAMPLES` bo
 the newest :data:`TRAIN_SPAN` records (a burst of one kind of request does not make the whole
 dictionary), and compresses every body it writes from then on. The bodies stored before (the
 store's first records, or a whole store written by a version before compression) are compressed
-in the background (:class:`OldBodies`): a few thousand after a commit, at most once a second,
-newest first, so that a store upgraded in place shrinks without a pause.
+in the background (:class:`OldBodies`): a thousand after a commit, at most once a second, newest
+first, so that a store upgraded in place shrinks without a pause; each row is deleted and
+written again, so that SQLite merges the pages it leaves underfull and frees them for new
+records (an UPDATE would leave every page in use; docs/benchmarks.md, "Old bodies").
 
 Each dictionary keeps the ratio it gave on a tenth of the samples it was not trained on, its
 yardstick. Records change (a cluster upgraded, new resources, another audit policy) and a
@@ -63,8 +65,8 @@ TRAIN_MAX_BYTES = 32 * 2**20  # and at most this many bytes of them
 RATIO_WINDOW_BYTES = 64 * 2**20  # of bodies before compression (~75,000 audit events)
 RETRAIN_FACTOR = 2.0  # a window's ratio this many times the yardstick's: a new dictionary
 RETRAIN_INTERVAL = 3600.0  # seconds: at most one new dictionary per writer in this time
-OLD_BODIES_ROWS = 2_000  # old bodies compressed after a commit (~40 ms here) ...
-OLD_BODIES_INTERVAL = 1.0  # ... at most once in this many seconds: 1M old bodies in ~8 minutes
+OLD_BODIES_ROWS = 1_000  # old bodies compressed after a commit (~80 ms here, SQLite's B-trees) ...
+OLD_BODIES_INTERVAL = 1.0  # ... at most once in this many seconds: 1M old bodies in ~17 minutes
 # Dictionary IDs 0-32767 are zstd's "reserved for a public registry": ours start above.
 DICTIONARY_ID_BASE = 32_768
 
@@ -140,26 +142,46 @@ def needs_compressing(body: bytes) -> bool:
 
 
 class OldBodies:
-    """Compresses the bodies a store holds as they came, in the background (see the module doc).
+    """Which of a store's bodies stored as they came to compress next, in the background (see the
+    module doc); the store's writer rewrites them (it knows the tables).
 
     Which: the writer compresses every body once the store has a dictionary, so its plain bodies
     are its oldest: those below a boundary id, found by bisection (~25 probes for 10M records)
-    when the writer opens the store. Going down from there, newest first, keeps that true at
-    every commit, so a restart finds where it stopped without keeping any state. Bodies written
-    while ``compress off`` was set, above the boundary, stay as they are: a user who chose
-    that. ``body_sql``: the SQL of a ``records`` row ``r``'s body; ``update_row`` (body, id) and
-    ``update_user_body`` (body, user, time_ns, id): the statements that store a body in its row
-    or beside its user's others (the store's layout is the sqlite module's).
+    when the writer opens the store. Going down from there, newest first, keeps that true after
+    every step, so a restart finds where it stopped without keeping any state. Bodies written
+    while ``compress off`` was set, above the boundary, stay as they are: a user who chose that.
+    ``body_sql``: the SQL of a ``records`` row ``r``'s body.
     """
 
-    def __init__(self, body_sql: str, update_row: str, update_user_body: str) -> None:
+    def __init__(self, body_sql: str) -> None:
         self.body_sql = body_sql
-        self.update_row = update_row
-        self.update_user_body = update_user_body
         self.below: int | None = None  # every body from this id up is compressed; None: not found yet
         self.done = False
-        self.compressed = 0  # bodies compressed here so far
+        self.compressed = 0  # bodies compressed so far
         self._next = 0.0
+
+    def due(self) -> bool:
+        """Whether a step is due now (at most one per :data:`OLD_BODIES_INTERVAL`)."""
+        now = time.monotonic()
+        if self.done or now < self._next:
+            return False
+        self._next = now + OLD_BODIES_INTERVAL
+        return True
+
+    def chunk(self, conn: sqlite3.Connection) -> list[tuple[int, str | None, int, str, str | None, bytes]]:
+        """The next :data:`OLD_BODIES_ROWS` rows down, newest first: ``(id, user, time_ns, kind,
+        verb, body)``, the body as stored (some may be compressed already: a replay's)."""
+        if self.below is None:
+            self.below = self._boundary(conn)
+        sql = f"SELECT r.id, r.user, r.time_ns, r.kind, r.verb, {self.body_sql} FROM records r WHERE r.id < ?"
+        return conn.execute(f"{sql} ORDER BY r.id DESC LIMIT ?", (self.below, OLD_BODIES_ROWS)).fetchall()
+
+    def advance(self, rows: list[tuple[int, str | None, int, str, str | None, bytes]], compressed: int) -> None:
+        """``rows`` (a :meth:`chunk`) are written, ``compressed`` of them compressed."""
+        if rows:
+            self.below = rows[-1][0]
+        self.done = len(rows) < OLD_BODIES_ROWS
+        self.compressed += compressed
 
     def _first_from(self, conn: sqlite3.Connection, at: int) -> tuple[int, bytes] | None:
         sql = f"SELECT r.id, {self.body_sql} FROM records r WHERE r.id >= ? ORDER BY r.id LIMIT 1"
@@ -177,43 +199,6 @@ class OldBodies:
             else:
                 low = first[0] + 1
         return int(low)
-
-    def step(self, conn: sqlite3.Connection, compressor: BodyCompressor) -> int:
-        """After a commit (``conn``: the writer's, outside a transaction): compress the next
-        :data:`OLD_BODIES_ROWS` old bodies in one transaction, unless it is too soon; returns how
-        many. Raises ``sqlite3.Error`` (rolled back; the next step tries again)."""
-        now = time.monotonic()
-        if self.done or now < self._next:
-            return 0
-        self._next = now + OLD_BODIES_INTERVAL
-        if self.below is None:
-            self.below = self._boundary(conn)
-        sql = f"SELECT r.id, r.user, r.time_ns, {self.body_sql} FROM records r WHERE r.id < ?"
-        rows = conn.execute(f"{sql} ORDER BY r.id DESC LIMIT ?", (self.below, OLD_BODIES_ROWS)).fetchall()
-        if not rows:
-            self.done = True
-            return 0
-        in_rows, beside_users = [], []
-        for row_id, user, time_ns, body in rows:
-            if needs_compressing(body):
-                frame = compressor.compress_old(body)
-                if user is None:
-                    in_rows.append((frame, row_id))
-                else:
-                    beside_users.append((frame, user, time_ns, row_id))
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany(self.update_row, in_rows)
-            conn.executemany(self.update_user_body, beside_users)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        self.below = rows[-1][0]
-        self.done = len(rows) < OLD_BODIES_ROWS
-        self.compressed += len(in_rows) + len(beside_users)
-        return len(in_rows) + len(beside_users)
 
 
 def newest_dictionary(conn: sqlite3.Connection) -> BodyCompressor | None:

@@ -19,7 +19,7 @@ from kubetrail.history.store import Filters, StoreBackend
 from kubetrail.sinks.sqlite import BODY, SCHEMA_VERSION, SqliteSink, StoreWriter, row_of
 from kubetrail.sinks.sqlite_bodies import DICTIONARY_ID_BASE, is_compressed
 from tests.unit.helpers import build
-from tests.unit.history_story import story
+from tests.unit.history_story import alerts, story
 from tests.unit.test_store import _audit_line, _lazy, _records_of, needs_native
 
 BLOCK = 500
@@ -407,16 +407,29 @@ def test_bodies_stored_before_compression_are_compressed_in_the_background_newes
     monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_ROWS", 1000)
     monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_INTERVAL", 0.0)
     path = tmp_path / "s.db"
-    # 2,500 audit lines, every 5th without a user (its body in its row), and the story's records.
+    # 2,500 audit lines, every 5th without a user (its body in its row), and the story's records
+    # with the alerts the detect filter raises on them (rows whose delete takes their alerts along).
     lines = [_audit_line(n, user=None) if n % 5 == 0 else _audit_line(n) for n in range(2500)]
     plain = StoreWriter(path, native=native, compress=False)
     plain.open()
     for start in range(0, len(lines), BLOCK):
         plain.write_blocks([("kube.audit", _block(lines[start : start + BLOCK]))])
-    plain.write([row_of(record) for record in story()])
+    raised = alerts(story())
+    alert_rows_in = [row_of(record) for record in raised]
+    alert_rows_in[0] = (*alert_rows_in[0][:3], None, *alert_rows_in[0][4:])  # one without a user: in its row
+    plain.write([*(row_of(record) for record in story()), *alert_rows_in])
     plain.close()
-    old = len(lines) + len(story())
+    old = len(lines) + len(story()) + len(raised)
     before = _answers(path)
+
+    def alert_rows() -> list[tuple[object, ...]]:
+        with sqlite3.connect(path) as conn:
+            rows = conn.execute("SELECT * FROM alerts ORDER BY id").fetchall()
+        conn.close()
+        return rows
+
+    alerts_before = alert_rows()
+    assert len(alerts_before) == len(raised) > 0
 
     def compressed() -> list[bool]:
         return [is_compressed(body) for _, body in _stored_bodies(path)]
@@ -439,6 +452,11 @@ def test_bodies_stored_before_compression_are_compressed_in_the_background_newes
     assert [answers[answer[0]] for answer in before] == before
     added = sorted(set(answers) - {answer[0] for answer in before})
     assert [orjson.dumps(answers[i][3]) for i in added] == more
+    assert alert_rows() == alerts_before
+    with sqlite3.connect(path) as conn:  # every page a rewritten row left underfull was merged
+        free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+    conn.close()
+    assert free > 0
 
 
 def test_old_bodies_that_cannot_be_written_now_are_tried_again(
@@ -450,15 +468,15 @@ def test_old_bodies_that_cannot_be_written_now_are_tried_again(
     monkeypatch.setattr(sqlite_bodies, "OLD_BODIES_ROWS", 10_000)
     path = tmp_path / "s.db"
     _write(path, native=False, compress=False)
-    real_step = sqlite_bodies.OldBodies.step
+    real_chunk = sqlite_bodies.OldBodies.chunk
     failures = iter([True])
 
-    def step(self: sqlite_bodies.OldBodies, conn: sqlite3.Connection, compressor: object) -> int:
+    def chunk(self: sqlite_bodies.OldBodies, conn: sqlite3.Connection) -> list:  # type: ignore[type-arg]
         if next(failures, False):
             raise sqlite3.OperationalError("database or disk is full")
-        return real_step(self, conn, compressor)  # type: ignore[arg-type]
+        return real_chunk(self, conn)
 
-    monkeypatch.setattr(sqlite_bodies.OldBodies, "step", step)
+    monkeypatch.setattr(sqlite_bodies.OldBodies, "chunk", chunk)
     writer = StoreWriter(path, native=False, train_after=1000)
     writer.open()
     lines = [_audit_line(n) for n in range(3000, 3000 + BLOCK)]
