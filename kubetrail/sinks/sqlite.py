@@ -138,7 +138,10 @@ Design decisions:
   each body back as it came (``kubetrail.history.store``). What a record costs the writer is
   mostly bytes written twice (the WAL, then the checkpoint): a ninth of the bodies' bytes for ~1 us
   of compression beside the thread running SQLite (docs/benchmarks.md, "Schema 8"). A row's
-  columns, its identity and its time bucket come from the plain body, before compression.
+  columns, its identity and its time bucket come from the plain body, before compression. The
+  bodies stored before the first dictionary are compressed in the background
+  (``OldBodies``, ``_compress_old_bodies``), each row deleted and written again: the pages it
+  leaves underfull are merged and freed, where an UPDATE would leave them as they were.
 * **Bad files.** A file that is not SQLite, or not a kubetrail store, or a store written by a
   newer schema is never touched: the output fails with a message naming the file and what is
   wrong (retried like any start failure, so fixing the file resumes delivery). A corrupt store
