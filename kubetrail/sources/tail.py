@@ -557,6 +557,8 @@ class TailSource(Source):
                     for backup in _backups_of(path, listings):  # older data first, oldest backup first
                         if not self._known(backup):
                             self._open_backup(backup, None)
+                if initial:
+                    self._rotated_since_resume(path, listings)
                 # A file that took the place of one rotated away while stopped is read from its
                 # start: all of it was written after the checkpoint (kubelet's new 0.log).
                 self._open(path, from_head=self.read_from_head or not initial or path in self._successors)
@@ -652,41 +654,67 @@ class TailSource(Source):
             (self.scope,),
         ).fetchall()
         listings = DirListings()
-        for row_id, name, offset, inode, dev, fp_len, fingerprint, uid in rows:
-            here = _same_file(name, dev, inode, fp_len, fingerprint, allow_gz=False)
-            if here and self._matched(name):
-                continue  # still in place: the scan resumes it
-            if here:
-                self._open_backup(name, (row_id, offset, fp_len, fingerprint, uid))
-                continue
-            found = False
-            candidates = _backups_of(name, listings) + _target_backups(name, listings)
-            for index, candidate in enumerate(candidates):
-                if _same_file(candidate, dev, inode, fp_len, fingerprint):
-                    self._open_backup(candidate, (row_id, offset, fp_len, fingerprint, uid), tag_path=name)
-                    # Rotated again while stopped: the backups after it (oldest first, plain or
-                    # .gz) hold what was written since, and the file now at the path is new.
-                    for later in candidates[index + 1 :]:
-                        if not self._known(later):
-                            self._open_backup(later, None, tag_path=name)
-                    self._successors.add(name)
-                    found = True
-                    break
-            if not found:
-                if _same_inode(name, dev, inode):  # the head changed, the inode did not
-                    self.metrics.error("truncated_while_stopped")
-                    self.log.warning(
-                        "file truncated or rewritten in place while stopped: read again from its start; "
-                        "whatever it held past the checkpoint before that is lost",
-                        extra={"path": name, "offset": offset},
-                    )
-                else:
-                    self.metrics.error("rotated_away")
-                    self.log.warning(
-                        "a file rotated away while stopped was not found; its unread part is lost",
-                        extra={"path": name, "offset": offset},
-                    )
-                self._delete_row(row_id)
+        for row in rows:
+            self._resume_row(row, listings)
+
+    def _rotated_since_resume(self, path: str, listings: DirListings) -> None:
+        """A checkpoint of ``path`` whose file was rotated after :meth:`_resume_rotated` looked
+        and before this first scan (milliseconds, but a CI run met it: the kubelet rotated a
+        pod's log right then, and the scan took the new file for the only one): resumed now,
+        from its backup, as if it had been rotated while stopped."""
+        if self.db is None:
+            return
+        try:
+            st = os.stat(path)
+        except OSError:
+            return
+        rows = self.db.execute(
+            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files"
+            " WHERE scope=? AND name=? AND NOT (dev=? AND inode=?)",
+            (self.scope, path, st.st_dev, st.st_ino),
+        ).fetchall()
+        for row in rows:
+            self._resume_row(row, listings)
+
+    def _resume_row(self, row: tuple[Any, ...], listings: DirListings) -> None:
+        """One checkpoint of :meth:`_resume_rotated`: its file resumed, found rotated, or gone."""
+        row_id, name, offset, inode, dev, fp_len, fingerprint, uid = row
+        if (dev, inode) in self.files:
+            return  # followed already
+        here = _same_file(name, dev, inode, fp_len, fingerprint, allow_gz=False)
+        if here and self._matched(name):
+            return  # still in place: the scan resumes it
+        if here:
+            self._open_backup(name, (row_id, offset, fp_len, fingerprint, uid))
+            return
+        found = False
+        candidates = _backups_of(name, listings) + _target_backups(name, listings)
+        for index, candidate in enumerate(candidates):
+            if _same_file(candidate, dev, inode, fp_len, fingerprint):
+                self._open_backup(candidate, (row_id, offset, fp_len, fingerprint, uid), tag_path=name)
+                # Rotated again while stopped: the backups after it (oldest first, plain or
+                # .gz) hold what was written since, and the file now at the path is new.
+                for later in candidates[index + 1 :]:
+                    if not self._known(later):
+                        self._open_backup(later, None, tag_path=name)
+                self._successors.add(name)
+                found = True
+                break
+        if not found:
+            if _same_inode(name, dev, inode):  # the head changed, the inode did not
+                self.metrics.error("truncated_while_stopped")
+                self.log.warning(
+                    "file truncated or rewritten in place while stopped: read again from its start; "
+                    "whatever it held past the checkpoint before that is lost",
+                    extra={"path": name, "offset": offset},
+                )
+            else:
+                self.metrics.error("rotated_away")
+                self.log.warning(
+                    "a file rotated away while stopped was not found; its unread part is lost",
+                    extra={"path": name, "offset": offset},
+                )
+            self._delete_row(row_id)
 
     def _open_backup(
         self, path: str, row: tuple[int, int, int, bytes, str] | None, tag_path: str | None = None

@@ -458,6 +458,30 @@ async def test_kubelet_rotation_while_stopped_is_finished_from_the_target_s_back
     assert [r["log"] for r in delivered(tmp_path)] == [f"n{i}" for i in range(5)]
 
 
+async def test_a_rotation_between_resuming_and_the_first_scan_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kubelet rotated a pod's log after the restarted input had checked its checkpoints and
+    before its first scan (a CI run met this window of milliseconds and lost a file's lines):
+    the checkpointed file is finished from its backup, the new one read from its start."""
+    from kubetrail.sources.tail import TailSource
+
+    pods, containers, _link, zero = kubelet_layout(tmp_path, b"".join(cri("stdout", "F", f"n{i}") for i in range(3)))
+    assert await run(tmp_path, f"{containers}/*.log")
+    with zero.open("ab") as handle:  # written while kubetrail is stopped
+        handle.write(cri("stdout", "F", "n3"))
+    resume = TailSource._resume_rotated
+
+    def resume_then_rotate(self: TailSource) -> None:
+        resume(self)
+        zero.rename(pods / "0.log.20240501-120000")
+        zero.write_bytes(cri("stdout", "F", "n4"))
+
+    monkeypatch.setattr(TailSource, "_resume_rotated", resume_then_rotate)
+    assert await run(tmp_path, f"{containers}/*.log")
+    assert [r["log"] for r in delivered(tmp_path)] == [f"n{i}" for i in range(5)]
+
+
 async def test_ignore_older_skips_files_not_modified_for_that_long(tmp_path: Path) -> None:
     old = tmp_path / "old.log"
     old.write_bytes(cri("stdout", "F", "stale"))
