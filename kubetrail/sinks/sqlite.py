@@ -215,7 +215,8 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -819,7 +820,8 @@ def check_store(conn: sqlite3.Connection, path: Path, *, writable: bool) -> None
         # schema 4-6's width, are written), builds the identity index and drops the old one; the
         # new buckets are found before the transaction (_changed_identity_buckets: reads only).
         # It also builds the segment-led uid index and drops the one on the uid alone. 8 adds the
-        # dictionaries table (no body rewritten: the bodies before it stay as they came).
+        # dictionaries table (no body rewritten here: the writer compresses the bodies before it in
+        # the background, OldBodies).
         try:
             steps = _steps_to_7(conn, version) if version < 7 else ""
         except sqlite3.DatabaseError as exc:
@@ -1015,6 +1017,19 @@ def _one_sqlite_in_process() -> bool:
     return len(libraries) == 1 and _StoreInserter.sqlite_version() == sqlite3.sqlite_version
 
 
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on the writer's connection: committed, or rolled back and raised."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
 class StoreWriter:
     """The single writer of a store file: schema, pragmas, the writer lock, inserts, retention.
     Synchronous; the sink calls it from a worker thread.
@@ -1176,8 +1191,7 @@ class StoreWriter:
         conn = self.conn
         assert conn is not None
         times = self._times
-        conn.execute("BEGIN IMMEDIATE")
-        try:
+        with _transaction(conn):
             added = 0
             cursor = conn.cursor()
             compress = self.compressor.compress if self.compressor is not None else None
@@ -1197,11 +1211,6 @@ class StoreWriter:
             alerts = [row for row in rows if row[2] == "alert"]  # few: the detect filter's
             if alerts:
                 conn.executemany(INSERT_ALERT, [alert_columns(row) for row in alerts])
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
         self._after_commit()
         return added
 
@@ -1235,8 +1244,7 @@ class StoreWriter:
             ]
             alerts = [(compressor.compress_old(r[5]), r[0]) for r in plain if r[1] is None and r[3] == "alert"]
             in_rows = {r[0]: r[5] for r in plain if r[1] is None and r[3] != "alert"}
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with _transaction(conn):
                 conn.executemany(DELETE_USER_BODY, [row[:3] for row in beside_users])
                 conn.executemany(INSERT_BODY, beside_users)
                 conn.executemany(UPDATE_ROW_BODY, alerts)  # a delete would take its alerts row along
@@ -1249,11 +1257,6 @@ class StoreWriter:
                     ]
                     conn.executemany(DELETE_ROW, [(row[0],) for row in again])
                     conn.executemany(INSERT_ROW_AGAIN, again)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
             old.advance(rows, len(plain))
         except sqlite3.Error as exc:  # a full disk, say: what was written is safe, tried again later
             self.log.warning("store %s: old bodies not compressed this time (%s); trying again later", self.path, exc)
@@ -1418,7 +1421,7 @@ class SqliteSink(Sink):
         # rate(stored) / rate(plain): how well the store's dictionary fits the records coming in.
         body_bytes = self.metrics.counter(
             "kubetrail_store_body_bytes",
-            "Bytes of record bodies the store compressed (replays and retried batches included), before"
+            "Bytes of record bodies the store compressed (retried batches included), before"
             " (state=plain) and after"
             " (state=stored) compression",
             "state",

@@ -109,6 +109,8 @@ INOTIFY_POLL_SECONDS = 1.0  # with inotify, polling is only the safety net
 MULTILINE_BATCH = 256 * 1024
 ROTATION_CHECK_SECONDS = 1.0  # rotation is checked at least this often even while busy
 PARSE_WARNING_INTERVAL = 60.0
+# A checkpoint as _resume_row takes it.
+_CHECKPOINTS = "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS in_tail_files (
@@ -650,7 +652,7 @@ class TailSource(Source):
         if self.db is None:
             return
         rows = self.db.execute(
-            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files WHERE scope=?",
+            f"{_CHECKPOINTS} WHERE scope=?",
             (self.scope,),
         ).fetchall()
         listings = DirListings()
@@ -669,8 +671,7 @@ class TailSource(Source):
         except OSError:
             return
         rows = self.db.execute(
-            "SELECT id, name, offset, inode, dev, fp_len, fingerprint, uid FROM in_tail_files"
-            " WHERE scope=? AND name=? AND NOT (dev=? AND inode=?)",
+            f"{_CHECKPOINTS} WHERE scope=? AND name=? AND NOT (dev=? AND inode=?)",
             (self.scope, path, st.st_dev, st.st_ino),
         ).fetchall()
         for row in rows:
